@@ -1,0 +1,98 @@
+//! Command-line types (clap) and dispatch. Each verb lives in its own file and
+//! turns its arguments into library settings; the work happens in the library.
+
+mod dataset;
+mod encoders;
+mod queue;
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
+use lazarus::layout::Layout;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lazarus",
+    version,
+    about = "Run a frozen image encoder once, in resumable micro-jobs; train small heads on the cached features.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Folder that holds jobs/, features/ and experiments/.
+    #[arg(long, global = true, default_value = ".", value_name = "DIR")]
+    pub root: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register and inspect datasets (image folders, CSV/TSV manifests, label files).
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
+    /// Split a dataset into extraction jobs (chunks of images) in jobs/queue.db.
+    Enqueue(queue::EnqueueArgs),
+    /// Claim chunks under a lease and extract their features, until stopped.
+    RunWorker(queue::RunWorkerArgs),
+    /// Job and image counts per dataset and encoder, failures, throughput, ETA.
+    Status(queue::StatusArgs),
+    /// Bring failed or dead jobs back to pending.
+    Requeue(queue::RequeueArgs),
+    /// Check feature shards against their .done markers and the manifest.
+    Verify(NotLandedArgs),
+    /// Train a head on cached features.
+    Train(NotLandedArgs),
+    /// Train a grid of heads in one pass over the cached features.
+    Sweep(NotLandedArgs),
+    /// Query runs, compare them and print ablation tables.
+    Experiments(NotLandedArgs),
+    /// Run encoder and head on new images.
+    Predict(NotLandedArgs),
+    /// List the encoders lazarus knows.
+    #[command(subcommand)]
+    Encoders(encoders::EncodersCommand),
+    /// Fetch and inspect pretrained weights in the local cache.
+    #[command(subcommand)]
+    Weights(encoders::WeightsCommand),
+}
+
+/// Arguments of a verb whose issue has not landed: accepted, then refused.
+#[derive(Debug, Args)]
+pub struct NotLandedArgs {
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let layout = Layout::new(cli.root);
+    match cli.command {
+        Command::Dataset(command) => dataset::run(&layout, command),
+        Command::Enqueue(args) => queue::enqueue(&layout, args),
+        Command::RunWorker(args) => queue::run_worker(&layout, args),
+        Command::Status(args) => queue::status(&layout, args),
+        Command::Requeue(args) => queue::requeue(&layout, args),
+        Command::Verify(_) => not_landed("verify", 5, "feature shards and verification"),
+        Command::Train(_) => not_landed("train", 7, "head-only training"),
+        Command::Sweep(_) => not_landed("sweep", 8, "experiments and sweeps"),
+        Command::Experiments(_) => not_landed("experiments", 8, "experiments and sweeps"),
+        Command::Predict(_) => not_landed("predict", 10, "prediction and export"),
+        Command::Encoders(command) => encoders::run_encoders(&layout, command),
+        Command::Weights(command) => encoders::run_weights(&layout, command),
+    }
+}
+
+/// Refuses a verb that is not built yet, naming the issue that brings it.
+fn not_landed(verb: &str, issue: u32, what: &str) -> anyhow::Result<()> {
+    bail!("`lazarus {verb}` is not available yet: it lands with issue #{issue} ({what})")
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

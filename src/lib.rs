@@ -1,0 +1,17 @@
+//! lazarus: run a frozen image encoder once, in resumable micro-jobs, and train
+//! small heads on the cached features.
+//!
+//! The library holds all logic; the `lazarus` binary only parses arguments,
+//! validates them into settings and calls one function per verb.
+//! See ARCHITECTURE.md for the code map and the invariants.
+
+pub mod atomic;
+pub mod dataset;
+pub mod encoders;
+pub mod layout;
+pub mod preprocess;
+pub mod queue;
+pub mod weights;
+
+/// The version recorded in every artifact lazarus writes.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

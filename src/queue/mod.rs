@@ -1,0 +1,1 @@
+//! The job queue (issue 3). Payloads are opaque to it.
