@@ -1,26 +1,65 @@
 //! `enqueue`, `run-worker`, `status`, `requeue` (issue 3; extraction in issue 5).
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use clap::Args;
+use lazarus::extract::jobs::JobRunner;
+use lazarus::extract::plan::{self, EnqueueRequest, NoopPayload, WeightsChoice};
+use lazarus::extract::report::{self, StatusReport};
 use lazarus::layout::Layout;
+use lazarus::queue::sqlite::SqliteQueue;
+use lazarus::queue::worker::{self, StopReason, WorkerConfig};
+use lazarus::queue::{Queue, RequeueFilter};
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
     /// Dataset name, as given to `lazarus dataset add`.
-    #[arg(long)]
-    pub dataset: String,
+    #[arg(long, required_unless_present = "noop_jobs")]
+    pub dataset: Option<String>,
     /// Encoder name, see `lazarus encoders list`.
-    #[arg(long)]
-    pub encoder: String,
+    #[arg(long, required_unless_present = "noop_jobs")]
+    pub encoder: Option<String>,
     /// Images per job.
     #[arg(long, default_value_t = 64)]
     pub chunk_size: usize,
+    /// Redo every image: retire this configuration's jobs and enqueue all images again.
+    #[arg(long)]
+    pub force: bool,
+    /// Also keep the spatial feature map (not only the pooled vector).
+    #[arg(long)]
+    pub spatial: bool,
+    /// Weights to use instead of the installed ones: a safetensors FILE, or random:SEED.
+    #[arg(long, value_name = "FILE|random:SEED")]
+    pub weights: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+    /// Enqueue N no-op jobs instead (tests and benchmarks).
+    #[arg(long, hide = true, value_name = "N", conflicts_with_all = ["dataset", "encoder"])]
+    pub noop_jobs: Option<u64>,
+    /// No-op jobs leave a marker file per execution in DIR.
+    #[arg(long, hide = true, value_name = "DIR", requires = "noop_jobs")]
+    pub noop_marker_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct RunWorkerArgs {
+    /// Lease length in seconds; the worker renews it every third of that while a job runs.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub lease_secs: u64,
+    /// Exit once no job this worker can run is left, instead of waiting for more.
+    #[arg(long)]
+    pub until_empty: bool,
+    /// Exit after this many jobs.
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<u64>,
+    /// Name recorded on claimed jobs (default: worker-PID).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -28,6 +67,9 @@ pub struct RunWorkerArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// Only this dataset.
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -35,23 +77,236 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct RequeueArgs {
+    /// Only this dataset's jobs.
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
+    /// Dead jobs (attempts exhausted). Without --dead or --failed: both.
+    #[arg(long)]
+    pub dead: bool,
+    /// Failed jobs waiting for a retry. Without --dead or --failed: both.
+    #[arg(long)]
+    pub failed: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn enqueue(_layout: &Layout, _args: EnqueueArgs) -> anyhow::Result<()> {
-    super::not_landed("enqueue", 3, "the job queue")
+pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
+    if let Some(count) = args.noop_jobs {
+        let payload = NoopPayload {
+            marker_dir: args.noop_marker_dir,
+            fail_items: Vec::new(),
+        };
+        let outcome = plan::enqueue_noop(layout, count, &payload)?;
+        if args.json {
+            return super::print_json(&outcome);
+        }
+        println!(
+            "{} no-op jobs added to {}",
+            outcome.jobs_added,
+            outcome.queue.display()
+        );
+        return Ok(());
+    }
+    let (Some(dataset), Some(encoder)) = (args.dataset, args.encoder) else {
+        bail!("--dataset and --encoder are required");
+    };
+    let weights = match args.weights.as_deref() {
+        Some(value) => WeightsChoice::parse(value)?,
+        None => WeightsChoice::Installed,
+    };
+    let request = EnqueueRequest {
+        dataset,
+        encoder,
+        chunk_size: args.chunk_size,
+        force: args.force,
+        spatial: args.spatial,
+        weights,
+    };
+    let outcome = plan::enqueue(layout, &request)?;
+    if args.json {
+        return super::print_json(&outcome);
+    }
+    println!(
+        "{} / {} (fingerprint {}): {} images, {} already covered{}; {} images in {} new jobs",
+        outcome.dataset,
+        outcome.encoder,
+        &outcome.fingerprint[..12],
+        outcome.images,
+        outcome.already_covered,
+        if outcome.superseded > 0 {
+            format!(", {} old jobs retired by --force", outcome.superseded)
+        } else {
+            String::new()
+        },
+        outcome.images_enqueued,
+        outcome.jobs_added,
+    );
+    Ok(())
 }
 
-pub fn run_worker(_layout: &Layout, _args: RunWorkerArgs) -> anyhow::Result<()> {
-    super::not_landed("run-worker", 5, "feature extraction")
+pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
+        .context("cannot install the SIGINT/SIGTERM handler")?;
+    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let config = WorkerConfig {
+        worker_id: args
+            .worker_id
+            .unwrap_or_else(|| format!("worker-{}", std::process::id())),
+        lease: Duration::from_secs(args.lease_secs),
+        until_empty: args.until_empty,
+        max_jobs: args.max_jobs,
+        poll_interval: Duration::from_millis(500),
+    };
+    let report = worker::run(&queue, &JobRunner, &config, &stop)?;
+    if report.stopped == StopReason::Blocked {
+        let reasons: Vec<String> = report
+            .blocked_kinds
+            .iter()
+            .map(|(kind, count)| {
+                let why = lazarus::extract::unavailable_kind(kind)
+                    .unwrap_or("no executor for this kind in this build");
+                format!("{count} '{kind}' jobs ({why})")
+            })
+            .collect();
+        bail!(
+            "worker {} ran {} jobs; nothing left it can run: {} are unfinished in {}",
+            report.worker,
+            report.completed + report.failed,
+            reasons.join(", "),
+            queue.path().display()
+        );
+    }
+    if args.json {
+        return super::print_json(&report);
+    }
+    println!(
+        "worker {}: {} completed, {} failed, {} lost their lease, {} released; stopped: {:?}",
+        report.worker,
+        report.completed,
+        report.failed,
+        report.lease_lost,
+        report.released,
+        report.stopped
+    );
+    Ok(())
 }
 
-pub fn status(_layout: &Layout, _args: StatusArgs) -> anyhow::Result<()> {
-    super::not_landed("status", 3, "the job queue")
+pub fn status(layout: &Layout, args: StatusArgs) -> anyhow::Result<()> {
+    let report = report::status(layout, args.dataset.as_deref())?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    print_status(&report);
+    Ok(())
 }
 
-pub fn requeue(_layout: &Layout, _args: RequeueArgs) -> anyhow::Result<()> {
-    super::not_landed("requeue", 3, "the job queue")
+pub fn requeue(layout: &Layout, args: RequeueArgs) -> anyhow::Result<()> {
+    let both = !args.dead && !args.failed;
+    let filter = RequeueFilter {
+        group: args.dataset,
+        failed: args.failed || both,
+        dead: args.dead || both,
+    };
+    let requeued = match SqliteQueue::open_existing(&layout.queue_db())? {
+        Some(queue) => queue.requeue(&filter)?,
+        None => 0,
+    };
+    if args.json {
+        return super::print_json(&serde_json::json!({ "requeued": requeued }));
+    }
+    println!("{requeued} jobs back to pending");
+    Ok(())
+}
+
+fn rate(value: Option<f64>) -> String {
+    value.map_or("-".to_string(), |v| format!("{v:.1}"))
+}
+
+fn eta(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".to_string(),
+        Some(s) if s < 60.0 => format!("{s:.0}s"),
+        Some(s) if s < 3600.0 => format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0),
+        Some(s) => format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0),
+    }
+}
+
+fn print_status(report: &StatusReport) {
+    println!("queue: {}", report.queue.display());
+    if report.groups.is_empty() {
+        println!("no jobs");
+        return;
+    }
+    println!(
+        "{:<20} {:<20} {:<12} {:>8} {:>8} {:>8} {:>7} {:>6} {:>17} {:>8} {:>9} {:>8}",
+        "DATASET",
+        "ENCODER",
+        "FINGERPRINT",
+        "PENDING",
+        "RUNNING",
+        "DONE",
+        "FAILED",
+        "DEAD",
+        "IMAGES DONE/TOTAL",
+        "IMG FAIL",
+        "IMAGES/S",
+        "ETA"
+    );
+    for g in &report.groups {
+        println!(
+            "{:<20} {:<20} {:<12} {:>8} {:>8} {:>8} {:>7} {:>6} {:>17} {:>8} {:>9} {:>8}",
+            g.dataset,
+            g.encoder,
+            &g.fingerprint[..g.fingerprint.len().min(12)],
+            g.jobs.pending,
+            g.jobs.running,
+            g.jobs.done,
+            g.jobs.failed,
+            g.jobs.dead,
+            format!("{}/{}", g.images.done, g.images.total),
+            g.images.failed,
+            rate(g.throughput.images_per_sec),
+            eta(g.eta_secs),
+        );
+        if g.expired_leases > 0 {
+            println!(
+                "  {} running jobs have an expired lease (worker gone?)",
+                g.expired_leases
+            );
+        }
+    }
+    println!(
+        "total: jobs {} pending, {} running, {} done, {} failed, {} dead; images {}/{} done, {} failed; {} jobs/s, ETA {}",
+        report.jobs.pending,
+        report.jobs.running,
+        report.jobs.done,
+        report.jobs.failed,
+        report.jobs.dead,
+        report.images.done,
+        report.images.total,
+        report.images.failed,
+        rate(report.throughput.jobs_per_sec),
+        eta(report.eta_secs),
+    );
+    for f in &report.failed_images {
+        println!(
+            "failed image {} ({} / {}, job {}): {}",
+            f.image, f.dataset, f.encoder, f.job_id, f.reason
+        );
+    }
+    for j in &report.failed_jobs {
+        println!(
+            "failed job {} ({} / {}, {} tries, retried later): {}",
+            j.job_id, j.dataset, j.encoder, j.tries, j.last_error
+        );
+    }
+    for j in &report.dead_jobs {
+        println!(
+            "dead job {} ({} / {}, {} tries): {}",
+            j.job_id, j.dataset, j.encoder, j.tries, j.last_error
+        );
+    }
 }

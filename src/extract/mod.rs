@@ -1,0 +1,62 @@
+//! Feature extraction as queue jobs: planning which images go into which job
+//! (`plan`), the job kinds a worker can run (`jobs`), and status in terms of
+//! datasets, encoders and images (`report`).
+//!
+//! The queue sees opaque payloads; this module is the only one that knows a
+//! payload is JSON naming a dataset, an encoder and manifest indices. A job's
+//! `group` is the dataset name, its `variant` the encoder name, and its
+//! `fingerprint` the sha256 of everything its features depend on, so a
+//! changed configuration never reuses stale features.
+
+pub mod jobs;
+pub mod plan;
+pub mod report;
+
+use std::path::PathBuf;
+
+use crate::dataset::DatasetError;
+use crate::encoders::EncoderError;
+use crate::queue::QueueError;
+
+/// Job kind of a chunk of images to run through an encoder (runs with issue 5).
+pub const KIND_EXTRACT: &str = "extract";
+/// Job kind that does nothing: for tests and the queue benchmark.
+pub const KIND_NOOP: &str = "noop";
+/// Group, variant and fingerprint of no-op jobs.
+pub const NOOP_GROUP: &str = "noop";
+
+/// Version of the feature shard format; part of every fingerprint.
+pub const FEATURE_FORMAT_VERSION: u32 = 1;
+
+/// Errors at the extraction boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("--chunk-size must be at least 1 (got 0)")]
+    ZeroChunkSize,
+    #[error(
+        "no weights installed for encoder '{encoder}'; run `lazarus weights fetch {encoder}` or pass --weights FILE|random:SEED"
+    )]
+    NoWeights { encoder: String },
+    #[error("--weights {path}: {error}")]
+    WeightsFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("--weights {value}: a seed after 'random:' must be a whole number")]
+    BadSeed { value: String },
+    #[error("encoder '{encoder}' has no spatial feature map; drop --spatial")]
+    NoSpatial { encoder: String },
+    #[error("{queue}: malformed job payload: {message}")]
+    Payload { queue: PathBuf, message: String },
+}
+
+/// Why a worker cannot run jobs of `kind` yet, if that is known.
+pub fn unavailable_kind(kind: &str) -> Option<&'static str> {
+    (kind == KIND_EXTRACT).then_some("feature extraction lands with issue 5")
+}

@@ -1,0 +1,248 @@
+//! The claim loop: claim a job of a kind the executor runs, keep its lease
+//! alive from a heartbeat thread while it runs, complete or fail it, repeat.
+//!
+//! Stop requests (SIGINT/SIGTERM set the `stop` flag) are honoured between
+//! jobs: the current job is finished, or released if the executor gives up on
+//! it, and the loop returns. A worker that loses its lease (its heartbeat or
+//! completion is refused) drops the job and carries on: the newer attempt owns it.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{JobResult, Lease, Queue, QueueError};
+
+/// What running one job came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done; per-item failures are inside the result.
+    Completed(JobResult),
+    /// The whole job failed (retried with backoff, dead after max attempts).
+    Failed(String),
+    /// The executor stopped early because `stop` was set: release the job.
+    Interrupted,
+}
+
+/// Runs jobs of some kinds.
+pub trait Executor: Sync {
+    /// The job kinds this executor can run; the worker claims only these.
+    fn kinds(&self) -> Vec<String>;
+    /// Runs one job. Long jobs should check `stop` and return `Interrupted`.
+    fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome;
+}
+
+/// Settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub lease: Duration,
+    /// Return once no job of our kinds is unfinished, instead of polling.
+    pub until_empty: bool,
+    /// Return after this many jobs (completed or failed).
+    pub max_jobs: Option<u64>,
+    /// Wait between claims when nothing is claimable.
+    pub poll_interval: Duration,
+}
+
+/// Why the loop returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// `until_empty` and no job of our kinds is left.
+    Empty,
+    MaxJobs,
+    /// The stop flag was set (SIGINT/SIGTERM).
+    Signal,
+    /// Only jobs of kinds this worker cannot run are unfinished.
+    Blocked,
+}
+
+/// What a worker did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerReport {
+    pub worker: String,
+    pub completed: u64,
+    pub failed: u64,
+    /// Jobs whose lease was lost before the result could be recorded.
+    pub lease_lost: u64,
+    /// Jobs given back on a stop request.
+    pub released: u64,
+    pub stopped: StopReason,
+    /// With `Blocked`: the unfinished kinds this worker cannot run, with counts.
+    pub blocked_kinds: Vec<(String, u64)>,
+}
+
+/// The job the heartbeat thread keeps alive.
+struct Current {
+    job_id: i64,
+    attempt: u32,
+    last_beat: Instant,
+}
+
+/// Runs the claim loop until the queue is empty (with `until_empty`), `max_jobs`
+/// jobs ran, `stop` is set, or only unrunnable kinds are left.
+pub fn run(
+    queue: &dyn Queue,
+    executor: &dyn Executor,
+    config: &WorkerConfig,
+    stop: &AtomicBool,
+) -> Result<WorkerReport, QueueError> {
+    let kinds = executor.kinds();
+    let kind_refs: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    let current: Mutex<Option<Current>> = Mutex::new(None);
+    let finished = AtomicBool::new(false);
+    // Three beats per lease: one lost beat still leaves a third of the lease.
+    let beat_every = (config.lease / 3).max(Duration::from_millis(10));
+    let tick = (beat_every / 2).min(Duration::from_millis(200));
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !finished.load(Ordering::SeqCst) {
+                std::thread::sleep(tick);
+                let due = {
+                    let mut slot = current.lock().unwrap_or_else(|p| p.into_inner());
+                    match slot.as_mut() {
+                        Some(job) if job.last_beat.elapsed() >= beat_every => {
+                            job.last_beat = Instant::now();
+                            Some((job.job_id, job.attempt))
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some((job_id, attempt)) = due {
+                    // A refused beat means the lease is lost; the completion will be
+                    // refused too, so the main loop learns it there. Transient errors
+                    // are retried at the next beat.
+                    let _ = queue.heartbeat(job_id, attempt, config.lease);
+                }
+            }
+        });
+        let result = claim_loop(queue, executor, config, stop, &kind_refs, &current);
+        finished.store(true, Ordering::SeqCst);
+        result
+    })
+}
+
+fn claim_loop(
+    queue: &dyn Queue,
+    executor: &dyn Executor,
+    config: &WorkerConfig,
+    stop: &AtomicBool,
+    kinds: &[&str],
+    current: &Mutex<Option<Current>>,
+) -> Result<WorkerReport, QueueError> {
+    let mut report = WorkerReport {
+        worker: config.worker_id.clone(),
+        completed: 0,
+        failed: 0,
+        lease_lost: 0,
+        released: 0,
+        stopped: StopReason::Empty,
+        blocked_kinds: Vec::new(),
+    };
+    let ran = |report: &WorkerReport| report.completed + report.failed + report.lease_lost;
+    let limit_reached =
+        |report: &WorkerReport| config.max_jobs.is_some_and(|max| ran(report) >= max);
+    let mut next: Option<Lease> = None;
+    loop {
+        let lease = match next.take() {
+            Some(lease) => lease,
+            None => {
+                if stop.load(Ordering::SeqCst) {
+                    report.stopped = StopReason::Signal;
+                    return Ok(report);
+                }
+                if limit_reached(&report) {
+                    report.stopped = StopReason::MaxJobs;
+                    return Ok(report);
+                }
+                match queue.claim(&config.worker_id, kinds, config.lease)? {
+                    Some(lease) => lease,
+                    None => {
+                        let unfinished = queue.unfinished_by_kind()?;
+                        let ours: u64 = unfinished
+                            .iter()
+                            .filter(|(kind, _)| kinds.contains(&kind.as_str()))
+                            .map(|(_, n)| n)
+                            .sum();
+                        let others: Vec<(String, u64)> = unfinished
+                            .into_iter()
+                            .filter(|(kind, _)| !kinds.contains(&kind.as_str()))
+                            .collect();
+                        if ours == 0 && !others.is_empty() {
+                            report.stopped = StopReason::Blocked;
+                            report.blocked_kinds = others;
+                            return Ok(report);
+                        }
+                        if ours == 0 && config.until_empty {
+                            report.stopped = StopReason::Empty;
+                            return Ok(report);
+                        }
+                        sleep_unless_stopped(config.poll_interval, stop);
+                        continue;
+                    }
+                }
+            }
+        };
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Current {
+            job_id: lease.job_id,
+            attempt: lease.attempt,
+            last_beat: Instant::now(),
+        });
+        let outcome = executor.execute(&lease, stop);
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let recorded = match outcome {
+            Outcome::Completed(result) => {
+                report.completed += 1;
+                let claim_next = !stop.load(Ordering::SeqCst) && !limit_reached(&report);
+                if claim_next {
+                    // One transaction for both halves the write-lock traffic.
+                    queue
+                        .complete_and_claim(
+                            lease.job_id,
+                            lease.attempt,
+                            &result,
+                            &config.worker_id,
+                            kinds,
+                            config.lease,
+                        )
+                        .map(|claimed| next = claimed)
+                } else {
+                    queue.complete(lease.job_id, lease.attempt, &result)
+                }
+                .inspect_err(|_| report.completed -= 1)
+            }
+            Outcome::Failed(message) => {
+                report.failed += 1;
+                queue
+                    .fail(lease.job_id, lease.attempt, &message)
+                    .map(|_| ())
+                    .inspect_err(|_| report.failed -= 1)
+            }
+            Outcome::Interrupted => {
+                report.released += 1;
+                queue
+                    .release(lease.job_id, lease.attempt)
+                    .inspect_err(|_| report.released -= 1)
+            }
+        };
+        match recorded {
+            Ok(()) => {}
+            Err(QueueError::LeaseLost { .. }) => report.lease_lost += 1,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + total;
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
+    }
+}
