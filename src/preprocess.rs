@@ -127,7 +127,11 @@ fn reader_for<'a>(
 /// Decodes `bytes` to 8-bit RGB. Grayscale is replicated, 16-bit is scaled
 /// to 8-bit, alpha is dropped. Refuses images above `max_pixels` before
 /// allocating their pixels.
-pub fn decode_rgb8(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImage, PreprocessError> {
+pub fn decode_rgb8(
+    bytes: &[u8],
+    path: &Path,
+    max_pixels: u64,
+) -> Result<RgbImage, PreprocessError> {
     let name = path.display().to_string();
     let (width, height) = probe_dimensions(bytes, path)?;
     let pixels = width as u64 * height as u64;
@@ -140,12 +144,13 @@ pub fn decode_rgb8(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<RgbImag
             limit: max_pixels,
         });
     }
-    let image: DynamicImage = reader_for(bytes, &name)?
-        .decode()
-        .map_err(|err| PreprocessError::Decode {
-            path: name,
-            message: err.to_string(),
-        })?;
+    let image: DynamicImage =
+        reader_for(bytes, &name)?
+            .decode()
+            .map_err(|err| PreprocessError::Decode {
+                path: name,
+                message: err.to_string(),
+            })?;
     Ok(match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
@@ -209,7 +214,10 @@ pub fn preprocess_bytes(
 }
 
 /// Reads and preprocesses one file.
-pub fn preprocess_file(path: &Path, config: &PreprocessConfig) -> Result<Vec<f32>, PreprocessError> {
+pub fn preprocess_file(
+    path: &Path,
+    config: &PreprocessConfig,
+) -> Result<Vec<f32>, PreprocessError> {
     let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
         path: path.display().to_string(),
         source,
@@ -237,7 +245,9 @@ mod tests {
 
     fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
         let mut bytes = Vec::new();
-        image.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), format)
+            .unwrap();
         bytes
     }
 
@@ -270,7 +280,11 @@ mod tests {
     #[test]
     fn resize_keeps_aspect_then_crops_center() {
         // Left half black, right half white, 40x20: after the crop the center stays split.
-        let rgb = RgbImage::from_fn(40, 20, |x, _| if x < 20 { Rgb([0; 3]) } else { Rgb([255; 3]) });
+        let rgb = RgbImage::from_fn(
+            40,
+            20,
+            |x, _| if x < 20 { Rgb([0; 3]) } else { Rgb([255; 3]) },
+        );
         let out = resize_and_crop(&rgb, &config(14));
         assert_eq!((out.width(), out.height()), (14, 14));
         assert_eq!(out.get_pixel(0, 7)[0], 0);
@@ -291,7 +305,11 @@ mod tests {
     #[test]
     fn not_an_image_and_empty_file_are_named() {
         let err = probe_dimensions(b"hello world, not an image", Path::new("x.jpg")).unwrap_err();
-        assert!(err.to_string().starts_with("x.jpg: not a recognised image format"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("x.jpg: not a recognised image format"),
+            "{err}"
+        );
         let err = probe_dimensions(b"", Path::new("z.png")).unwrap_err();
         assert_eq!(err.to_string(), "z.png: empty file (0 bytes)");
     }
@@ -300,7 +318,13 @@ mod tests {
     fn every_supported_format_decodes() {
         let rgb = RgbImage::from_fn(6, 5, |x, y| Rgb([(x * 40) as u8, (y * 40) as u8, 100]));
         let dynamic = DynamicImage::ImageRgb8(rgb);
-        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Tiff, ImageFormat::Bmp, ImageFormat::WebP] {
+        for format in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::Tiff,
+            ImageFormat::Bmp,
+            ImageFormat::WebP,
+        ] {
             let bytes = encode(&dynamic, format);
             let decoded = decode_rgb8(&bytes, Path::new("f"), 1000).unwrap();
             assert_eq!((decoded.width(), decoded.height()), (6, 5), "{format:?}");

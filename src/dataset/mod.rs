@@ -45,7 +45,9 @@ pub enum DatasetError {
         dir: PathBuf,
         hint: String,
     },
-    #[error("invalid dataset name '{name}': use letters, digits, '-', '_' and '.', at most 64, not starting with '.'")]
+    #[error(
+        "invalid dataset name '{name}': use letters, digits, '-', '_' and '.', at most 64, not starting with '.'"
+    )]
     InvalidName { name: String },
     #[error("{0}")]
     Config(String),

@@ -101,9 +101,13 @@ impl SplitConfig {
             .split('/')
             .map(|p| p.trim().parse::<f64>())
             .collect::<Result<_, _>>()
-            .map_err(|_| format!("invalid split '{text}': expected TRAIN/VAL/TEST such as 80/10/10"))?;
+            .map_err(|_| {
+                format!("invalid split '{text}': expected TRAIN/VAL/TEST such as 80/10/10")
+            })?;
         let [train, val, test] = parts[..] else {
-            return Err(format!("invalid split '{text}': expected three parts such as 80/10/10"));
+            return Err(format!(
+                "invalid split '{text}': expected three parts such as 80/10/10"
+            ));
         };
         let sum = train + val + test;
         if sum <= 0.0 {
@@ -182,7 +186,12 @@ mod tests {
         let mut items: Vec<(Option<&str>, &str)> = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| (Some(if i % 4 == 0 { "rare" } else { "common" }), id.as_str()))
+            .map(|(i, id)| {
+                (
+                    Some(if i % 4 == 0 { "rare" } else { "common" }),
+                    id.as_str(),
+                )
+            })
             .collect();
         let config = SplitConfig::default();
         let first = assign(&items, &config);
@@ -206,7 +215,10 @@ mod tests {
 
     #[test]
     fn parses_fractions_and_split_names() {
-        assert_eq!(SplitConfig::parse_fractions("80/10/10").unwrap(), (0.8, 0.1, 0.1));
+        assert_eq!(
+            SplitConfig::parse_fractions("80/10/10").unwrap(),
+            (0.8, 0.1, 0.1)
+        );
         assert!(SplitConfig::parse_fractions("80/20").is_err());
         assert_eq!("Validation".parse::<Split>().unwrap(), Split::Val);
         assert!("holdout".parse::<Split>().is_err());
