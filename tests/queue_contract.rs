@@ -1,0 +1,457 @@
+//! The queue contract, written against the `Queue` trait so that every
+//! backend runs the same tests; `sqlite` instantiates them. Time comes from a
+//! `ManualClock`, so lease expiry and backoff are tested without sleeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lazarus::queue::sqlite::SqliteQueue;
+use lazarus::queue::{
+    ItemFailure, JobResult, JobState, ManualClock, NewJob, Queue, QueueError, RequeueFilter,
+    RetryPolicy,
+};
+
+const START_MS: i64 = 1_700_000_000_000;
+const LEASE: Duration = Duration::from_secs(10);
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_secs(10),
+        max_delay: Duration::from_secs(25),
+    }
+}
+
+/// A fresh SQLite queue in its own temp dir, with a manual clock.
+fn sqlite() -> (tempfile::TempDir, ManualClock, SqliteQueue) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let queue = SqliteQueue::open_with(
+        &dir.path().join("jobs").join("queue.db"),
+        Arc::new(clock.clone()),
+        policy(),
+    )
+    .unwrap();
+    (dir, clock, queue)
+}
+
+fn job(key: &str, kind: &str, group: &str, items: u64) -> NewJob {
+    NewJob {
+        kind: kind.to_string(),
+        group: group.to_string(),
+        variant: "enc".to_string(),
+        fingerprint: "fp".to_string(),
+        dedup_key: key.to_string(),
+        items,
+        payload: format!("{{\"key\":\"{key}\"}}"),
+    }
+}
+
+fn ok_result(tag: &str) -> JobResult {
+    JobResult {
+        failures: Vec::new(),
+        detail: serde_json::json!({ "by": tag }),
+    }
+}
+
+fn is_lease_lost<T: std::fmt::Debug>(result: Result<T, QueueError>) -> bool {
+    matches!(result, Err(QueueError::LeaseLost { .. }))
+}
+
+fn claim_complete_roundtrip(queue: &dyn Queue) {
+    let report = queue.enqueue(&[job("a", "noop", "g", 4)]).unwrap();
+    assert_eq!((report.added, report.skipped), (1, 0));
+    let lease = queue.claim("w1", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(lease.attempt, 1);
+    assert_eq!(lease.payload, "{\"key\":\"a\"}");
+    assert_eq!(lease.items, 4);
+    match queue.job(lease.job_id).unwrap().state {
+        JobState::Running {
+            worker, attempt, ..
+        } => assert_eq!((worker.as_str(), attempt), ("w1", 1)),
+        other => panic!("expected running, got {other:?}"),
+    }
+    assert!(queue.claim("w2", &["noop"], LEASE).unwrap().is_none());
+    queue
+        .complete(lease.job_id, lease.attempt, &ok_result("w1"))
+        .unwrap();
+    let record = queue.job(lease.job_id).unwrap();
+    assert_eq!(record.state, JobState::Done);
+    assert_eq!(record.result, Some(ok_result("w1")));
+    // A second completion of the same attempt is refused: done once.
+    assert!(is_lease_lost(queue.complete(
+        lease.job_id,
+        lease.attempt,
+        &ok_result("again")
+    )));
+    assert_eq!(
+        queue.job(lease.job_id).unwrap().result,
+        Some(ok_result("w1"))
+    );
+}
+
+fn expired_lease_is_reclaimed_and_the_old_attempt_fenced(queue: &dyn Queue, clock: &ManualClock) {
+    queue.enqueue(&[job("a", "noop", "g", 1)]).unwrap();
+    let old = queue.claim("slow", &["noop"], LEASE).unwrap().unwrap();
+    clock.advance(Duration::from_secs(9));
+    assert!(
+        queue.claim("fast", &["noop"], LEASE).unwrap().is_none(),
+        "lease still valid"
+    );
+    clock.advance(Duration::from_secs(2));
+    let new = queue.claim("fast", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!((new.job_id, new.attempt), (old.job_id, 2));
+    // The slow worker wakes up: its heartbeat, completion, failure and release are refused.
+    assert!(is_lease_lost(queue.heartbeat(
+        old.job_id,
+        old.attempt,
+        LEASE
+    )));
+    assert!(is_lease_lost(queue.complete(
+        old.job_id,
+        old.attempt,
+        &ok_result("slow")
+    )));
+    assert!(is_lease_lost(queue.fail(old.job_id, old.attempt, "late")));
+    assert!(is_lease_lost(queue.release(old.job_id, old.attempt)));
+    queue
+        .complete(new.job_id, new.attempt, &ok_result("fast"))
+        .unwrap();
+    let record = queue.job(new.job_id).unwrap();
+    assert_eq!(record.state, JobState::Done);
+    assert_eq!(record.result, Some(ok_result("fast")));
+    assert!(is_lease_lost(queue.complete(
+        old.job_id,
+        old.attempt,
+        &ok_result("slow")
+    )));
+    assert_eq!(
+        queue.job(new.job_id).unwrap().result,
+        Some(ok_result("fast"))
+    );
+}
+
+fn heartbeat_extends_the_lease(queue: &dyn Queue, clock: &ManualClock) {
+    queue.enqueue(&[job("a", "noop", "g", 1)]).unwrap();
+    let lease = queue.claim("w1", &["noop"], LEASE).unwrap().unwrap();
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(8));
+        let deadline = queue.heartbeat(lease.job_id, lease.attempt, LEASE).unwrap();
+        assert_eq!(deadline, START_MS + clock_offset(clock) + 10_000);
+        assert!(queue.claim("w2", &["noop"], LEASE).unwrap().is_none());
+    }
+    clock.advance(Duration::from_secs(11));
+    let stolen = queue.claim("w2", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(stolen.attempt, 2);
+}
+
+fn clock_offset(clock: &ManualClock) -> i64 {
+    lazarus::queue::Clock::now_ms(clock) - START_MS
+}
+
+fn failures_back_off_exponentially_then_die(queue: &dyn Queue, clock: &ManualClock) {
+    queue.enqueue(&[job("a", "noop", "g", 1)]).unwrap();
+    // Tries 1 and 2 fail with 10 s then 20 s of backoff; try 3 is the last.
+    for (try_number, backoff_secs) in [(1u32, 10u64), (2, 20)] {
+        let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+        assert_eq!(lease.attempt, try_number);
+        let state = queue.fail(lease.job_id, lease.attempt, "boom").unwrap();
+        let expected_retry = lazarus::queue::Clock::now_ms(clock) + backoff_secs as i64 * 1000;
+        assert_eq!(
+            state,
+            JobState::Failed {
+                retry_at_ms: expected_retry,
+                last_error: "boom".to_string()
+            }
+        );
+        clock.advance(Duration::from_secs(backoff_secs) - Duration::from_millis(1));
+        assert!(
+            queue.claim("w", &["noop"], LEASE).unwrap().is_none(),
+            "not claimable before retry_at"
+        );
+        clock.advance(Duration::from_millis(1));
+    }
+    let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(lease.attempt, 3);
+    let state = queue
+        .fail(lease.job_id, lease.attempt, "final boom")
+        .unwrap();
+    assert_eq!(
+        state,
+        JobState::Dead {
+            last_error: "final boom".to_string()
+        }
+    );
+    clock.advance(Duration::from_secs(3600));
+    assert!(
+        queue.claim("w", &["noop"], LEASE).unwrap().is_none(),
+        "dead stays dead"
+    );
+    let status = queue.status(None).unwrap();
+    assert_eq!(status.job_totals().dead, 1);
+    assert_eq!(status.dead_jobs.len(), 1);
+    assert_eq!(status.dead_jobs[0].last_error, "final boom");
+    assert_eq!(status.dead_jobs[0].tries, 3);
+
+    // requeue brings it back with fresh tries.
+    let requeued = queue
+        .requeue(&RequeueFilter {
+            group: None,
+            failed: false,
+            dead: true,
+        })
+        .unwrap();
+    assert_eq!(requeued, 1);
+    let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(lease.attempt, 4, "the fencing counter never goes back");
+    assert_eq!(queue.job(lease.job_id).unwrap().tries, 1);
+}
+
+fn backoff_is_capped() {
+    let policy = policy();
+    assert_eq!(policy.backoff(1), Duration::from_secs(10));
+    assert_eq!(policy.backoff(2), Duration::from_secs(20));
+    assert_eq!(policy.backoff(3), Duration::from_secs(25));
+    assert_eq!(policy.backoff(60), Duration::from_secs(25));
+}
+
+fn workers_that_keep_dying_make_a_job_dead(queue: &dyn Queue, clock: &ManualClock) {
+    queue.enqueue(&[job("a", "noop", "g", 1)]).unwrap();
+    for attempt in 1..=3 {
+        let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+        assert_eq!(lease.attempt, attempt);
+        clock.advance(Duration::from_secs(11)); // the worker dies silently
+    }
+    assert!(queue.claim("w", &["noop"], LEASE).unwrap().is_none());
+    let status = queue.status(None).unwrap();
+    assert_eq!(status.job_totals().dead, 1);
+    assert!(
+        status.dead_jobs[0].last_error.contains("lease expired"),
+        "{:?}",
+        status.dead_jobs
+    );
+}
+
+fn release_gives_the_job_back_without_spending_a_try(queue: &dyn Queue) {
+    queue.enqueue(&[job("a", "noop", "g", 1)]).unwrap();
+    let first = queue.claim("w1", &["noop"], LEASE).unwrap().unwrap();
+    queue.release(first.job_id, first.attempt).unwrap();
+    assert_eq!(queue.job(first.job_id).unwrap().state, JobState::Pending);
+    assert_eq!(queue.job(first.job_id).unwrap().tries, 0);
+    assert!(is_lease_lost(queue.release(first.job_id, first.attempt)));
+    let second = queue.claim("w2", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(
+        second.attempt, 2,
+        "a new attempt number fences the released one"
+    );
+    assert!(is_lease_lost(queue.complete(
+        first.job_id,
+        first.attempt,
+        &ok_result("w1")
+    )));
+    queue
+        .complete(second.job_id, second.attempt, &ok_result("w2"))
+        .unwrap();
+}
+
+fn claims_only_the_kinds_asked_for(queue: &dyn Queue) {
+    queue
+        .enqueue(&[job("x", "extract", "g", 64), job("n", "noop", "g", 0)])
+        .unwrap();
+    let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(lease.kind, "noop");
+    assert!(queue.claim("w", &["noop"], LEASE).unwrap().is_none());
+    assert!(queue.claim("w", &[], LEASE).unwrap().is_none());
+    queue
+        .complete(lease.job_id, lease.attempt, &ok_result("w"))
+        .unwrap();
+    assert_eq!(
+        queue.unfinished_by_kind().unwrap(),
+        vec![("extract".to_string(), 1)]
+    );
+}
+
+fn enqueue_is_idempotent_and_supersede_fences(queue: &dyn Queue) {
+    let jobs = [job("a", "noop", "g", 2), job("b", "noop", "g", 3)];
+    assert_eq!(queue.enqueue(&jobs).unwrap().added, 2);
+    let again = queue.enqueue(&jobs).unwrap();
+    assert_eq!((again.added, again.skipped), (0, 2));
+    assert_eq!(queue.live_payloads("g", "enc", "fp").unwrap().len(), 2);
+    let running = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(queue.supersede("g", "enc", "fp").unwrap(), 2);
+    assert!(queue.live_payloads("g", "enc", "fp").unwrap().is_empty());
+    assert!(is_lease_lost(queue.complete(
+        running.job_id,
+        running.attempt,
+        &ok_result("w")
+    )));
+    assert_eq!(queue.status(None).unwrap().job_totals().total(), 0);
+    // The keys are free again.
+    assert_eq!(queue.enqueue(&jobs).unwrap().added, 2);
+    assert_eq!(queue.status(None).unwrap().item_totals().total, 5);
+}
+
+fn per_item_failures_complete_the_rest(queue: &dyn Queue) {
+    queue
+        .enqueue(&[job("a", "noop", "cats", 5), job("b", "noop", "dogs", 2)])
+        .unwrap();
+    let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    let result = JobResult {
+        failures: vec![
+            ItemFailure {
+                item: "3".to_string(),
+                reason: "truncated PNG".to_string(),
+            },
+            ItemFailure {
+                item: "4".to_string(),
+                reason: "0 bytes".to_string(),
+            },
+        ],
+        detail: serde_json::Value::Null,
+    };
+    queue
+        .complete(lease.job_id, lease.attempt, &result)
+        .unwrap();
+    let status = queue.status(None).unwrap();
+    let items = status.item_totals();
+    assert_eq!((items.total, items.done, items.failed), (7, 3, 2));
+    assert_eq!(status.failed_items.len(), 2);
+    assert_eq!(status.failed_items[0].item, "3");
+    assert_eq!(status.failed_items[0].reason, "truncated PNG");
+    assert_eq!(status.failed_items[0].group, "cats");
+    // Narrowed to one group.
+    let dogs = queue.status(Some("dogs")).unwrap();
+    assert_eq!(dogs.groups.len(), 1);
+    assert_eq!(dogs.job_totals().pending, 1);
+    assert!(dogs.failed_items.is_empty());
+}
+
+fn throughput_and_eta_come_from_recent_completions(queue: &dyn Queue, clock: &ManualClock) {
+    let jobs: Vec<NewJob> = (0..10)
+        .map(|i| job(&format!("j{i}"), "noop", "g", 10))
+        .collect();
+    queue.enqueue(&jobs).unwrap();
+    // Five completions, one every 2 s: 0.5 jobs/s, 5 images/s.
+    for _ in 0..5 {
+        let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+        queue
+            .complete(lease.job_id, lease.attempt, &ok_result("w"))
+            .unwrap();
+        clock.advance(Duration::from_secs(2));
+    }
+    let status = queue.status(None).unwrap();
+    let t = status.throughput;
+    assert_eq!(t.window_jobs, 5);
+    assert!((t.jobs_per_sec.unwrap() - 0.5).abs() < 1e-9, "{t:?}");
+    assert!((t.items_per_sec.unwrap() - 5.0).abs() < 1e-9, "{t:?}");
+    // 50 images left at 5 images/s.
+    assert!((t.eta_secs.unwrap() - 10.0).abs() < 1e-9, "{t:?}");
+    assert_eq!(status.groups[0].throughput, t);
+}
+
+fn requeue_filters_by_group_and_state(queue: &dyn Queue, clock: &ManualClock) {
+    queue
+        .enqueue(&[job("a", "noop", "cats", 1), job("b", "noop", "dogs", 1)])
+        .unwrap();
+    for _ in 0..2 {
+        let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+        queue.fail(lease.job_id, lease.attempt, "x").unwrap();
+    }
+    let only_dead = RequeueFilter {
+        group: None,
+        failed: false,
+        dead: true,
+    };
+    assert_eq!(
+        queue.requeue(&only_dead).unwrap(),
+        0,
+        "failed jobs are not dead"
+    );
+    let cats = RequeueFilter {
+        group: Some("cats".to_string()),
+        failed: true,
+        dead: true,
+    };
+    assert_eq!(queue.requeue(&cats).unwrap(), 1);
+    let lease = queue.claim("w", &["noop"], LEASE).unwrap().unwrap();
+    assert_eq!(lease.group, "cats", "requeued job is claimable at once");
+    assert!(queue.claim("w", &["noop"], LEASE).unwrap().is_none());
+    queue
+        .complete(lease.job_id, lease.attempt, &ok_result("w"))
+        .unwrap();
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        queue.claim("w", &["noop"], LEASE).unwrap().unwrap().group,
+        "dogs"
+    );
+}
+
+/// Every contract test, against one backend constructor.
+macro_rules! contract_tests {
+    ($make:path) => {
+        #[test]
+        fn claim_complete_roundtrip() {
+            let (_dir, _clock, queue) = $make();
+            super::claim_complete_roundtrip(&queue);
+        }
+        #[test]
+        fn expired_lease_is_reclaimed_and_the_old_attempt_fenced() {
+            let (_dir, clock, queue) = $make();
+            super::expired_lease_is_reclaimed_and_the_old_attempt_fenced(&queue, &clock);
+        }
+        #[test]
+        fn heartbeat_extends_the_lease() {
+            let (_dir, clock, queue) = $make();
+            super::heartbeat_extends_the_lease(&queue, &clock);
+        }
+        #[test]
+        fn failures_back_off_exponentially_then_die() {
+            let (_dir, clock, queue) = $make();
+            super::failures_back_off_exponentially_then_die(&queue, &clock);
+        }
+        #[test]
+        fn backoff_is_capped() {
+            super::backoff_is_capped();
+        }
+        #[test]
+        fn workers_that_keep_dying_make_a_job_dead() {
+            let (_dir, clock, queue) = $make();
+            super::workers_that_keep_dying_make_a_job_dead(&queue, &clock);
+        }
+        #[test]
+        fn release_gives_the_job_back_without_spending_a_try() {
+            let (_dir, _clock, queue) = $make();
+            super::release_gives_the_job_back_without_spending_a_try(&queue);
+        }
+        #[test]
+        fn claims_only_the_kinds_asked_for() {
+            let (_dir, _clock, queue) = $make();
+            super::claims_only_the_kinds_asked_for(&queue);
+        }
+        #[test]
+        fn enqueue_is_idempotent_and_supersede_fences() {
+            let (_dir, _clock, queue) = $make();
+            super::enqueue_is_idempotent_and_supersede_fences(&queue);
+        }
+        #[test]
+        fn per_item_failures_complete_the_rest() {
+            let (_dir, _clock, queue) = $make();
+            super::per_item_failures_complete_the_rest(&queue);
+        }
+        #[test]
+        fn throughput_and_eta_come_from_recent_completions() {
+            let (_dir, clock, queue) = $make();
+            super::throughput_and_eta_come_from_recent_completions(&queue, &clock);
+        }
+        #[test]
+        fn requeue_filters_by_group_and_state() {
+            let (_dir, clock, queue) = $make();
+            super::requeue_filters_by_group_and_state(&queue, &clock);
+        }
+    };
+}
+
+mod sqlite_backend {
+    use super::sqlite;
+    contract_tests!(sqlite);
+}

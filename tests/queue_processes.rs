@@ -1,0 +1,176 @@
+//! Real processes on one queue file: 4 `run-worker`s, an enqueuer adding jobs
+//! while they run, and a `status --json` poller. Every job must be executed
+//! and recorded exactly once, and no "database is locked" may reach a user.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const WORKERS: usize = 4;
+const BATCHES: u64 = 4;
+const PER_BATCH: u64 = 500;
+
+fn command(root: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lazarus"));
+    command.arg("--root").arg(root);
+    command
+}
+
+fn status_json(root: &Path) -> (serde_json::Value, Output) {
+    let output = command(root).args(["status", "--json"]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (value, output)
+}
+
+fn assert_not_locked(what: &str, output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.to_lowercase().contains("database is locked")
+            && !stderr.to_lowercase().contains("busy"),
+        "{what} printed a lock error: {stderr}"
+    );
+}
+
+#[test]
+fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let markers = root.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    let total = BATCHES * PER_BATCH;
+
+    // Workers start first, on a queue file that does not exist yet.
+    let workers: Vec<Child> = (0..WORKERS)
+        .map(|i| {
+            command(&root)
+                .args(["run-worker", "--json", "--lease-secs", "60", "--worker-id"])
+                .arg(format!("w{i}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+
+    let enqueuer = {
+        let root = root.clone();
+        let markers = markers.clone();
+        std::thread::spawn(move || {
+            (0..BATCHES)
+                .map(|_| {
+                    let output = command(&root)
+                        .args(["enqueue", "--json", "--noop-jobs"])
+                        .arg(PER_BATCH.to_string())
+                        .arg("--noop-marker-dir")
+                        .arg(&markers)
+                        .output()
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                    output
+                })
+                .collect::<Vec<Output>>()
+        })
+    };
+
+    let finished = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let root = root.clone();
+        let finished = Arc::clone(&finished);
+        std::thread::spawn(move || {
+            let mut polls = Vec::new();
+            while !finished.load(Ordering::SeqCst) {
+                polls.push(status_json(&root));
+            }
+            polls
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = 0;
+    while Instant::now() < deadline {
+        let (status, _) = status_json(&root);
+        done = status["jobs"]["done"].as_u64().unwrap_or(0);
+        if done >= total {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    finished.store(true, Ordering::SeqCst);
+
+    // SIGTERM: each worker stops between jobs and exits 0.
+    for worker in &workers {
+        let killed = Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let worker_outputs: Vec<Output> = workers
+        .into_iter()
+        .map(|w| w.wait_with_output().unwrap())
+        .collect();
+    let enqueue_outputs = enqueuer.join().unwrap();
+    let polls = poller.join().unwrap();
+    assert_eq!(done, total, "all jobs done within 60 s");
+
+    for output in &enqueue_outputs {
+        assert_not_locked("enqueue", output);
+        assert!(output.status.success(), "enqueue failed: {output:?}");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["jobs_added"], PER_BATCH);
+    }
+    let mut completed = 0;
+    for output in &worker_outputs {
+        assert_not_locked("run-worker", output);
+        assert!(output.status.success(), "worker failed: {output:?}");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["stopped"], "signal");
+        assert_eq!(report["lease_lost"], 0);
+        assert_eq!(report["failed"], 0);
+        completed += report["completed"].as_u64().unwrap();
+    }
+    assert_eq!(completed, total, "completions reported by the workers");
+    assert!(polls.len() >= 2, "the poller ran while the workers did");
+    let mut last_done = 0;
+    for (status, output) in &polls {
+        assert_not_locked("status", output);
+        assert!(output.status.success(), "status failed: {output:?}");
+        let done = status["jobs"]["done"].as_u64().unwrap();
+        assert!(done >= last_done, "done never goes back");
+        last_done = done;
+    }
+
+    // Exactly one execution per job: one marker per job id, all first attempts.
+    let names: Vec<String> = std::fs::read_dir(&markers)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len() as u64, total, "one execution per job");
+    let ids: BTreeSet<u64> = names
+        .iter()
+        .map(|name| {
+            let rest = name.strip_prefix("job-").unwrap();
+            let (id, attempt) = rest.split_once("-attempt-").unwrap();
+            assert_eq!(attempt, "1", "{name}: no job ran twice");
+            id.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(ids, (1..=total).collect::<BTreeSet<u64>>());
+    // Several workers took part.
+    let mut by_worker = std::collections::BTreeMap::new();
+    for name in &names {
+        let who = std::fs::read_to_string(markers.join(name)).unwrap();
+        *by_worker.entry(who.trim().to_string()).or_insert(0u64) += 1;
+    }
+    assert!(by_worker.len() >= 2, "work was shared: {by_worker:?}");
+
+    let (status, _) = status_json(&root);
+    assert_eq!(status["jobs"]["done"], total);
+    for state in ["pending", "running", "failed", "dead"] {
+        assert_eq!(status["jobs"][state], 0, "{state}: {status}");
+    }
+}
