@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use lazarus::queue::sqlite::SqliteQueue;
 use lazarus::queue::{
-    ItemFailure, JobResult, JobState, ManualClock, NewJob, Queue, QueueError, RequeueFilter,
-    RetryPolicy,
+    ItemFailure, JobResult, JobState, KindBacklog, ManualClock, NewJob, Queue, QueueError,
+    RequeueFilter, RetryPolicy,
 };
 
 const START_MS: i64 = 1_700_000_000_000;
@@ -265,10 +265,20 @@ fn claims_only_the_kinds_asked_for(queue: &dyn Queue) {
     queue
         .complete(lease.job_id, lease.attempt, &ok_result("w"))
         .unwrap();
+    let running = queue.claim("w", &["extract"], LEASE).unwrap().unwrap();
+    queue.enqueue(&[job("y", "extract", "g", 64)]).unwrap();
     assert_eq!(
-        queue.unfinished_by_kind().unwrap(),
-        vec![("extract".to_string(), 1)]
+        queue.backlog_by_kind().unwrap(),
+        vec![KindBacklog {
+            kind: "extract".to_string(),
+            waiting: 1,
+            running: 1
+        }]
     );
+    queue
+        .fail(running.job_id, running.attempt, "no executor")
+        .unwrap();
+    assert_eq!(queue.backlog_by_kind().unwrap()[0].waiting, 2);
 }
 
 fn enqueue_is_idempotent_and_supersede_fences(queue: &dyn Queue) {

@@ -217,6 +217,15 @@ pub struct JobResult {
     pub detail: serde_json::Value,
 }
 
+/// Unfinished jobs of one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KindBacklog {
+    pub kind: String,
+    /// Pending, or failed and waiting for a retry.
+    pub waiting: u64,
+    pub running: u64,
+}
+
 /// Which failed or dead jobs `requeue` brings back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequeueFilter {
@@ -470,8 +479,8 @@ pub trait Queue: Send + Sync {
     /// Brings failed and/or dead jobs back to pending with their tries reset.
     fn requeue(&self, filter: &RequeueFilter) -> Result<u64, QueueError>;
 
-    /// Live jobs per kind that are pending, running or failed (not done, not dead).
-    fn unfinished_by_kind(&self) -> Result<Vec<(String, u64)>, QueueError>;
+    /// Unfinished live jobs per kind (kinds with none are left out).
+    fn backlog_by_kind(&self) -> Result<Vec<KindBacklog>, QueueError>;
 
     /// One job, live or superseded.
     fn job(&self, job_id: i64) -> Result<JobRecord, QueueError>;

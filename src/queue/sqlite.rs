@@ -23,8 +23,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, ToSql, Trans
 
 use super::{
     Clock, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord, JobResult,
-    JobState, Lease, Millis, NewJob, Queue, QueueError, QueueStatus, RequeueFilter, RetryPolicy,
-    StateCounts, SystemClock, throughput,
+    JobState, KindBacklog, Lease, Millis, NewJob, Queue, QueueError, QueueStatus, RequeueFilter,
+    RetryPolicy, StateCounts, SystemClock, throughput,
 };
 
 /// The schema version this binary creates and understands.
@@ -689,15 +689,21 @@ impl Queue for SqliteQueue {
         self.write(|tx, _| Ok(tx.execute(&sql, [filter.group.as_deref()])? as u64))
     }
 
-    fn unfinished_by_kind(&self) -> Result<Vec<(String, u64)>, QueueError> {
+    fn backlog_by_kind(&self) -> Result<Vec<KindBacklog>, QueueError> {
         self.read(|tx, _| {
             let mut statement = tx.prepare_cached(
-                "SELECT kind, COUNT(*) FROM jobs
+                "SELECT kind, SUM(state != 'running'), SUM(state = 'running') FROM jobs
                  WHERE superseded = 0 AND state IN ('pending', 'running', 'failed')
                  GROUP BY kind ORDER BY kind",
             )?;
-            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            Ok(rows.collect::<Result<Vec<(String, u64)>, _>>()?)
+            let rows = statement.query_map([], |row| {
+                Ok(KindBacklog {
+                    kind: row.get(0)?,
+                    waiting: row.get(1)?,
+                    running: row.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 

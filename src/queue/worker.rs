@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{JobResult, Lease, Queue, QueueError};
+use super::{JobResult, KindBacklog, Lease, Queue, QueueError};
 
 /// What running one job came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,8 @@ pub trait Executor: Sync {
 pub struct WorkerConfig {
     pub worker_id: String,
     pub lease: Duration,
-    /// Return once no job of our kinds is unfinished, instead of polling.
+    /// Return once no job of our kinds is pending or waiting for a retry,
+    /// instead of polling (jobs running on other workers are left to them).
     pub until_empty: bool,
     /// Return after this many jobs (completed or failed).
     pub max_jobs: Option<u64>,
@@ -50,12 +51,12 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
-    /// `until_empty` and no job of our kinds is left.
+    /// `until_empty` and no job of our kinds is waiting.
     Empty,
     MaxJobs,
     /// The stop flag was set (SIGINT/SIGTERM).
     Signal,
-    /// Only jobs of kinds this worker cannot run are unfinished.
+    /// Only jobs of kinds this worker cannot run are waiting.
     Blocked,
 }
 
@@ -161,22 +162,23 @@ fn claim_loop(
                 match queue.claim(&config.worker_id, kinds, config.lease)? {
                     Some(lease) => lease,
                     None => {
-                        let unfinished = queue.unfinished_by_kind()?;
-                        let ours: u64 = unfinished
+                        let backlog = queue.backlog_by_kind()?;
+                        let ours = |b: &KindBacklog| kinds.contains(&b.kind.as_str());
+                        let ours_waiting: u64 =
+                            backlog.iter().filter(|b| ours(b)).map(|b| b.waiting).sum();
+                        let others: Vec<(String, u64)> = backlog
                             .iter()
-                            .filter(|(kind, _)| kinds.contains(&kind.as_str()))
-                            .map(|(_, n)| n)
-                            .sum();
-                        let others: Vec<(String, u64)> = unfinished
-                            .into_iter()
-                            .filter(|(kind, _)| !kinds.contains(&kind.as_str()))
+                            .filter(|b| !ours(b) && b.waiting > 0)
+                            .map(|b| (b.kind.clone(), b.waiting))
                             .collect();
-                        if ours == 0 && !others.is_empty() {
+                        if ours_waiting == 0 && !others.is_empty() {
                             report.stopped = StopReason::Blocked;
                             report.blocked_kinds = others;
                             return Ok(report);
                         }
-                        if ours == 0 && config.until_empty {
+                        // Jobs running on other workers are theirs: an expired one
+                        // is reclaimed by whichever worker is still polling.
+                        if ours_waiting == 0 && config.until_empty {
                             report.stopped = StopReason::Empty;
                             return Ok(report);
                         }
