@@ -174,3 +174,122 @@ fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once() {
         assert_eq!(status["jobs"][state], 0, "{state}: {status}");
     }
 }
+
+/// Polls `status --json` until `check` holds, for at most `secs` seconds.
+fn wait_for(
+    root: &Path,
+    secs: u64,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (status, _) = status_json(root);
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out; last status: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn enqueue_slow_job(root: &Path, markers: &Path, sleep_ms: u64) {
+    let output = command(root)
+        .args(["enqueue", "--noop-jobs", "1", "--noop-sleep-ms"])
+        .arg(sleep_ms.to_string())
+        .arg("--noop-marker-dir")
+        .arg(markers)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn a_killed_workers_job_is_reclaimed_after_its_lease_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let markers = root.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    enqueue_slow_job(root, &markers, 1500);
+
+    let mut doomed = command(root)
+        .args(["run-worker", "--lease-secs", "1", "--worker-id", "doomed"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(root, 10, |s| s["jobs"]["running"] == 1);
+    // Mid-job: the marker is written before the job starts sleeping.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !markers.join("job-1-attempt-1").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the doomed worker started the job"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    doomed.kill().unwrap(); // SIGKILL: no release, no completion
+    doomed.wait().unwrap();
+    let status = wait_for(root, 10, |s| s["groups"][0]["expired_leases"] == 1);
+    assert_eq!(
+        status["jobs"]["running"], 1,
+        "still leased to the dead worker"
+    );
+
+    let output = command(root)
+        .args(["run-worker", "--until-empty", "--json", "--lease-secs", "1"])
+        .args(["--worker-id", "rescuer"])
+        .output()
+        .unwrap();
+    assert_not_locked("run-worker", &output);
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["completed"], 1);
+    // The rescuer ran attempt 2 for 1.5 s under a 1 s lease: heartbeats kept it.
+    assert_eq!(report["lease_lost"], 0);
+    assert_eq!(
+        std::fs::read_to_string(markers.join("job-1-attempt-2"))
+            .unwrap()
+            .trim(),
+        "rescuer"
+    );
+    let status = wait_for(root, 1, |_| true);
+    assert_eq!(status["jobs"]["done"], 1);
+}
+
+#[test]
+fn sigterm_releases_the_running_job_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let markers = root.join("markers");
+    std::fs::create_dir_all(&markers).unwrap();
+    enqueue_slow_job(root, &markers, 30_000);
+    let worker = command(root)
+        .args(["run-worker", "--json", "--worker-id", "polite"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(root, 10, |s| s["jobs"]["running"] == 1);
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = worker.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped promptly"
+    );
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["released"], 1);
+    assert_eq!(report["completed"], 0);
+    assert_eq!(report["stopped"], "signal");
+    let status = wait_for(root, 1, |_| true);
+    assert_eq!(status["jobs"]["pending"], 1, "given back: {status}");
+    assert_eq!(status["jobs"]["running"], 0);
+}

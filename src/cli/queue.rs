@@ -44,6 +44,15 @@ pub struct EnqueueArgs {
     /// No-op jobs leave a marker file per execution in DIR.
     #[arg(long, hide = true, value_name = "DIR", requires = "noop_jobs")]
     pub noop_marker_dir: Option<PathBuf>,
+    /// Each no-op job takes this long, giving up early on SIGINT/SIGTERM.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "MS",
+        default_value_t = 0,
+        requires = "noop_jobs"
+    )]
+    pub noop_sleep_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +105,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         let payload = NoopPayload {
             marker_dir: args.noop_marker_dir,
             fail_items: Vec::new(),
+            sleep_ms: args.noop_sleep_ms,
         };
         let outcome = plan::enqueue_noop(layout, count, &payload)?;
         if args.json {

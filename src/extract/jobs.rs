@@ -3,7 +3,8 @@
 //! claimed, so they stay pending until a worker that can run them exists.
 
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use super::KIND_NOOP;
 use super::plan::NoopPayload;
@@ -19,15 +20,15 @@ impl Executor for JobRunner {
         vec![KIND_NOOP.to_string()]
     }
 
-    fn execute(&self, lease: &Lease, _stop: &AtomicBool) -> Outcome {
+    fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome {
         match lease.kind.as_str() {
-            KIND_NOOP => run_noop(lease),
+            KIND_NOOP => run_noop(lease, stop),
             other => Outcome::Failed(format!("this worker cannot run jobs of kind '{other}'")),
         }
     }
 }
 
-fn run_noop(lease: &Lease) -> Outcome {
+fn run_noop(lease: &Lease, stop: &AtomicBool) -> Outcome {
     let payload: NoopPayload = match serde_json::from_str(&lease.payload) {
         Ok(payload) => payload,
         Err(err) => return Outcome::Failed(format!("malformed noop payload: {err}")),
@@ -43,6 +44,17 @@ fn run_noop(lease: &Lease) -> Outcome {
         if let Err(err) = written {
             return Outcome::Failed(format!("{}: {err}", path.display()));
         }
+    }
+    let until = Instant::now() + Duration::from_millis(payload.sleep_ms);
+    while Instant::now() < until {
+        if stop.load(Ordering::SeqCst) {
+            return Outcome::Interrupted;
+        }
+        std::thread::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(20)),
+        );
     }
     let failures = payload
         .fail_items

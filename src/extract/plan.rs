@@ -261,6 +261,9 @@ pub struct NoopPayload {
     /// Items the job reports as failed (exercises per-item failures).
     #[serde(default)]
     pub fail_items: Vec<String>,
+    /// How long the job takes (exercises heartbeats, crashes and shutdown).
+    #[serde(default)]
+    pub sleep_ms: u64,
 }
 
 /// What a no-op enqueue did.

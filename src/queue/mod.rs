@@ -221,8 +221,9 @@ pub struct JobResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KindBacklog {
     pub kind: String,
-    /// Pending, or failed and waiting for a retry.
+    /// Pending, failed and waiting for a retry, or running with an expired lease.
     pub waiting: u64,
+    /// Running under a lease that has not expired.
     pub running: u64,
 }
 

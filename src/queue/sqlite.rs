@@ -690,13 +690,15 @@ impl Queue for SqliteQueue {
     }
 
     fn backlog_by_kind(&self) -> Result<Vec<KindBacklog>, QueueError> {
-        self.read(|tx, _| {
+        self.read(|tx, now| {
             let mut statement = tx.prepare_cached(
-                "SELECT kind, SUM(state != 'running'), SUM(state = 'running') FROM jobs
+                "SELECT kind, SUM(state != 'running' OR lease_deadline_ms <= ?1),
+                     SUM(state = 'running' AND lease_deadline_ms > ?1)
+                 FROM jobs
                  WHERE superseded = 0 AND state IN ('pending', 'running', 'failed')
                  GROUP BY kind ORDER BY kind",
             )?;
-            let rows = statement.query_map([], |row| {
+            let rows = statement.query_map([now], |row| {
                 Ok(KindBacklog {
                     kind: row.get(0)?,
                     waiting: row.get(1)?,
