@@ -465,3 +465,141 @@ mod sqlite_backend {
     use super::sqlite;
     contract_tests!(sqlite);
 }
+
+/// xorshift64*: a tiny deterministic generator, so failures replay by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// Random interleavings of claims, heartbeats, completions, failures,
+/// releases, silent crashes and clock jumps by several workers. Invariants:
+/// fencing tokens only grow, a call is accepted exactly when its attempt is
+/// the job's current running attempt, a job is completed at most once, and
+/// after draining every job is done or dead.
+/// Returns how many calls were refused, so the caller can check both paths ran.
+fn random_interleavings_keep_the_invariants(
+    queue: &dyn Queue,
+    clock: &ManualClock,
+    seed: u64,
+) -> (u32, u32) {
+    let mut tally = (0, 0);
+    const JOBS: usize = 12;
+    const WORKERS: usize = 4;
+    let jobs: Vec<NewJob> = (0..JOBS)
+        .map(|i| job(&format!("j{i}"), "noop", "g", 1))
+        .collect();
+    queue.enqueue(&jobs).unwrap();
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut held: Vec<Option<lazarus::queue::Lease>> = vec![None; WORKERS];
+    let mut last_attempt = std::collections::HashMap::<i64, u32>::new();
+    let mut completions = std::collections::HashMap::<i64, u32>::new();
+    for step in 0..300 {
+        let w = rng.below(WORKERS as u64) as usize;
+        if rng.below(3) == 0 {
+            clock.advance(Duration::from_millis(rng.below(12_000)));
+        }
+        let Some(lease) = held[w].clone() else {
+            if let Some(lease) = queue.claim(&format!("w{w}"), &["noop"], LEASE).unwrap() {
+                let previous = last_attempt
+                    .insert(lease.job_id, lease.attempt)
+                    .unwrap_or(0);
+                assert!(
+                    lease.attempt > previous,
+                    "seed {seed} step {step}: token grew"
+                );
+                assert!(
+                    !completions.contains_key(&lease.job_id),
+                    "done jobs are not claimed"
+                );
+                held[w] = Some(lease);
+            }
+            continue;
+        };
+        let current = matches!(
+            queue.job(lease.job_id).unwrap().state,
+            JobState::Running { attempt, .. } if attempt == lease.attempt
+        );
+        let accepted = match rng.below(6) {
+            0 | 1 => {
+                let accepted = queue.heartbeat(lease.job_id, lease.attempt, LEASE).is_ok();
+                if !accepted {
+                    held[w] = None;
+                }
+                accepted
+            }
+            2 | 3 => {
+                held[w] = None;
+                let accepted = queue
+                    .complete(lease.job_id, lease.attempt, &ok_result("w"))
+                    .is_ok();
+                if accepted {
+                    *completions.entry(lease.job_id).or_default() += 1;
+                }
+                accepted
+            }
+            4 => {
+                held[w] = None;
+                queue.fail(lease.job_id, lease.attempt, "boom").is_ok()
+            }
+            _ => {
+                held[w] = None;
+                if rng.below(2) == 0 {
+                    queue.release(lease.job_id, lease.attempt).is_ok()
+                } else {
+                    continue; // crashed silently: the lease just expires
+                }
+            }
+        };
+        assert_eq!(
+            accepted, current,
+            "seed {seed} step {step}: accepted iff current"
+        );
+        if accepted {
+            tally.0 += 1;
+        } else {
+            tally.1 += 1;
+        }
+    }
+    // Drain: far in the future every lease and backoff has passed.
+    clock.advance(Duration::from_secs(3600));
+    while let Some(lease) = queue.claim("drain", &["noop"], LEASE).unwrap() {
+        queue
+            .complete(lease.job_id, lease.attempt, &ok_result("drain"))
+            .unwrap();
+        *completions.entry(lease.job_id).or_default() += 1;
+    }
+    assert!(
+        completions.values().all(|&n| n == 1),
+        "seed {seed}: completed at most once"
+    );
+    let totals = queue.status(None).unwrap().job_totals();
+    assert_eq!(totals.done as usize, completions.len());
+    assert_eq!(
+        (totals.done + totals.dead) as usize,
+        JOBS,
+        "seed {seed}: {totals:?}"
+    );
+    tally
+}
+
+#[test]
+fn sqlite_random_interleavings_keep_the_invariants() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 1..=8 {
+        let (_dir, clock, queue) = sqlite();
+        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
+        accepted += a;
+        refused += r;
+    }
+    assert!(
+        accepted > 100 && refused > 20,
+        "both paths ran: {accepted} accepted, {refused} refused"
+    );
+}
