@@ -11,7 +11,11 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lazarus"));
     let labels = cache.join("data/elpv/labels.csv");
-    assert!(labels.is_file(), "{} missing: run scripts/fetch_assets.sh", labels.display());
+    assert!(
+        labels.is_file(),
+        "{} missing: run scripts/fetch_assets.sh",
+        labels.display()
+    );
     let mut seconds = Vec::new();
     for run in 0..5 {
         let root = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@
 pub mod atomic;
 pub mod dataset;
 pub mod encoders;
+pub mod features;
 pub mod layout;
 pub mod preprocess;
 pub mod queue;

@@ -10,11 +10,21 @@ fn elpv_registers_2624_images_in_4_defect_classes() {
     let dir = tempfile::tempdir().unwrap();
     let out = ok(lazarus(
         dir.path(),
-        &["dataset", "add", "elpv", labels.to_str().unwrap(), "--label-column", "2"],
+        &[
+            "dataset",
+            "add",
+            "elpv",
+            labels.to_str().unwrap(),
+            "--label-column",
+            "2",
+        ],
     ));
     assert!(out.contains("2624 images (label-file)"), "{out}");
 
-    let summary = json(&ok(lazarus(dir.path(), &["dataset", "show", "elpv", "--json"])));
+    let summary = json(&ok(lazarus(
+        dir.path(),
+        &["dataset", "show", "elpv", "--json"],
+    )));
     assert_eq!(summary["images"], 2624);
     // Counts checked against `awk '{print $2}' labels.csv | sort | uniq -c`.
     assert_eq!(
@@ -26,8 +36,21 @@ fn elpv_registers_2624_images_in_4_defect_classes() {
     // Column 3 is the cell type.
     ok(lazarus(
         dir.path(),
-        &["dataset", "add", "elpv-type", labels.to_str().unwrap(), "--label-column", "3"],
+        &[
+            "dataset",
+            "add",
+            "elpv-type",
+            labels.to_str().unwrap(),
+            "--label-column",
+            "3",
+        ],
     ));
-    let summary = json(&ok(lazarus(dir.path(), &["dataset", "show", "elpv-type", "--json"])));
-    assert_eq!(summary["classes"], serde_json::json!({"mono": 1074, "poly": 1550}));
+    let summary = json(&ok(lazarus(
+        dir.path(),
+        &["dataset", "show", "elpv-type", "--json"],
+    )));
+    assert_eq!(
+        summary["classes"],
+        serde_json::json!({"mono": 1074, "poly": 1550})
+    );
 }
