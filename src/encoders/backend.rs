@@ -41,7 +41,8 @@ impl SimpleBackend for StrictTensors {
 }
 
 /// Pseudo-random tensors, a pure function of (seed, tensor name, shape), so
-/// the same seed builds the same model on every machine and device.
+/// the same seed builds the same model on every machine and device. The
+/// model's init hints set each tensor's mean and variance.
 pub struct RandomTensors {
     pub seed: u64,
 }
@@ -63,10 +64,10 @@ impl SplitMix {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn normal(&mut self) -> f64 {
-        let u1 = self.unit().max(f64::MIN_POSITIVE);
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    /// Zero mean, unit variance. A uniform draw rather than a Gaussian: as
+    /// good for initial weights and several times cheaper in debug builds.
+    fn standard(&mut self) -> f64 {
+        3f64.sqrt() * (2.0 * self.unit() - 1.0)
     }
 }
 
@@ -83,7 +84,7 @@ impl SimpleBackend for RandomTensors {
         let values: Vec<f32> = match h {
             Init::Const(value) => vec![value as f32; count],
             Init::Randn { mean, stdev } => (0..count)
-                .map(|_| (mean + stdev * rng.normal()) as f32)
+                .map(|_| (mean + stdev * rng.standard()) as f32)
                 .collect(),
             Init::Uniform { lo, up } => (0..count)
                 .map(|_| (lo + (up - lo) * rng.unit()) as f32)
@@ -96,7 +97,7 @@ impl SimpleBackend for RandomTensors {
                 let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
                 match dist {
                     NormalOrUniform::Normal => {
-                        (0..count).map(|_| (std * rng.normal()) as f32).collect()
+                        (0..count).map(|_| (std * rng.standard()) as f32).collect()
                     }
                     NormalOrUniform::Uniform => {
                         let bound = 3f64.sqrt() * std;
@@ -119,4 +120,61 @@ impl SimpleBackend for RandomTensors {
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
+}
+
+/// Another backend with some tensors replaced. Used to turn a classifier into
+/// an identity so that a model whose `forward` ends in its head returns the
+/// features that feed it.
+pub struct WithOverrides {
+    pub inner: Box<dyn SimpleBackend>,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl SimpleBackend for WithOverrides {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self.tensors.get(name) {
+            Some(tensor) if tensor.shape() == &s => tensor.to_dtype(dtype)?.to_device(dev),
+            Some(tensor) => Err(Error::Msg(format!(
+                "tensor '{name}': the model expects shape {:?}, the override has shape {:?}",
+                s.dims(),
+                tensor.dims()
+            ))),
+            None => self.inner.get(s, name, h, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self.tensors.get(name) {
+            Some(tensor) => tensor.to_dtype(dtype)?.to_device(dev),
+            None => self.inner.get_unchecked(name, dtype, dev),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.inner.contains_tensor(name)
+    }
+}
+
+/// `rows` × `columns` weight whose first min(rows, columns) outputs copy the
+/// inputs, and a zero bias: a linear layer that passes features through.
+pub fn identity_linear(
+    prefix: &str,
+    rows: usize,
+    columns: usize,
+) -> Result<HashMap<String, Tensor>> {
+    let device = Device::Cpu;
+    let mut weight = vec![0f32; rows * columns];
+    for i in 0..rows.min(columns) {
+        weight[i * columns + i] = 1.0;
+    }
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        format!("{prefix}.weight"),
+        Tensor::from_vec(weight, (rows, columns), &device)?,
+    );
+    tensors.insert(
+        format!("{prefix}.bias"),
+        Tensor::zeros(rows, DType::F32, &device)?,
+    );
+    Ok(tensors)
 }

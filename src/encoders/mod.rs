@@ -4,12 +4,18 @@
 //! loaded (see `weights`) and map a batch of preprocessed images to features.
 
 pub mod backend;
+pub mod clip;
+pub mod convnext;
+pub mod dinov2;
+pub mod efficientnet;
 pub mod efficientnet_lite;
+pub mod resnet;
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use serde::Serialize;
 
 use crate::preprocess::{PreprocessConfig, ResizeFilter, ResizePolicy};
@@ -103,7 +109,53 @@ fn lite(name: &'static str, input_size: u32) -> EncoderSpec {
     }
 }
 
+/// CLIP's own normalisation (OpenAI `clip` preprocessing).
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+fn pooled_only(
+    name: &'static str,
+    family: &'static str,
+    input_size: u32,
+    feature_dim: usize,
+) -> EncoderSpec {
+    EncoderSpec {
+        name,
+        family,
+        input_size,
+        feature_dim,
+        spatial: None,
+        preprocess: preprocess(input_size, IMAGENET_MEAN, IMAGENET_STD),
+    }
+}
+
+fn dinov2(name: &'static str, config: dinov2::Config) -> EncoderSpec {
+    let side = 224 / 14;
+    EncoderSpec {
+        spatial: Some(SpatialShape {
+            channels: config.embed_dim(),
+            height: side,
+            width: side,
+        }),
+        ..pooled_only(name, "dinov2", 224, config.embed_dim())
+    }
+}
+
+fn efficientnet_b(name: &'static str, variant: u8) -> EncoderSpec {
+    let config = efficientnet::Config { variant };
+    pooled_only(
+        name,
+        "efficientnet",
+        config.input_size(),
+        config.feature_dim(),
+    )
+}
+
 /// Every encoder lazarus knows, in display order.
+///
+/// Spatial maps: EfficientNet-Lite gives the head output (stride 32,
+/// 1280 × ⌈size/32⌉²); DINOv2 gives its patch tokens (embed_dim × (224/14)²).
+/// The other families expose pooled features only.
 pub fn registry() -> Vec<EncoderSpec> {
     vec![
         lite("efficientnet-lite0", 224),
@@ -111,6 +163,86 @@ pub fn registry() -> Vec<EncoderSpec> {
         lite("efficientnet-lite2", 260),
         lite("efficientnet-lite3", 280),
         lite("efficientnet-lite4", 300),
+        pooled_only(
+            "resnet18",
+            "resnet",
+            224,
+            resnet::Config::Resnet18.feature_dim(),
+        ),
+        pooled_only(
+            "resnet34",
+            "resnet",
+            224,
+            resnet::Config::Resnet34.feature_dim(),
+        ),
+        pooled_only(
+            "resnet50",
+            "resnet",
+            224,
+            resnet::Config::Resnet50.feature_dim(),
+        ),
+        efficientnet_b("efficientnet-b0", 0),
+        efficientnet_b("efficientnet-b1", 1),
+        efficientnet_b("efficientnet-b2", 2),
+        efficientnet_b("efficientnet-b3", 3),
+        efficientnet_b("efficientnet-b4", 4),
+        efficientnet_b("efficientnet-b5", 5),
+        efficientnet_b("efficientnet-b6", 6),
+        efficientnet_b("efficientnet-b7", 7),
+        pooled_only(
+            "convnext-atto",
+            "convnext",
+            224,
+            convnext::Config::Atto.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-femto",
+            "convnext",
+            224,
+            convnext::Config::Femto.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-pico",
+            "convnext",
+            224,
+            convnext::Config::Pico.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-nano",
+            "convnext",
+            224,
+            convnext::Config::Nano.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-tiny",
+            "convnext",
+            224,
+            convnext::Config::Tiny.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-small",
+            "convnext",
+            224,
+            convnext::Config::Small.feature_dim(),
+        ),
+        pooled_only(
+            "convnext-base",
+            "convnext",
+            224,
+            convnext::Config::Base.feature_dim(),
+        ),
+        dinov2("dinov2-vits14", dinov2::Config::VitSmall14),
+        dinov2("dinov2-vitb14", dinov2::Config::VitBase14),
+        EncoderSpec {
+            preprocess: PreprocessConfig {
+                // OpenAI CLIP resizes the shorter side straight to 224, then crops.
+                resize: ResizePolicy::ShorterSideThenCenterCrop {
+                    resize_shorter_to: 224,
+                },
+                ..preprocess(224, CLIP_MEAN, CLIP_STD)
+            },
+            ..pooled_only("clip-vit-b32", "clip", 224, clip::ClipVision::feature_dim())
+        },
     ]
 }
 
@@ -125,10 +257,6 @@ pub fn lookup(name: &str) -> Result<EncoderSpec, EncoderError> {
             known: all.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
         })
 }
-
-// Silences the unused-import lint until the CNN families use the ImageNet constants.
-#[allow(dead_code)]
-const _IMAGENET: ([f32; 3], [f32; 3]) = (IMAGENET_MEAN, IMAGENET_STD);
 
 /// One row of `lazarus encoders list`.
 #[derive(Debug, Clone, Serialize)]
@@ -177,7 +305,10 @@ pub trait Encoder: Send + Sync {
     /// sha256 of the weights file it was built from; None for random weights.
     fn weights_sha256(&self) -> Option<&str>;
     /// `images`: [n, 3, input_size, input_size] f32, normalised by `spec().preprocess`.
+    /// Returns pooled features and, when the spec has one, the spatial map.
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError>;
+    /// Pooled features only: skips work some families need for the spatial map.
+    fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError>;
 }
 
 /// Builds `spec`'s encoder on `device` from `source`. Reading files is left to
@@ -191,12 +322,13 @@ pub fn load_encoder(
         encoder: spec.name.to_string(),
         source: Box::new(source),
     };
-    let (vb, origin, sha256) = match &source {
-        WeightsSource::Random { seed } => {
-            let backend = backend::RandomTensors { seed: *seed };
-            let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-            (vb, format!("random weights (seed {seed})"), None)
-        }
+    let (backend, origin, sha256): (Box<dyn SimpleBackend>, String, Option<String>) = match &source
+    {
+        WeightsSource::Random { seed } => (
+            Box::new(backend::RandomTensors { seed: *seed }),
+            format!("random weights (seed {seed})"),
+            None,
+        ),
         WeightsSource::Installed | WeightsSource::File(_) => {
             let (path, sha256) = match &source {
                 WeightsSource::File(path) => {
@@ -218,9 +350,11 @@ pub fn load_encoder(
                 }
             };
             let tensors = weights::load_tensors(&path, device).map_err(weights_error)?;
-            let backend = backend::StrictTensors(tensors);
-            let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-            (vb, path.display().to_string(), Some(sha256))
+            (
+                Box::new(backend::StrictTensors(tensors)),
+                path.display().to_string(),
+                Some(sha256),
+            )
         }
     };
     let build_error = |err: candle_core::Error| EncoderError::Build {
@@ -228,7 +362,7 @@ pub fn load_encoder(
         origin: origin.clone(),
         message: err.to_string(),
     };
-    let model = Model::build(spec, vb).map_err(build_error)?;
+    let model = Model::build(spec, backend, device).map_err(build_error)?;
     Ok(Box::new(Loaded {
         spec: spec.clone(),
         device: device.clone(),
@@ -240,31 +374,100 @@ pub fn load_encoder(
 /// The network behind each family.
 enum Model {
     Lite(efficientnet_lite::EfficientNetLite),
+    ResNet(resnet::ResNet),
+    EfficientNet(efficientnet::EfficientNet),
+    ConvNeXt(convnext::ConvNeXt),
+    DinoV2(dinov2::DinoV2),
+    Clip(clip::ClipVision),
 }
 
 impl Model {
-    fn build(spec: &EncoderSpec, vb: VarBuilder) -> candle_core::Result<Self> {
-        use efficientnet_lite::{Config, EfficientNetLite};
+    fn build(
+        spec: &EncoderSpec,
+        backend: Box<dyn SimpleBackend>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        use efficientnet_lite::{Config as Lite, EfficientNetLite};
+        let vb = |backend: Box<dyn SimpleBackend>| {
+            VarBuilder::from_backend(backend, DType::F32, device.clone())
+        };
         Ok(match spec.name {
-            "efficientnet-lite0" => Model::Lite(EfficientNetLite::new(Config::lite0(), vb)?),
-            "efficientnet-lite1" => Model::Lite(EfficientNetLite::new(Config::lite1(), vb)?),
-            "efficientnet-lite2" => Model::Lite(EfficientNetLite::new(Config::lite2(), vb)?),
-            "efficientnet-lite3" => Model::Lite(EfficientNetLite::new(Config::lite3(), vb)?),
-            "efficientnet-lite4" => Model::Lite(EfficientNetLite::new(Config::lite4(), vb)?),
+            "efficientnet-lite0" => Model::Lite(EfficientNetLite::new(Lite::lite0(), vb(backend))?),
+            "efficientnet-lite1" => Model::Lite(EfficientNetLite::new(Lite::lite1(), vb(backend))?),
+            "efficientnet-lite2" => Model::Lite(EfficientNetLite::new(Lite::lite2(), vb(backend))?),
+            "efficientnet-lite3" => Model::Lite(EfficientNetLite::new(Lite::lite3(), vb(backend))?),
+            "efficientnet-lite4" => Model::Lite(EfficientNetLite::new(Lite::lite4(), vb(backend))?),
+            "resnet18" => {
+                Model::ResNet(resnet::ResNet::new(resnet::Config::Resnet18, vb(backend))?)
+            }
+            "resnet34" => {
+                Model::ResNet(resnet::ResNet::new(resnet::Config::Resnet34, vb(backend))?)
+            }
+            "resnet50" => {
+                Model::ResNet(resnet::ResNet::new(resnet::Config::Resnet50, vb(backend))?)
+            }
+            name if name.starts_with("efficientnet-b") => {
+                let variant = name["efficientnet-b".len()..]
+                    .parse::<u8>()
+                    .map_err(|_| candle_core::Error::Msg(format!("bad variant in '{name}'")))?;
+                let config = efficientnet::Config { variant };
+                Model::EfficientNet(efficientnet::EfficientNet::new(config, backend, device)?)
+            }
+            name if name.starts_with("convnext-") => {
+                use convnext::Config as C;
+                let config = match &name["convnext-".len()..] {
+                    "atto" => C::Atto,
+                    "femto" => C::Femto,
+                    "pico" => C::Pico,
+                    "nano" => C::Nano,
+                    "tiny" => C::Tiny,
+                    "small" => C::Small,
+                    "base" => C::Base,
+                    other => candle_core::bail!("unknown convnext size '{other}'"),
+                };
+                Model::ConvNeXt(convnext::ConvNeXt::new(config, vb(backend))?)
+            }
+            "dinov2-vits14" => Model::DinoV2(dinov2::DinoV2::new(
+                dinov2::Config::VitSmall14,
+                backend,
+                device,
+            )?),
+            "dinov2-vitb14" => Model::DinoV2(dinov2::DinoV2::new(
+                dinov2::Config::VitBase14,
+                backend,
+                device,
+            )?),
+            "clip-vit-b32" => Model::Clip(clip::ClipVision::new(vb(backend))?),
             other => candle_core::bail!("no model is wired for '{other}'"),
         })
     }
 
-    fn forward(&self, images: &Tensor) -> candle_core::Result<EncoderOutput> {
-        match self {
+    fn forward(&self, images: &Tensor, with_spatial: bool) -> candle_core::Result<EncoderOutput> {
+        let pooled_only = |pooled| EncoderOutput {
+            pooled,
+            spatial: None,
+        };
+        Ok(match self {
             Model::Lite(model) => {
                 let features = model.features(images)?;
-                Ok(EncoderOutput {
+                EncoderOutput {
                     pooled: features.pooled,
-                    spatial: Some(features.stride32),
-                })
+                    spatial: with_spatial.then_some(features.stride32),
+                }
             }
-        }
+            Model::ResNet(model) => pooled_only(model.forward(images)?),
+            Model::EfficientNet(model) => pooled_only(model.forward(images)?),
+            Model::ConvNeXt(model) => pooled_only(model.forward(images)?),
+            Model::Clip(model) => pooled_only(model.forward(images)?),
+            Model::DinoV2(model) => EncoderOutput {
+                pooled: model.pooled(images)?,
+                spatial: if with_spatial {
+                    Some(model.patch_tokens(images)?)
+                } else {
+                    None
+                },
+            },
+        })
     }
 }
 
@@ -289,6 +492,16 @@ impl Encoder for Loaded {
     }
 
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError> {
+        self.run(images, true)
+    }
+
+    fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
+        Ok(self.run(images, false)?.pooled)
+    }
+}
+
+impl Loaded {
+    fn run(&self, images: &Tensor, with_spatial: bool) -> Result<EncoderOutput, EncoderError> {
         let size = self.spec.input_size as usize;
         let dims = images.dims();
         if dims.len() != 4 || dims[1] != 3 || dims[2] != size || dims[3] != size {
@@ -306,7 +519,7 @@ impl Encoder for Loaded {
                 source,
             })?;
         self.model
-            .forward(&images)
+            .forward(&images, with_spatial)
             .map_err(|source| EncoderError::Forward {
                 encoder: self.spec.name.to_string(),
                 source,
