@@ -53,6 +53,18 @@ impl Config {
         Self::lite(1.4, 1.8, 300)
     }
 
+    /// The variant registered as `name` (`efficientnet-lite0` … `efficientnet-lite4`).
+    pub fn for_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "efficientnet-lite0" => Self::lite0(),
+            "efficientnet-lite1" => Self::lite1(),
+            "efficientnet-lite2" => Self::lite2(),
+            "efficientnet-lite3" => Self::lite3(),
+            "efficientnet-lite4" => Self::lite4(),
+            _ => return None,
+        })
+    }
+
     /// Channels of the stride-16 map (output of the fifth stage, 112 × width).
     pub fn stride16_channels(&self) -> usize {
         round_filters(112, self.width)

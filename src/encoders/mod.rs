@@ -400,11 +400,10 @@ impl Model {
             VarBuilder::from_backend(backend, DType::F32, device.clone())
         };
         Ok(match spec.name {
-            "efficientnet-lite0" => Model::Lite(EfficientNetLite::new(Lite::lite0(), vb(backend))?),
-            "efficientnet-lite1" => Model::Lite(EfficientNetLite::new(Lite::lite1(), vb(backend))?),
-            "efficientnet-lite2" => Model::Lite(EfficientNetLite::new(Lite::lite2(), vb(backend))?),
-            "efficientnet-lite3" => Model::Lite(EfficientNetLite::new(Lite::lite3(), vb(backend))?),
-            "efficientnet-lite4" => Model::Lite(EfficientNetLite::new(Lite::lite4(), vb(backend))?),
+            name if Lite::for_name(name).is_some() => {
+                let config = Lite::for_name(name).expect("checked by the guard");
+                Model::Lite(EfficientNetLite::new(config, vb(backend))?)
+            }
             "resnet18" => {
                 Model::ResNet(resnet::ResNet::new(resnet::Config::Resnet18, vb(backend))?)
             }
@@ -543,19 +542,11 @@ pub fn load_lite_classifier(
     device: &Device,
 ) -> Result<efficientnet_lite::EfficientNetLite, EncoderError> {
     use efficientnet_lite::{Config, EfficientNetLite};
-    let config = match name {
-        "efficientnet-lite0" => Config::lite0(),
-        "efficientnet-lite1" => Config::lite1(),
-        "efficientnet-lite2" => Config::lite2(),
-        "efficientnet-lite3" => Config::lite3(),
-        "efficientnet-lite4" => Config::lite4(),
-        other => {
-            return Err(lookup(other).err().unwrap_or(EncoderError::Unknown {
-                name: other.to_string(),
-                known: "efficientnet-lite0..4".into(),
-            }));
-        }
-    };
+    let config = Config::for_name(name).ok_or_else(|| EncoderError::Unknown {
+        name: name.to_string(),
+        known: "efficientnet-lite0 … efficientnet-lite4 (the encoders with an ImageNet classifier)"
+            .into(),
+    })?;
     let tensors = weights::load_tensors(path, device).map_err(|source| EncoderError::Weights {
         encoder: name.to_string(),
         source: Box::new(source),
