@@ -30,8 +30,14 @@ pub use pth::{PthError, read_legacy_state_dict};
 /// Errors at the weights boundary. Each names the file or tensor involved.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("no known source of pretrained weights for '{encoder}'; known: {known}")]
-    NoSource { encoder: String, known: String },
+    #[error(
+        "no package-registry source of pretrained weights for '{encoder}' (fetchable: {known}); use a local .safetensors file in timm / Hugging Face naming, or install one as {dir}/model.safetensors with its sha256 in model.sha256"
+    )]
+    NoSource {
+        encoder: String,
+        known: String,
+        dir: String,
+    },
     #[error("{path}: cannot read: {source}")]
     Read {
         path: String,
@@ -138,6 +144,7 @@ pub fn source(encoder: &str) -> Result<WheelSource, WeightsError> {
         .copied()
         .ok_or_else(|| WeightsError::NoSource {
             encoder: encoder.to_string(),
+            dir: weights_dir(encoder).display().to_string(),
             known: SOURCES
                 .iter()
                 .map(|s| s.encoder)
