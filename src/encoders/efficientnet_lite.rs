@@ -245,7 +245,7 @@ impl ConvBn {
         };
         let y = y.broadcast_add(&self.bias)?;
         if self.relu6 {
-            y.clamp(0f32, 6f32)
+            relu6(&y)
         } else {
             Ok(y)
         }
