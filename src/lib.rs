@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod dataset;
 pub mod encoders;
 pub mod extract;
+pub mod features;
 pub mod layout;
 pub mod preprocess;
 pub mod queue;

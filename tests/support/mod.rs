@@ -1,6 +1,8 @@
 //! Shared helpers for CLI tests: run the real binary, generate small images.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod assets;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

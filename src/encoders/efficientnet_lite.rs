@@ -1,0 +1,549 @@
+//! EfficientNet-Lite0..4, inference only, mirroring `efficientnet-lite-pytorch`
+//! (itself a port of TF `efficientnet/lite`): TF "same" padding, ReLU6, no
+//! squeeze-excitation, stem (32) and head (1280) not scaled with width.
+//!
+//! BatchNorm is folded into the preceding convolution when the model is built:
+//! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`,
+//! so a forward pass is convolutions, bias adds and clamps only. The tensors
+//! are plain (not `Var`s): the encoder is frozen.
+//!
+//! Weight names follow the reference state dict: `_conv_stem.weight`, `_bn0.*`,
+//! `_blocks.N._expand_conv.weight`, `_blocks.N._bn0.*`, `_blocks.N._depthwise_conv.weight`,
+//! `_blocks.N._bn1.*`, `_blocks.N._project_conv.weight`, `_blocks.N._bn2.*`,
+//! `_conv_head.weight`, `_bn1.*`, `_fc.weight`, `_fc.bias`.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder, init};
+
+/// Width and depth multipliers of one Lite variant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub width: f64,
+    pub depth: f64,
+    /// The resolution the variant was trained at.
+    pub image_size: usize,
+    /// BatchNorm epsilon of the reference (`batch_norm_epsilon=1e-3`).
+    pub batch_norm_eps: f64,
+    pub num_classes: usize,
+}
+
+impl Config {
+    fn lite(width: f64, depth: f64, image_size: usize) -> Self {
+        Self {
+            width,
+            depth,
+            image_size,
+            batch_norm_eps: 1e-3,
+            num_classes: 1000,
+        }
+    }
+    pub fn lite0() -> Self {
+        Self::lite(1.0, 1.0, 224)
+    }
+    pub fn lite1() -> Self {
+        Self::lite(1.0, 1.1, 240)
+    }
+    pub fn lite2() -> Self {
+        Self::lite(1.1, 1.2, 260)
+    }
+    pub fn lite3() -> Self {
+        Self::lite(1.2, 1.4, 280)
+    }
+    pub fn lite4() -> Self {
+        Self::lite(1.4, 1.8, 300)
+    }
+
+    /// The variant registered as `name` (`efficientnet-lite0` … `efficientnet-lite4`).
+    pub fn for_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "efficientnet-lite0" => Self::lite0(),
+            "efficientnet-lite1" => Self::lite1(),
+            "efficientnet-lite2" => Self::lite2(),
+            "efficientnet-lite3" => Self::lite3(),
+            "efficientnet-lite4" => Self::lite4(),
+            _ => return None,
+        })
+    }
+
+    /// Channels of the stride-16 map (output of the fifth stage, 112 × width).
+    pub fn stride16_channels(&self) -> usize {
+        round_filters(112, self.width)
+    }
+
+    /// The blocks in order, after width and depth scaling.
+    fn blocks(&self) -> Vec<BlockConfig> {
+        // (repeats, kernel, stride, expand, input, output): TF's lite block strings.
+        const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+            (1, 3, 1, 1, 32, 16),
+            (2, 3, 2, 6, 16, 24),
+            (2, 5, 2, 6, 24, 40),
+            (3, 3, 2, 6, 40, 80),
+            (3, 5, 1, 6, 80, 112),
+            (4, 5, 2, 6, 112, 192),
+            (1, 3, 1, 6, 192, 320),
+        ];
+        let mut blocks = Vec::new();
+        for (i, &(repeats, kernel, stride, expand, input, output)) in STAGES.iter().enumerate() {
+            let fixed = i == 0 || i == STAGES.len() - 1;
+            // The stem is fixed at 32 channels, so the first stage's input is too.
+            let input = if i == 0 {
+                32
+            } else {
+                round_filters(input, self.width)
+            };
+            let output = round_filters(output, self.width);
+            let repeats = if fixed {
+                repeats
+            } else {
+                (self.depth * repeats as f64).ceil() as usize
+            };
+            for r in 0..repeats {
+                blocks.push(BlockConfig {
+                    kernel,
+                    stride: if r == 0 { stride } else { 1 },
+                    expand,
+                    input: if r == 0 { input } else { output },
+                    output,
+                    stage: i,
+                });
+            }
+        }
+        blocks
+    }
+
+    /// Channels of the last block, the input of the head convolution.
+    fn last_block_channels(&self) -> usize {
+        round_filters(320, self.width)
+    }
+}
+
+/// `round_filters` of the reference: scale, round to a multiple of 8, never
+/// more than 10% below the scaled value.
+fn round_filters(filters: usize, width: f64) -> usize {
+    let divisor = 8usize;
+    let scaled = filters as f64 * width;
+    let mut rounded = divisor.max((scaled + divisor as f64 / 2.0) as usize / divisor * divisor);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded += divisor;
+    }
+    rounded
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BlockConfig {
+    kernel: usize,
+    stride: usize,
+    expand: usize,
+    input: usize,
+    output: usize,
+    stage: usize,
+}
+
+/// TF "same" padding for one axis: (before, after), the extra pixel going after.
+fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let output = input.div_ceil(stride);
+    let total = ((output - 1) * stride + kernel).saturating_sub(input);
+    (total / 2, total - total / 2)
+}
+
+fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (top, bottom) = same_padding(h, kernel, stride);
+    let (left, right) = same_padding(w, kernel, stride);
+    x.pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, left, right)
+}
+
+/// Loads a BatchNorm's four tensors and returns (scale, shift) per channel.
+fn batch_norm(vb: &VarBuilder, channels: usize, eps: f64) -> Result<(Tensor, Tensor)> {
+    let gamma = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+    let beta = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+    let mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+    let var = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+    let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+    let shift = beta.sub(&mean.mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+/// The shape a convolution weight has, and how it is applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ConvKind {
+    /// 1×1, groups 1: a matrix product over channels.
+    Pointwise,
+    /// k×k, groups = channels.
+    Depthwise,
+    /// k×k, groups 1 (the stem).
+    Full,
+}
+
+/// A convolution with its BatchNorm folded in, and an optional ReLU6.
+#[derive(Debug, Clone)]
+struct ConvBn {
+    kind: ConvKind,
+    /// Pointwise: [out, in]. Depthwise: [channels, k, k]. Full: [out, in, k, k].
+    weight: Tensor,
+    /// [1, out, 1, 1].
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+    relu6: bool,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+        kind: ConvKind,
+        input: usize,
+        output: usize,
+        kernel: usize,
+        stride: usize,
+        relu6: bool,
+        eps: f64,
+    ) -> Result<Self> {
+        let in_per_group = if kind == ConvKind::Depthwise {
+            1
+        } else {
+            input
+        };
+        let weight = vb.pp(conv).get_with_hints(
+            (output, in_per_group, kernel, kernel),
+            "weight",
+            init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let (scale, shift) = batch_norm(&vb.pp(bn), output, eps)?;
+        let weight = weight.broadcast_mul(&scale.reshape((output, 1, 1, 1))?)?;
+        let weight = match kind {
+            ConvKind::Pointwise => weight.reshape((output, input))?,
+            ConvKind::Depthwise => weight.reshape((output, kernel, kernel))?,
+            ConvKind::Full => weight,
+        };
+        Ok(Self {
+            kind,
+            weight,
+            bias: shift.reshape((1, output, 1, 1))?,
+            kernel,
+            stride,
+            relu6,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.kind {
+            ConvKind::Pointwise => {
+                let (n, c, h, w) = x.dims4()?;
+                self.weight
+                    .broadcast_matmul(&x.reshape((n, c, h * w))?)?
+                    .reshape((n, (), h, w))?
+            }
+            ConvKind::Full => {
+                pad_same(x, self.kernel, self.stride)?.conv2d(&self.weight, 0, self.stride, 1, 1)?
+            }
+            ConvKind::Depthwise => self.depthwise(x)?,
+        };
+        let y = y.broadcast_add(&self.bias)?;
+        if self.relu6 {
+            relu6(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Depthwise convolution as a sum of k² shifted, per-channel scaled copies
+    /// of the padded input: exact, device-generic, and much faster on CPU than
+    /// a grouped convolution with one group per channel.
+    fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let (k, s) = (self.kernel, self.stride);
+        let (out_h, out_w) = (h.div_ceil(s), w.div_ceil(s));
+        let padded = pad_same(x, k, s)?;
+        let mut sum: Option<Tensor> = None;
+        for dy in 0..k {
+            let rows = take_strided(&padded, 2, dy, out_h, s)?;
+            for dx in 0..k {
+                let window = take_strided(&rows, 3, dx, out_w, s)?;
+                let tap = self.weight.narrow(1, dy, 1)?.narrow(2, dx, 1)?;
+                let term = window.broadcast_mul(&tap.reshape((1, c, 1, 1))?)?;
+                sum = Some(match sum {
+                    None => term,
+                    Some(acc) => (acc + term)?,
+                });
+            }
+        }
+        let sum = sum.expect("kernel is at least 1x1");
+        debug_assert_eq!(sum.dims4()?, (n, c, out_h, out_w));
+        Ok(sum)
+    }
+}
+
+/// min(max(x, 0), 6) as relu(x) - relu(x - 6): two unary ops, far faster on
+/// CPU than candle's `clamp` (a broadcast binary op). Exact for x ≤ 12; above,
+/// off by at most half an ulp of x.
+fn relu6(x: &Tensor) -> Result<Tensor> {
+    x.relu()? - (x - 6.0)?.relu()?
+}
+
+/// Elements `start, start + stride, …` (`count` of them) along `dim`.
+fn take_strided(
+    x: &Tensor,
+    dim: usize,
+    start: usize,
+    count: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if stride == 1 {
+        return x.narrow(dim, start, count);
+    }
+    // Take `count * stride` elements (zero-extended at the end if needed),
+    // split the axis into (count, stride) and keep phase 0.
+    let available = x.dim(dim)? - start;
+    let wanted = count * stride;
+    let slice = x.narrow(dim, start, available.min(wanted))?;
+    let slice = if available < wanted {
+        slice.pad_with_zeros(dim, 0, wanted - available)?
+    } else {
+        slice
+    };
+    let mut dims = slice.dims().to_vec();
+    dims[dim] = count;
+    dims.insert(dim + 1, stride);
+    slice.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+}
+
+#[derive(Debug, Clone)]
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+    stage: usize,
+}
+
+impl MbConv {
+    fn new(vb: &VarBuilder, cfg: &BlockConfig, eps: f64) -> Result<Self> {
+        let hidden = cfg.input * cfg.expand;
+        let expand = if cfg.expand != 1 {
+            Some(ConvBn::new(
+                vb,
+                "_expand_conv",
+                "_bn0",
+                ConvKind::Pointwise,
+                cfg.input,
+                hidden,
+                1,
+                1,
+                true,
+                eps,
+            )?)
+        } else {
+            None
+        };
+        let depthwise = ConvBn::new(
+            vb,
+            "_depthwise_conv",
+            "_bn1",
+            ConvKind::Depthwise,
+            hidden,
+            hidden,
+            cfg.kernel,
+            cfg.stride,
+            true,
+            eps,
+        )?;
+        let project = ConvBn::new(
+            vb,
+            "_project_conv",
+            "_bn2",
+            ConvKind::Pointwise,
+            hidden,
+            cfg.output,
+            1,
+            1,
+            false,
+            eps,
+        )?;
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            // id_skip is on for every Lite block; drop-connect is training only.
+            residual: cfg.stride == 1 && cfg.input == cfg.output,
+            stage: cfg.stage,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = match &self.expand {
+            Some(expand) => expand.forward(x)?,
+            None => x.clone(),
+        };
+        y = self.depthwise.forward(&y)?;
+        y = self.project.forward(&y)?;
+        if self.residual { y + x } else { Ok(y) }
+    }
+}
+
+/// What one forward pass yields.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// [n, 1280]: the head output averaged over H and W.
+    pub pooled: Tensor,
+    /// [n, 112 × width, ⌈H/16⌉, ⌈W/16⌉]: output of the fifth stage.
+    pub stride16: Tensor,
+    /// [n, 1280, ⌈H/32⌉, ⌈W/32⌉]: output of the head (conv, BN, ReLU6).
+    pub stride32: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct EfficientNetLite {
+    config: Config,
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    head: ConvBn,
+    classifier: candle_nn::Linear,
+}
+
+impl EfficientNetLite {
+    pub fn new(config: Config, vb: VarBuilder) -> Result<Self> {
+        let eps = config.batch_norm_eps;
+        let stem = ConvBn::new(
+            &vb,
+            "_conv_stem",
+            "_bn0",
+            ConvKind::Full,
+            3,
+            32,
+            3,
+            2,
+            true,
+            eps,
+        )?;
+        let blocks = config
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(i, block)| MbConv::new(&vb.pp("_blocks").pp(i), block, eps))
+            .collect::<Result<Vec<_>>>()?;
+        let head = ConvBn::new(
+            &vb,
+            "_conv_head",
+            "_bn1",
+            ConvKind::Pointwise,
+            config.last_block_channels(),
+            1280,
+            1,
+            1,
+            true,
+            eps,
+        )?;
+        let fc = vb.pp("_fc");
+        let classifier = candle_nn::Linear::new(
+            fc.get_with_hints(
+                (config.num_classes, 1280),
+                "weight",
+                init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            Some(fc.get_with_hints(config.num_classes, "bias", Init::Const(0.0))?),
+        );
+        Ok(Self {
+            config,
+            stem,
+            blocks,
+            head,
+            classifier,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs the network on a normalised batch [n, 3, H, W].
+    pub fn features(&self, images: &Tensor) -> Result<Features> {
+        let mut x = self.stem.forward(images)?;
+        let mut stride16 = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x)?;
+            let last_of_stage5 =
+                block.stage == 4 && self.blocks.get(i + 1).is_none_or(|next| next.stage != 4);
+            if last_of_stage5 {
+                stride16 = Some(x.clone());
+            }
+        }
+        let stride32 = self.head.forward(&x)?;
+        let pooled = stride32.mean(D::Minus1)?.mean(D::Minus1)?;
+        Ok(Features {
+            pooled,
+            stride16: stride16.expect("the fifth stage has at least one block"),
+            stride32,
+        })
+    }
+
+    /// ImageNet logits [n, 1000] from pooled features (`_fc`; dropout is training only).
+    pub fn logits(&self, pooled: &Tensor) -> Result<Tensor> {
+        self.classifier.forward(pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_the_reference_formula() {
+        // Reference: pad = max((ceil(i/s)-1)*s + k - i, 0), split (p//2, p - p//2).
+        assert_eq!(same_padding(224, 3, 2), (0, 1));
+        assert_eq!(same_padding(112, 3, 1), (1, 1));
+        assert_eq!(same_padding(56, 5, 2), (1, 2));
+        assert_eq!(same_padding(14, 5, 1), (2, 2));
+        assert_eq!(same_padding(7, 1, 1), (0, 0));
+    }
+
+    #[test]
+    fn round_filters_matches_the_reference() {
+        // Values from efficientnet-lite-pytorch's round_filters (depth_divisor 8).
+        assert_eq!(round_filters(320, 1.0), 320);
+        assert_eq!(round_filters(112, 1.1), 120);
+        assert_eq!(round_filters(320, 1.2), 384);
+        assert_eq!(round_filters(24, 1.4), 32);
+        assert_eq!(round_filters(112, 1.4), 160);
+    }
+
+    #[test]
+    fn lite0_has_16_blocks_and_lite4_has_30() {
+        assert_eq!(Config::lite0().blocks().len(), 16);
+        // lite4: stages 1 and 7 fixed (1 each), others ceil(1.8 * r): 4+4+6+6+8.
+        assert_eq!(Config::lite4().blocks().len(), 30);
+    }
+
+    #[test]
+    fn depthwise_shift_and_add_equals_grouped_conv() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 9), &dev).unwrap();
+        for (k, s) in [(3, 1), (3, 2), (5, 2), (5, 1)] {
+            let w = Tensor::randn(0f32, 1.0, (4, 1, k, k), &dev).unwrap();
+            let conv = ConvBn {
+                kind: ConvKind::Depthwise,
+                weight: w.reshape((4, k, k)).unwrap(),
+                bias: Tensor::zeros((1, 4, 1, 1), candle_core::DType::F32, &dev).unwrap(),
+                kernel: k,
+                stride: s,
+                relu6: false,
+            };
+            let ours = conv.forward(&x).unwrap();
+            let reference = pad_same(&x, k, s).unwrap().conv2d(&w, 0, s, 1, 4).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let diff: f32 = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-4, "k={k} s={s}: {diff}");
+        }
+    }
+}

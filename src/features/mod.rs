@@ -1,0 +1,144 @@
+//! The feature cache: float16 safetensors shards with `.done` markers under
+//! `features/DATASET/FINGERPRINT/`, and the memory-mapped reader the training
+//! side uses.
+//!
+//! Crash behaviour: a shard is written to a temp file, fsynced and renamed;
+//! only then is its `.done` marker written the same way. A process killed at
+//! any point leaves (a) a temp file, removed by `reconcile`; (b) a shard
+//! without a marker, never read and removed by `reconcile`; or (c) a shard
+//! with its marker, complete. A marker whose size or checksum does not match
+//! its shard is treated as missing.
+
+mod set;
+mod shard;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::layout::Layout;
+
+pub use set::FeatureSet;
+pub use shard::{
+    CheckLevel, DoneMarker, JobRef, ReconcileReport, ShardData, check_shard, done_file_name,
+    parse_shard_index, reconcile, shard_file_name, write_shard,
+};
+
+/// Errors at the feature-cache boundary; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid shard: {message}")]
+    InvalidShard { path: PathBuf, message: String },
+    #[error(
+        "{dir}: image {image_index} has rows in both {first} and {second}; run `lazarus verify --repair`"
+    )]
+    DuplicateImage {
+        dir: PathBuf,
+        image_index: usize,
+        first: PathBuf,
+        second: PathBuf,
+    },
+}
+
+impl FeatureError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        FeatureError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The folder of one dataset's features under one encoder fingerprint.
+pub fn feature_dir(layout: &Layout, dataset: &str, fingerprint: &str) -> PathBuf {
+    layout.features_dir().join(dataset).join(fingerprint)
+}
+
+/// What `verify` found in a feature folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Nothing missing, duplicated or corrupt.
+    pub ok: bool,
+    /// Feature rows in valid shards.
+    pub rows: usize,
+    /// Expected manifest indices with no row.
+    pub missing: Vec<usize>,
+    /// Manifest indices with more than one row, with the shards holding them.
+    pub duplicates: BTreeMap<usize, Vec<u64>>,
+    /// Shards whose marker or content is wrong, with the reason.
+    pub corrupt: Vec<(u64, String)>,
+    /// Rows for manifest indices that were not expected.
+    pub unexpected: Vec<usize>,
+}
+
+/// Checks every shard in `dir` against its marker (full checksum) and the
+/// expected manifest indices: each exactly once. Reads only; repairs are the
+/// caller's (see `reconcile`).
+pub fn verify(dir: &Path, expected: &[usize]) -> Result<VerifyReport, FeatureError> {
+    let mut report = VerifyReport::default();
+    let mut holders: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+    if dir.exists() {
+        let mut indices: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| FeatureError::io(dir, e))?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                name.ends_with(".done")
+                    .then(|| parse_shard_index(&name))
+                    .flatten()
+            })
+            .collect();
+        indices.sort_unstable();
+        for shard_index in indices {
+            if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Checksum) {
+                report.corrupt.push((shard_index, reason));
+                continue;
+            }
+            let path = dir.join(shard_file_name(shard_index));
+            let bytes = std::fs::read(&path).map_err(|e| FeatureError::io(&path, e))?;
+            let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                FeatureError::InvalidShard {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            let view = tensors
+                .tensor("image_index")
+                .map_err(|e| FeatureError::InvalidShard {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            for chunk in view.data().chunks_exact(8) {
+                let image = i64::from_le_bytes(chunk.try_into().expect("8 bytes")) as usize;
+                holders.entry(image).or_default().push(shard_index);
+                report.rows += 1;
+            }
+        }
+    }
+    let expected_set: std::collections::BTreeSet<usize> = expected.iter().copied().collect();
+    report.missing = expected_set
+        .iter()
+        .filter(|image| !holders.contains_key(image))
+        .copied()
+        .collect();
+    report.unexpected = holders
+        .keys()
+        .filter(|image| !expected_set.contains(image))
+        .copied()
+        .collect();
+    report.duplicates = holders
+        .into_iter()
+        .filter(|(_, shards)| shards.len() > 1)
+        .collect();
+    report.ok = report.missing.is_empty()
+        && report.duplicates.is_empty()
+        && report.corrupt.is_empty()
+        && report.unexpected.is_empty();
+    Ok(report)
+}

@@ -1,0 +1,250 @@
+//! `FeatureSet`: every published shard of one feature folder, memory-mapped,
+//! with random access by row and zero-copy f16 views.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::FeatureError;
+use super::shard::{CheckLevel, check_shard, parse_shard_index, shard_file_name};
+
+struct MappedShard {
+    path: PathBuf,
+    mmap: Mmap,
+    pooled: Range<usize>,
+    spatial: Option<Range<usize>>,
+}
+
+/// The published features of one dataset and encoder fingerprint.
+pub struct FeatureSet {
+    dir: PathBuf,
+    shards: Vec<MappedShard>,
+    /// For each row (sorted by image index): (shard position, row within shard).
+    locations: Vec<(u32, u32)>,
+    image_index: Vec<usize>,
+    feature_dim: usize,
+    spatial_shape: Option<[usize; 3]>,
+    metadata: HashMap<String, String>,
+    skipped_shards: Vec<(u64, String)>,
+}
+
+impl std::fmt::Debug for FeatureSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeatureSet")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .field("rows", &self.locations.len())
+            .field("feature_dim", &self.feature_dim)
+            .finish()
+    }
+}
+
+/// Where one tensor's bytes sit in the mapped file, and its shape.
+type TensorSpan = (Range<usize>, Vec<usize>);
+
+fn tensor_range(
+    path: &Path,
+    tensors: &SafeTensors<'_>,
+    base: usize,
+    name: &str,
+    dtype: Dtype,
+) -> Result<Option<TensorSpan>, FeatureError> {
+    let view = match tensors.tensor(name) {
+        Ok(view) => view,
+        Err(_) => return Ok(None),
+    };
+    if view.dtype() != dtype {
+        return Err(FeatureError::InvalidShard {
+            path: path.to_path_buf(),
+            message: format!("tensor '{name}' is {:?}, expected {dtype:?}", view.dtype()),
+        });
+    }
+    // The view borrows the mmap; keep only its byte range so the set owns plain data.
+    let start = view.data().as_ptr() as usize - base;
+    Ok(Some((
+        start..start + view.data().len(),
+        view.shape().to_vec(),
+    )))
+}
+
+impl FeatureSet {
+    /// Maps every shard in `dir` that has a `.done` marker whose recorded size
+    /// matches. Shards without a valid marker are skipped and reported by
+    /// `skipped_shards`; `lazarus verify` checks full checksums.
+    pub fn open(dir: &Path) -> Result<Self, FeatureError> {
+        let mut indices: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| FeatureError::io(dir, e))?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                name.ends_with(".done")
+                    .then(|| parse_shard_index(&name))
+                    .flatten()
+            })
+            .collect();
+        indices.sort_unstable();
+
+        let mut set = FeatureSet {
+            dir: dir.to_path_buf(),
+            shards: Vec::new(),
+            locations: Vec::new(),
+            image_index: Vec::new(),
+            feature_dim: 0,
+            spatial_shape: None,
+            metadata: HashMap::new(),
+            skipped_shards: Vec::new(),
+        };
+        let mut rows: Vec<(usize, u32, u32)> = Vec::new();
+        for shard_index in indices {
+            if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Size) {
+                set.skipped_shards.push((shard_index, reason));
+                continue;
+            }
+            let path = dir.join(shard_file_name(shard_index));
+            let file = File::open(&path).map_err(|e| FeatureError::io(&path, e))?;
+            // SAFETY: published shards are never modified in place: writers
+            // create a new file and rename it over the old one, so the mapped
+            // bytes stay valid for the life of this mapping.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FeatureError::io(&path, e))?;
+            let invalid = |message: String| FeatureError::InvalidShard {
+                path: path.clone(),
+                message,
+            };
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| invalid(e.to_string()))?;
+            let base = mmap.as_ptr() as usize;
+            let (index_range, _) = tensor_range(&path, &tensors, base, "image_index", Dtype::I64)?
+                .ok_or_else(|| invalid("no 'image_index' tensor".to_string()))?;
+            let (pooled, pooled_shape) = tensor_range(&path, &tensors, base, "pooled", Dtype::F16)?
+                .ok_or_else(|| invalid("no 'pooled' tensor".to_string()))?;
+            let spatial = tensor_range(&path, &tensors, base, "spatial", Dtype::F16)?;
+            let n_rows = pooled_shape[0];
+            let dim = pooled_shape.get(1).copied().unwrap_or(0);
+            if set.shards.is_empty() {
+                set.feature_dim = dim;
+                set.spatial_shape = spatial.as_ref().map(|(_, s)| [s[1], s[2], s[3]]);
+                let (_, header) =
+                    SafeTensors::read_metadata(&mmap).map_err(|e| invalid(e.to_string()))?;
+                set.metadata = header.metadata().clone().unwrap_or_default();
+            } else if dim != set.feature_dim {
+                return Err(invalid(format!(
+                    "feature dimension {dim}, but earlier shards have {}",
+                    set.feature_dim
+                )));
+            }
+            let image_index: &[i64] = bytemuck::try_cast_slice(&mmap[index_range])
+                .map_err(|e| invalid(format!("image_index: {e}")))?;
+            if image_index.len() != n_rows {
+                return Err(invalid(format!(
+                    "{} image indices for {n_rows} rows",
+                    image_index.len()
+                )));
+            }
+            for (name, range) in [
+                ("pooled", Some(&pooled)),
+                ("spatial", spatial.as_ref().map(|s| &s.0)),
+            ] {
+                if let Some(range) = range {
+                    bytemuck::try_cast_slice::<u8, f16>(&mmap[range.clone()])
+                        .map_err(|e| invalid(format!("{name}: {e}")))?;
+                }
+            }
+            let position = set.shards.len() as u32;
+            rows.extend(
+                image_index
+                    .iter()
+                    .enumerate()
+                    .map(|(row, &image)| (image as usize, position, row as u32)),
+            );
+            set.shards.push(MappedShard {
+                path,
+                mmap,
+                pooled,
+                spatial: spatial.map(|(range, _)| range),
+            });
+        }
+        rows.sort_unstable();
+        for pair in rows.windows(2) {
+            if pair[0].0 == pair[1].0 {
+                return Err(FeatureError::DuplicateImage {
+                    dir: dir.to_path_buf(),
+                    image_index: pair[0].0,
+                    first: set.shards[pair[0].1 as usize].path.clone(),
+                    second: set.shards[pair[1].1 as usize].path.clone(),
+                });
+            }
+        }
+        set.image_index = rows.iter().map(|r| r.0).collect();
+        set.locations = rows.iter().map(|r| (r.1, r.2)).collect();
+        Ok(set)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of rows (images with features).
+    pub fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.locations.is_empty()
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
+    /// [channels, height, width] of the spatial maps, if the shards have them.
+    pub fn spatial_shape(&self) -> Option<[usize; 3]> {
+        self.spatial_shape
+    }
+
+    /// The metadata of the first shard (encoder, weights, preprocessing, version).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Shards that were not mapped, and why.
+    pub fn skipped_shards(&self) -> &[(u64, String)] {
+        &self.skipped_shards
+    }
+
+    /// Manifest row of each feature row, ascending.
+    pub fn image_indices(&self) -> &[usize] {
+        &self.image_index
+    }
+
+    /// Feature rows whose manifest index satisfies `keep`, e.g. one split.
+    pub fn rows_where(&self, keep: impl Fn(usize) -> bool) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&row| keep(self.image_index[row]))
+            .collect()
+    }
+
+    /// The pooled features of one row, straight from the mapped file.
+    pub fn pooled(&self, row: usize) -> &[f16] {
+        let (shard, row_in_shard) = self.locations[row];
+        let shard = &self.shards[shard as usize];
+        let values: &[f16] = bytemuck::cast_slice(&shard.mmap[shard.pooled.clone()]);
+        let start = row_in_shard as usize * self.feature_dim;
+        &values[start..start + self.feature_dim]
+    }
+
+    /// The spatial map of one row, [channels, height, width] row-major.
+    pub fn spatial(&self, row: usize) -> Option<&[f16]> {
+        let [channels, height, width] = self.spatial_shape?;
+        let size = channels * height * width;
+        let (shard, row_in_shard) = self.locations[row];
+        let shard = &self.shards[shard as usize];
+        let range = shard.spatial.clone()?;
+        let values: &[f16] = bytemuck::cast_slice(&shard.mmap[range]);
+        let start = row_in_shard as usize * size;
+        Some(&values[start..start + size])
+    }
+}

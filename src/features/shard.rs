@@ -1,0 +1,254 @@
+//! Writing one shard and its `.done` marker, and checking them.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::FeatureError;
+
+/// The features of one chunk, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardData<'a> {
+    /// Manifest rows, one per feature row.
+    pub image_index: &'a [i64],
+    /// Pooled features, row-major [rows, feature_dim].
+    pub pooled: &'a [f16],
+    pub feature_dim: usize,
+    /// Optional spatial maps, row-major [rows, channels, height, width].
+    pub spatial: Option<(&'a [f16], [usize; 3])>,
+}
+
+/// Which queue attempt produced a shard (for fencing and for the marker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job_id: i64,
+    pub attempt: u32,
+}
+
+/// The `.done` marker: the shard is complete and these are its facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneMarker {
+    pub shard: String,
+    pub rows: usize,
+    pub bytes: u64,
+    pub sha256: String,
+    pub job_id: i64,
+    pub attempt: u32,
+    pub lazarus_version: String,
+}
+
+pub fn shard_file_name(shard_index: u64) -> String {
+    format!("shard-{shard_index:06}.safetensors")
+}
+
+pub fn done_file_name(shard_index: u64) -> String {
+    format!("shard-{shard_index:06}.done")
+}
+
+/// The shard index in a `shard-NNNNNN.done` or `.safetensors` name.
+pub fn parse_shard_index(file_name: &str) -> Option<u64> {
+    let stem = file_name.strip_prefix("shard-")?;
+    let digits = stem
+        .strip_suffix(".done")
+        .or_else(|| stem.strip_suffix(".safetensors"))?;
+    digits.parse().ok()
+}
+
+fn f16_bytes(values: &[f16]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+/// Serialises, writes and publishes a shard: shard file first (temp, fsync,
+/// rename), then its `.done` marker the same way. A crash between the two
+/// leaves a shard without a marker, which readers ignore and reconcile removes.
+pub fn write_shard(
+    dir: &Path,
+    shard_index: u64,
+    data: &ShardData<'_>,
+    metadata: HashMap<String, String>,
+    job: JobRef,
+) -> Result<DoneMarker, FeatureError> {
+    let rows = data.image_index.len();
+    let invalid = |message: String| FeatureError::InvalidShard {
+        path: dir.join(shard_file_name(shard_index)),
+        message,
+    };
+    if data.pooled.len() != rows * data.feature_dim {
+        return Err(invalid(format!(
+            "pooled has {} values, expected {rows} rows x {} = {}",
+            data.pooled.len(),
+            data.feature_dim,
+            rows * data.feature_dim
+        )));
+    }
+    let image_index_bytes: &[u8] = bytemuck::cast_slice(data.image_index);
+    let mut tensors: Vec<(&str, TensorView<'_>)> = vec![
+        (
+            "image_index",
+            TensorView::new(Dtype::I64, vec![rows], image_index_bytes)
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        (
+            "pooled",
+            TensorView::new(
+                Dtype::F16,
+                vec![rows, data.feature_dim],
+                f16_bytes(data.pooled),
+            )
+            .map_err(|e| invalid(e.to_string()))?,
+        ),
+    ];
+    if let Some((values, [channels, height, width])) = data.spatial {
+        if values.len() != rows * channels * height * width {
+            return Err(invalid(format!(
+                "spatial has {} values, expected {rows}x{channels}x{height}x{width}",
+                values.len()
+            )));
+        }
+        tensors.push((
+            "spatial",
+            TensorView::new(
+                Dtype::F16,
+                vec![rows, channels, height, width],
+                f16_bytes(values),
+            )
+            .map_err(|e| invalid(e.to_string()))?,
+        ));
+    }
+    let bytes =
+        safetensors::serialize(tensors, Some(metadata)).map_err(|e| invalid(e.to_string()))?;
+
+    fs::create_dir_all(dir).map_err(|e| FeatureError::io(dir, e))?;
+    let shard_path = dir.join(shard_file_name(shard_index));
+    crate::atomic::write_file(&shard_path, &bytes).map_err(|e| FeatureError::io(&shard_path, e))?;
+    let marker = DoneMarker {
+        shard: shard_file_name(shard_index),
+        rows,
+        bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        job_id: job.job_id,
+        attempt: job.attempt,
+        lazarus_version: crate::VERSION.to_string(),
+    };
+    let done_path = dir.join(done_file_name(shard_index));
+    let marker_json = serde_json::to_vec_pretty(&marker).expect("marker serialises");
+    crate::atomic::write_file(&done_path, &marker_json)
+        .map_err(|e| FeatureError::io(&done_path, e))?;
+    Ok(marker)
+}
+
+/// How thoroughly to check a shard against its marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckLevel {
+    /// Marker parses and the shard's size matches: cheap, for readers.
+    Size,
+    /// Also the sha256 of the whole shard: for verify and reconcile.
+    Checksum,
+}
+
+/// Reads a marker and checks its shard. `Err` carries the reason it is not usable.
+pub fn check_shard(dir: &Path, shard_index: u64, level: CheckLevel) -> Result<DoneMarker, String> {
+    let done_path = dir.join(done_file_name(shard_index));
+    let text =
+        fs::read_to_string(&done_path).map_err(|e| format!("{}: {e}", done_path.display()))?;
+    let marker: DoneMarker = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: unreadable marker: {e}", done_path.display()))?;
+    let shard_path = dir.join(shard_file_name(shard_index));
+    let size = fs::metadata(&shard_path)
+        .map_err(|e| format!("{}: {e}", shard_path.display()))?
+        .len();
+    if size != marker.bytes {
+        return Err(format!(
+            "{}: {size} bytes, marker says {}",
+            shard_path.display(),
+            marker.bytes
+        ));
+    }
+    if level == CheckLevel::Checksum {
+        let bytes = fs::read(&shard_path).map_err(|e| format!("{}: {e}", shard_path.display()))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 != marker.sha256 {
+            return Err(format!(
+                "{}: sha256 {sha256}, marker says {}",
+                shard_path.display(),
+                marker.sha256
+            ));
+        }
+    }
+    Ok(marker)
+}
+
+/// What `reconcile` found and did in one feature folder.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Temp files left by killed writers, now removed.
+    pub removed_temp_files: Vec<PathBuf>,
+    /// Shards without a marker (never published), now removed.
+    pub removed_unpublished: Vec<PathBuf>,
+    /// Shards whose marker or content is wrong, now removed, with the reason:
+    /// their jobs must be redone.
+    pub invalid: Vec<(u64, String)>,
+    /// Shards that checked out.
+    pub valid: Vec<u64>,
+}
+
+/// Brings a feature folder to a state where every file is a published,
+/// checksum-valid shard with its marker. Safe to run at any time no writer
+/// is active in this folder, and safe to repeat.
+pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
+    let mut report = ReconcileReport::default();
+    if !dir.exists() {
+        return Ok(report);
+    }
+    let mut shards = Vec::new();
+    let mut markers = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| FeatureError::io(dir, e))? {
+        let entry = entry.map_err(|e| FeatureError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if crate::atomic::is_temp_name(&name) {
+            fs::remove_file(entry.path()).map_err(|e| FeatureError::io(&entry.path(), e))?;
+            report.removed_temp_files.push(entry.path());
+        } else if let Some(index) = parse_shard_index(&name) {
+            if name.ends_with(".done") {
+                markers.push(index);
+            } else {
+                shards.push(index);
+            }
+        }
+    }
+    markers.sort_unstable();
+    for &index in &shards {
+        if markers.binary_search(&index).is_err() {
+            let path = dir.join(shard_file_name(index));
+            fs::remove_file(&path).map_err(|e| FeatureError::io(&path, e))?;
+            report.removed_unpublished.push(path);
+        }
+    }
+    for index in markers {
+        match check_shard(dir, index, CheckLevel::Checksum) {
+            Ok(_) => report.valid.push(index),
+            Err(reason) => {
+                // Marker first: a crash here leaves an unpublished shard, never a false marker.
+                for name in [done_file_name(index), shard_file_name(index)] {
+                    let path = dir.join(name);
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(FeatureError::io(&path, e)),
+                    }
+                }
+                report.invalid.push((index, reason));
+            }
+        }
+    }
+    if !report.removed_temp_files.is_empty() || !report.invalid.is_empty() {
+        crate::atomic::sync_dir(dir).map_err(|e| FeatureError::io(dir, e))?;
+    }
+    Ok(report)
+}
