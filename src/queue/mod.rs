@@ -24,8 +24,12 @@
 //! `heartbeat`, `complete`, `fail` and `release` name the attempt they hold
 //! and are refused with [`QueueError::LeaseLost`] when the job has moved on
 //! (reclaimed by a newer attempt, requeued, superseded), so a slow worker
-//! that lost its lease can never overwrite a newer result. `tries` counts
-//! the attempts that count against `max_attempts`; a release gives the try back.
+//! that lost its lease can never overwrite a newer result. A holder whose
+//! lease expired but whom nobody has reclaimed yet is still the current
+//! attempt: its heartbeat or completion is accepted. `tries` counts the
+//! attempts that count against `max_attempts`; a release gives the try back.
+//! `supersede` (enqueue `--force`) hides a configuration's live jobs from
+//! claims, status and coverage and fences off their running attempts.
 //!
 //! # Crash behaviour
 //!
