@@ -5,7 +5,11 @@ use std::collections::HashMap;
 use std::fs;
 
 use half::f16;
-use lazarus::features::{self, FeatureSet, JobRef, ShardData};
+use lazarus::features::{self, FeatureSet, JobRef, ReconcileConfig, ShardData};
+
+const NO_GRACE: ReconcileConfig = ReconcileConfig {
+    grace: std::time::Duration::ZERO,
+};
 
 fn rows(first_image: i64, n_rows: usize, dim: usize) -> (Vec<i64>, Vec<f16>) {
     let image_index: Vec<i64> = (0..n_rows as i64).map(|i| first_image + i).collect();
@@ -121,14 +125,14 @@ fn reconcile_removes_leftovers_and_invalid_shards_and_verify_reports_them() {
     let err = FeatureSet::open(path).unwrap_err().to_string();
     assert!(err.contains("image 5 has rows in both"), "{err}");
 
-    let reconciled = features::reconcile(path).unwrap();
+    let reconciled = features::reconcile(path, &NO_GRACE).unwrap();
     assert_eq!(reconciled.removed_temp_files.len(), 1);
     assert_eq!(reconciled.removed_unpublished.len(), 1);
     assert_eq!(reconciled.invalid.len(), 1);
     assert_eq!(reconciled.valid, vec![0, 2, 3]);
     assert!(!path.join("shard-000001.done").exists());
     // Safe to repeat: a second pass finds nothing to do.
-    let again = features::reconcile(path).unwrap();
+    let again = features::reconcile(path, &NO_GRACE).unwrap();
     assert!(again.removed_temp_files.is_empty() && again.invalid.is_empty());
     assert_eq!(again.valid, vec![0, 2, 3]);
 }
@@ -145,4 +149,26 @@ fn a_marker_with_the_wrong_size_hides_its_shard_from_readers() {
     let set = FeatureSet::open(dir.path()).unwrap();
     assert_eq!(set.image_indices(), [0, 1]);
     assert_eq!(set.skipped_shards().len(), 1);
+}
+
+#[test]
+fn reconcile_leaves_young_files_to_a_writer_that_may_still_be_at_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    publish(path, 0, 0, 2);
+    fs::write(path.join(".tmp-1-0-shard-000001.safetensors"), b"in flight").unwrap();
+    fs::copy(
+        path.join("shard-000000.safetensors"),
+        path.join("shard-000002.safetensors"),
+    )
+    .unwrap();
+    let grace = ReconcileConfig {
+        grace: std::time::Duration::from_secs(3600),
+    };
+    let report = features::reconcile(path, &grace).unwrap();
+    assert!(report.removed_temp_files.is_empty() && report.removed_unpublished.is_empty());
+    assert!(path.join(".tmp-1-0-shard-000001.safetensors").exists());
+    let report = features::reconcile(path, &NO_GRACE).unwrap();
+    assert_eq!(report.removed_temp_files.len(), 1);
+    assert_eq!(report.removed_unpublished.len(), 1);
 }

@@ -40,8 +40,8 @@ pub enum Command {
     Status(queue::StatusArgs),
     /// Bring failed or dead jobs back to pending.
     Requeue(queue::RequeueArgs),
-    /// Check feature shards against their .done markers and the manifest.
-    Verify(NotLandedArgs),
+    /// Check feature shards against their .done markers and the queue; --repair re-queues what is wrong.
+    Verify(queue::VerifyArgs),
     /// Train a head on cached features.
     Train(NotLandedArgs),
     /// Train a grid of heads in one pass over the cached features.
@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RunWorker(args) => queue::run_worker(&layout, args),
         Command::Status(args) => queue::status(&layout, args),
         Command::Requeue(args) => queue::requeue(&layout, args),
-        Command::Verify(_) => not_landed("verify", 5, "feature shards and verification"),
+        Command::Verify(args) => queue::verify(&layout, args),
         Command::Train(_) => not_landed("train", 7, "head-only training"),
         Command::Sweep(_) => not_landed("sweep", 8, "experiments and sweeps"),
         Command::Experiments(_) => not_landed("experiments", 8, "experiments and sweeps"),
@@ -91,8 +91,12 @@ fn not_landed(verb: &str, issue: u32, what: &str) -> anyhow::Result<()> {
     bail!("`lazarus {verb}` is not available yet: it lands with issue #{issue} ({what})")
 }
 
-/// Prints a value as pretty JSON on stdout.
+/// Prints a value as pretty JSON on stdout. A closed pipe (`| head`) is not an error.
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value)?;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

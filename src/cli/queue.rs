@@ -1,4 +1,4 @@
-//! `enqueue`, `run-worker`, `status`, `requeue` (issue 3; extraction in issue 5).
+//! `enqueue`, `run-worker`, `status`, `requeue`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +10,9 @@ use clap::Args;
 use lazarus::extract::jobs::JobRunner;
 use lazarus::extract::plan::{self, EnqueueRequest, NoopPayload, WeightsChoice};
 use lazarus::extract::report::{self, StatusReport};
+use lazarus::extract::run::{self, ExtractConfig, Extractor};
+use lazarus::extract::verify::VerifyConfig;
+use lazarus::features::ReconcileConfig;
 use lazarus::layout::Layout;
 use lazarus::queue::sqlite::SqliteQueue;
 use lazarus::queue::worker::{self, StopReason, WorkerConfig};
@@ -69,6 +72,15 @@ pub struct RunWorkerArgs {
     /// Name recorded on claimed jobs (default: worker-PID).
     #[arg(long, value_name = "ID")]
     pub worker_id: Option<String>,
+    /// Threads for decoding and the encoder (default: all cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+    /// Where the encoder runs; `cuda` needs a build with `--features cuda`.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Images per encoder forward pass.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +91,20 @@ pub struct StatusArgs {
     /// Only this dataset.
     #[arg(long, value_name = "NAME")]
     pub dataset: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this dataset.
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
+    /// Re-queue jobs whose shards are missing or corrupt and remove stale files
+    /// (run it when no worker is writing).
+    #[arg(long)]
+    pub repair: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -155,30 +181,68 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+fn device(arg: DeviceArg) -> anyhow::Result<candle_core::Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceArg::Cuda => candle_core::Device::new_cuda(0).context(
+            "--device cuda: no usable CUDA device (is this binary built with --features cuda?)",
+        ),
+    }
+}
+
 pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads as usize)
+            .build_global()
+            .context("--threads: cannot size the thread pool")?;
+    }
+    let extract_config = ExtractConfig {
+        device: device(args.device)?,
+        batch_size: args.batch_size as usize,
+        log_jobs: !args.json,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&stop);
     ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
         .context("cannot install the SIGINT/SIGTERM handler")?;
     let queue = SqliteQueue::open(&layout.queue_db())?;
+    let lease = Duration::from_secs(args.lease_secs);
+    let reconciled = run::reconcile(layout, &queue, &ReconcileConfig { grace: lease })?;
+    if !args.json
+        && (reconciled.removed_temp_files + reconciled.removed_unpublished > 0
+            || !reconciled.reopened_jobs.is_empty())
+    {
+        eprintln!(
+            "reconciled the feature cache: removed {} temp files and {} unpublished shards; {} done jobs had lost their shard and are pending again",
+            reconciled.removed_temp_files,
+            reconciled.removed_unpublished,
+            reconciled.reopened_jobs.len()
+        );
+    }
+    let runner = JobRunner::new(Extractor::new(layout.clone(), extract_config));
     let config = WorkerConfig {
         worker_id: args
             .worker_id
             .unwrap_or_else(|| format!("worker-{}", std::process::id())),
-        lease: Duration::from_secs(args.lease_secs),
+        lease,
         until_empty: args.until_empty,
         max_jobs: args.max_jobs,
         poll_interval: Duration::from_millis(500),
     };
-    let report = worker::run(&queue, &JobRunner, &config, &stop)?;
+    let report = worker::run(&queue, &runner, &config, &stop)?;
     if report.stopped == StopReason::Blocked {
         let reasons: Vec<String> = report
             .blocked_kinds
             .iter()
             .map(|(kind, count)| {
-                let why = lazarus::extract::unavailable_kind(kind)
-                    .unwrap_or("no executor for this kind in this build");
-                format!("{count} '{kind}' jobs ({why})")
+                format!("{count} '{kind}' jobs (no executor for this kind in this build)")
             })
             .collect();
         bail!(
@@ -319,4 +383,54 @@ fn print_status(report: &StatusReport) {
             j.job_id, j.dataset, j.encoder, j.tries, j.last_error
         );
     }
+}
+
+pub fn verify(layout: &Layout, args: VerifyArgs) -> anyhow::Result<()> {
+    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let config = VerifyConfig {
+        repair: args.repair,
+    };
+    let report = lazarus::extract::verify::verify(layout, &queue, args.dataset.as_deref(), config)?;
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        for group in &report.groups {
+            println!(
+                "{} / {} ({}): {} rows for {} expected images; {} missing, {} duplicated, {} corrupt shards, {} stale shards{}",
+                group.dataset,
+                group.encoder,
+                &group.fingerprint[..12.min(group.fingerprint.len())],
+                group.rows,
+                group.expected,
+                group.missing.len(),
+                group.duplicates.len(),
+                group.corrupt.len(),
+                group.stale_shards.len(),
+                if group.reopened_jobs.is_empty() {
+                    String::new()
+                } else {
+                    format!("; re-queued jobs {:?}", group.reopened_jobs)
+                }
+            );
+            for (shard, reason) in &group.corrupt {
+                println!("  corrupt shard {shard}: {reason}");
+            }
+        }
+        println!("{}", if report.ok { "ok" } else { "NOT ok" });
+    }
+    if !report.ok {
+        bail!(
+            "features are incomplete or damaged: {} missing, {} duplicated, {} corrupt, {} stale{}",
+            report.missing,
+            report.duplicates,
+            report.corrupt,
+            report.stale,
+            if args.repair {
+                "; affected jobs are pending again: run `lazarus run-worker`"
+            } else {
+                "; `lazarus verify --repair` re-queues them"
+            }
+        );
+    }
+    Ok(())
 }

@@ -1,27 +1,36 @@
-//! The job kinds a worker can run today. `noop` jobs complete at once (tests,
-//! benchmark); `extract` jobs need feature extraction (issue 5) and are not
-//! claimed, so they stay pending until a worker that can run them exists.
+//! The job kinds a worker runs: `extract` (a chunk of images through an
+//! encoder into a feature shard, see `run`) and `noop` (completes at once;
+//! for tests and the queue benchmark).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::KIND_NOOP;
 use super::plan::NoopPayload;
+use super::run::Extractor;
+use super::{KIND_EXTRACT, KIND_NOOP};
 use crate::queue::worker::{Executor, Outcome};
 use crate::queue::{ItemFailure, JobResult, Lease};
 
 /// Runs every job kind this build can execute.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JobRunner;
+pub struct JobRunner {
+    extractor: Extractor,
+}
+
+impl JobRunner {
+    pub fn new(extractor: Extractor) -> Self {
+        JobRunner { extractor }
+    }
+}
 
 impl Executor for JobRunner {
     fn kinds(&self) -> Vec<String> {
-        vec![KIND_NOOP.to_string()]
+        vec![KIND_EXTRACT.to_string(), KIND_NOOP.to_string()]
     }
 
     fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome {
         match lease.kind.as_str() {
+            KIND_EXTRACT => self.extractor.execute(lease, stop),
             KIND_NOOP => run_noop(lease, stop),
             other => Outcome::Failed(format!("this worker cannot run jobs of kind '{other}'")),
         }

@@ -11,6 +11,8 @@
 pub mod jobs;
 pub mod plan;
 pub mod report;
+pub mod run;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -18,7 +20,7 @@ use crate::dataset::DatasetError;
 use crate::encoders::EncoderError;
 use crate::queue::QueueError;
 
-/// Job kind of a chunk of images to run through an encoder (runs with issue 5).
+/// Job kind of a chunk of images to run through an encoder.
 pub const KIND_EXTRACT: &str = "extract";
 /// Job kind that does nothing: for tests and the queue benchmark.
 pub const KIND_NOOP: &str = "noop";
@@ -37,6 +39,8 @@ pub enum ExtractError {
     Encoder(#[from] EncoderError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error(transparent)]
+    Features(#[from] crate::features::FeatureError),
     #[error("--chunk-size must be at least 1 (got 0)")]
     ZeroChunkSize,
     #[error(
@@ -54,9 +58,4 @@ pub enum ExtractError {
     NoSpatial { encoder: String },
     #[error("{queue}: malformed job payload: {message}")]
     Payload { queue: PathBuf, message: String },
-}
-
-/// Why a worker cannot run jobs of `kind` yet, if that is known.
-pub fn unavailable_kind(kind: &str) -> Option<&'static str> {
-    (kind == KIND_EXTRACT).then_some("feature extraction lands with issue 5")
 }

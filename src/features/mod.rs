@@ -21,8 +21,8 @@ use crate::layout::Layout;
 
 pub use set::FeatureSet;
 pub use shard::{
-    CheckLevel, DoneMarker, JobRef, ReconcileReport, ShardData, check_shard, done_file_name,
-    parse_shard_index, reconcile, shard_file_name, write_shard,
+    CheckLevel, DoneMarker, JobRef, ReconcileConfig, ReconcileReport, ShardData, check_shard,
+    done_file_name, parse_shard_index, reconcile, shard_file_name, write_shard,
 };
 
 /// Errors at the feature-cache boundary; each names the file.

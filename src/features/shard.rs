@@ -198,10 +198,29 @@ pub struct ReconcileReport {
     pub valid: Vec<u64>,
 }
 
+/// How `reconcile` treats files that may belong to a writer still at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileConfig {
+    /// Temp files and unpublished shards younger than this are left alone:
+    /// another worker may be between its writes. Zero when no writer runs.
+    pub grace: std::time::Duration,
+}
+
+fn older_than(path: &Path, grace: std::time::Duration) -> bool {
+    if grace.is_zero() {
+        return true;
+    }
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|age| age >= grace)
+}
+
 /// Brings a feature folder to a state where every file is a published,
-/// checksum-valid shard with its marker. Safe to run at any time no writer
-/// is active in this folder, and safe to repeat.
-pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
+/// checksum-valid shard with its marker. Safe to repeat; safe beside live
+/// writers as long as `config.grace` exceeds the time one shard write takes.
+pub fn reconcile(dir: &Path, config: &ReconcileConfig) -> Result<ReconcileReport, FeatureError> {
     let mut report = ReconcileReport::default();
     if !dir.exists() {
         return Ok(report);
@@ -212,8 +231,10 @@ pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
         let entry = entry.map_err(|e| FeatureError::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if crate::atomic::is_temp_name(&name) {
-            fs::remove_file(entry.path()).map_err(|e| FeatureError::io(&entry.path(), e))?;
-            report.removed_temp_files.push(entry.path());
+            if older_than(&entry.path(), config.grace) {
+                remove_if_present(&entry.path())?;
+                report.removed_temp_files.push(entry.path());
+            }
         } else if let Some(index) = parse_shard_index(&name) {
             if name.ends_with(".done") {
                 markers.push(index);
@@ -224,9 +245,9 @@ pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
     }
     markers.sort_unstable();
     for &index in &shards {
-        if markers.binary_search(&index).is_err() {
-            let path = dir.join(shard_file_name(index));
-            fs::remove_file(&path).map_err(|e| FeatureError::io(&path, e))?;
+        let path = dir.join(shard_file_name(index));
+        if markers.binary_search(&index).is_err() && older_than(&path, config.grace) {
+            remove_if_present(&path)?;
             report.removed_unpublished.push(path);
         }
     }
@@ -236,12 +257,7 @@ pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
             Err(reason) => {
                 // Marker first: a crash here leaves an unpublished shard, never a false marker.
                 for name in [done_file_name(index), shard_file_name(index)] {
-                    let path = dir.join(name);
-                    match fs::remove_file(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(FeatureError::io(&path, e)),
-                    }
+                    remove_if_present(&dir.join(name))?;
                 }
                 report.invalid.push((index, reason));
             }
@@ -251,4 +267,13 @@ pub fn reconcile(dir: &Path) -> Result<ReconcileReport, FeatureError> {
         crate::atomic::sync_dir(dir).map_err(|e| FeatureError::io(dir, e))?;
     }
     Ok(report)
+}
+
+/// Removes a file; one that another process removed first is fine.
+fn remove_if_present(path: &Path) -> Result<(), FeatureError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FeatureError::io(path, e)),
+    }
 }

@@ -240,6 +240,18 @@ pub struct RequeueFilter {
     pub dead: bool,
 }
 
+/// A live done job, as `done_jobs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoneJob {
+    pub id: i64,
+    pub group: String,
+    pub variant: String,
+    pub fingerprint: String,
+    pub payload: String,
+    /// The completion's result JSON (per-item failures and details).
+    pub result: Option<String>,
+}
+
 /// One job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
@@ -439,6 +451,15 @@ pub trait Queue: Send + Sync {
         variant: &str,
         fingerprint: &str,
     ) -> Result<Vec<String>, QueueError>;
+
+    /// Live done jobs of `kind` (all groups when `group` is `None`): their
+    /// ids and payloads, so a caller can check the work they recorded.
+    fn done_jobs(&self, kind: &str, group: Option<&str>) -> Result<Vec<DoneJob>, QueueError>;
+
+    /// Sends live done jobs back to pending with their tries reset (their
+    /// recorded work was lost). Jobs in any other state are left alone.
+    /// Returns how many were reopened.
+    fn reopen(&self, job_ids: &[i64]) -> Result<u64, QueueError>;
 
     /// Retires the live jobs of a group, variant and fingerprint (for `--force`):
     /// they leave status and coverage, their dedup keys become free, and a

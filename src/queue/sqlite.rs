@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, ToSql, Transaction};
 
 use super::{
-    Clock, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord, JobResult,
-    JobState, KindBacklog, Lease, Millis, NewJob, Queue, QueueError, QueueStatus, RequeueFilter,
-    RetryPolicy, StateCounts, SystemClock, throughput,
+    Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
+    JobResult, JobState, KindBacklog, Lease, Millis, NewJob, Queue, QueueError, QueueStatus,
+    RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
 };
 
 /// The schema version this binary creates and understands.
@@ -556,6 +556,43 @@ impl Queue for SqliteQueue {
             )?;
             let rows = statement.query_map([group, variant, fingerprint], |row| row.get(0))?;
             Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+    }
+
+    fn done_jobs(&self, kind: &str, group: Option<&str>) -> Result<Vec<DoneJob>, QueueError> {
+        self.read(|tx, _| {
+            let mut statement = tx.prepare_cached(
+                "SELECT id, grp, variant, fingerprint, payload, result FROM jobs
+                 WHERE superseded = 0 AND state = 'done' AND kind = ?1
+                   AND (?2 IS NULL OR grp = ?2)
+                 ORDER BY id",
+            )?;
+            let rows = statement.query_map(rusqlite::params![kind, group], |row| {
+                Ok(DoneJob {
+                    id: row.get(0)?,
+                    group: row.get(1)?,
+                    variant: row.get(2)?,
+                    fingerprint: row.get(3)?,
+                    payload: row.get(4)?,
+                    result: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn reopen(&self, job_ids: &[i64]) -> Result<u64, QueueError> {
+        self.write(|tx, _| {
+            let mut statement = tx.prepare_cached(
+                "UPDATE jobs SET state = 'pending', tries = 0, retry_at_ms = NULL, worker = NULL,
+                     finished_at_ms = NULL, result = NULL
+                 WHERE id = ?1 AND superseded = 0 AND state = 'done'",
+            )?;
+            let mut reopened = 0;
+            for id in job_ids {
+                reopened += statement.execute([id])? as u64;
+            }
+            Ok(reopened)
         })
     }
 

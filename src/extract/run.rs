@@ -1,0 +1,369 @@
+//! Running one extraction job: decode and preprocess the chunk's images in
+//! parallel, run the frozen encoder in micro-batches, write one float16 shard
+//! and its `.done` marker, and report the images that failed.
+//!
+//! Crash behaviour: the shard of job J is `shard-J` in the folder of the
+//! job's dataset and fingerprint, so a rerun of the same job (after a kill or
+//! a lost lease) rewrites the same file with the same bytes; `features::write_shard`
+//! publishes it atomically, marker last. The queue records the job done only
+//! after the marker is durable. On start a worker reconciles: temp files and
+//! unpublished shards are removed, and done jobs whose shard is missing or
+//! corrupt go back to pending.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::plan::{ExtractPayload, fingerprint};
+use super::{ExtractError, KIND_EXTRACT};
+use crate::dataset::{self, Dataset};
+use crate::encoders::{self, Encoder, WeightsSource};
+use crate::features::{self, JobRef, ReconcileConfig, ShardData};
+use crate::layout::Layout;
+use crate::queue::worker::Outcome;
+use crate::queue::{ItemFailure, JobResult, Lease, Queue};
+
+/// Settings of the extraction side of a worker.
+#[derive(Debug, Clone)]
+pub struct ExtractConfig {
+    pub device: Device,
+    /// Images per encoder forward pass.
+    pub batch_size: usize,
+    /// Print one line per finished job on stderr.
+    pub log_jobs: bool,
+}
+
+impl Default for ExtractConfig {
+    fn default() -> Self {
+        ExtractConfig {
+            device: Device::Cpu,
+            batch_size: 16,
+            log_jobs: false,
+        }
+    }
+}
+
+/// What a worker keeps between jobs of the same configuration.
+struct Loaded {
+    encoder: Box<dyn Encoder>,
+    dataset: Dataset,
+}
+
+/// Runs extraction jobs; encoders and manifests are loaded once per
+/// fingerprint and reused for every later chunk.
+pub struct Extractor {
+    layout: Layout,
+    config: ExtractConfig,
+    loaded: Mutex<HashMap<String, Arc<Loaded>>>,
+}
+
+/// One decoded, preprocessed image of a chunk.
+type Prepared = (usize, Vec<f32>);
+
+impl Extractor {
+    pub fn new(layout: Layout, config: ExtractConfig) -> Self {
+        Extractor {
+            layout,
+            config,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn load(&self, payload: &ExtractPayload) -> Result<Arc<Loaded>, String> {
+        if let Some(loaded) = self.loaded.lock().expect("lock").get(&payload.fingerprint) {
+            return Ok(Arc::clone(loaded));
+        }
+        let spec = encoders::lookup(&payload.encoder).map_err(|e| e.to_string())?;
+        // The fingerprint covers the preprocessing: a binary whose
+        // preprocessing differs from the enqueuer's must not write these features.
+        let expected = fingerprint(&spec, &payload.weights.id, payload.spatial);
+        if expected != payload.fingerprint {
+            return Err(format!(
+                "fingerprint mismatch: the job was enqueued as {} but this lazarus {} computes {expected} for encoder {} with weights {}; re-enqueue with this binary",
+                payload.fingerprint,
+                crate::VERSION,
+                payload.encoder,
+                payload.weights.id
+            ));
+        }
+        let source = match (
+            payload.weights.id.strip_prefix("random:"),
+            &payload.weights.path,
+        ) {
+            (Some(seed), _) => WeightsSource::Random {
+                seed: seed
+                    .parse()
+                    .map_err(|_| format!("bad weights id {}", payload.weights.id))?,
+            },
+            (None, Some(path)) => WeightsSource::File(path.clone()),
+            (None, None) => WeightsSource::Installed,
+        };
+        let encoder = encoders::load_encoder(&spec, source, &self.config.device)
+            .map_err(|e| e.to_string())?;
+        if let (Some(sha256), Some(wanted)) = (
+            encoder.weights_sha256(),
+            payload.weights.id.strip_prefix("sha256:"),
+        ) && sha256 != wanted
+        {
+            return Err(format!(
+                "the weights of {} changed since enqueue: sha256 {sha256}, the job wants {wanted}",
+                payload.encoder
+            ));
+        }
+        let dataset = dataset::load(&self.layout, &payload.dataset).map_err(|e| e.to_string())?;
+        let loaded = Arc::new(Loaded { encoder, dataset });
+        self.loaded
+            .lock()
+            .expect("lock")
+            .insert(payload.fingerprint.clone(), Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    /// Runs one extraction job to an outcome for the queue.
+    pub fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome {
+        let payload: ExtractPayload = match serde_json::from_str(&lease.payload) {
+            Ok(payload) => payload,
+            Err(err) => return Outcome::Failed(format!("malformed extract payload: {err}")),
+        };
+        let loaded = match self.load(&payload) {
+            Ok(loaded) => loaded,
+            Err(message) => return Outcome::Failed(message),
+        };
+        match self.extract(lease, &payload, &loaded, stop) {
+            Ok(Some(result)) => {
+                if self.config.log_jobs {
+                    let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
+                    let rows = result.detail["rows"].as_u64().unwrap_or(0);
+                    eprintln!(
+                        "{}: job {} ({} {}): {rows} images in {seconds:.1} s ({:.1} images/s), {} failed",
+                        lease.worker,
+                        lease.job_id,
+                        payload.dataset,
+                        payload.encoder,
+                        rows as f64 / seconds.max(1e-9),
+                        result.failures.len()
+                    );
+                }
+                Outcome::Completed(result)
+            }
+            Ok(None) => Outcome::Interrupted,
+            Err(message) => Outcome::Failed(message),
+        }
+    }
+
+    /// Decodes the next micro-batch on the rayon pool while the encoder runs
+    /// the current one, so decoding overlaps with encoding.
+    fn extract(
+        &self,
+        lease: &Lease,
+        payload: &ExtractPayload,
+        loaded: &Loaded,
+        stop: &AtomicBool,
+    ) -> Result<Option<JobResult>, String> {
+        let started = Instant::now();
+        let spec = loaded.encoder.spec();
+        let preprocess = &spec.preprocess;
+        let size = preprocess.input_size as usize;
+        let mut failures = Vec::new();
+        for &index in &payload.image_indices {
+            if index >= loaded.dataset.images.len() {
+                return Err(format!(
+                    "image index {index} is outside dataset '{}' ({} images)",
+                    payload.dataset,
+                    loaded.dataset.images.len()
+                ));
+            }
+        }
+        let prepare = |indices: &[usize]| -> Vec<Result<Prepared, ItemFailure>> {
+            indices
+                .par_iter()
+                .map(|&index| {
+                    let image = &loaded.dataset.images[index];
+                    crate::preprocess::preprocess_file(&image.path, preprocess)
+                        .map(|values| (index, values))
+                        .map_err(|err| ItemFailure {
+                            item: index.to_string(),
+                            reason: err.to_string(),
+                        })
+                })
+                .collect()
+        };
+
+        let batches: Vec<&[usize]> = payload
+            .image_indices
+            .chunks(self.config.batch_size.max(1))
+            .collect();
+        let mut image_index: Vec<i64> = Vec::with_capacity(payload.image_indices.len());
+        let mut pooled: Vec<f16> = Vec::new();
+        let mut spatial: Vec<f16> = Vec::new();
+        let mut spatial_shape: Option<[usize; 3]> = None;
+        let mut next = batches.first().map(|batch| prepare(batch));
+        for position in 0..batches.len() {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let current = next.take().expect("prepared batch");
+            let (encoded, following) = rayon::join(
+                || -> Result<_, String> {
+                    let mut ok: Vec<Prepared> = Vec::with_capacity(current.len());
+                    let mut failed = Vec::new();
+                    for item in current {
+                        match item {
+                            Ok(prepared) => ok.push(prepared),
+                            Err(failure) => failed.push(failure),
+                        }
+                    }
+                    if ok.is_empty() {
+                        return Ok((ok, None, failed));
+                    }
+                    let mut flat = Vec::with_capacity(ok.len() * 3 * size * size);
+                    for (_, values) in &ok {
+                        flat.extend_from_slice(values);
+                    }
+                    let input =
+                        Tensor::from_vec(flat, (ok.len(), 3, size, size), &self.config.device)
+                            .map_err(|e| format!("building the input batch: {e}"))?;
+                    let output = if payload.spatial {
+                        loaded.encoder.forward(&input)
+                    } else {
+                        loaded.encoder.forward_pooled(&input).map(|pooled| {
+                            encoders::EncoderOutput {
+                                pooled,
+                                spatial: None,
+                            }
+                        })
+                    }
+                    .map_err(|e| format!("encoder {}: {e}", spec.name))?;
+                    Ok((ok, Some(output), failed))
+                },
+                || batches.get(position + 1).map(|batch| prepare(batch)),
+            );
+            next = following;
+            let (ok, output, failed) = encoded?;
+            failures.extend(failed);
+            let Some(output) = output else { continue };
+            image_index.extend(ok.iter().map(|(index, _)| *index as i64));
+            pooled.extend(to_f16(&output.pooled)?);
+            if let Some(map) = &output.spatial {
+                let (_, channels, height, width) =
+                    map.dims4().map_err(|e| format!("spatial map: {e}"))?;
+                spatial_shape = Some([channels, height, width]);
+                spatial.extend(to_f16(map)?);
+            }
+        }
+        let rows = image_index.len();
+        let mut detail = serde_json::json!({
+            "rows": rows,
+            "seconds": started.elapsed().as_secs_f64(),
+            "worker": lease.worker,
+            "attempt": lease.attempt,
+        });
+        if rows > 0 {
+            let dir = features::feature_dir(&self.layout, &payload.dataset, &payload.fingerprint);
+            let data = ShardData {
+                image_index: &image_index,
+                pooled: &pooled,
+                feature_dim: spec.feature_dim,
+                spatial: spatial_shape.map(|shape| (spatial.as_slice(), shape)),
+            };
+            let metadata = shard_metadata(payload, spec);
+            let job = JobRef {
+                job_id: lease.job_id,
+                attempt: lease.attempt,
+            };
+            let marker = features::write_shard(&dir, lease.job_id as u64, &data, metadata, job)
+                .map_err(|e| e.to_string())?;
+            detail["shard"] = serde_json::Value::String(marker.shard);
+        }
+        Ok(Some(JobResult { failures, detail }))
+    }
+}
+
+fn to_f16(tensor: &Tensor) -> Result<Vec<f16>, String> {
+    tensor
+        .to_dtype(DType::F16)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f16>())
+        .map_err(|e| format!("converting features to f16: {e}"))
+}
+
+fn shard_metadata(
+    payload: &ExtractPayload,
+    spec: &encoders::EncoderSpec,
+) -> HashMap<String, String> {
+    HashMap::from([
+        ("dataset".to_string(), payload.dataset.clone()),
+        ("encoder".to_string(), payload.encoder.clone()),
+        ("fingerprint".to_string(), payload.fingerprint.clone()),
+        ("weights".to_string(), payload.weights.id.clone()),
+        (
+            "preprocess".to_string(),
+            serde_json::to_string(&spec.preprocess).expect("preprocess serialises"),
+        ),
+        ("lazarus_version".to_string(), crate::VERSION.to_string()),
+    ])
+}
+
+/// What reconciling the feature cache with the queue found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconcileSummary {
+    pub removed_temp_files: usize,
+    pub removed_unpublished: usize,
+    /// Done jobs whose shard was missing or corrupt, sent back to pending.
+    pub reopened_jobs: Vec<i64>,
+}
+
+/// Makes the feature cache and the queue agree: cleans each feature folder of
+/// done extract jobs (temp files and unpublished shards older than
+/// `config.grace`, corrupt shards) and sends done jobs whose shard is not
+/// valid back to pending. Workers run it at start, with the lease length as
+/// the grace period, so files of workers still writing are left alone.
+pub fn reconcile(
+    layout: &Layout,
+    queue: &dyn Queue,
+    config: &ReconcileConfig,
+) -> Result<ReconcileSummary, ExtractError> {
+    let mut summary = ReconcileSummary::default();
+    let done = queue.done_jobs(KIND_EXTRACT, None)?;
+    let mut by_dir: HashMap<std::path::PathBuf, Vec<(i64, usize)>> = HashMap::new();
+    for job in &done {
+        let Ok(payload) = serde_json::from_str::<ExtractPayload>(&job.payload) else {
+            continue;
+        };
+        let rows = done_rows(job.result.as_deref());
+        let dir = features::feature_dir(layout, &payload.dataset, &payload.fingerprint);
+        by_dir.entry(dir).or_default().push((job.id, rows));
+    }
+    let mut reopen = Vec::new();
+    for (dir, jobs) in by_dir {
+        let report = features::reconcile(&dir, config)?;
+        summary.removed_temp_files += report.removed_temp_files.len();
+        summary.removed_unpublished += report.removed_unpublished.len();
+        for (job_id, rows) in jobs {
+            // A job whose images all failed has no shard, and that is fine.
+            if rows > 0 && !report.valid.contains(&(job_id as u64)) {
+                reopen.push(job_id);
+            }
+        }
+    }
+    if !reopen.is_empty() {
+        queue.reopen(&reopen)?;
+    }
+    summary.reopened_jobs = reopen;
+    Ok(summary)
+}
+
+/// Rows a completed job wrote, from its result's `detail.rows`.
+fn done_rows(result: Option<&str>) -> usize {
+    result
+        .and_then(|text| serde_json::from_str::<JobResult>(text).ok())
+        .and_then(|result| result.detail.get("rows").and_then(|v| v.as_u64()))
+        .map(|rows| rows as usize)
+        .unwrap_or(1)
+}

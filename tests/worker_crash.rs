@@ -1,0 +1,151 @@
+//! Crash test with real processes: 2 workers extracting 512 generated images
+//! are killed with SIGKILL at random moments, at least 10 times, and
+//! restarted. At the end `verify` is clean, every image has exactly one row,
+//! and the pooled features are bit-identical to an uninterrupted run.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lazarus::features::FeatureSet;
+use support::{json, lazarus, ok};
+
+const IMAGES: usize = 512;
+const KILLS: usize = 10;
+
+/// A small deterministic generator for kill timing (xorshift64).
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn spawn_worker(root: &Path, name: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .arg("--root")
+        .arg(root)
+        .args([
+            "run-worker",
+            "--until-empty",
+            "--lease-secs",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .args(["--worker-id", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn enqueue(root: &Path) {
+    ok(lazarus(
+        root,
+        &[
+            "enqueue",
+            "--dataset",
+            "blobs",
+            "--encoder",
+            "efficientnet-lite0",
+            "--weights",
+            "random:7",
+            "--chunk-size",
+            "16",
+        ],
+    ));
+}
+
+fn feature_dir(root: &Path) -> PathBuf {
+    let dataset_dir = root.join("features/blobs");
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(&dataset_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(folders.len(), 1, "one fingerprint folder: {folders:?}");
+    folders.pop().unwrap()
+}
+
+#[test]
+fn killed_workers_lose_nothing_and_repeat_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    let mut seed = 0;
+    for class in 0..4 {
+        for i in 0..IMAGES / 4 {
+            seed += 1;
+            support::write_image(
+                &tree.join(format!("c{class}/{i:04}.png")),
+                seed,
+                image::ImageFormat::Png,
+            );
+        }
+    }
+    let reference = dir.path().join("reference");
+    let crashed = dir.path().join("crashed");
+    for root in [&reference, &crashed] {
+        ok(lazarus(
+            root,
+            &["dataset", "add", "blobs", tree.to_str().unwrap()],
+        ));
+        enqueue(root);
+    }
+
+    // The uninterrupted run.
+    ok(lazarus(&reference, &["run-worker", "--until-empty"]));
+
+    // The interrupted run: kill a random worker every 0.3 to 1.5 s, restart it.
+    let mut random = Random(0x5eed_1234_abcd_ef01);
+    let mut workers: Vec<Child> = (0..2)
+        .map(|i| spawn_worker(&crashed, &format!("w{i}")))
+        .collect();
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while kills < KILLS {
+        assert!(Instant::now() < deadline, "kill phase took too long");
+        std::thread::sleep(Duration::from_millis(300 + random.below(1200)));
+        let victim = random.below(2) as usize;
+        if workers[victim].try_wait().unwrap().is_none() {
+            workers[victim].kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        workers[victim].wait().unwrap();
+        workers[victim] = spawn_worker(&crashed, &format!("w{victim}-{kills}"));
+    }
+    for worker in &mut workers {
+        assert!(worker.wait().unwrap().success());
+    }
+    // Jobs held by the last killed workers come back once their 2 s lease expires.
+    std::thread::sleep(Duration::from_millis(2500));
+    ok(lazarus(&crashed, &["run-worker", "--until-empty"]));
+
+    let status = json(&ok(lazarus(&crashed, &["status", "--json"])));
+    assert_eq!(status["jobs"]["done"], (IMAGES / 16) as u64, "{status}");
+    assert_eq!(status["images"]["done"], IMAGES as u64, "{status}");
+    let verified = json(&ok(lazarus(&crashed, &["verify", "--json"])));
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["rows"], IMAGES as u64);
+    assert_eq!(verified["duplicates"], 0);
+
+    let expected = FeatureSet::open(&feature_dir(&reference)).unwrap();
+    let actual = FeatureSet::open(&feature_dir(&crashed)).unwrap();
+    assert_eq!(
+        actual.image_indices(),
+        (0..IMAGES).collect::<Vec<_>>().as_slice()
+    );
+    assert_eq!(actual.image_indices(), expected.image_indices());
+    for row in 0..IMAGES {
+        let (a, b) = (actual.pooled(row), expected.pooled(row));
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "row {row} differs from the uninterrupted run"
+        );
+    }
+}
