@@ -1,0 +1,58 @@
+//! Benchmark: end to end from real PNG files to feature shards with
+//! efficientnet-lite0 (real ImageNet weights) at 224 px: one
+//! `lazarus run-worker --until-empty` over 512 elpv images in chunks of 64.
+//! Run with `cargo bench --bench worker` after scripts/fetch_assets.sh.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const IMAGES: usize = 512;
+
+fn lazarus(root: &Path, args: &[&str]) {
+    let status = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "lazarus {args:?} failed");
+}
+
+fn main() {
+    let cache = lazarus_cache();
+    let elpv = cache.join("data/elpv");
+    let labels = std::fs::read_to_string(elpv.join("labels.csv"))
+        .expect("elpv missing: run scripts/fetch_assets.sh");
+    assert!(
+        cache.join("weights/efficientnet-lite0/model.sha256").exists(),
+        "Lite0 weights missing: run scripts/fetch_assets.sh"
+    );
+    // A manifest of the first 512 images, beside the images.
+    let subset: String = labels.lines().take(IMAGES).collect::<Vec<_>>().join("\n");
+    let manifest = elpv.join(".bench-subset.txt");
+    std::fs::write(&manifest, subset + "\n").unwrap();
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let root = tempfile::tempdir().unwrap();
+    lazarus(root.path(), &["dataset", "add", "elpv", manifest.to_str().unwrap()]);
+    lazarus(
+        root.path(),
+        &["enqueue", "--dataset", "elpv", "--encoder", "efficientnet-lite0"],
+    );
+    let start = Instant::now();
+    lazarus(root.path(), &["run-worker", "--until-empty"]);
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "worker end to end (PNG files -> f16 shards), efficientnet-lite0 224 px, {IMAGES} images, chunks of 64, {threads} threads: {seconds:.1} s, {:.1} images/s, {:.2} s per chunk of 64",
+        IMAGES as f64 / seconds,
+        seconds / (IMAGES as f64 / 64.0)
+    );
+}
+
+fn lazarus_cache() -> PathBuf {
+    std::env::var_os("LAZARUS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/lazarus"))
+}
