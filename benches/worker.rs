@@ -26,7 +26,9 @@ fn main() {
     let labels = std::fs::read_to_string(elpv.join("labels.csv"))
         .expect("elpv missing: run scripts/fetch_assets.sh");
     assert!(
-        cache.join("weights/efficientnet-lite0/model.sha256").exists(),
+        cache
+            .join("weights/efficientnet-lite0/model.sha256")
+            .exists(),
         "Lite0 weights missing: run scripts/fetch_assets.sh"
     );
     // A manifest of the first 512 images, beside the images.
@@ -36,10 +38,19 @@ fn main() {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let root = tempfile::tempdir().unwrap();
-    lazarus(root.path(), &["dataset", "add", "elpv", manifest.to_str().unwrap()]);
     lazarus(
         root.path(),
-        &["enqueue", "--dataset", "elpv", "--encoder", "efficientnet-lite0"],
+        &["dataset", "add", "elpv", manifest.to_str().unwrap()],
+    );
+    lazarus(
+        root.path(),
+        &[
+            "enqueue",
+            "--dataset",
+            "elpv",
+            "--encoder",
+            "efficientnet-lite0",
+        ],
     );
     let start = Instant::now();
     lazarus(root.path(), &["run-worker", "--until-empty"]);

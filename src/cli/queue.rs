@@ -10,7 +10,7 @@ use clap::Args;
 use lazarus::extract::jobs::JobRunner;
 use lazarus::extract::plan::{self, EnqueueRequest, NoopPayload, WeightsChoice};
 use lazarus::extract::report::{self, StatusReport};
-use lazarus::extract::run::{self, ExtractConfig, Extractor};
+use lazarus::extract::run::{self, ExtractConfig, Extractor, Reporting};
 use lazarus::extract::verify::VerifyConfig;
 use lazarus::features::ReconcileConfig;
 use lazarus::layout::Layout;
@@ -196,6 +196,32 @@ fn device(arg: DeviceArg) -> anyhow::Result<candle_core::Device> {
     }
 }
 
+/// A progress bar over the images still to extract on a terminal, plain lines otherwise.
+fn reporting(layout: &Layout, json: bool) -> Reporting {
+    use std::io::IsTerminal;
+    if json {
+        return Reporting::Silent;
+    }
+    if !std::io::stderr().is_terminal() {
+        return Reporting::Lines;
+    }
+    let remaining = report::status(layout, None)
+        .map(|s| {
+            s.images
+                .total
+                .saturating_sub(s.images.done + s.images.failed)
+        })
+        .unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(remaining);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}  {wide_msg}",
+        )
+        .expect("valid template"),
+    );
+    Reporting::Bar(bar)
+}
+
 pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -203,10 +229,11 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
             .build_global()
             .context("--threads: cannot size the thread pool")?;
     }
+    let reporting = reporting(layout, args.json);
     let extract_config = ExtractConfig {
         device: device(args.device)?,
         batch_size: args.batch_size as usize,
-        log_jobs: !args.json,
+        reporting: reporting.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&stop);
@@ -236,7 +263,11 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
         max_jobs: args.max_jobs,
         poll_interval: Duration::from_millis(500),
     };
-    let report = worker::run(&queue, &runner, &config, &stop)?;
+    let report = worker::run(&queue, &runner, &config, &stop);
+    if let Reporting::Bar(bar) = &reporting {
+        bar.finish();
+    }
+    let report = report?;
     if report.stopped == StopReason::Blocked {
         let reasons: Vec<String> = report
             .blocked_kinds

@@ -35,8 +35,18 @@ pub struct ExtractConfig {
     pub device: Device,
     /// Images per encoder forward pass.
     pub batch_size: usize,
-    /// Print one line per finished job on stderr.
-    pub log_jobs: bool,
+    /// How finished work is reported on stderr.
+    pub reporting: Reporting,
+}
+
+/// Progress output of a worker.
+#[derive(Debug, Clone)]
+pub enum Reporting {
+    Silent,
+    /// One plain line per finished job (logs, pipes).
+    Lines,
+    /// A progress bar advanced per micro-batch (terminals).
+    Bar(indicatif::ProgressBar),
 }
 
 impl Default for ExtractConfig {
@@ -44,7 +54,7 @@ impl Default for ExtractConfig {
         ExtractConfig {
             device: Device::Cpu,
             batch_size: 16,
-            log_jobs: false,
+            reporting: Reporting::Silent,
         }
     }
 }
@@ -137,18 +147,21 @@ impl Extractor {
         };
         match self.extract(lease, &payload, &loaded, stop) {
             Ok(Some(result)) => {
-                if self.config.log_jobs {
-                    let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
-                    let rows = result.detail["rows"].as_u64().unwrap_or(0);
-                    eprintln!(
-                        "{}: job {} ({} {}): {rows} images in {seconds:.1} s ({:.1} images/s), {} failed",
-                        lease.worker,
-                        lease.job_id,
-                        payload.dataset,
-                        payload.encoder,
-                        rows as f64 / seconds.max(1e-9),
-                        result.failures.len()
-                    );
+                let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
+                let rows = result.detail["rows"].as_u64().unwrap_or(0);
+                let line = format!(
+                    "{}: job {} ({} {}): {rows} images in {seconds:.1} s ({:.1} images/s), {} failed",
+                    lease.worker,
+                    lease.job_id,
+                    payload.dataset,
+                    payload.encoder,
+                    rows as f64 / seconds.max(1e-9),
+                    result.failures.len()
+                );
+                match &self.config.reporting {
+                    Reporting::Silent => {}
+                    Reporting::Lines => eprintln!("{line}"),
+                    Reporting::Bar(bar) => bar.set_message(line),
                 }
                 Outcome::Completed(result)
             }
@@ -246,6 +259,9 @@ impl Extractor {
             );
             next = following;
             let (ok, output, failed) = encoded?;
+            if let Reporting::Bar(bar) = &self.config.reporting {
+                bar.inc((ok.len() + failed.len()) as u64);
+            }
             failures.extend(failed);
             let Some(output) = output else { continue };
             image_index.extend(ok.iter().map(|(index, _)| *index as i64));
