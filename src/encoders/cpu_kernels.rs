@@ -3,7 +3,7 @@
 //! padding and a fused bias + ReLU6. Both run one channel plane per rayon task.
 //! Other devices keep the generic candle ops in `efficientnet_lite`.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, bail};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, bail};
 use rayon::prelude::*;
 
 /// TF "same" padding for one axis: (before, after), the extra pixel going after.
@@ -125,19 +125,25 @@ pub struct BiasActivation {
     pub relu6: bool,
 }
 
-impl CustomOp1 for BiasActivation {
+// In place: the matmul or convolution output it runs on is fresh, so this
+// saves one allocation and copy of the largest activations per layer.
+impl InplaceOp1 for BiasActivation {
     fn name(&self) -> &'static str {
         "bias-relu6"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (_, c, h, w) = layout.shape().dims4()?;
         if c != self.bias.len() {
             bail!("bias: {c} channels, {} biases", self.bias.len())
         }
-        let input = contiguous_f32(storage, layout)?;
-        let mut output = input.to_vec();
-        output
+        let CpuStorage::F32(data) = storage else {
+            bail!("cpu kernels take f32 tensors")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("cpu kernels take contiguous tensors")
+        };
+        data[start..end]
             .par_chunks_exact_mut(h * w)
             .enumerate()
             .for_each(|(plane, values)| {
@@ -150,6 +156,6 @@ impl CustomOp1 for BiasActivation {
                     values.iter_mut().for_each(|v| *v += bias);
                 }
             });
-        Ok((CpuStorage::F32(output), Shape::from((n, c, h, w))))
+        Ok(())
     }
 }

@@ -271,7 +271,11 @@ impl ConvBn {
         match &self.cpu {
             Some(CpuKernels::Depthwise(op)) => x.contiguous()?.apply_op1_no_bwd(op),
             Some(CpuKernels::BiasActivation(op)) => {
-                self.linear_part(x)?.contiguous()?.apply_op1_no_bwd(op)
+                // A fresh tensor (`contiguous` copies only when it is not), so
+                // updating it in place touches no other tensor's storage.
+                let y = self.linear_part(x)?.contiguous()?;
+                y.inplace_op1(op)?;
+                Ok(y)
             }
             None => self.forward_generic(x),
         }
