@@ -46,6 +46,25 @@ impl Depthwise {
         let left = same_padding(w, k, s).0 as isize;
         let taps = &self.weight[channel * k * k..(channel + 1) * k * k];
         let bias = self.bias[channel];
+        // Stride 2: split each row into even and odd columns once, so every
+        // tap below reads a contiguous run (vectorisable) instead of a gather.
+        let half = w.div_ceil(2);
+        let split: Vec<f32> = if s == 2 {
+            let mut split = vec![0f32; h * 2 * half];
+            for (row, parts) in input.chunks_exact(w).zip(split.chunks_exact_mut(2 * half)) {
+                let (even, odd) = parts.split_at_mut(half);
+                for (i, &v) in row.iter().enumerate() {
+                    if i % 2 == 0 {
+                        even[i / 2] = v;
+                    } else {
+                        odd[i / 2] = v;
+                    }
+                }
+            }
+            split
+        } else {
+            Vec::new()
+        };
         for (oy, out_row) in output.chunks_exact_mut(out_w).enumerate() {
             out_row.fill(bias);
             for ky in 0..k {
@@ -68,15 +87,19 @@ impl Depthwise {
                     if first >= last {
                         continue;
                     }
-                    let start = (first * s) as isize + shift;
                     let outs = &mut out_row[first..last];
                     if s == 1 {
-                        let ins = &in_row[start as usize..start as usize + outs.len()];
+                        let start = (first as isize + shift) as usize;
+                        let ins = &in_row[start..start + outs.len()];
                         for (o, &i) in outs.iter_mut().zip(ins) {
                             *o += tap * i;
                         }
                     } else {
-                        let ins = in_row[start as usize..].iter().step_by(s);
+                        // Input column 2 * ox + shift: parity of shift picks the half.
+                        let parity = shift.rem_euclid(2) as usize;
+                        let offset = (first as isize + shift.div_euclid(2)) as usize;
+                        let row = &split[iy as usize * 2 * half + parity * half..];
+                        let ins = &row[offset..offset + outs.len()];
                         for (o, &i) in outs.iter_mut().zip(ins) {
                             *o += tap * i;
                         }
@@ -104,6 +127,9 @@ impl CustomOp1 for Depthwise {
                 "depthwise: {c} input channels, weights for {}",
                 self.bias.len()
             )
+        }
+        if !(1..=2).contains(&self.stride) {
+            bail!("depthwise: stride {} (1 or 2 only)", self.stride)
         }
         let input = contiguous_f32(storage, layout)?;
         let (out_h, out_w) = (h.div_ceil(self.stride), w.div_ceil(self.stride));
