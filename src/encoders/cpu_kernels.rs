@@ -39,76 +39,60 @@ pub struct Depthwise {
 
 impl Depthwise {
     /// One output plane from one input plane of channel `channel`.
+    ///
+    /// The input is first copied into a zero-padded plane (for stride 2 with
+    /// each row split into even and odd columns), so that every tap reads a
+    /// contiguous run without bounds arithmetic; outputs are then computed
+    /// eight columns at a time with the sum kept in registers across all k²
+    /// taps, instead of k² passes over the output row.
     fn plane(&self, channel: usize, input: &[f32], (h, w): (usize, usize), output: &mut [f32]) {
+        const BLOCK: usize = 8;
         let (k, s) = (self.kernel, self.stride);
-        let out_w = w.div_ceil(s);
-        let top = same_padding(h, k, s).0 as isize;
-        let left = same_padding(w, k, s).0 as isize;
+        let (out_h, out_w) = (h.div_ceil(s), w.div_ceil(s));
+        let top = same_padding(h, k, s).0;
+        let left = same_padding(w, k, s).0;
         let taps = &self.weight[channel * k * k..(channel + 1) * k * k];
         let bias = self.bias[channel];
-        // Stride 2: split each row into even and odd columns once, so every
-        // tap below reads a contiguous run (vectorisable) instead of a gather.
-        let half = w.div_ceil(2);
-        let split: Vec<f32> = if s == 2 {
-            let mut split = vec![0f32; h * 2 * half];
-            for (row, parts) in input.chunks_exact(w).zip(split.chunks_exact_mut(2 * half)) {
-                let (even, odd) = parts.split_at_mut(half);
-                for (i, &v) in row.iter().enumerate() {
-                    if i % 2 == 0 {
-                        even[i / 2] = v;
-                    } else {
-                        odd[i / 2] = v;
-                    }
+        let (padded_h, padded_w) = ((out_h - 1) * s + k, (out_w - 1) * s + k);
+        // Stride 2: padded column c lives at (c % 2) * half + c / 2 of its row.
+        let half = padded_w.div_ceil(2);
+        let row_len = if s == 1 { padded_w } else { 2 * half };
+        let place = |c: usize| if s == 1 { c } else { (c % 2) * half + c / 2 };
+        let mut padded = vec![0f32; padded_h * row_len];
+        for (iy, in_row) in input.chunks_exact(w).enumerate() {
+            let Some(row) = padded.get_mut((iy + top) * row_len..(iy + top + 1) * row_len) else {
+                break;
+            };
+            for (ix, &v) in in_row.iter().enumerate() {
+                if ix + left < padded_w {
+                    row[place(ix + left)] = v;
                 }
             }
-            split
-        } else {
-            Vec::new()
-        };
+        }
+        // Where tap kx's run starts within a padded row.
+        let tap_offsets: Vec<usize> = (0..k).map(place).collect();
         for (oy, out_row) in output.chunks_exact_mut(out_w).enumerate() {
-            out_row.fill(bias);
-            for ky in 0..k {
-                let iy = (oy * s) as isize + ky as isize - top;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let in_row = &input[iy as usize * w..(iy as usize + 1) * w];
-                for kx in 0..k {
-                    let tap = taps[ky * k + kx];
-                    // Output columns whose input column ox*s + kx - left lies inside the row.
-                    let shift = kx as isize - left;
-                    let first = if shift < 0 {
-                        ((-shift) as usize).div_ceil(s)
-                    } else {
-                        0
-                    };
-                    let last = (w as isize - 1 - shift).div_euclid(s as isize) + 1;
-                    let last = (last.max(0) as usize).min(out_w);
-                    if first >= last {
-                        continue;
-                    }
-                    let outs = &mut out_row[first..last];
-                    if s == 1 {
-                        let start = (first as isize + shift) as usize;
-                        let ins = &in_row[start..start + outs.len()];
-                        for (o, &i) in outs.iter_mut().zip(ins) {
-                            *o += tap * i;
-                        }
-                    } else {
-                        // Input column 2 * ox + shift: parity of shift picks the half.
-                        let parity = shift.rem_euclid(2) as usize;
-                        let offset = (first as isize + shift.div_euclid(2)) as usize;
-                        let row = &split[iy as usize * 2 * half + parity * half..];
-                        let ins = &row[offset..offset + outs.len()];
-                        for (o, &i) in outs.iter_mut().zip(ins) {
-                            *o += tap * i;
+            let rows = &padded[oy * s * row_len..(oy * s + k) * row_len];
+            for (block, outs) in out_row.chunks_mut(BLOCK).enumerate() {
+                let ox = block * BLOCK;
+                let mut acc = [bias; BLOCK];
+                for (row, row_taps) in rows.chunks_exact(row_len).zip(taps.chunks_exact(k)) {
+                    for (&tap, &offset) in row_taps.iter().zip(&tap_offsets) {
+                        let ins = &row[offset + ox..];
+                        if outs.len() == BLOCK {
+                            // Fixed length: LLVM keeps `acc` in vector registers.
+                            for (a, &i) in acc.iter_mut().zip(&ins[..BLOCK]) {
+                                *a += tap * i;
+                            }
+                        } else {
+                            for (a, &i) in acc.iter_mut().zip(&ins[..outs.len()]) {
+                                *a += tap * i;
+                            }
                         }
                     }
                 }
-            }
-            if self.relu6 {
-                for o in out_row.iter_mut() {
-                    *o = o.clamp(0.0, 6.0);
+                for (o, a) in outs.iter_mut().zip(acc) {
+                    *o = if self.relu6 { a.clamp(0.0, 6.0) } else { a };
                 }
             }
         }
