@@ -513,7 +513,34 @@ impl EfficientNetLite {
     }
 
     /// Runs the network on a normalised batch [n, 3, H, W].
+    ///
+    /// On the CPU the batch goes through in chunks of `CPU_CHUNK` images: the
+    /// activations of a whole batch of 64 (up to 300 MB a tensor) would each
+    /// be a fresh mmap, page-faulted in and unmapped again, which cost about a
+    /// quarter of the forward time; a chunk's tensors are reused from the heap
+    /// and stay closer to the caches. Each image's result is unchanged.
     pub fn features(&self, images: &Tensor) -> Result<Features> {
+        const CPU_CHUNK: usize = 4;
+        let n = images.dim(0)?;
+        if !images.device().is_cpu() || n <= CPU_CHUNK {
+            return self.features_unchunked(images);
+        }
+        let mut parts = Vec::new();
+        for start in (0..n).step_by(CPU_CHUNK) {
+            let chunk = images.narrow(0, start, CPU_CHUNK.min(n - start))?;
+            parts.push(self.features_unchunked(&chunk)?);
+        }
+        let cat = |pick: fn(&Features) -> &Tensor| {
+            Tensor::cat(&parts.iter().map(pick).collect::<Vec<_>>(), 0)
+        };
+        Ok(Features {
+            pooled: cat(|f| &f.pooled)?,
+            stride16: cat(|f| &f.stride16)?,
+            stride32: cat(|f| &f.stride32)?,
+        })
+    }
+
+    fn features_unchunked(&self, images: &Tensor) -> Result<Features> {
         let mut x = self.stem.forward(images)?;
         let mut stride16 = None;
         for (i, block) in self.blocks.iter().enumerate() {
