@@ -703,4 +703,19 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn chunked_cpu_features_equal_one_pass() {
+        let dev = candle_core::Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let model = EfficientNetLite::new(Config::lite0(), vb).unwrap();
+        // 6 images: one full chunk of 4 and a partial one of 2.
+        let images = Tensor::randn(0f32, 1.0, (6, 3, 64, 64), &dev).unwrap();
+        let chunked = model.features(&images).unwrap();
+        let whole = model.features_unchunked(&images).unwrap();
+        assert_eq!(max_abs_diff(&chunked.pooled, &whole.pooled), 0.0);
+        assert_eq!(max_abs_diff(&chunked.stride16, &whole.stride16), 0.0);
+        assert_eq!(max_abs_diff(&chunked.stride32, &whole.stride32), 0.0);
+    }
 }
