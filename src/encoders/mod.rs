@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod clip;
 pub mod convnext;
+mod cpu_kernels;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod efficientnet_lite;

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""PyTorch CPU throughput of EfficientNet-Lite0 for the comparison in BENCHMARKS.md.
+
+Batch 64 (or $LAZARUS_BENCH_BATCH), 224 px, torch.set_num_threads(2), channels_last,
+inference_mode, random weights (speed does not depend on the values), best of
+$LAZARUS_BENCH_ITERS (default 3) timed runs after one warm-up. Prints images/s.
+
+Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and installs
+torch and efficientnet-lite-pytorch there with pip where they are missing. Not part of CI.
+"""
+import os
+import subprocess
+import sys
+import time
+
+CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
+VENV = os.path.join(CACHE, "venv-ref")
+VENV_PYTHON = os.path.join(VENV, "bin", "python")
+PACKAGES = ["torch", "efficientnet-lite-pytorch==0.1.0"]
+
+
+def ensure_venv():
+    try:
+        import torch  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if os.environ.get("LAZARUS_BENCH_BOOTSTRAPPED"):
+        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
+    if not os.path.exists(VENV_PYTHON):
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
+    os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
+    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
+
+
+def main():
+    ensure_venv()
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    batch = int(os.environ.get("LAZARUS_BENCH_BATCH", "64"))
+    iterations = int(os.environ.get("LAZARUS_BENCH_ITERS", "3"))
+    torch.set_num_threads(2)
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, 224, 224).to(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.inference_mode():
+        model.extract_features(images).mean((2, 3))
+        for iteration in range(iterations):
+            start = time.perf_counter()
+            model.extract_features(images).mean((2, 3))
+            seconds = time.perf_counter() - start
+            print(f"iteration {iteration}: {seconds:.3f} s, {batch / seconds:.1f} images/s")
+            best = min(best, seconds)
+    print(f"pytorch {torch.__version__} efficientnet-lite0 batch {batch} 224px: "
+          f"best {batch / best:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()
