@@ -244,11 +244,7 @@ impl ConvBn {
             ConvKind::Depthwise => self.depthwise(x)?,
         };
         let y = y.broadcast_add(&self.bias)?;
-        if self.relu6 {
-            relu6(&y)
-        } else {
-            Ok(y)
-        }
+        if self.relu6 { relu6(&y) } else { Ok(y) }
     }
 
     /// Depthwise convolution as a sum of k² shifted, per-channel scaled copies
