@@ -524,3 +524,32 @@ fn write_run(
     crate::atomic::write_file(&dir.join("head.safetensors"), &bytes)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_plan_accumulates_when_budget_is_tight_and_refuses_when_it_cannot_fit() {
+        // Hand-computed for dim 8, 3 classes: parameters 8*3+3 = 27 -> 27*4*5 = 540
+        // fixed bytes; one example 4 * (8 + 3*3) = 68 bytes.
+        let roomy = plan_batches(16, 8, &[3], 1 << 20).unwrap();
+        assert_eq!(
+            roomy,
+            BatchPlan {
+                micro_batch: 16,
+                accumulation_steps: 1
+            }
+        );
+        let tight = plan_batches(16, 8, &[3], 540 + 68 * 5).unwrap();
+        assert_eq!(
+            tight,
+            BatchPlan {
+                micro_batch: 5,
+                accumulation_steps: 4
+            }
+        );
+        let error = plan_batches(16, 8, &[3], 540 + 67).unwrap_err().to_string();
+        assert!(error.contains("memory budget of 607 bytes"), "{error}");
+    }
+}
