@@ -60,28 +60,27 @@ fn setup(root: &Path, poison: bool) {
     .unwrap();
 }
 
-fn train(root: &Path) -> serde_json::Value {
-    json(&ok(lazarus(
-        root,
-        &[
-            "train",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "toy-encoder",
-            "--head",
-            "linear",
-            "--epochs",
-            "15",
-            "--lr",
-            "0.05",
-            "--batch-size",
-            "16",
-            "--seed",
-            "7",
-            "--json",
-        ],
-    )))
+fn train(root: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "toy",
+        "--encoder",
+        "toy-encoder",
+        "--head",
+        "linear",
+        "--epochs",
+        "15",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "16",
+        "--seed",
+        "7",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    json(&ok(lazarus(root, &args)))
 }
 
 #[test]
@@ -89,7 +88,7 @@ fn linear_head_separates_toy_features_reproducibly() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
     setup(root, false);
-    let first = train(root);
+    let first = train(root, &[]);
     let accuracy = first["test"]["test/accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.99, "test accuracy {accuracy}: {first:#}");
     assert!(first["epochs"][0].get("val/macro_f1").is_some());
@@ -102,10 +101,27 @@ fn linear_head_separates_toy_features_reproducibly() {
         );
     }
     // Same seed, same metrics, in a separate run folder.
-    let second = train(root);
+    let second = train(root, &[]);
     assert_ne!(first["run_id"], second["run_id"]);
     assert_eq!(first["epochs"], second["epochs"]);
     assert_eq!(first["test"], second["test"]);
+    // 900 bytes hold the head (540) and 5 examples of 68 bytes: batch 16 runs as 4 micro-batches.
+    let tight = train(root, &["--memory-budget", "900"]);
+    assert_eq!(tight["plan"]["accumulation_steps"], 4, "{tight:#}");
+    assert!(tight["test"]["test/accuracy"].as_f64().unwrap() >= 0.99);
+    let refused = fails(lazarus(
+        root,
+        &[
+            "train",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "toy-encoder",
+            "--memory-budget",
+            "600",
+        ],
+    ));
+    assert!(refused.contains("memory budget of 600 bytes"), "{refused}");
 }
 
 #[test]
