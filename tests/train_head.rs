@@ -15,7 +15,17 @@ const DIM: usize = 8;
 
 /// Registers 3 classes x 40 images and writes linearly separable features:
 /// class c is centred on +4 in dimension c, with small deterministic jitter.
-fn setup(root: &Path, poison: bool) {
+/// Which features `setup` writes.
+#[derive(PartialEq)]
+enum Features {
+    Clean,
+    /// One NaN in the second row.
+    NanRow,
+    /// Only the training split's rows.
+    TrainOnly,
+}
+
+fn setup(root: &Path, variant: Features) {
     let tree = image_folder(root, &[40, 40, 40]);
     ok(lazarus(
         root,
@@ -26,6 +36,9 @@ fn setup(root: &Path, poison: bool) {
     let mut image_index = Vec::new();
     let mut pooled = Vec::new();
     for record in &dataset.images {
+        if variant == Features::TrainOnly && record.split != lazarus::dataset::Split::Train {
+            continue;
+        }
         let class = dataset
             .class_index(record.label.as_deref().unwrap())
             .unwrap();
@@ -36,7 +49,7 @@ fn setup(root: &Path, poison: bool) {
             pooled.push(f16::from_f32(centre + jitter));
         }
     }
-    if poison {
+    if variant == Features::NanRow {
         pooled[DIM + 2] = f16::NAN;
     }
     let dir = features::feature_dir(&layout, "toy", "fp1");
@@ -87,7 +100,7 @@ fn train(root: &Path, extra: &[&str]) -> serde_json::Value {
 fn linear_head_separates_toy_features_reproducibly() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    setup(root, false);
+    setup(root, Features::Clean);
     let first = train(root, &[]);
     let accuracy = first["test"]["test/accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.99, "test accuracy {accuracy}: {first:#}");
@@ -128,7 +141,7 @@ fn linear_head_separates_toy_features_reproducibly() {
 fn non_finite_and_missing_features_are_refused() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    setup(root, true);
+    setup(root, Features::NanRow);
     let message = fails(lazarus(
         root,
         &["train", "--dataset", "toy", "--encoder", "toy-encoder"],
@@ -139,4 +152,16 @@ fn non_finite_and_missing_features_are_refused() {
         &["train", "--dataset", "other", "--encoder", "toy-encoder"],
     ));
     assert!(message.contains("no feature folder"), "{message}");
+}
+
+#[test]
+fn split_without_features_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    setup(root, Features::TrainOnly);
+    let message = fails(lazarus(
+        root,
+        &["train", "--dataset", "toy", "--encoder", "toy-encoder"],
+    ));
+    assert!(message.contains("split val has no examples"), "{message}");
 }
