@@ -13,6 +13,7 @@ pub mod features;
 pub mod layout;
 pub mod preprocess;
 pub mod queue;
+pub mod train;
 pub mod weights;
 
 /// The version recorded in every artifact lazarus writes.

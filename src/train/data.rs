@@ -1,0 +1,192 @@
+//! Training inputs: the memory-mapped feature rows of one dataset, checked and
+//! split, with standardisation statistics from the training split.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use crate::dataset::{self, Split};
+use crate::features::{FeatureSet, feature_dir};
+use crate::layout::Layout;
+
+use super::TrainError;
+
+/// Feature rows of one split and their class indices.
+#[derive(Debug, Clone, Default)]
+pub struct SplitRows {
+    pub rows: Vec<usize>,
+    pub labels: Vec<usize>,
+}
+
+/// A checked training input; rows stay memory-mapped in `features`.
+pub struct TrainData {
+    pub features: FeatureSet,
+    pub fingerprint: String,
+    pub class_names: Vec<String>,
+    pub train: SplitRows,
+    pub val: SplitRows,
+    pub test: SplitRows,
+    /// Per-dimension mean and standard deviation over the training split.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Finds the fingerprint folder: the given one, or the only one there is.
+pub fn resolve_fingerprint(
+    layout: &Layout,
+    dataset_name: &str,
+    fingerprint: Option<&str>,
+) -> Result<(String, PathBuf), TrainError> {
+    if let Some(fingerprint) = fingerprint {
+        let dir = feature_dir(layout, dataset_name, fingerprint);
+        if !dir.is_dir() {
+            return Err(TrainError::NoFeatures(format!(
+                "{} does not exist",
+                dir.display()
+            )));
+        }
+        return Ok((fingerprint.to_string(), dir));
+    }
+    let parent = layout.features_dir().join(dataset_name);
+    let mut found: Vec<String> = match std::fs::read_dir(&parent) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok((one.clone(), parent.join(one))),
+        [] => Err(TrainError::NoFeatures(format!(
+            "no feature folder under {}",
+            parent.display()
+        ))),
+        many => Err(TrainError::NoFeatures(format!(
+            "several fingerprints under {}, pick one with --fingerprint: {}",
+            parent.display(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// Opens and checks the features of a dataset: every split has examples,
+/// splits share one label set, and no row holds NaN or inf.
+pub fn load(
+    layout: &Layout,
+    dataset_name: &str,
+    fingerprint: Option<&str>,
+) -> Result<TrainData, TrainError> {
+    let (fingerprint, dir) = resolve_fingerprint(layout, dataset_name, fingerprint)?;
+    let features = FeatureSet::open(&dir)?;
+    if features.is_empty() {
+        return Err(TrainError::NoFeatures(format!(
+            "{} holds no published shard",
+            dir.display()
+        )));
+    }
+    let dataset = dataset::load(layout, dataset_name)?;
+    let by_index: HashMap<usize, &dataset::ImageRecord> =
+        dataset.images.iter().map(|r| (r.index, r)).collect();
+
+    let mut splits: [SplitRows; 3] = Default::default();
+    for (row, &image_index) in features.image_indices().iter().enumerate() {
+        let Some(record) = by_index.get(&image_index) else {
+            continue;
+        };
+        let Some(label) = record.label.as_deref() else {
+            continue;
+        };
+        let class = dataset.class_index(label).ok_or_else(|| {
+            TrainError::Invalid(format!("label {label} missing from the class order"))
+        })?;
+        if features.pooled(row).iter().any(|v| !v.is_finite()) {
+            return Err(TrainError::NonFinite { image_index });
+        }
+        let slot = match record.split {
+            Split::Train => 0,
+            Split::Val => 1,
+            Split::Test => 2,
+        };
+        splits[slot].rows.push(row);
+        splits[slot].labels.push(class);
+    }
+    let names = ["train", "val", "test"];
+    for (split, name) in splits.iter().zip(names) {
+        if split.rows.is_empty() {
+            return Err(TrainError::EmptySplit(name));
+        }
+    }
+    let label_sets: Vec<BTreeSet<usize>> = splits
+        .iter()
+        .map(|s| s.labels.iter().copied().collect())
+        .collect();
+    for (set, name) in label_sets.iter().zip(names).skip(1) {
+        if set != &label_sets[0] {
+            let show = |s: &BTreeSet<usize>| {
+                s.iter()
+                    .map(|&c| dataset.info.class_order[c].as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            return Err(TrainError::LabelMismatch(format!(
+                "train has {{{}}}, {name} has {{{}}}",
+                show(&label_sets[0]),
+                show(set)
+            )));
+        }
+    }
+    let (mean, std) = standardisation(&features, &splits[0].rows);
+    let [train, val, test] = splits;
+    Ok(TrainData {
+        features,
+        fingerprint,
+        class_names: dataset.info.class_order.clone(),
+        train,
+        val,
+        test,
+        mean,
+        std,
+    })
+}
+
+/// Mean and standard deviation per dimension, accumulated in f64; a constant
+/// dimension gets std 1 so it standardises to zero instead of dividing by zero.
+fn standardisation(features: &FeatureSet, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let dim = features.feature_dim();
+    let mut sum = vec![0f64; dim];
+    let mut sum_sq = vec![0f64; dim];
+    for &row in rows {
+        for (d, v) in features.pooled(row).iter().enumerate() {
+            let v = v.to_f64();
+            sum[d] += v;
+            sum_sq[d] += v * v;
+        }
+    }
+    let n = rows.len() as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let std = sum_sq
+        .iter()
+        .zip(&mean)
+        .map(|(sq, m)| {
+            let var = (sq / n - m * m).max(0.0);
+            if var < 1e-12 { 1.0 } else { var.sqrt() as f32 }
+        })
+        .collect();
+    (mean.into_iter().map(|m| m as f32).collect(), std)
+}
+
+impl TrainData {
+    /// Standardised f32 copy of the given rows only: one batch at a time, so the
+    /// cache is never copied whole into memory.
+    pub fn gather(&self, rows: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows.len() * self.features.feature_dim());
+        for &row in rows {
+            let pooled = self.features.pooled(row);
+            for ((v, mean), std) in pooled.iter().zip(&self.mean).zip(&self.std) {
+                out.push((v.to_f32() - mean) / std);
+            }
+        }
+        out
+    }
+}

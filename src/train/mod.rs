@@ -1,0 +1,37 @@
+//! Head-only training on cached features (issue 7).
+//!
+//! `data` validates and gathers memory-mapped rows, `schedule` gives the
+//! learning rate per step, `run` trains a head and writes the run folder,
+//! `metrics` scores predictions.
+
+pub mod data;
+pub mod metrics;
+pub mod run;
+pub mod schedule;
+
+use crate::dataset::DatasetError;
+use crate::features::FeatureError;
+
+/// Errors at the training boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Inputs to a metric or a run do not fit together.
+    #[error("invalid training input: {0}")]
+    Invalid(String),
+    #[error("no finished features: {0}")]
+    NoFeatures(String),
+    #[error("split {0} has no examples with features and a label")]
+    EmptySplit(&'static str),
+    #[error("label set differs between splits: {0}")]
+    LabelMismatch(String),
+    #[error("feature row for image {image_index} holds NaN or inf")]
+    NonFinite { image_index: usize },
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("tensor computation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("writing run output failed: {0}")]
+    Io(#[from] std::io::Error),
+}
