@@ -3,8 +3,9 @@
 # weights and the elpv solar-cell dataset with pip, register the dataset,
 # enqueue feature extraction in chunks of 64, run 2 workers, kill one with
 # SIGKILL mid-way and restart it, then verify that every image has exactly
-# one feature row. Everything lands under demo/ (git-ignored); a second run
-# reuses all of it and finishes in seconds.
+# one feature row, and train linear and MLP heads on the cached features.
+# Everything lands under demo/ (git-ignored); a second run reuses the
+# features and finishes in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DEMO_ROOT:-demo}"
@@ -68,4 +69,9 @@ lazarus verify --dataset elpv
 ls "$root"/features/elpv/*/ | head -n 4
 echo "... $(ls "$root"/features/elpv/*/*.safetensors | wc -l) shards"
 
-say "next: head training (issue 7), sweeps and ablation tables (issue 8), predict (issue 10)"
+say "training heads on the cached features (4-class defect grading; the encoder is not touched)"
+for head in linear mlp; do
+  lazarus train --dataset elpv --encoder efficientnet-lite0 --head "$head" --epochs 20 --lr 0.001 --seed 0
+done
+
+say "next: sweeps and ablation tables (issue 8), predict (issue 10)"
