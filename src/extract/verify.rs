@@ -114,7 +114,7 @@ pub fn verify(
             }
         }
         let dir = features::feature_dir(layout, &group.group, &group.fingerprint);
-        let mut stale_shards: Vec<u64> = shard_indices(&dir)?
+        let mut stale_shards: Vec<u64> = features::marked_shards(&dir)?
             .into_iter()
             .filter(|index| !done_here.contains_key(index))
             .collect();
@@ -181,30 +181,4 @@ pub fn verify(
         stale,
         groups,
     })
-}
-
-/// Indices of the shards that have a `.done` marker in `dir`.
-fn shard_indices(dir: &std::path::Path) -> Result<Vec<u64>, ExtractError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => {
-            return Err(features::FeatureError::Io {
-                path: dir.to_path_buf(),
-                source: err,
-            }
-            .into());
-        }
-    };
-    let mut indices: Vec<u64> = entries
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            name.ends_with(".done")
-                .then(|| features::parse_shard_index(&name))
-                .flatten()
-        })
-        .collect();
-    indices.sort_unstable();
-    Ok(indices)
 }

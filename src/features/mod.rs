@@ -60,6 +60,31 @@ pub fn feature_dir(layout: &Layout, dataset: &str, fingerprint: &str) -> PathBuf
     layout.features_dir().join(dataset).join(fingerprint)
 }
 
+/// Indices of the shards in `dir` that have a `.done` marker, ascending.
+/// A missing folder has none.
+pub fn marked_shards(dir: &Path) -> Result<Vec<u64>, FeatureError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(FeatureError::io(dir, err)),
+    };
+    let mut indices = Vec::new();
+    for entry in entries {
+        let name = entry
+            .map_err(|e| FeatureError::io(dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name.ends_with(".done")
+            && let Some(index) = parse_shard_index(&name)
+        {
+            indices.push(index);
+        }
+    }
+    indices.sort_unstable();
+    Ok(indices)
+}
+
 /// What `verify` found in a feature folder.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
@@ -84,18 +109,7 @@ pub fn verify(dir: &Path, expected: &[usize]) -> Result<VerifyReport, FeatureErr
     let mut report = VerifyReport::default();
     let mut holders: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
     if dir.exists() {
-        let mut indices: Vec<u64> = std::fs::read_dir(dir)
-            .map_err(|e| FeatureError::io(dir, e))?
-            .filter_map(|entry| entry.ok())
-            .filter_map(|entry| {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                name.ends_with(".done")
-                    .then(|| parse_shard_index(&name))
-                    .flatten()
-            })
-            .collect();
-        indices.sort_unstable();
-        for shard_index in indices {
+        for shard_index in marked_shards(dir)? {
             if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Checksum) {
                 report.corrupt.push((shard_index, reason));
                 continue;

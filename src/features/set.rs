@@ -11,7 +11,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use super::FeatureError;
-use super::shard::{CheckLevel, check_shard, parse_shard_index, shard_file_name};
+use super::shard::{CheckLevel, check_shard, shard_file_name};
 
 struct MappedShard {
     path: PathBuf,
@@ -77,17 +77,13 @@ impl FeatureSet {
     /// matches. Shards without a valid marker are skipped and reported by
     /// `skipped_shards`; `lazarus verify` checks full checksums.
     pub fn open(dir: &Path) -> Result<Self, FeatureError> {
-        let mut indices: Vec<u64> = std::fs::read_dir(dir)
-            .map_err(|e| FeatureError::io(dir, e))?
-            .filter_map(|entry| entry.ok())
-            .filter_map(|entry| {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                name.ends_with(".done")
-                    .then(|| parse_shard_index(&name))
-                    .flatten()
-            })
-            .collect();
-        indices.sort_unstable();
+        if !dir.is_dir() {
+            return Err(FeatureError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such feature folder"),
+            ));
+        }
+        let indices = super::marked_shards(dir)?;
 
         let mut set = FeatureSet {
             dir: dir.to_path_buf(),
