@@ -128,3 +128,48 @@ fn bad_images_fail_alone_with_reasons_in_status() {
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(verified["rows"], 6);
 }
+
+#[test]
+fn an_unwritable_feature_folder_fails_the_job_for_a_retry_and_marks_nothing_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    for i in 0..3 {
+        write_image(&tree.join(format!("a/{i}.png")), i, ImageFormat::Png);
+    }
+    let root = dir.path().join("root");
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "d", tree.to_str().unwrap()],
+    ));
+    ok(lazarus(
+        &root,
+        &[
+            "enqueue",
+            "--dataset",
+            "d",
+            "--encoder",
+            "efficientnet-lite0",
+            "--weights",
+            "random:1",
+        ],
+    ));
+    // A file where the dataset's feature folder must go: no shard can be written
+    // (the same failure a read-only folder or a full disk gives, even for root).
+    fs::create_dir_all(root.join("features")).unwrap();
+    fs::write(root.join("features/d"), b"in the way").unwrap();
+
+    ok(lazarus(&root, &["run-worker", "--max-jobs", "1"]));
+    let status = json(&ok(lazarus(&root, &["status", "--json"])));
+    assert_eq!(status["jobs"]["failed"], 1, "{status}");
+    assert_eq!(status["jobs"]["done"], 0);
+    let error = status["failed_jobs"][0]["last_error"].as_str().unwrap();
+    assert!(error.contains("features/d"), "{error}");
+
+    // Once the folder can be written, the retry succeeds.
+    fs::remove_file(root.join("features/d")).unwrap();
+    ok(lazarus(&root, &["requeue"]));
+    ok(lazarus(&root, &["run-worker", "--until-empty"]));
+    let verified = json(&ok(lazarus(&root, &["verify", "--json"])));
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["rows"], 3);
+}
