@@ -7,6 +7,7 @@
 
 pub mod atomic;
 pub mod dataset;
+pub mod digest;
 pub mod encoders;
 pub mod extract;
 pub mod features;

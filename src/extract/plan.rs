@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
+use crate::digest::sha256_hex;
 use crate::encoders::{self, EncoderSpec};
 use crate::layout::Layout;
 use crate::queue::sqlite::SqliteQueue;
@@ -108,11 +109,6 @@ pub fn fingerprint(encoder: &EncoderSpec, weights_id: &str, spatial: bool) -> St
         "feature_format": FEATURE_FORMAT_VERSION,
     });
     sha256_hex(identity.to_string().as_bytes())
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let digest: [u8; 32] = Sha256::digest(bytes).into();
-    hex::encode(digest)
 }
 
 fn sha256_file(path: &Path) -> Result<String, ExtractError> {

@@ -8,7 +8,6 @@ use half::f16;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::FeatureError;
 
@@ -131,7 +130,7 @@ pub fn write_shard(
         shard: shard_file_name(shard_index),
         rows,
         bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(&bytes)),
+        sha256: crate::digest::sha256_hex(&bytes),
         job_id: job.job_id,
         attempt: job.attempt,
         lazarus_version: crate::VERSION.to_string(),
@@ -172,7 +171,7 @@ pub fn check_shard(dir: &Path, shard_index: u64, level: CheckLevel) -> Result<Do
     }
     if level == CheckLevel::Checksum {
         let bytes = fs::read(&shard_path).map_err(|e| format!("{}: {e}", shard_path.display()))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let sha256 = crate::digest::sha256_hex(&bytes);
         if sha256 != marker.sha256 {
             return Err(format!(
                 "{}: sha256 {sha256}, marker says {}",

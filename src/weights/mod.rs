@@ -21,7 +21,6 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::atomic;
 
@@ -175,10 +174,7 @@ pub struct SourceRecord {
     pub tensors: usize,
 }
 
-/// sha256 of some bytes, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use crate::digest::sha256_hex;
 
 fn read(path: &Path) -> Result<Vec<u8>, WeightsError> {
     std::fs::read(path).map_err(|source| WeightsError::Read {
