@@ -118,10 +118,16 @@ fn linear_head_separates_toy_features_reproducibly() {
     assert_ne!(first["run_id"], second["run_id"]);
     assert_eq!(first["epochs"], second["epochs"]);
     assert_eq!(first["test"], second["test"]);
-    // 900 bytes hold the head (540) and 5 examples of 68 bytes: batch 16 runs as 4 micro-batches.
-    let tight = train(root, &["--memory-budget", "900"]);
+    // The plan reports what it counted; a budget of the fixed cost plus 5
+    // examples runs batch 16 as 4 micro-batches, with the same accuracy.
+    let fixed = first["plan"]["fixed_bytes"].as_u64().unwrap();
+    let per_example = first["plan"]["per_example_bytes"].as_u64().unwrap();
+    let budget = (fixed + 5 * per_example).to_string();
+    let tight = train(root, &["--memory-budget", &budget]);
+    assert_eq!(tight["plan"]["micro_batch"], 5, "{tight:#}");
     assert_eq!(tight["plan"]["accumulation_steps"], 4, "{tight:#}");
     assert!(tight["test"]["test/accuracy"].as_f64().unwrap() >= 0.99);
+    let too_small = (fixed + per_example - 1).to_string();
     let refused = fails(lazarus(
         root,
         &[
@@ -130,11 +136,16 @@ fn linear_head_separates_toy_features_reproducibly() {
             "toy",
             "--encoder",
             "toy-encoder",
+            "--batch-size",
+            "16",
             "--memory-budget",
-            "600",
+            &too_small,
         ],
     ));
-    assert!(refused.contains("memory budget of 600 bytes"), "{refused}");
+    assert!(
+        refused.contains(&format!("memory budget of {too_small} bytes")),
+        "{refused}"
+    );
 }
 
 #[test]

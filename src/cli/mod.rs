@@ -44,7 +44,7 @@ pub enum Command {
     /// Check feature shards against their .done markers and the queue; --repair re-queues what is wrong.
     Verify(queue::VerifyArgs),
     /// Train a head on cached features.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Train a grid of heads in one pass over the cached features.
     Sweep(NotLandedArgs),
     /// Query runs, compare them and print ablation tables.
@@ -78,7 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => queue::status(&layout, args),
         Command::Requeue(args) => queue::requeue(&layout, args),
         Command::Verify(args) => queue::verify(&layout, args),
-        Command::Train(args) => train::train(&layout, args),
+        Command::Train(args) => train::train(&layout, *args),
         Command::Sweep(_) => not_landed("sweep", 8, "experiments and sweeps"),
         Command::Experiments(_) => not_landed("experiments", 8, "experiments and sweeps"),
         Command::Predict(_) => not_landed("predict", 10, "prediction and export"),

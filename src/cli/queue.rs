@@ -187,7 +187,7 @@ pub enum DeviceArg {
     Cuda,
 }
 
-fn device(arg: DeviceArg) -> anyhow::Result<candle_core::Device> {
+pub(super) fn device(arg: DeviceArg) -> anyhow::Result<candle_core::Device> {
     match arg {
         DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
         DeviceArg::Cuda => candle_core::Device::new_cuda(0).context(

@@ -1,10 +1,18 @@
 //! `lazarus train`: arguments to a `TrainConfig`; the work is in `lazarus::train`.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
-use lazarus::train::run::{Activation, EarlyStopping, HeadConfig, Optimizer, TrainConfig};
+use lazarus::train::config::{
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler,
+    TrainConfig, read_class_weights,
+};
+use lazarus::train::run::{FitOptions, NoObserver, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
+
+use super::queue::DeviceArg;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum HeadKind {
@@ -23,6 +31,7 @@ pub enum ScheduleKind {
     Constant,
     Cosine,
     Step,
+    Plateau,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -31,16 +40,32 @@ pub enum ActivationKind {
     Gelu,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrecisionKind {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SamplerKind {
+    Uniform,
+    Balanced,
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    #[arg(long)]
-    pub dataset: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub dataset: Option<String>,
     /// Encoder name; checked against the shards' `encoder` metadata when present.
-    #[arg(long)]
-    pub encoder: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub encoder: Option<String>,
     /// Feature folder under features/<dataset>/; optional when there is only one.
     #[arg(long)]
     pub fingerprint: Option<String>,
+    /// Continue a killed run from its newest checkpoint, with its own settings.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["dataset", "encoder"])]
+    pub resume: Option<String>,
     #[arg(long, value_enum, default_value = "linear")]
     pub head: HeadKind,
     /// MLP hidden sizes, comma-separated.
@@ -70,6 +95,12 @@ pub struct TrainArgs {
     pub step_epochs: usize,
     #[arg(long, default_value_t = 0.1)]
     pub step_gamma: f64,
+    /// Plateau schedule: epochs without improvement of --monitor before the rate drops.
+    #[arg(long, default_value_t = 3)]
+    pub plateau_patience: usize,
+    /// Plateau schedule: multiply the rate by this on each drop.
+    #[arg(long, default_value_t = 0.1)]
+    pub plateau_factor: f64,
     /// Effective batch; split into micro-batches when the memory budget asks.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
@@ -80,23 +111,33 @@ pub struct TrainArgs {
     pub clip_grad_norm: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// Validation metric for early stopping and best-head selection, e.g. val/macro_f1.
+    /// Validation metric for early stopping, plateau and best-head selection, e.g. val/macro_f1.
     #[arg(long, default_value = "val/accuracy")]
     pub monitor: String,
     /// Stop after this many epochs without improvement of --monitor.
     #[arg(long)]
     pub patience: Option<usize>,
+    /// Forward and backward dtype; master weights stay f32 (f16 uses dynamic loss scaling).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionKind,
+    /// none, balanced (n / (classes * n_class)), or a file of class,weight lines or a JSON object.
+    #[arg(long, default_value = "none", value_name = "none|balanced|FILE")]
+    pub class_weights: String,
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub sampler: SamplerKind,
+    /// Write a resumable checkpoint every N epochs (0: never).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_every: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Only f32 is built so far.
-    #[arg(long, default_value = "f32")]
-    pub precision: String,
     #[arg(long)]
     pub json: bool,
 }
 
 /// Parses sizes such as `4GiB`, `512MiB`, `1000000`.
-fn parse_bytes(text: &str) -> anyhow::Result<u64> {
+pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -115,25 +156,14 @@ fn parse_bytes(text: &str) -> anyhow::Result<u64> {
     Ok(number * scale)
 }
 
-pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
-    if args.precision != "f32" {
-        bail!("--precision {} is not built yet: only f32", args.precision);
-    }
-    let data = lazarus::train::data::load(layout, &args.dataset, args.fingerprint.as_deref())?;
-    if let Some(encoder) = data.features.metadata().get("encoder")
-        && encoder != &args.encoder
-    {
-        bail!(
-            "features {} were made by encoder {encoder}, not {}",
-            data.fingerprint,
-            args.encoder
-        );
-    }
-    let config = TrainConfig {
+/// The run configuration the flags describe (class weights from a file are
+/// resolved against the dataset's classes by the caller).
+fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<TrainConfig> {
+    Ok(TrainConfig {
         head: match args.head {
             HeadKind::Linear => HeadConfig::Linear,
             HeadKind::Mlp => HeadConfig::Mlp {
-                hidden: args.hidden,
+                hidden: args.hidden.clone(),
                 dropout: args.dropout,
                 activation: match args.activation {
                     ActivationKind::Relu => Activation::Relu,
@@ -159,29 +189,95 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
                 every_epochs: args.step_epochs,
                 gamma: args.step_gamma,
             },
+            ScheduleKind::Plateau => Schedule::ReduceOnPlateau {
+                patience: args.plateau_patience,
+                factor: args.plateau_factor,
+            },
         },
         batch_size: args.batch_size,
         memory_budget_bytes: parse_bytes(&args.memory_budget)?,
         gradient_clip: args.clip_grad_norm,
         label_smoothing: args.label_smoothing,
-        early_stopping: args.patience.map(|patience| EarlyStopping {
-            metric: args.monitor.clone(),
-            patience,
-        }),
+        monitor: args.monitor.clone(),
+        early_stopping: args.patience.map(|patience| EarlyStopping { patience }),
+        precision: match args.precision {
+            PrecisionKind::F32 => Precision::F32,
+            PrecisionKind::Bf16 => Precision::Bf16,
+            PrecisionKind::F16 => Precision::F16,
+        },
+        class_weights,
+        sampler: match args.sampler {
+            SamplerKind::Uniform => Sampler::Uniform,
+            SamplerKind::Balanced => Sampler::Balanced,
+        },
+        checkpoint_every: args.checkpoint_every,
         seed: args.seed,
+        label_map: Default::default(),
+    })
+}
+
+pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
+    let options = FitOptions {
+        device: super::queue::device(args.device)?,
+        progress: !args.json,
     };
-    let report = lazarus::train::run::train(layout, &data, &config)?;
-    if args.json {
-        return super::print_json(&report);
+    if let Some(run_id) = &args.resume {
+        let report = lazarus::train::run::resume(layout, run_id, &options, &mut NoObserver)?;
+        return print_report(&report, args.json);
     }
+    let dataset = args.dataset.as_deref().expect("clap requires --dataset");
+    let encoder = args.encoder.as_deref().expect("clap requires --encoder");
+    let probe = config(&args, ClassWeights::None)?;
+    probe.validate()?;
+    let data = lazarus::train::data::load(
+        layout,
+        dataset,
+        args.fingerprint.as_deref(),
+        &load_config(&probe),
+    )?;
+    if let Some(made_by) = data.features.metadata().get("encoder")
+        && made_by != encoder
+    {
+        bail!(
+            "features {} were made by encoder {made_by}, not {encoder}",
+            data.fingerprint
+        );
+    }
+    let class_weights = match args.class_weights.as_str() {
+        "none" => ClassWeights::None,
+        "balanced" => ClassWeights::Balanced,
+        file => ClassWeights::Given {
+            weights: read_class_weights(&PathBuf::from(file), &data.class_names)?,
+        },
+    };
+    let config = config(&args, class_weights)?;
+    let report = lazarus::train::run::train_new(layout, &data, config, &options, &mut NoObserver)?;
+    print_report(&report, args.json)
+}
+
+fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return super::print_json(report);
+    }
+    let resumed = if report.resumed_from_epoch > 0 {
+        format!(", resumed after epoch {}", report.resumed_from_epoch)
+    } else {
+        String::new()
+    };
     println!(
-        "run {} ({} epochs, best epoch {}): test/accuracy {:.4}, test/macro_f1 {:.4}",
+        "run {} ({} epochs{resumed}, best epoch {}): test/accuracy {:.4}, test/macro_f1 {:.4}",
         report.run_id,
         report.epochs_run,
         report.best_epoch + 1,
         report.test["test/accuracy"],
         report.test["test/macro_f1"]
     );
+    if report.skipped_steps > 0 {
+        println!(
+            "{} f16 steps skipped for inf/NaN gradients",
+            report.skipped_steps
+        );
+    }
     println!("wrote {}", report.run_dir.display());
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
 use memmap2::Mmap;
@@ -31,6 +32,10 @@ pub struct FeatureSet {
     spatial_shape: Option<[usize; 3]>,
     metadata: HashMap<String, String>,
     skipped_shards: Vec<(u64, String)>,
+    /// Bytes of mapped rows read since the mapped pages were last released.
+    touched_bytes: AtomicU64,
+    /// Release the mapped pages once this many bytes were read (`u64::MAX`: never).
+    resident_limit_bytes: u64,
 }
 
 impl std::fmt::Debug for FeatureSet {
@@ -94,6 +99,8 @@ impl FeatureSet {
             spatial_shape: None,
             metadata: HashMap::new(),
             skipped_shards: Vec::new(),
+            touched_bytes: AtomicU64::new(0),
+            resident_limit_bytes: u64::MAX,
         };
         let mut rows: Vec<(usize, u32, u32)> = Vec::new();
         for shard_index in indices {
@@ -223,8 +230,48 @@ impl FeatureSet {
             .collect()
     }
 
+    /// Bounds the mapped pages this set keeps resident: once rows worth
+    /// `bytes` were read, every mapping drops its pages (they stay in the page
+    /// cache and fault back in on the next read). Without a limit a pass over
+    /// a cache larger than memory would count it all as this process's RSS.
+    pub fn set_resident_limit(&mut self, bytes: u64) {
+        self.resident_limit_bytes = bytes.max(1);
+    }
+
+    /// Drops the resident pages of every mapping now.
+    pub fn release_pages(&self) {
+        self.touched_bytes.store(0, Ordering::Relaxed);
+        #[cfg(unix)]
+        for shard in &self.shards {
+            // SAFETY: the mappings are read-only views of files that are never
+            // modified in place; after MADV_DONTNEED the next access reads the
+            // same bytes back from the file, so borrowed slices stay valid.
+            // A failed advice only means the pages stay resident.
+            let _ = unsafe {
+                shard
+                    .mmap
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            };
+        }
+    }
+
+    /// Counts a read of `bytes` towards the resident limit.
+    fn touch(&self, bytes: usize) {
+        if self.resident_limit_bytes == u64::MAX {
+            return;
+        }
+        // A random row spans at most one page more than its size.
+        let touched = bytes as u64 + 4096;
+        if self.touched_bytes.fetch_add(touched, Ordering::Relaxed) + touched
+            > self.resident_limit_bytes
+        {
+            self.release_pages();
+        }
+    }
+
     /// The pooled features of one row, straight from the mapped file.
     pub fn pooled(&self, row: usize) -> &[f16] {
+        self.touch(self.feature_dim * 2);
         let (shard, row_in_shard) = self.locations[row];
         let shard = &self.shards[shard as usize];
         let values: &[f16] = bytemuck::cast_slice(&shard.mmap[shard.pooled.clone()]);
@@ -236,6 +283,7 @@ impl FeatureSet {
     pub fn spatial(&self, row: usize) -> Option<&[f16]> {
         let [channels, height, width] = self.spatial_shape?;
         let size = channels * height * width;
+        self.touch(size * 2);
         let (shard, row_in_shard) = self.locations[row];
         let shard = &self.shards[shard as usize];
         let range = shard.spatial.clone()?;

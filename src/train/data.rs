@@ -1,7 +1,7 @@
 //! Training inputs: the memory-mapped feature rows of one dataset, checked and
 //! split, with standardisation statistics from the training split.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use crate::dataset::{self, Split};
@@ -19,6 +19,7 @@ pub struct SplitRows {
 
 /// A checked training input; rows stay memory-mapped in `features`.
 pub struct TrainData {
+    pub dataset_name: String,
     pub features: FeatureSet,
     pub fingerprint: String,
     pub class_names: Vec<String>,
@@ -70,15 +71,26 @@ pub fn resolve_fingerprint(
     }
 }
 
+/// How training data is read.
+#[derive(Debug, Clone, Default)]
+pub struct LoadConfig {
+    /// At most this many bytes of mapped feature pages stay resident.
+    pub resident_limit_bytes: u64,
+    /// Class renames or merges (see `TrainConfig::label_map`).
+    pub label_map: BTreeMap<String, String>,
+}
+
 /// Opens and checks the features of a dataset: every split has examples,
 /// splits share one label set, and no row holds NaN or inf.
 pub fn load(
     layout: &Layout,
     dataset_name: &str,
     fingerprint: Option<&str>,
+    config: &LoadConfig,
 ) -> Result<TrainData, TrainError> {
     let (fingerprint, dir) = resolve_fingerprint(layout, dataset_name, fingerprint)?;
-    let features = FeatureSet::open(&dir)?;
+    let mut features = FeatureSet::open(&dir)?;
+    features.set_resident_limit(config.resident_limit_bytes);
     if features.is_empty() {
         return Err(TrainError::NoFeatures(format!(
             "{} holds no published shard",
@@ -86,6 +98,29 @@ pub fn load(
         )));
     }
     let dataset = dataset::load(layout, dataset_name)?;
+    for from in config.label_map.keys() {
+        if dataset.class_index(from).is_none() {
+            return Err(TrainError::Invalid(format!(
+                "label map names class {from:?}, which dataset {dataset_name} does not have; \
+                 its classes are {}",
+                dataset.info.class_order.join(", ")
+            )));
+        }
+    }
+    // Mapped class names, in order of first appearance in the class order.
+    let mut class_names: Vec<String> = Vec::new();
+    let mut mapped_index = Vec::with_capacity(dataset.info.class_order.len());
+    for name in &dataset.info.class_order {
+        let mapped = config.label_map.get(name).unwrap_or(name);
+        let index = match class_names.iter().position(|c| c == mapped) {
+            Some(index) => index,
+            None => {
+                class_names.push(mapped.clone());
+                class_names.len() - 1
+            }
+        };
+        mapped_index.push(index);
+    }
     let by_index: HashMap<usize, &dataset::ImageRecord> =
         dataset.images.iter().map(|r| (r.index, r)).collect();
 
@@ -97,9 +132,9 @@ pub fn load(
         let Some(label) = record.label.as_deref() else {
             continue;
         };
-        let class = dataset.class_index(label).ok_or_else(|| {
+        let class = mapped_index[dataset.class_index(label).ok_or_else(|| {
             TrainError::Invalid(format!("label {label} missing from the class order"))
-        })?;
+        })?];
         if features.pooled(row).iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { image_index });
         }
@@ -125,7 +160,7 @@ pub fn load(
         if set != &label_sets[0] {
             let show = |s: &BTreeSet<usize>| {
                 s.iter()
-                    .map(|&c| dataset.info.class_order[c].as_str())
+                    .map(|&c| class_names[c].as_str())
                     .collect::<Vec<_>>()
                     .join(",")
             };
@@ -139,9 +174,10 @@ pub fn load(
     let (mean, std) = standardisation(&features, &splits[0].rows);
     let [train, val, test] = splits;
     Ok(TrainData {
+        dataset_name: dataset_name.to_string(),
         features,
         fingerprint,
-        class_names: dataset.info.class_order.clone(),
+        class_names,
         train,
         val,
         test,

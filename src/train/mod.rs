@@ -1,13 +1,20 @@
 //! Head-only training on cached features (issue 7).
 //!
-//! `data` validates and gathers memory-mapped rows, `schedule` gives the
-//! learning rate per step, `run` trains a head and writes the run folder,
-//! `metrics` scores predictions.
+//! `config` says what a run is, `data` validates and gathers memory-mapped
+//! rows, `head` is the model, `trainer` holds one head's optimisation state,
+//! `run` drives one or many heads over shared batches and writes run folders,
+//! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
+//! step, `metrics` scores predictions.
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod head;
 pub mod metrics;
 pub mod run;
 pub mod schedule;
+pub mod sweep;
+pub mod trainer;
 
 use crate::dataset::DatasetError;
 use crate::features::FeatureError;
@@ -26,6 +33,8 @@ pub enum TrainError {
     LabelMismatch(String),
     #[error("feature row for image {image_index} holds NaN or inf")]
     NonFinite { image_index: usize },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     #[error(transparent)]
     Features(#[from] FeatureError),
     #[error(transparent)]

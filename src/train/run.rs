@@ -1,463 +1,520 @@
-//! One training run: a linear or MLP head on standardised features, seeded
-//! initialisation and shuffling, micro-batches with gradient accumulation,
-//! AdamW or SGD with momentum, clipping, label smoothing and early stopping.
+//! Training runs: one head (`lazarus train`) or many at once (`lazarus sweep`)
+//! over the same memory-mapped features.
+//!
+//! Heads that share a data stream (same seed, batch size and sampler, at the
+//! same epoch) train in one pass: each batch is gathered from the mapped f16
+//! rows and standardised once, then fed to every head of the group. Data
+//! order and dropout come from per-epoch RNG streams of the run's seed, and
+//! initialisation from stream 0, so a head trained inside a sweep gets the
+//! same batches, and the same metrics, as the same config trained alone.
+//!
+//! # Crash behaviour
+//!
+//! Every `checkpoint_every` epochs each head publishes a checkpoint
+//! (`checkpoint.rs`). A run killed at any point resumes from its newest
+//! complete checkpoint at an epoch boundary and ends with the same metrics
+//! as an uninterrupted run: the state at an epoch boundary is the weights,
+//! the optimiser moments, the loss scale, the plateau and early-stopping
+//! counters and the best head, all saved; the RNG streams are derived from
+//! (seed, epoch). Final files (`head.safetensors`, `metrics.json`) are
+//! written atomically at the end.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use super::checkpoint;
+use super::config::{Sampler, TrainConfig};
 use super::data::{SplitRows, TrainData};
-use super::metrics::{Predictions, split_metrics};
-use super::schedule::Schedule;
-use crate::layout::Layout;
+use super::metrics::{Predictions, confusion_matrix, split_metrics};
+use super::trainer::{BatchPlan, HeadTrainer, TrainerState, plan_batches};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub enum Activation {
-    Relu,
-    Gelu,
+/// Rows gathered per evaluation forward pass.
+const EVAL_ROWS: usize = 1024;
+/// The process itself before any data: binary, candle, allocator (measured
+/// at about 30 MiB resident on Linux x86-64; rounded up).
+const PROCESS_BASE_BYTES: u64 = 48 << 20;
+/// Per feature row: the manifest record while loading, row index, split lists.
+const BYTES_PER_ROW: u64 = 320;
+
+/// One head to train into its own run folder.
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub config: TrainConfig,
+    /// Continue from the newest checkpoint in `run_dir`, if any.
+    pub resume: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub enum HeadConfig {
-    Linear,
-    Mlp {
-        hidden: Vec<usize>,
-        dropout: f64,
-        activation: Activation,
-    },
+/// Where and how the heads train.
+pub struct FitOptions {
+    pub device: Device,
+    /// A progress bar per epoch (only drawn on a terminal).
+    pub progress: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub enum Optimizer {
-    AdamW,
-    /// SGD with this momentum.
-    Sgd {
-        momentum: f64,
-    },
+/// Called as runs progress: per-epoch metrics (for the experiments database).
+pub trait RunObserver {
+    fn epoch(&mut self, run: usize, epoch: usize, metrics: &BTreeMap<String, f64>);
 }
 
-/// Early stopping on a validation metric where higher is better (loss is negated).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EarlyStopping {
-    pub metric: String,
-    pub patience: usize,
-}
+/// An observer that records nothing.
+pub struct NoObserver;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TrainConfig {
-    pub head: HeadConfig,
-    pub epochs: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    pub optimizer: Optimizer,
-    #[serde(skip)]
-    pub schedule: Schedule,
-    pub batch_size: usize,
-    pub memory_budget_bytes: u64,
-    pub gradient_clip: Option<f64>,
-    pub label_smoothing: f64,
-    pub early_stopping: Option<EarlyStopping>,
-    pub seed: u64,
-}
-
-/// Micro-batch size and accumulation steps that fit the memory budget.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct BatchPlan {
-    pub micro_batch: usize,
-    pub accumulation_steps: usize,
-}
-
-/// Plans micro-batches: parameters cost weights, gradients, accumulated
-/// gradients and two optimiser moments (5 f32 copies); each example costs its
-/// gathered f32 row plus activations and their gradients (x3).
-pub fn plan_batches(
-    batch_size: usize,
-    feature_dim: usize,
-    layer_sizes: &[usize],
-    budget_bytes: u64,
-) -> Result<BatchPlan, TrainError> {
-    let mut parameters = 0u64;
-    let mut previous = feature_dim as u64;
-    for &size in layer_sizes {
-        parameters += previous * size as u64 + size as u64;
-        previous = size as u64;
-    }
-    let fixed = parameters * 4 * 5;
-    let activations: u64 = layer_sizes.iter().map(|&s| s as u64).sum();
-    let per_example = 4 * (feature_dim as u64 + 3 * activations);
-    let fits = budget_bytes.saturating_sub(fixed) / per_example.max(1);
-    if fixed >= budget_bytes || fits == 0 {
-        return Err(TrainError::Invalid(format!(
-            "memory budget of {budget_bytes} bytes cannot hold the head ({parameters} parameters, \
-             {fixed} bytes with gradients and optimiser state) plus one example ({per_example} bytes)"
-        )));
-    }
-    let micro_batch = batch_size.min(fits as usize).max(1);
-    Ok(BatchPlan {
-        micro_batch,
-        accumulation_steps: batch_size.div_ceil(micro_batch),
-    })
-}
-
-struct Head {
-    /// Weight [out, in] and bias [out] per layer.
-    layers: Vec<(Var, Var)>,
-    config: HeadConfig,
-}
-
-impl Head {
-    fn new(config: &HeadConfig, sizes: &[usize], rng: &mut ChaCha8Rng) -> Result<Self, TrainError> {
-        let mut layers = Vec::new();
-        for pair in sizes.windows(2) {
-            let (inputs, outputs) = (pair[0], pair[1]);
-            // PyTorch's nn.Linear default range, drawn from the seeded RNG.
-            let bound = 1.0 / (inputs as f32).sqrt();
-            let weight: Vec<f32> = (0..inputs * outputs)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
-            let bias: Vec<f32> = (0..outputs)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
-            layers.push((
-                Var::from_tensor(&Tensor::from_vec(weight, (outputs, inputs), &Device::Cpu)?)?,
-                Var::from_tensor(&Tensor::from_vec(bias, outputs, &Device::Cpu)?)?,
-            ));
-        }
-        Ok(Head {
-            layers,
-            config: config.clone(),
-        })
-    }
-
-    fn parameters(&self) -> Vec<&Var> {
-        self.layers.iter().flat_map(|(w, b)| [w, b]).collect()
-    }
-
-    /// Logits; `dropout_rng` is `Some` in training mode.
-    fn forward(
-        &self,
-        x: &Tensor,
-        mut dropout_rng: Option<&mut ChaCha8Rng>,
-    ) -> Result<Tensor, TrainError> {
-        let mut h = x.clone();
-        let last = self.layers.len() - 1;
-        for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?;
-            if i == last {
-                break;
-            }
-            if let HeadConfig::Mlp {
-                dropout,
-                activation,
-                ..
-            } = &self.config
-            {
-                h = match activation {
-                    Activation::Relu => h.relu()?,
-                    Activation::Gelu => h.gelu_erf()?,
-                };
-                if let Some(rng) = dropout_rng.as_deref_mut()
-                    && *dropout > 0.0
-                {
-                    // Seeded mask instead of candle's device RNG, for reproducible runs.
-                    let keep = 1.0 - *dropout;
-                    let mask: Vec<f32> = (0..h.elem_count())
-                        .map(|_| {
-                            if rng.random::<f64>() < keep {
-                                (1.0 / keep) as f32
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?;
-                    h = (h * mask)?;
-                }
-            }
-        }
-        Ok(h)
-    }
-}
-
-/// Cross-entropy against smoothed one-hot targets, averaged over the rows.
-fn smoothed_cross_entropy(
-    logits: &Tensor,
-    labels: &[usize],
-    classes: usize,
-    smoothing: f64,
-) -> Result<Tensor, TrainError> {
-    let off = smoothing / classes as f64;
-    let mut targets = vec![off as f32; labels.len() * classes];
-    for (i, &label) in labels.iter().enumerate() {
-        targets[i * classes + label] += (1.0 - smoothing) as f32;
-    }
-    let targets = Tensor::from_vec(targets, (labels.len(), classes), &Device::Cpu)?;
-    let log_probabilities = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    Ok((log_probabilities * targets)?
-        .sum_all()?
-        .neg()?
-        .affine(1.0 / labels.len() as f64, 0.0)?)
-}
-
-struct OptimizerState {
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
-    step: i32,
+impl RunObserver for NoObserver {
+    fn epoch(&mut self, _run: usize, _epoch: usize, _metrics: &BTreeMap<String, f64>) {}
 }
 
 /// What a finished run reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub run_id: String,
     pub run_dir: PathBuf,
+    pub config_hash: String,
     pub plan: BatchPlan,
     pub epochs_run: usize,
     pub best_epoch: usize,
+    /// The epoch a resumed run started from (0 for a fresh run).
+    pub resumed_from_epoch: usize,
+    pub stopped_early: bool,
+    /// f16 steps skipped for inf or NaN gradients.
+    pub skipped_steps: usize,
     /// Per epoch: `train/*` and `val/*` metrics.
     pub epochs: Vec<BTreeMap<String, f64>>,
     /// Final `test/*` metrics of the kept (best) head.
     pub test: BTreeMap<String, f64>,
     pub test_confusion_matrix: Vec<Vec<u64>>,
+    /// Peak resident memory of the process when the run ended (Linux).
+    pub peak_rss_bytes: Option<u64>,
 }
 
-/// Trains a head, evaluates it, and writes `experiments/runs/<run-id>/`.
-pub fn train(
-    layout: &Layout,
-    data: &TrainData,
-    config: &TrainConfig,
-) -> Result<RunReport, TrainError> {
-    if config.epochs == 0 || config.batch_size == 0 {
-        return Err(TrainError::Invalid(
-            "epochs and batch size must be at least 1".into(),
-        ));
+/// Mapped feature pages a run keeps resident before releasing them: large
+/// enough that releases are rare (one per ~5,000 rows of 1,280 f16), small
+/// enough for any budget that can hold the runtime at all.
+pub const RESIDENT_FEATURE_BYTES: u64 = 32 << 20;
+
+/// How to read the data a run trains on.
+pub fn load_config(config: &TrainConfig) -> super::data::LoadConfig {
+    super::data::LoadConfig {
+        resident_limit_bytes: RESIDENT_FEATURE_BYTES,
+        label_map: config.label_map.clone(),
     }
+}
+
+/// Fixed memory the runtime needs besides heads and batches.
+fn runtime_bytes(data: &TrainData) -> u64 {
+    let dim = data.features.feature_dim() as u64;
+    let classes = data.class_names.len() as u64;
+    PROCESS_BASE_BYTES
+        + data.features.len() as u64 * BYTES_PER_ROW
+        + RESIDENT_FEATURE_BYTES
+        + EVAL_ROWS as u64 * (dim * 4 + classes * 4 * 3)
+}
+
+/// Trains every planned run; returns their reports in the same order.
+pub fn fit(
+    data: &TrainData,
+    runs: &[PlannedRun],
+    options: &FitOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<Vec<RunReport>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
-    let mut sizes = vec![dim];
-    if let HeadConfig::Mlp { hidden, .. } = &config.head {
-        sizes.extend(hidden);
+    let mut counts = vec![0usize; classes];
+    for &label in &data.train.labels {
+        counts[label] += 1;
     }
-    sizes.push(classes);
-    let plan = plan_batches(
-        config.batch_size,
-        dim,
-        &sizes[1..],
-        config.memory_budget_bytes,
-    )?;
-
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let head = Head::new(&config.head, &sizes, &mut rng)?;
-    let parameters: Vec<Var> = head.parameters().into_iter().cloned().collect();
-    let mut state = OptimizerState {
-        first: parameters
-            .iter()
-            .map(|p| p.zeros_like())
-            .collect::<Result<_, _>>()?,
-        second: parameters
-            .iter()
-            .map(|p| p.zeros_like())
-            .collect::<Result<_, _>>()?,
-        step: 0,
-    };
-    let steps_per_epoch = data.train.rows.len().div_ceil(config.batch_size);
-    let total_steps = steps_per_epoch * config.epochs;
-    let mut order = data
-        .train
-        .rows
+    let budget = runs
         .iter()
-        .copied()
-        .zip(data.train.labels.iter().copied())
-        .collect::<Vec<_>>();
+        .map(|r| r.config.memory_budget_bytes)
+        .min()
+        .unwrap_or(0);
+    let runtime = runtime_bytes(data);
 
-    let mut epochs = Vec::new();
-    let mut best: Option<(f64, usize, Vec<Tensor>)> = None;
-    let mut since_best = 0;
-    let mut global_step = 0;
-    for epoch in 0..config.epochs {
-        order.shuffle(&mut rng);
-        for batch in order.chunks(config.batch_size) {
-            let mut accumulated: Option<Vec<Tensor>> = None;
-            for micro in batch.chunks(plan.micro_batch) {
-                let rows: Vec<usize> = micro.iter().map(|&(r, _)| r).collect();
-                let labels: Vec<usize> = micro.iter().map(|&(_, l)| l).collect();
-                let x = Tensor::from_vec(data.gather(&rows), (rows.len(), dim), &Device::Cpu)?;
-                let logits = head.forward(&x, Some(&mut rng))?;
-                // Weight by share of the batch so accumulated gradients equal the batch mean.
-                let loss =
-                    smoothed_cross_entropy(&logits, &labels, classes, config.label_smoothing)?
-                        .affine(micro.len() as f64 / batch.len() as f64, 0.0)?;
-                let grads = loss.backward()?;
-                let these = parameters
-                    .iter()
-                    .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
-                    .collect::<Result<Vec<_>, _>>()?;
-                accumulated = Some(match accumulated {
-                    None => these,
-                    Some(sum) => sum
-                        .iter()
-                        .zip(&these)
-                        .map(|(a, b)| a + b)
-                        .collect::<Result<_, _>>()?,
-                });
+    let mut trainers = Vec::with_capacity(runs.len());
+    let mut resumed_from = Vec::with_capacity(runs.len());
+    for run in runs {
+        run.config.validate()?;
+        let layer_sizes = run.config.head.layer_sizes(classes);
+        let plan = plan_batches(
+            run.config.batch_size,
+            dim,
+            &layer_sizes,
+            run.config.memory_budget_bytes,
+            runtime,
+        )?;
+        let mut trainer = HeadTrainer::new(
+            run.config.clone(),
+            dim,
+            classes,
+            &counts,
+            plan,
+            &options.device,
+        )?;
+        if run.resume
+            && let Some((weights, json)) = checkpoint::latest(&run.run_dir)?
+        {
+            let saved: CheckpointState = serde_json::from_slice(&json).map_err(|e| {
+                TrainError::Checkpoint(format!(
+                    "checkpoint state in {} is not readable: {e}",
+                    run.run_dir.display()
+                ))
+            })?;
+            if saved.config != run.config {
+                return Err(TrainError::Checkpoint(format!(
+                    "checkpoint in {} was made with a different configuration",
+                    run.run_dir.display()
+                )));
             }
-            let mut grads = accumulated.expect("a batch holds at least one example");
-            if let Some(max_norm) = config.gradient_clip {
-                let mut norm_sq = 0f64;
-                for g in &grads {
-                    norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-                }
-                let norm = norm_sq.sqrt();
-                if norm > max_norm {
-                    grads = grads
-                        .iter()
-                        .map(|g| g.affine(max_norm / norm, 0.0))
-                        .collect::<Result<_, _>>()?;
-                }
+            let tensors = checkpoint::load_tensors(&weights, &options.device)?;
+            trainer.restore_checkpoint(saved.state, &tensors)?;
+        }
+        resumed_from.push(trainer.state.epochs_done);
+        trainers.push(trainer);
+    }
+    // The heads share one process: together they must fit the budget too.
+    let fixed_per_head: u64 = trainers
+        .iter()
+        .map(|t| {
+            let params: usize = t.head.parameters().iter().map(|p| p.elem_count()).sum();
+            params as u64 * 4 * 9
+        })
+        .sum();
+    if runtime + fixed_per_head > budget {
+        return Err(TrainError::Invalid(format!(
+            "memory budget of {budget} bytes cannot hold {} heads at once \
+             ({fixed_per_head} bytes of weights and optimiser state plus {runtime} bytes of runtime)",
+            trainers.len()
+        )));
+    }
+
+    loop {
+        let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();
+        for (i, t) in trainers.iter().enumerate() {
+            if t.is_active() {
+                groups
+                    .entry((
+                        t.config.seed,
+                        t.config.batch_size,
+                        t.config.sampler,
+                        t.state.epochs_done,
+                    ))
+                    .or_default()
+                    .push(i);
             }
-            let lr = config.schedule.learning_rate(
-                config.learning_rate,
-                global_step,
-                total_steps,
+        }
+        if groups.is_empty() {
+            break;
+        }
+        for ((seed, batch_size, sampler, epoch), members) in groups {
+            let stream = EpochStream {
+                seed,
+                batch_size,
+                sampler,
                 epoch,
-            );
-            step(&parameters, &grads, &mut state, config, lr)?;
-            global_step += 1;
-        }
-
-        let mut metrics = evaluate(&head, data, &data.train, "train")?.0;
-        metrics.extend(evaluate(&head, data, &data.val, "val")?.0);
-        epochs.push(metrics);
-        let score = monitored(config, epochs.last().expect("just pushed"))?;
-        if best.as_ref().is_none_or(|(b, _, _)| score > *b) {
-            let snapshot = parameters
-                .iter()
-                .map(|p| p.as_tensor().copy())
-                .collect::<Result<_, _>>()?;
-            best = Some((score, epoch, snapshot));
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if let Some(stop) = &config.early_stopping
-                && since_best >= stop.patience
-            {
-                break;
+            };
+            run_epoch(data, &stream, &mut trainers, &members, options)?;
+            let names = ["train", "val"];
+            let splits = [&data.train, &data.val];
+            let mut metrics: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); members.len()];
+            for (split, name) in splits.into_iter().zip(names) {
+                let evaluations =
+                    evaluate(data, split, name, &trainers, &members, &options.device)?;
+                for (m, (values, _)) in metrics.iter_mut().zip(evaluations) {
+                    m.extend(values);
+                }
+            }
+            for (&i, values) in members.iter().zip(metrics) {
+                let improved = trainers[i].end_epoch(values)?;
+                let trainer = &trainers[i];
+                let epochs_done = trainer.state.epochs_done;
+                observer.epoch(i, epochs_done - 1, &trainer.state.history[epochs_done - 1]);
+                if improved {
+                    let best = head_file_bytes(data, trainer, true)?;
+                    let dir = runs[i].run_dir.join(checkpoint::CHECKPOINT_DIR);
+                    std::fs::create_dir_all(&dir)?;
+                    crate::atomic::write_file(&dir.join("best.safetensors"), &best)?;
+                }
+                let every = trainer.config.checkpoint_every;
+                if every > 0 && (epochs_done % every == 0 || !trainer.is_active()) {
+                    let state = CheckpointState {
+                        config: trainer.config.clone(),
+                        state: trainer.state.clone(),
+                        rng: RngDescription::for_epoch(trainer.config.seed, epochs_done),
+                    };
+                    let json = serde_json::to_vec_pretty(&state)
+                        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+                    checkpoint::publish(
+                        &runs[i].run_dir,
+                        epochs_done,
+                        &trainer.checkpoint_tensors(),
+                        &json,
+                    )?;
+                }
             }
         }
     }
-    let (_, best_epoch, snapshot) = best.expect("at least one epoch ran");
-    for (p, t) in parameters.iter().zip(&snapshot) {
-        p.set(t)?;
+
+    for trainer in &mut trainers {
+        trainer.restore_best()?;
     }
-    let (test, test_confusion_matrix) = evaluate(&head, data, &data.test, "test")?;
-
-    let (run_id, run_dir) = new_run_dir(layout)?;
-    let report = RunReport {
-        run_id,
-        run_dir: run_dir.clone(),
-        plan,
-        epochs_run: epochs.len(),
-        best_epoch,
-        epochs,
-        test,
-        test_confusion_matrix,
-    };
-    write_run(&run_dir, &report, config, data, &head)?;
-    Ok(report)
-}
-
-/// The early-stopping score, higher is better; without early stopping, `val/accuracy`.
-fn monitored(config: &TrainConfig, metrics: &BTreeMap<String, f64>) -> Result<f64, TrainError> {
-    let name = config
-        .early_stopping
-        .as_ref()
-        .map_or("val/accuracy", |e| e.metric.as_str());
-    let value = *metrics.get(name).ok_or_else(|| {
-        TrainError::Invalid(format!("early-stopping metric {name} is not computed"))
-    })?;
-    Ok(if name.ends_with("/loss") {
-        -value
-    } else {
-        value
-    })
-}
-
-fn step(
-    parameters: &[Var],
-    grads: &[Tensor],
-    state: &mut OptimizerState,
-    config: &TrainConfig,
-    lr: f64,
-) -> Result<(), TrainError> {
-    state.step += 1;
-    for (i, (p, g)) in parameters.iter().zip(grads).enumerate() {
-        let w = p.as_tensor();
-        let updated = match config.optimizer {
-            Optimizer::AdamW => {
-                let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
-                state.first[i] = ((&state.first[i] * beta1)? + (g * (1.0 - beta1))?)?;
-                state.second[i] = ((&state.second[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-                let m_hat = (&state.first[i] / (1.0 - beta1.powi(state.step)))?;
-                let v_hat = (&state.second[i] / (1.0 - beta2.powi(state.step)))?;
-                let decayed = (w * (1.0 - lr * config.weight_decay))?;
-                (decayed - (m_hat / (v_hat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?
-            }
-            Optimizer::Sgd { momentum } => {
-                // Coupled L2 decay, as in torch.optim.SGD.
-                let g = (g + (w * config.weight_decay)?)?;
-                state.first[i] = ((&state.first[i] * momentum)? + g)?;
-                (w - (&state.first[i] * lr)?)?
-            }
+    let everyone: Vec<usize> = (0..trainers.len()).collect();
+    let tests = evaluate(
+        data,
+        &data.test,
+        "test",
+        &trainers,
+        &everyone,
+        &options.device,
+    )?;
+    let peak_rss_bytes = peak_rss_bytes();
+    let mut reports = Vec::with_capacity(runs.len());
+    for (((run, trainer), (test, matrix)), resumed) in
+        runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
+    {
+        let report = RunReport {
+            run_id: run.run_id.clone(),
+            run_dir: run.run_dir.clone(),
+            config_hash: run
+                .config
+                .config_hash(&data.dataset_name, &data.fingerprint),
+            plan: trainer.plan,
+            epochs_run: trainer.state.epochs_done,
+            best_epoch: trainer.state.best_epoch,
+            resumed_from_epoch: resumed,
+            stopped_early: trainer.state.stopped_early,
+            skipped_steps: trainer.state.skipped_steps,
+            epochs: trainer.state.history.clone(),
+            test,
+            test_confusion_matrix: matrix,
+            peak_rss_bytes,
         };
-        p.set(&updated)?;
+        write_run(&run.run_dir, &report, &run.config, data, trainer)?;
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// The checkpoint JSON: trainer state plus what checks a resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    config: TrainConfig,
+    state: TrainerState,
+    rng: RngDescription,
+}
+
+/// The RNG streams the next epoch uses (ChaCha8 seeded with `seed`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RngDescription {
+    algorithm: String,
+    seed: u64,
+    data_order_stream: u64,
+    dropout_stream: u64,
+}
+
+impl RngDescription {
+    fn for_epoch(seed: u64, epoch: usize) -> Self {
+        RngDescription {
+            algorithm: "ChaCha8".into(),
+            seed,
+            data_order_stream: data_order_stream(epoch),
+            dropout_stream: dropout_stream(epoch),
+        }
+    }
+}
+
+fn data_order_stream(epoch: usize) -> u64 {
+    2 * epoch as u64 + 1
+}
+
+fn dropout_stream(epoch: usize) -> u64 {
+    2 * epoch as u64 + 2
+}
+
+fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// What determines the batches of one epoch.
+struct EpochStream {
+    seed: u64,
+    batch_size: usize,
+    sampler: Sampler,
+    epoch: usize,
+}
+
+impl EpochStream {
+    /// The (row, label) draws of this epoch in order.
+    fn order(&self, train: &SplitRows, classes: usize) -> Vec<(usize, usize)> {
+        let mut rng = seeded(self.seed, data_order_stream(self.epoch));
+        let pairs: Vec<(usize, usize)> = train
+            .rows
+            .iter()
+            .copied()
+            .zip(train.labels.iter().copied())
+            .collect();
+        match self.sampler {
+            Sampler::Uniform => {
+                let mut order = pairs;
+                order.shuffle(&mut rng);
+                order
+            }
+            Sampler::Balanced => {
+                let mut by_class: Vec<Vec<(usize, usize)>> = vec![Vec::new(); classes];
+                for pair in &pairs {
+                    by_class[pair.1].push(*pair);
+                }
+                let present: Vec<&Vec<(usize, usize)>> =
+                    by_class.iter().filter(|c| !c.is_empty()).collect();
+                (0..pairs.len())
+                    .map(|_| {
+                        let class = present[rng.random_range(0..present.len())];
+                        class[rng.random_range(0..class.len())]
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn run_epoch(
+    data: &TrainData,
+    stream: &EpochStream,
+    trainers: &mut [HeadTrainer],
+    members: &[usize],
+    options: &FitOptions,
+) -> Result<(), TrainError> {
+    let dim = data.features.feature_dim();
+    let order = stream.order(&data.train, data.class_names.len());
+    let steps_per_epoch = order.len().div_ceil(stream.batch_size);
+    let mut dropout: Vec<ChaCha8Rng> = members
+        .iter()
+        .map(|&i| seeded(trainers[i].config.seed, dropout_stream(stream.epoch)))
+        .collect();
+    let bar = progress_bar(options.progress, steps_per_epoch, stream, trainers, members);
+    for batch in order.chunks(stream.batch_size) {
+        let rows: Vec<usize> = batch.iter().map(|&(r, _)| r).collect();
+        let labels: Vec<usize> = batch.iter().map(|&(_, l)| l).collect();
+        let x = Tensor::from_vec(data.gather(&rows), (rows.len(), dim), &options.device)?;
+        for (&i, rng) in members.iter().zip(&mut dropout) {
+            let total_steps = steps_per_epoch * trainers[i].config.epochs;
+            trainers[i].train_batch(&x, &labels, total_steps, rng)?;
+        }
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     Ok(())
+}
+
+fn progress_bar(
+    wanted: bool,
+    steps: usize,
+    stream: &EpochStream,
+    trainers: &[HeadTrainer],
+    members: &[usize],
+) -> Option<indicatif::ProgressBar> {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let epochs = members
+        .iter()
+        .map(|&i| trainers[i].config.epochs)
+        .max()
+        .unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} batches {per_sec} ETA {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    let heads = if members.len() == 1 {
+        String::new()
+    } else {
+        format!(", {} heads", members.len())
+    };
+    bar.set_prefix(format!(
+        "epoch {}/{epochs} (seed {}{heads})",
+        stream.epoch + 1,
+        stream.seed
+    ));
+    Some(bar)
 }
 
 /// Named metrics of one split and its confusion matrix.
 type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u64>>);
 
+/// Scores the given heads on one split; each chunk of rows is gathered once
+/// for all of them. Evaluation runs in f32 on the master weights.
 fn evaluate(
-    head: &Head,
     data: &TrainData,
     split: &SplitRows,
     name: &str,
-) -> Result<Evaluation, TrainError> {
+    trainers: &[HeadTrainer],
+    members: &[usize],
+    device: &Device,
+) -> Result<Vec<Evaluation>, TrainError> {
     let dim = data.features.feature_dim();
-    let mut probabilities = Vec::with_capacity(split.rows.len() * data.class_names.len());
-    for rows in split.rows.chunks(1024) {
-        let x = Tensor::from_vec(data.gather(rows), (rows.len(), dim), &Device::Cpu)?;
-        let p = candle_nn::ops::softmax(&head.forward(&x, None)?, D::Minus1)?;
-        probabilities.extend(p.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    let classes = data.class_names.len();
+    let mut probabilities: Vec<Vec<f32>> =
+        vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
+    for rows in split.rows.chunks(EVAL_ROWS) {
+        let x = Tensor::from_vec(data.gather(rows), (rows.len(), dim), device)?;
+        for (&i, out) in members.iter().zip(&mut probabilities) {
+            let logits = trainers[i].head.forward(&x, DType::F32, None)?;
+            let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+            out.extend(p.flatten_all()?.to_vec1::<f32>()?);
+        }
     }
-    let predictions = Predictions {
-        probabilities: &probabilities,
-        labels: &split.labels,
-        class_count: data.class_names.len(),
-    };
-    Ok((
-        split_metrics(name, &predictions, &data.class_names)?,
-        super::metrics::confusion_matrix(&predictions)?,
-    ))
+    probabilities
+        .iter()
+        .map(|p| {
+            let predictions = Predictions {
+                probabilities: p,
+                labels: &split.labels,
+                class_count: classes,
+            };
+            Ok((
+                split_metrics(name, &predictions, &data.class_names)?,
+                confusion_matrix(&predictions)?,
+            ))
+        })
+        .collect()
 }
 
-fn new_run_dir(layout: &Layout) -> Result<(String, PathBuf), TrainError> {
-    let runs = layout.root().join("experiments").join("runs");
-    std::fs::create_dir_all(&runs)?;
+/// Peak resident set size of this process (VmHWM), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A fresh run folder under experiments/runs/ with a unique id.
+pub fn new_run_dir(runs_dir: &Path) -> Result<(String, PathBuf), TrainError> {
+    std::fs::create_dir_all(runs_dir)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     // create_dir fails on an existing folder, so two runs in one second get distinct ids.
     for n in 0.. {
         let id = format!("{stamp}-{n}");
-        let dir = runs.join(&id);
+        let dir = runs_dir.join(&id);
         match std::fs::create_dir(&dir) {
             Ok(()) => return Ok((id, dir)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -467,89 +524,153 @@ fn new_run_dir(layout: &Layout) -> Result<(String, PathBuf), TrainError> {
     unreachable!("the loop returns")
 }
 
-fn write_run(
-    dir: &std::path::Path,
-    report: &RunReport,
-    config: &TrainConfig,
-    data: &TrainData,
-    head: &Head,
-) -> Result<(), TrainError> {
-    let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).expect("JSON values serialise");
-    crate::atomic::write_file(
-        &dir.join("metrics.json"),
-        &json(serde_json::to_value(report).map_err(|e| TrainError::Invalid(e.to_string()))?),
-    )?;
-    crate::atomic::write_file(
-        &dir.join("config.json"),
-        &json(serde_json::json!({
-            "config": config,
-            "schedule": format!("{:?}", config.schedule),
-            "fingerprint": data.fingerprint,
-            "class_names": data.class_names,
-        })),
-    )?;
-    // Head weights plus the standardisation it was trained with.
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
-        (
-            "input_mean".into(),
-            vec![data.mean.len()],
-            bytemuck::cast_slice(&data.mean).to_vec(),
-        ),
-        (
-            "input_std".into(),
-            vec![data.std.len()],
-            bytemuck::cast_slice(&data.std).to_vec(),
-        ),
-    ];
-    for (i, (w, b)) in head.layers.iter().enumerate() {
-        for (kind, t) in [("weight", w), ("bias", b)] {
-            let values = t.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            tensors.push((
-                format!("layers.{i}.{kind}"),
-                t.dims().to_vec(),
-                bytemuck::cast_slice(&values).to_vec(),
-            ));
-        }
-    }
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let bytes = safetensors::tensor::serialize(views, None)
-        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    crate::atomic::write_file(&dir.join("head.safetensors"), &bytes)?;
+/// What a run folder records about its inputs (`config.json`): enough to
+/// resume it or to use its head on new features.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInputs {
+    pub dataset: String,
+    pub fingerprint: String,
+    pub encoder: Option<String>,
+    pub class_names: Vec<String>,
+    pub config_hash: String,
+    pub config: TrainConfig,
+}
+
+pub const RUN_INPUTS_FILE: &str = "config.json";
+
+/// Writes `config.json` at the start of a run, so a killed run can be resumed.
+pub fn write_run_inputs(run_dir: &Path, inputs: &RunInputs) -> Result<(), TrainError> {
+    let json = serde_json::to_vec_pretty(inputs).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    crate::atomic::write_file(&run_dir.join(RUN_INPUTS_FILE), &json)?;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub fn read_run_inputs(run_dir: &Path) -> Result<RunInputs, TrainError> {
+    let path = run_dir.join(RUN_INPUTS_FILE);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| TrainError::Checkpoint(format!("{} is not a run config: {e}", path.display())))
+}
 
-    #[test]
-    fn batch_plan_accumulates_when_budget_is_tight_and_refuses_when_it_cannot_fit() {
-        // Hand-computed for dim 8, 3 classes: parameters 8*3+3 = 27 -> 27*4*5 = 540
-        // fixed bytes; one example 4 * (8 + 3*3) = 68 bytes.
-        let roomy = plan_batches(16, 8, &[3], 1 << 20).unwrap();
-        assert_eq!(
-            roomy,
-            BatchPlan {
-                micro_batch: 16,
-                accumulation_steps: 1
-            }
-        );
-        let tight = plan_batches(16, 8, &[3], 540 + 68 * 5).unwrap();
-        assert_eq!(
-            tight,
-            BatchPlan {
-                micro_batch: 5,
-                accumulation_steps: 4
-            }
-        );
-        let error = plan_batches(16, 8, &[3], 540 + 67).unwrap_err().to_string();
-        assert!(error.contains("memory budget of 607 bytes"), "{error}");
+/// The head file: layers, the standardisation it was trained with, and the
+/// class names and feature fingerprint as metadata.
+fn head_file_bytes(
+    data: &TrainData,
+    trainer: &HeadTrainer,
+    best: bool,
+) -> Result<Vec<u8>, TrainError> {
+    let device = Device::Cpu;
+    let mut tensors = vec![
+        (
+            "input_mean".to_string(),
+            Tensor::from_slice(&data.mean, data.mean.len(), &device)?,
+        ),
+        (
+            "input_std".to_string(),
+            Tensor::from_slice(&data.std, data.std.len(), &device)?,
+        ),
+    ];
+    tensors.extend(trainer.head_tensors(best));
+    let metadata = HashMap::from([
+        (
+            "class_names".to_string(),
+            serde_json::to_string(&data.class_names).expect("strings serialise"),
+        ),
+        ("fingerprint".to_string(), data.fingerprint.clone()),
+        ("head".to_string(), trainer.config.head.name().to_string()),
+    ]);
+    checkpoint::safetensors_bytes(&tensors, Some(metadata))
+}
+
+fn write_run(
+    dir: &Path,
+    report: &RunReport,
+    config: &TrainConfig,
+    data: &TrainData,
+    trainer: &HeadTrainer,
+) -> Result<(), TrainError> {
+    let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    crate::atomic::write_file(&dir.join("metrics.json"), &json)?;
+    debug_assert_eq!(&trainer.config, config);
+    // restore_best already put the kept head in place.
+    crate::atomic::write_file(
+        &dir.join("head.safetensors"),
+        &head_file_bytes(data, trainer, false)?,
+    )?;
+    Ok(())
+}
+
+/// experiments/runs/: one folder per run.
+pub fn runs_dir(layout: &crate::layout::Layout) -> PathBuf {
+    layout.experiments_dir().join("runs")
+}
+
+/// The inputs record of a run about to train `config` on `data`.
+pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
+    RunInputs {
+        dataset: data.dataset_name.clone(),
+        fingerprint: data.fingerprint.clone(),
+        encoder: data.features.metadata().get("encoder").cloned(),
+        class_names: data.class_names.clone(),
+        config_hash: config.config_hash(&data.dataset_name, &data.fingerprint),
+        config: config.clone(),
     }
+}
+
+/// Trains one head into a new run folder.
+pub fn train_new(
+    layout: &crate::layout::Layout,
+    data: &TrainData,
+    config: TrainConfig,
+    options: &FitOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<RunReport, TrainError> {
+    config.validate()?;
+    let (run_id, run_dir) = new_run_dir(&runs_dir(layout))?;
+    write_run_inputs(&run_dir, &run_inputs(data, &config))?;
+    let run = PlannedRun {
+        run_id,
+        run_dir,
+        config,
+        resume: false,
+    };
+    Ok(fit(data, &[run], options, observer)?.remove(0))
+}
+
+/// Continues a killed run from its newest checkpoint (or from the start
+/// when it died before its first one) with the configuration it was started with.
+pub fn resume(
+    layout: &crate::layout::Layout,
+    run_id: &str,
+    options: &FitOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<RunReport, TrainError> {
+    let run_dir = runs_dir(layout).join(run_id);
+    if !run_dir.is_dir() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} not found: no folder {}",
+            run_dir.display()
+        )));
+    }
+    if run_dir.join("metrics.json").is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} already finished ({} exists); nothing to resume",
+            run_dir.join("metrics.json").display()
+        )));
+    }
+    let inputs = read_run_inputs(&run_dir)?;
+    let data = super::data::load(
+        layout,
+        &inputs.dataset,
+        Some(&inputs.fingerprint),
+        &load_config(&inputs.config),
+    )?;
+    let run = PlannedRun {
+        run_id: run_id.to_string(),
+        run_dir,
+        config: inputs.config,
+        resume: true,
+    };
+    Ok(fit(&data, &[run], options, observer)?.remove(0))
 }

@@ -1,7 +1,10 @@
 //! Learning-rate schedules, evaluated per optimiser step.
 
+use serde::{Deserialize, Serialize};
+
 /// How the learning rate moves over a run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Schedule {
     Constant,
     /// Linear warmup over `warmup_steps`, then cosine decay to zero at the last step.
@@ -13,13 +16,20 @@ pub enum Schedule {
         every_epochs: usize,
         gamma: f64,
     },
+    /// Multiply by `factor` when the monitored validation metric has not
+    /// improved for `patience` epochs (the trainer keeps that state).
+    ReduceOnPlateau {
+        patience: usize,
+        factor: f64,
+    },
 }
 
 impl Schedule {
     /// Learning rate at `step` (0-based) of `total_steps`, in `epoch` (0-based).
+    /// Reduce-on-plateau returns `base`: the trainer applies its reductions.
     pub fn learning_rate(&self, base: f64, step: usize, total_steps: usize, epoch: usize) -> f64 {
         match *self {
-            Schedule::Constant => base,
+            Schedule::Constant | Schedule::ReduceOnPlateau { .. } => base,
             Schedule::Cosine { warmup_steps } => {
                 if step < warmup_steps {
                     return base * (step + 1) as f64 / warmup_steps as f64;

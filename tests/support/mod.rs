@@ -108,3 +108,79 @@ pub fn image_rows(root: &Path, name: &str) -> Vec<Vec<String>> {
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
+
+/// A deterministic uniform number in [0, 1) from a key (splitmix64).
+pub fn hash_unit(key: u64) -> f32 {
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// What `synthetic_features` generates.
+pub struct Synthetic<'a> {
+    pub name: &'a str,
+    /// Images per class (class folders class0, class1, ...).
+    pub counts: &'a [usize],
+    pub dim: usize,
+    /// Distance of each class mean from the origin, in noise standard deviations.
+    pub separation: f32,
+}
+
+/// Registers an ImageFolder dataset of tiny images and writes f16 features
+/// for it in shards of 64 rows (as workers would): class c is centred at
+/// `separation` in dimension c (mod dim) with unit, roughly Gaussian noise
+/// (sum of four uniforms, rescaled). Returns the number of feature rows.
+pub fn synthetic_features(root: &Path, spec: &Synthetic) -> usize {
+    use lazarus::features::{self, JobRef, ShardData};
+    let tree = image_folder(&root.join(spec.name), spec.counts);
+    ok(lazarus(
+        root,
+        &["dataset", "add", spec.name, tree.to_str().unwrap()],
+    ));
+    let layout = lazarus::layout::Layout::new(root);
+    let dataset = lazarus::dataset::load(&layout, spec.name).unwrap();
+    let dir = features::feature_dir(&layout, spec.name, "fp1");
+    let metadata =
+        std::collections::HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]);
+    for (shard, records) in dataset.images.chunks(64).enumerate() {
+        let mut image_index = Vec::new();
+        let mut pooled = Vec::new();
+        for record in records {
+            let class = dataset
+                .class_index(record.label.as_deref().unwrap())
+                .unwrap();
+            image_index.push(record.index as i64);
+            for d in 0..spec.dim {
+                let key = (record.index * 1_000 + d) as u64 * 4;
+                let noise: f32 = (0..4).map(|k| hash_unit(key + k)).sum::<f32>() - 2.0;
+                let centre = if d == class % spec.dim {
+                    spec.separation
+                } else {
+                    0.0
+                };
+                // The sum of 4 uniforms has std 1/sqrt(3).
+                pooled.push(half::f16::from_f32(centre + noise * 3f32.sqrt()));
+            }
+        }
+        let data = ShardData {
+            image_index: &image_index,
+            pooled: &pooled,
+            feature_dim: spec.dim,
+            spatial: None,
+        };
+        features::write_shard(
+            &dir,
+            shard as u64,
+            &data,
+            metadata.clone(),
+            JobRef {
+                job_id: shard as i64 + 1,
+                attempt: 1,
+            },
+        )
+        .unwrap();
+    }
+    dataset.images.len()
+}

@@ -1,0 +1,116 @@
+//! Run folder files: head weights and resumable checkpoints.
+//!
+//! A checkpoint is published like a feature shard: `epoch-NNNN.safetensors`
+//! (parameters, optimiser moments, the best head so far) first, then
+//! `epoch-NNNN.json` (the trainer state) as its marker, each written to a
+//! temp file, fsynced and renamed. A checkpoint without its JSON does not
+//! exist; `latest` picks the newest complete pair, so a kill at any point
+//! leaves the previous checkpoint usable. Older pairs are removed only after
+//! a newer pair is durable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::TrainError;
+
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// Serialises named tensors (converted to f32) with string metadata.
+pub fn safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, TrainError> {
+    let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let values = tensor
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        owned.push((name.clone(), tensor.dims().to_vec(), values));
+    }
+    let views = owned
+        .iter()
+        .map(|(name, shape, values)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(values),
+            )
+            .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrainError::Invalid(format!("serialising tensors: {e}")))?;
+    safetensors::tensor::serialize(views, metadata)
+        .map_err(|e| TrainError::Invalid(format!("serialising tensors: {e}")))
+}
+
+/// Reads every tensor of a safetensors file onto `device`.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, TrainError> {
+    candle_core::safetensors::load(path, device)
+        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))
+}
+
+fn pair_paths(dir: &Path, epoch: usize) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("epoch-{epoch:04}.safetensors")),
+        dir.join(format!("epoch-{epoch:04}.json")),
+    )
+}
+
+/// Publishes the checkpoint taken after `epoch` (1-based count of finished
+/// epochs), then removes older ones.
+pub fn publish(
+    run_dir: &Path,
+    epoch: usize,
+    tensors: &[(String, Tensor)],
+    state_json: &[u8],
+) -> Result<(), TrainError> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let (weights, state) = pair_paths(&dir, epoch);
+    crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)?;
+    crate::atomic::write_file(&state, state_json)?;
+    for older in complete_epochs(&dir)?.into_iter().filter(|&e| e < epoch) {
+        let (w, s) = pair_paths(&dir, older);
+        // The marker goes first, so a kill here never leaves a marker without weights.
+        std::fs::remove_file(&s)?;
+        std::fs::remove_file(&w)?;
+    }
+    Ok(())
+}
+
+/// Epochs with a complete (weights + marker) checkpoint, ascending.
+fn complete_epochs(dir: &Path) -> Result<Vec<usize>, TrainError> {
+    let mut epochs = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(epochs),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(epoch) = name
+            .strip_prefix("epoch-")
+            .and_then(|rest| rest.strip_suffix(".json"))
+            .and_then(|n| n.parse::<usize>().ok())
+            && pair_paths(dir, epoch).0.is_file()
+        {
+            epochs.push(epoch);
+        }
+    }
+    epochs.sort_unstable();
+    Ok(epochs)
+}
+
+/// The newest complete checkpoint: its weights file and state JSON.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    let Some(&epoch) = complete_epochs(&dir)?.last() else {
+        return Ok(None);
+    };
+    let (weights, state) = pair_paths(&dir, epoch);
+    let json = std::fs::read(&state)?;
+    Ok(Some((weights, json)))
+}

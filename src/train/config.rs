@@ -1,0 +1,350 @@
+//! What one head's training run is: the head, the optimiser, the schedule,
+//! precision, imbalance handling, checkpoints and the seed. Stored with every
+//! run (so `--resume` and sweeps can rebuild it) and hashed into the config
+//! hash that identifies a run's configuration.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use super::schedule::Schedule;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Relu,
+    Gelu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HeadConfig {
+    Linear,
+    Mlp {
+        hidden: Vec<usize>,
+        dropout: f64,
+        activation: Activation,
+    },
+}
+
+impl HeadConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HeadConfig::Linear => "linear",
+            HeadConfig::Mlp { .. } => "mlp",
+        }
+    }
+
+    /// Output sizes of each layer for `classes` outputs.
+    pub fn layer_sizes(&self, classes: usize) -> Vec<usize> {
+        let mut sizes = match self {
+            HeadConfig::Linear => Vec::new(),
+            HeadConfig::Mlp { hidden, .. } => hidden.clone(),
+        };
+        sizes.push(classes);
+        sizes
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Optimizer {
+    AdamW,
+    /// SGD with this momentum.
+    Sgd {
+        momentum: f64,
+    },
+}
+
+/// The dtype of the forward and backward pass; master weights stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    Bf16,
+    /// f16 with dynamic loss scaling.
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        match text {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            other => Err(TrainError::Invalid(format!(
+                "unknown precision {other:?}: use f32, bf16 or f16"
+            ))),
+        }
+    }
+}
+
+/// Per-class loss weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ClassWeights {
+    None,
+    /// n / (classes * count of the class) over the training split, as scikit-learn's "balanced".
+    Balanced,
+    /// Explicit weights in class-index order (read from a file by the caller).
+    Given {
+        weights: Vec<f64>,
+    },
+}
+
+impl ClassWeights {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClassWeights::None => "none",
+            ClassWeights::Balanced => "balanced",
+            ClassWeights::Given { .. } => "file",
+        }
+    }
+}
+
+/// How training examples are drawn each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampler {
+    /// Every training example once per epoch, shuffled.
+    Uniform,
+    /// As many draws as examples, with replacement, each class equally likely.
+    Balanced,
+}
+
+impl Sampler {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Uniform => "uniform",
+            Sampler::Balanced => "balanced",
+        }
+    }
+}
+
+/// Early stopping on a validation metric (higher is better; `*/loss` is negated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    pub patience: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub head: HeadConfig,
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    pub batch_size: usize,
+    pub memory_budget_bytes: u64,
+    pub gradient_clip: Option<f64>,
+    pub label_smoothing: f64,
+    /// The validation metric that picks the kept head, drives early stopping
+    /// and reduce-on-plateau, e.g. `val/accuracy`, `val/macro_f1`, `val/loss`.
+    pub monitor: String,
+    pub early_stopping: Option<EarlyStopping>,
+    pub precision: Precision,
+    pub class_weights: ClassWeights,
+    pub sampler: Sampler,
+    /// Write a resumable checkpoint every N epochs (0: never).
+    pub checkpoint_every: usize,
+    pub seed: u64,
+    /// Renames or merges classes before training (e.g. every defect grade to
+    /// "defective"); classes not named keep their name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_map: BTreeMap<String, String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            head: HeadConfig::Linear,
+            epochs: 20,
+            learning_rate: 1e-3,
+            weight_decay: 1e-4,
+            optimizer: Optimizer::AdamW,
+            schedule: Schedule::Constant,
+            batch_size: 256,
+            memory_budget_bytes: 4 << 30,
+            gradient_clip: None,
+            label_smoothing: 0.0,
+            monitor: "val/accuracy".into(),
+            early_stopping: None,
+            precision: Precision::F32,
+            class_weights: ClassWeights::None,
+            sampler: Sampler::Uniform,
+            checkpoint_every: 1,
+            seed: 0,
+            label_map: BTreeMap::new(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Refuses settings no run can use, naming the value.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |message: String| Err(TrainError::Invalid(message));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(format!(
+                "learning rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight decay {} must be zero or positive",
+                self.weight_decay
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label smoothing {} must be in [0, 1)",
+                self.label_smoothing
+            ));
+        }
+        if let Some(clip) = self.gradient_clip
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            return bad(format!("gradient clip {clip} must be positive"));
+        }
+        if let HeadConfig::Mlp {
+            hidden, dropout, ..
+        } = &self.head
+        {
+            if hidden.is_empty() || hidden.contains(&0) {
+                return bad(format!(
+                    "MLP hidden sizes {hidden:?} must be one or more positive sizes"
+                ));
+            }
+            if !(0.0..1.0).contains(dropout) {
+                return bad(format!("dropout {dropout} must be in [0, 1)"));
+            }
+        }
+        if !self.monitor.starts_with("val/") {
+            return bad(format!(
+                "monitor {} must be a validation metric such as val/accuracy",
+                self.monitor
+            ));
+        }
+        if let ClassWeights::Given { weights } = &self.class_weights
+            && weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+        {
+            return bad(format!(
+                "class weights {weights:?} must be finite and non-negative"
+            ));
+        }
+        Ok(())
+    }
+
+    /// sha256 of the canonical JSON of this config plus the feature set it
+    /// trains on: equal hashes mean the same run would be repeated.
+    pub fn config_hash(&self, dataset: &str, fingerprint: &str) -> String {
+        let canonical = serde_json::json!({
+            "config": self,
+            "dataset": dataset,
+            "fingerprint": fingerprint,
+        });
+        crate::digest::sha256_hex(canonical.to_string().as_bytes())[..16].to_string()
+    }
+}
+
+/// Reads per-class loss weights from a file: JSON (`{"class": weight}`) or
+/// lines of `class,weight` (a header line is allowed). Every class needs a
+/// weight; unknown classes are refused.
+pub fn read_class_weights(
+    path: &std::path::Path,
+    class_names: &[String],
+) -> Result<Vec<f64>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        TrainError::Invalid(format!("cannot read class weights {}: {e}", path.display()))
+    })?;
+    let mut given: Vec<(String, f64, String)> = Vec::new();
+    if text.trim_start().starts_with('{') {
+        let map: std::collections::BTreeMap<String, f64> =
+            serde_json::from_str(&text).map_err(|e| {
+                TrainError::Invalid(format!(
+                    "class weights {}: not a JSON object of numbers: {e}",
+                    path.display()
+                ))
+            })?;
+        given.extend(
+            map.into_iter()
+                .map(|(k, v)| (k.clone(), v, format!("key {k:?}"))),
+        );
+    } else {
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((class, weight)) = line.rsplit_once([',', '\t']) else {
+                return Err(TrainError::Invalid(format!(
+                    "class weights {} line {}: expected class,weight, got {line:?}",
+                    path.display(),
+                    number + 1
+                )));
+            };
+            match weight.trim().parse::<f64>() {
+                Ok(w) => given.push((class.trim().to_string(), w, format!("line {}", number + 1))),
+                // A first line that does not parse is a header.
+                Err(_) if given.is_empty() && number == 0 => continue,
+                Err(_) => {
+                    return Err(TrainError::Invalid(format!(
+                        "class weights {} line {}: weight {:?} is not a number",
+                        path.display(),
+                        number + 1,
+                        weight.trim()
+                    )));
+                }
+            }
+        }
+    }
+    let mut weights = vec![None; class_names.len()];
+    for (class, weight, place) in given {
+        let Some(index) = class_names.iter().position(|c| *c == class) else {
+            return Err(TrainError::Invalid(format!(
+                "class weights {} {place}: unknown class {class:?}; classes are {}",
+                path.display(),
+                class_names.join(", ")
+            )));
+        };
+        weights[index] = Some(weight);
+    }
+    let missing: Vec<&str> = class_names
+        .iter()
+        .zip(&weights)
+        .filter(|(_, w)| w.is_none())
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "class weights {}: no weight for class {}",
+            path.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(weights.into_iter().map(|w| w.expect("checked")).collect())
+}

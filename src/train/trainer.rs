@@ -1,0 +1,564 @@
+//! One head's training state: master weights, optimiser moments, loss scale,
+//! plateau and early-stopping bookkeeping, the best head so far. The driver
+//! (`run.rs`) feeds it batches; everything here is a pure function of the
+//! config, the seed and the batches, so a resumed head continues bit for bit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use super::config::{ClassWeights, Optimizer, Precision, TrainConfig};
+use super::head::Head;
+use super::schedule::Schedule;
+
+/// Micro-batch size and accumulation steps that fit the memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BatchPlan {
+    pub micro_batch: usize,
+    pub accumulation_steps: usize,
+    /// What the plan counted: bytes that do not depend on the micro-batch,
+    /// and bytes per micro-batch example.
+    pub fixed_bytes: u64,
+    pub per_example_bytes: u64,
+}
+
+/// Dynamic loss scaling for f16, as PyTorch's GradScaler: start at 2^16,
+/// halve and skip the step on inf or NaN gradients, double after this many
+/// good steps in a row.
+const LOSS_SCALE_START: f64 = 65536.0;
+const LOSS_SCALE_GROWTH_INTERVAL: usize = 2000;
+
+/// Everything besides tensors that a resumed run needs (the checkpoint JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Epochs finished.
+    pub epochs_done: usize,
+    /// Batches seen, skipped ones included (drives the schedule).
+    pub global_step: usize,
+    /// Optimiser updates applied (AdamW bias correction).
+    pub updates: i32,
+    pub loss_scale: f64,
+    pub good_steps: usize,
+    pub skipped_steps: usize,
+    /// Reduce-on-plateau: current multiplier and epochs without improvement.
+    pub lr_factor: f64,
+    pub plateau_bad_epochs: usize,
+    /// The rate of the last update.
+    pub learning_rate: f64,
+    pub best_score: Option<f64>,
+    pub best_epoch: usize,
+    pub since_best: usize,
+    pub stopped_early: bool,
+    /// Per epoch: `train/*` and `val/*` metrics.
+    pub history: Vec<BTreeMap<String, f64>>,
+}
+
+pub struct HeadTrainer {
+    pub config: TrainConfig,
+    pub head: Head,
+    pub plan: BatchPlan,
+    pub state: TrainerState,
+    parameters: Vec<Var>,
+    first_moments: Vec<Tensor>,
+    second_moments: Vec<Tensor>,
+    best: Option<Vec<Tensor>>,
+    /// Loss weight per class (1 for every class without class weighting).
+    class_weights: Vec<f32>,
+    classes: usize,
+}
+
+impl HeadTrainer {
+    pub fn new(
+        config: TrainConfig,
+        input_dim: usize,
+        classes: usize,
+        train_class_counts: &[usize],
+        plan: BatchPlan,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let head = Head::new(&config.head, input_dim, classes, config.seed, device)?;
+        let parameters = head.parameters();
+        let zeros = |p: &Var| p.zeros_like();
+        let class_weights = class_weights(&config.class_weights, train_class_counts)?;
+        Ok(HeadTrainer {
+            first_moments: parameters.iter().map(zeros).collect::<Result<_, _>>()?,
+            second_moments: parameters.iter().map(zeros).collect::<Result<_, _>>()?,
+            parameters,
+            head,
+            plan,
+            state: TrainerState {
+                epochs_done: 0,
+                global_step: 0,
+                updates: 0,
+                loss_scale: if config.precision == Precision::F16 {
+                    LOSS_SCALE_START
+                } else {
+                    1.0
+                },
+                good_steps: 0,
+                skipped_steps: 0,
+                lr_factor: 1.0,
+                plateau_bad_epochs: 0,
+                learning_rate: config.learning_rate,
+                best_score: None,
+                best_epoch: 0,
+                since_best: 0,
+                stopped_early: false,
+                history: Vec::new(),
+            },
+            best: None,
+            class_weights,
+            classes,
+            config,
+        })
+    }
+
+    /// True while the head still has epochs to run.
+    pub fn is_active(&self) -> bool {
+        !self.state.stopped_early && self.state.epochs_done < self.config.epochs
+    }
+
+    /// One optimiser step over a batch: `x` is the standardised f32 batch
+    /// [rows, dim] on the device, `labels` its classes. Micro-batches of
+    /// `plan.micro_batch` rows accumulate gradients that equal the batch's.
+    pub fn train_batch(
+        &mut self,
+        x: &Tensor,
+        labels: &[usize],
+        total_steps: usize,
+        dropout_rng: &mut ChaCha8Rng,
+    ) -> Result<(), TrainError> {
+        let dtype = self.config.precision.dtype();
+        let weights: Vec<f32> = labels.iter().map(|&l| self.class_weights[l]).collect();
+        let total_weight: f32 = weights.iter().sum();
+        let total_weight = if total_weight > 0.0 {
+            total_weight
+        } else {
+            1.0
+        };
+        let mut accumulated: Option<Vec<Tensor>> = None;
+        let mut start = 0;
+        while start < labels.len() {
+            let len = self.plan.micro_batch.min(labels.len() - start);
+            let micro_x = x.narrow(0, start, len)?.to_dtype(dtype)?;
+            let logits = self.head.forward(&micro_x, dtype, Some(dropout_rng))?;
+            let targets = self.targets(
+                &labels[start..start + len],
+                &weights[start..start + len],
+                total_weight,
+                x.device(),
+            )?;
+            let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let loss = (log_probabilities * targets)?
+                .sum_all()?
+                .affine(-self.state.loss_scale, 0.0)?;
+            let grads = loss.backward()?;
+            let these = self
+                .parameters
+                .iter()
+                .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
+                .collect::<Result<Vec<_>, _>>()?;
+            accumulated = Some(match accumulated {
+                None => these,
+                Some(sum) => sum
+                    .iter()
+                    .zip(&these)
+                    .map(|(a, b)| a + b)
+                    .collect::<Result<_, _>>()?,
+            });
+            start += len;
+        }
+        let mut grads = accumulated.expect("a batch holds at least one example");
+        if self.state.loss_scale != 1.0 {
+            let unscale = 1.0 / self.state.loss_scale;
+            grads = grads
+                .iter()
+                .map(|g| g.affine(unscale, 0.0))
+                .collect::<Result<_, _>>()?;
+        }
+        let mut norm_sq = 0f64;
+        for g in &grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let epoch = self.state.epochs_done;
+        self.state.global_step += 1;
+        if !norm_sq.is_finite() {
+            // Overflow in the low-precision pass: skip the update, back off.
+            self.state.skipped_steps += 1;
+            self.state.good_steps = 0;
+            if self.config.precision == Precision::F16 {
+                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
+            }
+            return Ok(());
+        }
+        if self.config.precision == Precision::F16 {
+            self.state.good_steps += 1;
+            if self.state.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
+                self.state.loss_scale *= 2.0;
+                self.state.good_steps = 0;
+            }
+        }
+        if let Some(max_norm) = self.config.gradient_clip {
+            let norm = norm_sq.sqrt();
+            if norm > max_norm {
+                grads = grads
+                    .iter()
+                    .map(|g| g.affine(max_norm / norm, 0.0))
+                    .collect::<Result<_, _>>()?;
+            }
+        }
+        let lr = self.config.schedule.learning_rate(
+            self.config.learning_rate,
+            self.state.global_step - 1,
+            total_steps,
+            epoch,
+        ) * self.state.lr_factor;
+        self.state.learning_rate = lr;
+        self.update(&grads, lr)
+    }
+
+    /// Class-weighted, label-smoothed one-hot targets, divided by the whole
+    /// batch's weight so that micro-batch losses add up to the batch mean.
+    fn targets(
+        &self,
+        labels: &[usize],
+        weights: &[f32],
+        total_weight: f32,
+        device: &Device,
+    ) -> Result<Tensor, TrainError> {
+        let smoothing = self.config.label_smoothing as f32;
+        let off = smoothing / self.classes as f32;
+        let mut targets = vec![0f32; labels.len() * self.classes];
+        for (i, (&label, &weight)) in labels.iter().zip(weights).enumerate() {
+            let scale = weight / total_weight;
+            let row = &mut targets[i * self.classes..(i + 1) * self.classes];
+            for value in row.iter_mut() {
+                *value = off * scale;
+            }
+            row[label] += (1.0 - smoothing) * scale;
+        }
+        Ok(Tensor::from_vec(
+            targets,
+            (labels.len(), self.classes),
+            device,
+        )?)
+    }
+
+    fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        self.state.updates += 1;
+        for (i, (p, g)) in self.parameters.iter().zip(grads).enumerate() {
+            let w = p.as_tensor();
+            let updated = match self.config.optimizer {
+                Optimizer::AdamW => {
+                    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
+                    self.first_moments[i] =
+                        ((&self.first_moments[i] * beta1)? + (g * (1.0 - beta1))?)?;
+                    self.second_moments[i] =
+                        ((&self.second_moments[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let m_hat = (&self.first_moments[i] / (1.0 - beta1.powi(self.state.updates)))?;
+                    let v_hat = (&self.second_moments[i] / (1.0 - beta2.powi(self.state.updates)))?;
+                    let decayed = (w * (1.0 - lr * self.config.weight_decay))?;
+                    (decayed - (m_hat / (v_hat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?
+                }
+                Optimizer::Sgd { momentum } => {
+                    // Coupled L2 decay, as in torch.optim.SGD.
+                    let g = (g + (w * self.config.weight_decay)?)?;
+                    self.first_moments[i] = ((&self.first_moments[i] * momentum)? + g)?;
+                    (w - (&self.first_moments[i] * lr)?)?
+                }
+            };
+            p.set(&updated)?;
+        }
+        Ok(())
+    }
+
+    /// Records one epoch's metrics: keeps the best head by the monitored
+    /// metric, applies reduce-on-plateau and early stopping. Returns true
+    /// when this epoch gave a new best head.
+    pub fn end_epoch(&mut self, mut metrics: BTreeMap<String, f64>) -> Result<bool, TrainError> {
+        metrics.insert(
+            "train/skipped_steps".into(),
+            self.state.skipped_steps as f64,
+        );
+        metrics.insert("train/learning_rate".into(), self.state.learning_rate);
+        if self.config.precision == Precision::F16 {
+            metrics.insert("train/loss_scale".into(), self.state.loss_scale);
+        }
+        let score = monitored_score(&self.config.monitor, &metrics)?;
+        let epoch = self.state.epochs_done;
+        self.state.history.push(metrics);
+        self.state.epochs_done += 1;
+        let improved = self.state.best_score.is_none_or(|best| score > best);
+        if improved {
+            self.state.best_score = Some(score);
+            self.state.best_epoch = epoch;
+            self.state.since_best = 0;
+            self.state.plateau_bad_epochs = 0;
+            self.best = Some(
+                self.parameters
+                    .iter()
+                    .map(|p| p.as_tensor().copy())
+                    .collect::<Result<_, _>>()?,
+            );
+        } else {
+            self.state.since_best += 1;
+            if let Schedule::ReduceOnPlateau { patience, factor } = self.config.schedule {
+                self.state.plateau_bad_epochs += 1;
+                if self.state.plateau_bad_epochs > patience {
+                    self.state.lr_factor *= factor;
+                    self.state.plateau_bad_epochs = 0;
+                }
+            }
+            if let Some(stop) = &self.config.early_stopping
+                && self.state.since_best >= stop.patience
+            {
+                self.state.stopped_early = true;
+            }
+        }
+        Ok(improved)
+    }
+
+    /// Puts the best head's weights in place (at the end of a run).
+    pub fn restore_best(&mut self) -> Result<(), TrainError> {
+        if let Some(best) = &self.best {
+            for (p, t) in self.parameters.iter().zip(best) {
+                p.set(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Named tensors of the current or best head.
+    pub fn head_tensors(&self, best: bool) -> Vec<(String, Tensor)> {
+        let source: Vec<Tensor> = match (&self.best, best) {
+            (Some(b), true) => b.clone(),
+            _ => self
+                .parameters
+                .iter()
+                .map(|p| p.as_tensor().clone())
+                .collect(),
+        };
+        source
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let kind = if i % 2 == 0 { "weight" } else { "bias" };
+                (format!("layers.{}.{kind}", i / 2), t)
+            })
+            .collect()
+    }
+
+    /// Every tensor a resumed run needs: weights, moments, best head.
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = self.head_tensors(false);
+        for (i, t) in self.first_moments.iter().enumerate() {
+            tensors.push((format!("optimizer.first.{i}"), t.clone()));
+        }
+        for (i, t) in self.second_moments.iter().enumerate() {
+            tensors.push((format!("optimizer.second.{i}"), t.clone()));
+        }
+        if self.best.is_some() {
+            for (name, t) in self.head_tensors(true) {
+                tensors.push((format!("best.{name}"), t));
+            }
+        }
+        tensors
+    }
+
+    /// Loads what `checkpoint_tensors` saved, checking names and shapes.
+    pub fn restore_checkpoint(
+        &mut self,
+        state: TrainerState,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<(), TrainError> {
+        let take = |name: &str, like: &Tensor| -> Result<Tensor, TrainError> {
+            let t = tensors.get(name).ok_or_else(|| {
+                TrainError::Checkpoint(format!("checkpoint has no tensor {name}"))
+            })?;
+            if t.dims() != like.dims() {
+                return Err(TrainError::Checkpoint(format!(
+                    "tensor {name} has shape {:?}, the head needs {:?}",
+                    t.dims(),
+                    like.dims()
+                )));
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let names: Vec<String> = self
+            .head_tensors(false)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for (p, name) in self.parameters.iter().zip(&names) {
+            p.set(&take(name, p.as_tensor())?)?;
+        }
+        for i in 0..self.parameters.len() {
+            self.first_moments[i] = take(
+                &format!("optimizer.first.{i}"),
+                self.parameters[i].as_tensor(),
+            )?;
+            self.second_moments[i] = take(
+                &format!("optimizer.second.{i}"),
+                self.parameters[i].as_tensor(),
+            )?;
+        }
+        self.best = if state.best_score.is_some() {
+            Some(
+                names
+                    .iter()
+                    .zip(&self.parameters)
+                    .map(|(name, p)| take(&format!("best.{name}"), p.as_tensor()))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        };
+        self.state = state;
+        Ok(())
+    }
+}
+
+/// The monitored score, higher is better (`*/loss` is negated).
+pub fn monitored_score(name: &str, metrics: &BTreeMap<String, f64>) -> Result<f64, TrainError> {
+    let value = *metrics.get(name).ok_or_else(|| {
+        let known: Vec<&str> = metrics
+            .keys()
+            .filter(|k| k.starts_with("val/"))
+            .map(String::as_str)
+            .collect();
+        TrainError::Invalid(format!(
+            "monitored metric {name} is not computed; known: {}",
+            known.join(", ")
+        ))
+    })?;
+    Ok(if name.ends_with("/loss") {
+        -value
+    } else {
+        value
+    })
+}
+
+/// Loss weight per class: 1, scikit-learn's "balanced" n / (k * n_c) over
+/// the training split, or the given weights.
+pub fn class_weights(
+    setting: &ClassWeights,
+    train_class_counts: &[usize],
+) -> Result<Vec<f32>, TrainError> {
+    let classes = train_class_counts.len();
+    Ok(match setting {
+        ClassWeights::None => vec![1.0; classes],
+        ClassWeights::Balanced => {
+            let total: usize = train_class_counts.iter().sum();
+            train_class_counts
+                .iter()
+                .map(|&n| {
+                    if n == 0 {
+                        0.0
+                    } else {
+                        total as f32 / (classes as f32 * n as f32)
+                    }
+                })
+                .collect()
+        }
+        ClassWeights::Given { weights } => {
+            if weights.len() != classes {
+                return Err(TrainError::Invalid(format!(
+                    "{} class weights given for {classes} classes",
+                    weights.len()
+                )));
+            }
+            weights.iter().map(|&w| w as f32).collect()
+        }
+    })
+}
+
+/// Plans micro-batches against the memory budget. Fixed costs: the process
+/// itself (`runtime_bytes`: binary, manifest, row index, resident mapped
+/// pages), each head's parameters times 9 (weights, gradients, accumulated
+/// gradients, two moments, the best copy, checkpoint serialisation), and the
+/// gathered batch (f32 plus a low-precision copy). Each micro-batch example
+/// costs its activations and their gradients in f32 and low precision.
+pub fn plan_batches(
+    batch_size: usize,
+    feature_dim: usize,
+    layer_sizes: &[usize],
+    budget_bytes: u64,
+    runtime_bytes: u64,
+) -> Result<BatchPlan, TrainError> {
+    let mut parameters = 0u64;
+    let mut previous = feature_dim as u64;
+    for &size in layer_sizes {
+        parameters += previous * size as u64 + size as u64;
+        previous = size as u64;
+    }
+    let batch = batch_size as u64 * feature_dim as u64 * (4 + 2);
+    let fixed = runtime_bytes + parameters * 4 * 9 + batch;
+    let activations: u64 = layer_sizes.iter().map(|&s| s as u64).sum();
+    let per_example = (4 + 2) * 3 * activations.max(1);
+    let fits = budget_bytes.saturating_sub(fixed) / per_example;
+    if fixed >= budget_bytes || fits == 0 {
+        return Err(TrainError::Invalid(format!(
+            "memory budget of {budget_bytes} bytes cannot hold the run: {runtime_bytes} bytes \
+             of runtime and mapped features, a head of {parameters} parameters \
+             ({} bytes with gradients, optimiser state and the best copy), a batch of \
+             {batch_size} x {feature_dim} features ({batch} bytes), plus one example's \
+             activations ({per_example} bytes); raise --memory-budget or lower --batch-size",
+            parameters * 4 * 9
+        )));
+    }
+    let micro_batch = batch_size.min(fits as usize).max(1);
+    Ok(BatchPlan {
+        micro_batch,
+        accumulation_steps: batch_size.div_ceil(micro_batch),
+        fixed_bytes: fixed,
+        per_example_bytes: per_example,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_plan_accumulates_when_budget_is_tight_and_refuses_when_it_cannot_fit() {
+        // Hand-computed for dim 8, 3 classes, batch 16, runtime 1000 bytes:
+        // parameters 8*3+3 = 27 -> 27*4*9 = 972; batch 16*8*6 = 768;
+        // fixed 1000+972+768 = 2740; one example 6*3*3 = 54 bytes.
+        let roomy = plan_batches(16, 8, &[3], 1 << 20, 1000).unwrap();
+        assert_eq!(
+            roomy,
+            BatchPlan {
+                micro_batch: 16,
+                accumulation_steps: 1,
+                fixed_bytes: 2740,
+                per_example_bytes: 54,
+            }
+        );
+        let tight = plan_batches(16, 8, &[3], 2740 + 54 * 5, 1000).unwrap();
+        assert_eq!((tight.micro_batch, tight.accumulation_steps), (5, 4));
+        let error = plan_batches(16, 8, &[3], 2740 + 53, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("memory budget of 2793 bytes"), "{error}");
+    }
+
+    #[test]
+    fn balanced_class_weights_follow_scikit_learn() {
+        // scikit-learn compute_class_weight("balanced") on counts [6, 2, 0 -> absent]:
+        // 8 / (3 * 6) = 0.444..., 8 / (3 * 2) = 1.333...
+        let w = class_weights(&ClassWeights::Balanced, &[6, 2, 0]).unwrap();
+        assert!((w[0] - 8.0 / 18.0).abs() < 1e-6);
+        assert!((w[1] - 8.0 / 6.0).abs() < 1e-6);
+        assert_eq!(w[2], 0.0);
+        let error = class_weights(&ClassWeights::Given { weights: vec![1.0] }, &[1, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("1 class weights given for 2 classes"),
+            "{error}"
+        );
+    }
+}
