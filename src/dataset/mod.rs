@@ -209,13 +209,28 @@ pub fn load_info(layout: &Layout, name: &str) -> Result<DatasetInfo, DatasetErro
 
 /// A registered dataset with every image record.
 pub fn load(layout: &Layout, name: &str) -> Result<Dataset, DatasetError> {
+    let mut images = Vec::new();
+    let info = visit_images(layout, name, |record| {
+        images.push(record);
+        Ok(())
+    })?;
+    Ok(Dataset { info, images })
+}
+
+/// Streams a registered dataset's image records in manifest order without
+/// holding them all (a manifest of millions of rows stays out of memory).
+pub fn visit_images(
+    layout: &Layout,
+    name: &str,
+    mut visit: impl FnMut(ImageRecord) -> Result<(), DatasetError>,
+) -> Result<DatasetInfo, DatasetError> {
     let info = load_info(layout, name)?;
     let path = layout.dataset_dir(name).join(IMAGES_FILE);
     let mut reader = csv::Reader::from_path(&path).map_err(|err| DatasetError::Corrupt {
         path: path.clone(),
         message: err.to_string(),
     })?;
-    let mut images = Vec::with_capacity(info.images);
+    let mut rows = 0;
     for (row, record) in reader.deserialize::<ImageRow>().enumerate() {
         let record = record.map_err(|err| DatasetError::Corrupt {
             path: path.clone(),
@@ -227,19 +242,16 @@ pub fn load(layout: &Layout, name: &str) -> Result<Dataset, DatasetError> {
                 message: format!("row {} has index {}", row + 2, record.index),
             });
         }
-        images.push(record.into_record());
+        visit(record.into_record())?;
+        rows += 1;
     }
-    if images.len() != info.images {
+    if rows != info.images {
         return Err(DatasetError::Corrupt {
             path,
-            message: format!(
-                "{} rows, but dataset.json says {} images",
-                images.len(),
-                info.images
-            ),
+            message: format!("{rows} rows, but dataset.json says {} images", info.images),
         });
     }
-    Ok(Dataset { info, images })
+    Ok(info)
 }
 
 /// Writes a dataset's images as CSV (the `images.csv` format) to any writer.

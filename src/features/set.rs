@@ -35,7 +35,7 @@ pub struct FeatureSet {
     /// Bytes of mapped rows read since the mapped pages were last released.
     touched_bytes: AtomicU64,
     /// Release the mapped pages once this many bytes were read (`u64::MAX`: never).
-    resident_limit_bytes: u64,
+    resident_limit_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for FeatureSet {
@@ -100,7 +100,7 @@ impl FeatureSet {
             metadata: HashMap::new(),
             skipped_shards: Vec::new(),
             touched_bytes: AtomicU64::new(0),
-            resident_limit_bytes: u64::MAX,
+            resident_limit_bytes: AtomicU64::new(u64::MAX),
         };
         let mut rows: Vec<(usize, u32, u32)> = Vec::new();
         for shard_index in indices {
@@ -234,8 +234,14 @@ impl FeatureSet {
     /// `bytes` were read, every mapping drops its pages (they stay in the page
     /// cache and fault back in on the next read). Without a limit a pass over
     /// a cache larger than memory would count it all as this process's RSS.
-    pub fn set_resident_limit(&mut self, bytes: u64) {
-        self.resident_limit_bytes = bytes.max(1);
+    pub fn set_resident_limit(&self, bytes: u64) {
+        self.resident_limit_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes of mapped feature data: what full residency would cost.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
     }
 
     /// Drops the resident pages of every mapping now.
@@ -257,14 +263,13 @@ impl FeatureSet {
 
     /// Counts a read of `bytes` towards the resident limit.
     fn touch(&self, bytes: usize) {
-        if self.resident_limit_bytes == u64::MAX {
+        let limit = self.resident_limit_bytes.load(Ordering::Relaxed);
+        if limit == u64::MAX {
             return;
         }
         // A random row spans at most one page more than its size.
         let touched = bytes as u64 + 4096;
-        if self.touched_bytes.fetch_add(touched, Ordering::Relaxed) + touched
-            > self.resident_limit_bytes
-        {
+        if self.touched_bytes.fetch_add(touched, Ordering::Relaxed) + touched > limit {
             self.release_pages();
         }
     }

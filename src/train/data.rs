@@ -89,7 +89,7 @@ pub fn load(
     config: &LoadConfig,
 ) -> Result<TrainData, TrainError> {
     let (fingerprint, dir) = resolve_fingerprint(layout, dataset_name, fingerprint)?;
-    let mut features = FeatureSet::open(&dir)?;
+    let features = FeatureSet::open(&dir)?;
     features.set_resident_limit(config.resident_limit_bytes);
     if features.is_empty() {
         return Err(TrainError::NoFeatures(format!(
@@ -97,20 +97,22 @@ pub fn load(
             dir.display()
         )));
     }
-    let dataset = dataset::load(layout, dataset_name)?;
+    // Only (class, split) per manifest row is kept: a manifest of millions
+    // of images is streamed, never held.
+    let info = dataset::load_info(layout, dataset_name)?;
     for from in config.label_map.keys() {
-        if dataset.class_index(from).is_none() {
+        if !info.class_order.contains(from) {
             return Err(TrainError::Invalid(format!(
                 "label map names class {from:?}, which dataset {dataset_name} does not have; \
                  its classes are {}",
-                dataset.info.class_order.join(", ")
+                info.class_order.join(", ")
             )));
         }
     }
     // Mapped class names, in order of first appearance in the class order.
     let mut class_names: Vec<String> = Vec::new();
-    let mut mapped_index = Vec::with_capacity(dataset.info.class_order.len());
-    for name in &dataset.info.class_order {
+    let mut mapped_index: HashMap<&str, u32> = HashMap::new();
+    for name in &info.class_order {
         let mapped = config.label_map.get(name).unwrap_or(name);
         let index = match class_names.iter().position(|c| c == mapped) {
             Some(index) => index,
@@ -119,26 +121,36 @@ pub fn load(
                 class_names.len() - 1
             }
         };
-        mapped_index.push(index);
+        mapped_index.insert(name, index as u32);
     }
-    let by_index: HashMap<usize, &dataset::ImageRecord> =
-        dataset.images.iter().map(|r| (r.index, r)).collect();
+    let mut labelled: Vec<Option<(u32, Split)>> = Vec::with_capacity(info.images);
+    dataset::visit_images(layout, dataset_name, |record| {
+        let entry = match record.label.as_deref() {
+            None => None,
+            Some(label) => Some((
+                *mapped_index
+                    .get(label)
+                    .ok_or_else(|| dataset::DatasetError::Corrupt {
+                        path: layout.dataset_dir(dataset_name),
+                        message: format!("label {label} missing from the class order"),
+                    })?,
+                record.split,
+            )),
+        };
+        labelled.push(entry);
+        Ok(())
+    })?;
 
     let mut splits: [SplitRows; 3] = Default::default();
     for (row, &image_index) in features.image_indices().iter().enumerate() {
-        let Some(record) = by_index.get(&image_index) else {
+        let Some(Some((class, split))) = labelled.get(image_index).copied() else {
             continue;
         };
-        let Some(label) = record.label.as_deref() else {
-            continue;
-        };
-        let class = mapped_index[dataset.class_index(label).ok_or_else(|| {
-            TrainError::Invalid(format!("label {label} missing from the class order"))
-        })?];
+        let class = class as usize;
         if features.pooled(row).iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { image_index });
         }
-        let slot = match record.split {
+        let slot = match split {
             Split::Train => 0,
             Split::Val => 1,
             Split::Test => 2,
@@ -216,12 +228,23 @@ impl TrainData {
     /// Standardised f32 copy of the given rows only: one batch at a time, so the
     /// cache is never copied whole into memory.
     pub fn gather(&self, rows: &[usize]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows.len() * self.features.feature_dim());
-        for &row in rows {
-            let pooled = self.features.pooled(row);
-            for ((v, mean), std) in pooled.iter().zip(&self.mean).zip(&self.std) {
-                out.push((v.to_f32() - mean) / std);
+        use half::slice::HalfFloatSliceExt;
+        use rayon::prelude::*;
+        let dim = self.features.feature_dim();
+        let mut out = vec![0f32; rows.len() * dim];
+        let fill = |(values, &row): (&mut [f32], &usize)| {
+            // Vectorised f16 -> f32 (F16C where the CPU has it), then standardise.
+            self.features.pooled(row).convert_to_f32_slice(values);
+            for ((v, mean), std) in values.iter_mut().zip(&self.mean).zip(&self.std) {
+                *v = (*v - mean) / std;
             }
+        };
+        // Large gathers (evaluation chunks) in parallel; training batches are
+        // small enough that threads would cost more than they save.
+        if rows.len() >= 512 {
+            out.par_chunks_mut(dim).zip(rows.par_iter()).for_each(fill);
+        } else {
+            out.chunks_mut(dim).zip(rows).for_each(fill);
         }
         out
     }

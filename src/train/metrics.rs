@@ -139,32 +139,35 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
 /// One-vs-rest ROC-AUC of one class (Mann-Whitney, ties count half); `None`
 /// when the class has no positive or no negative example.
 pub fn roc_auc_one_vs_rest(predictions: &Predictions, class: usize) -> Option<f64> {
-    let mut positives = Vec::new();
-    let mut negatives = Vec::new();
-    for (example, &label) in predictions.labels.iter().enumerate() {
-        let score = predictions.row(example)[class];
-        if label == class {
-            positives.push(score);
-        } else {
-            negatives.push(score);
-        }
-    }
-    if positives.is_empty() || negatives.is_empty() {
+    let mut scored: Vec<(f32, bool)> = predictions
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(example, &label)| (predictions.row(example)[class], label == class))
+        .collect();
+    let positives = scored.iter().filter(|(_, positive)| *positive).count();
+    let negatives = scored.len() - positives;
+    if positives == 0 || negatives == 0 {
         return None;
     }
-    let mut wins = 0.0;
-    for &p in &positives {
-        for &n in &negatives {
-            wins += if p > n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
+    // Rank-sum form of Mann-Whitney U in O(n log n): tied scores share their
+    // average rank, which counts a tie between classes as half a win.
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut positive_rank_sum = 0.0f64;
+    let mut start = 0;
+    while start < scored.len() {
+        let mut end = start + 1;
+        while end < scored.len() && scored[end].0 == scored[start].0 {
+            end += 1;
         }
+        // Ranks start + 1 ..= end, averaged.
+        let average_rank = (start + 1 + end) as f64 / 2.0;
+        let tied_positives = scored[start..end].iter().filter(|(_, p)| *p).count();
+        positive_rank_sum += average_rank * tied_positives as f64;
+        start = end;
     }
-    Some(wins / (positives.len() * negatives.len()) as f64)
+    let (p, n) = (positives as f64, negatives as f64);
+    Some((positive_rank_sum - p * (p + 1.0) / 2.0) / (p * n))
 }
 
 /// All scalar metrics of one split, keyed `<split>/<metric>`; per-class

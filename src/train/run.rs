@@ -181,13 +181,11 @@ pub fn fit(
         trainers.push(trainer);
     }
     // The heads share one process: together they must fit the budget too.
-    let fixed_per_head: u64 = trainers
-        .iter()
-        .map(|t| {
-            let params: usize = t.head.parameters().iter().map(|p| p.elem_count()).sum();
-            params as u64 * 4 * 9
-        })
-        .sum();
+    let head_bytes = |t: &HeadTrainer| -> u64 {
+        let params: usize = t.head.parameters().iter().map(|p| p.elem_count()).sum();
+        params as u64 * 4 * 9
+    };
+    let fixed_per_head: u64 = trainers.iter().map(head_bytes).sum();
     if runtime + fixed_per_head > budget {
         return Err(TrainError::Invalid(format!(
             "memory budget of {budget} bytes cannot hold {} heads at once \
@@ -195,6 +193,25 @@ pub fn fit(
             trainers.len()
         )));
     }
+    // What the plans leave of the budget goes to keeping mapped feature pages
+    // resident: a cache that fits is never released and re-faulted.
+    // One batch is in flight at a time: the largest gathered batch plus its micro-batch.
+    let batches = trainers
+        .iter()
+        .map(|t| {
+            t.plan.fixed_bytes - runtime - head_bytes(t)
+                + t.plan.micro_batch as u64 * t.plan.per_example_bytes
+        })
+        .max()
+        .unwrap_or(0);
+    let leftover = budget.saturating_sub(runtime + fixed_per_head + batches);
+    let resident = RESIDENT_FEATURE_BYTES + leftover;
+    data.features
+        .set_resident_limit(if resident >= data.features.mapped_bytes() {
+            u64::MAX
+        } else {
+            resident
+        });
 
     loop {
         let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();

@@ -1,0 +1,269 @@
+//! Benchmark: head-only training on generated f16 feature caches, through the
+//! release `lazarus train` binary.
+//!
+//! - `cargo bench --bench train_head -- speed`: 60,000 x 1,280 features,
+//!   10 classes, linear head, 10 epochs (batch 256, AdamW); prints seconds
+//!   and samples/s (best of 3). scripts/bench_train_compare.sh runs it back to
+//!   back with the same loop in PyTorch (scripts/bench_train_pytorch.py).
+//! - `cargo bench --bench train_head -- memory`: a cache of 2,400,000 x 1,280
+//!   f16 features (6.1 GB, shards of 1,024 rows) trained with
+//!   `--memory-budget 1GiB`; prints the peak RSS the run reported.
+//!
+//! Caches are generated once under `target/bench-train/` (or
+//! `$LAZARUS_BENCH_DIR`) and reused. Class c is centred at 0.5 in dimensions
+//! [128c, 128c + 128) with unit noise, so the task is learnable but not trivial.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use half::f16;
+use lazarus::dataset::{DatasetInfo, ImageRecord, Split, SplitConfig, write_images_csv};
+use lazarus::features::{self, JobRef, ShardData};
+use lazarus::layout::Layout;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const DIM: usize = 1280;
+const CLASSES: usize = 10;
+
+struct Cache {
+    name: &'static str,
+    rows: usize,
+    rows_per_shard: usize,
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("LAZARUS_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-train"))
+}
+
+/// The split and class of a row, from the row alone.
+fn row_label(index: usize) -> (usize, Split) {
+    let mut rng = ChaCha8Rng::seed_from_u64(index as u64);
+    let class = rng.random_range(0..CLASSES);
+    let split = match rng.random_range(0..10) {
+        0 => Split::Val,
+        1 => Split::Test,
+        _ => Split::Train,
+    };
+    (class, split)
+}
+
+/// Generates the dataset manifest and feature shards once; returns the root.
+fn ensure_cache(cache: &Cache) -> PathBuf {
+    let root = bench_dir().join(cache.name);
+    let layout = Layout::new(&root);
+    let marker = root.join("complete");
+    if marker.exists() {
+        return root;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    eprintln!(
+        "generating {} rows x {DIM} f16 features in {} (once)",
+        cache.rows,
+        root.display()
+    );
+    let started = Instant::now();
+    let class_names: Vec<String> = (0..CLASSES).map(|c| format!("class{c}")).collect();
+    let mut images = Vec::with_capacity(cache.rows);
+    let mut classes = BTreeMap::new();
+    let mut splits = BTreeMap::new();
+    for index in 0..cache.rows {
+        let (class, split) = row_label(index);
+        *classes.entry(class_names[class].clone()).or_insert(0) += 1;
+        *splits.entry(split.as_str().to_string()).or_insert(0) += 1;
+        images.push(ImageRecord {
+            index,
+            id: format!("{index:016x}"),
+            path: PathBuf::from(format!("generated/{index}.png")),
+            label: Some(class_names[class].clone()),
+            split,
+            mask: None,
+            width: 224,
+            height: 224,
+        });
+    }
+    let info = DatasetInfo {
+        name: cache.name.to_string(),
+        source: PathBuf::from("generated"),
+        format: lazarus::dataset::SourceFormat::Manifest,
+        created_at: "generated".into(),
+        lazarus_version: lazarus::VERSION.into(),
+        images: cache.rows,
+        classes,
+        class_order: class_names.clone(),
+        imbalance_ratio: Some(1.0),
+        splits,
+        split_source: "manifest".into(),
+        split_config: SplitConfig::default(),
+        has_masks: false,
+        duplicates: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let dataset_dir = layout.dataset_dir(cache.name);
+    std::fs::create_dir_all(&dataset_dir).unwrap();
+    std::fs::write(
+        dataset_dir.join("dataset.json"),
+        serde_json::to_vec_pretty(&info).unwrap(),
+    )
+    .unwrap();
+    let mut csv = Vec::new();
+    write_images_csv(&images, &mut csv).unwrap();
+    std::fs::write(dataset_dir.join("images.csv"), csv).unwrap();
+    drop(images);
+
+    let dir = features::feature_dir(&layout, cache.name, "generated");
+    let metadata =
+        std::collections::HashMap::from([("encoder".to_string(), "generated".to_string())]);
+    let shards = cache.rows.div_ceil(cache.rows_per_shard);
+    for shard in 0..shards {
+        let start = shard * cache.rows_per_shard;
+        let end = (start + cache.rows_per_shard).min(cache.rows);
+        let mut rng = ChaCha8Rng::seed_from_u64(1_000_000 + shard as u64);
+        let mut pooled = Vec::with_capacity((end - start) * DIM);
+        for index in start..end {
+            let (class, _) = row_label(index);
+            for d in 0..DIM {
+                // Sum of 4 uniforms, rescaled: roughly Gaussian with unit variance.
+                let noise: f32 = (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0;
+                let centre = if d / 128 == class { 0.5 } else { 0.0 };
+                pooled.push(f16::from_f32(centre + noise * 3f32.sqrt()));
+            }
+        }
+        let image_index: Vec<i64> = (start as i64..end as i64).collect();
+        features::write_shard(
+            &dir,
+            shard as u64,
+            &ShardData {
+                image_index: &image_index,
+                pooled: &pooled,
+                feature_dim: DIM,
+                spatial: None,
+            },
+            metadata.clone(),
+            JobRef {
+                job_id: shard as i64 + 1,
+                attempt: 1,
+            },
+        )
+        .unwrap();
+    }
+    std::fs::write(&marker, b"").unwrap();
+    eprintln!("generated in {:.0} s", started.elapsed().as_secs_f64());
+    root
+}
+
+fn train(root: &Path, dataset: &str, extra: &[&str]) -> (f64, serde_json::Value) {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .arg("--root")
+        .arg(root)
+        .args([
+            "train",
+            "--dataset",
+            dataset,
+            "--encoder",
+            "generated",
+            "--head",
+            "linear",
+            "--lr",
+            "0.001",
+            "--batch-size",
+            "256",
+            "--checkpoint-every",
+            "0",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "lazarus train failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (seconds, serde_json::from_slice(&output.stdout).unwrap())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn speed() {
+    let cache = Cache {
+        name: "speed",
+        rows: 60_000,
+        rows_per_shard: 64,
+    };
+    let root = ensure_cache(&cache);
+    println!("load average before: {}", load_average());
+    let mut best = f64::INFINITY;
+    let mut accuracy = 0.0;
+    for _ in 0..3 {
+        let (seconds, report) = train(&root, cache.name, &["--epochs", "10"]);
+        best = best.min(seconds);
+        accuracy = report["test"]["test/accuracy"].as_f64().unwrap();
+    }
+    let train_rows = (0..cache.rows)
+        .filter(|&i| row_label(i).1 == Split::Train)
+        .count();
+    println!("load average after: {}", load_average());
+    println!(
+        "lazarus train: 60000 x 1280 f16, 10 classes, linear, 10 epochs, batch 256 \
+         (whole process: load, checks, per-epoch train+val metrics, test): \
+         best {best:.2} s, {:.0} training samples/s, test accuracy {accuracy:.4}",
+        train_rows as f64 * 10.0 / best
+    );
+}
+
+fn memory() {
+    let cache = Cache {
+        name: "memory",
+        rows: 2_400_000,
+        rows_per_shard: 1024,
+    };
+    let root = ensure_cache(&cache);
+    let bytes = cache.rows * DIM * 2;
+    println!("load average before: {}", load_average());
+    let (seconds, report) = train(
+        &root,
+        cache.name,
+        &["--epochs", "2", "--memory-budget", "1GiB"],
+    );
+    let peak = report["peak_rss_bytes"].as_u64().unwrap_or(0);
+    println!("load average after: {}", load_average());
+    println!(
+        "lazarus train --memory-budget 1GiB on a {:.2} GB cache (2400000 x 1280 f16): \
+         {seconds:.0} s for 2 epochs, peak RSS {:.0} MiB ({:.1}% of the 1 GiB budget), \
+         plan {}, test accuracy {:.4}",
+        bytes as f64 / 1e9,
+        peak as f64 / (1 << 20) as f64,
+        100.0 * peak as f64 / (1u64 << 30) as f64,
+        report["plan"],
+        report["test"]["test/accuracy"].as_f64().unwrap_or(f64::NAN)
+    );
+    assert!(
+        peak > 0 && peak < 1 << 30,
+        "peak RSS {peak} bytes is over 1 GiB"
+    );
+}
+
+fn main() {
+    let mode = std::env::args()
+        .skip(1)
+        .find(|a| a == "speed" || a == "memory");
+    match mode.as_deref() {
+        Some("memory") => memory(),
+        Some("speed") => speed(),
+        _ => {
+            speed();
+            memory();
+        }
+    }
+}

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Linear head against scikit-learn's LogisticRegression on the same features.
+
+Usage: python3 scripts/compare_sklearn.py ROOT DATASET [LAZARUS_BINARY]
+
+Reads the published shards of ROOT/features/DATASET/<fingerprint>/ and the
+labels and splits of ROOT/jobs/datasets/DATASET/images.csv, standardises with
+training-split statistics (as lazarus does), fits LogisticRegression (lbfgs,
+C=1.0, max_iter 5000) on train, and reports test accuracy and macro-F1. Then
+runs `lazarus train --head linear` (defaults: AdamW, 20 epochs, best epoch by
+val/accuracy) on the same root and prints both, and the difference in points.
+
+Uses $LAZARUS_CACHE/venv-ref and installs numpy, safetensors and scikit-learn
+there with pip where missing. Not part of CI.
+"""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
+VENV = os.path.join(CACHE, "venv-ref")
+VENV_PYTHON = os.path.join(VENV, "bin", "python")
+PACKAGES = ["numpy", "safetensors", "scikit-learn"]
+
+
+def ensure_venv():
+    try:
+        import numpy  # noqa: F401
+        import safetensors  # noqa: F401
+        import sklearn  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if os.environ.get("LAZARUS_BENCH_BOOTSTRAPPED"):
+        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
+    if not os.path.exists(VENV_PYTHON):
+        subprocess.check_call([sys.executable, "-m", "venv", VENV])
+    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
+    os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
+    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
+
+
+def main():
+    ensure_venv()
+    import numpy as np
+    from safetensors.numpy import load_file
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    root, dataset = sys.argv[1], sys.argv[2]
+    binary = sys.argv[3] if len(sys.argv) > 3 else os.path.join("target", "release", "lazarus")
+    rows, indices = [], []
+    for path in sorted(glob.glob(os.path.join(root, "features", dataset, "*", "shard-*.safetensors"))):
+        if not os.path.exists(path[: -len(".safetensors")] + ".done"):
+            continue
+        tensors = load_file(path)
+        rows.append(tensors["pooled"].astype(np.float64))
+        indices.append(tensors["image_index"])
+    if not rows:
+        sys.exit(f"no published shards under {root}/features/{dataset}")
+    features = np.concatenate(rows)
+    image_index = np.concatenate(indices)
+    info = json.load(open(os.path.join(root, "jobs", "datasets", dataset, "dataset.json")))
+    class_order = info["class_order"]
+    labels = {}
+    with open(os.path.join(root, "jobs", "datasets", dataset, "images.csv")) as f:
+        for record in csv.DictReader(f):
+            if record["label"]:
+                labels[int(record["index"])] = (class_order.index(record["label"]), record["split"])
+    keep = np.array([i in labels for i in image_index])
+    features, image_index = features[keep], image_index[keep]
+    y = np.array([labels[i][0] for i in image_index])
+    split = np.array([labels[i][1] for i in image_index])
+    train, test = split == "train", split == "test"
+    mean = features[train].mean(0)
+    std = features[train].std(0)
+    std[std < 1e-6] = 1.0
+    x = (features - mean) / std
+    model = LogisticRegression(solver="lbfgs", C=1.0, max_iter=5000)
+    model.fit(x[train], y[train])
+    predicted = model.predict(x[test])
+    sk_accuracy = accuracy_score(y[test], predicted)
+    sk_f1 = f1_score(y[test], predicted, average="macro")
+
+    out = subprocess.run(
+        [binary, "--root", root, "train", "--dataset", dataset, "--encoder",
+         os.environ.get("LAZARUS_ENCODER", "efficientnet-lite0"), "--head", "linear", "--json"],
+        check=True, capture_output=True, text=True,
+    )
+    report = json.loads(out.stdout)
+    ours = report["test"]["test/accuracy"]
+    ours_f1 = report["test"]["test/macro_f1"]
+    print(f"{dataset}: {features.shape[0]} labelled rows x {features.shape[1]}, "
+          f"train {int(train.sum())}, test {int(test.sum())}")
+    print(f"scikit-learn LogisticRegression(lbfgs, C=1): test accuracy {sk_accuracy:.4f}, macro-F1 {sk_f1:.4f}")
+    print(f"lazarus train --head linear (run {report['run_id']}): test accuracy {ours:.4f}, macro-F1 {ours_f1:.4f}")
+    print(f"difference: {100 * (ours - sk_accuracy):+.1f} accuracy points")
+
+
+if __name__ == "__main__":
+    main()
