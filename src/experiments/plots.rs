@@ -254,23 +254,18 @@ fn draw_learning_curves<DB: DrawingBackend>(
         first - 0.5..last + 0.5
     };
     type Series = (&'static str, RGBColor, fn(&EpochPoint) -> Option<f64>);
-    let panels: [(&DrawingArea<DB, Shift>, &str, &str, Vec<Series>); 2] = [
-        (
-            &left,
-            "Loss",
-            "loss",
-            vec![
-                ("train loss", TRAIN_COLOR, |e| e.train_loss),
-                ("validation loss", VALIDATION_COLOR, |e| e.validation_loss),
-            ],
-        ),
+    let loss_series: Vec<Series> = vec![
+        ("train loss", TRAIN_COLOR, |e| e.train_loss),
+        ("validation loss", VALIDATION_COLOR, |e| e.validation_loss),
+    ];
+    let metric_series: Vec<Series> = vec![("validation", METRIC_COLOR, |e| e.validation_metric)];
+    let panels = [
+        (&left, "Loss", "loss", loss_series),
         (
             &right,
             curves.metric_name,
             curves.metric_name,
-            vec![("validation", METRIC_COLOR, |e: &EpochPoint| {
-                e.validation_metric
-            })],
+            metric_series,
         ),
     ];
     for (panel, title, y_name, series) in panels {

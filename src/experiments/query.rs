@@ -361,7 +361,7 @@ impl AblationReport {
                 if row.levels == self.baseline {
                     Cell::text("baseline")
                 } else {
-                    Cell::Number(row.diff)
+                    Cell::Difference(row.diff)
                 },
             ]);
             table.push(cells);
@@ -692,7 +692,8 @@ impl ExperimentsDb {
                 summaries.push(summary_of(tx, id)?);
             }
             let mut rows = Vec::new();
-            let fields: [(&str, fn(&RunRecord) -> String); 5] = [
+            type RunField = (&'static str, fn(&RunRecord) -> String);
+            let fields: [RunField; 5] = [
                 ("experiment", |r| r.experiment.clone()),
                 ("status", |r| r.status.as_str().to_string()),
                 ("dataset", |r| r.dataset.clone()),
@@ -806,7 +807,9 @@ impl ExperimentsDb {
             let keys: Vec<&str> = query.wheres.iter().map(|w| w.key.as_str()).collect();
             check_params(tx, &keys, true)?;
             let found = finished_with_metric(tx, &query.metric, &query.wheres)?;
-            let mut groups: Vec<(Vec<Option<ParamValue>>, Vec<f64>, Vec<String>)> = Vec::new();
+            // (levels, metric values, run ids) per group.
+            type Group = (Vec<Option<ParamValue>>, Vec<f64>, Vec<String>);
+            let mut groups: Vec<Group> = Vec::new();
             for (run, _, value) in found {
                 let params = params_of(tx, &run)?;
                 let levels: Vec<Option<ParamValue>> =

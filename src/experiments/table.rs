@@ -11,6 +11,8 @@ pub enum Cell {
     Number(f64),
     /// A standard deviation shown after a mean: `± 0.0123` in text.
     PlusMinus(f64),
+    /// A difference, signed in text: `+0.0500`.
+    Difference(f64),
     Missing,
 }
 
@@ -32,6 +34,8 @@ impl Cell {
             Cell::Integer(value) => value.to_string(),
             Cell::Number(value) => format_number(*value),
             Cell::PlusMinus(value) => format!("± {}", format_number(*value)),
+            Cell::Difference(value) if *value >= 0.0 => format!("+{}", format_number(*value)),
+            Cell::Difference(value) => format_number(*value),
             Cell::Missing => "-".to_string(),
         }
     }
@@ -40,7 +44,9 @@ impl Cell {
         match self {
             Cell::Text(text) => text.clone(),
             Cell::Integer(value) => value.to_string(),
-            Cell::Number(value) | Cell::PlusMinus(value) => format!("{value}"),
+            Cell::Number(value) | Cell::PlusMinus(value) | Cell::Difference(value) => {
+                format!("{value}")
+            }
             Cell::Missing => String::new(),
         }
     }
