@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod dataset;
 pub mod digest;
 pub mod encoders;
+pub mod experiments;
 pub mod extract;
 pub mod features;
 pub mod layout;

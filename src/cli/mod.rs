@@ -3,6 +3,7 @@
 
 mod dataset;
 mod encoders;
+mod experiments;
 mod queue;
 mod train;
 
@@ -48,7 +49,8 @@ pub enum Command {
     /// Train a grid of heads in one pass over the cached features.
     Sweep(NotLandedArgs),
     /// Query runs, compare them and print ablation tables.
-    Experiments(NotLandedArgs),
+    #[command(subcommand)]
+    Experiments(experiments::ExperimentsCommand),
     /// Run encoder and head on new images.
     Predict(NotLandedArgs),
     /// List the encoders lazarus knows.
@@ -80,7 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => queue::verify(&layout, args),
         Command::Train(args) => train::train(&layout, *args),
         Command::Sweep(_) => not_landed("sweep", 8, "experiments and sweeps"),
-        Command::Experiments(_) => not_landed("experiments", 8, "experiments and sweeps"),
+        Command::Experiments(command) => experiments::run(&layout, command),
         Command::Predict(_) => not_landed("predict", 10, "prediction and export"),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
