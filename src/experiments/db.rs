@@ -365,6 +365,82 @@ impl ExperimentsDb {
         })
     }
 
+    /// Reopens a `KILLED` or `FAILED` run to continue it (`train --resume`):
+    /// takes its folder's lock, sets it `RUNNING` again, and drops metrics
+    /// logged after `from_step`, which the resumed run logs anew.
+    pub fn resume_run(&self, id: &str, from_step: u64) -> Result<RunHandle, ExperimentsError> {
+        let dir = self.run_dir(id);
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ExperimentsError::Invalid(format!(
+                    "run {id} is still running in another process (its lock {} is held)",
+                    lock_path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(ExperimentsError::Io {
+                    path: lock_path,
+                    error,
+                });
+            }
+        }
+        self.write(|tx| {
+            let status: Option<String> = tx
+                .query_row("SELECT status FROM runs WHERE id = ?1", [id], |row| {
+                    row.get(0)
+                })
+                .optional()?;
+            match status.as_deref() {
+                None => {
+                    return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                        "run {id} is not in {}",
+                        self.inner.path.display()
+                    ))));
+                }
+                // RUNNING with its lock free: its process died after the last reap.
+                Some("KILLED" | "FAILED" | "RUNNING") => {}
+                Some(other) => {
+                    return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                        "run {id} is {other}; only KILLED or FAILED runs resume"
+                    ))));
+                }
+            }
+            tx.execute(
+                "UPDATE runs SET status = 'RUNNING', end_ms = NULL, host = ?2, pid = ?3 WHERE id = ?1",
+                params![id, self.inner.host, std::process::id()],
+            )?;
+            tx.execute(
+                "DELETE FROM metrics WHERE run_id = ?1 AND step > ?2",
+                params![id, from_step as i64],
+            )?;
+            Ok(())
+        })?;
+        Ok(RunHandle {
+            db: self.clone(),
+            id: id.to_string(),
+            dir,
+            lock: Some(lock),
+        })
+    }
+
+    /// The most recent `KILLED` or `FAILED` run with this config hash, which
+    /// a re-run sweep continues instead of starting over.
+    pub fn find_resumable(&self, config_hash: &str) -> Result<Option<String>, ExperimentsError> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT id FROM runs WHERE config_hash = ?1 AND status IN ('KILLED', 'FAILED')
+                     ORDER BY id DESC LIMIT 1",
+                    [config_hash],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+    }
+
     /// The most recent `FINISHED` run with this config hash, for sweeps that skip done work.
     pub fn find_finished(&self, config_hash: &str) -> Result<Option<String>, ExperimentsError> {
         self.read(|tx| {

@@ -114,3 +114,11 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> 
     let json = std::fs::read(&state)?;
     Ok(Some((weights, json)))
 }
+
+/// Epochs finished at the newest complete checkpoint (0 when there is none).
+pub fn latest_epoch(run_dir: &Path) -> Result<usize, TrainError> {
+    Ok(complete_epochs(&run_dir.join(CHECKPOINT_DIR))?
+        .last()
+        .copied()
+        .unwrap_or(0))
+}

@@ -71,6 +71,52 @@ pub fn resolve_fingerprint(
     }
 }
 
+/// The fingerprint folder of `dataset` whose shards were made by `encoder`.
+pub fn fingerprint_for_encoder(
+    layout: &Layout,
+    dataset_name: &str,
+    encoder: &str,
+) -> Result<String, TrainError> {
+    let parent = layout.features_dir().join(dataset_name);
+    let mut found = Vec::new();
+    let mut seen = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || crate::atomic::is_temp_name(&name) {
+                continue;
+            }
+            let set = FeatureSet::open(&entry.path())?;
+            if set.is_empty() {
+                continue;
+            }
+            match set.metadata().get("encoder") {
+                Some(made_by) if made_by == encoder => found.push(name),
+                Some(made_by) => seen.push(format!("{name} ({made_by})")),
+                None => seen.push(name),
+            }
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(TrainError::NoFeatures(format!(
+            "no features of dataset {dataset_name} made by encoder {encoder} under {}{}",
+            parent.display(),
+            if seen.is_empty() {
+                String::new()
+            } else {
+                format!("; found {}", seen.join(", "))
+            }
+        ))),
+        many => Err(TrainError::NoFeatures(format!(
+            "several feature folders of dataset {dataset_name} made by {encoder} under {}: {}",
+            parent.display(),
+            many.join(", ")
+        ))),
+    }
+}
+
 /// How training data is read.
 #[derive(Debug, Clone, Default)]
 pub struct LoadConfig {

@@ -13,6 +13,7 @@ pub mod head;
 pub mod metrics;
 pub mod run;
 pub mod schedule;
+pub mod session;
 pub mod sweep;
 pub mod trainer;
 
@@ -35,6 +36,8 @@ pub enum TrainError {
     NonFinite { image_index: usize },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error(transparent)]
+    Experiments(#[from] crate::experiments::ExperimentsError),
     #[error(transparent)]
     Features(#[from] FeatureError),
     #[error(transparent)]

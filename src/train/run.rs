@@ -63,14 +63,26 @@ pub struct FitOptions {
 
 /// Called as runs progress: per-epoch metrics (for the experiments database).
 pub trait RunObserver {
-    fn epoch(&mut self, run: usize, epoch: usize, metrics: &BTreeMap<String, f64>);
+    fn epoch(
+        &mut self,
+        run: usize,
+        epoch: usize,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<(), TrainError>;
 }
 
 /// An observer that records nothing.
 pub struct NoObserver;
 
 impl RunObserver for NoObserver {
-    fn epoch(&mut self, _run: usize, _epoch: usize, _metrics: &BTreeMap<String, f64>) {}
+    fn epoch(
+        &mut self,
+        _run: usize,
+        _epoch: usize,
+        _metrics: &BTreeMap<String, f64>,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
 }
 
 /// What a finished run reports.
@@ -253,7 +265,7 @@ pub fn fit(
                 let improved = trainers[i].end_epoch(values)?;
                 let trainer = &trainers[i];
                 let epochs_done = trainer.state.epochs_done;
-                observer.epoch(i, epochs_done - 1, &trainer.state.history[epochs_done - 1]);
+                observer.epoch(i, epochs_done - 1, &trainer.state.history[epochs_done - 1])?;
                 if improved {
                     let best = head_file_bytes(data, trainer, true)?;
                     let dir = runs[i].run_dir.join(checkpoint::CHECKPOINT_DIR);
@@ -522,25 +534,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// A fresh run folder under experiments/runs/ with a unique id.
-pub fn new_run_dir(runs_dir: &Path) -> Result<(String, PathBuf), TrainError> {
-    std::fs::create_dir_all(runs_dir)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    // create_dir fails on an existing folder, so two runs in one second get distinct ids.
-    for n in 0.. {
-        let id = format!("{stamp}-{n}");
-        let dir = runs_dir.join(&id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => return Ok((id, dir)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    unreachable!("the loop returns")
-}
-
 /// What a run folder records about its inputs (`config.json`): enough to
 /// resume it or to use its head on new features.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -618,11 +611,6 @@ fn write_run(
     Ok(())
 }
 
-/// experiments/runs/: one folder per run.
-pub fn runs_dir(layout: &crate::layout::Layout) -> PathBuf {
-    layout.experiments_dir().join("runs")
-}
-
 /// The inputs record of a run about to train `config` on `data`.
 pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
     RunInputs {
@@ -633,61 +621,4 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
         config_hash: config.config_hash(&data.dataset_name, &data.fingerprint),
         config: config.clone(),
     }
-}
-
-/// Trains one head into a new run folder.
-pub fn train_new(
-    layout: &crate::layout::Layout,
-    data: &TrainData,
-    config: TrainConfig,
-    options: &FitOptions,
-    observer: &mut dyn RunObserver,
-) -> Result<RunReport, TrainError> {
-    config.validate()?;
-    let (run_id, run_dir) = new_run_dir(&runs_dir(layout))?;
-    write_run_inputs(&run_dir, &run_inputs(data, &config))?;
-    let run = PlannedRun {
-        run_id,
-        run_dir,
-        config,
-        resume: false,
-    };
-    Ok(fit(data, &[run], options, observer)?.remove(0))
-}
-
-/// Continues a killed run from its newest checkpoint (or from the start
-/// when it died before its first one) with the configuration it was started with.
-pub fn resume(
-    layout: &crate::layout::Layout,
-    run_id: &str,
-    options: &FitOptions,
-    observer: &mut dyn RunObserver,
-) -> Result<RunReport, TrainError> {
-    let run_dir = runs_dir(layout).join(run_id);
-    if !run_dir.is_dir() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} not found: no folder {}",
-            run_dir.display()
-        )));
-    }
-    if run_dir.join("metrics.json").is_file() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} already finished ({} exists); nothing to resume",
-            run_dir.join("metrics.json").display()
-        )));
-    }
-    let inputs = read_run_inputs(&run_dir)?;
-    let data = super::data::load(
-        layout,
-        &inputs.dataset,
-        Some(&inputs.fingerprint),
-        &load_config(&inputs.config),
-    )?;
-    let run = PlannedRun {
-        run_id: run_id.to_string(),
-        run_dir,
-        config: inputs.config,
-        resume: true,
-    };
-    Ok(fit(&data, &[run], options, observer)?.remove(0))
 }

@@ -1,0 +1,479 @@
+//! Training runs recorded in `experiments/experiments.db`: `train`,
+//! `train --resume` and `sweep`. Each head is one run: started in the
+//! database (params, tags, config hash), its epochs logged as they finish,
+//! its artifacts written into `experiments/runs/<id>/` (head, config,
+//! metrics, model card, plots), then finished with its summary metrics. A run
+//! whose process dies stays `RUNNING` until the next open of the database
+//! marks it `KILLED`; `--resume` (or re-running the sweep) continues it from
+//! its newest checkpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::TrainError;
+use super::config::{ClassWeights, HeadConfig, Optimizer, TrainConfig};
+use super::data::{self, TrainData};
+use super::run::{
+    FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, load_config, read_run_inputs,
+    run_inputs, write_run_inputs,
+};
+use super::schedule::Schedule;
+use super::sweep::Sweep;
+use crate::experiments::{
+    self, AblationQuery, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus, WhereClause,
+};
+use crate::layout::Layout;
+
+/// The params row of a run: the sweep-file names of its settings.
+pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String, ParamValue)> {
+    let mut out: Vec<(String, ParamValue)> = vec![
+        ("dataset".into(), dataset.into()),
+        ("encoder".into(), encoder.into()),
+        ("head".into(), config.head.name().into()),
+        ("epochs".into(), (config.epochs as f64).into()),
+        ("lr".into(), config.learning_rate.into()),
+        ("weight_decay".into(), config.weight_decay.into()),
+        ("batch_size".into(), (config.batch_size as f64).into()),
+        ("precision".into(), config.precision.name().into()),
+        ("class_weights".into(), config.class_weights.name().into()),
+        ("sampler".into(), config.sampler.name().into()),
+        ("seed".into(), (config.seed as f64).into()),
+        ("label_smoothing".into(), config.label_smoothing.into()),
+        ("monitor".into(), config.monitor.clone().into()),
+    ];
+    if let HeadConfig::Mlp {
+        hidden,
+        dropout,
+        activation,
+    } = &config.head
+    {
+        let sizes: Vec<String> = hidden.iter().map(usize::to_string).collect();
+        out.push(("hidden".into(), sizes.join(",").into()));
+        out.push(("dropout".into(), (*dropout).into()));
+        out.push((
+            "activation".into(),
+            format!("{activation:?}").to_lowercase().into(),
+        ));
+    }
+    match config.optimizer {
+        Optimizer::AdamW => out.push(("optimizer".into(), "adamw".into())),
+        Optimizer::Sgd { momentum } => {
+            out.push(("optimizer".into(), "sgd".into()));
+            out.push(("momentum".into(), momentum.into()));
+        }
+    }
+    let schedule = match config.schedule {
+        Schedule::Constant => "constant",
+        Schedule::Cosine { .. } => "cosine",
+        Schedule::Step { .. } => "step",
+        Schedule::ReduceOnPlateau { .. } => "plateau",
+    };
+    out.push(("schedule".into(), schedule.into()));
+    if let Some(stop) = &config.early_stopping {
+        out.push(("patience".into(), (stop.patience as f64).into()));
+    }
+    if let Some(clip) = config.gradient_clip {
+        out.push(("clip_grad_norm".into(), clip.into()));
+    }
+    if !config.label_map.is_empty() {
+        let classes: BTreeSet<&String> = config.label_map.values().collect();
+        let text: Vec<&str> = classes.into_iter().map(String::as_str).collect();
+        out.push(("label_map".into(), text.join(",").into()));
+    }
+    out
+}
+
+/// Logs every finished epoch to the run's metrics table.
+struct EpochLogger<'a> {
+    handles: &'a [RunHandle],
+}
+
+impl RunObserver for EpochLogger<'_> {
+    fn epoch(
+        &mut self,
+        run: usize,
+        epoch: usize,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<(), TrainError> {
+        let values: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.handles[run].log_metrics(epoch as u64 + 1, &values)?;
+        Ok(())
+    }
+}
+
+/// Trains one head as a new run of `experiment`.
+pub fn train(
+    layout: &Layout,
+    data: &TrainData,
+    experiment: &str,
+    config: TrainConfig,
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    config.validate()?;
+    let db = ExperimentsDb::open(layout)?;
+    let inputs = run_inputs(data, &config);
+    let handle = start(&db, experiment, &inputs, &[])?;
+    Ok(fit_and_finish(data, vec![(handle, inputs, false)], options)?.remove(0))
+}
+
+/// Continues a killed run from its newest checkpoint with its own settings.
+pub fn resume(
+    layout: &Layout,
+    run_id: &str,
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    let db = ExperimentsDb::open(layout)?;
+    let run_dir = db.run_dir(run_id);
+    if !run_dir.is_dir() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} not found: no folder {}",
+            run_dir.display()
+        )));
+    }
+    if run_dir.join("metrics.json").is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} already finished ({} exists); nothing to resume",
+            run_dir.join("metrics.json").display()
+        )));
+    }
+    let inputs = read_run_inputs(&run_dir)?;
+    let data = data::load(
+        layout,
+        &inputs.dataset,
+        Some(&inputs.fingerprint),
+        &load_config(&inputs.config),
+    )?;
+    let from = super::checkpoint::latest_epoch(&run_dir)?;
+    let handle = db.resume_run(run_id, from as u64)?;
+    Ok(fit_and_finish(&data, vec![(handle, inputs, true)], options)?.remove(0))
+}
+
+fn start(
+    db: &ExperimentsDb,
+    experiment: &str,
+    inputs: &RunInputs,
+    extra_params: &[(String, ParamValue)],
+) -> Result<RunHandle, TrainError> {
+    let encoder = inputs.encoder.clone().unwrap_or_default();
+    let mut params = params(&inputs.config, &inputs.dataset, &encoder);
+    params.extend(extra_params.iter().cloned());
+    let handle = db.start_run(RunStart {
+        experiment: experiment.to_string(),
+        dataset: inputs.dataset.clone(),
+        encoder_fingerprint: inputs.fingerprint.clone(),
+        config_hash: inputs.config_hash.clone(),
+        params,
+        tags: vec![
+            ("task".into(), "classify".into()),
+            ("lazarus_version".into(), crate::VERSION.into()),
+        ],
+    })?;
+    write_run_inputs(handle.dir(), inputs)?;
+    Ok(handle)
+}
+
+/// Trains the runs together, then writes each one's artifacts and finishes it.
+fn fit_and_finish(
+    data: &TrainData,
+    runs: Vec<(RunHandle, RunInputs, bool)>,
+    options: &FitOptions,
+) -> Result<Vec<RunReport>, TrainError> {
+    let planned: Vec<PlannedRun> = runs
+        .iter()
+        .map(|(handle, inputs, resume)| PlannedRun {
+            run_id: handle.id().to_string(),
+            run_dir: handle.dir().to_path_buf(),
+            config: inputs.config.clone(),
+            resume: *resume,
+        })
+        .collect();
+    let handles: Vec<RunHandle> = runs.into_iter().map(|(h, _, _)| h).collect();
+    // On an error the handles drop and their runs are recorded FAILED.
+    let reports = fit(
+        data,
+        &planned,
+        options,
+        &mut EpochLogger { handles: &handles },
+    )?;
+    for ((handle, report), run) in handles.into_iter().zip(&reports).zip(&planned) {
+        write_artifacts(&handle, report, &run.config, data)?;
+        let mut summary: Vec<(String, f64)> = report
+            .test
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if let Some(best) = report.epochs.get(report.best_epoch) {
+            summary.extend(
+                best.iter()
+                    .filter(|(k, _)| k.starts_with("val/"))
+                    .map(|(k, v)| (k.clone(), *v)),
+            );
+        }
+        summary.push(("best_epoch".into(), report.best_epoch as f64 + 1.0));
+        summary.push(("epochs_run".into(), report.epochs_run as f64));
+        summary.push(("skipped_steps".into(), report.skipped_steps as f64));
+        if let Some(peak) = report.peak_rss_bytes {
+            summary.push(("peak_rss_bytes".into(), peak as f64));
+        }
+        handle.finish(RunStatus::Finished, &summary)?;
+    }
+    Ok(reports)
+}
+
+/// A model card: what the head is, what it was trained and tested on, and
+/// how well it did (accuracy with a 95% Wilson interval).
+#[derive(Debug, Serialize)]
+struct ModelCard<'a> {
+    run_id: &'a str,
+    created_at: String,
+    lazarus_version: &'static str,
+    task: &'static str,
+    dataset: &'a str,
+    encoder: Option<String>,
+    encoder_fingerprint: &'a str,
+    classes: &'a [String],
+    split_sizes: BTreeMap<&'static str, usize>,
+    head: &'static str,
+    config: &'a TrainConfig,
+    best_epoch: usize,
+    test_metrics: &'a BTreeMap<String, f64>,
+    test_accuracy_95ci: Option<[f64; 2]>,
+    intended_use: &'static str,
+    limitations: &'static str,
+}
+
+/// The 95% Wilson score interval of a proportion.
+fn wilson_interval(proportion: f64, n: usize) -> Option<[f64; 2]> {
+    if n == 0 {
+        return None;
+    }
+    let (z, n) = (1.959_963_984_540_054f64, n as f64);
+    let centre = (proportion + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z / (1.0 + z * z / n)
+        * (proportion * (1.0 - proportion) / n + z * z / (4.0 * n * n)).sqrt();
+    Some([centre - half, centre + half])
+}
+
+fn write_artifacts(
+    handle: &RunHandle,
+    report: &RunReport,
+    config: &TrainConfig,
+    data: &TrainData,
+) -> Result<(), TrainError> {
+    let toml = toml::to_string_pretty(config)
+        .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
+    handle.write_artifact("config.toml", toml.as_bytes())?;
+    let card = ModelCard {
+        run_id: &report.run_id,
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        lazarus_version: crate::VERSION,
+        task: "image classification from frozen-encoder features",
+        dataset: &data.dataset_name,
+        encoder: data.features.metadata().get("encoder").cloned(),
+        encoder_fingerprint: &data.fingerprint,
+        classes: &data.class_names,
+        split_sizes: BTreeMap::from([
+            ("train", data.train.rows.len()),
+            ("val", data.val.rows.len()),
+            ("test", data.test.rows.len()),
+        ]),
+        head: config.head.name(),
+        config,
+        best_epoch: report.best_epoch + 1,
+        test_metrics: &report.test,
+        test_accuracy_95ci: report
+            .test
+            .get("test/accuracy")
+            .and_then(|&a| wilson_interval(a, data.test.rows.len())),
+        intended_use: "Classifying images like those of the training dataset, with the same \
+                       encoder and preprocessing; a starting point for review, not an automatic \
+                       decision on its own.",
+        limitations: "Measured on one held-out split of one dataset; images from other sources, \
+                      devices or class balances may score lower. Small classes have wide \
+                      intervals.",
+    };
+    let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    handle.write_artifact("model_card.json", &json)?;
+
+    let points: Vec<experiments::plots::EpochPoint> = report
+        .epochs
+        .iter()
+        .enumerate()
+        .map(|(epoch, m)| experiments::plots::EpochPoint {
+            epoch: epoch as u64 + 1,
+            train_loss: m.get("train/loss").copied(),
+            validation_loss: m.get("val/loss").copied(),
+            validation_metric: m.get(&config.monitor).copied(),
+        })
+        .collect();
+    let plots = handle.dir().join("plots");
+    std::fs::create_dir_all(&plots)?;
+    experiments::plots::learning_curves(
+        &plots,
+        &experiments::plots::LearningCurves {
+            metric_name: &config.monitor,
+            epochs: &points,
+        },
+    )?;
+    experiments::plots::confusion_matrix(&plots, &data.class_names, &report.test_confusion_matrix)?;
+    Ok(())
+}
+
+/// What `sweep` did with each head.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepOutcome {
+    pub sweep: String,
+    /// Runs trained now (fresh or resumed).
+    pub trained: Vec<RunReport>,
+    /// (config hash, run id) of configs already FINISHED, skipped.
+    pub skipped: Vec<(String, String)>,
+    /// Passes over the features: one per feature set (and label map).
+    pub passes: usize,
+    /// The comparison chart of the sweep's runs.
+    pub charts: Vec<PathBuf>,
+}
+
+/// How a sweep runs.
+pub struct SweepOptions {
+    pub fit: FitOptions,
+    /// Retrain configs that already FINISHED.
+    pub force: bool,
+    /// The metric the comparison chart shows.
+    pub chart_metric: String,
+}
+
+/// Trains every head of a sweep; heads on the same features in one pass.
+pub fn sweep(
+    layout: &Layout,
+    sweep: &Sweep,
+    options: &SweepOptions,
+) -> Result<SweepOutcome, TrainError> {
+    let db = ExperimentsDb::open(layout)?;
+    // Group heads by the features they read.
+    let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for (i, point) in sweep.points.iter().enumerate() {
+        groups
+            .entry((point.dataset.clone(), point.encoder.clone()))
+            .or_default()
+            .push(i);
+    }
+    let sweep_param = vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))];
+    let mut outcome = SweepOutcome {
+        sweep: sweep.name.clone(),
+        trained: Vec::new(),
+        skipped: Vec::new(),
+        passes: 0,
+        charts: Vec::new(),
+    };
+    for ((dataset, encoder), members) in groups {
+        let fingerprint = data::fingerprint_for_encoder(layout, &dataset, &encoder)?;
+        let mut configs: Vec<TrainConfig> = Vec::new();
+        for &i in &members {
+            let mut config = sweep.points[i].config.clone();
+            config.label_map = sweep.label_map.clone();
+            configs.push(config);
+        }
+        let data = data::load(layout, &dataset, Some(&fingerprint), &load_config(&configs[0]))?;
+        let mut runs = Vec::new();
+        let mut seen = BTreeSet::new();
+        for config in configs {
+            let inputs = run_inputs(&data, &config);
+            if !seen.insert(inputs.config_hash.clone()) {
+                continue; // the same head listed twice
+            }
+            if !options.force
+                && let Some(id) = db.find_finished(&inputs.config_hash)?
+            {
+                outcome.skipped.push((inputs.config_hash.clone(), id));
+                continue;
+            }
+            let resumable = if options.force {
+                None
+            } else {
+                db.find_resumable(&inputs.config_hash)?
+            };
+            match resumable {
+                Some(id) => {
+                    let dir = db.run_dir(&id);
+                    let from = super::checkpoint::latest_epoch(&dir)?;
+                    let handle = db.resume_run(&id, from as u64)?;
+                    runs.push((handle, inputs, true));
+                }
+                None => {
+                    let handle = start(&db, &sweep.name, &inputs, &sweep_param)?;
+                    runs.push((handle, inputs, false));
+                }
+            }
+        }
+        if runs.is_empty() {
+            continue;
+        }
+        outcome.passes += 1;
+        outcome
+            .trained
+            .extend(fit_and_finish(&data, runs, &options.fit)?);
+    }
+    outcome.charts = sweep_chart(layout, &db, sweep, &options.chart_metric)?;
+    Ok(outcome)
+}
+
+/// experiments/sweeps/<name>/comparison.svg|png: every configuration of the
+/// sweep (seeds pooled) by its mean chart metric.
+fn sweep_chart(
+    layout: &Layout,
+    db: &ExperimentsDb,
+    sweep: &Sweep,
+    metric: &str,
+) -> Result<Vec<PathBuf>, TrainError> {
+    // The axes that vary, seeds pooled.
+    let mut by: Vec<String> = Vec::new();
+    for point in &sweep.points {
+        for (key, value) in &point.params {
+            if key != "seed"
+                && !by.contains(key)
+                && sweep
+                    .points
+                    .iter()
+                    .any(|other| other.params.get(key) != Some(value))
+            {
+                by.push(key.clone());
+            }
+        }
+    }
+    if by.is_empty() {
+        by.push("head".into());
+    }
+    let report = db.ablate(&AblationQuery {
+        by,
+        metric: metric.to_string(),
+        wheres: vec![WhereClause {
+            key: "sweep".into(),
+            value: sweep.name.clone(),
+        }],
+        baseline: None,
+    })?;
+    let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
+    std::fs::create_dir_all(&dir)?;
+    let points = experiments::plots::SweepPoint::from_ablation(&report);
+    Ok(experiments::plots::sweep_chart(
+        &dir.join("comparison"),
+        metric,
+        &points,
+    )?)
+}
+
+/// The class-weight setting a file names, resolved against the classes.
+pub fn class_weights_from(
+    setting: &str,
+    class_names: &[String],
+) -> Result<ClassWeights, TrainError> {
+    Ok(match setting {
+        "none" => ClassWeights::None,
+        "balanced" => ClassWeights::Balanced,
+        file => ClassWeights::Given {
+            weights: super::config::read_class_weights(Path::new(file), class_names)?,
+        },
+    })
+}
