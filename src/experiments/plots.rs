@@ -563,6 +563,36 @@ mod tests {
     }
 
     #[test]
+    fn one_epoch_without_validation_metric_still_plots() {
+        let dir = tempfile::tempdir().unwrap();
+        let epochs = [EpochPoint {
+            epoch: 1,
+            train_loss: Some(0.7),
+            validation_loss: None,
+            validation_metric: None,
+        }];
+        let written = learning_curves(
+            dir.path(),
+            &LearningCurves {
+                metric_name: "val/accuracy",
+                epochs: &epochs,
+            },
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&written[0]).unwrap();
+        assert!(svg.contains("val/accuracy: no values recorded"), "{svg}");
+        let err = learning_curves(
+            dir.path(),
+            &LearningCurves {
+                metric_name: "val/accuracy",
+                epochs: &[],
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no epochs to plot"), "{err}");
+    }
+
+    #[test]
     fn png_text_is_rasterised_from_the_embedded_font() {
         // The same figure with and without a caption differs only by the
         // caption's glyphs: if no font were available, no pixels would differ.
