@@ -47,7 +47,7 @@ pub enum Command {
     /// Train a head on cached features.
     Train(Box<train::TrainArgs>),
     /// Train a grid of heads in one pass over the cached features.
-    Sweep(NotLandedArgs),
+    Sweep(train::SweepArgs),
     /// Query runs, compare them and print ablation tables.
     #[command(subcommand)]
     Experiments(experiments::ExperimentsCommand),
@@ -81,7 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Requeue(args) => queue::requeue(&layout, args),
         Command::Verify(args) => queue::verify(&layout, args),
         Command::Train(args) => train::train(&layout, *args),
-        Command::Sweep(_) => not_landed("sweep", 8, "experiments and sweeps"),
+        Command::Sweep(args) => train::sweep(&layout, args),
         Command::Experiments(command) => experiments::run(&layout, command),
         Command::Predict(_) => not_landed("predict", 10, "prediction and export"),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),

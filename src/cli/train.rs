@@ -1,16 +1,14 @@
 //! `lazarus train`: arguments to a `TrainConfig`; the work is in `lazarus::train`.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
 use lazarus::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler,
-    TrainConfig, read_class_weights,
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TrainConfig,
 };
-use lazarus::train::run::{FitOptions, NoObserver, RunReport, load_config};
+use lazarus::train::run::{FitOptions, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
+use lazarus::train::session;
 
 use super::queue::DeviceArg;
 
@@ -132,6 +130,9 @@ pub struct TrainArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Experiment the run is recorded under in experiments/experiments.db.
+    #[arg(long, default_value = "train")]
+    pub experiment: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -222,7 +223,7 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     if let Some(run_id) = &args.resume {
-        let report = lazarus::train::run::resume(layout, run_id, &options, &mut NoObserver)?;
+        let report = session::resume(layout, run_id, &options)?;
         return print_report(&report, args.json);
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
@@ -243,15 +244,9 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
             data.fingerprint
         );
     }
-    let class_weights = match args.class_weights.as_str() {
-        "none" => ClassWeights::None,
-        "balanced" => ClassWeights::Balanced,
-        file => ClassWeights::Given {
-            weights: read_class_weights(&PathBuf::from(file), &data.class_names)?,
-        },
-    };
+    let class_weights = session::class_weights_from(&args.class_weights, &data.class_names)?;
     let config = config(&args, class_weights)?;
-    let report = lazarus::train::run::train_new(layout, &data, config, &options, &mut NoObserver)?;
+    let report = session::train(layout, &data, &args.experiment, config, &options)?;
     print_report(&report, args.json)
 }
 
@@ -278,6 +273,63 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
             report.skipped_steps
         );
     }
-    println!("wrote {}", report.run_dir.display());
+    println!(
+        "recorded in experiments/experiments.db; files in {}",
+        report.run_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// The sweep file (TOML): fixed settings, [grid], optional [random] and [label_map].
+    pub file: std::path::PathBuf,
+    /// Retrain configurations that already FINISHED.
+    #[arg(long)]
+    pub force: bool,
+    /// Metric of the comparison chart and the summary table.
+    #[arg(long, default_value = "test/accuracy")]
+    pub metric: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
+    let sweep = lazarus::train::sweep::read(&args.file)?;
+    let started = std::time::Instant::now();
+    let options = session::SweepOptions {
+        fit: FitOptions {
+            device: super::queue::device(args.device)?,
+            progress: !args.json,
+        },
+        force: args.force,
+        chart_metric: args.metric.clone(),
+    };
+    let outcome = session::sweep(layout, &sweep, &options)?;
+    if args.json {
+        return super::print_json(&outcome);
+    }
+    println!(
+        "sweep {}: {} heads, {} trained in {} pass(es) over the features, {} already finished (skipped), {:.1} s",
+        sweep.name,
+        sweep.points.len(),
+        outcome.trained.len(),
+        outcome.passes,
+        outcome.skipped.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for report in &outcome.trained {
+        println!(
+            "  run {}: {} {:.4}",
+            report.run_id,
+            args.metric,
+            report.test.get(&args.metric).copied().unwrap_or(f64::NAN)
+        );
+    }
+    for chart in &outcome.charts {
+        println!("chart: {}", chart.display());
+    }
     Ok(())
 }

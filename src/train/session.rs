@@ -199,11 +199,8 @@ fn fit_and_finish(
     )?;
     for ((handle, report), run) in handles.into_iter().zip(&reports).zip(&planned) {
         write_artifacts(&handle, report, &run.config, data)?;
-        let mut summary: Vec<(String, f64)> = report
-            .test
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let mut summary: Vec<(String, f64)> =
+            report.test.iter().map(|(k, v)| (k.clone(), *v)).collect();
         if let Some(best) = report.epochs.get(report.best_epoch) {
             summary.extend(
                 best.iter()
@@ -375,7 +372,12 @@ pub fn sweep(
             config.label_map = sweep.label_map.clone();
             configs.push(config);
         }
-        let data = data::load(layout, &dataset, Some(&fingerprint), &load_config(&configs[0]))?;
+        let data = data::load(
+            layout,
+            &dataset,
+            Some(&fingerprint),
+            &load_config(&configs[0]),
+        )?;
         let mut runs = Vec::new();
         let mut seen = BTreeSet::new();
         for config in configs {
