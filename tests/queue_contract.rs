@@ -1,10 +1,15 @@
 //! The queue contract, written against the `Queue` trait so that every
-//! backend runs the same tests; `sqlite` instantiates them. Time comes from a
-//! `ManualClock`, so lease expiry and backoff are tested without sleeping.
+//! backend runs the same tests: `sqlite` always, `postgres` against the server
+//! in `LAZARUS_TEST_POSTGRES` (required when `CI=true`), each test in a schema
+//! of its own. Time comes from a `ManualClock`, so lease expiry and backoff
+//! are tested without sleeping.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lazarus::queue::postgres::PostgresQueue;
 use lazarus::queue::sqlite::SqliteQueue;
 use lazarus::queue::{
     ItemFailure, JobResult, JobState, KindBacklog, ManualClock, NewJob, Queue, QueueError,
@@ -23,7 +28,7 @@ fn policy() -> RetryPolicy {
 }
 
 /// A fresh SQLite queue in its own temp dir, with a manual clock.
-fn sqlite() -> (tempfile::TempDir, ManualClock, SqliteQueue) {
+fn sqlite(_test: &str) -> Option<(tempfile::TempDir, ManualClock, SqliteQueue)> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let queue = SqliteQueue::open_with(
@@ -32,7 +37,17 @@ fn sqlite() -> (tempfile::TempDir, ManualClock, SqliteQueue) {
         policy(),
     )
     .unwrap();
-    (dir, clock, queue)
+    Some((dir, clock, queue))
+}
+
+/// A fresh PostgreSQL queue in its own schema, with a manual clock; `None`
+/// when no test server is configured (outside CI).
+fn postgres(test: &str) -> Option<(support::postgres::Schema, ManualClock, PostgresQueue)> {
+    let server = support::postgres::server(test)?;
+    let schema = support::postgres::Schema::create(&server);
+    let clock = ManualClock::new(START_MS);
+    let queue = PostgresQueue::open_with(&schema.url, Arc::new(clock.clone()), policy()).unwrap();
+    Some((schema, clock, queue))
 }
 
 fn job(key: &str, kind: &str, group: &str, items: u64) -> NewJob {
@@ -401,22 +416,30 @@ macro_rules! contract_tests {
     ($make:path) => {
         #[test]
         fn claim_complete_roundtrip() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("claim_complete_roundtrip") else {
+                return;
+            };
             super::claim_complete_roundtrip(&queue);
         }
         #[test]
         fn expired_lease_is_reclaimed_and_the_old_attempt_fenced() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("expired_lease_is_reclaimed_and_the_old_attempt_fenced") else {
+                return;
+            };
             super::expired_lease_is_reclaimed_and_the_old_attempt_fenced(&queue, &clock);
         }
         #[test]
         fn heartbeat_extends_the_lease() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("heartbeat_extends_the_lease") else {
+                return;
+            };
             super::heartbeat_extends_the_lease(&queue, &clock);
         }
         #[test]
         fn failures_back_off_exponentially_then_die() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("failures_back_off_exponentially_then_die") else {
+                return;
+            };
             super::failures_back_off_exponentially_then_die(&queue, &clock);
         }
         #[test]
@@ -425,37 +448,51 @@ macro_rules! contract_tests {
         }
         #[test]
         fn workers_that_keep_dying_make_a_job_dead() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("workers_that_keep_dying_make_a_job_dead") else {
+                return;
+            };
             super::workers_that_keep_dying_make_a_job_dead(&queue, &clock);
         }
         #[test]
         fn release_gives_the_job_back_without_spending_a_try() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("release_gives_the_job_back_without_spending_a_try") else {
+                return;
+            };
             super::release_gives_the_job_back_without_spending_a_try(&queue);
         }
         #[test]
         fn claims_only_the_kinds_asked_for() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("claims_only_the_kinds_asked_for") else {
+                return;
+            };
             super::claims_only_the_kinds_asked_for(&queue);
         }
         #[test]
         fn enqueue_is_idempotent_and_supersede_fences() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("enqueue_is_idempotent_and_supersede_fences") else {
+                return;
+            };
             super::enqueue_is_idempotent_and_supersede_fences(&queue);
         }
         #[test]
         fn per_item_failures_complete_the_rest() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("per_item_failures_complete_the_rest") else {
+                return;
+            };
             super::per_item_failures_complete_the_rest(&queue);
         }
         #[test]
         fn throughput_and_eta_come_from_recent_completions() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("throughput_and_eta_come_from_recent_completions") else {
+                return;
+            };
             super::throughput_and_eta_come_from_recent_completions(&queue, &clock);
         }
         #[test]
         fn requeue_filters_by_group_and_state() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("requeue_filters_by_group_and_state") else {
+                return;
+            };
             super::requeue_filters_by_group_and_state(&queue, &clock);
         }
     };
@@ -464,6 +501,11 @@ macro_rules! contract_tests {
 mod sqlite_backend {
     use super::sqlite;
     contract_tests!(sqlite);
+}
+
+mod postgres_backend {
+    use super::postgres;
+    contract_tests!(postgres);
 }
 
 /// xorshift64*: a tiny deterministic generator, so failures replay by seed.
@@ -589,17 +631,35 @@ fn random_interleavings_keep_the_invariants(
     tally
 }
 
-#[test]
-fn sqlite_random_interleavings_keep_the_invariants() {
-    let (mut accepted, mut refused) = (0, 0);
-    for seed in 1..=8 {
-        let (_dir, clock, queue) = sqlite();
-        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
-        accepted += a;
-        refused += r;
-    }
+fn check_both_paths_ran(accepted: u32, refused: u32) {
     assert!(
         accepted > 100 && refused > 20,
         "both paths ran: {accepted} accepted, {refused} refused"
     );
+}
+
+#[test]
+fn sqlite_random_interleavings_keep_the_invariants() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 1..=8 {
+        let (_dir, clock, queue) = sqlite("random interleavings").unwrap();
+        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
+        accepted += a;
+        refused += r;
+    }
+    check_both_paths_ran(accepted, refused);
+}
+
+#[test]
+fn postgres_random_interleavings_keep_the_invariants() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 1..=8 {
+        let Some((_schema, clock, queue)) = postgres("postgres_random_interleavings") else {
+            return;
+        };
+        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
+        accepted += a;
+        refused += r;
+    }
+    check_both_paths_ran(accepted, refused);
 }

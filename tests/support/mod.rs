@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod assets;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,6 +12,8 @@ use image::{ImageFormat, Rgb, RgbImage};
 /// Runs `lazarus --root ROOT ARGS...` and returns its output.
 pub fn lazarus(root: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        // A developer's shared queue must never receive test jobs.
+        .env_remove("LAZARUS_QUEUE")
         .arg("--root")
         .arg(root)
         .args(args)
