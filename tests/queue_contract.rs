@@ -663,3 +663,109 @@ fn postgres_random_interleavings_keep_the_invariants() {
     }
     check_both_paths_ran(accepted, refused);
 }
+
+/// Workers that start together on an empty database create the schema once
+/// (migrations serialise on an advisory lock), and then claim concurrently
+/// with `SKIP LOCKED`: every job is claimed and completed exactly once.
+#[test]
+fn postgres_concurrent_workers_migrate_once_and_claim_each_job_once() {
+    let Some(server) = support::postgres::server("postgres_concurrent_workers") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    const THREADS: usize = 6;
+    const JOBS: usize = 300;
+    let queues: Vec<PostgresQueue> = std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..THREADS)
+            .map(|_| scope.spawn(|| PostgresQueue::open(&schema.url)))
+            .collect();
+        opening
+            .into_iter()
+            .map(|handle| handle.join().unwrap().unwrap())
+            .collect()
+    });
+    let jobs: Vec<NewJob> = (0..JOBS)
+        .map(|i| job(&format!("j{i}"), "noop", "g", 1))
+        .collect();
+    assert_eq!(queues[0].enqueue(&jobs).unwrap().added, JOBS as u64);
+    let claimed: Vec<Vec<i64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = queues
+            .iter()
+            .enumerate()
+            .map(|(w, queue)| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    let name = format!("w{w}");
+                    while let Some(lease) = queue.claim(&name, &["noop"], LEASE).unwrap() {
+                        assert_eq!(lease.attempt, 1, "job {} claimed twice", lease.job_id);
+                        queue
+                            .complete(lease.job_id, lease.attempt, &ok_result(&name))
+                            .unwrap();
+                        mine.push(lease.job_id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<i64> = claimed.iter().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), JOBS, "every job once");
+    assert_eq!(
+        claimed.iter().map(Vec::len).sum::<usize>(),
+        JOBS,
+        "no job twice"
+    );
+    assert!(
+        claimed.iter().filter(|mine| !mine.is_empty()).count() >= 2,
+        "work was shared: {:?}",
+        claimed.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_eq!(queues[0].status(None).unwrap().job_totals().done, JOBS as u64);
+}
+
+/// A database whose queue schema is newer than this binary knows is refused
+/// and left untouched; a read-only open of an empty schema creates nothing.
+#[test]
+fn postgres_newer_schema_is_refused_and_missing_schema_is_not_created() {
+    let Some(server) = support::postgres::server("postgres_schema_versions") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    assert!(PostgresQueue::open_existing(&schema.url).unwrap().is_none());
+    let mut client = postgres::Client::connect(&schema.url, postgres::NoTls).unwrap();
+    let tables = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(tables(&mut client), 0, "open_existing created nothing");
+    PostgresQueue::open(&schema.url).unwrap();
+    client
+        .batch_execute("UPDATE lazarus_queue_schema SET version = 99")
+        .unwrap();
+    let err = PostgresQueue::open(&schema.url).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::NewerSchema {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade lazarus"), "{err}");
+    let version: i32 = client
+        .query_one("SELECT version FROM lazarus_queue_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 99, "left untouched");
+}

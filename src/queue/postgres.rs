@@ -510,9 +510,13 @@ impl PostgresQueue {
 
 /// The schema version, or `None` when the queue tables do not exist yet.
 fn read_version(tx: &mut Transaction<'_>) -> Result<Option<i32>, Fail> {
+    // A catalog query under the statement's snapshot, not `to_regclass`: its
+    // catalog cache is not refreshed by the advisory lock, so after waiting
+    // for another process's migration it would miss the tables just created.
     let exists: bool = tx
         .query_one(
-            "SELECT to_regclass('lazarus_queue_schema') IS NOT NULL",
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+                 WHERE schemaname = current_schema() AND tablename = 'lazarus_queue_schema')",
             &[],
         )?
         .get(0);
