@@ -423,7 +423,9 @@ macro_rules! contract_tests {
         }
         #[test]
         fn expired_lease_is_reclaimed_and_the_old_attempt_fenced() {
-            let Some((_dir, clock, queue)) = $make("expired_lease_is_reclaimed_and_the_old_attempt_fenced") else {
+            let Some((_dir, clock, queue)) =
+                $make("expired_lease_is_reclaimed_and_the_old_attempt_fenced")
+            else {
                 return;
             };
             super::expired_lease_is_reclaimed_and_the_old_attempt_fenced(&queue, &clock);
@@ -437,7 +439,8 @@ macro_rules! contract_tests {
         }
         #[test]
         fn failures_back_off_exponentially_then_die() {
-            let Some((_dir, clock, queue)) = $make("failures_back_off_exponentially_then_die") else {
+            let Some((_dir, clock, queue)) = $make("failures_back_off_exponentially_then_die")
+            else {
                 return;
             };
             super::failures_back_off_exponentially_then_die(&queue, &clock);
@@ -448,14 +451,17 @@ macro_rules! contract_tests {
         }
         #[test]
         fn workers_that_keep_dying_make_a_job_dead() {
-            let Some((_dir, clock, queue)) = $make("workers_that_keep_dying_make_a_job_dead") else {
+            let Some((_dir, clock, queue)) = $make("workers_that_keep_dying_make_a_job_dead")
+            else {
                 return;
             };
             super::workers_that_keep_dying_make_a_job_dead(&queue, &clock);
         }
         #[test]
         fn release_gives_the_job_back_without_spending_a_try() {
-            let Some((_dir, _clock, queue)) = $make("release_gives_the_job_back_without_spending_a_try") else {
+            let Some((_dir, _clock, queue)) =
+                $make("release_gives_the_job_back_without_spending_a_try")
+            else {
                 return;
             };
             super::release_gives_the_job_back_without_spending_a_try(&queue);
@@ -469,7 +475,8 @@ macro_rules! contract_tests {
         }
         #[test]
         fn enqueue_is_idempotent_and_supersede_fences() {
-            let Some((_dir, _clock, queue)) = $make("enqueue_is_idempotent_and_supersede_fences") else {
+            let Some((_dir, _clock, queue)) = $make("enqueue_is_idempotent_and_supersede_fences")
+            else {
                 return;
             };
             super::enqueue_is_idempotent_and_supersede_fences(&queue);
@@ -483,7 +490,9 @@ macro_rules! contract_tests {
         }
         #[test]
         fn throughput_and_eta_come_from_recent_completions() {
-            let Some((_dir, clock, queue)) = $make("throughput_and_eta_come_from_recent_completions") else {
+            let Some((_dir, clock, queue)) =
+                $make("throughput_and_eta_come_from_recent_completions")
+            else {
                 return;
             };
             super::throughput_and_eta_come_from_recent_completions(&queue, &clock);
@@ -723,7 +732,10 @@ fn postgres_concurrent_workers_migrate_once_and_claim_each_job_once() {
         "work was shared: {:?}",
         claimed.iter().map(Vec::len).collect::<Vec<_>>()
     );
-    assert_eq!(queues[0].status(None).unwrap().job_totals().done, JOBS as u64);
+    assert_eq!(
+        queues[0].status(None).unwrap().job_totals().done,
+        JOBS as u64
+    );
 }
 
 /// A database whose queue schema is newer than this binary knows is refused

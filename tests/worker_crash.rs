@@ -140,7 +140,11 @@ fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>) {
     }
     // Jobs held by the last killed workers come back once their 2 s lease expires.
     std::thread::sleep(Duration::from_millis(2500));
-    ok(lazarus_on(&crashed, queue, &["run-worker", "--until-empty"]));
+    ok(lazarus_on(
+        &crashed,
+        queue,
+        &["run-worker", "--until-empty"],
+    ));
 
     let status = json(&ok(lazarus_on(&crashed, queue, &["status", "--json"])));
     assert_eq!(status["jobs"]["done"], (IMAGES / 16) as u64, "{status}");

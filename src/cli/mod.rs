@@ -27,7 +27,13 @@ pub struct Cli {
 
     /// A PostgreSQL queue shared by workers on many machines
     /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE); default: ROOT/jobs/queue.db.
-    #[arg(long, global = true, env = "LAZARUS_QUEUE", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZARUS_QUEUE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub queue: Option<String>,
 
     #[command(subcommand)]

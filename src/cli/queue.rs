@@ -14,8 +14,8 @@ use lazarus::extract::run::{self, ExtractConfig, Extractor, Reporting};
 use lazarus::extract::verify::VerifyConfig;
 use lazarus::features::ReconcileConfig;
 use lazarus::layout::Layout;
-use lazarus::queue::worker::{self, StopReason, WorkerConfig};
 use lazarus::queue::RequeueFilter;
+use lazarus::queue::worker::{self, StopReason, WorkerConfig};
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
@@ -138,8 +138,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         }
         println!(
             "{} no-op jobs added to {}",
-            outcome.jobs_added,
-            outcome.queue
+            outcome.jobs_added, outcome.queue
         );
         return Ok(());
     }
@@ -421,7 +420,8 @@ pub fn verify(layout: &Layout, args: VerifyArgs) -> anyhow::Result<()> {
     let config = VerifyConfig {
         repair: args.repair,
     };
-    let report = lazarus::extract::verify::verify(layout, queue.as_ref(), args.dataset.as_deref(), config)?;
+    let report =
+        lazarus::extract::verify::verify(layout, queue.as_ref(), args.dataset.as_deref(), config)?;
     if args.json {
         super::print_json(&report)?;
     } else {

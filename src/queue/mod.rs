@@ -569,8 +569,9 @@ impl QueueLocation {
             QueueLocation::Sqlite(path) => {
                 sqlite::SqliteQueue::open_existing(path)?.map(|q| Box::new(q) as Box<dyn Queue>)
             }
-            QueueLocation::Postgres(url) => postgres::PostgresQueue::open_existing(url)?
-                .map(|q| Box::new(q) as Box<dyn Queue>),
+            QueueLocation::Postgres(url) => {
+                postgres::PostgresQueue::open_existing(url)?.map(|q| Box::new(q) as Box<dyn Queue>)
+            }
         })
     }
 }

@@ -218,11 +218,7 @@ impl PostgresQueue {
         Ok(queue)
     }
 
-    fn connect(
-        url: &str,
-        clock: Arc<dyn Clock>,
-        policy: RetryPolicy,
-    ) -> Result<Self, QueueError> {
+    fn connect(url: &str, clock: Arc<dyn Clock>, policy: RetryPolicy) -> Result<Self, QueueError> {
         let name = redact_url(url);
         let mut config: Config = url.parse().map_err(|err| {
             QueueError::Invalid(format!("{name}: not a PostgreSQL connection URL: {err}"))
