@@ -19,11 +19,13 @@
 //! - Serialization failures and deadlocks are retried; a dropped connection is
 //!   reopened on the next call.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
-use postgres::{Client, Config, IsolationLevel, NoTls, Transaction};
+use postgres::types::ToSql;
+use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::{
     Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
@@ -147,12 +149,77 @@ fn redact_password_parameter(tail: &str) -> String {
     format!("{path}?{}", query.join("&"))
 }
 
+/// A connection and the statements prepared on it: each is parsed and
+/// planned once per connection, not once per call (half the round trips).
+struct Session {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// A transaction whose queries go through the session's prepared statements.
+struct Tx<'a> {
+    inner: Transaction<'a>,
+    statements: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl Tx<'_> {
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.inner.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.inner.query(&statement, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.inner.query_opt(&statement, params)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.inner.query_one(&statement, params)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.inner.execute(&statement, params)
+    }
+
+    /// Unprepared: for migrations, whose tables may not exist yet.
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.inner.batch_execute(sql)
+    }
+}
+
 /// A queue in a PostgreSQL database.
 pub struct PostgresQueue {
     /// The URL without its password: how messages name this queue.
     name: String,
     config: Config,
-    client: Mutex<Client>,
+    session: Mutex<Session>,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
 }
@@ -236,7 +303,10 @@ impl PostgresQueue {
         Ok(Self {
             name,
             config,
-            client: Mutex::new(client),
+            session: Mutex::new(Session {
+                client,
+                statements: HashMap::new(),
+            }),
             clock,
             policy,
         })
@@ -272,23 +342,24 @@ impl PostgresQueue {
     }
 
     /// The connection, reopened if the server dropped it.
-    fn lock(&self) -> Result<MutexGuard<'_, Client>, QueueError> {
-        // A panic while holding the client leaves no open transaction (the
+    fn lock(&self) -> Result<MutexGuard<'_, Session>, QueueError> {
+        // A panic while holding the session leaves no open transaction (the
         // transaction rolls back on drop), so a poisoned lock is still usable.
-        let mut client = self
-            .client
+        let mut session = self
+            .session
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if client.is_closed() {
-            *client = self
+        if session.client.is_closed() {
+            session.client = self
                 .config
                 .connect(NoTls)
                 .map_err(|err| QueueError::Postgres {
                     queue: self.name.clone(),
                     message: describe(&err),
                 })?;
+            session.statements.clear();
         }
-        Ok(client)
+        Ok(session)
     }
 
     fn to_error(&self, fail: Fail) -> QueueError {
@@ -306,19 +377,21 @@ impl PostgresQueue {
     fn transact<T>(
         &self,
         isolation: IsolationLevel,
-        mut op: impl FnMut(&mut Transaction<'_>, Millis) -> Result<T, Fail>,
+        mut op: impl FnMut(&mut Tx<'_>, Millis) -> Result<T, Fail>,
     ) -> Result<T, QueueError> {
-        let mut client = self.lock()?;
+        let mut session = self.lock()?;
         let started = Instant::now();
         let mut delay = Duration::from_millis(1);
         loop {
             let attempt = (|| {
-                let mut tx = client
+                let Session { client, statements } = &mut *session;
+                let inner = client
                     .build_transaction()
                     .isolation_level(isolation)
                     .start()?;
+                let mut tx = Tx { inner, statements };
                 let value = op(&mut tx, self.clock.now_ms())?;
-                tx.commit()?;
+                tx.inner.commit()?;
                 Ok(value)
             })();
             match attempt {
@@ -334,7 +407,7 @@ impl PostgresQueue {
 
     fn write<T>(
         &self,
-        op: impl FnMut(&mut Transaction<'_>, Millis) -> Result<T, Fail>,
+        op: impl FnMut(&mut Tx<'_>, Millis) -> Result<T, Fail>,
     ) -> Result<T, QueueError> {
         self.transact(IsolationLevel::ReadCommitted, op)
     }
@@ -342,13 +415,13 @@ impl PostgresQueue {
     /// One consistent snapshot for multi-statement reads.
     fn read<T>(
         &self,
-        op: impl FnMut(&mut Transaction<'_>, Millis) -> Result<T, Fail>,
+        op: impl FnMut(&mut Tx<'_>, Millis) -> Result<T, Fail>,
     ) -> Result<T, QueueError> {
         self.transact(IsolationLevel::RepeatableRead, op)
     }
 
     /// Why an attempt no longer holds a job, for [`QueueError::LeaseLost`].
-    fn lease_lost(&self, tx: &mut Transaction<'_>, job_id: i64, attempt: u32) -> Fail {
+    fn lease_lost(&self, tx: &mut Tx<'_>, job_id: i64, attempt: u32) -> Fail {
         let row = tx.query_opt(
             "SELECT state, attempt, worker, superseded FROM jobs WHERE id = $1",
             &[&job_id],
@@ -388,7 +461,7 @@ impl PostgresQueue {
 
     fn claim_in(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut Tx<'_>,
         now: Millis,
         worker: &str,
         kinds: &[&str],
@@ -465,7 +538,7 @@ impl PostgresQueue {
 
     fn complete_in(
         &self,
-        tx: &mut Transaction<'_>,
+        tx: &mut Tx<'_>,
         now: Millis,
         job_id: i64,
         attempt: u32,
@@ -505,7 +578,7 @@ impl PostgresQueue {
 }
 
 /// The schema version, or `None` when the queue tables do not exist yet.
-fn read_version(tx: &mut Transaction<'_>) -> Result<Option<i32>, Fail> {
+fn read_version(tx: &mut Tx<'_>) -> Result<Option<i32>, Fail> {
     // A catalog query under the statement's snapshot, not `to_regclass`: its
     // catalog cache is not refreshed by the advisory lock, so after waiting
     // for another process's migration it would miss the tables just created.
@@ -588,16 +661,13 @@ impl Queue for PostgresQueue {
 
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError> {
         self.write(|tx, now| {
-            let insert = tx.prepare(
-                "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
-                     state, enqueued_at_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
-                 ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
-            )?;
             let mut report = EnqueueReport::default();
             for job in jobs {
                 let added = tx.execute(
-                    &insert,
+                    "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
+                         state, enqueued_at_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
+                     ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
                     &[
                         &job.kind,
                         &job.group,
