@@ -12,6 +12,7 @@ use support::{fails, image_folder, json, lazarus, ok};
 /// Runs lazarus with an empty weights cache, so no weights are installed.
 fn lazarus_without_weights(root: &Path, cache: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .env_remove("LAZARUS_QUEUE")
         .arg("--root")
         .arg(root)
         .args(args)
