@@ -1,7 +1,9 @@
 //! Queue throughput: claim and complete 10,000 no-op jobs with 4 concurrent
-//! `run-worker` processes on one SQLite queue. Not a timed test: it prints
-//! jobs per second (wall clock from spawning the workers to the last exit,
-//! process start-up included). Run with `cargo bench --bench queue`.
+//! `run-worker` processes on one SQLite queue, and on PostgreSQL when
+//! `LAZARUS_TEST_POSTGRES` names a server (a fresh schema per round), in the
+//! same run. Not a timed test: it prints jobs per second (wall clock from
+//! spawning the workers to the last exit, process start-up included).
+//! Run with `cargo bench --bench queue`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,15 +13,45 @@ const JOBS: u64 = 10_000;
 const WORKERS: usize = 4;
 const ROUNDS: usize = 3;
 
-fn lazarus(root: &Path) -> Command {
+/// Where a round keeps its jobs: the root's SQLite file, or a PostgreSQL server.
+#[derive(Clone)]
+enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+fn lazarus(root: &Path, queue: Option<&str>) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lazarus"));
     command.arg("--root").arg(root);
+    match queue {
+        Some(url) => command.env("LAZARUS_QUEUE", url),
+        None => command.env_remove("LAZARUS_QUEUE"),
+    };
     command
 }
 
-fn round(workers: usize) -> f64 {
+fn round(workers: usize, backend: &Backend) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path();
+    let schema = format!("lazarus_bench_{}", std::process::id());
+    let queue_url = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres(server) => {
+            let mut client =
+                postgres::Client::connect(server, postgres::NoTls).expect("bench server");
+            client
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+                ))
+                .expect("fresh schema");
+            let separator = if server.contains('?') { '&' } else { '?' };
+            Some(format!(
+                "{server}{separator}options=-c%20search_path%3D{schema}"
+            ))
+        }
+    };
+    let queue = queue_url.as_deref();
+    let lazarus = |root: &Path| lazarus(root, queue);
     let enqueued = lazarus(root)
         .args(["enqueue", "--noop-jobs", &JOBS.to_string()])
         .stdout(Stdio::null())
@@ -54,6 +86,20 @@ fn round(workers: usize) -> f64 {
         .expect("status runs");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(status["jobs"]["done"], JOBS);
+    let on_postgres = status["queue"]
+        .as_str()
+        .is_some_and(|q| q.starts_with("postgres"));
+    assert_eq!(
+        on_postgres,
+        queue.is_some(),
+        "measured the wrong queue: {status}"
+    );
+    if let Backend::Postgres(server) = backend {
+        let mut client = postgres::Client::connect(server, postgres::NoTls).expect("bench server");
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .expect("drop schema");
+    }
     JOBS as f64 / elapsed
 }
 
@@ -63,14 +109,21 @@ fn main() {
         println!("queue benchmark: run with `cargo bench --bench queue`");
         return;
     }
-    for workers in [WORKERS, 1] {
-        let mut rates: Vec<f64> = (0..ROUNDS).map(|_| round(workers)).collect();
-        rates.sort_by(|a, b| a.total_cmp(b));
-        println!(
-            "queue: {JOBS} noop jobs, {workers} worker process(es): median {:.0} jobs/s (min {:.0}, max {:.0}, {ROUNDS} rounds)",
-            rates[ROUNDS / 2],
-            rates[0],
-            rates[ROUNDS - 1]
-        );
+    let mut backends = vec![("sqlite", Backend::Sqlite)];
+    match std::env::var("LAZARUS_TEST_POSTGRES") {
+        Ok(server) if !server.is_empty() => backends.push(("postgres", Backend::Postgres(server))),
+        _ => println!("queue: LAZARUS_TEST_POSTGRES unset: SQLite only"),
+    }
+    for (name, backend) in &backends {
+        for workers in [WORKERS, 1] {
+            let mut rates: Vec<f64> = (0..ROUNDS).map(|_| round(workers, backend)).collect();
+            rates.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "queue ({name}): {JOBS} noop jobs, {workers} worker process(es): median {:.0} jobs/s (min {:.0}, max {:.0}, {ROUNDS} rounds)",
+                rates[ROUNDS / 2],
+                rates[0],
+                rates[ROUNDS - 1]
+            );
+        }
     }
 }

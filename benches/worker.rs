@@ -11,6 +11,8 @@ const IMAGES: usize = 512;
 
 fn lazarus(root: &Path, args: &[&str]) {
     let status = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        // The benchmark measures the root's own SQLite queue, never a shared one.
+        .env_remove("LAZARUS_QUEUE")
         .arg("--root")
         .arg(root)
         .args(args)

@@ -1,22 +1,44 @@
 //! Where things live under a lazarus root (`--root`, default: the current directory).
 //!
 //! ```text
-//! ROOT/jobs/          queue database (queue.db) and dataset manifests (datasets/NAME/)
+//! ROOT/jobs/          queue database (queue.db, unless --queue names PostgreSQL)
+//!                     and dataset manifests (datasets/NAME/)
 //! ROOT/features/      feature shards, one folder per dataset and encoder fingerprint
 //! ROOT/experiments/   experiments.db and one folder per run
 //! ```
 
 use std::path::{Path, PathBuf};
 
-/// The runtime folders of one lazarus root.
+use crate::queue::QueueLocation;
+
+/// The runtime folders of one lazarus root, and the queue it uses.
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    /// A shared queue (PostgreSQL) instead of the root's SQLite file.
+    queue: Option<QueueLocation>,
 }
 
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            queue: None,
+        }
+    }
+
+    /// The same root with its jobs in `queue` (for example a PostgreSQL
+    /// database that workers on many machines share).
+    pub fn with_queue(mut self, queue: QueueLocation) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// The queue verbs open: the one given, else `jobs/queue.db`.
+    pub fn queue(&self) -> QueueLocation {
+        self.queue
+            .clone()
+            .unwrap_or_else(|| QueueLocation::Sqlite(self.queue_db()))
     }
 
     pub fn root(&self) -> &Path {

@@ -12,6 +12,7 @@ use support::{fails, image_folder, json, lazarus, ok};
 /// Runs lazarus with an empty weights cache, so no weights are installed.
 fn lazarus_without_weights(root: &Path, cache: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .env_remove("LAZARUS_QUEUE")
         .arg("--root")
         .arg(root)
         .args(args)
@@ -363,4 +364,66 @@ fn a_failed_job_is_retried_after_requeue_and_workers_stop_after_max_jobs() {
     let status = json(&ok(lazarus(root, &["status", "--json"])));
     assert_eq!(status["jobs"]["done"], 3);
     assert_eq!(status["jobs"]["failed"], 0);
+}
+
+#[test]
+fn a_queue_that_is_not_a_postgres_url_is_refused_before_anything_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["mysql://db/jobs", "jobs/queue.db"] {
+        let err = fails(support::lazarus_on(dir.path(), Some(value), &["status"]));
+        assert!(
+            err.contains(&format!("--queue {value}: expected a postgres://")),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("jobs").exists(), "nothing was created");
+}
+
+/// The whole verb chain over PostgreSQL: enqueue, work, status and requeue
+/// name the queue by its URL with the password hidden, and no SQLite file
+/// appears under the root.
+#[test]
+fn verbs_use_the_postgres_queue_and_never_print_its_password() {
+    let Some(server) = support::postgres::server("verbs_use_the_postgres_queue") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    // The test server trusts loopback, so any password is accepted and must be hidden.
+    let url = match schema.url.split_once("://postgres@") {
+        Some((scheme, rest)) => format!("{scheme}://postgres:hunter2@{rest}"),
+        None => schema.url.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let queue = Some(url.as_str());
+    let added = json(&ok(support::lazarus_on(
+        root,
+        queue,
+        &["enqueue", "--json", "--noop-jobs", "5"],
+    )));
+    assert_eq!(added["jobs_added"], 5);
+    let worked = json(&ok(support::lazarus_on(
+        root,
+        queue,
+        &["run-worker", "--until-empty", "--json"],
+    )));
+    assert_eq!(worked["completed"], 5);
+    let status_text = ok(support::lazarus_on(root, queue, &["status", "--json"]));
+    let status = json(&status_text);
+    assert_eq!(status["jobs"]["done"], 5, "{status}");
+    let shown = status["queue"].as_str().unwrap();
+    assert!(shown.starts_with("postgres://"), "{shown}");
+    if url != schema.url {
+        assert!(shown.contains("postgres:***@"), "{shown}");
+    }
+    for text in [&status_text, &added.to_string(), &worked.to_string()] {
+        assert!(!text.contains("hunter2"), "password leaked: {text}");
+    }
+    let requeued = json(&ok(support::lazarus_on(
+        root,
+        queue,
+        &["requeue", "--json"],
+    )));
+    assert_eq!(requeued["requeued"], 0);
+    assert!(!root.join("jobs/queue.db").exists(), "no SQLite queue");
 }

@@ -1,10 +1,15 @@
 //! The queue contract, written against the `Queue` trait so that every
-//! backend runs the same tests; `sqlite` instantiates them. Time comes from a
-//! `ManualClock`, so lease expiry and backoff are tested without sleeping.
+//! backend runs the same tests: `sqlite` always, `postgres` against the server
+//! in `LAZARUS_TEST_POSTGRES` (required when `CI=true`), each test in a schema
+//! of its own. Time comes from a `ManualClock`, so lease expiry and backoff
+//! are tested without sleeping.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use lazarus::queue::postgres::PostgresQueue;
 use lazarus::queue::sqlite::SqliteQueue;
 use lazarus::queue::{
     ItemFailure, JobResult, JobState, KindBacklog, ManualClock, NewJob, Queue, QueueError,
@@ -23,7 +28,7 @@ fn policy() -> RetryPolicy {
 }
 
 /// A fresh SQLite queue in its own temp dir, with a manual clock.
-fn sqlite() -> (tempfile::TempDir, ManualClock, SqliteQueue) {
+fn sqlite(_test: &str) -> Option<(tempfile::TempDir, ManualClock, SqliteQueue)> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(START_MS);
     let queue = SqliteQueue::open_with(
@@ -32,7 +37,17 @@ fn sqlite() -> (tempfile::TempDir, ManualClock, SqliteQueue) {
         policy(),
     )
     .unwrap();
-    (dir, clock, queue)
+    Some((dir, clock, queue))
+}
+
+/// A fresh PostgreSQL queue in its own schema, with a manual clock; `None`
+/// when no test server is configured (outside CI).
+fn postgres(test: &str) -> Option<(support::postgres::Schema, ManualClock, PostgresQueue)> {
+    let server = support::postgres::server(test)?;
+    let schema = support::postgres::Schema::create(&server);
+    let clock = ManualClock::new(START_MS);
+    let queue = PostgresQueue::open_with(&schema.url, Arc::new(clock.clone()), policy()).unwrap();
+    Some((schema, clock, queue))
 }
 
 fn job(key: &str, kind: &str, group: &str, items: u64) -> NewJob {
@@ -401,22 +416,33 @@ macro_rules! contract_tests {
     ($make:path) => {
         #[test]
         fn claim_complete_roundtrip() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("claim_complete_roundtrip") else {
+                return;
+            };
             super::claim_complete_roundtrip(&queue);
         }
         #[test]
         fn expired_lease_is_reclaimed_and_the_old_attempt_fenced() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) =
+                $make("expired_lease_is_reclaimed_and_the_old_attempt_fenced")
+            else {
+                return;
+            };
             super::expired_lease_is_reclaimed_and_the_old_attempt_fenced(&queue, &clock);
         }
         #[test]
         fn heartbeat_extends_the_lease() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("heartbeat_extends_the_lease") else {
+                return;
+            };
             super::heartbeat_extends_the_lease(&queue, &clock);
         }
         #[test]
         fn failures_back_off_exponentially_then_die() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("failures_back_off_exponentially_then_die")
+            else {
+                return;
+            };
             super::failures_back_off_exponentially_then_die(&queue, &clock);
         }
         #[test]
@@ -425,37 +451,57 @@ macro_rules! contract_tests {
         }
         #[test]
         fn workers_that_keep_dying_make_a_job_dead() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("workers_that_keep_dying_make_a_job_dead")
+            else {
+                return;
+            };
             super::workers_that_keep_dying_make_a_job_dead(&queue, &clock);
         }
         #[test]
         fn release_gives_the_job_back_without_spending_a_try() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) =
+                $make("release_gives_the_job_back_without_spending_a_try")
+            else {
+                return;
+            };
             super::release_gives_the_job_back_without_spending_a_try(&queue);
         }
         #[test]
         fn claims_only_the_kinds_asked_for() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("claims_only_the_kinds_asked_for") else {
+                return;
+            };
             super::claims_only_the_kinds_asked_for(&queue);
         }
         #[test]
         fn enqueue_is_idempotent_and_supersede_fences() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("enqueue_is_idempotent_and_supersede_fences")
+            else {
+                return;
+            };
             super::enqueue_is_idempotent_and_supersede_fences(&queue);
         }
         #[test]
         fn per_item_failures_complete_the_rest() {
-            let (_dir, _clock, queue) = $make();
+            let Some((_dir, _clock, queue)) = $make("per_item_failures_complete_the_rest") else {
+                return;
+            };
             super::per_item_failures_complete_the_rest(&queue);
         }
         #[test]
         fn throughput_and_eta_come_from_recent_completions() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) =
+                $make("throughput_and_eta_come_from_recent_completions")
+            else {
+                return;
+            };
             super::throughput_and_eta_come_from_recent_completions(&queue, &clock);
         }
         #[test]
         fn requeue_filters_by_group_and_state() {
-            let (_dir, clock, queue) = $make();
+            let Some((_dir, clock, queue)) = $make("requeue_filters_by_group_and_state") else {
+                return;
+            };
             super::requeue_filters_by_group_and_state(&queue, &clock);
         }
     };
@@ -464,6 +510,11 @@ macro_rules! contract_tests {
 mod sqlite_backend {
     use super::sqlite;
     contract_tests!(sqlite);
+}
+
+mod postgres_backend {
+    use super::postgres;
+    contract_tests!(postgres);
 }
 
 /// xorshift64*: a tiny deterministic generator, so failures replay by seed.
@@ -589,17 +640,144 @@ fn random_interleavings_keep_the_invariants(
     tally
 }
 
-#[test]
-fn sqlite_random_interleavings_keep_the_invariants() {
-    let (mut accepted, mut refused) = (0, 0);
-    for seed in 1..=8 {
-        let (_dir, clock, queue) = sqlite();
-        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
-        accepted += a;
-        refused += r;
-    }
+fn check_both_paths_ran(accepted: u32, refused: u32) {
     assert!(
         accepted > 100 && refused > 20,
         "both paths ran: {accepted} accepted, {refused} refused"
     );
+}
+
+#[test]
+fn sqlite_random_interleavings_keep_the_invariants() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 1..=8 {
+        let (_dir, clock, queue) = sqlite("random interleavings").unwrap();
+        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
+        accepted += a;
+        refused += r;
+    }
+    check_both_paths_ran(accepted, refused);
+}
+
+#[test]
+fn postgres_random_interleavings_keep_the_invariants() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 1..=8 {
+        let Some((_schema, clock, queue)) = postgres("postgres_random_interleavings") else {
+            return;
+        };
+        let (a, r) = random_interleavings_keep_the_invariants(&queue, &clock, seed);
+        accepted += a;
+        refused += r;
+    }
+    check_both_paths_ran(accepted, refused);
+}
+
+/// Workers that start together on an empty database create the schema once
+/// (migrations serialise on an advisory lock), and then claim concurrently
+/// with `SKIP LOCKED`: every job is claimed and completed exactly once.
+#[test]
+fn postgres_concurrent_workers_migrate_once_and_claim_each_job_once() {
+    let Some(server) = support::postgres::server("postgres_concurrent_workers") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    const THREADS: usize = 6;
+    const JOBS: usize = 300;
+    let queues: Vec<PostgresQueue> = std::thread::scope(|scope| {
+        let opening: Vec<_> = (0..THREADS)
+            .map(|_| scope.spawn(|| PostgresQueue::open(&schema.url)))
+            .collect();
+        opening
+            .into_iter()
+            .map(|handle| handle.join().unwrap().unwrap())
+            .collect()
+    });
+    let jobs: Vec<NewJob> = (0..JOBS)
+        .map(|i| job(&format!("j{i}"), "noop", "g", 1))
+        .collect();
+    assert_eq!(queues[0].enqueue(&jobs).unwrap().added, JOBS as u64);
+    let claimed: Vec<Vec<i64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = queues
+            .iter()
+            .enumerate()
+            .map(|(w, queue)| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    let name = format!("w{w}");
+                    while let Some(lease) = queue.claim(&name, &["noop"], LEASE).unwrap() {
+                        assert_eq!(lease.attempt, 1, "job {} claimed twice", lease.job_id);
+                        queue
+                            .complete(lease.job_id, lease.attempt, &ok_result(&name))
+                            .unwrap();
+                        mine.push(lease.job_id);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<i64> = claimed.iter().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), JOBS, "every job once");
+    assert_eq!(
+        claimed.iter().map(Vec::len).sum::<usize>(),
+        JOBS,
+        "no job twice"
+    );
+    assert!(
+        claimed.iter().filter(|mine| !mine.is_empty()).count() >= 2,
+        "work was shared: {:?}",
+        claimed.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        queues[0].status(None).unwrap().job_totals().done,
+        JOBS as u64
+    );
+}
+
+/// A database whose queue schema is newer than this binary knows is refused
+/// and left untouched; a read-only open of an empty schema creates nothing.
+#[test]
+fn postgres_newer_schema_is_refused_and_missing_schema_is_not_created() {
+    let Some(server) = support::postgres::server("postgres_schema_versions") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    assert!(PostgresQueue::open_existing(&schema.url).unwrap().is_none());
+    let mut client = postgres::Client::connect(&schema.url, postgres::NoTls).unwrap();
+    let tables = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(tables(&mut client), 0, "open_existing created nothing");
+    PostgresQueue::open(&schema.url).unwrap();
+    client
+        .batch_execute("UPDATE lazarus_queue_schema SET version = 99")
+        .unwrap();
+    let err = PostgresQueue::open(&schema.url).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::NewerSchema {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade lazarus"), "{err}");
+    let version: i32 = client
+        .query_one("SELECT version FROM lazarus_queue_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 99, "left untouched");
 }

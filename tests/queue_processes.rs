@@ -1,9 +1,13 @@
-//! Real processes on one queue file: 4 `run-worker`s, an enqueuer adding jobs
+//! Real processes on one queue: 4 `run-worker`s, an enqueuer adding jobs
 //! while they run, and a `status --json` poller. Every job must be executed
 //! and recorded exactly once, and no "database is locked" may reach a user.
+//! Each test runs on the SQLite file and on PostgreSQL (`LAZARUS_TEST_POSTGRES`,
+//! required when `CI=true`; see tests/support/postgres.rs).
+
+mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,14 +17,50 @@ const WORKERS: usize = 4;
 const BATCHES: u64 = 4;
 const PER_BATCH: u64 = 500;
 
-fn command(root: &Path) -> Command {
+/// Where the processes of one test work: a root, and the queue they share
+/// (the root's SQLite file, or a PostgreSQL schema of the test's own).
+#[derive(Clone)]
+struct Target {
+    root: PathBuf,
+    queue: Option<String>,
+}
+
+/// The SQLite target, or the PostgreSQL one (with the schema kept alive by
+/// the returned guard); `None` when no PostgreSQL test server is configured.
+fn target(
+    dir: &Path,
+    backend: Backend,
+    test: &str,
+) -> Option<(Target, Option<support::postgres::Schema>)> {
+    let root = dir.to_path_buf();
+    match backend {
+        Backend::Sqlite => Some((Target { root, queue: None }, None)),
+        Backend::Postgres => {
+            let schema = support::postgres::Schema::create(&support::postgres::server(test)?);
+            let queue = Some(schema.url.clone());
+            Some((Target { root, queue }, Some(schema)))
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn command(target: &Target) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lazarus"));
-    command.arg("--root").arg(root);
+    command.arg("--root").arg(&target.root);
+    match &target.queue {
+        Some(url) => command.env("LAZARUS_QUEUE", url),
+        None => command.env_remove("LAZARUS_QUEUE"),
+    };
     command
 }
 
-fn status_json(root: &Path) -> (serde_json::Value, Output) {
-    let output = command(root).args(["status", "--json"]).output().unwrap();
+fn status_json(target: &Target) -> (serde_json::Value, Output) {
+    let output = command(target).args(["status", "--json"]).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (value, output)
@@ -36,10 +76,21 @@ fn assert_not_locked(what: &str, output: &Output) {
 }
 
 #[test]
-fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once() {
+fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once_sqlite() {
+    four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once(Backend::Sqlite);
+}
+
+#[test]
+fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once_postgres() {
+    four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once(Backend::Postgres);
+}
+
+fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let markers = root.join("markers");
+    let Some((root, _schema)) = target(dir.path(), backend, "four_workers_exactly_once") else {
+        return;
+    };
+    let markers = root.root.join("markers");
     std::fs::create_dir_all(&markers).unwrap();
     let total = BATCHES * PER_BATCH;
 
@@ -177,7 +228,7 @@ fn four_workers_an_enqueuer_and_a_poller_do_every_job_exactly_once() {
 
 /// Polls `status --json` until `check` holds, for at most `secs` seconds.
 fn wait_for(
-    root: &Path,
+    root: &Target,
     secs: u64,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
@@ -195,7 +246,7 @@ fn wait_for(
     }
 }
 
-fn enqueue_slow_job(root: &Path, markers: &Path, sleep_ms: u64) {
+fn enqueue_slow_job(root: &Target, markers: &Path, sleep_ms: u64) {
     let output = command(root)
         .args(["enqueue", "--noop-jobs", "1", "--noop-sleep-ms"])
         .arg(sleep_ms.to_string())
@@ -207,10 +258,22 @@ fn enqueue_slow_job(root: &Path, markers: &Path, sleep_ms: u64) {
 }
 
 #[test]
-fn a_killed_workers_job_is_reclaimed_after_its_lease_expires() {
+fn a_killed_workers_job_is_reclaimed_after_its_lease_expires_sqlite() {
+    a_killed_workers_job_is_reclaimed_after_its_lease_expires(Backend::Sqlite);
+}
+
+#[test]
+fn a_killed_workers_job_is_reclaimed_after_its_lease_expires_postgres() {
+    a_killed_workers_job_is_reclaimed_after_its_lease_expires(Backend::Postgres);
+}
+
+fn a_killed_workers_job_is_reclaimed_after_its_lease_expires(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let markers = root.join("markers");
+    let Some((target, _schema)) = target(dir.path(), backend, "killed_worker_reclaimed") else {
+        return;
+    };
+    let root = &target;
+    let markers = target.root.join("markers");
     std::fs::create_dir_all(&markers).unwrap();
     enqueue_slow_job(root, &markers, 1500);
 
@@ -260,10 +323,22 @@ fn a_killed_workers_job_is_reclaimed_after_its_lease_expires() {
 }
 
 #[test]
-fn sigterm_releases_the_running_job_and_exits_zero() {
+fn sigterm_releases_the_running_job_and_exits_zero_sqlite() {
+    sigterm_releases_the_running_job_and_exits_zero(Backend::Sqlite);
+}
+
+#[test]
+fn sigterm_releases_the_running_job_and_exits_zero_postgres() {
+    sigterm_releases_the_running_job_and_exits_zero(Backend::Postgres);
+}
+
+fn sigterm_releases_the_running_job_and_exits_zero(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let markers = root.join("markers");
+    let Some((target, _schema)) = target(dir.path(), backend, "sigterm_releases") else {
+        return;
+    };
+    let root = &target;
+    let markers = target.root.join("markers");
     std::fs::create_dir_all(&markers).unwrap();
     enqueue_slow_job(root, &markers, 30_000);
     let worker = command(root)

@@ -2,15 +2,17 @@
 //! are killed with SIGKILL at random moments, at least 10 times, and
 //! restarted. At the end `verify` is clean, every image has exactly one row,
 //! and the pooled features are bit-identical to an uninterrupted run.
+//! The same test runs with the queue in SQLite and in PostgreSQL
+//! (`LAZARUS_TEST_POSTGRES`, required when `CI=true`).
 
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use lazarus::features::FeatureSet;
-use support::{json, lazarus, ok};
+use support::{json, lazarus, lazarus_on, ok};
 
 const IMAGES: usize = 512;
 const KILLS: usize = 10;
@@ -27,10 +29,8 @@ impl Random {
     }
 }
 
-fn spawn_worker(root: &Path, name: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_lazarus"))
-        .arg("--root")
-        .arg(root)
+fn spawn_worker(root: &Path, queue: Option<&str>, name: &str) -> Child {
+    support::queue_command(root, queue)
         .args([
             "run-worker",
             "--until-empty",
@@ -46,9 +46,10 @@ fn spawn_worker(root: &Path, name: &str) -> Child {
         .unwrap()
 }
 
-fn enqueue(root: &Path) {
-    ok(lazarus(
+fn enqueue(root: &Path, queue: Option<&str>) {
+    ok(lazarus_on(
         root,
+        queue,
         &[
             "enqueue",
             "--dataset",
@@ -74,7 +75,22 @@ fn feature_dir(root: &Path) -> PathBuf {
 }
 
 #[test]
-fn killed_workers_lose_nothing_and_repeat_nothing() {
+fn killed_workers_lose_nothing_and_repeat_nothing_sqlite() {
+    killed_workers_lose_nothing_and_repeat_nothing(None);
+}
+
+#[test]
+fn killed_workers_lose_nothing_and_repeat_nothing_postgres() {
+    let Some(server) = support::postgres::server("killed_workers_postgres") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    killed_workers_lose_nothing_and_repeat_nothing(Some(&schema.url));
+}
+
+/// The reference run always uses its own SQLite queue; the interrupted one
+/// uses `queue` (PostgreSQL) when given.
+fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("tree");
     let mut seed = 0;
@@ -90,12 +106,12 @@ fn killed_workers_lose_nothing_and_repeat_nothing() {
     }
     let reference = dir.path().join("reference");
     let crashed = dir.path().join("crashed");
-    for root in [&reference, &crashed] {
+    for (root, queue) in [(&reference, None), (&crashed, queue)] {
         ok(lazarus(
             root,
             &["dataset", "add", "blobs", tree.to_str().unwrap()],
         ));
-        enqueue(root);
+        enqueue(root, queue);
     }
 
     // The uninterrupted run.
@@ -104,7 +120,7 @@ fn killed_workers_lose_nothing_and_repeat_nothing() {
     // The interrupted run: kill a random worker every 0.3 to 1.5 s, restart it.
     let mut random = Random(0x5eed_1234_abcd_ef01);
     let mut workers: Vec<Child> = (0..2)
-        .map(|i| spawn_worker(&crashed, &format!("w{i}")))
+        .map(|i| spawn_worker(&crashed, queue, &format!("w{i}")))
         .collect();
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -117,19 +133,29 @@ fn killed_workers_lose_nothing_and_repeat_nothing() {
             kills += 1;
         }
         workers[victim].wait().unwrap();
-        workers[victim] = spawn_worker(&crashed, &format!("w{victim}-{kills}"));
+        workers[victim] = spawn_worker(&crashed, queue, &format!("w{victim}-{kills}"));
     }
     for worker in &mut workers {
         assert!(worker.wait().unwrap().success());
     }
     // Jobs held by the last killed workers come back once their 2 s lease expires.
     std::thread::sleep(Duration::from_millis(2500));
-    ok(lazarus(&crashed, &["run-worker", "--until-empty"]));
+    ok(lazarus_on(
+        &crashed,
+        queue,
+        &["run-worker", "--until-empty"],
+    ));
 
-    let status = json(&ok(lazarus(&crashed, &["status", "--json"])));
+    let status = json(&ok(lazarus_on(&crashed, queue, &["status", "--json"])));
     assert_eq!(status["jobs"]["done"], (IMAGES / 16) as u64, "{status}");
     assert_eq!(status["images"]["done"], IMAGES as u64, "{status}");
-    let verified = json(&ok(lazarus(&crashed, &["verify", "--json"])));
+    let verified = json(&ok(lazarus_on(&crashed, queue, &["verify", "--json"])));
+    if let Some(url) = queue {
+        assert!(
+            !crashed.join("jobs/queue.db").exists(),
+            "with the queue in {url}, no SQLite queue file is created"
+        );
+    }
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(verified["rows"], IMAGES as u64);
     assert_eq!(verified["duplicates"], 0);

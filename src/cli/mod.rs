@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use lazarus::layout::Layout;
+use lazarus::queue::QueueLocation;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +25,17 @@ pub struct Cli {
     /// Folder that holds jobs/, features/ and experiments/.
     #[arg(long, global = true, default_value = ".", value_name = "DIR")]
     pub root: PathBuf,
+
+    /// A PostgreSQL queue shared by workers on many machines
+    /// (postgres://USER:PASSWORD@HOST:PORT/DATABASE); default: ROOT/jobs/queue.db.
+    #[arg(
+        long,
+        global = true,
+        env = "LAZARUS_QUEUE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub queue: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -72,7 +84,10 @@ pub struct NotLandedArgs {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let layout = Layout::new(cli.root);
+    let mut layout = Layout::new(cli.root);
+    if let Some(queue) = cli.queue.as_deref().filter(|q| !q.is_empty()) {
+        layout = layout.with_queue(QueueLocation::parse(queue)?);
+    }
     match cli.command {
         Command::Dataset(command) => dataset::run(&layout, command),
         Command::Enqueue(args) => queue::enqueue(&layout, args),

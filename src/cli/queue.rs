@@ -14,9 +14,8 @@ use lazarus::extract::run::{self, ExtractConfig, Extractor, Reporting};
 use lazarus::extract::verify::VerifyConfig;
 use lazarus::features::ReconcileConfig;
 use lazarus::layout::Layout;
-use lazarus::queue::sqlite::SqliteQueue;
+use lazarus::queue::RequeueFilter;
 use lazarus::queue::worker::{self, StopReason, WorkerConfig};
-use lazarus::queue::{Queue, RequeueFilter};
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
@@ -139,8 +138,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         }
         println!(
             "{} no-op jobs added to {}",
-            outcome.jobs_added,
-            outcome.queue.display()
+            outcome.jobs_added, outcome.queue
         );
         return Ok(());
     }
@@ -239,9 +237,10 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
     let handler_flag = Arc::clone(&stop);
     ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
         .context("cannot install the SIGINT/SIGTERM handler")?;
-    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let queue = layout.queue().open()?;
+    let queue = queue.as_ref();
     let lease = Duration::from_secs(args.lease_secs);
-    let reconciled = run::reconcile(layout, &queue, &ReconcileConfig { grace: lease })?;
+    let reconciled = run::reconcile(layout, queue, &ReconcileConfig { grace: lease })?;
     if !args.json
         && (reconciled.removed_temp_files + reconciled.removed_unpublished > 0
             || !reconciled.reopened_jobs.is_empty())
@@ -263,7 +262,7 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
         max_jobs: args.max_jobs,
         poll_interval: Duration::from_millis(500),
     };
-    let report = worker::run(&queue, &runner, &config, &stop);
+    let report = worker::run(queue, &runner, &config, &stop);
     if let Reporting::Bar(bar) = &reporting {
         bar.finish();
     }
@@ -281,7 +280,7 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
             report.worker,
             report.completed + report.failed,
             reasons.join(", "),
-            queue.path().display()
+            queue.location()
         );
     }
     if args.json {
@@ -315,7 +314,7 @@ pub fn requeue(layout: &Layout, args: RequeueArgs) -> anyhow::Result<()> {
         failed: args.failed || both,
         dead: args.dead || both,
     };
-    let requeued = match SqliteQueue::open_existing(&layout.queue_db())? {
+    let requeued = match layout.queue().open_existing()? {
         Some(queue) => queue.requeue(&filter)?,
         None => 0,
     };
@@ -340,7 +339,7 @@ fn eta(secs: Option<f64>) -> String {
 }
 
 fn print_status(report: &StatusReport) {
-    println!("queue: {}", report.queue.display());
+    println!("queue: {}", report.queue);
     if report.groups.is_empty() {
         println!("no jobs");
         return;
@@ -417,11 +416,12 @@ fn print_status(report: &StatusReport) {
 }
 
 pub fn verify(layout: &Layout, args: VerifyArgs) -> anyhow::Result<()> {
-    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let queue = layout.queue().open()?;
     let config = VerifyConfig {
         repair: args.repair,
     };
-    let report = lazarus::extract::verify::verify(layout, &queue, args.dataset.as_deref(), config)?;
+    let report =
+        lazarus::extract::verify::verify(layout, queue.as_ref(), args.dataset.as_deref(), config)?;
     if args.json {
         super::print_json(&report)?;
     } else {

@@ -57,5 +57,5 @@ pub enum ExtractError {
     #[error("encoder '{encoder}' has no spatial feature map; drop --spatial")]
     NoSpatial { encoder: String },
     #[error("{queue}: malformed job payload: {message}")]
-    Payload { queue: PathBuf, message: String },
+    Payload { queue: String, message: String },
 }

@@ -17,7 +17,6 @@ use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_
 use crate::digest::sha256_hex;
 use crate::encoders::{self, EncoderSpec};
 use crate::layout::Layout;
-use crate::queue::sqlite::SqliteQueue;
 use crate::queue::{EnqueueReport, NewJob, Queue};
 
 /// Where the encoder weights come from.
@@ -82,7 +81,8 @@ pub struct ExtractPayload {
 /// What an enqueue did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EnqueueOutcome {
-    pub queue: PathBuf,
+    /// The queue file, or its URL without the password.
+    pub queue: String,
     pub dataset: String,
     pub encoder: String,
     pub fingerprint: String,
@@ -171,9 +171,10 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
     let weights = resolve_weights(encoder.name, &request.weights)?;
     let fingerprint = fingerprint(&encoder, &weights.id, request.spatial);
 
-    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let queue = layout.queue().open()?;
+    let queue = queue.as_ref();
     let group = dataset.info.name.as_str();
-    let covered = covered_indices(&queue, group, encoder.name, &fingerprint)?;
+    let covered = covered_indices(queue, group, encoder.name, &fingerprint)?;
     let already_covered = covered.len();
     let superseded = if request.force {
         queue.supersede(group, encoder.name, &fingerprint)?
@@ -215,7 +216,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         .collect();
     let EnqueueReport { added, skipped } = queue.enqueue(&jobs)?;
     Ok(EnqueueOutcome {
-        queue: queue.path().to_path_buf(),
+        queue: queue.location(),
         dataset: group.to_string(),
         encoder: encoder.name.to_string(),
         fingerprint,
@@ -231,7 +232,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
 
 /// Manifest indices in live jobs of this dataset, encoder and fingerprint.
 fn covered_indices(
-    queue: &SqliteQueue,
+    queue: &dyn Queue,
     group: &str,
     encoder: &str,
     fingerprint: &str,
@@ -240,7 +241,7 @@ fn covered_indices(
     for payload in queue.live_payloads(group, encoder, fingerprint)? {
         let payload: ExtractPayload =
             serde_json::from_str(&payload).map_err(|err| ExtractError::Payload {
-                queue: queue.path().to_path_buf(),
+                queue: queue.location(),
                 message: err.to_string(),
             })?;
         covered.extend(payload.image_indices);
@@ -265,7 +266,7 @@ pub struct NoopPayload {
 /// What a no-op enqueue did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NoopOutcome {
-    pub queue: PathBuf,
+    pub queue: String,
     pub jobs_added: u64,
 }
 
@@ -275,7 +276,7 @@ pub fn enqueue_noop(
     count: u64,
     payload: &NoopPayload,
 ) -> Result<NoopOutcome, ExtractError> {
-    let queue = SqliteQueue::open(&layout.queue_db())?;
+    let queue = layout.queue().open()?;
     let text = serde_json::to_string(payload).expect("payload serialises");
     // Each no-op job is new: the key only has to be unique.
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -298,7 +299,7 @@ pub fn enqueue_noop(
         .collect();
     let report = queue.enqueue(&jobs)?;
     Ok(NoopOutcome {
-        queue: queue.path().to_path_buf(),
+        queue: queue.location(),
         jobs_added: report.added,
     })
 }

@@ -1,14 +1,11 @@
 //! `status` in the user's terms: jobs per dataset and encoder, images done
 //! out of total, failed images with reasons, failed and dead jobs, throughput.
 
-use std::path::PathBuf;
-
 use serde::Serialize;
 
 use super::ExtractError;
 use crate::layout::Layout;
-use crate::queue::sqlite::SqliteQueue;
-use crate::queue::{ItemCounts, Millis, Queue, QueueStatus, StateCounts, Throughput};
+use crate::queue::{ItemCounts, Millis, QueueStatus, StateCounts, Throughput};
 
 /// Completion rate in images.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -67,7 +64,8 @@ pub struct JobReport {
 /// What `lazarus status --json` prints: one object.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusReport {
-    pub queue: PathBuf,
+    /// The queue file, or its URL without the password.
+    pub queue: String,
     /// Summed over the groups shown.
     pub jobs: StateCounts,
     pub images: ItemCounts,
@@ -82,8 +80,8 @@ pub struct StatusReport {
 /// Status of the queue under `layout`, for one dataset or all. A missing
 /// queue file reports zeros and is not created.
 pub fn status(layout: &Layout, dataset: Option<&str>) -> Result<StatusReport, ExtractError> {
-    let path = layout.queue_db();
-    let status = match SqliteQueue::open_existing(&path)? {
+    let location = layout.queue();
+    let status = match location.open_existing()? {
         Some(queue) => queue.status(dataset)?,
         None => QueueStatus {
             now_ms: 0,
@@ -94,11 +92,11 @@ pub fn status(layout: &Layout, dataset: Option<&str>) -> Result<StatusReport, Ex
             dead_jobs: Vec::new(),
         },
     };
-    Ok(report(path, &status))
+    Ok(report(location.describe(), &status))
 }
 
 /// Renames the queue's generic status into datasets, encoders and images.
-pub fn report(queue: PathBuf, status: &QueueStatus) -> StatusReport {
+pub fn report(queue: String, status: &QueueStatus) -> StatusReport {
     let job = |j: &crate::queue::JobProblem| JobReport {
         job_id: j.job_id,
         dataset: j.group.clone(),

@@ -88,7 +88,7 @@ pub fn verify(
         for text in &payloads {
             let payload: ExtractPayload =
                 serde_json::from_str(text).map_err(|err| ExtractError::Payload {
-                    queue: layout.queue_db(),
+                    queue: queue.location(),
                     message: err.to_string(),
                 })?;
             expected.extend(payload.image_indices);

@@ -8,9 +8,14 @@
 //! without a marker, never read and removed by `reconcile`; or (c) a shard
 //! with its marker, complete. A marker whose size or checksum does not match
 //! its shard is treated as missing.
+//!
+//! `store` puts publishing behind the `FeatureStore` trait: the local file
+//! system by default, an object store (S3 and compatible) as an option, with
+//! the same order (shard, then `.done`) and `download` to map remote shards.
 
 mod set;
 mod shard;
+pub mod store;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,8 @@ pub enum FeatureError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{location}: {message}")]
+    Store { location: String, message: String },
     #[error("{path}: invalid shard: {message}")]
     InvalidShard { path: PathBuf, message: String },
     #[error(

@@ -63,9 +63,10 @@ fn f16_bytes(values: &[f16]) -> &[u8] {
     bytemuck::cast_slice(values)
 }
 
-/// Serialises, writes and publishes a shard: shard file first (temp, fsync,
-/// rename), then its `.done` marker the same way. A crash between the two
-/// leaves a shard without a marker, which readers ignore and reconcile removes.
+/// Serialises, writes and publishes a shard in a local folder: shard file
+/// first (temp, fsync, rename), then its `.done` marker the same way. A crash
+/// between the two leaves a shard without a marker, which readers ignore and
+/// reconcile removes. (`store::publish_shard` does the same for any store.)
 pub fn write_shard(
     dir: &Path,
     shard_index: u64,
@@ -73,9 +74,22 @@ pub fn write_shard(
     metadata: HashMap<String, String>,
     job: JobRef,
 ) -> Result<DoneMarker, FeatureError> {
+    let local = super::store::LocalFeatureStore::new(dir);
+    super::store::publish_shard(&local, "", shard_index, data, metadata, job)
+}
+
+/// The safetensors bytes of a shard and the marker that publishes them;
+/// `location` names the shard in errors.
+pub(crate) fn encode_shard(
+    location: &Path,
+    shard_index: u64,
+    data: &ShardData<'_>,
+    metadata: HashMap<String, String>,
+    job: JobRef,
+) -> Result<(Vec<u8>, DoneMarker), FeatureError> {
     let rows = data.image_index.len();
     let invalid = |message: String| FeatureError::InvalidShard {
-        path: dir.join(shard_file_name(shard_index)),
+        path: location.to_path_buf(),
         message,
     };
     if data.pooled.len() != rows * data.feature_dim {
@@ -122,10 +136,6 @@ pub fn write_shard(
     }
     let bytes =
         safetensors::serialize(tensors, Some(metadata)).map_err(|e| invalid(e.to_string()))?;
-
-    fs::create_dir_all(dir).map_err(|e| FeatureError::io(dir, e))?;
-    let shard_path = dir.join(shard_file_name(shard_index));
-    crate::atomic::write_file(&shard_path, &bytes).map_err(|e| FeatureError::io(&shard_path, e))?;
     let marker = DoneMarker {
         shard: shard_file_name(shard_index),
         rows,
@@ -135,11 +145,7 @@ pub fn write_shard(
         attempt: job.attempt,
         lazarus_version: crate::VERSION.to_string(),
     };
-    let done_path = dir.join(done_file_name(shard_index));
-    let marker_json = serde_json::to_vec_pretty(&marker).expect("marker serialises");
-    crate::atomic::write_file(&done_path, &marker_json)
-        .map_err(|e| FeatureError::io(&done_path, e))?;
-    Ok(marker)
+    Ok((bytes, marker))
 }
 
 /// How thoroughly to check a shard against its marker.

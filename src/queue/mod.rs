@@ -6,8 +6,10 @@
 //! reported by; lazarus uses the dataset and encoder names), a `fingerprint`
 //! (the configuration the result depends on), a `dedup_key` (enqueueing a key
 //! that is already live adds nothing), an item count and an opaque payload.
-//! [`Queue`] is the contract; [`sqlite::SqliteQueue`] implements it, and a
-//! later PostgreSQL backend must pass the same tests.
+//! [`Queue`] is the contract; [`sqlite::SqliteQueue`] (one file, one machine)
+//! and [`postgres::PostgresQueue`] (one database, many machines) implement it
+//! and pass the same conformance tests. [`QueueLocation`] says which one a
+//! verb opens.
 //!
 //! # Lifecycle
 //!
@@ -33,7 +35,7 @@
 //!
 //! # Crash behaviour
 //!
-//! Every transition is one SQLite transaction, so a worker killed at any
+//! Every transition is one database transaction, so a worker killed at any
 //! point leaves the job in exactly one state:
 //! - killed before its claim commits: the job is still pending (or failed, or
 //!   leased to the previous holder) and nothing changed.
@@ -51,6 +53,7 @@
 //! A job is therefore run at least once and recorded done at most once per
 //! live enqueue; it may run more than once only after a lease expired.
 
+pub mod postgres;
 pub mod sqlite;
 pub mod worker;
 
@@ -389,7 +392,8 @@ impl QueueStatus {
     }
 }
 
-/// Errors at the queue boundary. Each names the queue file. Underlying errors
+/// Errors at the queue boundary. Each names the queue (its file, or its URL
+/// without the password, in `path` for both backends). Underlying errors
 /// are part of the message (not a `source`), so `{:#}` prints them once.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -432,6 +436,8 @@ pub enum QueueError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("{queue}: {message}")]
+    Postgres { queue: String, message: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -440,6 +446,9 @@ pub enum QueueError {
 /// queue's clock. Implementations must be usable from several threads (a
 /// worker heartbeats from a second thread) and several processes.
 pub trait Queue: Send + Sync {
+    /// Where the queue lives, for messages: a file path, or a URL without its password.
+    fn location(&self) -> String;
+
     /// Adds jobs, skipping those whose dedup key is already live. Atomic.
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError>;
 
@@ -513,6 +522,58 @@ pub trait Queue: Send + Sync {
 
     /// Counts, failures and throughput, for one group or all.
     fn status(&self, group: Option<&str>) -> Result<QueueStatus, QueueError>;
+}
+
+/// Which queue a verb opens: the SQLite file under the root (one machine), or
+/// a PostgreSQL database (`--queue postgres://...` or `LAZARUS_QUEUE`) that
+/// workers on many machines share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueLocation {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl QueueLocation {
+    /// Parses a `--queue` value: a `postgres://` or `postgresql://` URL.
+    pub fn parse(value: &str) -> Result<Self, QueueError> {
+        let lower = value.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(QueueLocation::Postgres(value.to_string()))
+        } else {
+            Err(QueueError::Invalid(format!(
+                "--queue {}: expected a postgres:// or postgresql:// URL (without --queue the SQLite file ROOT/jobs/queue.db is used)",
+                postgres::redact_url(value)
+            )))
+        }
+    }
+
+    /// How messages name it: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            QueueLocation::Sqlite(path) => path.display().to_string(),
+            QueueLocation::Postgres(url) => postgres::redact_url(url),
+        }
+    }
+
+    /// Opens the queue, creating its file or schema if absent.
+    pub fn open(&self) -> Result<Box<dyn Queue>, QueueError> {
+        Ok(match self {
+            QueueLocation::Sqlite(path) => Box::new(sqlite::SqliteQueue::open(path)?),
+            QueueLocation::Postgres(url) => Box::new(postgres::PostgresQueue::open(url)?),
+        })
+    }
+
+    /// Opens the queue only if it exists; read-only verbs create nothing.
+    pub fn open_existing(&self) -> Result<Option<Box<dyn Queue>>, QueueError> {
+        Ok(match self {
+            QueueLocation::Sqlite(path) => {
+                sqlite::SqliteQueue::open_existing(path)?.map(|q| Box::new(q) as Box<dyn Queue>)
+            }
+            QueueLocation::Postgres(url) => {
+                postgres::PostgresQueue::open_existing(url)?.map(|q| Box::new(q) as Box<dyn Queue>)
+            }
+        })
+    }
 }
 
 /// Throughput over completions given as (finished_at_ms, items), newest first,

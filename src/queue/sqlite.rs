@@ -512,6 +512,10 @@ fn parse_state(
 }
 
 impl Queue for SqliteQueue {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError> {
         self.write(|tx, now| {
             let mut insert = tx.prepare_cached(

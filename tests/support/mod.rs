@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod assets;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,12 +11,28 @@ use image::{ImageFormat, Rgb, RgbImage};
 
 /// Runs `lazarus --root ROOT ARGS...` and returns its output.
 pub fn lazarus(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lazarus"))
-        .arg("--root")
-        .arg(root)
+    lazarus_on(root, None, args)
+}
+
+/// `lazarus ...` with its queue in `queue` (a PostgreSQL URL), or in the
+/// root's SQLite file when `None`.
+pub fn lazarus_on(root: &Path, queue: Option<&str>, args: &[&str]) -> Output {
+    queue_command(root, queue)
         .args(args)
         .output()
         .expect("the lazarus binary runs")
+}
+
+/// `lazarus --root ROOT` with its queue set as in [`lazarus_on`].
+pub fn queue_command(root: &Path, queue: Option<&str>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lazarus"));
+    command.arg("--root").arg(root);
+    // A developer's shared queue must never receive test jobs.
+    match queue {
+        Some(url) => command.env("LAZARUS_QUEUE", url),
+        None => command.env_remove("LAZARUS_QUEUE"),
+    };
+    command
 }
 
 pub fn stdout(output: &Output) -> String {
