@@ -9,6 +9,11 @@
 //!   f16 features (6.1 GB, shards of 1,024 rows) trained with
 //!   `--memory-budget 1GiB`; prints the peak RSS the run reported.
 //!
+//! - `cargo bench --bench train_head -- sweep`: the 24-head sweep of issue 8
+//!   (linear and MLP x 3 learning rates x 2 class weightings x 2 seeds, 20
+//!   epochs) on 10,000 x 1,280 features, against one linear and one MLP
+//!   head trained alone for the same epochs, in the same run.
+//!
 //! Caches are generated once under `target/bench-train/` (or
 //! `$LAZARUS_BENCH_DIR`) and reused. Class c is centred at 0.5 in dimensions
 //! [128c, 128c + 128) with unit noise, so the task is learnable but not trivial.
@@ -156,6 +161,7 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
     root
 }
 
+/// Runs `lazarus train` with the shared settings plus `extra`.
 fn train(root: &Path, dataset: &str, extra: &[&str]) -> (f64, serde_json::Value) {
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_lazarus"))
@@ -167,8 +173,6 @@ fn train(root: &Path, dataset: &str, extra: &[&str]) -> (f64, serde_json::Value)
             dataset,
             "--encoder",
             "generated",
-            "--head",
-            "linear",
             "--lr",
             "0.001",
             "--batch-size",
@@ -206,7 +210,7 @@ fn speed() {
     let mut best = f64::INFINITY;
     let mut accuracy = 0.0;
     for _ in 0..3 {
-        let (seconds, report) = train(&root, cache.name, &["--epochs", "10"]);
+        let (seconds, report) = train(&root, cache.name, &["--epochs", "10", "--head", "linear"]);
         best = best.min(seconds);
         accuracy = report["test"]["test/accuracy"].as_f64().unwrap();
     }
@@ -234,7 +238,14 @@ fn memory() {
     let (seconds, report) = train(
         &root,
         cache.name,
-        &["--epochs", "2", "--memory-budget", "1GiB"],
+        &[
+            "--epochs",
+            "2",
+            "--memory-budget",
+            "1GiB",
+            "--head",
+            "linear",
+        ],
     );
     let peak = report["peak_rss_bytes"].as_u64().unwrap_or(0);
     println!("load average after: {}", load_average());
@@ -254,16 +265,62 @@ fn memory() {
     );
 }
 
+fn sweep() {
+    let cache = Cache {
+        name: "sweep",
+        rows: 10_000,
+        rows_per_shard: 64,
+    };
+    let root = ensure_cache(&cache);
+    let file = root.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "name = \"bench-sweep\"\ndataset = \"sweep\"\nencoder = \"generated\"\nepochs = 20\n\
+         [grid]\nhead = [\"linear\", \"mlp\"]\nlr = [0.001, 0.003, 0.01]\n\
+         class_weights = [\"none\", \"balanced\"]\nseed = [0, 1]\n",
+    )
+    .unwrap();
+    println!("load average before: {}", load_average());
+    let alone = |head: &str| {
+        let (seconds, _) = train(&root, cache.name, &["--epochs", "20", "--head", head]);
+        seconds
+    };
+    let linear = alone("linear");
+    let mlp = alone("mlp");
+    let started = Instant::now();
+    let status = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+        .arg("--root")
+        .arg(&root)
+        .args(["sweep", file.to_str().unwrap(), "--force", "--json"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "lazarus sweep failed");
+    let swept = started.elapsed().as_secs_f64();
+    println!("load average after: {}", load_average());
+    println!(
+        "sweep of 24 heads (linear+mlp x 3 lr x 2 class weights x 2 seeds), 20 epochs, \
+         10000 x 1280 f16: {swept:.1} s; one linear head alone {linear:.1} s ({:.1}x), \
+         one MLP head (256 hidden) alone {mlp:.1} s ({:.1}x); 24 separate runs would take \
+         about {:.1} s",
+        swept / linear,
+        swept / mlp,
+        12.0 * (linear + mlp)
+    );
+}
+
 fn main() {
     let mode = std::env::args()
         .skip(1)
-        .find(|a| a == "speed" || a == "memory");
+        .find(|a| a == "speed" || a == "memory" || a == "sweep");
     match mode.as_deref() {
         Some("memory") => memory(),
         Some("speed") => speed(),
+        Some("sweep") => sweep(),
         _ => {
             speed();
             memory();
+            sweep();
         }
     }
 }

@@ -3,9 +3,13 @@
 # weights and the elpv solar-cell dataset with pip, register the dataset,
 # enqueue feature extraction in chunks of 64, run 2 workers, kill one with
 # SIGKILL mid-way and restart it, then verify that every image has exactly
-# one feature row, and train linear and MLP heads on the cached features.
+# one feature row, then train the ablation sweeps in configs/ (linear vs MLP,
+# class weighting, learning rate, two seeds) for 4-class defect grading and
+# for defective-vs-normal in one pass each over the cached features, and
+# print the ablation tables from experiments/experiments.db and the plots.
 # Everything lands under demo/ (git-ignored); a second run reuses the
-# features and finishes in seconds.
+# features and the finished runs and finishes in seconds.
+# DEMO_IMAGES=N uses only the first N images (CI runs a reduced demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DEMO_ROOT:-demo}"
@@ -21,11 +25,18 @@ bin=./target/release/lazarus
 lazarus() { "$bin" --root "$root" "$@"; }
 
 say "registering the elpv dataset (2,624 EL images of solar cells, 4 defect grades)"
+labels="$cache/data/elpv/labels.csv"
+if [ -n "${DEMO_IMAGES:-}" ]; then
+  # The first N lines of the label file, beside the images it names.
+  subset="$cache/data/elpv/.demo-subset-$DEMO_IMAGES.txt"
+  head -n "$DEMO_IMAGES" "$labels" > "$subset"
+  labels="$subset"
+fi
 if lazarus dataset show elpv >/dev/null 2>&1; then
   echo "dataset elpv already registered in $root: reusing it"
   lazarus dataset show elpv
 else
-  lazarus dataset add elpv "$cache/data/elpv/labels.csv" --label-column 2
+  lazarus dataset add elpv "$labels" --label-column 2
 fi
 
 say "enqueueing feature extraction (efficientnet-lite0, ImageNet weights, chunks of 64)"
@@ -69,9 +80,29 @@ lazarus verify --dataset elpv
 ls "$root"/features/elpv/*/ | head -n 4
 echo "... $(ls "$root"/features/elpv/*/*.safetensors | wc -l) shards"
 
-say "training heads on the cached features (4-class defect grading; the encoder is not touched)"
-for head in linear mlp; do
-  lazarus train --dataset elpv --encoder efficientnet-lite0 --head "$head" --epochs 20 --lr 0.001 --seed 0
+for sweep in elpv-heads elpv-defective; do
+  case $sweep in
+    elpv-heads) what="4-class defect grading" ;;
+    *) what="defective vs normal" ;;
+  esac
+  say "sweep configs/$sweep.toml: 24 heads ($what) in one pass over the cached features"
+  start=$(date +%s.%N)
+  lazarus sweep "configs/$sweep.toml" | grep -v '^  run '
+  echo "took $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s"
+  for axis in head class_weights lr; do
+    say "ablation ($what): test accuracy by $axis, mean ± std over seeds and the other settings"
+    lazarus experiments ablate --by "$axis" --metric test/accuracy --where "sweep=$sweep"
+  done
 done
 
-say "next: sweeps and ablation tables (issue 8), predict (issue 10)"
+say "macro-F1 by head and class weighting (4-class grading)"
+lazarus experiments ablate --by head,class_weights --metric test/macro_f1 --where sweep=elpv-heads
+
+say "best runs by validation macro-F1"
+lazarus experiments best --metric val/macro_f1 --top 3
+
+best=$(lazarus experiments best --metric val/macro_f1 --top 1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["run"])')
+say "plots"
+ls "$root"/experiments/sweeps/*/comparison.png "$root/experiments/runs/$best/plots/"*.png
+echo "model card: $root/experiments/runs/$best/model_card.json"
+echo "query it yourself: sqlite3 -header -column $root/experiments/experiments.db (README: Query your ablations)"

@@ -471,9 +471,9 @@ fn usage_errors_exit_2_and_unlanded_verbs_refuse() {
     ] {
         assert!(help.contains(verb), "--help lists {verb}: {help}");
     }
-    let err = fails(lazarus(dir.path(), &["sweep", "--json"]));
+    let err = fails(lazarus(dir.path(), &["predict", "--json"]));
     assert!(
-        err.contains("not available yet") && err.contains("issue #8"),
+        err.contains("not available yet") && err.contains("issue #10"),
         "{err}"
     );
 }
