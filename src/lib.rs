@@ -13,6 +13,7 @@ pub mod experiments;
 pub mod extract;
 pub mod features;
 pub mod layout;
+pub mod predict;
 pub mod preprocess;
 pub mod queue;
 pub mod train;

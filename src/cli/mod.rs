@@ -4,13 +4,13 @@
 mod dataset;
 mod encoders;
 mod experiments;
+mod predict;
 mod queue;
 mod train;
 
 use std::path::PathBuf;
 
-use anyhow::bail;
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use lazarus::layout::Layout;
 use lazarus::queue::QueueLocation;
 
@@ -64,23 +64,13 @@ pub enum Command {
     #[command(subcommand)]
     Experiments(experiments::ExperimentsCommand),
     /// Run encoder and head on new images.
-    Predict(NotLandedArgs),
+    Predict(predict::PredictArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
     /// Fetch and inspect pretrained weights in the local cache.
     #[command(subcommand)]
     Weights(encoders::WeightsCommand),
-}
-
-/// Arguments of a verb whose issue has not landed: accepted, then refused.
-#[derive(Debug, Args)]
-pub struct NotLandedArgs {
-    /// Print machine-readable JSON.
-    #[arg(long)]
-    pub json: bool,
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -98,15 +88,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::train(&layout, *args),
         Command::Sweep(args) => train::sweep(&layout, args),
         Command::Experiments(command) => experiments::run(&layout, command),
-        Command::Predict(_) => not_landed("predict", 10, "prediction and export"),
+        Command::Predict(args) => predict::run(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }
-}
-
-/// Refuses a verb that is not built yet, naming the issue that brings it.
-fn not_landed(verb: &str, issue: u32, what: &str) -> anyhow::Result<()> {
-    bail!("`lazarus {verb}` is not available yet: it lands with issue #{issue} ({what})")
 }
 
 /// Prints a value as pretty JSON on stdout. A closed pipe (`| head`) is not an error.

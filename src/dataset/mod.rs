@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
 
-pub use scan::{AddConfig, LabelColumn, SourceFormat, add};
+pub use scan::{AddConfig, LabelColumn, SourceFormat, add, content_id};
 pub use split::{Split, SplitConfig};
 
 /// Errors at the dataset boundary. Each names the file (and line) at fault.

@@ -108,3 +108,49 @@ impl Head {
         Ok(h.to_dtype(DType::F32)?)
     }
 }
+
+impl Head {
+    /// A trained head from its `head.safetensors` tensors (`layers.N.weight`,
+    /// `layers.N.bias`), checked against `config`'s layer count and chained shapes.
+    pub fn from_tensors(
+        config: &HeadConfig,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        input_dim: usize,
+    ) -> Result<Self, TrainError> {
+        let expected = config.layer_sizes(0).len();
+        let mut layers = Vec::with_capacity(expected);
+        let mut inputs = input_dim;
+        for i in 0..expected {
+            let get = |kind: &str| {
+                tensors.get(&format!("layers.{i}.{kind}")).ok_or_else(|| {
+                    TrainError::Checkpoint(format!("head has no tensor layers.{i}.{kind}"))
+                })
+            };
+            let (weight, bias) = (get("weight")?, get("bias")?);
+            let (outputs, weight_inputs) = weight.dims2()?;
+            if weight_inputs != inputs || bias.dims() != [outputs] {
+                return Err(TrainError::Checkpoint(format!(
+                    "head layer {i} has weight {:?} and bias {:?}; it needs {inputs} inputs",
+                    weight.dims(),
+                    bias.dims()
+                )));
+            }
+            layers.push((
+                Var::from_tensor(&weight.to_dtype(DType::F32)?)?,
+                Var::from_tensor(&bias.to_dtype(DType::F32)?)?,
+            ));
+            inputs = outputs;
+        }
+        Ok(Head {
+            layers,
+            config: config.clone(),
+        })
+    }
+
+    /// Output size of the last layer.
+    pub fn classes(&self) -> usize {
+        self.layers
+            .last()
+            .map_or(0, |(_, bias)| bias.as_tensor().dims()[0])
+    }
+}

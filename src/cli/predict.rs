@@ -1,0 +1,93 @@
+//! `lazarus predict`: arguments to a `PredictConfig`; the work is in `lazarus::predict`.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+use lazarus::layout::Layout;
+use lazarus::predict::{PredictConfig, dataset_images, predict, write_csv};
+
+use super::queue::DeviceArg;
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The trained run whose head (and encoder) to use.
+    #[arg(long, value_name = "RUN")]
+    pub run: String,
+    /// Image files.
+    #[arg(required_unless_present = "dataset", conflicts_with = "dataset")]
+    pub images: Vec<PathBuf>,
+    /// Every image of a registered dataset instead of files.
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub top_k: u64,
+    /// Also write the predictions to FILE.csv or FILE.json.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
+    if let Some(output) = &args.output {
+        let extension = output.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if extension != "csv" && extension != "json" {
+            bail!(
+                "--output {}: use a .csv or .json file name",
+                output.display()
+            );
+        }
+    }
+    let images = match &args.dataset {
+        Some(name) => dataset_images(layout, name)?,
+        None => args.images.clone(),
+    };
+    let config = PredictConfig {
+        top_k: args.top_k as usize,
+        device: super::queue::device(args.device)?,
+        batch_size: args.batch_size as usize,
+    };
+    let predictions = predict(layout, &args.run, &images, &config)?;
+    if let Some(output) = &args.output {
+        if output.extension().and_then(|e| e.to_str()) == Some("csv") {
+            write_csv(&predictions, output)?;
+        } else {
+            lazarus::atomic::write_file(output, &serde_json::to_vec_pretty(&predictions)?)?;
+        }
+    }
+    let failed = predictions.iter().filter(|p| p.error.is_some()).count();
+    if args.json {
+        super::print_json(&predictions)?;
+    } else {
+        for p in &predictions {
+            match &p.error {
+                Some(error) => eprintln!("error: {}: {error}", p.path.display()),
+                None => {
+                    let classes: Vec<String> = p
+                        .top
+                        .iter()
+                        .map(|(class, probability)| format!("{class} {probability:.3}"))
+                        .collect();
+                    println!(
+                        "{}: {} ({})",
+                        p.path.display(),
+                        classes.join(", "),
+                        p.features_from.unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be predicted",
+            predictions.len()
+        );
+    }
+    Ok(())
+}
