@@ -77,6 +77,14 @@ fn tensor_range(
     )))
 }
 
+/// File-backed resident bytes of this process (mapped files and shared
+/// memory), from `/proc/self/statm`; `None` where it does not exist.
+fn file_resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let shared_pages: u64 = statm.split_whitespace().nth(2)?.parse().ok()?;
+    Some(shared_pages * 4096)
+}
+
 impl FeatureSet {
     /// Maps every shard in `dir` that has a `.done` marker whose recorded size
     /// matches. Shards without a valid marker are skipped and reported by
@@ -183,6 +191,8 @@ impl FeatureSet {
         }
         set.image_index = rows.iter().map(|r| r.0).collect();
         set.locations = rows.iter().map(|r| (r.1, r.2)).collect();
+        // Reading headers and indices faulted in pages of every shard.
+        set.release_pages();
         Ok(set)
     }
 
@@ -261,7 +271,10 @@ impl FeatureSet {
         }
     }
 
-    /// Counts a read of `bytes` towards the resident limit.
+    /// Counts a read of `bytes` towards the resident limit. Where the OS
+    /// reports it (Linux `/proc/self/statm`), the file-backed resident size is
+    /// measured every so often, since the kernel maps neighbouring pages
+    /// around each fault and counting reads would underestimate it.
     fn touch(&self, bytes: usize) {
         let limit = self.resident_limit_bytes.load(Ordering::Relaxed);
         if limit == u64::MAX {
@@ -269,7 +282,18 @@ impl FeatureSet {
         }
         // A random row spans at most one page more than its size.
         let touched = bytes as u64 + 4096;
-        if self.touched_bytes.fetch_add(touched, Ordering::Relaxed) + touched > limit {
+        let before = self.touched_bytes.fetch_add(touched, Ordering::Relaxed);
+        let total = before + touched;
+        // Measure after every ~1/16 of the limit read (at least every 64 KiB).
+        let step = (limit / 16).max(64 << 10);
+        if total / step == before / step {
+            return;
+        }
+        let over = match file_resident_bytes() {
+            Some(resident) => resident > limit,
+            None => total > limit,
+        };
+        if over {
             self.release_pages();
         }
     }
