@@ -77,10 +77,63 @@ struct DepthwiseRow<'a> {
     output: &'a mut [f32],
 }
 
-/// Vectors of channels accumulated together: with four (32 channels on
-/// AVX2, 64 on AVX-512) each loaded input is used once and the sums stay in
-/// registers across all taps.
-const CHANNEL_BLOCK: usize = 4;
+/// Channel vectors are summed in blocks of 4, then 2, then 1 (`B`): the
+/// widest block keeps the sums in registers across all taps while each
+/// loaded value feeds several FMAs.
+/// Depthwise sums of `B` channel vectors from `first` over all taps, each tap
+/// an (input pixel, tap weights) pair of vector slices.
+#[inline(always)]
+fn depthwise_block<S: Simd, const B: usize>(
+    simd: S,
+    taps: &[(&[S::f32s], &[S::f32s])],
+    bias: &[S::f32s],
+    first: usize,
+) -> [S::f32s; B] {
+    let bias = &bias[first..first + B];
+    let mut acc: [S::f32s; B] = std::array::from_fn(|j| bias[j]);
+    for &(input, weight) in taps {
+        let (input, weight) = (&input[first..first + B], &weight[first..first + B]);
+        for j in 0..B {
+            acc[j] = simd.mul_add_e_f32s(weight[j], input[j], acc[j]);
+        }
+    }
+    acc
+}
+
+/// Stem sums of `B` output-channel vectors from `first`: every input tap's
+/// value times that tap's weights.
+#[inline(always)]
+fn stem_block<S: Simd, const B: usize>(
+    simd: S,
+    patch: &[f32],
+    tap_weights: &[&[S::f32s]],
+    bias: &[S::f32s],
+    first: usize,
+) -> [S::f32s; B] {
+    let bias = &bias[first..first + B];
+    let mut acc: [S::f32s; B] = std::array::from_fn(|j| bias[j]);
+    for (&value, weight) in patch.iter().zip(tap_weights) {
+        let value = simd.splat_f32s(value);
+        let weight = &weight[first..first + B];
+        for j in 0..B {
+            acc[j] = simd.mul_add_e_f32s(value, weight[j], acc[j]);
+        }
+    }
+    acc
+}
+
+/// Bias already added: an optional ReLU6, then the store.
+#[inline(always)]
+fn store<S: Simd, const B: usize>(simd: S, relu6: bool, acc: [S::f32s; B], out: &mut [S::f32s]) {
+    let (zero, six) = (simd.splat_f32s(0.0), simd.splat_f32s(6.0));
+    for (out, value) in out[..B].iter_mut().zip(acc) {
+        *out = if relu6 {
+            simd.min_f32s(simd.max_f32s(value, zero), six)
+        } else {
+            value
+        };
+    }
+}
 
 impl WithSimd for DepthwiseRow<'_> {
     type Output = ();
@@ -99,66 +152,55 @@ impl WithSimd for DepthwiseRow<'_> {
         let left = same_padding(w, k, s).0;
         let first_row = (out_y * s) as isize - top as isize;
         let (ky_first, ky_last) = valid_taps(first_row, k, h);
-        let lanes = S::F32_LANES;
-        let vectors = c / lanes;
-        let blocked = vectors / CHANNEL_BLOCK * CHANNEL_BLOCK;
-        let (zero, six) = (simd.splat_f32s(0.0), simd.splat_f32s(6.0));
-        // (input pixel offset, weight offset) of every tap inside the image.
-        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(k * k);
-        let finish = |v: S::f32s| {
-            if op.relu6 {
-                simd.min_f32s(simd.max_f32s(v, zero), six)
-            } else {
-                v
-            }
-        };
+        let vectors = c / S::F32_LANES;
+        let tail_start = vectors * S::F32_LANES;
+        let relu6 = op.relu6;
+        let bias = S::as_simd_f32s(&op.bias).0;
+        let tap_weights: Vec<&[S::f32s]> = op
+            .weight
+            .chunks_exact(c)
+            .map(|tap| S::as_simd_f32s(tap).0)
+            .collect();
+        // Per output pixel: (input pixel, tap weights) of every tap inside
+        // the image, as vectors, and as offsets for the scalar tail channels.
+        let mut taps: Vec<(&[S::f32s], &[S::f32s])> = Vec::with_capacity(k * k);
+        let mut offsets: Vec<(usize, usize)> = Vec::with_capacity(k * k);
         for (out_x, out_pixel) in output.chunks_exact_mut(c).enumerate() {
             let first_column = (out_x * s) as isize - left as isize;
             let (kx_first, kx_last) = valid_taps(first_column, k, w);
             taps.clear();
+            offsets.clear();
             for ky in ky_first..ky_last {
                 let row = (first_row + ky as isize) as usize;
                 for kx in kx_first..kx_last {
-                    let column = (first_column + kx as isize) as usize;
-                    taps.push(((row * w + column) * c, (ky * k + kx) * c));
+                    let at = (row * w + (first_column + kx as isize) as usize) * c;
+                    let tap = ky * k + kx;
+                    taps.push((S::as_simd_f32s(&image[at..at + c]).0, tap_weights[tap]));
+                    offsets.push((at, tap * c));
                 }
             }
             let (out_vectors, out_tail) = S::as_mut_simd_f32s(out_pixel);
-            let (bias_vectors, bias_tail) = S::as_simd_f32s(&op.bias);
-            for block in (0..blocked).step_by(CHANNEL_BLOCK) {
-                let mut acc: [S::f32s; CHANNEL_BLOCK] =
-                    std::array::from_fn(|j| bias_vectors[block + j]);
-                for &(input_at, weight_at) in &taps {
-                    let start = block * lanes;
-                    let end = start + CHANNEL_BLOCK * lanes;
-                    let ins = S::as_simd_f32s(&image[input_at + start..input_at + end]).0;
-                    let ws = S::as_simd_f32s(&op.weight[weight_at + start..weight_at + end]).0;
-                    for j in 0..CHANNEL_BLOCK {
-                        acc[j] = simd.mul_add_e_f32s(ws[j], ins[j], acc[j]);
-                    }
-                }
-                for j in 0..CHANNEL_BLOCK {
-                    out_vectors[block + j] = finish(acc[j]);
-                }
+            let mut first = 0;
+            while first + 4 <= vectors {
+                let acc = depthwise_block::<S, 4>(simd, &taps, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+                first += 4;
             }
-            for vector in blocked..vectors {
-                let mut acc = bias_vectors[vector];
-                let (start, end) = (vector * lanes, (vector + 1) * lanes);
-                for &(input_at, weight_at) in &taps {
-                    let ins = S::as_simd_f32s(&image[input_at + start..input_at + end]).0;
-                    let ws = S::as_simd_f32s(&op.weight[weight_at + start..weight_at + end]).0;
-                    acc = simd.mul_add_e_f32s(ws[0], ins[0], acc);
-                }
-                out_vectors[vector] = finish(acc);
+            if first + 2 <= vectors {
+                let acc = depthwise_block::<S, 2>(simd, &taps, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+                first += 2;
             }
-            let tail_start = vectors * lanes;
-            for (channel, (out, &bias)) in out_tail.iter_mut().zip(bias_tail).enumerate() {
-                let channel = tail_start + channel;
-                let mut acc = bias;
-                for &(input_at, weight_at) in &taps {
+            if first < vectors {
+                let acc = depthwise_block::<S, 1>(simd, &taps, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+            }
+            for (channel, out) in (tail_start..c).zip(out_tail) {
+                let mut acc = op.bias[channel];
+                for &(input_at, weight_at) in &offsets {
                     acc += op.weight[weight_at + channel] * image[input_at + channel];
                 }
-                *out = if op.relu6 { acc.clamp(0.0, 6.0) } else { acc };
+                *out = if relu6 { acc.clamp(0.0, 6.0) } else { acc };
             }
         }
     }
@@ -244,7 +286,15 @@ impl WithSimd for StemRow<'_> {
         let out_c = op.bias.len();
         let top = same_padding(h, k, s).0 as isize;
         let left = same_padding(w, k, s).0 as isize;
-        let (zero, six) = (simd.splat_f32s(0.0), simd.splat_f32s(6.0));
+        let vectors = out_c / S::F32_LANES;
+        let tail_start = vectors * S::F32_LANES;
+        let relu6 = op.relu6;
+        let bias = S::as_simd_f32s(&op.bias).0;
+        let tap_weights: Vec<&[S::f32s]> = op
+            .weight
+            .chunks_exact(out_c)
+            .map(|tap| S::as_simd_f32s(tap).0)
+            .collect();
         let mut patch = vec![0f32; c * k * k];
         for (out_x, out_pixel) in output.chunks_exact_mut(out_c).enumerate() {
             // Taps in (channel, ky, kx) order, zero outside the image.
@@ -264,29 +314,27 @@ impl WithSimd for StemRow<'_> {
                 }
             }
             let (out_vectors, out_tail) = S::as_mut_simd_f32s(out_pixel);
-            let (bias_vectors, bias_tail) = S::as_simd_f32s(&op.bias);
-            for (vector, out) in out_vectors.iter_mut().enumerate() {
-                let mut acc = bias_vectors[vector];
-                let start = vector * S::F32_LANES;
-                for (tap, &value) in patch.iter().enumerate() {
-                    let at = tap * out_c + start;
-                    let ws = S::as_simd_f32s(&op.weight[at..at + S::F32_LANES]).0;
-                    acc = simd.mul_add_e_f32s(simd.splat_f32s(value), ws[0], acc);
-                }
-                *out = if op.relu6 {
-                    simd.min_f32s(simd.max_f32s(acc, zero), six)
-                } else {
-                    acc
-                };
+            let mut first = 0;
+            while first + 4 <= vectors {
+                let acc = stem_block::<S, 4>(simd, &patch, &tap_weights, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+                first += 4;
             }
-            let tail_start = out_vectors.len() * S::F32_LANES;
-            for (channel, (out, &bias)) in out_tail.iter_mut().zip(bias_tail).enumerate() {
-                let channel = tail_start + channel;
-                let mut acc = bias;
+            if first + 2 <= vectors {
+                let acc = stem_block::<S, 2>(simd, &patch, &tap_weights, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+                first += 2;
+            }
+            if first < vectors {
+                let acc = stem_block::<S, 1>(simd, &patch, &tap_weights, bias, first);
+                store(simd, relu6, acc, &mut out_vectors[first..]);
+            }
+            for (channel, out) in (tail_start..out_c).zip(out_tail) {
+                let mut acc = op.bias[channel];
                 for (tap, &value) in patch.iter().enumerate() {
                     acc += op.weight[tap * out_c + channel] * value;
                 }
-                *out = if op.relu6 { acc.clamp(0.0, 6.0) } else { acc };
+                *out = if relu6 { acc.clamp(0.0, 6.0) } else { acc };
             }
         }
     }
