@@ -4,6 +4,8 @@
 # Both take LAZARUS_BENCH_BATCH (64) and LAZARUS_BENCH_ITERS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+simd=$(grep -q -w avx512f /proc/cpuinfo && echo AVX-512 || (grep -q -w avx2 /proc/cpuinfo && echo AVX2 || echo "no AVX2"))
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $simd"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 ours_log=$(mktemp)
 theirs_log=$(mktemp)

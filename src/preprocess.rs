@@ -367,13 +367,7 @@ impl Source<'_> {
 /// resampled value (`f32::round` without its libm call: for 0 ≤ v ≤ 255 the
 /// truncation `v as u32` is exact, and so is `v - truncation`).
 fn round_to_u8(value: f32) -> u8 {
-    let value = if value < 0.0 {
-        0.0
-    } else if value > 255.0 {
-        255.0
-    } else {
-        value
-    };
+    let value = value.clamp(0.0, 255.0);
     let whole = value as u32;
     (if value - whole as f32 >= 0.5 {
         whole + 1

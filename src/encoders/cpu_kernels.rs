@@ -80,12 +80,15 @@ struct DepthwiseRow<'a> {
 /// Channel vectors are summed in blocks of 4, then 2, then 1 (`B`): the
 /// widest block keeps the sums in registers across all taps while each
 /// loaded value feeds several FMAs.
+/// One depthwise tap: (input pixel, tap weights), as channel vectors.
+type Tap<'a, V> = (&'a [V], &'a [V]);
+
 /// Depthwise sums of `B` channel vectors from `first` over all taps, each tap
 /// an (input pixel, tap weights) pair of vector slices.
 #[inline(always)]
 fn depthwise_block<S: Simd, const B: usize>(
     simd: S,
-    taps: &[(&[S::f32s], &[S::f32s])],
+    taps: &[Tap<S::f32s>],
     bias: &[S::f32s],
     first: usize,
 ) -> [S::f32s; B] {
@@ -163,7 +166,7 @@ impl WithSimd for DepthwiseRow<'_> {
             .collect();
         // Per output pixel: (input pixel, tap weights) of every tap inside
         // the image, as vectors, and as offsets for the scalar tail channels.
-        let mut taps: Vec<(&[S::f32s], &[S::f32s])> = Vec::with_capacity(k * k);
+        let mut taps: Vec<Tap<S::f32s>> = Vec::with_capacity(k * k);
         let mut offsets: Vec<(usize, usize)> = Vec::with_capacity(k * k);
         for (out_x, out_pixel) in output.chunks_exact_mut(c).enumerate() {
             let first_column = (out_x * s) as isize - left as isize;
