@@ -77,30 +77,70 @@ struct DepthwiseRow<'a> {
     output: &'a mut [f32],
 }
 
-/// Channel vectors are summed in blocks of 4, then 2, then 1 (`B`): the
-/// widest block keeps the sums in registers across all taps while each
-/// loaded value feeds several FMAs.
-/// One depthwise tap: (input pixel, tap weights), as channel vectors.
-type Tap<'a, V> = (&'a [V], &'a [V]);
+// Channel vectors are summed in blocks of 4, then 2, then 1 (`B`): the
+// widest block keeps the sums in registers across all taps while each
+// loaded value feeds several FMAs.
 
-/// Depthwise sums of `B` channel vectors from `first` over all taps, each tap
-/// an (input pixel, tap weights) pair of vector slices.
+/// Depthwise sums of `B` channel vectors from `first` for `P` output pixels
+/// side by side (their inputs `shift` vectors apart): each weight vector is
+/// loaded once for all `P`. `taps`: the (input, weight) offsets, in vectors,
+/// of every tap of the first pixel that lies inside the image.
 #[inline(always)]
-fn depthwise_block<S: Simd, const B: usize>(
+fn depthwise_block<S: Simd, const P: usize, const B: usize>(
     simd: S,
-    taps: &[Tap<S::f32s>],
+    (image, weights): (&[S::f32s], &[S::f32s]),
+    taps: &[(usize, usize)],
+    shift: usize,
     bias: &[S::f32s],
     first: usize,
-) -> [S::f32s; B] {
+) -> [[S::f32s; B]; P] {
     let bias = &bias[first..first + B];
-    let mut acc: [S::f32s; B] = std::array::from_fn(|j| bias[j]);
-    for &(input, weight) in taps {
-        let (input, weight) = (&input[first..first + B], &weight[first..first + B]);
-        for j in 0..B {
-            acc[j] = simd.mul_add_e_f32s(weight[j], input[j], acc[j]);
+    let mut acc: [[S::f32s; B]; P] = [std::array::from_fn(|j| bias[j]); P];
+    for &(input_at, weight_at) in taps {
+        let weight = &weights[weight_at + first..weight_at + first + B];
+        for (pixel, acc) in acc.iter_mut().enumerate() {
+            let at = input_at + pixel * shift + first;
+            let input = &image[at..at + B];
+            for j in 0..B {
+                acc[j] = simd.mul_add_e_f32s(weight[j], input[j], acc[j]);
+            }
         }
     }
     acc
+}
+
+/// All channels of `P` neighbouring output pixels (`out`: their vectors).
+#[inline(always)]
+fn depthwise_pixels<S: Simd, const P: usize>(
+    simd: S,
+    data: (&[S::f32s], &[S::f32s]),
+    taps: &[(usize, usize)],
+    shift: usize,
+    (bias, relu6): (&[S::f32s], bool),
+    out: &mut [S::f32s],
+) {
+    let vectors = bias.len();
+    let mut first = 0;
+    while first + 4 <= vectors {
+        let acc = depthwise_block::<S, P, 4>(simd, data, taps, shift, bias, first);
+        for (pixel, acc) in acc.into_iter().enumerate() {
+            store(simd, relu6, acc, &mut out[pixel * vectors + first..]);
+        }
+        first += 4;
+    }
+    if first + 2 <= vectors {
+        let acc = depthwise_block::<S, P, 2>(simd, data, taps, shift, bias, first);
+        for (pixel, acc) in acc.into_iter().enumerate() {
+            store(simd, relu6, acc, &mut out[pixel * vectors + first..]);
+        }
+        first += 2;
+    }
+    if first < vectors {
+        let acc = depthwise_block::<S, P, 1>(simd, data, taps, shift, bias, first);
+        for (pixel, acc) in acc.into_iter().enumerate() {
+            store(simd, relu6, acc, &mut out[pixel * vectors + first..]);
+        }
+    }
 }
 
 /// Stem sums of `B` output-channel vectors from `first`: every input tap's
@@ -138,11 +178,10 @@ fn store<S: Simd, const B: usize>(simd: S, relu6: bool, acc: [S::f32s; B], out: 
     }
 }
 
-impl WithSimd for DepthwiseRow<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
+impl DepthwiseRow<'_> {
+    /// Channel counts that are not a whole number of vectors (never in the
+    /// Lite models, whose depthwise channels are multiples of 16): scalar.
+    fn scalar(self) {
         let DepthwiseRow {
             op,
             image,
@@ -151,59 +190,79 @@ impl WithSimd for DepthwiseRow<'_> {
             output,
         } = self;
         let (k, s) = (op.kernel, op.stride);
-        let top = same_padding(h, k, s).0;
-        let left = same_padding(w, k, s).0;
-        let first_row = (out_y * s) as isize - top as isize;
+        let first_row = (out_y * s) as isize - same_padding(h, k, s).0 as isize;
         let (ky_first, ky_last) = valid_taps(first_row, k, h);
-        let vectors = c / S::F32_LANES;
-        let tail_start = vectors * S::F32_LANES;
-        let relu6 = op.relu6;
-        let bias = S::as_simd_f32s(&op.bias).0;
-        let tap_weights: Vec<&[S::f32s]> = op
-            .weight
-            .chunks_exact(c)
-            .map(|tap| S::as_simd_f32s(tap).0)
-            .collect();
-        // Per output pixel: (input pixel, tap weights) of every tap inside
-        // the image, as vectors, and as offsets for the scalar tail channels.
-        let mut taps: Vec<Tap<S::f32s>> = Vec::with_capacity(k * k);
-        let mut offsets: Vec<(usize, usize)> = Vec::with_capacity(k * k);
+        let left = same_padding(w, k, s).0 as isize;
         for (out_x, out_pixel) in output.chunks_exact_mut(c).enumerate() {
-            let first_column = (out_x * s) as isize - left as isize;
+            let first_column = (out_x * s) as isize - left;
             let (kx_first, kx_last) = valid_taps(first_column, k, w);
+            for (channel, out) in out_pixel.iter_mut().enumerate() {
+                let mut acc = op.bias[channel];
+                for ky in ky_first..ky_last {
+                    let row = (first_row + ky as isize) as usize;
+                    for kx in kx_first..kx_last {
+                        let column = (first_column + kx as isize) as usize;
+                        acc += op.weight[(ky * k + kx) * c + channel]
+                            * image[(row * w + column) * c + channel];
+                    }
+                }
+                *out = if op.relu6 { acc.clamp(0.0, 6.0) } else { acc };
+            }
+        }
+    }
+}
+
+impl WithSimd for DepthwiseRow<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let c = self.size.2;
+        if c % S::F32_LANES != 0 {
+            return self.scalar();
+        }
+        let DepthwiseRow {
+            op,
+            image,
+            size: (h, w, _),
+            out_y,
+            output,
+        } = self;
+        let (k, s) = (op.kernel, op.stride);
+        let first_row = (out_y * s) as isize - same_padding(h, k, s).0 as isize;
+        let (ky_first, ky_last) = valid_taps(first_row, k, h);
+        let left = same_padding(w, k, s).0 as isize;
+        // Pixels are whole vectors: offsets below count vectors.
+        let vectors = c / S::F32_LANES;
+        let data = (S::as_simd_f32s(image).0, S::as_simd_f32s(&op.weight).0);
+        let bias = (S::as_simd_f32s(&op.bias).0, op.relu6);
+        let out_vectors = S::as_mut_simd_f32s(output).0;
+        let out_w = out_vectors.len() / vectors;
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(k * k);
+        let mut out_x = 0;
+        while out_x < out_w {
+            let first_column = (out_x * s) as isize - left;
+            let columns = valid_taps(first_column, k, w);
+            // Two neighbours with the same taps inside the image (away from
+            // the left and right edges) share every weight load.
+            let pair = out_x + 1 < out_w && valid_taps(first_column + s as isize, k, w) == columns;
             taps.clear();
-            offsets.clear();
             for ky in ky_first..ky_last {
                 let row = (first_row + ky as isize) as usize;
-                for kx in kx_first..kx_last {
-                    let at = (row * w + (first_column + kx as isize) as usize) * c;
-                    let tap = ky * k + kx;
-                    taps.push((S::as_simd_f32s(&image[at..at + c]).0, tap_weights[tap]));
-                    offsets.push((at, tap * c));
+                for kx in columns.0..columns.1 {
+                    let column = (first_column + kx as isize) as usize;
+                    taps.push(((row * w + column) * vectors, (ky * k + kx) * vectors));
                 }
             }
-            let (out_vectors, out_tail) = S::as_mut_simd_f32s(out_pixel);
-            let mut first = 0;
-            while first + 4 <= vectors {
-                let acc = depthwise_block::<S, 4>(simd, &taps, bias, first);
-                store(simd, relu6, acc, &mut out_vectors[first..]);
-                first += 4;
-            }
-            if first + 2 <= vectors {
-                let acc = depthwise_block::<S, 2>(simd, &taps, bias, first);
-                store(simd, relu6, acc, &mut out_vectors[first..]);
-                first += 2;
-            }
-            if first < vectors {
-                let acc = depthwise_block::<S, 1>(simd, &taps, bias, first);
-                store(simd, relu6, acc, &mut out_vectors[first..]);
-            }
-            for (channel, out) in (tail_start..c).zip(out_tail) {
-                let mut acc = op.bias[channel];
-                for &(input_at, weight_at) in &offsets {
-                    acc += op.weight[weight_at + channel] * image[input_at + channel];
-                }
-                *out = if relu6 { acc.clamp(0.0, 6.0) } else { acc };
+            let shift = s * vectors;
+            if pair {
+                let out = &mut out_vectors[out_x * vectors..(out_x + 2) * vectors];
+                depthwise_pixels::<S, 2>(simd, data, &taps, shift, bias, out);
+                out_x += 2;
+            } else {
+                let out = &mut out_vectors[out_x * vectors..(out_x + 1) * vectors];
+                depthwise_pixels::<S, 1>(simd, data, &taps, shift, bias, out);
+                out_x += 1;
             }
         }
     }

@@ -781,8 +781,17 @@ mod tests {
     fn depthwise_paths_equal_grouped_conv() {
         let dev = candle_core::Device::Cpu;
         // Odd and even sizes, non-square, smaller than the kernel; channel
-        // counts below one vector, between blocks, and with a scalar tail.
-        for (h, w, c) in [(9, 9, 5), (7, 10, 37), (4, 3, 80), (2, 2, 8), (1, 5, 3)] {
+        // counts of whole vectors in blocks of 4, 2 and 1 (AVX2 and AVX-512)
+        // and counts that take the scalar path.
+        for (h, w, c) in [
+            (9, 9, 5),
+            (7, 10, 37),
+            (4, 3, 80),
+            (2, 2, 8),
+            (1, 5, 3),
+            (9, 9, 32),
+            (6, 11, 96),
+        ] {
             let x = Tensor::randn(0f32, 3.0, (2, c, h, w), &dev).unwrap();
             for (k, s) in [(3, 1), (3, 2), (5, 2), (5, 1)] {
                 for relu6 in [false, true] {
