@@ -16,3 +16,7 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 ours=$(grep -o 'best [0-9.]* images/s' "$ours_log" | awk '{print $2}')
 theirs=$(grep -o 'best [0-9.]* images/s' "$theirs_log" | awk '{print $2}')
 awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "lazarus %.1f images/s, pytorch %.1f images/s, ratio %.2fx\n", a, b, a / b }'
+# Images per CPU second move less with other work on the machine: the best of each side.
+best_per_cpu() { grep -o '[0-9.]* images per CPU second' "$1" | awk 'BEGIN { m = 0 } $1 > m { m = $1 } END { print m }'; }
+awk -v a="$(best_per_cpu "$ours_log")" -v b="$(best_per_cpu "$theirs_log")" \
+    'BEGIN { printf "per CPU second: lazarus %.1f, pytorch %.1f, ratio %.2fx\n", a, b, a / b }'
