@@ -218,7 +218,7 @@ impl WithSimd for DepthwiseRow<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         let c = self.size.2;
-        if c % S::F32_LANES != 0 {
+        if !c.is_multiple_of(S::F32_LANES) {
             return self.scalar();
         }
         let DepthwiseRow {
