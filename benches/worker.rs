@@ -2,6 +2,9 @@
 //! efficientnet-lite0 (real ImageNet weights) at 224 px: one
 //! `lazarus run-worker --until-empty` over 512 elpv images in chunks of 64.
 //! Run with `cargo bench --bench worker` after scripts/fetch_assets.sh.
+//! `LAZARUS_BENCH_BIN` names the lazarus binary to time instead of this
+//! build's: checkouts that share one target folder also share its
+//! `release/lazarus`, which the last build of any of them overwrites.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,7 +13,9 @@ use std::time::Instant;
 const IMAGES: usize = 512;
 
 fn lazarus(root: &Path, args: &[&str]) {
-    let status = Command::new(env!("CARGO_BIN_EXE_lazarus"))
+    let binary = std::env::var_os("LAZARUS_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_lazarus").into());
+    let status = Command::new(binary)
         // The benchmark measures the root's own SQLite queue, never a shared one.
         .env_remove("LAZARUS_QUEUE")
         .arg("--root")

@@ -3,7 +3,8 @@
 
 Batch 64 (or $LAZARUS_BENCH_BATCH), 224 px, torch.set_num_threads(2), channels_last,
 inference_mode, random weights (speed does not depend on the values), best of
-$LAZARUS_BENCH_ITERS (default 3) timed runs after one warm-up. Prints images/s.
+$LAZARUS_BENCH_ITERS (default 3) timed runs after one warm-up. Prints images/s, and
+images per CPU second (process CPU time, all threads) like benches/encoder.rs.
 
 Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and installs
 torch and efficientnet-lite-pytorch there with pip where they are missing. Not part of CI.
@@ -50,10 +51,12 @@ def main():
     with torch.inference_mode():
         model.extract_features(images).mean((2, 3))
         for iteration in range(iterations):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model.extract_features(images).mean((2, 3))
             seconds = time.perf_counter() - start
-            print(f"iteration {iteration}: {seconds:.3f} s, {batch / seconds:.1f} images/s")
+            cpu = time.process_time() - cpu_start
+            print(f"iteration {iteration}: {seconds:.3f} s, {batch / seconds:.1f} images/s; "
+                  f"{cpu:.2f} CPU s, {batch / cpu:.1f} images per CPU second")
             best = min(best, seconds)
     print(f"pytorch {torch.__version__} efficientnet-lite0 batch {batch} 224px: "
           f"best {batch / best:.1f} images/s")

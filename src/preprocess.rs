@@ -4,6 +4,11 @@
 //! An image that is already `input_size`×`input_size` passes through without
 //! resampling, so features can be compared exactly with a reference
 //! implementation fed the same pixels.
+//!
+//! The file pipeline (`preprocess_bytes`) resamples only the center crop it
+//! keeps, and keeps 8-bit gray images at one channel until normalisation;
+//! its pixels are bit-identical to `image`'s `resize` followed by the crop
+//! (`resize_and_crop`), which a unit test checks for every filter and policy.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -132,6 +137,18 @@ pub fn decode_rgb8(
     path: &Path,
     max_pixels: u64,
 ) -> Result<RgbImage, PreprocessError> {
+    Ok(match decode_dynamic(bytes, path, max_pixels)? {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+/// Decodes `bytes` as they are stored, after the pixel-count guard.
+fn decode_dynamic(
+    bytes: &[u8],
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, PreprocessError> {
     let name = path.display().to_string();
     let (width, height) = probe_dimensions(bytes, path)?;
     let pixels = width as u64 * height as u64;
@@ -144,17 +161,12 @@ pub fn decode_rgb8(
             limit: max_pixels,
         });
     }
-    let image: DynamicImage =
-        reader_for(bytes, &name)?
-            .decode()
-            .map_err(|err| PreprocessError::Decode {
-                path: name,
-                message: err.to_string(),
-            })?;
-    Ok(match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
+    reader_for(bytes, &name)?
+        .decode()
+        .map_err(|err| PreprocessError::Decode {
+            path: name,
+            message: err.to_string(),
+        })
 }
 
 /// Resizes and crops an RGB image to the square input the encoder expects.
@@ -208,9 +220,243 @@ pub fn preprocess_bytes(
     path: &Path,
     config: &PreprocessConfig,
 ) -> Result<Vec<f32>, PreprocessError> {
-    let rgb = decode_rgb8(bytes, path, config.max_pixels)?;
-    let square = resize_and_crop(&rgb, config);
-    Ok(to_chw_normalized(&square, config))
+    Ok(match decode_dynamic(bytes, path, config.max_pixels)? {
+        // Nothing to resample from: `resize_and_crop` defines the result.
+        image if image.width() == 0 || image.height() == 0 => {
+            to_chw_normalized(&resize_and_crop(&image.to_rgb8(), config), config)
+        }
+        DynamicImage::ImageLuma8(gray) => {
+            let (width, height) = gray.dimensions();
+            square_chw(&gray, (width, height, 1), config)
+        }
+        DynamicImage::ImageRgb8(rgb) => square_chw(&rgb, (rgb.width(), rgb.height(), 3), config),
+        other => {
+            let rgb = other.to_rgb8();
+            square_chw(&rgb, (rgb.width(), rgb.height(), 3), config)
+        }
+    })
+}
+
+/// Resize, center crop and normalise 8-bit pixels with 1 (gray, replicated
+/// to RGB) or 3 interleaved channels: the same pixels as `resize_and_crop`
+/// then `to_chw_normalized`, computing only the kept window.
+fn square_chw(
+    pixels: &[u8],
+    (width, height, channels): (u32, u32, usize),
+    config: &PreprocessConfig,
+) -> Vec<f32> {
+    let size = config.input_size;
+    let (new_width, new_height) = match config.resize {
+        // Already the input size: passes through, whatever the policy.
+        _ if (width, height) == (size, size) => (size, size),
+        ResizePolicy::Stretch => (size, size),
+        ResizePolicy::ShorterSideThenCenterCrop { resize_shorter_to } => {
+            shorter_side_size((width, height), size, resize_shorter_to)
+        }
+    };
+    let window = Window {
+        left: (new_width - size) / 2,
+        top: (new_height - size) / 2,
+        size,
+    };
+    let source = Source {
+        pixels,
+        width,
+        height,
+        channels,
+    };
+    let square = if (new_width, new_height) == (width, height) {
+        source.crop(&window)
+    } else {
+        source.resample(new_width, new_height, &window, config.filter)
+    };
+    normalize_chw(&square, channels, config)
+}
+
+/// The resized size for `ShorterSideThenCenterCrop`: the shorter side becomes
+/// `resize_shorter_to` (at least `size`), the other keeps the aspect ratio.
+fn shorter_side_size((width, height): (u32, u32), size: u32, resize_shorter_to: u32) -> (u32, u32) {
+    let target_short = resize_shorter_to.max(size);
+    if width <= height {
+        let scaled = (height as f64 * target_short as f64 / width as f64).round() as u32;
+        (target_short, scaled.max(size))
+    } else {
+        let scaled = (width as f64 * target_short as f64 / height as f64).round() as u32;
+        (scaled.max(size), target_short)
+    }
+}
+
+/// The square kept from the resized image.
+struct Window {
+    left: u32,
+    top: u32,
+    size: u32,
+}
+
+/// 8-bit pixels, `channels` interleaved values per pixel, row-major.
+struct Source<'a> {
+    pixels: &'a [u8],
+    width: u32,
+    height: u32,
+    channels: usize,
+}
+
+impl Source<'_> {
+    fn crop(&self, window: &Window) -> Vec<u8> {
+        let (c, w, size) = (self.channels, self.width as usize, window.size as usize);
+        let mut out = Vec::with_capacity(size * size * c);
+        for y in window.top as usize..window.top as usize + size {
+            let start = (y * w + window.left as usize) * c;
+            out.extend_from_slice(&self.pixels[start..start + size * c]);
+        }
+        out
+    }
+
+    /// `image::imageops::resize` to `new_width`×`new_height` (a vertical pass
+    /// into f32, then a horizontal pass rounded to u8, the same operations in
+    /// the same order), restricted to the rows and columns of `window`.
+    fn resample(
+        &self,
+        new_width: u32,
+        new_height: u32,
+        window: &Window,
+        filter: ResizeFilter,
+    ) -> Vec<u8> {
+        let (c, w, size) = (self.channels, self.width as usize, window.size as usize);
+        let rows = filter_taps(
+            self.height,
+            new_height,
+            window.top..window.top + window.size,
+            filter,
+        );
+        let columns = filter_taps(
+            self.width,
+            new_width,
+            window.left..window.left + window.size,
+            filter,
+        );
+        let mut vertical = vec![0f32; size * w * c];
+        for ((first, weights), out) in rows.iter().zip(vertical.chunks_exact_mut(w * c)) {
+            for (i, &weight) in weights.iter().enumerate() {
+                let row = &self.pixels[(first + i) * w * c..(first + i + 1) * w * c];
+                for (sum, &value) in out.iter_mut().zip(row) {
+                    *sum += value as f32 * weight;
+                }
+            }
+        }
+        let mut out = vec![0u8; size * size * c];
+        for (row, out_row) in vertical
+            .chunks_exact(w * c)
+            .zip(out.chunks_exact_mut(size * c))
+        {
+            for ((first, weights), out_pixel) in columns.iter().zip(out_row.chunks_exact_mut(c)) {
+                for (channel, out) in out_pixel.iter_mut().enumerate() {
+                    let mut sum = 0f32;
+                    for (i, &weight) in weights.iter().enumerate() {
+                        sum += row[(first + i) * c + channel] * weight;
+                    }
+                    *out = round_to_u8(sum);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Clamp to 0..=255, then round half away from zero, as `image` stores a
+/// resampled value (`f32::round` without its libm call: for 0 ≤ v ≤ 255 the
+/// truncation `v as u32` is exact, and so is `v - truncation`).
+fn round_to_u8(value: f32) -> u8 {
+    let value = value.clamp(0.0, 255.0);
+    let whole = value as u32;
+    (if value - whole as f32 >= 0.5 {
+        whole + 1
+    } else {
+        whole
+    }) as u8
+}
+
+/// For each output position in `window` along one axis of `input` → `output`
+/// pixels: the first input position and the normalised filter weights, as
+/// `image`'s resampler computes them (support widened by the downscale factor).
+fn filter_taps(
+    input: u32,
+    output: u32,
+    window: std::ops::Range<u32>,
+    filter: ResizeFilter,
+) -> Vec<(usize, Vec<f32>)> {
+    let (kernel, support): (fn(f32) -> f32, f32) = match filter {
+        ResizeFilter::Bilinear => (triangle, 1.0),
+        ResizeFilter::Bicubic => (catmull_rom, 2.0),
+        ResizeFilter::Lanczos3 => (lanczos3, 3.0),
+    };
+    let ratio = input as f32 / output as f32;
+    let scale = if ratio < 1.0 { 1.0 } else { ratio };
+    let reach = support * scale;
+    window
+        .map(|position| {
+            let center = (position as f32 + 0.5) * ratio;
+            let first = ((center - reach).floor() as i64).clamp(0, input as i64 - 1);
+            let end = ((center + reach).ceil() as i64).clamp(first + 1, input as i64);
+            // Pixel centres are at +0.5: the kernel is evaluated relative to them.
+            let center = center - 0.5;
+            let mut weights: Vec<f32> = (first..end)
+                .map(|i| kernel((i as f32 - center) / scale))
+                .collect();
+            let total = weights.iter().fold(0.0f32, |sum, &w| sum + w);
+            for weight in &mut weights {
+                *weight /= total;
+            }
+            (first as usize, weights)
+        })
+        .collect()
+}
+
+fn triangle(x: f32) -> f32 {
+    if x.abs() < 1.0 { 1.0 - x.abs() } else { 0.0 }
+}
+
+/// Catmull-Rom: the Mitchell-Netravali cubic with B = 0, C = 1/2 (its
+/// coefficients 9, -15, 6 and -3, 15, -24, 12 are exact in f32).
+fn catmull_rom(x: f32) -> f32 {
+    let a = x.abs();
+    let k = if a < 1.0 {
+        9.0 * a.powi(3) + -15.0 * a.powi(2) + 6.0
+    } else if a < 2.0 {
+        -3.0 * a.powi(3) + 15.0 * a.powi(2) + -24.0 * a + 12.0
+    } else {
+        0.0
+    };
+    k / 6.0
+}
+
+fn sinc(x: f32) -> f32 {
+    let a = x * std::f32::consts::PI;
+    if x == 0.0 { 1.0 } else { a.sin() / a }
+}
+
+fn lanczos3(x: f32) -> f32 {
+    if x.abs() < 3.0 {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// `(value / 255 - mean) / std` per channel, CHW; one input channel is
+/// replicated to all three.
+fn normalize_chw(square: &[u8], channels: usize, config: &PreprocessConfig) -> Vec<f32> {
+    let plane = square.len() / channels;
+    let mut out = vec![0f32; 3 * plane];
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * config.std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| config.mean[c] / config.std[c]);
+    for (index, pixel) in square.chunks_exact(channels).enumerate() {
+        for channel in 0..3 {
+            let value = pixel[channel.min(channels - 1)];
+            out[channel * plane + index] = value as f32 * scale[channel] - shift[channel];
+        }
+    }
+    out
 }
 
 /// Reads and preprocesses one file.
@@ -289,6 +535,80 @@ mod tests {
         assert_eq!((out.width(), out.height()), (14, 14));
         assert_eq!(out.get_pixel(0, 7)[0], 0);
         assert_eq!(out.get_pixel(13, 7)[0], 255);
+    }
+
+    /// Deterministic pseudo-random bytes (an LCG; any fixed sequence will do).
+    fn noise(len: usize, seed: u32) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn windowed_resample_is_bit_identical_to_image_resize_then_crop() {
+        // Reference: the plain pipeline, `image::imageops::resize` of the
+        // whole image to RGB, `crop_imm`, then `to_chw_normalized`.
+        let sizes = [
+            (300, 300),
+            (37, 81),
+            (640, 480),
+            (10, 12),
+            (14, 14),
+            (15, 200),
+        ];
+        for (index, &(width, height)) in sizes.iter().enumerate() {
+            let gray = image::GrayImage::from_raw(
+                width,
+                height,
+                noise((width * height) as usize, index as u32),
+            )
+            .unwrap();
+            let rgb = RgbImage::from_raw(
+                width,
+                height,
+                noise((3 * width * height) as usize, 100 + index as u32),
+            )
+            .unwrap();
+            for filter in [
+                ResizeFilter::Bilinear,
+                ResizeFilter::Bicubic,
+                ResizeFilter::Lanczos3,
+            ] {
+                for resize in [
+                    ResizePolicy::ShorterSideThenCenterCrop {
+                        resize_shorter_to: 16,
+                    },
+                    ResizePolicy::ShorterSideThenCenterCrop {
+                        resize_shorter_to: 13,
+                    },
+                    ResizePolicy::Stretch,
+                ] {
+                    let config = PreprocessConfig {
+                        filter,
+                        resize,
+                        ..config(14)
+                    };
+                    for image in [
+                        DynamicImage::ImageLuma8(gray.clone()),
+                        DynamicImage::ImageRgb8(rgb.clone()),
+                    ] {
+                        let bytes = encode(&image, ImageFormat::Png);
+                        let fast = preprocess_bytes(&bytes, Path::new("n.png"), &config).unwrap();
+                        let plain =
+                            to_chw_normalized(&resize_and_crop(&image.to_rgb8(), &config), &config);
+                        assert!(
+                            fast == plain,
+                            "{width}x{height} {:?} {filter:?} {resize:?}",
+                            image.color()
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
