@@ -29,6 +29,8 @@ pub struct TrainData {
     /// Per-dimension mean and standard deviation over the training split.
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// 1 / std, so standardising is one multiply-add per value.
+    inverse_std: Vec<f32>,
 }
 
 /// Finds the fingerprint folder: the given one, or the only one there is.
@@ -239,6 +241,7 @@ pub fn load(
         train,
         val,
         test,
+        inverse_std: std.iter().map(|s| 1.0 / s).collect(),
         mean,
         std,
     })
@@ -275,22 +278,14 @@ impl TrainData {
     /// cache is never copied whole into memory.
     pub fn gather(&self, rows: &[usize]) -> Vec<f32> {
         use half::slice::HalfFloatSliceExt;
-        use rayon::prelude::*;
         let dim = self.features.feature_dim();
         let mut out = vec![0f32; rows.len() * dim];
-        let fill = |(values, &row): (&mut [f32], &usize)| {
+        for (values, &row) in out.chunks_mut(dim).zip(rows) {
             // Vectorised f16 -> f32 (F16C where the CPU has it), then standardise.
             self.features.pooled(row).convert_to_f32_slice(values);
-            for ((v, mean), std) in values.iter_mut().zip(&self.mean).zip(&self.std) {
-                *v = (*v - mean) / std;
+            for ((v, mean), inverse_std) in values.iter_mut().zip(&self.mean).zip(&self.inverse_std) {
+                *v = (*v - mean) * inverse_std;
             }
-        };
-        // Large gathers (evaluation chunks) in parallel; training batches are
-        // small enough that threads would cost more than they save.
-        if rows.len() >= 512 {
-            out.par_chunks_mut(dim).zip(rows.par_iter()).for_each(fill);
-        } else {
-            out.chunks_mut(dim).zip(rows).for_each(fill);
         }
         out
     }
