@@ -10,31 +10,17 @@ Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and instal
 torch and efficientnet-lite-pytorch there with pip where they are missing. Not part of CI.
 """
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import venv_ref  # noqa: E402
 import time
 
-CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
-VENV = os.path.join(CACHE, "venv-ref")
-VENV_PYTHON = os.path.join(VENV, "bin", "python")
 PACKAGES = ["torch", "efficientnet-lite-pytorch==0.1.0"]
 
 
 def ensure_venv():
-    try:
-        import torch  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if os.environ.get("LAZARUS_BENCH_BOOTSTRAPPED"):
-        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
-    if not os.path.exists(VENV_PYTHON):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
-    os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
-    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-
+    venv_ref.ensure(["torch", "efficientnet_lite_pytorch"], PACKAGES)
 
 def main():
     ensure_venv()

@@ -16,32 +16,17 @@ installs torch, numpy and safetensors there with pip where missing. Not part of 
 import csv
 import glob
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import venv_ref  # noqa: E402
 import time
 
-CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
-VENV = os.path.join(CACHE, "venv-ref")
-VENV_PYTHON = os.path.join(VENV, "bin", "python")
 PACKAGES = ["torch", "numpy", "safetensors"]
 
 
 def ensure_venv():
-    try:
-        import numpy  # noqa: F401
-        import safetensors  # noqa: F401
-        import torch  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if os.environ.get("LAZARUS_BENCH_BOOTSTRAPPED"):
-        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
-    if not os.path.exists(VENV_PYTHON):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
-    os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
-    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-
+    venv_ref.ensure(["numpy", "safetensors", "torch"], PACKAGES)
 
 def run(root, dataset, epochs, torch, np, load_file):
     started = time.perf_counter()

@@ -22,28 +22,14 @@ import os
 import subprocess
 import sys
 
-CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
-VENV = os.path.join(CACHE, "venv-ref")
-VENV_PYTHON = os.path.join(VENV, "bin", "python")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import venv_ref  # noqa: E402
+
 PACKAGES = ["numpy", "safetensors", "scikit-learn"]
 
 
 def ensure_venv():
-    try:
-        import numpy  # noqa: F401
-        import safetensors  # noqa: F401
-        import sklearn  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if os.environ.get("LAZARUS_BENCH_BOOTSTRAPPED"):
-        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
-    if not os.path.exists(VENV_PYTHON):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
-    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
-    os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
-    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-
+    venv_ref.ensure(["numpy", "safetensors", "sklearn"], PACKAGES)
 
 def main():
     ensure_venv()
