@@ -9,7 +9,9 @@
 # print the ablation tables from experiments/experiments.db and the plots.
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
-# DEMO_IMAGES=N uses only the first N images (CI runs a reduced demo).
+# DEMO_IMAGES=N uses only the first N images and DEMO_KILL_AFTER=S kills the
+# second worker after S seconds (CI runs such a reduced demo, with
+# DEMO_PROFILE=dev to reuse the test build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DEMO_ROOT:-demo}"
@@ -19,9 +21,16 @@ say() { printf '\n== %s\n' "$*"; }
 say "fetching real assets into $cache (pip, no model hub)"
 bash scripts/fetch_assets.sh
 
-say "building lazarus (release)"
-cargo build --release --quiet
-bin=./target/release/lazarus
+# DEMO_PROFILE=dev reuses the test build (its code is optimised too).
+if [ "${DEMO_PROFILE:-release}" = dev ]; then
+  say "building lazarus (dev profile, optimised)"
+  cargo build --quiet
+  bin=./target/debug/lazarus
+else
+  say "building lazarus (release)"
+  cargo build --release --quiet
+  bin=./target/release/lazarus
+fi
 lazarus() { "$bin" --root "$root" "$@"; }
 
 say "registering the elpv dataset (2,624 EL images of solar cells, 4 defect grades)"
@@ -54,13 +63,15 @@ if [ "$(remaining)" -gt 0 ]; then
   worker() { "$bin" --root "$root" run-worker --until-empty --threads 1 --lease-secs $lease --worker-id "$1" >>"$root/logs/$1.log" 2>&1; }
   worker demo-a & a=$!
   worker demo-b & b=$!
-  sleep 20
+  sleep "${DEMO_KILL_AFTER:-6}"
   if kill -0 $b 2>/dev/null; then
     say "killing worker demo-b with SIGKILL mid-chunk, then restarting it: nothing is lost or done twice"
     kill -9 $b || true
     wait $b 2>/dev/null || true
     lazarus status --dataset elpv
     worker demo-b-restarted & b=$!
+  else
+    echo "worker demo-b finished its jobs before the kill (raise or lower DEMO_KILL_AFTER); nothing to interrupt"
   fi
   wait $a $b
   # The killed worker's chunk comes back once its lease runs out.
@@ -105,4 +116,10 @@ best=$(lazarus experiments best --metric val/macro_f1 --top 1 --json | python3 -
 say "plots"
 ls "$root"/experiments/sweeps/*/comparison.png "$root/experiments/runs/$best/plots/"*.png
 echo "model card: $root/experiments/runs/$best/model_card.json"
+
+say "predict with run $best on a few images (cached features are reused)"
+lazarus predict --run "$best" --top-k 2 $(lazarus dataset show elpv --images --csv | python3 -c '
+import csv, sys
+rows = [r for r in csv.DictReader(sys.stdin) if r["split"] == "test"]
+print(" ".join(r["path"] for r in rows[:3]))')
 echo "query it yourself: sqlite3 -header -column $root/experiments/experiments.db (README: Query your ablations)"

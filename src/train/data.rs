@@ -283,7 +283,8 @@ impl TrainData {
         for (values, &row) in out.chunks_mut(dim).zip(rows) {
             // Vectorised f16 -> f32 (F16C where the CPU has it), then standardise.
             self.features.pooled(row).convert_to_f32_slice(values);
-            for ((v, mean), inverse_std) in values.iter_mut().zip(&self.mean).zip(&self.inverse_std) {
+            for ((v, mean), inverse_std) in values.iter_mut().zip(&self.mean).zip(&self.inverse_std)
+            {
                 *v = (*v - mean) * inverse_std;
             }
         }
