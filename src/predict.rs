@@ -263,7 +263,7 @@ pub fn dataset_images(layout: &Layout, name: &str) -> Result<Vec<PathBuf>, Predi
 /// Writes predictions as CSV (`path,image_id,features_from,rank,class,probability,error`).
 pub fn write_csv(predictions: &[Prediction], path: &Path) -> std::io::Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());
-    let _ = writer.write_record([
+    writer.write_record([
         "path",
         "image_id",
         "features_from",
@@ -271,7 +271,7 @@ pub fn write_csv(predictions: &[Prediction], path: &Path) -> std::io::Result<()>
         "class",
         "probability",
         "error",
-    ]);
+    ])?;
     for p in predictions {
         let base = [
             p.path.display().to_string(),
@@ -279,20 +279,20 @@ pub fn write_csv(predictions: &[Prediction], path: &Path) -> std::io::Result<()>
             p.features_from.unwrap_or("").to_string(),
         ];
         if let Some(error) = &p.error {
-            let _ = writer.write_record(base.iter().cloned().chain([
+            writer.write_record(base.iter().cloned().chain([
                 String::new(),
                 String::new(),
                 String::new(),
                 error.clone(),
-            ]));
+            ]))?;
         }
         for (rank, (class, probability)) in p.top.iter().enumerate() {
-            let _ = writer.write_record(base.iter().cloned().chain([
+            writer.write_record(base.iter().cloned().chain([
                 (rank + 1).to_string(),
                 class.clone(),
                 format!("{probability:.6}"),
                 String::new(),
-            ]));
+            ]))?;
         }
     }
     let bytes = writer.into_inner().map_err(|e| e.into_error())?;

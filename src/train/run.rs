@@ -71,20 +71,6 @@ pub trait RunObserver {
     ) -> Result<(), TrainError>;
 }
 
-/// An observer that records nothing.
-pub struct NoObserver;
-
-impl RunObserver for NoObserver {
-    fn epoch(
-        &mut self,
-        _run: usize,
-        _epoch: usize,
-        _metrics: &BTreeMap<String, f64>,
-    ) -> Result<(), TrainError> {
-        Ok(())
-    }
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
@@ -326,7 +312,7 @@ pub fn fit(
             test_confusion_matrix: matrix,
             peak_rss_bytes,
         };
-        write_run(&run.run_dir, &report, &run.config, data, trainer)?;
+        write_run(&run.run_dir, &report, data, trainer)?;
         reports.push(report);
     }
     Ok(reports)
@@ -596,13 +582,11 @@ fn head_file_bytes(
 fn write_run(
     dir: &Path,
     report: &RunReport,
-    config: &TrainConfig,
     data: &TrainData,
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
     crate::atomic::write_file(&dir.join("metrics.json"), &json)?;
-    debug_assert_eq!(&trainer.config, config);
     // restore_best already put the kept head in place.
     crate::atomic::write_file(
         &dir.join("head.safetensors"),
