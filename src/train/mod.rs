@@ -3,6 +3,7 @@
 //! `config` says what a run is, `data` validates and gathers memory-mapped
 //! rows, `head` is the model, `trainer` holds one head's optimisation state,
 //! `run` drives one or many heads over shared batches and writes run folders,
+//! `host` is the f32 CPU step without an autograd graph,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
 //! step, `metrics` scores predictions.
 
@@ -10,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod head;
+pub mod host;
 pub mod metrics;
 pub mod run;
 pub mod schedule;

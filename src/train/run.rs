@@ -33,8 +33,10 @@ use super::TrainError;
 use super::checkpoint;
 use super::config::{Sampler, TrainConfig};
 use super::data::{SplitRows, TrainData};
+use super::host::{Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
-use super::trainer::{BatchPlan, HeadTrainer, TrainerState, plan_batches};
+use super::trainer::{Batch, BatchPlan, HeadTrainer, TrainerState, plan_batches};
+use rayon::prelude::*;
 
 /// Rows gathered per evaluation forward pass.
 const EVAL_ROWS: usize = 1024;
@@ -417,17 +419,52 @@ fn run_epoch(
         .map(|&i| seeded(trainers[i].config.seed, dropout_stream(stream.epoch)))
         .collect();
     let bar = progress_bar(options.progress, steps_per_epoch, stream, trainers, members);
+    let needs_tensor = members.iter().any(|&i| !trainers[i].uses_host_path());
+    // Several heads run side by side, one per thread; a lone head gives its
+    // matmuls the whole pool.
+    let threads = if members.len() > 1 {
+        Threads::Caller
+    } else {
+        Threads::Pool
+    };
+    let mut heads: Vec<(&mut HeadTrainer, &mut ChaCha8Rng)> = trainers
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| members.contains(i))
+        .map(|(_, t)| t)
+        .zip(&mut dropout)
+        .collect();
     for batch in order.chunks(stream.batch_size) {
         let rows: Vec<usize> = batch.iter().map(|&(r, _)| r).collect();
         let labels: Vec<usize> = batch.iter().map(|&(_, l)| l).collect();
-        let x = Tensor::from_vec(data.gather(&rows), (rows.len(), dim), &options.device)?;
-        for (&i, rng) in members.iter().zip(&mut dropout) {
-            let total_steps = steps_per_epoch * trainers[i].config.epochs;
-            trainers[i].train_batch(&x, &labels, total_steps, rng)?;
-        }
+        let values = data.gather(&rows);
+        let tensor = if needs_tensor {
+            Some(Tensor::from_slice(
+                &values,
+                (rows.len(), dim),
+                &options.device,
+            )?)
+        } else {
+            None
+        };
+        let input = Batch {
+            values: &values,
+            dim,
+            tensor: tensor.as_ref(),
+        };
+        heads
+            .par_iter_mut()
+            .with_max_len(1)
+            .try_for_each(|(trainer, rng)| {
+                let total_steps = steps_per_epoch * trainer.config.epochs;
+                trainer.train_batch(&input, &labels, total_steps, rng, threads)
+            })?;
         if let Some(bar) = &bar {
             bar.inc(1);
         }
+    }
+    for (trainer, _) in heads {
+        trainer.finish_steps()?;
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -486,15 +523,44 @@ fn evaluate(
 ) -> Result<Vec<Evaluation>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
+    let hosts = members
+        .iter()
+        .map(|&i| trainers[i].evaluation_head())
+        .collect::<Result<Vec<_>, _>>()?;
+    let threads = if members.len() > 1 {
+        Threads::Caller
+    } else {
+        Threads::Pool
+    };
     let mut probabilities: Vec<Vec<f32>> =
         vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
     for rows in split.rows.chunks(EVAL_ROWS) {
-        let x = Tensor::from_vec(data.gather(rows), (rows.len(), dim), device)?;
-        for (&i, out) in members.iter().zip(&mut probabilities) {
-            let logits = trainers[i].head.forward(&x, DType::F32, None)?;
-            let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
-            out.extend(p.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let values = data.gather(rows);
+        let tensor = if hosts.iter().any(Option::is_none) {
+            Some(Tensor::from_slice(&values, (rows.len(), dim), device)?)
+        } else {
+            None
+        };
+        probabilities
+            .par_iter_mut()
+            .zip(members.par_iter().zip(&hosts))
+            .with_max_len(1)
+            .try_for_each(|(out, (&i, host))| -> Result<(), TrainError> {
+                match (host, &tensor) {
+                    (Some(host), _) => {
+                        let mut p = host.logits(&values, rows.len(), threads);
+                        softmax_rows(&mut p, classes);
+                        out.extend(p);
+                    }
+                    (None, Some(x)) => {
+                        let logits = trainers[i].head.forward(x, DType::F32, None)?;
+                        let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+                        out.extend(p.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    (None, None) => unreachable!("a tensor is built for candle-path heads"),
+                }
+                Ok(())
+            })?;
     }
     probabilities
         .iter()

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::config::{ClassWeights, Optimizer, Precision, TrainConfig};
 use super::head::Head;
+use super::host::{HostHead, HostTrainer, Threads};
 use super::schedule::Schedule;
 
 /// Micro-batch size and accumulation steps that fit the memory budget.
@@ -68,6 +69,26 @@ pub struct HeadTrainer {
     /// Loss weight per class (1 for every class without class weighting).
     class_weights: Vec<f32>,
     classes: usize,
+    device: Device,
+    /// The host copy of weights and moments while an epoch's steps run on
+    /// the CPU f32 path (`host.rs`); `None` between epochs, when the `Var`s
+    /// and moment tensors above hold the state.
+    host: Option<HostTrainer>,
+}
+
+/// One gathered batch: standardised f32 rows `[rows, dim]` on the host, and
+/// the same rows as a tensor on the device for heads on the candle path.
+pub struct Batch<'a> {
+    pub values: &'a [f32],
+    pub dim: usize,
+    pub tensor: Option<&'a Tensor>,
+}
+
+/// The gradients of one batch, wherever they live.
+enum Gradients {
+    /// In the host trainer's buffers.
+    Host,
+    Candle(Vec<Tensor>),
 }
 
 impl HeadTrainer {
@@ -112,8 +133,38 @@ impl HeadTrainer {
             best: None,
             class_weights,
             classes,
+            device: device.clone(),
+            host: None,
             config,
         })
+    }
+
+    /// Whether steps take the host path: f32 on the CPU. Low precision and
+    /// GPUs stay on candle, where the dtype and the device do the work.
+    pub fn uses_host_path(&self) -> bool {
+        self.device.is_cpu() && self.config.precision == Precision::F32
+    }
+
+    /// Ends an epoch's steps: the host copy goes back into the `Var`s and
+    /// moment tensors, which everything between epochs reads.
+    pub fn finish_steps(&mut self) -> Result<(), TrainError> {
+        if let Some(host) = self.host.take() {
+            host.store(
+                &self.head,
+                &mut self.first_moments,
+                &mut self.second_moments,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A host copy of the current weights for evaluation, on the host path.
+    pub fn evaluation_head(&self) -> Result<Option<HostHead>, TrainError> {
+        if self.uses_host_path() {
+            Ok(Some(HostHead::from_head(&self.head, &self.config.head)?))
+        } else {
+            Ok(None)
+        }
     }
 
     /// True while the head still has epochs to run.
@@ -121,17 +172,17 @@ impl HeadTrainer {
         !self.state.stopped_early && self.state.epochs_done < self.config.epochs
     }
 
-    /// One optimiser step over a batch: `x` is the standardised f32 batch
-    /// [rows, dim] on the device, `labels` its classes. Micro-batches of
-    /// `plan.micro_batch` rows accumulate gradients that equal the batch's.
+    /// One optimiser step over a batch of standardised rows with `labels`.
+    /// Micro-batches of `plan.micro_batch` rows accumulate gradients that
+    /// equal the batch's. `threads` says who runs the host path's matmuls.
     pub fn train_batch(
         &mut self,
-        x: &Tensor,
+        batch: &Batch,
         labels: &[usize],
         total_steps: usize,
         dropout_rng: &mut ChaCha8Rng,
+        threads: Threads,
     ) -> Result<(), TrainError> {
-        let dtype = self.config.precision.dtype();
         let weights: Vec<f32> = labels.iter().map(|&l| self.class_weights[l]).collect();
         let total_weight: f32 = weights.iter().sum();
         let total_weight = if total_weight > 0.0 {
@@ -139,16 +190,130 @@ impl HeadTrainer {
         } else {
             1.0
         };
+        let targets = TargetRule {
+            classes: self.classes,
+            smoothing: self.config.label_smoothing as f32,
+            total_weight,
+        };
+        let unscale = 1.0 / self.state.loss_scale;
+        let (mut gradients, norm_sq) = if self.uses_host_path() {
+            if self.host.is_none() {
+                self.host = Some(HostTrainer::load(
+                    &self.head,
+                    &self.config.head,
+                    &self.first_moments,
+                    &self.second_moments,
+                )?);
+            }
+            let host = self.host.as_mut().expect("loaded above");
+            host.zero_gradients();
+            let mut start = 0;
+            while start < labels.len() {
+                let len = self.plan.micro_batch.min(labels.len() - start);
+                let range = start..start + len;
+                host.accumulate(
+                    &batch.values[start * batch.dim..(start + len) * batch.dim],
+                    len,
+                    &targets.values(&labels[range.clone()], &weights[range]),
+                    self.state.loss_scale as f32,
+                    dropout_rng,
+                    threads,
+                );
+                start += len;
+            }
+            let norm_sq = host.gradient_norm_sq(unscale as f32);
+            (Gradients::Host, norm_sq)
+        } else {
+            let grads = self.candle_gradients(batch, labels, &weights, &targets, dropout_rng)?;
+            let mut norm_sq = 0f64;
+            for g in &grads {
+                norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+            (Gradients::Candle(grads), norm_sq)
+        };
+        let epoch = self.state.epochs_done;
+        self.state.global_step += 1;
+        if !norm_sq.is_finite() {
+            // Overflow in the low-precision pass: skip the update, back off.
+            self.state.skipped_steps += 1;
+            self.state.good_steps = 0;
+            if self.config.precision == Precision::F16 {
+                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
+            }
+            return Ok(());
+        }
+        if self.config.precision == Precision::F16 {
+            self.state.good_steps += 1;
+            if self.state.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
+                self.state.loss_scale *= 2.0;
+                self.state.good_steps = 0;
+            }
+        }
+        let mut clip = 1.0;
+        if let Some(max_norm) = self.config.gradient_clip {
+            let norm = norm_sq.sqrt();
+            if norm > max_norm {
+                clip = max_norm / norm;
+                if let Gradients::Candle(grads) = &mut gradients {
+                    *grads = grads
+                        .iter()
+                        .map(|g| g.affine(clip, 0.0))
+                        .collect::<Result<_, _>>()?;
+                }
+            }
+        }
+        let lr = self.config.schedule.learning_rate(
+            self.config.learning_rate,
+            self.state.global_step - 1,
+            total_steps,
+            epoch,
+        ) * self.state.lr_factor;
+        self.state.learning_rate = lr;
+        match gradients {
+            Gradients::Candle(grads) => self.update(&grads, lr),
+            Gradients::Host => {
+                self.state.updates += 1;
+                let host = self.host.as_mut().expect("the host path loaded it");
+                host.update(
+                    self.config.optimizer,
+                    lr,
+                    self.config.weight_decay,
+                    self.state.updates,
+                    (unscale * clip) as f32,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The candle path's gradients of one batch (loss scale removed).
+    fn candle_gradients(
+        &self,
+        batch: &Batch,
+        labels: &[usize],
+        weights: &[f32],
+        targets: &TargetRule,
+        dropout_rng: &mut ChaCha8Rng,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let dtype = self.config.precision.dtype();
+        let owned;
+        let x = match batch.tensor {
+            Some(tensor) => tensor,
+            None => {
+                owned = Tensor::from_slice(batch.values, (labels.len(), batch.dim), &self.device)?;
+                &owned
+            }
+        };
         let mut accumulated: Option<Vec<Tensor>> = None;
         let mut start = 0;
         while start < labels.len() {
             let len = self.plan.micro_batch.min(labels.len() - start);
             let micro_x = x.narrow(0, start, len)?.to_dtype(dtype)?;
             let logits = self.head.forward(&micro_x, dtype, Some(dropout_rng))?;
-            let targets = self.targets(
-                &labels[start..start + len],
-                &weights[start..start + len],
-                total_weight,
+            let range = start..start + len;
+            let targets = Tensor::from_vec(
+                targets.values(&labels[range.clone()], &weights[range]),
+                (len, self.classes),
                 x.device(),
             )?;
             let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -179,72 +344,7 @@ impl HeadTrainer {
                 .map(|g| g.affine(unscale, 0.0))
                 .collect::<Result<_, _>>()?;
         }
-        let mut norm_sq = 0f64;
-        for g in &grads {
-            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let epoch = self.state.epochs_done;
-        self.state.global_step += 1;
-        if !norm_sq.is_finite() {
-            // Overflow in the low-precision pass: skip the update, back off.
-            self.state.skipped_steps += 1;
-            self.state.good_steps = 0;
-            if self.config.precision == Precision::F16 {
-                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
-            }
-            return Ok(());
-        }
-        if self.config.precision == Precision::F16 {
-            self.state.good_steps += 1;
-            if self.state.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
-                self.state.loss_scale *= 2.0;
-                self.state.good_steps = 0;
-            }
-        }
-        if let Some(max_norm) = self.config.gradient_clip {
-            let norm = norm_sq.sqrt();
-            if norm > max_norm {
-                grads = grads
-                    .iter()
-                    .map(|g| g.affine(max_norm / norm, 0.0))
-                    .collect::<Result<_, _>>()?;
-            }
-        }
-        let lr = self.config.schedule.learning_rate(
-            self.config.learning_rate,
-            self.state.global_step - 1,
-            total_steps,
-            epoch,
-        ) * self.state.lr_factor;
-        self.state.learning_rate = lr;
-        self.update(&grads, lr)
-    }
-
-    /// Class-weighted, label-smoothed one-hot targets, divided by the whole
-    /// batch's weight so that micro-batch losses add up to the batch mean.
-    fn targets(
-        &self,
-        labels: &[usize],
-        weights: &[f32],
-        total_weight: f32,
-        device: &Device,
-    ) -> Result<Tensor, TrainError> {
-        let smoothing = self.config.label_smoothing as f32;
-        let off = smoothing / self.classes as f32;
-        let mut targets = vec![0f32; labels.len() * self.classes];
-        for (i, (&label, &weight)) in labels.iter().zip(weights).enumerate() {
-            let scale = weight / total_weight;
-            let row = &mut targets[i * self.classes..(i + 1) * self.classes];
-            for value in row.iter_mut() {
-                *value = off * scale;
-            }
-            row[label] += (1.0 - smoothing) * scale;
-        }
-        Ok(Tensor::from_vec(
-            targets,
-            (labels.len(), self.classes),
-            device,
-        )?)
+        Ok(grads)
     }
 
     fn update(&mut self, grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
@@ -418,6 +518,30 @@ impl HeadTrainer {
         };
         self.state = state;
         Ok(())
+    }
+}
+
+/// Class-weighted, label-smoothed one-hot targets, divided by the whole
+/// batch's weight so that micro-batch losses add up to the batch mean.
+struct TargetRule {
+    classes: usize,
+    smoothing: f32,
+    total_weight: f32,
+}
+
+impl TargetRule {
+    fn values(&self, labels: &[usize], weights: &[f32]) -> Vec<f32> {
+        let off = self.smoothing / self.classes as f32;
+        let mut targets = vec![0f32; labels.len() * self.classes];
+        for (row, (&label, &weight)) in targets
+            .chunks_exact_mut(self.classes)
+            .zip(labels.iter().zip(weights))
+        {
+            let scale = weight / self.total_weight;
+            row.fill(off * scale);
+            row[label] += (1.0 - self.smoothing) * scale;
+        }
+        targets
     }
 }
 
