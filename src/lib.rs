@@ -6,6 +6,7 @@
 //! See ARCHITECTURE.md for the code map and the invariants.
 
 pub mod atomic;
+pub mod bundle;
 pub mod dataset;
 pub mod digest;
 pub mod encoders;

@@ -63,8 +63,10 @@ pub enum Command {
     /// Query runs, compare them and print ablation tables.
     #[command(subcommand)]
     Experiments(experiments::ExperimentsCommand),
-    /// Run encoder and head on new images.
+    /// Run encoder and head on new images (a run's, or an exported bundle's).
     Predict(predict::PredictArgs),
+    /// Write a run's head as a self-contained bundle folder.
+    Export(predict::ExportArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
@@ -89,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => train::sweep(&layout, args),
         Command::Experiments(command) => experiments::run(&layout, command),
         Command::Predict(args) => predict::run(&layout, args),
+        Command::Export(args) => predict::export(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }
