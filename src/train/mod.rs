@@ -4,7 +4,8 @@
 //! rows, `head` is the model, `trainer` holds one head's optimisation state,
 //! `run` drives one or many heads over shared batches and writes run folders,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
-//! step, `metrics` scores predictions.
+//! step, `metrics` scores predictions, `warm` starts a head from another
+//! run's weights.
 
 pub mod checkpoint;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod schedule;
 pub mod session;
 pub mod sweep;
 pub mod trainer;
+pub mod warm;
 
 use crate::dataset::DatasetError;
 use crate::features::FeatureError;
