@@ -17,6 +17,7 @@ pub mod layout;
 pub mod predict;
 pub mod preprocess;
 pub mod queue;
+pub mod review;
 pub mod train;
 pub mod weights;
 

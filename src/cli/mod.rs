@@ -6,6 +6,7 @@ mod encoders;
 mod experiments;
 mod predict;
 mod queue;
+mod review;
 mod train;
 
 use std::path::PathBuf;
@@ -67,6 +68,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// Write a run's head as a self-contained bundle folder.
     Export(predict::ExportArgs),
+    /// List the unlabeled or mispredicted images most worth a look (CSV and contact sheet).
+    Review(review::ReviewArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
@@ -92,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Experiments(command) => experiments::run(&layout, command),
         Command::Predict(args) => predict::run(&layout, args),
         Command::Export(args) => predict::export(&layout, args),
+        Command::Review(args) => review::run(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }
