@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod bundle;
 pub mod dataset;
 pub mod digest;
+pub mod drift;
 pub mod encoders;
 pub mod experiments;
 pub mod extract;

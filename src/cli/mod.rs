@@ -2,6 +2,7 @@
 //! turns its arguments into library settings; the work happens in the library.
 
 mod dataset;
+mod drift;
 mod encoders;
 mod experiments;
 mod predict;
@@ -70,6 +71,8 @@ pub enum Command {
     Export(predict::ExportArgs),
     /// List the unlabeled or mispredicted images most worth a look (CSV and contact sheet).
     Review(review::ReviewArgs),
+    /// Compare two datasets' cached features: does the candidate look like the reference?
+    Drift(drift::DriftArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
@@ -96,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => predict::run(&layout, args),
         Command::Export(args) => predict::export(&layout, args),
         Command::Review(args) => review::run(&layout, args),
+        Command::Drift(args) => drift::run(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }

@@ -185,12 +185,22 @@ pub fn write_features(
     dim: usize,
     value: impl Fn(&lazarus::dataset::ImageRecord, usize) -> f32,
 ) -> usize {
+    write_features_as(root, name, ("fp1", "toy-encoder"), dim, value)
+}
+
+/// [`write_features`] under another (fingerprint, encoder name).
+pub fn write_features_as(
+    root: &Path,
+    name: &str,
+    (fingerprint, encoder): (&str, &str),
+    dim: usize,
+    value: impl Fn(&lazarus::dataset::ImageRecord, usize) -> f32,
+) -> usize {
     use lazarus::features::{self, JobRef, ShardData};
     let layout = lazarus::layout::Layout::new(root);
     let dataset = lazarus::dataset::load(&layout, name).unwrap();
-    let dir = features::feature_dir(&layout, name, "fp1");
-    let metadata =
-        std::collections::HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]);
+    let dir = features::feature_dir(&layout, name, fingerprint);
+    let metadata = std::collections::HashMap::from([("encoder".to_string(), encoder.to_string())]);
     for (shard, records) in dataset.images.chunks(64).enumerate() {
         let mut image_index = Vec::new();
         let mut pooled = Vec::new();
