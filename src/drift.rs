@@ -533,7 +533,10 @@ mod tests {
         let x = x.broadcast_sub(&mean).unwrap();
         let (q, variances) = principal_components(&x, 2).unwrap();
         let q = q.to_vec2::<f32>().unwrap();
-        assert!((q[0][0].abs() - 0.7071).abs() < 1e-3 && (q[1][0].abs() - 0.7071).abs() < 1e-3);
+        assert!(
+            (q[0][0].abs() - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-3
+                && (q[1][0].abs() - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-3
+        );
         assert!(q[2][0].abs() < 1e-3);
         assert!((q[2][1].abs() - 1.0).abs() < 1e-3);
         // Sums of squares over whole periods: 9 * 200 / 199 and 200 / 199.
