@@ -128,6 +128,10 @@ fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
     let card = json(&std::fs::read_to_string(bundle.join("model_card.json")).unwrap());
     assert_eq!(card["run_id"], run.as_str());
     assert!(card["split_sizes"]["test"].as_u64().unwrap() > 0);
+    let interval = card["test_accuracy_95ci"].as_array().unwrap();
+    assert!(interval[0].as_f64().unwrap() <= interval[1].as_f64().unwrap());
+    assert_eq!(card["test_recall_95ci"].as_object().unwrap().len(), 2);
+    assert!(card["intended_use"].is_string() && card["limitations"].is_string());
     let classes = json(&std::fs::read_to_string(bundle.join("classes.json")).unwrap());
     assert_eq!(classes["classes"]["0"], "class0");
 

@@ -274,6 +274,8 @@ struct ModelCard<'a> {
     best_epoch: usize,
     test_metrics: &'a BTreeMap<String, f64>,
     test_accuracy_95ci: Option<[f64; 2]>,
+    /// Per class: the 95% Wilson interval of its test recall (n = its test images).
+    test_recall_95ci: BTreeMap<String, [f64; 2]>,
     intended_use: &'static str,
     limitations: &'static str,
 }
@@ -321,6 +323,16 @@ fn write_artifacts(
             .test
             .get("test/accuracy")
             .and_then(|&a| wilson_interval(a, data.test.rows.len())),
+        test_recall_95ci: data
+            .class_names
+            .iter()
+            .enumerate()
+            .filter_map(|(class, name)| {
+                let n = data.test.labels.iter().filter(|&&l| l == class).count();
+                let recall = report.test.get(&format!("test/recall/{name}"))?;
+                Some((name.clone(), wilson_interval(*recall, n)?))
+            })
+            .collect(),
         intended_use: "Classifying images like those of the training dataset, with the same \
                        encoder and preprocessing; a starting point for review, not an automatic \
                        decision on its own.",
