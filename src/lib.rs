@@ -6,8 +6,10 @@
 //! See ARCHITECTURE.md for the code map and the invariants.
 
 pub mod atomic;
+pub mod bundle;
 pub mod dataset;
 pub mod digest;
+pub mod drift;
 pub mod encoders;
 pub mod experiments;
 pub mod extract;
@@ -16,6 +18,7 @@ pub mod layout;
 pub mod predict;
 pub mod preprocess;
 pub mod queue;
+pub mod review;
 pub mod train;
 pub mod weights;
 

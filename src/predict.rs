@@ -1,20 +1,26 @@
-//! `lazarus predict`: a trained run's head on new images. Images already in
-//! the run's feature cache (same content id in its dataset) reuse their
-//! cached features; the others go through the same encoder, weights and
+//! `lazarus predict`: a trained head on new images. Images already in the
+//! head's feature cache (same content id in its dataset) reuse their cached
+//! features; the others go through the same encoder, weights and
 //! preprocessing that made the cache. A bad image gets its own error and the
 //! rest continue.
+//!
+//! The head comes from a run folder (`predict`) or from an exported bundle
+//! (`crate::bundle`); both end in [`predict_images`]. [`TrainedHead`] is also
+//! what `review` scores cached features with.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::encoders::{self, WeightsSource};
+use crate::encoders::{self, Encoder, WeightsSource};
 use crate::features::{FeatureSet, feature_dir};
 use crate::layout::Layout;
+use crate::preprocess::PreprocessConfig;
+use crate::train::config::HeadConfig;
 use crate::train::head::Head;
-use crate::train::run::read_run_inputs;
+use crate::train::run::{RunInputs, read_run_inputs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -22,8 +28,18 @@ pub enum PredictError {
     UnknownRun { run: String, path: PathBuf },
     #[error("run {run}: {message}")]
     Run { run: String, message: String },
-    #[error("encoder for run {run}: {message}")]
-    Encoder { run: String, message: String },
+    #[error("encoder for {owner}: {message}")]
+    Encoder { owner: String, message: String },
+    #[error(
+        "encoder {encoder} for {owner}: the installed weights have sha256 {installed}, \
+         not {wanted} (the weights that made the head's features)"
+    )]
+    WeightsMismatch {
+        owner: String,
+        encoder: String,
+        installed: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
@@ -47,15 +63,18 @@ pub struct PredictConfig {
 pub struct Prediction {
     pub path: PathBuf,
     pub image_id: Option<String>,
-    /// "cache" when the run's cached features were reused, "encoder" otherwise.
+    /// "cache" when cached features were reused, "encoder" otherwise.
     pub features_from: Option<&'static str>,
     /// (class, probability), most likely first.
     pub top: Vec<(String, f64)>,
     pub error: Option<String>,
 }
 
-/// A run's head with its standardisation, ready to score feature rows.
-struct TrainedHead {
+/// Feature rows scored per head forward pass.
+const ROWS_PER_PASS: usize = 1024;
+
+/// A trained head with its standardisation, ready to score feature rows.
+pub struct TrainedHead {
     head: Head,
     mean: Tensor,
     std: Tensor,
@@ -63,7 +82,51 @@ struct TrainedHead {
 }
 
 impl TrainedHead {
-    fn probabilities(&self, pooled: &Tensor) -> Result<Vec<Vec<f32>>, PredictError> {
+    /// A head from its `head.safetensors` tensors (`layers.N.*`,
+    /// `input_mean`, `input_std`); `source` names the file in errors.
+    pub fn from_tensors(
+        config: &HeadConfig,
+        tensors: &HashMap<String, Tensor>,
+        class_names: Vec<String>,
+        source: &Path,
+    ) -> Result<Self, crate::train::TrainError> {
+        let tensor = |name: &str| {
+            tensors.get(name).cloned().ok_or_else(|| {
+                crate::train::TrainError::Checkpoint(format!(
+                    "{} has no tensor {name}",
+                    source.display()
+                ))
+            })
+        };
+        let (mean, std) = (tensor("input_mean")?, tensor("input_std")?);
+        let head = Head::from_tensors(config, tensors, mean.dims1()?)?;
+        if head.classes() != class_names.len() {
+            return Err(crate::train::TrainError::Checkpoint(format!(
+                "{}: head has {} outputs for {} classes",
+                source.display(),
+                head.classes(),
+                class_names.len()
+            )));
+        }
+        Ok(TrainedHead {
+            head,
+            mean,
+            std,
+            class_names,
+        })
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    /// The feature dimension the head reads.
+    pub fn input_dim(&self) -> usize {
+        self.mean.dims()[0]
+    }
+
+    /// Class probabilities for a batch of raw (unstandardised) features [n, dim].
+    pub fn probabilities(&self, pooled: &Tensor) -> Result<Vec<Vec<f32>>, PredictError> {
         let x = pooled
             .to_dtype(candle_core::DType::F32)?
             .broadcast_sub(&self.mean)?
@@ -71,6 +134,213 @@ impl TrainedHead {
         let logits = self.head.forward(&x, candle_core::DType::F32, None)?;
         Ok(candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?)
     }
+
+    /// Class probabilities for cached feature rows, in the order given.
+    pub fn probabilities_of_rows(
+        &self,
+        features: &FeatureSet,
+        rows: &[usize],
+    ) -> Result<Vec<Vec<f32>>, PredictError> {
+        let dim = features.feature_dim();
+        let device = self.mean.device();
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(ROWS_PER_PASS) {
+            let values: Vec<half::f16> = chunk
+                .iter()
+                .flat_map(|&row| features.pooled(row).iter().copied())
+                .collect();
+            let pooled = Tensor::from_vec(values, (chunk.len(), dim), device)?;
+            out.extend(self.probabilities(&pooled)?);
+        }
+        Ok(out)
+    }
+
+    fn top_k(&self, probabilities: &[f32], k: usize) -> Vec<(String, f64)> {
+        top_k(probabilities, k)
+            .into_iter()
+            .map(|(c, p)| (self.class_names[c].clone(), p as f64))
+            .collect()
+    }
+}
+
+/// Class indices with their probabilities, most likely first (ties: lower index).
+pub fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut order: Vec<usize> = (0..probabilities.len()).collect();
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
+    order
+        .into_iter()
+        .take(k.max(1))
+        .map(|c| (c, probabilities[c]))
+        .collect()
+}
+
+/// A finished run's head and what its folder records about its inputs.
+pub fn load_run_head(
+    layout: &Layout,
+    run_id: &str,
+    device: &Device,
+) -> Result<(TrainedHead, RunInputs), PredictError> {
+    let run_dir = layout.experiments_dir().join("runs").join(run_id);
+    if !run_dir.is_dir() {
+        return Err(PredictError::UnknownRun {
+            run: run_id.to_string(),
+            path: run_dir,
+        });
+    }
+    let head_path = run_dir.join("head.safetensors");
+    if !head_path.is_file() {
+        return Err(PredictError::Run {
+            run: run_id.to_string(),
+            message: format!("{} is missing: the run did not finish", head_path.display()),
+        });
+    }
+    let inputs = read_run_inputs(&run_dir)?;
+    let tensors = crate::train::checkpoint::load_tensors(&head_path, device)?;
+    let head = TrainedHead::from_tensors(
+        &inputs.config.head,
+        &tensors,
+        inputs.class_names.clone(),
+        &head_path,
+    )?;
+    Ok((head, inputs))
+}
+
+/// The encoder, weights and preprocessing that made a head's features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncoderReference {
+    /// Registry name, e.g. `efficientnet-lite0`.
+    pub name: String,
+    /// `sha256:HEX` of the weights file, or `random:SEED`.
+    pub weights: String,
+    pub preprocess: PreprocessConfig,
+    /// The feature fingerprint (encoder, weights, preprocessing, format).
+    pub fingerprint: String,
+    pub feature_dim: usize,
+}
+
+impl EncoderReference {
+    /// What a feature folder's shard metadata says made it; None when the
+    /// shards do not name a registered encoder and its weights.
+    pub fn from_features(
+        features: &FeatureSet,
+        fingerprint: &str,
+    ) -> Result<Option<Self>, PredictError> {
+        let metadata = features.metadata();
+        let (Some(name), Some(weights)) = (metadata.get("encoder"), metadata.get("weights")) else {
+            return Ok(None);
+        };
+        let Ok(spec) = encoders::lookup(name) else {
+            return Ok(None);
+        };
+        let preprocess = match metadata.get("preprocess") {
+            Some(json) => serde_json::from_str(json).map_err(|e| PredictError::Encoder {
+                owner: format!("features {}", features.dir().display()),
+                message: format!("shard metadata preprocess is not readable: {e}"),
+            })?,
+            None => spec.preprocess.clone(),
+        };
+        Ok(Some(EncoderReference {
+            name: name.clone(),
+            weights: weights.clone(),
+            preprocess,
+            fingerprint: fingerprint.to_string(),
+            feature_dim: features.feature_dim(),
+        }))
+    }
+
+    /// The sha256 the weights must have (None for random weights).
+    pub fn weights_sha256(&self) -> Option<&str> {
+        self.weights.strip_prefix("sha256:")
+    }
+
+    /// Builds the encoder: seeded random weights, or the installed weights
+    /// after checking their sha256 against this reference. `owner` names the
+    /// run or bundle in errors.
+    pub fn load(&self, device: &Device, owner: &str) -> Result<Box<dyn Encoder>, PredictError> {
+        let encoder_error = |message: String| PredictError::Encoder {
+            owner: owner.to_string(),
+            message,
+        };
+        let spec = encoders::lookup(&self.name).map_err(|e| encoder_error(e.to_string()))?;
+        let source = match self.weights.strip_prefix("random:") {
+            Some(seed) => WeightsSource::Random {
+                seed: seed
+                    .parse()
+                    .map_err(|_| encoder_error(format!("bad weights id {}", self.weights)))?,
+            },
+            None => {
+                let wanted = self
+                    .weights_sha256()
+                    .ok_or_else(|| encoder_error(format!("bad weights id {}", self.weights)))?;
+                // Checked before loading: a wrong file fails here by name,
+                // not later on a missing tensor.
+                let installed = crate::weights::installed(&self.name).ok_or_else(|| {
+                    encoder_error(format!(
+                        "no weights installed for {}; run `lazarus weights fetch {}` \
+                         (sha256 {wanted} is needed)",
+                        self.name, self.name
+                    ))
+                })?;
+                if installed.sha256 != wanted {
+                    return Err(PredictError::WeightsMismatch {
+                        owner: owner.to_string(),
+                        encoder: self.name.clone(),
+                        installed: installed.sha256,
+                        wanted: wanted.to_string(),
+                    });
+                }
+                WeightsSource::Installed
+            }
+        };
+        // `Installed` re-hashes the file against its recorded sha256.
+        encoders::load_encoder(&spec, source, device).map_err(|e| encoder_error(e.to_string()))
+    }
+}
+
+/// Cached feature rows of one dataset, found by image content id.
+pub struct FeatureCache {
+    features: FeatureSet,
+    rows_by_id: HashMap<String, usize>,
+}
+
+impl FeatureCache {
+    /// The features of `dataset` under `fingerprint`.
+    pub fn open(layout: &Layout, dataset: &str, fingerprint: &str) -> Result<Self, PredictError> {
+        let features = FeatureSet::open(&feature_dir(layout, dataset, fingerprint))?;
+        let dataset = crate::dataset::load(layout, dataset)?;
+        let row_of_index: HashMap<usize, usize> = features
+            .image_indices()
+            .iter()
+            .enumerate()
+            .map(|(row, &index)| (index, row))
+            .collect();
+        let rows_by_id = dataset
+            .images
+            .into_iter()
+            .filter_map(|r| row_of_index.get(&r.index).map(|&row| (r.id, row)))
+            .collect();
+        Ok(FeatureCache {
+            features,
+            rows_by_id,
+        })
+    }
+
+    pub fn features(&self) -> &FeatureSet {
+        &self.features
+    }
+}
+
+/// What scores images: a head, the cache it may read, the encoder for the rest.
+pub struct Predictor<'a> {
+    pub head: &'a TrainedHead,
+    pub cache: Option<&'a FeatureCache>,
+    pub encoder: Option<&'a EncoderReference>,
+    /// "run ID" or "bundle DIR", for messages.
+    pub owner: String,
 }
 
 /// Predicts the classes of `images` with run `run_id`'s head.
@@ -80,74 +350,28 @@ pub fn predict(
     images: &[PathBuf],
     config: &PredictConfig,
 ) -> Result<Vec<Prediction>, PredictError> {
-    let run_dir = layout.experiments_dir().join("runs").join(run_id);
-    if !run_dir.is_dir() {
-        return Err(PredictError::UnknownRun {
-            run: run_id.to_string(),
-            path: run_dir,
-        });
-    }
-    let run_error = |message: String| PredictError::Run {
-        run: run_id.to_string(),
-        message,
+    let (head, inputs) = load_run_head(layout, run_id, &config.device)?;
+    let cache = FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)?;
+    let encoder = EncoderReference::from_features(&cache.features, &inputs.fingerprint)?;
+    let predictor = Predictor {
+        head: &head,
+        cache: Some(&cache),
+        encoder: encoder.as_ref(),
+        owner: format!("run {run_id}"),
     };
-    let head_path = run_dir.join("head.safetensors");
-    if !head_path.is_file() {
-        return Err(run_error(format!(
-            "{} is missing: the run did not finish",
-            head_path.display()
-        )));
-    }
-    let inputs = read_run_inputs(&run_dir)?;
-    let tensors = crate::train::checkpoint::load_tensors(&head_path, &config.device)?;
-    let tensor = |name: &str| {
-        tensors
-            .get(name)
-            .cloned()
-            .ok_or_else(|| run_error(format!("{} has no tensor {name}", head_path.display())))
-    };
-    let (mean, std) = (tensor("input_mean")?, tensor("input_std")?);
-    let head = Head::from_tensors(&inputs.config.head, &tensors, mean.dims1()?)?;
-    if head.classes() != inputs.class_names.len() {
-        return Err(run_error(format!(
-            "head has {} outputs for {} classes",
-            head.classes(),
-            inputs.class_names.len()
-        )));
-    }
-    let trained = TrainedHead {
-        head,
-        mean,
-        std,
-        class_names: inputs.class_names.clone(),
-    };
+    predict_images(&predictor, images, config)
+}
 
-    // Cached rows by image content id.
-    let features = FeatureSet::open(&feature_dir(layout, &inputs.dataset, &inputs.fingerprint))?;
-    let dataset = crate::dataset::load(layout, &inputs.dataset)?;
-    let row_of_index: HashMap<usize, usize> = features
-        .image_indices()
-        .iter()
-        .enumerate()
-        .map(|(row, &index)| (index, row))
-        .collect();
-    let cached_row: HashMap<&str, usize> = dataset
-        .images
-        .iter()
-        .filter_map(|r| row_of_index.get(&r.index).map(|&row| (r.id.as_str(), row)))
-        .collect();
-
+/// Scores each image: cached features by content id where the cache has
+/// them, the encoder otherwise; a bad image gets its own error.
+pub fn predict_images(
+    predictor: &Predictor,
+    images: &[PathBuf],
+    config: &PredictConfig,
+) -> Result<Vec<Prediction>, PredictError> {
+    let head = predictor.head;
     let mut predictions: Vec<Prediction> = Vec::with_capacity(images.len());
     let mut to_encode: Vec<(usize, Vec<f32>)> = Vec::new();
-    let metadata = features.metadata().clone();
-    let spec = metadata
-        .get("encoder")
-        .map(|name| encoders::lookup(name))
-        .transpose()
-        .map_err(|e| PredictError::Encoder {
-            run: run_id.to_string(),
-            message: e.to_string(),
-        })?;
     for path in images {
         let mut prediction = Prediction {
             path: path.clone(),
@@ -160,23 +384,22 @@ pub fn predict(
             Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
             Ok(bytes) => {
                 let id = crate::dataset::content_id(&bytes);
-                if let Some(&row) = cached_row.get(id.as_str()) {
-                    let pooled = Tensor::from_slice(
-                        features.pooled(row),
-                        (1, features.feature_dim()),
-                        &config.device,
-                    )?;
-                    prediction.top =
-                        top_k(&trained, &trained.probabilities(&pooled)?[0], config.top_k);
+                let cached = predictor
+                    .cache
+                    .and_then(|c| c.rows_by_id.get(&id).map(|&row| (c, row)));
+                if let Some((cache, row)) = cached {
+                    let probabilities = head.probabilities_of_rows(&cache.features, &[row])?;
+                    prediction.top = head.top_k(&probabilities[0], config.top_k);
                     prediction.features_from = Some("cache");
-                } else if let Some(spec) = &spec {
-                    match crate::preprocess::preprocess_bytes(&bytes, path, &spec.preprocess) {
+                } else if let Some(encoder) = predictor.encoder {
+                    match crate::preprocess::preprocess_bytes(&bytes, path, &encoder.preprocess) {
                         Ok(values) => to_encode.push((predictions.len(), values)),
                         Err(e) => prediction.error = Some(e.to_string()),
                     }
                 } else {
                     prediction.error = Some(format!(
-                        "not in the cache, and the features of run {run_id} do not name their encoder"
+                        "not in the cache, and the features of {} do not name their encoder",
+                        predictor.owner
                     ));
                 }
                 prediction.image_id = Some(id);
@@ -185,70 +408,25 @@ pub fn predict(
         predictions.push(prediction);
     }
 
-    if let (false, Some(spec)) = (to_encode.is_empty(), &spec) {
-        let source = match metadata.get("weights").map(String::as_str) {
-            Some(id) if id.starts_with("random:") => WeightsSource::Random {
-                seed: id["random:".len()..]
-                    .parse()
-                    .map_err(|_| PredictError::Encoder {
-                        run: run_id.to_string(),
-                        message: format!("bad weights id {id}"),
-                    })?,
-            },
-            _ => WeightsSource::Installed,
-        };
-        let encoder = encoders::load_encoder(spec, source, &config.device).map_err(|e| {
-            PredictError::Encoder {
-                run: run_id.to_string(),
-                message: e.to_string(),
-            }
-        })?;
-        if let (Some(sha256), Some(wanted)) = (
-            encoder.weights_sha256(),
-            metadata
-                .get("weights")
-                .and_then(|w| w.strip_prefix("sha256:")),
-        ) && sha256 != wanted
-        {
-            return Err(PredictError::Encoder {
-                run: run_id.to_string(),
-                message: format!(
-                    "the installed weights of {} (sha256 {sha256}) are not those that made the run's features ({wanted})",
-                    spec.name
-                ),
-            });
-        }
-        let side = spec.preprocess.input_size as usize;
+    if let (false, Some(reference)) = (to_encode.is_empty(), predictor.encoder) {
+        let encoder = reference.load(&config.device, &predictor.owner)?;
+        let side = reference.preprocess.input_size as usize;
         for batch in to_encode.chunks(config.batch_size.max(1)) {
             let values: Vec<f32> = batch.iter().flat_map(|(_, v)| v.iter().copied()).collect();
             let images = Tensor::from_vec(values, (batch.len(), 3, side, side), &config.device)?;
             let pooled = encoder
                 .forward_pooled(&images)
                 .map_err(|e| PredictError::Encoder {
-                    run: run_id.to_string(),
+                    owner: predictor.owner.clone(),
                     message: e.to_string(),
                 })?;
-            for ((slot, _), probabilities) in batch.iter().zip(trained.probabilities(&pooled)?) {
-                predictions[*slot].top = top_k(&trained, &probabilities, config.top_k);
+            for ((slot, _), probabilities) in batch.iter().zip(head.probabilities(&pooled)?) {
+                predictions[*slot].top = head.top_k(&probabilities, config.top_k);
                 predictions[*slot].features_from = Some("encoder");
             }
         }
     }
     Ok(predictions)
-}
-
-fn top_k(trained: &TrainedHead, probabilities: &[f32], k: usize) -> Vec<(String, f64)> {
-    let mut order: Vec<usize> = (0..probabilities.len()).collect();
-    order.sort_by(|&a, &b| {
-        probabilities[b]
-            .total_cmp(&probabilities[a])
-            .then(a.cmp(&b))
-    });
-    order
-        .into_iter()
-        .take(k.max(1))
-        .map(|c| (trained.class_names[c].clone(), probabilities[c] as f64))
-        .collect()
 }
 
 /// The paths of a registered dataset's images, in manifest order.

@@ -2,10 +2,12 @@
 //! turns its arguments into library settings; the work happens in the library.
 
 mod dataset;
+mod drift;
 mod encoders;
 mod experiments;
 mod predict;
 mod queue;
+mod review;
 mod train;
 
 use std::path::PathBuf;
@@ -63,8 +65,14 @@ pub enum Command {
     /// Query runs, compare them and print ablation tables.
     #[command(subcommand)]
     Experiments(experiments::ExperimentsCommand),
-    /// Run encoder and head on new images.
+    /// Run encoder and head on new images (a run's, or an exported bundle's).
     Predict(predict::PredictArgs),
+    /// Write a run's head as a self-contained bundle folder.
+    Export(predict::ExportArgs),
+    /// List the unlabeled or mispredicted images most worth a look (CSV and contact sheet).
+    Review(review::ReviewArgs),
+    /// Compare two datasets' cached features: does the candidate look like the reference?
+    Drift(drift::DriftArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
@@ -89,6 +97,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => train::sweep(&layout, args),
         Command::Experiments(command) => experiments::run(&layout, command),
         Command::Predict(args) => predict::run(&layout, args),
+        Command::Export(args) => predict::export(&layout, args),
+        Command::Review(args) => review::run(&layout, args),
+        Command::Drift(args) => drift::run(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }

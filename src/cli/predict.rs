@@ -1,4 +1,5 @@
-//! `lazarus predict`: arguments to a `PredictConfig`; the work is in `lazarus::predict`.
+//! `lazarus predict` and `lazarus export`: arguments to settings; the work is
+//! in `lazarus::predict` and `lazarus::bundle`.
 
 use std::path::PathBuf;
 
@@ -12,8 +13,17 @@ use super::queue::DeviceArg;
 #[derive(Debug, Args)]
 pub struct PredictArgs {
     /// The trained run whose head (and encoder) to use.
-    #[arg(long, value_name = "RUN")]
-    pub run: String,
+    #[arg(
+        long,
+        value_name = "RUN",
+        required_unless_present = "bundle",
+        conflicts_with = "bundle"
+    )]
+    pub run: Option<String>,
+    /// An exported bundle (`lazarus export`) instead of a run: needs neither
+    /// experiments/ nor the run's features.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
     /// Image files.
     #[arg(required_unless_present = "dataset", conflicts_with = "dataset")]
     pub images: Vec<PathBuf>,
@@ -52,7 +62,16 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         device: super::queue::device(args.device)?,
         batch_size: args.batch_size as usize,
     };
-    let predictions = predict(layout, &args.run, &images, &config)?;
+    let predictions = match (&args.run, &args.bundle) {
+        (Some(run), _) => predict(layout, run, &images, &config)?,
+        (None, Some(bundle)) => lazarus::bundle::predict(
+            bundle,
+            args.dataset.as_deref().map(|name| (layout, name)),
+            &images,
+            &config,
+        )?,
+        (None, None) => bail!("give --run RUN or --bundle DIR"),
+    };
     if let Some(output) = &args.output {
         if output.extension().and_then(|e| e.to_str()) == Some("csv") {
             write_csv(&predictions, output)?;
@@ -87,6 +106,39 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         bail!(
             "{failed} of {} images could not be predicted",
             predictions.len()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The finished run to export.
+    pub run: String,
+    /// The bundle folder to create (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn export(layout: &Layout, args: ExportArgs) -> anyhow::Result<()> {
+    let report = lazarus::bundle::export(layout, &args.run, &args.out)?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    println!(
+        "run {} exported to {} ({} files; encoder {}, weights {})",
+        report.run_id,
+        report.bundle.display(),
+        report.manifest.files.len() + 1,
+        report.encoder.name,
+        report.encoder.weights
+    );
+    for (name, entry) in &report.manifest.files {
+        println!(
+            "  {name:<18} {:>10} bytes  sha256 {}",
+            entry.bytes, entry.sha256
         );
     }
     Ok(())

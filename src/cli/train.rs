@@ -64,6 +64,10 @@ pub struct TrainArgs {
     /// Continue a killed run from its newest checkpoint, with its own settings.
     #[arg(long, value_name = "RUN", conflicts_with_all = ["dataset", "encoder"])]
     pub resume: Option<String>,
+    /// Start from this finished run's head weights: layers whose shapes match
+    /// load, an output layer for other classes is re-initialised.
+    #[arg(long, value_name = "RUN", conflicts_with = "resume")]
+    pub init_from: Option<String>,
     #[arg(long, value_enum, default_value = "linear")]
     pub head: HeadKind,
     /// MLP hidden sizes, comma-separated.
@@ -214,6 +218,7 @@ fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<Train
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         label_map: Default::default(),
+        init_from: args.init_from.clone(),
     })
 }
 
@@ -246,7 +251,20 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     }
     let class_weights = session::class_weights_from(&args.class_weights, &data.class_names)?;
     let config = config(&args, class_weights)?;
-    let report = session::train(layout, &data, &args.experiment, config, &options)?;
+    let warm = match &args.init_from {
+        Some(source) => {
+            let warm = lazarus::train::warm::plan(layout, source, &config, &data)?;
+            // On stderr with --json, so stdout stays one JSON document.
+            if args.json {
+                eprintln!("{}", warm.summary.describe());
+            } else {
+                println!("{}", warm.summary.describe());
+            }
+            Some(warm)
+        }
+        None => None,
+    };
+    let report = session::train_warm(layout, &data, &args.experiment, config, warm, &options)?;
     print_report(&report, args.json)
 }
 

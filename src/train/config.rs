@@ -170,6 +170,10 @@ pub struct TrainConfig {
     /// "defective"); classes not named keep their name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_map: BTreeMap<String, String>,
+    /// Start from this run's head weights (`train --init-from`) instead of
+    /// the seeded initialisation; see `warm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -193,6 +197,7 @@ impl Default for TrainConfig {
             checkpoint_every: 1,
             seed: 0,
             label_map: BTreeMap::new(),
+            init_from: None,
         }
     }
 }

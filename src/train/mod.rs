@@ -5,7 +5,8 @@
 //! `run` drives one or many heads over shared batches and writes run folders,
 //! `host` is the f32 CPU step without an autograd graph,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
-//! step, `metrics` scores predictions.
+//! step, `metrics` scores predictions, `warm` starts a head from another
+//! run's weights.
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod schedule;
 pub mod session;
 pub mod sweep;
 pub mod trainer;
+pub mod warm;
 
 use crate::dataset::DatasetError;
 use crate::features::FeatureError;

@@ -54,6 +54,8 @@ pub struct PlannedRun {
     pub config: TrainConfig,
     /// Continue from the newest checkpoint in `run_dir`, if any.
     pub resume: bool,
+    /// Start from another run's weights (a checkpoint, when resumed, wins).
+    pub init: Option<super::warm::WarmStart>,
 }
 
 /// Where and how the heads train.
@@ -159,6 +161,9 @@ pub fn fit(
             plan,
             &options.device,
         )?;
+        if let Some(init) = &run.init {
+            init.apply(&trainer.head)?;
+        }
         if run.resume
             && let Some((weights, json)) = checkpoint::latest(&run.run_dir)?
         {

@@ -21,6 +21,7 @@ use super::run::{
 };
 use super::schedule::Schedule;
 use super::sweep::Sweep;
+use super::warm::{self, WarmStart};
 use crate::experiments::{
     self, AblationQuery, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus, WhereClause,
 };
@@ -103,7 +104,8 @@ impl RunObserver for EpochLogger<'_> {
     }
 }
 
-/// Trains one head as a new run of `experiment`.
+/// Trains one head as a new run of `experiment`; with `config.init_from`,
+/// from that run's weights (see [`train_warm`] to plan the warm start first).
 pub fn train(
     layout: &Layout,
     data: &TrainData,
@@ -111,11 +113,39 @@ pub fn train(
     config: TrainConfig,
     options: &FitOptions,
 ) -> Result<RunReport, TrainError> {
+    let warm = match &config.init_from {
+        Some(source) => Some(warm::plan(layout, source, &config, data)?),
+        None => None,
+    };
+    train_warm(layout, data, experiment, config, warm, options)
+}
+
+/// Trains one head as a new run of `experiment`, starting from `warm` when
+/// given (planned by `warm::plan` for the same config and data). The run
+/// records `init_from` and `init_layers` (which layers loaded) as params.
+pub fn train_warm(
+    layout: &Layout,
+    data: &TrainData,
+    experiment: &str,
+    mut config: TrainConfig,
+    warm: Option<WarmStart>,
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    config.init_from = warm.as_ref().map(|w| w.summary.source_run.clone());
     config.validate()?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let handle = start(&db, experiment, &inputs, &[])?;
-    Ok(fit_and_finish(data, vec![(handle, inputs, false)], options)?.remove(0))
+    let extra = warm.as_ref().map(warm_params).unwrap_or_default();
+    let handle = start(&db, experiment, &inputs, &extra)?;
+    Ok(fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0))
+}
+
+/// The params that say where a warm-started run came from and what loaded.
+fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
+    vec![
+        ("init_from".into(), warm.summary.source_run.as_str().into()),
+        ("init_layers".into(), warm.summary.layer_states().into()),
+    ]
 }
 
 /// Continues a killed run from its newest checkpoint with its own settings.
@@ -146,8 +176,13 @@ pub fn resume(
         &load_config(&inputs.config),
     )?;
     let from = super::checkpoint::latest_epoch(&run_dir)?;
+    // Killed before its first checkpoint: start from the source's weights again.
+    let warm = match &inputs.config.init_from {
+        Some(source) if from == 0 => Some(warm::plan(layout, source, &inputs.config, &data)?),
+        _ => None,
+    };
     let handle = db.resume_run(run_id, from as u64)?;
-    Ok(fit_and_finish(&data, vec![(handle, inputs, true)], options)?.remove(0))
+    Ok(fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0))
 }
 
 fn start(
@@ -177,19 +212,21 @@ fn start(
 /// Trains the runs together, then writes each one's artifacts and finishes it.
 fn fit_and_finish(
     data: &TrainData,
-    runs: Vec<(RunHandle, RunInputs, bool)>,
+    runs: Vec<(RunHandle, RunInputs, bool, Option<WarmStart>)>,
     options: &FitOptions,
 ) -> Result<Vec<RunReport>, TrainError> {
-    let planned: Vec<PlannedRun> = runs
-        .iter()
-        .map(|(handle, inputs, resume)| PlannedRun {
+    let mut planned: Vec<PlannedRun> = Vec::with_capacity(runs.len());
+    let mut handles: Vec<RunHandle> = Vec::with_capacity(runs.len());
+    for (handle, inputs, resume, init) in runs {
+        planned.push(PlannedRun {
             run_id: handle.id().to_string(),
             run_dir: handle.dir().to_path_buf(),
-            config: inputs.config.clone(),
-            resume: *resume,
-        })
-        .collect();
-    let handles: Vec<RunHandle> = runs.into_iter().map(|(h, _, _)| h).collect();
+            config: inputs.config,
+            resume,
+            init,
+        });
+        handles.push(handle);
+    }
     // On an error the handles drop and their runs are recorded FAILED.
     let reports = fit(
         data,
@@ -237,6 +274,8 @@ struct ModelCard<'a> {
     best_epoch: usize,
     test_metrics: &'a BTreeMap<String, f64>,
     test_accuracy_95ci: Option<[f64; 2]>,
+    /// Per class: the 95% Wilson interval of its test recall (n = its test images).
+    test_recall_95ci: BTreeMap<String, [f64; 2]>,
     intended_use: &'static str,
     limitations: &'static str,
 }
@@ -284,6 +323,16 @@ fn write_artifacts(
             .test
             .get("test/accuracy")
             .and_then(|&a| wilson_interval(a, data.test.rows.len())),
+        test_recall_95ci: data
+            .class_names
+            .iter()
+            .enumerate()
+            .filter_map(|(class, name)| {
+                let n = data.test.labels.iter().filter(|&&l| l == class).count();
+                let recall = report.test.get(&format!("test/recall/{name}"))?;
+                Some((name.clone(), wilson_interval(*recall, n)?))
+            })
+            .collect(),
         intended_use: "Classifying images like those of the training dataset, with the same \
                        encoder and preprocessing; a starting point for review, not an automatic \
                        decision on its own.",
@@ -401,11 +450,11 @@ pub fn sweep(
                     let dir = db.run_dir(&id);
                     let from = super::checkpoint::latest_epoch(&dir)?;
                     let handle = db.resume_run(&id, from as u64)?;
-                    runs.push((handle, inputs, true));
+                    runs.push((handle, inputs, true, None));
                 }
                 None => {
                     let handle = start(&db, &sweep.name, &inputs, &sweep_param)?;
-                    runs.push((handle, inputs, false));
+                    runs.push((handle, inputs, false, None));
                 }
             }
         }

@@ -150,41 +150,70 @@ pub struct Synthetic<'a> {
 /// `separation` in dimension c (mod dim) with unit, roughly Gaussian noise
 /// (sum of four uniforms, rescaled). Returns the number of feature rows.
 pub fn synthetic_features(root: &Path, spec: &Synthetic) -> usize {
-    use lazarus::features::{self, JobRef, ShardData};
     let tree = image_folder(&root.join(spec.name), spec.counts);
     ok(lazarus(
         root,
         &["dataset", "add", spec.name, tree.to_str().unwrap()],
     ));
+    let dataset = lazarus::dataset::load(&lazarus::layout::Layout::new(root), spec.name).unwrap();
+    write_features(root, spec.name, spec.dim, |record, d| {
+        let class = dataset
+            .class_index(record.label.as_deref().unwrap())
+            .unwrap();
+        let centre = if d == class % spec.dim {
+            spec.separation
+        } else {
+            0.0
+        };
+        centre + gaussian_noise((record.index * 1_000 + d) as u64 * 4)
+    })
+}
+
+/// Roughly standard normal noise from a key: the sum of four uniforms
+/// (std 1/sqrt(3)), rescaled.
+pub fn gaussian_noise(key: u64) -> f32 {
+    let sum: f32 = (0..4).map(|k| hash_unit(key + k)).sum::<f32>() - 2.0;
+    sum * 3f32.sqrt()
+}
+
+/// Writes f16 features `value(record, dimension)` for every image of the
+/// registered dataset `name`, in shards of 64 rows under fingerprint `fp1`
+/// with encoder `toy-encoder` in the metadata. Returns the number of rows.
+pub fn write_features(
+    root: &Path,
+    name: &str,
+    dim: usize,
+    value: impl Fn(&lazarus::dataset::ImageRecord, usize) -> f32,
+) -> usize {
+    write_features_as(root, name, ("fp1", "toy-encoder"), dim, value)
+}
+
+/// [`write_features`] under another (fingerprint, encoder name).
+pub fn write_features_as(
+    root: &Path,
+    name: &str,
+    (fingerprint, encoder): (&str, &str),
+    dim: usize,
+    value: impl Fn(&lazarus::dataset::ImageRecord, usize) -> f32,
+) -> usize {
+    use lazarus::features::{self, JobRef, ShardData};
     let layout = lazarus::layout::Layout::new(root);
-    let dataset = lazarus::dataset::load(&layout, spec.name).unwrap();
-    let dir = features::feature_dir(&layout, spec.name, "fp1");
-    let metadata =
-        std::collections::HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]);
+    let dataset = lazarus::dataset::load(&layout, name).unwrap();
+    let dir = features::feature_dir(&layout, name, fingerprint);
+    let metadata = std::collections::HashMap::from([("encoder".to_string(), encoder.to_string())]);
     for (shard, records) in dataset.images.chunks(64).enumerate() {
         let mut image_index = Vec::new();
         let mut pooled = Vec::new();
         for record in records {
-            let class = dataset
-                .class_index(record.label.as_deref().unwrap())
-                .unwrap();
             image_index.push(record.index as i64);
-            for d in 0..spec.dim {
-                let key = (record.index * 1_000 + d) as u64 * 4;
-                let noise: f32 = (0..4).map(|k| hash_unit(key + k)).sum::<f32>() - 2.0;
-                let centre = if d == class % spec.dim {
-                    spec.separation
-                } else {
-                    0.0
-                };
-                // The sum of 4 uniforms has std 1/sqrt(3).
-                pooled.push(half::f16::from_f32(centre + noise * 3f32.sqrt()));
+            for d in 0..dim {
+                pooled.push(half::f16::from_f32(value(record, d)));
             }
         }
         let data = ShardData {
             image_index: &image_index,
             pooled: &pooled,
-            feature_dim: spec.dim,
+            feature_dim: dim,
             spatial: None,
         };
         features::write_shard(
