@@ -4,8 +4,10 @@
 //! rows, `head` is the model, `trainer` holds one head's optimisation state,
 //! `run` drives one or many heads over shared batches and writes run folders,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
-//! step, `metrics` scores predictions.
+//! step, `metrics` scores predictions; `anomaly` fits and scores anomaly
+//! detectors (k-NN, Mahalanobis) on normal images' features.
 
+pub mod anomaly;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
