@@ -591,6 +591,9 @@ pub fn train(
     fit_and_finish(data, handle, &inputs, options)
 }
 
+/// Runs fitted now, and (config hash, run id) of configs skipped as FINISHED.
+pub type SweepRuns = (Vec<AnomalyReport>, Vec<(String, String)>);
+
 /// The anomaly heads of a sweep on one feature set: each config FINISHED
 /// before is skipped (returned as (config hash, run id)) unless `force`.
 pub fn sweep_runs(
@@ -600,7 +603,7 @@ pub fn sweep_runs(
     configs: &[TrainConfig],
     force: bool,
     options: &AnomalyOptions,
-) -> Result<(Vec<AnomalyReport>, Vec<(String, String)>), TrainError> {
+) -> Result<SweepRuns, TrainError> {
     let sweep_param = vec![("sweep".to_string(), ParamValue::from(sweep_name))];
     let mut seen = BTreeSet::new();
     let mut planned = Vec::new();

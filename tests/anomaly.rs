@@ -1,0 +1,336 @@
+//! `lazarus train --task anomaly` and anomaly sweeps through the CLI, on
+//! generated features: class0 is normal, class1 is shifted away from it (or
+//! drawn from the same cloud), class2 is left out where `--anomaly-label`
+//! names only class1.
+
+mod support;
+
+use std::path::Path;
+
+use support::{Synthetic, fails, json, lazarus, ok, stderr, synthetic_features};
+
+const DIM: usize = 16;
+
+fn setup(root: &Path, separation: f32) -> usize {
+    synthetic_features(
+        root,
+        &Synthetic {
+            name: "toy",
+            counts: &[400, 150, 150],
+            dim: DIM,
+            separation,
+        },
+    )
+}
+
+fn anomaly(root: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "toy",
+        "--encoder",
+        "toy-encoder",
+        "--task",
+        "anomaly",
+    ];
+    args.extend_from_slice(extra);
+    lazarus(root, &args)
+}
+
+fn query(root: &Path, sql: &str) -> String {
+    let db = rusqlite::Connection::open(root.join("experiments/experiments.db")).unwrap();
+    db.query_row(sql, [], |row| row.get::<_, rusqlite::types::Value>(0))
+        .map(|v| match v {
+            rusqlite::types::Value::Text(t) => t,
+            rusqlite::types::Value::Real(r) => r.to_string(),
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+        .unwrap()
+}
+
+#[test]
+fn shifted_anomalies_score_near_one_with_every_scorer() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    // Class means 6 noise standard deviations from the origin, on different axes.
+    setup(root, 6.0);
+    let common = [
+        "--normal-label",
+        "class0",
+        "--anomaly-label",
+        "class1",
+        "--json",
+    ];
+    let scorers: [&[&str]; 3] = [
+        &["--scorer", "knn", "--k", "3"],
+        &["--scorer", "knn", "--k", "1", "--coreset", "0.25"],
+        &["--scorer", "mahalanobis"],
+    ];
+    for scorer in scorers {
+        let mut args = scorer.to_vec();
+        args.extend_from_slice(&common);
+        let report = json(&ok(anomaly(root, &args)));
+        let m = &report["metrics"];
+        for key in ["val/roc_auc", "test/roc_auc", "test/pr_auc", "test/best_f1"] {
+            let value = m[key].as_f64().unwrap();
+            assert!(value > 0.98, "{key} {value} with {scorer:?}: {report:#}");
+        }
+        // class2 is neither normal nor named anomalous: left out, and counted.
+        assert_eq!(m["test/anomalous"], 15.0, "{report:#}");
+        assert_eq!(m["test/normal"], 40.0, "{report:#}");
+        assert_eq!(m["test/excluded"], 15.0, "{report:#}");
+        assert_eq!(m["train/normal"], 320.0, "{report:#}");
+        assert!(m["test/best_f1_threshold"].as_f64().unwrap().is_finite());
+        let run_dir = Path::new(report["run_dir"].as_str().unwrap());
+        for file in [
+            "scorer.safetensors",
+            "scores.csv",
+            "metrics.json",
+            "config.json",
+            "model_card.json",
+            "plots/roc_curve.svg",
+            "plots/roc_curve.png",
+        ] {
+            assert!(
+                run_dir.join(file).is_file(),
+                "{file} missing in {run_dir:?}"
+            );
+        }
+        let scores = std::fs::read_to_string(run_dir.join("scores.csv")).unwrap();
+        assert_eq!(
+            scores.lines().count(),
+            1 + 55 + 55,
+            "header, val and test rows"
+        );
+        let tensors = lazarus::train::checkpoint::load_tensors(
+            &run_dir.join("scorer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(tensors["input_mean"].dims(), [DIM]);
+        match scorer[1] {
+            // The coreset keeps a quarter of the 320 normal training rows.
+            "knn" if scorer.contains(&"--coreset") => {
+                assert_eq!(tensors["memory_bank"].dims(), [80, DIM]);
+                assert_eq!(report["memory_bank_rows"], 80);
+            }
+            "knn" => assert_eq!(tensors["memory_bank"].dims(), [320, DIM]),
+            _ => {
+                assert_eq!(tensors["whitening"].dims(), [DIM, DIM]);
+                let shrinkage = m["train/shrinkage"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&shrinkage), "{shrinkage}");
+            }
+        }
+        // Recorded like a classification run: tag, params, summary metrics.
+        let id = report["run_id"].as_str().unwrap();
+        let tag = query(
+            root,
+            &format!("SELECT value FROM tags WHERE run_id = '{id}' AND key = 'task'"),
+        );
+        assert_eq!(tag, "anomaly");
+        let scorer_param = query(
+            root,
+            &format!("SELECT value_text FROM params WHERE run_id = '{id}' AND key = 'scorer'"),
+        );
+        assert_eq!(scorer_param, scorer[1]);
+        let auc = query(
+            root,
+            &format!(
+                "SELECT value FROM summary_metrics WHERE run_id = '{id}' AND key = 'test/roc_auc'"
+            ),
+        );
+        assert_eq!(
+            auc.parse::<f64>().unwrap(),
+            m["test/roc_auc"].as_f64().unwrap()
+        );
+    }
+    // The same settings and seed give the same scores.
+    let args = [
+        "--scorer",
+        "knn",
+        "--coreset",
+        "0.25",
+        "--normal-label",
+        "class0",
+        "--json",
+    ];
+    let first = json(&ok(anomaly(root, &args)));
+    let second = json(&ok(anomaly(root, &args)));
+    assert_eq!(first["metrics"], second["metrics"]);
+    // Without --anomaly-label every class that is not normal is anomalous.
+    assert_eq!(first["metrics"]["test/anomalous"], 30.0);
+    assert_eq!(first["metrics"]["test/excluded"], 0.0);
+}
+
+#[test]
+fn one_cloud_for_normal_and_anomalous_scores_near_one_half() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    setup(root, 0.0);
+    for scorer in ["knn", "mahalanobis"] {
+        let report = json(&ok(anomaly(
+            root,
+            &["--scorer", scorer, "--normal-label", "class0", "--json"],
+        )));
+        for key in ["val/roc_auc", "test/roc_auc"] {
+            let auc = report["metrics"][key].as_f64().unwrap();
+            assert!((auc - 0.5).abs() < 0.15, "{scorer} {key} {auc}");
+        }
+    }
+}
+
+#[test]
+fn bad_anomaly_input_is_refused_with_the_reason() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    setup(root, 6.0);
+    let message = fails(anomaly(root, &["--normal-label", "class9"]));
+    assert!(
+        message.contains("normal label \"class9\" is not a class of dataset toy")
+            && message.contains("class0, class1, class2"),
+        "{message}"
+    );
+    let message = fails(anomaly(root, &[]));
+    assert!(message.contains("at least one normal label"), "{message}");
+    let message = fails(anomaly(root, &["--normal-label", "class0", "--k", "1000"]));
+    assert!(
+        message.contains("k = 1000 is larger than the memory bank (320 rows"),
+        "{message}"
+    );
+    let message = fails(anomaly(
+        root,
+        &["--normal-label", "class0", "--k", "50", "--coreset", "20"],
+    ));
+    assert!(
+        message.contains("k = 50 is larger than the memory bank (20 rows")
+            && message.contains("coreset"),
+        "{message}"
+    );
+    let message = fails(anomaly(
+        root,
+        &["--normal-label", "class0", "--coreset", "1.5"],
+    ));
+    assert!(
+        message.contains("coreset fraction 1.5 must be in (0, 1]"),
+        "{message}"
+    );
+    let message = fails(anomaly(root, &["--normal-label", "class0,class1,class2"]));
+    assert!(message.contains("nothing is anomalous"), "{message}");
+    let message = fails(anomaly(
+        root,
+        &["--normal-label", "class0", "--anomaly-label", "class0"],
+    ));
+    assert!(message.contains("both normal and anomalous"), "{message}");
+    let message = fails(anomaly(
+        root,
+        &[
+            "--normal-label",
+            "class0",
+            "--scorer",
+            "mahalanobis",
+            "--k",
+            "3",
+        ],
+    ));
+    assert!(
+        message.contains("--k and --coreset apply to --scorer knn only"),
+        "{message}"
+    );
+    let message = fails(anomaly(
+        root,
+        &["--normal-label", "class0", "--memory-budget", "1MiB"],
+    ));
+    assert!(
+        message.contains("memory budget of 1048576 bytes cannot hold"),
+        "{message}"
+    );
+    // Anomaly flags without --task anomaly are refused, not ignored.
+    let message = fails(lazarus(
+        root,
+        &[
+            "train",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "toy-encoder",
+            "--normal-label",
+            "class0",
+        ],
+    ));
+    assert!(
+        message.contains("--normal-label applies to --task anomaly only"),
+        "{message}"
+    );
+    // An unknown scorer is a usage error (exit 2) that lists the known ones.
+    let output = anomaly(root, &["--normal-label", "class0", "--scorer", "forest"]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("forest") && message.contains("knn") && message.contains("mahalanobis"),
+        "{message}"
+    );
+    // Nothing was recorded as finished by the refused runs.
+    let finished = query(root, "SELECT COUNT(*) FROM runs WHERE status = 'FINISHED'");
+    assert_eq!(finished, "0");
+}
+
+#[test]
+fn anomaly_sweep_fits_every_scorer_once_and_skips_finished_ones() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    setup(root, 6.0);
+    let file = root.join("anomaly.toml");
+    std::fs::write(
+        &file,
+        r#"
+name = "toy-anomaly"
+dataset = "toy"
+encoder = "toy-encoder"
+task = "anomaly"
+normal_label = "ok"
+[label_map]
+class0 = "ok"
+class1 = "bad"
+class2 = "bad"
+[grid]
+scorer = ["knn", "mahalanobis"]
+k = [1, 3]
+"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let outcome = json(&ok(lazarus(root, &["sweep", file, "--json"])));
+    // knn k=1, knn k=3, and one mahalanobis run (k does not apply to it).
+    let runs = outcome["anomaly"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{outcome:#}");
+    for run in runs {
+        assert_eq!(run["anomaly_classes"], serde_json::json!(["bad"]));
+        assert!(
+            run["metrics"]["test/roc_auc"].as_f64().unwrap() > 0.98,
+            "{run:#}"
+        );
+    }
+    for chart in outcome["charts"].as_array().unwrap() {
+        assert!(Path::new(chart.as_str().unwrap()).is_file(), "{chart}");
+    }
+    let again = json(&ok(lazarus(root, &["sweep", file, "--json"])));
+    assert!(again.get("anomaly").is_none(), "{again:#}");
+    assert_eq!(again["skipped"].as_array().unwrap().len(), 3);
+    let table = json(&ok(lazarus(
+        root,
+        &[
+            "experiments",
+            "ablate",
+            "--by",
+            "scorer",
+            "--metric",
+            "test/roc_auc",
+            "--where",
+            "sweep=toy-anomaly",
+            "--json",
+        ],
+    )));
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{table:#}");
+}
