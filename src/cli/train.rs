@@ -439,11 +439,16 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
     if args.json {
         return super::print_json(&outcome);
     }
+    let anomaly = if outcome.anomaly.is_empty() {
+        String::new()
+    } else {
+        format!(", {} anomaly scorers fitted", outcome.anomaly.len())
+    };
     println!(
-        "sweep {}: {} heads, {} trained in {} pass(es) over the features, {} already finished (skipped), {:.1} s",
+        "sweep {}: {} heads, {} trained in {} pass(es) over the features{anomaly}, {} already finished (skipped), {:.1} s",
         sweep.name,
         sweep.points.len(),
-        outcome.trained.len() + outcome.anomaly.len(),
+        outcome.trained.len(),
         outcome.passes,
         outcome.skipped.len(),
         started.elapsed().as_secs_f64()
