@@ -334,3 +334,104 @@ k = [1, 3]
     let rows = table["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{table:#}");
 }
+
+#[test]
+fn predict_on_an_anomaly_run_scores_cached_and_new_images_alike() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let tree = support::image_folder(root, &[20, 20]);
+    ok(lazarus(
+        root,
+        &["dataset", "add", "toy", tree.to_str().unwrap()],
+    ));
+    ok(lazarus(
+        root,
+        &[
+            "enqueue",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "efficientnet-lite0",
+            "--weights",
+            "random:3",
+        ],
+    ));
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let report = json(&ok(lazarus(
+        root,
+        &[
+            "train",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "efficientnet-lite0",
+            "--task",
+            "anomaly",
+            "--normal-label",
+            "class0",
+            "--k",
+            "2",
+            "--json",
+        ],
+    )));
+    let run = report["run_id"].as_str().unwrap();
+    let threshold = report["metrics"]["val/best_f1_threshold"].as_f64().unwrap();
+    // A test image: its score must be the one the run recorded in scores.csv.
+    let rows = support::image_rows(root, "toy");
+    let test_row = rows.iter().find(|r| r[4] == "test").unwrap();
+    let cached = Path::new(&test_row[2]).to_path_buf();
+    let recorded: f64 =
+        std::fs::read_to_string(Path::new(report["run_dir"].as_str().unwrap()).join("scores.csv"))
+            .unwrap()
+            .lines()
+            .find(|line| line.starts_with(&format!("{},test,", test_row[0])))
+            .and_then(|line| line.rsplit(',').next()?.parse().ok())
+            .unwrap();
+    // The same pixels as a BMP: a new content id, so the encoder runs.
+    let pixels = image::open(&cached).unwrap().to_rgb8();
+    let fresh = root.join("fresh.bmp");
+    pixels
+        .save_with_format(&fresh, image::ImageFormat::Bmp)
+        .unwrap();
+    let broken = root.join("broken.png");
+    std::fs::write(&broken, b"not an image").unwrap();
+    let output = lazarus(
+        root,
+        &[
+            "predict",
+            "--run",
+            run,
+            cached.to_str().unwrap(),
+            fresh.to_str().unwrap(),
+            broken.to_str().unwrap(),
+            "--json",
+            "--output",
+            root.join("scores.csv").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "one bad image");
+    let scored = json(&String::from_utf8_lossy(&output.stdout));
+    assert_eq!(scored["threshold"].as_f64().unwrap(), threshold);
+    let images = scored["images"].as_array().unwrap();
+    assert_eq!(images[0]["features_from"], "cache");
+    let score = images[0]["score"].as_f64().unwrap();
+    assert!(
+        (score - recorded).abs() < 1e-4 * recorded.max(1.0),
+        "{score} vs {recorded}"
+    );
+    assert_eq!(images[0]["anomalous"], score >= threshold);
+    // The encoder's f32 features against the cache's f16 rounding.
+    assert_eq!(images[1]["features_from"], "encoder");
+    let fresh_score = images[1]["score"].as_f64().unwrap();
+    assert!(
+        (fresh_score - score).abs() < 1e-2 * score.max(1.0),
+        "cache {score} vs encoder {fresh_score}"
+    );
+    assert!(images[2]["error"].as_str().unwrap().contains("broken.png"));
+    let csv = std::fs::read_to_string(root.join("scores.csv")).unwrap();
+    assert!(
+        csv.starts_with("path,image_id,features_from,score,anomalous,error"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+}

@@ -442,12 +442,22 @@ impl Fitted {
         let mut out = Vec::with_capacity(rows.len());
         for block in rows.chunks(QUERY_BLOCK) {
             let queries = standardiser.gather(&data.features, block);
-            out.extend(match self {
-                Fitted::Knn { bank, k } => bank.knn_scores(&queries, dim, *k, plan.bank_block)?,
-                Fitted::Mahalanobis(gaussian) => gaussian.scores(&queries, device)?,
-            });
+            out.extend(self.score_standardised(&queries, dim, plan, device)?);
         }
         Ok(out)
+    }
+
+    fn score_standardised(
+        &self,
+        queries: &[f32],
+        dim: usize,
+        plan: &MemoryPlan,
+        device: &Device,
+    ) -> Result<Vec<f64>, TrainError> {
+        match self {
+            Fitted::Knn { bank, k } => bank.knn_scores(queries, dim, *k, plan.bank_block),
+            Fitted::Mahalanobis(gaussian) => gaussian.scores(queries, device),
+        }
     }
 
     /// The tensors `scorer.safetensors` holds besides the standardisation.
@@ -468,6 +478,116 @@ impl Fitted {
                 ]
             }
         })
+    }
+}
+
+/// A finished anomaly run's scorer, read back from its run folder
+/// (`scorer.safetensors`, `config.json`, `metrics.json`).
+pub struct SavedScorer {
+    standardiser: Standardiser,
+    fitted: Fitted,
+    dim: usize,
+    /// The validation split's best-F1 threshold: scores at or above it are anomalous.
+    pub threshold: f64,
+    /// `knn k=5` and the like.
+    pub description: String,
+}
+
+/// Scores per distance block when a saved scorer is used (about 64 MiB of distances).
+const PREDICT_DISTANCE_BYTES: usize = 64 << 20;
+
+impl SavedScorer {
+    pub fn load(run_dir: &std::path::Path, device: &Device) -> Result<Self, TrainError> {
+        let inputs = super::run::read_run_inputs(run_dir)?;
+        let anomaly = anomaly_config(&inputs.config)?;
+        let path = run_dir.join("scorer.safetensors");
+        let metrics_path = run_dir.join("metrics.json");
+        let missing = |what: &std::path::Path| {
+            TrainError::Checkpoint(format!(
+                "{} is missing: the anomaly run did not finish",
+                what.display()
+            ))
+        };
+        if !path.is_file() {
+            return Err(missing(&path));
+        }
+        let report: AnomalyReport = serde_json::from_slice(
+            &std::fs::read(&metrics_path).map_err(|_| missing(&metrics_path))?,
+        )
+        .map_err(|e| {
+            TrainError::Checkpoint(format!(
+                "{} is not an anomaly report: {e}",
+                metrics_path.display()
+            ))
+        })?;
+        let threshold = *report.metrics.get("val/best_f1_threshold").ok_or_else(|| {
+            TrainError::Checkpoint(format!(
+                "{} has no val/best_f1_threshold",
+                metrics_path.display()
+            ))
+        })?;
+        let tensors = super::checkpoint::load_tensors(&path, &Device::Cpu)?;
+        let vector = |name: &str| -> Result<Tensor, TrainError> {
+            tensors.get(name).cloned().ok_or_else(|| {
+                TrainError::Checkpoint(format!("{} has no tensor {name}", path.display()))
+            })
+        };
+        let mean = vector("input_mean")?.to_vec1::<f32>()?;
+        let std = vector("input_std")?.to_vec1::<f32>()?;
+        let dim = mean.len();
+        let standardiser = Standardiser::from_parts(mean, std);
+        let fitted = match &anomaly.scorer {
+            Scorer::Knn { k, .. } => {
+                let bank = vector("memory_bank")?;
+                let values = bank.flatten_all()?.to_vec1::<f32>()?;
+                Fitted::Knn {
+                    bank: MemoryBank::new(values, dim, device)?,
+                    k: *k,
+                }
+            }
+            Scorer::Mahalanobis => Fitted::Mahalanobis(Gaussian::from_parts(
+                vector("gaussian_mean")?.to_vec1::<f32>()?,
+                vector("whitening")?.flatten_all()?.to_vec1::<f32>()?,
+                report
+                    .metrics
+                    .get("train/shrinkage")
+                    .copied()
+                    .unwrap_or(0.0),
+            )),
+        };
+        Ok(SavedScorer {
+            standardiser,
+            fitted,
+            dim,
+            threshold,
+            description: anomaly.describe(),
+        })
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Anomaly scores of raw (not standardised) pooled feature rows, `rows x dim`.
+    pub fn scores(&self, rows: &[f32], device: &Device) -> Result<Vec<f64>, TrainError> {
+        let dim = self.dim;
+        if !rows.len().is_multiple_of(dim) {
+            return Err(TrainError::Invalid(format!(
+                "{} feature values are not rows of {dim}",
+                rows.len()
+            )));
+        }
+        let bank_block = (PREDICT_DISTANCE_BYTES / (QUERY_BLOCK * 8)).max(1);
+        let plan = MemoryPlan { bank_block };
+        let mut out = Vec::with_capacity(rows.len() / dim);
+        for block in rows.chunks(QUERY_BLOCK * dim) {
+            let queries = self.standardiser.standardise(block.to_vec());
+            out.extend(
+                self.fitted
+                    .score_standardised(&queries, dim, &plan, device)?,
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -58,6 +58,26 @@ impl Standardiser {
         }
     }
 
+    /// Rebuilds saved statistics.
+    pub fn from_parts(mean: Vec<f32>, std: Vec<f32>) -> Self {
+        Standardiser {
+            inverse_std: std.iter().map(|s| 1.0 / s).collect(),
+            mean,
+            std,
+        }
+    }
+
+    /// Standardises rows of raw values in place.
+    pub fn standardise(&self, mut values: Vec<f32>) -> Vec<f32> {
+        let dim = self.mean.len();
+        for row in values.chunks_mut(dim) {
+            for ((v, mean), inverse_std) in row.iter_mut().zip(&self.mean).zip(&self.inverse_std) {
+                *v = (*v - mean) * inverse_std;
+            }
+        }
+        values
+    }
+
     /// Standardised f32 copy of the given rows only.
     pub fn gather(&self, features: &FeatureSet, rows: &[usize]) -> Vec<f32> {
         use half::slice::HalfFloatSliceExt;
