@@ -435,3 +435,107 @@ fn predict_on_an_anomaly_run_scores_cached_and_new_images_alike() {
     );
     assert_eq!(csv.lines().count(), 4, "{csv}");
 }
+
+/// A manifest dataset as anomaly benchmarks ship them: the train split holds
+/// only normal ("good") images, val and test hold good and "bad" ones.
+fn good_only_train_split(root: &Path) {
+    use lazarus::features::{self, JobRef, ShardData};
+    let dir = root.join("images");
+    let mut manifest = String::from("path,label,split\n");
+    let mut seed = 0;
+    for (split, good, bad) in [("train", 60, 0), ("val", 10, 10), ("test", 10, 10)] {
+        for (label, count) in [("good", good), ("bad", bad)] {
+            for _ in 0..count {
+                seed += 1;
+                let name = format!("img{seed:03}.png");
+                support::write_image(&dir.join(&name), seed, image::ImageFormat::Png);
+                manifest.push_str(&format!("{name},{label},{split}\n"));
+            }
+        }
+    }
+    std::fs::write(dir.join("manifest.csv"), manifest).unwrap();
+    ok(lazarus(
+        root,
+        &[
+            "dataset",
+            "add",
+            "parts",
+            dir.join("manifest.csv").to_str().unwrap(),
+        ],
+    ));
+    let layout = lazarus::layout::Layout::new(root);
+    let dataset = lazarus::dataset::load(&layout, "parts").unwrap();
+    let (mut image_index, mut pooled) = (Vec::new(), Vec::new());
+    for record in &dataset.images {
+        image_index.push(record.index as i64);
+        let shift = if record.label.as_deref() == Some("bad") {
+            5.0
+        } else {
+            0.0
+        };
+        for d in 0..8 {
+            let noise: f32 = (0..4)
+                .map(|k| support::hash_unit((record.index * 100 + d * 4 + k) as u64))
+                .sum::<f32>()
+                - 2.0;
+            let centre = if d == 0 { shift } else { 0.0 };
+            pooled.push(half::f16::from_f32(centre + noise * 3f32.sqrt()));
+        }
+    }
+    features::write_shard(
+        &features::feature_dir(&layout, "parts", "fp1"),
+        0,
+        &ShardData {
+            image_index: &image_index,
+            pooled: &pooled,
+            feature_dim: 8,
+            spatial: None,
+        },
+        std::collections::HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]),
+        JobRef {
+            job_id: 1,
+            attempt: 1,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_train_split_of_normal_images_only_is_enough_and_a_normal_label_absent_from_it_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    good_only_train_split(root);
+    let args = |normal: &'static str| {
+        vec![
+            "train",
+            "--dataset",
+            "parts",
+            "--encoder",
+            "toy-encoder",
+            "--task",
+            "anomaly",
+            "--normal-label",
+            normal,
+            "--json",
+        ]
+    };
+    let report = json(&ok(lazarus(root, &args("good"))));
+    assert_eq!(report["metrics"]["train/normal"], 60.0);
+    assert_eq!(report["metrics"]["test/anomalous"], 10.0);
+    let auc = report["metrics"]["test/roc_auc"].as_f64().unwrap();
+    assert!(auc > 0.95, "{auc}");
+    let message = fails(lazarus(root, &args("bad")));
+    assert!(
+        message.contains("no training image of dataset parts has a normal label (bad); the train split has good: 60"),
+        "{message}"
+    );
+    // A classifier still needs every class in every split.
+    let message = fails(lazarus(
+        root,
+        &["train", "--dataset", "parts", "--encoder", "toy-encoder"],
+    ));
+    assert!(
+        message.contains("label set differs between splits"),
+        "{message}"
+    );
+}

@@ -10,6 +10,7 @@ use lazarus::train::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
     TrainConfig,
 };
+use lazarus::train::data::SplitLabels;
 use lazarus::train::run::{FitOptions, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
 use lazarus::train::session;
@@ -310,12 +311,11 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         probe.anomaly = anomaly;
     }
     probe.validate()?;
-    let data = lazarus::train::data::load(
-        layout,
-        dataset,
-        args.fingerprint.as_deref(),
-        &load_config(&probe),
-    )?;
+    let mut load = load_config(&probe);
+    if probe.task == Task::Anomaly {
+        load.split_labels = SplitLabels::Any;
+    }
+    let data = lazarus::train::data::load(layout, dataset, args.fingerprint.as_deref(), &load)?;
     if let Some(made_by) = data.features.metadata().get("encoder")
         && made_by != encoder
     {

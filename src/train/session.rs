@@ -389,12 +389,11 @@ pub fn sweep(
             config.label_map = sweep.label_map.clone();
             configs.push(config);
         }
-        let data = data::load(
-            layout,
-            &dataset,
-            Some(&fingerprint),
-            &load_config(&configs[0]),
-        )?;
+        let mut load = load_config(&configs[0]);
+        if configs.iter().all(|c| c.task == Task::Anomaly) {
+            load.split_labels = data::SplitLabels::Any;
+        }
+        let data = data::load(layout, &dataset, Some(&fingerprint), &load)?;
         // Anomaly scorers need no shared batches: each is fitted on its own.
         let (anomaly_configs, configs): (Vec<TrainConfig>, Vec<TrainConfig>) = configs
             .into_iter()

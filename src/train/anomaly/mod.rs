@@ -355,8 +355,9 @@ fn fit(
     let normal = &selection.normal_train;
     match &anomaly.scorer {
         Scorer::Knn { k, coreset } => {
-            // The normal rows are held once (the coreset picks from them).
-            let held = (normal.len() * dim * 4 + normal.len() * 4) as u64;
+            // The normal rows are held once; a coreset copies the rows it keeps.
+            let kept = coreset.map_or(0, |c| c.rows(normal.len()));
+            let held = ((normal.len() + kept) * dim * 4 + normal.len() * 4) as u64;
             if runtime + held > budget {
                 return Err(over_budget(
                     format!(
