@@ -145,6 +145,27 @@ fn shifted_anomalies_score_near_one_with_every_scorer() {
             m["test/roc_auc"].as_f64().unwrap()
         );
     }
+    // A budget that leaves room for 7 bank rows per distance block scores
+    // the same as one that holds the whole bank in one block.
+    let args = ["--k", "3", "--normal-label", "class0", "--json"];
+    let roomy = json(&ok(anomaly(root, &args)));
+    assert_eq!(roomy["plan"]["bank_block"], 320, "{roomy:#}");
+    let fixed = roomy["plan"]["fixed_bytes"].as_u64().unwrap();
+    let per_row = roomy["plan"]["per_bank_row_bytes"].as_u64().unwrap();
+    let budget = (fixed + 7 * per_row).to_string();
+    let mut tight_args = args.to_vec();
+    tight_args.extend(["--memory-budget", &budget]);
+    let tight = json(&ok(anomaly(root, &tight_args)));
+    assert_eq!(tight["plan"]["bank_block"], 7, "{tight:#}");
+    assert_eq!(tight["metrics"], roomy["metrics"]);
+    let too_small = (fixed + per_row - 1).to_string();
+    tight_args.truncate(args.len());
+    tight_args.extend(["--memory-budget", &too_small]);
+    let message = fails(anomaly(root, &tight_args));
+    assert!(
+        message.contains("cannot hold a memory bank of 320 rows and one distance block"),
+        "{message}"
+    );
     // The same settings and seed give the same scores.
     let args = [
         "--scorer",

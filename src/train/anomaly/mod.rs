@@ -187,6 +187,8 @@ pub struct AnomalyReport {
     pub memory_bank_rows: Option<usize>,
     /// `val/*`, `test/*` and `train/*` metrics.
     pub metrics: BTreeMap<String, f64>,
+    /// How the memory budget was spent.
+    pub plan: MemoryPlan,
     pub fit_secs: f64,
     pub score_secs: f64,
     pub peak_rss_bytes: Option<u64>,
@@ -325,9 +327,15 @@ enum Fitted {
 }
 
 /// Memory the scorer and its distance blocks may use.
-struct MemoryPlan {
-    /// Bank rows per distance block (k-NN).
-    bank_block: usize,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Bank rows per distance block (k-NN; 0 for Mahalanobis).
+    pub bank_block: usize,
+    /// Bytes counted before distance blocks: runtime, memory bank or
+    /// covariance fit, one block of query rows.
+    pub fixed_bytes: u64,
+    /// Bytes per bank row in a distance block (k-NN).
+    pub per_bank_row_bytes: u64,
 }
 
 fn runtime_bytes(data: &TrainData) -> u64 {
@@ -412,7 +420,14 @@ fn fit(
                 ));
             }
             let bank_block = (((budget - fixed) / per_bank_row) as usize).min(bank.len());
-            Ok((Fitted::Knn { bank, k: *k }, MemoryPlan { bank_block }))
+            Ok((
+                Fitted::Knn { bank, k: *k },
+                MemoryPlan {
+                    bank_block,
+                    fixed_bytes: fixed,
+                    per_bank_row_bytes: per_bank_row,
+                },
+            ))
         }
         Scorer::Mahalanobis => {
             let needed = runtime + gaussian_fit_bytes(dim) + (4096 * dim * 8) as u64;
@@ -424,7 +439,14 @@ fn fit(
                 ));
             }
             let gaussian = Gaussian::fit(&data.features, normal, standardiser, device)?;
-            Ok((Fitted::Mahalanobis(gaussian), MemoryPlan { bank_block: 0 }))
+            Ok((
+                Fitted::Mahalanobis(gaussian),
+                MemoryPlan {
+                    bank_block: 0,
+                    fixed_bytes: needed,
+                    per_bank_row_bytes: 0,
+                },
+            ))
         }
     }
 }
@@ -579,7 +601,11 @@ impl SavedScorer {
             )));
         }
         let bank_block = (PREDICT_DISTANCE_BYTES / (QUERY_BLOCK * 8)).max(1);
-        let plan = MemoryPlan { bank_block };
+        let plan = MemoryPlan {
+            bank_block,
+            fixed_bytes: 0,
+            per_bank_row_bytes: (QUERY_BLOCK * 8) as u64,
+        };
         let mut out = Vec::with_capacity(rows.len() / dim);
         for block in rows.chunks(QUERY_BLOCK * dim) {
             let queries = self.standardiser.standardise(block.to_vec());
@@ -823,6 +849,7 @@ fn fit_and_finish(
         normal_train_rows: selection.normal_train.len(),
         memory_bank_rows,
         metrics,
+        plan,
         fit_secs,
         score_secs,
         peak_rss_bytes: peak_rss_bytes(),
