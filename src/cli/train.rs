@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
 use lazarus::train::anomaly::{
-    self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, Scorer,
+    self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
 };
 use lazarus::train::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
@@ -14,7 +14,6 @@ use lazarus::train::data::SplitLabels;
 use lazarus::train::run::{FitOptions, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
 use lazarus::train::session;
-use lazarus::train::sweep::DEFAULT_K;
 
 use super::queue::DeviceArg;
 

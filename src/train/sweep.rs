@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
 use super::TrainError;
-use super::anomaly::{AnomalyConfig, Coreset, Scorer};
+use super::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use super::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
     TrainConfig,
@@ -74,9 +74,6 @@ pub const KNOWN_SETTINGS: &[&str] = &[
 
 /// Settings that only anomaly points (`task = "anomaly"`) use.
 const ANOMALY_SETTINGS: &[&str] = &["normal_label", "anomaly_label", "scorer", "k", "coreset"];
-
-/// Default neighbours of the k-NN scorer (scikit-learn's NearestNeighbors default).
-pub const DEFAULT_K: usize = 5;
 
 /// Keys of the file besides settings.
 const KNOWN_SECTIONS: &[&str] = &["name", "grid", "random", "label_map"];

@@ -41,6 +41,9 @@ const PROCESS_BASE_BYTES: u64 = 48 << 20;
 /// Per feature row: the manifest record while loading, row index, split lists.
 const BYTES_PER_ROW: u64 = 320;
 
+/// Default neighbours of the k-NN scorer (scikit-learn's NearestNeighbors default).
+pub const DEFAULT_K: usize = 5;
+
 /// What an anomaly run fits and how it is evaluated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnomalyConfig {
