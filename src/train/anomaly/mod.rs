@@ -366,6 +366,17 @@ fn fit(
     let normal = &selection.normal_train;
     match &anomaly.scorer {
         Scorer::Knn { k, coreset } => {
+            let bank_rows = coreset.map_or(normal.len(), |c| c.rows(normal.len()));
+            if *k > bank_rows {
+                return Err(TrainError::Invalid(format!(
+                    "k = {k} is larger than the memory bank ({bank_rows} rows of normal training images{})",
+                    if coreset.is_some() {
+                        " after the coreset"
+                    } else {
+                        ""
+                    }
+                )));
+            }
             // The normal rows are held once; a coreset copies the rows it keeps.
             let kept = coreset.map_or(0, |c| c.rows(normal.len()));
             let held = ((normal.len() + kept) * dim * 4 + normal.len() * 4) as u64;
@@ -396,17 +407,6 @@ fn fit(
                 }
             };
             let bank = MemoryBank::new(values, dim, device)?;
-            if *k > bank.len() {
-                return Err(TrainError::Invalid(format!(
-                    "k = {k} is larger than the memory bank ({} rows of normal training images{})",
-                    bank.len(),
-                    if coreset.is_some() {
-                        " after the coreset"
-                    } else {
-                        ""
-                    }
-                )));
-            }
             // One query block, and as many bank rows per block as the rest allows
             // (a block of distances exists twice: the product and its copy).
             let query_bytes = (QUERY_BLOCK * dim * 4) as u64;
