@@ -378,7 +378,7 @@ fn fit(
                 )));
             }
             // The normal rows are held once; a coreset copies the rows it keeps.
-            let kept = coreset.map_or(0, |c| c.rows(normal.len()));
+            let kept = if coreset.is_some() { bank_rows } else { 0 };
             let held = ((normal.len() + kept) * dim * 4 + normal.len() * 4) as u64;
             if runtime + held > budget {
                 return Err(over_budget(
@@ -390,16 +390,24 @@ fn fit(
                     budget,
                 ));
             }
+            // One query block, and as many bank rows per block as the rest allows
+            // (a block of distances exists twice: the product and its copy).
+            let query_bytes = (QUERY_BLOCK * dim * 4) as u64;
+            let fixed = runtime + (bank_rows * dim * 4) as u64 + query_bytes;
+            let per_bank_row = (QUERY_BLOCK * 4 * 2) as u64;
+            if fixed + per_bank_row > budget {
+                return Err(over_budget(
+                    format!("a memory bank of {bank_rows} rows and one distance block"),
+                    fixed + per_bank_row,
+                    budget,
+                ));
+            }
+            let bank_block = (((budget - fixed) / per_bank_row) as usize).min(bank_rows);
             let values = standardiser.gather(&data.features, normal);
             let values = match coreset {
                 None => values,
-                Some(coreset) => {
-                    let chosen = scorer::greedy_coreset(
-                        &values,
-                        dim,
-                        coreset.rows(normal.len()),
-                        config.seed,
-                    );
+                Some(_) => {
+                    let chosen = scorer::greedy_coreset(&values, dim, bank_rows, config.seed);
                     chosen
                         .iter()
                         .flat_map(|&i| values[i * dim..(i + 1) * dim].iter().copied())
@@ -407,22 +415,6 @@ fn fit(
                 }
             };
             let bank = MemoryBank::new(values, dim, device)?;
-            // One query block, and as many bank rows per block as the rest allows
-            // (a block of distances exists twice: the product and its copy).
-            let query_bytes = (QUERY_BLOCK * dim * 4) as u64;
-            let fixed = runtime + (bank.len() * dim * 4) as u64 + query_bytes;
-            let per_bank_row = (QUERY_BLOCK * 4 * 2) as u64;
-            if fixed + per_bank_row > budget {
-                return Err(over_budget(
-                    format!(
-                        "a memory bank of {} rows and one distance block",
-                        bank.len()
-                    ),
-                    fixed + per_bank_row,
-                    budget,
-                ));
-            }
-            let bank_block = (((budget - fixed) / per_bank_row) as usize).min(bank.len());
             Ok((
                 Fitted::Knn { bank, k: *k },
                 MemoryPlan {
