@@ -444,8 +444,14 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     if one_of("task", &["classify", "anomaly"])?.as_deref() == Some("anomaly") {
         config.task = Task::Anomaly;
         config.anomaly = Some(anomaly_point(settings)?);
-    } else if let Some(key) = ANOMALY_SETTINGS.iter().find(|k| settings.contains_key(**k)) {
-        return Err(format!("{key} applies to task = \"anomaly\" only"));
+    } else if settings.get("task").is_none()
+        && let Some(key) = ANOMALY_SETTINGS.iter().find(|k| settings.contains_key(**k))
+    {
+        // Without any task, anomaly settings mean a forgotten task = "anomaly";
+        // with a grid over task, classify points leave them aside.
+        return Err(format!(
+            "{key} applies to task = \"anomaly\" only (add task = \"anomaly\")"
+        ));
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(SweepPoint {
@@ -669,5 +675,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("needs normal_label"), "{error}");
+        // A grid over task: classify points leave the anomaly settings aside.
+        let mixed = parse(
+            Path::new("s.toml"),
+            "name = \"x\"\ndataset = \"d\"\nencoder = \"e\"\nnormal_label = \"ok\"\n\
+             [grid]\ntask = [\"classify\", \"anomaly\"]\n",
+        )
+        .unwrap();
+        assert_eq!(mixed.points[0].config.task, Task::Classify);
+        assert_eq!(mixed.points[0].config.anomaly, None);
+        assert_eq!(mixed.points[1].config.task, Task::Anomaly);
     }
 }
