@@ -5,7 +5,8 @@
 # SIGKILL mid-way and restart it, then verify that every image has exactly
 # one feature row, then train the ablation sweeps in configs/ (linear vs MLP,
 # class weighting, learning rate, two seeds) for 4-class defect grading and
-# for defective-vs-normal in one pass each over the cached features, and
+# for defective-vs-normal in one pass each over the cached features, fit the
+# anomaly scorers of configs/elpv-anomaly.toml on the normal cells only, and
 # print the ablation tables from experiments/experiments.db and the plots.
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
@@ -105,6 +106,10 @@ for sweep in elpv-heads elpv-defective; do
     lazarus experiments ablate --by "$axis" --metric test/accuracy --where "sweep=$sweep"
   done
 done
+
+say "anomaly sweep configs/elpv-anomaly.toml: k-NN and Mahalanobis scorers fitted on normal cells only (defect probability 0 vs 1)"
+lazarus sweep configs/elpv-anomaly.toml | grep -v '^  run '
+lazarus experiments ablate --by scorer,k --metric test/roc_auc --where sweep=elpv-anomaly
 
 say "macro-F1 by head and class weighting (4-class grading)"
 lazarus experiments ablate --by head,class_weights --metric test/macro_f1 --where sweep=elpv-heads

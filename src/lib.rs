@@ -16,6 +16,7 @@ pub mod extract;
 pub mod features;
 pub mod layout;
 pub mod predict;
+pub mod predict_anomaly;
 pub mod preprocess;
 pub mod queue;
 pub mod review;

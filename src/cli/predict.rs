@@ -63,7 +63,12 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size as usize,
     };
     let predictions = match (&args.run, &args.bundle) {
-        (Some(run), _) => predict(layout, run, &images, &config)?,
+        (Some(run), _) => {
+            if lazarus::predict_anomaly::is_anomaly_run(layout, run)? {
+                return anomaly_scores(layout, run, &args, &images, &config);
+            }
+            predict(layout, run, &images, &config)?
+        }
         (None, Some(bundle)) => lazarus::bundle::predict(
             bundle,
             args.dataset.as_deref().map(|name| (layout, name)),
@@ -139,6 +144,54 @@ pub fn export(layout: &Layout, args: ExportArgs) -> anyhow::Result<()> {
         println!(
             "  {name:<18} {:>10} bytes  sha256 {}",
             entry.bytes, entry.sha256
+        );
+    }
+    Ok(())
+}
+
+/// `predict` on an anomaly run: a score per image, and the call at the run's
+/// validation threshold.
+fn anomaly_scores(
+    layout: &Layout,
+    run: &str,
+    args: &PredictArgs,
+    images: &[PathBuf],
+    config: &PredictConfig,
+) -> anyhow::Result<()> {
+    use lazarus::predict_anomaly::{score_images, write_csv};
+    let scored = score_images(layout, run, images, config)?;
+    if let Some(output) = &args.output {
+        if output.extension().and_then(|e| e.to_str()) == Some("csv") {
+            write_csv(&scored.images, output)?;
+        } else {
+            lazarus::atomic::write_file(output, &serde_json::to_vec_pretty(&scored)?)?;
+        }
+    }
+    let failed = scored.images.iter().filter(|p| p.error.is_some()).count();
+    if args.json {
+        super::print_json(&scored)?;
+    } else {
+        println!(
+            "run {} ({}): anomalous at score >= {:.4} (best F1 on the validation split)",
+            scored.run, scored.scorer, scored.threshold
+        );
+        for p in &scored.images {
+            match (&p.error, p.score, p.anomalous) {
+                (Some(error), _, _) => eprintln!("error: {}: {error}", p.path.display()),
+                (None, Some(score), Some(anomalous)) => println!(
+                    "{}: score {score:.4} {} ({})",
+                    p.path.display(),
+                    if anomalous { "anomalous" } else { "normal" },
+                    p.features_from.unwrap_or("")
+                ),
+                _ => {}
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be scored",
+            scored.images.len()
         );
     }
     Ok(())

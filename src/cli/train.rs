@@ -3,14 +3,31 @@
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
-use lazarus::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TrainConfig,
+use lazarus::train::anomaly::{
+    self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
 };
+use lazarus::train::config::{
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
+    TrainConfig,
+};
+use lazarus::train::data::SplitLabels;
 use lazarus::train::run::{FitOptions, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
 use lazarus::train::session;
 
 use super::queue::DeviceArg;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TaskKind {
+    Classify,
+    Anomaly,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScorerKind {
+    Knn,
+    Mahalanobis,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum HeadKind {
@@ -68,6 +85,27 @@ pub struct TrainArgs {
     /// load, an output layer for other classes is re-initialised.
     #[arg(long, value_name = "RUN", conflicts_with = "resume")]
     pub init_from: Option<String>,
+    /// classify: a head over all classes; anomaly: a scorer fitted on normal images only.
+    #[arg(long, value_enum, default_value = "classify")]
+    pub task: TaskKind,
+    /// Anomaly: the normal class(es), repeated or comma-separated.
+    #[arg(long = "normal-label", value_name = "CLASS", value_delimiter = ',')]
+    pub normal_labels: Vec<String>,
+    /// Anomaly: the classes scored as anomalous (default: every class that is
+    /// not normal); images of other classes are left out of the metrics.
+    #[arg(long = "anomaly-label", value_name = "CLASS", value_delimiter = ',')]
+    pub anomaly_labels: Vec<String>,
+    /// Anomaly: knn (mean distance to the k nearest normal rows) or mahalanobis
+    /// (Ledoit-Wolf Gaussian) [default: knn].
+    #[arg(long, value_enum)]
+    pub scorer: Option<ScorerKind>,
+    /// Anomaly, knn: neighbours averaged [default: 5].
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Anomaly, knn: keep a greedy k-center coreset of the normal rows, a
+    /// fraction (0.1) or a row count (200).
+    #[arg(long, value_name = "FRACTION|COUNT")]
+    pub coreset: Option<String>,
     #[arg(long, value_enum, default_value = "linear")]
     pub head: HeadKind,
     /// MLP hidden sizes, comma-separated.
@@ -219,7 +257,44 @@ fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<Train
         seed: args.seed,
         label_map: Default::default(),
         init_from: args.init_from.clone(),
+        task: Task::Classify,
+        anomaly: None,
     })
+}
+
+/// The anomaly settings the flags describe; anomaly flags without
+/// `--task anomaly` are refused rather than ignored.
+fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
+    if args.task != TaskKind::Anomaly {
+        let given = [
+            ("--normal-label", !args.normal_labels.is_empty()),
+            ("--anomaly-label", !args.anomaly_labels.is_empty()),
+            ("--scorer", args.scorer.is_some()),
+            ("--k", args.k.is_some()),
+            ("--coreset", args.coreset.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag} applies to --task anomaly only");
+        }
+        return Ok(None);
+    }
+    let scorer = match args.scorer.unwrap_or(ScorerKind::Knn) {
+        ScorerKind::Knn => Scorer::Knn {
+            k: args.k.unwrap_or(DEFAULT_K),
+            coreset: args.coreset.as_deref().map(Coreset::parse).transpose()?,
+        },
+        ScorerKind::Mahalanobis => {
+            if args.k.is_some() || args.coreset.is_some() {
+                bail!("--k and --coreset apply to --scorer knn only");
+            }
+            Scorer::Mahalanobis
+        }
+    };
+    Ok(Some(AnomalyConfig {
+        normal_labels: args.normal_labels.clone(),
+        anomaly_labels: args.anomaly_labels.clone(),
+        scorer,
+    }))
 }
 
 pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
@@ -233,14 +308,18 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
     let encoder = args.encoder.as_deref().expect("clap requires --encoder");
-    let probe = config(&args, ClassWeights::None)?;
+    let anomaly = anomaly_config(&args)?;
+    let mut probe = config(&args, ClassWeights::None)?;
+    if anomaly.is_some() {
+        probe.task = Task::Anomaly;
+        probe.anomaly = anomaly;
+    }
     probe.validate()?;
-    let data = lazarus::train::data::load(
-        layout,
-        dataset,
-        args.fingerprint.as_deref(),
-        &load_config(&probe),
-    )?;
+    let mut load = load_config(&probe);
+    if probe.task == Task::Anomaly {
+        load.split_labels = SplitLabels::Any;
+    }
+    let data = lazarus::train::data::load(layout, dataset, args.fingerprint.as_deref(), &load)?;
     if let Some(made_by) = data.features.metadata().get("encoder")
         && made_by != encoder
     {
@@ -248,6 +327,13 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
             "features {} were made by encoder {made_by}, not {encoder}",
             data.fingerprint
         );
+    }
+    if probe.task == Task::Anomaly {
+        let options = AnomalyOptions {
+            device: options.device,
+        };
+        let report = anomaly::train(layout, &data, &args.experiment, probe, &options)?;
+        return print_anomaly_report(&report, args.json);
     }
     let class_weights = session::class_weights_from(&args.class_weights, &data.class_names)?;
     let config = config(&args, class_weights)?;
@@ -298,6 +384,38 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_anomaly_report(report: &AnomalyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return super::print_json(report);
+    }
+    let m = &report.metrics;
+    let bank = report
+        .memory_bank_rows
+        .map(|rows| format!(", memory bank {rows} rows"))
+        .unwrap_or_default();
+    println!(
+        "run {} (anomaly, {}; {} normal training images{bank}; normal: {}; anomalous: {})",
+        report.run_id,
+        report.scorer,
+        report.normal_train_rows,
+        report.normal_classes.join(", "),
+        report.anomaly_classes.join(", "),
+    );
+    println!(
+        "val/roc_auc {:.4}, test/roc_auc {:.4}, test/pr_auc {:.4}, test/best_f1 {:.4} at score {:.4}",
+        m["val/roc_auc"],
+        m["test/roc_auc"],
+        m["test/pr_auc"],
+        m["test/best_f1"],
+        m["test/best_f1_threshold"],
+    );
+    println!(
+        "recorded in experiments/experiments.db; files in {}",
+        report.run_dir.display()
+    );
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct SweepArgs {
     /// The sweep file (TOML): fixed settings, [grid], optional [random] and [label_map].
@@ -305,9 +423,10 @@ pub struct SweepArgs {
     /// Retrain configurations that already FINISHED.
     #[arg(long)]
     pub force: bool,
-    /// Metric of the comparison chart and the summary table.
-    #[arg(long, default_value = "test/accuracy")]
-    pub metric: String,
+    /// Metric of the comparison chart and the summary table [default:
+    /// test/roc_auc when every head is an anomaly scorer, else test/accuracy].
+    #[arg(long)]
+    pub metric: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     #[arg(long)]
@@ -317,20 +436,33 @@ pub struct SweepArgs {
 pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
     let sweep = lazarus::train::sweep::read(&args.file)?;
     let started = std::time::Instant::now();
+    let all_anomaly = sweep.points.iter().all(|p| p.config.task == Task::Anomaly);
+    let metric = args.metric.clone().unwrap_or_else(|| {
+        if all_anomaly {
+            "test/roc_auc".into()
+        } else {
+            "test/accuracy".into()
+        }
+    });
     let options = session::SweepOptions {
         fit: FitOptions {
             device: super::queue::device(args.device)?,
             progress: !args.json,
         },
         force: args.force,
-        chart_metric: args.metric.clone(),
+        chart_metric: metric.clone(),
     };
     let outcome = session::sweep(layout, &sweep, &options)?;
     if args.json {
         return super::print_json(&outcome);
     }
+    let anomaly = if outcome.anomaly.is_empty() {
+        String::new()
+    } else {
+        format!(", {} anomaly scorers fitted", outcome.anomaly.len())
+    };
     println!(
-        "sweep {}: {} heads, {} trained in {} pass(es) over the features, {} already finished (skipped), {:.1} s",
+        "sweep {}: {} heads, {} trained in {} pass(es) over the features{anomaly}, {} already finished (skipped), {:.1} s",
         sweep.name,
         sweep.points.len(),
         outcome.trained.len(),
@@ -342,8 +474,17 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         println!(
             "  run {}: {} {:.4}",
             report.run_id,
-            args.metric,
-            report.test.get(&args.metric).copied().unwrap_or(f64::NAN)
+            metric,
+            report.test.get(&metric).copied().unwrap_or(f64::NAN)
+        );
+    }
+    for report in &outcome.anomaly {
+        println!(
+            "  run {} ({}): {} {:.4}",
+            report.run_id,
+            report.scorer,
+            metric,
+            report.metrics.get(&metric).copied().unwrap_or(f64::NAN)
         );
     }
     for chart in &outcome.charts {

@@ -3,6 +3,7 @@
 //! - [`learning_curves`]: train and validation loss, and the validation metric, per epoch.
 //! - [`confusion_matrix`]: counts, shaded by the share of each true class.
 //! - [`sweep_chart`]: one point per configuration, mean ± std over seeds.
+//! - [`roc_curves`]: ROC curves of anomaly scores, one per split, with their AUC.
 //!
 //! Text in PNGs is rasterised by plotters' `ab_glyph` backend from DejaVu Sans
 //! embedded in the binary (the `dejavu` crate), so no system font library
@@ -147,6 +148,27 @@ pub fn sweep_chart(
     render(stem, (1000, height), &SweepFigure { metric, points })
 }
 
+/// One ROC curve: (false positive rate, true positive rate) points and its area.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RocCurve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub auc: f64,
+}
+
+/// Writes `roc_curve.svg` and `roc_curve.png` into `dir`: every curve, and
+/// the diagonal of a score that knows nothing.
+pub fn roc_curves(dir: &Path, curves: &[RocCurve]) -> Result<Vec<PathBuf>, ExperimentsError> {
+    let stem = dir.join("roc_curve");
+    if curves.is_empty() || curves.iter().any(|c| c.points.is_empty()) {
+        return Err(ExperimentsError::Plot {
+            path: stem,
+            message: "no ROC points to plot".into(),
+        });
+    }
+    render(&stem, (620, 560), &RocFigure(curves))
+}
+
 /// Draws the same figure into an SVG string and an RGB buffer and writes both.
 fn render(
     stem: &Path,
@@ -218,6 +240,14 @@ struct SweepFigure<'a> {
 impl Figure for SweepFigure<'_> {
     fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
         draw_sweep(area, self.metric, self.points)
+    }
+}
+
+struct RocFigure<'a>(&'a [RocCurve]);
+
+impl Figure for RocFigure<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        draw_roc(area, self.0)
     }
 }
 
@@ -509,6 +539,55 @@ fn draw_sweep<DB: DrawingBackend>(
     Ok(())
 }
 
+fn draw_roc<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    curves: &[RocCurve],
+) -> Result<(), String> {
+    area.fill(&WHITE).map_err(text_error)?;
+    let mut chart = ChartBuilder::on(area)
+        .caption("ROC curve (anomalous = positive)", (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(text_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("false positive rate")
+        .y_desc("true positive rate")
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(text_error)?;
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, 0.0), (1.0, 1.0)],
+            BLACK.mix(0.3).stroke_width(1),
+        ))
+        .map_err(text_error)?;
+    let colors = [VALIDATION_COLOR, TRAIN_COLOR, METRIC_COLOR, BEST_COLOR];
+    for (curve, color) in curves.iter().zip(colors.iter().cycle()) {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(curve.points.clone(), color.stroke_width(2)))
+            .map_err(text_error)?
+            .label(format!("{} (AUC {:.4})", curve.label, curve.auc))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(text_error)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,5 +735,22 @@ mod tests {
             svg.contains("head=mlp") && svg.contains("0.8100 ± 0.0100 (n=3)"),
             "{svg}"
         );
+    }
+
+    #[test]
+    fn roc_curves_write_both_formats_with_their_areas() {
+        let dir = tempfile::tempdir().unwrap();
+        let curve = RocCurve {
+            label: "test".into(),
+            points: vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)],
+            auc: 0.875,
+        };
+        let written = roc_curves(dir.path(), &[curve]).unwrap();
+        let svg = std::fs::read_to_string(&written[0]).unwrap();
+        assert!(svg.contains("test (AUC 0.8750)"), "{svg}");
+        assert_eq!(png_size(&written[1]), (620, 560));
+        assert!(ink(&written[1]) > 1000);
+        let err = roc_curves(dir.path(), &[]).unwrap_err();
+        assert!(err.to_string().contains("no ROC points"), "{err}");
     }
 }

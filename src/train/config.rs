@@ -138,6 +138,31 @@ impl Sampler {
     }
 }
 
+/// What a run learns: a classifier head (default), or an anomaly scorer fitted
+/// on normal images only (`anomaly` holds its settings).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    #[default]
+    Classify,
+    Anomaly,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Anomaly => "anomaly",
+        }
+    }
+
+    /// Serde helper: the default task is left out of stored configs, so
+    /// classification config hashes stay what they were before tasks existed.
+    pub fn is_classify(&self) -> bool {
+        *self == Task::Classify
+    }
+}
+
 /// Early stopping on a validation metric (higher is better; `*/loss` is negated).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EarlyStopping {
@@ -174,6 +199,11 @@ pub struct TrainConfig {
     /// the seeded initialisation; see `warm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Task::is_classify")]
+    pub task: Task,
+    /// The anomaly scorer's settings; present exactly when `task` is `anomaly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<super::anomaly::AnomalyConfig>,
 }
 
 impl Default for TrainConfig {
@@ -198,6 +228,8 @@ impl Default for TrainConfig {
             seed: 0,
             label_map: BTreeMap::new(),
             init_from: None,
+            task: Task::Classify,
+            anomaly: None,
         }
     }
 }
@@ -247,6 +279,16 @@ impl TrainConfig {
             if !(0.0..1.0).contains(dropout) {
                 return bad(format!("dropout {dropout} must be in [0, 1)"));
             }
+        }
+        match (self.task, &self.anomaly) {
+            (Task::Anomaly, Some(anomaly)) => anomaly.validate()?,
+            (Task::Anomaly, None) => {
+                return bad("task anomaly needs its settings (normal labels, scorer)".into());
+            }
+            (Task::Classify, Some(_)) => {
+                return bad("anomaly settings given for task classify".into());
+            }
+            (Task::Classify, None) => {}
         }
         if !self.monitor.starts_with("val/") {
             return bad(format!(

@@ -126,6 +126,18 @@ pub struct LoadConfig {
     pub resident_limit_bytes: u64,
     /// Class renames or merges (see `TrainConfig::label_map`).
     pub label_map: BTreeMap<String, String>,
+    pub split_labels: SplitLabels,
+}
+
+/// Which classes each split must hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SplitLabels {
+    /// The same label set in train, val and test (a classifier needs it).
+    #[default]
+    Same,
+    /// Any labels per split: anomaly detection trains on normal images only,
+    /// so a train split without the anomalous classes is expected.
+    Any,
 }
 
 /// Opens and checks the features of a dataset: every split has examples,
@@ -217,7 +229,7 @@ pub fn load(
         .map(|s| s.labels.iter().copied().collect())
         .collect();
     for (set, name) in label_sets.iter().zip(names).skip(1) {
-        if set != &label_sets[0] {
+        if config.split_labels == SplitLabels::Same && set != &label_sets[0] {
             let show = |s: &BTreeSet<usize>| {
                 s.iter()
                     .map(|&c| class_names[c].as_str())

@@ -139,15 +139,27 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
 /// One-vs-rest ROC-AUC of one class (Mann-Whitney, ties count half); `None`
 /// when the class has no positive or no negative example.
 pub fn roc_auc_one_vs_rest(predictions: &Predictions, class: usize) -> Option<f64> {
-    let mut scored: Vec<(f32, bool)> = predictions
+    let (scores, positives): (Vec<f64>, Vec<bool>) = predictions
         .labels
         .iter()
         .enumerate()
-        .map(|(example, &label)| (predictions.row(example)[class], label == class))
+        .map(|(example, &label)| (predictions.row(example)[class] as f64, label == class))
+        .unzip();
+    roc_auc(&scores, &positives)
+}
+
+/// ROC-AUC of a binary problem (higher score = more likely positive), as the
+/// Mann-Whitney statistic: ties between a positive and a negative count half.
+/// `None` when there is no positive or no negative example.
+pub fn roc_auc(scores: &[f64], positives: &[bool]) -> Option<f64> {
+    let mut scored: Vec<(f64, bool)> = scores
+        .iter()
+        .copied()
+        .zip(positives.iter().copied())
         .collect();
-    let positives = scored.iter().filter(|(_, positive)| *positive).count();
-    let negatives = scored.len() - positives;
-    if positives == 0 || negatives == 0 {
+    let positive_count = scored.iter().filter(|(_, positive)| *positive).count();
+    let negative_count = scored.len() - positive_count;
+    if positive_count == 0 || negative_count == 0 {
         return None;
     }
     // Rank-sum form of Mann-Whitney U in O(n log n): tied scores share their
@@ -166,8 +178,130 @@ pub fn roc_auc_one_vs_rest(predictions: &Predictions, class: usize) -> Option<f6
         positive_rank_sum += average_rank * tied_positives as f64;
         start = end;
     }
-    let (p, n) = (positives as f64, negatives as f64);
+    let (p, n) = (positive_count as f64, negative_count as f64);
     Some((positive_rank_sum - p * (p + 1.0) / 2.0) / (p * n))
+}
+
+/// Cumulative counts at each distinct score, highest score first: calling
+/// everything with a score at or above `threshold` positive gives
+/// `true_positives` and `false_positives`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThresholdCounts {
+    pub threshold: f64,
+    pub true_positives: usize,
+    pub false_positives: usize,
+}
+
+/// One [`ThresholdCounts`] per distinct score, in decreasing score order.
+pub fn threshold_counts(scores: &[f64], positives: &[bool]) -> Vec<ThresholdCounts> {
+    let mut scored: Vec<(f64, bool)> = scores
+        .iter()
+        .copied()
+        .zip(positives.iter().copied())
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut out: Vec<ThresholdCounts> = Vec::new();
+    let (mut true_positives, mut false_positives) = (0, 0);
+    for (index, &(score, positive)) in scored.iter().enumerate() {
+        if positive {
+            true_positives += 1;
+        } else {
+            false_positives += 1;
+        }
+        // Close a threshold after the last example with this score.
+        if scored.get(index + 1).is_none_or(|next| next.0 != score) {
+            out.push(ThresholdCounts {
+                threshold: score,
+                true_positives,
+                false_positives,
+            });
+        }
+    }
+    out
+}
+
+/// The ROC curve as (false positive rate, true positive rate) points from
+/// (0, 0) to (1, 1), one per distinct score; `None` without both classes.
+pub fn roc_curve(scores: &[f64], positives: &[bool]) -> Option<Vec<(f64, f64)>> {
+    let positive_count = positives.iter().filter(|p| **p).count();
+    let negative_count = positives.len() - positive_count;
+    if positive_count == 0 || negative_count == 0 {
+        return None;
+    }
+    let mut points = vec![(0.0, 0.0)];
+    points.extend(threshold_counts(scores, positives).iter().map(|c| {
+        (
+            c.false_positives as f64 / negative_count as f64,
+            c.true_positives as f64 / positive_count as f64,
+        )
+    }));
+    Some(points)
+}
+
+/// Area under the precision-recall curve as average precision (scikit-learn's
+/// `average_precision_score`): the sum over distinct thresholds of
+/// (recall gained) x precision, without interpolation. `None` without positives.
+pub fn average_precision(scores: &[f64], positives: &[bool]) -> Option<f64> {
+    let positive_count = positives.iter().filter(|p| **p).count();
+    if positive_count == 0 {
+        return None;
+    }
+    let mut previous_recall = 0.0;
+    let mut area = 0.0;
+    for c in threshold_counts(scores, positives) {
+        let recall = c.true_positives as f64 / positive_count as f64;
+        let precision = c.true_positives as f64 / (c.true_positives + c.false_positives) as f64;
+        area += (recall - previous_recall) * precision;
+        previous_recall = recall;
+    }
+    Some(area)
+}
+
+/// The threshold with the highest F1 when scores at or above it are called positive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BestF1 {
+    pub f1: f64,
+    pub threshold: f64,
+    pub precision: f64,
+    pub recall: f64,
+}
+
+/// The distinct score with the best F1 (the highest such score on ties);
+/// `None` without positives.
+pub fn best_f1(scores: &[f64], positives: &[bool]) -> Option<BestF1> {
+    let positive_count = positives.iter().filter(|p| **p).count();
+    if positive_count == 0 {
+        return None;
+    }
+    let mut best: Option<BestF1> = None;
+    for c in threshold_counts(scores, positives) {
+        let precision = c.true_positives as f64 / (c.true_positives + c.false_positives) as f64;
+        let recall = c.true_positives as f64 / positive_count as f64;
+        let f1 = ratio(2.0 * precision * recall, precision + recall);
+        if best.is_none_or(|b| f1 > b.f1) {
+            best = Some(BestF1 {
+                f1,
+                threshold: c.threshold,
+                precision,
+                recall,
+            });
+        }
+    }
+    best
+}
+
+/// F1 when scores at or above `threshold` are called positive (0 where undefined).
+pub fn f1_at(scores: &[f64], positives: &[bool], threshold: f64) -> f64 {
+    let (mut true_positives, mut called, mut actual) = (0usize, 0usize, 0usize);
+    for (&score, &positive) in scores.iter().zip(positives) {
+        let call = score >= threshold;
+        called += call as usize;
+        actual += positive as usize;
+        true_positives += (call && positive) as usize;
+    }
+    let precision = ratio(true_positives as f64, called as f64);
+    let recall = ratio(true_positives as f64, actual as f64);
+    ratio(2.0 * precision * recall, precision + recall)
 }
 
 /// All scalar metrics of one split, keyed `<split>/<metric>`; per-class
@@ -285,5 +419,44 @@ mod tests {
             class_count: 3,
         };
         assert!(log_loss(&bad).is_err());
+    }
+
+    // Six examples with a tie across classes (0.35). Reference values from
+    // scikit-learn 1.9.1: roc_auc_score 0.8333333333333333,
+    // average_precision_score 0.8666666666666667, roc_curve(drop_intermediate=False)
+    // fpr [0, 0, 0, 1/3, 2/3, 1], tpr [0, 1/3, 2/3, 2/3, 1, 1]; F1 from
+    // precision_recall_curve is highest (0.8) at threshold 0.7.
+    const BINARY_SCORES: [f64; 6] = [0.1, 0.4, 0.35, 0.8, 0.35, 0.7];
+    const BINARY_POSITIVES: [bool; 6] = [false, false, true, true, false, true];
+
+    #[test]
+    fn binary_metrics_match_scikit_learn() {
+        let (s, y) = (&BINARY_SCORES, &BINARY_POSITIVES);
+        assert!(close(roc_auc(s, y).unwrap(), 0.8333333333333333));
+        assert!(close(average_precision(s, y).unwrap(), 0.8666666666666667));
+        let curve = roc_curve(s, y).unwrap();
+        let expected = [
+            (0.0, 0.0),
+            (0.0, 1.0 / 3.0),
+            (0.0, 2.0 / 3.0),
+            (1.0 / 3.0, 2.0 / 3.0),
+            (2.0 / 3.0, 1.0),
+            (1.0, 1.0),
+        ];
+        assert_eq!(curve.len(), expected.len());
+        for (got, want) in curve.iter().zip(expected) {
+            assert!(close(got.0, want.0) && close(got.1, want.1), "{curve:?}");
+        }
+        let best = best_f1(s, y).unwrap();
+        assert!(close(best.f1, 0.8) && best.threshold == 0.7, "{best:?}");
+        assert!(close(f1_at(s, y, 0.7), 0.8));
+        // scikit-learn's documented example: roc_auc_score 0.75, average precision 0.8333.
+        let (s, y) = ([0.1, 0.4, 0.35, 0.8], [false, false, true, true]);
+        assert!(close(roc_auc(&s, &y).unwrap(), 0.75));
+        assert!(close(
+            average_precision(&s, &y).unwrap(),
+            0.8333333333333333
+        ));
+        assert_eq!(roc_auc(&s, &[true; 4]), None, "one class only");
     }
 }

@@ -6,8 +6,10 @@
 //! `host` is the f32 CPU step without an autograd graph,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
 //! step, `metrics` scores predictions, `warm` starts a head from another
-//! run's weights.
+//! run's weights; `anomaly` fits and scores anomaly detectors (k-NN,
+//! Mahalanobis) on normal images' features.
 
+pub mod anomaly;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

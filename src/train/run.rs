@@ -108,6 +108,7 @@ pub fn load_config(config: &TrainConfig) -> super::data::LoadConfig {
     super::data::LoadConfig {
         resident_limit_bytes: RESIDENT_FEATURE_BYTES,
         label_map: config.label_map.clone(),
+        ..Default::default()
     }
 }
 

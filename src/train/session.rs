@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::TrainError;
-use super::config::{ClassWeights, HeadConfig, Optimizer, TrainConfig};
+use super::anomaly::{AnomalyOptions, AnomalyReport};
+use super::config::{ClassWeights, HeadConfig, Optimizer, Task, TrainConfig};
 use super::data::{self, TrainData};
 use super::run::{
     FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, load_config, read_run_inputs,
@@ -133,6 +134,12 @@ pub fn train_warm(
 ) -> Result<RunReport, TrainError> {
     config.init_from = warm.as_ref().map(|w| w.summary.source_run.clone());
     config.validate()?;
+    if config.task != Task::Classify {
+        return Err(TrainError::Invalid(format!(
+            "task {} is not trained as a classification head",
+            config.task.name()
+        )));
+    }
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
     let extra = warm.as_ref().map(warm_params).unwrap_or_default();
@@ -169,6 +176,12 @@ pub fn resume(
         )));
     }
     let inputs = read_run_inputs(&run_dir)?;
+    if inputs.config.task != Task::Classify {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} is a {} run: it has no checkpoints to resume; start it again",
+            inputs.config.task.name()
+        )));
+    }
     let data = data::load(
         layout,
         &inputs.dataset,
@@ -373,6 +386,9 @@ pub struct SweepOutcome {
     pub sweep: String,
     /// Runs trained now (fresh or resumed).
     pub trained: Vec<RunReport>,
+    /// Anomaly runs (`task = "anomaly"`) fitted now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub anomaly: Vec<AnomalyReport>,
     /// (config hash, run id) of configs already FINISHED, skipped.
     pub skipped: Vec<(String, String)>,
     /// Passes over the features: one per feature set (and label map).
@@ -409,6 +425,7 @@ pub fn sweep(
     let mut outcome = SweepOutcome {
         sweep: sweep.name.clone(),
         trained: Vec::new(),
+        anomaly: Vec::new(),
         skipped: Vec::new(),
         passes: 0,
         charts: Vec::new(),
@@ -421,12 +438,30 @@ pub fn sweep(
             config.label_map = sweep.label_map.clone();
             configs.push(config);
         }
-        let data = data::load(
-            layout,
-            &dataset,
-            Some(&fingerprint),
-            &load_config(&configs[0]),
-        )?;
+        let mut load = load_config(&configs[0]);
+        if configs.iter().all(|c| c.task == Task::Anomaly) {
+            load.split_labels = data::SplitLabels::Any;
+        }
+        let data = data::load(layout, &dataset, Some(&fingerprint), &load)?;
+        // Anomaly scorers need no shared batches: each is fitted on its own.
+        let (anomaly_configs, configs): (Vec<TrainConfig>, Vec<TrainConfig>) = configs
+            .into_iter()
+            .partition(|config| config.task == Task::Anomaly);
+        if !anomaly_configs.is_empty() {
+            let anomaly_options = AnomalyOptions {
+                device: options.fit.device.clone(),
+            };
+            let (reports, skipped) = super::anomaly::sweep_runs(
+                &db,
+                &data,
+                &sweep.name,
+                &anomaly_configs,
+                options.force,
+                &anomaly_options,
+            )?;
+            outcome.anomaly.extend(reports);
+            outcome.skipped.extend(skipped);
+        }
         let mut runs = Vec::new();
         let mut seen = BTreeSet::new();
         for config in configs {

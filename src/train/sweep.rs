@@ -32,8 +32,10 @@ use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
 use super::TrainError;
+use super::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use super::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TrainConfig,
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
+    TrainConfig,
 };
 use super::schedule::Schedule;
 
@@ -62,7 +64,16 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "patience",
     "clip_grad_norm",
     "memory_budget",
+    "task",
+    "normal_label",
+    "anomaly_label",
+    "scorer",
+    "k",
+    "coreset",
 ];
+
+/// Settings that only anomaly points (`task = "anomaly"`) use.
+const ANOMALY_SETTINGS: &[&str] = &["normal_label", "anomaly_label", "scorer", "k", "coreset"];
 
 /// Keys of the file besides settings.
 const KNOWN_SECTIONS: &[&str] = &["name", "grid", "random", "label_map"];
@@ -430,12 +441,86 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     if let Some(v) = count("memory_budget")? {
         config.memory_budget_bytes = v as u64;
     }
+    if one_of("task", &["classify", "anomaly"])?.as_deref() == Some("anomaly") {
+        config.task = Task::Anomaly;
+        config.anomaly = Some(anomaly_point(settings)?);
+    } else if settings.get("task").is_none()
+        && let Some(key) = ANOMALY_SETTINGS.iter().find(|k| settings.contains_key(**k))
+    {
+        // Without any task, anomaly settings mean a forgotten task = "anomaly";
+        // with a grid over task, classify points leave them aside.
+        return Err(format!(
+            "{key} applies to task = \"anomaly\" only (add task = \"anomaly\")"
+        ));
+    }
     config.validate().map_err(|e| e.to_string())?;
     Ok(SweepPoint {
         dataset,
         encoder,
         config,
         params: settings.clone(),
+    })
+}
+
+/// The anomaly settings of a point: labels as a string (comma-separated) or
+/// a list; `k` and `coreset` apply to the knn scorer and are ignored by
+/// mahalanobis points (a grid over k gives one mahalanobis run).
+fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, String> {
+    let labels = |key: &str| -> Result<Vec<String>, String> {
+        match settings.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::String(text)) => {
+                Ok(text.split(',').map(|l| l.trim().to_string()).collect())
+            }
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("{key} must be class names, got {item}"))
+                })
+                .collect(),
+            Some(other) => Err(format!("{key} must be a class name or a list, got {other}")),
+        }
+    };
+    let scorer = match settings.get("scorer") {
+        None => "knn",
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| format!("scorer must be a string, got {v}"))?,
+    };
+    let scorer = match scorer {
+        "knn" => Scorer::Knn {
+            k: match settings.get("k") {
+                None => DEFAULT_K,
+                Some(v) => v
+                    .as_integer()
+                    .filter(|&k| k >= 1)
+                    .map(|k| k as usize)
+                    .ok_or_else(|| format!("k must be a whole number of at least 1, got {v}"))?,
+            },
+            coreset: match settings.get("coreset") {
+                None => None,
+                Some(Value::Float(f)) => Some(Coreset::Fraction(*f)),
+                Some(Value::Integer(n)) if *n >= 1 => Some(Coreset::Count(*n as usize)),
+                Some(other) => {
+                    return Err(format!(
+                        "coreset must be a fraction such as 0.1 or a row count such as 200, got {other}"
+                    ));
+                }
+            },
+        },
+        "mahalanobis" => Scorer::Mahalanobis,
+        other => return Err(format!("scorer = {other:?} is not one of knn, mahalanobis")),
+    };
+    let normal_labels = labels("normal_label")?;
+    if normal_labels.is_empty() {
+        return Err("task = \"anomaly\" needs normal_label (the normal class or classes)".into());
+    }
+    Ok(AnomalyConfig {
+        normal_labels,
+        anomaly_labels: labels("anomaly_label")?,
+        scorer,
     })
 }
 
@@ -536,5 +621,69 @@ mod tests {
         for p in &a.points {
             assert!((0.0001..=0.1).contains(&p.config.learning_rate));
         }
+    }
+
+    #[test]
+    fn anomaly_points_read_scorer_k_and_labels() {
+        let text = r#"
+            name = "a"
+            dataset = "d"
+            encoder = "e"
+            task = "anomaly"
+            normal_label = "0.0"
+            anomaly_label = ["1.0"]
+            [grid]
+            scorer = ["knn", "mahalanobis"]
+            k = [1, 5]
+        "#;
+        let sweep = parse(Path::new("s.toml"), text).unwrap();
+        assert_eq!(sweep.points.len(), 4);
+        let first = sweep.points[0].config.anomaly.as_ref().unwrap();
+        assert_eq!(first.normal_labels, ["0.0"]);
+        assert_eq!(first.anomaly_labels, ["1.0"]);
+        assert_eq!(
+            first.scorer,
+            Scorer::Knn {
+                k: 1,
+                coreset: None
+            }
+        );
+        assert_eq!(sweep.points[0].config.task, Task::Anomaly);
+        // k does not change a mahalanobis point: one config hash for both.
+        let hashes: std::collections::BTreeSet<String> = sweep
+            .points
+            .iter()
+            .filter(|p| p.config.anomaly.as_ref().unwrap().scorer == Scorer::Mahalanobis)
+            .map(|p| p.config.config_hash("d", "f"))
+            .collect();
+        assert_eq!(hashes.len(), 1);
+
+        let error = parse(
+            Path::new("s.toml"),
+            "name = \"x\"\ndataset = \"d\"\nencoder = \"e\"\nscorer = \"knn\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("scorer applies to task = \"anomaly\" only"),
+            "{error}"
+        );
+        let error = parse(
+            Path::new("s.toml"),
+            "name = \"x\"\ndataset = \"d\"\nencoder = \"e\"\ntask = \"anomaly\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("needs normal_label"), "{error}");
+        // A grid over task: classify points leave the anomaly settings aside.
+        let mixed = parse(
+            Path::new("s.toml"),
+            "name = \"x\"\ndataset = \"d\"\nencoder = \"e\"\nnormal_label = \"ok\"\n\
+             [grid]\ntask = [\"classify\", \"anomaly\"]\n",
+        )
+        .unwrap();
+        assert_eq!(mixed.points[0].config.task, Task::Classify);
+        assert_eq!(mixed.points[0].config.anomaly, None);
+        assert_eq!(mixed.points[1].config.task, Task::Anomaly);
     }
 }

@@ -1,0 +1,1023 @@
+//! Anomaly detection on cached features (`lazarus train --task anomaly`):
+//! a scorer is fitted on the features of normal training images only, then
+//! every validation and test image gets an anomaly score (higher = more
+//! anomalous), scored against its label (normal or not).
+//!
+//! Scorers (`scorer.rs`): `knn`, the mean Euclidean distance to the `k`
+//! nearest rows of a memory bank of normal training rows (optionally a greedy
+//! k-center coreset of them, as PatchCore), and `mahalanobis`, the
+//! Mahalanobis distance under a Gaussian with a Ledoit-Wolf shrunk
+//! covariance (as PaDiM, on pooled features). Both work on features
+//! standardised with the normal training rows' mean and std.
+//!
+//! A run is recorded in experiments.db like a classification run (params,
+//! tag `task=anomaly`, summary metrics, artifacts): `scorer.safetensors`
+//! (standardisation, memory bank or Gaussian), `scores.csv`, `metrics.json`,
+//! `config.json`/`config.toml`, `model_card.json` and `plots/roc_curve.*`.
+//! A run has no epochs and no checkpoints: a killed run is started again.
+
+pub mod scorer;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use super::config::{Task, TrainConfig};
+use super::data::{SplitRows, TrainData};
+use super::run::{RESIDENT_FEATURE_BYTES, RunInputs, peak_rss_bytes, run_inputs, write_run_inputs};
+use crate::experiments::{
+    self, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus, plots::RocCurve,
+};
+use crate::layout::Layout;
+use crate::train::metrics::{average_precision, best_f1, f1_at, roc_auc, roc_curve};
+use scorer::{Gaussian, MemoryBank, QUERY_BLOCK, Standardiser, gaussian_fit_bytes};
+
+/// The process itself before any data (as head training counts it).
+const PROCESS_BASE_BYTES: u64 = 48 << 20;
+/// Per feature row: the manifest record while loading, row index, split lists.
+const BYTES_PER_ROW: u64 = 320;
+
+/// Default neighbours of the k-NN scorer (scikit-learn's NearestNeighbors default).
+pub const DEFAULT_K: usize = 5;
+
+/// What an anomaly run fits and how it is evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyConfig {
+    /// Classes (after any label map) whose training images are normal.
+    pub normal_labels: Vec<String>,
+    /// Classes that count as anomalous in evaluation; empty: every class that
+    /// is not normal. Images of other classes are left out of the metrics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anomaly_labels: Vec<String>,
+    pub scorer: Scorer,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Scorer {
+    /// Mean distance to the `k` nearest memory-bank rows.
+    Knn {
+        k: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        coreset: Option<Coreset>,
+    },
+    /// Mahalanobis distance under a Ledoit-Wolf Gaussian.
+    Mahalanobis,
+}
+
+/// How many normal training rows the memory bank keeps (greedy k-center).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coreset {
+    /// This share of the normal training rows, rounded up.
+    Fraction(f64),
+    /// This many rows (all of them if there are fewer).
+    Count(usize),
+}
+
+impl Coreset {
+    /// `0.1` (a number with a point: a fraction in (0, 1]) or `200` (a count).
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        let text = text.trim();
+        let bad = || {
+            TrainError::Invalid(format!(
+                "coreset {text:?} must be a fraction in (0, 1] such as 0.1, or a row count such as 200"
+            ))
+        };
+        let coreset = if text.contains(['.', 'e', 'E']) {
+            Coreset::Fraction(text.parse().map_err(|_| bad())?)
+        } else {
+            Coreset::Count(text.parse().map_err(|_| bad())?)
+        };
+        coreset.validate()?;
+        Ok(coreset)
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        match *self {
+            Coreset::Fraction(f) if !(f > 0.0 && f <= 1.0) => Err(TrainError::Invalid(format!(
+                "coreset fraction {f} must be in (0, 1]"
+            ))),
+            Coreset::Count(0) => Err(TrainError::Invalid(
+                "coreset count must be at least 1".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Rows kept out of `rows`.
+    pub fn rows(&self, rows: usize) -> usize {
+        match *self {
+            Coreset::Fraction(f) => ((rows as f64 * f).ceil() as usize).clamp(1, rows.max(1)),
+            Coreset::Count(n) => n.min(rows),
+        }
+    }
+}
+
+impl Scorer {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scorer::Knn { .. } => "knn",
+            Scorer::Mahalanobis => "mahalanobis",
+        }
+    }
+}
+
+impl AnomalyConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |message: String| Err(TrainError::Invalid(message));
+        if self.normal_labels.is_empty() {
+            return bad("task anomaly needs at least one normal label (--normal-label)".into());
+        }
+        if let Some(both) = self
+            .anomaly_labels
+            .iter()
+            .find(|l| self.normal_labels.contains(l))
+        {
+            return bad(format!("label {both:?} is named both normal and anomalous"));
+        }
+        if let Scorer::Knn { k, coreset } = &self.scorer {
+            if *k == 0 {
+                return bad("k must be at least 1".into());
+            }
+            if let Some(coreset) = coreset {
+                coreset.validate()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `knn k=5, coreset 0.1` and the like.
+    pub fn describe(&self) -> String {
+        match &self.scorer {
+            Scorer::Knn { k, coreset: None } => format!("knn k={k}"),
+            Scorer::Knn {
+                k,
+                coreset: Some(Coreset::Fraction(f)),
+            } => format!("knn k={k}, coreset {f}"),
+            Scorer::Knn {
+                k,
+                coreset: Some(Coreset::Count(n)),
+            } => format!("knn k={k}, coreset {n} rows"),
+            Scorer::Mahalanobis => "mahalanobis (Ledoit-Wolf)".into(),
+        }
+    }
+}
+
+/// How anomaly runs compute.
+pub struct AnomalyOptions {
+    /// Where the distance matrix products run.
+    pub device: Device,
+}
+
+/// What a finished anomaly run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnomalyReport {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub config_hash: String,
+    pub task: Task,
+    pub scorer: String,
+    pub normal_classes: Vec<String>,
+    pub anomaly_classes: Vec<String>,
+    /// Normal training rows the scorer was fitted on.
+    pub normal_train_rows: usize,
+    /// Rows in the k-NN memory bank (after the coreset), if any.
+    pub memory_bank_rows: Option<usize>,
+    /// `val/*`, `test/*` and `train/*` metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// How the memory budget was spent.
+    pub plan: MemoryPlan,
+    pub fit_secs: f64,
+    pub score_secs: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Evaluated rows of one split: normal (false) or anomalous (true).
+struct Evaluated {
+    rows: Vec<usize>,
+    labels: Vec<usize>,
+    anomalous: Vec<bool>,
+    excluded: usize,
+}
+
+/// Which rows a run fits on and scores, from its normal and anomaly labels.
+struct Selection {
+    normal_classes: Vec<usize>,
+    anomaly_classes: Vec<usize>,
+    normal_train: Vec<usize>,
+    val: Evaluated,
+    test: Evaluated,
+}
+
+fn class_indices(
+    data: &TrainData,
+    labels: &[String],
+    role: &str,
+) -> Result<Vec<usize>, TrainError> {
+    labels
+        .iter()
+        .map(|label| {
+            data.class_names
+                .iter()
+                .position(|c| c == label)
+                .ok_or_else(|| {
+                    TrainError::Invalid(format!(
+                        "{role} label {label:?} is not a class of dataset {}; its classes are {}",
+                        data.dataset_name,
+                        data.class_names.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn class_counts(data: &TrainData, split: &SplitRows) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for &label in &split.labels {
+        *counts.entry(data.class_names[label].as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(c, n)| format!("{c}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Selection {
+    fn new(data: &TrainData, config: &AnomalyConfig) -> Result<Self, TrainError> {
+        let normal_classes = class_indices(data, &config.normal_labels, "normal")?;
+        let anomaly_classes = if config.anomaly_labels.is_empty() {
+            (0..data.class_names.len())
+                .filter(|c| !normal_classes.contains(c))
+                .collect()
+        } else {
+            class_indices(data, &config.anomaly_labels, "anomaly")?
+        };
+        if anomaly_classes.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "every class of dataset {} is normal ({}): nothing is anomalous",
+                data.dataset_name,
+                config.normal_labels.join(", ")
+            )));
+        }
+        let normal_train: Vec<usize> = data
+            .train
+            .rows
+            .iter()
+            .zip(&data.train.labels)
+            .filter(|(_, label)| normal_classes.contains(label))
+            .map(|(&row, _)| row)
+            .collect();
+        if normal_train.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "no training image of dataset {} has a normal label ({}); the train split has {}",
+                data.dataset_name,
+                config.normal_labels.join(", "),
+                class_counts(data, &data.train)
+            )));
+        }
+        let evaluated = |split: &SplitRows, name: &str| -> Result<Evaluated, TrainError> {
+            let mut out = Evaluated {
+                rows: Vec::new(),
+                labels: Vec::new(),
+                anomalous: Vec::new(),
+                excluded: 0,
+            };
+            for (&row, &label) in split.rows.iter().zip(&split.labels) {
+                let anomalous = if normal_classes.contains(&label) {
+                    false
+                } else if anomaly_classes.contains(&label) {
+                    true
+                } else {
+                    out.excluded += 1;
+                    continue;
+                };
+                out.rows.push(row);
+                out.labels.push(label);
+                out.anomalous.push(anomalous);
+            }
+            let anomalies = out.anomalous.iter().filter(|a| **a).count();
+            if anomalies == 0 || anomalies == out.rows.len() {
+                return Err(TrainError::Invalid(format!(
+                    "split {name} of dataset {} needs both normal and anomalous images to be \
+                     scored; it has {anomalies} anomalous of {} evaluated ({})",
+                    data.dataset_name,
+                    out.rows.len(),
+                    class_counts(data, split)
+                )));
+            }
+            Ok(out)
+        };
+        Ok(Selection {
+            val: evaluated(&data.val, "val")?,
+            test: evaluated(&data.test, "test")?,
+            normal_classes,
+            anomaly_classes,
+            normal_train,
+        })
+    }
+}
+
+/// A fitted scorer.
+enum Fitted {
+    Knn { bank: MemoryBank, k: usize },
+    Mahalanobis(Gaussian),
+}
+
+/// Memory the scorer and its distance blocks may use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Bank rows per distance block (k-NN; 0 for Mahalanobis).
+    pub bank_block: usize,
+    /// Bytes counted before distance blocks: runtime, memory bank or
+    /// covariance fit, one block of query rows.
+    pub fixed_bytes: u64,
+    /// Bytes per bank row in a distance block (k-NN).
+    pub per_bank_row_bytes: u64,
+}
+
+fn runtime_bytes(data: &TrainData) -> u64 {
+    PROCESS_BASE_BYTES + data.features.len() as u64 * BYTES_PER_ROW + RESIDENT_FEATURE_BYTES
+}
+
+fn over_budget(what: String, needed: u64, budget: u64) -> TrainError {
+    TrainError::Invalid(format!(
+        "memory budget of {budget} bytes cannot hold {what} ({needed} bytes with the runtime)"
+    ))
+}
+
+/// Fits the scorer on the normal training rows, within the memory budget.
+fn fit(
+    data: &TrainData,
+    selection: &Selection,
+    config: &TrainConfig,
+    anomaly: &AnomalyConfig,
+    standardiser: &Standardiser,
+    device: &Device,
+) -> Result<(Fitted, MemoryPlan), TrainError> {
+    let dim = data.features.feature_dim();
+    let budget = config.memory_budget_bytes;
+    let runtime = runtime_bytes(data);
+    let normal = &selection.normal_train;
+    match &anomaly.scorer {
+        Scorer::Knn { k, coreset } => {
+            let bank_rows = coreset.map_or(normal.len(), |c| c.rows(normal.len()));
+            if *k > bank_rows {
+                return Err(TrainError::Invalid(format!(
+                    "k = {k} is larger than the memory bank ({bank_rows} rows of normal training images{})",
+                    if coreset.is_some() {
+                        " after the coreset"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            // The normal rows are held once; a coreset copies the rows it keeps.
+            let kept = if coreset.is_some() { bank_rows } else { 0 };
+            let held = ((normal.len() + kept) * dim * 4 + normal.len() * 4) as u64;
+            if runtime + held > budget {
+                return Err(over_budget(
+                    format!(
+                        "the {} normal training rows of the memory bank",
+                        normal.len()
+                    ),
+                    runtime + held,
+                    budget,
+                ));
+            }
+            // One query block, and as many bank rows per block as the rest allows
+            // (a block of distances exists twice: the product and its copy).
+            let query_bytes = (QUERY_BLOCK * dim * 4) as u64;
+            let fixed = runtime + (bank_rows * dim * 4) as u64 + query_bytes;
+            let per_bank_row = (QUERY_BLOCK * 4 * 2) as u64;
+            if fixed + per_bank_row > budget {
+                return Err(over_budget(
+                    format!("a memory bank of {bank_rows} rows and one distance block"),
+                    fixed + per_bank_row,
+                    budget,
+                ));
+            }
+            let bank_block = (((budget - fixed) / per_bank_row) as usize).min(bank_rows);
+            let values = standardiser.gather(&data.features, normal);
+            let values = match coreset {
+                None => values,
+                Some(_) => {
+                    let chosen = scorer::greedy_coreset(&values, dim, bank_rows, config.seed);
+                    chosen
+                        .iter()
+                        .flat_map(|&i| values[i * dim..(i + 1) * dim].iter().copied())
+                        .collect()
+                }
+            };
+            let bank = MemoryBank::new(values, dim, device)?;
+            Ok((
+                Fitted::Knn { bank, k: *k },
+                MemoryPlan {
+                    bank_block,
+                    fixed_bytes: fixed,
+                    per_bank_row_bytes: per_bank_row,
+                },
+            ))
+        }
+        Scorer::Mahalanobis => {
+            let needed = runtime + gaussian_fit_bytes(dim) + (4096 * dim * 8) as u64;
+            if needed > budget {
+                return Err(over_budget(
+                    format!("a {dim}x{dim} covariance fit"),
+                    needed,
+                    budget,
+                ));
+            }
+            let gaussian = Gaussian::fit(&data.features, normal, standardiser, device)?;
+            Ok((
+                Fitted::Mahalanobis(gaussian),
+                MemoryPlan {
+                    bank_block: 0,
+                    fixed_bytes: needed,
+                    per_bank_row_bytes: 0,
+                },
+            ))
+        }
+    }
+}
+
+impl Fitted {
+    /// Anomaly scores of `rows`, gathered and scored one query block at a time.
+    fn scores(
+        &self,
+        data: &TrainData,
+        standardiser: &Standardiser,
+        rows: &[usize],
+        plan: &MemoryPlan,
+        device: &Device,
+    ) -> Result<Vec<f64>, TrainError> {
+        let dim = data.features.feature_dim();
+        let mut out = Vec::with_capacity(rows.len());
+        for block in rows.chunks(QUERY_BLOCK) {
+            let queries = standardiser.gather(&data.features, block);
+            out.extend(self.score_standardised(&queries, dim, plan, device)?);
+        }
+        Ok(out)
+    }
+
+    fn score_standardised(
+        &self,
+        queries: &[f32],
+        dim: usize,
+        plan: &MemoryPlan,
+        device: &Device,
+    ) -> Result<Vec<f64>, TrainError> {
+        match self {
+            Fitted::Knn { bank, k } => bank.knn_scores(queries, dim, *k, plan.bank_block),
+            Fitted::Mahalanobis(gaussian) => gaussian.scores(queries, device),
+        }
+    }
+
+    /// The tensors `scorer.safetensors` holds besides the standardisation.
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        Ok(match self {
+            Fitted::Knn { bank, .. } => vec![("memory_bank".to_string(), bank.rows.clone())],
+            Fitted::Mahalanobis(gaussian) => {
+                let dim = gaussian.mean.len();
+                vec![
+                    (
+                        "gaussian_mean".to_string(),
+                        Tensor::from_slice(&gaussian.mean, dim, &Device::Cpu)?,
+                    ),
+                    (
+                        "whitening".to_string(),
+                        Tensor::from_slice(&gaussian.whitening, (dim, dim), &Device::Cpu)?,
+                    ),
+                ]
+            }
+        })
+    }
+}
+
+/// A finished anomaly run's scorer, read back from its run folder
+/// (`scorer.safetensors`, `config.json`, `metrics.json`).
+pub struct SavedScorer {
+    standardiser: Standardiser,
+    fitted: Fitted,
+    dim: usize,
+    /// The validation split's best-F1 threshold: scores at or above it are anomalous.
+    pub threshold: f64,
+    /// `knn k=5` and the like.
+    pub description: String,
+}
+
+/// Scores per distance block when a saved scorer is used (about 64 MiB of distances).
+const PREDICT_DISTANCE_BYTES: usize = 64 << 20;
+
+impl SavedScorer {
+    pub fn load(run_dir: &std::path::Path, device: &Device) -> Result<Self, TrainError> {
+        let inputs = super::run::read_run_inputs(run_dir)?;
+        let anomaly = anomaly_config(&inputs.config)?;
+        let path = run_dir.join("scorer.safetensors");
+        let metrics_path = run_dir.join("metrics.json");
+        let missing = |what: &std::path::Path| {
+            TrainError::Checkpoint(format!(
+                "{} is missing: the anomaly run did not finish",
+                what.display()
+            ))
+        };
+        if !path.is_file() {
+            return Err(missing(&path));
+        }
+        let report: AnomalyReport = serde_json::from_slice(
+            &std::fs::read(&metrics_path).map_err(|_| missing(&metrics_path))?,
+        )
+        .map_err(|e| {
+            TrainError::Checkpoint(format!(
+                "{} is not an anomaly report: {e}",
+                metrics_path.display()
+            ))
+        })?;
+        let threshold = *report.metrics.get("val/best_f1_threshold").ok_or_else(|| {
+            TrainError::Checkpoint(format!(
+                "{} has no val/best_f1_threshold",
+                metrics_path.display()
+            ))
+        })?;
+        let tensors = super::checkpoint::load_tensors(&path, &Device::Cpu)?;
+        let vector = |name: &str| -> Result<Tensor, TrainError> {
+            tensors.get(name).cloned().ok_or_else(|| {
+                TrainError::Checkpoint(format!("{} has no tensor {name}", path.display()))
+            })
+        };
+        let mean = vector("input_mean")?.to_vec1::<f32>()?;
+        let std = vector("input_std")?.to_vec1::<f32>()?;
+        let dim = mean.len();
+        let standardiser = Standardiser::from_parts(mean, std);
+        let fitted = match &anomaly.scorer {
+            Scorer::Knn { k, .. } => {
+                let bank = vector("memory_bank")?;
+                let values = bank.flatten_all()?.to_vec1::<f32>()?;
+                Fitted::Knn {
+                    bank: MemoryBank::new(values, dim, device)?,
+                    k: *k,
+                }
+            }
+            Scorer::Mahalanobis => Fitted::Mahalanobis(Gaussian::from_parts(
+                vector("gaussian_mean")?.to_vec1::<f32>()?,
+                vector("whitening")?.flatten_all()?.to_vec1::<f32>()?,
+                report
+                    .metrics
+                    .get("train/shrinkage")
+                    .copied()
+                    .unwrap_or(0.0),
+            )),
+        };
+        Ok(SavedScorer {
+            standardiser,
+            fitted,
+            dim,
+            threshold,
+            description: anomaly.describe(),
+        })
+    }
+
+    pub fn feature_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Anomaly scores of raw (not standardised) pooled feature rows, `rows x dim`.
+    pub fn scores(&self, rows: &[f32], device: &Device) -> Result<Vec<f64>, TrainError> {
+        let dim = self.dim;
+        if !rows.len().is_multiple_of(dim) {
+            return Err(TrainError::Invalid(format!(
+                "{} feature values are not rows of {dim}",
+                rows.len()
+            )));
+        }
+        let bank_block = (PREDICT_DISTANCE_BYTES / (QUERY_BLOCK * 8)).max(1);
+        let plan = MemoryPlan {
+            bank_block,
+            fixed_bytes: 0,
+            per_bank_row_bytes: (QUERY_BLOCK * 8) as u64,
+        };
+        let mut out = Vec::with_capacity(rows.len() / dim);
+        for block in rows.chunks(QUERY_BLOCK * dim) {
+            let queries = self.standardiser.standardise(block.to_vec());
+            out.extend(
+                self.fitted
+                    .score_standardised(&queries, dim, &plan, device)?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Metrics of one scored split: ROC-AUC, PR-AUC (average precision), the
+/// best F1 and its threshold, and the counts.
+fn split_metrics(
+    name: &str,
+    scores: &[f64],
+    evaluated: &Evaluated,
+) -> Result<BTreeMap<String, f64>, TrainError> {
+    let positives = &evaluated.anomalous;
+    let undefined = || TrainError::Invalid(format!("split {name} has no anomalous image"));
+    let best = best_f1(scores, positives).ok_or_else(undefined)?;
+    let anomalous = positives.iter().filter(|p| **p).count();
+    Ok(BTreeMap::from([
+        (
+            format!("{name}/roc_auc"),
+            roc_auc(scores, positives).ok_or_else(undefined)?,
+        ),
+        (
+            format!("{name}/pr_auc"),
+            average_precision(scores, positives).ok_or_else(undefined)?,
+        ),
+        (format!("{name}/best_f1"), best.f1),
+        (format!("{name}/best_f1_threshold"), best.threshold),
+        (format!("{name}/anomalous"), anomalous as f64),
+        (
+            format!("{name}/normal"),
+            (positives.len() - anomalous) as f64,
+        ),
+        (format!("{name}/excluded"), evaluated.excluded as f64),
+    ]))
+}
+
+/// The params row of an anomaly run (sweep-file names of its settings).
+pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String, ParamValue)> {
+    let mut out: Vec<(String, ParamValue)> = vec![
+        ("dataset".into(), dataset.into()),
+        ("encoder".into(), encoder.into()),
+        ("task".into(), config.task.name().into()),
+        ("seed".into(), (config.seed as f64).into()),
+    ];
+    if let Some(anomaly) = &config.anomaly {
+        out.push(("scorer".into(), anomaly.scorer.name().into()));
+        out.push((
+            "normal_label".into(),
+            anomaly.normal_labels.join(",").into(),
+        ));
+        if !anomaly.anomaly_labels.is_empty() {
+            out.push((
+                "anomaly_label".into(),
+                anomaly.anomaly_labels.join(",").into(),
+            ));
+        }
+        if let Scorer::Knn { k, coreset } = &anomaly.scorer {
+            out.push(("k".into(), (*k as f64).into()));
+            match coreset {
+                Some(Coreset::Fraction(f)) => out.push(("coreset".into(), (*f).into())),
+                Some(Coreset::Count(n)) => out.push(("coreset_rows".into(), (*n as f64).into())),
+                None => {}
+            }
+        }
+    }
+    if !config.label_map.is_empty() {
+        let classes: BTreeSet<&String> = config.label_map.values().collect();
+        let text: Vec<&str> = classes.into_iter().map(String::as_str).collect();
+        out.push(("label_map".into(), text.join(",").into()));
+    }
+    out
+}
+
+fn start(
+    db: &ExperimentsDb,
+    experiment: &str,
+    inputs: &RunInputs,
+    extra_params: &[(String, ParamValue)],
+) -> Result<RunHandle, TrainError> {
+    let encoder = inputs.encoder.clone().unwrap_or_default();
+    let mut params = params(&inputs.config, &inputs.dataset, &encoder);
+    params.extend(extra_params.iter().cloned());
+    let handle = db.start_run(RunStart {
+        experiment: experiment.to_string(),
+        dataset: inputs.dataset.clone(),
+        encoder_fingerprint: inputs.fingerprint.clone(),
+        config_hash: inputs.config_hash.clone(),
+        params,
+        tags: vec![
+            ("task".into(), Task::Anomaly.name().into()),
+            ("lazarus_version".into(), crate::VERSION.into()),
+        ],
+    })?;
+    write_run_inputs(handle.dir(), inputs)?;
+    Ok(handle)
+}
+
+fn anomaly_config(config: &TrainConfig) -> Result<&AnomalyConfig, TrainError> {
+    config.validate()?;
+    match (config.task, &config.anomaly) {
+        (Task::Anomaly, Some(anomaly)) => Ok(anomaly),
+        _ => Err(TrainError::Invalid(format!(
+            "an anomaly run needs task anomaly, got task {}",
+            config.task.name()
+        ))),
+    }
+}
+
+/// Fits and scores one anomaly detector as a new run of `experiment`.
+pub fn train(
+    layout: &Layout,
+    data: &TrainData,
+    experiment: &str,
+    config: TrainConfig,
+    options: &AnomalyOptions,
+) -> Result<AnomalyReport, TrainError> {
+    let anomaly = anomaly_config(&config)?;
+    // Refuse bad labels before a run is recorded.
+    Selection::new(data, anomaly)?;
+    let db = ExperimentsDb::open(layout)?;
+    let inputs = run_inputs(data, &config);
+    let handle = start(&db, experiment, &inputs, &[])?;
+    fit_and_finish(data, handle, &inputs, options)
+}
+
+/// Runs fitted now, and (config hash, run id) of configs skipped as FINISHED.
+pub type SweepRuns = (Vec<AnomalyReport>, Vec<(String, String)>);
+
+/// The anomaly heads of a sweep on one feature set: each config FINISHED
+/// before is skipped (returned as (config hash, run id)) unless `force`.
+pub fn sweep_runs(
+    db: &ExperimentsDb,
+    data: &TrainData,
+    sweep_name: &str,
+    configs: &[TrainConfig],
+    force: bool,
+    options: &AnomalyOptions,
+) -> Result<SweepRuns, TrainError> {
+    let sweep_param = vec![("sweep".to_string(), ParamValue::from(sweep_name))];
+    let mut seen = BTreeSet::new();
+    let mut planned = Vec::new();
+    let mut skipped = Vec::new();
+    for config in configs {
+        Selection::new(data, anomaly_config(config)?)?;
+        let inputs = run_inputs(data, config);
+        if !seen.insert(inputs.config_hash.clone()) {
+            continue; // the same settings twice (k on a mahalanobis point)
+        }
+        if !force && let Some(id) = db.find_finished(&inputs.config_hash)? {
+            skipped.push((inputs.config_hash.clone(), id));
+            continue;
+        }
+        planned.push(inputs);
+    }
+    let mut reports = Vec::new();
+    for inputs in planned {
+        let handle = start(db, sweep_name, &inputs, &sweep_param)?;
+        reports.push(fit_and_finish(data, handle, &inputs, options)?);
+    }
+    Ok((reports, skipped))
+}
+
+fn fit_and_finish(
+    data: &TrainData,
+    handle: RunHandle,
+    inputs: &RunInputs,
+    options: &AnomalyOptions,
+) -> Result<AnomalyReport, TrainError> {
+    let config = &inputs.config;
+    let anomaly = anomaly_config(config)?;
+    let selection = Selection::new(data, anomaly)?;
+    let started = Instant::now();
+    let standardiser = Standardiser::fit(&data.features, &selection.normal_train);
+    let (fitted, plan) = fit(
+        data,
+        &selection,
+        config,
+        anomaly,
+        &standardiser,
+        &options.device,
+    )?;
+    let fit_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let val_scores = fitted.scores(
+        data,
+        &standardiser,
+        &selection.val.rows,
+        &plan,
+        &options.device,
+    )?;
+    let test_scores = fitted.scores(
+        data,
+        &standardiser,
+        &selection.test.rows,
+        &plan,
+        &options.device,
+    )?;
+    let score_secs = started.elapsed().as_secs_f64();
+
+    let val = split_metrics("val", &val_scores, &selection.val)?;
+    let mut metrics = val.clone();
+    metrics.extend(split_metrics("test", &test_scores, &selection.test)?);
+    // The threshold chosen on validation, applied to test: what a deployment would see.
+    metrics.insert(
+        "test/f1_at_val_threshold".into(),
+        f1_at(
+            &test_scores,
+            &selection.test.anomalous,
+            val["val/best_f1_threshold"],
+        ),
+    );
+    metrics.insert("train/normal".into(), selection.normal_train.len() as f64);
+    let memory_bank_rows = match &fitted {
+        Fitted::Knn { bank, .. } => {
+            metrics.insert("train/memory_bank".into(), bank.len() as f64);
+            Some(bank.len())
+        }
+        Fitted::Mahalanobis(gaussian) => {
+            metrics.insert("train/shrinkage".into(), gaussian.shrinkage);
+            None
+        }
+    };
+    let values: Vec<(&str, f64)> = val.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    handle.log_metrics(1, &values)?;
+
+    let report = AnomalyReport {
+        run_id: handle.id().to_string(),
+        run_dir: handle.dir().to_path_buf(),
+        config_hash: inputs.config_hash.clone(),
+        task: Task::Anomaly,
+        scorer: anomaly.describe(),
+        normal_classes: names(data, &selection.normal_classes),
+        anomaly_classes: names(data, &selection.anomaly_classes),
+        normal_train_rows: selection.normal_train.len(),
+        memory_bank_rows,
+        metrics,
+        plan,
+        fit_secs,
+        score_secs,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    write_artifacts(
+        &handle,
+        &report,
+        data,
+        config,
+        &standardiser,
+        &fitted,
+        &[
+            ("val", &selection.val, &val_scores),
+            ("test", &selection.test, &test_scores),
+        ],
+    )?;
+    let mut summary: Vec<(String, f64)> = report
+        .metrics
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    if let Some(peak) = report.peak_rss_bytes {
+        summary.push(("peak_rss_bytes".into(), peak as f64));
+    }
+    handle.finish(RunStatus::Finished, &summary)?;
+    Ok(report)
+}
+
+fn names(data: &TrainData, classes: &[usize]) -> Vec<String> {
+    classes
+        .iter()
+        .map(|&c| data.class_names[c].clone())
+        .collect()
+}
+
+#[derive(Serialize)]
+struct ModelCard<'a> {
+    run_id: &'a str,
+    created_at: String,
+    lazarus_version: &'static str,
+    task: &'static str,
+    dataset: &'a str,
+    encoder: Option<String>,
+    encoder_fingerprint: &'a str,
+    scorer: &'a str,
+    normal_classes: &'a [String],
+    anomaly_classes: &'a [String],
+    normal_train_rows: usize,
+    config: &'a TrainConfig,
+    metrics: &'a BTreeMap<String, f64>,
+    intended_use: &'static str,
+    limitations: &'static str,
+}
+
+type ScoredSplit<'a> = (&'a str, &'a Evaluated, &'a Vec<f64>);
+
+fn write_artifacts(
+    handle: &RunHandle,
+    report: &AnomalyReport,
+    data: &TrainData,
+    config: &TrainConfig,
+    standardiser: &Standardiser,
+    fitted: &Fitted,
+    splits: &[ScoredSplit<'_>],
+) -> Result<(), TrainError> {
+    let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    handle.write_artifact("metrics.json", &json)?;
+    let toml = toml::to_string_pretty(config)
+        .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
+    handle.write_artifact("config.toml", toml.as_bytes())?;
+
+    let dim = standardiser.mean.len();
+    let mut tensors = vec![
+        (
+            "input_mean".to_string(),
+            Tensor::from_slice(&standardiser.mean, dim, &Device::Cpu)?,
+        ),
+        (
+            "input_std".to_string(),
+            Tensor::from_slice(&standardiser.std, dim, &Device::Cpu)?,
+        ),
+    ];
+    tensors.extend(fitted.tensors()?);
+    let mut metadata = HashMap::from([
+        ("task".to_string(), Task::Anomaly.name().to_string()),
+        ("fingerprint".to_string(), data.fingerprint.clone()),
+        ("scorer".to_string(), report.scorer.clone()),
+        (
+            "normal_classes".to_string(),
+            serde_json::to_string(&report.normal_classes).expect("strings serialise"),
+        ),
+        (
+            "val_best_f1_threshold".to_string(),
+            report.metrics["val/best_f1_threshold"].to_string(),
+        ),
+    ]);
+    match fitted {
+        Fitted::Knn { k, .. } => {
+            metadata.insert("k".into(), k.to_string());
+        }
+        Fitted::Mahalanobis(gaussian) => {
+            metadata.insert("shrinkage".into(), gaussian.shrinkage.to_string());
+        }
+    }
+    handle.write_artifact(
+        "scorer.safetensors",
+        &super::checkpoint::safetensors_bytes(&tensors, Some(metadata))?,
+    )?;
+
+    // One line per scored image, for review and threshold choices.
+    let csv_error = |e: csv::Error| TrainError::Invalid(format!("writing scores.csv: {e}"));
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record(["image_index", "split", "label", "anomalous", "score"])
+        .map_err(csv_error)?;
+    let indices = data.features.image_indices();
+    for (name, evaluated, scores) in splits {
+        for ((&row, &label), (anomalous, score)) in evaluated
+            .rows
+            .iter()
+            .zip(&evaluated.labels)
+            .zip(evaluated.anomalous.iter().zip(scores.iter()))
+        {
+            csv.write_record([
+                indices[row].to_string().as_str(),
+                name,
+                &data.class_names[label],
+                if *anomalous { "1" } else { "0" },
+                &score.to_string(),
+            ])
+            .map_err(csv_error)?;
+        }
+    }
+    let csv = csv
+        .into_inner()
+        .map_err(|e| TrainError::Invalid(format!("writing scores.csv: {e}")))?;
+    handle.write_artifact("scores.csv", &csv)?;
+
+    let card = ModelCard {
+        run_id: &report.run_id,
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        lazarus_version: crate::VERSION,
+        task: "image anomaly detection from frozen-encoder features, fitted on normal images",
+        dataset: &data.dataset_name,
+        encoder: data.features.metadata().get("encoder").cloned(),
+        encoder_fingerprint: &data.fingerprint,
+        scorer: &report.scorer,
+        normal_classes: &report.normal_classes,
+        anomaly_classes: &report.anomaly_classes,
+        normal_train_rows: report.normal_train_rows,
+        config,
+        metrics: &report.metrics,
+        intended_use: "Ranking images like those of the training dataset by how unlike the \
+                       normal training images they are, for review; the best-F1 thresholds \
+                       are chosen on labelled splits and should be re-checked on new data.",
+        limitations: "Image-level scores from pooled features: small or local defects may not \
+                      move them. Measured on one held-out split of one dataset.",
+    };
+    let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    handle.write_artifact("model_card.json", &json)?;
+
+    let curves: Vec<RocCurve> = splits
+        .iter()
+        .filter_map(|(name, evaluated, scores)| {
+            let points = roc_curve(scores, &evaluated.anomalous)?;
+            Some(RocCurve {
+                label: name.to_string(),
+                points,
+                auc: report.metrics[&format!("{name}/roc_auc")],
+            })
+        })
+        .collect();
+    let plots = handle.dir().join("plots");
+    std::fs::create_dir_all(&plots)?;
+    experiments::plots::roc_curves(&plots, &curves)?;
+    Ok(())
+}
