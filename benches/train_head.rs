@@ -177,8 +177,6 @@ fn train(root: &Path, dataset: &str, extra: &[&str]) -> (f64, serde_json::Value)
             "0.001",
             "--batch-size",
             "256",
-            "--checkpoint-every",
-            "0",
             "--json",
         ])
         .args(extra)
@@ -210,7 +208,11 @@ fn speed() {
     let mut best = f64::INFINITY;
     let mut accuracy = 0.0;
     for _ in 0..3 {
-        let (seconds, report) = train(&root, cache.name, &["--epochs", "10", "--head", "linear"]);
+        let (seconds, report) = train(
+            &root,
+            cache.name,
+            &["--epochs", "10", "--head", "linear", "--checkpoint-every", "0"],
+        );
         best = best.min(seconds);
         accuracy = report["test"]["test/accuracy"].as_f64().unwrap();
     }
@@ -245,6 +247,8 @@ fn memory() {
             "1GiB",
             "--head",
             "linear",
+            "--checkpoint-every",
+            "0",
         ],
     );
     let peak = report["peak_rss_bytes"].as_u64().unwrap_or(0);
@@ -282,7 +286,12 @@ fn sweep() {
     .unwrap();
     println!("load average before: {}", load_average());
     let alone = |head: &str| {
-        let (seconds, _) = train(&root, cache.name, &["--epochs", "20", "--head", head]);
+        // Checkpoints every epoch, as the sweep's runs.
+        let (seconds, _) = train(
+            &root,
+            cache.name,
+            &["--epochs", "20", "--head", head, "--checkpoint-every", "1"],
+        );
         seconds
     };
     let linear = alone("linear");
