@@ -16,6 +16,7 @@ pub mod layout;
 pub mod predict;
 pub mod preprocess;
 pub mod queue;
+pub mod segment;
 pub mod train;
 pub mod weights;
 

@@ -29,6 +29,12 @@ pub struct PredictArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    /// classify or segment; inferred from the run when omitted.
+    #[arg(long, value_enum)]
+    pub task: Option<super::train::TaskKind>,
+    /// Segmentation: the folder for STEM.mask.png and STEM.overlay.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -47,6 +53,14 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         Some(name) => dataset_images(layout, name)?,
         None => args.images.clone(),
     };
+    let segment = match args.task {
+        Some(super::train::TaskKind::Segment) => true,
+        Some(super::train::TaskKind::Classify) => false,
+        None => lazarus::segment::predict::is_segment_run(layout, &args.run)?,
+    };
+    if segment {
+        return predict_segment(layout, &args, &images);
+    }
     let config = PredictConfig {
         top_k: args.top_k as usize,
         device: super::queue::device(args.device)?,
@@ -86,6 +100,45 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
     if failed > 0 {
         bail!(
             "{failed} of {} images could not be predicted",
+            predictions.len()
+        );
+    }
+    Ok(())
+}
+
+fn predict_segment(layout: &Layout, args: &PredictArgs, images: &[PathBuf]) -> anyhow::Result<()> {
+    let Some(out_dir) = args.out.clone() else {
+        bail!("--out DIR is required with a segmentation run (masks and overlays go there)");
+    };
+    let config = lazarus::segment::predict::SegmentPredictConfig {
+        out_dir,
+        device: super::queue::device(args.device)?,
+        batch_size: args.batch_size as usize,
+    };
+    let predictions = lazarus::segment::predict::predict(layout, &args.run, images, &config)?;
+    let failed = predictions.iter().filter(|p| p.error.is_some()).count();
+    if args.json {
+        super::print_json(&predictions)?;
+    } else {
+        for p in &predictions {
+            match (&p.error, &p.mask) {
+                (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
+                (None, Some(mask)) => println!(
+                    "{}: {}x{} in {} tiles, foreground {:.3}: {}",
+                    p.path.display(),
+                    p.width,
+                    p.height,
+                    p.tiles,
+                    p.foreground_fraction.unwrap_or(0.0),
+                    mask.display()
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be segmented",
             predictions.len()
         );
     }

@@ -4,13 +4,20 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
 use lazarus::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TrainConfig,
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
+    TrainConfig,
 };
 use lazarus::train::run::{FitOptions, RunReport, load_config};
 use lazarus::train::schedule::Schedule;
 use lazarus::train::session;
 
 use super::queue::DeviceArg;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TaskKind {
+    Classify,
+    Segment,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum HeadKind {
@@ -64,6 +71,10 @@ pub struct TrainArgs {
     /// Continue a killed run from its newest checkpoint, with its own settings.
     #[arg(long, value_name = "RUN", conflicts_with_all = ["dataset", "encoder"])]
     pub resume: Option<String>,
+    /// classify (pooled features) or segment (spatial features and masks;
+    /// the monitor defaults to val/dice).
+    #[arg(long, value_enum, default_value = "classify")]
+    pub task: TaskKind,
     #[arg(long, value_enum, default_value = "linear")]
     pub head: HeadKind,
     /// MLP hidden sizes, comma-separated.
@@ -161,6 +172,10 @@ pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
 /// resolved against the dataset's classes by the caller).
 fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<TrainConfig> {
     Ok(TrainConfig {
+        task: match args.task {
+            TaskKind::Classify => Task::Classify,
+            TaskKind::Segment => Task::Segment,
+        },
         head: match args.head {
             HeadKind::Linear => HeadConfig::Linear,
             HeadKind::Mlp => HeadConfig::Mlp {
@@ -223,11 +238,19 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     if let Some(run_id) = &args.resume {
+        if lazarus::segment::predict::is_segment_run(layout, run_id)? {
+            bail!(
+                "run {run_id} is a segmentation run; --resume continues classification runs only"
+            );
+        }
         let report = session::resume(layout, run_id, &options)?;
         return print_report(&report, args.json);
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
     let encoder = args.encoder.as_deref().expect("clap requires --encoder");
+    if let TaskKind::Segment = args.task {
+        return train_segment(layout, &args, dataset, encoder, options.device);
+    }
     let probe = config(&args, ClassWeights::None)?;
     probe.validate()?;
     let data = lazarus::train::data::load(
@@ -248,6 +271,39 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     let config = config(&args, class_weights)?;
     let report = session::train(layout, &data, &args.experiment, config, &options)?;
     print_report(&report, args.json)
+}
+
+fn train_segment(
+    layout: &Layout,
+    args: &TrainArgs,
+    dataset: &str,
+    encoder: &str,
+    device: candle_core::Device,
+) -> anyhow::Result<()> {
+    let request = lazarus::segment::train::SegmentRequest {
+        dataset: dataset.to_string(),
+        encoder: encoder.to_string(),
+        fingerprint: args.fingerprint.clone(),
+        experiment: args.experiment.clone(),
+        config: config(args, ClassWeights::None)?,
+        device,
+        progress: !args.json,
+        extra_params: Vec::new(),
+    };
+    let report = lazarus::segment::train::train(layout, &request)?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    println!(
+        "run {} ({} epochs, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
+        report.run_id,
+        report.epochs_run,
+        report.best_epoch + 1,
+        report.test["test/dice"],
+        report.test["test/iou"],
+        report.test["test/pixel_accuracy"]
+    );
+    Ok(())
 }
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {

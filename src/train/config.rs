@@ -144,8 +144,36 @@ pub struct EarlyStopping {
     pub patience: usize,
 }
 
+/// What a run learns from the features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// One class per image, from pooled features.
+    #[default]
+    Classify,
+    /// One class per pixel, from spatial features (`enqueue --spatial`).
+    Segment,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Segment => "segment",
+        }
+    }
+
+    /// Classification configs leave the field out, so their hashes stay as before.
+    fn is_classify(&self) -> bool {
+        *self == Task::Classify
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// `task = "segment"` in TOML, `--task segment` on the command line.
+    #[serde(default, skip_serializing_if = "Task::is_classify")]
+    pub task: Task,
     pub head: HeadConfig,
     pub epochs: usize,
     pub learning_rate: f64,
@@ -175,6 +203,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            task: Task::Classify,
             head: HeadConfig::Linear,
             epochs: 20,
             learning_rate: 1e-3,

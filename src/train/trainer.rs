@@ -421,6 +421,69 @@ impl HeadTrainer {
     }
 }
 
+impl HeadTrainer {
+    /// The head's trainable parameters, in `head_tensors` order, for callers
+    /// that compute their own loss (segmentation) and call `apply_gradients`.
+    pub fn parameters(&self) -> &[Var] {
+        &self.parameters
+    }
+
+    /// One optimiser step from gradients of a caller's loss (multiplied by
+    /// `state.loss_scale`), one per parameter: the same unscaling, overflow
+    /// skip, clipping, schedule and update as `train_batch`.
+    pub fn apply_gradients(
+        &mut self,
+        mut grads: Vec<Tensor>,
+        total_steps: usize,
+    ) -> Result<(), TrainError> {
+        if self.state.loss_scale != 1.0 {
+            let unscale = 1.0 / self.state.loss_scale;
+            grads = grads
+                .iter()
+                .map(|g| g.affine(unscale, 0.0))
+                .collect::<Result<_, _>>()?;
+        }
+        let mut norm_sq = 0f64;
+        for g in &grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let epoch = self.state.epochs_done;
+        self.state.global_step += 1;
+        if !norm_sq.is_finite() {
+            self.state.skipped_steps += 1;
+            self.state.good_steps = 0;
+            if self.config.precision == Precision::F16 {
+                self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
+            }
+            return Ok(());
+        }
+        if self.config.precision == Precision::F16 {
+            self.state.good_steps += 1;
+            if self.state.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
+                self.state.loss_scale *= 2.0;
+                self.state.good_steps = 0;
+            }
+        }
+        if let Some(max_norm) = self.config.gradient_clip {
+            let norm = norm_sq.sqrt();
+            if norm > max_norm {
+                grads = grads
+                    .iter()
+                    .map(|g| g.affine(max_norm / norm, 0.0))
+                    .collect::<Result<_, _>>()?;
+            }
+        }
+        let lr = self.config.schedule.learning_rate(
+            self.config.learning_rate,
+            self.state.global_step - 1,
+            total_steps,
+            epoch,
+        ) * self.state.lr_factor;
+        self.state.learning_rate = lr;
+        self.update(&grads, lr)
+    }
+}
+
 /// The monitored score, higher is better (`*/loss` is negated).
 pub fn monitored_score(name: &str, metrics: &BTreeMap<String, f64>) -> Result<f64, TrainError> {
     let value = *metrics.get(name).ok_or_else(|| {
