@@ -155,8 +155,14 @@ fn segmentation_reaches_dice_090_on_generated_blobs_and_predicts_stitched_masks(
             "blobs",
             "--encoder",
             "efficientnet-lite0",
+            // A 1x1 convolution reaches about 0.92 here (lr 0.01, 12 epochs);
+            // a per-position MLP of 32 units learns the blob edges better.
+            "--head",
+            "mlp",
+            "--hidden",
+            "32",
             "--epochs",
-            "12",
+            "8",
             "--batch-size",
             "16",
             "--lr",
