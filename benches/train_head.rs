@@ -105,6 +105,7 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
         split_source: "manifest".into(),
         split_config: SplitConfig::default(),
         has_masks: false,
+        mask_kind: Default::default(),
         duplicates: Vec::new(),
         skipped: Vec::new(),
     };

@@ -250,8 +250,8 @@ fn overlay(image: &RgbImage, classes: &[u8]) -> RgbImage {
     for (pixel, &class) in out.pixels_mut().zip(classes) {
         if class > 0 {
             let colour = PALETTE[(class as usize - 1) % PALETTE.len()];
-            for c in 0..3 {
-                pixel.0[c] = ((pixel.0[c] as u16 + colour[c] as u16) / 2) as u8;
+            for (value, tint) in pixel.0.iter_mut().zip(colour) {
+                *value = ((*value as u16 + tint as u16) / 2) as u8;
             }
         }
     }

@@ -364,6 +364,9 @@ fn spatial_fingerprint(
     }
 }
 
+/// (feature row, classes at the training resolution) of one image's tiles.
+type TileTargets = Vec<(usize, Vec<u8>)>;
+
 fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, SegmentError> {
     let dataset = dataset::load(layout, &request.dataset)?;
     let fingerprint = match &request.fingerprint {
@@ -398,7 +401,7 @@ fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, S
         rows_by_image.entry(image).or_default().push(row);
     }
     let kind = dataset.info.mask_kind;
-    let per_image: Vec<Result<Vec<(usize, Vec<u8>)>, SegmentError>> = rows_by_image
+    let per_image: Vec<Result<TileTargets, SegmentError>> = rows_by_image
         .par_iter()
         .map(|(&image, rows)| {
             let record = dataset.images.get(image).ok_or_else(|| {
@@ -585,16 +588,28 @@ fn mask_logits(
 }
 
 /// Loss and pixel metrics of a split with the head as it is.
+/// What scoring a split needs besides the head.
+struct Scoring<'a> {
+    data: &'a SegmentData,
+    geometry: &'a Geometry,
+    upsample: &'a Tensor,
+    micro_batch: usize,
+    device: &'a Device,
+}
+
 fn evaluate(
-    data: &SegmentData,
-    geometry: &Geometry,
+    scoring: &Scoring<'_>,
     head: &Head,
-    upsample: &Tensor,
     rows: &[usize],
     split: &str,
-    micro_batch: usize,
-    device: &Device,
 ) -> Result<BTreeMap<String, f64>, SegmentError> {
+    let Scoring {
+        data,
+        geometry,
+        upsample,
+        micro_batch,
+        device,
+    } = *scoring;
     let mut confusion = PixelConfusion::new(data.info.classes());
     let mut loss_sum = 0f64;
     for chunk in rows.chunks(micro_batch) {
@@ -684,6 +699,13 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         .sum();
     trainer.plan = plan(&data, &config, parameters)?;
     let micro_batch = trainer.plan.micro_batch;
+    let scoring = Scoring {
+        data: &data,
+        geometry: &geometry,
+        upsample: &upsample,
+        micro_batch,
+        device,
+    };
 
     let class_names: Vec<String> = match data.info.mask_kind {
         MaskKind::Binary => vec!["background".into(), "foreground".into()],
@@ -763,16 +785,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
                 total_steps,
             )?;
         }
-        let mut metrics = evaluate(
-            &data,
-            &geometry,
-            &trainer.head,
-            &upsample,
-            &data.val,
-            "val",
-            micro_batch,
-            device,
-        )?;
+        let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val")?;
         metrics.insert("train/loss".into(), loss_sum / data.train.len() as f64);
         trainer.end_epoch(metrics)?;
         let logged = trainer.state.history.last().expect("end_epoch recorded it");
@@ -790,16 +803,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         }
     }
     trainer.restore_best()?;
-    let test = evaluate(
-        &data,
-        &geometry,
-        &trainer.head,
-        &upsample,
-        &data.test,
-        "test",
-        micro_batch,
-        device,
-    )?;
+    let test = evaluate(&scoring, &trainer.head, &data.test, "test")?;
     let report = SegmentReport {
         run_id: handle.id().to_string(),
         run_dir: handle.dir().to_path_buf(),
@@ -997,7 +1001,8 @@ mod tests {
         let right = loss(&right, &targets).unwrap().to_scalar::<f32>().unwrap();
         let wrong = loss(&wrong, &targets).unwrap().to_scalar::<f32>().unwrap();
         assert!(right < 0.01, "{right}");
-        // BCE of 20 per pixel plus a Dice loss near 2/3 (1 - 1/3 from the smoothing).
-        assert!((wrong - (20.0 + 2.0 / 3.0)).abs() < 0.01, "{wrong}");
+        // BCE of 20 per pixel; soft Dice: no overlap, sum p = 2 (the two
+        // background pixels), sum y = 2, so 1 - 1 / (2 + 2 + 1) = 0.8.
+        assert!((wrong - 20.8).abs() < 0.01, "{wrong}");
     }
 }
