@@ -197,6 +197,25 @@ fn segmentation_reaches_dice_090_on_generated_blobs_and_predicts_stitched_masks(
     )));
     assert!(best.to_string().contains(&run), "{best}");
 
+    // The same task in a sweep: one run per head, recorded with the sweep's name.
+    let sweep = temp.path().join("segment-sweep.toml");
+    std::fs::write(
+        &sweep,
+        "name = \"seg-sweep\"\ndataset = \"blobs\"\nencoder = \"efficientnet-lite0\"\n\
+         task = \"segment\"\nepochs = 1\nbatch_size = 16\n[grid]\nhead = [\"linear\", \"mlp\"]\n",
+    )
+    .unwrap();
+    let swept = json(&ok(lazarus(
+        &root,
+        &["sweep", sweep.to_str().unwrap(), "--json"],
+    )));
+    assert_eq!(swept["segmented"].as_array().unwrap().len(), 2, "{swept}");
+    let listed = ok(lazarus(
+        &root,
+        &["experiments", "list", "--experiment", "seg-sweep", "--json"],
+    ));
+    assert_eq!(json(&listed).as_array().unwrap().len(), 2, "{listed}");
+
     // Predict a small image and a tiled large one, from files (task inferred from the run).
     let out = temp.path().join("masks");
     let picks = [&images[5], &images[123]];

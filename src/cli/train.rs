@@ -371,7 +371,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         "sweep {}: {} heads, {} trained in {} pass(es) over the features, {} already finished (skipped), {:.1} s",
         sweep.name,
         sweep.points.len(),
-        outcome.trained.len(),
+        outcome.trained.len() + outcome.segmented.len(),
         outcome.passes,
         outcome.skipped.len(),
         started.elapsed().as_secs_f64()
@@ -382,6 +382,12 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
             report.run_id,
             args.metric,
             report.test.get(&args.metric).copied().unwrap_or(f64::NAN)
+        );
+    }
+    for report in &outcome.segmented {
+        println!(
+            "  run {} (segment): test/dice {:.4}, test/iou {:.4}",
+            report.run_id, report.test["test/dice"], report.test["test/iou"]
         );
     }
     for chart in &outcome.charts {

@@ -160,8 +160,9 @@ fn efficientnet_b(name: &'static str, variant: u8) -> EncoderSpec {
 /// Every encoder lazarus knows, in display order.
 ///
 /// Spatial maps: EfficientNet-Lite gives the head output (stride 32,
-/// 1280 × ⌈size/32⌉²); DINOv2 gives its patch tokens (embed_dim × (224/14)²).
-/// The other families expose pooled features only.
+/// 1280 × ⌈size/32⌉²) as `spec.spatial`, and through `forward_maps` the
+/// stride-16 map before it; DINOv2 gives its patch tokens (embed_dim ×
+/// (224/14)²). The other families expose pooled features only.
 pub fn registry() -> Vec<EncoderSpec> {
     vec![
         lite("efficientnet-lite0", 224),

@@ -325,7 +325,7 @@ struct SegmentData {
 }
 
 /// The spatial feature folder of `dataset` made by `encoder`.
-fn spatial_fingerprint(
+pub fn spatial_fingerprint(
     layout: &Layout,
     dataset: &str,
     encoder: &str,
@@ -1004,5 +1004,25 @@ mod tests {
         // BCE of 20 per pixel; soft Dice: no overlap, sum p = 2 (the two
         // background pixels), sum y = 2, so 1 - 1 / (2 + 2 + 1) = 0.8.
         assert!((wrong - 20.8).abs() < 0.01, "{wrong}");
+
+        // Index masks: one-hot targets [1, 3 classes, 2 pixels] (classes 2, 0).
+        let one_hot = Tensor::new(&[[[0f32, 1.0], [0.0, 0.0], [1.0, 0.0]]], &device).unwrap();
+        let right =
+            Tensor::new(&[[[-20f32, 20.0], [-20.0, -20.0], [20.0, -20.0]]], &device).unwrap();
+        let right = loss(&right, &one_hot).unwrap().to_scalar::<f32>().unwrap();
+        assert!(right < 0.01, "{right}");
+        // Uniform logits: cross-entropy ln 3; soft Dice per class (2/3 + 1) /
+        // (2/3 + 1 + 1) = 5/8 for the two present classes and 1 / (2/3 + 1)
+        // = 3/5 for the absent one.
+        let uniform = Tensor::zeros((1, 3, 2), DType::F32, &device).unwrap();
+        let uniform = loss(&uniform, &one_hot)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let dice = (5.0 / 8.0 + 5.0 / 8.0 + 3.0 / 5.0) / 3.0;
+        assert!(
+            (uniform - (3f32.ln() + 1.0 - dice)).abs() < 1e-4,
+            "{uniform}"
+        );
     }
 }

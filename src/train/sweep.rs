@@ -33,7 +33,8 @@ use toml::Value;
 
 use super::TrainError;
 use super::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TrainConfig,
+    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
+    TrainConfig,
 };
 use super::schedule::Schedule;
 
@@ -62,6 +63,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "patience",
     "clip_grad_norm",
     "memory_budget",
+    "task",
 ];
 
 /// Keys of the file besides settings.
@@ -429,6 +431,12 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     config.gradient_clip = number("clip_grad_norm")?;
     if let Some(v) = count("memory_budget")? {
         config.memory_budget_bytes = v as u64;
+    }
+    if one_of("task", &["classify", "segment"])?.as_deref() == Some("segment") {
+        config.task = Task::Segment;
+        if text("monitor")?.is_none() {
+            config.monitor = "val/dice".into();
+        }
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(SweepPoint {
