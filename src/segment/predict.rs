@@ -43,10 +43,15 @@ pub struct SegmentPrediction {
     pub error: Option<String>,
 }
 
-/// True when `run_id` is a segmentation run (its config says `task = "segment"`).
+/// True when `run_id` is a segmentation run (its config says `task =
+/// "segment"`); false for a run without a config, which the classification
+/// side then reports as not found.
 pub fn is_segment_run(layout: &Layout, run_id: &str) -> Result<bool, SegmentError> {
-    let db = ExperimentsDb::open(layout)?;
-    let inputs = read_run_inputs(&db.run_dir(run_id))?;
+    let run_dir = layout.experiments_dir().join("runs").join(run_id);
+    if !run_dir.join(crate::train::run::RUN_INPUTS_FILE).is_file() {
+        return Ok(false);
+    }
+    let inputs = read_run_inputs(&run_dir)?;
     Ok(inputs.config.task == Task::Segment)
 }
 
