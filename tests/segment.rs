@@ -18,6 +18,25 @@ const FETCH_HINT: &str = "run scripts/fetch_assets.sh first (it installs the Lit
 /// A textured background (two gratings plus per-pixel noise) with 1 to 3
 /// bright ellipses of radius 25 to 60 px; the mask is exactly the ellipses.
 fn blob_image(seed: u64, width: u32, height: u32) -> (RgbImage, GrayImage) {
+    let (image, classes) = class_blob_image(seed, width, height, false);
+    let mask = GrayImage::from_fn(width, height, |x, y| {
+        Luma([if classes.get_pixel(x, y)[0] > 0 {
+            255
+        } else {
+            0
+        }])
+    });
+    (image, mask)
+}
+
+/// The blobs as classes: with `two_classes`, every second blob is dark
+/// (class 2) instead of bright (class 1). Returns the image and the class mask.
+fn class_blob_image(
+    seed: u64,
+    width: u32,
+    height: u32,
+    two_classes: bool,
+) -> (RgbImage, GrayImage) {
     let unit = |k: u64| hash_unit(seed * 1_000 + k);
     let blobs = 1 + (unit(0) * 3.0) as usize;
     let ellipses: Vec<[f32; 4]> = (0..blobs as u64)
@@ -29,31 +48,34 @@ fn blob_image(seed: u64, width: u32, height: u32) -> (RgbImage, GrayImage) {
             [cx, cy, rx, ry]
         })
         .collect();
-    let inside = |x: u32, y: u32| {
-        ellipses.iter().any(|[cx, cy, rx, ry]| {
+    // The class of a pixel: the last ellipse covering it, 0 for none.
+    let class_at = |x: u32, y: u32| {
+        let mut class = 0u8;
+        for (b, [cx, cy, rx, ry]) in ellipses.iter().enumerate() {
             let dx = (x as f32 + 0.5 - cx) / rx;
             let dy = (y as f32 + 0.5 - cy) / ry;
-            dx * dx + dy * dy <= 1.0
-        })
+            if dx * dx + dy * dy <= 1.0 {
+                class = if two_classes { 1 + (b % 2) as u8 } else { 1 };
+            }
+        }
+        class
     };
     let (fx, fy) = (0.05 + unit(1) * 0.2, 0.05 + unit(2) * 0.2);
     let tint = [unit(3), unit(4), unit(5)];
     let image = RgbImage::from_fn(width, height, |x, y| {
         let noise = hash_unit(seed * 7_919 + (y * width + x) as u64) - 0.5;
         let texture = 95.0 + 30.0 * (x as f32 * fx).sin() * (y as f32 * fy).cos() + 40.0 * noise;
-        let value = if inside(x, y) {
-            205.0 + 30.0 * noise
-        } else {
-            texture
+        let value = match class_at(x, y) {
+            0 => texture,
+            1 => 205.0 + 30.0 * noise,
+            _ => 15.0 + 20.0 * noise,
         };
         Rgb(std::array::from_fn(|c| {
             (value * (0.85 + 0.3 * tint[c])).clamp(0.0, 255.0) as u8
         }))
     });
-    let mask = GrayImage::from_fn(width, height, |x, y| {
-        Luma([if inside(x, y) { 255 } else { 0 }])
-    });
-    (image, mask)
+    let classes = GrayImage::from_fn(width, height, |x, y| Luma([class_at(x, y)]));
+    (image, classes)
 }
 
 /// images/NNN.png with masks/NNN.png (a few as 16-bit PNG or TIFF masks).
@@ -279,4 +301,116 @@ fn dataset_add_refuses_masks_of_the_wrong_size_and_missing_masks() {
         &["dataset", "add", "bad", source.to_str().unwrap()],
     ));
     assert!(error.contains("unreadable mask"), "{error}");
+}
+
+#[test]
+fn index_masks_from_a_manifest_train_two_classes() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("classes");
+    std::fs::create_dir_all(&source).unwrap();
+    let mut manifest = String::from("path,mask\n");
+    let mut truths = Vec::new();
+    for i in 0..48u64 {
+        let (image, classes) = class_blob_image(500 + i, 224, 224, true);
+        image
+            .save_with_format(source.join(format!("{i:03}.png")), ImageFormat::Png)
+            .unwrap();
+        if i % 4 == 1 {
+            // 16-bit index masks keep their values.
+            let wide = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_fn(224, 224, |x, y| {
+                Luma([classes.get_pixel(x, y)[0] as u16])
+            });
+            wide.save_with_format(source.join(format!("{i:03}-mask.png")), ImageFormat::Png)
+                .unwrap();
+        } else {
+            classes
+                .save_with_format(source.join(format!("{i:03}-mask.png")), ImageFormat::Png)
+                .unwrap();
+        }
+        manifest.push_str(&format!("{i:03}.png,{i:03}-mask.png\n"));
+        truths.push(classes);
+    }
+    let manifest_path = source.join("manifest.csv");
+    std::fs::write(&manifest_path, manifest).unwrap();
+    let added = json(&ok(lazarus(
+        &root,
+        &[
+            "dataset",
+            "add",
+            "classes",
+            manifest_path.to_str().unwrap(),
+            "--mask-kind",
+            "index",
+            "--json",
+        ],
+    )));
+    assert_eq!(added["mask_kind"], "index");
+    ok(lazarus(
+        &root,
+        &[
+            "enqueue",
+            "--dataset",
+            "classes",
+            "--encoder",
+            "efficientnet-lite0",
+            "--spatial",
+        ],
+    ));
+    ok(lazarus(&root, &["run-worker", "--until-empty"]));
+    let report = json(&ok(lazarus(
+        &root,
+        &[
+            "train",
+            "--task",
+            "segment",
+            "--dataset",
+            "classes",
+            "--encoder",
+            "efficientnet-lite0",
+            "--head",
+            "mlp",
+            "--hidden",
+            "32",
+            "--epochs",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "0.003",
+            "--json",
+        ],
+    )));
+    // Dice averaged over the bright and the dark class.
+    let test_dice = report["test"]["test/dice"].as_f64().unwrap();
+    assert!(test_dice >= 0.8, "test/dice {test_dice}: {report}");
+
+    let run = report["run_id"].as_str().unwrap();
+    let out = temp.path().join("masks");
+    let image = source.join("000.png");
+    ok(lazarus(
+        &root,
+        &[
+            "predict",
+            "--task",
+            "segment",
+            "--run",
+            run,
+            image.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let mask = image::open(out.join("000.mask.png")).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (224, 224));
+    // Pixels of the right class, against the exact mask.
+    let correct = mask
+        .pixels()
+        .zip(truths[0].pixels())
+        .filter(|(p, t)| p[0] == t[0])
+        .count();
+    assert!(
+        correct as f64 / (224.0 * 224.0) >= 0.9,
+        "{correct} pixels right"
+    );
 }
