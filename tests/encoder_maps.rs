@@ -6,9 +6,12 @@
 use candle_core::{Device, Tensor};
 use lazarus::encoders::{self, WeightsSource};
 
+/// (stride, [channels, height, width]) of each map, finest first.
+type MapShapes = &'static [(usize, [usize; 3])];
+
 #[test]
 fn forward_maps_gives_each_family_its_maps_and_the_same_pooled_features() {
-    let cases: [(&str, &[(usize, [usize; 3])]); 3] = [
+    let cases: [(&str, MapShapes); 3] = [
         (
             "efficientnet-lite0",
             &[(16, [112, 14, 14]), (32, [1280, 7, 7])],
