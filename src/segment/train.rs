@@ -679,25 +679,25 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     let resolution = data.info.resolution;
     let upsample = upsample_operator(geometry.grid, (resolution, resolution), device)?;
 
+    let mut parameters = 0u64;
+    let mut previous = geometry.channels as u64;
+    for size in config.head.layer_sizes(data.info.outputs) {
+        parameters += previous * size as u64 + size as u64;
+        previous = size as u64;
+    }
+    let plan = plan(&data, &config, parameters)?;
+    // Mapped pages beyond half the budget are released as training reads on.
+    data.features
+        .set_resident_limit(config.memory_budget_bytes / 2);
+    // Class weights do not apply to segmentation: the counts are unused.
     let mut trainer = HeadTrainer::new(
         config.clone(),
         geometry.channels,
         data.info.outputs,
         &vec![0; data.info.outputs],
-        BatchPlan {
-            micro_batch: 1,
-            accumulation_steps: 1,
-            fixed_bytes: 0,
-            per_example_bytes: 0,
-        },
+        plan,
         device,
     )?;
-    let parameters: u64 = trainer
-        .parameters()
-        .iter()
-        .map(|p| p.as_tensor().elem_count() as u64)
-        .sum();
-    trainer.plan = plan(&data, &config, parameters)?;
     let micro_batch = trainer.plan.micro_batch;
     let scoring = Scoring {
         data: &data,
