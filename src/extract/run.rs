@@ -321,7 +321,22 @@ impl Extractor {
         let mut tiles: Vec<[i64; 4]> = Vec::new();
         let mut pooled: Vec<f16> = Vec::new();
         let mut maps: Vec<(usize, [usize; 3], Vec<f16>)> = Vec::new();
-        for chunk in payload.image_indices.chunks(batch_size) {
+        // Images are decoded a group at a time, a group holding about
+        // `batch_size` tiles (counted from the manifest's sizes), so large
+        // images do not hold many batches of preprocessed tiles at once.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_tiles = 0;
+        for &index in &payload.image_indices {
+            let record = &loaded.dataset.images[index];
+            let count = tile::tiles(record.width, record.height, tiling).len();
+            if groups.is_empty() || group_tiles + count > batch_size {
+                groups.push(Vec::new());
+                group_tiles = 0;
+            }
+            groups.last_mut().expect("pushed above").push(index);
+            group_tiles += count;
+        }
+        for chunk in &groups {
             if stop.load(Ordering::SeqCst) {
                 return Ok(None);
             }
