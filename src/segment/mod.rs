@@ -5,6 +5,7 @@
 
 pub mod mask;
 pub mod metrics;
+pub mod model;
 pub mod predict;
 pub mod tile;
 pub mod train;

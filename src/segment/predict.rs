@@ -12,7 +12,7 @@ use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
 use super::SegmentError;
-use super::train::{TrainedSegmentHead, bilinear_matrix, load_head};
+use super::model::{TrainedSegmentHead, bilinear_matrix, load_head};
 use crate::encoders::{self, Encoder, WeightsSource};
 use crate::experiments::ExperimentsDb;
 use crate::layout::Layout;
