@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, GrayImage, imageops::FilterType};
+use image::DynamicImage;
 
 use super::SegmentError;
 use crate::dataset::MaskKind;
@@ -83,15 +83,43 @@ impl Mask {
         }
         out
     }
-
-    /// The mask as an 8-bit image (class index per pixel).
-    pub fn to_image(&self) -> GrayImage {
-        GrayImage::from_raw(self.width, self.height, self.classes.clone())
-            .expect("width x height values")
-    }
 }
 
-/// Resizes a class-index image with nearest neighbour (no new classes appear).
-pub fn resize_classes(image: &GrayImage, width: u32, height: u32) -> GrayImage {
-    image::imageops::resize(image, width, height, FilterType::Nearest)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma};
+
+    #[test]
+    fn a_tile_is_resampled_by_nearest_neighbour() {
+        // 4 x 2 mask; the right half [2, 0, 2, 2] stretched to 4 x 4 repeats
+        // each of its pixels in a 2 x 2 block.
+        let mask = Mask {
+            width: 4,
+            height: 2,
+            classes: vec![0, 0, 1, 2, 0, 0, 3, 4],
+        };
+        assert_eq!(
+            mask.tile_resized([2, 0, 2, 2], 4),
+            vec![1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_masks_read_as_binary_or_refuse_indices_above_255() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mask.png");
+        let values = [0u16, 1, 300, 65535];
+        ImageBuffer::<Luma<u16>, Vec<u16>>::from_vec(4, 1, values.to_vec())
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let binary = read_mask(&path, MaskKind::Binary).unwrap();
+        assert_eq!(binary.classes, vec![0, 1, 1, 1]);
+        let error = read_mask(&path, MaskKind::Index).unwrap_err().to_string();
+        assert!(
+            error.contains("mask.png") && error.contains("class index 300"),
+            "{error}"
+        );
+    }
 }
