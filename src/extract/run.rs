@@ -154,13 +154,20 @@ impl Extractor {
             Ok(Some(result)) => {
                 let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
                 let rows = result.detail["rows"].as_u64().unwrap_or(0);
+                let images = (payload.image_indices.len() - result.failures.len()) as u64;
+                // Spatial jobs write a row per tile.
+                let tiles = if payload.spatial {
+                    format!(" ({rows} tiles)")
+                } else {
+                    String::new()
+                };
                 let line = format!(
-                    "{}: job {} ({} {}): {rows} images in {seconds:.1} s ({:.1} images/s), {} failed",
+                    "{}: job {} ({} {}): {images} images{tiles} in {seconds:.1} s ({:.1} images/s), {} failed",
                     lease.worker,
                     lease.job_id,
                     payload.dataset,
                     payload.encoder,
-                    rows as f64 / seconds.max(1e-9),
+                    images as f64 / seconds.max(1e-9),
                     result.failures.len()
                 );
                 match &self.config.reporting {
