@@ -105,6 +105,7 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
         split_source: "manifest".into(),
         split_config: SplitConfig::default(),
         has_masks: false,
+        mask_kind: Default::default(),
         duplicates: Vec::new(),
         skipped: Vec::new(),
     };
@@ -211,7 +212,14 @@ fn speed() {
         let (seconds, report) = train(
             &root,
             cache.name,
-            &["--epochs", "10", "--head", "linear", "--checkpoint-every", "0"],
+            &[
+                "--epochs",
+                "10",
+                "--head",
+                "linear",
+                "--checkpoint-every",
+                "0",
+            ],
         );
         best = best.min(seconds);
         accuracy = report["test"]["test/accuracy"].as_f64().unwrap();

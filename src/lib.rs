@@ -20,6 +20,7 @@ pub mod predict_anomaly;
 pub mod preprocess;
 pub mod queue;
 pub mod review;
+pub mod segment;
 pub mod train;
 pub mod weights;
 

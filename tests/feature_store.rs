@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::fs;
 
 use half::f16;
-use lazarus::features::{self, FeatureSet, JobRef, ReconcileConfig, ShardData};
+use lazarus::features::{
+    self, FeatureSet, JobRef, MapData, ReconcileConfig, ShardData, SpatialData,
+};
 
 const NO_GRACE: ReconcileConfig = ReconcileConfig {
     grace: std::time::Duration::ZERO,
@@ -60,17 +62,38 @@ fn shards_read_back_by_image_in_order_with_zero_copy_views() {
 }
 
 #[test]
-fn spatial_maps_round_trip() {
+fn spatial_maps_and_tiles_round_trip_and_tiles_of_one_image_are_not_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let (image_index, pooled) = rows(0, 2, 3);
-    let spatial: Vec<f16> = (0..2 * 2 * 3 * 3)
+    // Image 7 in two tiles, image 8 in one.
+    let image_index = vec![7i64, 7, 8];
+    let pooled: Vec<f16> = (0..3 * 3).map(|v| f16::from_f32(v as f32)).collect();
+    let fine: Vec<f16> = (0..3 * 2 * 3 * 3)
         .map(|v| f16::from_f32(v as f32))
         .collect();
+    let coarse: Vec<f16> = (0..3 * 4 * 2 * 2)
+        .map(|v| f16::from_f32(-(v as f32)))
+        .collect();
+    let tiles = [[0i64, 0, 256, 256], [344, 0, 256, 256], [0, 0, 224, 224]];
+    let maps = [
+        MapData {
+            stride: 32,
+            values: &coarse,
+            shape: [4, 2, 2],
+        },
+        MapData {
+            stride: 16,
+            values: &fine,
+            shape: [2, 3, 3],
+        },
+    ];
     let data = ShardData {
         image_index: &image_index,
         pooled: &pooled,
         feature_dim: 3,
-        spatial: Some((&spatial, [2, 3, 3])),
+        spatial: Some(SpatialData {
+            tiles: &tiles,
+            maps: &maps,
+        }),
     };
     features::write_shard(
         dir.path(),
@@ -84,8 +107,17 @@ fn spatial_maps_round_trip() {
     )
     .unwrap();
     let set = FeatureSet::open(dir.path()).unwrap();
-    assert_eq!(set.spatial_shape(), Some([2, 3, 3]));
-    assert_eq!(set.spatial(1).unwrap(), &spatial[18..36]);
+    // Finest map first, whatever the order they were written in.
+    let strides: Vec<usize> = set.maps().iter().map(|m| m.stride).collect();
+    assert_eq!(strides, vec![16, 32]);
+    assert_eq!(set.len(), 3);
+    assert_eq!(set.image_indices(), &[7, 7, 8]);
+    assert_eq!(set.map(1, 0), &fine[18..36]);
+    assert_eq!(set.map(2, 1), &coarse[32..48]);
+    assert_eq!(set.tile(1), Some([344, 0, 256, 256]));
+    let report = features::verify(dir.path(), &[7, 8]).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.rows, 3);
 }
 
 #[test]

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use lazarus::dataset::{self, AddConfig, DatasetInfo, LabelColumn, SourceFormat, SplitConfig};
+use lazarus::dataset::{
+    self, AddConfig, DatasetInfo, LabelColumn, MaskKind, SourceFormat, SplitConfig,
+};
 use lazarus::layout::Layout;
 use serde_json::json;
 
@@ -13,7 +15,8 @@ use super::print_json;
 #[derive(Debug, Subcommand)]
 pub enum DatasetCommand {
     /// Register a dataset: an ImageFolder tree, a CSV/TSV manifest, a
-    /// whitespace-separated label file, or a folder of unlabeled images.
+    /// whitespace-separated label file, a folder of unlabeled images, or
+    /// images/ and masks/ folders (segmentation).
     Add(AddArgs),
     /// List registered datasets.
     List {
@@ -43,9 +46,18 @@ pub struct AddArgs {
     /// Seed of the deterministic stratified split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// How mask values are read: binary (value > 0 is foreground) or class index.
+    #[arg(long, value_enum, default_value = "binary")]
+    pub mask_kind: MaskKindArg,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MaskKindArg {
+    Binary,
+    Index,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -54,6 +66,7 @@ pub enum FormatArg {
     Manifest,
     LabelFile,
     Unlabeled,
+    MaskFolders,
 }
 
 impl From<FormatArg> for SourceFormat {
@@ -63,6 +76,7 @@ impl From<FormatArg> for SourceFormat {
             FormatArg::Manifest => SourceFormat::Manifest,
             FormatArg::LabelFile => SourceFormat::LabelFile,
             FormatArg::Unlabeled => SourceFormat::Unlabeled,
+            FormatArg::MaskFolders => SourceFormat::MaskFolders,
         }
     }
 }
@@ -101,6 +115,10 @@ fn add(layout: &Layout, args: AddArgs) -> anyhow::Result<()> {
             val,
             test,
             seed: args.seed,
+        },
+        mask_kind: match args.mask_kind {
+            MaskKindArg::Binary => MaskKind::Binary,
+            MaskKindArg::Index => MaskKind::Index,
         },
     };
     let info = dataset::add(layout, &args.name, &args.source, &config)?;
@@ -201,6 +219,7 @@ fn summary_json(info: &DatasetInfo) -> serde_json::Value {
         "split_source": info.split_source,
         "split_config": info.split_config,
         "has_masks": info.has_masks,
+        "mask_kind": info.has_masks.then_some(info.mask_kind.as_str()),
         "duplicates": info.duplicates,
         "skipped": info.skipped,
     })

@@ -39,6 +39,13 @@ pub struct PredictArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    /// classify or segment (anomaly runs are recognised by themselves);
+    /// inferred from the run when omitted.
+    #[arg(long, value_enum)]
+    pub task: Option<super::train::TaskKind>,
+    /// Segmentation: the folder for STEM.mask.png and STEM.overlay.png.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -57,6 +64,18 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         Some(name) => dataset_images(layout, name)?,
         None => args.images.clone(),
     };
+    if let Some(run) = &args.run {
+        let segment = match args.task {
+            Some(super::train::TaskKind::Segment) => true,
+            Some(_) => false,
+            None => lazarus::segment::predict::is_segment_run(layout, run)?,
+        };
+        if segment {
+            return predict_segment(layout, run, &args, &images);
+        }
+    } else if let Some(super::train::TaskKind::Segment) = args.task {
+        bail!("--task segment needs --run RUN (bundles hold classification heads)");
+    }
     let config = PredictConfig {
         top_k: args.top_k as usize,
         device: super::queue::device(args.device)?,
@@ -192,6 +211,50 @@ fn anomaly_scores(
         bail!(
             "{failed} of {} images could not be scored",
             scored.images.len()
+        );
+    }
+    Ok(())
+}
+
+fn predict_segment(
+    layout: &Layout,
+    run: &str,
+    args: &PredictArgs,
+    images: &[PathBuf],
+) -> anyhow::Result<()> {
+    let Some(out_dir) = args.out.clone() else {
+        bail!("--out DIR is required with a segmentation run (masks and overlays go there)");
+    };
+    let config = lazarus::segment::predict::SegmentPredictConfig {
+        out_dir,
+        device: super::queue::device(args.device)?,
+        batch_size: args.batch_size as usize,
+    };
+    let predictions = lazarus::segment::predict::predict(layout, run, images, &config)?;
+    let failed = predictions.iter().filter(|p| p.error.is_some()).count();
+    if args.json {
+        super::print_json(&predictions)?;
+    } else {
+        for p in &predictions {
+            match (&p.error, &p.mask) {
+                (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
+                (None, Some(mask)) => println!(
+                    "{}: {}x{} in {} tiles, foreground {:.3}: {}",
+                    p.path.display(),
+                    p.width,
+                    p.height,
+                    p.tiles,
+                    p.foreground_fraction.unwrap_or(0.0),
+                    mask.display()
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be segmented",
+            predictions.len()
         );
     }
     Ok(())

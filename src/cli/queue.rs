@@ -31,9 +31,17 @@ pub struct EnqueueArgs {
     /// Redo every image: retire this configuration's jobs and enqueue all images again.
     #[arg(long)]
     pub force: bool,
-    /// Also keep the spatial feature map (not only the pooled vector).
+    /// Store the encoder's feature maps per tile for segmentation (Lite: the
+    /// stride-16 and stride-32 maps; DINOv2: patch tokens), not the pooled
+    /// features of the center crop. A separate feature set (own fingerprint).
     #[arg(long)]
     pub spatial: bool,
+    /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
+    #[arg(long, default_value_t = 512, requires = "spatial")]
+    pub tile_size: u32,
+    /// With --spatial: pixels shared by neighbouring tiles.
+    #[arg(long, default_value_t = 64, requires = "spatial")]
+    pub tile_overlap: u32,
     /// Weights to use instead of the installed ones: a safetensors FILE, or random:SEED.
     #[arg(long, value_name = "FILE|random:SEED")]
     pub weights: Option<String>,
@@ -155,6 +163,10 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         chunk_size: args.chunk_size,
         force: args.force,
         spatial: args.spatial,
+        tiling: lazarus::segment::tile::TileConfig {
+            size: args.tile_size,
+            overlap: args.tile_overlap,
+        },
         weights,
     };
     let outcome = plan::enqueue(layout, &request)?;

@@ -21,6 +21,7 @@ use super::queue::DeviceArg;
 pub enum TaskKind {
     Classify,
     Anomaly,
+    Segment,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -85,7 +86,9 @@ pub struct TrainArgs {
     /// load, an output layer for other classes is re-initialised.
     #[arg(long, value_name = "RUN", conflicts_with = "resume")]
     pub init_from: Option<String>,
-    /// classify: a head over all classes; anomaly: a scorer fitted on normal images only.
+    /// classify: a head over all classes (pooled features); anomaly: a scorer
+    /// fitted on normal images only; segment: a per-pixel head (spatial
+    /// features and masks; the monitor defaults to val/dice).
     #[arg(long, value_enum, default_value = "classify")]
     pub task: TaskKind,
     /// Anomaly: the normal class(es), repeated or comma-separated.
@@ -203,6 +206,11 @@ pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
 /// resolved against the dataset's classes by the caller).
 fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<TrainConfig> {
     Ok(TrainConfig {
+        task: match args.task {
+            // An anomaly run's task and settings are set from `anomaly_config`.
+            TaskKind::Classify | TaskKind::Anomaly => Task::Classify,
+            TaskKind::Segment => Task::Segment,
+        },
         head: match args.head {
             HeadKind::Linear => HeadConfig::Linear,
             HeadKind::Mlp => HeadConfig::Mlp {
@@ -257,7 +265,6 @@ fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<Train
         seed: args.seed,
         label_map: Default::default(),
         init_from: args.init_from.clone(),
-        task: Task::Classify,
         anomaly: None,
     })
 }
@@ -303,12 +310,20 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     if let Some(run_id) = &args.resume {
+        if lazarus::segment::predict::is_segment_run(layout, run_id)? {
+            bail!(
+                "run {run_id} is a segmentation run; --resume continues classification runs only"
+            );
+        }
         let report = session::resume(layout, run_id, &options)?;
         return print_report(&report, args.json);
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
     let encoder = args.encoder.as_deref().expect("clap requires --encoder");
     let anomaly = anomaly_config(&args)?;
+    if let TaskKind::Segment = args.task {
+        return train_segment(layout, &args, dataset, encoder, options.device);
+    }
     let mut probe = config(&args, ClassWeights::None)?;
     if anomaly.is_some() {
         probe.task = Task::Anomaly;
@@ -352,6 +367,39 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     };
     let report = session::train_warm(layout, &data, &args.experiment, config, warm, &options)?;
     print_report(&report, args.json)
+}
+
+fn train_segment(
+    layout: &Layout,
+    args: &TrainArgs,
+    dataset: &str,
+    encoder: &str,
+    device: candle_core::Device,
+) -> anyhow::Result<()> {
+    let request = lazarus::segment::train::SegmentRequest {
+        dataset: dataset.to_string(),
+        encoder: encoder.to_string(),
+        fingerprint: args.fingerprint.clone(),
+        experiment: args.experiment.clone(),
+        config: config(args, ClassWeights::None)?,
+        device,
+        progress: !args.json,
+        extra_params: Vec::new(),
+    };
+    let report = lazarus::segment::train::train(layout, &request)?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    println!(
+        "run {} ({} epochs, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
+        report.run_id,
+        report.epochs_run,
+        report.best_epoch + 1,
+        report.test["test/dice"],
+        report.test["test/iou"],
+        report.test["test/pixel_accuracy"]
+    );
+    Ok(())
 }
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
@@ -465,7 +513,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         "sweep {}: {} heads, {} trained in {} pass(es) over the features{anomaly}, {} already finished (skipped), {:.1} s",
         sweep.name,
         sweep.points.len(),
-        outcome.trained.len(),
+        outcome.trained.len() + outcome.segmented.len(),
         outcome.passes,
         outcome.skipped.len(),
         started.elapsed().as_secs_f64()
@@ -485,6 +533,12 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
             report.scorer,
             metric,
             report.metrics.get(&metric).copied().unwrap_or(f64::NAN)
+        );
+    }
+    for report in &outcome.segmented {
+        println!(
+            "  run {} (segment): test/dice {:.4}, test/iou {:.4}",
+            report.run_id, report.test["test/dice"], report.test["test/iou"]
         );
     }
     for chart in &outcome.charts {

@@ -69,6 +69,26 @@ impl DatasetError {
     }
 }
 
+/// How mask pixel values are read (`dataset add --mask-kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskKind {
+    /// Every value above 0 is foreground (class 1).
+    #[default]
+    Binary,
+    /// The value is the class index (0 is background).
+    Index,
+}
+
+impl MaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskKind::Binary => "binary",
+            MaskKind::Index => "index",
+        }
+    }
+}
+
 /// One image of a registered dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -121,6 +141,9 @@ pub struct DatasetInfo {
     pub split_source: String,
     pub split_config: SplitConfig,
     pub has_masks: bool,
+    /// How the masks' values are read (datasets before masks: binary).
+    #[serde(default)]
+    pub mask_kind: MaskKind,
     pub duplicates: Vec<DuplicateGroup>,
     pub skipped: Vec<SkippedFile>,
 }

@@ -30,6 +30,8 @@ pub enum SourceFormat {
     LabelFile,
     /// A folder of images without labels.
     Unlabeled,
+    /// SOURCE/images/<image> and SOURCE/masks/<mask>, matched by file stem.
+    MaskFolders,
 }
 
 impl SourceFormat {
@@ -39,6 +41,7 @@ impl SourceFormat {
             SourceFormat::Manifest => "manifest",
             SourceFormat::LabelFile => "label-file",
             SourceFormat::Unlabeled => "unlabeled",
+            SourceFormat::MaskFolders => "mask-folders",
         }
     }
 }
@@ -87,6 +90,8 @@ pub struct AddConfig {
     pub label_column: Option<LabelColumn>,
     /// Used unless the manifest gives a split column.
     pub split: SplitConfig,
+    /// How mask values are read.
+    pub mask_kind: super::MaskKind,
 }
 
 /// An image the source names, before it is read.
@@ -136,6 +141,7 @@ pub fn add(
     let (candidates, mut skipped) = match format {
         SourceFormat::ImageFolder => scan_image_folder(&source)?,
         SourceFormat::Unlabeled => scan_unlabeled(&source)?,
+        SourceFormat::MaskFolders => scan_mask_folders(&source)?,
         SourceFormat::Manifest | SourceFormat::LabelFile => {
             (read_manifest(&source, format, config)?, Vec::new())
         }
@@ -177,7 +183,7 @@ pub fn add(
     if kept.is_empty() {
         return Err(no_images(&source, &skipped));
     }
-    check_masks_exist(&kept)?;
+    check_masks(&kept)?;
 
     let (splits, split_source) = resolve_splits(&kept, config)?;
     let class_order = class_order(kept.iter().filter_map(|k| k.0.label.as_deref()));
@@ -207,6 +213,7 @@ pub fn add(
         class_order,
         split_source,
         split_config: config.split,
+        mask_kind: config.mask_kind,
         duplicates: duplicates.into_values().collect(),
         skipped,
     });
@@ -231,10 +238,20 @@ fn no_images(source: &Path, skipped: &[SkippedFile]) -> DatasetError {
     }
 }
 
-/// Folders with class sub-folders are ImageFolder trees, other folders are
+/// Folders holding exactly `images/` and `masks/` are segmentation sets,
+/// other folders with class sub-folders are ImageFolder trees, the rest are
 /// unlabeled; files are manifests, TSV/CSV by delimiter, else whitespace.
 fn detect_format(source: &Path) -> Result<SourceFormat, DatasetError> {
     if source.is_dir() {
+        let mut folders: Vec<String> = read_dir_sorted(source)?
+            .iter()
+            .filter(|entry| entry.is_dir() && !is_hidden(entry))
+            .filter_map(|entry| entry.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        folders.sort();
+        if folders == ["images", "masks"] {
+            return Ok(SourceFormat::MaskFolders);
+        }
         let has_subfolder = read_dir_sorted(source)?
             .iter()
             .any(|entry| entry.is_dir() && !is_hidden(entry));
@@ -344,6 +361,65 @@ fn scan_unlabeled(source: &Path) -> Result<(Vec<Candidate>, Vec<SkippedFile>), D
             mask: None,
         })
         .collect();
+    Ok((candidates, Vec::new()))
+}
+
+/// SOURCE/images/* with SOURCE/masks/*, each image's mask found by file stem
+/// (any extension, searched recursively with the same sub-folder).
+fn scan_mask_folders(source: &Path) -> Result<(Vec<Candidate>, Vec<SkippedFile>), DatasetError> {
+    let images_dir = source.join("images");
+    let masks_dir = source.join("masks");
+    for dir in [&images_dir, &masks_dir] {
+        if !dir.is_dir() {
+            return Err(DatasetError::Source {
+                path: dir.clone(),
+                message: "a mask-folders dataset needs both images/ and masks/ folders".into(),
+            });
+        }
+    }
+    let stem_key = |root: &Path, path: &Path| -> PathBuf {
+        let relative = path.strip_prefix(root).unwrap_or(path);
+        relative.with_extension("")
+    };
+    let mut masks = Vec::new();
+    files_below(&masks_dir, &mut masks)?;
+    let mut by_stem: HashMap<PathBuf, PathBuf> = HashMap::new();
+    for mask in masks {
+        let key = stem_key(&masks_dir, &mask);
+        if let Some(first) = by_stem.insert(key, mask.clone()) {
+            return Err(DatasetError::Source {
+                path: mask,
+                message: format!(
+                    "two masks share this file stem ({} too); keep one",
+                    first.display()
+                ),
+            });
+        }
+    }
+    let mut images = Vec::new();
+    files_below(&images_dir, &mut images)?;
+    let mut candidates = Vec::with_capacity(images.len());
+    for path in images {
+        let key = stem_key(&images_dir, &path);
+        let mask = by_stem
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| DatasetError::Source {
+                path: path.clone(),
+                message: format!(
+                    "no mask for this image: expected a file named {}.* in {}",
+                    key.display(),
+                    masks_dir.display()
+                ),
+            })?;
+        candidates.push(Candidate {
+            origin: images_dir.display().to_string(),
+            path,
+            label: None,
+            split: None,
+            mask: Some(mask),
+        });
+    }
     Ok((candidates, Vec::new()))
 }
 
@@ -641,18 +717,39 @@ pub fn content_id(bytes: &[u8]) -> String {
     hex::encode(&digest[..8])
 }
 
-fn check_masks_exist(kept: &[(Candidate, String, u32, u32)]) -> Result<(), DatasetError> {
-    for (candidate, ..) in kept {
-        if let Some(mask) = &candidate.mask
-            && !mask.is_file()
-        {
-            return Err(DatasetError::Source {
-                path: mask.clone(),
-                message: format!("mask not found (named at {})", candidate.origin),
-            });
-        }
-    }
-    Ok(())
+/// Every mask exists, is a readable image, and has its image's size.
+fn check_masks(kept: &[(Candidate, String, u32, u32)]) -> Result<(), DatasetError> {
+    let results: Vec<Result<(), DatasetError>> = kept
+        .par_iter()
+        .map(|(candidate, _, width, height)| {
+            let Some(mask) = &candidate.mask else {
+                return Ok(());
+            };
+            if !mask.is_file() {
+                return Err(DatasetError::Source {
+                    path: mask.clone(),
+                    message: format!("mask not found (named at {})", candidate.origin),
+                });
+            }
+            let bytes = fs::read(mask).map_err(|e| DatasetError::io(mask, e))?;
+            let (mask_width, mask_height) = crate::preprocess::probe_dimensions(&bytes, mask)
+                .map_err(|err| DatasetError::Source {
+                    path: mask.clone(),
+                    message: format!("unreadable mask for {}: {err}", candidate.path.display()),
+                })?;
+            if (mask_width, mask_height) != (*width, *height) {
+                return Err(DatasetError::Source {
+                    path: mask.clone(),
+                    message: format!(
+                        "mask is {mask_width}x{mask_height} but its image {} is {width}x{height}",
+                        candidate.path.display()
+                    ),
+                });
+            }
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect()
 }
 
 /// The manifest's splits when it gives them for every row, else a stratified assignment.
@@ -705,6 +802,7 @@ struct SummaryInput<'a> {
     class_order: Vec<String>,
     split_source: &'static str,
     split_config: SplitConfig,
+    mask_kind: super::MaskKind,
     duplicates: Vec<DuplicateGroup>,
     skipped: Vec<SkippedFile>,
 }
@@ -741,6 +839,7 @@ fn summarise(input: SummaryInput<'_>) -> DatasetInfo {
         split_source: input.split_source.to_string(),
         split_config: input.split_config,
         has_masks: input.images.iter().any(|i| i.mask.is_some()),
+        mask_kind: input.mask_kind,
         duplicates: input.duplicates,
         skipped: input.skipped,
     }

@@ -160,8 +160,9 @@ fn efficientnet_b(name: &'static str, variant: u8) -> EncoderSpec {
 /// Every encoder lazarus knows, in display order.
 ///
 /// Spatial maps: EfficientNet-Lite gives the head output (stride 32,
-/// 1280 × ⌈size/32⌉²); DINOv2 gives its patch tokens (embed_dim × (224/14)²).
-/// The other families expose pooled features only.
+/// 1280 × ⌈size/32⌉²) as `spec.spatial`, and through `forward_maps` the
+/// stride-16 map before it; DINOv2 gives its patch tokens (embed_dim ×
+/// (224/14)²). The other families expose pooled features only.
 pub fn registry() -> Vec<EncoderSpec> {
     vec![
         lite("efficientnet-lite0", 224),
@@ -293,6 +294,25 @@ pub struct EncoderOutput {
     pub spatial: Option<Tensor>,
 }
 
+/// One spatial feature map of a forward pass.
+#[derive(Debug, Clone)]
+pub struct FeatureMap {
+    /// The input pixels per map cell (16 for Lite's stride-16 map, 14 for DINOv2 patches).
+    pub stride: usize,
+    /// [n, channels, height, width], f32.
+    pub values: Tensor,
+}
+
+/// What a forward pass for dense tasks (segmentation) returns.
+#[derive(Debug, Clone)]
+pub struct FeatureMaps {
+    /// [n, feature_dim], f32: the same pooled features as `forward_pooled`.
+    pub pooled: Tensor,
+    /// Every map the family exposes, finest first: Lite's stride-16 and
+    /// stride-32 maps, DINOv2's patch tokens.
+    pub maps: Vec<FeatureMap>,
+}
+
 /// Where an encoder's weights come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightsSource {
@@ -315,6 +335,9 @@ pub trait Encoder: Send + Sync {
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError>;
     /// Pooled features only: skips work some families need for the spatial map.
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError>;
+    /// Pooled features and every spatial map, finest first; an encoder
+    /// without spatial maps returns an empty list.
+    fn forward_maps(&self, images: &Tensor) -> Result<FeatureMaps, EncoderError>;
 }
 
 /// Builds `spec`'s encoder on `device` from `source`. Reading files is left to
@@ -479,6 +502,40 @@ impl Model {
     }
 }
 
+impl Model {
+    fn forward_maps(&self, images: &Tensor) -> candle_core::Result<FeatureMaps> {
+        Ok(match self {
+            Model::Lite(model) => {
+                let features = model.features(images)?;
+                FeatureMaps {
+                    pooled: features.pooled,
+                    maps: vec![
+                        FeatureMap {
+                            stride: 16,
+                            values: features.stride16,
+                        },
+                        FeatureMap {
+                            stride: 32,
+                            values: features.stride32,
+                        },
+                    ],
+                }
+            }
+            Model::DinoV2(model) => FeatureMaps {
+                pooled: model.pooled(images)?,
+                maps: vec![FeatureMap {
+                    stride: 14,
+                    values: model.patch_tokens(images)?,
+                }],
+            },
+            other => FeatureMaps {
+                pooled: other.forward(images, false)?.pooled,
+                maps: Vec::new(),
+            },
+        })
+    }
+}
+
 struct Loaded {
     spec: EncoderSpec,
     device: Device,
@@ -506,10 +563,31 @@ impl Encoder for Loaded {
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
         Ok(self.run(images, false)?.pooled)
     }
+
+    fn forward_maps(&self, images: &Tensor) -> Result<FeatureMaps, EncoderError> {
+        let images = self.checked_input(images)?;
+        self.model
+            .forward_maps(&images)
+            .map_err(|source| EncoderError::Forward {
+                encoder: self.spec.name.to_string(),
+                source,
+            })
+    }
 }
 
 impl Loaded {
     fn run(&self, images: &Tensor, with_spatial: bool) -> Result<EncoderOutput, EncoderError> {
+        let images = self.checked_input(images)?;
+        self.model
+            .forward(&images, with_spatial)
+            .map_err(|source| EncoderError::Forward {
+                encoder: self.spec.name.to_string(),
+                source,
+            })
+    }
+
+    /// The batch as f32 on the encoder's device, after checking its shape.
+    fn checked_input(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
         let size = self.spec.input_size as usize;
         let dims = images.dims();
         if dims.len() != 4 || dims[1] != 3 || dims[2] != size || dims[3] != size {
@@ -519,15 +597,9 @@ impl Loaded {
                 size,
             });
         }
-        let images = images
+        images
             .to_dtype(DType::F32)
             .and_then(|t| t.to_device(&self.device))
-            .map_err(|source| EncoderError::Forward {
-                encoder: self.spec.name.to_string(),
-                source,
-            })?;
-        self.model
-            .forward(&images, with_spatial)
             .map_err(|source| EncoderError::Forward {
                 encoder: self.spec.name.to_string(),
                 source,

@@ -56,6 +56,8 @@ pub enum ExtractError {
     BadSeed { value: String },
     #[error("encoder '{encoder}' has no spatial feature map; drop --spatial")]
     NoSpatial { encoder: String },
+    #[error("--tile-size/--tile-overlap: {message}")]
+    Tiling { message: String },
     #[error("{queue}: malformed job payload: {message}")]
     Payload { queue: String, message: String },
 }

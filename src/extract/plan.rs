@@ -18,6 +18,7 @@ use crate::digest::sha256_hex;
 use crate::encoders::{self, EncoderSpec};
 use crate::layout::Layout;
 use crate::queue::{EnqueueReport, NewJob, Queue};
+use crate::segment::tile::TileConfig;
 
 /// Where the encoder weights come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +63,11 @@ pub struct EnqueueRequest {
     pub chunk_size: usize,
     /// Retire the live jobs of this configuration and cover every image again.
     pub force: bool,
+    /// Store the encoder's spatial maps per tile (segmentation) instead of
+    /// pooled features of the center crop.
     pub spatial: bool,
+    /// How `spatial` extraction cuts large images.
+    pub tiling: TileConfig,
     pub weights: WeightsChoice,
 }
 
@@ -76,6 +81,16 @@ pub struct ExtractPayload {
     /// Manifest indices (rows of images.csv) of the chunk, ascending.
     pub image_indices: Vec<usize>,
     pub spatial: bool,
+    /// Tiling of spatial jobs (absent in pooled jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<TileConfig>,
+}
+
+impl ExtractPayload {
+    /// The tiling of a spatial job; None for pooled jobs.
+    pub fn spatial_tiling(&self) -> Option<TileConfig> {
+        self.spatial.then(|| self.tiling.unwrap_or_default())
+    }
 }
 
 /// What an enqueue did.
@@ -99,16 +114,42 @@ pub struct EnqueueOutcome {
 }
 
 /// The fingerprint of an extraction configuration: sha256 over the JSON of
-/// encoder name, weights identity, preprocessing, spatial flag and feature format.
-pub fn fingerprint(encoder: &EncoderSpec, weights_id: &str, spatial: bool) -> String {
-    let identity = serde_json::json!({
-        "encoder": encoder.name,
-        "weights": weights_id,
-        "preprocess": encoder.preprocess,
-        "spatial": spatial,
-        "feature_format": FEATURE_FORMAT_VERSION,
-    });
+/// encoder name, weights identity, preprocessing, spatial flag and feature
+/// format; spatial sets add their tiling and use their own preprocessing, so
+/// pooled and spatial features never share a fingerprint.
+pub fn fingerprint(
+    encoder: &EncoderSpec,
+    weights_id: &str,
+    spatial: Option<&TileConfig>,
+) -> String {
+    let identity = match spatial {
+        None => serde_json::json!({
+            "encoder": encoder.name,
+            "weights": weights_id,
+            "preprocess": encoder.preprocess,
+            "spatial": false,
+            "feature_format": FEATURE_FORMAT_VERSION,
+        }),
+        Some(tiling) => serde_json::json!({
+            "encoder": encoder.name,
+            "weights": weights_id,
+            "preprocess": spatial_preprocess(encoder),
+            "spatial": true,
+            "tiling": tiling,
+            "maps": "all, finest first",
+            "feature_format": FEATURE_FORMAT_VERSION,
+        }),
+    };
     sha256_hex(identity.to_string().as_bytes())
+}
+
+/// Spatial extraction stretches each tile to the input square (no crop), so
+/// every pixel of the image lies in some tile and masks align with the maps.
+pub fn spatial_preprocess(encoder: &EncoderSpec) -> crate::preprocess::PreprocessConfig {
+    crate::preprocess::PreprocessConfig {
+        resize: crate::preprocess::ResizePolicy::Stretch,
+        ..encoder.preprocess.clone()
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String, ExtractError> {
@@ -169,7 +210,13 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         });
     }
     let weights = resolve_weights(encoder.name, &request.weights)?;
-    let fingerprint = fingerprint(&encoder, &weights.id, request.spatial);
+    let tiling = request.spatial.then_some(request.tiling);
+    if let Some(tiling) = &tiling {
+        tiling.validate().map_err(|e| ExtractError::Tiling {
+            message: e.to_string(),
+        })?;
+    }
+    let fingerprint = fingerprint(&encoder, &weights.id, tiling.as_ref());
 
     let queue = layout.queue().open()?;
     let queue = queue.as_ref();
@@ -197,6 +244,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
                 weights: weights.clone(),
                 image_indices: chunk.to_vec(),
                 spatial: request.spatial,
+                tiling,
             };
             let payload = serde_json::to_string(&payload).expect("payload serialises");
             NewJob {

@@ -20,14 +20,15 @@ use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::plan::{ExtractPayload, fingerprint};
+use super::plan::{ExtractPayload, fingerprint, spatial_preprocess};
 use super::{ExtractError, KIND_EXTRACT};
 use crate::dataset::{self, Dataset};
 use crate::encoders::{self, Encoder, WeightsSource};
-use crate::features::{self, JobRef, ReconcileConfig, ShardData};
+use crate::features::{self, JobRef, MapData, ReconcileConfig, ShardData, SpatialData};
 use crate::layout::Layout;
 use crate::queue::worker::Outcome;
 use crate::queue::{ItemFailure, JobResult, Lease, Queue};
+use crate::segment::tile::{self, PreparedTile, TileConfig};
 
 /// Settings of the extraction side of a worker.
 #[derive(Debug, Clone)]
@@ -92,7 +93,11 @@ impl Extractor {
         let spec = encoders::lookup(&payload.encoder).map_err(|e| e.to_string())?;
         // The fingerprint covers the preprocessing: a binary whose
         // preprocessing differs from the enqueuer's must not write these features.
-        let expected = fingerprint(&spec, &payload.weights.id, payload.spatial);
+        let expected = fingerprint(
+            &spec,
+            &payload.weights.id,
+            payload.spatial_tiling().as_ref(),
+        );
         if expected != payload.fingerprint {
             return Err(format!(
                 "fingerprint mismatch: the job was enqueued as {} but this lazarus {} computes {expected} for encoder {} with weights {}; re-enqueue with this binary",
@@ -149,13 +154,20 @@ impl Extractor {
             Ok(Some(result)) => {
                 let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
                 let rows = result.detail["rows"].as_u64().unwrap_or(0);
+                let images = (payload.image_indices.len() - result.failures.len()) as u64;
+                // Spatial jobs write a row per tile.
+                let tiles = if payload.spatial {
+                    format!(" ({rows} tiles)")
+                } else {
+                    String::new()
+                };
                 let line = format!(
-                    "{}: job {} ({} {}): {rows} images in {seconds:.1} s ({:.1} images/s), {} failed",
+                    "{}: job {} ({} {}): {images} images{tiles} in {seconds:.1} s ({:.1} images/s), {} failed",
                     lease.worker,
                     lease.job_id,
                     payload.dataset,
                     payload.encoder,
-                    rows as f64 / seconds.max(1e-9),
+                    images as f64 / seconds.max(1e-9),
                     result.failures.len()
                 );
                 match &self.config.reporting {
@@ -180,19 +192,14 @@ impl Extractor {
         stop: &AtomicBool,
     ) -> Result<Option<JobResult>, String> {
         let started = Instant::now();
+        check_indices(payload, loaded)?;
+        if let Some(tiling) = payload.spatial_tiling() {
+            return self.extract_spatial(lease, payload, loaded, stop, &tiling, started);
+        }
         let spec = loaded.encoder.spec();
         let preprocess = &spec.preprocess;
         let size = preprocess.input_size as usize;
         let mut failures = Vec::new();
-        for &index in &payload.image_indices {
-            if index >= loaded.dataset.images.len() {
-                return Err(format!(
-                    "image index {index} is outside dataset '{}' ({} images)",
-                    payload.dataset,
-                    loaded.dataset.images.len()
-                ));
-            }
-        }
         let prepare = |indices: &[usize]| -> Vec<Result<Prepared, ItemFailure>> {
             indices
                 .par_iter()
@@ -214,8 +221,6 @@ impl Extractor {
             .collect();
         let mut image_index: Vec<i64> = Vec::with_capacity(payload.image_indices.len());
         let mut pooled: Vec<f16> = Vec::new();
-        let mut spatial: Vec<f16> = Vec::new();
-        let mut spatial_shape: Option<[usize; 3]> = None;
         let mut next = batches.first().map(|batch| prepare(batch));
         for position in 0..batches.len() {
             if stop.load(Ordering::SeqCst) {
@@ -242,17 +247,10 @@ impl Extractor {
                     let input =
                         Tensor::from_vec(flat, (ok.len(), 3, size, size), &self.config.device)
                             .map_err(|e| format!("building the input batch: {e}"))?;
-                    let output = if payload.spatial {
-                        loaded.encoder.forward(&input)
-                    } else {
-                        loaded.encoder.forward_pooled(&input).map(|pooled| {
-                            encoders::EncoderOutput {
-                                pooled,
-                                spatial: None,
-                            }
-                        })
-                    }
-                    .map_err(|e| format!("encoder {}: {e}", spec.name))?;
+                    let output = loaded
+                        .encoder
+                        .forward_pooled(&input)
+                        .map_err(|e| format!("encoder {}: {e}", spec.name))?;
                     Ok((ok, Some(output), failed))
                 },
                 || batches.get(position + 1).map(|batch| prepare(batch)),
@@ -265,15 +263,29 @@ impl Extractor {
             failures.extend(failed);
             let Some(output) = output else { continue };
             image_index.extend(ok.iter().map(|(index, _)| *index as i64));
-            pooled.extend(to_f16(&output.pooled)?);
-            if let Some(map) = &output.spatial {
-                let (_, channels, height, width) =
-                    map.dims4().map_err(|e| format!("spatial map: {e}"))?;
-                spatial_shape = Some([channels, height, width]);
-                spatial.extend(to_f16(map)?);
-            }
+            pooled.extend(to_f16(&output)?);
         }
-        let rows = image_index.len();
+        let data = ShardData {
+            image_index: &image_index,
+            pooled: &pooled,
+            feature_dim: spec.feature_dim,
+            spatial: None,
+        };
+        let metadata = shard_metadata(payload, &spec.preprocess);
+        self.finish(lease, payload, &data, metadata, failures, started)
+    }
+
+    /// Publishes the shard (when any image succeeded) and the job's result.
+    fn finish(
+        &self,
+        lease: &Lease,
+        payload: &ExtractPayload,
+        data: &ShardData<'_>,
+        metadata: HashMap<String, String>,
+        failures: Vec<ItemFailure>,
+        started: Instant,
+    ) -> Result<Option<JobResult>, String> {
+        let rows = data.image_index.len();
         let mut detail = serde_json::json!({
             "rows": rows,
             "seconds": started.elapsed().as_secs_f64(),
@@ -282,23 +294,151 @@ impl Extractor {
         });
         if rows > 0 {
             let dir = features::feature_dir(&self.layout, &payload.dataset, &payload.fingerprint);
-            let data = ShardData {
-                image_index: &image_index,
-                pooled: &pooled,
-                feature_dim: spec.feature_dim,
-                spatial: spatial_shape.map(|shape| (spatial.as_slice(), shape)),
-            };
-            let metadata = shard_metadata(payload, spec);
             let job = JobRef {
                 job_id: lease.job_id,
                 attempt: lease.attempt,
             };
-            let marker = features::write_shard(&dir, lease.job_id as u64, &data, metadata, job)
+            let marker = features::write_shard(&dir, lease.job_id as u64, data, metadata, job)
                 .map_err(|e| e.to_string())?;
             detail["shard"] = serde_json::Value::String(marker.shard);
         }
         Ok(Some(JobResult { failures, detail }))
     }
+
+    /// A spatial job: each image is cut into tiles (one when it fits), every
+    /// tile stretched to the input square and run through the encoder's
+    /// `forward_maps`; a shard row per tile holds its geometry, pooled
+    /// features and every map. Images are decoded in parallel one
+    /// micro-batch at a time; the encoder sees up to `batch_size` tiles.
+    fn extract_spatial(
+        &self,
+        lease: &Lease,
+        payload: &ExtractPayload,
+        loaded: &Loaded,
+        stop: &AtomicBool,
+        tiling: &TileConfig,
+        started: Instant,
+    ) -> Result<Option<JobResult>, String> {
+        let spec = loaded.encoder.spec();
+        let preprocess = spatial_preprocess(spec);
+        let size = preprocess.input_size as usize;
+        let batch_size = self.config.batch_size.max(1);
+        let mut failures = Vec::new();
+        let mut image_index: Vec<i64> = Vec::new();
+        let mut tiles: Vec<[i64; 4]> = Vec::new();
+        let mut pooled: Vec<f16> = Vec::new();
+        let mut maps: Vec<(usize, [usize; 3], Vec<f16>)> = Vec::new();
+        // Images are decoded a group at a time, a group holding about
+        // `batch_size` tiles (counted from the manifest's sizes), so large
+        // images do not hold many batches of preprocessed tiles at once.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_tiles = 0;
+        for &index in &payload.image_indices {
+            let record = &loaded.dataset.images[index];
+            let count = tile::tiles(record.width, record.height, tiling).len();
+            if groups.is_empty() || group_tiles + count > batch_size {
+                groups.push(Vec::new());
+                group_tiles = 0;
+            }
+            groups.last_mut().expect("pushed above").push(index);
+            group_tiles += count;
+        }
+        for chunk in &groups {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let prepared: Vec<Result<Vec<PreparedTile>, ItemFailure>> = chunk
+                .par_iter()
+                .map(|&index| {
+                    let image = &loaded.dataset.images[index];
+                    tile::preprocess_tiles(&image.path, &preprocess, tiling)
+                        .map(|(_, tiles)| tiles)
+                        .map_err(|err| ItemFailure {
+                            item: index.to_string(),
+                            reason: err.to_string(),
+                        })
+                })
+                .collect();
+            let mut batch: Vec<(usize, PreparedTile)> = Vec::new();
+            for (&index, result) in chunk.iter().zip(prepared) {
+                match result {
+                    Ok(prepared) => batch.extend(prepared.into_iter().map(|t| (index, t))),
+                    Err(failure) => failures.push(failure),
+                }
+            }
+            if let Reporting::Bar(bar) = &self.config.reporting {
+                bar.inc(chunk.len() as u64);
+            }
+            for group in batch.chunks(batch_size) {
+                let mut flat = Vec::with_capacity(group.len() * 3 * size * size);
+                for (_, (_, values)) in group {
+                    flat.extend_from_slice(values);
+                }
+                let input =
+                    Tensor::from_vec(flat, (group.len(), 3, size, size), &self.config.device)
+                        .map_err(|e| format!("building the input batch: {e}"))?;
+                let output = loaded
+                    .encoder
+                    .forward_maps(&input)
+                    .map_err(|e| format!("encoder {}: {e}", spec.name))?;
+                if output.maps.is_empty() {
+                    return Err(format!("encoder {} has no spatial maps", spec.name));
+                }
+                for (position, map) in output.maps.iter().enumerate() {
+                    let (_, channels, height, width) = map
+                        .values
+                        .dims4()
+                        .map_err(|e| format!("spatial map: {e}"))?;
+                    if maps.len() <= position {
+                        maps.push((map.stride, [channels, height, width], Vec::new()));
+                    }
+                    maps[position].2.extend(to_f16(&map.values)?);
+                }
+                pooled.extend(to_f16(&output.pooled)?);
+                for (index, (tile, _)) in group {
+                    image_index.push(*index as i64);
+                    tiles.push(tile.map(i64::from));
+                }
+            }
+        }
+        let map_data: Vec<MapData<'_>> = maps
+            .iter()
+            .map(|(stride, shape, values)| MapData {
+                stride: *stride,
+                values,
+                shape: *shape,
+            })
+            .collect();
+        let data = ShardData {
+            image_index: &image_index,
+            pooled: &pooled,
+            feature_dim: spec.feature_dim,
+            spatial: Some(SpatialData {
+                tiles: &tiles,
+                maps: &map_data,
+            }),
+        };
+        let mut metadata = shard_metadata(payload, &preprocess);
+        metadata.insert(
+            "tiling".to_string(),
+            serde_json::to_string(tiling).expect("tiling serialises"),
+        );
+        self.finish(lease, payload, &data, metadata, failures, started)
+    }
+}
+
+/// Every index of the job must be a row of the dataset.
+fn check_indices(payload: &ExtractPayload, loaded: &Loaded) -> Result<(), String> {
+    for &index in &payload.image_indices {
+        if index >= loaded.dataset.images.len() {
+            return Err(format!(
+                "image index {index} is outside dataset '{}' ({} images)",
+                payload.dataset,
+                loaded.dataset.images.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn to_f16(tensor: &Tensor) -> Result<Vec<f16>, String> {
@@ -311,7 +451,7 @@ fn to_f16(tensor: &Tensor) -> Result<Vec<f16>, String> {
 
 fn shard_metadata(
     payload: &ExtractPayload,
-    spec: &encoders::EncoderSpec,
+    preprocess: &crate::preprocess::PreprocessConfig,
 ) -> HashMap<String, String> {
     HashMap::from([
         ("dataset".to_string(), payload.dataset.clone()),
@@ -320,7 +460,7 @@ fn shard_metadata(
         ("weights".to_string(), payload.weights.id.clone()),
         (
             "preprocess".to_string(),
-            serde_json::to_string(&spec.preprocess).expect("preprocess serialises"),
+            serde_json::to_string(preprocess).expect("preprocess serialises"),
         ),
         ("lazarus_version".to_string(), crate::VERSION.to_string()),
     ])

@@ -24,10 +24,11 @@ use serde::Serialize;
 
 use crate::layout::Layout;
 
-pub use set::FeatureSet;
+pub use set::{FeatureSet, MapShape};
 pub use shard::{
-    CheckLevel, DoneMarker, JobRef, ReconcileConfig, ReconcileReport, ShardData, check_shard,
-    done_file_name, parse_shard_index, reconcile, shard_file_name, write_shard,
+    CheckLevel, DoneMarker, JobRef, MapData, ReconcileConfig, ReconcileReport, ShardData,
+    SpatialData, check_shard, done_file_name, map_tensor_name, parse_shard_index, reconcile,
+    shard_file_name, write_shard,
 };
 
 /// Errors at the feature-cache boundary; each names the file.
@@ -137,7 +138,11 @@ pub fn verify(dir: &Path, expected: &[usize]) -> Result<VerifyReport, FeatureErr
                 })?;
             for chunk in view.data().chunks_exact(8) {
                 let image = i64::from_le_bytes(chunk.try_into().expect("8 bytes")) as usize;
-                holders.entry(image).or_default().push(shard_index);
+                let shards = holders.entry(image).or_default();
+                // Tiles of one image are several rows of the same shard.
+                if shards.last() != Some(&shard_index) {
+                    shards.push(shard_index);
+                }
                 report.rows += 1;
             }
         }

@@ -18,7 +18,19 @@ struct MappedShard {
     path: PathBuf,
     mmap: Mmap,
     pooled: Range<usize>,
-    spatial: Option<Range<usize>>,
+    /// Byte ranges of the spatial maps, in `FeatureSet::maps` order.
+    maps: Vec<Range<usize>>,
+    /// Byte range of the `tile` tensor ([rows, 4] i64), in spatial shards.
+    tiles: Option<Range<usize>>,
+}
+
+/// One kind of spatial map in a feature set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub stride: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
 }
 
 /// The published features of one dataset and encoder fingerprint.
@@ -29,7 +41,7 @@ pub struct FeatureSet {
     locations: Vec<(u32, u32)>,
     image_index: Vec<usize>,
     feature_dim: usize,
-    spatial_shape: Option<[usize; 3]>,
+    maps: Vec<MapShape>,
     metadata: HashMap<String, String>,
     skipped_shards: Vec<(u64, String)>,
     /// Bytes of mapped rows read since the mapped pages were last released.
@@ -104,7 +116,7 @@ impl FeatureSet {
             locations: Vec::new(),
             image_index: Vec::new(),
             feature_dim: 0,
-            spatial_shape: None,
+            maps: Vec::new(),
             metadata: HashMap::new(),
             skipped_shards: Vec::new(),
             touched_bytes: AtomicU64::new(0),
@@ -132,12 +144,47 @@ impl FeatureSet {
                 .ok_or_else(|| invalid("no 'image_index' tensor".to_string()))?;
             let (pooled, pooled_shape) = tensor_range(&path, &tensors, base, "pooled", Dtype::F16)?
                 .ok_or_else(|| invalid("no 'pooled' tensor".to_string()))?;
-            let spatial = tensor_range(&path, &tensors, base, "spatial", Dtype::F16)?;
+            let mut map_spans: Vec<(usize, TensorSpan)> = Vec::new();
+            for name in tensors.names() {
+                if let Some(stride) = name
+                    .strip_prefix("spatial_s")
+                    .and_then(|digits| digits.parse::<usize>().ok())
+                {
+                    let span = tensor_range(&path, &tensors, base, name, Dtype::F16)?
+                        .expect("the name was listed");
+                    if span.1.len() != 4 || span.1[0] != pooled_shape[0] {
+                        return Err(invalid(format!(
+                            "{name} has shape {:?}, expected [{}, channels, height, width]",
+                            span.1, pooled_shape[0]
+                        )));
+                    }
+                    map_spans.push((stride, span));
+                }
+            }
+            map_spans.sort_by_key(|(stride, _)| *stride);
+            let shapes: Vec<MapShape> = map_spans
+                .iter()
+                .map(|(stride, (_, shape))| MapShape {
+                    stride: *stride,
+                    channels: shape[1],
+                    height: shape[2],
+                    width: shape[3],
+                })
+                .collect();
+            let tiles = tensor_range(&path, &tensors, base, "tile", Dtype::I64)?;
+            if let Some((_, shape)) = &tiles
+                && shape.as_slice() != [pooled_shape[0], 4]
+            {
+                return Err(invalid(format!(
+                    "tile has shape {shape:?}, expected [{}, 4]",
+                    pooled_shape[0]
+                )));
+            }
             let n_rows = pooled_shape[0];
             let dim = pooled_shape.get(1).copied().unwrap_or(0);
             if set.shards.is_empty() {
                 set.feature_dim = dim;
-                set.spatial_shape = spatial.as_ref().map(|(_, s)| [s[1], s[2], s[3]]);
+                set.maps = shapes;
                 let (_, header) =
                     SafeTensors::read_metadata(&mmap).map_err(|e| invalid(e.to_string()))?;
                 set.metadata = header.metadata().clone().unwrap_or_default();
@@ -145,6 +192,11 @@ impl FeatureSet {
                 return Err(invalid(format!(
                     "feature dimension {dim}, but earlier shards have {}",
                     set.feature_dim
+                )));
+            } else if shapes != set.maps {
+                return Err(invalid(format!(
+                    "spatial maps {shapes:?}, but earlier shards have {:?}",
+                    set.maps
                 )));
             }
             let image_index: &[i64] = bytemuck::try_cast_slice(&mmap[index_range])
@@ -155,14 +207,13 @@ impl FeatureSet {
                     image_index.len()
                 )));
             }
-            for (name, range) in [
-                ("pooled", Some(&pooled)),
-                ("spatial", spatial.as_ref().map(|s| &s.0)),
-            ] {
-                if let Some(range) = range {
-                    bytemuck::try_cast_slice::<u8, f16>(&mmap[range.clone()])
-                        .map_err(|e| invalid(format!("{name}: {e}")))?;
-                }
+            for range in std::iter::once(&pooled).chain(map_spans.iter().map(|(_, s)| &s.0)) {
+                bytemuck::try_cast_slice::<u8, f16>(&mmap[range.clone()])
+                    .map_err(|e| invalid(format!("f16 tensor: {e}")))?;
+            }
+            if let Some((range, _)) = &tiles {
+                bytemuck::try_cast_slice::<u8, i64>(&mmap[range.clone()])
+                    .map_err(|e| invalid(format!("tile: {e}")))?;
             }
             let position = set.shards.len() as u32;
             rows.extend(
@@ -175,12 +226,14 @@ impl FeatureSet {
                 path,
                 mmap,
                 pooled,
-                spatial: spatial.map(|(range, _)| range),
+                maps: map_spans.into_iter().map(|(_, (range, _))| range).collect(),
+                tiles: tiles.map(|(range, _)| range),
             });
         }
         rows.sort_unstable();
         for pair in rows.windows(2) {
-            if pair[0].0 == pair[1].0 {
+            // Tiles of one image are rows of the same shard; two shards never share an image.
+            if pair[0].0 == pair[1].0 && pair[0].1 != pair[1].1 {
                 return Err(FeatureError::DuplicateImage {
                     dir: dir.to_path_buf(),
                     image_index: pair[0].0,
@@ -213,9 +266,9 @@ impl FeatureSet {
         self.feature_dim
     }
 
-    /// [channels, height, width] of the spatial maps, if the shards have them.
-    pub fn spatial_shape(&self) -> Option<[usize; 3]> {
-        self.spatial_shape
+    /// The spatial maps of every row, finest first (empty for pooled-only sets).
+    pub fn maps(&self) -> &[MapShape] {
+        &self.maps
     }
 
     /// The metadata of the first shard (encoder, weights, preprocessing, version).
@@ -308,16 +361,25 @@ impl FeatureSet {
         &values[start..start + self.feature_dim]
     }
 
-    /// The spatial map of one row, [channels, height, width] row-major.
-    pub fn spatial(&self, row: usize) -> Option<&[f16]> {
-        let [channels, height, width] = self.spatial_shape?;
-        let size = channels * height * width;
+    /// Map `map` (an index into `maps()`) of one row, [channels, height, width] row-major.
+    pub fn map(&self, row: usize, map: usize) -> &[f16] {
+        let shape = self.maps[map];
+        let size = shape.channels * shape.height * shape.width;
         self.touch(size * 2);
         let (shard, row_in_shard) = self.locations[row];
         let shard = &self.shards[shard as usize];
-        let range = shard.spatial.clone()?;
-        let values: &[f16] = bytemuck::cast_slice(&shard.mmap[range]);
+        let values: &[f16] = bytemuck::cast_slice(&shard.mmap[shard.maps[map].clone()]);
         let start = row_in_shard as usize * size;
-        Some(&values[start..start + size])
+        &values[start..start + size]
+    }
+
+    /// The tile of one row (x, y, width, height in the original image's
+    /// pixels); None in shards without tiles.
+    pub fn tile(&self, row: usize) -> Option<[u32; 4]> {
+        let (shard, row_in_shard) = self.locations[row];
+        let shard = &self.shards[shard as usize];
+        let values: &[i64] = bytemuck::cast_slice(&shard.mmap[shard.tiles.clone()?]);
+        let at = row_in_shard as usize * 4;
+        Some(std::array::from_fn(|i| values[at + i] as u32))
     }
 }

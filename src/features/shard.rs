@@ -19,8 +19,33 @@ pub struct ShardData<'a> {
     /// Pooled features, row-major [rows, feature_dim].
     pub pooled: &'a [f16],
     pub feature_dim: usize,
-    /// Optional spatial maps, row-major [rows, channels, height, width].
-    pub spatial: Option<(&'a [f16], [usize; 3])>,
+    /// Spatial maps and tile geometry, for dense tasks (`enqueue --spatial`).
+    pub spatial: Option<SpatialData<'a>>,
+}
+
+/// The spatial part of a shard: rows are tiles of images (an image small
+/// enough for one tile has one row), each with its maps.
+#[derive(Debug, Clone, Copy)]
+pub struct SpatialData<'a> {
+    /// Per row: x, y, width, height of its tile in the original image's pixels.
+    pub tiles: &'a [[i64; 4]],
+    /// Every map, finest first.
+    pub maps: &'a [MapData<'a>],
+}
+
+/// One spatial map of every row of a shard, stored as tensor `spatial_sSTRIDE`.
+#[derive(Debug, Clone, Copy)]
+pub struct MapData<'a> {
+    pub stride: usize,
+    /// Row-major [rows, channels, height, width].
+    pub values: &'a [f16],
+    /// [channels, height, width].
+    pub shape: [usize; 3],
+}
+
+/// The tensor name of a spatial map of this stride.
+pub fn map_tensor_name(stride: usize) -> String {
+    format!("spatial_s{stride}")
 }
 
 /// Which queue attempt produced a shard (for fencing and for the marker).
@@ -117,22 +142,45 @@ pub(crate) fn encode_shard(
             .map_err(|e| invalid(e.to_string()))?,
         ),
     ];
-    if let Some((values, [channels, height, width])) = data.spatial {
-        if values.len() != rows * channels * height * width {
+    let names: Vec<String> = data
+        .spatial
+        .iter()
+        .flat_map(|spatial| spatial.maps.iter().map(|map| map_tensor_name(map.stride)))
+        .collect();
+    if let Some(spatial) = data.spatial {
+        if spatial.tiles.len() != rows {
             return Err(invalid(format!(
-                "spatial has {} values, expected {rows}x{channels}x{height}x{width}",
-                values.len()
+                "{} tiles for {rows} rows",
+                spatial.tiles.len()
             )));
         }
         tensors.push((
-            "spatial",
+            "tile",
             TensorView::new(
-                Dtype::F16,
-                vec![rows, channels, height, width],
-                f16_bytes(values),
+                Dtype::I64,
+                vec![rows, 4],
+                bytemuck::cast_slice(spatial.tiles),
             )
             .map_err(|e| invalid(e.to_string()))?,
         ));
+        for (map, name) in spatial.maps.iter().zip(&names) {
+            let [channels, height, width] = map.shape;
+            if map.values.len() != rows * channels * height * width {
+                return Err(invalid(format!(
+                    "{name} has {} values, expected {rows}x{channels}x{height}x{width}",
+                    map.values.len()
+                )));
+            }
+            tensors.push((
+                name.as_str(),
+                TensorView::new(
+                    Dtype::F16,
+                    vec![rows, channels, height, width],
+                    f16_bytes(map.values),
+                )
+                .map_err(|e| invalid(e.to_string()))?,
+            ));
+        }
     }
     let bytes =
         safetensors::serialize(tensors, Some(metadata)).map_err(|e| invalid(e.to_string()))?;

@@ -138,14 +138,16 @@ impl Sampler {
     }
 }
 
-/// What a run learns: a classifier head (default), or an anomaly scorer fitted
-/// on normal images only (`anomaly` holds its settings).
+/// What a run learns: a classifier head over pooled features (default), an
+/// anomaly scorer fitted on normal images only (`anomaly` holds its
+/// settings), or a per-pixel head over spatial features (`enqueue --spatial`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     #[default]
     Classify,
     Anomaly,
+    Segment,
 }
 
 impl Task {
@@ -153,6 +155,7 @@ impl Task {
         match self {
             Task::Classify => "classify",
             Task::Anomaly => "anomaly",
+            Task::Segment => "segment",
         }
     }
 
@@ -171,6 +174,9 @@ pub struct EarlyStopping {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    /// `task = "anomaly"` or `"segment"` in TOML, `--task ...` on the command line.
+    #[serde(default, skip_serializing_if = "Task::is_classify")]
+    pub task: Task,
     pub head: HeadConfig,
     pub epochs: usize,
     pub learning_rate: f64,
@@ -199,8 +205,6 @@ pub struct TrainConfig {
     /// the seeded initialisation; see `warm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
-    #[serde(default, skip_serializing_if = "Task::is_classify")]
-    pub task: Task,
     /// The anomaly scorer's settings; present exactly when `task` is `anomaly`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomaly: Option<super::anomaly::AnomalyConfig>,
@@ -209,6 +213,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            task: Task::Classify,
             head: HeadConfig::Linear,
             epochs: 20,
             learning_rate: 1e-3,
@@ -228,7 +233,6 @@ impl Default for TrainConfig {
             seed: 0,
             label_map: BTreeMap::new(),
             init_from: None,
-            task: Task::Classify,
             anomaly: None,
         }
     }
@@ -285,10 +289,10 @@ impl TrainConfig {
             (Task::Anomaly, None) => {
                 return bad("task anomaly needs its settings (normal labels, scorer)".into());
             }
-            (Task::Classify, Some(_)) => {
-                return bad("anomaly settings given for task classify".into());
+            (task @ (Task::Classify | Task::Segment), Some(_)) => {
+                return bad(format!("anomaly settings given for task {}", task.name()));
             }
-            (Task::Classify, None) => {}
+            (Task::Classify | Task::Segment, None) => {}
         }
         if !self.monitor.starts_with("val/") {
             return bad(format!(

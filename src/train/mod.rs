@@ -50,6 +50,8 @@ pub enum TrainError {
     Dataset(#[from] DatasetError),
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Segment(Box<crate::segment::SegmentError>),
     #[error("writing run output failed: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -393,6 +393,9 @@ pub struct SweepOutcome {
     pub skipped: Vec<(String, String)>,
     /// Passes over the features: one per feature set (and label map).
     pub passes: usize,
+    /// Segmentation runs trained now (`task = "segment"`), one by one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub segmented: Vec<crate::segment::train::SegmentReport>,
     /// The comparison chart of the sweep's runs.
     pub charts: Vec<PathBuf>,
 }
@@ -415,7 +418,12 @@ pub fn sweep(
     let db = ExperimentsDb::open(layout)?;
     // Group heads by the features they read.
     let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    let mut segment_points = Vec::new();
     for (i, point) in sweep.points.iter().enumerate() {
+        if point.config.task == Task::Segment {
+            segment_points.push(i);
+            continue;
+        }
         groups
             .entry((point.dataset.clone(), point.encoder.clone()))
             .or_default()
@@ -428,6 +436,7 @@ pub fn sweep(
         anomaly: Vec::new(),
         skipped: Vec::new(),
         passes: 0,
+        segmented: Vec::new(),
         charts: Vec::new(),
     };
     for ((dataset, encoder), members) in groups {
@@ -501,8 +510,59 @@ pub fn sweep(
             .trained
             .extend(fit_and_finish(&data, runs, &options.fit)?);
     }
-    outcome.charts = sweep_chart(layout, &db, sweep, &options.chart_metric)?;
+    sweep_segment_points(layout, &db, sweep, &segment_points, options, &mut outcome)?;
+    // A sweep of segmentation heads has no accuracy: chart its Dice instead.
+    let chart_metric =
+        if segment_points.len() == sweep.points.len() && options.chart_metric == "test/accuracy" {
+            "test/dice"
+        } else {
+            options.chart_metric.as_str()
+        };
+    outcome.charts = sweep_chart(layout, &db, sweep, chart_metric)?;
     Ok(outcome)
+}
+
+/// Segmentation heads of a sweep: each its own run over the spatial
+/// features (finished configs are skipped unless `force`).
+fn sweep_segment_points(
+    layout: &Layout,
+    db: &ExperimentsDb,
+    sweep: &Sweep,
+    points: &[usize],
+    options: &SweepOptions,
+    outcome: &mut SweepOutcome,
+) -> Result<(), TrainError> {
+    use crate::segment::train as segment;
+    let mut seen = BTreeSet::new();
+    for &i in points {
+        let point = &sweep.points[i];
+        let fingerprint = segment::spatial_fingerprint(layout, &point.dataset, &point.encoder)
+            .map_err(|e| TrainError::Segment(Box::new(e)))?;
+        let config_hash = point.config.config_hash(&point.dataset, &fingerprint);
+        if !seen.insert(config_hash.clone()) {
+            continue;
+        }
+        if !options.force
+            && let Some(id) = db.find_finished(&config_hash)?
+        {
+            outcome.skipped.push((config_hash, id));
+            continue;
+        }
+        let request = segment::SegmentRequest {
+            dataset: point.dataset.clone(),
+            encoder: point.encoder.clone(),
+            fingerprint: Some(fingerprint),
+            experiment: sweep.name.clone(),
+            config: point.config.clone(),
+            device: options.fit.device.clone(),
+            progress: options.fit.progress,
+            extra_params: vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))],
+        };
+        let report =
+            segment::train(layout, &request).map_err(|e| TrainError::Segment(Box::new(e)))?;
+        outcome.segmented.push(report);
+    }
+    Ok(())
 }
 
 /// experiments/sweeps/<name>/comparison.svg|png: every configuration of the

@@ -441,17 +441,23 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     if let Some(v) = count("memory_budget")? {
         config.memory_budget_bytes = v as u64;
     }
-    if one_of("task", &["classify", "anomaly"])?.as_deref() == Some("anomaly") {
+    let task = one_of("task", &["classify", "anomaly", "segment"])?;
+    if task.as_deref() == Some("anomaly") {
         config.task = Task::Anomaly;
         config.anomaly = Some(anomaly_point(settings)?);
     } else if settings.get("task").is_none()
         && let Some(key) = ANOMALY_SETTINGS.iter().find(|k| settings.contains_key(**k))
     {
         // Without any task, anomaly settings mean a forgotten task = "anomaly";
-        // with a grid over task, classify points leave them aside.
+        // with a grid over task, other points leave them aside.
         return Err(format!(
             "{key} applies to task = \"anomaly\" only (add task = \"anomaly\")"
         ));
+    } else if task.as_deref() == Some("segment") {
+        config.task = Task::Segment;
+        if text("monitor")?.is_none() {
+            config.monitor = "val/dice".into();
+        }
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(SweepPoint {

@@ -196,7 +196,7 @@ impl HeadTrainer {
             total_weight,
         };
         let unscale = 1.0 / self.state.loss_scale;
-        let (mut gradients, norm_sq) = if self.uses_host_path() {
+        let (gradients, norm_sq) = if self.uses_host_path() {
             if self.host.is_none() {
                 self.host = Some(HostTrainer::load(
                     &self.head,
@@ -231,6 +231,20 @@ impl HeadTrainer {
             }
             (Gradients::Candle(grads), norm_sq)
         };
+        self.complete_step(gradients, norm_sq, unscale, total_steps)
+    }
+
+    /// The rest of a step once gradients and their squared norm are known
+    /// (`unscale` removes the loss scale from host-path gradients; candle
+    /// gradients arrive unscaled): overflow skip and loss-scale update,
+    /// clipping, the schedule's rate, the update.
+    fn complete_step(
+        &mut self,
+        mut gradients: Gradients,
+        norm_sq: f64,
+        unscale: f64,
+        total_steps: usize,
+    ) -> Result<(), TrainError> {
         let epoch = self.state.epochs_done;
         self.state.global_step += 1;
         if !norm_sq.is_finite() {
@@ -542,6 +556,36 @@ impl TargetRule {
             row[label] += (1.0 - self.smoothing) * scale;
         }
         targets
+    }
+}
+
+impl HeadTrainer {
+    /// The head's trainable parameters, in `head_tensors` order, for callers
+    /// that compute their own loss (segmentation) and call `apply_gradients`.
+    pub fn parameters(&self) -> &[Var] {
+        &self.parameters
+    }
+
+    /// One optimiser step from gradients of a caller's loss (multiplied by
+    /// `state.loss_scale`), one per parameter: the same unscaling, overflow
+    /// skip, clipping, schedule and update as `train_batch`.
+    pub fn apply_gradients(
+        &mut self,
+        mut grads: Vec<Tensor>,
+        total_steps: usize,
+    ) -> Result<(), TrainError> {
+        if self.state.loss_scale != 1.0 {
+            let unscale = 1.0 / self.state.loss_scale;
+            grads = grads
+                .iter()
+                .map(|g| g.affine(unscale, 0.0))
+                .collect::<Result<_, _>>()?;
+        }
+        let mut norm_sq = 0f64;
+        for g in &grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        self.complete_step(Gradients::Candle(grads), norm_sq, 1.0, total_steps)
     }
 }
 

@@ -1,0 +1,709 @@
+//! `train --task segment`: a per-position head (1×1 convolution, or a small
+//! MLP per position) over the encoder's feature maps. Coarser maps are
+//! upsampled bilinearly to the finest map's grid and concatenated (Lite0:
+//! stride 32 onto stride 16, 1280 + 112 channels); the head's logits are
+//! upsampled bilinearly to the mask resolution and trained with BCE plus
+//! soft Dice (binary masks) or cross-entropy plus soft Dice (index masks).
+//!
+//! The optimiser, schedule, early stopping and best-head bookkeeping are the
+//! classification trainer's (`HeadTrainer`); only the loss differs. Masks are
+//! read from the dataset once per run and resampled to the training
+//! resolution per tile; they never enter the feature shards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::SegmentError;
+use super::mask::read_mask;
+use super::metrics::PixelConfusion;
+use super::model::{
+    Geometry, HEAD_INFO_KEY, SegmentHeadInfo, loss, predicted_classes, upsample_operator,
+};
+use crate::dataset::{self, MaskKind, Split};
+use crate::experiments::{ExperimentsDb, ParamValue, RunStart, RunStatus};
+use crate::features::{FeatureSet, feature_dir};
+use crate::layout::Layout;
+use crate::train::config::{Task, TrainConfig};
+use crate::train::head::Head;
+use crate::train::run::{RunInputs, write_run_inputs};
+use crate::train::trainer::{BatchPlan, HeadTrainer};
+
+/// Finest grid cells per side are upsampled by this factor for the loss and
+/// the metrics (Lite0: 14 × 8 = 112 pixels per tile side).
+const MASK_UPSAMPLING: usize = 8;
+
+/// What `train --task segment` is asked to do.
+#[derive(Debug, Clone)]
+pub struct SegmentRequest {
+    pub dataset: String,
+    pub encoder: String,
+    /// The spatial feature folder; found by encoder when None.
+    pub fingerprint: Option<String>,
+    pub experiment: String,
+    pub config: TrainConfig,
+    pub device: Device,
+    /// One line per epoch on stderr.
+    pub progress: bool,
+    /// Extra params for experiments.db (a sweep's name).
+    pub extra_params: Vec<(String, ParamValue)>,
+}
+
+/// What a segmentation run did (also `metrics.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentReport {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub task: &'static str,
+    pub dataset: String,
+    pub fingerprint: String,
+    /// Rows (tiles) per split.
+    pub split_rows: BTreeMap<&'static str, usize>,
+    pub epochs_run: usize,
+    /// Zero-based epoch of the kept head.
+    pub best_epoch: usize,
+    pub plan: BatchPlan,
+    /// Per epoch: `train/loss`, `val/loss`, `val/dice`, `val/iou`, `val/pixel_accuracy`, ...
+    pub epochs: Vec<BTreeMap<String, f64>>,
+    /// `test/loss`, `test/dice`, `test/iou`, `test/pixel_accuracy` of the kept head.
+    pub test: BTreeMap<String, f64>,
+}
+
+/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache.
+fn map_tensors(
+    features: &FeatureSet,
+    rows: &[usize],
+    device: &Device,
+) -> Result<Vec<Tensor>, SegmentError> {
+    features
+        .maps()
+        .iter()
+        .enumerate()
+        .map(|(m, shape)| {
+            let mut values =
+                Vec::with_capacity(rows.len() * shape.channels * shape.height * shape.width);
+            for &row in rows {
+                values.extend(features.map(row, m).iter().map(|v| v.to_f32()));
+            }
+            Ok(Tensor::from_vec(
+                values,
+                (rows.len(), shape.channels, shape.height, shape.width),
+                device,
+            )?)
+        })
+        .collect()
+}
+
+/// The checked inputs of a run: feature rows per split and their masks.
+struct SegmentData {
+    features: FeatureSet,
+    fingerprint: String,
+    encoder: String,
+    info: SegmentHeadInfo,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    test: Vec<usize>,
+    /// Per feature row: classes at `resolution` x `resolution`.
+    targets: Vec<Vec<u8>>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+/// The spatial feature folder of `dataset` made by `encoder`.
+pub fn spatial_fingerprint(
+    layout: &Layout,
+    dataset: &str,
+    encoder: &str,
+) -> Result<String, SegmentError> {
+    let parent = layout.features_dir().join(dataset);
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&parent) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !entry.path().is_dir() || crate::atomic::is_temp_name(&name) {
+                continue;
+            }
+            let set = FeatureSet::open(&entry.path())?;
+            if !set.is_empty()
+                && !set.maps().is_empty()
+                && set.metadata().get("encoder").map(String::as_str) == Some(encoder)
+            {
+                found.push(name);
+            }
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(SegmentError::NoFeatures(format!(
+            "no spatial features of dataset {dataset} made by encoder {encoder} under {}; run \
+             `lazarus enqueue --dataset {dataset} --encoder {encoder} --spatial` and a worker",
+            parent.display()
+        ))),
+        many => Err(SegmentError::NoFeatures(format!(
+            "several spatial feature folders of dataset {dataset} made by {encoder} under {}, \
+             pick one with --fingerprint: {}",
+            parent.display(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// (feature row, classes at the training resolution) of one image's tiles.
+type TileTargets = Vec<(usize, Vec<u8>)>;
+
+fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, SegmentError> {
+    let dataset = dataset::load(layout, &request.dataset)?;
+    let fingerprint = match &request.fingerprint {
+        Some(fingerprint) => fingerprint.clone(),
+        None => spatial_fingerprint(layout, &request.dataset, &request.encoder)?,
+    };
+    let dir = feature_dir(layout, &request.dataset, &fingerprint);
+    let features = FeatureSet::open(&dir)?;
+    if features.maps().is_empty() {
+        return Err(SegmentError::NoFeatures(format!(
+            "{} holds pooled features only; segmentation needs `enqueue --spatial`",
+            dir.display()
+        )));
+    }
+    let encoder = features
+        .metadata()
+        .get("encoder")
+        .cloned()
+        .unwrap_or_default();
+    if encoder != request.encoder {
+        return Err(SegmentError::Invalid(format!(
+            "features {fingerprint} were made by encoder {encoder}, not {}",
+            request.encoder
+        )));
+    }
+    let maps = features.maps().to_vec();
+    let resolution = maps[0].height.max(maps[0].width) * MASK_UPSAMPLING;
+
+    // Masks: read each image's once, then resample each of its tiles.
+    let mut rows_by_image: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (row, &image) in features.image_indices().iter().enumerate() {
+        rows_by_image.entry(image).or_default().push(row);
+    }
+    let kind = dataset.info.mask_kind;
+    let per_image: Vec<Result<TileTargets, SegmentError>> = rows_by_image
+        .par_iter()
+        .map(|(&image, rows)| {
+            let record = dataset.images.get(image).ok_or_else(|| {
+                SegmentError::Invalid(format!(
+                    "feature row for image {image} is outside dataset {} ({} images)",
+                    request.dataset,
+                    dataset.images.len()
+                ))
+            })?;
+            let path = record.mask.as_ref().ok_or_else(|| SegmentError::Mask {
+                path: record.path.clone(),
+                message: format!("image has no mask in dataset {}", request.dataset),
+            })?;
+            let mask = read_mask(path, kind)?;
+            if (mask.width, mask.height) != (record.width, record.height) {
+                return Err(SegmentError::MaskSize {
+                    mask: path.clone(),
+                    mask_width: mask.width,
+                    mask_height: mask.height,
+                    image: record.path.clone(),
+                    image_width: record.width,
+                    image_height: record.height,
+                });
+            }
+            Ok(rows
+                .iter()
+                .map(|&row| {
+                    let tile = features
+                        .tile(row)
+                        .unwrap_or([0, 0, record.width, record.height]);
+                    (row, mask.tile_resized(tile, resolution as u32))
+                })
+                .collect())
+        })
+        .collect();
+    let mut targets = vec![Vec::new(); features.len()];
+    for result in per_image {
+        for (row, classes) in result? {
+            targets[row] = classes;
+        }
+    }
+    let outputs = match kind {
+        MaskKind::Binary => 1,
+        MaskKind::Index => {
+            let largest = targets.iter().flatten().copied().max().unwrap_or(0) as usize;
+            (largest + 1).max(2)
+        }
+    };
+
+    let mut splits: [Vec<usize>; 3] = Default::default();
+    for (row, &image) in features.image_indices().iter().enumerate() {
+        let position = match dataset.images[image].split {
+            Split::Train => 0,
+            Split::Val => 1,
+            Split::Test => 2,
+        };
+        splits[position].push(row);
+    }
+    let [train, val, test] = splits;
+    for (name, rows) in [("train", &train), ("val", &val), ("test", &test)] {
+        if rows.is_empty() {
+            return Err(SegmentError::Invalid(format!(
+                "split {name} of dataset {} has no images with spatial features",
+                request.dataset
+            )));
+        }
+    }
+
+    // Per-channel standardisation over every position of the training rows.
+    let channels: usize = maps.iter().map(|m| m.channels).sum();
+    let mut sums = vec![0f64; channels];
+    let mut squares = vec![0f64; channels];
+    let mut counts = vec![0f64; channels];
+    for &row in &train {
+        let mut offset = 0;
+        for (m, shape) in maps.iter().enumerate() {
+            let plane = shape.height * shape.width;
+            for (c, values) in features.map(row, m).chunks_exact(plane).enumerate() {
+                for v in values {
+                    let v = v.to_f64();
+                    if !v.is_finite() {
+                        return Err(SegmentError::Invalid(format!(
+                            "feature row {row} (image {}) holds NaN or inf",
+                            features.image_indices()[row]
+                        )));
+                    }
+                    sums[offset + c] += v;
+                    squares[offset + c] += v * v;
+                }
+                counts[offset + c] += plane as f64;
+            }
+            offset += shape.channels;
+        }
+    }
+    let mean: Vec<f32> = sums
+        .iter()
+        .zip(&counts)
+        .map(|(s, n)| (s / n) as f32)
+        .collect();
+    let std: Vec<f32> = (0..channels)
+        .map(|c| {
+            let variance = (squares[c] / counts[c] - (sums[c] / counts[c]).powi(2)).max(0.0);
+            let std = variance.sqrt() as f32;
+            if std > 1e-6 { std } else { 1.0 }
+        })
+        .collect();
+
+    let tiling = features
+        .metadata()
+        .get("tiling")
+        .and_then(|text| serde_json::from_str(text).ok());
+    let weights = features.metadata().get("weights").cloned();
+    Ok(SegmentData {
+        info: SegmentHeadInfo {
+            encoder: encoder.clone(),
+            fingerprint: fingerprint.clone(),
+            maps: maps
+                .iter()
+                .map(|m| [m.stride, m.channels, m.height, m.width])
+                .collect(),
+            outputs,
+            mask_kind: kind,
+            resolution,
+            tiling,
+            weights,
+        },
+        features,
+        fingerprint,
+        encoder,
+        train,
+        val,
+        test,
+        targets,
+        mean,
+        std,
+    })
+}
+
+/// Target tensor of rows: [n, pixels] of 0/1 for one output, one-hot
+/// [n, outputs, pixels] otherwise.
+fn target_tensor(
+    data: &SegmentData,
+    rows: &[usize],
+    device: &Device,
+) -> Result<Tensor, SegmentError> {
+    let pixels = data.info.resolution * data.info.resolution;
+    let outputs = data.info.outputs;
+    if outputs == 1 {
+        let values: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| data.targets[r].iter().map(|&c| c as f32))
+            .collect();
+        return Ok(Tensor::from_vec(values, (rows.len(), pixels), device)?);
+    }
+    let mut values = vec![0f32; rows.len() * outputs * pixels];
+    for (i, &row) in rows.iter().enumerate() {
+        for (pixel, &class) in data.targets[row].iter().enumerate() {
+            values[(i * outputs + class as usize) * pixels + pixel] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(
+        values,
+        (rows.len(), outputs, pixels),
+        device,
+    )?)
+}
+
+/// Logits of rows at the mask resolution: [n, outputs, resolution²].
+fn mask_logits(
+    geometry: &Geometry,
+    head: &Head,
+    upsample: &Tensor,
+    maps: &[Tensor],
+    dtype: DType,
+    dropout: Option<&mut ChaCha8Rng>,
+) -> Result<Tensor, SegmentError> {
+    let grid = geometry.grid_logits(head, maps, dtype, dropout)?;
+    let (n, outputs, cells) = grid.dims3()?;
+    let pixels = upsample.dim(1)?;
+    Ok(grid
+        .reshape((n * outputs, cells))?
+        .matmul(upsample)?
+        .reshape((n, outputs, pixels))?)
+}
+
+/// Loss and pixel metrics of a split with the head as it is.
+/// What scoring a split needs besides the head.
+struct Scoring<'a> {
+    data: &'a SegmentData,
+    geometry: &'a Geometry,
+    upsample: &'a Tensor,
+    micro_batch: usize,
+    device: &'a Device,
+}
+
+fn evaluate(
+    scoring: &Scoring<'_>,
+    head: &Head,
+    rows: &[usize],
+    split: &str,
+) -> Result<BTreeMap<String, f64>, SegmentError> {
+    let Scoring {
+        data,
+        geometry,
+        upsample,
+        micro_batch,
+        device,
+    } = *scoring;
+    let mut confusion = PixelConfusion::new(data.info.classes());
+    let mut loss_sum = 0f64;
+    for chunk in rows.chunks(micro_batch) {
+        let maps = map_tensors(&data.features, chunk, device)?;
+        let logits = mask_logits(geometry, head, upsample, &maps, DType::F32, None)?;
+        let targets = target_tensor(data, chunk, device)?;
+        loss_sum += loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        for (predicted, &row) in predicted_classes(&logits)?.iter().zip(chunk) {
+            confusion.add(&data.targets[row], predicted);
+        }
+    }
+    let mut metrics = confusion.metrics(split);
+    metrics.insert(format!("{split}/loss"), loss_sum / rows.len() as f64);
+    Ok(metrics)
+}
+
+/// Plans micro-batches for the budget: per example, the gathered maps, the
+/// upsampled and standardised positions (three f32 copies with gradients)
+/// and the logits at mask resolution with the loss's intermediates.
+fn plan(
+    data: &SegmentData,
+    config: &TrainConfig,
+    parameters: u64,
+) -> Result<BatchPlan, SegmentError> {
+    let info = &data.info;
+    let cells = (info.maps[0][2] * info.maps[0][3]) as u64;
+    let channels: u64 = info.maps.iter().map(|m| m[1] as u64).sum();
+    let raw: u64 = info.maps.iter().map(|m| (m[1] * m[2] * m[3]) as u64).sum();
+    let pixels = (info.resolution * info.resolution) as u64;
+    let per_example = 4 * (raw + 3 * cells * channels + 8 * pixels * info.outputs as u64);
+    let fixed = parameters * 4 * 9 + 4 * cells * pixels;
+    let budget = config.memory_budget_bytes;
+    let fits = budget.saturating_sub(fixed) / per_example;
+    if fits == 0 {
+        return Err(SegmentError::Invalid(format!(
+            "memory budget of {budget} bytes cannot hold one tile: {fixed} bytes of head and \
+             upsampling, {per_example} bytes per tile; raise --memory-budget"
+        )));
+    }
+    let micro_batch = config.batch_size.min(fits as usize).max(1);
+    Ok(BatchPlan {
+        micro_batch,
+        accumulation_steps: config.batch_size.div_ceil(micro_batch),
+        fixed_bytes: fixed,
+        per_example_bytes: per_example,
+    })
+}
+
+fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Trains a segmentation head as a new run and records it in experiments.db.
+pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
+    let mut config = request.config.clone();
+    config.task = Task::Segment;
+    if config.monitor == TrainConfig::default().monitor {
+        config.monitor = "val/dice".into();
+    }
+    config.validate()?;
+    let device = &request.device;
+    let data = load_data(layout, request)?;
+    let maps = data.features.maps().to_vec();
+    let geometry = Geometry::new(maps, &data.mean, &data.std, device)?;
+    let resolution = data.info.resolution;
+    let upsample = upsample_operator(geometry.grid, (resolution, resolution), device)?;
+
+    let mut parameters = 0u64;
+    let mut previous = geometry.channels as u64;
+    for size in config.head.layer_sizes(data.info.outputs) {
+        parameters += previous * size as u64 + size as u64;
+        previous = size as u64;
+    }
+    let plan = plan(&data, &config, parameters)?;
+    // Mapped pages beyond half the budget are released as training reads on.
+    data.features
+        .set_resident_limit(config.memory_budget_bytes / 2);
+    // Class weights do not apply to segmentation: the counts are unused.
+    let mut trainer = HeadTrainer::new(
+        config.clone(),
+        geometry.channels,
+        data.info.outputs,
+        &vec![0; data.info.outputs],
+        plan,
+        device,
+    )?;
+    let micro_batch = trainer.plan.micro_batch;
+    let scoring = Scoring {
+        data: &data,
+        geometry: &geometry,
+        upsample: &upsample,
+        micro_batch,
+        device,
+    };
+
+    let class_names: Vec<String> = match data.info.mask_kind {
+        MaskKind::Binary => vec!["background".into(), "foreground".into()],
+        MaskKind::Index => (0..data.info.outputs).map(|c| c.to_string()).collect(),
+    };
+    let inputs = RunInputs {
+        dataset: request.dataset.clone(),
+        fingerprint: data.fingerprint.clone(),
+        encoder: Some(data.encoder.clone()),
+        class_names,
+        config_hash: config.config_hash(&request.dataset, &data.fingerprint),
+        config: config.clone(),
+    };
+    let db = ExperimentsDb::open(layout)?;
+    let mut params = crate::train::session::params(&config, &request.dataset, &data.encoder);
+    params.push(("task".into(), Task::Segment.name().into()));
+    params.extend(request.extra_params.iter().cloned());
+    let handle = db.start_run(RunStart {
+        experiment: request.experiment.clone(),
+        dataset: request.dataset.clone(),
+        encoder_fingerprint: data.fingerprint.clone(),
+        config_hash: inputs.config_hash.clone(),
+        params,
+        tags: vec![
+            ("task".into(), Task::Segment.name().into()),
+            ("lazarus_version".into(), crate::VERSION.into()),
+        ],
+    })?;
+    write_run_inputs(handle.dir(), &inputs)?;
+
+    let batch_size = config.batch_size;
+    let steps_per_epoch = data.train.len().div_ceil(batch_size);
+    let total_steps = steps_per_epoch * config.epochs;
+    let dtype = config.precision.dtype();
+    while trainer.is_active() {
+        let epoch = trainer.state.epochs_done;
+        let mut order = data.train.clone();
+        order.shuffle(&mut seeded(config.seed, 2 * epoch as u64 + 1));
+        let mut dropout = seeded(config.seed, 2 * epoch as u64 + 2);
+        let mut loss_sum = 0f64;
+        for batch in order.chunks(batch_size) {
+            let mut accumulated: Option<Vec<Tensor>> = None;
+            for micro in batch.chunks(micro_batch) {
+                let maps = map_tensors(&data.features, micro, device)?;
+                let logits = mask_logits(
+                    &geometry,
+                    &trainer.head,
+                    &upsample,
+                    &maps,
+                    dtype,
+                    Some(&mut dropout),
+                )?;
+                let targets = target_tensor(&data, micro, device)?;
+                let micro_loss = loss(&logits.to_dtype(DType::F32)?, &targets)?;
+                loss_sum += micro_loss.to_scalar::<f32>()? as f64 * micro.len() as f64;
+                // Each micro-batch's mean, weighted by its share: the batch mean.
+                let share = micro.len() as f64 / batch.len() as f64;
+                let grads = micro_loss
+                    .affine(share * trainer.state.loss_scale, 0.0)?
+                    .backward()?;
+                let these = trainer
+                    .parameters()
+                    .iter()
+                    .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
+                    .collect::<Result<Vec<_>, _>>()?;
+                accumulated = Some(match accumulated {
+                    None => these,
+                    Some(sum) => sum
+                        .iter()
+                        .zip(&these)
+                        .map(|(a, b)| a + b)
+                        .collect::<Result<_, _>>()?,
+                });
+            }
+            trainer.apply_gradients(
+                accumulated.expect("a batch holds at least one tile"),
+                total_steps,
+            )?;
+        }
+        let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val")?;
+        metrics.insert("train/loss".into(), loss_sum / data.train.len() as f64);
+        trainer.end_epoch(metrics)?;
+        let logged = trainer.state.history.last().expect("end_epoch recorded it");
+        let values: Vec<(&str, f64)> = logged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        handle.log_metrics(epoch as u64 + 1, &values)?;
+        if request.progress {
+            eprintln!(
+                "epoch {}: train/loss {:.4}, val/loss {:.4}, val/dice {:.4}, val/iou {:.4}",
+                epoch + 1,
+                logged["train/loss"],
+                logged["val/loss"],
+                logged["val/dice"],
+                logged["val/iou"]
+            );
+        }
+    }
+    trainer.restore_best()?;
+    let test = evaluate(&scoring, &trainer.head, &data.test, "test")?;
+    let report = SegmentReport {
+        run_id: handle.id().to_string(),
+        run_dir: handle.dir().to_path_buf(),
+        task: Task::Segment.name(),
+        dataset: request.dataset.clone(),
+        fingerprint: data.fingerprint.clone(),
+        split_rows: BTreeMap::from([
+            ("train", data.train.len()),
+            ("val", data.val.len()),
+            ("test", data.test.len()),
+        ]),
+        epochs_run: trainer.state.epochs_done,
+        best_epoch: trainer.state.best_epoch,
+        plan: trainer.plan,
+        epochs: trainer.state.history.clone(),
+        test,
+    };
+    write_artifacts(&handle, &report, &config, &data, &trainer)?;
+    let mut summary: Vec<(String, f64)> =
+        report.test.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    if let Some(best) = report.epochs.get(report.best_epoch) {
+        summary.extend(
+            best.iter()
+                .filter(|(k, _)| k.starts_with("val/"))
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+    }
+    summary.push(("best_epoch".into(), report.best_epoch as f64 + 1.0));
+    summary.push(("epochs_run".into(), report.epochs_run as f64));
+    handle.finish(RunStatus::Finished, &summary)?;
+    Ok(report)
+}
+
+fn write_artifacts(
+    handle: &crate::experiments::RunHandle,
+    report: &SegmentReport,
+    config: &TrainConfig,
+    data: &SegmentData,
+    trainer: &HeadTrainer,
+) -> Result<(), SegmentError> {
+    let cpu = Device::Cpu;
+    let mut tensors = vec![
+        (
+            "input_mean".to_string(),
+            Tensor::from_slice(&data.mean, data.mean.len(), &cpu)?,
+        ),
+        (
+            "input_std".to_string(),
+            Tensor::from_slice(&data.std, data.std.len(), &cpu)?,
+        ),
+    ];
+    tensors.extend(trainer.head_tensors(false));
+    let metadata = HashMap::from([
+        (
+            HEAD_INFO_KEY.to_string(),
+            serde_json::to_string(&data.info).expect("head info serialises"),
+        ),
+        ("fingerprint".to_string(), data.fingerprint.clone()),
+        ("head".to_string(), config.head.name().to_string()),
+    ]);
+    let bytes = crate::train::checkpoint::safetensors_bytes(&tensors, Some(metadata))?;
+    handle.write_artifact("head.safetensors", &bytes)?;
+    let json = serde_json::to_vec_pretty(report).expect("report serialises");
+    handle.write_artifact("metrics.json", &json)?;
+    let toml = toml::to_string_pretty(config)
+        .map_err(|e| SegmentError::Invalid(format!("config as TOML: {e}")))?;
+    handle.write_artifact("config.toml", toml.as_bytes())?;
+    let card = serde_json::json!({
+        "run_id": report.run_id,
+        "lazarus_version": crate::VERSION,
+        "task": "semantic segmentation from frozen-encoder feature maps",
+        "dataset": report.dataset,
+        "encoder": data.encoder,
+        "encoder_fingerprint": report.fingerprint,
+        "mask_kind": data.info.mask_kind,
+        "split_tiles": report.split_rows,
+        "head": config.head.name(),
+        "best_epoch": report.best_epoch + 1,
+        "test_metrics": report.test,
+        "intended_use": "Masks for images like those of the training dataset, with the same \
+                         encoder, preprocessing and tiling; review them before use.",
+        "limitations": "The head sees the encoder's stride-16 (or patch) grid: boundaries are \
+                        interpolated and structures smaller than a grid cell may be missed. \
+                        Measured on one held-out split of one dataset.",
+    });
+    let json = serde_json::to_vec_pretty(&card).expect("card serialises");
+    handle.write_artifact("model_card.json", &json)?;
+    let points: Vec<crate::experiments::plots::EpochPoint> = report
+        .epochs
+        .iter()
+        .enumerate()
+        .map(|(epoch, m)| crate::experiments::plots::EpochPoint {
+            epoch: epoch as u64 + 1,
+            train_loss: m.get("train/loss").copied(),
+            validation_loss: m.get("val/loss").copied(),
+            validation_metric: m.get(&config.monitor).copied(),
+        })
+        .collect();
+    let plots = handle.dir().join("plots");
+    std::fs::create_dir_all(&plots).map_err(|source| SegmentError::Io {
+        path: plots.clone(),
+        source,
+    })?;
+    crate::experiments::plots::learning_curves(
+        &plots,
+        &crate::experiments::plots::LearningCurves {
+            metric_name: &config.monitor,
+            epochs: &points,
+        },
+    )?;
+    Ok(())
+}
