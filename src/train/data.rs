@@ -285,21 +285,40 @@ fn standardisation(features: &FeatureSet, rows: &[usize]) -> (Vec<f32>, Vec<f32>
     (mean.into_iter().map(|m| m as f32).collect(), std)
 }
 
+/// Rows one gather task converts: enough work to be worth a hand-off.
+const GATHER_ROWS_PER_TASK: usize = 64;
+
 impl TrainData {
     /// Standardised f32 copy of the given rows only: one batch at a time, so the
     /// cache is never copied whole into memory.
     pub fn gather(&self, rows: &[usize]) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.gather_into(rows, &mut out);
+        out
+    }
+
+    /// `gather` into a buffer the caller reuses from batch to batch: a fresh
+    /// megabyte-sized allocation per batch costs more in page faults than
+    /// the conversion itself.
+    pub fn gather_into(&self, rows: &[usize], out: &mut Vec<f32>) {
         use half::slice::HalfFloatSliceExt;
         let dim = self.features.feature_dim();
-        let mut out = vec![0f32; rows.len() * dim];
-        for (values, &row) in out.chunks_mut(dim).zip(rows) {
-            // Vectorised f16 -> f32 (F16C where the CPU has it), then standardise.
-            self.features.pooled(row).convert_to_f32_slice(values);
-            for ((v, mean), inverse_std) in values.iter_mut().zip(&self.mean).zip(&self.inverse_std)
-            {
-                *v = (*v - mean) * inverse_std;
-            }
-        }
-        out
+        use rayon::prelude::*;
+        out.resize(rows.len() * dim, 0.0);
+        // Conversion is most of a linear head's step: spread a batch's rows
+        // over the pool (each row is written by one thread, so the result
+        // does not depend on the split).
+        out.par_chunks_mut(dim)
+            .zip(rows.par_iter())
+            .with_min_len(GATHER_ROWS_PER_TASK)
+            .for_each(|(values, &row)| {
+                // Vectorised f16 -> f32 (F16C where the CPU has it), then standardise.
+                self.features.pooled(row).convert_to_f32_slice(values);
+                for ((v, mean), inverse_std) in
+                    values.iter_mut().zip(&self.mean).zip(&self.inverse_std)
+                {
+                    *v = (*v - mean) * inverse_std;
+                }
+            });
     }
 }

@@ -135,20 +135,16 @@ impl HostHead {
 
     /// Logits `[rows, classes]` of standardised rows, without dropout (evaluation).
     pub fn logits(&self, x: &[f32], rows: usize, threads: Threads) -> Vec<f32> {
-        let mut input = x.to_vec();
         let last = self.layers.len() - 1;
-        for (index, layer) in self.layers.iter().enumerate() {
-            let mut output = affine(layer, &input, rows, threads);
-            if index < last
-                && let Some(hidden) = self.hidden
-            {
-                for v in &mut output {
-                    *v = activate(hidden.activation, *v);
-                }
+        let mut output = affine(&self.layers[0], x, rows, threads);
+        for layer in &self.layers[1..=last] {
+            let hidden = self.hidden.expect("a head with hidden layers is an MLP");
+            for v in &mut output {
+                *v = activate(hidden.activation, *v);
             }
-            input = output;
+            output = affine(layer, &output, rows, threads);
         }
-        input
+        output
     }
 
     fn parameter_sizes(&self) -> Vec<usize> {
@@ -219,7 +215,10 @@ pub fn softmax_rows(values: &mut [f32], classes: usize) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for v in row.iter_mut() {
-            *v = (*v - max).exp();
+            // Below e^-87 the result is subnormal, where expf takes a slow
+            // path (confident heads hit it on every row); it is 0 to f32 sums.
+            let shifted = *v - max;
+            *v = if shifted < -87.0 { 0.0 } else { shifted.exp() };
             sum += *v;
         }
         for v in row.iter_mut() {

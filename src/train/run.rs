@@ -440,10 +440,11 @@ fn run_epoch(
         .map(|(_, t)| t)
         .zip(&mut dropout)
         .collect();
+    let mut values = Vec::new();
     for batch in order.chunks(stream.batch_size) {
         let rows: Vec<usize> = batch.iter().map(|&(r, _)| r).collect();
         let labels: Vec<usize> = batch.iter().map(|&(_, l)| l).collect();
-        let values = data.gather(&rows);
+        data.gather_into(&rows, &mut values);
         let tensor = if needs_tensor {
             Some(Tensor::from_slice(
                 &values,
@@ -540,8 +541,9 @@ fn evaluate(
     };
     let mut probabilities: Vec<Vec<f32>> =
         vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
+    let mut values = Vec::new();
     for rows in split.rows.chunks(EVAL_ROWS) {
-        let values = data.gather(rows);
+        data.gather_into(rows, &mut values);
         let tensor = if hosts.iter().any(Option::is_none) {
             Some(Tensor::from_slice(&values, (rows.len(), dim), device)?)
         } else {
