@@ -198,6 +198,21 @@ fn workers_publish_to_the_store_and_pull_brings_shards_home() {
         ],
     )));
     assert_eq!(again[0]["copied"], 0, "{again}");
+    let message = fails(lazarus(
+        root,
+        &[
+            "features",
+            "pull",
+            "--from",
+            &store_url,
+            "--dataset",
+            "other",
+        ],
+    ));
+    assert!(
+        message.contains("no published shards of dataset 'other'"),
+        "{message}"
+    );
 
     let trained = json(&ok(lazarus(
         root,

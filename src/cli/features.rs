@@ -43,11 +43,15 @@ fn pull(layout: &Layout, args: PullArgs) -> anyhow::Result<()> {
         &args.dataset,
         args.fingerprint.as_deref(),
     )?;
-    if pulled.is_empty() {
+    if pulled.iter().all(|folder| folder.published == 0) {
         anyhow::bail!(
-            "{}: no features of dataset '{}' in this store",
+            "{}: no published shards of dataset '{}'{} in this store",
             args.from,
-            args.dataset
+            args.dataset,
+            args.fingerprint
+                .as_deref()
+                .map(|f| format!(" under fingerprint {f}"))
+                .unwrap_or_default()
         );
     }
     if args.json {
