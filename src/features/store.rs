@@ -327,11 +327,11 @@ pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, Feature
                     "a file:// URL needs an absolute path (file:///ABSOLUTE/PATH); expected {STORE_URL_FORMS}"
                 )));
             }
-            open_object_store(url, "object-store")
+            open_object_store(url)
         }
         Some("s3") => {
             if cfg!(feature = "s3") {
-                open_object_store(url, "s3")
+                open_object_store(url)
             } else {
                 Err(refuse(
                     "s3:// needs a lazarus built with the `s3` cargo feature (cargo build --features s3)"
@@ -346,23 +346,16 @@ pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, Feature
 }
 
 #[cfg(feature = "object-store")]
-fn open_object_store(
-    url: &str,
-    _cargo_feature: &str,
-) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
+fn open_object_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
     Ok(std::sync::Arc::new(ObjectFeatureStore::from_url(url)?))
 }
 
 #[cfg(not(feature = "object-store"))]
-fn open_object_store(
-    url: &str,
-    cargo_feature: &str,
-) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
+fn open_object_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
     Err(FeatureError::Store {
         location: url.to_string(),
-        message: format!(
-            "this lazarus was built without the `{cargo_feature}` cargo feature, which feature stores need"
-        ),
+        message: "this lazarus was built without the `object-store` cargo feature, which feature stores need"
+            .to_string(),
     })
 }
 
