@@ -161,3 +161,28 @@ fn urls_without_a_backend_in_this_build_are_refused_by_name() {
     let err = ObjectFeatureStore::from_url("gopher://bucket/prefix").unwrap_err();
     assert!(err.to_string().contains("gopher://bucket/prefix"), "{err}");
 }
+
+#[test]
+fn folders_lists_sub_folders_alike_in_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/shared", dir.path().display());
+    let stores: Vec<Box<dyn FeatureStore>> = vec![
+        Box::new(in_memory()),
+        Box::new(ObjectFeatureStore::from_url(&url).unwrap()),
+        Box::new(LocalFeatureStore::new(dir.path().join("local"))),
+    ];
+    for store in &stores {
+        publish(store.as_ref(), 1, 0);
+        store
+            .write("cells/fedcba98", "shard-000002.done", b"{}")
+            .unwrap();
+        assert_eq!(store.folders("").unwrap(), ["cells"], "{store:?}");
+        assert_eq!(
+            store.folders("cells").unwrap(),
+            ["0123abcd", "fedcba98"],
+            "{store:?}"
+        );
+        assert!(store.folders(FOLDER).unwrap().is_empty(), "{store:?}");
+        assert!(store.folders("absent").unwrap().is_empty(), "{store:?}");
+    }
+}

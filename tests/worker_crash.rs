@@ -3,7 +3,8 @@
 //! restarted. At the end `verify` is clean, every image has exactly one row,
 //! and the pooled features are bit-identical to an uninterrupted run.
 //! The same test runs with the queue in SQLite and in PostgreSQL
-//! (`LAZARUS_TEST_POSTGRES`, required when `CI=true`).
+//! (`LAZARUS_TEST_POSTGRES`, required when `CI=true`), and with workers
+//! publishing to a `file://` feature store that is then pulled.
 
 mod support;
 
@@ -29,8 +30,12 @@ impl Random {
     }
 }
 
-fn spawn_worker(root: &Path, queue: Option<&str>, name: &str) -> Child {
-    support::queue_command(root, queue)
+fn spawn_worker(root: &Path, queue: Option<&str>, store: Option<&str>, name: &str) -> Child {
+    let mut command = support::queue_command(root, queue);
+    if let Some(url) = store {
+        command.env("LAZARUS_FEATURE_STORE", url);
+    }
+    command
         .args([
             "run-worker",
             "--until-empty",
@@ -76,7 +81,15 @@ fn feature_dir(root: &Path) -> PathBuf {
 
 #[test]
 fn killed_workers_lose_nothing_and_repeat_nothing_sqlite() {
-    killed_workers_lose_nothing_and_repeat_nothing(None);
+    killed_workers_lose_nothing_and_repeat_nothing(None, None);
+}
+
+/// Workers publishing to a `file://` feature store (object_store's local
+/// file system), pulled into ROOT/features before the comparison.
+#[cfg(feature = "object-store")]
+#[test]
+fn killed_workers_lose_nothing_and_repeat_nothing_feature_store() {
+    killed_workers_lose_nothing_and_repeat_nothing(None, Some("store"));
 }
 
 #[test]
@@ -85,13 +98,16 @@ fn killed_workers_lose_nothing_and_repeat_nothing_postgres() {
         return;
     };
     let schema = support::postgres::Schema::create(&server);
-    killed_workers_lose_nothing_and_repeat_nothing(Some(&schema.url));
+    killed_workers_lose_nothing_and_repeat_nothing(Some(&schema.url), None);
 }
 
-/// The reference run always uses its own SQLite queue; the interrupted one
-/// uses `queue` (PostgreSQL) when given.
-fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>) {
+/// The reference run always uses its own SQLite queue and ROOT/features; the
+/// interrupted one uses `queue` (PostgreSQL) when given, and publishes to a
+/// `file://` store in the folder `store` of the temp dir when given.
+fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>, store: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
+    let store_url = store.map(|name| format!("file://{}", dir.path().join(name).display()));
+    let store = store_url.as_deref();
     let tree = dir.path().join("tree");
     let mut seed = 0;
     for class in 0..4 {
@@ -120,7 +136,7 @@ fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>) {
     // The interrupted run: kill a random worker every 0.3 to 1.5 s, restart it.
     let mut random = Random(0x5eed_1234_abcd_ef01);
     let mut workers: Vec<Child> = (0..2)
-        .map(|i| spawn_worker(&crashed, queue, &format!("w{i}")))
+        .map(|i| spawn_worker(&crashed, queue, store, &format!("w{i}")))
         .collect();
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -133,18 +149,33 @@ fn killed_workers_lose_nothing_and_repeat_nothing(queue: Option<&str>) {
             kills += 1;
         }
         workers[victim].wait().unwrap();
-        workers[victim] = spawn_worker(&crashed, queue, &format!("w{victim}-{kills}"));
+        workers[victim] = spawn_worker(&crashed, queue, store, &format!("w{victim}-{kills}"));
     }
     for worker in &mut workers {
         assert!(worker.wait().unwrap().success());
     }
     // Jobs held by the last killed workers come back once their 2 s lease expires.
     std::thread::sleep(Duration::from_millis(2500));
-    ok(lazarus_on(
-        &crashed,
-        queue,
-        &["run-worker", "--until-empty"],
-    ));
+    let mut last = vec!["run-worker", "--until-empty"];
+    last.extend(store.iter().flat_map(|url| ["--feature-store", url]));
+    ok(lazarus_on(&crashed, queue, &last));
+    if let Some(url) = store {
+        let in_store = json(&ok(lazarus_on(
+            &crashed,
+            queue,
+            &["verify", "--feature-store", url, "--json"],
+        )));
+        assert_eq!(in_store["ok"], true, "{in_store}");
+        assert!(
+            !crashed.join("features").exists(),
+            "workers on a store write nothing under ROOT/features"
+        );
+        ok(lazarus_on(
+            &crashed,
+            queue,
+            &["features", "pull", "--from", url, "--dataset", "blobs"],
+        ));
+    }
 
     let status = json(&ok(lazarus_on(&crashed, queue, &["status", "--json"])));
     assert_eq!(status["jobs"]["done"], (IMAGES / 16) as u64, "{status}");

@@ -5,6 +5,7 @@ mod dataset;
 mod drift;
 mod encoders;
 mod experiments;
+mod features;
 mod predict;
 mod queue;
 mod review;
@@ -58,6 +59,9 @@ pub enum Command {
     Requeue(queue::RequeueArgs),
     /// Check feature shards against their .done markers and the queue; --repair re-queues what is wrong.
     Verify(queue::VerifyArgs),
+    /// Move feature shards between a shared feature store and ROOT/features.
+    #[command(subcommand)]
+    Features(features::FeaturesCommand),
     /// Train a head on cached features.
     Train(Box<train::TrainArgs>),
     /// Train a grid of heads in one pass over the cached features.
@@ -93,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => queue::status(&layout, args),
         Command::Requeue(args) => queue::requeue(&layout, args),
         Command::Verify(args) => queue::verify(&layout, args),
+        Command::Features(command) => features::run(&layout, command),
         Command::Train(args) => train::train(&layout, *args),
         Command::Sweep(args) => train::sweep(&layout, args),
         Command::Experiments(command) => experiments::run(&layout, command),

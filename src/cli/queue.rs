@@ -1,4 +1,4 @@
-//! `enqueue`, `run-worker`, `status`, `requeue`.
+//! `enqueue`, `run-worker`, `status`, `requeue`, `verify`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use lazarus::extract::report::{self, StatusReport};
 use lazarus::extract::run::{self, ExtractConfig, Extractor, Reporting};
 use lazarus::extract::verify::VerifyConfig;
 use lazarus::features::ReconcileConfig;
+use lazarus::features::store::{self, FeatureStore};
 use lazarus::layout::Layout;
 use lazarus::queue::RequeueFilter;
 use lazarus::queue::worker::{self, StopReason, WorkerConfig};
@@ -88,6 +89,15 @@ pub struct RunWorkerArgs {
     /// Images per encoder forward pass.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    /// Publish shards to this store instead of ROOT/features: file:///ABSOLUTE/PATH
+    /// (e.g. a shared mount) or s3://BUCKET/PREFIX (builds with the `s3` feature).
+    #[arg(
+        long,
+        env = "LAZARUS_FEATURE_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub feature_store: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +122,15 @@ pub struct VerifyArgs {
     /// (run it when no worker is writing).
     #[arg(long)]
     pub repair: bool,
+    /// Check the shards in this store instead of ROOT/features: file:///ABSOLUTE/PATH
+    /// (e.g. a shared mount) or s3://BUCKET/PREFIX (builds with the `s3` feature).
+    #[arg(
+        long,
+        env = "LAZARUS_FEATURE_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub feature_store: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -239,11 +258,13 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
             .build_global()
             .context("--threads: cannot size the thread pool")?;
     }
+    let feature_store = open_feature_store(args.feature_store.as_deref())?;
     let reporting = reporting(layout, args.json);
     let extract_config = ExtractConfig {
         device: device(args.device)?,
         batch_size: args.batch_size as usize,
         reporting: reporting.clone(),
+        feature_store: feature_store.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&stop);
@@ -252,7 +273,12 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
     let queue = layout.queue().open()?;
     let queue = queue.as_ref();
     let lease = Duration::from_secs(args.lease_secs);
-    let reconciled = run::reconcile(layout, queue, &ReconcileConfig { grace: lease })?;
+    let reconciled = run::reconcile(
+        layout,
+        queue,
+        &ReconcileConfig { grace: lease },
+        feature_store.as_deref(),
+    )?;
     if !args.json
         && (reconciled.removed_temp_files + reconciled.removed_unpublished > 0
             || !reconciled.reopened_jobs.is_empty())
@@ -308,6 +334,19 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
         report.stopped
     );
     Ok(())
+}
+
+/// The store a `--feature-store` value names; `None` (also for an empty
+/// value) means the local features/ folder.
+pub(super) fn open_feature_store(
+    url: Option<&str>,
+) -> anyhow::Result<Option<Arc<dyn FeatureStore>>> {
+    match url.filter(|url| !url.is_empty()) {
+        None => Ok(None),
+        Some(url) => Ok(Some(
+            store::open_store(url).context("--feature-store: cannot open the feature store")?,
+        )),
+    }
 }
 
 pub fn status(layout: &Layout, args: StatusArgs) -> anyhow::Result<()> {
@@ -431,6 +470,7 @@ pub fn verify(layout: &Layout, args: VerifyArgs) -> anyhow::Result<()> {
     let queue = layout.queue().open()?;
     let config = VerifyConfig {
         repair: args.repair,
+        feature_store: open_feature_store(args.feature_store.as_deref())?,
     };
     let report =
         lazarus::extract::verify::verify(layout, queue.as_ref(), args.dataset.as_deref(), config)?;

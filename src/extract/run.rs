@@ -8,7 +8,9 @@
 //! publishes it atomically, marker last. The queue records the job done only
 //! after the marker is durable. On start a worker reconciles: temp files and
 //! unpublished shards are removed, and done jobs whose shard is missing or
-//! corrupt go back to pending.
+//! corrupt go back to pending. With `--feature-store` the shard goes to the
+//! store's `DATASET/FINGERPRINT` folder through `store::publish_shard` (same
+//! order: shard, then marker) and reconciling checks the store instead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +26,7 @@ use super::plan::{ExtractPayload, fingerprint, spatial_preprocess};
 use super::{ExtractError, KIND_EXTRACT};
 use crate::dataset::{self, Dataset};
 use crate::encoders::{self, Encoder, WeightsSource};
+use crate::features::store::{self, FeatureStore};
 use crate::features::{self, JobRef, MapData, ReconcileConfig, ShardData, SpatialData};
 use crate::layout::Layout;
 use crate::queue::worker::Outcome;
@@ -38,6 +41,9 @@ pub struct ExtractConfig {
     pub batch_size: usize,
     /// How finished work is reported on stderr.
     pub reporting: Reporting,
+    /// Where shards are published: `None` for the local features/ folder,
+    /// or a shared store (`--feature-store`).
+    pub feature_store: Option<Arc<dyn FeatureStore>>,
 }
 
 /// Progress output of a worker.
@@ -56,6 +62,7 @@ impl Default for ExtractConfig {
             device: Device::Cpu,
             batch_size: 16,
             reporting: Reporting::Silent,
+            feature_store: None,
         }
     }
 }
@@ -293,13 +300,30 @@ impl Extractor {
             "attempt": lease.attempt,
         });
         if rows > 0 {
-            let dir = features::feature_dir(&self.layout, &payload.dataset, &payload.fingerprint);
             let job = JobRef {
                 job_id: lease.job_id,
                 attempt: lease.attempt,
             };
-            let marker = features::write_shard(&dir, lease.job_id as u64, data, metadata, job)
-                .map_err(|e| e.to_string())?;
+            let shard_index = lease.job_id as u64;
+            let published = match &self.config.feature_store {
+                None => {
+                    let dir =
+                        features::feature_dir(&self.layout, &payload.dataset, &payload.fingerprint);
+                    features::write_shard(&dir, shard_index, data, metadata, job)
+                }
+                Some(feature_store) => {
+                    let folder = store::store_folder(&payload.dataset, &payload.fingerprint);
+                    store::publish_shard(
+                        feature_store.as_ref(),
+                        &folder,
+                        shard_index,
+                        data,
+                        metadata,
+                        job,
+                    )
+                }
+            };
+            let marker = published.map_err(|e| e.to_string())?;
             detail["shard"] = serde_json::Value::String(marker.shard);
         }
         Ok(Some(JobResult { failures, detail }))
@@ -480,30 +504,48 @@ pub struct ReconcileSummary {
 /// `config.grace`, corrupt shards) and sends done jobs whose shard is not
 /// valid back to pending. Workers run it at start, with the lease length as
 /// the grace period, so files of workers still writing are left alone.
+/// With `feature_store`, the folders checked are the store's (where such
+/// workers publish) and the local features/ folder is not touched.
 pub fn reconcile(
     layout: &Layout,
     queue: &dyn Queue,
     config: &ReconcileConfig,
+    feature_store: Option<&dyn FeatureStore>,
 ) -> Result<ReconcileSummary, ExtractError> {
     let mut summary = ReconcileSummary::default();
     let done = queue.done_jobs(KIND_EXTRACT, None)?;
-    let mut by_dir: HashMap<std::path::PathBuf, Vec<(i64, usize)>> = HashMap::new();
+    // (dataset, fingerprint) -> done jobs and the rows each wrote.
+    let mut by_folder: HashMap<(String, String), Vec<(i64, usize)>> = HashMap::new();
     for job in &done {
         let Ok(payload) = serde_json::from_str::<ExtractPayload>(&job.payload) else {
             continue;
         };
         let rows = done_rows(job.result.as_deref());
-        let dir = features::feature_dir(layout, &payload.dataset, &payload.fingerprint);
-        by_dir.entry(dir).or_default().push((job.id, rows));
+        by_folder
+            .entry((payload.dataset, payload.fingerprint))
+            .or_default()
+            .push((job.id, rows));
     }
     let mut reopen = Vec::new();
-    for (dir, jobs) in by_dir {
-        let report = features::reconcile(&dir, config)?;
-        summary.removed_temp_files += report.removed_temp_files.len();
-        summary.removed_unpublished += report.removed_unpublished.len();
+    for ((dataset, fingerprint), jobs) in by_folder {
+        let valid = match feature_store {
+            None => {
+                let dir = features::feature_dir(layout, &dataset, &fingerprint);
+                let report = features::reconcile(&dir, config)?;
+                summary.removed_temp_files += report.removed_temp_files.len();
+                summary.removed_unpublished += report.removed_unpublished.len();
+                report.valid
+            }
+            Some(feature_store) => {
+                let folder = store::store_folder(&dataset, &fingerprint);
+                let report = store::reconcile_store(feature_store, &folder, config.grace)?;
+                summary.removed_unpublished += report.removed_unpublished.len();
+                report.valid
+            }
+        };
         for (job_id, rows) in jobs {
             // A job whose images all failed has no shard, and that is fine.
-            if rows > 0 && !report.valid.contains(&(job_id as u64)) {
+            if rows > 0 && !valid.contains(&(job_id as u64)) {
                 reopen.push(job_id);
             }
         }

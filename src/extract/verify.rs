@@ -2,14 +2,20 @@
 //! record of what should exist: each image of a live extraction job has
 //! exactly one row, except the images its done job reported as failed.
 //! With repair, what is wrong goes back to the queue and stale files go.
+//! The shards are read from the local features/ folder, or from the store
+//! workers published to (`VerifyConfig::feature_store`).
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::plan::ExtractPayload;
 use super::{ExtractError, KIND_EXTRACT};
-use crate::features::{self, ReconcileConfig};
+use crate::features::store::{self, FeatureStore};
+use crate::features::{self, FeatureError, ReconcileConfig};
 use crate::layout::Layout;
 use crate::queue::{JobResult, Queue};
 
@@ -46,12 +52,77 @@ pub struct Verification {
     pub groups: Vec<GroupVerification>,
 }
 
-/// Whether `verify` repairs what it finds.
-#[derive(Debug, Clone, Copy, Default)]
+/// Whether `verify` repairs what it finds, and where the shards are.
+#[derive(Debug, Clone, Default)]
 pub struct VerifyConfig {
     /// Reopen done jobs whose shard is missing or corrupt, remove stale
     /// shards and leftovers. Run it when no worker is writing.
     pub repair: bool,
+    /// The store workers published to (`--feature-store`); `None` for the
+    /// local features/ folder.
+    pub feature_store: Option<Arc<dyn FeatureStore>>,
+}
+
+/// The shards of one group: a local folder or a folder of a store.
+enum Shards<'a> {
+    Local(PathBuf),
+    Store(&'a dyn FeatureStore, String),
+}
+
+impl Shards<'_> {
+    fn marked(&self) -> Result<Vec<u64>, FeatureError> {
+        match self {
+            Shards::Local(dir) => features::marked_shards(dir),
+            Shards::Store(store, folder) => store::published_shards(*store, folder),
+        }
+    }
+
+    /// Removes a shard, marker first.
+    fn remove(&self, index: u64) -> Result<(), FeatureError> {
+        for name in [
+            features::done_file_name(index),
+            features::shard_file_name(index),
+        ] {
+            match self {
+                Shards::Local(dir) => {
+                    let path = dir.join(name);
+                    if let Err(err) = std::fs::remove_file(&path)
+                        && err.kind() != std::io::ErrorKind::NotFound
+                    {
+                        return Err(FeatureError::Io { path, source: err });
+                    }
+                }
+                Shards::Store(store, folder) => store.remove(folder, &name)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes leftovers and corrupt shards at once; returns the valid shards.
+    fn reconcile(&self) -> Result<BTreeSet<u64>, FeatureError> {
+        let valid = match self {
+            Shards::Local(dir) => {
+                features::reconcile(
+                    dir,
+                    &ReconcileConfig {
+                        grace: Duration::ZERO,
+                    },
+                )?
+                .valid
+            }
+            Shards::Store(store, folder) => {
+                store::reconcile_store(*store, folder, Duration::ZERO)?.valid
+            }
+        };
+        Ok(valid.into_iter().collect())
+    }
+
+    fn verify(&self, expected: &[usize]) -> Result<features::VerifyReport, FeatureError> {
+        match self {
+            Shards::Local(dir) => features::verify(dir, expected),
+            Shards::Store(store, folder) => features::verify_store(*store, folder, expected),
+        }
+    }
 }
 
 fn failed_items(result: Option<&str>) -> Vec<usize> {
@@ -113,33 +184,28 @@ pub fn verify(
                 expected.remove(image);
             }
         }
-        let dir = features::feature_dir(layout, &group.group, &group.fingerprint);
-        let mut stale_shards: Vec<u64> = features::marked_shards(&dir)?
+        let shards = match &config.feature_store {
+            None => Shards::Local(features::feature_dir(
+                layout,
+                &group.group,
+                &group.fingerprint,
+            )),
+            Some(feature_store) => Shards::Store(
+                feature_store.as_ref(),
+                store::store_folder(&group.group, &group.fingerprint),
+            ),
+        };
+        let mut stale_shards: Vec<u64> = shards
+            .marked()?
             .into_iter()
             .filter(|index| !done_here.contains_key(index))
             .collect();
         let mut reopened_jobs = Vec::new();
         if config.repair {
             for &index in &stale_shards {
-                for name in [
-                    features::done_file_name(index),
-                    features::shard_file_name(index),
-                ] {
-                    let path = dir.join(name);
-                    if let Err(err) = std::fs::remove_file(&path)
-                        && err.kind() != std::io::ErrorKind::NotFound
-                    {
-                        return Err(features::FeatureError::Io { path, source: err }.into());
-                    }
-                }
+                shards.remove(index)?;
             }
-            let reconciled = features::reconcile(
-                &dir,
-                &ReconcileConfig {
-                    grace: std::time::Duration::ZERO,
-                },
-            )?;
-            let valid: BTreeSet<u64> = reconciled.valid.into_iter().collect();
+            let valid = shards.reconcile()?;
             // A done job whose every image failed has no shard by design.
             reopened_jobs = done_here
                 .iter()
@@ -151,7 +217,7 @@ pub fn verify(
             stale_shards.clear();
         }
         let expected: Vec<usize> = expected.into_iter().collect();
-        let report = features::verify(&dir, &expected)?;
+        let report = shards.verify(&expected)?;
         groups.push(GroupVerification {
             dataset: group.group.clone(),
             encoder: group.variant.clone(),

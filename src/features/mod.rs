@@ -114,57 +114,109 @@ pub struct VerifyReport {
 /// expected manifest indices: each exactly once. Reads only; repairs are the
 /// caller's (see `reconcile`).
 pub fn verify(dir: &Path, expected: &[usize]) -> Result<VerifyReport, FeatureError> {
-    let mut report = VerifyReport::default();
-    let mut holders: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+    let mut tally = RowTally::default();
     if dir.exists() {
         for shard_index in marked_shards(dir)? {
             if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Checksum) {
-                report.corrupt.push((shard_index, reason));
+                tally.report.corrupt.push((shard_index, reason));
                 continue;
             }
             let path = dir.join(shard_file_name(shard_index));
             let bytes = std::fs::read(&path).map_err(|e| FeatureError::io(&path, e))?;
-            let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-                FeatureError::InvalidShard {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-            let view = tensors
-                .tensor("image_index")
-                .map_err(|e| FeatureError::InvalidShard {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            for chunk in view.data().chunks_exact(8) {
-                let image = i64::from_le_bytes(chunk.try_into().expect("8 bytes")) as usize;
-                let shards = holders.entry(image).or_default();
-                // Tiles of one image are several rows of the same shard.
-                if shards.last() != Some(&shard_index) {
-                    shards.push(shard_index);
-                }
-                report.rows += 1;
-            }
+            tally.add_shard(&path, shard_index, &bytes)?;
         }
     }
-    let expected_set: std::collections::BTreeSet<usize> = expected.iter().copied().collect();
-    report.missing = expected_set
-        .iter()
-        .filter(|image| !holders.contains_key(image))
-        .copied()
-        .collect();
-    report.unexpected = holders
-        .keys()
-        .filter(|image| !expected_set.contains(image))
-        .copied()
-        .collect();
-    report.duplicates = holders
-        .into_iter()
-        .filter(|(_, shards)| shards.len() > 1)
-        .collect();
-    report.ok = report.missing.is_empty()
-        && report.duplicates.is_empty()
-        && report.corrupt.is_empty()
-        && report.unexpected.is_empty();
-    Ok(report)
+    Ok(tally.finish(expected))
+}
+
+/// [`verify`] for a folder of a [`store::FeatureStore`]: every published
+/// shard against its marker (full checksum) and the expected indices.
+pub fn verify_store(
+    store: &dyn store::FeatureStore,
+    folder: &str,
+    expected: &[usize],
+) -> Result<VerifyReport, FeatureError> {
+    let mut tally = RowTally::default();
+    for shard_index in store::published_shards(store, folder)? {
+        if let Err(reason) =
+            store::check_stored_shard(store, folder, shard_index, CheckLevel::Checksum)
+        {
+            tally.report.corrupt.push((shard_index, reason));
+            continue;
+        }
+        let name = shard_file_name(shard_index);
+        let path = PathBuf::from(store.describe(folder, &name));
+        let Some(bytes) = store.read(folder, &name)? else {
+            tally.report.corrupt.push((
+                shard_index,
+                format!("{}: removed while verifying", path.display()),
+            ));
+            continue;
+        };
+        tally.add_shard(&path, shard_index, &bytes)?;
+    }
+    Ok(tally.finish(expected))
+}
+
+/// The rows of the shards `verify` has read so far, by manifest index.
+#[derive(Default)]
+struct RowTally {
+    report: VerifyReport,
+    holders: BTreeMap<usize, Vec<u64>>,
+}
+
+impl RowTally {
+    fn add_shard(
+        &mut self,
+        path: &Path,
+        shard_index: u64,
+        bytes: &[u8],
+    ) -> Result<(), FeatureError> {
+        let invalid = |message: String| FeatureError::InvalidShard {
+            path: path.to_path_buf(),
+            message,
+        };
+        let tensors =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
+        let view = tensors
+            .tensor("image_index")
+            .map_err(|e| invalid(e.to_string()))?;
+        for chunk in view.data().chunks_exact(8) {
+            let image = i64::from_le_bytes(chunk.try_into().expect("8 bytes")) as usize;
+            let shards = self.holders.entry(image).or_default();
+            // Tiles of one image are several rows of the same shard.
+            if shards.last() != Some(&shard_index) {
+                shards.push(shard_index);
+            }
+            self.report.rows += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(self, expected: &[usize]) -> VerifyReport {
+        let RowTally {
+            mut report,
+            holders,
+        } = self;
+        let expected_set: std::collections::BTreeSet<usize> = expected.iter().copied().collect();
+        report.missing = expected_set
+            .iter()
+            .filter(|image| !holders.contains_key(image))
+            .copied()
+            .collect();
+        report.unexpected = holders
+            .keys()
+            .filter(|image| !expected_set.contains(image))
+            .copied()
+            .collect();
+        report.duplicates = holders
+            .into_iter()
+            .filter(|(_, shards)| shards.len() > 1)
+            .collect();
+        report.ok = report.missing.is_empty()
+            && report.duplicates.is_empty()
+            && report.corrupt.is_empty()
+            && report.unexpected.is_empty();
+        report
+    }
 }

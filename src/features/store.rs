@@ -34,6 +34,8 @@ pub struct StoredFile {
 pub trait FeatureStore: Send + Sync + std::fmt::Debug {
     /// How messages name a file of this store.
     fn describe(&self, folder: &str, name: &str) -> String;
+    /// The names of the sub-folders of `parent` ("" for the top), sorted.
+    fn folders(&self, parent: &str) -> Result<Vec<String>, FeatureError>;
     /// The files of a folder; a folder that does not exist has none.
     fn list(&self, folder: &str) -> Result<Vec<StoredFile>, FeatureError>;
     /// A file's bytes; `None` when it does not exist.
@@ -63,6 +65,25 @@ impl LocalFeatureStore {
 impl FeatureStore for LocalFeatureStore {
     fn describe(&self, folder: &str, name: &str) -> String {
         self.path(folder, name).display().to_string()
+    }
+
+    fn folders(&self, parent: &str) -> Result<Vec<String>, FeatureError> {
+        let dir = self.root.join(parent);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(FeatureError::io(&dir, err)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| FeatureError::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && !crate::atomic::is_temp_name(&name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
     }
 
     fn list(&self, folder: &str) -> Result<Vec<StoredFile>, FeatureError> {
@@ -284,6 +305,108 @@ pub fn download(
     Ok(copied)
 }
 
+/// The URL forms `--feature-store` accepts, for messages.
+pub const STORE_URL_FORMS: &str = "file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX";
+
+/// Opens the store a `--feature-store` URL names: `file:///ABSOLUTE/PATH`
+/// (a shared mount, through object_store's local file system) or
+/// `s3://BUCKET/PREFIX` (builds with the `s3` feature; credentials and
+/// endpoint from the `AWS_*` variables).
+pub fn open_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
+    let refuse = |message: String| FeatureError::Store {
+        location: url.to_string(),
+        message,
+    };
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("file") => {
+            if !url["file://".len()..].starts_with('/') {
+                return Err(refuse(format!(
+                    "a file:// URL needs an absolute path (file:///ABSOLUTE/PATH); expected {STORE_URL_FORMS}"
+                )));
+            }
+            open_object_store(url)
+        }
+        Some("s3") => {
+            if cfg!(feature = "s3") {
+                open_object_store(url)
+            } else {
+                Err(refuse(
+                    "s3:// needs a lazarus built with the `s3` cargo feature (cargo build --features s3)"
+                        .to_string(),
+                ))
+            }
+        }
+        _ => Err(refuse(format!(
+            "not a feature store URL; expected {STORE_URL_FORMS}"
+        ))),
+    }
+}
+
+#[cfg(feature = "object-store")]
+fn open_object_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
+    Ok(std::sync::Arc::new(ObjectFeatureStore::from_url(url)?))
+}
+
+#[cfg(not(feature = "object-store"))]
+fn open_object_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, FeatureError> {
+    Err(FeatureError::Store {
+        location: url.to_string(),
+        message: "this lazarus was built without the `object-store` cargo feature, which feature stores need"
+            .to_string(),
+    })
+}
+
+/// The store folder of one dataset's features under one fingerprint.
+pub fn store_folder(dataset: &str, fingerprint: &str) -> String {
+    format!("{dataset}/{fingerprint}")
+}
+
+/// What [`pull`] did for one fingerprint folder.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PulledFolder {
+    pub dataset: String,
+    pub fingerprint: String,
+    /// Shards with a `.done` marker in the store.
+    pub published: usize,
+    /// Shards copied now (the others were already here with the same checksum,
+    /// or failed their size check in the store).
+    pub copied: usize,
+}
+
+/// Mirrors the published shards of `dataset` (one fingerprint, or every
+/// fingerprint the store has) into `features_root/DATASET/FINGERPRINT`, so
+/// that training and prediction map them locally. Each file is written
+/// atomically, shard before marker, so a killed pull leaves nothing a reader
+/// takes for published; a second pull copies only what changed.
+pub fn pull(
+    store: &dyn FeatureStore,
+    features_root: &Path,
+    dataset: &str,
+    fingerprint: Option<&str>,
+) -> Result<Vec<PulledFolder>, FeatureError> {
+    let fingerprints = match fingerprint {
+        Some(fingerprint) => vec![fingerprint.to_string()],
+        None => store.folders(dataset)?,
+    };
+    let mut pulled = Vec::new();
+    for fingerprint in fingerprints {
+        let folder = store_folder(dataset, &fingerprint);
+        let published = published_shards(store, &folder)?.len();
+        let local_dir = features_root.join(dataset).join(&fingerprint);
+        let copied = download(store, &folder, &local_dir)?;
+        pulled.push(PulledFolder {
+            dataset: dataset.to_string(),
+            fingerprint,
+            published,
+            copied,
+        });
+    }
+    Ok(pulled)
+}
+
 #[cfg(feature = "object-store")]
 pub use object::ObjectFeatureStore;
 
@@ -374,6 +497,21 @@ mod object {
     impl FeatureStore for ObjectFeatureStore {
         fn describe(&self, folder: &str, name: &str) -> String {
             format!("{} ({})", self.location(folder, name), self.name)
+        }
+
+        fn folders(&self, parent: &str) -> Result<Vec<String>, FeatureError> {
+            let prefix = self.location(parent, "");
+            let listing = self
+                .runtime
+                .block_on(self.store.list_with_delimiter(Some(&prefix)))
+                .map_err(|e| self.error(parent, "", e))?;
+            let mut names: Vec<String> = listing
+                .common_prefixes
+                .iter()
+                .filter_map(|path| path.filename().map(str::to_string))
+                .collect();
+            names.sort();
+            Ok(names)
         }
 
         fn list(&self, folder: &str) -> Result<Vec<StoredFile>, FeatureError> {

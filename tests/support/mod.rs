@@ -32,6 +32,8 @@ pub fn queue_command(root: &Path, queue: Option<&str>) -> Command {
         Some(url) => command.env("LAZARUS_QUEUE", url),
         None => command.env_remove("LAZARUS_QUEUE"),
     };
+    // Nor a shared feature store test shards; tests that use one pass it.
+    command.env_remove("LAZARUS_FEATURE_STORE");
     command
 }
 
