@@ -26,7 +26,7 @@ use super::head::Head;
 
 /// Matmuls with fewer multiply-adds than this run on the calling thread:
 /// below it, waking the pool costs more than it saves.
-const PARALLEL_MIN_MULTIPLY_ADDS: usize = 1 << 22;
+const PARALLEL_MIN_MULTIPLY_ADDS: usize = 1 << 20;
 
 /// Who runs a head's matmuls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

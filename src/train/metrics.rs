@@ -335,11 +335,20 @@ pub fn split_metrics(
     // Balanced accuracy averages recall over classes present in this split.
     let balanced = present.iter().map(|&c| scores[c].recall).sum::<f64>() / present.len() as f64;
     out.insert(format!("{split}/balanced_accuracy"), balanced);
-    for (class, (name, s)) in class_names.iter().zip(&scores).enumerate() {
+    // One sort per class over the whole split: the costliest metric, so
+    // the classes run in parallel.
+    let aucs: Vec<Option<f64>> = {
+        use rayon::prelude::*;
+        (0..predictions.class_count)
+            .into_par_iter()
+            .map(|class| roc_auc_one_vs_rest(predictions, class))
+            .collect()
+    };
+    for ((name, s), auc) in class_names.iter().zip(&scores).zip(aucs) {
         out.insert(format!("{split}/precision/{name}"), s.precision);
         out.insert(format!("{split}/recall/{name}"), s.recall);
         out.insert(format!("{split}/f1/{name}"), s.f1);
-        if let Some(auc) = roc_auc_one_vs_rest(predictions, class) {
+        if let Some(auc) = auc {
             out.insert(format!("{split}/roc_auc/{name}"), auc);
         }
     }

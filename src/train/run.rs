@@ -571,7 +571,7 @@ fn evaluate(
             })?;
     }
     probabilities
-        .iter()
+        .par_iter()
         .map(|p| {
             let predictions = Predictions {
                 probabilities: p,
