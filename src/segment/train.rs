@@ -554,22 +554,10 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
                 loss_sum += micro_loss.to_scalar::<f32>()? as f64 * micro.len() as f64;
                 // Each micro-batch's mean, weighted by its share: the batch mean.
                 let share = micro.len() as f64 / batch.len() as f64;
-                let grads = micro_loss
-                    .affine(share * trainer.state.loss_scale, 0.0)?
-                    .backward()?;
-                let these = trainer
-                    .parameters()
-                    .iter()
-                    .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
-                    .collect::<Result<Vec<_>, _>>()?;
-                accumulated = Some(match accumulated {
-                    None => these,
-                    Some(sum) => sum
-                        .iter()
-                        .zip(&these)
-                        .map(|(a, b)| a + b)
-                        .collect::<Result<_, _>>()?,
-                });
+                accumulated = Some(trainer.accumulate_gradients(
+                    &micro_loss.affine(share * trainer.state.loss_scale, 0.0)?,
+                    accumulated,
+                )?);
             }
             trainer.apply_gradients(
                 accumulated.expect("a batch holds at least one tile"),
@@ -613,17 +601,12 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         test,
     };
     write_artifacts(&handle, &report, &config, &data, &trainer)?;
-    let mut summary: Vec<(String, f64)> =
-        report.test.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    if let Some(best) = report.epochs.get(report.best_epoch) {
-        summary.extend(
-            best.iter()
-                .filter(|(k, _)| k.starts_with("val/"))
-                .map(|(k, v)| (k.clone(), *v)),
-        );
-    }
-    summary.push(("best_epoch".into(), report.best_epoch as f64 + 1.0));
-    summary.push(("epochs_run".into(), report.epochs_run as f64));
+    let summary = crate::train::session::summary_metrics(
+        &report.test,
+        &report.epochs,
+        report.best_epoch,
+        report.epochs_run,
+    );
     handle.finish(RunStatus::Finished, &summary)?;
     Ok(report)
 }

@@ -28,8 +28,12 @@ use crate::experiments::{
 };
 use crate::layout::Layout;
 
-/// The params row of a run: the sweep-file names of its settings.
+/// The params row of a run: the sweep-file names of its settings (an
+/// anomaly run's are its scorer's, see `anomaly::params`).
 pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String, ParamValue)> {
+    if config.task == super::config::Task::Anomaly {
+        return super::anomaly::params(config, dataset, encoder);
+    }
     let mut out: Vec<(String, ParamValue)> = vec![
         ("dataset".into(), dataset.into()),
         ("encoder".into(), encoder.into()),
@@ -198,7 +202,9 @@ pub fn resume(
     Ok(fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0))
 }
 
-fn start(
+/// Opens a run of `experiment` in the database (params, the task tag) and
+/// writes its `config.json`.
+pub(crate) fn start(
     db: &ExperimentsDb,
     experiment: &str,
     inputs: &RunInputs,
@@ -214,12 +220,33 @@ fn start(
         config_hash: inputs.config_hash.clone(),
         params,
         tags: vec![
-            ("task".into(), "classify".into()),
+            ("task".into(), inputs.config.task.name().into()),
             ("lazarus_version".into(), crate::VERSION.into()),
         ],
     })?;
     write_run_inputs(handle.dir(), inputs)?;
     Ok(handle)
+}
+
+/// A finished head's summary metrics: the test metrics, the kept epoch's
+/// `val/*` metrics, which epoch that was (1-based) and how many ran.
+pub(crate) fn summary_metrics(
+    test: &BTreeMap<String, f64>,
+    epochs: &[BTreeMap<String, f64>],
+    best_epoch: usize,
+    epochs_run: usize,
+) -> Vec<(String, f64)> {
+    let mut summary: Vec<(String, f64)> = test.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    if let Some(best) = epochs.get(best_epoch) {
+        summary.extend(
+            best.iter()
+                .filter(|(k, _)| k.starts_with("val/"))
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+    }
+    summary.push(("best_epoch".into(), best_epoch as f64 + 1.0));
+    summary.push(("epochs_run".into(), epochs_run as f64));
+    summary
 }
 
 /// Trains the runs together, then writes each one's artifacts and finishes it.
@@ -249,17 +276,12 @@ fn fit_and_finish(
     )?;
     for ((handle, report), run) in handles.into_iter().zip(&reports).zip(&planned) {
         write_artifacts(&handle, report, &run.config, data)?;
-        let mut summary: Vec<(String, f64)> =
-            report.test.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        if let Some(best) = report.epochs.get(report.best_epoch) {
-            summary.extend(
-                best.iter()
-                    .filter(|(k, _)| k.starts_with("val/"))
-                    .map(|(k, v)| (k.clone(), *v)),
-            );
-        }
-        summary.push(("best_epoch".into(), report.best_epoch as f64 + 1.0));
-        summary.push(("epochs_run".into(), report.epochs_run as f64));
+        let mut summary = summary_metrics(
+            &report.test,
+            &report.epochs,
+            report.best_epoch,
+            report.epochs_run,
+        );
         summary.push(("skipped_steps".into(), report.skipped_steps as f64));
         if let Some(peak) = report.peak_rss_bytes {
             summary.push(("peak_rss_bytes".into(), peak as f64));

@@ -334,20 +334,7 @@ impl HeadTrainer {
             let loss = (log_probabilities * targets)?
                 .sum_all()?
                 .affine(-self.state.loss_scale, 0.0)?;
-            let grads = loss.backward()?;
-            let these = self
-                .parameters
-                .iter()
-                .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
-                .collect::<Result<Vec<_>, _>>()?;
-            accumulated = Some(match accumulated {
-                None => these,
-                Some(sum) => sum
-                    .iter()
-                    .zip(&these)
-                    .map(|(a, b)| a + b)
-                    .collect::<Result<_, _>>()?,
-            });
+            accumulated = Some(self.accumulate_gradients(&loss, accumulated)?);
             start += len;
         }
         let mut grads = accumulated.expect("a batch holds at least one example");
@@ -564,6 +551,29 @@ impl HeadTrainer {
     /// that compute their own loss (segmentation) and call `apply_gradients`.
     pub fn parameters(&self) -> &[Var] {
         &self.parameters
+    }
+
+    /// The gradient of `loss` for each parameter (zeros where the loss does
+    /// not depend on one), added to `accumulated` (micro-batches).
+    pub fn accumulate_gradients(
+        &self,
+        loss: &Tensor,
+        accumulated: Option<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        let grads = loss.backward()?;
+        let these = self
+            .parameters
+            .iter()
+            .map(|p| grads.get(p).cloned().map_or_else(|| p.zeros_like(), Ok))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(match accumulated {
+            None => these,
+            Some(sum) => sum
+                .iter()
+                .zip(&these)
+                .map(|(a, b)| a + b)
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     /// One optimiser step from gradients of a caller's loss (multiplied by

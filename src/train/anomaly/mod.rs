@@ -28,10 +28,8 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::config::{Task, TrainConfig};
 use super::data::{SplitRows, TrainData};
-use super::run::{RESIDENT_FEATURE_BYTES, RunInputs, peak_rss_bytes, run_inputs, write_run_inputs};
-use crate::experiments::{
-    self, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus, plots::RocCurve,
-};
+use super::run::{RESIDENT_FEATURE_BYTES, RunInputs, peak_rss_bytes, run_inputs};
+use crate::experiments::{self, ExperimentsDb, ParamValue, RunHandle, RunStatus, plots::RocCurve};
 use crate::layout::Layout;
 use crate::train::metrics::{average_precision, best_f1, f1_at, roc_auc, roc_curve};
 use scorer::{Gaussian, MemoryBank, QUERY_BLOCK, Standardiser, gaussian_fit_bytes};
@@ -681,30 +679,6 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
     out
 }
 
-fn start(
-    db: &ExperimentsDb,
-    experiment: &str,
-    inputs: &RunInputs,
-    extra_params: &[(String, ParamValue)],
-) -> Result<RunHandle, TrainError> {
-    let encoder = inputs.encoder.clone().unwrap_or_default();
-    let mut params = params(&inputs.config, &inputs.dataset, &encoder);
-    params.extend(extra_params.iter().cloned());
-    let handle = db.start_run(RunStart {
-        experiment: experiment.to_string(),
-        dataset: inputs.dataset.clone(),
-        encoder_fingerprint: inputs.fingerprint.clone(),
-        config_hash: inputs.config_hash.clone(),
-        params,
-        tags: vec![
-            ("task".into(), Task::Anomaly.name().into()),
-            ("lazarus_version".into(), crate::VERSION.into()),
-        ],
-    })?;
-    write_run_inputs(handle.dir(), inputs)?;
-    Ok(handle)
-}
-
 fn anomaly_config(config: &TrainConfig) -> Result<&AnomalyConfig, TrainError> {
     config.validate()?;
     match (config.task, &config.anomaly) {
@@ -729,7 +703,7 @@ pub fn train(
     Selection::new(data, anomaly)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let handle = start(&db, experiment, &inputs, &[])?;
+    let handle = super::session::start(&db, experiment, &inputs, &[])?;
     fit_and_finish(data, handle, &inputs, options)
 }
 
@@ -764,7 +738,7 @@ pub fn sweep_runs(
     }
     let mut reports = Vec::new();
     for inputs in planned {
-        let handle = start(db, sweep_name, &inputs, &sweep_param)?;
+        let handle = super::session::start(db, sweep_name, &inputs, &sweep_param)?;
         reports.push(fit_and_finish(data, handle, &inputs, options)?);
     }
     Ok((reports, skipped))
