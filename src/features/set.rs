@@ -351,6 +351,21 @@ impl FeatureSet {
         }
     }
 
+    /// Measures the file-backed resident size now and drops the mapped pages
+    /// if it is over the limit. Callers that read a batch of rows call it
+    /// once per batch: counting reads alone can miss how much the kernel
+    /// maps around each fault, and readers on several threads fault faster
+    /// than the periodic check in `touch` sees.
+    pub fn enforce_resident_limit(&self) {
+        let limit = self.resident_limit_bytes.load(Ordering::Relaxed);
+        if limit == u64::MAX {
+            return;
+        }
+        if file_resident_bytes().is_some_and(|resident| resident > limit) {
+            self.release_pages();
+        }
+    }
+
     /// The pooled features of one row, straight from the mapped file.
     pub fn pooled(&self, row: usize) -> &[f16] {
         self.touch(self.feature_dim * 2);

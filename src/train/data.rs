@@ -320,5 +320,6 @@ impl TrainData {
                     *v = (*v - mean) * inverse_std;
                 }
             });
+        self.features.enforce_resident_limit();
     }
 }
