@@ -33,9 +33,12 @@ use super::TrainError;
 use super::checkpoint;
 use super::config::{Sampler, TrainConfig};
 use super::data::{SplitRows, TrainData};
-use super::host::{Threads, softmax_rows};
+use super::host::{FirstLayers, Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
-use super::trainer::{Batch, BatchPlan, HeadTrainer, TrainerState, plan_batches};
+use super::trainer::{
+    Batch, BatchPlan, HeadTrainer, TrainerState, lend_first_layers, plan_batches,
+    return_first_layers, train_stacked_batch,
+};
 use rayon::prelude::*;
 
 /// Rows gathered per evaluation forward pass.
@@ -201,15 +204,17 @@ pub fn fit(
     }
     // What the plans leave of the budget goes to keeping mapped feature pages
     // resident: a cache that fits is never released and re-faulted.
-    // One batch is in flight at a time: the largest gathered batch plus its micro-batch.
+    // One gathered batch is in flight at a time (the largest), and every
+    // head's micro-batch activations with it: stacked heads step together.
     let batches = trainers
         .iter()
-        .map(|t| {
-            t.plan.fixed_bytes - runtime - head_bytes(t)
-                + t.plan.micro_batch as u64 * t.plan.per_example_bytes
-        })
+        .map(|t| t.plan.fixed_bytes - runtime - head_bytes(t))
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        + trainers
+            .iter()
+            .map(|t| t.plan.micro_batch as u64 * t.plan.per_example_bytes)
+            .sum::<u64>();
     let leftover = budget.saturating_sub(runtime + fixed_per_head + batches);
     let resident = RESIDENT_FEATURE_BYTES + leftover;
     data.features
@@ -425,14 +430,6 @@ fn run_epoch(
         .map(|&i| seeded(trainers[i].config.seed, dropout_stream(stream.epoch)))
         .collect();
     let bar = progress_bar(options.progress, steps_per_epoch, stream, trainers, members);
-    let needs_tensor = members.iter().any(|&i| !trainers[i].uses_host_path());
-    // Several heads run side by side, one per thread; a lone head gives its
-    // matmuls the whole pool.
-    let threads = if members.len() > 1 {
-        Threads::Caller
-    } else {
-        Threads::Pool
-    };
     let mut heads: Vec<(&mut HeadTrainer, &mut ChaCha8Rng)> = trainers
         .iter_mut()
         .enumerate()
@@ -440,38 +437,78 @@ fn run_epoch(
         .map(|(_, t)| t)
         .zip(&mut dropout)
         .collect();
+    // f32 CPU heads step in stacks (one per micro-batch size) whose first
+    // layers share matmuls; the others one by one on candle.
+    let mut stacks: BTreeMap<usize, Vec<(&mut HeadTrainer, &mut ChaCha8Rng)>> = BTreeMap::new();
+    let mut candle_heads = Vec::new();
+    for (trainer, rng) in heads.drain(..) {
+        if trainer.uses_host_path() {
+            stacks
+                .entry(trainer.plan.micro_batch)
+                .or_default()
+                .push((trainer, rng));
+        } else {
+            candle_heads.push((trainer, rng));
+        }
+    }
+    let mut stacks: Vec<(FirstLayers, Vec<(&mut HeadTrainer, &mut ChaCha8Rng)>)> = stacks
+        .into_values()
+        .map(|mut members| {
+            let mut trainers: Vec<&mut HeadTrainer> =
+                members.iter_mut().map(|(t, _)| &mut **t).collect();
+            Ok((lend_first_layers(&mut trainers)?, members))
+        })
+        .collect::<Result<_, TrainError>>()?;
+    // Candle heads run side by side, one per thread; a lone head gives its
+    // matmuls the whole pool.
+    let candle_threads = if candle_heads.len() > 1 {
+        Threads::Caller
+    } else {
+        Threads::Pool
+    };
     let mut values = Vec::new();
     for batch in order.chunks(stream.batch_size) {
         let rows: Vec<usize> = batch.iter().map(|&(r, _)| r).collect();
         let labels: Vec<usize> = batch.iter().map(|&(_, l)| l).collect();
         data.gather_into(&rows, &mut values);
-        let tensor = if needs_tensor {
+        let tensor = if candle_heads.is_empty() {
+            None
+        } else {
             Some(Tensor::from_slice(
                 &values,
                 (rows.len(), dim),
                 &options.device,
             )?)
-        } else {
-            None
         };
         let input = Batch {
             values: &values,
             dim,
             tensor: tensor.as_ref(),
         };
-        heads
+        for (first, members) in &mut stacks {
+            train_stacked_batch(
+                first,
+                members,
+                &input,
+                &labels,
+                steps_per_epoch,
+                Threads::Pool,
+            )?;
+        }
+        candle_heads
             .par_iter_mut()
             .with_max_len(1)
             .try_for_each(|(trainer, rng)| {
-                let total_steps = steps_per_epoch * trainer.config.epochs;
-                trainer.train_batch(&input, &labels, total_steps, rng, threads)
+                trainer.train_batch(&input, &labels, steps_per_epoch, rng, candle_threads)
             })?;
         if let Some(bar) = &bar {
             bar.inc(1);
         }
     }
-    for (trainer, _) in heads {
-        trainer.finish_steps()?;
+    for (first, mut members) in stacks {
+        let mut trainers: Vec<&mut HeadTrainer> =
+            members.iter_mut().map(|(t, _)| &mut **t).collect();
+        return_first_layers(first, &mut trainers)?;
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -530,10 +567,20 @@ fn evaluate(
 ) -> Result<Vec<Evaluation>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
-    let hosts = members
+    let mut hosts = members
         .iter()
         .map(|&i| trainers[i].evaluation_head())
         .collect::<Result<Vec<_>, _>>()?;
+    // Host heads' first layers in one matmul per chunk, as in training.
+    let mut first = FirstLayers::of_heads(hosts.iter_mut().flatten());
+    let mut stack_position = Vec::with_capacity(hosts.len());
+    let mut next = 0;
+    for host in &hosts {
+        stack_position.push(host.as_ref().map(|_| {
+            next += 1;
+            next - 1
+        }));
+    }
     let threads = if members.len() > 1 {
         Threads::Caller
     } else {
@@ -549,23 +596,27 @@ fn evaluate(
         } else {
             None
         };
+        if !first.is_empty() {
+            first.forward(&values, rows.len(), Threads::Pool);
+        }
+        let first = &first;
         probabilities
             .par_iter_mut()
-            .zip(members.par_iter().zip(&hosts))
+            .zip(members.par_iter().zip(&hosts).zip(&stack_position))
             .with_max_len(1)
-            .try_for_each(|(out, (&i, host))| -> Result<(), TrainError> {
-                match (host, &tensor) {
-                    (Some(host), _) => {
-                        let mut p = host.logits(&values, rows.len(), threads);
+            .try_for_each(|(out, ((&i, host), position))| -> Result<(), TrainError> {
+                match (host, position, &tensor) {
+                    (Some(host), Some(position), _) => {
+                        let mut p = host.logits_after_first(first.block(*position), threads);
                         softmax_rows(&mut p, classes);
                         out.extend(p);
                     }
-                    (None, Some(x)) => {
+                    (None, _, Some(x)) => {
                         let logits = trainers[i].head.forward(x, DType::F32, None)?;
                         let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
                         out.extend(p.flatten_all()?.to_vec1::<f32>()?);
                     }
-                    (None, None) => unreachable!("a tensor is built for candle-path heads"),
+                    _ => unreachable!("host heads are stacked, candle heads get a tensor"),
                 }
                 Ok(())
             })?;

@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::config::{ClassWeights, Optimizer, Precision, TrainConfig};
 use super::head::Head;
-use super::host::{HostHead, HostTrainer, Threads};
+use super::host::{FirstLayer, FirstLayers, HostHead, HostTrainer, Threads, UpdateStep};
 use super::schedule::Schedule;
 
 /// Micro-batch size and accumulation steps that fit the memory budget.
@@ -85,9 +86,10 @@ pub struct Batch<'a> {
 }
 
 /// The gradients of one batch, wherever they live.
-enum Gradients {
-    /// In the host trainer's buffers.
-    Host,
+enum Gradients<'a> {
+    /// In the host trainer's buffers, the first layer's in its rows of a
+    /// `FirstLayers` (with the weight they update).
+    Host(FirstLayer<'a>),
     Candle(Vec<Tensor>),
 }
 
@@ -172,17 +174,45 @@ impl HeadTrainer {
         !self.state.stopped_early && self.state.epochs_done < self.config.epochs
     }
 
-    /// One optimiser step over a batch of standardised rows with `labels`.
+    /// One optimiser step over a batch of standardised rows with `labels`
+    /// (`steps_per_epoch` batches make an epoch: the schedule's clock).
     /// Micro-batches of `plan.micro_batch` rows accumulate gradients that
     /// equal the batch's. `threads` says who runs the host path's matmuls.
+    /// Host-path heads that share batches step together, faster, through
+    /// `train_stacked_batch`; this is the same step for one head.
     pub fn train_batch(
         &mut self,
         batch: &Batch,
         labels: &[usize],
-        total_steps: usize,
+        steps_per_epoch: usize,
         dropout_rng: &mut ChaCha8Rng,
         threads: Threads,
     ) -> Result<(), TrainError> {
+        if self.uses_host_path() {
+            let mut first = lend_first_layers(&mut [&mut *self])?;
+            let stepped = train_stacked_batch(
+                &mut first,
+                &mut [(&mut *self, dropout_rng)],
+                batch,
+                labels,
+                steps_per_epoch,
+                threads,
+            );
+            first.give_back(&mut [self.host_mut()?]);
+            return stepped;
+        }
+        let (weights, targets) = self.batch_targets(labels);
+        let grads = self.candle_gradients(batch, labels, &weights, &targets, dropout_rng)?;
+        let mut norm_sq = 0f64;
+        for g in &grads {
+            norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let total_steps = steps_per_epoch * self.config.epochs;
+        self.complete_step(Gradients::Candle(grads), norm_sq, 1.0, total_steps)
+    }
+
+    /// Each row's loss weight and the rule for its target row.
+    fn batch_targets(&self, labels: &[usize]) -> (Vec<f32>, TargetRule) {
         let weights: Vec<f32> = labels.iter().map(|&l| self.class_weights[l]).collect();
         let total_weight: f32 = weights.iter().sum();
         let total_weight = if total_weight > 0.0 {
@@ -195,43 +225,21 @@ impl HeadTrainer {
             smoothing: self.config.label_smoothing as f32,
             total_weight,
         };
-        let unscale = 1.0 / self.state.loss_scale;
-        let (gradients, norm_sq) = if self.uses_host_path() {
-            if self.host.is_none() {
-                self.host = Some(HostTrainer::load(
-                    &self.head,
-                    &self.config.head,
-                    &self.first_moments,
-                    &self.second_moments,
-                )?);
-            }
-            let host = self.host.as_mut().expect("loaded above");
-            host.zero_gradients();
-            let mut start = 0;
-            while start < labels.len() {
-                let len = self.plan.micro_batch.min(labels.len() - start);
-                let range = start..start + len;
-                host.accumulate(
-                    &batch.values[start * batch.dim..(start + len) * batch.dim],
-                    len,
-                    &targets.values(&labels[range.clone()], &weights[range]),
-                    self.state.loss_scale as f32,
-                    dropout_rng,
-                    threads,
-                );
-                start += len;
-            }
-            let norm_sq = host.gradient_norm_sq(unscale as f32);
-            (Gradients::Host, norm_sq)
-        } else {
-            let grads = self.candle_gradients(batch, labels, &weights, &targets, dropout_rng)?;
-            let mut norm_sq = 0f64;
-            for g in &grads {
-                norm_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-            (Gradients::Candle(grads), norm_sq)
-        };
-        self.complete_step(gradients, norm_sq, unscale, total_steps)
+        (weights, targets)
+    }
+
+    /// The host copy of weights and moments, loaded from the `Var`s at the
+    /// first step of an epoch.
+    fn host_mut(&mut self) -> Result<&mut HostTrainer, TrainError> {
+        if self.host.is_none() {
+            self.host = Some(HostTrainer::load(
+                &self.head,
+                &self.config.head,
+                &self.first_moments,
+                &self.second_moments,
+            )?);
+        }
+        Ok(self.host.as_mut().expect("loaded above"))
     }
 
     /// The rest of a step once gradients and their squared norm are known
@@ -240,7 +248,7 @@ impl HeadTrainer {
     /// clipping, the schedule's rate, the update.
     fn complete_step(
         &mut self,
-        mut gradients: Gradients,
+        mut gradients: Gradients<'_>,
         norm_sq: f64,
         unscale: f64,
         total_steps: usize,
@@ -285,16 +293,17 @@ impl HeadTrainer {
         self.state.learning_rate = lr;
         match gradients {
             Gradients::Candle(grads) => self.update(&grads, lr),
-            Gradients::Host => {
+            Gradients::Host(first) => {
                 self.state.updates += 1;
-                let host = self.host.as_mut().expect("the host path loaded it");
-                host.update(
-                    self.config.optimizer,
+                let step = UpdateStep {
+                    optimizer: self.config.optimizer,
                     lr,
-                    self.config.weight_decay,
-                    self.state.updates,
-                    (unscale * clip) as f32,
-                );
+                    weight_decay: self.config.weight_decay,
+                    updates: self.state.updates,
+                    scale: (unscale * clip) as f32,
+                };
+                let host = self.host.as_mut().expect("the host path loaded it");
+                host.update(first, step);
                 Ok(())
             }
         }
@@ -597,6 +606,117 @@ impl HeadTrainer {
         }
         self.complete_step(Gradients::Candle(grads), norm_sq, 1.0, total_steps)
     }
+}
+
+/// Loads the host copies of host-path `heads` (f32 on the CPU, all over the
+/// same features) and stacks their first layers for an epoch's steps.
+/// `return_first_layers` undoes it.
+pub fn lend_first_layers(heads: &mut [&mut HeadTrainer]) -> Result<FirstLayers, TrainError> {
+    let mut hosts = heads
+        .iter_mut()
+        .map(|t| t.host_mut())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FirstLayers::lend(&mut hosts))
+}
+
+/// Ends the epoch's steps of the heads `first` was lent by: first layers
+/// back into their host copies, host copies into the `Var`s.
+pub fn return_first_layers(
+    first: FirstLayers,
+    heads: &mut [&mut HeadTrainer],
+) -> Result<(), TrainError> {
+    let mut hosts = heads
+        .iter_mut()
+        .map(|t| t.host_mut())
+        .collect::<Result<Vec<_>, _>>()?;
+    first.give_back(&mut hosts);
+    for head in heads {
+        head.finish_steps()?;
+    }
+    Ok(())
+}
+
+/// One optimiser step for each host-path head of `heads` over the same
+/// batch: per micro-batch, one matmul computes every head's first layer
+/// and one every head's first weight gradient (`first`, from
+/// `lend_first_layers` over these heads in this order); the rest of each
+/// head runs in parallel, one head per thread. Every head's step equals its
+/// `train_batch` alone. The heads share `plan.micro_batch`.
+pub fn train_stacked_batch(
+    first: &mut FirstLayers,
+    heads: &mut [(&mut HeadTrainer, &mut ChaCha8Rng)],
+    batch: &Batch,
+    labels: &[usize],
+    steps_per_epoch: usize,
+    threads: Threads,
+) -> Result<(), TrainError> {
+    let Some(micro_batch) = heads.first().map(|(t, _)| t.plan.micro_batch) else {
+        return Ok(());
+    };
+    if heads
+        .iter()
+        .any(|(t, _)| t.plan.micro_batch != micro_batch || !t.uses_host_path())
+    {
+        return Err(TrainError::Invalid(
+            "heads stacked in one step must all be f32 CPU heads with one micro-batch size".into(),
+        ));
+    }
+    // Targets for the whole batch; each row's depends only on its label.
+    let targets: Vec<(Vec<f32>, f32)> = heads
+        .iter()
+        .map(|(t, _)| {
+            let (weights, rule) = t.batch_targets(labels);
+            (rule.values(labels, &weights), t.state.loss_scale as f32)
+        })
+        .collect();
+    first.zero_gradients();
+    for (t, _) in heads.iter_mut() {
+        t.host_mut()?.zero_gradients();
+    }
+    // The heads' own layers: one head per thread when there are several.
+    let head_threads = if heads.len() > 1 {
+        Threads::Caller
+    } else {
+        threads
+    };
+    let dim = batch.dim;
+    let mut start = 0;
+    while start < labels.len() {
+        let rows = micro_batch.min(labels.len() - start);
+        let x = &batch.values[start * dim..(start + rows) * dim];
+        first.forward(x, rows, threads);
+        let deltas = heads
+            .par_iter_mut()
+            .zip(&targets)
+            .enumerate()
+            .with_max_len(1)
+            .map(|(h, ((trainer, rng), (targets, loss_scale)))| {
+                let classes = trainer.classes;
+                let host = trainer.host.as_mut().expect("lent heads hold host copies");
+                host.accumulate_after_first(
+                    first.block(h),
+                    &targets[start * classes..(start + rows) * classes],
+                    *loss_scale,
+                    rng,
+                    head_threads,
+                )
+            })
+            .collect::<Vec<_>>();
+        first.accumulate(&deltas, x, rows, threads);
+        start += rows;
+    }
+    let total_steps = |t: &HeadTrainer| steps_per_epoch * t.config.epochs;
+    heads
+        .par_iter_mut()
+        .zip(first.split_mut())
+        .with_max_len(1)
+        .try_for_each(|((trainer, _), part)| {
+            let unscale = 1.0 / trainer.state.loss_scale;
+            let host = trainer.host.as_ref().expect("lent heads hold host copies");
+            let norm_sq = host.gradient_norm_sq(part.gradient, unscale as f32);
+            let steps = total_steps(trainer);
+            trainer.complete_step(Gradients::Host(part), norm_sq, unscale, steps)
+        })
 }
 
 /// The monitored score, higher is better (`*/loss` is negated).
