@@ -58,6 +58,14 @@ impl Head {
             .collect()
     }
 
+    /// Weights and biases in all layers.
+    pub fn parameter_count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(w, b)| w.elem_count() + b.elem_count())
+            .sum()
+    }
+
     /// Logits in f32. `x` is already in `dtype`; the weights are cast to it
     /// (so gradients flow back to the f32 masters). `dropout_rng` is `Some`
     /// in training mode.

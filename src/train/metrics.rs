@@ -164,7 +164,7 @@ pub fn roc_auc(scores: &[f64], positives: &[bool]) -> Option<f64> {
     }
     // Rank-sum form of Mann-Whitney U in O(n log n): tied scores share their
     // average rank, which counts a tie between classes as half a win.
-    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    scored.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
     let mut positive_rank_sum = 0.0f64;
     let mut start = 0;
     while start < scored.len() {
@@ -199,7 +199,7 @@ pub fn threshold_counts(scores: &[f64], positives: &[bool]) -> Vec<ThresholdCoun
         .copied()
         .zip(positives.iter().copied())
         .collect();
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
     let mut out: Vec<ThresholdCounts> = Vec::new();
     let (mut true_positives, mut false_positives) = (0, 0);
     for (index, &(score, positive)) in scored.iter().enumerate() {

@@ -191,7 +191,7 @@ pub fn fit(
     }
     // The heads share one process: together they must fit the budget too.
     let head_bytes = |t: &HeadTrainer| -> u64 {
-        let params: usize = t.head.parameters().iter().map(|p| p.elem_count()).sum();
+        let params = t.head.parameter_count();
         params as u64 * 4 * 9
     };
     let fixed_per_head: u64 = trainers.iter().map(head_bytes).sum();
@@ -437,13 +437,15 @@ fn run_epoch(
         .map(|(_, t)| t)
         .zip(&mut dropout)
         .collect();
-    // f32 CPU heads step in stacks (one per micro-batch size) whose first
-    // layers share matmuls; the others one by one on candle.
-    let mut stacks: BTreeMap<usize, Vec<(&mut HeadTrainer, &mut ChaCha8Rng)>> = BTreeMap::new();
+    // f32 CPU heads step in stacks whose first layers share matmuls
+    // (`plan_stacks`), per micro-batch size; the other heads step one by
+    // one on candle.
+    let mut by_micro_batch: BTreeMap<usize, Vec<(&mut HeadTrainer, &mut ChaCha8Rng)>> =
+        BTreeMap::new();
     let mut candle_heads = Vec::new();
     for (trainer, rng) in heads.drain(..) {
         if trainer.uses_host_path() {
-            stacks
+            by_micro_batch
                 .entry(trainer.plan.micro_batch)
                 .or_default()
                 .push((trainer, rng));
@@ -451,14 +453,33 @@ fn run_epoch(
             candle_heads.push((trainer, rng));
         }
     }
-    let mut stacks: Vec<(FirstLayers, Vec<(&mut HeadTrainer, &mut ChaCha8Rng)>)> = stacks
-        .into_values()
-        .map(|mut members| {
-            let mut trainers: Vec<&mut HeadTrainer> =
-                members.iter_mut().map(|(t, _)| &mut **t).collect();
-            Ok((lend_first_layers(&mut trainers)?, members))
-        })
-        .collect::<Result<_, TrainError>>()?;
+    // Per thread, the stacks it steps: (first layers, their heads).
+    type Stack<'a, 'b> = (FirstLayers, Vec<(&'a mut HeadTrainer, &'b mut ChaCha8Rng)>);
+    let mut work: Vec<Vec<Stack>> = Vec::new();
+    for members in by_micro_batch.into_values() {
+        let shapes: Vec<HeadShape> = members.iter().map(|(t, _)| HeadShape::of(t)).collect();
+        let plan = plan_stacks(&shapes, rayon::current_num_threads());
+        let mut members: Vec<Option<_>> = members.into_iter().map(Some).collect();
+        for (thread, stacks) in plan.into_iter().enumerate() {
+            if work.len() <= thread {
+                work.push(Vec::new());
+            }
+            for stack in stacks {
+                let mut heads: Vec<(&mut HeadTrainer, &mut ChaCha8Rng)> = stack
+                    .iter()
+                    .map(|&i| members[i].take().expect("each head is in one stack"))
+                    .collect();
+                let mut trainers: Vec<&mut HeadTrainer> =
+                    heads.iter_mut().map(|(t, _)| &mut **t).collect();
+                work[thread].push((lend_first_layers(&mut trainers)?, heads));
+            }
+        }
+    }
+    let stack_threads = if work.len() > 1 {
+        Threads::Caller
+    } else {
+        Threads::Pool
+    };
     // Candle heads run side by side, one per thread; a lone head gives its
     // matmuls the whole pool.
     let candle_threads = if candle_heads.len() > 1 {
@@ -485,16 +506,18 @@ fn run_epoch(
             dim,
             tensor: tensor.as_ref(),
         };
-        for (first, members) in &mut stacks {
-            train_stacked_batch(
-                first,
-                members,
-                &input,
-                &labels,
-                steps_per_epoch,
-                Threads::Pool,
-            )?;
-        }
+        work.par_iter_mut().with_max_len(1).try_for_each(|stacks| {
+            stacks.iter_mut().try_for_each(|(first, members)| {
+                train_stacked_batch(
+                    first,
+                    members,
+                    &input,
+                    &labels,
+                    steps_per_epoch,
+                    stack_threads,
+                )
+            })
+        })?;
         candle_heads
             .par_iter_mut()
             .with_max_len(1)
@@ -505,7 +528,7 @@ fn run_epoch(
             bar.inc(1);
         }
     }
-    for (first, mut members) in stacks {
+    for (first, mut members) in work.into_iter().flatten() {
         let mut trainers: Vec<&mut HeadTrainer> =
             members.iter_mut().map(|(t, _)| &mut **t).collect();
         return_first_layers(first, &mut trainers)?;
@@ -514,6 +537,83 @@ fn run_epoch(
         bar.finish_and_clear();
     }
     Ok(())
+}
+
+/// Splits items of the given costs into at most `parts` groups of similar
+/// total cost (largest first, each to the lightest group); groups keep
+/// their items in input order.
+fn balanced_parts(costs: &[usize], parts: usize) -> Vec<Vec<usize>> {
+    let parts = parts.clamp(1, costs.len().max(1));
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(costs[i]));
+    let mut groups: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); parts];
+    for i in order {
+        let lightest = groups
+            .iter_mut()
+            .min_by_key(|(total, _)| *total)
+            .expect("at least one group");
+        lightest.0 += costs[i];
+        lightest.1.push(i);
+    }
+    groups
+        .into_iter()
+        .filter(|(_, items)| !items.is_empty())
+        .map(|(_, mut items)| {
+            items.sort_unstable();
+            items
+        })
+        .collect()
+}
+
+/// Heads whose first layer has fewer outputs than this share a stack: a
+/// narrow matmul (a 10-class linear head) runs far below gemm's peak, while
+/// a wide one (an MLP's 256 hidden units) already runs near it and slows
+/// down in a stack whose weights outgrow the cache (measured with faer on
+/// this project's 2-core AVX-512 machine: 10 outputs 61 GFLOP/s, 256
+/// outputs 158, 1,596 outputs 141, per core).
+const STACK_BELOW_OUTPUTS: usize = 128;
+
+/// What `plan_stacks` needs of a head.
+struct HeadShape {
+    first_outputs: usize,
+    parameters: usize,
+}
+
+impl HeadShape {
+    fn of(trainer: &HeadTrainer) -> Self {
+        HeadShape {
+            first_outputs: trainer.config.head.layer_sizes(trainer.head.classes())[0],
+            parameters: trainer.head.parameter_count(),
+        }
+    }
+}
+
+/// Per thread, the stacks of heads (indices into `shapes`) it runs: narrow
+/// heads in one stack per thread, wide heads in a stack each, and the
+/// stacks spread over the threads by size. Each thread runs its stacks
+/// with sequential matmuls: side by side they beat faer's parallel split of
+/// one matmul.
+fn plan_stacks(shapes: &[HeadShape], threads: usize) -> Vec<Vec<Vec<usize>>> {
+    let (narrow, wide): (Vec<usize>, Vec<usize>) =
+        (0..shapes.len()).partition(|&i| shapes[i].first_outputs < STACK_BELOW_OUTPUTS);
+    let narrow_costs: Vec<usize> = narrow.iter().map(|&i| shapes[i].parameters).collect();
+    let mut stacks: Vec<Vec<usize>> = balanced_parts(&narrow_costs, threads)
+        .into_iter()
+        .map(|part| part.into_iter().map(|p| narrow[p]).collect())
+        .collect();
+    stacks.extend(wide.into_iter().map(|i| vec![i]));
+    let costs: Vec<usize> = stacks
+        .iter()
+        .map(|stack| stack.iter().map(|&i| shapes[i].parameters).sum())
+        .collect();
+    balanced_parts(&costs, threads)
+        .into_iter()
+        .map(|part| {
+            part.into_iter()
+                .map(|s| std::mem::take(&mut stacks[s]))
+                .collect()
+        })
+        .collect()
 }
 
 fn progress_bar(
@@ -571,55 +671,74 @@ fn evaluate(
         .iter()
         .map(|&i| trainers[i].evaluation_head())
         .collect::<Result<Vec<_>, _>>()?;
-    // Host heads' first layers in one matmul per chunk, as in training.
-    let mut first = FirstLayers::of_heads(hosts.iter_mut().flatten());
-    let mut stack_position = Vec::with_capacity(hosts.len());
-    let mut next = 0;
-    for host in &hosts {
-        stack_position.push(host.as_ref().map(|_| {
-            next += 1;
-            next - 1
-        }));
-    }
-    let threads = if members.len() > 1 {
+    // Host heads' first layers stacked as in training.
+    let host_positions: Vec<usize> = (0..hosts.len()).filter(|&m| hosts[m].is_some()).collect();
+    let shapes: Vec<HeadShape> = host_positions
+        .iter()
+        .map(|&m| HeadShape::of(&trainers[members[m]]))
+        .collect();
+    let mut work: Vec<Vec<(FirstLayers, Vec<usize>)>> =
+        plan_stacks(&shapes, rayon::current_num_threads())
+            .into_iter()
+            .map(|stacks| {
+                stacks
+                    .into_iter()
+                    .map(|stack| {
+                        let positions: Vec<usize> =
+                            stack.iter().map(|&p| host_positions[p]).collect();
+                        let first = FirstLayers::of_heads(
+                            hosts
+                                .iter_mut()
+                                .enumerate()
+                                .filter(|(m, _)| positions.contains(m))
+                                .filter_map(|(_, h)| h.as_mut()),
+                        );
+                        (first, positions)
+                    })
+                    .collect()
+            })
+            .collect();
+    let stack_threads = if work.len() > 1 {
         Threads::Caller
     } else {
         Threads::Pool
     };
+    let candle_members: Vec<usize> = (0..hosts.len()).filter(|&m| hosts[m].is_none()).collect();
     let mut probabilities: Vec<Vec<f32>> =
         vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
     let mut values = Vec::new();
     for rows in split.rows.chunks(EVAL_ROWS) {
         data.gather_into(rows, &mut values);
-        let tensor = if hosts.iter().any(Option::is_none) {
-            Some(Tensor::from_slice(&values, (rows.len(), dim), device)?)
-        } else {
-            None
-        };
-        if !first.is_empty() {
-            first.forward(&values, rows.len(), Threads::Pool);
-        }
-        let first = &first;
-        probabilities
+        let values = &values;
+        let hosts = &hosts;
+        let mut chunk: Vec<(usize, Vec<f32>)> = work
             .par_iter_mut()
-            .zip(members.par_iter().zip(&hosts).zip(&stack_position))
             .with_max_len(1)
-            .try_for_each(|(out, ((&i, host), position))| -> Result<(), TrainError> {
-                match (host, position, &tensor) {
-                    (Some(host), Some(position), _) => {
-                        let mut p = host.logits_after_first(first.block(*position), threads);
+            .flat_map_iter(|stacks| {
+                let mut out = Vec::new();
+                for (first, positions) in stacks.iter_mut() {
+                    first.forward(values, rows.len(), stack_threads);
+                    for (h, &m) in positions.iter().enumerate() {
+                        let host = hosts[m].as_ref().expect("stacked heads are host heads");
+                        let mut p = host.logits_after_first(first.block(h), stack_threads);
                         softmax_rows(&mut p, classes);
-                        out.extend(p);
+                        out.push((m, p));
                     }
-                    (None, _, Some(x)) => {
-                        let logits = trainers[i].head.forward(x, DType::F32, None)?;
-                        let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
-                        out.extend(p.flatten_all()?.to_vec1::<f32>()?);
-                    }
-                    _ => unreachable!("host heads are stacked, candle heads get a tensor"),
                 }
-                Ok(())
-            })?;
+                out
+            })
+            .collect();
+        if !candle_members.is_empty() {
+            let x = Tensor::from_slice(values, (rows.len(), dim), device)?;
+            for &m in &candle_members {
+                let logits = trainers[members[m]].head.forward(&x, DType::F32, None)?;
+                let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+                chunk.push((m, p.flatten_all()?.to_vec1::<f32>()?));
+            }
+        }
+        for (m, p) in chunk {
+            probabilities[m].extend(p);
+        }
     }
     probabilities
         .par_iter()
@@ -729,5 +848,45 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
         class_names: data.class_names.clone(),
         config_hash: config.config_hash(&data.dataset_name, &data.fingerprint),
         config: config.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The issue-8 grid per seed: 6 linear heads (1,280 x 10) and 6 MLPs
+    /// (1,280 x 256 x 10) on 2 threads.
+    #[test]
+    fn narrow_heads_share_stacks_and_wide_heads_spread_over_threads() {
+        let linear = || HeadShape {
+            first_outputs: 10,
+            parameters: 1280 * 10 + 10,
+        };
+        let mlp = || HeadShape {
+            first_outputs: 256,
+            parameters: 1280 * 256 + 256 + 256 * 10 + 10,
+        };
+        let shapes: Vec<HeadShape> = (0..12)
+            .map(|i| if i % 2 == 0 { linear() } else { mlp() })
+            .collect();
+        let plan = plan_stacks(&shapes, 2);
+        assert_eq!(plan.len(), 2);
+        for stacks in &plan {
+            // Three MLPs alone and one stack of three linear heads per thread.
+            let mut sizes: Vec<usize> = stacks.iter().map(Vec::len).collect();
+            sizes.sort_unstable();
+            assert_eq!(sizes, [1, 1, 1, 3], "{plan:?}");
+            for stack in stacks {
+                let narrow = stack.iter().all(|&i| i % 2 == 0);
+                assert!(narrow || stack.len() == 1, "{plan:?}");
+            }
+        }
+        let mut every: Vec<usize> = plan.iter().flatten().flatten().copied().collect();
+        every.sort_unstable();
+        assert_eq!(every, (0..12).collect::<Vec<_>>());
+        // One thread: everything on it; one head: one stack.
+        assert_eq!(plan_stacks(&shapes, 1).len(), 1);
+        assert_eq!(plan_stacks(&shapes[..1], 2), vec![vec![vec![0]]]);
     }
 }

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
@@ -639,9 +638,10 @@ pub fn return_first_layers(
 /// One optimiser step for each host-path head of `heads` over the same
 /// batch: per micro-batch, one matmul computes every head's first layer
 /// and one every head's first weight gradient (`first`, from
-/// `lend_first_layers` over these heads in this order); the rest of each
-/// head runs in parallel, one head per thread. Every head's step equals its
-/// `train_batch` alone. The heads share `plan.micro_batch`.
+/// `lend_first_layers` over these heads in this order), then each head's
+/// other layers and update, head after head; `threads` runs all matmuls.
+/// Every head's step equals its `train_batch` alone. The heads share
+/// `plan.micro_batch`.
 pub fn train_stacked_batch(
     first: &mut FirstLayers,
     heads: &mut [(&mut HeadTrainer, &mut ChaCha8Rng)],
@@ -673,12 +673,6 @@ pub fn train_stacked_batch(
     for (t, _) in heads.iter_mut() {
         t.host_mut()?.zero_gradients();
     }
-    // The heads' own layers: one head per thread when there are several.
-    let head_threads = if heads.len() > 1 {
-        Threads::Caller
-    } else {
-        threads
-    };
     let dim = batch.dim;
     let mut start = 0;
     while start < labels.len() {
@@ -686,10 +680,9 @@ pub fn train_stacked_batch(
         let x = &batch.values[start * dim..(start + rows) * dim];
         first.forward(x, rows, threads);
         let deltas = heads
-            .par_iter_mut()
+            .iter_mut()
             .zip(&targets)
             .enumerate()
-            .with_max_len(1)
             .map(|(h, ((trainer, rng), (targets, loss_scale)))| {
                 let classes = trainer.classes;
                 let host = trainer.host.as_mut().expect("lent heads hold host copies");
@@ -698,7 +691,7 @@ pub fn train_stacked_batch(
                     &targets[start * classes..(start + rows) * classes],
                     *loss_scale,
                     rng,
-                    head_threads,
+                    threads,
                 )
             })
             .collect::<Vec<_>>();
@@ -707,9 +700,8 @@ pub fn train_stacked_batch(
     }
     let total_steps = |t: &HeadTrainer| steps_per_epoch * t.config.epochs;
     heads
-        .par_iter_mut()
+        .iter_mut()
         .zip(first.split_mut())
-        .with_max_len(1)
         .try_for_each(|((trainer, _), part)| {
             let unscale = 1.0 / trainer.state.loss_scale;
             let host = trainer.host.as_ref().expect("lent heads hold host copies");
