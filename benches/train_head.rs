@@ -324,6 +324,80 @@ fn sweep() {
         swept / mlp,
         12.0 * (linear + mlp)
     );
+    arithmetic_floor(cache.rows, 20, swept, mlp);
+}
+
+/// The least time the sweep's multiply-adds take at this machine's best
+/// measured f32 matmul rate: what no scheduling of the heads can beat.
+fn arithmetic_floor(rows: usize, epochs: usize, swept: f64, mlp_alone: f64) {
+    let (mut train_rows, mut val_rows) = (0usize, 0usize);
+    for index in 0..rows {
+        match row_label(index).1 {
+            Split::Train => train_rows += 1,
+            Split::Val => val_rows += 1,
+            Split::Test => {}
+        }
+    }
+    // Per epoch a layer of `inputs x outputs` costs, per training row, its
+    // forward product and its weight gradient (plus the input gradient
+    // below the first layer), and per row of the train and val evaluation
+    // one forward product. The final test evaluation is left out.
+    let layer = |inputs: usize, outputs: usize, first: bool| -> f64 {
+        let passes = if first { 2.0 } else { 3.0 };
+        let per_epoch = (passes * train_rows as f64 + (train_rows + val_rows) as f64)
+            * inputs as f64
+            * outputs as f64;
+        per_epoch * epochs as f64
+    };
+    let linear = layer(DIM, CLASSES, true);
+    let mlp = layer(DIM, 256, true) + layer(256, CLASSES, false);
+    let grid = 12.0 * (linear + mlp);
+    let rate = best_matmul_rate();
+    let floor = grid / rate;
+    println!(
+        "arithmetic: one MLP head {:.0} G multiply-adds, the 24-head grid {:.0} G; best f32 \
+         matmul rate on this machine ({} threads, faer) {:.1} G multiply-adds/s: the grid \
+         needs at least {floor:.1} s ({:.1}x one MLP head alone); the sweep ran at {:.0}% \
+         of that rate, one MLP head alone at {:.0}%",
+        mlp / 1e9,
+        grid / 1e9,
+        rayon::current_num_threads(),
+        rate / 1e9,
+        floor / mlp_alone,
+        100.0 * floor / swept,
+        100.0 * (mlp / rate) / mlp_alone,
+    );
+}
+
+/// Multiply-adds per second of faer's f32 matmul on all threads, the best
+/// of a few shapes near the sweep's (a micro-batch of 256 rows against
+/// stacked first layers) and one large square product.
+fn best_matmul_rate() -> f64 {
+    use faer::{Accum, Mat, Par};
+    let shapes = [(256, DIM, 256), (256, DIM, 1536), (1024, 1024, 1024)];
+    let mut best = 0.0f64;
+    for (rows, inner, cols) in shapes {
+        let a = Mat::<f32>::from_fn(rows, inner, |i, j| ((i * 7 + j) % 13) as f32 * 0.1);
+        let b = Mat::<f32>::from_fn(inner, cols, |i, j| ((i + j * 3) % 11) as f32 * 0.1);
+        let mut out = Mat::<f32>::zeros(rows, cols);
+        let work = (rows * inner * cols) as f64;
+        let repeats = (4e9 / work).ceil() as usize;
+        for _ in 0..3 {
+            let started = Instant::now();
+            for _ in 0..repeats {
+                faer::linalg::matmul::matmul(
+                    out.as_mut(),
+                    Accum::Replace,
+                    a.as_ref(),
+                    b.as_ref(),
+                    1.0f32,
+                    Par::rayon(0),
+                );
+            }
+            best = best.max(work * repeats as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    best
 }
 
 fn main() {
