@@ -311,9 +311,9 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     };
     if let Some(run_id) = &args.resume {
         if lazarus::segment::predict::is_segment_run(layout, run_id)? {
-            bail!(
-                "run {run_id} is a segmentation run; --resume continues classification runs only"
-            );
+            let report =
+                lazarus::segment::train::resume(layout, run_id, &options.device, !args.json)?;
+            return print_segment_report(&report, args.json);
         }
         let report = session::resume(layout, run_id, &options)?;
         return print_report(&report, args.json);
@@ -376,22 +376,41 @@ fn train_segment(
     encoder: &str,
     device: candle_core::Device,
 ) -> anyhow::Result<()> {
+    // A weights file names pixel classes, known once the masks are read.
+    let (class_weights, class_weights_file) = match args.class_weights.as_str() {
+        "none" => (ClassWeights::None, None),
+        "balanced" => (ClassWeights::Balanced, None),
+        file => (ClassWeights::None, Some(std::path::PathBuf::from(file))),
+    };
     let request = lazarus::segment::train::SegmentRequest {
         dataset: dataset.to_string(),
         encoder: encoder.to_string(),
         fingerprint: args.fingerprint.clone(),
         experiment: args.experiment.clone(),
-        config: config(args, ClassWeights::None)?,
+        config: config(args, class_weights)?,
         device,
         progress: !args.json,
         extra_params: Vec::new(),
+        class_weights_file,
     };
     let report = lazarus::segment::train::train(layout, &request)?;
-    if args.json {
-        return super::print_json(&report);
+    print_segment_report(&report, args.json)
+}
+
+fn print_segment_report(
+    report: &lazarus::segment::train::SegmentReport,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return super::print_json(report);
     }
+    let resumed = if report.resumed_from_epoch > 0 {
+        format!(", resumed after epoch {}", report.resumed_from_epoch)
+    } else {
+        String::new()
+    };
     println!(
-        "run {} ({} epochs, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
+        "run {} ({} epochs{resumed}, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
         report.run_id,
         report.epochs_run,
         report.best_epoch + 1,
