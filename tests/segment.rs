@@ -12,11 +12,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use image::{GrayImage, ImageFormat, Luma, Rgb, RgbImage};
-use support::{fails, hash_unit, json, lazarus, ok};
+use support::{fails, hash_unit, json, kill_after_checkpoint, lazarus, ok};
 
 const FETCH_HINT: &str = "run scripts/fetch_assets.sh first (it installs the Lite0 weights into $LAZARUS_CACHE, default ~/.cache/lazarus)";
 
@@ -658,27 +656,6 @@ fn class_weights_and_the_balanced_sampler_shape_segmentation_runs() {
     assert!(message.contains("--label-smoothing"), "{message}");
 }
 
-/// The newest complete checkpoint epoch of the only run under ROOT, if any.
-fn newest_checkpoint(root: &Path) -> Option<(PathBuf, usize)> {
-    let run = std::fs::read_dir(root.join("experiments/runs"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().is_dir())?
-        .path();
-    let newest = std::fs::read_dir(run.join("checkpoints"))
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("epoch-")?
-                .strip_suffix(".json")?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()?;
-    Some((run, newest))
-}
-
 #[test]
 fn killed_segmentation_run_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
@@ -714,37 +691,7 @@ fn killed_segmentation_run_resumes_to_the_same_metrics() {
             "5",
         ],
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lazarus"))
-        .arg("--root")
-        .arg(&root)
-        .args(&args)
-        .env_remove("LAZARUS_QUEUE")
-        .env_remove("LAZARUS_FEATURE_STORE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill -9 once a few epochs are checkpointed, mid-run.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let run_dir = loop {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run finished before it could be killed"
-        );
-        if let Some((run, epoch)) = newest_checkpoint(&root)
-            && epoch >= 2
-        {
-            break run;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !run_dir.join("metrics.json").exists(),
-        "killed mid-run, before its final write"
-    );
+    let run_dir = kill_after_checkpoint(&root, &args, 2);
     assert!(run_dir.join("checkpoints/best.safetensors").is_file());
 
     let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();

@@ -397,6 +397,15 @@ fn train_segment(
     print_segment_report(&report, args.json)
 }
 
+/// ", resumed after epoch N" for a resumed run, nothing for a fresh one.
+fn resumed_note(resumed_from_epoch: usize) -> String {
+    if resumed_from_epoch > 0 {
+        format!(", resumed after epoch {resumed_from_epoch}")
+    } else {
+        String::new()
+    }
+}
+
 fn print_segment_report(
     report: &lazarus::segment::train::SegmentReport,
     json: bool,
@@ -404,11 +413,7 @@ fn print_segment_report(
     if json {
         return super::print_json(report);
     }
-    let resumed = if report.resumed_from_epoch > 0 {
-        format!(", resumed after epoch {}", report.resumed_from_epoch)
-    } else {
-        String::new()
-    };
+    let resumed = resumed_note(report.resumed_from_epoch);
     println!(
         "run {} ({} epochs{resumed}, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
         report.run_id,
@@ -425,11 +430,7 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
     if json {
         return super::print_json(report);
     }
-    let resumed = if report.resumed_from_epoch > 0 {
-        format!(", resumed after epoch {}", report.resumed_from_epoch)
-    } else {
-        String::new()
-    };
+    let resumed = resumed_note(report.resumed_from_epoch);
     println!(
         "run {} ({} epochs{resumed}, best epoch {}): test/accuracy {:.4}, test/macro_f1 {:.4}",
         report.run_id,
