@@ -117,6 +117,31 @@ fn write_dataset(dir: &Path, small: usize, large: usize) -> Vec<(PathBuf, GrayIm
     out
 }
 
+/// Asserts that two masks of one image, one predicted from cached features
+/// and one through the encoder, differ in at most 0.1% of their pixels (see
+/// the main test for why they may differ at all).
+fn assert_masks_agree(cached: &Path, encoded: &Path) {
+    let cached_mask = image::open(cached).unwrap().to_luma8();
+    let encoded_mask = image::open(encoded).unwrap().to_luma8();
+    assert_eq!(cached_mask.dimensions(), encoded_mask.dimensions());
+    let differing = cached_mask
+        .pixels()
+        .zip(encoded_mask.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    let pixels = (cached_mask.width() * cached_mask.height()) as usize;
+    eprintln!(
+        "{}: {differing} of {pixels} mask pixels differ, cache vs encoder",
+        cached.display()
+    );
+    assert!(
+        differing * 1000 <= pixels,
+        "{differing} of {pixels} pixels differ between {} (cache) and {} (encoder)",
+        cached.display(),
+        encoded.display()
+    );
+}
+
 fn dice(truth: &GrayImage, predicted: &GrayImage) -> f64 {
     let (mut both, mut total) = (0u64, 0u64);
     for (t, p) in truth.pixels().zip(predicted.pixels()) {
@@ -273,7 +298,7 @@ fn segmentation_reaches_dice_090_on_generated_blobs_and_predicts_stitched_masks(
     // on the other side of an f16 rounding step, could move a logit (by about
     // 1e-3 at most); a pixel flips only where its logit is that close to 0.
     // Measured on this data: 0 of 50,176 + 240,000 pixels differ; the bound
-    // allows 0.1%.
+    // (`assert_masks_agree`) allows 0.1%.
     let copies = temp.path().join("copies");
     std::fs::create_dir_all(&copies).unwrap();
     let mut copy_paths = Vec::new();
@@ -304,22 +329,9 @@ fn segmentation_reaches_dice_090_on_generated_blobs_and_predicts_stitched_masks(
         assert_eq!(encoded[i]["features_from"], "encoder", "{encoded}");
         assert_eq!(encoded[i]["tiles"], predicted[i]["tiles"]);
         let stem = path.file_stem().unwrap().to_str().unwrap();
-        let cached = image::open(out.join(format!("{stem}.mask.png")))
-            .unwrap()
-            .to_luma8();
-        let fresh = image::open(out.join(format!("{stem}-copy.mask.png")))
-            .unwrap()
-            .to_luma8();
-        let differing = cached
-            .pixels()
-            .zip(fresh.pixels())
-            .filter(|(a, b)| a != b)
-            .count();
-        let pixels = (cached.width() * cached.height()) as usize;
-        eprintln!("image {stem}: {differing} of {pixels} mask pixels differ, cache vs encoder");
-        assert!(
-            differing * 1000 <= pixels,
-            "image {stem}: {differing} of {pixels} mask pixels differ between cache and encoder"
+        assert_masks_agree(
+            &out.join(format!("{stem}.mask.png")),
+            &out.join(format!("{stem}-copy.mask.png")),
         );
     }
     for (i, (path, truth)) in picks.iter().enumerate() {
@@ -728,4 +740,31 @@ fn killed_segmentation_run_resumes_to_the_same_metrics() {
     // A finished run is not resumed again.
     let message = fails(lazarus(&root, &["train", "--resume", &run_id]));
     assert!(message.contains("already finished"), "{message}");
+
+    // Its head predicts a dataset image from the cache; with the feature
+    // folder gone, from the encoder, to the same mask.
+    let image = source.join("images/003.png");
+    let predict = |out: &Path| {
+        json(&ok(lazarus(
+            &root,
+            &[
+                "predict",
+                "--run",
+                &run_id,
+                image.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+        )))
+    };
+    let cached = predict(&temp.path().join("cached"));
+    assert_eq!(cached[0]["features_from"], "cache", "{cached}");
+    std::fs::remove_dir_all(root.join("features/blobs")).unwrap();
+    let encoded = predict(&temp.path().join("encoded"));
+    assert_eq!(encoded[0]["features_from"], "encoder", "{encoded}");
+    assert_masks_agree(
+        &temp.path().join("cached/003.mask.png"),
+        &temp.path().join("encoded/003.mask.png"),
+    );
 }

@@ -95,7 +95,7 @@ impl LazyEncoder<'_> {
 /// Where an image's tiles come from.
 enum TileSource<'a> {
     /// Its rows in the run's spatial cache.
-    Cache(&'a [usize]),
+    Cache(&'a FeatureCache, &'a [usize]),
     /// Preprocessed tiles for the encoder.
     Encoder(Vec<super::tile::PreparedTile>),
 }
@@ -118,8 +118,17 @@ pub fn predict(
         )));
     }
     let trained = load_head(&run_dir, &inputs.config, &config.device)?;
-    let cache = FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)
-        .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?;
+    // Without its feature folder (removed to save space), every image goes
+    // through the encoder, as before the cache was read.
+    let features = crate::features::feature_dir(layout, &inputs.dataset, &inputs.fingerprint);
+    let cache = if features.is_dir() {
+        Some(
+            FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)
+                .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?,
+        )
+    } else {
+        None
+    };
     let mut encoder = LazyEncoder {
         run_id,
         trained: &trained,
@@ -156,9 +165,11 @@ pub fn predict(
             }
         };
         let id = crate::dataset::content_id(&bytes);
-        let decoded = match cache.rows(&id) {
-            Some(rows) => crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
-                .map(|image| (image, TileSource::Cache(rows))),
+        let decoded = match cache.as_ref().and_then(|c| Some((c, c.rows(&id)?))) {
+            Some((cache, rows)) => {
+                crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
+                    .map(|image| (image, TileSource::Cache(cache, rows)))
+            }
             None => super::tile::preprocess_tile_bytes(&bytes, path, &preprocess, &tiling)
                 .map(|(image, tiles)| (image, TileSource::Encoder(tiles))),
         };
@@ -167,9 +178,9 @@ pub fn predict(
             Err(err) => prediction.error = Some(err.to_string()),
             Ok((image, source)) => {
                 let logits = match source {
-                    TileSource::Cache(rows) => {
+                    TileSource::Cache(cache, rows) => {
                         prediction.features_from = Some("cache");
-                        cached_logits(&trained, &cache, rows, &config.device)?
+                        cached_logits(&trained, cache, rows, &config.device)?
                     }
                     TileSource::Encoder(tiles) => {
                         prediction.features_from = Some("encoder");
