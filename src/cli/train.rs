@@ -163,9 +163,12 @@ pub struct TrainArgs {
     /// Forward and backward dtype; master weights stay f32 (f16 uses dynamic loss scaling).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionKind,
-    /// none, balanced (n / (classes * n_class)), or a file of class,weight lines or a JSON object.
+    /// none, balanced (n / (classes * n_class); segmentation: over training
+    /// pixels), or a file of class,weight lines or a JSON object.
     #[arg(long, default_value = "none", value_name = "none|balanced|FILE")]
     pub class_weights: String,
+    /// balanced: each class equally often (segmentation: tiles with and
+    /// without foreground), with replacement.
     #[arg(long, value_enum, default_value = "uniform")]
     pub sampler: SamplerKind,
     /// Write a resumable checkpoint every N epochs (0: never).

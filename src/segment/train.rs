@@ -911,6 +911,8 @@ fn write_artifacts(
         "mask_kind": data.info.mask_kind,
         "split_tiles": report.split_rows,
         "head": config.head.name(),
+        "config": config,
+        "class_weights": report.class_weights,
         "best_epoch": report.best_epoch + 1,
         "test_metrics": report.test,
         "intended_use": "Masks for images like those of the training dataset, with the same \
