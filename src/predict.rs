@@ -304,7 +304,8 @@ impl EncoderReference {
 /// Cached feature rows of one dataset, found by image content id.
 pub struct FeatureCache {
     features: FeatureSet,
-    rows_by_id: HashMap<String, usize>,
+    /// An image's rows: one of pooled features, one per tile of spatial ones.
+    rows_by_id: HashMap<String, Vec<usize>>,
 }
 
 impl FeatureCache {
@@ -312,16 +313,14 @@ impl FeatureCache {
     pub fn open(layout: &Layout, dataset: &str, fingerprint: &str) -> Result<Self, PredictError> {
         let features = FeatureSet::open(&feature_dir(layout, dataset, fingerprint))?;
         let dataset = crate::dataset::load(layout, dataset)?;
-        let row_of_index: HashMap<usize, usize> = features
-            .image_indices()
-            .iter()
-            .enumerate()
-            .map(|(row, &index)| (index, row))
-            .collect();
+        let mut rows_of_index: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (row, &index) in features.image_indices().iter().enumerate() {
+            rows_of_index.entry(index).or_default().push(row);
+        }
         let rows_by_id = dataset
             .images
             .into_iter()
-            .filter_map(|r| row_of_index.get(&r.index).map(|&row| (r.id, row)))
+            .filter_map(|r| rows_of_index.remove(&r.index).map(|rows| (r.id, rows)))
             .collect();
         Ok(FeatureCache {
             features,
@@ -331,6 +330,12 @@ impl FeatureCache {
 
     pub fn features(&self) -> &FeatureSet {
         &self.features
+    }
+
+    /// The cached rows of the image with content id `id`, in row order (a
+    /// spatial set's tiles of it), or None when the cache lacks it.
+    pub fn rows(&self, id: &str) -> Option<&[usize]> {
+        self.rows_by_id.get(id).map(Vec::as_slice)
     }
 }
 
@@ -386,7 +391,7 @@ pub fn predict_images(
                 let id = crate::dataset::content_id(&bytes);
                 let cached = predictor
                     .cache
-                    .and_then(|c| c.rows_by_id.get(&id).map(|&row| (c, row)));
+                    .and_then(|c| c.rows(&id)?.first().map(|&row| (c, row)));
                 if let Some((cache, row)) = cached {
                     let probabilities = head.probabilities_of_rows(&cache.features, &[row])?;
                     prediction.top = head.top_k(&probabilities[0], config.top_k);

@@ -5,10 +5,8 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use support::{Synthetic, fails, json, lazarus, ok, synthetic_features};
+use support::{Synthetic, fails, json, kill_after_checkpoint, lazarus, ok, synthetic_features};
 
 fn train(root: &Path, dataset: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
@@ -190,17 +188,6 @@ fn plateau_schedule_lowers_the_rate_when_validation_stalls() {
     assert!(rates.windows(2).all(|w| w[1] <= w[0]), "{rates:?}");
 }
 
-/// The run folder of the only run under ROOT/experiments/runs.
-fn only_run(root: &Path) -> std::path::PathBuf {
-    let runs: Vec<_> = std::fs::read_dir(root.join("experiments/runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    runs[0].clone()
-}
-
 #[test]
 fn killed_run_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
@@ -238,53 +225,7 @@ fn killed_run_resumes_to_the_same_metrics() {
         "11",
         "--json",
     ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lazarus"))
-        .arg("--root")
-        .arg(&killed_root)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill -9 once a few epochs are checkpointed, mid-run.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let checkpoints = loop {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run finished before it could be killed"
-        );
-        if let Ok(runs) = std::fs::read_dir(killed_root.join("experiments/runs"))
-            && let Some(run) = runs.filter_map(|e| e.ok()).next()
-        {
-            let dir = run.path().join("checkpoints");
-            let newest = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.strip_prefix("epoch-")?
-                        .strip_suffix(".json")?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .max();
-            if newest.is_some_and(|epoch| epoch >= 3) {
-                break dir;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run_dir = only_run(&killed_root);
-    assert!(checkpoints.starts_with(&run_dir));
-    assert!(
-        !run_dir.join("metrics.json").exists(),
-        "killed mid-run, before its final write"
-    );
-
+    let run_dir = kill_after_checkpoint(&killed_root, &args, 3);
     let run_id = run_dir.file_name().unwrap().to_str().unwrap();
     let resumed = json(&ok(lazarus(
         &killed_root,

@@ -239,13 +239,14 @@ fn predict_segment(
             match (&p.error, &p.mask) {
                 (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
                 (None, Some(mask)) => println!(
-                    "{}: {}x{} in {} tiles, foreground {:.3}: {}",
+                    "{}: {}x{} in {} tiles, foreground {:.3}: {} ({})",
                     p.path.display(),
                     p.width,
                     p.height,
                     p.tiles,
                     p.foreground_fraction.unwrap_or(0.0),
-                    mask.display()
+                    mask.display(),
+                    p.features_from.unwrap_or("")
                 ),
                 (None, None) => {}
             }

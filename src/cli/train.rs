@@ -163,9 +163,12 @@ pub struct TrainArgs {
     /// Forward and backward dtype; master weights stay f32 (f16 uses dynamic loss scaling).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: PrecisionKind,
-    /// none, balanced (n / (classes * n_class)), or a file of class,weight lines or a JSON object.
+    /// none, balanced (n / (classes * n_class); segmentation: over training
+    /// pixels), or a file of class,weight lines or a JSON object.
     #[arg(long, default_value = "none", value_name = "none|balanced|FILE")]
     pub class_weights: String,
+    /// balanced: each class equally often (segmentation: tiles with and
+    /// without foreground), with replacement.
     #[arg(long, value_enum, default_value = "uniform")]
     pub sampler: SamplerKind,
     /// Write a resumable checkpoint every N epochs (0: never).
@@ -311,9 +314,9 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     };
     if let Some(run_id) = &args.resume {
         if lazarus::segment::predict::is_segment_run(layout, run_id)? {
-            bail!(
-                "run {run_id} is a segmentation run; --resume continues classification runs only"
-            );
+            let report =
+                lazarus::segment::train::resume(layout, run_id, &options.device, !args.json)?;
+            return print_segment_report(&report, args.json);
         }
         let report = session::resume(layout, run_id, &options)?;
         return print_report(&report, args.json);
@@ -376,22 +379,46 @@ fn train_segment(
     encoder: &str,
     device: candle_core::Device,
 ) -> anyhow::Result<()> {
+    // A weights file names pixel classes, known once the masks are read.
+    let (class_weights, class_weights_file) = match args.class_weights.as_str() {
+        "none" => (ClassWeights::None, None),
+        "balanced" => (ClassWeights::Balanced, None),
+        file => (ClassWeights::None, Some(std::path::PathBuf::from(file))),
+    };
     let request = lazarus::segment::train::SegmentRequest {
         dataset: dataset.to_string(),
         encoder: encoder.to_string(),
         fingerprint: args.fingerprint.clone(),
         experiment: args.experiment.clone(),
-        config: config(args, ClassWeights::None)?,
+        config: config(args, class_weights)?,
         device,
         progress: !args.json,
         extra_params: Vec::new(),
+        class_weights_file,
     };
     let report = lazarus::segment::train::train(layout, &request)?;
-    if args.json {
-        return super::print_json(&report);
+    print_segment_report(&report, args.json)
+}
+
+/// ", resumed after epoch N" for a resumed run, nothing for a fresh one.
+fn resumed_note(resumed_from_epoch: usize) -> String {
+    if resumed_from_epoch > 0 {
+        format!(", resumed after epoch {resumed_from_epoch}")
+    } else {
+        String::new()
     }
+}
+
+fn print_segment_report(
+    report: &lazarus::segment::train::SegmentReport,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return super::print_json(report);
+    }
+    let resumed = resumed_note(report.resumed_from_epoch);
     println!(
-        "run {} ({} epochs, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
+        "run {} ({} epochs{resumed}, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
         report.run_id,
         report.epochs_run,
         report.best_epoch + 1,
@@ -406,11 +433,7 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
     if json {
         return super::print_json(report);
     }
-    let resumed = if report.resumed_from_epoch > 0 {
-        format!(", resumed after epoch {}", report.resumed_from_epoch)
-    } else {
-        String::new()
-    };
+    let resumed = resumed_note(report.resumed_from_epoch);
     println!(
         "run {} ({} epochs{resumed}, best epoch {}): test/accuracy {:.4}, test/macro_f1 {:.4}",
         report.run_id,

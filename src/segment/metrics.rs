@@ -1,7 +1,8 @@
-//! Segmentation metrics from a pixel confusion matrix: Dice, IoU and pixel
-//! accuracy. Dice and IoU are over the foreground classes (1 and up), pooled
-//! over every pixel of a split, and averaged over the classes that occur in
-//! the truth or the prediction.
+//! Segmentation metrics from a pixel confusion matrix: Dice, IoU, pixel
+//! accuracy, precision and recall. All but pixel accuracy are over the
+//! foreground classes (1 and up), pooled over every pixel of a split, and
+//! averaged over the classes where they are defined (Dice and IoU: in the
+//! truth or the prediction; recall: in the truth; precision: predicted).
 
 use std::collections::BTreeMap;
 
@@ -25,7 +26,9 @@ impl PixelConfusion {
         }
     }
 
-    fn per_class(&self, score: impl Fn(u64, u64, u64) -> f64) -> f64 {
+    /// The mean of `score(tp, fp, fn)` over the foreground classes where it
+    /// is defined (Some); 1 when it is defined for none.
+    fn per_class(&self, score: impl Fn(u64, u64, u64) -> Option<f64>) -> f64 {
         let classes = self.counts.len();
         let mut total = 0.0;
         let mut counted = 0;
@@ -33,11 +36,10 @@ impl PixelConfusion {
             let tp = self.counts[class][class];
             let fn_ = self.counts[class].iter().sum::<u64>() - tp;
             let fp = (0..classes).map(|t| self.counts[t][class]).sum::<u64>() - tp;
-            if tp + fp + fn_ == 0 {
-                continue;
+            if let Some(value) = score(tp, fp, fn_) {
+                total += value;
+                counted += 1;
             }
-            total += score(tp, fp, fn_);
-            counted += 1;
         }
         // No foreground anywhere, and none predicted: a perfect answer.
         if counted == 0 {
@@ -49,12 +51,26 @@ impl PixelConfusion {
 
     /// 2 TP / (2 TP + FP + FN), averaged over foreground classes.
     pub fn dice(&self) -> f64 {
-        self.per_class(|tp, fp, fn_| 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64)
+        self.per_class(|tp, fp, fn_| {
+            (tp + fp + fn_ > 0).then(|| 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64)
+        })
     }
 
     /// TP / (TP + FP + FN), averaged over foreground classes.
     pub fn iou(&self) -> f64 {
-        self.per_class(|tp, fp, fn_| tp as f64 / (tp + fp + fn_) as f64)
+        self.per_class(|tp, fp, fn_| {
+            (tp + fp + fn_ > 0).then(|| tp as f64 / (tp + fp + fn_) as f64)
+        })
+    }
+
+    /// TP / (TP + FN), averaged over the foreground classes in the truth.
+    pub fn recall(&self) -> f64 {
+        self.per_class(|tp, _, fn_| (tp + fn_ > 0).then(|| tp as f64 / (tp + fn_) as f64))
+    }
+
+    /// TP / (TP + FP), averaged over the foreground classes predicted.
+    pub fn precision(&self) -> f64 {
+        self.per_class(|tp, fp, _| (tp + fp > 0).then(|| tp as f64 / (tp + fp) as f64))
     }
 
     /// Correct pixels over all pixels.
@@ -68,12 +84,15 @@ impl PixelConfusion {
         }
     }
 
-    /// `split/dice`, `split/iou`, `split/pixel_accuracy`.
+    /// `split/dice`, `split/iou`, `split/pixel_accuracy`, and the foreground
+    /// `split/precision` and `split/recall`.
     pub fn metrics(&self, split: &str) -> BTreeMap<String, f64> {
         BTreeMap::from([
             (format!("{split}/dice"), self.dice()),
             (format!("{split}/iou"), self.iou()),
             (format!("{split}/pixel_accuracy"), self.pixel_accuracy()),
+            (format!("{split}/precision"), self.precision()),
+            (format!("{split}/recall"), self.recall()),
         ])
     }
 }
@@ -90,6 +109,8 @@ mod tests {
         assert!((confusion.dice() - 4.0 / 6.0).abs() < 1e-12);
         assert!((confusion.iou() - 2.0 / 4.0).abs() < 1e-12);
         assert!((confusion.pixel_accuracy() - 4.0 / 6.0).abs() < 1e-12);
+        assert!((confusion.recall() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((confusion.precision() - 2.0 / 3.0).abs() < 1e-12);
     }
 
     #[test]
@@ -100,5 +121,8 @@ mod tests {
         confusion.add(&[0, 1, 1, 2, 2], &[0, 1, 1, 2, 0]);
         assert!((confusion.dice() - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
         assert!((confusion.iou() - (1.0 + 0.5) / 2.0).abs() < 1e-12);
+        // Recall: class 1 2/2, class 2 1/2; precision: 2/2 and 1/1.
+        assert!((confusion.recall() - 0.75).abs() < 1e-12);
+        assert!((confusion.precision() - 1.0).abs() < 1e-12);
     }
 }

@@ -193,20 +193,33 @@ impl Geometry {
 
 /// Loss of logits [n, outputs, pixels] against targets: [n, pixels] of 0/1
 /// (binary) or one-hot [n, classes, pixels]. BCE (or cross-entropy) over
-/// every pixel plus 1 - soft Dice averaged over images (and classes).
-pub fn loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor, SegmentError> {
+/// every pixel plus 1 - soft Dice averaged over images (and classes). With
+/// `pixel_weights` ([n, pixels]), each pixel's BCE or cross-entropy term is
+/// multiplied by its weight before the mean (class weighting); Dice is not.
+pub fn loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    pixel_weights: Option<&Tensor>,
+) -> Result<Tensor, SegmentError> {
+    let weighted_mean = |per_pixel: Tensor| -> Result<Tensor, SegmentError> {
+        Ok(match pixel_weights {
+            None => per_pixel.mean_all()?,
+            Some(weights) => (per_pixel * weights)?.mean_all()?,
+        })
+    };
     if logits.dim(1)? == 1 {
         let z = logits.squeeze(1)?;
         // max(z, 0) - z y + log(1 + exp(-|z|)): stable for any z.
-        let bce = ((z.relu()? - (&z * targets)?)? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?
-            .mean_all()?;
+        let bce = weighted_mean(
+            ((z.relu()? - (&z * targets)?)? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?,
+        )?;
         let p = candle_nn::ops::sigmoid(&z)?;
         let overlap = (&p * targets)?.sum(1)?;
         let dice = ((overlap * 2.0)? + 1.0)?.div(&((p.sum(1)? + targets.sum(1)?)? + 1.0)?)?;
         Ok((bce + dice.mean_all()?.affine(-1.0, 1.0)?)?)
     } else {
         let log_p = candle_nn::ops::log_softmax(logits, 1)?;
-        let cross_entropy = (&log_p * targets)?.sum(1)?.mean_all()?.neg()?;
+        let cross_entropy = weighted_mean((&log_p * targets)?.sum(1)?)?.neg()?;
         let p = log_p.exp()?;
         let overlap = (&p * targets)?.sum(2)?;
         let dice = ((overlap * 2.0)? + 1.0)?.div(&((p.sum(2)? + targets.sum(2)?)? + 1.0)?)?;
@@ -309,8 +322,14 @@ mod tests {
         let targets = Tensor::new(&[[1f32, 1.0, 0.0, 0.0]], &device).unwrap();
         let right = Tensor::new(&[[[20f32, 20.0, -20.0, -20.0]]], &device).unwrap();
         let wrong = right.neg().unwrap();
-        let right = loss(&right, &targets).unwrap().to_scalar::<f32>().unwrap();
-        let wrong = loss(&wrong, &targets).unwrap().to_scalar::<f32>().unwrap();
+        let right = loss(&right, &targets, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let wrong = loss(&wrong, &targets, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(right < 0.01, "{right}");
         // BCE of 20 per pixel; soft Dice: no overlap, sum p = 2 (the two
         // background pixels), sum y = 2, so 1 - 1 / (2 + 2 + 1) = 0.8.
@@ -320,13 +339,16 @@ mod tests {
         let one_hot = Tensor::new(&[[[0f32, 1.0], [0.0, 0.0], [1.0, 0.0]]], &device).unwrap();
         let right =
             Tensor::new(&[[[-20f32, 20.0], [-20.0, -20.0], [20.0, -20.0]]], &device).unwrap();
-        let right = loss(&right, &one_hot).unwrap().to_scalar::<f32>().unwrap();
+        let right = loss(&right, &one_hot, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(right < 0.01, "{right}");
         // Uniform logits: cross-entropy ln 3; soft Dice per class (2/3 + 1) /
         // (2/3 + 1 + 1) = 5/8 for the two present classes and 1 / (2/3 + 1)
         // = 3/5 for the absent one.
         let uniform = Tensor::zeros((1, 3, 2), DType::F32, &device).unwrap();
-        let uniform = loss(&uniform, &one_hot)
+        let uniform = loss(&uniform, &one_hot, None)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
@@ -335,5 +357,49 @@ mod tests {
             (uniform - (3f32.ln() + 1.0 - dice)).abs() < 1e-4,
             "{uniform}"
         );
+    }
+
+    #[test]
+    fn pixel_weights_scale_the_bce_term_only() {
+        let device = Device::Cpu;
+        // Logits 0: BCE ln 2 per pixel; p = 0.5, so soft Dice is
+        // (2 * 0.5 + 1) / (1 + 1 + 1) = 2/3 and its term 1/3.
+        let targets = Tensor::new(&[[1f32, 0.0]], &device).unwrap();
+        let logits = Tensor::zeros((1, 1, 2), DType::F32, &device).unwrap();
+        let plain = loss(&logits, &targets, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((plain - (2f32.ln() + 1.0 / 3.0)).abs() < 1e-5, "{plain}");
+        // Weights 3 and 1: (3 ln 2 + ln 2) / 2 = 2 ln 2.
+        let weights = Tensor::new(&[[3f32, 1.0]], &device).unwrap();
+        let weighted = loss(&logits, &targets, Some(&weights))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (weighted - (2.0 * 2f32.ln() + 1.0 / 3.0)).abs() < 1e-5,
+            "{weighted}"
+        );
+        // Index masks: uniform logits over 3 classes, cross-entropy ln 3 per
+        // pixel; weights 2 and 0 give (2 ln 3 + 0) / 2 = ln 3 again.
+        let one_hot = Tensor::new(&[[[0f32, 1.0], [0.0, 0.0], [1.0, 0.0]]], &device).unwrap();
+        let uniform = Tensor::zeros((1, 3, 2), DType::F32, &device).unwrap();
+        let plain = loss(&uniform, &one_hot, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let weights = Tensor::new(&[[2f32, 0.0]], &device).unwrap();
+        let weighted = loss(&uniform, &one_hot, Some(&weights))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((plain - weighted).abs() < 1e-5, "{plain} {weighted}");
+        let weights = Tensor::new(&[[4f32, 0.0]], &device).unwrap();
+        let doubled = loss(&uniform, &one_hot, Some(&weights))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((doubled - plain - 3f32.ln()).abs() < 1e-5, "{doubled}");
     }
 }

@@ -1,9 +1,11 @@
-//! `predict --task segment`: a segmentation run's head on new images. Each
-//! image is cut into the run's tiles, run through the run's encoder (same
-//! weights sha256, same preprocessing), the head's logits are upsampled
-//! bilinearly to each tile's pixels and averaged where tiles overlap; the
-//! mask (PNG, original resolution) and an overlay (mask tinted over the
-//! image) are written per image.
+//! `predict --task segment`: a segmentation run's head on new images. An
+//! image already in the run's spatial feature cache (same content id in its
+//! dataset) reuses its cached tiles' maps; any other is cut into the run's
+//! tiles and run through the run's encoder (same weights sha256, same
+//! preprocessing; loaded only when some image needs it). The head's logits
+//! are upsampled bilinearly to each tile's pixels and averaged where tiles
+//! overlap; the mask (PNG, original resolution) and an overlay (mask tinted
+//! over the image) are written per image.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,7 @@ use super::model::{TrainedSegmentHead, bilinear_matrix, load_head};
 use crate::encoders::{self, Encoder, WeightsSource};
 use crate::experiments::ExperimentsDb;
 use crate::layout::Layout;
+use crate::predict::FeatureCache;
 use crate::train::config::Task;
 use crate::train::run::read_run_inputs;
 
@@ -33,6 +36,9 @@ pub struct SegmentPredictConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentPrediction {
     pub path: PathBuf,
+    pub image_id: Option<String>,
+    /// "cache" when the run's cached spatial features were reused, "encoder" otherwise.
+    pub features_from: Option<&'static str>,
     pub mask: Option<PathBuf>,
     pub overlay: Option<PathBuf>,
     pub width: u32,
@@ -65,6 +71,35 @@ const PALETTE: [[u8; 3]; 6] = [
     [255, 140, 0],
 ];
 
+/// Per tile of an image: its place [x, y, width, height] and its head
+/// logits on the grid, [outputs][grid cells].
+type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
+
+/// The run's encoder, loaded the first time an image is not in the cache.
+struct LazyEncoder<'a> {
+    run_id: &'a str,
+    trained: &'a TrainedSegmentHead,
+    device: &'a Device,
+    encoder: Option<Box<dyn Encoder>>,
+}
+
+impl LazyEncoder<'_> {
+    fn get(&mut self) -> Result<&dyn Encoder, SegmentError> {
+        if self.encoder.is_none() {
+            self.encoder = Some(load_run_encoder(self.run_id, self.trained, self.device)?);
+        }
+        Ok(self.encoder.as_deref().expect("loaded above"))
+    }
+}
+
+/// Where an image's tiles come from.
+enum TileSource<'a> {
+    /// Its rows in the run's spatial cache.
+    Cache(&'a FeatureCache, &'a [usize]),
+    /// Preprocessed tiles for the encoder.
+    Encoder(Vec<super::tile::PreparedTile>),
+}
+
 /// Writes a mask and an overlay per image; a bad image gets its own error
 /// and the others are still predicted.
 pub fn predict(
@@ -83,8 +118,25 @@ pub fn predict(
         )));
     }
     let trained = load_head(&run_dir, &inputs.config, &config.device)?;
-    let encoder = load_run_encoder(run_id, &trained, &config.device)?;
-    let preprocess = crate::extract::plan::spatial_preprocess(encoder.spec());
+    // Without its feature folder (removed to save space), every image goes
+    // through the encoder, as before the cache was read.
+    let features = crate::features::feature_dir(layout, &inputs.dataset, &inputs.fingerprint);
+    let cache = if features.is_dir() {
+        Some(
+            FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)
+                .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let mut encoder = LazyEncoder {
+        run_id,
+        trained: &trained,
+        device: &config.device,
+        encoder: None,
+    };
+    let spec = encoders::lookup(&trained.info.encoder)?;
+    let preprocess = crate::extract::plan::spatial_preprocess(&spec);
     let tiling = trained.info.tiling.unwrap_or_default();
     std::fs::create_dir_all(&config.out_dir).map_err(|source| SegmentError::Io {
         path: config.out_dir.clone(),
@@ -94,6 +146,8 @@ pub fn predict(
     for path in images {
         let mut prediction = SegmentPrediction {
             path: path.clone(),
+            image_id: None,
+            features_from: None,
             mask: None,
             overlay: None,
             width: 0,
@@ -102,13 +156,41 @@ pub fn predict(
             foreground_fraction: None,
             error: None,
         };
-        match super::tile::preprocess_tiles(path, &preprocess, &tiling) {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                prediction.error = Some(format!("cannot read {}: {e}", path.display()));
+                out.push(prediction);
+                continue;
+            }
+        };
+        let id = crate::dataset::content_id(&bytes);
+        let decoded = match cache.as_ref().and_then(|c| Some((c, c.rows(&id)?))) {
+            Some((cache, rows)) => {
+                crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
+                    .map(|image| (image, TileSource::Cache(cache, rows)))
+            }
+            None => super::tile::preprocess_tile_bytes(&bytes, path, &preprocess, &tiling)
+                .map(|(image, tiles)| (image, TileSource::Encoder(tiles))),
+        };
+        prediction.image_id = Some(id);
+        match decoded {
             Err(err) => prediction.error = Some(err.to_string()),
-            Ok((image, tiles)) => {
+            Ok((image, source)) => {
+                let logits = match source {
+                    TileSource::Cache(cache, rows) => {
+                        prediction.features_from = Some("cache");
+                        cached_logits(&trained, cache, rows, &config.device)?
+                    }
+                    TileSource::Encoder(tiles) => {
+                        prediction.features_from = Some("encoder");
+                        encoded_logits(&trained, encoder.get()?, tiles, config)?
+                    }
+                };
                 prediction.width = image.width();
                 prediction.height = image.height();
-                prediction.tiles = tiles.len();
-                let classes = segment_image(&trained, encoder.as_ref(), &image, tiles, config)?;
+                prediction.tiles = logits.len();
+                let classes = stitch(&trained, image.width(), image.height(), &logits);
                 let stem = path
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -167,21 +249,43 @@ fn load_run_encoder(
     Ok(encoder)
 }
 
-/// Class per pixel of the whole image: tile logits upsampled to each tile's
-/// pixels, summed and averaged where tiles overlap.
-fn segment_image(
+/// Grid logits of an image's cached tiles (rows of the run's spatial set):
+/// the maps the head was trained on, f16 as stored.
+fn cached_logits(
+    trained: &TrainedSegmentHead,
+    cache: &FeatureCache,
+    rows: &[usize],
+    device: &Device,
+) -> Result<TileLogits, SegmentError> {
+    let features = cache.features();
+    let maps = super::train::map_tensors(features, rows, device)?;
+    let logits = trained
+        .geometry
+        .grid_logits(&trained.head, &maps, DType::F32, None)?
+        .to_vec3::<f32>()?;
+    rows.iter()
+        .zip(logits)
+        .map(|(&row, tile_logits)| {
+            let tile = features.tile(row).ok_or_else(|| {
+                SegmentError::Invalid(format!(
+                    "row {row} of {} has no tile geometry",
+                    features.dir().display()
+                ))
+            })?;
+            Ok((tile, tile_logits))
+        })
+        .collect()
+}
+
+/// Grid logits of an image's tiles through the run's encoder, batched.
+fn encoded_logits(
     trained: &TrainedSegmentHead,
     encoder: &dyn Encoder,
-    image: &RgbImage,
     tiles: Vec<super::tile::PreparedTile>,
     config: &SegmentPredictConfig,
-) -> Result<Vec<u8>, SegmentError> {
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let outputs = trained.info.outputs;
-    let (grid_h, grid_w) = trained.geometry.grid;
+) -> Result<TileLogits, SegmentError> {
     let size = encoder.spec().input_size as usize;
-    let mut sums = vec![0f32; outputs * width * height];
-    let mut counts = vec![0f32; width * height];
+    let mut out = Vec::with_capacity(tiles.len());
     for group in tiles.chunks(config.batch_size.max(1)) {
         let mut flat = Vec::with_capacity(group.len() * 3 * size * size);
         for (_, values) in group {
@@ -199,43 +303,55 @@ fn segment_image(
             .geometry
             .grid_logits(&trained.head, &maps, DType::F32, None)?
             .to_vec3::<f32>()?;
-        for ((tile, _), tile_logits) in group.iter().zip(logits) {
-            let [x0, y0, tile_w, tile_h] = tile.map(|v| v as usize);
-            let rows = bilinear_matrix(grid_h, tile_h);
-            let columns = bilinear_matrix(grid_w, tile_w);
-            for (k, grid) in tile_logits.iter().enumerate() {
-                // Rows first: [tile_h, grid_w], then columns.
-                let mut partial = vec![0f32; tile_h * grid_w];
-                for y in 0..tile_h {
-                    for i in 0..grid_h {
-                        let weight = rows[y * grid_h + i];
-                        if weight != 0.0 {
-                            for j in 0..grid_w {
-                                partial[y * grid_w + j] += weight * grid[i * grid_w + j];
-                            }
-                        }
-                    }
-                }
-                for y in 0..tile_h {
-                    let base = k * width * height + (y0 + y) * width + x0;
-                    for x in 0..tile_w {
-                        let mut value = 0f32;
+        out.extend(group.iter().map(|(tile, _)| *tile).zip(logits));
+    }
+    Ok(out)
+}
+
+/// Class per pixel of the whole image: tile logits upsampled to each tile's
+/// pixels, summed and averaged where tiles overlap.
+fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLogits) -> Vec<u8> {
+    let (width, height) = (width as usize, height as usize);
+    let outputs = trained.info.outputs;
+    let (grid_h, grid_w) = trained.geometry.grid;
+    let mut sums = vec![0f32; outputs * width * height];
+    let mut counts = vec![0f32; width * height];
+    for (tile, tile_logits) in tiles {
+        let [x0, y0, tile_w, tile_h] = tile.map(|v| v as usize);
+        let rows = bilinear_matrix(grid_h, tile_h);
+        let columns = bilinear_matrix(grid_w, tile_w);
+        for (k, grid) in tile_logits.iter().enumerate() {
+            // Rows first: [tile_h, grid_w], then columns.
+            let mut partial = vec![0f32; tile_h * grid_w];
+            for y in 0..tile_h {
+                for i in 0..grid_h {
+                    let weight = rows[y * grid_h + i];
+                    if weight != 0.0 {
                         for j in 0..grid_w {
-                            value += columns[x * grid_w + j] * partial[y * grid_w + j];
+                            partial[y * grid_w + j] += weight * grid[i * grid_w + j];
                         }
-                        sums[base + x] += value;
                     }
                 }
             }
             for y in 0..tile_h {
+                let base = k * width * height + (y0 + y) * width + x0;
                 for x in 0..tile_w {
-                    counts[(y0 + y) * width + x0 + x] += 1.0;
+                    let mut value = 0f32;
+                    for j in 0..grid_w {
+                        value += columns[x * grid_w + j] * partial[y * grid_w + j];
+                    }
+                    sums[base + x] += value;
                 }
+            }
+        }
+        for y in 0..tile_h {
+            for x in 0..tile_w {
+                counts[(y0 + y) * width + x0 + x] += 1.0;
             }
         }
     }
     let plane = width * height;
-    Ok((0..plane)
+    (0..plane)
         .map(|pixel| {
             let count = counts[pixel].max(1.0);
             if outputs == 1 {
@@ -246,7 +362,7 @@ fn segment_image(
                     .unwrap_or(0) as u8
             }
         })
-        .collect())
+        .collect()
 }
 
 /// The image with each non-background pixel blended half-way to its class colour.

@@ -85,7 +85,17 @@ pub fn preprocess_tiles(
         path: path.display().to_string(),
         source,
     })?;
-    let image = crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)?;
+    preprocess_tile_bytes(&bytes, path, preprocess, config)
+}
+
+/// `preprocess_tiles` of a file already read (`path` names it in errors).
+pub fn preprocess_tile_bytes(
+    bytes: &[u8],
+    path: &std::path::Path,
+    preprocess: &PreprocessConfig,
+    config: &TileConfig,
+) -> Result<(image::RgbImage, Vec<PreparedTile>), PreprocessError> {
+    let image = crate::preprocess::decode_rgb8(bytes, path, preprocess.max_pixels)?;
     let size = (image.width(), image.height());
     let prepared = tiles(size.0, size.1, config)
         .into_iter()

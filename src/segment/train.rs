@@ -9,13 +9,19 @@
 //! classification trainer's (`HeadTrainer`); only the loss differs. Masks are
 //! read from the dataset once per run and resampled to the training
 //! resolution per tile; they never enter the feature shards.
+//!
+//! Class weights (`--class-weights`) weight the BCE or cross-entropy term
+//! per pixel by its true class (balanced: from the training targets' pixel
+//! counts); the soft Dice term and the evaluation losses are unweighted.
+//! `--sampler balanced` draws tiles with and without foreground equally
+//! often. Checkpoints, `best.safetensors` and `--resume` are the
+//! classification runs' (`train::checkpoint`, `session::resumable_run`): a
+//! run resumed at an epoch boundary ends bit for bit as an uninterrupted one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -27,12 +33,14 @@ use super::model::{
     Geometry, HEAD_INFO_KEY, SegmentHeadInfo, loss, predicted_classes, upsample_operator,
 };
 use crate::dataset::{self, MaskKind, Split};
-use crate::experiments::{ExperimentsDb, ParamValue, RunStart, RunStatus};
+use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::features::{FeatureSet, feature_dir};
 use crate::layout::Layout;
-use crate::train::config::{Task, TrainConfig};
+use crate::train::checkpoint;
+use crate::train::config::{ClassWeights, Task, TrainConfig};
+use crate::train::data::SplitRows;
 use crate::train::head::Head;
-use crate::train::run::{RunInputs, write_run_inputs};
+use crate::train::run::{EpochStream, RunInputs, dropout_stream, seeded, write_run_inputs};
 use crate::train::trainer::{BatchPlan, HeadTrainer};
 
 /// Finest grid cells per side are upsampled by this factor for the loss and
@@ -53,6 +61,10 @@ pub struct SegmentRequest {
     pub progress: bool,
     /// Extra params for experiments.db (a sweep's name).
     pub extra_params: Vec<(String, ParamValue)>,
+    /// `--class-weights FILE`: read against the run's classes (`background`,
+    /// `foreground` for binary masks; `0`, `1`, ... for index masks) once the
+    /// masks are loaded, it replaces `config.class_weights`.
+    pub class_weights_file: Option<PathBuf>,
 }
 
 /// What a segmentation run did (also `metrics.json`).
@@ -68,6 +80,12 @@ pub struct SegmentReport {
     pub epochs_run: usize,
     /// Zero-based epoch of the kept head.
     pub best_epoch: usize,
+    /// The epoch a resumed run started from (0 for a fresh run).
+    pub resumed_from_epoch: usize,
+    pub stopped_early: bool,
+    /// Loss weight per class of the BCE / cross-entropy term, when weighted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<BTreeMap<String, f64>>,
     pub plan: BatchPlan,
     /// Per epoch: `train/loss`, `val/loss`, `val/dice`, `val/iou`, `val/pixel_accuracy`, ...
     pub epochs: Vec<BTreeMap<String, f64>>,
@@ -76,7 +94,7 @@ pub struct SegmentReport {
 }
 
 /// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache.
-fn map_tensors(
+pub(crate) fn map_tensors(
     features: &FeatureSet,
     rows: &[usize],
     device: &Device,
@@ -158,13 +176,21 @@ pub fn spatial_fingerprint(
 /// (feature row, classes at the training resolution) of one image's tiles.
 type TileTargets = Vec<(usize, Vec<u8>)>;
 
-fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, SegmentError> {
-    let dataset = dataset::load(layout, &request.dataset)?;
-    let fingerprint = match &request.fingerprint {
-        Some(fingerprint) => fingerprint.clone(),
-        None => spatial_fingerprint(layout, &request.dataset, &request.encoder)?,
+/// Which features a run reads: dataset, encoder and, when known, the folder.
+struct DataSource<'a> {
+    dataset: &'a str,
+    encoder: &'a str,
+    fingerprint: Option<&'a str>,
+}
+
+fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, SegmentError> {
+    let dataset_name = source.dataset;
+    let dataset = dataset::load(layout, dataset_name)?;
+    let fingerprint = match source.fingerprint {
+        Some(fingerprint) => fingerprint.to_string(),
+        None => spatial_fingerprint(layout, dataset_name, source.encoder)?,
     };
-    let dir = feature_dir(layout, &request.dataset, &fingerprint);
+    let dir = feature_dir(layout, dataset_name, &fingerprint);
     let features = FeatureSet::open(&dir)?;
     if features.maps().is_empty() {
         return Err(SegmentError::NoFeatures(format!(
@@ -177,10 +203,10 @@ fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, S
         .get("encoder")
         .cloned()
         .unwrap_or_default();
-    if encoder != request.encoder {
+    if encoder != source.encoder {
         return Err(SegmentError::Invalid(format!(
             "features {fingerprint} were made by encoder {encoder}, not {}",
-            request.encoder
+            source.encoder
         )));
     }
     let maps = features.maps().to_vec();
@@ -197,14 +223,13 @@ fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, S
         .map(|(&image, rows)| {
             let record = dataset.images.get(image).ok_or_else(|| {
                 SegmentError::Invalid(format!(
-                    "feature row for image {image} is outside dataset {} ({} images)",
-                    request.dataset,
+                    "feature row for image {image} is outside dataset {dataset_name} ({} images)",
                     dataset.images.len()
                 ))
             })?;
             let path = record.mask.as_ref().ok_or_else(|| SegmentError::Mask {
                 path: record.path.clone(),
-                message: format!("image has no mask in dataset {}", request.dataset),
+                message: format!("image has no mask in dataset {dataset_name}"),
             })?;
             let mask = read_mask(path, kind)?;
             if (mask.width, mask.height) != (record.width, record.height) {
@@ -255,8 +280,7 @@ fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, S
     for (name, rows) in [("train", &train), ("val", &val), ("test", &test)] {
         if rows.is_empty() {
             return Err(SegmentError::Invalid(format!(
-                "split {name} of dataset {} has no images with spatial features",
-                request.dataset
+                "split {name} of dataset {dataset_name} has no images with spatial features"
             )));
         }
     }
@@ -407,7 +431,8 @@ fn evaluate(
         let maps = map_tensors(&data.features, chunk, device)?;
         let logits = mask_logits(geometry, head, upsample, &maps, DType::F32, None)?;
         let targets = target_tensor(data, chunk, device)?;
-        loss_sum += loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        // Unweighted, as classification's val/loss: the model's fit, not the objective.
+        loss_sum += loss(&logits, &targets, None)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         for (predicted, &row) in predicted_classes(&logits)?.iter().zip(chunk) {
             confusion.add(&data.targets[row], predicted);
         }
@@ -449,64 +474,132 @@ fn plan(
     })
 }
 
-fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(stream);
-    rng
-}
-
-/// Trains a segmentation head as a new run and records it in experiments.db.
-pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
-    let mut config = request.config.clone();
+/// The run's configuration as segmentation trains it: the task, `val/dice`
+/// as the default monitor, and classification-only settings refused rather
+/// than ignored.
+fn segment_config(mut config: TrainConfig) -> Result<TrainConfig, SegmentError> {
     config.task = Task::Segment;
     if config.monitor == TrainConfig::default().monitor {
         config.monitor = "val/dice".into();
     }
-    config.validate()?;
-    let device = &request.device;
-    let data = load_data(layout, request)?;
-    let maps = data.features.maps().to_vec();
-    let geometry = Geometry::new(maps, &data.mean, &data.std, device)?;
-    let resolution = data.info.resolution;
-    let upsample = upsample_operator(geometry.grid, (resolution, resolution), device)?;
-
-    let mut parameters = 0u64;
-    let mut previous = geometry.channels as u64;
-    for size in config.head.layer_sizes(data.info.outputs) {
-        parameters += previous * size as u64 + size as u64;
-        previous = size as u64;
+    if config.label_smoothing != 0.0 {
+        return Err(SegmentError::Invalid(format!(
+            "label smoothing {} (--label-smoothing) applies to classification heads only",
+            config.label_smoothing
+        )));
     }
-    let plan = plan(&data, &config, parameters)?;
-    // Mapped pages beyond half the budget are released as training reads on.
-    data.features
-        .set_resident_limit(config.memory_budget_bytes / 2);
-    // Class weights do not apply to segmentation: the counts are unused.
-    let mut trainer = HeadTrainer::new(
-        config.clone(),
-        geometry.channels,
-        data.info.outputs,
-        &vec![0; data.info.outputs],
-        plan,
-        device,
-    )?;
-    let micro_batch = trainer.plan.micro_batch;
-    let scoring = Scoring {
-        data: &data,
-        geometry: &geometry,
-        upsample: &upsample,
-        micro_batch,
-        device,
-    };
+    if let Some(source) = &config.init_from {
+        return Err(SegmentError::Invalid(format!(
+            "--init-from {source}: warm starts apply to classification heads only"
+        )));
+    }
+    config.validate()?;
+    Ok(config)
+}
 
-    let class_names: Vec<String> = match data.info.mask_kind {
+/// The class names of a run's pixels: what class-weight files name.
+fn class_names(info: &SegmentHeadInfo) -> Vec<String> {
+    match info.mask_kind {
         MaskKind::Binary => vec!["background".into(), "foreground".into()],
-        MaskKind::Index => (0..data.info.outputs).map(|c| c.to_string()).collect(),
-    };
+        MaskKind::Index => (0..info.classes()).map(|c| c.to_string()).collect(),
+    }
+}
+
+/// Loss weight per pixel class (None without class weighting): balanced
+/// weights are n / (classes x n_class) over the training targets' pixels,
+/// as classification's over its training rows.
+fn pixel_class_weights(
+    config: &TrainConfig,
+    data: &SegmentData,
+) -> Result<Option<Vec<f32>>, SegmentError> {
+    if config.class_weights == ClassWeights::None {
+        return Ok(None);
+    }
+    let mut counts = vec![0usize; data.info.classes()];
+    for &row in &data.train {
+        for &class in &data.targets[row] {
+            counts[class as usize] += 1;
+        }
+    }
+    Ok(Some(crate::train::trainer::class_weights(
+        &config.class_weights,
+        &counts,
+    )?))
+}
+
+/// Per-pixel loss weights of a batch's tiles, scaled so that their mean
+/// over the whole batch is 1: micro-batch losses, each weighted by its
+/// share of the batch, then add up to the batch's weighted mean.
+struct PixelWeights {
+    classes: Vec<f32>,
+    /// Per feature row: the sum of its pixels' weights.
+    row_sums: Vec<f64>,
+    pixels: usize,
+}
+
+impl PixelWeights {
+    fn new(classes: Vec<f32>, data: &SegmentData) -> Self {
+        let row_sums = data
+            .targets
+            .iter()
+            .map(|t| t.iter().map(|&c| classes[c as usize] as f64).sum())
+            .collect();
+        PixelWeights {
+            classes,
+            row_sums,
+            pixels: data.info.resolution * data.info.resolution,
+        }
+    }
+
+    /// The batch's mean pixel weight (1 when every pixel weighs 0).
+    fn batch_mean(&self, batch: &[usize]) -> f64 {
+        let total: f64 = batch.iter().map(|&r| self.row_sums[r]).sum();
+        let mean = total / (batch.len() * self.pixels) as f64;
+        if mean > 0.0 { mean } else { 1.0 }
+    }
+
+    /// [rows, pixels] of each pixel's class weight over `batch_mean`.
+    fn tensor(
+        &self,
+        data: &SegmentData,
+        rows: &[usize],
+        batch_mean: f64,
+        device: &Device,
+    ) -> Result<Tensor, SegmentError> {
+        let values: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| {
+                data.targets[r]
+                    .iter()
+                    .map(move |&c| (self.classes[c as usize] as f64 / batch_mean) as f32)
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, (rows.len(), self.pixels), device)?)
+    }
+}
+
+/// Trains a segmentation head as a new run and records it in experiments.db.
+pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
+    let mut config = segment_config(request.config.clone())?;
+    let data = load_data(
+        layout,
+        &DataSource {
+            dataset: &request.dataset,
+            encoder: &request.encoder,
+            fingerprint: request.fingerprint.as_deref(),
+        },
+    )?;
+    if let Some(file) = &request.class_weights_file {
+        config.class_weights = ClassWeights::Given {
+            weights: crate::train::config::read_class_weights(file, &class_names(&data.info))?,
+        };
+        config.validate()?;
+    }
     let inputs = RunInputs {
         dataset: request.dataset.clone(),
         fingerprint: data.fingerprint.clone(),
         encoder: Some(data.encoder.clone()),
-        class_names,
+        class_names: class_names(&data.info),
         config_hash: config.config_hash(&request.dataset, &data.fingerprint),
         config: config.clone(),
     };
@@ -526,6 +619,123 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         ],
     })?;
     write_run_inputs(handle.dir(), &inputs)?;
+    let options = FitOptions {
+        device: &request.device,
+        progress: request.progress,
+        resume: false,
+    };
+    fit(handle, &request.dataset, &data, &config, &options)
+}
+
+/// Continues a killed segmentation run from its newest checkpoint, with its
+/// own settings: the same checks as `train --resume` of a classification run.
+pub fn resume(
+    layout: &Layout,
+    run_id: &str,
+    device: &Device,
+    progress: bool,
+) -> Result<SegmentReport, SegmentError> {
+    let db = ExperimentsDb::open(layout)?;
+    let (run_dir, inputs) = crate::train::session::resumable_run(&db, run_id)?;
+    if inputs.config.task != Task::Segment {
+        return Err(SegmentError::Invalid(format!(
+            "run {run_id} is a {} run, not a segmentation run",
+            inputs.config.task.name()
+        )));
+    }
+    let encoder = inputs.encoder.clone().unwrap_or_default();
+    let data = load_data(
+        layout,
+        &DataSource {
+            dataset: &inputs.dataset,
+            encoder: &encoder,
+            fingerprint: Some(&inputs.fingerprint),
+        },
+    )?;
+    let config = segment_config(inputs.config.clone())?;
+    let from = checkpoint::latest_epoch(&run_dir)?;
+    let handle = db.resume_run(run_id, from as u64)?;
+    let options = FitOptions {
+        device,
+        progress,
+        resume: true,
+    };
+    fit(handle, &inputs.dataset, &data, &config, &options)
+}
+
+/// How `fit` runs.
+struct FitOptions<'a> {
+    device: &'a Device,
+    progress: bool,
+    /// Continue from the newest checkpoint in the run's folder, if any.
+    resume: bool,
+}
+
+/// Trains the head of run `handle` (fresh, or from its newest checkpoint),
+/// writes its files and finishes it.
+fn fit(
+    handle: RunHandle,
+    dataset: &str,
+    data: &SegmentData,
+    config: &TrainConfig,
+    options: &FitOptions<'_>,
+) -> Result<SegmentReport, SegmentError> {
+    let device = options.device;
+    let maps = data.features.maps().to_vec();
+    let geometry = Geometry::new(maps, &data.mean, &data.std, device)?;
+    let resolution = data.info.resolution;
+    let upsample = upsample_operator(geometry.grid, (resolution, resolution), device)?;
+
+    let mut parameters = 0u64;
+    let mut previous = geometry.channels as u64;
+    for size in config.head.layer_sizes(data.info.outputs) {
+        parameters += previous * size as u64 + size as u64;
+        previous = size as u64;
+    }
+    let plan = plan(data, config, parameters)?;
+    // Mapped pages beyond half the budget are released as training reads on.
+    data.features
+        .set_resident_limit(config.memory_budget_bytes / 2);
+    let class_weights = pixel_class_weights(config, data)?;
+    // The trainer's per-row class weights are for classification targets:
+    // segmentation weights its pixels in its own loss (`PixelWeights`).
+    let trainer_config = TrainConfig {
+        class_weights: ClassWeights::None,
+        ..config.clone()
+    };
+    let mut trainer = HeadTrainer::new(
+        trainer_config,
+        geometry.channels,
+        data.info.outputs,
+        &vec![0; data.info.outputs],
+        plan,
+        device,
+    )?;
+    let run_dir = handle.dir().to_path_buf();
+    let resumed_from_epoch = if options.resume {
+        checkpoint::restore_latest(&run_dir, config, &mut trainer, device)?
+    } else {
+        0
+    };
+    let micro_batch = trainer.plan.micro_batch;
+    let scoring = Scoring {
+        data,
+        geometry: &geometry,
+        upsample: &upsample,
+        micro_batch,
+        device,
+    };
+    let weights = class_weights.clone().map(|w| PixelWeights::new(w, data));
+    // Tiles are drawn as classification rows are, labelled 1 when they hold
+    // foreground: the balanced sampler draws both kinds equally often.
+    let train_rows = SplitRows {
+        rows: data.train.clone(),
+        labels: data
+            .train
+            .iter()
+            .map(|&r| usize::from(data.targets[r].iter().any(|&c| c > 0)))
+            .collect(),
+    };
 
     let batch_size = config.batch_size;
     let steps_per_epoch = data.train.len().div_ceil(batch_size);
@@ -533,11 +743,21 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     let dtype = config.precision.dtype();
     while trainer.is_active() {
         let epoch = trainer.state.epochs_done;
-        let mut order = data.train.clone();
-        order.shuffle(&mut seeded(config.seed, 2 * epoch as u64 + 1));
-        let mut dropout = seeded(config.seed, 2 * epoch as u64 + 2);
+        let stream = EpochStream {
+            seed: config.seed,
+            batch_size,
+            sampler: config.sampler,
+            epoch,
+        };
+        let order: Vec<usize> = stream
+            .order(&train_rows, 2)
+            .into_iter()
+            .map(|(row, _)| row)
+            .collect();
+        let mut dropout = seeded(config.seed, dropout_stream(epoch));
         let mut loss_sum = 0f64;
         for batch in order.chunks(batch_size) {
+            let batch_mean = weights.as_ref().map(|w| w.batch_mean(batch));
             let mut accumulated: Option<Vec<Tensor>> = None;
             for micro in batch.chunks(micro_batch) {
                 let maps = map_tensors(&data.features, micro, device)?;
@@ -549,8 +769,16 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
                     dtype,
                     Some(&mut dropout),
                 )?;
-                let targets = target_tensor(&data, micro, device)?;
-                let micro_loss = loss(&logits.to_dtype(DType::F32)?, &targets)?;
+                let targets = target_tensor(data, micro, device)?;
+                let pixel_weights = match (&weights, batch_mean) {
+                    (Some(w), Some(mean)) => Some(w.tensor(data, micro, mean, device)?),
+                    _ => None,
+                };
+                let micro_loss = loss(
+                    &logits.to_dtype(DType::F32)?,
+                    &targets,
+                    pixel_weights.as_ref(),
+                )?;
                 loss_sum += micro_loss.to_scalar::<f32>()? as f64 * micro.len() as f64;
                 // Each micro-batch's mean, weighted by its share: the batch mean.
                 let share = micro.len() as f64 / batch.len() as f64;
@@ -565,12 +793,12 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
             )?;
         }
         let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val")?;
-        metrics.insert("train/loss".into(), loss_sum / data.train.len() as f64);
-        trainer.end_epoch(metrics)?;
+        metrics.insert("train/loss".into(), loss_sum / order.len() as f64);
+        let improved = trainer.end_epoch(metrics)?;
         let logged = trainer.state.history.last().expect("end_epoch recorded it");
         let values: Vec<(&str, f64)> = logged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         handle.log_metrics(epoch as u64 + 1, &values)?;
-        if request.progress {
+        if options.progress {
             eprintln!(
                 "epoch {}: train/loss {:.4}, val/loss {:.4}, val/dice {:.4}, val/iou {:.4}",
                 epoch + 1,
@@ -580,14 +808,18 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
                 logged["val/iou"]
             );
         }
+        if improved {
+            checkpoint::publish_best(&run_dir, &head_file_bytes(data, config, &trainer, true)?)?;
+        }
+        checkpoint::save_if_due(&run_dir, config, &trainer)?;
     }
     trainer.restore_best()?;
     let test = evaluate(&scoring, &trainer.head, &data.test, "test")?;
     let report = SegmentReport {
         run_id: handle.id().to_string(),
-        run_dir: handle.dir().to_path_buf(),
+        run_dir: run_dir.clone(),
         task: Task::Segment.name(),
-        dataset: request.dataset.clone(),
+        dataset: dataset.to_string(),
         fingerprint: data.fingerprint.clone(),
         split_rows: BTreeMap::from([
             ("train", data.train.len()),
@@ -596,11 +828,20 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         ]),
         epochs_run: trainer.state.epochs_done,
         best_epoch: trainer.state.best_epoch,
+        resumed_from_epoch,
+        stopped_early: trainer.state.stopped_early,
+        class_weights: class_weights.map(|w| {
+            class_names(&data.info)
+                .into_iter()
+                .zip(w)
+                .map(|(name, weight)| (name, weight as f64))
+                .collect()
+        }),
         plan: trainer.plan,
         epochs: trainer.state.history.clone(),
         test,
     };
-    write_artifacts(&handle, &report, &config, &data, &trainer)?;
+    write_artifacts(&handle, &report, config, data, &trainer)?;
     let summary = crate::train::session::summary_metrics(
         &report.test,
         &report.epochs,
@@ -611,13 +852,14 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     Ok(report)
 }
 
-fn write_artifacts(
-    handle: &crate::experiments::RunHandle,
-    report: &SegmentReport,
-    config: &TrainConfig,
+/// The head file: layers, standardisation, and the `segment` metadata
+/// `predict` needs; of the best head so far with `best`.
+fn head_file_bytes(
     data: &SegmentData,
+    config: &TrainConfig,
     trainer: &HeadTrainer,
-) -> Result<(), SegmentError> {
+    best: bool,
+) -> Result<Vec<u8>, SegmentError> {
     let cpu = Device::Cpu;
     let mut tensors = vec![
         (
@@ -629,7 +871,7 @@ fn write_artifacts(
             Tensor::from_slice(&data.std, data.std.len(), &cpu)?,
         ),
     ];
-    tensors.extend(trainer.head_tensors(false));
+    tensors.extend(trainer.head_tensors(best));
     let metadata = HashMap::from([
         (
             HEAD_INFO_KEY.to_string(),
@@ -638,7 +880,21 @@ fn write_artifacts(
         ("fingerprint".to_string(), data.fingerprint.clone()),
         ("head".to_string(), config.head.name().to_string()),
     ]);
-    let bytes = crate::train::checkpoint::safetensors_bytes(&tensors, Some(metadata))?;
+    Ok(crate::train::checkpoint::safetensors_bytes(
+        &tensors,
+        Some(metadata),
+    )?)
+}
+
+fn write_artifacts(
+    handle: &RunHandle,
+    report: &SegmentReport,
+    config: &TrainConfig,
+    data: &SegmentData,
+    trainer: &HeadTrainer,
+) -> Result<(), SegmentError> {
+    // restore_best already put the kept head in place.
+    let bytes = head_file_bytes(data, config, trainer, false)?;
     handle.write_artifact("head.safetensors", &bytes)?;
     let json = serde_json::to_vec_pretty(report).expect("report serialises");
     handle.write_artifact("metrics.json", &json)?;
@@ -655,6 +911,8 @@ fn write_artifacts(
         "mask_kind": data.info.mask_kind,
         "split_tiles": report.split_rows,
         "head": config.head.name(),
+        "config": config,
+        "class_weights": report.class_weights,
         "best_epoch": report.best_epoch + 1,
         "test_metrics": report.test,
         "intended_use": "Masks for images like those of the training dataset, with the same \

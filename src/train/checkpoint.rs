@@ -6,16 +6,111 @@
 //! temp file, fsynced and renamed. A checkpoint without its JSON does not
 //! exist; `latest` picks the newest complete pair, so a kill at any point
 //! leaves the previous checkpoint usable. Older pairs are removed only after
-//! a newer pair is durable.
+//! a newer pair is durable. `best.safetensors` beside them is the head file
+//! of the best epoch so far, rewritten whenever the monitored metric improves.
+//!
+//! Classification runs (`run::fit`) and segmentation runs
+//! (`segment::train`) both checkpoint through `save_if_due`, `publish_best`
+//! and `restore_latest`: the same files, markers and checks.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use super::config::TrainConfig;
+use super::trainer::{HeadTrainer, TrainerState};
 
 pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// The checkpoint JSON: trainer state plus what checks a resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    config: TrainConfig,
+    state: TrainerState,
+    rng: RngDescription,
+}
+
+/// The RNG streams the next epoch uses (ChaCha8 seeded with `seed`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RngDescription {
+    algorithm: String,
+    seed: u64,
+    data_order_stream: u64,
+    dropout_stream: u64,
+}
+
+impl RngDescription {
+    fn for_epoch(seed: u64, epoch: usize) -> Self {
+        RngDescription {
+            algorithm: "ChaCha8".into(),
+            seed,
+            data_order_stream: super::run::data_order_stream(epoch),
+            dropout_stream: super::run::dropout_stream(epoch),
+        }
+    }
+}
+
+/// After an epoch's `end_epoch`: publishes the trainer's checkpoint when one
+/// is due (every `checkpoint_every` epochs, and when the head stops). `config`
+/// is the run's configuration, which a resume must match.
+pub fn save_if_due(
+    run_dir: &Path,
+    config: &TrainConfig,
+    trainer: &HeadTrainer,
+) -> Result<(), TrainError> {
+    let every = config.checkpoint_every;
+    let epochs_done = trainer.state.epochs_done;
+    if every == 0 || (!epochs_done.is_multiple_of(every) && trainer.is_active()) {
+        return Ok(());
+    }
+    let state = CheckpointState {
+        config: config.clone(),
+        state: trainer.state.clone(),
+        rng: RngDescription::for_epoch(config.seed, epochs_done),
+    };
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    publish(run_dir, epochs_done, &trainer.checkpoint_tensors(), &json)
+}
+
+/// Writes `checkpoints/best.safetensors`: the head file of a new best epoch.
+pub fn publish_best(run_dir: &Path, head_file: &[u8]) -> Result<(), TrainError> {
+    let dir = run_dir.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&dir)?;
+    crate::atomic::write_file(&dir.join("best.safetensors"), head_file)?;
+    Ok(())
+}
+
+/// Loads the newest complete checkpoint of `run_dir` into `trainer`,
+/// refusing one made with another configuration than `config`. Returns the
+/// epochs it had finished (0, and the trainer untouched, without one).
+pub fn restore_latest(
+    run_dir: &Path,
+    config: &TrainConfig,
+    trainer: &mut HeadTrainer,
+    device: &Device,
+) -> Result<usize, TrainError> {
+    let Some((weights, json)) = latest(run_dir)? else {
+        return Ok(0);
+    };
+    let saved: CheckpointState = serde_json::from_slice(&json).map_err(|e| {
+        TrainError::Checkpoint(format!(
+            "checkpoint state in {} is not readable: {e}",
+            run_dir.display()
+        ))
+    })?;
+    if saved.config != *config {
+        return Err(TrainError::Checkpoint(format!(
+            "checkpoint in {} was made with a different configuration",
+            run_dir.display()
+        )));
+    }
+    let tensors = load_tensors(&weights, device)?;
+    trainer.restore_checkpoint(saved.state, &tensors)?;
+    Ok(trainer.state.epochs_done)
+}
 
 /// Serialises named tensors (converted to f32) with string metadata.
 pub fn safetensors_bytes(

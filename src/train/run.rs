@@ -36,8 +36,8 @@ use super::data::{SplitRows, TrainData};
 use super::host::{FirstLayers, Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
 use super::trainer::{
-    Batch, BatchPlan, HeadTrainer, TrainerState, lend_first_layers, plan_batches,
-    return_first_layers, train_stacked_batch,
+    Batch, BatchPlan, HeadTrainer, lend_first_layers, plan_batches, return_first_layers,
+    train_stacked_batch,
 };
 use rayon::prelude::*;
 
@@ -168,23 +168,8 @@ pub fn fit(
         if let Some(init) = &run.init {
             init.apply(&trainer.head)?;
         }
-        if run.resume
-            && let Some((weights, json)) = checkpoint::latest(&run.run_dir)?
-        {
-            let saved: CheckpointState = serde_json::from_slice(&json).map_err(|e| {
-                TrainError::Checkpoint(format!(
-                    "checkpoint state in {} is not readable: {e}",
-                    run.run_dir.display()
-                ))
-            })?;
-            if saved.config != run.config {
-                return Err(TrainError::Checkpoint(format!(
-                    "checkpoint in {} was made with a different configuration",
-                    run.run_dir.display()
-                )));
-            }
-            let tensors = checkpoint::load_tensors(&weights, &options.device)?;
-            trainer.restore_checkpoint(saved.state, &tensors)?;
+        if run.resume {
+            checkpoint::restore_latest(&run.run_dir, &run.config, &mut trainer, &options.device)?;
         }
         resumed_from.push(trainer.state.epochs_done);
         trainers.push(trainer);
@@ -266,27 +251,12 @@ pub fn fit(
                 let epochs_done = trainer.state.epochs_done;
                 observer.epoch(i, epochs_done - 1, &trainer.state.history[epochs_done - 1])?;
                 if improved {
-                    let best = head_file_bytes(data, trainer, true)?;
-                    let dir = runs[i].run_dir.join(checkpoint::CHECKPOINT_DIR);
-                    std::fs::create_dir_all(&dir)?;
-                    crate::atomic::write_file(&dir.join("best.safetensors"), &best)?;
-                }
-                let every = trainer.config.checkpoint_every;
-                if every > 0 && (epochs_done % every == 0 || !trainer.is_active()) {
-                    let state = CheckpointState {
-                        config: trainer.config.clone(),
-                        state: trainer.state.clone(),
-                        rng: RngDescription::for_epoch(trainer.config.seed, epochs_done),
-                    };
-                    let json = serde_json::to_vec_pretty(&state)
-                        .map_err(|e| TrainError::Invalid(e.to_string()))?;
-                    checkpoint::publish(
+                    checkpoint::publish_best(
                         &runs[i].run_dir,
-                        epochs_done,
-                        &trainer.checkpoint_tensors(),
-                        &json,
+                        &head_file_bytes(data, trainer, true)?,
                     )?;
                 }
+                checkpoint::save_if_due(&runs[i].run_dir, &runs[i].config, trainer)?;
             }
         }
     }
@@ -331,59 +301,34 @@ pub fn fit(
     Ok(reports)
 }
 
-/// The checkpoint JSON: trainer state plus what checks a resume.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
-    config: TrainConfig,
-    state: TrainerState,
-    rng: RngDescription,
-}
-
-/// The RNG streams the next epoch uses (ChaCha8 seeded with `seed`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RngDescription {
-    algorithm: String,
-    seed: u64,
-    data_order_stream: u64,
-    dropout_stream: u64,
-}
-
-impl RngDescription {
-    fn for_epoch(seed: u64, epoch: usize) -> Self {
-        RngDescription {
-            algorithm: "ChaCha8".into(),
-            seed,
-            data_order_stream: data_order_stream(epoch),
-            dropout_stream: dropout_stream(epoch),
-        }
-    }
-}
-
-fn data_order_stream(epoch: usize) -> u64 {
+/// The ChaCha8 stream of an epoch's data order (seeded with the run's seed).
+pub(crate) fn data_order_stream(epoch: usize) -> u64 {
     2 * epoch as u64 + 1
 }
 
-fn dropout_stream(epoch: usize) -> u64 {
+/// The ChaCha8 stream of an epoch's dropout masks.
+pub(crate) fn dropout_stream(epoch: usize) -> u64 {
     2 * epoch as u64 + 2
 }
 
-fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {
+pub(crate) fn seeded(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     rng
 }
 
-/// What determines the batches of one epoch.
-struct EpochStream {
-    seed: u64,
-    batch_size: usize,
-    sampler: Sampler,
-    epoch: usize,
+/// What determines the batches of one epoch (segmentation draws its tiles
+/// through it too, labelled by whether they hold foreground).
+pub(crate) struct EpochStream {
+    pub seed: u64,
+    pub batch_size: usize,
+    pub sampler: Sampler,
+    pub epoch: usize,
 }
 
 impl EpochStream {
     /// The (row, label) draws of this epoch in order.
-    fn order(&self, train: &SplitRows, classes: usize) -> Vec<(usize, usize)> {
+    pub(crate) fn order(&self, train: &SplitRows, classes: usize) -> Vec<(usize, usize)> {
         let mut rng = seeded(self.seed, data_order_stream(self.epoch));
         let pairs: Vec<(usize, usize)> = train
             .rows

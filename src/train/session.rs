@@ -160,29 +160,18 @@ fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
 }
 
 /// Continues a killed run from its newest checkpoint with its own settings.
+/// Segmentation runs resume through `segment::train::resume`, on the same
+/// checks (`resumable_run`) and checkpoints.
 pub fn resume(
     layout: &Layout,
     run_id: &str,
     options: &FitOptions,
 ) -> Result<RunReport, TrainError> {
     let db = ExperimentsDb::open(layout)?;
-    let run_dir = db.run_dir(run_id);
-    if !run_dir.is_dir() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} not found: no folder {}",
-            run_dir.display()
-        )));
-    }
-    if run_dir.join("metrics.json").is_file() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} already finished ({} exists); nothing to resume",
-            run_dir.join("metrics.json").display()
-        )));
-    }
-    let inputs = read_run_inputs(&run_dir)?;
+    let (run_dir, inputs) = resumable_run(&db, run_id)?;
     if inputs.config.task != Task::Classify {
         return Err(TrainError::Checkpoint(format!(
-            "run {run_id} is a {} run: it has no checkpoints to resume; start it again",
+            "run {run_id} is a {} run: it is not resumed as a classification run",
             inputs.config.task.name()
         )));
     }
@@ -200,6 +189,32 @@ pub fn resume(
     };
     let handle = db.resume_run(run_id, from as u64)?;
     Ok(fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0))
+}
+
+/// The folder and recorded inputs of a run that `--resume` may continue:
+/// it exists and has not finished. Anomaly runs (no checkpoints) are refused.
+pub fn resumable_run(db: &ExperimentsDb, run_id: &str) -> Result<(PathBuf, RunInputs), TrainError> {
+    let run_dir = db.run_dir(run_id);
+    if !run_dir.is_dir() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} not found: no folder {}",
+            run_dir.display()
+        )));
+    }
+    if run_dir.join("metrics.json").is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} already finished ({} exists); nothing to resume",
+            run_dir.join("metrics.json").display()
+        )));
+    }
+    let inputs = read_run_inputs(&run_dir)?;
+    if inputs.config.task == Task::Anomaly {
+        return Err(TrainError::Checkpoint(format!(
+            "run {run_id} is a {} run: it has no checkpoints to resume; start it again",
+            inputs.config.task.name()
+        )));
+    }
+    Ok((run_dir, inputs))
 }
 
 /// Opens a run of `experiment` in the database (params, the task tag) and
@@ -579,6 +594,7 @@ fn sweep_segment_points(
             device: options.fit.device.clone(),
             progress: options.fit.progress,
             extra_params: vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))],
+            class_weights_file: None,
         };
         let report =
             segment::train(layout, &request).map_err(|e| TrainError::Segment(Box::new(e)))?;

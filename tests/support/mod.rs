@@ -5,7 +5,8 @@ pub mod assets;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use image::{ImageFormat, Rgb, RgbImage};
 
@@ -43,6 +44,67 @@ pub fn stdout(output: &Output) -> String {
 
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The folder of the only run under ROOT/experiments/runs and its newest
+/// complete checkpoint (epochs done), once it has one.
+fn newest_checkpoint(root: &Path) -> Option<(PathBuf, usize)> {
+    let run = std::fs::read_dir(root.join("experiments/runs"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().is_dir())?
+        .path();
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("epoch-")?
+                .strip_suffix(".json")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()?;
+    Some((run, newest))
+}
+
+/// Starts `lazarus --root ROOT ARGS...` (a training run, the only one under
+/// ROOT), kills it with SIGKILL once it has checkpointed `epochs` epochs,
+/// mid-run, and returns its run folder.
+pub fn kill_after_checkpoint(root: &Path, args: &[&str], epochs: usize) -> PathBuf {
+    let mut child = queue_command(root, None)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run_dir = loop {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed"
+        );
+        if let Some((run, epoch)) = newest_checkpoint(root)
+            && epoch >= epochs
+        {
+            break run;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Child::kill is SIGKILL on Unix.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let runs = std::fs::read_dir(root.join("experiments/runs"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert_eq!(runs, 1, "one run under {}", root.display());
+    assert!(
+        !run_dir.join("metrics.json").exists(),
+        "killed mid-run, before its final write"
+    );
+    run_dir
 }
 
 /// Asserts success and returns stdout.
