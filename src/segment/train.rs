@@ -75,8 +75,9 @@ pub struct SegmentReport {
     pub test: BTreeMap<String, f64>,
 }
 
-/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache.
-fn map_tensors(
+/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache
+/// (also the patch features of spatial anomaly runs).
+pub fn map_tensors(
     features: &FeatureSet,
     rows: &[usize],
     device: &Device,
