@@ -348,10 +348,10 @@ fn score_patches(
                     (&heatmap_path, image::DynamicImage::ImageLuma8(gray)),
                     (&overlay_path, image::DynamicImage::ImageRgb8(overlay)),
                 ] {
-                    crate::atomic::write_file(file, &patch::png_bytes(&picture)?).map_err(|e| {
+                    crate::segment::predict::write_png(file, &picture).map_err(|e| {
                         PredictError::Run {
                             run: run_id.to_string(),
-                            message: format!("cannot write {}: {e}", file.display()),
+                            message: e.to_string(),
                         }
                     })?;
                 }

@@ -310,10 +310,7 @@ fn load_data(layout: &Layout, request: &SegmentRequest) -> Result<SegmentData, S
         info: SegmentHeadInfo {
             encoder: encoder.clone(),
             fingerprint: fingerprint.clone(),
-            maps: maps
-                .iter()
-                .map(|m| [m.stride, m.channels, m.height, m.width])
-                .collect(),
+            maps: super::model::map_arrays(&maps),
             outputs,
             mask_kind: kind,
             resolution,

@@ -580,14 +580,7 @@ impl SavedScorer {
         })?;
         let tensors = super::checkpoint::load_tensors(&path, &Device::Cpu)?;
         if anomaly.patch.is_some() {
-            let bytes = std::fs::read(&path)?;
-            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-            let info: patch::PatchInfo = header
-                .metadata()
-                .as_ref()
-                .and_then(|m| m.get("patch"))
-                .and_then(|text| serde_json::from_str(text).ok())
+            let info: patch::PatchInfo = super::checkpoint::header_json(&path, "patch")?
                 .ok_or_else(|| {
                     TrainError::Checkpoint(format!(
                         "{} has no readable 'patch' metadata",
@@ -596,7 +589,7 @@ impl SavedScorer {
                 })?;
             let scorer = patch::PatchScorer::load(&tensors, info, &anomaly.scorer, &path, device)?;
             return Ok(SavedScorer {
-                model: Model::Patch(scorer),
+                model: Model::Patch(Box::new(scorer)),
                 dim: 0,
                 threshold,
                 description: anomaly.describe(),
@@ -891,13 +884,13 @@ enum Model {
         standardiser: Standardiser,
         fitted: Fitted,
     },
-    /// Patch level, on spatial features.
-    Patch(patch::PatchScorer),
+    /// Patch level, on spatial features (boxed: it is the larger one).
+    Patch(Box<patch::PatchScorer>),
 }
 
 impl Model {
     /// The tensors of `scorer.safetensors` and the metadata of this kind.
-    fn tensors(&self) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), TrainError> {
+    fn tensors(&self) -> Result<patch::ScorerFile, TrainError> {
         let (standardiser, fitted) = match self {
             Model::Pooled {
                 standardiser,
@@ -977,7 +970,7 @@ fn fit_and_finish(
             if let Some(rows) = scorer.memory_bank_rows() {
                 metrics.insert("train/memory_bank".to_string(), rows as f64);
             }
-            (Model::Patch(scorer), plan)
+            (Model::Patch(Box::new(scorer)), plan)
         }
     };
     let fit_secs = started.elapsed().as_secs_f64();

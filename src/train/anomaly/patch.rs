@@ -96,20 +96,6 @@ pub struct PatchInfo {
     pub heat_range: [f64; 2],
 }
 
-impl PatchInfo {
-    fn map_shapes(&self) -> Vec<MapShape> {
-        self.maps
-            .iter()
-            .map(|&[stride, channels, height, width]| MapShape {
-                stride,
-                channels,
-                height,
-                width,
-            })
-            .collect()
-    }
-}
-
 /// Maps to raw patch rows: the segmentation geometry without
 /// standardisation, then the kept channels.
 pub struct PatchGeometry {
@@ -188,6 +174,9 @@ pub struct PatchScorer {
     standardiser: Standardiser,
     fitted: PatchFitted,
 }
+
+/// The named tensors of `scorer.safetensors` and its string metadata.
+pub type ScorerFile = (Vec<(String, Tensor)>, HashMap<String, String>);
 
 /// One scored image: its score (largest patch score) and each tile's patch
 /// scores on the grid.
@@ -492,10 +481,7 @@ pub fn fit(
             .cloned()
             .unwrap_or_default(),
         weights: features.metadata().get("weights").cloned(),
-        maps: shapes
-            .iter()
-            .map(|m| [m.stride, m.channels, m.height, m.width])
-            .collect(),
+        maps: crate::segment::model::map_arrays(&shapes),
         tiling: features
             .metadata()
             .get("tiling")
@@ -621,7 +607,7 @@ impl PatchScorer {
     }
 
     /// The tensors of `scorer.safetensors` and the `patch` metadata.
-    pub fn tensors(&self) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), TrainError> {
+    pub fn tensors(&self) -> Result<ScorerFile, TrainError> {
         let cpu = Device::Cpu;
         let dim = self.geometry.dim;
         let mut tensors = vec![
@@ -693,7 +679,11 @@ impl PatchScorer {
                 info.channel_index.len()
             )));
         }
-        let geometry = PatchGeometry::new(info.map_shapes(), &info.channel_index, device)?;
+        let geometry = PatchGeometry::new(
+            crate::segment::model::map_shapes(&info.maps),
+            &info.channel_index,
+            device,
+        )?;
         let positions = geometry.positions();
         let fitted = match scorer {
             Scorer::Knn { k, .. } => PatchFitted::Knn {
