@@ -14,8 +14,10 @@ use serde::Serialize;
 use crate::encoders::{self, WeightsSource};
 use crate::features::{FeatureSet, feature_dir};
 use crate::layout::Layout;
+use crate::predict::EncoderReference;
 use crate::predict::{PredictConfig, PredictError};
 use crate::train::anomaly::SavedScorer;
+use crate::train::anomaly::patch::{self, PatchScorer, ScoredImage};
 use crate::train::config::Task;
 use crate::train::run::read_run_inputs;
 
@@ -29,7 +31,32 @@ pub struct AnomalyPrediction {
     pub score: Option<f64>,
     /// Score at or above the run's validation best-F1 threshold.
     pub anomalous: Option<bool>,
+    /// Patch-level runs: `STEM.heatmap.png` (8-bit patch scores over the
+    /// run's heat range) and `STEM.overlay.png` in the output folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PathBuf>,
+    /// Patch-level runs: the heat map's hottest pixel, [x, y].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<[usize; 2]>,
     pub error: Option<String>,
+}
+
+impl AnomalyPrediction {
+    fn new(path: &Path) -> Self {
+        AnomalyPrediction {
+            path: path.to_path_buf(),
+            image_id: None,
+            features_from: None,
+            score: None,
+            anomalous: None,
+            heatmap: None,
+            overlay: None,
+            peak: None,
+            error: None,
+        }
+    }
 }
 
 /// What `score_images` returns: the scores and the scorer that gave them.
@@ -58,16 +85,40 @@ pub fn is_anomaly_run(layout: &Layout, run_id: &str) -> Result<bool, PredictErro
     Ok(read_run_inputs(&dir)?.config.task == Task::Anomaly)
 }
 
-/// Scores `images` with anomaly run `run_id`.
+/// Scores `images` with anomaly run `run_id`. A patch-level run also
+/// writes each image's heat map and overlay into `heatmaps` (required for
+/// those runs).
 pub fn score_images(
     layout: &Layout,
     run_id: &str,
     images: &[PathBuf],
     config: &PredictConfig,
+    heatmaps: Option<&Path>,
 ) -> Result<AnomalyPredictions, PredictError> {
     let dir = run_dir(layout, run_id)?;
     let inputs = read_run_inputs(&dir)?;
     let scorer = SavedScorer::load(&dir, &config.device)?;
+    if let Some(patch) = scorer.patch() {
+        let Some(out_dir) = heatmaps else {
+            return Err(PredictError::Run {
+                run: run_id.to_string(),
+                message: "a patch-level anomaly run writes heat maps: give --out DIR".into(),
+            });
+        };
+        let out = score_patches(layout, run_id, &inputs, patch, images, config, out_dir)?;
+        return Ok(AnomalyPredictions {
+            run: run_id.to_string(),
+            scorer: scorer.description.clone(),
+            threshold: scorer.threshold,
+            images: out
+                .into_iter()
+                .map(|mut p| {
+                    p.anomalous = p.score.map(|s| s >= scorer.threshold);
+                    p
+                })
+                .collect(),
+        });
+    }
     let encoder_error = |message: String| PredictError::Encoder {
         owner: run_id.to_string(),
         message,
@@ -108,14 +159,7 @@ pub fn score_images(
     let mut cached: Vec<(usize, Vec<f32>)> = Vec::new();
     let mut to_encode: Vec<(usize, Vec<f32>)> = Vec::new();
     for path in images {
-        let mut prediction = AnomalyPrediction {
-            path: path.clone(),
-            image_id: None,
-            features_from: None,
-            score: None,
-            anomalous: None,
-            error: None,
-        };
+        let mut prediction = AnomalyPrediction::new(path);
         match std::fs::read(path) {
             Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
             Ok(bytes) => {
@@ -193,7 +237,163 @@ pub fn score_images(
     })
 }
 
-/// Writes scores as CSV (`path,image_id,features_from,score,anomalous,error`).
+/// Patch scores, heat maps and overlays of images with a patch-level run:
+/// cached maps by content id, the run's encoder on the run's tiles
+/// otherwise.
+fn score_patches(
+    layout: &Layout,
+    run_id: &str,
+    inputs: &crate::train::run::RunInputs,
+    scorer: &PatchScorer,
+    images: &[PathBuf],
+    config: &PredictConfig,
+    out_dir: &Path,
+) -> Result<Vec<AnomalyPrediction>, PredictError> {
+    let owner = format!("run {run_id}");
+    let features = FeatureSet::open(&feature_dir(layout, &inputs.dataset, &inputs.fingerprint))?;
+    let dataset = crate::dataset::load(layout, &inputs.dataset)?;
+    // An image's first tile row; its tiles follow it.
+    let mut first_row: HashMap<usize, usize> = HashMap::new();
+    for (row, &index) in features.image_indices().iter().enumerate() {
+        first_row.entry(index).or_insert(row);
+    }
+    let cached_row: HashMap<&str, usize> = dataset
+        .images
+        .iter()
+        .filter_map(|r| first_row.get(&r.index).map(|&row| (r.id.as_str(), row)))
+        .collect();
+    let reference = EncoderReference::from_features(&features, &inputs.fingerprint)?;
+    let mut encoder: Option<Box<dyn crate::encoders::Encoder>> = None;
+    let tiling = scorer.info.tiling.unwrap_or_default();
+    let plan = SavedScorer::plan();
+    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
+        run: run_id.to_string(),
+        message: format!("cannot create {}: {e}", out_dir.display()),
+    })?;
+    let mut out = Vec::with_capacity(images.len());
+    for path in images {
+        let mut prediction = AnomalyPrediction::new(path);
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                prediction.error = Some(format!("cannot read {}: {e}", path.display()));
+                out.push(prediction);
+                continue;
+            }
+        };
+        let id = crate::dataset::content_id(&bytes);
+        let scored = match cached_row.get(id.as_str()) {
+            Some(&first) => {
+                let rows: Vec<usize> = patch::image_tile_rows(&features, first).collect();
+                let values = scorer
+                    .geometry()
+                    .cached_rows(&features, &rows, &config.device)?;
+                let scores = scorer.patch_scores(values, &plan, &config.device)?;
+                let positions = scorer.geometry().positions();
+                let tiles = rows
+                    .iter()
+                    .zip(scores.chunks(positions))
+                    .map(|(&row, grid)| (features.tile(row).unwrap_or([0; 4]), grid.to_vec()))
+                    .collect();
+                prediction.features_from = Some("cache");
+                crate::preprocess::decode_rgb8(
+                    &bytes,
+                    path,
+                    crate::preprocess::PreprocessConfig::DEFAULT_MAX_PIXELS,
+                )
+                .map(|image| (image, ScoredImage::new(tiles)))
+                .map_err(|e| e.to_string())
+            }
+            None => match &reference {
+                None => Err(format!(
+                    "not in the cache, and the features of run {run_id} do not name their encoder"
+                )),
+                Some(reference) => {
+                    if encoder.is_none() {
+                        encoder = Some(reference.load(&config.device, &owner)?);
+                    }
+                    let encoder = encoder.as_deref().expect("loaded above");
+                    prediction.features_from = Some("encoder");
+                    match crate::segment::tile::preprocess_tiles(
+                        path,
+                        &reference.preprocess,
+                        &tiling,
+                    ) {
+                        Err(e) => Err(e.to_string()),
+                        Ok((image, tiles)) => {
+                            let scored = encode_and_score(scorer, encoder, tiles, config, &plan)?;
+                            Ok((image, scored))
+                        }
+                    }
+                }
+            },
+        };
+        prediction.image_id = Some(id);
+        match scored {
+            Err(error) => {
+                prediction.features_from = None;
+                prediction.error = Some(error);
+            }
+            Ok((image, scored)) => {
+                let (width, height) = image.dimensions();
+                let heat = scorer.heat_map(&scored, width, height);
+                let (gray, overlay) = patch::render(&image, &heat, scorer.info.heat_range);
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "image".into());
+                let heatmap_path = out_dir.join(format!("{stem}.heatmap.png"));
+                let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
+                for (file, picture) in [
+                    (&heatmap_path, image::DynamicImage::ImageLuma8(gray)),
+                    (&overlay_path, image::DynamicImage::ImageRgb8(overlay)),
+                ] {
+                    crate::segment::predict::write_png(file, &picture).map_err(|e| {
+                        PredictError::Run {
+                            run: run_id.to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                }
+                let (x, y) = patch::peak(&heat, width as usize);
+                prediction.peak = Some([x, y]);
+                prediction.score = Some(scored.score);
+                prediction.heatmap = Some(heatmap_path);
+                prediction.overlay = Some(overlay_path);
+            }
+        }
+        out.push(prediction);
+    }
+    Ok(out)
+}
+
+/// An image's tiles through the run's encoder, then the patch scorer.
+fn encode_and_score(
+    scorer: &PatchScorer,
+    encoder: &dyn crate::encoders::Encoder,
+    tiles: Vec<crate::segment::tile::PreparedTile>,
+    config: &PredictConfig,
+    plan: &crate::train::anomaly::MemoryPlan,
+) -> Result<ScoredImage, PredictError> {
+    let size = encoder.spec().input_size as usize;
+    let positions = scorer.geometry().positions();
+    let mut scored = Vec::with_capacity(tiles.len());
+    for group in tiles.chunks(config.batch_size.max(1)) {
+        let flat: Vec<f32> = group.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+        let input = Tensor::from_vec(flat, (group.len(), 3, size, size), &config.device)?;
+        let maps = crate::segment::predict::encode_maps(encoder, &input)
+            .map_err(|e| crate::train::TrainError::Segment(Box::new(e)))?;
+        let values = scorer.geometry().rows(&maps)?;
+        let scores = scorer.patch_scores(values, plan, &config.device)?;
+        for ((tile, _), grid) in group.iter().zip(scores.chunks(positions)) {
+            scored.push((*tile, grid.to_vec()));
+        }
+    }
+    Ok(ScoredImage::new(scored))
+}
+
+/// Writes scores as CSV (`path,image_id,features_from,score,anomalous,error,heatmap,overlay`;
+/// the last two only for patch-level runs).
 pub fn write_csv(predictions: &[AnomalyPrediction], path: &Path) -> std::io::Result<()> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     writer.write_record([
@@ -203,6 +403,8 @@ pub fn write_csv(predictions: &[AnomalyPrediction], path: &Path) -> std::io::Res
         "score",
         "anomalous",
         "error",
+        "heatmap",
+        "overlay",
     ])?;
     for p in predictions {
         writer.write_record([
@@ -214,8 +416,16 @@ pub fn write_csv(predictions: &[AnomalyPrediction], path: &Path) -> std::io::Res
                 .map(|a| (a as u8).to_string())
                 .unwrap_or_default(),
             p.error.clone().unwrap_or_default(),
+            path_text(&p.heatmap),
+            path_text(&p.overlay),
         ])?;
     }
     let bytes = writer.into_inner().map_err(|e| e.into_error())?;
     crate::atomic::write_file(path, &bytes)
+}
+
+fn path_text(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }

@@ -43,7 +43,8 @@ pub struct PredictArgs {
     /// inferred from the run when omitted.
     #[arg(long, value_enum)]
     pub task: Option<super::train::TaskKind>,
-    /// Segmentation: the folder for STEM.mask.png and STEM.overlay.png.
+    /// Segmentation: the folder for STEM.mask.png and STEM.overlay.png;
+    /// patch-level anomaly runs: for STEM.heatmap.png and STEM.overlay.png.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     #[arg(long)]
@@ -178,7 +179,7 @@ fn anomaly_scores(
     config: &PredictConfig,
 ) -> anyhow::Result<()> {
     use lazarus::predict_anomaly::{score_images, write_csv};
-    let scored = score_images(layout, run, images, config)?;
+    let scored = score_images(layout, run, images, config, args.out.as_deref())?;
     if let Some(output) = &args.output {
         if output.extension().and_then(|e| e.to_str()) == Some("csv") {
             write_csv(&scored.images, output)?;
@@ -198,10 +199,14 @@ fn anomaly_scores(
             match (&p.error, p.score, p.anomalous) {
                 (Some(error), _, _) => eprintln!("error: {}: {error}", p.path.display()),
                 (None, Some(score), Some(anomalous)) => println!(
-                    "{}: score {score:.4} {} ({})",
+                    "{}: score {score:.4} {} ({}){}",
                     p.path.display(),
                     if anomalous { "anomalous" } else { "normal" },
-                    p.features_from.unwrap_or("")
+                    p.features_from.unwrap_or(""),
+                    p.heatmap
+                        .as_ref()
+                        .map(|h| format!(", heat map {}", h.display()))
+                        .unwrap_or_default()
                 ),
                 _ => {}
             }

@@ -3,6 +3,7 @@
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
+use lazarus::train::anomaly::patch::{self, PatchConfig};
 use lazarus::train::anomaly::{
     self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
 };
@@ -109,6 +110,19 @@ pub struct TrainArgs {
     /// fraction (0.1) or a row count (200).
     #[arg(long, value_name = "FRACTION|COUNT")]
     pub coreset: Option<String>,
+    /// Anomaly: patch-level scores and heat maps on the spatial features
+    /// (`enqueue --spatial`): PatchCore (knn) or PaDiM (mahalanobis) style.
+    #[arg(long)]
+    pub spatial: bool,
+    /// Anomaly, --spatial: keep a seeded random subset of this many channels
+    /// of the concatenated maps, or `all` [default: all for knn, 100 for
+    /// mahalanobis].
+    #[arg(long, value_name = "N|all")]
+    pub channels: Option<String>,
+    /// Anomaly, --spatial: Gaussian smoothing of heat maps, sigma in image
+    /// pixels (0: none) [default: 4].
+    #[arg(long, value_name = "PIXELS")]
+    pub heatmap_sigma: Option<f64>,
     #[arg(long, value_enum, default_value = "linear")]
     pub head: HeadKind,
     /// MLP hidden sizes, comma-separated.
@@ -282,15 +296,32 @@ fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
             ("--scorer", args.scorer.is_some()),
             ("--k", args.k.is_some()),
             ("--coreset", args.coreset.is_some()),
+            ("--spatial", args.spatial),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
             bail!("{flag} applies to --task anomaly only");
         }
         return Ok(None);
     }
+    if !args.spatial
+        && let Some(flag) = [
+            ("--channels", args.channels.is_some()),
+            ("--heatmap-sigma", args.heatmap_sigma.is_some()),
+        ]
+        .iter()
+        .find(|(_, set)| *set)
+        .map(|(flag, _)| flag)
+    {
+        bail!("{flag} applies to --task anomaly --spatial only");
+    }
+    let default_k = if args.spatial {
+        patch::DEFAULT_PATCH_K
+    } else {
+        DEFAULT_K
+    };
     let scorer = match args.scorer.unwrap_or(ScorerKind::Knn) {
         ScorerKind::Knn => Scorer::Knn {
-            k: args.k.unwrap_or(DEFAULT_K),
+            k: args.k.unwrap_or(default_k),
             coreset: args.coreset.as_deref().map(Coreset::parse).transpose()?,
         },
         ScorerKind::Mahalanobis => {
@@ -300,10 +331,25 @@ fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
             Scorer::Mahalanobis
         }
     };
+    let patch = if args.spatial {
+        Some(PatchConfig {
+            channels: match args.channels.as_deref() {
+                Some("all") => None,
+                Some(text) => Some(text.parse().with_context(|| {
+                    format!("--channels {text:?}: give a number of channels or `all`")
+                })?),
+                None => patch::default_channels(&scorer),
+            },
+            heatmap_sigma: args.heatmap_sigma.unwrap_or(patch::DEFAULT_HEATMAP_SIGMA),
+        })
+    } else {
+        None
+    };
     Ok(Some(AnomalyConfig {
         normal_labels: args.normal_labels.clone(),
         anomaly_labels: args.anomaly_labels.clone(),
         scorer,
+        patch,
     }))
 }
 
@@ -334,10 +380,18 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     }
     probe.validate()?;
     let mut load = load_config(&probe);
+    let mut fingerprint = args.fingerprint.clone();
     if probe.task == Task::Anomaly {
         load.split_labels = SplitLabels::Any;
+        fingerprint = anomaly::resolve_fingerprint(
+            layout,
+            dataset,
+            encoder,
+            args.fingerprint.as_deref(),
+            args.spatial,
+        )?;
     }
-    let data = lazarus::train::data::load(layout, dataset, args.fingerprint.as_deref(), &load)?;
+    let data = lazarus::train::data::load(layout, dataset, fingerprint.as_deref(), &load)?;
     if let Some(made_by) = data.features.metadata().get("encoder")
         && made_by != encoder
     {

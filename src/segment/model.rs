@@ -34,17 +34,29 @@ pub struct SegmentHeadInfo {
     pub weights: Option<String>,
 }
 
+/// Map shapes as stored in head and scorer files: [stride, channels,
+/// height, width] each, finest first.
+pub fn map_arrays(maps: &[MapShape]) -> Vec<[usize; 4]> {
+    maps.iter()
+        .map(|m| [m.stride, m.channels, m.height, m.width])
+        .collect()
+}
+
+/// The inverse of `map_arrays`.
+pub fn map_shapes(maps: &[[usize; 4]]) -> Vec<MapShape> {
+    maps.iter()
+        .map(|&[stride, channels, height, width]| MapShape {
+            stride,
+            channels,
+            height,
+            width,
+        })
+        .collect()
+}
+
 impl SegmentHeadInfo {
     fn map_shapes(&self) -> Vec<MapShape> {
-        self.maps
-            .iter()
-            .map(|&[stride, channels, height, width]| MapShape {
-                stride,
-                channels,
-                height,
-                width,
-            })
-            .collect()
+        map_shapes(&self.maps)
     }
 
     /// Classes a pixel can take (background included).
@@ -257,17 +269,7 @@ pub fn load_head(
     device: &Device,
 ) -> Result<TrainedSegmentHead, SegmentError> {
     let path = run_dir.join("head.safetensors");
-    let bytes = std::fs::read(&path).map_err(|source| SegmentError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| SegmentError::Invalid(format!("{}: {e}", path.display())))?;
-    let info: SegmentHeadInfo = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(HEAD_INFO_KEY))
-        .and_then(|text| serde_json::from_str(text).ok())
+    let info: SegmentHeadInfo = crate::train::checkpoint::header_json(&path, HEAD_INFO_KEY)?
         .ok_or_else(|| {
             SegmentError::Invalid(format!(
                 "{} is not a segmentation head (no '{HEAD_INFO_KEY}' metadata)",

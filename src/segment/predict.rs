@@ -14,7 +14,7 @@ use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
 use super::SegmentError;
-use super::model::{TrainedSegmentHead, bilinear_matrix, load_head};
+use super::model::{TrainedSegmentHead, load_head};
 use crate::encoders::{self, Encoder, WeightsSource};
 use crate::experiments::ExperimentsDb;
 use crate::layout::Layout;
@@ -292,13 +292,7 @@ fn encoded_logits(
             flat.extend_from_slice(values);
         }
         let input = Tensor::from_vec(flat, (group.len(), 3, size, size), &config.device)?;
-        let output = encoder.forward_maps(&input)?;
-        // The head was trained on features stored as f16: round the same way.
-        let maps = output
-            .maps
-            .iter()
-            .map(|m| m.values.to_dtype(DType::F16)?.to_dtype(DType::F32))
-            .collect::<Result<Vec<_>, _>>()?;
+        let maps = encode_maps(encoder, &input)?;
         let logits = trained
             .geometry
             .grid_logits(&trained.head, &maps, DType::F32, None)?
@@ -309,60 +303,39 @@ fn encoded_logits(
 }
 
 /// Class per pixel of the whole image: tile logits upsampled to each tile's
-/// pixels, summed and averaged where tiles overlap.
+/// pixels, averaged where tiles overlap.
 fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLogits) -> Vec<u8> {
-    let (width, height) = (width as usize, height as usize);
     let outputs = trained.info.outputs;
-    let (grid_h, grid_w) = trained.geometry.grid;
-    let mut sums = vec![0f32; outputs * width * height];
-    let mut counts = vec![0f32; width * height];
+    let mut stitcher = super::tile::Stitcher::new(width, height, outputs, trained.geometry.grid);
     for (tile, tile_logits) in tiles {
-        let [x0, y0, tile_w, tile_h] = tile.map(|v| v as usize);
-        let rows = bilinear_matrix(grid_h, tile_h);
-        let columns = bilinear_matrix(grid_w, tile_w);
-        for (k, grid) in tile_logits.iter().enumerate() {
-            // Rows first: [tile_h, grid_w], then columns.
-            let mut partial = vec![0f32; tile_h * grid_w];
-            for y in 0..tile_h {
-                for i in 0..grid_h {
-                    let weight = rows[y * grid_h + i];
-                    if weight != 0.0 {
-                        for j in 0..grid_w {
-                            partial[y * grid_w + j] += weight * grid[i * grid_w + j];
-                        }
-                    }
-                }
-            }
-            for y in 0..tile_h {
-                let base = k * width * height + (y0 + y) * width + x0;
-                for x in 0..tile_w {
-                    let mut value = 0f32;
-                    for j in 0..grid_w {
-                        value += columns[x * grid_w + j] * partial[y * grid_w + j];
-                    }
-                    sums[base + x] += value;
-                }
-            }
-        }
-        for y in 0..tile_h {
-            for x in 0..tile_w {
-                counts[(y0 + y) * width + x0 + x] += 1.0;
-            }
-        }
+        stitcher.add(*tile, &tile_logits.concat());
     }
-    let plane = width * height;
+    let averaged = stitcher.finish();
+    let plane = width as usize * height as usize;
     (0..plane)
         .map(|pixel| {
-            let count = counts[pixel].max(1.0);
             if outputs == 1 {
-                u8::from(sums[pixel] / count > 0.0)
+                u8::from(averaged[pixel] > 0.0)
             } else {
                 (0..outputs)
-                    .max_by(|&a, &b| sums[a * plane + pixel].total_cmp(&sums[b * plane + pixel]))
+                    .max_by(|&a, &b| {
+                        averaged[a * plane + pixel].total_cmp(&averaged[b * plane + pixel])
+                    })
                     .unwrap_or(0) as u8
             }
         })
         .collect()
+}
+
+/// The encoder's maps of a batch of preprocessed tiles, rounded through f16
+/// as the feature cache stores them (heads and scorers were fitted on those).
+pub fn encode_maps(encoder: &dyn Encoder, input: &Tensor) -> Result<Vec<Tensor>, SegmentError> {
+    let output = encoder.forward_maps(input)?;
+    Ok(output
+        .maps
+        .iter()
+        .map(|m| m.values.to_dtype(DType::F16)?.to_dtype(DType::F32))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// The image with each non-background pixel blended half-way to its class colour.
@@ -379,7 +352,7 @@ fn overlay(image: &RgbImage, classes: &[u8]) -> RgbImage {
     out
 }
 
-fn write_png(path: &Path, image: &image::DynamicImage) -> Result<(), SegmentError> {
+pub fn write_png(path: &Path, image: &image::DynamicImage) -> Result<(), SegmentError> {
     let mut bytes = Vec::new();
     image
         .write_to(

@@ -93,8 +93,9 @@ pub struct SegmentReport {
     pub test: BTreeMap<String, f64>,
 }
 
-/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache.
-pub(crate) fn map_tensors(
+/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache
+/// (also the patch features of spatial anomaly runs).
+pub fn map_tensors(
     features: &FeatureSet,
     rows: &[usize],
     device: &Device,
@@ -333,10 +334,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
         info: SegmentHeadInfo {
             encoder: encoder.clone(),
             fingerprint: fingerprint.clone(),
-            maps: maps
-                .iter()
-                .map(|m| [m.stride, m.channels, m.height, m.width])
-                .collect(),
+            maps: super::model::map_arrays(&maps),
             outputs,
             mask_kind: kind,
             resolution,

@@ -112,6 +112,23 @@ pub fn restore_latest(
     Ok(trainer.state.epochs_done)
 }
 
+/// The JSON value under `key` in a safetensors file's header metadata; None
+/// when the key is missing or does not parse as `T`.
+pub fn header_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    key: &str,
+) -> Result<Option<T>, TrainError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    Ok(header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .and_then(|text| serde_json::from_str(text).ok()))
+}
+
 /// Serialises named tensors (converted to f32) with string metadata.
 pub fn safetensors_bytes(
     tensors: &[(String, Tensor)],

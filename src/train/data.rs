@@ -73,7 +73,7 @@ pub fn resolve_fingerprint(
     }
 }
 
-/// The fingerprint folder of `dataset` whose shards were made by `encoder`.
+/// The pooled feature folder of `dataset` whose shards were made by `encoder`.
 pub fn fingerprint_for_encoder(
     layout: &Layout,
     dataset_name: &str,
@@ -90,6 +90,12 @@ pub fn fingerprint_for_encoder(
             }
             let set = FeatureSet::open(&entry.path())?;
             if set.is_empty() {
+                continue;
+            }
+            // Spatial sets (`enqueue --spatial`) hold tiles, not images: the
+            // pooled readers never pick them.
+            if !set.maps().is_empty() {
+                seen.push(format!("{name} (spatial)"));
                 continue;
             }
             match set.metadata().get("encoder") {

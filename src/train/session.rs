@@ -453,16 +453,22 @@ pub fn sweep(
     options: &SweepOptions,
 ) -> Result<SweepOutcome, TrainError> {
     let db = ExperimentsDb::open(layout)?;
-    // Group heads by the features they read.
-    let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    // Group heads by the features they read: pooled, or spatial for
+    // patch-level anomaly points.
+    let mut groups: BTreeMap<(String, String, bool), Vec<usize>> = BTreeMap::new();
     let mut segment_points = Vec::new();
     for (i, point) in sweep.points.iter().enumerate() {
         if point.config.task == Task::Segment {
             segment_points.push(i);
             continue;
         }
+        let spatial = point
+            .config
+            .anomaly
+            .as_ref()
+            .is_some_and(|a| a.patch.is_some());
         groups
-            .entry((point.dataset.clone(), point.encoder.clone()))
+            .entry((point.dataset.clone(), point.encoder.clone(), spatial))
             .or_default()
             .push(i);
     }
@@ -476,8 +482,13 @@ pub fn sweep(
         segmented: Vec::new(),
         charts: Vec::new(),
     };
-    for ((dataset, encoder), members) in groups {
-        let fingerprint = data::fingerprint_for_encoder(layout, &dataset, &encoder)?;
+    for ((dataset, encoder, spatial), members) in groups {
+        let fingerprint = if spatial {
+            crate::segment::train::spatial_fingerprint(layout, &dataset, &encoder)
+                .map_err(|e| TrainError::Segment(Box::new(e)))?
+        } else {
+            data::fingerprint_for_encoder(layout, &dataset, &encoder)?
+        };
         let mut configs: Vec<TrainConfig> = Vec::new();
         for &i in &members {
             let mut config = sweep.points[i].config.clone();
@@ -498,6 +509,7 @@ pub fn sweep(
                 device: options.fit.device.clone(),
             };
             let (reports, skipped) = super::anomaly::sweep_runs(
+                layout,
                 &db,
                 &data,
                 &sweep.name,

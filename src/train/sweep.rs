@@ -32,6 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
 use super::TrainError;
+use super::anomaly::patch::{self, PatchConfig};
 use super::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use super::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
@@ -70,10 +71,22 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "scorer",
     "k",
     "coreset",
+    "spatial",
+    "channels",
+    "heatmap_sigma",
 ];
 
 /// Settings that only anomaly points (`task = "anomaly"`) use.
-const ANOMALY_SETTINGS: &[&str] = &["normal_label", "anomaly_label", "scorer", "k", "coreset"];
+const ANOMALY_SETTINGS: &[&str] = &[
+    "normal_label",
+    "anomaly_label",
+    "scorer",
+    "k",
+    "coreset",
+    "spatial",
+    "channels",
+    "heatmap_sigma",
+];
 
 /// Keys of the file besides settings.
 const KNOWN_SECTIONS: &[&str] = &["name", "grid", "random", "label_map"];
@@ -495,9 +508,25 @@ fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, St
             .as_str()
             .ok_or_else(|| format!("scorer must be a string, got {v}"))?,
     };
+    let spatial = match settings.get("spatial") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| format!("spatial must be true or false, got {v}"))?,
+    };
+    if !spatial
+        && let Some(key) = ["channels", "heatmap_sigma"]
+            .iter()
+            .find(|k| settings.contains_key(**k))
+    {
+        return Err(format!(
+            "{key} applies to spatial = true anomaly points only"
+        ));
+    }
     let scorer = match scorer {
         "knn" => Scorer::Knn {
             k: match settings.get("k") {
+                None if spatial => super::anomaly::patch::DEFAULT_PATCH_K,
                 None => DEFAULT_K,
                 Some(v) => v
                     .as_integer()
@@ -523,10 +552,34 @@ fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, St
     if normal_labels.is_empty() {
         return Err("task = \"anomaly\" needs normal_label (the normal class or classes)".into());
     }
+    let patch = if spatial {
+        Some(PatchConfig {
+            channels: match settings.get("channels") {
+                None => patch::default_channels(&scorer),
+                Some(Value::String(text)) if text == "all" => None,
+                Some(Value::Integer(n)) if *n >= 1 => Some(*n as usize),
+                Some(other) => {
+                    return Err(format!(
+                        "channels must be a number of channels or \"all\", got {other}"
+                    ));
+                }
+            },
+            heatmap_sigma: match settings.get("heatmap_sigma") {
+                None => patch::DEFAULT_HEATMAP_SIGMA,
+                Some(v) => v
+                    .as_float()
+                    .or_else(|| v.as_integer().map(|i| i as f64))
+                    .ok_or_else(|| format!("heatmap_sigma must be a number, got {v}"))?,
+            },
+        })
+    } else {
+        None
+    };
     Ok(AnomalyConfig {
         normal_labels,
         anomaly_labels: labels("anomaly_label")?,
         scorer,
+        patch,
     })
 }
 

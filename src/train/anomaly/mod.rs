@@ -16,6 +16,7 @@
 //! `config.json`/`config.toml`, `model_card.json` and `plots/roc_curve.*`.
 //! A run has no epochs and no checkpoints: a killed run is started again.
 
+pub mod patch;
 pub mod scorer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -52,6 +53,10 @@ pub struct AnomalyConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub anomaly_labels: Vec<String>,
     pub scorer: Scorer,
+    /// Patch-level scores on spatial features (`--spatial`, see `patch`);
+    /// absent: image-level scores on pooled features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<patch::PatchConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,11 +151,26 @@ impl AnomalyConfig {
                 coreset.validate()?;
             }
         }
+        if let Some(patch) = &self.patch {
+            patch.validate()?;
+        }
         Ok(())
     }
 
     /// `knn k=5, coreset 0.1` and the like.
     pub fn describe(&self) -> String {
+        let scorer = self.describe_scorer();
+        match &self.patch {
+            None => scorer,
+            Some(patch::PatchConfig {
+                channels: Some(channels),
+                ..
+            }) => format!("{scorer}, patch level, {channels} channels"),
+            Some(_) => format!("{scorer}, patch level"),
+        }
+    }
+
+    fn describe_scorer(&self) -> String {
         match &self.scorer {
             Scorer::Knn { k, coreset: None } => format!("knn k={k}"),
             Scorer::Knn {
@@ -193,6 +213,10 @@ pub struct AnomalyReport {
     pub fit_secs: f64,
     pub score_secs: f64,
     pub peak_rss_bytes: Option<u64>,
+    /// Heat-map overlays of the highest-scored test images (patch level),
+    /// relative to the run folder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heatmaps: Vec<String>,
 }
 
 /// Evaluated rows of one split: normal (false) or anomalous (true).
@@ -263,12 +287,15 @@ impl Selection {
                 config.normal_labels.join(", ")
             )));
         }
+        // Patch scoring fits and scores images through their first row.
+        let indices = data.features.image_indices();
+        let counted = |row: usize| config.patch.is_none() || is_first_row(indices, row);
         let normal_train: Vec<usize> = data
             .train
             .rows
             .iter()
             .zip(&data.train.labels)
-            .filter(|(_, label)| normal_classes.contains(label))
+            .filter(|(row, label)| counted(**row) && normal_classes.contains(label))
             .map(|(&row, _)| row)
             .collect();
         if normal_train.is_empty() {
@@ -287,6 +314,9 @@ impl Selection {
                 excluded: 0,
             };
             for (&row, &label) in split.rows.iter().zip(&split.labels) {
+                if !counted(row) {
+                    continue;
+                }
                 let anomalous = if normal_classes.contains(&label) {
                     false
                 } else if anomaly_classes.contains(&label) {
@@ -319,6 +349,12 @@ impl Selection {
             normal_train,
         })
     }
+}
+
+/// Whether `row` is its image's first: spatial sets hold a row per tile,
+/// the tiles of an image in consecutive rows.
+fn is_first_row(indices: &[usize], row: usize) -> bool {
+    row == 0 || indices[row - 1] != indices[row]
 }
 
 /// A fitted scorer.
@@ -500,8 +536,8 @@ impl Fitted {
 /// A finished anomaly run's scorer, read back from its run folder
 /// (`scorer.safetensors`, `config.json`, `metrics.json`).
 pub struct SavedScorer {
-    standardiser: Standardiser,
-    fitted: Fitted,
+    model: Model,
+    /// Pooled feature dimension (0 for patch scorers).
     dim: usize,
     /// The validation split's best-F1 threshold: scores at or above it are anomalous.
     pub threshold: f64,
@@ -543,6 +579,22 @@ impl SavedScorer {
             ))
         })?;
         let tensors = super::checkpoint::load_tensors(&path, &Device::Cpu)?;
+        if anomaly.patch.is_some() {
+            let info: patch::PatchInfo = super::checkpoint::header_json(&path, "patch")?
+                .ok_or_else(|| {
+                    TrainError::Checkpoint(format!(
+                        "{} has no readable 'patch' metadata",
+                        path.display()
+                    ))
+                })?;
+            let scorer = patch::PatchScorer::load(&tensors, info, &anomaly.scorer, &path, device)?;
+            return Ok(SavedScorer {
+                model: Model::Patch(Box::new(scorer)),
+                dim: 0,
+                threshold,
+                description: anomaly.describe(),
+            });
+        }
         let vector = |name: &str| -> Result<Tensor, TrainError> {
             tensors.get(name).cloned().ok_or_else(|| {
                 TrainError::Checkpoint(format!("{} has no tensor {name}", path.display()))
@@ -572,8 +624,10 @@ impl SavedScorer {
             )),
         };
         Ok(SavedScorer {
-            standardiser,
-            fitted,
+            model: Model::Pooled {
+                standardiser,
+                fitted,
+            },
             dim,
             threshold,
             description: anomaly.describe(),
@@ -582,6 +636,23 @@ impl SavedScorer {
 
     pub fn feature_dim(&self) -> usize {
         self.dim
+    }
+
+    /// The patch scorer of a spatial run; None for image-level runs.
+    pub fn patch(&self) -> Option<&patch::PatchScorer> {
+        match &self.model {
+            Model::Patch(scorer) => Some(scorer),
+            Model::Pooled { .. } => None,
+        }
+    }
+
+    /// Distance blocks of saved scorers (about 64 MiB of distances).
+    pub fn plan() -> MemoryPlan {
+        MemoryPlan {
+            bank_block: (PREDICT_DISTANCE_BYTES / (QUERY_BLOCK * 8)).max(1),
+            fixed_bytes: 0,
+            per_bank_row_bytes: (QUERY_BLOCK * 8) as u64,
+        }
     }
 
     /// Anomaly scores of raw (not standardised) pooled feature rows, `rows x dim`.
@@ -593,19 +664,20 @@ impl SavedScorer {
                 rows.len()
             )));
         }
-        let bank_block = (PREDICT_DISTANCE_BYTES / (QUERY_BLOCK * 8)).max(1);
-        let plan = MemoryPlan {
-            bank_block,
-            fixed_bytes: 0,
-            per_bank_row_bytes: (QUERY_BLOCK * 8) as u64,
+        let Model::Pooled {
+            standardiser,
+            fitted,
+        } = &self.model
+        else {
+            return Err(TrainError::Invalid(
+                "a patch-level scorer scores feature maps, not pooled rows".into(),
+            ));
         };
+        let plan = Self::plan();
         let mut out = Vec::with_capacity(rows.len() / dim);
         for block in rows.chunks(QUERY_BLOCK * dim) {
-            let queries = self.standardiser.standardise(block.to_vec());
-            out.extend(
-                self.fitted
-                    .score_standardised(&queries, dim, &plan, device)?,
-            );
+            let queries = standardiser.standardise(block.to_vec());
+            out.extend(fitted.score_standardised(&queries, dim, &plan, device)?);
         }
         Ok(out)
     }
@@ -670,6 +742,17 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
                 None => {}
             }
         }
+        if let Some(patch) = &anomaly.patch {
+            out.push(("spatial".into(), "true".into()));
+            out.push((
+                "channels".into(),
+                match patch.channels {
+                    Some(n) => (n as f64).into(),
+                    None => "all".into(),
+                },
+            ));
+            out.push(("heatmap_sigma".into(), patch.heatmap_sigma.into()));
+        }
     }
     if !config.label_map.is_empty() {
         let classes: BTreeSet<&String> = config.label_map.values().collect();
@@ -690,6 +773,52 @@ fn anomaly_config(config: &TrainConfig) -> Result<&AnomalyConfig, TrainError> {
     }
 }
 
+/// Refuses a feature set of the wrong kind for the run: patch scoring needs
+/// spatial features (`enqueue --spatial`), image-level scoring pooled ones.
+pub fn check_features(data: &TrainData, anomaly: &AnomalyConfig) -> Result<(), TrainError> {
+    let spatial = !data.features.maps().is_empty();
+    let encoder = data
+        .features
+        .metadata()
+        .get("encoder")
+        .cloned()
+        .unwrap_or_else(|| "ENCODER".into());
+    let dataset = &data.dataset_name;
+    match (anomaly.patch.is_some(), spatial) {
+        (true, false) => Err(TrainError::NoFeatures(format!(
+            "features {} of dataset {dataset} are pooled only; patch-level anomaly scores \
+             (--spatial) need spatial features: run `lazarus enqueue --dataset {dataset} \
+             --encoder {encoder} --spatial` and a worker",
+            data.fingerprint
+        ))),
+        (false, true) => Err(TrainError::NoFeatures(format!(
+            "features {} of dataset {dataset} are spatial (a row per tile); image-level anomaly \
+             scores read pooled features: run `lazarus enqueue --dataset {dataset} --encoder \
+             {encoder}` (without --spatial) and a worker, or add --spatial for patch-level scores",
+            data.fingerprint
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The feature folder an anomaly run reads when none is given: the spatial
+/// one of `encoder` for patch scoring, else the only folder there is.
+pub fn resolve_fingerprint(
+    layout: &Layout,
+    dataset: &str,
+    encoder: &str,
+    fingerprint: Option<&str>,
+    spatial: bool,
+) -> Result<Option<String>, TrainError> {
+    match (fingerprint, spatial) {
+        (Some(fingerprint), _) => Ok(Some(fingerprint.to_string())),
+        (None, true) => crate::segment::train::spatial_fingerprint(layout, dataset, encoder)
+            .map(Some)
+            .map_err(|e| TrainError::Segment(Box::new(e))),
+        (None, false) => Ok(None),
+    }
+}
+
 /// Fits and scores one anomaly detector as a new run of `experiment`.
 pub fn train(
     layout: &Layout,
@@ -699,12 +828,13 @@ pub fn train(
     options: &AnomalyOptions,
 ) -> Result<AnomalyReport, TrainError> {
     let anomaly = anomaly_config(&config)?;
-    // Refuse bad labels before a run is recorded.
+    // Refuse bad labels and features of the wrong kind before a run is recorded.
+    check_features(data, anomaly)?;
     Selection::new(data, anomaly)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
     let handle = super::session::start(&db, experiment, &inputs, &[])?;
-    fit_and_finish(data, handle, &inputs, options)
+    fit_and_finish(layout, data, handle, &inputs, options)
 }
 
 /// Runs fitted now, and (config hash, run id) of configs skipped as FINISHED.
@@ -713,6 +843,7 @@ pub type SweepRuns = (Vec<AnomalyReport>, Vec<(String, String)>);
 /// The anomaly heads of a sweep on one feature set: each config FINISHED
 /// before is skipped (returned as (config hash, run id)) unless `force`.
 pub fn sweep_runs(
+    layout: &Layout,
     db: &ExperimentsDb,
     data: &TrainData,
     sweep_name: &str,
@@ -725,7 +856,9 @@ pub fn sweep_runs(
     let mut planned = Vec::new();
     let mut skipped = Vec::new();
     for config in configs {
-        Selection::new(data, anomaly_config(config)?)?;
+        let anomaly = anomaly_config(config)?;
+        check_features(data, anomaly)?;
+        Selection::new(data, anomaly)?;
         let inputs = run_inputs(data, config);
         if !seen.insert(inputs.config_hash.clone()) {
             continue; // the same settings twice (k on a mahalanobis point)
@@ -739,12 +872,62 @@ pub fn sweep_runs(
     let mut reports = Vec::new();
     for inputs in planned {
         let handle = super::session::start(db, sweep_name, &inputs, &sweep_param)?;
-        reports.push(fit_and_finish(data, handle, &inputs, options)?);
+        reports.push(fit_and_finish(layout, data, handle, &inputs, options)?);
     }
     Ok((reports, skipped))
 }
 
+/// A fitted scorer of either level.
+enum Model {
+    /// Image level, on pooled features.
+    Pooled {
+        standardiser: Standardiser,
+        fitted: Fitted,
+    },
+    /// Patch level, on spatial features (boxed: it is the larger one).
+    Patch(Box<patch::PatchScorer>),
+}
+
+impl Model {
+    /// The tensors of `scorer.safetensors` and the metadata of this kind.
+    fn tensors(&self) -> Result<patch::ScorerFile, TrainError> {
+        let (standardiser, fitted) = match self {
+            Model::Pooled {
+                standardiser,
+                fitted,
+            } => (standardiser, fitted),
+            Model::Patch(scorer) => return scorer.tensors(),
+        };
+        let dim = standardiser.mean.len();
+        let mut tensors = vec![
+            (
+                "input_mean".to_string(),
+                Tensor::from_slice(&standardiser.mean, dim, &Device::Cpu)?,
+            ),
+            (
+                "input_std".to_string(),
+                Tensor::from_slice(&standardiser.std, dim, &Device::Cpu)?,
+            ),
+        ];
+        tensors.extend(fitted.tensors()?);
+        let metadata = match fitted {
+            Fitted::Knn { k, .. } => HashMap::from([("k".to_string(), k.to_string())]),
+            Fitted::Mahalanobis(gaussian) => {
+                HashMap::from([("shrinkage".to_string(), gaussian.shrinkage.to_string())])
+            }
+        };
+        Ok((tensors, metadata))
+    }
+}
+
+/// Images of the test split whose heat maps a run writes (highest scores first).
+const HEATMAP_IMAGES: usize = 8;
+/// At most this many pixels per image enter the pixel-level ROC-AUC (a
+/// regular subsample of larger images).
+const PIXELS_PER_IMAGE: usize = 16_384;
+
 fn fit_and_finish(
+    layout: &Layout,
     data: &TrainData,
     handle: RunHandle,
     inputs: &RunInputs,
@@ -753,36 +936,77 @@ fn fit_and_finish(
     let config = &inputs.config;
     let anomaly = anomaly_config(config)?;
     let selection = Selection::new(data, anomaly)?;
+    let device = &options.device;
     let started = Instant::now();
-    let standardiser = Standardiser::fit(&data.features, &selection.normal_train);
-    let (fitted, plan) = fit(
-        data,
-        &selection,
-        config,
-        anomaly,
-        &standardiser,
-        &options.device,
-    )?;
+    let mut metrics = BTreeMap::new();
+    let (mut model, plan) = match &anomaly.patch {
+        None => {
+            let standardiser = Standardiser::fit(&data.features, &selection.normal_train);
+            let (fitted, plan) = fit(data, &selection, config, anomaly, &standardiser, device)?;
+            (
+                Model::Pooled {
+                    standardiser,
+                    fitted,
+                },
+                plan,
+            )
+        }
+        Some(patch_config) => {
+            let request = patch::PatchFit {
+                features: &data.features,
+                normal_images: &selection.normal_train,
+                scorer: &anomaly.scorer,
+                patch: patch_config,
+                seed: config.seed,
+                budget: config.memory_budget_bytes,
+                runtime_bytes: runtime_bytes(data),
+            };
+            let (scorer, plan, stats) = patch::fit(&request, device)?;
+            metrics.insert("train/patches".to_string(), stats.patches as f64);
+            metrics.insert("train/channels".to_string(), stats.channels as f64);
+            if let Some(shrinkage) = stats.mean_shrinkage {
+                metrics.insert("train/shrinkage".to_string(), shrinkage);
+            }
+            if let Some(rows) = scorer.memory_bank_rows() {
+                metrics.insert("train/memory_bank".to_string(), rows as f64);
+            }
+            (Model::Patch(Box::new(scorer)), plan)
+        }
+    };
     let fit_secs = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let val_scores = fitted.scores(
-        data,
-        &standardiser,
-        &selection.val.rows,
-        &plan,
-        &options.device,
-    )?;
-    let test_scores = fitted.scores(
-        data,
-        &standardiser,
-        &selection.test.rows,
-        &plan,
-        &options.device,
-    )?;
+    let (val_scores, test_scores, test_images) = match &mut model {
+        Model::Pooled {
+            standardiser,
+            fitted,
+        } => (
+            fitted.scores(data, standardiser, &selection.val.rows, &plan, device)?,
+            fitted.scores(data, standardiser, &selection.test.rows, &plan, device)?,
+            Vec::new(),
+        ),
+        Model::Patch(scorer) => {
+            let val = scorer.score_images(&data.features, &selection.val.rows, &plan, device)?;
+            let test = scorer.score_images(&data.features, &selection.test.rows, &plan, device)?;
+            let lowest = val
+                .iter()
+                .flat_map(|image| image.tiles.iter().flat_map(|(_, grid)| grid.iter()))
+                .fold(f32::INFINITY, |a, &b| a.min(b)) as f64;
+            let highest = val
+                .iter()
+                .map(|i| i.score)
+                .fold(f64::NEG_INFINITY, f64::max);
+            scorer.info.heat_range = [lowest, highest.max(lowest + 1e-6)];
+            (
+                val.iter().map(|i| i.score).collect(),
+                test.iter().map(|i| i.score).collect(),
+                test,
+            )
+        }
+    };
     let score_secs = started.elapsed().as_secs_f64();
 
     let val = split_metrics("val", &val_scores, &selection.val)?;
-    let mut metrics = val.clone();
+    metrics.extend(val.clone());
     metrics.extend(split_metrics("test", &test_scores, &selection.test)?);
     // The threshold chosen on validation, applied to test: what a deployment would see.
     metrics.insert(
@@ -794,16 +1018,38 @@ fn fit_and_finish(
         ),
     );
     metrics.insert("train/normal".into(), selection.normal_train.len() as f64);
-    let memory_bank_rows = match &fitted {
-        Fitted::Knn { bank, .. } => {
+    let memory_bank_rows = match &model {
+        Model::Pooled {
+            fitted: Fitted::Knn { bank, .. },
+            ..
+        } => {
             metrics.insert("train/memory_bank".into(), bank.len() as f64);
             Some(bank.len())
         }
-        Fitted::Mahalanobis(gaussian) => {
+        Model::Pooled {
+            fitted: Fitted::Mahalanobis(gaussian),
+            ..
+        } => {
             metrics.insert("train/shrinkage".into(), gaussian.shrinkage);
             None
         }
+        Model::Patch(scorer) => scorer.memory_bank_rows(),
     };
+    let mut heatmaps = Vec::new();
+    if let Model::Patch(scorer) = &model {
+        let dataset = crate::dataset::load(layout, &data.dataset_name)?;
+        let records: Vec<&crate::dataset::ImageRecord> = selection
+            .test
+            .rows
+            .iter()
+            .map(|&row| &dataset.images[data.features.image_indices()[row]])
+            .collect();
+        if let Some(auc) = pixel_roc_auc(scorer, &records, &test_images, &selection.test.anomalous)?
+        {
+            metrics.insert("test/pixel_roc_auc".into(), auc);
+        }
+        heatmaps = write_heat_maps(&handle, scorer, &records, &test_images)?;
+    }
     let values: Vec<(&str, f64)> = val.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     handle.log_metrics(1, &values)?;
 
@@ -822,14 +1068,14 @@ fn fit_and_finish(
         fit_secs,
         score_secs,
         peak_rss_bytes: peak_rss_bytes(),
+        heatmaps,
     };
     write_artifacts(
         &handle,
         &report,
         data,
         config,
-        &standardiser,
-        &fitted,
+        &model,
         &[
             ("val", &selection.val, &val_scores),
             ("test", &selection.test, &test_scores),
@@ -845,6 +1091,93 @@ fn fit_and_finish(
     }
     handle.finish(RunStatus::Finished, &summary)?;
     Ok(report)
+}
+
+/// The decoded image of a dataset record.
+fn read_image(record: &crate::dataset::ImageRecord) -> Result<image::RgbImage, TrainError> {
+    let bytes = std::fs::read(&record.path).map_err(|e| {
+        TrainError::Invalid(format!("cannot read image {}: {e}", record.path.display()))
+    })?;
+    crate::preprocess::decode_rgb8(
+        &bytes,
+        &record.path,
+        crate::preprocess::PreprocessConfig::DEFAULT_MAX_PIXELS,
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+/// Pixel-level ROC-AUC of the test heat maps against the masks (foreground
+/// = anomalous), when every scored test image has a mask; None otherwise.
+/// Larger images enter with a regular subsample of their pixels.
+fn pixel_roc_auc(
+    scorer: &patch::PatchScorer,
+    records: &[&crate::dataset::ImageRecord],
+    images: &[patch::ScoredImage],
+    anomalous: &[bool],
+) -> Result<Option<f64>, TrainError> {
+    if records.is_empty() || records.iter().any(|r| r.mask.is_none()) {
+        return Ok(None);
+    }
+    let mut scores = Vec::new();
+    let mut positives = Vec::new();
+    for ((record, image), &image_anomalous) in records.iter().zip(images).zip(anomalous) {
+        let mask_path = record.mask.as_ref().expect("checked above");
+        let mask = crate::segment::mask::read_mask(mask_path, crate::dataset::MaskKind::Binary)
+            .map_err(|e| TrainError::Segment(Box::new(e)))?;
+        if (mask.width, mask.height) != (record.width, record.height) {
+            return Err(TrainError::Invalid(format!(
+                "mask {} is {}x{}, its image {} is {}x{}",
+                mask_path.display(),
+                mask.width,
+                mask.height,
+                record.path.display(),
+                record.width,
+                record.height
+            )));
+        }
+        let heat = scorer.heat_map(image, record.width, record.height);
+        let pixels = heat.len();
+        let step = ((pixels as f64 / PIXELS_PER_IMAGE as f64).sqrt().ceil() as usize).max(1);
+        let width = record.width as usize;
+        for y in (0..record.height as usize).step_by(step) {
+            for x in (0..width).step_by(step) {
+                scores.push(heat[y * width + x] as f64);
+                // A normal image's pixels are normal whatever its mask says.
+                positives.push(image_anomalous && mask.classes[y * width + x] > 0);
+            }
+        }
+    }
+    Ok(roc_auc(&scores, &positives))
+}
+
+/// `heatmaps/RANK-STEM.png`: overlays of the highest-scored test images.
+fn write_heat_maps(
+    handle: &RunHandle,
+    scorer: &patch::PatchScorer,
+    records: &[&crate::dataset::ImageRecord],
+    images: &[patch::ScoredImage],
+) -> Result<Vec<String>, TrainError> {
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.sort_by(|&a, &b| images[b].score.total_cmp(&images[a].score));
+    let mut written = Vec::new();
+    for (rank, &i) in order.iter().take(HEATMAP_IMAGES).enumerate() {
+        let record = records[i];
+        let picture = read_image(record)?;
+        let heat = scorer.heat_map(&images[i], picture.width(), picture.height());
+        let (_, overlay) = patch::render(&picture, &heat, scorer.info.heat_range);
+        let stem = record
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| record.index.to_string());
+        let name = format!("heatmaps/{:02}-{stem}.png", rank + 1);
+        handle.write_artifact(
+            &name,
+            &patch::png_bytes(&image::DynamicImage::ImageRgb8(overlay))?,
+        )?;
+        written.push(name);
+    }
+    Ok(written)
 }
 
 fn names(data: &TrainData, classes: &[usize]) -> Vec<String> {
@@ -880,8 +1213,7 @@ fn write_artifacts(
     report: &AnomalyReport,
     data: &TrainData,
     config: &TrainConfig,
-    standardiser: &Standardiser,
-    fitted: &Fitted,
+    model: &Model,
     splits: &[ScoredSplit<'_>],
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -890,19 +1222,8 @@ fn write_artifacts(
         .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
     handle.write_artifact("config.toml", toml.as_bytes())?;
 
-    let dim = standardiser.mean.len();
-    let mut tensors = vec![
-        (
-            "input_mean".to_string(),
-            Tensor::from_slice(&standardiser.mean, dim, &Device::Cpu)?,
-        ),
-        (
-            "input_std".to_string(),
-            Tensor::from_slice(&standardiser.std, dim, &Device::Cpu)?,
-        ),
-    ];
-    tensors.extend(fitted.tensors()?);
-    let mut metadata = HashMap::from([
+    let (tensors, mut metadata) = model.tensors()?;
+    metadata.extend([
         ("task".to_string(), Task::Anomaly.name().to_string()),
         ("fingerprint".to_string(), data.fingerprint.clone()),
         ("scorer".to_string(), report.scorer.clone()),
@@ -915,14 +1236,6 @@ fn write_artifacts(
             report.metrics["val/best_f1_threshold"].to_string(),
         ),
     ]);
-    match fitted {
-        Fitted::Knn { k, .. } => {
-            metadata.insert("k".into(), k.to_string());
-        }
-        Fitted::Mahalanobis(gaussian) => {
-            metadata.insert("shrinkage".into(), gaussian.shrinkage.to_string());
-        }
-    }
     handle.write_artifact(
         "scorer.safetensors",
         &super::checkpoint::safetensors_bytes(&tensors, Some(metadata))?,
@@ -973,8 +1286,17 @@ fn write_artifacts(
         intended_use: "Ranking images like those of the training dataset by how unlike the \
                        normal training images they are, for review; the best-F1 thresholds \
                        are chosen on labelled splits and should be re-checked on new data.",
-        limitations: "Image-level scores from pooled features: small or local defects may not \
-                      move them. Measured on one held-out split of one dataset.",
+        limitations: match model {
+            Model::Pooled { .. } => {
+                "Image-level scores from pooled features: small or local defects may not \
+                 move them. Measured on one held-out split of one dataset."
+            }
+            Model::Patch(_) => {
+                "Patch scores on the encoder's stride-16 grid: defects smaller than a grid \
+                 cell may be missed and heat maps are interpolated. Measured on one \
+                 held-out split of one dataset."
+            }
+        },
     };
     let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
     handle.write_artifact("model_card.json", &json)?;

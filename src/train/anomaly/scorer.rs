@@ -41,7 +41,11 @@ impl Standardiser {
                 sum_sq[d] += v * v;
             }
         }
-        let n = rows.len().max(1) as f64;
+        Self::from_sums(&sum, &sum_sq, rows.len())
+    }
+
+    fn from_sums(sum: &[f64], sum_sq: &[f64], rows: usize) -> Self {
+        let n = rows.max(1) as f64;
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
         let std: Vec<f32> = sum_sq
             .iter()
@@ -69,13 +73,18 @@ impl Standardiser {
 
     /// Standardises rows of raw values in place.
     pub fn standardise(&self, mut values: Vec<f32>) -> Vec<f32> {
+        self.standardise_in_place(&mut values);
+        values
+    }
+
+    /// Standardises rows of raw values where they are.
+    pub fn standardise_in_place(&self, values: &mut [f32]) {
         let dim = self.mean.len();
-        for row in values.chunks_mut(dim) {
+        values.par_chunks_mut(dim).for_each(|row| {
             for ((v, mean), inverse_std) in row.iter_mut().zip(&self.mean).zip(&self.inverse_std) {
                 *v = (*v - mean) * inverse_std;
             }
-        }
-        values
+        });
     }
 
     /// Standardised f32 copy of the given rows only.
@@ -248,16 +257,36 @@ impl Gaussian {
         standardiser: &Standardiser,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let dim = features.feature_dim();
-        let n = rows.len();
+        let blocks = || {
+            rows.chunks(FIT_BLOCK)
+                .map(|block| standardiser.gather(features, block))
+        };
+        Self::fit_blocks(features.feature_dim(), rows.len(), blocks, device)
+    }
+
+    /// The same fit on rows already standardised in memory (`rows x dim`):
+    /// the per-position Gaussians of patch scoring.
+    pub fn fit_rows(values: &[f32], dim: usize, device: &Device) -> Result<Self, TrainError> {
+        let blocks = || values.chunks(FIT_BLOCK * dim).map(<[f32]>::to_vec);
+        Self::fit_blocks(dim, values.len() / dim, blocks, device)
+    }
+
+    /// The fit over `n` standardised rows that `blocks` yields (twice: the
+    /// mean first, then the centred scatter and fourth moment).
+    fn fit_blocks<I: Iterator<Item = Vec<f32>>>(
+        dim: usize,
+        n: usize,
+        blocks: impl Fn() -> I,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         if n < 2 {
             return Err(TrainError::Invalid(format!(
                 "a Gaussian needs at least 2 normal training rows, got {n}"
             )));
         }
         let mut mean = vec![0f64; dim];
-        for block in rows.chunks(FIT_BLOCK) {
-            for row in standardiser.gather(features, block).chunks(dim) {
+        for block in blocks() {
+            for row in block.chunks(dim) {
                 for (m, v) in mean.iter_mut().zip(row) {
                     *m += *v as f64;
                 }
@@ -266,9 +295,8 @@ impl Gaussian {
         mean.iter_mut().for_each(|m| *m /= n as f64);
         let mut scatter = Tensor::zeros((dim, dim), DType::F64, device)?;
         let mut fourth_moment = 0f64;
-        for block in rows.chunks(FIT_BLOCK) {
-            let centred: Vec<f64> = standardiser
-                .gather(features, block)
+        for block in blocks() {
+            let centred: Vec<f64> = block
                 .chunks(dim)
                 .flat_map(|row| row.iter().zip(&mean).map(|(v, m)| *v as f64 - m))
                 .collect();
@@ -276,7 +304,7 @@ impl Gaussian {
                 let squared: f64 = row.iter().map(|v| v * v).sum();
                 fourth_moment += squared * squared;
             }
-            let x = Tensor::from_vec(centred, (block.len(), dim), device)?;
+            let x = Tensor::from_vec(centred, (block.len() / dim, dim), device)?;
             scatter = (scatter + x.t()?.matmul(&x)?)?;
         }
         let mut covariance: Vec<f64> = (scatter / n as f64)?.flatten_all()?.to_vec1::<f64>()?;
