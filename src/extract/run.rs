@@ -67,18 +67,20 @@ impl Default for ExtractConfig {
     }
 }
 
-/// What a worker keeps between jobs of the same configuration.
+/// What one job runs on: the worker's encoder for the job's fingerprint,
+/// and the manifest of the job's own dataset.
 struct Loaded {
-    encoder: Box<dyn Encoder>,
+    encoder: Arc<dyn Encoder>,
     dataset: Dataset,
 }
 
-/// Runs extraction jobs; encoders and manifests are loaded once per
-/// fingerprint and reused for every later chunk.
+/// Runs extraction jobs; encoders are loaded once per fingerprint and
+/// reused for every later chunk. The fingerprint does not name a dataset,
+/// so manifests are never cached with them: each job reads its own.
 pub struct Extractor {
     layout: Layout,
     config: ExtractConfig,
-    loaded: Mutex<HashMap<String, Arc<Loaded>>>,
+    encoders: Mutex<HashMap<String, Arc<dyn Encoder>>>,
 }
 
 /// One decoded, preprocessed image of a chunk.
@@ -89,13 +91,24 @@ impl Extractor {
         Extractor {
             layout,
             config,
-            loaded: Mutex::new(HashMap::new()),
+            encoders: Mutex::new(HashMap::new()),
         }
     }
 
-    fn load(&self, payload: &ExtractPayload) -> Result<Arc<Loaded>, String> {
-        if let Some(loaded) = self.loaded.lock().expect("lock").get(&payload.fingerprint) {
-            return Ok(Arc::clone(loaded));
+    fn load(&self, payload: &ExtractPayload) -> Result<Loaded, String> {
+        let dataset = dataset::load(&self.layout, &payload.dataset).map_err(|e| e.to_string())?;
+        let encoder = self.encoder(payload)?;
+        Ok(Loaded { encoder, dataset })
+    }
+
+    fn encoder(&self, payload: &ExtractPayload) -> Result<Arc<dyn Encoder>, String> {
+        if let Some(encoder) = self
+            .encoders
+            .lock()
+            .expect("lock")
+            .get(&payload.fingerprint)
+        {
+            return Ok(Arc::clone(encoder));
         }
         let spec = encoders::lookup(&payload.encoder).map_err(|e| e.to_string())?;
         // The fingerprint covers the preprocessing: a binary whose
@@ -138,13 +151,12 @@ impl Extractor {
                 payload.encoder
             ));
         }
-        let dataset = dataset::load(&self.layout, &payload.dataset).map_err(|e| e.to_string())?;
-        let loaded = Arc::new(Loaded { encoder, dataset });
-        self.loaded
+        let encoder: Arc<dyn Encoder> = Arc::from(encoder);
+        self.encoders
             .lock()
             .expect("lock")
-            .insert(payload.fingerprint.clone(), Arc::clone(&loaded));
-        Ok(loaded)
+            .insert(payload.fingerprint.clone(), Arc::clone(&encoder));
+        Ok(encoder)
     }
 
     /// Runs one extraction job to an outcome for the queue.
