@@ -12,7 +12,7 @@ use std::time::Duration;
 use lazarus::queue::postgres::PostgresQueue;
 use lazarus::queue::sqlite::SqliteQueue;
 use lazarus::queue::{
-    ItemFailure, JobResult, JobState, KindBacklog, ManualClock, NewJob, Queue, QueueError,
+    ItemFailure, JobResult, JobState, KindBacklog, ManualClock, NewJob, Plan, Queue, QueueError,
     RequeueFilter, RetryPolicy,
 };
 
@@ -316,6 +316,116 @@ fn enqueue_is_idempotent_and_supersede_fences(queue: &dyn Queue) {
     assert_eq!(queue.status(None).unwrap().item_totals().total, 5);
 }
 
+/// A planner sees the live jobs of its fingerprint (every group), and its
+/// plan is applied whole, or not at all when it refuses.
+fn plan_and_enqueue_applies_whole_plans_only(queue: &dyn Queue) {
+    let mut other = job("o", "noop", "h", 1);
+    other.fingerprint = "other-fp".into();
+    queue
+        .enqueue(&[job("a", "noop", "g", 1), job("b", "noop", "h", 2), other])
+        .unwrap();
+    let live = queue.live_jobs("fp").unwrap();
+    let groups: Vec<&str> = live.iter().map(|j| j.group.as_str()).collect();
+    assert_eq!(
+        groups,
+        ["g", "h"],
+        "both groups, oldest first, not other-fp"
+    );
+    assert!(live.iter().all(|j| j.state == "pending"));
+    let first = live[0].id;
+
+    let mut seen = 0;
+    let report = queue
+        .plan_and_enqueue("fp", &mut |live| {
+            seen = live.len();
+            Ok(Plan {
+                supersede: vec![live[0].id],
+                jobs: vec![job("c", "noop", "g", 4), job("b", "noop", "h", 2)],
+            })
+        })
+        .unwrap();
+    assert_eq!(seen, 2);
+    assert_eq!(
+        (report.superseded, report.added, report.skipped),
+        (1, 1, 1),
+        "b is live already"
+    );
+    let live: Vec<i64> = queue
+        .live_jobs("fp")
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(live.len(), 2);
+    assert!(!live.contains(&first));
+
+    // A refusing planner leaves everything as it was.
+    let refused = queue.plan_and_enqueue("fp", &mut |live| {
+        assert_eq!(live.len(), 2);
+        Err("the planner says no".into())
+    });
+    match refused {
+        Err(QueueError::Plan { message, .. }) => assert_eq!(message, "the planner says no"),
+        other => panic!("expected a plan error, got {other:?}"),
+    }
+    assert_eq!(queue.live_jobs("fp").unwrap().len(), 2);
+    assert_eq!(queue.status(None).unwrap().item_totals().total, 2 + 4 + 1);
+}
+
+/// Planners of one fingerprint on several connections take turns: each
+/// adds a job for "image 1" only when no live job holds it yet, under its
+/// own dedup key (so the dedup key cannot hide a race), and sleeps between
+/// its read and its plan to widen the window. Exactly one job results.
+fn planners_take_turns(queues: &[&dyn Queue]) {
+    std::thread::scope(|scope| {
+        for (n, queue) in queues.iter().enumerate() {
+            scope.spawn(move || {
+                queue
+                    .plan_and_enqueue("fp", &mut |live| {
+                        std::thread::sleep(Duration::from_millis(30));
+                        let covered = live.iter().any(|j| j.payload.contains("image 1"));
+                        let mut plan = Plan::default();
+                        if !covered {
+                            let mut new = job(&format!("planner-{n}"), "noop", "g", 1);
+                            new.payload = "{\"covers\":\"image 1\"}".into();
+                            plan.jobs.push(new);
+                        }
+                        Ok(plan)
+                    })
+                    .unwrap();
+            });
+        }
+    });
+    let live = queues[0].live_jobs("fp").unwrap();
+    assert_eq!(
+        live.len(),
+        1,
+        "one planner saw the image uncovered: {live:?}"
+    );
+}
+
+#[test]
+fn sqlite_planners_of_one_fingerprint_take_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs").join("queue.db");
+    let queues: Vec<SqliteQueue> = (0..4).map(|_| SqliteQueue::open(&path).unwrap()).collect();
+    let refs: Vec<&dyn Queue> = queues.iter().map(|q| q as &dyn Queue).collect();
+    planners_take_turns(&refs);
+}
+
+#[test]
+fn postgres_planners_of_one_fingerprint_take_turns() {
+    let Some(server) = support::postgres::server("postgres_planners_take_turns") else {
+        return;
+    };
+    let schema = support::postgres::Schema::create(&server);
+    let queues: Vec<PostgresQueue> = (0..4)
+        .map(|_| PostgresQueue::open(&schema.url).unwrap())
+        .collect();
+    let refs: Vec<&dyn Queue> = queues.iter().map(|q| q as &dyn Queue).collect();
+    planners_take_turns(&refs);
+}
+
 fn per_item_failures_complete_the_rest(queue: &dyn Queue) {
     queue
         .enqueue(&[job("a", "noop", "cats", 5), job("b", "noop", "dogs", 2)])
@@ -480,6 +590,14 @@ macro_rules! contract_tests {
                 return;
             };
             super::enqueue_is_idempotent_and_supersede_fences(&queue);
+        }
+        #[test]
+        fn plan_and_enqueue_applies_whole_plans_only() {
+            let Some((_dir, _clock, queue)) = $make("plan_and_enqueue_applies_whole_plans_only")
+            else {
+                return;
+            };
+            super::plan_and_enqueue_applies_whole_plans_only(&queue);
         }
         #[test]
         fn per_item_failures_complete_the_rest() {

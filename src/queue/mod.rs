@@ -193,6 +193,38 @@ pub struct EnqueueReport {
     pub skipped: u64,
 }
 
+/// A live (not superseded) job, as a planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveJob {
+    pub id: i64,
+    pub group: String,
+    pub variant: String,
+    /// The state's name (`pending`, `running`, `done`, `failed`, `dead`).
+    pub state: String,
+    pub payload: String,
+}
+
+/// What a planner decided: live jobs to retire and jobs to add.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Ids of live jobs to supersede (as `supersede` does).
+    pub supersede: Vec<i64>,
+    pub jobs: Vec<NewJob>,
+}
+
+/// What `plan_and_enqueue` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PlanReport {
+    pub superseded: u64,
+    pub added: u64,
+    /// Jobs whose dedup key was already live.
+    pub skipped: u64,
+}
+
+/// Decides a [`Plan`] from the live jobs of one fingerprint; an `Err` rolls
+/// the transaction back with that message.
+pub type Planner<'a> = dyn FnMut(&[LiveJob]) -> Result<Plan, String> + 'a;
+
 /// A claimed job: the holder may run it until `lease_deadline_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -438,6 +470,8 @@ pub enum QueueError {
     },
     #[error("{queue}: {message}")]
     Postgres { queue: String, message: String },
+    #[error("{path}: {message}")]
+    Plan { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -451,6 +485,29 @@ pub trait Queue: Send + Sync {
 
     /// Adds jobs, skipping those whose dedup key is already live. Atomic.
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError>;
+
+    /// Reads the live jobs of `fingerprint` (every group and variant, oldest
+    /// first), lets `plan` choose jobs to supersede and jobs to add, and does
+    /// both, all in one transaction that excludes every other
+    /// `plan_and_enqueue` of the same fingerprint: two planners never both
+    /// see the same work uncovered. `plan` may run more than once (busy
+    /// retries); only its last plan is applied.
+    fn plan_and_enqueue(
+        &self,
+        fingerprint: &str,
+        plan: &mut Planner<'_>,
+    ) -> Result<PlanReport, QueueError>;
+
+    /// The live jobs of `fingerprint`, every group, oldest first (read
+    /// under `plan_and_enqueue`'s exclusion, with nothing planned).
+    fn live_jobs(&self, fingerprint: &str) -> Result<Vec<LiveJob>, QueueError> {
+        let mut seen = Vec::new();
+        self.plan_and_enqueue(fingerprint, &mut |live| {
+            seen = live.to_vec();
+            Ok(Plan::default())
+        })?;
+        Ok(seen)
+    }
 
     /// Payloads of the live jobs of a group, variant and fingerprint, in any
     /// state: what is already covered.

@@ -29,8 +29,8 @@ use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transactio
 
 use super::{
     Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
-    JobResult, JobState, KindBacklog, Lease, Millis, NewJob, Queue, QueueError, QueueStatus,
-    RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
+    JobResult, JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue,
+    QueueError, QueueStatus, RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
 };
 
 /// The schema version this binary creates and understands.
@@ -50,6 +50,14 @@ const LIST_LIMIT: i64 = 1000;
 
 /// Advisory lock key that serialises migrations ("lazarus" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6c_617a_6172_7573;
+
+/// The advisory lock `plan_and_enqueue` takes for one fingerprint: the
+/// first 8 bytes of a sha256 of it, in their own namespace.
+fn plan_lock(fingerprint: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("lazarus plan {fingerprint}").as_bytes());
+    i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
 
 const SCHEMA_V1: &str = "
 CREATE TABLE jobs (
@@ -663,6 +671,73 @@ impl Queue for PostgresQueue {
         self.write(|tx, now| {
             let mut report = EnqueueReport::default();
             for job in jobs {
+                let added = tx.execute(
+                    "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
+                         state, enqueued_at_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
+                     ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
+                    &[
+                        &job.kind,
+                        &job.group,
+                        &job.variant,
+                        &job.fingerprint,
+                        &job.dedup_key,
+                        &(job.items as i64),
+                        &job.payload,
+                        &now,
+                    ],
+                )?;
+                if added == 1 {
+                    report.added += 1;
+                } else {
+                    report.skipped += 1;
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    fn plan_and_enqueue(
+        &self,
+        fingerprint: &str,
+        plan: &mut Planner<'_>,
+    ) -> Result<PlanReport, QueueError> {
+        let lock = plan_lock(fingerprint);
+        self.write(|tx, now| {
+            // Planners of one fingerprint take turns; under READ COMMITTED
+            // the read below then sees every job the previous one committed.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])?;
+            let live: Vec<LiveJob> = tx
+                .query(
+                    "SELECT id, grp, variant, state, payload FROM jobs
+                     WHERE NOT superseded AND fingerprint = $1
+                     ORDER BY id",
+                    &[&fingerprint],
+                )?
+                .iter()
+                .map(|row| LiveJob {
+                    id: row.get(0),
+                    group: row.get(1),
+                    variant: row.get(2),
+                    state: row.get(3),
+                    payload: row.get(4),
+                })
+                .collect();
+            let decided = plan(&live).map_err(|message| {
+                Fail::Queue(QueueError::Plan {
+                    path: self.name.clone().into(),
+                    message,
+                })
+            })?;
+            let mut report = PlanReport::default();
+            if !decided.supersede.is_empty() {
+                report.superseded = tx.execute(
+                    "UPDATE jobs SET superseded = TRUE
+                     WHERE id = ANY($1) AND NOT superseded AND fingerprint = $2",
+                    &[&decided.supersede, &fingerprint],
+                )?;
+            }
+            for job in &decided.jobs {
                 let added = tx.execute(
                     "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
                          state, enqueued_at_ms)

@@ -23,8 +23,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, ToSql, Trans
 
 use super::{
     Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
-    JobResult, JobState, KindBacklog, Lease, Millis, NewJob, Queue, QueueError, QueueStatus,
-    RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
+    JobResult, JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue,
+    QueueError, QueueStatus, RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
 };
 
 /// The schema version this binary creates and understands.
@@ -526,6 +526,73 @@ impl Queue for SqliteQueue {
             )?;
             let mut report = EnqueueReport::default();
             for job in jobs {
+                let added = insert.execute(rusqlite::params![
+                    job.kind,
+                    job.group,
+                    job.variant,
+                    job.fingerprint,
+                    job.dedup_key,
+                    job.items as i64,
+                    job.payload,
+                    now
+                ])?;
+                if added == 1 {
+                    report.added += 1;
+                } else {
+                    report.skipped += 1;
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    fn plan_and_enqueue(
+        &self,
+        fingerprint: &str,
+        plan: &mut Planner<'_>,
+    ) -> Result<PlanReport, QueueError> {
+        // BEGIN IMMEDIATE: the read, the plan and the writes hold the write
+        // lock together, so no other planner reads in between.
+        self.write(|tx, now| {
+            let live: Vec<LiveJob> = {
+                let mut statement = tx.prepare_cached(
+                    "SELECT id, grp, variant, state, payload FROM jobs
+                     WHERE superseded = 0 AND fingerprint = ?1
+                     ORDER BY id",
+                )?;
+                statement
+                    .query_map([fingerprint], |row| {
+                        Ok(LiveJob {
+                            id: row.get(0)?,
+                            group: row.get(1)?,
+                            variant: row.get(2)?,
+                            state: row.get(3)?,
+                            payload: row.get(4)?,
+                        })
+                    })?
+                    .collect::<Result<_, _>>()?
+            };
+            let decided = plan(&live).map_err(|message| {
+                Fail::Queue(QueueError::Plan {
+                    path: self.path.clone(),
+                    message,
+                })
+            })?;
+            let mut report = PlanReport::default();
+            let mut retire = tx.prepare_cached(
+                "UPDATE jobs SET superseded = 1
+                 WHERE id = ?1 AND superseded = 0 AND fingerprint = ?2",
+            )?;
+            for id in &decided.supersede {
+                report.superseded += retire.execute(rusqlite::params![id, fingerprint])? as u64;
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
+                     state, enqueued_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)
+                 ON CONFLICT (dedup_key) WHERE superseded = 0 DO NOTHING",
+            )?;
+            for job in &decided.jobs {
                 let added = insert.execute(rusqlite::params![
                     job.kind,
                     job.group,
