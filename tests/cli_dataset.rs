@@ -30,7 +30,12 @@ fn image_folder_manifest_lists_every_image_with_id_label_and_split() {
     assert_eq!(rows.len(), 35);
     for (index, row) in rows.iter().enumerate() {
         assert_eq!(row[0], index.to_string());
-        assert_eq!(row[1].len(), 16, "id is 16 hex digits: {row:?}");
+        // The id is the file's whole sha256 (issue 18; 16 digits before).
+        assert_eq!(
+            row[1],
+            lazarus::digest::sha256_hex(&fs::read(&row[2]).unwrap()),
+            "{row:?}"
+        );
         assert!(
             row[2].ends_with(".png") && row[2].contains(&format!("/{}/", row[3])),
             "{row:?}"
@@ -390,18 +395,17 @@ fn bad_inputs_name_the_file_and_line_and_leave_datasets_untouched() {
     ));
     assert!(err.contains("unknown label column 5"), "{err}");
 
-    // A path that escapes the manifest's folder, at line 2.
+    // A path outside the manifest's folder is fine (issue 18), but one
+    // naming no file is skipped, named with the manifest's line.
     let escape = data.join("escape.csv");
-    fs::write(&escape, "../tree/class0/img000.png,x\n").unwrap();
+    fs::write(&escape, "../tree/class0/no-such-image.png,x\n").unwrap();
     let err = fails(lazarus(
         &root,
         &["dataset", "add", "x", escape.to_str().unwrap()],
     ));
     assert!(
-        err.contains(&format!(
-            "{}:1: path '../tree/class0/img000.png' escapes the manifest's folder",
-            escape.display()
-        )),
+        err.contains("no-such-image.png: file not found")
+            && err.contains(&format!("(named at {}:1)", escape.display())),
         "{err}"
     );
 
@@ -471,4 +475,158 @@ fn usage_errors_exit_2_and_help_lists_every_verb() {
     ] {
         assert!(help.contains(verb), "--help lists {verb}: {help}");
     }
+}
+
+/// `lazarus --root ROOT ARGS...`, killed (and the test failed) if it takes
+/// longer than a minute: the way a hang shows up as a failure.
+fn lazarus_within_a_minute(root: &std::path::Path, args: &[&str]) -> std::process::Output {
+    use std::time::{Duration, Instant};
+    let mut child = support::queue_command(root, None)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("lazarus {args:?} hung for a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Issue 19, item 7: only regular files are read. A FIFO among the images
+/// (which a plain read would wait on for ever) is listed as skipped with
+/// its kind; so are links to folders, which are never followed (no scan
+/// can loop), and broken links. Links to files are followed wherever they
+/// point, as a manifest's paths may.
+#[test]
+fn only_regular_files_are_read_and_links_to_folders_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let folder = dir.path().join("incoming");
+    write_image(&folder.join("a.png"), 1, ImageFormat::Png);
+    write_image(&folder.join("b.png"), 2, ImageFormat::Png);
+    mkfifo(&folder.join("pipe.png"));
+    let outside = dir.path().join("elsewhere");
+    write_image(&outside.join("c.png"), 3, ImageFormat::Png);
+    std::os::unix::fs::symlink(outside.join("c.png"), folder.join("c-link.png")).unwrap();
+    std::os::unix::fs::symlink(&outside, folder.join("more")).unwrap();
+    std::os::unix::fs::symlink(folder.join("gone.png"), folder.join("broken.png")).unwrap();
+    let out = lazarus_within_a_minute(
+        &root,
+        &[
+            "dataset",
+            "add",
+            "incoming",
+            folder.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let summary = json(&ok(out));
+    assert_eq!(summary["images"], 3, "a, b and the linked c: {summary}");
+    let skipped: BTreeMap<String, String> = summary["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let path = s["path"].as_str().unwrap();
+            let name = path.rsplit('/').next().unwrap().to_string();
+            (name, s["reason"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        skipped["pipe.png"], "not a regular file (FIFO)",
+        "{skipped:?}"
+    );
+    assert!(skipped["more"].contains("symbolic link to a folder: not followed"));
+    assert!(skipped["broken.png"].contains("broken symbolic link"));
+    let rows = image_rows(&root, "incoming");
+    assert!(
+        rows.iter().any(|r| r[2].ends_with("c-link.png")),
+        "{rows:?}"
+    );
+
+    // A manifest naming the FIFO skips it the same way.
+    let manifest = dir.path().join("list.csv");
+    fs::write(
+        &manifest,
+        "path,label\nincoming/a.png,x\nincoming/pipe.png,y\n",
+    )
+    .unwrap();
+    let out = lazarus_within_a_minute(
+        &root,
+        &[
+            "dataset",
+            "add",
+            "listed",
+            manifest.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let summary = json(&ok(out));
+    assert_eq!(summary["images"], 1);
+    assert_eq!(summary["skipped"][0]["reason"], "not a regular file (FIFO)");
+    // And a FIFO given as the source itself is refused, not waited on.
+    let err = fails(lazarus_within_a_minute(
+        &root,
+        &[
+            "dataset",
+            "add",
+            "pipe",
+            folder.join("pipe.png").to_str().unwrap(),
+        ],
+    ));
+    assert!(err.contains("not a regular file (FIFO)"), "{err}");
+}
+
+/// Issue 19, item 10: a whitespace label file whose columns are tab
+/// separated is read as a TSV manifest by detection; its error now says how
+/// to read it as a label file.
+#[test]
+fn a_label_file_with_tabs_is_pointed_to_format_label_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let data = dir.path().join("cells");
+    write_image(&data.join("images/a.png"), 1, ImageFormat::Png);
+    write_image(&data.join("images/b.png"), 2, ImageFormat::Png);
+    let labels = data.join("labels.csv");
+    fs::write(
+        &labels,
+        "images/a.png\t1.0\tmono\nimages/b.png\t0.0\tpoly\n",
+    )
+    .unwrap();
+    let err = fails(lazarus(
+        &root,
+        &["dataset", "add", "cells", labels.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("unknown split 'mono'") && err.contains("--format label-file"),
+        "{err}"
+    );
+    let summary = json(&ok(lazarus(
+        &root,
+        &[
+            "dataset",
+            "add",
+            "cells",
+            labels.to_str().unwrap(),
+            "--format",
+            "label-file",
+            "--json",
+        ],
+    )));
+    assert_eq!(summary["images"], 2);
+    assert_eq!(summary["class_order"], serde_json::json!(["0.0", "1.0"]));
 }

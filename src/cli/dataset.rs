@@ -1,11 +1,11 @@
-//! `dataset add|list|show`.
+//! `dataset add|update|list|show`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use lazarus::dataset::{
-    self, AddConfig, DatasetInfo, LabelColumn, MaskKind, SourceFormat, SplitConfig,
+    self, AddConfig, DatasetInfo, LabelColumn, MaskKind, SourceFormat, SplitConfig, UpdateConfig,
 };
 use lazarus::layout::Layout;
 use serde_json::json;
@@ -18,6 +18,11 @@ pub enum DatasetCommand {
     /// whitespace-separated label file, a folder of unlabeled images, or
     /// images/ and masks/ folders (segmentation).
     Add(AddArgs),
+    /// Rescan a dataset's source (or another SOURCE) and publish what changed
+    /// as a new version: new images are added (split as `add` splits), images
+    /// no longer there are removed, every other image keeps its index, split
+    /// and cached features.
+    Update(UpdateArgs),
     /// List registered datasets.
     List {
         /// Print machine-readable JSON.
@@ -49,6 +54,38 @@ pub struct AddArgs {
     /// How mask values are read: binary (value > 0 is foreground) or class index.
     #[arg(long, value_enum, default_value = "binary")]
     pub mask_kind: MaskKindArg,
+    /// Rename or merge classes: OLD=NEW pairs separated by commas, or a file
+    /// with one OLD=NEW per line. The new names are the dataset's classes
+    /// everywhere (training, tables, plots, predictions, bundles).
+    #[arg(long, value_name = "OLD=NEW,...|FILE")]
+    pub label_map: Option<String>,
+    /// Folder that relative paths in a manifest resolve against (default:
+    /// the manifest's own folder). Absolute paths are taken as written.
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Name of the registered dataset.
+    pub name: String,
+    /// Folder or manifest file to rescan (default: the dataset's source).
+    pub source: Option<PathBuf>,
+    /// Manifest column holding the label (default: as registered).
+    #[arg(long, value_name = "COLUMN")]
+    pub label_column: Option<LabelColumn>,
+    /// Source format (default: as registered).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Class renames and merges (default: as registered); see `dataset add`.
+    #[arg(long, value_name = "OLD=NEW,...|FILE")]
+    pub label_map: Option<String>,
+    /// Folder relative manifest paths resolve against (default: as registered).
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +136,7 @@ pub struct ShowArgs {
 pub fn run(layout: &Layout, command: DatasetCommand) -> anyhow::Result<()> {
     match command {
         DatasetCommand::Add(args) => add(layout, args),
+        DatasetCommand::Update(args) => update(layout, args),
         DatasetCommand::List { json } => list(layout, json),
         DatasetCommand::Show(args) => show(layout, args),
     }
@@ -120,6 +158,13 @@ fn add(layout: &Layout, args: AddArgs) -> anyhow::Result<()> {
             MaskKindArg::Binary => MaskKind::Binary,
             MaskKindArg::Index => MaskKind::Index,
         },
+        label_map: args
+            .label_map
+            .as_deref()
+            .map(dataset::parse_label_map)
+            .transpose()?
+            .unwrap_or_default(),
+        base_dir: args.base_dir,
     };
     let info = dataset::add(layout, &args.name, &args.source, &config)?;
     if args.json {
@@ -133,6 +178,58 @@ fn add(layout: &Layout, args: AddArgs) -> anyhow::Result<()> {
         info.source.display()
     );
     print_summary(&info);
+    Ok(())
+}
+
+fn update(layout: &Layout, args: UpdateArgs) -> anyhow::Result<()> {
+    let config = UpdateConfig {
+        source: args.source,
+        format: args.format.map(SourceFormat::from),
+        label_column: args.label_column,
+        split: None,
+        mask_kind: None,
+        label_map: args
+            .label_map
+            .as_deref()
+            .map(dataset::parse_label_map)
+            .transpose()?,
+        base_dir: args.base_dir,
+    };
+    let outcome = dataset::update(layout, &args.name, &config)?;
+    if args.json {
+        let mut value = summary_json(&outcome.info);
+        value["previous_version"] = json!(outcome.previous_version);
+        value["changed"] = json!(outcome.changed);
+        value["added"] = json!(outcome.added);
+        value["removed"] = json!(outcome.removed);
+        value["changed_rows"] = json!(outcome.changed_rows);
+        value["kept"] = json!(outcome.kept);
+        return print_json(&value);
+    }
+    let info = &outcome.info;
+    if !outcome.changed {
+        println!(
+            "Dataset '{}' is unchanged at version {} ({} images from {})",
+            info.name,
+            info.version,
+            info.images,
+            info.source.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "Dataset '{}' version {} (was {}): {} images from {}; {} added, {} removed, {} moved or relabeled, {} kept",
+        info.name,
+        info.version,
+        outcome.previous_version,
+        info.images,
+        info.source.display(),
+        outcome.added,
+        outcome.removed,
+        outcome.changed_rows,
+        outcome.kept
+    );
+    print_summary(info);
     Ok(())
 }
 
@@ -155,15 +252,16 @@ fn list(layout: &Layout, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>9} {:>8}  {:<13} source",
-        "name", "images", "classes", "format"
+        "{:<24} {:>9} {:>8} {:>8}  {:<13} source",
+        "name", "images", "classes", "version", "format"
     );
     for info in &infos {
         println!(
-            "{:<24} {:>9} {:>8}  {:<13} {}",
+            "{:<24} {:>9} {:>8} {:>8}  {:<13} {}",
             info.name,
             info.images,
             info.classes.len(),
+            info.version,
             info.format.as_str(),
             info.source.display()
         );
@@ -197,9 +295,20 @@ fn show(layout: &Layout, args: ShowArgs) -> anyhow::Result<()> {
         info.source.display()
     );
     println!(
-        "registered {} by lazarus {}",
-        info.created_at, info.lazarus_version
+        "registered {} by lazarus {}; version {}",
+        info.created_at, info.lazarus_version, info.version
     );
+    for version in &info.versions {
+        println!(
+            "  version {}: {} images ({} added, {} removed) from {} at {}",
+            version.version,
+            version.images,
+            version.added,
+            version.removed,
+            version.source.display(),
+            version.created_at
+        );
+    }
     print_summary(&info);
     Ok(())
 }
@@ -222,6 +331,9 @@ fn summary_json(info: &DatasetInfo) -> serde_json::Value {
         "mask_kind": info.has_masks.then_some(info.mask_kind.as_str()),
         "duplicates": info.duplicates,
         "skipped": info.skipped,
+        "version": info.version,
+        "versions": info.versions,
+        "label_map": info.label_map,
     })
 }
 

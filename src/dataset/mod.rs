@@ -1,12 +1,24 @@
 //! Datasets: scan a source (ImageFolder tree, CSV/TSV manifest, whitespace
 //! label file, folder of unlabeled images) into a manifest of images with
-//! content-hash ids, labels and a deterministic stratified split.
+//! content ids (the sha256 of each file), labels and a deterministic
+//! stratified split; grow it with new versions.
 //!
-//! A registered dataset lives in `jobs/datasets/NAME/` as `dataset.json`
-//! (summary) and `images.csv` (one row per image; the row number is the
-//! manifest index that feature shards refer to). The folder is written under
-//! a temp name and renamed into place, so a dataset is either fully
-//! registered or absent; an existing dataset is never overwritten.
+//! A registered dataset lives in `jobs/datasets/NAME/`:
+//! - `images.csv`: every row the dataset ever listed, in index order. A row
+//!   is immutable except for its `removed` column: its `index` (the
+//!   manifest index) never changes, `added` is the version that first lists
+//!   it and `removed` the version that no longer does.
+//! - `dataset.json`: the summary of the current version; writing it is what
+//!   publishes a version.
+//! - `versions/N.json`: the summary of version N, for runs resumed on it.
+//!
+//! `add` stages the folder under a temp name and renames it into place, so
+//! a dataset is fully registered or absent; an existing dataset is never
+//! overwritten by `add`. `update` (see `scan::update`) holds the dataset's
+//! lock, writes `versions/N+1.json`, then `images.csv` with the new rows
+//! appended (readers of version N filter them out), then `dataset.json`:
+//! a reader sees version N or version N+1, never a mix, and a killed update
+//! leaves rows of an unpublished version that the next update drops.
 
 mod scan;
 mod split;
@@ -17,9 +29,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::ContentId;
 use crate::layout::Layout;
 
-pub use scan::{AddConfig, LabelColumn, SourceFormat, add, content_id};
+pub use scan::{
+    AddConfig, LabelColumn, SourceFormat, UpdateConfig, UpdateOutcome, add, content_id,
+    parse_label_map, update,
+};
 pub use split::{Split, SplitConfig};
 
 /// Errors at the dataset boundary. Each names the file (and line) at fault.
@@ -37,8 +53,16 @@ pub enum DatasetError {
     },
     #[error("{path}: {message}")]
     Source { path: PathBuf, message: String },
-    #[error("dataset '{name}' already exists in {dir}; pick another name")]
+    #[error(
+        "dataset '{name}' already exists in {dir}; pick another name, or run `lazarus dataset update {name} SOURCE` to add its new images as a new version"
+    )]
     AlreadyExists { name: String, dir: PathBuf },
+    #[error("dataset '{name}' has no version {version} (its versions are 1 to {current})")]
+    UnknownVersion {
+        name: String,
+        version: u32,
+        current: u32,
+    },
     #[error("dataset '{name}' is not registered under {dir}{hint}")]
     Unknown {
         name: String,
@@ -92,9 +116,11 @@ impl MaskKind {
 /// One image of a registered dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
-    /// Row number in the manifest; feature shards refer to images by it.
+    /// Row number in the manifest, stable for the life of the dataset.
     pub index: usize,
-    /// First 16 hex digits of the file's sha256: stable across renames.
+    /// The content id: the file's sha256 in hex (64 digits; manifests
+    /// written before issue 18 hold its first 16). Feature rows are found
+    /// by it, so renamed files keep their features.
     pub id: String,
     pub path: PathBuf,
     pub label: Option<String>,
@@ -102,6 +128,43 @@ pub struct ImageRecord {
     pub mask: Option<PathBuf>,
     pub width: u32,
     pub height: u32,
+    /// The manifest version that first lists this row.
+    #[serde(default = "first_version")]
+    pub added: u32,
+    /// The first version that no longer lists it.
+    #[serde(default)]
+    pub removed: Option<u32>,
+}
+
+impl ImageRecord {
+    /// The parsed content id (checked when the manifest is read).
+    pub fn content_id(&self) -> ContentId {
+        ContentId::parse(&self.id).expect("ids are checked when a manifest is read")
+    }
+
+    /// Whether manifest version `version` lists this row.
+    pub fn listed_in(&self, version: u32) -> bool {
+        self.added <= version && self.removed.is_none_or(|removed| removed > version)
+    }
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+/// One version in a dataset's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub version: u32,
+    pub created_at: String,
+    pub source: PathBuf,
+    /// Images this version lists.
+    pub images: usize,
+    /// Rows added by this version (new images, and images that moved or
+    /// changed label, which are removed and added again with their split).
+    pub added: usize,
+    /// Rows this version no longer lists.
+    pub removed: usize,
 }
 
 /// A file the scan did not register, and why.
@@ -146,9 +209,29 @@ pub struct DatasetInfo {
     pub mask_kind: MaskKind,
     pub duplicates: Vec<DuplicateGroup>,
     pub skipped: Vec<SkippedFile>,
+    /// The manifest version this summary describes (datasets before
+    /// versions: 1).
+    #[serde(default = "first_version")]
+    pub version: u32,
+    /// Every version so far, oldest first (empty for datasets registered
+    /// before versions, whose only version is 1).
+    #[serde(default)]
+    pub versions: Vec<VersionRecord>,
+    /// Class renames and merges applied to the source's labels
+    /// (`dataset add --label-map`); updates apply them again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_map: BTreeMap<String, String>,
+    /// The manifest column the labels came from, when one was named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
+    /// Where relative manifest paths were resolved (`--base-dir`), when not
+    /// the manifest's own folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dir: Option<PathBuf>,
 }
 
-/// A registered dataset: its summary and every image.
+/// A registered dataset at one version: its summary and the images that
+/// version lists, in index order.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub info: DatasetInfo,
@@ -160,10 +243,24 @@ impl Dataset {
     pub fn class_index(&self, label: &str) -> Option<usize> {
         self.info.class_order.iter().position(|c| c == label)
     }
+
+    /// The listed image with manifest index `index`.
+    pub fn record(&self, index: usize) -> Option<&ImageRecord> {
+        self.images
+            .binary_search_by_key(&index, |record| record.index)
+            .ok()
+            .map(|position| &self.images[position])
+    }
 }
 
 const INFO_FILE: &str = "dataset.json";
 const IMAGES_FILE: &str = "images.csv";
+const VERSIONS_DIR: &str = "versions";
+const LOCK_FILE: &str = ".lock";
+
+fn version_file(dir: &Path, version: u32) -> PathBuf {
+    dir.join(VERSIONS_DIR).join(format!("{version}.json"))
+}
 
 /// Checks a dataset name: it becomes a folder name.
 pub fn validate_name(name: &str) -> Result<(), DatasetError> {
@@ -202,7 +299,8 @@ pub fn list(layout: &Layout) -> Result<Vec<String>, DatasetError> {
     Ok(names)
 }
 
-/// The summary of a registered dataset, without reading its image list.
+/// The summary of a registered dataset's current version, without reading
+/// its image list.
 pub fn load_info(layout: &Layout, name: &str) -> Result<DatasetInfo, DatasetError> {
     validate_name(name)?;
     let dir = layout.dataset_dir(name);
@@ -230,51 +328,136 @@ pub fn load_info(layout: &Layout, name: &str) -> Result<DatasetInfo, DatasetErro
     })
 }
 
-/// A registered dataset with every image record.
+/// The summary of version `version` of a dataset (`None`: the current one).
+pub fn load_info_at(
+    layout: &Layout,
+    name: &str,
+    version: Option<u32>,
+) -> Result<DatasetInfo, DatasetError> {
+    let current = load_info(layout, name)?;
+    let Some(version) = version.filter(|&v| v != current.version) else {
+        return Ok(current);
+    };
+    if version == 0 || version > current.version {
+        return Err(DatasetError::UnknownVersion {
+            name: name.to_string(),
+            version,
+            current: current.version,
+        });
+    }
+    let path = version_file(&layout.dataset_dir(name), version);
+    let text = fs::read_to_string(&path).map_err(|e| DatasetError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|err| DatasetError::Corrupt {
+        path,
+        message: err.to_string(),
+    })
+}
+
+/// A registered dataset's current version with every image it lists.
 pub fn load(layout: &Layout, name: &str) -> Result<Dataset, DatasetError> {
+    load_at(layout, name, None)
+}
+
+/// Version `version` of a dataset (`None`: the current one) with every
+/// image it lists.
+pub fn load_at(layout: &Layout, name: &str, version: Option<u32>) -> Result<Dataset, DatasetError> {
     let mut images = Vec::new();
-    let info = visit_images(layout, name, |record| {
+    let info = visit_images_at(layout, name, version, |record| {
         images.push(record);
         Ok(())
     })?;
     Ok(Dataset { info, images })
 }
 
-/// Streams a registered dataset's image records in manifest order without
-/// holding them all (a manifest of millions of rows stays out of memory).
+/// Streams the image records of a dataset's current version in manifest
+/// order without holding them all (a manifest of millions of rows stays out
+/// of memory).
 pub fn visit_images(
     layout: &Layout,
     name: &str,
+    visit: impl FnMut(ImageRecord) -> Result<(), DatasetError>,
+) -> Result<DatasetInfo, DatasetError> {
+    visit_images_at(layout, name, None, visit)
+}
+
+/// [`visit_images`] of version `version` (`None`: the current one).
+pub fn visit_images_at(
+    layout: &Layout,
+    name: &str,
+    version: Option<u32>,
     mut visit: impl FnMut(ImageRecord) -> Result<(), DatasetError>,
 ) -> Result<DatasetInfo, DatasetError> {
-    let info = load_info(layout, name)?;
+    let info = load_info_at(layout, name, version)?;
     let path = layout.dataset_dir(name).join(IMAGES_FILE);
-    let mut reader = csv::Reader::from_path(&path).map_err(|err| DatasetError::Corrupt {
-        path: path.clone(),
+    let mut listed = 0;
+    visit_rows(&path, |record| {
+        if record.listed_in(info.version) {
+            listed += 1;
+            visit(record)?;
+        }
+        Ok(())
+    })?;
+    if listed != info.images {
+        return Err(DatasetError::Corrupt {
+            path,
+            message: format!(
+                "{listed} rows listed in version {}, but its summary says {} images",
+                info.version, info.images
+            ),
+        });
+    }
+    Ok(info)
+}
+
+/// Every row a dataset ever listed, in index order (the position is the
+/// index), whatever version lists it.
+pub fn load_all_rows(layout: &Layout, name: &str) -> Result<Vec<ImageRecord>, DatasetError> {
+    let info = load_info(layout, name)?;
+    let mut rows = Vec::new();
+    visit_rows(&layout.dataset_dir(name).join(IMAGES_FILE), |record| {
+        // Rows of an update killed before it published are not rows yet.
+        if record.added <= info.version {
+            rows.push(record);
+        }
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Every row of an `images.csv`, listed or not, checked: indices count up
+/// from 0 and ids are content ids.
+fn visit_rows(
+    path: &Path,
+    mut visit: impl FnMut(ImageRecord) -> Result<(), DatasetError>,
+) -> Result<(), DatasetError> {
+    let mut reader = csv::Reader::from_path(path).map_err(|err| DatasetError::Corrupt {
+        path: path.to_path_buf(),
         message: err.to_string(),
     })?;
-    let mut rows = 0;
     for (row, record) in reader.deserialize::<ImageRow>().enumerate() {
         let record = record.map_err(|err| DatasetError::Corrupt {
-            path: path.clone(),
+            path: path.to_path_buf(),
             message: err.to_string(),
         })?;
         if record.index != row {
             return Err(DatasetError::Corrupt {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 message: format!("row {} has index {}", row + 2, record.index),
             });
         }
+        if ContentId::parse(&record.id).is_none() {
+            return Err(DatasetError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!(
+                    "row {} has id '{}', not a sha256 (64 hex digits, or 16 in older manifests)",
+                    row + 2,
+                    record.id
+                ),
+            });
+        }
         visit(record.into_record())?;
-        rows += 1;
     }
-    if rows != info.images {
-        return Err(DatasetError::Corrupt {
-            path,
-            message: format!("{rows} rows, but dataset.json says {} images", info.images),
-        });
-    }
-    Ok(info)
+    Ok(())
 }
 
 /// Writes a dataset's images as CSV (the `images.csv` format) to any writer.
@@ -301,6 +484,25 @@ struct ImageRow {
     mask: String,
     width: u32,
     height: u32,
+    /// Absent in manifests written before versions: 1.
+    #[serde(default = "first_version")]
+    added: u32,
+    /// Empty while listed.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    removed: Option<u32>,
+}
+
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("removed: not a version number: {text}")))
 }
 
 impl ImageRow {
@@ -318,6 +520,8 @@ impl ImageRow {
                 .unwrap_or_default(),
             width: image.width,
             height: image.height,
+            added: image.added,
+            removed: image.removed,
         }
     }
 
@@ -331,6 +535,8 @@ impl ImageRow {
             mask: (!self.mask.is_empty()).then(|| PathBuf::from(self.mask)),
             width: self.width,
             height: self.height,
+            added: self.added,
+            removed: self.removed,
         }
     }
 }
