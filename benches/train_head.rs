@@ -61,7 +61,8 @@ fn row_label(index: usize) -> (usize, Split) {
 fn ensure_cache(cache: &Cache) -> PathBuf {
     let root = bench_dir().join(cache.name);
     let layout = Layout::new(&root);
-    let marker = root.join("complete");
+    // v2: shards name rows by content id (issue 18); older caches regenerate.
+    let marker = root.join("complete-v2");
     if marker.exists() {
         return root;
     }
@@ -82,13 +83,15 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
         *splits.entry(split.as_str().to_string()).or_insert(0) += 1;
         images.push(ImageRecord {
             index,
-            id: format!("{index:016x}"),
+            id: hex::encode(generated_id(index)),
             path: PathBuf::from(format!("generated/{index}.png")),
             label: Some(class_names[class].clone()),
             split,
             mask: None,
             width: 224,
             height: 224,
+            added: 1,
+            removed: None,
         });
     }
     let info = DatasetInfo {
@@ -108,6 +111,11 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
         mask_kind: Default::default(),
         duplicates: Vec::new(),
         skipped: Vec::new(),
+        version: 1,
+        versions: Vec::new(),
+        label_map: BTreeMap::new(),
+        label_column: None,
+        base_dir: None,
     };
     let dataset_dir = layout.dataset_dir(cache.name);
     std::fs::create_dir_all(&dataset_dir).unwrap();
@@ -121,7 +129,7 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
     std::fs::write(dataset_dir.join("images.csv"), csv).unwrap();
     drop(images);
 
-    let dir = features::feature_dir(&layout, cache.name, "generated");
+    let dir = features::feature_dir(&layout, "generated");
     let metadata =
         std::collections::HashMap::from([("encoder".to_string(), "generated".to_string())]);
     let shards = cache.rows.div_ceil(cache.rows_per_shard);
@@ -139,12 +147,12 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
                 pooled.push(f16::from_f32(centre + noise * 3f32.sqrt()));
             }
         }
-        let image_index: Vec<i64> = (start as i64..end as i64).collect();
+        let content_ids: Vec<[u8; 32]> = (start..end).map(generated_id).collect();
         features::write_shard(
             &dir,
             shard as u64,
             &ShardData {
-                image_index: &image_index,
+                content_ids: &content_ids,
                 pooled: &pooled,
                 feature_dim: DIM,
                 spatial: None,
@@ -160,6 +168,11 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
     std::fs::write(&marker, b"").unwrap();
     eprintln!("generated in {:.0} s", started.elapsed().as_secs_f64());
     root
+}
+
+/// The content id of generated row `index` (there is no image file).
+fn generated_id(index: usize) -> [u8; 32] {
+    lazarus::digest::sha256(format!("generated row {index}").as_bytes())
 }
 
 /// Runs `lazarus train` with the shared settings plus `extra`.

@@ -2,8 +2,9 @@
 """The PyTorch side of the head-training speed comparison in BENCHMARKS.md.
 
 Reads the same generated cache that `cargo bench --bench train_head -- speed`
-trains on (ROOT/features/speed/*/shard-*.safetensors with a .done marker,
-labels and splits from ROOT/jobs/datasets/speed/images.csv) and runs the same
+trains on (the rows of ROOT/features/<fingerprint>/shard-*.safetensors with a
+.done marker joined to ROOT/jobs/datasets/speed/images.csv by content id, see
+scripts/lazarus_features.py; labels and splits from images.csv) and runs the same
 work as `lazarus train`: standardise with training-split statistics, linear
 head, AdamW (lr 1e-3, weight decay 1e-4), batch 256 shuffled, 10 epochs, loss
 and accuracy on train and val after every epoch, test accuracy of the best
@@ -14,12 +15,12 @@ Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and
 installs torch, numpy and safetensors there with pip where missing. Not part of CI.
 """
 import csv
-import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import venv_ref  # noqa: E402
+import lazarus_features  # noqa: E402
 import time
 
 PACKAGES = ["torch", "numpy", "safetensors"]
@@ -30,16 +31,7 @@ def ensure_venv():
 
 def run(root, dataset, epochs, torch, np, load_file):
     started = time.perf_counter()
-    rows = []
-    indices = []
-    for path in sorted(glob.glob(os.path.join(root, "features", dataset, "*", "shard-*.safetensors"))):
-        if not os.path.exists(path[: -len(".safetensors")] + ".done"):
-            continue
-        tensors = load_file(path)
-        rows.append(tensors["pooled"])
-        indices.append(tensors["image_index"])
-    features = np.concatenate(rows)
-    image_index = np.concatenate(indices)
+    features, image_index = lazarus_features.read_features(root, dataset, np, load_file)
     labels = {}
     with open(os.path.join(root, "jobs", "datasets", dataset, "images.csv")) as f:
         for record in csv.DictReader(f):

@@ -7,7 +7,7 @@ independent decoding of the same file (JSON header + numpy.frombuffer), and
 the row count with the shard's `.done` marker.
 
     python3 -m pip install safetensors numpy   # once
-    python3 scripts/check_shards.py demo/features/elpv/<fingerprint>/
+    python3 scripts/check_shards.py demo/features/<fingerprint>/
 """
 import json
 import pathlib
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 
-DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
+DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 
 
 def raw_decode(path):
@@ -51,7 +51,8 @@ def main(folder):
             assert official[name].dtype == raw[name].dtype, (shard, name)
             assert np.array_equal(official[name], raw[name]), (shard, name)
         n = official["pooled"].shape[0]
-        assert official["image_index"].shape == (n,), shard
+        # Each row names its image by the sha256 of the file (issue 18).
+        assert official["content_sha256"].shape == (n, 32), shard
         assert json.loads(marker.read_text())["rows"] == n, shard
         rows += n
     print(f"{len(shards)} shards, {rows} rows: safetensors.numpy.load_file agrees with the raw bytes; encoder {metadata.get('encoder')}")

@@ -22,7 +22,6 @@ there with pip where missing. Not part of CI.
 """
 import argparse
 import csv
-import glob
 import json
 import os
 import subprocess
@@ -31,21 +30,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import venv_ref  # noqa: E402
+import lazarus_features  # noqa: E402
 
 PACKAGES = ["numpy", "safetensors", "scikit-learn"]
 
 
 def read_features(root, dataset, np, load_file):
-    rows, indices = [], []
-    for path in sorted(glob.glob(os.path.join(root, "features", dataset, "*", "shard-*.safetensors"))):
-        if not os.path.exists(path[: -len(".safetensors")] + ".done"):
-            continue
-        tensors = load_file(path)
-        rows.append(tensors["pooled"].astype(np.float64))
-        indices.append(tensors["image_index"])
-    if not rows:
-        sys.exit(f"no published shards under {root}/features/{dataset}")
-    return np.concatenate(rows), np.concatenate(indices)
+    features, image_index = lazarus_features.read_features(root, dataset, np, load_file)
+    return features.astype(np.float64), image_index
 
 
 def main():

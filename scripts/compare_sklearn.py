@@ -3,8 +3,9 @@
 
 Usage: python3 scripts/compare_sklearn.py ROOT DATASET [LAZARUS_BINARY]
 
-Reads the published shards of ROOT/features/DATASET/<fingerprint>/ and the
-labels and splits of ROOT/jobs/datasets/DATASET/images.csv, standardises with
+Reads the dataset's rows of the published shards of ROOT/features/<fingerprint>/
+(joined by content id, scripts/lazarus_features.py) and the labels and splits
+of ROOT/jobs/datasets/DATASET/images.csv, standardises with
 training-split statistics (as lazarus does), fits LogisticRegression (lbfgs,
 max_iter 5000) on train with C=1 and with C chosen on the validation split,
 and reports test accuracy and macro-F1. Then
@@ -16,7 +17,6 @@ Uses $LAZARUS_CACHE/venv-ref and installs numpy, safetensors and scikit-learn
 there with pip where missing. Not part of CI.
 """
 import csv
-import glob
 import json
 import os
 import subprocess
@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import venv_ref  # noqa: E402
+import lazarus_features  # noqa: E402
 
 PACKAGES = ["numpy", "safetensors", "scikit-learn"]
 
@@ -40,17 +41,8 @@ def main():
 
     root, dataset = sys.argv[1], sys.argv[2]
     binary = sys.argv[3] if len(sys.argv) > 3 else os.path.join("target", "release", "lazarus")
-    rows, indices = [], []
-    for path in sorted(glob.glob(os.path.join(root, "features", dataset, "*", "shard-*.safetensors"))):
-        if not os.path.exists(path[: -len(".safetensors")] + ".done"):
-            continue
-        tensors = load_file(path)
-        rows.append(tensors["pooled"].astype(np.float64))
-        indices.append(tensors["image_index"])
-    if not rows:
-        sys.exit(f"no published shards under {root}/features/{dataset}")
-    features = np.concatenate(rows)
-    image_index = np.concatenate(indices)
+    features, image_index = lazarus_features.read_features(root, dataset, np, load_file)
+    features = features.astype(np.float64)
     info = json.load(open(os.path.join(root, "jobs", "datasets", dataset, "dataset.json")))
     class_order = info["class_order"]
     labels = {}

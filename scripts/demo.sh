@@ -89,8 +89,8 @@ lazarus status --dataset elpv
 
 say "verify: every image has exactly one feature row, every shard matches its checksum"
 lazarus verify --dataset elpv
-ls "$root"/features/elpv/*/ | head -n 4
-echo "... $(ls "$root"/features/elpv/*/*.safetensors | wc -l) shards"
+ls "$root"/features/*/ | head -n 4
+echo "... $(ls "$root"/features/*/*.safetensors | wc -l) shards"
 
 for sweep in elpv-heads elpv-defective; do
   case $sweep in

@@ -162,7 +162,6 @@ pub fn export(layout: &Layout, run_id: &str, out: &Path) -> Result<ExportReport,
     })?;
     let features = crate::features::FeatureSet::open(&crate::features::feature_dir(
         layout,
-        &inputs.dataset,
         &inputs.fingerprint,
     ))
     .map_err(PredictError::from)?;
@@ -361,18 +360,12 @@ pub fn predict(
     config: &PredictConfig,
 ) -> Result<Vec<Prediction>, BundleError> {
     let bundle = open(bundle_dir, &config.device)?;
+    // The root's cache of the bundle's fingerprint (every dataset's images).
     let cache = match cache {
-        Some((layout, dataset))
-            if crate::features::feature_dir(layout, dataset, &bundle.encoder.fingerprint)
-                .is_dir() =>
-        {
-            Some(FeatureCache::open(
-                layout,
-                dataset,
-                &bundle.encoder.fingerprint,
-            )?)
+        Some((layout, _dataset)) => {
+            FeatureCache::open_if_present(layout, &bundle.encoder.fingerprint)?
         }
-        _ => None,
+        None => None,
     };
     let predictor = Predictor {
         head: &bundle.head,

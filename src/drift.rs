@@ -20,14 +20,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::features::{FeatureSet, feature_dir};
+use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
-use crate::train::data::{fingerprint_for_encoder, resolve_fingerprint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriftError {
     #[error("dataset {dataset}: no finished features: {message}")]
     NoFeatures { dataset: String, message: String },
+    #[error("incomplete features: {0}")]
+    Incomplete(String),
     #[error(
         "the features are not comparable: reference {reference} ({reference_made_by}) and \
          candidate {candidate} ({candidate_made_by}) come from different encoders or weights; \
@@ -74,6 +75,9 @@ pub struct DriftConfig {
     pub max_rows: usize,
     /// How many of the most shifted dimensions to list.
     pub top_dims: usize,
+    /// Compare the images that have features when some lack them, instead
+    /// of refusing.
+    pub allow_partial: bool,
 }
 
 impl Default for DriftConfig {
@@ -85,6 +89,7 @@ impl Default for DriftConfig {
             alpha: 0.05,
             max_rows: 10_000,
             top_dims: 10,
+            allow_partial: false,
         }
     }
 }
@@ -94,10 +99,12 @@ pub struct Sample {
     pub dataset: String,
     pub fingerprint: String,
     pub encoder: Option<String>,
-    /// Feature rows in the cache.
+    /// Feature rows of the dataset's images.
     pub rows: usize,
     /// Rows used (after thinning to `max_rows`).
     pub rows_used: usize,
+    /// Images of the dataset without features (with `allow_partial`).
+    pub images_lacking: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,19 +168,31 @@ fn open(layout: &Layout, dataset: &str, config: &DriftConfig) -> Result<Rows, Dr
         dataset: dataset.to_string(),
         message,
     };
-    let fingerprint = match &config.encoder {
-        Some(encoder) => fingerprint_for_encoder(layout, dataset, encoder),
-        None => resolve_fingerprint(layout, dataset, None).map(|(f, _)| f),
-    }
-    .map_err(|e| no_features(e.to_string()))?;
-    let dir = feature_dir(layout, dataset, &fingerprint);
-    let features = FeatureSet::open(&dir)?;
-    if features.is_empty() {
-        return Err(no_features(format!(
-            "{} holds no published shard",
-            dir.display()
+    let opened = catalog::open(
+        layout,
+        &FeatureRequest {
+            dataset,
+            encoder: config.encoder.as_deref(),
+            kind: Some(FeatureKind::Pooled),
+            ..FeatureRequest::default()
+        },
+    )
+    .map_err(|e| match e {
+        crate::features::FeatureError::NoFeatures(message) => no_features(message),
+        other => DriftError::Features(other),
+    })?;
+    let fingerprint = opened.fingerprint.clone();
+    if !opened.lacking.is_empty() && !config.allow_partial {
+        return Err(DriftError::Incomplete(catalog::lacking_message(
+            dataset,
+            opened.info.version,
+            &fingerprint,
+            opened.lacking_by_split(),
+            opened.info.images,
         )));
     }
+    let images_lacking = opened.lacking.len();
+    let features = opened.features;
     let total = features.len();
     if total < 2 {
         return Err(DriftError::TooFewRows {
@@ -195,6 +214,7 @@ fn open(layout: &Layout, dataset: &str, config: &DriftConfig) -> Result<Rows, Dr
             encoder: features.metadata().get("encoder").cloned(),
             rows: total,
             rows_used,
+            images_lacking,
         },
         metadata: features.metadata().clone(),
         dim,

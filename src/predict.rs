@@ -21,6 +21,7 @@ use crate::preprocess::PreprocessConfig;
 use crate::train::config::HeadConfig;
 use crate::train::head::Head;
 use crate::train::run::{RunInputs, read_run_inputs};
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -301,41 +302,40 @@ impl EncoderReference {
     }
 }
 
-/// Cached feature rows of one dataset, found by image content id.
+/// Cached feature rows of one fingerprint, found by image content id: any
+/// image some dataset extracted with these settings, not only the run's.
 pub struct FeatureCache {
     features: FeatureSet,
-    /// An image's rows: one of pooled features, one per tile of spatial ones.
-    rows_by_id: HashMap<String, Vec<usize>>,
 }
 
 impl FeatureCache {
-    /// The features of `dataset` under `fingerprint`.
-    pub fn open(layout: &Layout, dataset: &str, fingerprint: &str) -> Result<Self, PredictError> {
-        let features = FeatureSet::open(&feature_dir(layout, dataset, fingerprint))?;
-        let dataset = crate::dataset::load(layout, dataset)?;
-        let mut rows_of_index: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (row, &index) in features.image_indices().iter().enumerate() {
-            rows_of_index.entry(index).or_default().push(row);
+    /// The features of `fingerprint` (every published shard of its folder).
+    pub fn open(layout: &Layout, fingerprint: &str) -> Result<Self, PredictError> {
+        let features = FeatureSet::open(&feature_dir(layout, fingerprint))?;
+        Ok(FeatureCache { features })
+    }
+
+    /// The cache of `fingerprint` when its folder exists; None otherwise
+    /// (removed to save space: every image then goes through the encoder).
+    pub fn open_if_present(
+        layout: &Layout,
+        fingerprint: &str,
+    ) -> Result<Option<Self>, PredictError> {
+        if feature_dir(layout, fingerprint).is_dir() {
+            Self::open(layout, fingerprint).map(Some)
+        } else {
+            Ok(None)
         }
-        let rows_by_id = dataset
-            .images
-            .into_iter()
-            .filter_map(|r| rows_of_index.remove(&r.index).map(|rows| (r.id, rows)))
-            .collect();
-        Ok(FeatureCache {
-            features,
-            rows_by_id,
-        })
     }
 
     pub fn features(&self) -> &FeatureSet {
         &self.features
     }
 
-    /// The cached rows of the image with content id `id`, in row order (a
-    /// spatial set's tiles of it), or None when the cache lacks it.
-    pub fn rows(&self, id: &str) -> Option<&[usize]> {
-        self.rows_by_id.get(id).map(Vec::as_slice)
+    /// The cached rows of the image whose bytes hash to `sha256` (a
+    /// spatial set's tiles of it, in order), or None when the cache lacks it.
+    pub fn rows(&self, sha256: &[u8; 32]) -> Option<Range<usize>> {
+        Some(self.features.rows_of(sha256)).filter(|rows| !rows.is_empty())
     }
 }
 
@@ -356,7 +356,7 @@ pub fn predict(
     config: &PredictConfig,
 ) -> Result<Vec<Prediction>, PredictError> {
     let (head, inputs) = load_run_head(layout, run_id, &config.device)?;
-    let cache = FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)?;
+    let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
     let encoder = EncoderReference::from_features(&cache.features, &inputs.fingerprint)?;
     let predictor = Predictor {
         head: &head,
@@ -385,13 +385,14 @@ pub fn predict_images(
             top: Vec::new(),
             error: None,
         };
-        match std::fs::read(path) {
+        match crate::files::read_regular_file(path) {
             Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
             Ok(bytes) => {
-                let id = crate::dataset::content_id(&bytes);
+                let sha256 = crate::digest::sha256(&bytes);
+                let id = hex::encode(sha256);
                 let cached = predictor
                     .cache
-                    .and_then(|c| c.rows(&id)?.first().map(|&row| (c, row)));
+                    .and_then(|c| Some((c, c.rows(&sha256)?.start)));
                 if let Some((cache, row)) = cached {
                     let probabilities = head.probabilities_of_rows(&cache.features, &[row])?;
                     prediction.top = head.top_k(&probabilities[0], config.top_k);

@@ -5,16 +5,14 @@
 //! run's encoder (same weights sha256, same preprocessing) otherwise; a bad
 //! image gets its own error and the rest continue.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::encoders::{self, WeightsSource};
-use crate::features::{FeatureSet, feature_dir};
 use crate::layout::Layout;
-use crate::predict::EncoderReference;
+use crate::predict::{EncoderReference, FeatureCache};
 use crate::predict::{PredictConfig, PredictError};
 use crate::train::anomaly::SavedScorer;
 use crate::train::anomaly::patch::{self, PatchScorer, ScoredImage};
@@ -124,7 +122,8 @@ pub fn score_images(
         message,
     };
 
-    let features = FeatureSet::open(&feature_dir(layout, &inputs.dataset, &inputs.fingerprint))?;
+    let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
+    let features = cache.features();
     if features.feature_dim() != scorer.feature_dim() {
         return Err(PredictError::Run {
             run: run_id.to_string(),
@@ -135,18 +134,6 @@ pub fn score_images(
             ),
         });
     }
-    let dataset = crate::dataset::load(layout, &inputs.dataset)?;
-    let row_of_index: HashMap<usize, usize> = features
-        .image_indices()
-        .iter()
-        .enumerate()
-        .map(|(row, &index)| (index, row))
-        .collect();
-    let cached_row: HashMap<&str, usize> = dataset
-        .images
-        .iter()
-        .filter_map(|r| row_of_index.get(&r.index).map(|&row| (r.id.as_str(), row)))
-        .collect();
     let metadata = features.metadata().clone();
     let spec = metadata
         .get("encoder")
@@ -160,11 +147,12 @@ pub fn score_images(
     let mut to_encode: Vec<(usize, Vec<f32>)> = Vec::new();
     for path in images {
         let mut prediction = AnomalyPrediction::new(path);
-        match std::fs::read(path) {
+        match crate::files::read_regular_file(path) {
             Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
             Ok(bytes) => {
-                let id = crate::dataset::content_id(&bytes);
-                if let Some(&row) = cached_row.get(id.as_str()) {
+                let sha256 = crate::digest::sha256(&bytes);
+                let id = hex::encode(sha256);
+                if let Some(row) = cache.rows(&sha256).map(|rows| rows.start) {
                     let values = features.pooled(row).iter().map(|v| v.to_f32()).collect();
                     cached.push((out.len(), values));
                     prediction.features_from = Some("cache");
@@ -250,19 +238,9 @@ fn score_patches(
     out_dir: &Path,
 ) -> Result<Vec<AnomalyPrediction>, PredictError> {
     let owner = format!("run {run_id}");
-    let features = FeatureSet::open(&feature_dir(layout, &inputs.dataset, &inputs.fingerprint))?;
-    let dataset = crate::dataset::load(layout, &inputs.dataset)?;
-    // An image's first tile row; its tiles follow it.
-    let mut first_row: HashMap<usize, usize> = HashMap::new();
-    for (row, &index) in features.image_indices().iter().enumerate() {
-        first_row.entry(index).or_insert(row);
-    }
-    let cached_row: HashMap<&str, usize> = dataset
-        .images
-        .iter()
-        .filter_map(|r| first_row.get(&r.index).map(|&row| (r.id.as_str(), row)))
-        .collect();
-    let reference = EncoderReference::from_features(&features, &inputs.fingerprint)?;
+    let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
+    let features = cache.features();
+    let reference = EncoderReference::from_features(features, &inputs.fingerprint)?;
     let mut encoder: Option<Box<dyn crate::encoders::Encoder>> = None;
     let tiling = scorer.info.tiling.unwrap_or_default();
     let plan = SavedScorer::plan();
@@ -273,7 +251,7 @@ fn score_patches(
     let mut out = Vec::with_capacity(images.len());
     for path in images {
         let mut prediction = AnomalyPrediction::new(path);
-        let bytes = match std::fs::read(path) {
+        let bytes = match crate::files::read_regular_file(path) {
             Ok(bytes) => bytes,
             Err(e) => {
                 prediction.error = Some(format!("cannot read {}: {e}", path.display()));
@@ -281,13 +259,14 @@ fn score_patches(
                 continue;
             }
         };
-        let id = crate::dataset::content_id(&bytes);
-        let scored = match cached_row.get(id.as_str()) {
-            Some(&first) => {
-                let rows: Vec<usize> = patch::image_tile_rows(&features, first).collect();
+        let sha256 = crate::digest::sha256(&bytes);
+        let id = hex::encode(sha256);
+        let scored = match cache.rows(&sha256) {
+            Some(tile_rows) => {
+                let rows: Vec<usize> = tile_rows.collect();
                 let values = scorer
                     .geometry()
-                    .cached_rows(&features, &rows, &config.device)?;
+                    .cached_rows(features, &rows, &config.device)?;
                 let scores = scorer.patch_scores(values, &plan, &config.device)?;
                 let positions = scorer.geometry().positions();
                 let tiles = rows

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::features::{FeatureSet, feature_dir};
+use crate::features::FeatureSet;
+use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
 use crate::predict::{PredictError, TrainedHead, load_run_head, top_k};
 
@@ -66,6 +67,8 @@ pub enum ReviewError {
     },
     #[error("dataset {dataset}: no image has features for every run ({runs})")]
     NothingToReview { dataset: String, runs: String },
+    #[error("incomplete features for run {run}: {message}")]
+    Incomplete { run: String, message: String },
     #[error(
         "{path} exists and is not a review folder (no {CSV_FILE} and {HTML_FILE}); pick another --out"
     )]
@@ -119,6 +122,9 @@ pub struct ReviewConfig {
     /// How many images to list.
     pub top: usize,
     pub device: Device,
+    /// Review the images that have features when some lack them, instead
+    /// of refusing.
+    pub allow_partial: bool,
 }
 
 /// One listed image.
@@ -178,7 +184,7 @@ pub fn review(
     let mut members: Vec<Member> = Vec::with_capacity(runs.len());
     for run in runs {
         let (head, inputs) = load_run_head(layout, run, &config.device)?;
-        let dir = feature_dir(layout, dataset, &inputs.fingerprint);
+        let dir = crate::features::feature_dir(layout, &inputs.fingerprint);
         if !dir.is_dir() {
             return Err(ReviewError::NoFeatures {
                 dataset: dataset.to_string(),
@@ -188,7 +194,28 @@ pub fn review(
                 path: dir,
             });
         }
-        let features = FeatureSet::open(&dir)?;
+        let opened = catalog::open(
+            layout,
+            &FeatureRequest {
+                dataset,
+                fingerprint: Some(&inputs.fingerprint),
+                kind: Some(FeatureKind::Pooled),
+                ..FeatureRequest::default()
+            },
+        )?;
+        if !opened.lacking.is_empty() && !config.allow_partial {
+            return Err(ReviewError::Incomplete {
+                run: run.clone(),
+                message: catalog::lacking_message(
+                    dataset,
+                    opened.info.version,
+                    &opened.fingerprint,
+                    opened.lacking_by_split(),
+                    opened.info.images,
+                ),
+            });
+        }
+        let features = opened.features;
         if let Some(first) = members.first()
             && first.head.class_names() != head.class_names()
         {

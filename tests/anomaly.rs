@@ -486,9 +486,9 @@ fn good_only_train_split(root: &Path) {
     ));
     let layout = lazarus::layout::Layout::new(root);
     let dataset = lazarus::dataset::load(&layout, "parts").unwrap();
-    let (mut image_index, mut pooled) = (Vec::new(), Vec::new());
+    let (mut content_ids, mut pooled) = (Vec::new(), Vec::new());
     for record in &dataset.images {
-        image_index.push(record.index as i64);
+        content_ids.push(support::file_sha256(&record.path));
         let shift = if record.label.as_deref() == Some("bad") {
             5.0
         } else {
@@ -504,10 +504,10 @@ fn good_only_train_split(root: &Path) {
         }
     }
     features::write_shard(
-        &features::feature_dir(&layout, "parts", "fp1"),
+        &features::feature_dir(&layout, "fp1"),
         0,
         &ShardData {
-            image_index: &image_index,
+            content_ids: &content_ids,
             pooled: &pooled,
             feature_dim: 8,
             spatial: None,

@@ -257,7 +257,28 @@ fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
     let file_b = json(&ok(lazarus(root, &from_file)));
     assert_ne!(file_a["fingerprint"], file_b["fingerprint"]);
 
-    add_dataset(root, "rocks", &[2]);
+    // A dataset of the same two images as plants' first ones: covered by
+    // plants' jobs (coverage is by content, across datasets).
+    add_dataset(root, "copies", &[2]);
+    let mut copies = base.to_vec();
+    copies[3] = "copies";
+    let covered = json(&ok(lazarus(root, &copies)));
+    assert_eq!(covered["already_covered"], 2, "{covered}");
+    assert_eq!(covered["jobs_added"], 0, "{covered}");
+
+    // A dataset of two images of its own.
+    let rocks_tree = root.join("src-rocks");
+    for seed in [901, 902] {
+        support::write_image(
+            &rocks_tree.join(format!("stone/{seed}.png")),
+            seed,
+            image::ImageFormat::Png,
+        );
+    }
+    ok(lazarus(
+        root,
+        &["dataset", "add", "rocks", rocks_tree.to_str().unwrap()],
+    ));
     let mut rocks = base.to_vec();
     rocks[3] = "rocks";
     ok(lazarus(root, &rocks));
@@ -426,4 +447,62 @@ fn verbs_use_the_postgres_queue_and_never_print_its_password() {
     )));
     assert_eq!(requeued["requeued"], 0);
     assert!(!root.join("jobs/queue.db").exists(), "no SQLite queue");
+}
+
+/// Issue 19, item 8: `--weights rel/path` is resolved against the folder
+/// `enqueue` runs in, checked there, and stored absolute, so a worker
+/// started anywhere else finds it.
+#[test]
+fn a_relative_weights_path_is_checked_at_enqueue_and_stored_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    add_dataset(root, "plants", &[3, 2]);
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let installed =
+        lazarus::weights::cache_root().join("weights/efficientnet-lite0/model.safetensors");
+    assert!(installed.is_file(), "run scripts/fetch_assets.sh");
+    std::fs::copy(&installed, models.join("lite0.safetensors")).unwrap();
+    let enqueue = |weights: &str| {
+        support::queue_command(root, None)
+            .current_dir(root)
+            .args([
+                "enqueue",
+                "--json",
+                "--dataset",
+                "plants",
+                "--encoder",
+                "efficientnet-lite0",
+                "--weights",
+                weights,
+            ])
+            .output()
+            .unwrap()
+    };
+    let err = fails(enqueue("models/missing.safetensors"));
+    assert!(err.contains("models/missing.safetensors"), "{err}");
+    assert!(!queue_db(root).exists(), "refused before the queue opened");
+
+    ok(enqueue("models/lite0.safetensors"));
+    let db = rusqlite::Connection::open(queue_db(root)).unwrap();
+    let payload: String = db
+        .query_row("SELECT payload FROM jobs LIMIT 1", [], |row| row.get(0))
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let stored = payload["weights"]["path"].as_str().unwrap();
+    assert_eq!(
+        std::path::Path::new(stored),
+        std::fs::canonicalize(models.join("lite0.safetensors")).unwrap(),
+        "{payload}"
+    );
+    // A worker in another folder extracts with them.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let worker = support::queue_command(root, None)
+        .current_dir(elsewhere.path())
+        .args(["run-worker", "--until-empty", "--json"])
+        .output()
+        .unwrap();
+    let report = json(&ok(worker));
+    assert_eq!(report["completed"], 1, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
 }

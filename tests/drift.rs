@@ -8,8 +8,14 @@ mod support;
 use std::path::Path;
 
 use support::{
-    fails, gaussian_noise, image_folder, json, lazarus, ok, write_features, write_features_as,
+    fails, gaussian_noise, image_folder_from, json, lazarus, ok, write_features, write_features_as,
 };
+
+/// Distinct images for each dataset of a test (rows belong to content).
+fn seeds(name: &str) -> u32 {
+    let names = ["reference", "same", "shifted", "other", "narrow", "bare"];
+    10_000 * names.iter().position(|n| *n == name).unwrap() as u32
+}
 
 const DIM: usize = 16;
 
@@ -17,7 +23,7 @@ const DIM: usize = 16;
 /// features: class c centred at 2 in dimension c, unit noise drawn with
 /// `salt`, plus `shift` in dimensions 0 to 3.
 fn dataset(root: &Path, name: &str, per_class: usize, salt: u64, shift: f32) {
-    let tree = image_folder(&root.join(name), &[per_class, per_class]);
+    let tree = image_folder_from(&root.join(name), &[per_class, per_class], seeds(name));
     ok(lazarus(
         root,
         &["dataset", "add", name, tree.to_str().unwrap()],
@@ -105,7 +111,7 @@ fn drift_tells_a_second_sample_from_a_shifted_one() {
     );
 
     // Another encoder, another dimension, no features at all.
-    let tree = image_folder(&root.join("other"), &[20, 20]);
+    let tree = image_folder_from(&root.join("other"), &[20, 20], seeds("other"));
     ok(lazarus(
         root,
         &["dataset", "add", "other", tree.to_str().unwrap()],
@@ -135,15 +141,16 @@ fn drift_tells_a_second_sample_from_a_shifted_one() {
         ],
     ));
     assert!(
-        message.contains("no features of dataset other made by encoder toy-encoder"),
+        message.contains("no pooled features of dataset other made by toy-encoder"),
         "{message}"
     );
-    let tree = image_folder(&root.join("narrow"), &[20, 20]);
+    // Four dimensions: another configuration, so another fingerprint.
+    let tree = image_folder_from(&root.join("narrow"), &[20, 20], seeds("narrow"));
     ok(lazarus(
         root,
         &["dataset", "add", "narrow", tree.to_str().unwrap()],
     ));
-    write_features(root, "narrow", 4, |_, d| d as f32);
+    write_features_as(root, "narrow", ("fp3", "toy-encoder"), 4, |_, d| d as f32);
     let message = fails(lazarus(
         root,
         &["drift", "--reference", "reference", "--candidate", "narrow"],
@@ -152,7 +159,7 @@ fn drift_tells_a_second_sample_from_a_shifted_one() {
         message.contains("reference reference has 16-dimensional features, candidate narrow has 4"),
         "{message}"
     );
-    let tree = image_folder(&root.join("bare"), &[5, 5]);
+    let tree = image_folder_from(&root.join("bare"), &[5, 5], seeds("bare"));
     ok(lazarus(
         root,
         &["dataset", "add", "bare", tree.to_str().unwrap()],

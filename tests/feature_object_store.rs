@@ -16,14 +16,20 @@ use lazarus::features::{self, FeatureSet, JobRef, ShardData};
 
 const FOLDER: &str = "cells/0123abcd";
 
+/// The content id of test image `image` (there is no file).
+fn id(image: i64) -> [u8; 32] {
+    lazarus::digest::sha256(format!("image {image}").as_bytes())
+}
+
 fn publish(store: &dyn FeatureStore, shard_index: u64, first_image: i64) {
-    let image_index: Vec<i64> = (first_image..first_image + 3).collect();
-    let pooled: Vec<f16> = image_index
+    let images: Vec<i64> = (first_image..first_image + 3).collect();
+    let content_ids: Vec<[u8; 32]> = images.iter().map(|&image| id(image)).collect();
+    let pooled: Vec<f16> = images
         .iter()
         .flat_map(|&image| (0..4).map(move |d| f16::from_f32(image as f32 + d as f32 / 4.0)))
         .collect();
     let data = ShardData {
-        image_index: &image_index,
+        content_ids: &content_ids,
         pooled: &pooled,
         feature_dim: 4,
         spatial: None,
@@ -87,10 +93,15 @@ fn a_shard_without_its_marker_is_invisible_and_download_maps_the_published_ones(
         "the unpublished shard stays behind"
     );
     let set = FeatureSet::open(local.path()).unwrap();
-    assert_eq!(set.image_indices(), [0, 1, 2, 3, 4, 5]);
+    assert_eq!(set.len(), 6);
+    for image in 0..6 {
+        assert_eq!(set.rows_of(&id(image)).len(), 1, "image {image}");
+    }
     // Image 4, dimension 3: 4 + 3/4, exact in f16.
-    assert_eq!(set.pooled(4)[3], f16::from_f32(4.75));
-    assert!(set.skipped_shards().is_empty());
+    assert_eq!(
+        set.pooled(set.rows_of(&id(4)).start)[3],
+        f16::from_f32(4.75)
+    );
     // A second download finds everything in place.
     assert_eq!(store::download(&store, FOLDER, local.path()).unwrap(), 0);
 }
@@ -153,7 +164,13 @@ fn file_urls_use_object_stores_local_backend_under_the_prefix() {
     );
     // And the local file system reader accepts what the object store wrote.
     let set = FeatureSet::open(&folder).unwrap();
-    assert_eq!(set.image_indices(), [21, 22, 23]);
+    assert_eq!(set.len(), 3);
+    for image in 21..24 {
+        assert_eq!(
+            set.pooled(set.rows_of(&id(image)).start)[0],
+            f16::from_f32(image as f32)
+        );
+    }
 }
 
 #[test]

@@ -88,7 +88,8 @@ fn workers_publish_to_the_store_and_pull_brings_shards_home() {
         "the local feature cache stays empty: {:?}",
         all_files(&root.join("features"))
     );
-    let stored = store_dir.join("toy").join(&fingerprint);
+    // One folder per fingerprint, shared by every dataset (issue 18).
+    let stored = store_dir.join(&fingerprint);
     let names = file_names(&stored);
     let shards = names.iter().filter(|n| n.ends_with(".safetensors")).count();
     let markers = names.iter().filter(|n| n.ends_with(".done")).count();
@@ -171,9 +172,10 @@ fn workers_publish_to_the_store_and_pull_brings_shards_home() {
         ],
     )));
     assert_eq!(pulled[0]["fingerprint"], fingerprint.as_str(), "{pulled}");
+    assert_eq!(pulled[0]["dataset"], "toy", "{pulled}");
     assert_eq!(pulled[0]["published"], 3, "{pulled}");
     assert_eq!(pulled[0]["copied"], 3, "{pulled}");
-    let local_dir = root.join("features/toy").join(&fingerprint);
+    let local_dir = root.join("features").join(&fingerprint);
     assert_eq!(file_names(&local_dir), names);
     for name in &names {
         let same = std::fs::read(local_dir.join(name)).unwrap()
@@ -210,7 +212,22 @@ fn workers_publish_to_the_store_and_pull_brings_shards_home() {
         ],
     ));
     assert!(
-        message.contains("no published shards of dataset 'other'"),
+        message.contains("dataset 'other' is not registered"),
+        "{message}"
+    );
+    let message = fails(lazarus(
+        root,
+        &[
+            "features",
+            "pull",
+            "--from",
+            &store_url,
+            "--fingerprint",
+            "0123abcd",
+        ],
+    ));
+    assert!(
+        message.contains("no published shards under fingerprint 0123abcd"),
         "{message}"
     );
 

@@ -760,7 +760,7 @@ fn killed_segmentation_run_resumes_to_the_same_metrics() {
     };
     let cached = predict(&temp.path().join("cached"));
     assert_eq!(cached[0]["features_from"], "cache", "{cached}");
-    std::fs::remove_dir_all(root.join("features/blobs")).unwrap();
+    std::fs::remove_dir_all(root.join("features")).unwrap();
     let encoded = predict(&temp.path().join("encoded"));
     assert_eq!(encoded[0]["features_from"], "encoder", "{encoded}");
     assert_masks_agree(

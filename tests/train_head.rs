@@ -33,7 +33,7 @@ fn setup(root: &Path, variant: Features) {
     ));
     let layout = Layout::new(root);
     let dataset = lazarus::dataset::load(&layout, "toy").unwrap();
-    let mut image_index = Vec::new();
+    let mut content_ids = Vec::new();
     let mut pooled = Vec::new();
     for record in &dataset.images {
         if variant == Features::TrainOnly && record.split != lazarus::dataset::Split::Train {
@@ -42,7 +42,7 @@ fn setup(root: &Path, variant: Features) {
         let class = dataset
             .class_index(record.label.as_deref().unwrap())
             .unwrap();
-        image_index.push(record.index as i64);
+        content_ids.push(support::file_sha256(&record.path));
         for d in 0..DIM {
             let jitter = ((record.index * 7 + d * 13) % 11) as f32 / 11.0 - 0.5;
             let centre = if d == class { 4.0 } else { 0.0 };
@@ -52,9 +52,9 @@ fn setup(root: &Path, variant: Features) {
     if variant == Features::NanRow {
         pooled[DIM + 2] = f16::NAN;
     }
-    let dir = features::feature_dir(&layout, "toy", "fp1");
+    let dir = features::feature_dir(&layout, "fp1");
     let data = ShardData {
-        image_index: &image_index,
+        content_ids: &content_ids,
         pooled: &pooled,
         feature_dim: DIM,
         spatial: None,
@@ -158,11 +158,28 @@ fn non_finite_and_missing_features_are_refused() {
         &["train", "--dataset", "toy", "--encoder", "toy-encoder"],
     ));
     assert!(message.contains("NaN or inf"), "{message}");
+    // A registered dataset none of whose images has features.
+    let other = root.join("other");
+    for i in 0..3 {
+        support::write_image(
+            &other.join(format!("a/{i}.png")),
+            1000 + i,
+            image::ImageFormat::Png,
+        );
+    }
+    ok(lazarus(
+        root,
+        &["dataset", "add", "other", other.to_str().unwrap()],
+    ));
     let message = fails(lazarus(
         root,
         &["train", "--dataset", "other", "--encoder", "toy-encoder"],
     ));
-    assert!(message.contains("no feature folder"), "{message}");
+    assert!(
+        message.contains("no pooled features of dataset other made by toy-encoder")
+            && message.contains("lazarus enqueue --dataset other --encoder toy-encoder"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -170,9 +187,28 @@ fn split_without_features_is_refused() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
     setup(root, Features::TrainOnly);
+    // Issue 19: a set that lacks images is refused, saying how many per split.
     let message = fails(lazarus(
         root,
         &["train", "--dataset", "toy", "--encoder", "toy-encoder"],
+    ));
+    assert!(
+        message.contains("lack 24 of the 120 images of dataset toy")
+            && message.contains("(0 train, 12 val, 12 test)")
+            && message.contains("--allow-partial"),
+        "{message}"
+    );
+    // Allowed, the empty splits still refuse the run.
+    let message = fails(lazarus(
+        root,
+        &[
+            "train",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "toy-encoder",
+            "--allow-partial",
+        ],
     ));
     assert!(message.contains("split val has no examples"), "{message}");
 }

@@ -49,7 +49,7 @@ fn bad_images_fail_alone_with_reasons_in_status() {
         write_image(&tree.join(format!("ok/good{i}.png")), i, ImageFormat::Png);
     }
     let bad = [
-        "truncated.jpg",
+        "truncated.png",
         "empty.png",
         "text.jpg",
         "huge.png",
@@ -63,11 +63,18 @@ fn bad_images_fail_alone_with_reasons_in_status() {
         };
         write_image(&tree.join("bad").join(name), 100 + i as u32, format);
     }
+    // Files whose header reads but whose pixels do not: registered as they
+    // are, they fail at extraction.
+    let bad_dir = tree.join("bad");
+    let png = fs::read(bad_dir.join("truncated.png")).unwrap();
+    fs::write(bad_dir.join("truncated.png"), &png[..png.len() / 2]).unwrap();
+    claim_png_size(&bad_dir.join("huge.png"), 20_000, 20_000);
     let root = dir.path().join("root");
-    ok(lazarus(
+    let added = json(&ok(lazarus(
         &root,
-        &["dataset", "add", "mixed", tree.to_str().unwrap()],
-    ));
+        &["dataset", "add", "mixed", tree.to_str().unwrap(), "--json"],
+    )));
+    assert_eq!(added["images"], 11, "{added}");
     ok(lazarus(
         &root,
         &[
@@ -81,14 +88,12 @@ fn bad_images_fail_alone_with_reasons_in_status() {
         ],
     ));
 
-    // The files go bad after registration, as they do in real life.
-    let bad_dir = tree.join("bad");
-    let jpeg = fs::read(bad_dir.join("truncated.jpg")).unwrap();
-    fs::write(bad_dir.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    // Other files go bad after registration, as they do in real life: their
+    // bytes are no longer the content the dataset lists (issue 18).
     fs::write(bad_dir.join("empty.png"), b"").unwrap();
     fs::write(bad_dir.join("text.jpg"), "just some text").unwrap();
-    claim_png_size(&bad_dir.join("huge.png"), 20_000, 20_000);
     fs::remove_file(bad_dir.join("deleted.png")).unwrap();
+    let empty_sha256 = lazarus::digest::sha256_hex(b"");
 
     ok(lazarus(&root, &["run-worker", "--until-empty"]));
     let status = json(&ok(lazarus(&root, &["status", "--json"])));
@@ -102,10 +107,12 @@ fn bad_images_fail_alone_with_reasons_in_status() {
         .iter()
         .map(|f| f["reason"].as_str().unwrap().to_string())
         .collect();
+    let changed =
+        format!("the file changed after `dataset add`: its content is now sha256 {empty_sha256}");
     let expect = [
-        ("truncated.jpg", "cannot decode image"),
-        ("empty.png", "empty file (0 bytes)"),
-        ("text.jpg", "not a recognised image format"),
+        ("truncated.png", "cannot decode image"),
+        ("empty.png", changed.as_str()),
+        ("text.jpg", "the file changed after `dataset add`"),
         (
             "huge.png",
             "20000x20000 = 400000000 pixels exceeds the limit",
@@ -141,10 +148,11 @@ fn an_unwritable_feature_folder_fails_the_job_for_a_retry_and_marks_nothing_done
         &root,
         &["dataset", "add", "d", tree.to_str().unwrap()],
     ));
-    ok(lazarus(
+    let enqueued = json(&ok(lazarus(
         &root,
         &[
             "enqueue",
+            "--json",
             "--dataset",
             "d",
             "--encoder",
@@ -152,21 +160,23 @@ fn an_unwritable_feature_folder_fails_the_job_for_a_retry_and_marks_nothing_done
             "--weights",
             "random:1",
         ],
-    ));
-    // A file where the dataset's feature folder must go: no shard can be written
-    // (the same failure a read-only folder or a full disk gives, even for root).
+    )));
+    let folder = format!("features/{}", enqueued["fingerprint"].as_str().unwrap());
+    // A file where the fingerprint's feature folder must go: no shard can be
+    // written (the same failure a read-only folder or a full disk gives,
+    // even for root).
     fs::create_dir_all(root.join("features")).unwrap();
-    fs::write(root.join("features/d"), b"in the way").unwrap();
+    fs::write(root.join(&folder), b"in the way").unwrap();
 
     ok(lazarus(&root, &["run-worker", "--max-jobs", "1"]));
     let status = json(&ok(lazarus(&root, &["status", "--json"])));
     assert_eq!(status["jobs"]["failed"], 1, "{status}");
     assert_eq!(status["jobs"]["done"], 0);
     let error = status["failed_jobs"][0]["last_error"].as_str().unwrap();
-    assert!(error.contains("features/d"), "{error}");
+    assert!(error.contains(&folder), "{error}");
 
     // Once the folder can be written, the retry succeeds.
-    fs::remove_file(root.join("features/d")).unwrap();
+    fs::remove_file(root.join(&folder)).unwrap();
     ok(lazarus(&root, &["requeue"]));
     ok(lazarus(&root, &["run-worker", "--until-empty"]));
     let verified = json(&ok(lazarus(&root, &["verify", "--json"])));

@@ -27,6 +27,10 @@ pub struct DriftArgs {
     /// At most this many rows per dataset (an even stride over larger caches).
     #[arg(long, default_value_t = 10_000)]
     pub max_rows: usize,
+    /// Compare the images that have features when some lack them (extraction
+    /// unfinished or failed), instead of refusing.
+    #[arg(long)]
+    pub allow_partial: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -39,6 +43,7 @@ pub fn run(layout: &Layout, args: DriftArgs) -> anyhow::Result<()> {
         components: args.components,
         alpha: args.alpha,
         max_rows: args.max_rows,
+        allow_partial: args.allow_partial,
         ..DriftConfig::default()
     };
     let report = drift(layout, &args.reference, &args.candidate, &config)?;

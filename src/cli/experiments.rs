@@ -45,6 +45,10 @@ pub struct ListArgs {
     /// Only runs with this status: running, finished, failed or killed.
     #[arg(long)]
     pub status: Option<String>,
+    /// Only runs where a parameter (or experiment, dataset, status) has this
+    /// value, e.g. dataset_version=2; repeatable.
+    #[arg(long = "where", value_name = "KEY=VALUE")]
+    pub wheres: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -155,6 +159,7 @@ fn list(layout: &Layout, args: ListArgs) -> anyhow::Result<()> {
         Some(db) => db.list_runs(&RunFilter {
             experiment: args.experiment,
             status,
+            wheres: parse_wheres(&args.wheres)?,
         })?,
         None => Vec::new(),
     };

@@ -36,6 +36,10 @@ pub struct ReviewArgs {
     pub out: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Review the images that have features when some lack them (extraction
+    /// unfinished or failed), instead of refusing.
+    #[arg(long)]
+    pub allow_partial: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -49,6 +53,7 @@ pub fn run(layout: &Layout, args: ReviewArgs) -> anyhow::Result<()> {
         },
         top: args.top as usize,
         device: super::queue::device(args.device)?,
+        allow_partial: args.allow_partial,
     };
     let report = review(layout, &args.runs, &args.dataset, &config)?;
     if let Some(out) = &args.out {

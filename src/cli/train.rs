@@ -2,6 +2,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::anomaly::patch::{self, PatchConfig};
 use lazarus::train::anomaly::{
@@ -77,9 +78,15 @@ pub struct TrainArgs {
     /// Encoder name; checked against the shards' `encoder` metadata when present.
     #[arg(long, required_unless_present = "resume")]
     pub encoder: Option<String>,
-    /// Feature folder under features/<dataset>/; optional when there is only one.
+    /// Feature folder (features/FINGERPRINT); optional when only one folder
+    /// of this encoder holds the dataset's images.
     #[arg(long)]
     pub fingerprint: Option<String>,
+    /// Train on the images that have features when some lack them (extraction
+    /// unfinished or failed) instead of refusing; the run records how many
+    /// lacked (param images_lacking).
+    #[arg(long)]
+    pub allow_partial: bool,
     /// Continue a killed run from its newest checkpoint, with its own settings.
     #[arg(long, value_name = "RUN", conflicts_with_all = ["dataset", "encoder"])]
     pub resume: Option<String>,
@@ -380,26 +387,23 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
     }
     probe.validate()?;
     let mut load = load_config(&probe);
-    let mut fingerprint = args.fingerprint.clone();
+    load.encoder = Some(encoder.to_string());
+    load.allow_partial = args.allow_partial;
+    // Classifiers and image-level scorers read pooled features; patch-level
+    // anomaly scoring spatial ones. A folder named by --fingerprint is taken
+    // as it is: the task's own checks say what it needs.
+    load.kind = match (
+        &args.fingerprint,
+        probe.task == Task::Anomaly && args.spatial,
+    ) {
+        (Some(_), _) => None,
+        (None, true) => Some(FeatureKind::Spatial),
+        (None, false) => Some(FeatureKind::Pooled),
+    };
     if probe.task == Task::Anomaly {
         load.split_labels = SplitLabels::Any;
-        fingerprint = anomaly::resolve_fingerprint(
-            layout,
-            dataset,
-            encoder,
-            args.fingerprint.as_deref(),
-            args.spatial,
-        )?;
     }
-    let data = lazarus::train::data::load(layout, dataset, fingerprint.as_deref(), &load)?;
-    if let Some(made_by) = data.features.metadata().get("encoder")
-        && made_by != encoder
-    {
-        bail!(
-            "features {} were made by encoder {made_by}, not {encoder}",
-            data.fingerprint
-        );
-    }
+    let data = lazarus::train::data::load(layout, dataset, args.fingerprint.as_deref(), &load)?;
     if probe.task == Task::Anomaly {
         let options = AnomalyOptions {
             device: options.device,
@@ -449,6 +453,7 @@ fn train_segment(
         progress: !args.json,
         extra_params: Vec::new(),
         class_weights_file,
+        allow_partial: args.allow_partial,
     };
     let report = lazarus::segment::train::train(layout, &request)?;
     print_segment_report(&report, args.json)
@@ -554,6 +559,10 @@ pub struct SweepArgs {
     pub metric: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Train on the images that have features when some lack them, instead
+    /// of refusing.
+    #[arg(long)]
+    pub allow_partial: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -576,6 +585,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         },
         force: args.force,
         chart_metric: metric.clone(),
+        allow_partial: args.allow_partial,
     };
     let outcome = session::sweep(layout, &sweep, &options)?;
     if args.json {

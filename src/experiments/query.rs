@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::types::Value;
-use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};
+use rusqlite::{OptionalExtension, Transaction, params_from_iter};
 use serde::Serialize;
 
 use super::db::Fail;
@@ -19,6 +19,8 @@ const RUN_FIELDS: [&str; 3] = ["experiment", "dataset", "status"];
 pub struct RunFilter {
     pub experiment: Option<String>,
     pub status: Option<RunStatus>,
+    /// `--where KEY=VALUE` clauses, as `best` and `ablate` take them.
+    pub wheres: Vec<WhereClause>,
 }
 
 /// `KEY=VALUE`: a parameter (or `experiment`, `dataset`, `status`) equal to a
@@ -569,16 +571,22 @@ impl ExperimentsDb {
                     ))));
                 }
             }
+            let keys: Vec<&str> = filter.wheres.iter().map(|w| w.key.as_str()).collect();
+            check_params(tx, &keys, true)?;
+            let mut values = vec![
+                filter.experiment.clone().map_or(Value::Null, Value::Text),
+                filter
+                    .status
+                    .map_or(Value::Null, |s| Value::Text(s.as_str().to_string())),
+            ];
+            let conditions = where_sql(&filter.wheres, &mut values);
             let sql = format!(
                 "SELECT {RUN_COLUMNS} FROM runs r JOIN experiments e ON e.id = r.experiment_id
-                 WHERE (?1 IS NULL OR e.name = ?1) AND (?2 IS NULL OR r.status = ?2)
+                 WHERE (?1 IS NULL OR e.name = ?1) AND (?2 IS NULL OR r.status = ?2){conditions}
                  ORDER BY r.id"
             );
             let mut statement = tx.prepare(&sql)?;
-            let rows = statement.query_map(
-                params![filter.experiment, filter.status.map(RunStatus::as_str)],
-                run_from_row,
-            )?;
+            let rows = statement.query_map(params_from_iter(values), run_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

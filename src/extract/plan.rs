@@ -3,10 +3,15 @@
 //!
 //! Everything that can be refused (chunk size, dataset, encoder, weights) is
 //! checked before the queue file is opened, so a refused enqueue leaves it
-//! untouched. Coverage is per dataset, encoder and fingerprint: a changed
-//! configuration is a new fingerprint and covers every image again.
+//! untouched. Coverage is by content id, per fingerprint, across datasets:
+//! an image is covered when a live job of the fingerprint (of any dataset)
+//! holds its content, or a published shard of `features/FINGERPRINT` has a
+//! row of it. A changed configuration is a new fingerprint and covers every
+//! image again. The coverage read and the new jobs are one queue
+//! transaction (`Queue::plan_and_enqueue`), so concurrent enqueues never
+//! schedule an image twice.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -14,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
-use crate::digest::sha256_hex;
+use crate::dataset::ImageRecord;
+use crate::digest::{ContentId, sha256_hex};
 use crate::encoders::{self, EncoderSpec};
 use crate::layout::Layout;
-use crate::queue::{EnqueueReport, NewJob, Queue};
+use crate::queue::{LiveJob, NewJob, Plan};
 use crate::segment::tile::TileConfig;
 
 /// Where the encoder weights come from.
@@ -71,6 +77,31 @@ pub struct EnqueueRequest {
     pub weights: WeightsChoice,
 }
 
+/// One image of an extraction job: everything the worker needs, so it
+/// never reads a manifest (which may have grown since).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobImage {
+    /// Manifest index in the job's dataset (failures are reported by it).
+    pub index: usize,
+    /// The content id the file must still have: its sha256 (hex).
+    pub id: String,
+    pub path: PathBuf,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl JobImage {
+    fn of(record: &ImageRecord) -> Self {
+        JobImage {
+            index: record.index,
+            id: record.id.clone(),
+            path: record.path.clone(),
+            width: record.width,
+            height: record.height,
+        }
+    }
+}
+
 /// The payload of an extraction job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtractPayload {
@@ -80,6 +111,10 @@ pub struct ExtractPayload {
     pub weights: ResolvedWeights,
     /// Manifest indices (rows of images.csv) of the chunk, ascending.
     pub image_indices: Vec<usize>,
+    /// The chunk's images (jobs enqueued before issue 18 have none: their
+    /// images are the manifest rows `image_indices` names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<JobImage>,
     pub spatial: bool,
     /// Tiling of spatial jobs (absent in pooled jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +125,51 @@ impl ExtractPayload {
     /// The tiling of a spatial job; None for pooled jobs.
     pub fn spatial_tiling(&self) -> Option<TileConfig> {
         self.spatial.then(|| self.tiling.unwrap_or_default())
+    }
+
+    /// The chunk's images; for a job of the old payload, read from its
+    /// dataset's manifest rows (`rows` caches manifests by dataset).
+    pub fn job_images(
+        &self,
+        layout: &Layout,
+        rows: &mut ManifestRows,
+    ) -> Result<Vec<JobImage>, ExtractError> {
+        if !self.images.is_empty() || self.image_indices.is_empty() {
+            return Ok(self.images.clone());
+        }
+        let manifest = rows.of(layout, &self.dataset)?;
+        self.image_indices
+            .iter()
+            .map(|&index| {
+                manifest
+                    .get(index)
+                    .map(JobImage::of)
+                    .ok_or_else(|| ExtractError::Payload {
+                        queue: format!("job of dataset '{}'", self.dataset),
+                        message: format!(
+                            "image index {index} is outside dataset '{}' ({} rows)",
+                            self.dataset,
+                            manifest.len()
+                        ),
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Every row of the datasets old payloads name, read once per dataset.
+#[derive(Default)]
+pub struct ManifestRows {
+    rows: HashMap<String, Vec<ImageRecord>>,
+}
+
+impl ManifestRows {
+    fn of(&mut self, layout: &Layout, dataset: &str) -> Result<&[ImageRecord], ExtractError> {
+        if !self.rows.contains_key(dataset) {
+            let rows = crate::dataset::load_all_rows(layout, dataset)?;
+            self.rows.insert(dataset.to_string(), rows);
+        }
+        Ok(&self.rows[dataset])
     }
 }
 
@@ -103,11 +183,16 @@ pub struct EnqueueOutcome {
     pub fingerprint: String,
     pub weights: String,
     pub images: usize,
-    /// Images already in a live job of this configuration (before `--force`).
+    /// Images whose content a live job or a published shard of this
+    /// fingerprint already covers, whatever dataset it came from (before
+    /// `--force`).
     pub already_covered: usize,
     /// Live jobs retired by `--force`.
     pub superseded: u64,
     pub images_enqueued: usize,
+    /// With `--force`: images of other datasets that were in retired jobs,
+    /// enqueued again under their own datasets.
+    pub other_images_enqueued: usize,
     pub jobs_added: u64,
     /// Jobs an identical concurrent enqueue had already added.
     pub jobs_skipped: u64,
@@ -186,10 +271,18 @@ pub fn resolve_weights(
                 encoder: encoder.to_string(),
             }),
         },
-        WeightsChoice::File(path) => Ok(ResolvedWeights {
-            id: format!("sha256:{}", sha256_file(path)?),
-            path: Some(path.clone()),
-        }),
+        WeightsChoice::File(path) => {
+            // Stored absolute: workers start in other folders.
+            let absolute =
+                std::path::absolute(path).map_err(|error| ExtractError::WeightsFile {
+                    path: path.clone(),
+                    error,
+                })?;
+            Ok(ResolvedWeights {
+                id: format!("sha256:{}", sha256_file(&absolute)?),
+                path: Some(absolute),
+            })
+        }
         WeightsChoice::Random(seed) => Ok(ResolvedWeights {
             id: format!("random:{seed}"),
             path: None,
@@ -217,52 +310,107 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         })?;
     }
     let fingerprint = fingerprint(&encoder, &weights.id, tiling.as_ref());
+    // Rows already published count as covered (shards pulled from a store,
+    // or migrated, may have no job in this queue).
+    let published =
+        crate::features::published_content_ids(&crate::features::feature_dir(layout, &fingerprint));
 
     let queue = layout.queue().open()?;
-    let queue = queue.as_ref();
     let group = dataset.info.name.as_str();
-    let covered = covered_indices(queue, group, encoder.name, &fingerprint)?;
-    let already_covered = covered.len();
-    let superseded = if request.force {
-        queue.supersede(group, encoder.name, &fingerprint)?
-    } else {
-        0
+    let job_of = |dataset: &str, images: &[JobImage]| -> NewJob {
+        let payload = ExtractPayload {
+            dataset: dataset.to_string(),
+            encoder: encoder.name.to_string(),
+            fingerprint: fingerprint.clone(),
+            weights: weights.clone(),
+            image_indices: images.iter().map(|image| image.index).collect(),
+            images: images.to_vec(),
+            spatial: request.spatial,
+            tiling,
+        };
+        let payload = serde_json::to_string(&payload).expect("payload serialises");
+        NewJob {
+            kind: KIND_EXTRACT.to_string(),
+            group: dataset.to_string(),
+            variant: encoder.name.to_string(),
+            fingerprint: fingerprint.clone(),
+            // Two identical enqueues racing produce identical chunks: one wins.
+            dedup_key: format!(
+                "{KIND_EXTRACT}:{}",
+                sha256_hex(format!("{dataset}\n{}\n{payload}", encoder.name).as_bytes())
+            ),
+            items: images.len() as u64,
+            payload,
+        }
     };
-    let todo: Vec<usize> = dataset
-        .images
-        .iter()
-        .map(|image| image.index)
-        .filter(|index| request.force || !covered.contains(index))
-        .collect();
-    let jobs: Vec<NewJob> = todo
-        .chunks(request.chunk_size)
-        .map(|chunk| {
-            let payload = ExtractPayload {
-                dataset: group.to_string(),
-                encoder: encoder.name.to_string(),
-                fingerprint: fingerprint.clone(),
-                weights: weights.clone(),
-                image_indices: chunk.to_vec(),
-                spatial: request.spatial,
-                tiling,
-            };
-            let payload = serde_json::to_string(&payload).expect("payload serialises");
-            NewJob {
-                kind: KIND_EXTRACT.to_string(),
-                group: group.to_string(),
-                variant: encoder.name.to_string(),
-                fingerprint: fingerprint.clone(),
-                // Two identical enqueues racing produce identical chunks: one wins.
-                dedup_key: format!(
-                    "{KIND_EXTRACT}:{}",
-                    sha256_hex(format!("{group}\n{}\n{payload}", encoder.name).as_bytes())
-                ),
-                items: chunk.len() as u64,
-                payload,
+    let mut counts = (0, 0, 0);
+    let mut manifests = ManifestRows::default();
+    let location = queue.location();
+    let report = queue.plan_and_enqueue(&fingerprint, &mut |live: &[LiveJob]| {
+        let mut coverage = Coverage::default();
+        coverage.add_full(&published);
+        let mine: Vec<ContentId> = dataset.images.iter().map(|r| r.content_id()).collect();
+        let mine_keys: HashSet<[u8; 8]> = mine.iter().map(short_key).collect();
+        let mut plan = Plan::default();
+        // Images of other datasets in jobs `--force` retires: (dataset, image).
+        let mut orphaned: BTreeMap<String, Vec<JobImage>> = BTreeMap::new();
+        for job in live {
+            let payload: ExtractPayload = serde_json::from_str(&job.payload)
+                .map_err(|err| format!("{location}: malformed job payload: {err}"))?;
+            let images = payload
+                .job_images(layout, &mut manifests)
+                .map_err(|err| err.to_string())?;
+            let ids: Vec<ContentId> = images
+                .iter()
+                .map(|image| {
+                    ContentId::parse(&image.id).ok_or_else(|| {
+                        format!("job {}: image id '{}' is not a sha256", job.id, image.id)
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            if request.force && ids.iter().any(|id| mine_keys.contains(&short_key(id))) {
+                plan.supersede.push(job.id);
+                for (image, id) in images.into_iter().zip(&ids) {
+                    if !mine_keys.contains(&short_key(id)) {
+                        orphaned
+                            .entry(payload.dataset.clone())
+                            .or_default()
+                            .push(image);
+                    }
+                }
+            } else {
+                for id in &ids {
+                    coverage.add(id);
+                }
             }
-        })
-        .collect();
-    let EnqueueReport { added, skipped } = queue.enqueue(&jobs)?;
+        }
+        let already_covered = mine.iter().filter(|id| coverage.covers(id)).count();
+        let todo: Vec<JobImage> = dataset
+            .images
+            .iter()
+            .zip(&mine)
+            .filter(|(_, id)| request.force || !coverage.covers(id))
+            .map(|(record, _)| JobImage::of(record))
+            .collect();
+        plan.jobs = todo
+            .chunks(request.chunk_size)
+            .map(|chunk| job_of(group, chunk))
+            .collect();
+        let mut others = 0;
+        for (other, mut images) in orphaned {
+            images.sort_by_key(|image| image.index);
+            images.dedup_by_key(|image| image.index);
+            others += images.len();
+            plan.jobs.extend(
+                images
+                    .chunks(request.chunk_size)
+                    .map(|chunk| job_of(&other, chunk)),
+            );
+        }
+        counts = (already_covered, todo.len(), others);
+        Ok(plan)
+    })?;
+    let (already_covered, images_enqueued, other_images_enqueued) = counts;
     Ok(EnqueueOutcome {
         queue: queue.location(),
         dataset: group.to_string(),
@@ -271,30 +419,60 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         weights: weights.id,
         images: dataset.images.len(),
         already_covered,
-        superseded,
-        images_enqueued: todo.len(),
-        jobs_added: added,
-        jobs_skipped: skipped,
+        superseded: report.superseded,
+        images_enqueued,
+        other_images_enqueued,
+        jobs_added: report.added,
+        jobs_skipped: report.skipped,
     })
 }
 
-/// Manifest indices in live jobs of this dataset, encoder and fingerprint.
-fn covered_indices(
-    queue: &dyn Queue,
-    group: &str,
-    encoder: &str,
-    fingerprint: &str,
-) -> Result<BTreeSet<usize>, ExtractError> {
-    let mut covered = BTreeSet::new();
-    for payload in queue.live_payloads(group, encoder, fingerprint)? {
-        let payload: ExtractPayload =
-            serde_json::from_str(&payload).map_err(|err| ExtractError::Payload {
-                queue: queue.location(),
-                message: err.to_string(),
-            })?;
-        covered.extend(payload.image_indices);
+/// The first 8 bytes of a content id: all an old manifest's id knows.
+pub(crate) fn short_key(id: &ContentId) -> [u8; 8] {
+    id.known_bytes()[..8]
+        .try_into()
+        .expect("ids know at least 8 bytes")
+}
+
+/// Content ids already covered, full or short (old manifests).
+#[derive(Default)]
+pub(crate) struct Coverage {
+    full: HashSet<[u8; 32]>,
+    /// The first 8 bytes of every id above, and the short ids.
+    short: HashSet<[u8; 8]>,
+    /// Short ids alone (their full digest unknown).
+    short_only: HashSet<[u8; 8]>,
+}
+
+impl Coverage {
+    pub(crate) fn add_full(&mut self, ids: &[[u8; 32]]) {
+        for id in ids {
+            self.add(&ContentId::full(*id));
+        }
     }
-    Ok(covered)
+
+    pub(crate) fn add(&mut self, id: &ContentId) {
+        let key = short_key(id);
+        self.short.insert(key);
+        match id.sha256() {
+            Some(full) => {
+                self.full.insert(*full);
+            }
+            None => {
+                self.short_only.insert(key);
+            }
+        }
+    }
+
+    /// A full id is covered by itself or an old id of its prefix; an old
+    /// id by anything with its prefix.
+    pub(crate) fn covers(&self, id: &ContentId) -> bool {
+        let key = short_key(id);
+        match id.sha256() {
+            Some(full) => self.full.contains(full) || self.short_only.contains(&key),
+            None => self.short.contains(&key),
+        }
+    }
 }
 
 /// The payload of a no-op job.

@@ -1,15 +1,24 @@
-//! Running one extraction job: decode and preprocess the chunk's images in
-//! parallel, run the frozen encoder in micro-batches, write one float16 shard
-//! and its `.done` marker, and report the images that failed.
+//! Running one extraction job: read the chunk's images, check each file
+//! still has the content id the job expects, decode and preprocess them in
+//! parallel, run the frozen encoder in micro-batches, write one float16
+//! shard (each row with the sha256 of the bytes it was computed from) and
+//! its `.done` marker, and report the images that failed.
+//!
+//! A worker keeps encoders between jobs, keyed by fingerprint, and nothing
+//! else: a job names its images (path and content id), so jobs of several
+//! datasets on one fingerprint never read each other's manifests (the bug
+//! of issue 18). A file whose bytes no longer hash to the id the job
+//! expects is that image's failure, naming the file and both ids; its
+//! features are never written under the old id.
 //!
 //! Crash behaviour: the shard of job J is `shard-J` in the folder of the
-//! job's dataset and fingerprint, so a rerun of the same job (after a kill or
-//! a lost lease) rewrites the same file with the same bytes; `features::write_shard`
+//! job's fingerprint, so a rerun of the same job (after a kill or a lost
+//! lease) rewrites the same file with the same bytes; `features::write_shard`
 //! publishes it atomically, marker last. The queue records the job done only
 //! after the marker is durable. On start a worker reconciles: temp files and
 //! unpublished shards are removed, and done jobs whose shard is missing or
 //! corrupt go back to pending. With `--feature-store` the shard goes to the
-//! store's `DATASET/FINGERPRINT` folder through `store::publish_shard` (same
+//! store's `FINGERPRINT` folder through `store::publish_shard` (same
 //! order: shard, then marker) and reconciling checks the store instead.
 
 use std::collections::HashMap;
@@ -22,9 +31,9 @@ use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::plan::{ExtractPayload, fingerprint, spatial_preprocess};
+use super::plan::{ExtractPayload, JobImage, ManifestRows, fingerprint, spatial_preprocess};
 use super::{ExtractError, KIND_EXTRACT};
-use crate::dataset::{self, Dataset};
+use crate::digest::ContentId;
 use crate::encoders::{self, Encoder, WeightsSource};
 use crate::features::store::{self, FeatureStore};
 use crate::features::{self, JobRef, MapData, ReconcileConfig, ShardData, SpatialData};
@@ -68,23 +77,51 @@ impl Default for ExtractConfig {
 }
 
 /// What one job runs on: the worker's encoder for the job's fingerprint,
-/// and the manifest of the job's own dataset.
+/// and the job's images.
 struct Loaded {
     encoder: Arc<dyn Encoder>,
-    dataset: Dataset,
+    images: Vec<JobImage>,
 }
 
 /// Runs extraction jobs; encoders are loaded once per fingerprint and
-/// reused for every later chunk. The fingerprint does not name a dataset,
-/// so manifests are never cached with them: each job reads its own.
+/// reused for every later chunk. Nothing else is cached: the fingerprint
+/// does not name a dataset.
 pub struct Extractor {
     layout: Layout,
     config: ExtractConfig,
     encoders: Mutex<HashMap<String, Arc<dyn Encoder>>>,
 }
 
-/// One decoded, preprocessed image of a chunk.
-type Prepared = (usize, Vec<f32>);
+/// One decoded, preprocessed image of a chunk: its position in the job,
+/// the sha256 of the bytes decoded, and its pixels.
+type Prepared = (usize, [u8; 32], Vec<f32>);
+
+/// Reads one image of a job and checks that its bytes are the content the
+/// job expects; returns them with their sha256.
+fn read_expected(image: &JobImage, dataset: &str) -> Result<(Vec<u8>, [u8; 32]), ItemFailure> {
+    let failure = |reason: String| ItemFailure {
+        item: image.index.to_string(),
+        reason,
+    };
+    let bytes = crate::files::read_regular_file(&image.path)
+        .map_err(|err| failure(format!("cannot read {}: {err}", image.path.display())))?;
+    let sha256 = crate::digest::sha256(&bytes);
+    let expected = ContentId::parse(&image.id).ok_or_else(|| {
+        failure(format!(
+            "the job's content id '{}' is not a sha256",
+            image.id
+        ))
+    })?;
+    if !expected.matches(&sha256) {
+        return Err(failure(format!(
+            "{}: the file changed after `dataset add`: its content is now sha256 {}, dataset '{dataset}' lists it as {}; its features are not written under the old id (run `lazarus dataset update {dataset}` to register the new content)",
+            image.path.display(),
+            hex::encode(sha256),
+            image.id
+        )));
+    }
+    Ok((bytes, sha256))
+}
 
 impl Extractor {
     pub fn new(layout: Layout, config: ExtractConfig) -> Self {
@@ -96,9 +133,12 @@ impl Extractor {
     }
 
     fn load(&self, payload: &ExtractPayload) -> Result<Loaded, String> {
-        let dataset = dataset::load(&self.layout, &payload.dataset).map_err(|e| e.to_string())?;
+        // Jobs enqueued before issue 18 name manifest rows: read them now.
+        let images = payload
+            .job_images(&self.layout, &mut ManifestRows::default())
+            .map_err(|e| e.to_string())?;
         let encoder = self.encoder(payload)?;
-        Ok(Loaded { encoder, dataset })
+        Ok(Loaded { encoder, images })
     }
 
     fn encoder(&self, payload: &ExtractPayload) -> Result<Arc<dyn Encoder>, String> {
@@ -173,7 +213,7 @@ impl Extractor {
             Ok(Some(result)) => {
                 let seconds = result.detail["seconds"].as_f64().unwrap_or(0.0);
                 let rows = result.detail["rows"].as_u64().unwrap_or(0);
-                let images = (payload.image_indices.len() - result.failures.len()) as u64;
+                let images = (loaded.images.len() - result.failures.len()) as u64;
                 // Spatial jobs write a row per tile.
                 let tiles = if payload.spatial {
                     format!(" ({rows} tiles)")
@@ -211,7 +251,6 @@ impl Extractor {
         stop: &AtomicBool,
     ) -> Result<Option<JobResult>, String> {
         let started = Instant::now();
-        check_indices(payload, loaded)?;
         if let Some(tiling) = payload.spatial_tiling() {
             return self.extract_spatial(lease, payload, loaded, stop, &tiling, started);
         }
@@ -219,26 +258,27 @@ impl Extractor {
         let preprocess = &spec.preprocess;
         let size = preprocess.input_size as usize;
         let mut failures = Vec::new();
-        let prepare = |indices: &[usize]| -> Vec<Result<Prepared, ItemFailure>> {
-            indices
+        let prepare = |images: &[JobImage]| -> Vec<Result<Prepared, ItemFailure>> {
+            images
                 .par_iter()
-                .map(|&index| {
-                    let image = &loaded.dataset.images[index];
-                    crate::preprocess::preprocess_file(&image.path, preprocess)
-                        .map(|values| (index, values))
+                .enumerate()
+                .map(|(position, image)| {
+                    let (bytes, sha256) = read_expected(image, &payload.dataset)?;
+                    crate::preprocess::preprocess_bytes(&bytes, &image.path, preprocess)
+                        .map(|values| (position, sha256, values))
                         .map_err(|err| ItemFailure {
-                            item: index.to_string(),
+                            item: image.index.to_string(),
                             reason: err.to_string(),
                         })
                 })
                 .collect()
         };
 
-        let batches: Vec<&[usize]> = payload
-            .image_indices
+        let batches: Vec<&[JobImage]> = loaded
+            .images
             .chunks(self.config.batch_size.max(1))
             .collect();
-        let mut image_index: Vec<i64> = Vec::with_capacity(payload.image_indices.len());
+        let mut content_ids: Vec<[u8; 32]> = Vec::with_capacity(loaded.images.len());
         let mut pooled: Vec<f16> = Vec::new();
         let mut next = batches.first().map(|batch| prepare(batch));
         for position in 0..batches.len() {
@@ -260,7 +300,7 @@ impl Extractor {
                         return Ok((ok, None, failed));
                     }
                     let mut flat = Vec::with_capacity(ok.len() * 3 * size * size);
-                    for (_, values) in &ok {
+                    for (_, _, values) in &ok {
                         flat.extend_from_slice(values);
                     }
                     let input =
@@ -281,11 +321,11 @@ impl Extractor {
             }
             failures.extend(failed);
             let Some(output) = output else { continue };
-            image_index.extend(ok.iter().map(|(index, _)| *index as i64));
+            content_ids.extend(ok.iter().map(|(_, sha256, _)| *sha256));
             pooled.extend(to_f16(&output)?);
         }
         let data = ShardData {
-            image_index: &image_index,
+            content_ids: &content_ids,
             pooled: &pooled,
             feature_dim: spec.feature_dim,
             spatial: None,
@@ -304,7 +344,7 @@ impl Extractor {
         failures: Vec<ItemFailure>,
         started: Instant,
     ) -> Result<Option<JobResult>, String> {
-        let rows = data.image_index.len();
+        let rows = data.content_ids.len();
         let mut detail = serde_json::json!({
             "rows": rows,
             "seconds": started.elapsed().as_secs_f64(),
@@ -319,12 +359,11 @@ impl Extractor {
             let shard_index = lease.job_id as u64;
             let published = match &self.config.feature_store {
                 None => {
-                    let dir =
-                        features::feature_dir(&self.layout, &payload.dataset, &payload.fingerprint);
+                    let dir = features::feature_dir(&self.layout, &payload.fingerprint);
                     features::write_shard(&dir, shard_index, data, metadata, job)
                 }
                 Some(feature_store) => {
-                    let folder = store::store_folder(&payload.dataset, &payload.fingerprint);
+                    let folder = store::store_folder(&payload.fingerprint);
                     store::publish_shard(
                         feature_store.as_ref(),
                         &folder,
@@ -360,45 +399,46 @@ impl Extractor {
         let size = preprocess.input_size as usize;
         let batch_size = self.config.batch_size.max(1);
         let mut failures = Vec::new();
-        let mut image_index: Vec<i64> = Vec::new();
+        let mut content_ids: Vec<[u8; 32]> = Vec::new();
         let mut tiles: Vec<[i64; 4]> = Vec::new();
         let mut pooled: Vec<f16> = Vec::new();
         let mut maps: Vec<(usize, [usize; 3], Vec<f16>)> = Vec::new();
         // Images are decoded a group at a time, a group holding about
         // `batch_size` tiles (counted from the manifest's sizes), so large
         // images do not hold many batches of preprocessed tiles at once.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut groups: Vec<Vec<&JobImage>> = Vec::new();
         let mut group_tiles = 0;
-        for &index in &payload.image_indices {
-            let record = &loaded.dataset.images[index];
-            let count = tile::tiles(record.width, record.height, tiling).len();
+        for image in &loaded.images {
+            let count = tile::tiles(image.width, image.height, tiling).len();
             if groups.is_empty() || group_tiles + count > batch_size {
                 groups.push(Vec::new());
                 group_tiles = 0;
             }
-            groups.last_mut().expect("pushed above").push(index);
+            groups.last_mut().expect("pushed above").push(image);
             group_tiles += count;
         }
         for chunk in &groups {
             if stop.load(Ordering::SeqCst) {
                 return Ok(None);
             }
-            let prepared: Vec<Result<Vec<PreparedTile>, ItemFailure>> = chunk
+            let prepared: Vec<Result<([u8; 32], Vec<PreparedTile>), ItemFailure>> = chunk
                 .par_iter()
-                .map(|&index| {
-                    let image = &loaded.dataset.images[index];
-                    tile::preprocess_tiles(&image.path, &preprocess, tiling)
-                        .map(|(_, tiles)| tiles)
+                .map(|image| {
+                    let (bytes, sha256) = read_expected(image, &payload.dataset)?;
+                    tile::preprocess_tile_bytes(&bytes, &image.path, &preprocess, tiling)
+                        .map(|(_, tiles)| (sha256, tiles))
                         .map_err(|err| ItemFailure {
-                            item: index.to_string(),
+                            item: image.index.to_string(),
                             reason: err.to_string(),
                         })
                 })
                 .collect();
-            let mut batch: Vec<(usize, PreparedTile)> = Vec::new();
-            for (&index, result) in chunk.iter().zip(prepared) {
+            let mut batch: Vec<([u8; 32], PreparedTile)> = Vec::new();
+            for result in prepared {
                 match result {
-                    Ok(prepared) => batch.extend(prepared.into_iter().map(|t| (index, t))),
+                    Ok((sha256, prepared)) => {
+                        batch.extend(prepared.into_iter().map(|t| (sha256, t)))
+                    }
                     Err(failure) => failures.push(failure),
                 }
             }
@@ -431,8 +471,8 @@ impl Extractor {
                     maps[position].2.extend(to_f16(&map.values)?);
                 }
                 pooled.extend(to_f16(&output.pooled)?);
-                for (index, (tile, _)) in group {
-                    image_index.push(*index as i64);
+                for (sha256, (tile, _)) in group {
+                    content_ids.push(*sha256);
                     tiles.push(tile.map(i64::from));
                 }
             }
@@ -446,7 +486,7 @@ impl Extractor {
             })
             .collect();
         let data = ShardData {
-            image_index: &image_index,
+            content_ids: &content_ids,
             pooled: &pooled,
             feature_dim: spec.feature_dim,
             spatial: Some(SpatialData {
@@ -463,20 +503,6 @@ impl Extractor {
     }
 }
 
-/// Every index of the job must be a row of the dataset.
-fn check_indices(payload: &ExtractPayload, loaded: &Loaded) -> Result<(), String> {
-    for &index in &payload.image_indices {
-        if index >= loaded.dataset.images.len() {
-            return Err(format!(
-                "image index {index} is outside dataset '{}' ({} images)",
-                payload.dataset,
-                loaded.dataset.images.len()
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn to_f16(tensor: &Tensor) -> Result<Vec<f16>, String> {
     tensor
         .to_dtype(DType::F16)
@@ -489,8 +515,8 @@ fn shard_metadata(
     payload: &ExtractPayload,
     preprocess: &crate::preprocess::PreprocessConfig,
 ) -> HashMap<String, String> {
+    // No dataset: a fingerprint folder is shared by every dataset.
     HashMap::from([
-        ("dataset".to_string(), payload.dataset.clone()),
         ("encoder".to_string(), payload.encoder.clone()),
         ("fingerprint".to_string(), payload.fingerprint.clone()),
         ("weights".to_string(), payload.weights.id.clone()),
@@ -526,30 +552,30 @@ pub fn reconcile(
 ) -> Result<ReconcileSummary, ExtractError> {
     let mut summary = ReconcileSummary::default();
     let done = queue.done_jobs(KIND_EXTRACT, None)?;
-    // (dataset, fingerprint) -> done jobs and the rows each wrote.
-    let mut by_folder: HashMap<(String, String), Vec<(i64, usize)>> = HashMap::new();
+    // fingerprint -> done jobs and the rows each wrote.
+    let mut by_folder: HashMap<String, Vec<(i64, usize)>> = HashMap::new();
     for job in &done {
         let Ok(payload) = serde_json::from_str::<ExtractPayload>(&job.payload) else {
             continue;
         };
         let rows = done_rows(job.result.as_deref());
         by_folder
-            .entry((payload.dataset, payload.fingerprint))
+            .entry(payload.fingerprint)
             .or_default()
             .push((job.id, rows));
     }
     let mut reopen = Vec::new();
-    for ((dataset, fingerprint), jobs) in by_folder {
+    for (fingerprint, jobs) in by_folder {
         let valid = match feature_store {
             None => {
-                let dir = features::feature_dir(layout, &dataset, &fingerprint);
+                let dir = features::feature_dir(layout, &fingerprint);
                 let report = features::reconcile(&dir, config)?;
                 summary.removed_temp_files += report.removed_temp_files.len();
                 summary.removed_unpublished += report.removed_unpublished.len();
                 report.valid
             }
             Some(feature_store) => {
-                let folder = store::store_folder(&dataset, &fingerprint);
+                let folder = store::store_folder(&fingerprint);
                 let report = store::reconcile_store(feature_store, &folder, config.grace)?;
                 summary.removed_unpublished += report.removed_unpublished.len();
                 report.valid

@@ -1,18 +1,27 @@
 //! The feature cache: float16 safetensors shards with `.done` markers under
-//! `features/DATASET/FINGERPRINT/`, and the memory-mapped reader the training
-//! side uses.
+//! `features/FINGERPRINT/`, one folder per encoder fingerprint shared by
+//! every dataset, and the memory-mapped reader the training side uses.
+//!
+//! Identity: a feature row belongs to image content, not to a dataset. Each
+//! shard stores, per row, the sha256 of the bytes the worker decoded
+//! (`content_sha256`), so the same image in two datasets (or twice under two
+//! names) is one row per fingerprint, and a reader joins a dataset's
+//! manifest to rows by content id (`catalog`), never by position.
 //!
 //! Crash behaviour: a shard is written to a temp file, fsynced and renamed;
 //! only then is its `.done` marker written the same way. A process killed at
 //! any point leaves (a) a temp file, removed by `reconcile`; (b) a shard
 //! without a marker, never read and removed by `reconcile`; or (c) a shard
 //! with its marker, complete. A marker whose size or checksum does not match
-//! its shard is treated as missing.
+//! its shard makes the shard corrupt: readers refuse it by name.
 //!
 //! `store` puts publishing behind the `FeatureStore` trait: the local file
 //! system by default, an object store (S3 and compatible) as an option, with
 //! the same order (shard, then `.done`) and `download` to map remote shards.
+//! `migrate` converts caches of the layout before issue 18.
 
+pub mod catalog;
+pub mod migrate;
 mod set;
 mod shard;
 pub mod store;
@@ -20,16 +29,17 @@ pub mod store;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::layout::Layout;
 
 pub use set::{FeatureSet, MapShape};
 pub use shard::{
-    CheckLevel, DoneMarker, JobRef, MapData, ReconcileConfig, ReconcileReport, ShardData,
-    SpatialData, check_shard, done_file_name, map_tensor_name, parse_shard_index, reconcile,
-    shard_file_name, write_shard,
+    CONTENT_TENSOR, CheckLevel, DoneMarker, JobRef, MapData, ReconcileConfig, ReconcileReport,
+    SHARD_FORMAT_VERSION, ShardData, SpatialData, check_shard, done_file_name, map_tensor_name,
+    parse_shard_index, reconcile, shard_file_name, write_shard,
 };
+
+/// The command that rebuilds a damaged shard, for messages.
+pub const REPAIR_COMMAND: &str = "`lazarus verify --repair`, then `lazarus run-worker`";
 
 /// Errors at the feature-cache boundary; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -43,15 +53,34 @@ pub enum FeatureError {
     Store { location: String, message: String },
     #[error("{path}: invalid shard: {message}")]
     InvalidShard { path: PathBuf, message: String },
+    #[error("corrupt feature shard: {reason}; run {REPAIR_COMMAND} to extract it again")]
+    CorruptShard { path: PathBuf, reason: String },
     #[error(
-        "{dir}: image {image_index} has rows in both {first} and {second}; run `lazarus verify --repair`"
+        "{dir}: image {id} has rows in both {first} and {second}; run `lazarus verify --repair`"
     )]
     DuplicateImage {
         dir: PathBuf,
-        image_index: usize,
+        id: String,
         first: PathBuf,
         second: PathBuf,
     },
+    #[error(
+        "{dir} holds features in the layout of lazarus before issue 18 (rows named by manifest position, which cannot be checked); run `lazarus features migrate` to convert it (it checks every image against its sha256), or extract again with `lazarus enqueue --dataset {dataset} --encoder ENCODER`"
+    )]
+    LegacyLayout { dir: PathBuf, dataset: String },
+    #[error("{0}")]
+    NoFeatures(String),
+    #[error(
+        "{dir}: {ambiguous} feature rows match the short id {id} of dataset {dataset}'s manifest; run `lazarus dataset update {dataset}` to record full sha256 ids"
+    )]
+    AmbiguousId {
+        dir: PathBuf,
+        dataset: String,
+        id: String,
+        ambiguous: usize,
+    },
+    #[error(transparent)]
+    Dataset(#[from] crate::dataset::DatasetError),
 }
 
 impl FeatureError {
@@ -63,8 +92,14 @@ impl FeatureError {
     }
 }
 
-/// The folder of one dataset's features under one encoder fingerprint.
-pub fn feature_dir(layout: &Layout, dataset: &str, fingerprint: &str) -> PathBuf {
+/// The folder of the features of one encoder fingerprint.
+pub fn feature_dir(layout: &Layout, fingerprint: &str) -> PathBuf {
+    layout.features_dir().join(fingerprint)
+}
+
+/// Where lazarus before issue 18 kept one dataset's features under one
+/// fingerprint (read only by `migrate`).
+pub fn legacy_feature_dir(layout: &Layout, dataset: &str, fingerprint: &str) -> PathBuf {
     layout.features_dir().join(dataset).join(fingerprint)
 }
 
@@ -93,130 +128,177 @@ pub fn marked_shards(dir: &Path) -> Result<Vec<u64>, FeatureError> {
     Ok(indices)
 }
 
-/// What `verify` found in a feature folder.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct VerifyReport {
-    /// Nothing missing, duplicated or corrupt.
-    pub ok: bool,
-    /// Feature rows in valid shards.
-    pub rows: usize,
-    /// Expected manifest indices with no row.
-    pub missing: Vec<usize>,
-    /// Manifest indices with more than one row, with the shards holding them.
-    pub duplicates: BTreeMap<usize, Vec<u64>>,
-    /// Shards whose marker or content is wrong, with the reason.
+/// The rows of a folder's published shards, as `verify` reads them: every
+/// shard checked against its marker (full checksum) and its content ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FolderRows {
+    /// The content id of each row, per checksum-valid shard.
+    pub shards: BTreeMap<u64, Vec<[u8; 32]>>,
+    /// Shards whose marker, checksum or content is wrong, with the reason.
     pub corrupt: Vec<(u64, String)>,
-    /// Rows for manifest indices that were not expected.
-    pub unexpected: Vec<usize>,
 }
 
-/// Checks every shard in `dir` against its marker (full checksum) and the
-/// expected manifest indices: each exactly once. Reads only; repairs are the
-/// caller's (see `reconcile`).
-pub fn verify(dir: &Path, expected: &[usize]) -> Result<VerifyReport, FeatureError> {
-    let mut tally = RowTally::default();
-    if dir.exists() {
-        for shard_index in marked_shards(dir)? {
-            if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Checksum) {
-                tally.report.corrupt.push((shard_index, reason));
+/// The content ids of the rows of one shard's bytes; `path` names it in
+/// errors. Refuses shards of another format and ids that do not match the
+/// row count.
+pub fn shard_content_ids(path: &Path, bytes: &[u8]) -> Result<Vec<[u8; 32]>, String> {
+    let tensors = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let ids = tensors.tensor(CONTENT_TENSOR).map_err(|_| {
+        format!(
+            "{}: no '{CONTENT_TENSOR}' tensor (a shard of the layout before issue 18?)",
+            path.display()
+        )
+    })?;
+    if ids.dtype() != safetensors::Dtype::U8 || ids.shape().len() != 2 || ids.shape()[1] != 32 {
+        return Err(format!(
+            "{}: '{CONTENT_TENSOR}' is {:?} {:?}, expected U8 [rows, 32]",
+            path.display(),
+            ids.dtype(),
+            ids.shape()
+        ));
+    }
+    let rows = tensors
+        .tensor("pooled")
+        .map(|pooled| pooled.shape().first().copied().unwrap_or(0))
+        .map_err(|_| format!("{}: no 'pooled' tensor", path.display()))?;
+    if ids.shape()[0] != rows {
+        return Err(format!(
+            "{}: {} content ids for {rows} rows",
+            path.display(),
+            ids.shape()[0]
+        ));
+    }
+    Ok(ids
+        .data()
+        .chunks_exact(32)
+        .map(|chunk| chunk.try_into().expect("32 bytes"))
+        .collect())
+}
+
+/// Reads every shard in `dir` with its marker (full checksum) and content
+/// ids. Reads only; repairs are the caller's (see `reconcile`).
+pub fn read_folder_rows(dir: &Path) -> Result<FolderRows, FeatureError> {
+    let mut rows = FolderRows::default();
+    for shard_index in marked_shards(dir)? {
+        let marker = match check_shard(dir, shard_index, CheckLevel::Checksum) {
+            Ok(marker) => marker,
+            Err(reason) => {
+                rows.corrupt.push((shard_index, reason));
                 continue;
             }
-            let path = dir.join(shard_file_name(shard_index));
-            let bytes = std::fs::read(&path).map_err(|e| FeatureError::io(&path, e))?;
-            tally.add_shard(&path, shard_index, &bytes)?;
-        }
+        };
+        let path = dir.join(shard_file_name(shard_index));
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                rows.corrupt
+                    .push((shard_index, format!("{}: {err}", path.display())));
+                continue;
+            }
+        };
+        add_shard_rows(&mut rows, &path, shard_index, &marker, &bytes);
     }
-    Ok(tally.finish(expected))
+    Ok(rows)
 }
 
-/// [`verify`] for a folder of a [`store::FeatureStore`]: every published
-/// shard against its marker (full checksum) and the expected indices.
-pub fn verify_store(
+/// [`read_folder_rows`] for a folder of a [`store::FeatureStore`].
+pub fn read_store_rows(
     store: &dyn store::FeatureStore,
     folder: &str,
-    expected: &[usize],
-) -> Result<VerifyReport, FeatureError> {
-    let mut tally = RowTally::default();
+) -> Result<FolderRows, FeatureError> {
+    let mut rows = FolderRows::default();
     for shard_index in store::published_shards(store, folder)? {
-        if let Err(reason) =
-            store::check_stored_shard(store, folder, shard_index, CheckLevel::Checksum)
-        {
-            tally.report.corrupt.push((shard_index, reason));
-            continue;
-        }
+        let marker =
+            match store::check_stored_shard(store, folder, shard_index, CheckLevel::Checksum) {
+                Ok(marker) => marker,
+                Err(reason) => {
+                    rows.corrupt.push((shard_index, reason));
+                    continue;
+                }
+            };
         let name = shard_file_name(shard_index);
         let path = PathBuf::from(store.describe(folder, &name));
         let Some(bytes) = store.read(folder, &name)? else {
-            tally.report.corrupt.push((
+            rows.corrupt.push((
                 shard_index,
                 format!("{}: removed while verifying", path.display()),
             ));
             continue;
         };
-        tally.add_shard(&path, shard_index, &bytes)?;
+        add_shard_rows(&mut rows, &path, shard_index, &marker, &bytes);
     }
-    Ok(tally.finish(expected))
+    Ok(rows)
 }
 
-/// The rows of the shards `verify` has read so far, by manifest index.
-#[derive(Default)]
-struct RowTally {
-    report: VerifyReport,
-    holders: BTreeMap<usize, Vec<u64>>,
-}
-
-impl RowTally {
-    fn add_shard(
-        &mut self,
-        path: &Path,
-        shard_index: u64,
-        bytes: &[u8],
-    ) -> Result<(), FeatureError> {
-        let invalid = |message: String| FeatureError::InvalidShard {
-            path: path.to_path_buf(),
-            message,
-        };
-        let tensors =
-            safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
-        let view = tensors
-            .tensor("image_index")
-            .map_err(|e| invalid(e.to_string()))?;
-        for chunk in view.data().chunks_exact(8) {
-            let image = i64::from_le_bytes(chunk.try_into().expect("8 bytes")) as usize;
-            let shards = self.holders.entry(image).or_default();
-            // Tiles of one image are several rows of the same shard.
-            if shards.last() != Some(&shard_index) {
-                shards.push(shard_index);
-            }
-            self.report.rows += 1;
+fn add_shard_rows(
+    rows: &mut FolderRows,
+    path: &Path,
+    shard_index: u64,
+    marker: &DoneMarker,
+    bytes: &[u8],
+) {
+    if marker.format != SHARD_FORMAT_VERSION {
+        rows.corrupt.push((
+            shard_index,
+            format!(
+                "{}: shard format {}, this lazarus reads {SHARD_FORMAT_VERSION} here",
+                path.display(),
+                marker.format
+            ),
+        ));
+        return;
+    }
+    match shard_content_ids(path, bytes) {
+        Ok(ids) => {
+            rows.shards.insert(shard_index, ids);
         }
-        Ok(())
+        Err(reason) => rows.corrupt.push((shard_index, reason)),
     }
+}
 
-    fn finish(self, expected: &[usize]) -> VerifyReport {
-        let RowTally {
-            mut report,
-            holders,
-        } = self;
-        let expected_set: std::collections::BTreeSet<usize> = expected.iter().copied().collect();
-        report.missing = expected_set
-            .iter()
-            .filter(|image| !holders.contains_key(image))
-            .copied()
-            .collect();
-        report.unexpected = holders
-            .keys()
-            .filter(|image| !expected_set.contains(image))
-            .copied()
-            .collect();
-        report.duplicates = holders
-            .into_iter()
-            .filter(|(_, shards)| shards.len() > 1)
-            .collect();
-        report.ok = report.missing.is_empty()
-            && report.duplicates.is_empty()
-            && report.corrupt.is_empty()
-            && report.unexpected.is_empty();
-        report
+/// The content ids of the rows of the published shards in `dir`, read from
+/// each shard's header and id tensor alone, without the checksum: for
+/// `enqueue`'s coverage, where a damaged shard only means an image is not
+/// redone (`verify` finds the damage). A missing folder has none.
+pub fn published_content_ids(dir: &Path) -> Vec<[u8; 32]> {
+    let mut ids = Vec::new();
+    for shard_index in marked_shards(dir).unwrap_or_default() {
+        if let Ok(shard_ids) = header_content_ids(&dir.join(shard_file_name(shard_index))) {
+            ids.extend(shard_ids);
+        }
     }
+    ids
+}
+
+/// The `content_sha256` tensor of a shard, read by seeking past the rest.
+fn header_content_ids(path: &Path) -> std::io::Result<Vec<[u8; 32]>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let invalid = |message: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
+    let mut file = std::fs::File::open(path)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)?;
+    let header_len = u64::from_le_bytes(length);
+    if header_len > 100 << 20 {
+        return Err(invalid("header too large"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| invalid("header is not JSON"))?;
+    let entry = &header[CONTENT_TENSOR];
+    let offsets = entry["data_offsets"]
+        .as_array()
+        .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+        .ok_or_else(|| invalid("no content ids"))?;
+    if entry["dtype"] != "U8" || offsets.1 < offsets.0 || (offsets.1 - offsets.0) % 32 != 0 {
+        return Err(invalid("content ids are not U8 [rows, 32]"));
+    }
+    file.seek(SeekFrom::Start(8 + header_len + offsets.0))?;
+    let mut bytes = vec![0u8; (offsets.1 - offsets.0) as usize];
+    file.read_exact(&mut bytes)?;
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|chunk| chunk.try_into().expect("32 bytes"))
+        .collect())
 }

@@ -1,8 +1,20 @@
-//! `FeatureSet`: every published shard of one feature folder, memory-mapped,
-//! with random access by row and zero-copy f16 views.
+//! `FeatureSet`: every published shard of one fingerprint folder,
+//! memory-mapped, with random access by row and zero-copy f16 views.
+//!
+//! Opened whole, a set's rows are ordered by content id (an image's rows,
+//! one per tile of a spatial set, are consecutive) and found with
+//! [`FeatureSet::rows_of`]. [`FeatureSet::bind`] narrows it to the images
+//! of one dataset version, in manifest order, which is how every reader
+//! that trains or compares sees it (through `catalog`).
+//!
+//! Every shard is checked against its `.done` marker's sha256 the first
+//! time it is opened; the result is kept in `verified.json` in the folder,
+//! keyed by the file's size, inode and modification and change times, so a
+//! shard is hashed again whenever its file changed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,9 +22,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use half::f16;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use super::FeatureError;
-use super::shard::{CheckLevel, check_shard, shard_file_name};
+use super::shard::{
+    CONTENT_TENSOR, CheckLevel, DoneMarker, SHARD_FORMAT_VERSION, check_shard, shard_file_name,
+};
+use crate::digest::ContentId;
 
 struct MappedShard {
     path: PathBuf,
@@ -33,17 +50,22 @@ pub struct MapShape {
     pub width: usize,
 }
 
-/// The published features of one dataset and encoder fingerprint.
+/// The published features of one encoder fingerprint: all of them, or
+/// those of one dataset version's images (`bind`).
 pub struct FeatureSet {
     dir: PathBuf,
     shards: Vec<MappedShard>,
-    /// For each row (sorted by image index): (shard position, row within shard).
+    /// For each row: (shard position, row within shard); ordered by content
+    /// id, or by manifest index once bound to a dataset.
     locations: Vec<(u32, u32)>,
+    /// The content id (sha256 of the image's bytes) of each row.
+    ids: Vec<[u8; 32]>,
+    /// Once bound: the manifest index of each row, ascending.
     image_index: Vec<usize>,
+    bound: bool,
     feature_dim: usize,
     maps: Vec<MapShape>,
     metadata: HashMap<String, String>,
-    skipped_shards: Vec<(u64, String)>,
     /// Bytes of mapped rows read since the mapped pages were last released.
     touched_bytes: AtomicU64,
     /// Release the mapped pages once this many bytes were read (`u64::MAX`: never).
@@ -97,10 +119,123 @@ fn file_resident_bytes() -> Option<u64> {
     Some(shared_pages * 4096)
 }
 
+/// The file of a folder's checksum cache.
+pub const VERIFIED_FILE: &str = "verified.json";
+
+/// What identifies one state of a shard file: if any of it changed, the
+/// file may have, and its checksum is computed again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStamp {
+    /// The sha256 the file had (and its marker names).
+    sha256: String,
+    bytes: u64,
+    device: u64,
+    inode: u64,
+    modified_ns: i128,
+    changed_ns: i128,
+}
+
+impl FileStamp {
+    fn of(metadata: &std::fs::Metadata, sha256: &str) -> Self {
+        #[cfg(unix)]
+        let (device, inode, modified_ns, changed_ns) = {
+            use std::os::unix::fs::MetadataExt;
+            (
+                metadata.dev(),
+                metadata.ino(),
+                metadata.mtime() as i128 * 1_000_000_000 + metadata.mtime_nsec() as i128,
+                metadata.ctime() as i128 * 1_000_000_000 + metadata.ctime_nsec() as i128,
+            )
+        };
+        #[cfg(not(unix))]
+        let (device, inode, modified_ns, changed_ns) = {
+            let modified = metadata
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            (0, 0, modified, modified)
+        };
+        FileStamp {
+            sha256: sha256.to_string(),
+            bytes: metadata.len(),
+            device,
+            inode,
+            modified_ns,
+            changed_ns,
+        }
+    }
+}
+
+/// The shards of a folder whose checksum matched, as of their stamps.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct VerifiedShards {
+    shards: BTreeMap<String, FileStamp>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+impl VerifiedShards {
+    fn load(dir: &Path) -> Self {
+        std::fs::read(dir.join(VERIFIED_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Checks `path` against its marker: at once when its stamp was
+    /// verified before, else by reading and hashing the whole file.
+    fn check(&mut self, path: &Path, marker: &DoneMarker) -> Result<(), String> {
+        let metadata = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let stamp = FileStamp::of(&metadata, &marker.sha256);
+        if self.shards.get(&marker.shard) == Some(&stamp) {
+            return Ok(());
+        }
+        let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file
+                .read(&mut buffer)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        let sha256 = hex::encode(hasher.finalize());
+        if sha256 != marker.sha256 {
+            return Err(format!(
+                "{}: sha256 {sha256}, its marker says {}",
+                path.display(),
+                marker.sha256
+            ));
+        }
+        // Stamped after hashing: a write in between changes the change time.
+        if let Ok(after) = std::fs::metadata(path)
+            && FileStamp::of(&after, &marker.sha256) == stamp
+        {
+            self.shards.insert(marker.shard.clone(), stamp);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// Keeps the cache; a folder that cannot be written (a read-only mount)
+    /// only costs hashing again next time.
+    fn save(&self, dir: &Path) {
+        if self.changed {
+            let json = serde_json::to_vec(self).expect("stamps serialise");
+            let _ = crate::atomic::write_file(&dir.join(VERIFIED_FILE), &json);
+        }
+    }
+}
+
 impl FeatureSet {
-    /// Maps every shard in `dir` that has a `.done` marker whose recorded size
-    /// matches. Shards without a valid marker are skipped and reported by
-    /// `skipped_shards`; `lazarus verify` checks full checksums.
+    /// Maps every published shard (one with a `.done` marker) in `dir`,
+    /// after checking it against its marker (see the module's note on
+    /// `verified.json`). A shard whose marker, size or checksum is wrong is
+    /// refused by name, as is an image with rows in two shards.
     pub fn open(dir: &Path) -> Result<Self, FeatureError> {
         if !dir.is_dir() {
             return Err(FeatureError::io(
@@ -109,26 +244,37 @@ impl FeatureSet {
             ));
         }
         let indices = super::marked_shards(dir)?;
+        let mut verified = VerifiedShards::load(dir);
 
         let mut set = FeatureSet {
             dir: dir.to_path_buf(),
             shards: Vec::new(),
             locations: Vec::new(),
+            ids: Vec::new(),
             image_index: Vec::new(),
+            bound: false,
             feature_dim: 0,
             maps: Vec::new(),
             metadata: HashMap::new(),
-            skipped_shards: Vec::new(),
             touched_bytes: AtomicU64::new(0),
             resident_limit_bytes: AtomicU64::new(u64::MAX),
         };
-        let mut rows: Vec<(usize, u32, u32)> = Vec::new();
+        let mut rows: Vec<([u8; 32], u32, u32)> = Vec::new();
         for shard_index in indices {
-            if let Err(reason) = check_shard(dir, shard_index, CheckLevel::Size) {
-                set.skipped_shards.push((shard_index, reason));
-                continue;
-            }
             let path = dir.join(shard_file_name(shard_index));
+            let corrupt = |reason: String| FeatureError::CorruptShard {
+                path: path.clone(),
+                reason,
+            };
+            let marker = check_shard(dir, shard_index, CheckLevel::Size).map_err(corrupt)?;
+            if marker.format != SHARD_FORMAT_VERSION {
+                return Err(corrupt(format!(
+                    "{}: shard format {}, this lazarus reads {SHARD_FORMAT_VERSION} in a fingerprint folder",
+                    path.display(),
+                    marker.format
+                )));
+            }
+            verified.check(&path, &marker).map_err(corrupt)?;
             let file = File::open(&path).map_err(|e| FeatureError::io(&path, e))?;
             // SAFETY: published shards are never modified in place: writers
             // create a new file and rename it over the old one, so the mapped
@@ -140,8 +286,9 @@ impl FeatureSet {
             };
             let tensors = SafeTensors::deserialize(&mmap).map_err(|e| invalid(e.to_string()))?;
             let base = mmap.as_ptr() as usize;
-            let (index_range, _) = tensor_range(&path, &tensors, base, "image_index", Dtype::I64)?
-                .ok_or_else(|| invalid("no 'image_index' tensor".to_string()))?;
+            let (id_range, id_shape) =
+                tensor_range(&path, &tensors, base, CONTENT_TENSOR, Dtype::U8)?
+                    .ok_or_else(|| invalid(format!("no '{CONTENT_TENSOR}' tensor")))?;
             let (pooled, pooled_shape) = tensor_range(&path, &tensors, base, "pooled", Dtype::F16)?
                 .ok_or_else(|| invalid("no 'pooled' tensor".to_string()))?;
             let mut map_spans: Vec<(usize, TensorSpan)> = Vec::new();
@@ -199,12 +346,9 @@ impl FeatureSet {
                     set.maps
                 )));
             }
-            let image_index: &[i64] = bytemuck::try_cast_slice(&mmap[index_range])
-                .map_err(|e| invalid(format!("image_index: {e}")))?;
-            if image_index.len() != n_rows {
+            if id_shape.as_slice() != [n_rows, 32] {
                 return Err(invalid(format!(
-                    "{} image indices for {n_rows} rows",
-                    image_index.len()
+                    "{CONTENT_TENSOR} has shape {id_shape:?}, expected [{n_rows}, 32]"
                 )));
             }
             for range in std::iter::once(&pooled).chain(map_spans.iter().map(|(_, s)| &s.0)) {
@@ -217,10 +361,10 @@ impl FeatureSet {
             }
             let position = set.shards.len() as u32;
             rows.extend(
-                image_index
-                    .iter()
+                mmap[id_range]
+                    .chunks_exact(32)
                     .enumerate()
-                    .map(|(row, &image)| (image as usize, position, row as u32)),
+                    .map(|(row, id)| (id.try_into().expect("32 bytes"), position, row as u32)),
             );
             set.shards.push(MappedShard {
                 path,
@@ -230,30 +374,101 @@ impl FeatureSet {
                 tiles: tiles.map(|(range, _)| range),
             });
         }
+        verified.save(dir);
         rows.sort_unstable();
         for pair in rows.windows(2) {
             // Tiles of one image are rows of the same shard; two shards never share an image.
             if pair[0].0 == pair[1].0 && pair[0].1 != pair[1].1 {
                 return Err(FeatureError::DuplicateImage {
                     dir: dir.to_path_buf(),
-                    image_index: pair[0].0,
+                    id: hex::encode(pair[0].0),
                     first: set.shards[pair[0].1 as usize].path.clone(),
                     second: set.shards[pair[1].1 as usize].path.clone(),
                 });
             }
         }
-        set.image_index = rows.iter().map(|r| r.0).collect();
+        set.ids = rows.iter().map(|r| r.0).collect();
         set.locations = rows.iter().map(|r| (r.1, r.2)).collect();
-        // Reading headers and indices faulted in pages of every shard.
+        // Reading headers and ids faulted in pages of every shard.
         set.release_pages();
         Ok(set)
+    }
+
+    /// The rows (consecutive) of the image whose bytes hash to `sha256`, in
+    /// a set opened whole; empty when the set lacks it.
+    pub fn rows_of(&self, sha256: &[u8; 32]) -> Range<usize> {
+        self.rows_with_prefix(sha256)
+    }
+
+    /// Rows whose content id starts with `prefix` (a full id, or an old
+    /// manifest's 8 bytes), in a set opened whole.
+    pub fn rows_with_prefix(&self, prefix: &[u8]) -> Range<usize> {
+        debug_assert!(!self.bound, "a bound set is not ordered by content id");
+        let start = self.ids.partition_point(|id| &id[..prefix.len()] < prefix);
+        let end = self.ids.partition_point(|id| &id[..prefix.len()] <= prefix);
+        start..end
+    }
+
+    /// The set narrowed to the images of one dataset version, given as
+    /// (manifest index, content id) in manifest order: its rows are those
+    /// images' rows in manifest order (an image's tiles consecutive), and
+    /// `image_indices` gives each row's manifest index. Also returns the
+    /// manifest indices of the images the set has no row for.
+    pub fn bind(
+        mut self,
+        dataset: &str,
+        images: impl IntoIterator<Item = (usize, ContentId)>,
+    ) -> Result<(Self, Vec<usize>), FeatureError> {
+        debug_assert!(!self.bound, "a set is bound once");
+        let mut locations = Vec::new();
+        let mut ids = Vec::new();
+        let mut image_index = Vec::new();
+        let mut lacking = Vec::new();
+        for (index, id) in images {
+            let range = self.rows_with_prefix(id.known_bytes());
+            if range.is_empty() {
+                lacking.push(index);
+                continue;
+            }
+            // A short (old manifest) id must name one image.
+            let first = self.ids[range.start];
+            if !id.is_full() {
+                let distinct = self.ids[range.clone()]
+                    .iter()
+                    .filter(|other| **other != first)
+                    .count();
+                if distinct > 0 {
+                    return Err(FeatureError::AmbiguousId {
+                        dir: self.dir.clone(),
+                        dataset: dataset.to_string(),
+                        id: id.to_string(),
+                        ambiguous: range.len(),
+                    });
+                }
+            }
+            for row in range {
+                locations.push(self.locations[row]);
+                ids.push(self.ids[row]);
+                image_index.push(index);
+            }
+        }
+        self.locations = locations;
+        self.ids = ids;
+        self.image_index = image_index;
+        self.bound = true;
+        Ok((self, lacking))
+    }
+
+    /// The content id (sha256 of the image's bytes) of a row.
+    pub fn content_id(&self, row: usize) -> &[u8; 32] {
+        &self.ids[row]
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Number of rows (images with features).
+    /// Number of rows (images with features; tiles in spatial sets).
     pub fn len(&self) -> usize {
         self.locations.len()
     }
@@ -276,13 +491,10 @@ impl FeatureSet {
         &self.metadata
     }
 
-    /// Shards that were not mapped, and why.
-    pub fn skipped_shards(&self) -> &[(u64, String)] {
-        &self.skipped_shards
-    }
-
-    /// Manifest row of each feature row, ascending.
+    /// Manifest index of each row, ascending, in a set bound to a dataset
+    /// (`bind`); empty in a set opened whole.
     pub fn image_indices(&self) -> &[usize] {
+        debug_assert!(self.bound, "image indices belong to a bound set");
         &self.image_index
     }
 

@@ -11,11 +11,21 @@ use serde::{Deserialize, Serialize};
 
 use super::FeatureError;
 
+/// The layout of shards and their markers. Version 2 (issue 18) names each
+/// row's image by the sha256 of its bytes (`content_sha256`) and lives in a
+/// folder per fingerprint shared by every dataset; version 1 shards (an
+/// `image_index` into one dataset's manifest, under `DATASET/FINGERPRINT`)
+/// are read only by `lazarus features migrate`.
+pub const SHARD_FORMAT_VERSION: u32 = 2;
+
+/// Name of the per-row content id tensor: U8 [rows, 32].
+pub const CONTENT_TENSOR: &str = "content_sha256";
+
 /// The features of one chunk, borrowed from the caller.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardData<'a> {
-    /// Manifest rows, one per feature row.
-    pub image_index: &'a [i64],
+    /// The sha256 of the bytes each row was computed from.
+    pub content_ids: &'a [[u8; 32]],
     /// Pooled features, row-major [rows, feature_dim].
     pub pooled: &'a [f16],
     pub feature_dim: usize,
@@ -65,6 +75,14 @@ pub struct DoneMarker {
     pub job_id: i64,
     pub attempt: u32,
     pub lazarus_version: String,
+    /// The shard format (`SHARD_FORMAT_VERSION`); markers before issue 18
+    /// have none and are version 1.
+    #[serde(default = "legacy_format")]
+    pub format: u32,
+}
+
+fn legacy_format() -> u32 {
+    1
 }
 
 pub fn shard_file_name(shard_index: u64) -> String {
@@ -112,7 +130,7 @@ pub(crate) fn encode_shard(
     metadata: HashMap<String, String>,
     job: JobRef,
 ) -> Result<(Vec<u8>, DoneMarker), FeatureError> {
-    let rows = data.image_index.len();
+    let rows = data.content_ids.len();
     let invalid = |message: String| FeatureError::InvalidShard {
         path: location.to_path_buf(),
         message,
@@ -125,11 +143,11 @@ pub(crate) fn encode_shard(
             rows * data.feature_dim
         )));
     }
-    let image_index_bytes: &[u8] = bytemuck::cast_slice(data.image_index);
+    let id_bytes: &[u8] = data.content_ids.as_flattened();
     let mut tensors: Vec<(&str, TensorView<'_>)> = vec![
         (
-            "image_index",
-            TensorView::new(Dtype::I64, vec![rows], image_index_bytes)
+            CONTENT_TENSOR,
+            TensorView::new(Dtype::U8, vec![rows, 32], id_bytes)
                 .map_err(|e| invalid(e.to_string()))?,
         ),
         (
@@ -192,6 +210,7 @@ pub(crate) fn encode_shard(
         job_id: job.job_id,
         attempt: job.attempt,
         lazarus_version: crate::VERSION.to_string(),
+        format: SHARD_FORMAT_VERSION,
     };
     Ok((bytes, marker))
 }

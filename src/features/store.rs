@@ -3,7 +3,7 @@
 //! on many machines ([`ObjectFeatureStore`], behind the `object-store` cargo
 //! feature; S3 needs `s3` as well).
 //!
-//! A store holds folders (`DATASET/FINGERPRINT`) of whole files. Every write
+//! A store holds folders (one per `FINGERPRINT`) of whole files. Every write
 //! is atomic: a reader sees a file whole or not at all (local: temp file,
 //! fsync, rename; object stores: a PUT becomes visible only when complete).
 //! [`publish_shard`] writes the shard first and its `.done` marker second, so
@@ -359,15 +359,17 @@ fn open_object_store(url: &str) -> Result<std::sync::Arc<dyn FeatureStore>, Feat
     })
 }
 
-/// The store folder of one dataset's features under one fingerprint.
-pub fn store_folder(dataset: &str, fingerprint: &str) -> String {
-    format!("{dataset}/{fingerprint}")
+/// The store folder of the features of one fingerprint (shared by every
+/// dataset, as `features/FINGERPRINT` is locally).
+pub fn store_folder(fingerprint: &str) -> String {
+    fingerprint.to_string()
 }
 
 /// What [`pull`] did for one fingerprint folder.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PulledFolder {
-    pub dataset: String,
+    /// The dataset the pull was asked for, if one was.
+    pub dataset: Option<String>,
     pub fingerprint: String,
     /// Shards with a `.done` marker in the store.
     pub published: usize,
@@ -376,29 +378,33 @@ pub struct PulledFolder {
     pub copied: usize,
 }
 
-/// Mirrors the published shards of `dataset` (one fingerprint, or every
-/// fingerprint the store has) into `features_root/DATASET/FINGERPRINT`, so
-/// that training and prediction map them locally. Each file is written
+/// Mirrors the published shards of the store's fingerprint folders (one,
+/// or every one the store has) into `features_root/FINGERPRINT`, so that
+/// training and prediction map them locally. Each file is written
 /// atomically, shard before marker, so a killed pull leaves nothing a reader
-/// takes for published; a second pull copies only what changed.
+/// takes for published; a second pull copies only what changed. `dataset`
+/// only labels the result: folders are shared by every dataset.
 pub fn pull(
     store: &dyn FeatureStore,
     features_root: &Path,
-    dataset: &str,
+    dataset: Option<&str>,
     fingerprint: Option<&str>,
 ) -> Result<Vec<PulledFolder>, FeatureError> {
     let fingerprints = match fingerprint {
         Some(fingerprint) => vec![fingerprint.to_string()],
-        None => store.folders(dataset)?,
+        None => store.folders("")?,
     };
     let mut pulled = Vec::new();
     for fingerprint in fingerprints {
-        let folder = store_folder(dataset, &fingerprint);
+        let folder = store_folder(&fingerprint);
         let published = published_shards(store, &folder)?.len();
-        let local_dir = features_root.join(dataset).join(&fingerprint);
+        if published == 0 {
+            continue;
+        }
+        let local_dir = features_root.join(&fingerprint);
         let copied = download(store, &folder, &local_dir)?;
         pulled.push(PulledFolder {
-            dataset: dataset.to_string(),
+            dataset: dataset.map(str::to_string),
             fingerprint,
             published,
             copied,

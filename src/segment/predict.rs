@@ -95,7 +95,7 @@ impl LazyEncoder<'_> {
 /// Where an image's tiles come from.
 enum TileSource<'a> {
     /// Its rows in the run's spatial cache.
-    Cache(&'a FeatureCache, &'a [usize]),
+    Cache(&'a FeatureCache, Vec<usize>),
     /// Preprocessed tiles for the encoder.
     Encoder(Vec<super::tile::PreparedTile>),
 }
@@ -120,15 +120,8 @@ pub fn predict(
     let trained = load_head(&run_dir, &inputs.config, &config.device)?;
     // Without its feature folder (removed to save space), every image goes
     // through the encoder, as before the cache was read.
-    let features = crate::features::feature_dir(layout, &inputs.dataset, &inputs.fingerprint);
-    let cache = if features.is_dir() {
-        Some(
-            FeatureCache::open(layout, &inputs.dataset, &inputs.fingerprint)
-                .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let cache = FeatureCache::open_if_present(layout, &inputs.fingerprint)
+        .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?;
     let mut encoder = LazyEncoder {
         run_id,
         trained: &trained,
@@ -156,7 +149,7 @@ pub fn predict(
             foreground_fraction: None,
             error: None,
         };
-        let bytes = match std::fs::read(path) {
+        let bytes = match crate::files::read_regular_file(path) {
             Ok(bytes) => bytes,
             Err(e) => {
                 prediction.error = Some(format!("cannot read {}: {e}", path.display()));
@@ -164,8 +157,12 @@ pub fn predict(
                 continue;
             }
         };
-        let id = crate::dataset::content_id(&bytes);
-        let decoded = match cache.as_ref().and_then(|c| Some((c, c.rows(&id)?))) {
+        let sha256 = crate::digest::sha256(&bytes);
+        let id = hex::encode(sha256);
+        let decoded = match cache
+            .as_ref()
+            .and_then(|c| Some((c, c.rows(&sha256)?.collect::<Vec<usize>>())))
+        {
             Some((cache, rows)) => {
                 crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
                     .map(|image| (image, TileSource::Cache(cache, rows)))
@@ -180,7 +177,7 @@ pub fn predict(
                 let logits = match source {
                     TileSource::Cache(cache, rows) => {
                         prediction.features_from = Some("cache");
-                        cached_logits(&trained, cache, rows, &config.device)?
+                        cached_logits(&trained, cache, &rows, &config.device)?
                     }
                     TileSource::Encoder(tiles) => {
                         prediction.features_from = Some("encoder");

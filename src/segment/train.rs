@@ -34,7 +34,8 @@ use super::model::{
 };
 use crate::dataset::{self, MaskKind, Split};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
-use crate::features::{FeatureSet, feature_dir};
+use crate::features::FeatureSet;
+use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
 use crate::train::checkpoint;
 use crate::train::config::{ClassWeights, Task, TrainConfig};
@@ -65,6 +66,8 @@ pub struct SegmentRequest {
     /// `foreground` for binary masks; `0`, `1`, ... for index masks) once the
     /// masks are loaded, it replaces `config.class_weights`.
     pub class_weights_file: Option<PathBuf>,
+    /// Train on the images that have features when some lack them.
+    pub allow_partial: bool,
 }
 
 /// What a segmentation run did (also `metrics.json`).
@@ -122,6 +125,10 @@ pub fn map_tensors(
 /// The checked inputs of a run: feature rows per split and their masks.
 struct SegmentData {
     features: FeatureSet,
+    /// The manifest version the rows are joined to.
+    dataset_version: u32,
+    /// Listed images without features (with `allow_partial`).
+    images_lacking: usize,
     fingerprint: String,
     encoder: String,
     info: SegmentHeadInfo,
@@ -134,65 +141,50 @@ struct SegmentData {
     std: Vec<f32>,
 }
 
-/// The spatial feature folder of `dataset` made by `encoder`.
-pub fn spatial_fingerprint(
-    layout: &Layout,
-    dataset: &str,
-    encoder: &str,
-) -> Result<String, SegmentError> {
-    let parent = layout.features_dir().join(dataset);
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&parent) {
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || crate::atomic::is_temp_name(&name) {
-                continue;
-            }
-            let set = FeatureSet::open(&entry.path())?;
-            if !set.is_empty()
-                && !set.maps().is_empty()
-                && set.metadata().get("encoder").map(String::as_str) == Some(encoder)
-            {
-                found.push(name);
-            }
-        }
-    }
-    found.sort();
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(SegmentError::NoFeatures(format!(
-            "no spatial features of dataset {dataset} made by encoder {encoder} under {}; run \
-             `lazarus enqueue --dataset {dataset} --encoder {encoder} --spatial` and a worker",
-            parent.display()
-        ))),
-        many => Err(SegmentError::NoFeatures(format!(
-            "several spatial feature folders of dataset {dataset} made by {encoder} under {}, \
-             pick one with --fingerprint: {}",
-            parent.display(),
-            many.join(", ")
-        ))),
-    }
-}
-
 /// (feature row, classes at the training resolution) of one image's tiles.
 type TileTargets = Vec<(usize, Vec<u8>)>;
 
 /// Which features a run reads: dataset, encoder and, when known, the folder.
 struct DataSource<'a> {
     dataset: &'a str,
+    /// The manifest version; `None` for the current one.
+    version: Option<u32>,
     encoder: &'a str,
     fingerprint: Option<&'a str>,
+    allow_partial: bool,
 }
 
 fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, SegmentError> {
     let dataset_name = source.dataset;
-    let dataset = dataset::load(layout, dataset_name)?;
-    let fingerprint = match source.fingerprint {
-        Some(fingerprint) => fingerprint.to_string(),
-        None => spatial_fingerprint(layout, dataset_name, source.encoder)?,
-    };
-    let dir = feature_dir(layout, dataset_name, &fingerprint);
-    let features = FeatureSet::open(&dir)?;
+    let opened = catalog::open(
+        layout,
+        &FeatureRequest {
+            dataset: dataset_name,
+            version: source.version,
+            encoder: Some(source.encoder),
+            kind: Some(FeatureKind::Spatial),
+            fingerprint: source.fingerprint,
+        },
+    )
+    .map_err(|e| match e {
+        crate::features::FeatureError::NoFeatures(message) => SegmentError::NoFeatures(message),
+        other => SegmentError::from(other),
+    })?;
+    if !opened.lacking.is_empty() && !source.allow_partial {
+        return Err(SegmentError::Invalid(catalog::lacking_message(
+            dataset_name,
+            opened.info.version,
+            &opened.fingerprint,
+            opened.lacking_by_split(),
+            opened.info.images,
+        )));
+    }
+    let images_lacking = opened.lacking.len();
+    let dataset_version = opened.info.version;
+    let dataset = dataset::load_at(layout, dataset_name, Some(dataset_version))?;
+    let fingerprint = opened.fingerprint;
+    let features = opened.features;
+    let dir = features.dir().to_path_buf();
     if features.maps().is_empty() {
         return Err(SegmentError::NoFeatures(format!(
             "{} holds pooled features only; segmentation needs `enqueue --spatial`",
@@ -222,7 +214,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
     let per_image: Vec<Result<TileTargets, SegmentError>> = rows_by_image
         .par_iter()
         .map(|(&image, rows)| {
-            let record = dataset.images.get(image).ok_or_else(|| {
+            let record = dataset.record(image).ok_or_else(|| {
                 SegmentError::Invalid(format!(
                     "feature row for image {image} is outside dataset {dataset_name} ({} images)",
                     dataset.images.len()
@@ -270,7 +262,11 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
 
     let mut splits: [Vec<usize>; 3] = Default::default();
     for (row, &image) in features.image_indices().iter().enumerate() {
-        let position = match dataset.images[image].split {
+        let split = dataset
+            .record(image)
+            .map(|record| record.split)
+            .expect("bound rows are listed images");
+        let position = match split {
             Split::Train => 0,
             Split::Val => 1,
             Split::Test => 2,
@@ -342,6 +338,8 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
             weights,
         },
         features,
+        dataset_version,
+        images_lacking,
         fingerprint,
         encoder,
         train,
@@ -583,8 +581,10 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         layout,
         &DataSource {
             dataset: &request.dataset,
+            version: None,
             encoder: &request.encoder,
             fingerprint: request.fingerprint.as_deref(),
+            allow_partial: request.allow_partial,
         },
     )?;
     if let Some(file) = &request.class_weights_file {
@@ -595,14 +595,21 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     }
     let inputs = RunInputs {
         dataset: request.dataset.clone(),
+        dataset_version: data.dataset_version,
+        images_lacking: data.images_lacking,
         fingerprint: data.fingerprint.clone(),
         encoder: Some(data.encoder.clone()),
         class_names: class_names(&data.info),
-        config_hash: config.config_hash(&request.dataset, &data.fingerprint),
+        config_hash: config.config_hash_at(
+            &request.dataset,
+            data.dataset_version,
+            &data.fingerprint,
+        ),
         config: config.clone(),
     };
     let db = ExperimentsDb::open(layout)?;
     let mut params = crate::train::session::params(&config, &request.dataset, &data.encoder);
+    params.extend(crate::train::session::input_params(&inputs));
     params.push(("task".into(), Task::Segment.name().into()));
     params.extend(request.extra_params.iter().cloned());
     let handle = db.start_run(RunStart {
@@ -646,8 +653,10 @@ pub fn resume(
         layout,
         &DataSource {
             dataset: &inputs.dataset,
+            version: Some(inputs.dataset_version),
             encoder: &encoder,
             fingerprint: Some(&inputs.fingerprint),
+            allow_partial: inputs.images_lacking > 0,
         },
     )?;
     let config = segment_config(inputs.config.clone())?;

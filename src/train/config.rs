@@ -313,11 +313,27 @@ impl TrainConfig {
     /// sha256 of the canonical JSON of this config plus the feature set it
     /// trains on: equal hashes mean the same run would be repeated.
     pub fn config_hash(&self, dataset: &str, fingerprint: &str) -> String {
-        let canonical = serde_json::json!({
-            "config": self,
-            "dataset": dataset,
-            "fingerprint": fingerprint,
-        });
+        self.config_hash_at(dataset, 1, fingerprint)
+    }
+
+    /// `config_hash` on a dataset's manifest version: a grown dataset is new
+    /// training data, so its runs are not the earlier version's (version 1
+    /// hashes as before versions existed, keeping recorded hashes valid).
+    pub fn config_hash_at(&self, dataset: &str, version: u32, fingerprint: &str) -> String {
+        let canonical = if version <= 1 {
+            serde_json::json!({
+                "config": self,
+                "dataset": dataset,
+                "fingerprint": fingerprint,
+            })
+        } else {
+            serde_json::json!({
+                "config": self,
+                "dataset": dataset,
+                "dataset_version": version,
+                "fingerprint": fingerprint,
+            })
+        };
         crate::digest::sha256_hex(canonical.to_string().as_bytes())[..16].to_string()
     }
 }

@@ -1,11 +1,12 @@
-//! Training inputs: the memory-mapped feature rows of one dataset, checked and
-//! split, with standardisation statistics from the training split.
+//! Training inputs: the memory-mapped feature rows of one dataset version
+//! (found and joined by content id through `features::catalog`), checked
+//! and split, with standardisation statistics from the training split.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 
 use crate::dataset::{self, Split};
-use crate::features::{FeatureSet, feature_dir};
+use crate::features::FeatureSet;
+use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
 
 use super::TrainError;
@@ -20,109 +21,22 @@ pub struct SplitRows {
 /// A checked training input; rows stay memory-mapped in `features`.
 pub struct TrainData {
     pub dataset_name: String,
+    /// The manifest version the rows are joined to.
+    pub dataset_version: u32,
     pub features: FeatureSet,
     pub fingerprint: String,
     pub class_names: Vec<String>,
     pub train: SplitRows,
     pub val: SplitRows,
     pub test: SplitRows,
+    /// Labelled images of the version without a feature row (only with
+    /// `LoadConfig::allow_partial`; otherwise such a set is refused).
+    pub images_lacking: usize,
     /// Per-dimension mean and standard deviation over the training split.
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     /// 1 / std, so standardising is one multiply-add per value.
     inverse_std: Vec<f32>,
-}
-
-/// Finds the fingerprint folder: the given one, or the only one there is.
-pub fn resolve_fingerprint(
-    layout: &Layout,
-    dataset_name: &str,
-    fingerprint: Option<&str>,
-) -> Result<(String, PathBuf), TrainError> {
-    if let Some(fingerprint) = fingerprint {
-        let dir = feature_dir(layout, dataset_name, fingerprint);
-        if !dir.is_dir() {
-            return Err(TrainError::NoFeatures(format!(
-                "{} does not exist",
-                dir.display()
-            )));
-        }
-        return Ok((fingerprint.to_string(), dir));
-    }
-    let parent = layout.features_dir().join(dataset_name);
-    let mut found: Vec<String> = match std::fs::read_dir(&parent) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    found.sort();
-    match found.as_slice() {
-        [one] => Ok((one.clone(), parent.join(one))),
-        [] => Err(TrainError::NoFeatures(format!(
-            "no feature folder under {}",
-            parent.display()
-        ))),
-        many => Err(TrainError::NoFeatures(format!(
-            "several fingerprints under {}, pick one with --fingerprint: {}",
-            parent.display(),
-            many.join(", ")
-        ))),
-    }
-}
-
-/// The pooled feature folder of `dataset` whose shards were made by `encoder`.
-pub fn fingerprint_for_encoder(
-    layout: &Layout,
-    dataset_name: &str,
-    encoder: &str,
-) -> Result<String, TrainError> {
-    let parent = layout.features_dir().join(dataset_name);
-    let mut found = Vec::new();
-    let mut seen = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&parent) {
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || crate::atomic::is_temp_name(&name) {
-                continue;
-            }
-            let set = FeatureSet::open(&entry.path())?;
-            if set.is_empty() {
-                continue;
-            }
-            // Spatial sets (`enqueue --spatial`) hold tiles, not images: the
-            // pooled readers never pick them.
-            if !set.maps().is_empty() {
-                seen.push(format!("{name} (spatial)"));
-                continue;
-            }
-            match set.metadata().get("encoder") {
-                Some(made_by) if made_by == encoder => found.push(name),
-                Some(made_by) => seen.push(format!("{name} ({made_by})")),
-                None => seen.push(name),
-            }
-        }
-    }
-    found.sort();
-    match found.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(TrainError::NoFeatures(format!(
-            "no features of dataset {dataset_name} made by encoder {encoder} under {}{}",
-            parent.display(),
-            if seen.is_empty() {
-                String::new()
-            } else {
-                format!("; found {}", seen.join(", "))
-            }
-        ))),
-        many => Err(TrainError::NoFeatures(format!(
-            "several feature folders of dataset {dataset_name} made by {encoder} under {}: {}",
-            parent.display(),
-            many.join(", ")
-        ))),
-    }
 }
 
 /// How training data is read.
@@ -133,6 +47,15 @@ pub struct LoadConfig {
     /// Class renames or merges (see `TrainConfig::label_map`).
     pub label_map: BTreeMap<String, String>,
     pub split_labels: SplitLabels,
+    /// Only features made by this encoder.
+    pub encoder: Option<String>,
+    /// Pooled or spatial features; `None` accepts either.
+    pub kind: Option<FeatureKind>,
+    /// The manifest version to train on; `None` for the current one.
+    pub version: Option<u32>,
+    /// Train on the images that have features when some lack them,
+    /// instead of refusing the set.
+    pub allow_partial: bool,
 }
 
 /// Which classes each split must hold.
@@ -147,25 +70,36 @@ pub enum SplitLabels {
 }
 
 /// Opens and checks the features of a dataset: every split has examples,
-/// splits share one label set, and no row holds NaN or inf.
+/// splits share one label set, no row holds NaN or inf, and every labelled
+/// image has features (unless `config.allow_partial`).
 pub fn load(
     layout: &Layout,
     dataset_name: &str,
     fingerprint: Option<&str>,
     config: &LoadConfig,
 ) -> Result<TrainData, TrainError> {
-    let (fingerprint, dir) = resolve_fingerprint(layout, dataset_name, fingerprint)?;
-    let features = FeatureSet::open(&dir)?;
+    let opened = catalog::open(
+        layout,
+        &FeatureRequest {
+            dataset: dataset_name,
+            version: config.version,
+            encoder: config.encoder.as_deref(),
+            kind: config.kind,
+            fingerprint,
+        },
+    )?;
+    let fingerprint = opened.fingerprint;
+    let info = opened.info;
+    let features = opened.features;
     features.set_resident_limit(config.resident_limit_bytes);
     if features.is_empty() {
         return Err(TrainError::NoFeatures(format!(
-            "{} holds no published shard",
-            dir.display()
+            "{} holds no row of dataset {dataset_name}",
+            features.dir().display()
         )));
     }
     // Only (class, split) per manifest row is kept: a manifest of millions
     // of images is streamed, never held.
-    let info = dataset::load_info(layout, dataset_name)?;
     for from in config.label_map.keys() {
         if !info.class_order.contains(from) {
             return Err(TrainError::Invalid(format!(
@@ -189,8 +123,9 @@ pub fn load(
         };
         mapped_index.insert(name, index as u32);
     }
+    // By manifest index (indices of removed rows stay empty).
     let mut labelled: Vec<Option<(u32, Split)>> = Vec::with_capacity(info.images);
-    dataset::visit_images(layout, dataset_name, |record| {
+    dataset::visit_images_at(layout, dataset_name, Some(info.version), |record| {
         let entry = match record.label.as_deref() {
             None => None,
             Some(label) => Some((
@@ -203,9 +138,29 @@ pub fn load(
                 record.split,
             )),
         };
-        labelled.push(entry);
+        if labelled.len() <= record.index {
+            labelled.resize(record.index + 1, None);
+        }
+        labelled[record.index] = entry;
         Ok(())
     })?;
+    let mut lacking = [0usize; 3];
+    for missing in &opened.lacking {
+        if labelled.get(missing.index).copied().flatten().is_some() {
+            lacking[split_slot(missing.split)] += 1;
+        }
+    }
+    let images_lacking: usize = lacking.iter().sum();
+    if images_lacking > 0 && !config.allow_partial {
+        let labelled_count = labelled.iter().filter(|l| l.is_some()).count();
+        return Err(TrainError::Incomplete(catalog::lacking_message(
+            dataset_name,
+            info.version,
+            &fingerprint,
+            lacking,
+            labelled_count,
+        )));
+    }
 
     let mut splits: [SplitRows; 3] = Default::default();
     for (row, &image_index) in features.image_indices().iter().enumerate() {
@@ -216,11 +171,7 @@ pub fn load(
         if features.pooled(row).iter().any(|v| !v.is_finite()) {
             return Err(TrainError::NonFinite { image_index });
         }
-        let slot = match split {
-            Split::Train => 0,
-            Split::Val => 1,
-            Split::Test => 2,
-        };
+        let slot = split_slot(split);
         splits[slot].rows.push(row);
         splits[slot].labels.push(class);
     }
@@ -253,16 +204,26 @@ pub fn load(
     let [train, val, test] = splits;
     Ok(TrainData {
         dataset_name: dataset_name.to_string(),
+        dataset_version: info.version,
         features,
         fingerprint,
         class_names,
         train,
         val,
         test,
+        images_lacking,
         inverse_std: std.iter().map(|s| 1.0 / s).collect(),
         mean,
         std,
     })
+}
+
+fn split_slot(split: Split) -> usize {
+    match split {
+        Split::Train => 0,
+        Split::Val => 1,
+        Split::Test => 2,
+    }
 }
 
 /// Mean and standard deviation per dimension, accumulated in f64; a constant

@@ -34,6 +34,8 @@ pub enum TrainError {
     Invalid(String),
     #[error("no finished features: {0}")]
     NoFeatures(String),
+    #[error("incomplete features: {0}")]
+    Incomplete(String),
     #[error("split {0} has no examples with features and a label")]
     EmptySplit(&'static str),
     #[error("label set differs between splits: {0}")]

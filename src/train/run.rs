@@ -281,9 +281,11 @@ pub fn fit(
         let report = RunReport {
             run_id: run.run_id.clone(),
             run_dir: run.run_dir.clone(),
-            config_hash: run
-                .config
-                .config_hash(&data.dataset_name, &data.fingerprint),
+            config_hash: run.config.config_hash_at(
+                &data.dataset_name,
+                data.dataset_version,
+                &data.fingerprint,
+            ),
             plan: trainer.plan,
             epochs_run: trainer.state.epochs_done,
             best_epoch: trainer.state.best_epoch,
@@ -714,6 +716,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunInputs {
     pub dataset: String,
+    /// The manifest version the run trains on (`--resume` reads it again).
+    #[serde(default = "first_version")]
+    pub dataset_version: u32,
+    /// Images of that version without features (`--allow-partial` runs).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub images_lacking: usize,
     pub fingerprint: String,
     pub encoder: Option<String>,
     pub class_names: Vec<String>,
@@ -722,6 +730,14 @@ pub struct RunInputs {
 }
 
 pub const RUN_INPUTS_FILE: &str = "config.json";
+
+fn first_version() -> u32 {
+    1
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
+}
 
 /// Writes `config.json` at the start of a run, so a killed run can be resumed.
 pub fn write_run_inputs(run_dir: &Path, inputs: &RunInputs) -> Result<(), TrainError> {
@@ -788,10 +804,16 @@ fn write_run(
 pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
     RunInputs {
         dataset: data.dataset_name.clone(),
+        dataset_version: data.dataset_version,
+        images_lacking: data.images_lacking,
         fingerprint: data.fingerprint.clone(),
         encoder: data.features.metadata().get("encoder").cloned(),
         class_names: data.class_names.clone(),
-        config_hash: config.config_hash(&data.dataset_name, &data.fingerprint),
+        config_hash: config.config_hash_at(
+            &data.dataset_name,
+            data.dataset_version,
+            &data.fingerprint,
+        ),
         config: config.clone(),
     }
 }

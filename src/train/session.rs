@@ -91,6 +91,23 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
     out
 }
 
+/// The params every run records about its data: the manifest version it
+/// trained on (`experiments list --where dataset_version=2`), and how many
+/// images lacked features when `--allow-partial` let it start anyway.
+pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
+    let mut out = vec![(
+        "dataset_version".to_string(),
+        (inputs.dataset_version as f64).into(),
+    )];
+    if inputs.images_lacking > 0 {
+        out.push((
+            "images_lacking".to_string(),
+            (inputs.images_lacking as f64).into(),
+        ));
+    }
+    out
+}
+
 /// Logs every finished epoch to the run's metrics table.
 struct EpochLogger<'a> {
     handles: &'a [RunHandle],
@@ -175,12 +192,14 @@ pub fn resume(
             inputs.config.task.name()
         )));
     }
-    let data = data::load(
-        layout,
-        &inputs.dataset,
-        Some(&inputs.fingerprint),
-        &load_config(&inputs.config),
-    )?;
+    // The manifest version and coverage the run started on, whatever
+    // the dataset has become since.
+    let load = data::LoadConfig {
+        version: Some(inputs.dataset_version),
+        allow_partial: inputs.images_lacking > 0,
+        ..load_config(&inputs.config)
+    };
+    let data = data::load(layout, &inputs.dataset, Some(&inputs.fingerprint), &load)?;
     let from = super::checkpoint::latest_epoch(&run_dir)?;
     // Killed before its first checkpoint: start from the source's weights again.
     let warm = match &inputs.config.init_from {
@@ -227,6 +246,7 @@ pub(crate) fn start(
 ) -> Result<RunHandle, TrainError> {
     let encoder = inputs.encoder.clone().unwrap_or_default();
     let mut params = params(&inputs.config, &inputs.dataset, &encoder);
+    params.extend(input_params(inputs));
     params.extend(extra_params.iter().cloned());
     let handle = db.start_run(RunStart {
         experiment: experiment.to_string(),
@@ -315,6 +335,10 @@ struct ModelCard<'a> {
     lazarus_version: &'static str,
     task: &'static str,
     dataset: &'a str,
+    /// The dataset's manifest version the head was trained on.
+    dataset_version: u32,
+    /// Images of that version without features (an `--allow-partial` run).
+    images_lacking: usize,
     encoder: Option<String>,
     encoder_fingerprint: &'a str,
     classes: &'a [String],
@@ -357,6 +381,8 @@ fn write_artifacts(
         lazarus_version: crate::VERSION,
         task: "image classification from frozen-encoder features",
         dataset: &data.dataset_name,
+        dataset_version: data.dataset_version,
+        images_lacking: data.images_lacking,
         encoder: data.features.metadata().get("encoder").cloned(),
         encoder_fingerprint: &data.fingerprint,
         classes: &data.class_names,
@@ -444,6 +470,8 @@ pub struct SweepOptions {
     pub force: bool,
     /// The metric the comparison chart shows.
     pub chart_metric: String,
+    /// Train on the images that have features when some lack them.
+    pub allow_partial: bool,
 }
 
 /// Trains every head of a sweep; heads on the same features in one pass.
@@ -483,12 +511,7 @@ pub fn sweep(
         charts: Vec::new(),
     };
     for ((dataset, encoder, spatial), members) in groups {
-        let fingerprint = if spatial {
-            crate::segment::train::spatial_fingerprint(layout, &dataset, &encoder)
-                .map_err(|e| TrainError::Segment(Box::new(e)))?
-        } else {
-            data::fingerprint_for_encoder(layout, &dataset, &encoder)?
-        };
+        let fingerprint = find_fingerprint(layout, &dataset, &encoder, spatial)?;
         let mut configs: Vec<TrainConfig> = Vec::new();
         for &i in &members {
             let mut config = sweep.points[i].config.clone();
@@ -496,6 +519,7 @@ pub fn sweep(
             configs.push(config);
         }
         let mut load = load_config(&configs[0]);
+        load.allow_partial = options.allow_partial;
         if configs.iter().all(|c| c.task == Task::Anomaly) {
             load.split_labels = data::SplitLabels::Any;
         }
@@ -571,6 +595,30 @@ pub fn sweep(
     Ok(outcome)
 }
 
+/// The folder of a sweep group's features: pooled, or spatial (patch-level
+/// anomaly and segmentation points), made by `encoder` (`features::catalog`).
+fn find_fingerprint(
+    layout: &Layout,
+    dataset: &str,
+    encoder: &str,
+    spatial: bool,
+) -> Result<String, TrainError> {
+    use crate::features::catalog::{FeatureKind, FeatureRequest, find_fingerprint};
+    Ok(find_fingerprint(
+        layout,
+        &FeatureRequest {
+            dataset,
+            encoder: Some(encoder),
+            kind: Some(if spatial {
+                FeatureKind::Spatial
+            } else {
+                FeatureKind::Pooled
+            }),
+            ..FeatureRequest::default()
+        },
+    )?)
+}
+
 /// Segmentation heads of a sweep: each its own run over the spatial
 /// features (finished configs are skipped unless `force`).
 fn sweep_segment_points(
@@ -585,9 +633,11 @@ fn sweep_segment_points(
     let mut seen = BTreeSet::new();
     for &i in points {
         let point = &sweep.points[i];
-        let fingerprint = segment::spatial_fingerprint(layout, &point.dataset, &point.encoder)
-            .map_err(|e| TrainError::Segment(Box::new(e)))?;
-        let config_hash = point.config.config_hash(&point.dataset, &fingerprint);
+        let fingerprint = find_fingerprint(layout, &point.dataset, &point.encoder, true)?;
+        let version = crate::dataset::load_info(layout, &point.dataset)?.version;
+        let config_hash = point
+            .config
+            .config_hash_at(&point.dataset, version, &fingerprint);
         if !seen.insert(config_hash.clone()) {
             continue;
         }
@@ -607,6 +657,7 @@ fn sweep_segment_points(
             progress: options.fit.progress,
             extra_params: vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))],
             class_weights_file: None,
+            allow_partial: options.allow_partial,
         };
         let report =
             segment::train(layout, &request).map_err(|e| TrainError::Segment(Box::new(e)))?;

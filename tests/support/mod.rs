@@ -149,8 +149,15 @@ pub fn write_image(path: &Path, seed: u32, format: ImageFormat) {
 
 /// An ImageFolder tree: `counts[i]` PNGs in class folder `class{i}`; returns the tree's root.
 pub fn image_folder(dir: &Path, counts: &[usize]) -> PathBuf {
+    image_folder_from(dir, counts, 0)
+}
+
+/// [`image_folder`] with seeds after `first_seed`: trees made with seeds
+/// that do not overlap hold different images (the same seeds give the same
+/// content, and feature rows belong to content).
+pub fn image_folder_from(dir: &Path, counts: &[usize], first_seed: u32) -> PathBuf {
     let root = dir.join("tree");
-    let mut seed = 0;
+    let mut seed = first_seed;
     for (class, &count) in counts.iter().enumerate() {
         for i in 0..count {
             seed += 1;
@@ -213,24 +220,49 @@ pub struct Synthetic<'a> {
 /// for it in shards of 64 rows (as workers would): class c is centred at
 /// `separation` in dimension c (mod dim) with unit, roughly Gaussian noise
 /// (sum of four uniforms, rescaled). Returns the number of feature rows.
+/// Each dataset name gets images of its own (the same in every root, so
+/// splits agree between roots), and each dimension a fingerprint folder of
+/// its own (`fp1` for 8 dimensions, as `write_features` uses; one encoder
+/// gives one dimension).
 pub fn synthetic_features(root: &Path, spec: &Synthetic) -> usize {
-    let tree = image_folder(&root.join(spec.name), spec.counts);
+    let tree = image_folder_from(&root.join(spec.name), spec.counts, name_seed(spec.name));
     ok(lazarus(
         root,
         &["dataset", "add", spec.name, tree.to_str().unwrap()],
     ));
     let dataset = lazarus::dataset::load(&lazarus::layout::Layout::new(root), spec.name).unwrap();
-    write_features(root, spec.name, spec.dim, |record, d| {
-        let class = dataset
-            .class_index(record.label.as_deref().unwrap())
-            .unwrap();
-        let centre = if d == class % spec.dim {
-            spec.separation
-        } else {
-            0.0
-        };
-        centre + gaussian_noise((record.index * 1_000 + d) as u64 * 4)
-    })
+    let fingerprint = if spec.dim == 8 {
+        "fp1".to_string()
+    } else {
+        format!("fp1-dim{}", spec.dim)
+    };
+    write_features_as(
+        root,
+        spec.name,
+        (&fingerprint, "toy-encoder"),
+        spec.dim,
+        |record, d| {
+            let class = dataset
+                .class_index(record.label.as_deref().unwrap())
+                .unwrap();
+            let centre = if d == class % spec.dim {
+                spec.separation
+            } else {
+                0.0
+            };
+            centre + gaussian_noise((record.index * 1_000 + d) as u64 * 4)
+        },
+    )
+}
+
+/// A first seed for a dataset's images from its name (FNV-1a, in steps of
+/// 2^20 seeds): one name, the same images in every root.
+pub fn name_seed(name: &str) -> u32 {
+    let mut hash = 0x811c_9dc5u32;
+    for byte in name.bytes() {
+        hash = (hash ^ byte as u32).wrapping_mul(0x0100_0193);
+    }
+    (hash >> 12) << 20
 }
 
 /// Roughly standard normal noise from a key: the sum of four uniforms
@@ -252,7 +284,14 @@ pub fn write_features(
     write_features_as(root, name, ("fp1", "toy-encoder"), dim, value)
 }
 
-/// [`write_features`] under another (fingerprint, encoder name).
+/// The sha256 of an image file: the content id its feature rows carry.
+pub fn file_sha256(path: &Path) -> [u8; 32] {
+    lazarus::digest::sha256(&std::fs::read(path).unwrap())
+}
+
+/// [`write_features`] under another (fingerprint, encoder name), as a
+/// worker writes them: in `features/FINGERPRINT`, each row named by the
+/// sha256 of its image file, shard indices after those already there.
 pub fn write_features_as(
     root: &Path,
     name: &str,
@@ -263,30 +302,35 @@ pub fn write_features_as(
     use lazarus::features::{self, JobRef, ShardData};
     let layout = lazarus::layout::Layout::new(root);
     let dataset = lazarus::dataset::load(&layout, name).unwrap();
-    let dir = features::feature_dir(&layout, name, fingerprint);
+    let dir = features::feature_dir(&layout, fingerprint);
+    let first = features::marked_shards(&dir)
+        .unwrap()
+        .last()
+        .map_or(0, |last| last + 1);
     let metadata = std::collections::HashMap::from([("encoder".to_string(), encoder.to_string())]);
     for (shard, records) in dataset.images.chunks(64).enumerate() {
-        let mut image_index = Vec::new();
+        let mut content_ids = Vec::new();
         let mut pooled = Vec::new();
         for record in records {
-            image_index.push(record.index as i64);
+            content_ids.push(file_sha256(&record.path));
             for d in 0..dim {
                 pooled.push(half::f16::from_f32(value(record, d)));
             }
         }
         let data = ShardData {
-            image_index: &image_index,
+            content_ids: &content_ids,
             pooled: &pooled,
             feature_dim: dim,
             spatial: None,
         };
+        let shard_index = first + shard as u64;
         features::write_shard(
             &dir,
-            shard as u64,
+            shard_index,
             &data,
             metadata.clone(),
             JobRef {
-                job_id: shard as i64 + 1,
+                job_id: shard_index as i64 + 1,
                 attempt: 1,
             },
         )

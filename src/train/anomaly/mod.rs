@@ -801,24 +801,6 @@ pub fn check_features(data: &TrainData, anomaly: &AnomalyConfig) -> Result<(), T
     }
 }
 
-/// The feature folder an anomaly run reads when none is given: the spatial
-/// one of `encoder` for patch scoring, else the only folder there is.
-pub fn resolve_fingerprint(
-    layout: &Layout,
-    dataset: &str,
-    encoder: &str,
-    fingerprint: Option<&str>,
-    spatial: bool,
-) -> Result<Option<String>, TrainError> {
-    match (fingerprint, spatial) {
-        (Some(fingerprint), _) => Ok(Some(fingerprint.to_string())),
-        (None, true) => crate::segment::train::spatial_fingerprint(layout, dataset, encoder)
-            .map(Some)
-            .map_err(|e| TrainError::Segment(Box::new(e))),
-        (None, false) => Ok(None),
-    }
-}
-
 /// Fits and scores one anomaly detector as a new run of `experiment`.
 pub fn train(
     layout: &Layout,
@@ -1037,12 +1019,17 @@ fn fit_and_finish(
     };
     let mut heatmaps = Vec::new();
     if let Model::Patch(scorer) = &model {
-        let dataset = crate::dataset::load(layout, &data.dataset_name)?;
+        let dataset =
+            crate::dataset::load_at(layout, &data.dataset_name, Some(data.dataset_version))?;
         let records: Vec<&crate::dataset::ImageRecord> = selection
             .test
             .rows
             .iter()
-            .map(|&row| &dataset.images[data.features.image_indices()[row]])
+            .map(|&row| {
+                dataset
+                    .record(data.features.image_indices()[row])
+                    .expect("bound rows are listed images")
+            })
             .collect();
         if let Some(auc) = pixel_roc_auc(scorer, &records, &test_images, &selection.test.anomalous)?
         {

@@ -1,0 +1,374 @@
+//! The one place that finds features: for a dataset (at a manifest
+//! version), an encoder, pooled or spatial features and an optional
+//! fingerprint, which fingerprint folder holds them, and the rows of the
+//! dataset's images in it, joined by content id. `train`, `sweep`,
+//! `review`, `drift`, segmentation and anomaly runs read features through
+//! [`open`]; `predict` looks cached images up by content id in a whole
+//! folder (`FeatureSet::rows_of`).
+//!
+//! A fingerprint folder is shared by every dataset, so "the features of
+//! dataset D" are the folders holding rows of D's images. Without a
+//! fingerprint, the folders made by the encoder (and of the kind) asked for
+//! are candidates; those holding rows of D's images are the choice, and
+//! more than one is refused with a list to pick from (`--fingerprint`).
+
+use std::path::{Path, PathBuf};
+
+use super::{FeatureError, FeatureSet, feature_dir, legacy_feature_dir};
+use crate::dataset::{self, DatasetInfo, Split};
+use crate::digest::ContentId;
+use crate::layout::Layout;
+
+/// Pooled features of the center crop, or spatial maps per tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    Pooled,
+    Spatial,
+}
+
+impl FeatureKind {
+    fn of(set: &FeatureSet) -> Self {
+        if set.maps().is_empty() {
+            FeatureKind::Pooled
+        } else {
+            FeatureKind::Spatial
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FeatureKind::Pooled => "pooled",
+            FeatureKind::Spatial => "spatial",
+        }
+    }
+}
+
+/// Which features a reader wants.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FeatureRequest<'a> {
+    pub dataset: &'a str,
+    /// The manifest version; `None` for the current one.
+    pub version: Option<u32>,
+    /// Only folders made by this encoder (shard metadata `encoder`).
+    pub encoder: Option<&'a str>,
+    /// Only folders of this kind; `None` accepts either.
+    pub kind: Option<FeatureKind>,
+    /// This folder and no other.
+    pub fingerprint: Option<&'a str>,
+}
+
+/// One image of the dataset that has no feature row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lacking {
+    pub index: usize,
+    pub split: Split,
+}
+
+/// A dataset version's features: the folder's rows of its images, in
+/// manifest order (`FeatureSet::image_indices` gives each row's image).
+pub struct DatasetFeatures {
+    /// The summary of the manifest version read.
+    pub info: DatasetInfo,
+    pub fingerprint: String,
+    pub features: FeatureSet,
+    /// Listed images without a row (extraction unfinished, or failed).
+    pub lacking: Vec<Lacking>,
+}
+
+impl DatasetFeatures {
+    /// Images lacking per split: (train, val, test).
+    pub fn lacking_by_split(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for lacking in &self.lacking {
+            counts[split_slot(lacking.split)] += 1;
+        }
+        counts
+    }
+}
+
+fn split_slot(split: Split) -> usize {
+    match split {
+        Split::Train => 0,
+        Split::Val => 1,
+        Split::Test => 2,
+    }
+}
+
+/// Why an incomplete feature set is refused, as one message: how many
+/// images lack features per split, and the two ways on.
+pub fn lacking_message(
+    dataset: &str,
+    version: u32,
+    fingerprint: &str,
+    lacking: [usize; 3],
+    of: usize,
+) -> String {
+    let total: usize = lacking.iter().sum();
+    format!(
+        "features {} lack {total} of the {of} images of dataset {dataset} (version {version}) \
+         ({} train, {} val, {} test): extraction is unfinished or failed for them; see \
+         `lazarus status`, finish with `lazarus run-worker` (`lazarus verify --repair` re-queues \
+         lost work), or pass --allow-partial to use the images that have features",
+        &fingerprint[..fingerprint.len().min(12)],
+        lacking[0],
+        lacking[1],
+        lacking[2],
+    )
+}
+
+/// Opens the features of `request.dataset` (see the module's note on how
+/// the folder is found) bound to the images of its manifest version.
+pub fn open(
+    layout: &Layout,
+    request: &FeatureRequest<'_>,
+) -> Result<DatasetFeatures, FeatureError> {
+    let ids = dataset_ids(layout, request)?;
+    let (fingerprint, set) = find(layout, request, &ids)?;
+    let info = dataset::load_info_at(layout, request.dataset, request.version)?;
+    let (features, lacking_indices) = set.bind(
+        request.dataset,
+        ids.iter().map(|image| (image.index, image.id)),
+    )?;
+    let lacking = lacking_indices
+        .into_iter()
+        .map(|index| {
+            let position = ids
+                .binary_search_by_key(&index, |image| image.index)
+                .expect("lacking images are listed");
+            Lacking {
+                index,
+                split: ids[position].split,
+            }
+        })
+        .collect();
+    Ok(DatasetFeatures {
+        info,
+        fingerprint,
+        features,
+        lacking,
+    })
+}
+
+/// What the join needs of one listed image.
+struct ListedImage {
+    index: usize,
+    id: ContentId,
+    split: Split,
+}
+
+fn dataset_ids(
+    layout: &Layout,
+    request: &FeatureRequest<'_>,
+) -> Result<Vec<ListedImage>, FeatureError> {
+    let mut ids = Vec::new();
+    dataset::visit_images_at(layout, request.dataset, request.version, |record| {
+        ids.push(ListedImage {
+            index: record.index,
+            id: record.content_id(),
+            split: record.split,
+        });
+        Ok(())
+    })?;
+    Ok(ids)
+}
+
+/// The fingerprint folder a request names (see the module's note), opened whole.
+pub fn find_fingerprint(
+    layout: &Layout,
+    request: &FeatureRequest<'_>,
+) -> Result<String, FeatureError> {
+    let ids = dataset_ids(layout, request)?;
+    Ok(find(layout, request, &ids)?.0)
+}
+
+fn find(
+    layout: &Layout,
+    request: &FeatureRequest<'_>,
+    ids: &[ListedImage],
+) -> Result<(String, FeatureSet), FeatureError> {
+    let dataset = request.dataset;
+    if let Some(fingerprint) = request.fingerprint {
+        let dir = feature_dir(layout, fingerprint);
+        if !dir.is_dir() {
+            if legacy_feature_dir(layout, dataset, fingerprint).is_dir() {
+                return Err(FeatureError::LegacyLayout {
+                    dir: legacy_feature_dir(layout, dataset, fingerprint),
+                    dataset: dataset.to_string(),
+                });
+            }
+            return Err(FeatureError::NoFeatures(format!(
+                "no features with fingerprint {fingerprint}: {} does not exist",
+                dir.display()
+            )));
+        }
+        let set = FeatureSet::open(&dir)?;
+        check_kind(&set, request, fingerprint)?;
+        return Ok((fingerprint.to_string(), set));
+    }
+    let mut chosen: Vec<(String, FeatureSet, usize)> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    for fingerprint in fingerprint_folders(&layout.features_dir())? {
+        let dir = feature_dir(layout, &fingerprint);
+        let set = FeatureSet::open(&dir)?;
+        if set.is_empty() {
+            continue;
+        }
+        let made_by = set.metadata().get("encoder").cloned();
+        let kind = FeatureKind::of(&set);
+        if request
+            .encoder
+            .is_some_and(|e| made_by.as_deref() != Some(e))
+            || request.kind.is_some_and(|k| k != kind)
+        {
+            seen.push(format!(
+                "{} ({}, {})",
+                short(&fingerprint),
+                made_by.as_deref().unwrap_or("unknown encoder"),
+                kind.name()
+            ));
+            continue;
+        }
+        let covered = ids
+            .iter()
+            .filter(|image| !set.rows_with_prefix(image.id.known_bytes()).is_empty())
+            .count();
+        if covered > 0 {
+            chosen.push((fingerprint, set, covered));
+        } else {
+            seen.push(format!("{} (no image of {dataset})", short(&fingerprint)));
+        }
+    }
+    let kind = request
+        .kind
+        .map_or(String::new(), |k| format!("{} ", k.name()));
+    let made_by = request
+        .encoder
+        .map_or(String::new(), |e| format!(" made by {e}"));
+    let what = format!("{kind}features of dataset {dataset}{made_by}");
+    match chosen.len() {
+        1 => {
+            let (fingerprint, set, _) = chosen.pop().expect("one");
+            Ok((fingerprint, set))
+        }
+        0 => {
+            if let Some(dir) = legacy_folders(&layout.features_dir(), dataset).first() {
+                return Err(FeatureError::LegacyLayout {
+                    dir: dir.clone(),
+                    dataset: dataset.to_string(),
+                });
+            }
+            Err(FeatureError::NoFeatures(format!(
+                "no {what} under {}{}; extract them with `lazarus enqueue --dataset {dataset} --encoder {}{}` and `lazarus run-worker`",
+                layout.features_dir().display(),
+                if seen.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (found {})", seen.join(", "))
+                },
+                request.encoder.unwrap_or("ENCODER"),
+                if request.kind == Some(FeatureKind::Spatial) {
+                    " --spatial"
+                } else {
+                    ""
+                }
+            )))
+        }
+        _ => {
+            let listed: Vec<String> = chosen
+                .iter()
+                .map(|(fingerprint, set, covered)| {
+                    format!(
+                        "{fingerprint} ({}, {covered} of {} images)",
+                        set.metadata()
+                            .get("encoder")
+                            .map_or("unknown encoder", String::as_str),
+                        ids.len()
+                    )
+                })
+                .collect();
+            Err(FeatureError::NoFeatures(format!(
+                "several folders hold {what}; name the encoder (--encoder) or the folder (--fingerprint): {}",
+                listed.join(", ")
+            )))
+        }
+    }
+}
+
+fn short(fingerprint: &str) -> &str {
+    &fingerprint[..fingerprint.len().min(12)]
+}
+
+fn check_kind(
+    set: &FeatureSet,
+    request: &FeatureRequest<'_>,
+    fingerprint: &str,
+) -> Result<(), FeatureError> {
+    let kind = FeatureKind::of(set);
+    if let Some(wanted) = request.kind
+        && !set.is_empty()
+        && kind != wanted
+    {
+        return Err(FeatureError::NoFeatures(format!(
+            "features {fingerprint} are {}, not {}{}",
+            kind.name(),
+            wanted.name(),
+            if wanted == FeatureKind::Spatial {
+                format!(
+                    "; run `lazarus enqueue --dataset {} --encoder ENCODER --spatial` and a worker",
+                    request.dataset
+                )
+            } else {
+                String::new()
+            }
+        )));
+    }
+    if let (Some(encoder), Some(made_by)) = (request.encoder, set.metadata().get("encoder"))
+        && encoder != made_by
+    {
+        return Err(FeatureError::NoFeatures(format!(
+            "features {fingerprint} were made by encoder {made_by}, not {encoder}"
+        )));
+    }
+    Ok(())
+}
+
+/// The fingerprint folders under `features_dir`, sorted: folders holding
+/// shards directly (a folder of the old layout holds folders instead).
+pub fn fingerprint_folders(features_dir: &Path) -> Result<Vec<String>, FeatureError> {
+    let entries = match std::fs::read_dir(features_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(FeatureError::io(features_dir, err)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| FeatureError::io(features_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if crate::atomic::is_temp_name(&name) || !entry.path().is_dir() {
+            continue;
+        }
+        if !super::marked_shards(&entry.path())?.is_empty() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Folders of the old layout (`features/DATASET/FINGERPRINT/` holding
+/// shards) of one dataset.
+pub fn legacy_folders(features_dir: &Path, dataset: &str) -> Vec<PathBuf> {
+    let parent = features_dir.join(dataset);
+    let Ok(entries) = std::fs::read_dir(&parent) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|path| {
+            path.is_dir() && super::marked_shards(path).is_ok_and(|shards| !shards.is_empty())
+        })
+        .collect();
+    found.sort();
+    found
+}
