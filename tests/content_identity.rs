@@ -817,3 +817,61 @@ fn old_layout_folders_of_one_fingerprint_under_two_datasets_are_not_migrated() {
     ));
     assert!(refused.contains("features migrate"), "{refused}");
 }
+
+/// A run resumed after its dataset grew trains on the manifest version it
+/// started on: same images, same splits.
+#[test]
+fn a_resumed_run_keeps_the_dataset_version_it_started_on() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let spec = support::Synthetic {
+        name: "growing",
+        counts: &[600, 600, 600],
+        dim: 32,
+        separation: 1.0,
+    };
+    support::synthetic_features(root, &spec);
+    let args = [
+        "train",
+        "--dataset",
+        "growing",
+        "--encoder",
+        "toy-encoder",
+        "--head",
+        "mlp",
+        "--hidden",
+        "128",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "32",
+        "--json",
+    ];
+    let run_dir = support::kill_after_checkpoint(root, &args, 2);
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    // Version 2 adds ten images that have no features yet.
+    add_images(&root.join("growing/tree"), 5_000_000, 10);
+    let update = json(&ok(lazarus(
+        root,
+        &["dataset", "update", "growing", "--json"],
+    )));
+    assert_eq!(update["version"], 2, "{update}");
+    let refused = support::fails(lazarus(root, &args));
+    assert!(refused.contains("lack 10 of the 1810 images"), "{refused}");
+
+    let resumed = json(&ok(lazarus(
+        root,
+        &["train", "--resume", &run_id, "--json"],
+    )));
+    assert!(
+        resumed["resumed_from_epoch"].as_u64().unwrap() >= 2,
+        "{resumed}"
+    );
+    let card = model_card(&resumed);
+    assert_eq!(card["dataset_version"], 1, "{card}");
+    let total: u64 = ["train", "val", "test"]
+        .iter()
+        .map(|s| card["split_sizes"][s].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 1800);
+}

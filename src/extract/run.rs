@@ -92,9 +92,12 @@ pub struct Extractor {
     encoders: Mutex<HashMap<String, Arc<dyn Encoder>>>,
 }
 
-/// One decoded, preprocessed image of a chunk: its position in the job,
-/// the sha256 of the bytes decoded, and its pixels.
-type Prepared = (usize, [u8; 32], Vec<f32>);
+/// One decoded, preprocessed image of a chunk: the sha256 of the bytes
+/// decoded, and its pixels.
+type Prepared = ([u8; 32], Vec<f32>);
+
+/// One decoded image of a spatial chunk: the sha256 of its bytes, its tiles.
+type PreparedTiles = ([u8; 32], Vec<PreparedTile>);
 
 /// Reads one image of a job and checks that its bytes are the content the
 /// job expects; returns them with their sha256.
@@ -261,11 +264,10 @@ impl Extractor {
         let prepare = |images: &[JobImage]| -> Vec<Result<Prepared, ItemFailure>> {
             images
                 .par_iter()
-                .enumerate()
-                .map(|(position, image)| {
+                .map(|image| {
                     let (bytes, sha256) = read_expected(image, &payload.dataset)?;
                     crate::preprocess::preprocess_bytes(&bytes, &image.path, preprocess)
-                        .map(|values| (position, sha256, values))
+                        .map(|values| (sha256, values))
                         .map_err(|err| ItemFailure {
                             item: image.index.to_string(),
                             reason: err.to_string(),
@@ -300,7 +302,7 @@ impl Extractor {
                         return Ok((ok, None, failed));
                     }
                     let mut flat = Vec::with_capacity(ok.len() * 3 * size * size);
-                    for (_, _, values) in &ok {
+                    for (_, values) in &ok {
                         flat.extend_from_slice(values);
                     }
                     let input =
@@ -321,7 +323,7 @@ impl Extractor {
             }
             failures.extend(failed);
             let Some(output) = output else { continue };
-            content_ids.extend(ok.iter().map(|(_, sha256, _)| *sha256));
+            content_ids.extend(ok.iter().map(|(sha256, _)| *sha256));
             pooled.extend(to_f16(&output)?);
         }
         let data = ShardData {
@@ -421,7 +423,7 @@ impl Extractor {
             if stop.load(Ordering::SeqCst) {
                 return Ok(None);
             }
-            let prepared: Vec<Result<([u8; 32], Vec<PreparedTile>), ItemFailure>> = chunk
+            let prepared: Vec<Result<PreparedTiles, ItemFailure>> = chunk
                 .par_iter()
                 .map(|image| {
                     let (bytes, sha256) = read_expected(image, &payload.dataset)?;
