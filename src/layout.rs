@@ -3,7 +3,7 @@
 //! ```text
 //! ROOT/jobs/          queue database (queue.db, unless --queue names PostgreSQL)
 //!                     and dataset manifests (datasets/NAME/)
-//! ROOT/features/      feature shards, one folder per dataset and encoder fingerprint
+//! ROOT/features/      feature shards, one folder per encoder fingerprint (shared by every dataset)
 //! ROOT/experiments/   experiments.db and one folder per run
 //! ```
 

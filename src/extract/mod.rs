@@ -3,7 +3,8 @@
 //! datasets, encoders and images (`report`).
 //!
 //! The queue sees opaque payloads; this module is the only one that knows a
-//! payload is JSON naming a dataset, an encoder and manifest indices. A job's
+//! payload is JSON naming a dataset, an encoder and the chunk's images (each
+//! by manifest index, content id and path). A job's
 //! `group` is the dataset name, its `variant` the encoder name, and its
 //! `fingerprint` the sha256 of everything its features depend on, so a
 //! changed configuration never reuses stale features.
@@ -27,7 +28,11 @@ pub const KIND_NOOP: &str = "noop";
 /// Group, variant and fingerprint of no-op jobs.
 pub const NOOP_GROUP: &str = "noop";
 
-/// Version of the feature shard format; part of every fingerprint.
+/// Version of the features' values; part of every fingerprint. Frozen at 1
+/// through issue 18, whose change was the shard layout (rows named by
+/// content), not the values: that is `features::SHARD_FORMAT_VERSION`, in
+/// each `.done` marker. Keeping it keeps every fingerprint, and so recorded
+/// runs, bundles and config hashes, valid.
 pub const FEATURE_FORMAT_VERSION: u32 = 1;
 
 /// Errors at the extraction boundary.
