@@ -138,3 +138,27 @@ fn an_incomplete_set_is_refused_unless_allowed_and_then_recorded() {
     assert_eq!(shown["params"]["images_lacking"], 64.0, "{shown}");
     assert_eq!(shown["params"]["dataset_version"], 1.0, "{shown}");
 }
+
+/// Finding a dataset's folder reads only headers and ids of the others: a
+/// damaged folder of another configuration does not stop this reader.
+#[test]
+fn a_damaged_folder_of_another_configuration_does_not_stop_a_reader() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    synthetic_features(root, &SPEC);
+    support::write_features_as(root, "cells", ("fp-other", "other-encoder"), 8, |_, d| {
+        d as f32
+    });
+    let other = root.join("features/fp-other/shard-000000.safetensors");
+    let mut bytes = std::fs::read(&other).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&other, &bytes).unwrap();
+    ok(train(root, &[]));
+    // Asked for the damaged configuration, the reader refuses it by path.
+    let error = fails(lazarus(
+        root,
+        &["train", "--dataset", "cells", "--encoder", "other-encoder"],
+    ));
+    assert!(error.contains(other.to_str().unwrap()), "{error}");
+}

@@ -205,16 +205,21 @@ fn find(
         check_kind(&set, request, fingerprint)?;
         return Ok((fingerprint.to_string(), set));
     }
-    let mut chosen: Vec<(String, FeatureSet, usize)> = Vec::new();
+    // Candidates are judged from shard headers and ids alone (cheap, and a
+    // damaged folder of another configuration cannot stop this reader);
+    // only the chosen folder is opened and checked.
+    let mut chosen: Vec<(String, Option<String>, usize)> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
     for fingerprint in fingerprint_folders(&layout.features_dir())? {
         let dir = feature_dir(layout, &fingerprint);
-        let set = FeatureSet::open(&dir)?;
-        if set.is_empty() {
+        let Some((made_by, spatial)) = super::folder_kind(&dir) else {
             continue;
-        }
-        let made_by = set.metadata().get("encoder").cloned();
-        let kind = FeatureKind::of(&set);
+        };
+        let kind = if spatial {
+            FeatureKind::Spatial
+        } else {
+            FeatureKind::Pooled
+        };
         if request
             .encoder
             .is_some_and(|e| made_by.as_deref() != Some(e))
@@ -228,12 +233,19 @@ fn find(
             ));
             continue;
         }
+        let mut present = super::published_content_ids(&dir);
+        present.sort_unstable();
+        present.dedup();
         let covered = ids
             .iter()
-            .filter(|image| !set.rows_with_prefix(image.id.known_bytes()).is_empty())
+            .filter(|image| {
+                let prefix = image.id.known_bytes();
+                let start = present.partition_point(|id| &id[..prefix.len()] < prefix);
+                present.get(start).is_some_and(|id| id.starts_with(prefix))
+            })
             .count();
         if covered > 0 {
-            chosen.push((fingerprint, set, covered));
+            chosen.push((fingerprint, made_by, covered));
         } else {
             seen.push(format!("{} (no image of {dataset})", short(&fingerprint)));
         }
@@ -247,7 +259,8 @@ fn find(
     let what = format!("{kind}features of dataset {dataset}{made_by}");
     match chosen.len() {
         1 => {
-            let (fingerprint, set, _) = chosen.pop().expect("one");
+            let (fingerprint, _, _) = chosen.pop().expect("one");
+            let set = FeatureSet::open(&feature_dir(layout, &fingerprint))?;
             Ok((fingerprint, set))
         }
         0 => {
@@ -276,12 +289,10 @@ fn find(
         _ => {
             let listed: Vec<String> = chosen
                 .iter()
-                .map(|(fingerprint, set, covered)| {
+                .map(|(fingerprint, made_by, covered)| {
                     format!(
                         "{fingerprint} ({}, {covered} of {} images)",
-                        set.metadata()
-                            .get("encoder")
-                            .map_or("unknown encoder", String::as_str),
+                        made_by.as_deref().unwrap_or("unknown encoder"),
                         ids.len()
                     )
                 })

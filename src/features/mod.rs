@@ -271,21 +271,52 @@ pub fn published_content_ids(dir: &Path) -> Vec<[u8; 32]> {
     ids
 }
 
-/// The `content_sha256` tensor of a shard, read by seeking past the rest.
-fn header_content_ids(path: &Path) -> std::io::Result<Vec<[u8; 32]>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let invalid = |message: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
-    let mut file = std::fs::File::open(path)?;
+fn invalid_data(message: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
+}
+
+/// A shard's safetensors header (JSON) and its length, read alone.
+fn shard_header(file: &mut std::fs::File) -> std::io::Result<(serde_json::Value, u64)> {
+    use std::io::Read;
     let mut length = [0u8; 8];
     file.read_exact(&mut length)?;
     let header_len = u64::from_le_bytes(length);
     if header_len > 100 << 20 {
-        return Err(invalid("header too large"));
+        return Err(invalid_data("header too large"));
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|_| invalid("header is not JSON"))?;
+    let header = serde_json::from_slice(&header).map_err(|_| invalid_data("header is not JSON"))?;
+    Ok((header, header_len))
+}
+
+/// What made a folder's features, from its first published shard's header
+/// alone: (encoder named in the metadata, whether the rows hold spatial
+/// maps). `None` when no shard's header reads.
+pub fn folder_kind(dir: &Path) -> Option<(Option<String>, bool)> {
+    for shard_index in marked_shards(dir).unwrap_or_default() {
+        let path = dir.join(shard_file_name(shard_index));
+        let Ok((header, _)) = std::fs::File::open(&path).and_then(|mut f| shard_header(&mut f))
+        else {
+            continue;
+        };
+        let encoder = header["__metadata__"]["encoder"]
+            .as_str()
+            .map(str::to_string);
+        let spatial = header
+            .as_object()
+            .is_some_and(|tensors| tensors.keys().any(|name| name.starts_with("spatial_s")));
+        return Some((encoder, spatial));
+    }
+    None
+}
+
+/// The `content_sha256` tensor of a shard, read by seeking past the rest.
+fn header_content_ids(path: &Path) -> std::io::Result<Vec<[u8; 32]>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let invalid = invalid_data;
+    let mut file = std::fs::File::open(path)?;
+    let (header, header_len) = shard_header(&mut file)?;
     let entry = &header[CONTENT_TENSOR];
     let offsets = entry["data_offsets"]
         .as_array()
