@@ -545,20 +545,20 @@ pub fn update(
         .collect();
     // The latest split of each content, listed or not: a returning image
     // keeps its split too.
-    let mut split_of: HashMap<[u8; 8], Split> = HashMap::new();
+    let mut split_of: ContentMap<Split> = ContentMap::default();
     for row in &rows {
-        split_of.insert(short_key(&row.content_id()), row.split);
+        split_of.insert(&row.content_id(), row.split);
     }
-    let mut listed_by_key: HashMap<[u8; 8], usize> = HashMap::new();
+    let mut listed_by_id: ContentMap<usize> = ContentMap::default();
     for &i in &listed {
-        listed_by_key.insert(short_key(&rows[i].content_id()), i);
+        listed_by_id.insert(&rows[i].content_id(), i);
     }
     // Where a file and its copy are both in the source, the copy the
     // dataset already lists stays the kept one.
     let mut kept = scan.kept;
     for (candidate, id, _, _) in kept.iter_mut() {
-        let key = short_key(&ContentId::parse(id).expect("scanned ids are full"));
-        let Some(&row) = listed_by_key.get(&key) else {
+        let full = ContentId::parse(id).expect("scanned ids are full");
+        let Some(row) = listed_by_id.get(&full) else {
             continue;
         };
         let listed_path = &rows[row].path;
@@ -580,9 +580,8 @@ pub fn update(
     let mut new_rows: Vec<(Kept, Option<Split>)> = Vec::new();
     for item in kept {
         let full = ContentId::parse(&item.1).expect("scanned ids are full");
-        let key = short_key(&full);
-        match listed_by_key.get(&key).copied() {
-            Some(row) if rows[row].content_id().matches(full.sha256().expect("full")) => {
+        match listed_by_id.get(&full) {
+            Some(row) => {
                 matched.insert(row);
                 let record = &mut rows[row];
                 let same = record.path == item.0.path
@@ -598,8 +597,8 @@ pub fn update(
                     new_rows.push((item, Some(split)));
                 }
             }
-            _ => {
-                let split = split_of.get(&key).copied();
+            None => {
+                let split = split_of.get(&full);
                 new_rows.push((item, split));
             }
         }
@@ -731,11 +730,44 @@ pub fn update(
     })
 }
 
-/// The first 8 bytes of a content id: what old and new manifests share.
-fn short_key(id: &ContentId) -> [u8; 8] {
-    id.known_bytes()[..8]
-        .try_into()
-        .expect("ids know at least 8 bytes")
+/// Values by content id: rows with a full sha256 by all of it, rows of old
+/// manifests by their 8 bytes; a full id finds either.
+struct ContentMap<T> {
+    full: HashMap<[u8; 32], T>,
+    short: HashMap<[u8; 8], T>,
+}
+
+impl<T> Default for ContentMap<T> {
+    fn default() -> Self {
+        ContentMap {
+            full: HashMap::new(),
+            short: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Copy> ContentMap<T> {
+    fn insert(&mut self, id: &ContentId, value: T) {
+        match id.sha256() {
+            Some(full) => {
+                self.full.insert(*full, value);
+            }
+            None => {
+                let key = id.known_bytes()[..8].try_into().expect("8 bytes");
+                self.short.insert(key, value);
+            }
+        }
+    }
+
+    /// The value of the image whose full id is `id`.
+    fn get(&self, id: &ContentId) -> Option<T> {
+        let full = id.sha256().expect("scanned ids are full");
+        let short: [u8; 8] = full[..8].try_into().expect("8 bytes");
+        self.full
+            .get(full)
+            .or_else(|| self.short.get(&short))
+            .copied()
+    }
 }
 
 /// The class order of a new version: the previous classes still present,
