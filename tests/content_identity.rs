@@ -703,8 +703,42 @@ fn an_old_layout_cache_is_refused_until_migrated_and_migrated_by_content() {
     let manifest = listed(root, "old");
     assert!(manifest.iter().all(|row| row.1.len() == 16));
     let old_dir = root.join("features/old/fp-old");
-    write_old_shard(&old_dir, 1, &(0..10).collect::<Vec<_>>(), 8);
-    write_old_shard(&old_dir, 2, &(10..20).collect::<Vec<_>>(), 8);
+    write_old_shard(&old_dir, 11, &(0..10).collect::<Vec<_>>(), 8);
+    write_old_shard(&old_dir, 12, &(10..20).collect::<Vec<_>>(), 8);
+    // Their done jobs, as the queue of that lazarus recorded them.
+    ok(lazarus(root, &["enqueue", "--noop-jobs", "1"]));
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let db = rusqlite::Connection::open(root.join("jobs/queue.db")).unwrap();
+    for (id, first) in [(11i64, 0i64), (12, 10)] {
+        let payload = serde_json::json!({
+            "dataset": "old",
+            "encoder": "toy-encoder",
+            "fingerprint": "fp-old",
+            "weights": {"id": "random:1", "path": null},
+            "image_indices": (first..first + 10).collect::<Vec<_>>(),
+            "spatial": false,
+        });
+        db.execute(
+            "INSERT INTO jobs (id, kind, grp, variant, fingerprint, dedup_key, items, payload,
+                 state, attempt, tries, result, enqueued_at_ms, finished_at_ms)
+             VALUES (?1, 'extract', 'old', 'toy-encoder', 'fp-old', ?2, 10, ?3, 'done', 1, 1,
+                 '{\"failures\":[],\"detail\":{\"rows\":10}}', 0, 1)",
+            rusqlite::params![id, format!("extract:old-{id}"), payload.to_string()],
+        )
+        .unwrap();
+    }
+    drop(db);
+    // A worker leaves their jobs done (their shards await migration) and says so.
+    let out = lazarus(root, &["run-worker", "--until-empty"]);
+    let said = support::stderr(&out);
+    ok(out);
+    assert!(said.contains("lazarus features migrate"), "{said}");
+    let status = json(&ok(lazarus(
+        root,
+        &["status", "--json", "--dataset", "old"],
+    )));
+    assert_eq!(status["jobs"]["done"], 2, "{status}");
+    assert_eq!(status["jobs"]["pending"], 0, "{status}");
     // Image 3 changed after `dataset add`: its old row cannot be trusted.
     support::write_image(Path::new(&manifest[3].2), 777, image::ImageFormat::Png);
 
@@ -735,7 +769,14 @@ fn an_old_layout_cache_is_refused_until_migrated_and_migrated_by_content() {
         "{dropped:?}"
     );
     assert!(!old_dir.exists(), "the old folder is gone");
-    assert!(root.join("features/fp-old/shard-000002.done").is_file());
+    assert!(root.join("features/fp-old/shard-000012.done").is_file());
+    // The old jobs' payloads name manifest rows: verify reads them through
+    // the manifest and finds the one image whose row was dropped.
+    let verified = lazarus(root, &["verify", "--json"]);
+    let verified = json(&support::stdout(&verified));
+    assert_eq!(verified["missing"], 1, "{verified}");
+    assert_eq!(verified["groups"][0]["missing"], serde_json::json!([3]));
+    assert_eq!(verified["corrupt"], 0, "{verified}");
     // Migrating again finds nothing to do.
     let again = json(&ok(lazarus(root, &["features", "migrate", "--json"])));
     assert_eq!(again["migrated"].as_array().unwrap().len(), 0);

@@ -290,6 +290,12 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
             reconciled.reopened_jobs.len()
         );
     }
+    if !reconciled.awaiting_migration.is_empty() {
+        eprintln!(
+            "{} done jobs have their shards in the feature layout before issue 18 and are left done; run `lazarus features migrate` to convert them",
+            reconciled.awaiting_migration.len()
+        );
+    }
     let runner = JobRunner::new(Extractor::new(layout.clone(), extract_config));
     let config = WorkerConfig {
         worker_id: args

@@ -537,6 +537,10 @@ pub struct ReconcileSummary {
     pub removed_unpublished: usize,
     /// Done jobs whose shard was missing or corrupt, sent back to pending.
     pub reopened_jobs: Vec<i64>,
+    /// Done jobs whose shard is still in the layout before issue 18
+    /// (`features/DATASET/FINGERPRINT/`): left done, for `features migrate`
+    /// to convert rather than a worker to extract again.
+    pub awaiting_migration: Vec<i64>,
 }
 
 /// Makes the feature cache and the queue agree: cleans each feature folder of
@@ -545,7 +549,10 @@ pub struct ReconcileSummary {
 /// valid back to pending. Workers run it at start, with the lease length as
 /// the grace period, so files of workers still writing are left alone.
 /// With `feature_store`, the folders checked are the store's (where such
-/// workers publish) and the local features/ folder is not touched.
+/// workers publish) and the local features/ folder is not touched. A done
+/// job whose shard is still in the layout before issue 18 is left done
+/// (`awaiting_migration`): `features migrate` converts it, where extracting
+/// it again would throw the old work away.
 pub fn reconcile(
     layout: &Layout,
     queue: &dyn Queue,
@@ -554,8 +561,8 @@ pub fn reconcile(
 ) -> Result<ReconcileSummary, ExtractError> {
     let mut summary = ReconcileSummary::default();
     let done = queue.done_jobs(KIND_EXTRACT, None)?;
-    // fingerprint -> done jobs and the rows each wrote.
-    let mut by_folder: HashMap<String, Vec<(i64, usize)>> = HashMap::new();
+    // fingerprint -> done jobs (with their dataset) and the rows each wrote.
+    let mut by_folder: HashMap<String, Vec<(i64, String, usize)>> = HashMap::new();
     for job in &done {
         let Ok(payload) = serde_json::from_str::<ExtractPayload>(&job.payload) else {
             continue;
@@ -564,7 +571,7 @@ pub fn reconcile(
         by_folder
             .entry(payload.fingerprint)
             .or_default()
-            .push((job.id, rows));
+            .push((job.id, payload.dataset, rows));
     }
     let mut reopen = Vec::new();
     for (fingerprint, jobs) in by_folder {
@@ -583,9 +590,19 @@ pub fn reconcile(
                 report.valid
             }
         };
-        for (job_id, rows) in jobs {
+        for (job_id, dataset, rows) in jobs {
             // A job whose images all failed has no shard, and that is fine.
-            if rows > 0 && !valid.contains(&(job_id as u64)) {
+            if rows == 0 || valid.contains(&(job_id as u64)) {
+                continue;
+            }
+            let legacy = features::legacy_feature_dir(layout, &dataset, &fingerprint);
+            if feature_store.is_none()
+                && legacy
+                    .join(features::done_file_name(job_id as u64))
+                    .is_file()
+            {
+                summary.awaiting_migration.push(job_id);
+            } else {
                 reopen.push(job_id);
             }
         }
