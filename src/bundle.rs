@@ -330,8 +330,12 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
             "class indices must run 0, 1, 2, ... without gaps".into(),
         ));
     }
-    let tensors = candle_core::safetensors::load_buffer(&contents[HEAD_FILE], device)
-        .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
+    let tensors = crate::train::checkpoint::tensors_from_bytes(
+        &contents[HEAD_FILE],
+        &dir.join(HEAD_FILE),
+        device,
+    )
+    .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
     let head = TrainedHead::from_tensors(&info.head, &tensors, class_names, &dir.join(HEAD_FILE))
         .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
     if head.input_dim() != encoder.feature_dim {

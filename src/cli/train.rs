@@ -578,8 +578,22 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         chart_metric: metric.clone(),
     };
     let outcome = session::sweep(layout, &sweep, &options)?;
+    // Runs that failed are reported after everything else, and fail the verb.
+    let failed = || -> anyhow::Result<()> {
+        for error in &outcome.failed {
+            eprintln!("error: {error}");
+        }
+        if !outcome.failed.is_empty() {
+            anyhow::bail!(
+                "{} of the sweep's runs failed (recorded FAILED; the others finished)",
+                outcome.failed.len()
+            );
+        }
+        Ok(())
+    };
     if args.json {
-        return super::print_json(&outcome);
+        super::print_json(&outcome)?;
+        return failed();
     }
     let anomaly = if outcome.anomaly.is_empty() {
         String::new()
@@ -621,5 +635,5 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
     for chart in &outcome.charts {
         println!("chart: {}", chart.display());
     }
-    Ok(())
+    failed()
 }

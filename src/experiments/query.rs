@@ -547,9 +547,15 @@ fn finished_with_metric(
     );
     let mut statement = tx.prepare(&sql)?;
     let rows = statement.query_map(params_from_iter(values), |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        Ok((row.get(0)?, row.get(1)?, row.get::<_, f64>(2)?))
     })?;
-    rows.collect()
+    // A non-finite value ranks nowhere: it is no result (older lazarus
+    // could finish a diverged run).
+    let rows: Vec<(String, String, f64)> = rows.collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, _, value)| value.is_finite())
+        .collect())
 }
 
 impl ExperimentsDb {

@@ -158,10 +158,53 @@ pub fn safetensors_bytes(
         .map_err(|e| TrainError::Invalid(format!("serialising tensors: {e}")))
 }
 
-/// Reads every tensor of a safetensors file onto `device`.
+/// Reads every tensor of a safetensors file onto `device`; refuses a file
+/// whose float tensors hold NaN or infinity (see `tensors_from_bytes`).
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, TrainError> {
-    candle_core::safetensors::load(path, device)
-        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))
+    let bytes = std::fs::read(path)
+        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    tensors_from_bytes(&bytes, path, device)
+}
+
+/// The tensors of a head, scorer or checkpoint file (`bytes`, read from
+/// `path`) onto `device`. Every float value must be finite: a head that
+/// diverged in training (or a damaged file) would score every image NaN.
+pub fn tensors_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let unreadable =
+        |e: String| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display()));
+    let file =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| unreadable(e.to_string()))?;
+    for (name, view) in file.tensors() {
+        use half::{bf16, f16};
+        let data = view.data();
+        let finite = match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+            safetensors::Dtype::F64 => data
+                .chunks_exact(8)
+                .all(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")).is_finite()),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .all(|b| f16::from_le_bytes([b[0], b[1]]).is_finite()),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .all(|b| bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+            _ => true,
+        };
+        if !finite {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: tensor {name} holds NaN or infinite values (a head that diverged in \
+                 training, or a damaged file); refusing to use it — retrain with a lower --lr",
+                path.display()
+            )));
+        }
+    }
+    candle_core::safetensors::load_buffer(bytes, device).map_err(|e| unreadable(e.to_string()))
 }
 
 fn pair_paths(dir: &Path, epoch: usize) -> (PathBuf, PathBuf) {

@@ -42,6 +42,9 @@ pub enum TrainError {
     NonFinite { image_index: usize },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The head's loss, gradients or outputs stopped being finite.
+    #[error("run {run} diverged and is recorded FAILED: {reason}")]
+    Diverged { run: String, reason: String },
     #[error(transparent)]
     Experiments(#[from] crate::experiments::ExperimentsError),
     #[error(transparent)]

@@ -125,13 +125,15 @@ fn runtime_bytes(data: &TrainData) -> u64 {
         + EVAL_ROWS as u64 * (dim * 4 + classes * 4 * 3)
 }
 
-/// Trains every planned run; returns their reports in the same order.
+/// Trains every planned run; returns their reports in the same order, or
+/// for a head that diverged (`TrainError::Diverged`) why, while the other
+/// heads train on. Any other error stops every run.
 pub fn fit(
     data: &TrainData,
     runs: &[PlannedRun],
     options: &FitOptions,
     observer: &mut dyn RunObserver,
-) -> Result<Vec<RunReport>, TrainError> {
+) -> Result<Vec<Result<RunReport, TrainError>>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
     let mut counts = vec![0usize; classes];
@@ -241,11 +243,24 @@ pub fn fit(
             for (split, name) in splits.into_iter().zip(names) {
                 let evaluations =
                     evaluate(data, split, name, &trainers, &members, &options.device)?;
-                for (m, (values, _)) in metrics.iter_mut().zip(evaluations) {
-                    m.extend(values);
+                for ((m, evaluation), &i) in metrics.iter_mut().zip(evaluations).zip(&members) {
+                    if !evaluation.finite {
+                        let lr = trainers[i].config.learning_rate;
+                        trainers[i].diverge(format!(
+                            "its outputs on the {name} split stopped being finite after epoch {} \
+                             (learning rate {lr}); lower --lr",
+                            epoch + 1,
+                        ));
+                    }
+                    m.extend(evaluation.metrics);
                 }
             }
             for (&i, values) in members.iter().zip(metrics) {
+                // A diverged head's epoch is not a result: nothing is logged
+                // or checkpointed, and its run fails below.
+                if trainers[i].state.diverged.is_some() {
+                    continue;
+                }
                 let improved = trainers[i].end_epoch(values)?;
                 let trainer = &trainers[i];
                 let epochs_done = trainer.state.epochs_done;
@@ -264,20 +279,38 @@ pub fn fit(
     for trainer in &mut trainers {
         trainer.restore_best()?;
     }
-    let everyone: Vec<usize> = (0..trainers.len()).collect();
-    let tests = evaluate(
+    let converged: Vec<usize> = (0..trainers.len())
+        .filter(|&i| trainers[i].state.diverged.is_none())
+        .collect();
+    let mut tests: Vec<Option<Evaluation>> = (0..trainers.len()).map(|_| None).collect();
+    for (evaluation, &i) in evaluate(
         data,
         &data.test,
         "test",
         &trainers,
-        &everyone,
+        &converged,
         &options.device,
-    )?;
+    )?
+    .into_iter()
+    .zip(&converged)
+    {
+        if !evaluation.finite {
+            trainers[i].diverge("its outputs on the test split are not finite".to_string());
+        }
+        tests[i] = Some(evaluation);
+    }
     let peak_rss_bytes = peak_rss_bytes();
     let mut reports = Vec::with_capacity(runs.len());
-    for (((run, trainer), (test, matrix)), resumed) in
-        runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
+    for (((run, trainer), test), resumed) in runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
     {
+        let test = match (trainer.divergence(&run.run_id), test) {
+            (Some(diverged), _) => {
+                reports.push(Err(diverged));
+                continue;
+            }
+            (None, Some(test)) => test,
+            (None, None) => unreachable!("every converged head was tested"),
+        };
         let report = RunReport {
             run_id: run.run_id.clone(),
             run_dir: run.run_dir.clone(),
@@ -291,12 +324,12 @@ pub fn fit(
             stopped_early: trainer.state.stopped_early,
             skipped_steps: trainer.state.skipped_steps,
             epochs: trainer.state.history.clone(),
-            test,
-            test_confusion_matrix: matrix,
+            test: test.metrics,
+            test_confusion_matrix: test.matrix,
             peak_rss_bytes,
         };
         write_run(&run.run_dir, &report, data, trainer)?;
-        reports.push(report);
+        reports.push(Ok(report));
     }
     Ok(reports)
 }
@@ -598,7 +631,12 @@ fn progress_bar(
 }
 
 /// Named metrics of one split and its confusion matrix.
-type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u64>>);
+struct Evaluation {
+    metrics: BTreeMap<String, f64>,
+    matrix: Vec<Vec<u64>>,
+    /// Every output probability was finite (false: the head diverged).
+    finite: bool,
+}
 
 /// Scores the given heads on one split; each chunk of rows is gathered once
 /// for all of them. Evaluation runs in f32 on the master weights.
@@ -693,10 +731,11 @@ fn evaluate(
                 labels: &split.labels,
                 class_count: classes,
             };
-            Ok((
-                split_metrics(name, &predictions, &data.class_names)?,
-                confusion_matrix(&predictions)?,
-            ))
+            Ok(Evaluation {
+                metrics: split_metrics(name, &predictions, &data.class_names)?,
+                matrix: confusion_matrix(&predictions)?,
+                finite: p.iter().all(|v| v.is_finite()),
+            })
         })
         .collect()
 }

@@ -148,7 +148,7 @@ pub fn train_warm(
     let inputs = run_inputs(data, &config);
     let extra = warm.as_ref().map(warm_params).unwrap_or_default();
     let handle = start(&db, experiment, &inputs, &extra)?;
-    Ok(fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0))
+    fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0)
 }
 
 /// The params that say where a warm-started run came from and what loaded.
@@ -188,7 +188,7 @@ pub fn resume(
         _ => None,
     };
     let handle = db.resume_run(run_id, from as u64)?;
-    Ok(fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0))
+    fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0)
 }
 
 /// The folder and recorded inputs of a run that `--resume` may continue:
@@ -264,12 +264,14 @@ pub(crate) fn summary_metrics(
     summary
 }
 
-/// Trains the runs together, then writes each one's artifacts and finishes it.
+/// Trains the runs together, then writes each one's artifacts and finishes
+/// it; a run whose head diverged is finished FAILED and its error returned
+/// in its place.
 fn fit_and_finish(
     data: &TrainData,
     runs: Vec<(RunHandle, RunInputs, bool, Option<WarmStart>)>,
     options: &FitOptions,
-) -> Result<Vec<RunReport>, TrainError> {
+) -> Result<Vec<Result<RunReport, TrainError>>, TrainError> {
     let mut planned: Vec<PlannedRun> = Vec::with_capacity(runs.len());
     let mut handles: Vec<RunHandle> = Vec::with_capacity(runs.len());
     for (handle, inputs, resume, init) in runs {
@@ -283,14 +285,22 @@ fn fit_and_finish(
         handles.push(handle);
     }
     // On an error the handles drop and their runs are recorded FAILED.
-    let reports = fit(
+    let results = fit(
         data,
         &planned,
         options,
         &mut EpochLogger { handles: &handles },
     )?;
-    for ((handle, report), run) in handles.into_iter().zip(&reports).zip(&planned) {
-        write_artifacts(&handle, report, &run.config, data)?;
+    let mut reports = Vec::with_capacity(results.len());
+    for ((handle, result), run) in handles.into_iter().zip(results).zip(&planned) {
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                reports.push(Err(fail_run(handle, error)?));
+                continue;
+            }
+        };
+        write_artifacts(&handle, &report, &run.config, data)?;
         let mut summary = summary_metrics(
             &report.test,
             &report.epochs,
@@ -302,8 +312,17 @@ fn fit_and_finish(
             summary.push(("peak_rss_bytes".into(), peak as f64));
         }
         handle.finish(RunStatus::Finished, &summary)?;
+        reports.push(Ok(report));
     }
     Ok(reports)
+}
+
+/// Records a run FAILED with `error` as its `error` tag (what `experiments
+/// show` prints), and hands the error back.
+pub(crate) fn fail_run(handle: RunHandle, error: TrainError) -> Result<TrainError, TrainError> {
+    handle.set_tags(&[("error", error.to_string())])?;
+    handle.finish::<&str>(RunStatus::Failed, &[])?;
+    Ok(error)
 }
 
 /// A model card: what the head is, what it was trained and tested on, and
@@ -423,6 +442,9 @@ pub struct SweepOutcome {
     pub sweep: String,
     /// Runs trained now (fresh or resumed).
     pub trained: Vec<RunReport>,
+    /// Runs that failed (their heads diverged), recorded FAILED: why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     /// Anomaly runs (`task = "anomaly"`) fitted now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub anomaly: Vec<AnomalyReport>,
@@ -476,6 +498,7 @@ pub fn sweep(
     let mut outcome = SweepOutcome {
         sweep: sweep.name.clone(),
         trained: Vec::new(),
+        failed: Vec::new(),
         anomaly: Vec::new(),
         skipped: Vec::new(),
         passes: 0,
@@ -555,9 +578,12 @@ pub fn sweep(
             continue;
         }
         outcome.passes += 1;
-        outcome
-            .trained
-            .extend(fit_and_finish(&data, runs, &options.fit)?);
+        for result in fit_and_finish(&data, runs, &options.fit)? {
+            match result {
+                Ok(report) => outcome.trained.push(report),
+                Err(error) => outcome.failed.push(error.to_string()),
+            }
+        }
     }
     sweep_segment_points(layout, &db, sweep, &segment_points, options, &mut outcome)?;
     // A sweep of segmentation heads has no accuracy: chart its Dice instead.
