@@ -128,8 +128,9 @@ pub struct TrainArgs {
     /// MLP hidden sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256")]
     pub hidden: Vec<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f64,
+    /// MLP dropout rate [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
     #[arg(long, value_enum, default_value = "relu")]
     pub activation: ActivationKind,
     #[arg(long, default_value_t = 20)]
@@ -229,10 +230,15 @@ fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<Train
             TaskKind::Segment => Task::Segment,
         },
         head: match args.head {
+            HeadKind::Linear if args.dropout.is_some() => {
+                anyhow::bail!(
+                    "--dropout applies to --head mlp: a linear head has no hidden layer to drop"
+                )
+            }
             HeadKind::Linear => HeadConfig::Linear,
             HeadKind::Mlp => HeadConfig::Mlp {
                 hidden: args.hidden.clone(),
-                dropout: args.dropout,
+                dropout: args.dropout.unwrap_or(0.0),
                 activation: match args.activation {
                     ActivationKind::Relu => Activation::Relu,
                     ActivationKind::Gelu => Activation::Gelu,

@@ -2,6 +2,7 @@
 //! Every statement is parameterised; user text never becomes SQL.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::types::Value;
@@ -605,6 +606,13 @@ impl ExperimentsDb {
                 }))
             }
         }
+    }
+
+    /// The folder of a run this database records. A run id names a row, not
+    /// a path: `../elsewhere` or an id the database does not know is refused.
+    pub fn recorded_run_dir(&self, run_id: &str) -> Result<PathBuf, ExperimentsError> {
+        self.read(|tx| self.run_record(tx, run_id).map(|_| ()))?;
+        Ok(self.run_dir(run_id))
     }
 
     /// One run with its params, summary metrics, metric series, tags and artifacts.

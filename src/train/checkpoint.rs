@@ -78,8 +78,9 @@ pub fn save_if_due(
 /// Writes `checkpoints/best.safetensors`: the head file of a new best epoch.
 pub fn publish_best(run_dir: &Path, head_file: &[u8]) -> Result<(), TrainError> {
     let dir = run_dir.join(CHECKPOINT_DIR);
-    std::fs::create_dir_all(&dir)?;
-    crate::atomic::write_file(&dir.join("best.safetensors"), head_file)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
+    let path = dir.join("best.safetensors");
+    crate::atomic::write_file(&path, head_file).map_err(TrainError::io(&path))?;
     Ok(())
 }
 
@@ -223,15 +224,16 @@ pub fn publish(
     state_json: &[u8],
 ) -> Result<(), TrainError> {
     let dir = run_dir.join(CHECKPOINT_DIR);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let (weights, state) = pair_paths(&dir, epoch);
-    crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)?;
-    crate::atomic::write_file(&state, state_json)?;
+    crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)
+        .map_err(TrainError::io(&weights))?;
+    crate::atomic::write_file(&state, state_json).map_err(TrainError::io(&state))?;
     for older in complete_epochs(&dir)?.into_iter().filter(|&e| e < epoch) {
         let (w, s) = pair_paths(&dir, older);
         // The marker goes first, so a kill here never leaves a marker without weights.
-        std::fs::remove_file(&s)?;
-        std::fs::remove_file(&w)?;
+        std::fs::remove_file(&s).map_err(TrainError::io(&s))?;
+        std::fs::remove_file(&w).map_err(TrainError::io(&w))?;
     }
     Ok(())
 }
@@ -242,10 +244,14 @@ fn complete_epochs(dir: &Path) -> Result<Vec<usize>, TrainError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(epochs),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(TrainError::io(dir)(e)),
     };
     for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+        let name = entry
+            .map_err(TrainError::io(dir))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if let Some(epoch) = name
             .strip_prefix("epoch-")
             .and_then(|rest| rest.strip_suffix(".json"))
@@ -266,7 +272,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> 
         return Ok(None);
     };
     let (weights, state) = pair_paths(&dir, epoch);
-    let json = std::fs::read(&state)?;
+    let json = std::fs::read(&state).map_err(TrainError::io(&state))?;
     Ok(Some((weights, json)))
 }
 

@@ -23,6 +23,8 @@ pub mod sweep;
 pub mod trainer;
 pub mod warm;
 
+use std::path::Path;
+
 use crate::dataset::DatasetError;
 use crate::features::FeatureError;
 
@@ -55,6 +57,20 @@ pub enum TrainError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Segment(Box<crate::segment::SegmentError>),
-    #[error("writing run output failed: {0}")]
-    Io(#[from] std::io::Error),
+    /// Writing a run's files failed (a full disk, a read-only folder).
+    #[error("cannot write {}: {error}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl TrainError {
+    /// `Io` for a write to `path`, for `map_err`.
+    pub fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+        move |error| TrainError::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
 }

@@ -765,7 +765,8 @@ pub const RUN_INPUTS_FILE: &str = "config.json";
 /// Writes `config.json` at the start of a run, so a killed run can be resumed.
 pub fn write_run_inputs(run_dir: &Path, inputs: &RunInputs) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(inputs).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    crate::atomic::write_file(&run_dir.join(RUN_INPUTS_FILE), &json)?;
+    let path = run_dir.join(RUN_INPUTS_FILE);
+    crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     Ok(())
 }
 
@@ -814,12 +815,12 @@ fn write_run(
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    crate::atomic::write_file(&dir.join("metrics.json"), &json)?;
+    let path = dir.join("metrics.json");
+    crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     // restore_best already put the kept head in place.
-    crate::atomic::write_file(
-        &dir.join("head.safetensors"),
-        &head_file_bytes(data, trainer, false)?,
-    )?;
+    let path = dir.join("head.safetensors");
+    crate::atomic::write_file(&path, &head_file_bytes(data, trainer, false)?)
+        .map_err(TrainError::io(&path))?;
     Ok(())
 }
 

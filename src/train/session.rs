@@ -144,11 +144,34 @@ pub fn train_warm(
             config.task.name()
         )));
     }
+    require_two_classes(data)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
     let extra = warm.as_ref().map(warm_params).unwrap_or_default();
     let handle = start(&db, experiment, &inputs, &extra)?;
     fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0)
+}
+
+/// A classifier needs two classes in its training split: with one, every
+/// prediction is right and the run would report accuracy 1.0 having learnt
+/// nothing.
+fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
+    let mut present: Vec<usize> = data.train.labels.clone();
+    present.sort_unstable();
+    present.dedup();
+    if present.len() >= 2 {
+        return Ok(());
+    }
+    let only = present
+        .first()
+        .map(|&c| data.class_names[c].as_str())
+        .unwrap_or("none");
+    Err(TrainError::Invalid(format!(
+        "dataset {} has one class in its training split ({only}): a classifier has nothing \
+         to learn; add images of another class, or train --task anomaly to learn what {only} \
+         looks like",
+        data.dataset_name
+    )))
 }
 
 /// The params that say where a warm-started run came from and what loaded.
@@ -194,7 +217,9 @@ pub fn resume(
 /// The folder and recorded inputs of a run that `--resume` may continue:
 /// it exists and has not finished. Anomaly runs (no checkpoints) are refused.
 pub fn resumable_run(db: &ExperimentsDb, run_id: &str) -> Result<(PathBuf, RunInputs), TrainError> {
-    let run_dir = db.run_dir(run_id);
+    let run_dir = db
+        .recorded_run_dir(run_id)
+        .map_err(|e| TrainError::Checkpoint(format!("run {run_id} not found: {e}")))?;
     if !run_dir.is_dir() {
         return Err(TrainError::Checkpoint(format!(
             "run {run_id} not found: no folder {}",
@@ -424,7 +449,7 @@ fn write_artifacts(
         })
         .collect();
     let plots = handle.dir().join("plots");
-    std::fs::create_dir_all(&plots)?;
+    std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::learning_curves(
         &plots,
         &experiments::plots::LearningCurves {
@@ -542,6 +567,9 @@ pub fn sweep(
             )?;
             outcome.anomaly.extend(reports);
             outcome.skipped.extend(skipped);
+        }
+        if !configs.is_empty() {
+            require_two_classes(&data)?;
         }
         let mut runs = Vec::new();
         let mut seen = BTreeSet::new();
@@ -677,7 +705,7 @@ fn sweep_chart(
         baseline: None,
     })?;
     let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let points = experiments::plots::SweepPoint::from_ablation(&report);
     Ok(experiments::plots::sweep_chart(
         &dir.join("comparison"),
