@@ -378,10 +378,20 @@ fn memo_bomb(levels: usize) -> Vec<u8> {
     bytes
 }
 
+/// A legacy file whose state-dict pickle is `body` (after PROTO 2).
+fn with_body(body: &[u8]) -> Vec<u8> {
+    let mut bytes = header();
+    bytes.extend_from_slice(&[0x80, 2]);
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 #[test]
 fn hostile_pth_weights_fail_their_job_with_a_message_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
+    let pwned = dir.path().join("pwned");
+    let touch = format!("touch {}", pwned.display());
     let tree = image_folder(dir.path(), &[2]);
     ok(lazarus(
         &root,
@@ -401,6 +411,77 @@ fn hostile_pth_weights_fail_their_job_with_a_message_naming_the_file() {
             "times the 4 bytes of the file's storages",
         ),
         ("laughs.pth", memo_bomb(24), "values (memo copies included)"),
+        // Code execution attempts: none may run.
+        (
+            "system.pth",
+            with_body(
+                &Pickle::default()
+                    .global("os", "system")
+                    .string(&touch)
+                    .op(b"\x85R.")
+                    .0,
+            ),
+            "refusing global 'os.system'",
+        ),
+        (
+            "eval.pth",
+            with_body(
+                &Pickle::default()
+                    .string("builtins")
+                    .string("eval")
+                    .op(&[0x93])
+                    .string(&format!("__import__('os').system('{touch}')"))
+                    .op(b"\x85R.")
+                    .0,
+            ),
+            "refusing global 'builtins.eval'",
+        ),
+        (
+            "inst.pth",
+            with_body(
+                &Pickle::default()
+                    .op(b"(")
+                    .string(&touch)
+                    .op(b"ios\nsystem\n.")
+                    .0,
+            ),
+            "refusing pickle opcode 0x69 ('i')",
+        ),
+        (
+            "zip.pth",
+            b"PK\x03\x04 data.pkl: the current torch format, a zip archive".to_vec(),
+            "zip-format torch file",
+        ),
+        // A storage that claims to be a view of another one.
+        (
+            "storage.pth",
+            with_body(
+                &Pickle::default()
+                    .global("collections", "OrderedDict")
+                    .op(b")R(")
+                    .string("w")
+                    .global("torch._utils", "_rebuild_tensor_v2")
+                    .op(b"((")
+                    .string("storage")
+                    .global("torch", "FloatStorage")
+                    .string("k0")
+                    .string("cpu")
+                    .int(4)
+                    .op(b"(")
+                    .string("k1")
+                    .int(0)
+                    .int(4)
+                    .op(b"ttQ")
+                    .int(0)
+                    .tuple(&[4])
+                    .tuple(&[1])
+                    .op(&[0x89])
+                    .global("collections", "OrderedDict")
+                    .op(b")RtRu.")
+                    .0,
+            ),
+            "shared storage views are not supported",
+        ),
     ];
     for (name, bytes, _) in &files {
         assert!(bytes.len() < 400, "{name} is a small file");
@@ -419,18 +500,20 @@ fn hostile_pth_weights_fail_their_job_with_a_message_naming_the_file() {
             ],
         ));
     }
-    let worker = spawn(&root, &["run-worker", "--json", "--max-jobs", "3"]);
+    let count = files.len().to_string();
+    let worker = spawn(&root, &["run-worker", "--json", "--max-jobs", &count]);
     let output = wait_with_limit(worker, Duration::from_secs(120), "the worker");
     assert!(output.status.success(), "{output:?}");
     let report = json(&String::from_utf8_lossy(&output.stdout));
-    assert_eq!(report["failed"], 3, "{report}");
+    assert_eq!(report["failed"], files.len(), "{report}");
+    assert!(!pwned.exists(), "no pickle payload ran");
     let errors: Vec<String> = queue_status(&root)["failed_jobs"]
         .as_array()
         .unwrap()
         .iter()
         .map(|j| j["last_error"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert_eq!(errors.len(), files.len(), "{errors:#?}");
     for (name, _, reason) in &files {
         assert!(
             errors
