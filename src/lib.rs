@@ -15,6 +15,7 @@ pub mod experiments;
 pub mod extract;
 pub mod features;
 pub mod layout;
+pub mod memory;
 pub mod output_dir;
 pub mod predict;
 pub mod predict_anomaly;

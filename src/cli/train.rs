@@ -360,6 +360,8 @@ fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
 }
 
 pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
+    // The run reports its memory from here on, data loading included.
+    lazarus::memory::track();
     let options = FitOptions {
         device: super::queue::device(args.device)?,
         progress: !args.json,
@@ -508,11 +510,35 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
             report.skipped_steps
         );
     }
+    if let Some(line) = memory_line(&report.memory) {
+        println!("{line}");
+    }
     println!(
         "recorded in experiments/experiments.db; files in {}",
         report.run_dir.display()
     );
     Ok(())
+}
+
+/// "memory: ..." with what the run needed and what the page cache held.
+fn memory_line(memory: &lazarus::memory::MemoryReport) -> Option<String> {
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+    let anonymous = memory.peak_anonymous_bytes?;
+    let mut line = format!(
+        "memory: peak {:.0} MiB anonymous (what the run needs), {:.0} MiB of mapped feature pages (page cache, released as the run reads on)",
+        mib(anonymous),
+        mib(memory.peak_file_backed_bytes.unwrap_or(0)),
+    );
+    if let Some(cgroup) = &memory.cgroup {
+        line.push_str(&format!(
+            "; cgroup limit {:.0} MiB, peak {}",
+            mib(cgroup.limit_bytes),
+            cgroup
+                .peak_bytes
+                .map_or("unknown".to_string(), |p| format!("{:.0} MiB", mib(p)))
+        ));
+    }
+    Some(line)
 }
 
 fn print_anomaly_report(report: &AnomalyReport, json: bool) -> anyhow::Result<()> {

@@ -97,8 +97,14 @@ pub struct RunReport {
     /// Final `test/*` metrics of the kept (best) head.
     pub test: BTreeMap<String, f64>,
     pub test_confusion_matrix: Vec<Vec<u64>>,
-    /// Peak resident memory of the process when the run ended (Linux).
+    /// Peak resident memory of the process when the run ended (Linux
+    /// `VmHWM`): anonymous memory and mapped feature pages together.
     pub peak_rss_bytes: Option<u64>,
+    /// The two apart, and the memory cgroup's peak where the run has a
+    /// limited one (`memory::MemoryReport`): what the run needs is
+    /// `peak_anonymous_bytes` (plus the resident limit of mapped pages).
+    #[serde(default)]
+    pub memory: crate::memory::MemoryReport,
 }
 
 /// Mapped feature pages a run keeps resident before releasing them: large
@@ -299,7 +305,8 @@ pub fn fit(
         }
         tests[i] = Some(evaluation);
     }
-    let peak_rss_bytes = peak_rss_bytes();
+    let memory = crate::memory::process_report();
+    let peak_rss_bytes = memory.peak_rss_bytes.or_else(peak_rss_bytes);
     let mut reports = Vec::with_capacity(runs.len());
     for (((run, trainer), test), resumed) in runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
     {
@@ -327,6 +334,7 @@ pub fn fit(
             test: test.metrics,
             test_confusion_matrix: test.matrix,
             peak_rss_bytes,
+            memory: memory.clone(),
         };
         write_run(&run.run_dir, &report, data, trainer)?;
         reports.push(Ok(report));

@@ -336,10 +336,28 @@ fn fit_and_finish(
         if let Some(peak) = report.peak_rss_bytes {
             summary.push(("peak_rss_bytes".into(), peak as f64));
         }
+        summary.extend(memory_summary(&report.memory));
         handle.finish(RunStatus::Finished, &summary)?;
         reports.push(Ok(report));
     }
     Ok(reports)
+}
+
+/// The summary metrics of a run's memory report (besides `peak_rss_bytes`).
+pub(crate) fn memory_summary(memory: &crate::memory::MemoryReport) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut push = |key: &str, value: Option<u64>| {
+        if let Some(value) = value {
+            out.push((key.to_string(), value as f64));
+        }
+    };
+    push("peak_anonymous_bytes", memory.peak_anonymous_bytes);
+    push("peak_file_backed_bytes", memory.peak_file_backed_bytes);
+    if let Some(cgroup) = &memory.cgroup {
+        push("cgroup_memory_limit_bytes", Some(cgroup.limit_bytes));
+        push("cgroup_memory_peak_bytes", cgroup.peak_bytes);
+    }
+    out
 }
 
 /// Records a run FAILED with `error` as its `error` tag (what `experiments
