@@ -210,12 +210,9 @@ pub fn fit(
             .sum::<u64>();
     let leftover = budget.saturating_sub(runtime + fixed_per_head + batches);
     let resident = RESIDENT_FEATURE_BYTES + leftover;
+    let cache_fits = resident >= data.features.mapped_bytes();
     data.features
-        .set_resident_limit(if resident >= data.features.mapped_bytes() {
-            u64::MAX
-        } else {
-            resident
-        });
+        .set_resident_limit(if cache_fits { u64::MAX } else { resident });
 
     loop {
         let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();
@@ -242,7 +239,15 @@ pub fn fit(
                 sampler,
                 epoch,
             };
-            run_epoch(data, &stream, &mut trainers, &members, options)?;
+            // Shuffled rows from a cache larger than the pages the run may
+            // keep: no read-around (see `FeatureSet::read_randomly`).
+            // Evaluation reads its splits in row order.
+            if !cache_fits {
+                data.features.read_randomly();
+            }
+            let stepped = run_epoch(data, &stream, &mut trainers, &members, options);
+            data.features.read_in_order();
+            stepped?;
             let names = ["train", "val"];
             let splits = [&data.train, &data.val];
             let mut metrics: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); members.len()];
