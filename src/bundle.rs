@@ -50,12 +50,10 @@ const FILES: [&str; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("run {run} not found: no folder {path}")]
-    UnknownRun { run: String, path: PathBuf },
     #[error("run {run} cannot be exported: {message}")]
     Unexportable { run: String, message: String },
-    #[error("{path} already exists; pick another --out or remove it")]
-    Exists { path: PathBuf },
+    #[error(transparent)]
+    Out(#[from] crate::output_dir::OutputError),
     #[error("{bundle} is not a bundle: {file} is missing")]
     MissingFile { bundle: PathBuf, file: String },
     #[error("bundle {bundle}: {file} is not listed in {MANIFEST_FILE}")]
@@ -133,20 +131,23 @@ pub struct ExportReport {
     pub manifest: Manifest,
 }
 
-/// Writes run `run_id` as a bundle at `out` (which must not exist yet).
-pub fn export(layout: &Layout, run_id: &str, out: &Path) -> Result<ExportReport, BundleError> {
-    let run_dir = layout.experiments_dir().join("runs").join(run_id);
-    if !run_dir.is_dir() {
-        return Err(BundleError::UnknownRun {
-            run: run_id.to_string(),
-            path: run_dir,
-        });
-    }
-    if out.exists() {
-        return Err(BundleError::Exists {
-            path: out.to_path_buf(),
-        });
-    }
+/// What `export --out` writes: the bundle's files and its manifest.
+pub const OUTPUT_KIND: crate::output_dir::Kind = crate::output_dir::Kind {
+    verb: "lazarus export",
+    recognises: |file| file == MANIFEST_FILE || FILES.contains(&file),
+    replace_without_force: false,
+};
+
+/// Writes run `run_id` as a bundle at `out`: a new or empty folder, or,
+/// with `options.force`, a bundle lazarus exported before (see `output_dir`).
+pub fn export(
+    layout: &Layout,
+    run_id: &str,
+    out: &Path,
+    options: crate::output_dir::ReplaceOptions,
+) -> Result<ExportReport, BundleError> {
+    let run_dir = crate::predict::run_folder(layout, run_id)?;
+    let prior = crate::output_dir::check(out, &OUTPUT_KIND, options)?;
     let unexportable = |message: String| BundleError::Unexportable {
         run: run_id.to_string(),
         message,
@@ -228,15 +229,11 @@ pub fn export(layout: &Layout, run_id: &str, out: &Path) -> Result<ExportReport,
         }
         let path = staging.join(MANIFEST_FILE);
         crate::atomic::write_file(&path, &to_json(&manifest)).map_err(io_error(&path))?;
-        crate::atomic::publish_dir(&staging, out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => BundleError::Exists {
-                path: out.to_path_buf(),
-            },
-            _ => BundleError::Io {
-                path: out.to_path_buf(),
-                source: e,
-            },
-        })
+        let mut written: Vec<String> = FILES.iter().map(|f| f.to_string()).collect();
+        written.push(MANIFEST_FILE.to_string());
+        crate::output_dir::write_marker(&staging, &OUTPUT_KIND, &written)?;
+        crate::output_dir::publish(&staging, out, &prior)?;
+        Ok(())
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
@@ -329,8 +326,12 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
             "class indices must run 0, 1, 2, ... without gaps".into(),
         ));
     }
-    let tensors = candle_core::safetensors::load_buffer(&contents[HEAD_FILE], device)
-        .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
+    let tensors = crate::train::checkpoint::tensors_from_bytes(
+        &contents[HEAD_FILE],
+        &dir.join(HEAD_FILE),
+        device,
+    )
+    .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
     let head = TrainedHead::from_tensors(&info.head, &tensors, class_names, &dir.join(HEAD_FILE))
         .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
     if head.input_dim() != encoder.feature_dim {

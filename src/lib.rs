@@ -16,6 +16,8 @@ pub mod extract;
 pub mod features;
 pub mod files;
 pub mod layout;
+pub mod memory;
+pub mod output_dir;
 pub mod predict;
 pub mod predict_anomaly;
 pub mod preprocess;

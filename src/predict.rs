@@ -25,8 +25,8 @@ use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
-    #[error("run {run} not found: no folder {path}")]
-    UnknownRun { run: String, path: PathBuf },
+    #[error("run {run} not found: {reason}")]
+    UnknownRun { run: String, reason: String },
     #[error("run {run}: {message}")]
     Run { run: String, message: String },
     #[error("encoder for {owner}: {message}")]
@@ -179,19 +179,33 @@ pub fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
         .collect()
 }
 
+/// The folder of run `run_id`, which experiments.db must record: a run id is
+/// never taken as a path.
+pub fn run_folder(layout: &Layout, run_id: &str) -> Result<PathBuf, PredictError> {
+    let unknown = |reason: String| PredictError::UnknownRun {
+        run: run_id.to_string(),
+        reason,
+    };
+    let dir = crate::experiments::recorded_run_dir(layout, run_id).map_err(|e| match e {
+        crate::experiments::ExperimentsError::UnknownRun { .. } => unknown(e.to_string()),
+        other => PredictError::Run {
+            run: run_id.to_string(),
+            message: other.to_string(),
+        },
+    })?;
+    if !dir.is_dir() {
+        return Err(unknown(format!("no folder {}", dir.display())));
+    }
+    Ok(dir)
+}
+
 /// A finished run's head and what its folder records about its inputs.
 pub fn load_run_head(
     layout: &Layout,
     run_id: &str,
     device: &Device,
 ) -> Result<(TrainedHead, RunInputs), PredictError> {
-    let run_dir = layout.experiments_dir().join("runs").join(run_id);
-    if !run_dir.is_dir() {
-        return Err(PredictError::UnknownRun {
-            run: run_id.to_string(),
-            path: run_dir,
-        });
-    }
+    let run_dir = run_folder(layout, run_id)?;
     let head_path = run_dir.join("head.safetensors");
     if !head_path.is_file() {
         return Err(PredictError::Run {

@@ -67,14 +67,7 @@ pub struct AnomalyPredictions {
 }
 
 fn run_dir(layout: &Layout, run_id: &str) -> Result<PathBuf, PredictError> {
-    let dir = layout.experiments_dir().join("runs").join(run_id);
-    if !dir.is_dir() {
-        return Err(PredictError::UnknownRun {
-            run: run_id.to_string(),
-            path: dir,
-        });
-    }
-    Ok(dir)
+    crate::predict::run_folder(layout, run_id)
 }
 
 /// Whether `run_id` is an anomaly run (its `config.json` says task anomaly).

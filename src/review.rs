@@ -69,10 +69,8 @@ pub enum ReviewError {
     NothingToReview { dataset: String, runs: String },
     #[error("incomplete features for run {run}: {message}")]
     Incomplete { run: String, message: String },
-    #[error(
-        "{path} exists and is not a review folder (no {CSV_FILE} and {HTML_FILE}); pick another --out"
-    )]
-    OutExists { path: PathBuf },
+    #[error(transparent)]
+    Out(#[from] crate::output_dir::OutputError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -360,16 +358,31 @@ pub fn mean_divergence_from_consensus(distributions: &[&[f32]]) -> f64 {
     (total / distributions.len() as f64).max(0.0)
 }
 
+/// What `review --out` writes: `review.csv`, `index.html`, `thumbs/NNNN.jpg`.
+pub const OUTPUT_KIND: crate::output_dir::Kind = crate::output_dir::Kind {
+    verb: "lazarus review",
+    recognises: |file| {
+        file == CSV_FILE
+            || file == HTML_FILE
+            || file
+                .strip_prefix(THUMBNAIL_DIR)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .and_then(|name| name.strip_suffix(".jpg"))
+                .is_some_and(|rank| !rank.is_empty() && rank.bytes().all(|b| b.is_ascii_digit()))
+    },
+    replace_without_force: true,
+};
+
 /// Writes `review.csv` and the contact sheet into `out`: staged in a temp
-/// folder beside it and renamed into place; a previous review there is
-/// replaced, any other existing folder is refused.
-pub fn write_sheet(report: &ReviewReport, out: &Path) -> Result<(), ReviewError> {
-    let previous = out.exists();
-    if previous && !(out.join(CSV_FILE).is_file() && out.join(HTML_FILE).is_file()) {
-        return Err(ReviewError::OutExists {
-            path: out.to_path_buf(),
-        });
-    }
+/// folder beside it and renamed into place. A previous review there is
+/// replaced; a folder holding anything lazarus did not write is refused
+/// (see `output_dir`: `force` replaces a review from before markers).
+pub fn write_sheet(
+    report: &ReviewReport,
+    out: &Path,
+    options: crate::output_dir::ReplaceOptions,
+) -> Result<(), ReviewError> {
+    let prior = crate::output_dir::check(out, &OUTPUT_KIND, options)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io_error(parent))?;
     }
@@ -377,6 +390,7 @@ pub fn write_sheet(report: &ReviewReport, out: &Path) -> Result<(), ReviewError>
     let result = (|| {
         let thumbs = staging.join(THUMBNAIL_DIR);
         std::fs::create_dir_all(&thumbs).map_err(io_error(&thumbs))?;
+        let mut written = vec![CSV_FILE.to_string(), HTML_FILE.to_string()];
         let mut previews: Vec<Result<String, String>> = Vec::with_capacity(report.items.len());
         for item in &report.items {
             let name = format!("{THUMBNAIL_DIR}/{:04}.jpg", item.rank);
@@ -384,6 +398,7 @@ pub fn write_sheet(report: &ReviewReport, out: &Path) -> Result<(), ReviewError>
                 Ok(bytes) => {
                     let path = staging.join(&name);
                     crate::atomic::write_file(&path, &bytes).map_err(io_error(&path))?;
+                    written.push(name.clone());
                     Ok(name)
                 }
                 Err(reason) => Err(reason),
@@ -395,15 +410,9 @@ pub fn write_sheet(report: &ReviewReport, out: &Path) -> Result<(), ReviewError>
         let path = staging.join(HTML_FILE);
         crate::atomic::write_file(&path, contact_sheet(report, &previews).as_bytes())
             .map_err(io_error(&path))?;
-        if previous {
-            // Swap: the old review moves aside, the new one takes its name.
-            let old = crate::atomic::temp_path_for(out);
-            std::fs::rename(out, &old).map_err(io_error(out))?;
-            crate::atomic::publish_dir(&staging, out).map_err(io_error(out))?;
-            std::fs::remove_dir_all(&old).map_err(io_error(&old))
-        } else {
-            crate::atomic::publish_dir(&staging, out).map_err(io_error(out))
-        }
+        crate::output_dir::write_marker(&staging, &OUTPUT_KIND, &written)?;
+        crate::output_dir::publish(&staging, out, &prior)?;
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staging);

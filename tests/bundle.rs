@@ -139,7 +139,10 @@ fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
         root,
         &["export", &run, "--out", bundle.to_str().unwrap()],
     ));
-    assert!(again.contains("already exists"), "{again}");
+    assert!(
+        again.contains("was written by lazarus export already; --force replaces it"),
+        "{again}"
+    );
     let unknown = fails(lazarus(
         root,
         &[

@@ -525,6 +525,67 @@ fn ablate_refuses_unknown_names_and_levels() {
     );
 }
 
+/// SQL in --by, --where and --metric is a name or a value to match, never SQL.
+#[test]
+fn sql_in_ablate_and_where_is_matched_literally() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = populate(dir.path());
+    let err = fails(lazarus(
+        dir.path(),
+        &[
+            "experiments",
+            "ablate",
+            "--by",
+            "head; DROP TABLE runs; --",
+            "--metric",
+            "val_accuracy",
+        ],
+    ));
+    assert!(
+        err.contains("unknown parameter `head; DROP TABLE runs; --`"),
+        "{err}"
+    );
+    for clause in ["head=linear' OR '1'='1", "head=mlp\" OR 1=1 --"] {
+        let err = fails(lazarus(
+            dir.path(),
+            &[
+                "experiments",
+                "ablate",
+                "--by",
+                "head",
+                "--metric",
+                "val_accuracy",
+                "--where",
+                clause,
+            ],
+        ));
+        assert!(
+            err.contains("no finished run has metric `val_accuracy`"),
+            "{clause}: {err}"
+        );
+        let err = fails(lazarus(
+            dir.path(),
+            &[
+                "experiments",
+                "best",
+                "--metric",
+                "val_accuracy",
+                "--where",
+                clause,
+            ],
+        ));
+        assert!(err.contains("no finished run"), "{clause}: {err}");
+    }
+    let err = fails(lazarus(
+        dir.path(),
+        &["experiments", "best", "--metric", "val_accuracy' OR 1=1 --"],
+    ));
+    assert!(err.contains("unknown metric"), "{err}");
+    // Nothing was dropped or changed.
+    let listed = json(&ok(lazarus(dir.path(), &["experiments", "list", "--json"])));
+    assert_eq!(listed.as_array().unwrap().len(), ids.len());
+}
+
 #[test]
 fn a_database_from_a_newer_lazarus_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -191,7 +191,10 @@ fn review_ranks_mispredicted_and_unlabeled_images_and_writes_a_contact_sheet() {
             root.join("notes").to_str().unwrap(),
         ],
     ));
-    assert!(message.contains("is not a review folder"), "{message}");
+    assert!(
+        message.contains("holds files lazarus review did not write (todo.txt)"),
+        "{message}"
+    );
 
     // Entropy: highest -sum p ln p first, as computed from predict's probabilities.
     let entropy = review(

@@ -276,9 +276,15 @@ fn show(layout: &Layout, args: ShowArgs) -> anyhow::Result<()> {
             return print_json(&json!({ "name": args.name, "images": dataset.images }));
         }
         let stdout = std::io::stdout();
-        dataset::write_images_csv(&dataset.images, stdout.lock())
-            .with_context(|| format!("writing the image list of dataset '{}'", args.name))?;
-        return Ok(());
+        return match dataset::write_images_csv(&dataset.images, stdout.lock()) {
+            // A reader that stopped early (`| head`) is not an error.
+            Err(err) if matches!(err.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe) => {
+                Ok(())
+            }
+            other => {
+                other.with_context(|| format!("writing the image list of dataset '{}'", args.name))
+            }
+        };
     }
     if args.csv {
         bail!("--csv needs --images");

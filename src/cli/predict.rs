@@ -140,15 +140,20 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
 pub struct ExportArgs {
     /// The finished run to export.
     pub run: String,
-    /// The bundle folder to create (must not exist).
+    /// The bundle folder to create (new or empty).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Replace a bundle lazarus exported to DIR before; a folder holding
+    /// anything else is never replaced.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn export(layout: &Layout, args: ExportArgs) -> anyhow::Result<()> {
-    let report = lazarus::bundle::export(layout, &args.run, &args.out)?;
+    let options = lazarus::output_dir::ReplaceOptions { force: args.force };
+    let report = lazarus::bundle::export(layout, &args.run, &args.out, options)?;
     if args.json {
         return super::print_json(&report);
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -15,8 +15,8 @@ use lazarus::extract::verify::VerifyConfig;
 use lazarus::features::ReconcileConfig;
 use lazarus::features::store::{self, FeatureStore};
 use lazarus::layout::Layout;
-use lazarus::queue::RequeueFilter;
-use lazarus::queue::worker::{self, StopReason, WorkerConfig};
+use lazarus::queue::worker::{self, StopDeadline, StopReason, WorkerConfig};
+use lazarus::queue::{RequeueFilter, RetryPolicy};
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
@@ -64,6 +64,12 @@ pub struct EnqueueArgs {
         requires = "noop_jobs"
     )]
     pub noop_sleep_ms: u64,
+    /// No-op jobs sleep through SIGINT/SIGTERM (a hung job).
+    #[arg(long, hide = true, requires = "noop_jobs")]
+    pub noop_ignore_stop: bool,
+    /// No-op jobs panic with this message (a bug inside a job).
+    #[arg(long, hide = true, value_name = "MESSAGE", requires = "noop_jobs")]
+    pub noop_panic: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +104,14 @@ pub struct RunWorkerArgs {
         hide_env_values = true
     )]
     pub feature_store: Option<String>,
+    /// After SIGINT/SIGTERM, how long the running job may take to finish or
+    /// give up; after that its lease is released and the worker exits with
+    /// status 1. A second signal exits at once (the lease then expires).
+    #[arg(long, default_value_t = 20, value_name = "SECS")]
+    pub stop_grace_secs: u64,
+    /// First retry delay of jobs this worker fails, in milliseconds (tests).
+    #[arg(long, hide = true, value_name = "MS")]
+    pub retry_delay_ms: Option<u64>,
     /// Print machine-readable JSON.
     #[arg(long)]
     pub json: bool,
@@ -158,6 +172,8 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
             marker_dir: args.noop_marker_dir,
             fail_items: Vec::new(),
             sleep_ms: args.noop_sleep_ms,
+            ignore_stop: args.noop_ignore_stop,
+            panic: args.noop_panic,
         };
         let outcome = plan::enqueue_noop(layout, count, &payload)?;
         if args.json {
@@ -268,9 +284,24 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
-        .context("cannot install the SIGINT/SIGTERM handler")?;
-    let queue = layout.queue().open()?;
+    let signals = AtomicU32::new(0);
+    ctrlc::set_handler(move || {
+        handler_flag.store(true, Ordering::SeqCst);
+        if signals.fetch_add(1, Ordering::SeqCst) >= 1 {
+            eprintln!(
+                "error: second stop request: exiting now; a running job's lease expires on its own"
+            );
+            std::process::exit(1);
+        }
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let queue = match args.retry_delay_ms {
+        Some(ms) => layout.queue().open_with_policy(RetryPolicy {
+            base_delay: Duration::from_millis(ms),
+            ..RetryPolicy::default()
+        })?,
+        None => layout.queue().open()?,
+    };
     let queue = queue.as_ref();
     let lease = Duration::from_secs(args.lease_secs);
     let reconciled = run::reconcile(
@@ -305,6 +336,10 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
         until_empty: args.until_empty,
         max_jobs: args.max_jobs,
         poll_interval: Duration::from_millis(500),
+        stop_deadline: Some(StopDeadline {
+            grace: Duration::from_secs(args.stop_grace_secs),
+            abandon: exit_abandoned,
+        }),
     };
     let report = worker::run(queue, &runner, &config, &stop);
     if let Reporting::Bar(bar) = &reporting {
@@ -328,18 +363,59 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
         );
     }
     if args.json {
-        return super::print_json(&report);
+        super::print_json(&report)?;
+    } else {
+        println!(
+            "worker {}: {} completed, {} failed, {} lost their lease, {} released; stopped: {:?}",
+            report.worker,
+            report.completed,
+            report.failed,
+            report.lease_lost,
+            report.released,
+            report.stopped
+        );
+        if report.waited_for_running_ms > 0 {
+            println!(
+                "waited {:.1} s for jobs running under other workers' leases",
+                report.waited_for_running_ms as f64 / 1000.0
+            );
+        }
     }
-    println!(
-        "worker {}: {} completed, {} failed, {} lost their lease, {} released; stopped: {:?}",
-        report.worker,
-        report.completed,
-        report.failed,
-        report.lease_lost,
-        report.released,
-        report.stopped
-    );
+    // Why jobs failed goes to stderr in both modes: it is what to fix.
+    for failure in &report.failures {
+        eprintln!(
+            "job {} failed (attempt {}): {}",
+            failure.job_id, failure.attempt, failure.reason
+        );
+    }
+    if args.until_empty && report.completed == 0 && report.failed > 0 {
+        bail!(
+            "worker {} ran until the queue was empty and no job succeeded: {} failed (reasons above; `lazarus status` lists them, `lazarus requeue` retries dead jobs)",
+            report.worker,
+            report.failed
+        );
+    }
     Ok(())
+}
+
+/// The stop deadline passed with a job still running: its lease is already
+/// released (or expires), so the process ends here.
+fn exit_abandoned(abandoned: &worker::Abandoned) -> ! {
+    let job = match abandoned.job {
+        Some((job_id, attempt)) if abandoned.released => {
+            format!("job {job_id} (attempt {attempt}) did not stop and is pending again")
+        }
+        Some((job_id, attempt)) => format!(
+            "job {job_id} (attempt {attempt}) did not stop; its release was refused, so its lease expires on its own"
+        ),
+        None => "a queue call did not return".to_string(),
+    };
+    eprintln!(
+        "error: worker {} stopped by a signal: {job} {} s after the stop request (--stop-grace-secs); exiting",
+        abandoned.worker,
+        abandoned.grace.as_secs()
+    );
+    std::process::exit(1)
 }
 
 /// The store a `--feature-store` value names; `None` (also for an empty

@@ -31,9 +31,13 @@ pub struct ReviewArgs {
     /// How many images to list.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub top: u64,
-    /// Write review.csv and a contact sheet (index.html, thumbs/) into DIR.
+    /// Write review.csv and a contact sheet (index.html, thumbs/) into DIR;
+    /// a previous review there is replaced, a folder holding anything else is refused.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Also replace a review folder from a lazarus too old to mark its folders.
+    #[arg(long, requires = "out")]
+    pub force: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Review the images that have features when some lack them (extraction
@@ -57,7 +61,8 @@ pub fn run(layout: &Layout, args: ReviewArgs) -> anyhow::Result<()> {
     };
     let report = review(layout, &args.runs, &args.dataset, &config)?;
     if let Some(out) = &args.out {
-        write_sheet(&report, out)?;
+        let options = lazarus::output_dir::ReplaceOptions { force: args.force };
+        write_sheet(&report, out, options)?;
     }
     if args.json {
         return super::print_json(&report);

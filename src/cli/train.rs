@@ -135,8 +135,9 @@ pub struct TrainArgs {
     /// MLP hidden sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256")]
     pub hidden: Vec<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f64,
+    /// MLP dropout rate [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
     #[arg(long, value_enum, default_value = "relu")]
     pub activation: ActivationKind,
     #[arg(long, default_value_t = 20)]
@@ -236,10 +237,15 @@ fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<Train
             TaskKind::Segment => Task::Segment,
         },
         head: match args.head {
+            HeadKind::Linear if args.dropout.is_some() => {
+                anyhow::bail!(
+                    "--dropout applies to --head mlp: a linear head has no hidden layer to drop"
+                )
+            }
             HeadKind::Linear => HeadConfig::Linear,
             HeadKind::Mlp => HeadConfig::Mlp {
                 hidden: args.hidden.clone(),
-                dropout: args.dropout,
+                dropout: args.dropout.unwrap_or(0.0),
                 activation: match args.activation {
                     ActivationKind::Relu => Activation::Relu,
                     ActivationKind::Gelu => Activation::Gelu,
@@ -361,6 +367,8 @@ fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
 }
 
 pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
+    // The run reports its memory from here on, data loading included.
+    lazarus::memory::track();
     let options = FitOptions {
         device: super::queue::device(args.device)?,
         progress: !args.json,
@@ -507,11 +515,35 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
             report.skipped_steps
         );
     }
+    if let Some(line) = memory_line(&report.memory) {
+        println!("{line}");
+    }
     println!(
         "recorded in experiments/experiments.db; files in {}",
         report.run_dir.display()
     );
     Ok(())
+}
+
+/// "memory: ..." with what the run needed and what the page cache held.
+fn memory_line(memory: &lazarus::memory::MemoryReport) -> Option<String> {
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+    let anonymous = memory.peak_anonymous_bytes?;
+    let mut line = format!(
+        "memory: peak {:.0} MiB anonymous (what the run needs), {:.0} MiB of mapped feature pages (page cache, released as the run reads on)",
+        mib(anonymous),
+        mib(memory.peak_file_backed_bytes.unwrap_or(0)),
+    );
+    if let Some(cgroup) = &memory.cgroup {
+        line.push_str(&format!(
+            "; cgroup limit {:.0} MiB, peak {}",
+            mib(cgroup.limit_bytes),
+            cgroup
+                .peak_bytes
+                .map_or("unknown".to_string(), |p| format!("{:.0} MiB", mib(p)))
+        ));
+    }
+    Some(line)
 }
 
 fn print_anomaly_report(report: &AnomalyReport, json: bool) -> anyhow::Result<()> {
@@ -588,8 +620,22 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         allow_partial: args.allow_partial,
     };
     let outcome = session::sweep(layout, &sweep, &options)?;
+    // Runs that failed are reported after everything else, and fail the verb.
+    let failed = || -> anyhow::Result<()> {
+        for error in &outcome.failed {
+            eprintln!("error: {error}");
+        }
+        if !outcome.failed.is_empty() {
+            anyhow::bail!(
+                "{} of the sweep's runs failed (recorded FAILED; the others finished)",
+                outcome.failed.len()
+            );
+        }
+        Ok(())
+    };
     if args.json {
-        return super::print_json(&outcome);
+        super::print_json(&outcome)?;
+        return failed();
     }
     let anomaly = if outcome.anomaly.is_empty() {
         String::new()
@@ -631,5 +677,5 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
     for chart in &outcome.charts {
         println!("chart: {}", chart.display());
     }
-    Ok(())
+    failed()
 }

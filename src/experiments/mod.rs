@@ -81,6 +81,23 @@ pub use query::{
 };
 pub use table::{Cell, Table};
 
+/// The folder of run `run_id` as `experiments/experiments.db` records it:
+/// verbs that take a run id (`predict`, `export`, `review`, `--init-from`)
+/// look it up, so an id is never taken as a path (`../../elsewhere`).
+pub fn recorded_run_dir(
+    layout: &crate::layout::Layout,
+    run_id: &str,
+) -> Result<PathBuf, ExperimentsError> {
+    match ExperimentsDb::open_existing(layout)? {
+        Some(db) => db.recorded_run_dir(run_id),
+        None => Err(ExperimentsError::UnknownRun {
+            path: db::experiments_db_path(layout),
+            run: run_id.to_string(),
+            known: 0,
+        }),
+    }
+}
+
 /// Status of a run. Stored as the upper-case name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -2,6 +2,7 @@
 //! Every statement is parameterised; user text never becomes SQL.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::types::Value;
@@ -549,9 +550,15 @@ fn finished_with_metric(
     );
     let mut statement = tx.prepare(&sql)?;
     let rows = statement.query_map(params_from_iter(values), |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        Ok((row.get(0)?, row.get(1)?, row.get::<_, f64>(2)?))
     })?;
-    rows.collect()
+    // A non-finite value ranks nowhere: it is no result (older lazarus
+    // could finish a diverged run).
+    let rows: Vec<(String, String, f64)> = rows.collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, _, value)| value.is_finite())
+        .collect())
 }
 
 impl ExperimentsDb {
@@ -607,6 +614,13 @@ impl ExperimentsDb {
                 }))
             }
         }
+    }
+
+    /// The folder of a run this database records. A run id names a row, not
+    /// a path: `../elsewhere` or an id the database does not know is refused.
+    pub fn recorded_run_dir(&self, run_id: &str) -> Result<PathBuf, ExperimentsError> {
+        self.read(|tx| self.run_record(tx, run_id).map(|_| ()))?;
+        Ok(self.run_dir(run_id))
     }
 
     /// One run with its params, summary metrics, metric series, tags and artifacts.

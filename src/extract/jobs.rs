@@ -56,7 +56,7 @@ fn run_noop(lease: &Lease, stop: &AtomicBool) -> Outcome {
     }
     let until = Instant::now() + Duration::from_millis(payload.sleep_ms);
     while Instant::now() < until {
-        if stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) && !payload.ignore_stop {
             return Outcome::Interrupted;
         }
         std::thread::sleep(
@@ -64,6 +64,9 @@ fn run_noop(lease: &Lease, stop: &AtomicBool) -> Outcome {
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(20)),
         );
+    }
+    if let Some(message) = &payload.panic {
+        panic!("{message}");
     }
     let failures = payload
         .fail_items

@@ -487,6 +487,12 @@ pub struct NoopPayload {
     /// How long the job takes (exercises heartbeats, crashes and shutdown).
     #[serde(default)]
     pub sleep_ms: u64,
+    /// Sleep through stop requests too (a hung job: exercises the stop deadline).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_stop: bool,
+    /// Panic with this message after sleeping (a bug inside a job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic: Option<String>,
 }
 
 /// What a no-op enqueue did.

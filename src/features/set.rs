@@ -519,6 +519,26 @@ impl FeatureSet {
         self.shards.iter().map(|s| s.mmap.len() as u64).sum()
     }
 
+    /// Tells the kernel the next reads come in random row order (a shuffled
+    /// training epoch): `MADV_RANDOM` on every mapping, so a page fault reads
+    /// and maps only the page it needs. Without it a fault reads around the
+    /// row (the disk's `read_ahead_kb`, 8 MiB on this project's VM: a whole
+    /// 2.6 MB shard for one 2.5 KB row), and once the cache no longer fits in
+    /// memory each random row costs megabytes of reads. Best effort.
+    pub fn read_randomly(&self) {
+        for shard in &self.shards {
+            let _ = shard.mmap.advise(memmap2::Advice::Random);
+        }
+    }
+
+    /// Back to the kernel's default read-around, for passes in row order
+    /// (evaluation, statistics), where reading whole shards ahead is right.
+    pub fn read_in_order(&self) {
+        for shard in &self.shards {
+            let _ = shard.mmap.advise(memmap2::Advice::Normal);
+        }
+    }
+
     /// Drops the resident pages of every mapping now.
     pub fn release_pages(&self) {
         self.touched_bytes.store(0, Ordering::Relaxed);

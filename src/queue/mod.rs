@@ -48,7 +48,12 @@
 //!   `max_attempts`, with "lease expired" as its last error.
 //! - killed after the completion commits: the job is done; nothing is redone.
 //! - SIGINT/SIGTERM to `run-worker` is not a crash: the worker finishes the
-//!   current job (or releases it without spending a try) and exits 0.
+//!   current job (or releases it without spending a try) and exits 0. A job
+//!   that ignores the request past `--stop-grace-secs` is released by the
+//!   worker's monitor thread and the worker exits 1; a second signal exits
+//!   at once, leaving the lease to expire.
+//! - a panic inside a job fails that job (the try counts, the panic message
+//!   is its error) and the worker goes on.
 //!
 //! A job is therefore run at least once and recorded done at most once per
 //! live enqueue; it may run more than once only after a lease expired.
@@ -617,6 +622,19 @@ impl QueueLocation {
         Ok(match self {
             QueueLocation::Sqlite(path) => Box::new(sqlite::SqliteQueue::open(path)?),
             QueueLocation::Postgres(url) => Box::new(postgres::PostgresQueue::open(url)?),
+        })
+    }
+
+    /// `open` with another retry policy for the jobs this handle fails.
+    pub fn open_with_policy(&self, policy: RetryPolicy) -> Result<Box<dyn Queue>, QueueError> {
+        let clock = Arc::new(SystemClock);
+        Ok(match self {
+            QueueLocation::Sqlite(path) => {
+                Box::new(sqlite::SqliteQueue::open_with(path, clock, policy)?)
+            }
+            QueueLocation::Postgres(url) => {
+                Box::new(postgres::PostgresQueue::open_with(url, clock, policy)?)
+            }
         })
     }
 

@@ -3,9 +3,20 @@
 //!
 //! Stop requests (SIGINT/SIGTERM set the `stop` flag) are honoured between
 //! jobs: the current job is finished, or released if the executor gives up on
-//! it, and the loop returns. A worker that loses its lease (its heartbeat or
-//! completion is refused) drops the job and carries on: the newer attempt owns it.
+//! it, and the loop returns. A job that ignores the request for longer than
+//! `WorkerConfig::stop_deadline` allows is abandoned: the monitor thread stops
+//! renewing its lease, releases it (the try is given back) and calls the
+//! deadline's `abandon`, which ends the process. A worker that loses its lease
+//! (its heartbeat or completion is refused) drops the job and carries on: the
+//! newer attempt owns it.
+//!
+//! A panic inside a job is that job's failure: it is caught around the
+//! executor (`catch_unwind`; lazarus is never built with `panic = "abort"`),
+//! recorded with the panic message as the job's error (the try counts, the
+//! lease ends with it), and the loop goes on. The monitor thread stops with
+//! the claim loop however that ends, a panic outside a job included.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -45,6 +56,39 @@ pub struct WorkerConfig {
     pub max_jobs: Option<u64>,
     /// Wait between claims when nothing is claimable.
     pub poll_interval: Duration,
+    /// How long a job may ignore a stop request; `None`: wait for it however long.
+    pub stop_deadline: Option<StopDeadline>,
+}
+
+/// The bounded wait after a stop request (SIGINT/SIGTERM).
+#[derive(Debug, Clone, Copy)]
+pub struct StopDeadline {
+    /// How long after the stop request the worker waits for its running job
+    /// (or queue call) to return.
+    pub grace: Duration,
+    /// Called from the monitor thread once `grace` has passed and the claim
+    /// loop has not returned, after the running job's lease was released. The
+    /// job's thread cannot be stopped from outside, so this must end the process.
+    pub abandon: fn(&Abandoned) -> !,
+}
+
+/// What the worker was doing when its stop deadline passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned {
+    pub worker: String,
+    pub grace: Duration,
+    /// The job still running (id, attempt), if any.
+    pub job: Option<(i64, u32)>,
+    /// Whether the queue accepted the release of that job (pending again, the try given back).
+    pub released: bool,
+}
+
+/// One job this worker failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobFailure {
+    pub job_id: i64,
+    pub attempt: u32,
+    pub reason: String,
 }
 
 /// Why the loop returned.
@@ -73,6 +117,12 @@ pub struct WorkerReport {
     pub stopped: StopReason,
     /// With `Blocked`: the unfinished kinds this worker cannot run, with counts.
     pub blocked_kinds: Vec<(String, u64)>,
+    /// The jobs this worker failed (`failed` of them), with their errors.
+    pub failures: Vec<JobFailure>,
+    /// With `until_empty`: milliseconds spent with nothing to claim while
+    /// jobs of its kinds ran under other workers' leases, waiting for them
+    /// (they finish, or their lease expires and this worker reclaims them).
+    pub waited_for_running_ms: u64,
 }
 
 /// The job the heartbeat thread keeps alive.
@@ -100,8 +150,16 @@ pub fn run(
 
     std::thread::scope(|scope| {
         scope.spawn(|| {
+            let mut stop_seen: Option<Instant> = None;
             while !finished.load(Ordering::SeqCst) {
                 std::thread::sleep(tick);
+                if let Some(deadline) = &config.stop_deadline
+                    && stop.load(Ordering::SeqCst)
+                    && stop_seen.get_or_insert_with(Instant::now).elapsed() >= deadline.grace
+                    && !finished.load(Ordering::SeqCst)
+                {
+                    abandon(queue, config, deadline, &current);
+                }
                 let due = {
                     let mut slot = current.lock().unwrap_or_else(|p| p.into_inner());
                     match slot.as_mut() {
@@ -120,10 +178,53 @@ pub fn run(
                 }
             }
         });
-        let result = claim_loop(queue, executor, config, stop, &kind_refs, &current);
-        finished.store(true, Ordering::SeqCst);
-        result
+        // However the claim loop ends (a panic outside a job included), the
+        // monitor thread stops with it: nothing renews a lease after that.
+        let _stop_monitor = SetOnDrop(&finished);
+        claim_loop(queue, executor, config, stop, &kind_refs, &current)
     })
+}
+
+/// Sets the flag when dropped, also while unwinding.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The stop deadline passed: no more beats for the running job, which goes
+/// back to the queue, then the deadline's `abandon` ends the process.
+fn abandon(
+    queue: &dyn Queue,
+    config: &WorkerConfig,
+    deadline: &StopDeadline,
+    current: &Mutex<Option<Current>>,
+) -> ! {
+    let job = current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|job| (job.job_id, job.attempt));
+    let released = job.is_some_and(|(job_id, attempt)| queue.release(job_id, attempt).is_ok());
+    (deadline.abandon)(&Abandoned {
+        worker: config.worker_id.clone(),
+        grace: deadline.grace,
+        job,
+        released,
+    })
+}
+
+/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        text.to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }
 
 fn claim_loop(
@@ -142,6 +243,8 @@ fn claim_loop(
         released: 0,
         stopped: StopReason::Empty,
         blocked_kinds: Vec::new(),
+        failures: Vec::new(),
+        waited_for_running_ms: 0,
     };
     let ran = |report: &WorkerReport| report.completed + report.failed + report.lease_lost;
     let limit_reached =
@@ -178,11 +281,22 @@ fn claim_loop(
                         }
                         // Jobs running on other workers are theirs: an expired one
                         // is reclaimed by whichever worker is still polling.
-                        if ours_waiting == 0 && config.until_empty {
+                        let ours_running: u64 =
+                            backlog.iter().filter(|b| ours(b)).map(|b| b.running).sum();
+                        // A job running under another lease is not done: its
+                        // worker may be dead, and nobody else may be polling
+                        // when its lease expires. `until_empty` waits for it to
+                        // finish or to become claimable.
+                        let waiting_for_others = ours_waiting == 0 && config.until_empty;
+                        if waiting_for_others && ours_running == 0 {
                             report.stopped = StopReason::Empty;
                             return Ok(report);
                         }
+                        let slept = Instant::now();
                         sleep_unless_stopped(config.poll_interval, stop);
+                        if waiting_for_others {
+                            report.waited_for_running_ms += slept.elapsed().as_millis() as u64;
+                        }
                         continue;
                     }
                 }
@@ -193,7 +307,11 @@ fn claim_loop(
             attempt: lease.attempt,
             last_beat: Instant::now(),
         });
-        let outcome = executor.execute(&lease, stop);
+        // A panic is this job's failure, not the worker's end.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| executor.execute(&lease, stop)))
+            .unwrap_or_else(|payload| {
+                Outcome::Failed(format!("the job panicked: {}", panic_message(&*payload)))
+            });
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let recorded = match outcome {
             Outcome::Completed(result) => {
@@ -217,11 +335,16 @@ fn claim_loop(
                 .inspect_err(|_| report.completed -= 1)
             }
             Outcome::Failed(message) => {
-                report.failed += 1;
-                queue
-                    .fail(lease.job_id, lease.attempt, &message)
-                    .map(|_| ())
-                    .inspect_err(|_| report.failed -= 1)
+                let recorded = queue.fail(lease.job_id, lease.attempt, &message);
+                if recorded.is_ok() {
+                    report.failed += 1;
+                    report.failures.push(JobFailure {
+                        job_id: lease.job_id,
+                        attempt: lease.attempt,
+                        reason: message,
+                    });
+                }
+                recorded.map(|_| ())
             }
             Outcome::Interrupted => {
                 report.released += 1;

@@ -16,7 +16,6 @@ use serde::Serialize;
 use super::SegmentError;
 use super::model::{TrainedSegmentHead, load_head};
 use crate::encoders::{self, Encoder, WeightsSource};
-use crate::experiments::ExperimentsDb;
 use crate::layout::Layout;
 use crate::predict::FeatureCache;
 use crate::train::config::Task;
@@ -53,7 +52,12 @@ pub struct SegmentPrediction {
 /// "segment"`); false for a run without a config, which the classification
 /// side then reports as not found.
 pub fn is_segment_run(layout: &Layout, run_id: &str) -> Result<bool, SegmentError> {
-    let run_dir = layout.experiments_dir().join("runs").join(run_id);
+    let run_dir = match crate::experiments::recorded_run_dir(layout, run_id) {
+        Ok(dir) => dir,
+        // The classification side reports the unknown run.
+        Err(crate::experiments::ExperimentsError::UnknownRun { .. }) => return Ok(false),
+        Err(other) => return Err(other.into()),
+    };
     if !run_dir.join(crate::train::run::RUN_INPUTS_FILE).is_file() {
         return Ok(false);
     }
@@ -108,8 +112,7 @@ pub fn predict(
     images: &[PathBuf],
     config: &SegmentPredictConfig,
 ) -> Result<Vec<SegmentPrediction>, SegmentError> {
-    let db = ExperimentsDb::open(layout)?;
-    let run_dir = db.run_dir(run_id);
+    let run_dir = crate::experiments::recorded_run_dir(layout, run_id)?;
     let inputs = read_run_inputs(&run_dir)?;
     if inputs.config.task != Task::Segment {
         return Err(SegmentError::Invalid(format!(

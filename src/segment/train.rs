@@ -801,6 +801,18 @@ fn fit(
         }
         let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val")?;
         metrics.insert("train/loss".into(), loss_sum / order.len() as f64);
+        for split in ["train", "val"] {
+            if !metrics[&format!("{split}/loss")].is_finite() {
+                trainer.diverge(format!(
+                    "the {split} loss stopped being finite at epoch {} (learning rate {}); lower --lr",
+                    epoch + 1,
+                    config.learning_rate
+                ));
+            }
+        }
+        if let Some(error) = trainer.divergence(handle.id()) {
+            return Err(crate::train::session::fail_run(handle, error)?.into());
+        }
         let improved = trainer.end_epoch(metrics)?;
         let logged = trainer.state.history.last().expect("end_epoch recorded it");
         let values: Vec<(&str, f64)> = logged.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -822,6 +834,12 @@ fn fit(
     }
     trainer.restore_best()?;
     let test = evaluate(&scoring, &trainer.head, &data.test, "test")?;
+    if !test["test/loss"].is_finite() {
+        trainer.diverge("the test loss is not finite".to_string());
+    }
+    if let Some(error) = trainer.divergence(handle.id()) {
+        return Err(crate::train::session::fail_run(handle, error)?.into());
+    }
     let report = SegmentReport {
         run_id: handle.id().to_string(),
         run_dir: run_dir.clone(),

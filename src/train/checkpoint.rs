@@ -78,8 +78,9 @@ pub fn save_if_due(
 /// Writes `checkpoints/best.safetensors`: the head file of a new best epoch.
 pub fn publish_best(run_dir: &Path, head_file: &[u8]) -> Result<(), TrainError> {
     let dir = run_dir.join(CHECKPOINT_DIR);
-    std::fs::create_dir_all(&dir)?;
-    crate::atomic::write_file(&dir.join("best.safetensors"), head_file)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
+    let path = dir.join("best.safetensors");
+    crate::atomic::write_file(&path, head_file).map_err(TrainError::io(&path))?;
     Ok(())
 }
 
@@ -158,10 +159,53 @@ pub fn safetensors_bytes(
         .map_err(|e| TrainError::Invalid(format!("serialising tensors: {e}")))
 }
 
-/// Reads every tensor of a safetensors file onto `device`.
+/// Reads every tensor of a safetensors file onto `device`; refuses a file
+/// whose float tensors hold NaN or infinity (see `tensors_from_bytes`).
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, TrainError> {
-    candle_core::safetensors::load(path, device)
-        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))
+    let bytes = std::fs::read(path)
+        .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    tensors_from_bytes(&bytes, path, device)
+}
+
+/// The tensors of a head, scorer or checkpoint file (`bytes`, read from
+/// `path`) onto `device`. Every float value must be finite: a head that
+/// diverged in training (or a damaged file) would score every image NaN.
+pub fn tensors_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let unreadable =
+        |e: String| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display()));
+    let file =
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| unreadable(e.to_string()))?;
+    for (name, view) in file.tensors() {
+        use half::{bf16, f16};
+        let data = view.data();
+        let finite = match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+            safetensors::Dtype::F64 => data
+                .chunks_exact(8)
+                .all(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")).is_finite()),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .all(|b| f16::from_le_bytes([b[0], b[1]]).is_finite()),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .all(|b| bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+            _ => true,
+        };
+        if !finite {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: tensor {name} holds NaN or infinite values (a head that diverged in \
+                 training, or a damaged file); refusing to use it — retrain with a lower --lr",
+                path.display()
+            )));
+        }
+    }
+    candle_core::safetensors::load_buffer(bytes, device).map_err(|e| unreadable(e.to_string()))
 }
 
 fn pair_paths(dir: &Path, epoch: usize) -> (PathBuf, PathBuf) {
@@ -180,15 +224,16 @@ pub fn publish(
     state_json: &[u8],
 ) -> Result<(), TrainError> {
     let dir = run_dir.join(CHECKPOINT_DIR);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let (weights, state) = pair_paths(&dir, epoch);
-    crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)?;
-    crate::atomic::write_file(&state, state_json)?;
+    crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)
+        .map_err(TrainError::io(&weights))?;
+    crate::atomic::write_file(&state, state_json).map_err(TrainError::io(&state))?;
     for older in complete_epochs(&dir)?.into_iter().filter(|&e| e < epoch) {
         let (w, s) = pair_paths(&dir, older);
         // The marker goes first, so a kill here never leaves a marker without weights.
-        std::fs::remove_file(&s)?;
-        std::fs::remove_file(&w)?;
+        std::fs::remove_file(&s).map_err(TrainError::io(&s))?;
+        std::fs::remove_file(&w).map_err(TrainError::io(&w))?;
     }
     Ok(())
 }
@@ -199,10 +244,14 @@ fn complete_epochs(dir: &Path) -> Result<Vec<usize>, TrainError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(epochs),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(TrainError::io(dir)(e)),
     };
     for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+        let name = entry
+            .map_err(TrainError::io(dir))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if let Some(epoch) = name
             .strip_prefix("epoch-")
             .and_then(|rest| rest.strip_suffix(".json"))
@@ -223,7 +272,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> 
         return Ok(None);
     };
     let (weights, state) = pair_paths(&dir, epoch);
-    let json = std::fs::read(&state)?;
+    let json = std::fs::read(&state).map_err(TrainError::io(&state))?;
     Ok(Some((weights, json)))
 }
 

@@ -266,6 +266,11 @@ impl TrainConfig {
                 self.label_smoothing
             ));
         }
+        if let Optimizer::Sgd { momentum } = self.optimizer
+            && !(0.0..1.0).contains(&momentum)
+        {
+            return bad(format!("momentum {momentum} must be in [0, 1)"));
+        }
         if let Some(clip) = self.gradient_clip
             && !(clip.is_finite() && clip > 0.0)
         {

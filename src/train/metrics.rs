@@ -1,6 +1,13 @@
 //! Classification metrics as pure functions over predicted probabilities.
 //!
 //! Names follow the contract `<split>/<metric>`, e.g. `val/macro_f1`.
+//!
+//! A NaN or infinite probability or score is never a hit: an example whose
+//! probabilities are not all finite counts as a miss for top-k accuracy, is
+//! in no predicted column of the confusion matrix (but still in its class's
+//! recall), gets the worst log-loss; in ROC-AUC, average precision and F1 a
+//! non-finite score ranks a positive below every negative and a negative
+//! above every positive.
 
 use std::collections::BTreeMap;
 
@@ -49,10 +56,19 @@ impl Predictions<'_> {
         &self.probabilities[example * self.class_count..(example + 1) * self.class_count]
     }
 
-    /// Arg-max class per example; ties go to the lower index.
-    pub fn predicted(&self) -> Vec<usize> {
+    /// Whether every probability of an example is finite (else it is a miss).
+    fn scored(&self, example: usize) -> bool {
+        self.row(example).iter().all(|p| p.is_finite())
+    }
+
+    /// Arg-max class per example (ties go to the lower index); `None` for an
+    /// example whose probabilities are not all finite.
+    pub fn predicted(&self) -> Vec<Option<usize>> {
         (0..self.labels.len())
             .map(|example| {
+                if !self.scored(example) {
+                    return None;
+                }
                 let row = self.row(example);
                 let mut best = 0;
                 for (class, &p) in row.iter().enumerate() {
@@ -60,9 +76,20 @@ impl Predictions<'_> {
                         best = class;
                     }
                 }
-                best
+                Some(best)
             })
             .collect()
+    }
+
+    /// Per true class, the examples with a non-finite probability (misses).
+    fn unscored_per_class(&self) -> Vec<u64> {
+        let mut counts = vec![0u64; self.class_count];
+        for (example, &label) in self.labels.iter().enumerate() {
+            if !self.scored(example) {
+                counts[label] += 1;
+            }
+        }
+        counts
     }
 }
 
@@ -73,7 +100,11 @@ pub fn log_loss(predictions: &Predictions) -> Result<f64, TrainError> {
         .labels
         .iter()
         .enumerate()
-        .map(|(example, &label)| -(predictions.row(example)[label] as f64).max(1e-12).ln())
+        .map(|(example, &label)| {
+            let p = predictions.row(example)[label] as f64;
+            // A non-finite probability gets the worst loss the clamp allows.
+            -(if p.is_finite() { p.max(1e-12) } else { 1e-12 }).ln()
+        })
         .sum();
     Ok(total / predictions.labels.len() as f64)
 }
@@ -86,6 +117,9 @@ pub fn top_k_accuracy(predictions: &Predictions, k: usize) -> Result<f64, TrainE
         .iter()
         .enumerate()
         .filter(|&(example, &label)| {
+            if !predictions.scored(example) {
+                return false;
+            }
             let row = predictions.row(example);
             // Rank of the true class: classes strictly more probable, or equal with a lower index.
             let rank = row
@@ -99,23 +133,32 @@ pub fn top_k_accuracy(predictions: &Predictions, k: usize) -> Result<f64, TrainE
     Ok(hits as f64 / predictions.labels.len() as f64)
 }
 
-/// `matrix[true][predicted]` counts.
+/// `matrix[true][predicted]` counts; examples with a non-finite
+/// probability are in no cell (they were predicted as nothing).
 pub fn confusion_matrix(predictions: &Predictions) -> Result<Vec<Vec<u64>>, TrainError> {
     predictions.check()?;
     let mut matrix = vec![vec![0u64; predictions.class_count]; predictions.class_count];
     for (&label, predicted) in predictions.labels.iter().zip(predictions.predicted()) {
-        matrix[label][predicted] += 1;
+        if let Some(predicted) = predicted {
+            matrix[label][predicted] += 1;
+        }
     }
     Ok(matrix)
 }
 
 /// Per-class precision, recall and F1 from a confusion matrix; 0 where undefined.
 pub fn class_scores(matrix: &[Vec<u64>]) -> Vec<ClassScores> {
+    class_scores_with_misses(matrix, &vec![0; matrix.len()])
+}
+
+/// `class_scores`, with `unscored[c]` examples of class c outside the
+/// matrix (predicted as nothing): they lower that class's recall.
+fn class_scores_with_misses(matrix: &[Vec<u64>], unscored: &[u64]) -> Vec<ClassScores> {
     (0..matrix.len())
         .map(|class| {
             let true_positive = matrix[class][class] as f64;
             let predicted: u64 = matrix.iter().map(|row| row[class]).sum();
-            let actual: u64 = matrix[class].iter().sum();
+            let actual: u64 = matrix[class].iter().sum::<u64>() + unscored[class];
             let precision = ratio(true_positive, predicted as f64);
             let recall = ratio(true_positive, actual as f64);
             let f1 = ratio(2.0 * precision * recall, precision + recall);
@@ -136,6 +179,20 @@ fn ratio(numerator: f64, denominator: f64) -> f64 {
     }
 }
 
+/// (score, positive) pairs with every non-finite score made a miss: a
+/// positive's becomes -inf (below every negative), a negative's +inf.
+fn worst_case(scores: &[f64], positives: &[bool]) -> Vec<(f64, bool)> {
+    scores
+        .iter()
+        .zip(positives)
+        .map(|(&score, &positive)| match (score.is_finite(), positive) {
+            (true, _) => (score, positive),
+            (false, true) => (f64::NEG_INFINITY, true),
+            (false, false) => (f64::INFINITY, false),
+        })
+        .collect()
+}
+
 /// One-vs-rest ROC-AUC of one class (Mann-Whitney, ties count half); `None`
 /// when the class has no positive or no negative example.
 pub fn roc_auc_one_vs_rest(predictions: &Predictions, class: usize) -> Option<f64> {
@@ -152,11 +209,7 @@ pub fn roc_auc_one_vs_rest(predictions: &Predictions, class: usize) -> Option<f6
 /// Mann-Whitney statistic: ties between a positive and a negative count half.
 /// `None` when there is no positive or no negative example.
 pub fn roc_auc(scores: &[f64], positives: &[bool]) -> Option<f64> {
-    let mut scored: Vec<(f64, bool)> = scores
-        .iter()
-        .copied()
-        .zip(positives.iter().copied())
-        .collect();
+    let mut scored: Vec<(f64, bool)> = worst_case(scores, positives);
     let positive_count = scored.iter().filter(|(_, positive)| *positive).count();
     let negative_count = scored.len() - positive_count;
     if positive_count == 0 || negative_count == 0 {
@@ -194,11 +247,7 @@ pub struct ThresholdCounts {
 
 /// One [`ThresholdCounts`] per distinct score, in decreasing score order.
 pub fn threshold_counts(scores: &[f64], positives: &[bool]) -> Vec<ThresholdCounts> {
-    let mut scored: Vec<(f64, bool)> = scores
-        .iter()
-        .copied()
-        .zip(positives.iter().copied())
-        .collect();
+    let mut scored: Vec<(f64, bool)> = worst_case(scores, positives);
     scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
     let mut out: Vec<ThresholdCounts> = Vec::new();
     let (mut true_positives, mut false_positives) = (0, 0);
@@ -293,7 +342,7 @@ pub fn best_f1(scores: &[f64], positives: &[bool]) -> Option<BestF1> {
 /// F1 when scores at or above `threshold` are called positive (0 where undefined).
 pub fn f1_at(scores: &[f64], positives: &[bool], threshold: f64) -> f64 {
     let (mut true_positives, mut called, mut actual) = (0usize, 0usize, 0usize);
-    for (&score, &positive) in scores.iter().zip(positives) {
+    for (score, positive) in worst_case(scores, positives) {
         let call = score >= threshold;
         called += call as usize;
         actual += positive as usize;
@@ -321,9 +370,10 @@ pub fn split_metrics(
     }
     let mut out = BTreeMap::new();
     let matrix = confusion_matrix(predictions)?;
-    let scores = class_scores(&matrix);
+    let unscored = predictions.unscored_per_class();
+    let scores = class_scores_with_misses(&matrix, &unscored);
     let present: Vec<usize> = (0..predictions.class_count)
-        .filter(|&c| matrix[c].iter().sum::<u64>() > 0)
+        .filter(|&c| matrix[c].iter().sum::<u64>() + unscored[c] > 0)
         .collect();
     out.insert(format!("{split}/loss"), log_loss(predictions)?);
     out.insert(format!("{split}/accuracy"), top_k_accuracy(predictions, 1)?);
@@ -467,5 +517,51 @@ mod tests {
             0.8333333333333333
         ));
         assert_eq!(roc_auc(&s, &[true; 4]), None, "one class only");
+    }
+
+    #[test]
+    fn nan_probabilities_are_misses_everywhere() {
+        // Example 1 (label 0) and example 3 (label 2) have NaN rows: before,
+        // every comparison with NaN was false and both counted as hits.
+        let nan = f32::NAN;
+        let probabilities = [
+            0.7, 0.2, 0.1, //
+            nan, nan, nan, //
+            0.1, 0.8, 0.1, //
+            0.2, nan, 0.3, //
+        ];
+        let p = Predictions {
+            probabilities: &probabilities,
+            labels: &LABELS,
+            class_count: 3,
+        };
+        // Hand count: hits are examples 0 and 2 only.
+        assert!(close(top_k_accuracy(&p, 1).unwrap(), 0.5));
+        assert!(close(top_k_accuracy(&p, 3).unwrap(), 0.5));
+        let matrix = confusion_matrix(&p).unwrap();
+        assert_eq!(matrix, vec![vec![1, 0, 0], vec![0, 1, 0], vec![0, 0, 0]]);
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let m = split_metrics("val", &p, &names).unwrap();
+        // Class a: recall 1/2 (its NaN example is a miss), precision 1; c: 0.
+        assert!(close(m["val/recall/a"], 0.5) && close(m["val/precision/a"], 1.0));
+        assert!(close(m["val/recall/c"], 0.0));
+        assert!(close(m["val/balanced_accuracy"], (0.5 + 1.0 + 0.0) / 3.0));
+        assert!(m["val/loss"].is_finite());
+        // All NaN: nothing is a hit, the AUC is the worst.
+        let all_nan = [nan; 12];
+        let p = Predictions {
+            probabilities: &all_nan,
+            labels: &LABELS,
+            class_count: 3,
+        };
+        assert_eq!(top_k_accuracy(&p, 1).unwrap(), 0.0);
+        assert_eq!(
+            split_metrics("val", &p, &names).unwrap()["val/accuracy"],
+            0.0
+        );
+        let (s, y) = ([f64::NAN, 0.2, f64::NAN, 0.9], [true, false, false, true]);
+        // Ranked: positive NaN lowest, negative NaN highest: wins 1 of 4.
+        assert!(close(roc_auc(&s, &y).unwrap(), 0.25));
+        assert!(close(f1_at(&s, &y, 0.5), 2.0 * 0.5 * 0.5 / (0.5 + 0.5)));
     }
 }

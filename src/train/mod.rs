@@ -23,6 +23,8 @@ pub mod sweep;
 pub mod trainer;
 pub mod warm;
 
+use std::path::Path;
+
 use crate::dataset::DatasetError;
 use crate::features::FeatureError;
 
@@ -44,6 +46,9 @@ pub enum TrainError {
     NonFinite { image_index: usize },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The head's loss, gradients or outputs stopped being finite.
+    #[error("run {run} diverged and is recorded FAILED: {reason}")]
+    Diverged { run: String, reason: String },
     #[error(transparent)]
     Experiments(#[from] crate::experiments::ExperimentsError),
     #[error(transparent)]
@@ -54,6 +59,20 @@ pub enum TrainError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Segment(Box<crate::segment::SegmentError>),
-    #[error("writing run output failed: {0}")]
-    Io(#[from] std::io::Error),
+    /// Writing a run's files failed (a full disk, a read-only folder).
+    #[error("cannot write {}: {error}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl TrainError {
+    /// `Io` for a write to `path`, for `map_err`.
+    pub fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+        move |error| TrainError::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
 }

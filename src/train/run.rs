@@ -97,8 +97,14 @@ pub struct RunReport {
     /// Final `test/*` metrics of the kept (best) head.
     pub test: BTreeMap<String, f64>,
     pub test_confusion_matrix: Vec<Vec<u64>>,
-    /// Peak resident memory of the process when the run ended (Linux).
+    /// Peak resident memory of the process when the run ended (Linux
+    /// `VmHWM`): anonymous memory and mapped feature pages together.
     pub peak_rss_bytes: Option<u64>,
+    /// The two apart, and the memory cgroup's peak where the run has a
+    /// limited one (`memory::MemoryReport`): what the run needs is
+    /// `peak_anonymous_bytes` (plus the resident limit of mapped pages).
+    #[serde(default)]
+    pub memory: crate::memory::MemoryReport,
 }
 
 /// Mapped feature pages a run keeps resident before releasing them: large
@@ -125,13 +131,15 @@ fn runtime_bytes(data: &TrainData) -> u64 {
         + EVAL_ROWS as u64 * (dim * 4 + classes * 4 * 3)
 }
 
-/// Trains every planned run; returns their reports in the same order.
+/// Trains every planned run; returns their reports in the same order, or
+/// for a head that diverged (`TrainError::Diverged`) why, while the other
+/// heads train on. Any other error stops every run.
 pub fn fit(
     data: &TrainData,
     runs: &[PlannedRun],
     options: &FitOptions,
     observer: &mut dyn RunObserver,
-) -> Result<Vec<RunReport>, TrainError> {
+) -> Result<Vec<Result<RunReport, TrainError>>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
     let mut counts = vec![0usize; classes];
@@ -202,12 +210,9 @@ pub fn fit(
             .sum::<u64>();
     let leftover = budget.saturating_sub(runtime + fixed_per_head + batches);
     let resident = RESIDENT_FEATURE_BYTES + leftover;
+    let cache_fits = resident >= data.features.mapped_bytes();
     data.features
-        .set_resident_limit(if resident >= data.features.mapped_bytes() {
-            u64::MAX
-        } else {
-            resident
-        });
+        .set_resident_limit(if cache_fits { u64::MAX } else { resident });
 
     loop {
         let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();
@@ -234,18 +239,39 @@ pub fn fit(
                 sampler,
                 epoch,
             };
-            run_epoch(data, &stream, &mut trainers, &members, options)?;
+            // Shuffled rows from a cache larger than the pages the run may
+            // keep: no read-around (see `FeatureSet::read_randomly`).
+            // Evaluation reads its splits in row order.
+            if !cache_fits {
+                data.features.read_randomly();
+            }
+            let stepped = run_epoch(data, &stream, &mut trainers, &members, options);
+            data.features.read_in_order();
+            stepped?;
             let names = ["train", "val"];
             let splits = [&data.train, &data.val];
             let mut metrics: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); members.len()];
             for (split, name) in splits.into_iter().zip(names) {
                 let evaluations =
                     evaluate(data, split, name, &trainers, &members, &options.device)?;
-                for (m, (values, _)) in metrics.iter_mut().zip(evaluations) {
-                    m.extend(values);
+                for ((m, evaluation), &i) in metrics.iter_mut().zip(evaluations).zip(&members) {
+                    if !evaluation.finite {
+                        let lr = trainers[i].config.learning_rate;
+                        trainers[i].diverge(format!(
+                            "its outputs on the {name} split stopped being finite after epoch {} \
+                             (learning rate {lr}); lower --lr",
+                            epoch + 1,
+                        ));
+                    }
+                    m.extend(evaluation.metrics);
                 }
             }
             for (&i, values) in members.iter().zip(metrics) {
+                // A diverged head's epoch is not a result: nothing is logged
+                // or checkpointed, and its run fails below.
+                if trainers[i].state.diverged.is_some() {
+                    continue;
+                }
                 let improved = trainers[i].end_epoch(values)?;
                 let trainer = &trainers[i];
                 let epochs_done = trainer.state.epochs_done;
@@ -264,20 +290,39 @@ pub fn fit(
     for trainer in &mut trainers {
         trainer.restore_best()?;
     }
-    let everyone: Vec<usize> = (0..trainers.len()).collect();
-    let tests = evaluate(
+    let converged: Vec<usize> = (0..trainers.len())
+        .filter(|&i| trainers[i].state.diverged.is_none())
+        .collect();
+    let mut tests: Vec<Option<Evaluation>> = (0..trainers.len()).map(|_| None).collect();
+    for (evaluation, &i) in evaluate(
         data,
         &data.test,
         "test",
         &trainers,
-        &everyone,
+        &converged,
         &options.device,
-    )?;
-    let peak_rss_bytes = peak_rss_bytes();
-    let mut reports = Vec::with_capacity(runs.len());
-    for (((run, trainer), (test, matrix)), resumed) in
-        runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
+    )?
+    .into_iter()
+    .zip(&converged)
     {
+        if !evaluation.finite {
+            trainers[i].diverge("its outputs on the test split are not finite".to_string());
+        }
+        tests[i] = Some(evaluation);
+    }
+    let memory = crate::memory::process_report();
+    let peak_rss_bytes = memory.peak_rss_bytes.or_else(peak_rss_bytes);
+    let mut reports = Vec::with_capacity(runs.len());
+    for (((run, trainer), test), resumed) in runs.iter().zip(&trainers).zip(tests).zip(resumed_from)
+    {
+        let test = match (trainer.divergence(&run.run_id), test) {
+            (Some(diverged), _) => {
+                reports.push(Err(diverged));
+                continue;
+            }
+            (None, Some(test)) => test,
+            (None, None) => unreachable!("every converged head was tested"),
+        };
         let report = RunReport {
             run_id: run.run_id.clone(),
             run_dir: run.run_dir.clone(),
@@ -293,12 +338,13 @@ pub fn fit(
             stopped_early: trainer.state.stopped_early,
             skipped_steps: trainer.state.skipped_steps,
             epochs: trainer.state.history.clone(),
-            test,
-            test_confusion_matrix: matrix,
+            test: test.metrics,
+            test_confusion_matrix: test.matrix,
             peak_rss_bytes,
+            memory: memory.clone(),
         };
         write_run(&run.run_dir, &report, data, trainer)?;
-        reports.push(report);
+        reports.push(Ok(report));
     }
     Ok(reports)
 }
@@ -600,7 +646,12 @@ fn progress_bar(
 }
 
 /// Named metrics of one split and its confusion matrix.
-type Evaluation = (BTreeMap<String, f64>, Vec<Vec<u64>>);
+struct Evaluation {
+    metrics: BTreeMap<String, f64>,
+    matrix: Vec<Vec<u64>>,
+    /// Every output probability was finite (false: the head diverged).
+    finite: bool,
+}
 
 /// Scores the given heads on one split; each chunk of rows is gathered once
 /// for all of them. Evaluation runs in f32 on the master weights.
@@ -695,10 +746,11 @@ fn evaluate(
                 labels: &split.labels,
                 class_count: classes,
             };
-            Ok((
-                split_metrics(name, &predictions, &data.class_names)?,
-                confusion_matrix(&predictions)?,
-            ))
+            Ok(Evaluation {
+                metrics: split_metrics(name, &predictions, &data.class_names)?,
+                matrix: confusion_matrix(&predictions)?,
+                finite: p.iter().all(|v| v.is_finite()),
+            })
         })
         .collect()
 }
@@ -742,7 +794,8 @@ fn is_zero(count: &usize) -> bool {
 /// Writes `config.json` at the start of a run, so a killed run can be resumed.
 pub fn write_run_inputs(run_dir: &Path, inputs: &RunInputs) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(inputs).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    crate::atomic::write_file(&run_dir.join(RUN_INPUTS_FILE), &json)?;
+    let path = run_dir.join(RUN_INPUTS_FILE);
+    crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     Ok(())
 }
 
@@ -791,12 +844,12 @@ fn write_run(
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    crate::atomic::write_file(&dir.join("metrics.json"), &json)?;
+    let path = dir.join("metrics.json");
+    crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     // restore_best already put the kept head in place.
-    crate::atomic::write_file(
-        &dir.join("head.safetensors"),
-        &head_file_bytes(data, trainer, false)?,
-    )?;
+    let path = dir.join("head.safetensors");
+    crate::atomic::write_file(&path, &head_file_bytes(data, trainer, false)?)
+        .map_err(TrainError::io(&path))?;
     Ok(())
 }
 

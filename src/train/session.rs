@@ -161,11 +161,34 @@ pub fn train_warm(
             config.task.name()
         )));
     }
+    require_two_classes(data)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
     let extra = warm.as_ref().map(warm_params).unwrap_or_default();
     let handle = start(&db, experiment, &inputs, &extra)?;
-    Ok(fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0))
+    fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0)
+}
+
+/// A classifier needs two classes in its training split: with one, every
+/// prediction is right and the run would report accuracy 1.0 having learnt
+/// nothing.
+fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
+    let mut present: Vec<usize> = data.train.labels.clone();
+    present.sort_unstable();
+    present.dedup();
+    if present.len() >= 2 {
+        return Ok(());
+    }
+    let only = present
+        .first()
+        .map(|&c| data.class_names[c].as_str())
+        .unwrap_or("none");
+    Err(TrainError::Invalid(format!(
+        "dataset {} has one class in its training split ({only}): a classifier has nothing \
+         to learn; add images of another class, or train --task anomaly to learn what {only} \
+         looks like",
+        data.dataset_name
+    )))
 }
 
 /// The params that say where a warm-started run came from and what loaded.
@@ -207,13 +230,15 @@ pub fn resume(
         _ => None,
     };
     let handle = db.resume_run(run_id, from as u64)?;
-    Ok(fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0))
+    fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0)
 }
 
 /// The folder and recorded inputs of a run that `--resume` may continue:
 /// it exists and has not finished. Anomaly runs (no checkpoints) are refused.
 pub fn resumable_run(db: &ExperimentsDb, run_id: &str) -> Result<(PathBuf, RunInputs), TrainError> {
-    let run_dir = db.run_dir(run_id);
+    let run_dir = db
+        .recorded_run_dir(run_id)
+        .map_err(|e| TrainError::Checkpoint(format!("run {run_id} not found: {e}")))?;
     if !run_dir.is_dir() {
         return Err(TrainError::Checkpoint(format!(
             "run {run_id} not found: no folder {}",
@@ -284,12 +309,14 @@ pub(crate) fn summary_metrics(
     summary
 }
 
-/// Trains the runs together, then writes each one's artifacts and finishes it.
+/// Trains the runs together, then writes each one's artifacts and finishes
+/// it; a run whose head diverged is finished FAILED and its error returned
+/// in its place.
 fn fit_and_finish(
     data: &TrainData,
     runs: Vec<(RunHandle, RunInputs, bool, Option<WarmStart>)>,
     options: &FitOptions,
-) -> Result<Vec<RunReport>, TrainError> {
+) -> Result<Vec<Result<RunReport, TrainError>>, TrainError> {
     let mut planned: Vec<PlannedRun> = Vec::with_capacity(runs.len());
     let mut handles: Vec<RunHandle> = Vec::with_capacity(runs.len());
     for (handle, inputs, resume, init) in runs {
@@ -303,14 +330,22 @@ fn fit_and_finish(
         handles.push(handle);
     }
     // On an error the handles drop and their runs are recorded FAILED.
-    let reports = fit(
+    let results = fit(
         data,
         &planned,
         options,
         &mut EpochLogger { handles: &handles },
     )?;
-    for ((handle, report), run) in handles.into_iter().zip(&reports).zip(&planned) {
-        write_artifacts(&handle, report, &run.config, data)?;
+    let mut reports = Vec::with_capacity(results.len());
+    for ((handle, result), run) in handles.into_iter().zip(results).zip(&planned) {
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                reports.push(Err(fail_run(handle, error)?));
+                continue;
+            }
+        };
+        write_artifacts(&handle, &report, &run.config, data)?;
         let mut summary = summary_metrics(
             &report.test,
             &report.epochs,
@@ -321,9 +356,36 @@ fn fit_and_finish(
         if let Some(peak) = report.peak_rss_bytes {
             summary.push(("peak_rss_bytes".into(), peak as f64));
         }
+        summary.extend(memory_summary(&report.memory));
         handle.finish(RunStatus::Finished, &summary)?;
+        reports.push(Ok(report));
     }
     Ok(reports)
+}
+
+/// The summary metrics of a run's memory report (besides `peak_rss_bytes`).
+pub(crate) fn memory_summary(memory: &crate::memory::MemoryReport) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut push = |key: &str, value: Option<u64>| {
+        if let Some(value) = value {
+            out.push((key.to_string(), value as f64));
+        }
+    };
+    push("peak_anonymous_bytes", memory.peak_anonymous_bytes);
+    push("peak_file_backed_bytes", memory.peak_file_backed_bytes);
+    if let Some(cgroup) = &memory.cgroup {
+        push("cgroup_memory_limit_bytes", Some(cgroup.limit_bytes));
+        push("cgroup_memory_peak_bytes", cgroup.peak_bytes);
+    }
+    out
+}
+
+/// Records a run FAILED with `error` as its `error` tag (what `experiments
+/// show` prints), and hands the error back.
+pub(crate) fn fail_run(handle: RunHandle, error: TrainError) -> Result<TrainError, TrainError> {
+    handle.set_tags(&[("error", error.to_string())])?;
+    handle.finish::<&str>(RunStatus::Failed, &[])?;
+    Ok(error)
 }
 
 /// A model card: what the head is, what it was trained and tested on, and
@@ -431,7 +493,7 @@ fn write_artifacts(
         })
         .collect();
     let plots = handle.dir().join("plots");
-    std::fs::create_dir_all(&plots)?;
+    std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::learning_curves(
         &plots,
         &experiments::plots::LearningCurves {
@@ -449,6 +511,9 @@ pub struct SweepOutcome {
     pub sweep: String,
     /// Runs trained now (fresh or resumed).
     pub trained: Vec<RunReport>,
+    /// Runs that failed (their heads diverged), recorded FAILED: why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
     /// Anomaly runs (`task = "anomaly"`) fitted now.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub anomaly: Vec<AnomalyReport>,
@@ -504,6 +569,7 @@ pub fn sweep(
     let mut outcome = SweepOutcome {
         sweep: sweep.name.clone(),
         trained: Vec::new(),
+        failed: Vec::new(),
         anomaly: Vec::new(),
         skipped: Vec::new(),
         passes: 0,
@@ -544,6 +610,9 @@ pub fn sweep(
             outcome.anomaly.extend(reports);
             outcome.skipped.extend(skipped);
         }
+        if !configs.is_empty() {
+            require_two_classes(&data)?;
+        }
         let mut runs = Vec::new();
         let mut seen = BTreeSet::new();
         for config in configs {
@@ -579,9 +648,12 @@ pub fn sweep(
             continue;
         }
         outcome.passes += 1;
-        outcome
-            .trained
-            .extend(fit_and_finish(&data, runs, &options.fit)?);
+        for result in fit_and_finish(&data, runs, &options.fit)? {
+            match result {
+                Ok(report) => outcome.trained.push(report),
+                Err(error) => outcome.failed.push(error.to_string()),
+            }
+        }
     }
     sweep_segment_points(layout, &db, sweep, &segment_points, options, &mut outcome)?;
     // A sweep of segmentation heads has no accuracy: chart its Dice instead.
@@ -702,7 +774,7 @@ fn sweep_chart(
         baseline: None,
     })?;
     let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let points = experiments::plots::SweepPoint::from_ablation(&report);
     Ok(experiments::plots::sweep_chart(
         &dir.join("comparison"),

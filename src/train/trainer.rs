@@ -55,6 +55,10 @@ pub struct TrainerState {
     pub stopped_early: bool,
     /// Per epoch: `train/*` and `val/*` metrics.
     pub history: Vec<BTreeMap<String, f64>>,
+    /// Why the head stopped for good: its gradients or outputs stopped being
+    /// finite (beyond what f16 loss scaling recovers from). The run fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<String>,
 }
 
 pub struct HeadTrainer {
@@ -130,6 +134,7 @@ impl HeadTrainer {
                 since_best: 0,
                 stopped_early: false,
                 history: Vec::new(),
+                diverged: None,
             },
             best: None,
             class_weights,
@@ -170,7 +175,26 @@ impl HeadTrainer {
 
     /// True while the head still has epochs to run.
     pub fn is_active(&self) -> bool {
-        !self.state.stopped_early && self.state.epochs_done < self.config.epochs
+        !self.state.stopped_early
+            && self.state.diverged.is_none()
+            && self.state.epochs_done < self.config.epochs
+    }
+
+    /// Marks the head diverged (the first reason is kept): it takes no more
+    /// steps and its run fails with `reason`.
+    pub fn diverge(&mut self, reason: String) {
+        self.state.diverged.get_or_insert(reason);
+    }
+
+    /// The error a diverged head's run (`run`) ends with.
+    pub fn divergence(&self, run: &str) -> Option<TrainError> {
+        self.state
+            .diverged
+            .as_ref()
+            .map(|reason| TrainError::Diverged {
+                run: run.to_string(),
+                reason: reason.clone(),
+            })
     }
 
     /// One optimiser step over a batch of standardised rows with `labels`
@@ -253,14 +277,32 @@ impl HeadTrainer {
         total_steps: usize,
     ) -> Result<(), TrainError> {
         let epoch = self.state.epochs_done;
+        if self.state.diverged.is_some() {
+            return Ok(());
+        }
         self.state.global_step += 1;
         if !norm_sq.is_finite() {
-            // Overflow in the low-precision pass: skip the update, back off.
-            self.state.skipped_steps += 1;
-            self.state.good_steps = 0;
-            if self.config.precision == Precision::F16 {
+            // f16 overflow that a smaller loss scale can still avoid: skip
+            // the update and back off. Anything else is divergence: the
+            // weights or the loss themselves are no longer finite.
+            if self.config.precision == Precision::F16 && self.state.loss_scale > 1.0 {
+                self.state.skipped_steps += 1;
+                self.state.good_steps = 0;
                 self.state.loss_scale = (self.state.loss_scale / 2.0).max(1.0);
+                return Ok(());
             }
+            self.diverge(format!(
+                "the gradients stopped being finite at epoch {}, step {} (learning rate {}{}); \
+                 lower --lr, or bound the steps with --clip-grad-norm",
+                epoch + 1,
+                self.state.global_step,
+                self.config.learning_rate,
+                if self.config.precision == Precision::F16 {
+                    ", f16 loss scale already at 1"
+                } else {
+                    ""
+                }
+            ));
             return Ok(());
         }
         if self.config.precision == Precision::F16 {

@@ -99,7 +99,8 @@ pub fn plan(
 ) -> Result<WarmStart, TrainError> {
     let invalid =
         |message: String| TrainError::Invalid(format!("--init-from {source_run}: {message}"));
-    let run_dir = layout.experiments_dir().join("runs").join(source_run);
+    let run_dir = crate::experiments::recorded_run_dir(layout, source_run)
+        .map_err(|e| invalid(format!("run {source_run} not found: {e}")))?;
     if !run_dir.is_dir() {
         return Err(invalid(format!(
             "run {source_run} not found: no folder {}",

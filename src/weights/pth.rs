@@ -11,6 +11,14 @@
 //! an allow-list of globals (`collections.OrderedDict`, torch's tensor
 //! rebuilders and storage types). Any other opcode or global is an error that
 //! names it.
+//!
+//! Nor may a hostile file exhaust memory or crash the reader: every value the
+//! pickles build counts against `MAX_PICKLE_NODES` (copies made through the
+//! memo count again, which stops "billion laughs" files that double a list
+//! at every level), containers nest at most `MAX_NESTING` deep, the tensors
+//! may not add up to more than `MAX_EXPANSION` times the bytes of the file's
+//! storages (a stride-0 view cannot turn 4 bytes into terabytes), and all
+//! size, stride and offset arithmetic is checked.
 
 use std::collections::HashMap;
 
@@ -20,6 +28,18 @@ use candle_core::{DType, Device, Tensor};
 const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 /// The only legacy protocol version torch has written.
 const LEGACY_PROTOCOL: i64 = 1001;
+/// Values the pickles of one file may build, memo copies included (a string
+/// counts one more per 64 bytes). A state dict needs a few dozen per tensor;
+/// at the limit the values take a few hundred megabytes.
+pub const MAX_PICKLE_NODES: usize = 1 << 21;
+/// How deep containers may nest (a state dict needs four levels); it also
+/// bounds the recursion of cloning and dropping values.
+pub const MAX_NESTING: usize = 32;
+/// The tensors may hold at most this many times the bytes of the file's
+/// storages (plus `EXPANSION_SLACK_BYTES`): views of one storage, tied
+/// weights and small broadcast views fit easily.
+pub const MAX_EXPANSION: usize = 4;
+const EXPANSION_SLACK_BYTES: usize = 1 << 20;
 
 /// Errors while reading a legacy `.pth` stream.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +64,8 @@ pub enum PthError {
     ForbiddenGlobal { module: String, name: String },
     #[error("malformed pickle at offset {offset}: {message}")]
     Malformed { offset: usize, message: String },
+    #[error("refusing the pickle at offset {offset}: {message}")]
+    TooLarge { offset: usize, message: String },
     #[error("unsupported storage type '{0}' (supported: Float, Double, Half, BFloat16, Long)")]
     UnsupportedStorage(String),
     #[error("storage '{key}': {message}")]
@@ -153,6 +175,44 @@ enum Value {
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Values built so far, in all pickles of the file (see `MAX_PICKLE_NODES`).
+    nodes: usize,
+}
+
+/// The weight of a value against `MAX_PICKLE_NODES`, counted up to `limit`
+/// (`None` past it): one per value, plus one per 64 bytes of a string.
+fn weight_within(value: &Value, limit: usize) -> Option<usize> {
+    let own = match value {
+        Value::Str(text) => 1 + text.len() / 64,
+        Value::Storage { key, .. } => 1 + key.len() / 64,
+        Value::Tensor(view) => 1 + view.storage_key.len() / 64 + view.shape.len(),
+        _ => 1,
+    };
+    let mut total = own;
+    let children: Box<dyn Iterator<Item = &Value>> = match value {
+        Value::Tuple(items) | Value::List(items) => Box::new(items.iter()),
+        Value::Dict(items) => Box::new(items.iter().flat_map(|(k, v)| [k, v])),
+        _ => Box::new(std::iter::empty()),
+    };
+    for child in children {
+        if total > limit {
+            return None;
+        }
+        total = total.checked_add(weight_within(child, limit - total)?)?;
+    }
+    (total <= limit).then_some(total)
+}
+
+/// How deeply a value's containers nest (0 for a scalar), counted up to
+/// `MAX_NESTING + 1`. Values are built with checked nesting, so the
+/// recursion is bounded too.
+fn nesting(value: &Value) -> usize {
+    let items: Box<dyn Iterator<Item = &Value>> = match value {
+        Value::Tuple(items) | Value::List(items) => Box::new(items.iter()),
+        Value::Dict(items) => Box::new(items.iter().flat_map(|(k, v)| [k, v])),
+        _ => return 0,
+    };
+    1 + items.map(nesting).max().unwrap_or(0)
 }
 
 impl<'a> Reader<'a> {
@@ -219,6 +279,61 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Counts `value` against `MAX_PICKLE_NODES` (a new value, or a copy).
+    fn spend(&mut self, value: &Value, offset: usize) -> Result<(), PthError> {
+        let left = MAX_PICKLE_NODES.saturating_sub(self.nodes);
+        match weight_within(value, left) {
+            Some(weight) => {
+                self.nodes += weight;
+                Ok(())
+            }
+            None => Err(PthError::TooLarge {
+                offset,
+                message: format!(
+                    "the pickles build more than {MAX_PICKLE_NODES} values (memo copies included); \
+                     a state dict needs far fewer"
+                ),
+            }),
+        }
+    }
+
+    /// Refuses `value` as an item of a container if that would nest deeper than `MAX_NESTING`.
+    fn check_item(&self, value: &Value, offset: usize) -> Result<(), PthError> {
+        if nesting(value) >= MAX_NESTING {
+            return Err(PthError::TooLarge {
+                offset,
+                message: format!("containers nested deeper than {MAX_NESTING} levels"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores a copy of the stack top in the memo, counting the copy.
+    fn memoize(
+        &mut self,
+        memo: &mut HashMap<u32, Value>,
+        index: u32,
+        stack: &[Value],
+        offset: usize,
+    ) -> Result<(), PthError> {
+        let value = top(stack, offset)?;
+        self.spend(value, offset)?;
+        memo.insert(index, value.clone());
+        Ok(())
+    }
+
+    /// Pushes a freshly built value, counting it.
+    fn push(
+        &mut self,
+        stack: &mut Vec<Value>,
+        value: Value,
+        offset: usize,
+    ) -> Result<(), PthError> {
+        self.spend(&value, offset)?;
+        stack.push(value);
+        Ok(())
+    }
+
     /// Interprets one pickle, up to and including its STOP opcode.
     fn load(&mut self) -> Result<Value, PthError> {
         let mut stack: Vec<Value> = Vec::new();
@@ -243,15 +358,24 @@ impl<'a> Reader<'a> {
                     };
                 }
                 b'(' => marks.push(stack.len()),
-                b'}' => stack.push(Value::Dict(Vec::new())),
-                b']' => stack.push(Value::List(Vec::new())),
-                b')' => stack.push(Value::Tuple(Vec::new())),
-                b'N' => stack.push(Value::None),
-                0x88 => stack.push(Value::Bool(true)),
-                0x89 => stack.push(Value::Bool(false)),
-                b'K' => stack.push(Value::Int(self.u8()? as i128)),
-                b'M' => stack.push(Value::Int(self.u16()? as i128)),
-                b'J' => stack.push(Value::Int(self.u32()? as i32 as i128)),
+                b'}' => self.push(&mut stack, Value::Dict(Vec::new()), offset)?,
+                b']' => self.push(&mut stack, Value::List(Vec::new()), offset)?,
+                b')' => self.push(&mut stack, Value::Tuple(Vec::new()), offset)?,
+                b'N' => self.push(&mut stack, Value::None, offset)?,
+                0x88 => self.push(&mut stack, Value::Bool(true), offset)?,
+                0x89 => self.push(&mut stack, Value::Bool(false), offset)?,
+                b'K' => {
+                    let value = Value::Int(self.u8()? as i128);
+                    self.push(&mut stack, value, offset)?;
+                }
+                b'M' => {
+                    let value = Value::Int(self.u16()? as i128);
+                    self.push(&mut stack, value, offset)?;
+                }
+                b'J' => {
+                    let value = Value::Int(self.u32()? as i32 as i128);
+                    self.push(&mut stack, value, offset)?;
+                }
                 // LONG1: little-endian two's complement, used for the magic number.
                 0x8a => {
                     let n = self.u8()? as usize;
@@ -266,19 +390,24 @@ impl<'a> Reader<'a> {
                     if n > 0 && n < 16 && bytes[n - 1] & 0x80 != 0 {
                         value -= 1i128 << (8 * n);
                     }
-                    stack.push(Value::Int(value));
+                    self.push(&mut stack, Value::Int(value), offset)?;
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
-                    stack.push(Value::Str(self.utf8(n)?));
+                    let value = Value::Str(self.utf8(n)?);
+                    self.push(&mut stack, value, offset)?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
-                    stack.push(Value::Str(self.utf8(n)?));
+                    let value = Value::Str(self.utf8(n)?);
+                    self.push(&mut stack, value, offset)?;
                 }
                 b't' => {
                     let items = pop_mark(&mut stack, &mut marks, offset)?;
-                    stack.push(Value::Tuple(items));
+                    for item in &items {
+                        self.check_item(item, offset)?;
+                    }
+                    self.push(&mut stack, Value::Tuple(items), offset)?;
                 }
                 0x85..=0x87 => {
                     let n = (opcode - 0x84) as usize;
@@ -286,19 +415,22 @@ impl<'a> Reader<'a> {
                         return Err(self.malformed("TUPLE with too few stack items"));
                     }
                     let items = stack.split_off(stack.len() - n);
-                    stack.push(Value::Tuple(items));
+                    for item in &items {
+                        self.check_item(item, offset)?;
+                    }
+                    self.push(&mut stack, Value::Tuple(items), offset)?;
                 }
                 b'q' => {
                     let index = self.u8()? as u32;
-                    memo.insert(index, top(&stack, offset)?.clone());
+                    self.memoize(&mut memo, index, &stack, offset)?;
                 }
                 b'r' => {
                     let index = self.u32()?;
-                    memo.insert(index, top(&stack, offset)?.clone());
+                    self.memoize(&mut memo, index, &stack, offset)?;
                 }
                 0x94 => {
                     let index = memo.len() as u32;
-                    memo.insert(index, top(&stack, offset)?.clone());
+                    self.memoize(&mut memo, index, &stack, offset)?;
                 }
                 b'h' | b'j' => {
                     let index = if opcode == b'h' {
@@ -309,35 +441,43 @@ impl<'a> Reader<'a> {
                     let value = memo
                         .get(&index)
                         .ok_or_else(|| self.malformed(format!("memo entry {index} is missing")))?;
+                    // A copy: it counts again (memo "billion laughs").
+                    self.spend(value, offset)?;
                     stack.push(value.clone());
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    stack.push(Value::Global(resolve_global(&module, &name)?));
+                    let value = Value::Global(resolve_global(&module, &name)?);
+                    self.push(&mut stack, value, offset)?;
                 }
                 0x93 => {
                     let name = pop(&mut stack, offset)?;
                     let module = pop(&mut stack, offset)?;
                     match (module, name) {
                         (Value::Str(module), Value::Str(name)) => {
-                            stack.push(Value::Global(resolve_global(&module, &name)?))
+                            let value = Value::Global(resolve_global(&module, &name)?);
+                            self.push(&mut stack, value, offset)?;
                         }
                         _ => return Err(self.malformed("STACK_GLOBAL needs two strings")),
                     }
                 }
                 b'Q' => {
                     let pid = pop(&mut stack, offset)?;
-                    stack.push(storage_from_persistent_id(pid, offset)?);
+                    let value = storage_from_persistent_id(pid, offset)?;
+                    self.push(&mut stack, value, offset)?;
                 }
                 b'R' => {
                     let args = pop(&mut stack, offset)?;
                     let callable = pop(&mut stack, offset)?;
-                    stack.push(reduce(callable, args, offset)?);
+                    let value = reduce(callable, args, offset)?;
+                    self.push(&mut stack, value, offset)?;
                 }
                 b's' => {
                     let value = pop(&mut stack, offset)?;
                     let key = pop(&mut stack, offset)?;
+                    self.check_item(&key, offset)?;
+                    self.check_item(&value, offset)?;
                     match stack.last_mut() {
                         Some(Value::Dict(items)) => items.push((key, value)),
                         _ => return Err(self.malformed("SETITEM on something not a dict")),
@@ -345,6 +485,9 @@ impl<'a> Reader<'a> {
                 }
                 b'u' => {
                     let items = pop_mark(&mut stack, &mut marks, offset)?;
+                    for item in &items {
+                        self.check_item(item, offset)?;
+                    }
                     if items.len() % 2 != 0 {
                         return Err(self.malformed("SETITEMS with an odd number of items"));
                     }
@@ -358,6 +501,7 @@ impl<'a> Reader<'a> {
                 }
                 b'a' => {
                     let value = pop(&mut stack, offset)?;
+                    self.check_item(&value, offset)?;
                     match stack.last_mut() {
                         Some(Value::List(list)) => list.push(value),
                         _ => return Err(self.malformed("APPEND on something not a list")),
@@ -365,6 +509,9 @@ impl<'a> Reader<'a> {
                 }
                 b'e' => {
                     let items = pop_mark(&mut stack, &mut marks, offset)?;
+                    for item in &items {
+                        self.check_item(item, offset)?;
+                    }
                     match stack.last_mut() {
                         Some(Value::List(list)) => list.extend(items),
                         _ => return Err(self.malformed("APPENDS on something not a list")),
@@ -538,7 +685,11 @@ pub struct NamedTensor {
 
 /// Parses a legacy `.pth` state dict into CPU tensors, in the file's key order.
 pub fn read_legacy_state_dict(bytes: &[u8]) -> Result<Vec<NamedTensor>, PthError> {
-    let mut reader = Reader { bytes, pos: 0 };
+    let mut reader = Reader {
+        bytes,
+        pos: 0,
+        nodes: 0,
+    };
     match reader.load() {
         Ok(Value::Int(LEGACY_MAGIC)) => {}
         Ok(_) => return Err(PthError::NotLegacy("wrong magic number".into())),
@@ -583,11 +734,15 @@ pub fn read_legacy_state_dict(bytes: &[u8]) -> Result<Vec<NamedTensor>, PthError
 
     // The storages follow the pickles, in the order of the key list.
     let mut storages: HashMap<String, (usize, &[u8])> = HashMap::new();
+    let mut storage_bytes = 0usize;
     for key in keys {
         let Value::Str(key) = key else {
             return Err(PthError::NotLegacy("storage key is not a string".into()));
         };
-        let numel = reader.u64()? as usize;
+        let numel = usize::try_from(reader.u64()?).map_err(|_| PthError::Storage {
+            key: key.clone(),
+            message: "element count does not fit in memory".into(),
+        })?;
         let element_size = storage_types
             .get(&key)
             .map(|t| t.element_size())
@@ -602,7 +757,27 @@ pub fn read_legacy_state_dict(bytes: &[u8]) -> Result<Vec<NamedTensor>, PthError
                 message: format!("element count {numel} overflows"),
             })?;
         let data = reader.take(length)?;
+        storage_bytes += length; // at most the file's length
         storages.insert(key, (numel, data));
+    }
+
+    // What the tensors will hold, before anything is allocated for them.
+    let allowed = storage_bytes
+        .saturating_mul(MAX_EXPANSION)
+        .saturating_add(EXPANSION_SLACK_BYTES);
+    let mut total = 0usize;
+    for (name, view) in &views {
+        let bytes = view_bytes(name, view)?;
+        total = total.saturating_add(bytes);
+        if total > allowed {
+            return Err(PthError::Tensor {
+                name: name.clone(),
+                message: format!(
+                    "the tensors up to this one hold {total} bytes, more than {MAX_EXPANSION} times \
+                     the {storage_bytes} bytes of the file's storages: refusing views that expand the file"
+                ),
+            });
+        }
     }
 
     views
@@ -612,6 +787,18 @@ pub fn read_legacy_state_dict(bytes: &[u8]) -> Result<Vec<NamedTensor>, PthError
             Ok(NamedTensor { name, tensor })
         })
         .collect()
+}
+
+/// Elements and bytes of a view, checked against overflow.
+fn view_bytes(name: &str, view: &TensorView) -> Result<usize, PthError> {
+    view.shape
+        .iter()
+        .try_fold(1usize, |count, &size| count.checked_mul(size))
+        .and_then(|count| count.checked_mul(view.storage_type.element_size()))
+        .ok_or_else(|| PthError::Tensor {
+            name: name.to_string(),
+            message: format!("size {:?} overflows", view.shape),
+        })
 }
 
 fn check_little_endian(sys_info: &Value) -> Result<(), PthError> {
@@ -650,26 +837,35 @@ fn materialize(
             view.shape, view.stride
         )));
     }
-    let count: usize = view.shape.iter().product();
     let element_size = view.storage_type.element_size();
-    let mut out = Vec::with_capacity(count * element_size);
+    let bytes = view_bytes(name, view)?;
+    let count = bytes / element_size;
+    let out_of_range = || {
+        tensor_error(format!(
+            "view (offset {}, size {:?}, stride {:?}) reaches past the storage of {numel} elements",
+            view.offset, view.shape, view.stride
+        ))
+    };
+    let mut out = Vec::with_capacity(bytes);
     if count > 0 {
-        let last = view.offset
-            + view
-                .shape
-                .iter()
-                .zip(&view.stride)
-                .map(|(size, stride)| (size - 1) * stride)
-                .sum::<usize>();
+        // The farthest element the view reaches; every index below it fits too.
+        let last = view
+            .shape
+            .iter()
+            .zip(&view.stride)
+            .try_fold(view.offset, |reach, (&size, &stride)| {
+                (size - 1)
+                    .checked_mul(stride)
+                    .and_then(|step| reach.checked_add(step))
+            })
+            .ok_or_else(out_of_range)?;
         if last >= *numel {
-            return Err(tensor_error(format!(
-                "view (offset {}, size {:?}, stride {:?}) reaches element {last} of a storage of {numel}",
-                view.offset, view.shape, view.stride
-            )));
+            return Err(out_of_range());
         }
         // Walk the view in row-major order with an odometer over the indices.
         let mut index = vec![0usize; view.shape.len()];
         for _ in 0..count {
+            // At most `last`, so neither sum nor product overflows.
             let element: usize = view.offset
                 + index
                     .iter()
@@ -850,5 +1046,42 @@ mod tests {
         let bytes = tiny_file();
         let err = read_legacy_state_dict(&bytes[..bytes.len() - 3]).unwrap_err();
         assert!(matches!(err, PthError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_it_can_overflow_the_stack() {
+        let mut bytes = header();
+        // A list inside 100,000 one-element tuples (TUPLE1 wraps the top).
+        bytes.extend_from_slice(&[0x80, 2, b']']);
+        bytes.extend(std::iter::repeat_n(0x85, 100_000));
+        bytes.push(b'.');
+        let err = read_legacy_state_dict(&bytes).unwrap_err();
+        assert!(matches!(err, PthError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("nested deeper than 32"), "{err}");
+    }
+
+    #[test]
+    fn memo_copies_count_against_the_value_budget() {
+        let mut bytes = header();
+        bytes.extend_from_slice(&[0x80, 2, b'N', b'q', 0]);
+        for _ in 0..30 {
+            bytes.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        bytes.push(b'.');
+        let err = read_legacy_state_dict(&bytes).unwrap_err();
+        assert!(err.to_string().contains("memo copies included"), "{err}");
+    }
+
+    #[test]
+    fn a_size_whose_byte_count_overflows_is_an_error() {
+        let view = TensorView {
+            storage_key: "k".into(),
+            storage_type: StorageType::Float,
+            offset: 0,
+            shape: vec![usize::MAX / 2, 3],
+            stride: vec![0, 0],
+        };
+        let err = view_bytes("big", &view).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
     }
 }

@@ -1300,7 +1300,7 @@ fn write_artifacts(
         })
         .collect();
     let plots = handle.dir().join("plots");
-    std::fs::create_dir_all(&plots)?;
+    std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::roc_curves(&plots, &curves)?;
     Ok(())
 }
