@@ -14,6 +14,7 @@ pub mod encoders;
 pub mod experiments;
 pub mod extract;
 pub mod features;
+pub mod html;
 pub mod layout;
 pub mod predict;
 pub mod predict_anomaly;
