@@ -67,6 +67,7 @@
 mod db;
 pub mod plots;
 mod query;
+pub mod run_files;
 mod table;
 
 use std::path::PathBuf;
@@ -76,8 +77,8 @@ use serde::{Deserialize, Serialize};
 pub use db::{ExperimentsDb, RunHandle, SCHEMA_VERSION};
 pub use query::{
     AblationQuery, AblationReport, AblationRow, Artifact, BestQuery, BestReport, BestRow,
-    Comparison, ComparisonRow, Direction, MetricSeries, RunDetail, RunFilter, RunRecord,
-    WhereClause, direction_of, runs_table,
+    Comparison, ComparisonRow, Direction, MetricPoint, MetricSeries, RunDetail, RunFilter,
+    RunRecord, RunSnapshot, Selection, Snapshot, WhereClause, direction_of, runs_table,
 };
 pub use table::{Cell, Table};
 
