@@ -79,15 +79,17 @@ pub fn publish_dir(staging: &Path, target: &Path) -> io::Result<()> {
 /// error, temps not yet renamed are removed; files already renamed stay
 /// (each one whole, old or new).
 pub fn write_files(files: &[(PathBuf, Vec<u8>)]) -> io::Result<()> {
-    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
-    for (target, bytes) in files {
-        let temp = temp_path_for(target);
-        let written = fs::write(&temp, bytes);
-        staged.push((temp, target.clone()));
-        if let Err(err) = written {
-            discard(&staged);
-            return Err(err);
-        }
+    let staged: Vec<(PathBuf, PathBuf)> = files
+        .iter()
+        .map(|(target, _)| (temp_path_for(target), target.clone()))
+        .collect();
+    let indices: Vec<usize> = (0..files.len()).collect();
+    if let Err(err) = for_each_parallel(&indices, |&index| {
+        fs::write(&staged[index].0, &files[index].1)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", staged[index].0.display())))
+    }) {
+        discard(&staged);
+        return Err(err);
     }
     publish_files(&staged)
 }
@@ -98,15 +100,17 @@ pub fn write_files(files: &[(PathBuf, Vec<u8>)]) -> io::Result<()> {
 /// yet renamed are removed.
 pub fn publish_files(staged: &[(PathBuf, PathBuf)]) -> io::Result<()> {
     let temps: Vec<PathBuf> = staged.iter().map(|(temp, _)| temp.clone()).collect();
-    if let Err(err) = for_each_parallel(&temps, |path| File::open(path)?.sync_all()) {
+    if let Err(err) = for_each_parallel(&temps, |path| sync_file(path)) {
         discard(staged);
         return Err(err);
     }
-    for (index, (temp, target)) in staged.iter().enumerate() {
-        if let Err(err) = fs::rename(temp, target) {
-            discard(&staged[index..]);
-            return Err(err);
-        }
+    if let Err(err) = for_each_parallel(staged, |(temp, target)| {
+        fs::rename(temp, target)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", target.display())))
+    }) {
+        // Renamed ones are whole files in place; the rest are removed.
+        discard(staged);
+        return Err(err);
     }
     let mut parents: Vec<PathBuf> = staged
         .iter()
@@ -121,7 +125,7 @@ pub fn publish_files(staged: &[(PathBuf, PathBuf)]) -> io::Result<()> {
         .collect();
     parents.sort();
     parents.dedup();
-    for_each_parallel(&parents, |dir| sync_dir(dir))
+    for_each_parallel(&parents, |dir| sync_dir(dir).map_err(|e| named(e, dir)))
 }
 
 fn discard(staged: &[(PathBuf, PathBuf)]) {
@@ -144,43 +148,52 @@ pub fn sync_tree(dir: &Path) -> io::Result<()> {
         }
         next += 1;
     }
-    for_each_parallel(&paths, |path| File::open(path)?.sync_all())
+    for_each_parallel(&paths, |path| sync_file(path))
+}
+
+/// fsyncs a file (or folder) by path; the error names it.
+fn sync_file(path: &Path) -> io::Result<()> {
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| named(e, path))
+}
+
+fn named(error: io::Error, path: &Path) -> io::Error {
+    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
 }
 
 /// How many fsyncs run at once: enough for the file system to batch them,
 /// whatever the number of cores (they wait on the disk, not the CPU).
 const SYNC_THREADS: usize = 16;
 
-fn for_each_parallel(
-    paths: &[PathBuf],
-    action: impl Fn(&Path) -> io::Result<()> + Sync,
+/// Runs `action` on every item from [`SYNC_THREADS`] threads; the first
+/// error is returned (the action's error names its file).
+fn for_each_parallel<T: Sync>(
+    items: &[T],
+    action: impl Fn(&T) -> io::Result<()> + Sync,
 ) -> io::Result<()> {
     let next = AtomicU64::new(0);
-    let threads = SYNC_THREADS.min(paths.len());
+    let threads = SYNC_THREADS.min(items.len());
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| -> io::Result<()> {
                     loop {
                         let index = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(path) = paths.get(index) else {
+                        let Some(item) = items.get(index) else {
                             return Ok(());
                         };
-                        action(path).map_err(|e| {
-                            io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-                        })?;
+                        action(item)?;
                     }
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|worker| {
-                worker
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("sync thread panicked")))
-            })
-            .collect::<io::Result<()>>()
+        // The scope joins every worker; the first error is the answer.
+        workers.into_iter().try_for_each(|worker| {
+            worker
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("sync thread panicked")))
+        })
     })
 }
 
@@ -265,9 +278,44 @@ pub fn replace_output_dir(staging: &Path, target: &Path, kind: &str) -> io::Resu
                 let _ = fs::rename(&old, target);
                 return Err(err);
             }
-            fs::remove_dir_all(&old)
+            remove_tree(&old)
         }
     }
+}
+
+/// Removes a folder and everything under it, many files at a time (like
+/// fsyncs, unlinks wait on the journal, not on the CPU).
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    // Folders by depth, found breadth first.
+    let mut levels: Vec<Vec<PathBuf>> = vec![vec![dir.to_path_buf()]];
+    let mut files = Vec::new();
+    while let Some(level) = levels.last() {
+        let mut below = Vec::new();
+        for folder in level {
+            for entry in fs::read_dir(folder)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    below.push(entry.path());
+                } else {
+                    files.push(entry.path());
+                }
+            }
+        }
+        if below.is_empty() {
+            break;
+        }
+        levels.push(below);
+    }
+    for_each_parallel(&files, |path| {
+        fs::remove_file(path).map_err(|e| named(e, path))
+    })?;
+    // Deepest level first: its folders are empty by then.
+    for level in levels.iter().rev() {
+        for_each_parallel(level, |folder| {
+            fs::remove_dir(folder).map_err(|e| named(e, folder))
+        })?;
+    }
+    Ok(())
 }
 
 /// fsyncs the folder that holds `path`, so a rename inside it survives power loss.
@@ -401,6 +449,20 @@ mod tests {
             err.to_string().contains("that lazarus did not write"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn remove_tree_removes_nested_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        for i in 0..40 {
+            let folder = tree.join(format!("d{}", i % 4)).join("sub");
+            fs::create_dir_all(&folder).unwrap();
+            fs::write(folder.join(format!("f{i}")), b"x").unwrap();
+        }
+        remove_tree(&tree).unwrap();
+        assert!(!tree.exists());
+        assert!(dir.path().exists());
     }
 
     #[test]

@@ -65,8 +65,10 @@
 //! An unknown metric or parameter is an error that lists the known ones.
 
 mod db;
+pub mod mlflow;
 pub mod plots;
 mod query;
+pub mod report;
 pub mod run_files;
 mod table;
 
@@ -248,4 +250,15 @@ pub(crate) fn io_error(
 ) -> impl FnOnce(std::io::Error) -> ExperimentsError {
     let path = path.into();
     move |error| ExperimentsError::Io { path, error }
+}
+
+/// A thread pool for work that waits on the disk more than on the CPU
+/// (reading run folders, writing many small files): more threads than
+/// cores keep the disk busy.
+pub(crate) fn io_pool() -> Result<rayon::ThreadPool, ExperimentsError> {
+    const IO_THREADS: usize = 8;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(IO_THREADS.max(rayon::current_num_threads()))
+        .build()
+        .map_err(|e| ExperimentsError::Invalid(format!("cannot start threads: {e}")))
 }
