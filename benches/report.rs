@@ -235,34 +235,16 @@ fn main() {
         "experiments list --json (floor: reading the runs): median {list:.2} s (rounds {})",
         format_rounds(&list_rounds)
     );
-    let (export, export_rounds) = rounds(|round| {
-        let store = dir.path().join(format!("mlruns-{round}"));
-        timed(
-            &root,
-            &[
-                "experiments",
-                "export",
-                "--format",
-                "mlflow",
-                "--out",
-                store.to_str().unwrap(),
-            ],
-        )
-    });
+    let export_into = |store: &Path| {
+        let args = ["experiments", "export", "--format", "mlflow", "--out"];
+        let mut args: Vec<&str> = args.to_vec();
+        args.push(store.to_str().unwrap());
+        timed(&root, &args)
+    };
+    let (export, export_rounds) =
+        rounds(|round| export_into(&dir.path().join(format!("mlruns-{round}"))));
     let store = dir.path().join("mlruns-0");
-    let (again, again_rounds) = rounds(|_| {
-        timed(
-            &root,
-            &[
-                "experiments",
-                "export",
-                "--format",
-                "mlflow",
-                "--out",
-                store.to_str().unwrap(),
-            ],
-        )
-    });
+    let (again, again_rounds) = rounds(|_| export_into(&store));
     println!(
         "experiments export --format mlflow, {RUNS} runs: new store median {export:.2} s (rounds {}); \
          again into it (nothing changed) median {again:.2} s (rounds {})",

@@ -163,24 +163,7 @@ impl LineChart {
         let y_of = |y: f64| plot.top + plot.height - y_axis.fraction(y) * plot.height;
         // Grid and ticks.
         for &(value, ref label) in &y_axis.ticks {
-            let y = y_of(value);
-            line(
-                &mut svg,
-                (plot.left, y),
-                (plot.left + plot.width, y),
-                GRID,
-                1.0,
-                None,
-            );
-            text(
-                &mut svg,
-                plot.left - 6.0,
-                y + 4.0,
-                "end",
-                11.0,
-                "400",
-                label,
-            );
+            plot.y_tick(&mut svg, y_of(value), label);
         }
         for &(value, ref label) in &x_axis.ticks {
             let x = x_of(value);
@@ -518,24 +501,7 @@ pub fn sorted_bars(title: &str, y_label: &str, values: &[(String, f64)]) -> Stri
     sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
     let y_of = |v: f64| plot.top + plot.height - v.clamp(0.0, 1.0) * plot.height;
     for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
-        let y = y_of(tick);
-        line(
-            &mut svg,
-            (plot.left, y),
-            (plot.left + plot.width, y),
-            GRID,
-            1.0,
-            None,
-        );
-        text(
-            &mut svg,
-            plot.left - 6.0,
-            y + 4.0,
-            "end",
-            11.0,
-            "400",
-            &format!("{tick:.2}"),
-        );
+        plot.y_tick(&mut svg, y_of(tick), &format!("{tick:.2}"));
     }
     plot.frame(&mut svg);
     text(
@@ -598,6 +564,19 @@ struct Plot {
 }
 
 impl Plot {
+    /// A horizontal grid line at `y` with its label left of the plot.
+    fn y_tick(&self, svg: &mut String, y: f64, label: &str) {
+        line(
+            svg,
+            (self.left, y),
+            (self.left + self.width, y),
+            GRID,
+            1.0,
+            None,
+        );
+        text(svg, self.left - 6.0, y + 4.0, "end", 11.0, "400", label);
+    }
+
     fn frame(&self, svg: &mut String) {
         let _ = write!(
             svg,
