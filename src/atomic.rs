@@ -4,6 +4,11 @@
 //! write under jobs/datasets, features/ and experiments/ goes through here.
 //! Temp files are named `.tmp-<pid>-<counter>-<name>` so that a reconciler can
 //! recognise and remove the ones a killed process left behind.
+//!
+//! Many files at once ([`write_files`], [`sync_tree`]) are fsynced
+//! concurrently: a journaling file system commits them together, so a
+//! thousand small files cost about what a handful do one after another.
+//! Folders a verb replaces whole live in `output_dir`.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -66,6 +71,141 @@ pub fn publish_dir(staging: &Path, target: &Path) -> io::Result<()> {
     sync_parent(target)
 }
 
+/// Writes many files atomically and durably: each goes to a temp file beside
+/// its target, all temps are fsynced together (a journaling file system
+/// commits concurrent fsyncs as one), then each is renamed into place and
+/// the folders that changed are fsynced. Parent folders must exist. On an
+/// error, temps not yet renamed are removed; files already renamed stay
+/// (each one whole, old or new).
+pub fn write_files(files: &[(PathBuf, Vec<u8>)]) -> io::Result<()> {
+    let staged: Vec<(PathBuf, PathBuf)> = files
+        .iter()
+        .map(|(target, _)| (temp_path_for(target), target.clone()))
+        .collect();
+    let indices: Vec<usize> = (0..files.len()).collect();
+    if let Err(err) = for_each_parallel(&indices, |&index| {
+        fs::write(&staged[index].0, &files[index].1)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", staged[index].0.display())))
+    }) {
+        discard(&staged);
+        return Err(err);
+    }
+    publish_files(&staged)
+}
+
+/// Publishes files written (not yet fsynced) to temp paths from
+/// [`temp_path_for`]: fsyncs them all together, renames each onto its
+/// target, then fsyncs the folders that changed. On an error the temps not
+/// yet renamed are removed.
+pub fn publish_files(staged: &[(PathBuf, PathBuf)]) -> io::Result<()> {
+    let temps: Vec<PathBuf> = staged.iter().map(|(temp, _)| temp.clone()).collect();
+    if let Err(err) = for_each_parallel(&temps, |path| sync_file(path)) {
+        discard(staged);
+        return Err(err);
+    }
+    if let Err(err) = for_each_parallel(staged, |(temp, target)| {
+        fs::rename(temp, target)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", target.display())))
+    }) {
+        // Renamed ones are whole files in place; the rest are removed.
+        discard(staged);
+        return Err(err);
+    }
+    let mut parents: Vec<PathBuf> = staged
+        .iter()
+        .filter_map(|(_, target)| target.parent())
+        .map(|parent| {
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        })
+        .collect();
+    parents.sort();
+    parents.dedup();
+    for_each_parallel(&parents, |dir| sync_dir(dir).map_err(|e| named(e, dir)))
+}
+
+fn discard(staged: &[(PathBuf, PathBuf)]) {
+    for (temp, _) in staged {
+        let _ = fs::remove_file(temp);
+    }
+}
+
+/// fsyncs every file and folder under `dir` (and `dir` itself), many at a
+/// time: a freshly written folder is durable before it is published with
+/// one rename, at a fraction of the cost of one fsync after another.
+pub fn sync_tree(dir: &Path) -> io::Result<()> {
+    let mut paths = vec![dir.to_path_buf()];
+    let mut next = 0;
+    while next < paths.len() {
+        if fs::symlink_metadata(&paths[next])?.is_dir() {
+            for entry in fs::read_dir(&paths[next])? {
+                paths.push(entry?.path());
+            }
+        }
+        next += 1;
+    }
+    for_each_parallel(&paths, |path| sync_file(path))
+}
+
+/// fsyncs a file (or folder) by path; the error names it.
+fn sync_file(path: &Path) -> io::Result<()> {
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| named(e, path))
+}
+
+fn named(error: io::Error, path: &Path) -> io::Error {
+    io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+}
+
+/// How many fsyncs run at once: enough for the file system to batch them,
+/// whatever the number of cores (they wait on the disk, not the CPU).
+const SYNC_THREADS: usize = 16;
+
+/// Runs `action` on every item from [`SYNC_THREADS`] threads; the first
+/// error is returned (the action's error names its file).
+fn for_each_parallel<T: Sync>(
+    items: &[T],
+    action: impl Fn(&T) -> io::Result<()> + Sync,
+) -> io::Result<()> {
+    let next = AtomicU64::new(0);
+    let threads = SYNC_THREADS.min(items.len());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> io::Result<()> {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(item) = items.get(index) else {
+                            return Ok(());
+                        };
+                        action(item)?;
+                    }
+                })
+            })
+            .collect();
+        // The scope joins every worker; the first error is the answer.
+        workers.into_iter().try_for_each(|worker| {
+            worker
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("sync thread panicked")))
+        })
+    })
+}
+
+/// Removes files many at a time (like fsyncs, unlinks wait on the journal,
+/// not on the CPU); a file already gone is fine.
+pub fn remove_files(paths: &[PathBuf]) -> io::Result<()> {
+    for_each_parallel(paths, |path| match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(named(e, path)),
+    })
+}
+
 /// fsyncs the folder that holds `path`, so a rename inside it survives power loss.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
     match path.parent() {
@@ -115,6 +255,32 @@ mod tests {
         assert_eq!(err.to_string(), "disk full");
         assert_eq!(fs::read(&target).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn write_files_writes_all_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        let files = vec![
+            (dir.path().join("a"), b"one".to_vec()),
+            (dir.path().join("sub/b"), b"two".to_vec()),
+        ];
+        write_files(&files).unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"one");
+        assert_eq!(fs::read(dir.path().join("sub/b")).unwrap(), b"two");
+        // A missing parent folder fails the batch and leaves no temp behind.
+        let err = write_files(&[
+            (dir.path().join("c"), b"3".to_vec()),
+            (dir.path().join("missing/d"), b"4".to_vec()),
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !is_temp_name(n)), "{names:?}");
+        assert!(!dir.path().join("c").exists());
     }
 
     #[test]

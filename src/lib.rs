@@ -15,6 +15,7 @@ pub mod experiments;
 pub mod extract;
 pub mod features;
 pub mod files;
+pub mod html;
 pub mod layout;
 pub mod memory;
 pub mod output_dir;

@@ -97,7 +97,7 @@ pub enum Prior {
 
 /// The files under `dir`, relative and `/`-separated, sorted; symbolic
 /// links count as files (they are never followed).
-fn files_under(dir: &Path) -> Result<Vec<String>, OutputError> {
+pub fn files_under(dir: &Path) -> Result<Vec<String>, OutputError> {
     let mut out = Vec::new();
     let mut pending = vec![(dir.to_path_buf(), String::new())];
     while let Some((folder, prefix)) = pending.pop() {
@@ -215,22 +215,20 @@ pub fn publish(staging: &Path, out: &Path, prior: &Prior) -> Result<(), OutputEr
 
 /// Removes `files` from `dir`, then its folders bottom-up, each only if empty.
 fn remove_listed(dir: &Path, files: &[String]) -> Result<(), OutputError> {
-    let mut folders: Vec<PathBuf> = vec![dir.to_path_buf()];
-    for file in files {
-        let path = dir.join(file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path)(e)),
-        }
+    let paths: Vec<PathBuf> = files.iter().map(|file| dir.join(file)).collect();
+    crate::atomic::remove_files(&paths).map_err(io_error(dir))?;
+    let mut folders: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    folders.insert(dir.to_path_buf());
+    for path in &paths {
         let mut parent = path.parent();
         while let Some(folder) = parent.filter(|p| p.starts_with(dir) && *p != dir) {
-            if !folders.iter().any(|f| f == folder) {
-                folders.push(folder.to_path_buf());
+            if !folders.insert(folder.to_path_buf()) {
+                break;
             }
             parent = folder.parent();
         }
     }
+    let mut folders: Vec<PathBuf> = folders.into_iter().collect();
     // Deepest first.
     folders.sort_by_key(|f| std::cmp::Reverse(f.components().count()));
     for folder in folders {

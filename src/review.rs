@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
+use crate::html::escape;
 use crate::layout::Layout;
 use crate::predict::{PredictError, TrainedHead, load_run_head, top_k};
 
@@ -470,21 +471,6 @@ fn thumbnail(path: &Path) -> Result<Vec<u8>, String> {
         .encode_image(&small)
         .map_err(|e| format!("cannot encode the thumbnail of {}: {e}", path.display()))?;
     Ok(out)
-}
-
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The static HTML page: one card per listed image.

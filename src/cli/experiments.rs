@@ -1,13 +1,16 @@
-//! `experiments list | show | compare | best | ablate`.
+//! `experiments list | show | compare | best | ablate | report | export`.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use lazarus::experiments::mlflow::{MlflowConfig, export_mlflow};
 use lazarus::experiments::plots::{self, SweepPoint};
+use lazarus::experiments::report::{ReportConfig, write_report};
 use lazarus::experiments::{
-    AblationQuery, BestQuery, ExperimentsDb, RunFilter, RunStatus, Table, WhereClause, runs_table,
+    AblationQuery, BestQuery, ExperimentsDb, RunFilter, RunStatus, Selection, Table, WhereClause,
+    runs_table,
 };
 use lazarus::layout::Layout;
 
@@ -25,6 +28,10 @@ pub enum ExperimentsCommand {
     Best(BestArgs),
     /// Mean ± std of a metric per parameter level over seeds, with the difference from a baseline.
     Ablate(AblateArgs),
+    /// Write a static HTML report (runs, experiments, ablations, curves) that opens from file://.
+    Report(ReportArgs),
+    /// Write runs into another tracker's format: MLflow's file store.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +118,69 @@ pub struct AblateArgs {
     pub output: OutputArgs,
 }
 
+/// Which runs `report` and `export` cover.
+#[derive(Debug, Args)]
+pub struct SelectionArgs {
+    /// Only runs of this experiment; repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub experiment: Vec<String>,
+    /// Only runs where a parameter (or experiment, dataset, status) has this value; repeatable.
+    #[arg(long = "where", value_name = "KEY=VALUE")]
+    pub wheres: Vec<String>,
+}
+
+impl SelectionArgs {
+    fn selection(self) -> anyhow::Result<Selection> {
+        Ok(Selection {
+            wheres: parse_wheres(&self.wheres)?,
+            experiments: self.experiment,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The report's folder; replaced as a whole if it holds an earlier report, refused otherwise.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// The metric runs are ranked by first (default: test/accuracy, test/dice or test/roc_auc,
+    /// whichever the runs recorded).
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// Also a comparison page of these runs (two or more ids, comma-separated); repeatable.
+    #[arg(long, value_name = "RUN,RUN[,RUN]")]
+    pub compare: Vec<String>,
+    /// Run files larger than this many MiB are listed in the report, not copied.
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    pub max_file_size: u64,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// MLflow's file store (`mlflow ui --backend-store-uri DIR`).
+    Mlflow,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The tracker's format.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// The store's folder: new, empty, or an existing MLflow file store (updated in place).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(layout: &Layout, command: ExperimentsCommand) -> anyhow::Result<()> {
     match command {
         ExperimentsCommand::List(args) => list(layout, args),
@@ -150,7 +220,82 @@ pub fn run(layout: &Layout, command: ExperimentsCommand) -> anyhow::Result<()> {
             }
             emit(&args.output, &report, &report.table())
         }
+        ExperimentsCommand::Report(args) => report(layout, args),
+        ExperimentsCommand::Export(args) => export(layout, args),
     }
+}
+
+fn report(layout: &Layout, args: ReportArgs) -> anyhow::Result<()> {
+    let config = ReportConfig {
+        selection: args.selection.selection()?,
+        out: args.out,
+        metric: args.metric,
+        compare: args
+            .compare
+            .iter()
+            .map(|list| {
+                list.split(',')
+                    .map(|id| id.trim().to_string())
+                    .filter(|id| !id.is_empty())
+                    .collect()
+            })
+            .collect(),
+        max_artifact_bytes: args.max_file_size.saturating_mul(1 << 20),
+    };
+    let db = ExperimentsDb::open_existing(layout)?;
+    let summary = write_report(db.as_ref(), layout, &config)?;
+    for warning in &summary.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if args.json {
+        return print_json(&summary);
+    }
+    println!(
+        "wrote {} ({} runs, {} experiments, {} comparisons, {} pages, {} run files copied)",
+        summary.index.display(),
+        summary.runs,
+        summary.experiments,
+        summary.comparisons,
+        summary.pages,
+        summary.files_copied
+    );
+    Ok(())
+}
+
+fn export(layout: &Layout, args: ExportArgs) -> anyhow::Result<()> {
+    let db = existing(layout)?;
+    let summary = match args.format {
+        ExportFormat::Mlflow => export_mlflow(
+            &db,
+            &MlflowConfig {
+                out: args.out,
+                selection: args.selection.selection()?,
+            },
+        )?,
+    };
+    for (original, exported) in &summary.renamed_keys {
+        eprintln!(
+            "note: `{original}` is exported as `{exported}` (MLflow does not accept it as it is)"
+        );
+    }
+    if args.json {
+        return print_json(&summary);
+    }
+    println!(
+        "exported {} runs of {} experiments to {} ({} files written, {} unchanged; {} artifacts copied, {} unchanged)",
+        summary.runs,
+        summary.experiments.len(),
+        summary.out.display(),
+        summary.files_written,
+        summary.files_unchanged,
+        summary.artifacts_copied,
+        summary.artifacts_unchanged
+    );
+    println!(
+        "open it with: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {}",
+        summary.out.display()
+    );
+    Ok(())
 }
 
 fn list(layout: &Layout, args: ListArgs) -> anyhow::Result<()> {

@@ -826,7 +826,7 @@ fn check_header(path: &Path) -> Result<(), ExperimentsError> {
 
 /// Files under a run folder (relative paths with `/`, sizes), without the
 /// lock and temp files.
-fn list_artifacts(dir: &Path) -> Result<Vec<(String, u64)>, ExperimentsError> {
+pub(crate) fn list_artifacts(dir: &Path) -> Result<Vec<(String, u64)>, ExperimentsError> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(folder) = pending.pop() {

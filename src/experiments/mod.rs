@@ -65,8 +65,11 @@
 //! An unknown metric or parameter is an error that lists the known ones.
 
 mod db;
+pub mod mlflow;
 pub mod plots;
 mod query;
+pub mod report;
+pub mod run_files;
 mod table;
 
 use std::path::PathBuf;
@@ -76,8 +79,8 @@ use serde::{Deserialize, Serialize};
 pub use db::{ExperimentsDb, RunHandle, SCHEMA_VERSION};
 pub use query::{
     AblationQuery, AblationReport, AblationRow, Artifact, BestQuery, BestReport, BestRow,
-    Comparison, ComparisonRow, Direction, MetricSeries, RunDetail, RunFilter, RunRecord,
-    WhereClause, direction_of, runs_table,
+    Comparison, ComparisonRow, Direction, MetricPoint, MetricSeries, RunDetail, RunFilter,
+    RunRecord, RunSnapshot, Selection, Snapshot, WhereClause, direction_of, runs_table,
 };
 pub use table::{Cell, Table};
 
@@ -200,6 +203,8 @@ pub struct RunStart {
 /// Errors of the experiments database, its queries and plots.
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentsError {
+    #[error(transparent)]
+    Output(#[from] crate::output_dir::OutputError),
     #[error(
         "{path} is not a SQLite database (left untouched); move it aside or pass another --root"
     )]
@@ -264,4 +269,15 @@ pub(crate) fn io_error(
 ) -> impl FnOnce(std::io::Error) -> ExperimentsError {
     let path = path.into();
     move |error| ExperimentsError::Io { path, error }
+}
+
+/// A thread pool for work that waits on the disk more than on the CPU
+/// (reading run folders, writing many small files): more threads than
+/// cores keep the disk busy.
+pub(crate) fn io_pool() -> Result<rayon::ThreadPool, ExperimentsError> {
+    const IO_THREADS: usize = 8;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(IO_THREADS.max(rayon::current_num_threads()))
+        .build()
+        .map_err(|e| ExperimentsError::Invalid(format!("cannot start threads: {e}")))
 }

@@ -230,6 +230,42 @@ fn param_cell(value: &ParamValue) -> Cell {
     Cell::text(value.to_string())
 }
 
+/// One logged value of a per-step metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MetricPoint {
+    pub step: u64,
+    pub value: f64,
+    /// When it was logged (Unix milliseconds).
+    pub time_ms: i64,
+}
+
+/// Which runs a report or an export covers: runs of any of `experiments`
+/// (all when empty) that satisfy every `--where` clause.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub experiments: Vec<String>,
+    pub wheres: Vec<WhereClause>,
+}
+
+/// A run with everything recorded about it, per-step values included.
+#[derive(Debug, Clone)]
+pub struct RunSnapshot {
+    pub detail: RunDetail,
+    /// Per-step values by metric key, in step order.
+    pub history: BTreeMap<String, Vec<MetricPoint>>,
+}
+
+/// The selected runs (by id) read in one transaction, and what the
+/// database knows besides, to explain an empty selection.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub runs: Vec<RunSnapshot>,
+    /// Runs in the whole database.
+    pub total_runs: usize,
+    pub known_experiments: Vec<String>,
+    pub known_params: Vec<String>,
+}
+
 /// One compared quantity across runs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ComparisonRow {
@@ -533,6 +569,172 @@ fn summary_of(
     rows.collect()
 }
 
+/// Everything recorded about a run, given its row; `history`, when the
+/// caller read it, gives the metric series without another query.
+fn detail(
+    tx: &Transaction<'_>,
+    run: RunRecord,
+    history: Option<&BTreeMap<String, Vec<MetricPoint>>>,
+) -> Result<RunDetail, rusqlite::Error> {
+    let run_id = run.id.as_str();
+    let metrics = match history {
+        Some(history) => history
+            .iter()
+            .filter_map(|(key, points)| {
+                let last = points.last()?;
+                Some(MetricSeries {
+                    key: key.clone(),
+                    steps: points.len() as u64,
+                    last_step: last.step,
+                    last_value: last.value,
+                })
+            })
+            .collect(),
+        None => {
+            let mut statement = tx.prepare_cached(
+                "SELECT key, COUNT(*), MAX(step),
+                        (SELECT value FROM metrics m2 WHERE m2.run_id = m.run_id
+                           AND m2.key = m.key ORDER BY step DESC LIMIT 1)
+                 FROM metrics m WHERE run_id = ?1 GROUP BY key ORDER BY key",
+            )?;
+            statement
+                .query_map([run_id], |row| {
+                    Ok(MetricSeries {
+                        key: row.get(0)?,
+                        steps: row.get::<_, i64>(1)? as u64,
+                        last_step: row.get::<_, i64>(2)? as u64,
+                        last_value: row.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let mut statement =
+        tx.prepare_cached("SELECT key, value FROM tags WHERE run_id = ?1 ORDER BY key")?;
+    let tags = statement
+        .query_map([run_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut statement =
+        tx.prepare_cached("SELECT path, bytes FROM artifacts WHERE run_id = ?1 ORDER BY path")?;
+    let artifacts = statement
+        .query_map([run_id], |row| {
+            Ok(Artifact {
+                path: row.get(0)?,
+                bytes: row.get::<_, i64>(1)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(RunDetail {
+        params: params_of(tx, run_id)?,
+        summary: summary_of(tx, run_id)?,
+        run,
+        tags,
+        metrics,
+        artifacts,
+    })
+}
+
+/// Every per-step value of a run, by metric key, in step order.
+fn history_of(
+    tx: &Transaction<'_>,
+    run_id: &str,
+) -> Result<BTreeMap<String, Vec<MetricPoint>>, rusqlite::Error> {
+    let mut statement = tx.prepare_cached(
+        "SELECT key, step, value, time_ms FROM metrics WHERE run_id = ?1 ORDER BY key, step",
+    )?;
+    let mut history: BTreeMap<String, Vec<MetricPoint>> = BTreeMap::new();
+    let rows = statement.query_map([run_id], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            MetricPoint {
+                step: row.get::<_, i64>(1)? as u64,
+                value: row.get(2)?,
+                time_ms: row.get(3)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (key, point) = row?;
+        match history.get_mut(&key) {
+            Some(points) => points.push(point),
+            None => {
+                history.insert(key, vec![point]);
+            }
+        }
+    }
+    Ok(history)
+}
+
+/// Runs side by side (what `compare` prints), from their rows, params and
+/// summary metrics in the order given.
+pub(crate) fn comparison_from(
+    run_ids: &[String],
+    records: &[RunRecord],
+    params: &[BTreeMap<String, ParamValue>],
+    summaries: &[BTreeMap<String, f64>],
+) -> Comparison {
+    let mut rows = Vec::new();
+    type RunField = (&'static str, fn(&RunRecord) -> String);
+    let fields: [RunField; 5] = [
+        ("experiment", |r| r.experiment.clone()),
+        ("status", |r| r.status.as_str().to_string()),
+        ("dataset", |r| r.dataset.clone()),
+        ("encoder", |r| short(&r.encoder_fingerprint)),
+        ("config", |r| short(&r.config_hash)),
+    ];
+    for (key, get) in fields {
+        rows.push(ComparisonRow {
+            kind: "run".into(),
+            key: key.into(),
+            values: records
+                .iter()
+                .map(|r| Some(ParamValue::Text(get(r))))
+                .collect(),
+        });
+    }
+    let keys: BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
+    let mut same_params = BTreeMap::new();
+    for key in keys {
+        let values: Vec<Option<ParamValue>> = params.iter().map(|p| p.get(key).cloned()).collect();
+        if values.iter().all(|v| v == &values[0])
+            && let Some(value) = &values[0]
+        {
+            same_params.insert(key.clone(), value.clone());
+        } else {
+            rows.push(ComparisonRow {
+                kind: "param".into(),
+                key: key.clone(),
+                values,
+            });
+        }
+    }
+    let metric_keys: BTreeSet<&String> = summaries.iter().flat_map(|s| s.keys()).collect();
+    for key in metric_keys {
+        rows.push(ComparisonRow {
+            kind: "metric".into(),
+            key: key.clone(),
+            values: summaries
+                .iter()
+                .map(|s| s.get(key).map(|v| ParamValue::Number(*v)))
+                .collect(),
+        });
+    }
+    Comparison {
+        runs: run_ids.to_vec(),
+        same_params,
+        rows,
+    }
+}
+
+/// Sorts best first (highest, or lowest for `LowerIsBetter`); the sort is
+/// stable, so ties keep their order (run id order: the earlier run first).
+pub(crate) fn rank_by<T>(items: &mut [T], direction: Direction, value: impl Fn(&T) -> f64) {
+    items.sort_by(|a, b| match direction {
+        Direction::HigherIsBetter => value(b).total_cmp(&value(a)),
+        Direction::LowerIsBetter => value(a).total_cmp(&value(b)),
+    });
+}
+
 /// Finished runs matching `wheres` that have `metric`: `(run, experiment, value)`.
 fn finished_with_metric(
     tx: &Transaction<'_>,
@@ -623,49 +825,55 @@ impl ExperimentsDb {
         Ok(self.run_dir(run_id))
     }
 
+    /// The selected runs with their params, metrics (summary and per step),
+    /// tags and artifacts, in run id order, from one consistent read.
+    /// Unknown experiments or parameters select nothing (not an error: the
+    /// snapshot lists what is known).
+    pub fn snapshot(&self, selection: &Selection) -> Result<Snapshot, ExperimentsError> {
+        self.read(|tx| {
+            let mut values: Vec<Value> = Vec::new();
+            let mut conditions = String::new();
+            if !selection.experiments.is_empty() {
+                let mut placeholders = Vec::new();
+                for name in &selection.experiments {
+                    values.push(Value::Text(name.clone()));
+                    placeholders.push(format!("?{}", values.len()));
+                }
+                conditions.push_str(&format!(" AND e.name IN ({})", placeholders.join(", ")));
+            }
+            conditions.push_str(&where_sql(&selection.wheres, &mut values));
+            let sql = format!(
+                "SELECT {RUN_COLUMNS} FROM runs r JOIN experiments e ON e.id = r.experiment_id
+                 WHERE 1 = 1{conditions} ORDER BY r.id"
+            );
+            let mut statement = tx.prepare(&sql)?;
+            let records = statement
+                .query_map(params_from_iter(values), run_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut runs = Vec::with_capacity(records.len());
+            for record in records {
+                let history = history_of(tx, &record.id)?;
+                runs.push(RunSnapshot {
+                    detail: detail(tx, record, Some(&history))?,
+                    history,
+                });
+            }
+            let total_runs: i64 =
+                tx.query_row("SELECT COUNT(*) FROM runs", [], |row| row.get(0))?;
+            Ok(Snapshot {
+                runs,
+                total_runs: total_runs as usize,
+                known_experiments: known_keys(tx, "SELECT name FROM experiments ORDER BY name")?,
+                known_params: known_params(tx)?,
+            })
+        })
+    }
+
     /// One run with its params, summary metrics, metric series, tags and artifacts.
     pub fn show_run(&self, run_id: &str) -> Result<RunDetail, ExperimentsError> {
         self.read(|tx| {
             let run = self.run_record(tx, run_id)?;
-            let mut statement = tx.prepare(
-                "SELECT key, COUNT(*), MAX(step),
-                        (SELECT value FROM metrics m2 WHERE m2.run_id = m.run_id
-                           AND m2.key = m.key ORDER BY step DESC LIMIT 1)
-                 FROM metrics m WHERE run_id = ?1 GROUP BY key ORDER BY key",
-            )?;
-            let metrics = statement
-                .query_map([run_id], |row| {
-                    Ok(MetricSeries {
-                        key: row.get(0)?,
-                        steps: row.get::<_, i64>(1)? as u64,
-                        last_step: row.get::<_, i64>(2)? as u64,
-                        last_value: row.get(3)?,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            let mut statement =
-                tx.prepare("SELECT key, value FROM tags WHERE run_id = ?1 ORDER BY key")?;
-            let tags = statement
-                .query_map([run_id], |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            let mut statement =
-                tx.prepare("SELECT path, bytes FROM artifacts WHERE run_id = ?1 ORDER BY path")?;
-            let artifacts = statement
-                .query_map([run_id], |row| {
-                    Ok(Artifact {
-                        path: row.get(0)?,
-                        bytes: row.get::<_, i64>(1)? as u64,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            Ok(RunDetail {
-                params: params_of(tx, run_id)?,
-                summary: summary_of(tx, run_id)?,
-                run,
-                tags,
-                metrics,
-                artifacts,
-            })
+            Ok(detail(tx, run, None)?)
         })
     }
 
@@ -713,58 +921,7 @@ impl ExperimentsDb {
                 params.push(params_of(tx, id)?);
                 summaries.push(summary_of(tx, id)?);
             }
-            let mut rows = Vec::new();
-            type RunField = (&'static str, fn(&RunRecord) -> String);
-            let fields: [RunField; 5] = [
-                ("experiment", |r| r.experiment.clone()),
-                ("status", |r| r.status.as_str().to_string()),
-                ("dataset", |r| r.dataset.clone()),
-                ("encoder", |r| short(&r.encoder_fingerprint)),
-                ("config", |r| short(&r.config_hash)),
-            ];
-            for (key, get) in fields {
-                rows.push(ComparisonRow {
-                    kind: "run".into(),
-                    key: key.into(),
-                    values: records
-                        .iter()
-                        .map(|r| Some(ParamValue::Text(get(r))))
-                        .collect(),
-                });
-            }
-            let keys: BTreeSet<&String> = params.iter().flat_map(|p| p.keys()).collect();
-            let mut same_params = BTreeMap::new();
-            for key in keys {
-                let values: Vec<Option<ParamValue>> =
-                    params.iter().map(|p| p.get(key).cloned()).collect();
-                if values.iter().all(|v| v == &values[0])
-                    && let Some(value) = &values[0]
-                {
-                    same_params.insert(key.clone(), value.clone());
-                } else {
-                    rows.push(ComparisonRow {
-                        kind: "param".into(),
-                        key: key.clone(),
-                        values,
-                    });
-                }
-            }
-            let metric_keys: BTreeSet<&String> = summaries.iter().flat_map(|s| s.keys()).collect();
-            for key in metric_keys {
-                rows.push(ComparisonRow {
-                    kind: "metric".into(),
-                    key: key.clone(),
-                    values: summaries
-                        .iter()
-                        .map(|s| s.get(key).map(|v| ParamValue::Number(*v)))
-                        .collect(),
-                });
-            }
-            Ok(Comparison {
-                runs: run_ids.to_vec(),
-                same_params,
-                rows,
-            })
+            Ok(comparison_from(run_ids, &records, &params, &summaries))
         })
     }
 
@@ -777,10 +934,7 @@ impl ExperimentsDb {
             let keys: Vec<&str> = query.wheres.iter().map(|w| w.key.as_str()).collect();
             check_params(tx, &keys, true)?;
             let mut found = finished_with_metric(tx, &query.metric, &query.wheres)?;
-            found.sort_by(|a, b| match direction {
-                Direction::HigherIsBetter => b.2.total_cmp(&a.2),
-                Direction::LowerIsBetter => a.2.total_cmp(&b.2),
-            });
+            rank_by(&mut found, direction, |(_, _, value)| *value);
             let mut runs = Vec::new();
             for (run, experiment, value) in found.into_iter().take(query.top.max(1)) {
                 runs.push(BestRow {
@@ -829,87 +983,98 @@ impl ExperimentsDb {
             let keys: Vec<&str> = query.wheres.iter().map(|w| w.key.as_str()).collect();
             check_params(tx, &keys, true)?;
             let found = finished_with_metric(tx, &query.metric, &query.wheres)?;
-            // (levels, metric values, run ids) per group.
-            type Group = (Vec<Option<ParamValue>>, Vec<f64>, Vec<String>);
-            let mut groups: Vec<Group> = Vec::new();
-            for (run, _, value) in found {
-                let params = params_of(tx, &run)?;
-                let levels: Vec<Option<ParamValue>> =
-                    by.iter().map(|key| params.get(*key).cloned()).collect();
-                match groups.iter_mut().find(|(l, _, _)| *l == levels) {
-                    Some((_, values, runs)) => {
-                        values.push(value);
-                        runs.push(run);
-                    }
-                    None => groups.push((levels, vec![value], vec![run])),
-                }
-            }
-            if groups.is_empty() {
-                return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
-                    "no finished run has metric `{}` under the given --where filters",
-                    query.metric
-                ))));
-            }
-            groups.sort_by(|(a, _, _), (b, _, _)| {
-                a.iter()
-                    .zip(b)
-                    .map(|(x, y)| level_order(x, y))
-                    .find(|o| o.is_ne())
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            });
-            let stats: Vec<(f64, Option<f64>)> = groups
-                .iter()
-                .map(|(_, values, _)| mean_std(values))
-                .collect();
-            let baseline_index = match &query.baseline {
-                None => 0,
-                Some(wanted) => groups
-                    .iter()
-                    .position(|(levels, _, _)| {
-                        levels.iter().zip(wanted).all(|(l, w)| level_matches(l, w))
-                    })
-                    .ok_or_else(|| {
-                        let levels: Vec<String> = groups
-                            .iter()
-                            .map(|(levels, _, _)| {
-                                levels
-                                    .iter()
-                                    .map(|l| l.as_ref().map_or("-".into(), |v| v.to_string()))
-                                    .collect::<Vec<_>>()
-                                    .join(",")
-                            })
-                            .collect();
-                        Fail::Experiments(ExperimentsError::Invalid(format!(
-                            "--baseline {} is not a level of {}; levels: {}",
-                            wanted.join(","),
-                            query.by.join(","),
-                            levels.join("; ")
-                        )))
-                    })?,
-            };
-            let baseline_mean = stats[baseline_index].0;
-            let baseline = groups[baseline_index].0.clone();
-            let rows = groups
-                .into_iter()
-                .zip(stats)
-                .map(|((levels, values, runs), (mean, std))| AblationRow {
-                    levels,
-                    n: values.len(),
-                    mean,
-                    std,
-                    diff: mean - baseline_mean,
-                    runs,
-                })
-                .collect();
-            Ok(AblationReport {
-                by: query.by.clone(),
-                metric: query.metric.clone(),
-                direction: direction_of(&query.metric),
-                baseline,
-                rows,
-            })
+            let found = found.into_iter().map(|(run, _, value)| (run, value));
+            ablation_table(query, found, |run| Ok(params_of(tx, run)?))
         })
     }
+}
+
+/// The ablation table of `query` (what `ablate` prints) over `found`: the
+/// finished runs that have the metric, in run id order, with their values;
+/// `params` gives a run's parameters.
+pub(crate) fn ablation_table(
+    query: &AblationQuery,
+    found: impl IntoIterator<Item = (String, f64)>,
+    mut params: impl FnMut(&str) -> Result<BTreeMap<String, ParamValue>, Fail>,
+) -> Result<AblationReport, Fail> {
+    let by: Vec<&str> = query.by.iter().map(String::as_str).collect();
+    // (levels, metric values, run ids) per group.
+    type Group = (Vec<Option<ParamValue>>, Vec<f64>, Vec<String>);
+    let mut groups: Vec<Group> = Vec::new();
+    for (run, value) in found {
+        let params = params(&run)?;
+        let levels: Vec<Option<ParamValue>> =
+            by.iter().map(|key| params.get(*key).cloned()).collect();
+        match groups.iter_mut().find(|(l, _, _)| *l == levels) {
+            Some((_, values, runs)) => {
+                values.push(value);
+                runs.push(run);
+            }
+            None => groups.push((levels, vec![value], vec![run])),
+        }
+    }
+    if groups.is_empty() {
+        return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+            "no finished run has metric `{}` under the given --where filters",
+            query.metric
+        ))));
+    }
+    groups.sort_by(|(a, _, _), (b, _, _)| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| level_order(x, y))
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let stats: Vec<(f64, Option<f64>)> = groups
+        .iter()
+        .map(|(_, values, _)| mean_std(values))
+        .collect();
+    let baseline_index = match &query.baseline {
+        None => 0,
+        Some(wanted) => groups
+            .iter()
+            .position(|(levels, _, _)| levels.iter().zip(wanted).all(|(l, w)| level_matches(l, w)))
+            .ok_or_else(|| {
+                let levels: Vec<String> = groups
+                    .iter()
+                    .map(|(levels, _, _)| {
+                        levels
+                            .iter()
+                            .map(|l| l.as_ref().map_or("-".into(), |v| v.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .collect();
+                Fail::Experiments(ExperimentsError::Invalid(format!(
+                    "--baseline {} is not a level of {}; levels: {}",
+                    wanted.join(","),
+                    query.by.join(","),
+                    levels.join("; ")
+                )))
+            })?,
+    };
+    let baseline_mean = stats[baseline_index].0;
+    let baseline = groups[baseline_index].0.clone();
+    let rows = groups
+        .into_iter()
+        .zip(stats)
+        .map(|((levels, values, runs), (mean, std))| AblationRow {
+            levels,
+            n: values.len(),
+            mean,
+            std,
+            diff: mean - baseline_mean,
+            runs,
+        })
+        .collect();
+    Ok(AblationReport {
+        by: query.by.clone(),
+        metric: query.metric.clone(),
+        direction: direction_of(&query.metric),
+        baseline,
+        rows,
+    })
 }
 
 /// Mean and sample standard deviation (n - 1 denominator; `None` for one value).

@@ -21,14 +21,15 @@ impl Cell {
         Cell::Text(value.into())
     }
 
-    fn is_numeric(&self) -> bool {
+    pub(crate) fn is_numeric(&self) -> bool {
         matches!(
             self,
             Cell::Integer(_) | Cell::Number(_) | Cell::PlusMinus(_)
         )
     }
 
-    fn for_text(&self) -> String {
+    /// The cell as the text tables show it.
+    pub(crate) fn for_text(&self) -> String {
         match self {
             Cell::Text(text) => text.clone(),
             Cell::Integer(value) => value.to_string(),
@@ -40,7 +41,8 @@ impl Cell {
         }
     }
 
-    fn for_csv(&self) -> String {
+    /// The cell as CSV writes it (full precision; empty when missing).
+    pub(crate) fn for_csv(&self) -> String {
         match self {
             Cell::Text(text) => text.clone(),
             Cell::Integer(value) => value.to_string(),
@@ -53,7 +55,7 @@ impl Cell {
 }
 
 /// Four decimals for ordinary magnitudes; scientific notation for tiny or huge ones.
-fn format_number(value: f64) -> String {
+pub(crate) fn format_number(value: f64) -> String {
     let magnitude = value.abs();
     if value == 0.0 || (1e-3..1e6).contains(&magnitude) {
         format!("{value:.4}")

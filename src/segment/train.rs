@@ -33,6 +33,7 @@ use super::model::{
     Geometry, HEAD_INFO_KEY, SegmentHeadInfo, loss, predicted_classes, upsample_operator,
 };
 use crate::dataset::{self, MaskKind, Split};
+use crate::experiments::run_files::{DICE_FILE, ImageDice, dice_csv};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
@@ -408,11 +409,14 @@ struct Scoring<'a> {
     device: &'a Device,
 }
 
+/// `per_image`, when given, also collects each image's pixel confusion over
+/// its tiles (image index -> tiles, confusion).
 fn evaluate(
     scoring: &Scoring<'_>,
     head: &Head,
     rows: &[usize],
     split: &str,
+    mut per_image: Option<&mut BTreeMap<usize, (usize, PixelConfusion)>>,
 ) -> Result<BTreeMap<String, f64>, SegmentError> {
     let Scoring {
         data,
@@ -431,6 +435,14 @@ fn evaluate(
         loss_sum += loss(&logits, &targets, None)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         for (predicted, &row) in predicted_classes(&logits)?.iter().zip(chunk) {
             confusion.add(&data.targets[row], predicted);
+            if let Some(images) = per_image.as_deref_mut() {
+                let image = data.features.image_indices()[row];
+                let (tiles, pixels) = images
+                    .entry(image)
+                    .or_insert_with(|| (0, PixelConfusion::new(data.info.classes())));
+                *tiles += 1;
+                pixels.add(&data.targets[row], predicted);
+            }
         }
     }
     let mut metrics = confusion.metrics(split);
@@ -799,7 +811,7 @@ fn fit(
                 total_steps,
             )?;
         }
-        let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val")?;
+        let mut metrics = evaluate(&scoring, &trainer.head, &data.val, "val", None)?;
         metrics.insert("train/loss".into(), loss_sum / order.len() as f64);
         for split in ["train", "val"] {
             if !metrics[&format!("{split}/loss")].is_finite() {
@@ -833,7 +845,23 @@ fn fit(
         checkpoint::save_if_due(&run_dir, config, &trainer)?;
     }
     trainer.restore_best()?;
-    let test = evaluate(&scoring, &trainer.head, &data.test, "test")?;
+    let mut per_image = BTreeMap::new();
+    let test = evaluate(
+        &scoring,
+        &trainer.head,
+        &data.test,
+        "test",
+        Some(&mut per_image),
+    )?;
+    let image_dice: Vec<ImageDice> = per_image
+        .into_iter()
+        .map(|(image_index, (tiles, pixels))| ImageDice {
+            image_index,
+            tiles,
+            dice: pixels.dice(),
+            iou: pixels.iou(),
+        })
+        .collect();
     if !test["test/loss"].is_finite() {
         trainer.diverge("the test loss is not finite".to_string());
     }
@@ -866,6 +894,8 @@ fn fit(
         epochs: trainer.state.history.clone(),
         test,
     };
+    // Before metrics.json, which marks the run's files complete.
+    handle.write_artifact(DICE_FILE, &dice_csv(&image_dice))?;
     write_artifacts(&handle, &report, config, data, &trainer)?;
     let summary = crate::train::session::summary_metrics(
         &report.test,

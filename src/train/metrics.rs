@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::TrainError;
+use crate::experiments::run_files::SplitCurves;
 
 /// Predictions for one split: one probability row per example.
 pub struct Predictions<'a> {
@@ -306,6 +307,50 @@ pub fn average_precision(scores: &[f64], positives: &[bool]) -> Option<f64> {
     Some(area)
 }
 
+/// The precision-recall curve as (recall, precision) points, one per
+/// distinct score from the highest down: scikit-learn's
+/// `precision_recall_curve` reversed, without its final (recall 0,
+/// precision 1) point. `None` without positives.
+pub fn precision_recall_curve(scores: &[f64], positives: &[bool]) -> Option<Vec<(f64, f64)>> {
+    let positive_count = positives.iter().filter(|p| **p).count();
+    if positive_count == 0 {
+        return None;
+    }
+    Some(
+        threshold_counts(scores, positives)
+            .iter()
+            .map(|c| {
+                (
+                    c.true_positives as f64 / positive_count as f64,
+                    c.true_positives as f64 / (c.true_positives + c.false_positives) as f64,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// ROC and precision-recall curves of one split's binary scores, with
+/// their areas, as `curves.json` records them.
+pub fn split_curves(split: &str, scores: &[f64], positives: &[bool]) -> SplitCurves {
+    let pairs = |points: Option<Vec<(f64, f64)>>| -> Vec<[f64; 2]> {
+        points
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(x, y)| [x, y])
+            .collect()
+    };
+    let positive_count = positives.iter().filter(|p| **p).count();
+    SplitCurves {
+        split: split.to_string(),
+        positives: positive_count,
+        negatives: positives.len() - positive_count,
+        roc_auc: roc_auc(scores, positives),
+        average_precision: average_precision(scores, positives),
+        roc: pairs(roc_curve(scores, positives)),
+        precision_recall: pairs(precision_recall_curve(scores, positives)),
+    }
+}
+
 /// The threshold with the highest F1 when scores at or above it are called positive.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BestF1 {
@@ -506,6 +551,24 @@ mod tests {
         for (got, want) in curve.iter().zip(expected) {
             assert!(close(got.0, want.0) && close(got.1, want.1), "{curve:?}");
         }
+        // scikit-learn: precision_recall_curve gives precision
+        // [1/2, 3/5, 2/3, 1, 1, 1], recall [1, 1, 2/3, 2/3, 1/3, 0].
+        let pr = precision_recall_curve(s, y).unwrap();
+        let expected = [
+            (1.0 / 3.0, 1.0),
+            (2.0 / 3.0, 1.0),
+            (2.0 / 3.0, 2.0 / 3.0),
+            (1.0, 0.6),
+            (1.0, 0.5),
+        ];
+        assert_eq!(pr.len(), expected.len(), "{pr:?}");
+        for (got, want) in pr.iter().zip(expected) {
+            assert!(close(got.0, want.0) && close(got.1, want.1), "{pr:?}");
+        }
+        let curves = split_curves("test", s, y);
+        assert_eq!((curves.positives, curves.negatives), (3, 3));
+        assert_eq!(curves.roc.len(), 6);
+        assert!(close(curves.average_precision.unwrap(), 0.8666666666666667));
         let best = best_f1(s, y).unwrap();
         assert!(close(best.f1, 0.8) && best.threshold == 0.7, "{best:?}");
         assert!(close(f1_at(s, y, 0.7), 0.8));

@@ -39,6 +39,7 @@ use super::trainer::{
     Batch, BatchPlan, HeadTrainer, lend_first_layers, plan_batches, return_first_layers,
     train_stacked_batch,
 };
+use crate::experiments::run_files::SplitCurves;
 use rayon::prelude::*;
 
 /// Rows gathered per evaluation forward pass.
@@ -97,6 +98,10 @@ pub struct RunReport {
     /// Final `test/*` metrics of the kept (best) head.
     pub test: BTreeMap<String, f64>,
     pub test_confusion_matrix: Vec<Vec<u64>>,
+    /// Test ROC and precision-recall curves of a binary head (`curves.json`;
+    /// not part of `metrics.json`).
+    #[serde(skip)]
+    pub test_curves: Option<SplitCurves>,
     /// Peak resident memory of the process when the run ended (Linux
     /// `VmHWM`): anonymous memory and mapped feature pages together.
     pub peak_rss_bytes: Option<u64>,
@@ -293,19 +298,20 @@ pub fn fit(
     let converged: Vec<usize> = (0..trainers.len())
         .filter(|&i| trainers[i].state.diverged.is_none())
         .collect();
-    let mut tests: Vec<Option<Evaluation>> = (0..trainers.len()).map(|_| None).collect();
-    for (evaluation, &i) in evaluate(
-        data,
-        &data.test,
-        "test",
-        &trainers,
-        &converged,
-        &options.device,
-    )?
-    .into_iter()
-    .zip(&converged)
-    {
-        if !evaluation.finite {
+    let mut tests: Vec<Option<(Evaluation, Option<SplitCurves>)>> =
+        (0..trainers.len()).map(|_| None).collect();
+    let evaluations: Vec<(Evaluation, Option<SplitCurves>)> =
+        split_probabilities(data, &data.test, &trainers, &converged, &options.device)?
+            .par_iter()
+            .map(|p| {
+                Ok((
+                    split_evaluation(data, &data.test, "test", p)?,
+                    binary_curves(data, &data.test, "test", p),
+                ))
+            })
+            .collect::<Result<_, TrainError>>()?;
+    for (evaluation, &i) in evaluations.into_iter().zip(&converged) {
+        if !evaluation.0.finite {
             trainers[i].diverge("its outputs on the test split are not finite".to_string());
         }
         tests[i] = Some(evaluation);
@@ -323,6 +329,7 @@ pub fn fit(
             (None, Some(test)) => test,
             (None, None) => unreachable!("every converged head was tested"),
         };
+        let (test, test_curves) = test;
         let report = RunReport {
             run_id: run.run_id.clone(),
             run_dir: run.run_dir.clone(),
@@ -340,6 +347,7 @@ pub fn fit(
             epochs: trainer.state.history.clone(),
             test: test.metrics,
             test_confusion_matrix: test.matrix,
+            test_curves,
             peak_rss_bytes,
             memory: memory.clone(),
         };
@@ -663,6 +671,58 @@ fn evaluate(
     members: &[usize],
     device: &Device,
 ) -> Result<Vec<Evaluation>, TrainError> {
+    split_probabilities(data, split, trainers, members, device)?
+        .par_iter()
+        .map(|p| split_evaluation(data, split, name, p))
+        .collect()
+}
+
+/// Named metrics and the confusion matrix of one head's probabilities on a split.
+fn split_evaluation(
+    data: &TrainData,
+    split: &SplitRows,
+    name: &str,
+    probabilities: &[f32],
+) -> Result<Evaluation, TrainError> {
+    let predictions = Predictions {
+        probabilities,
+        labels: &split.labels,
+        class_count: data.class_names.len(),
+    };
+    Ok(Evaluation {
+        metrics: split_metrics(name, &predictions, &data.class_names)?,
+        matrix: confusion_matrix(&predictions)?,
+        finite: probabilities.iter().all(|v| v.is_finite()),
+    })
+}
+
+/// ROC and precision-recall curves of a binary head (the second class is
+/// the positive one); `None` for other heads.
+fn binary_curves(
+    data: &TrainData,
+    split: &SplitRows,
+    name: &str,
+    probabilities: &[f32],
+) -> Option<SplitCurves> {
+    if data.class_names.len() != 2 {
+        return None;
+    }
+    let scores: Vec<f64> = probabilities
+        .chunks_exact(2)
+        .map(|row| row[1] as f64)
+        .collect();
+    let positives: Vec<bool> = split.labels.iter().map(|&label| label == 1).collect();
+    Some(super::metrics::split_curves(name, &scores, &positives))
+}
+
+/// Probability rows (`[rows, classes]`, row-major) of each member head on a split.
+fn split_probabilities(
+    data: &TrainData,
+    split: &SplitRows,
+    trainers: &[HeadTrainer],
+    members: &[usize],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     let dim = data.features.feature_dim();
     let classes = data.class_names.len();
     let mut hosts = members
@@ -738,21 +798,7 @@ fn evaluate(
             probabilities[m].extend(p);
         }
     }
-    probabilities
-        .par_iter()
-        .map(|p| {
-            let predictions = Predictions {
-                probabilities: p,
-                labels: &split.labels,
-                class_count: classes,
-            };
-            Ok(Evaluation {
-                metrics: split_metrics(name, &predictions, &data.class_names)?,
-                matrix: confusion_matrix(&predictions)?,
-                finite: p.iter().all(|v| v.is_finite()),
-            })
-        })
-        .collect()
+    Ok(probabilities)
 }
 
 /// Peak resident set size of this process (VmHWM), where the OS reports it.

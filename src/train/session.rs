@@ -480,6 +480,15 @@ fn write_artifacts(
     };
     let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
     handle.write_artifact("model_card.json", &json)?;
+    if let Some(test) = &report.test_curves {
+        let curves = experiments::run_files::ScoreCurves {
+            positive: data.class_names[1].clone(),
+            splits: vec![test.clone()],
+        };
+        let json =
+            serde_json::to_vec_pretty(&curves).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        handle.write_artifact(experiments::run_files::CURVES_FILE, &json)?;
+    }
 
     let points: Vec<experiments::plots::EpochPoint> = report
         .epochs

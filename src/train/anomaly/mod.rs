@@ -1302,5 +1302,17 @@ fn write_artifacts(
     let plots = handle.dir().join("plots");
     std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::roc_curves(&plots, &curves)?;
+    let curves = experiments::run_files::ScoreCurves {
+        positive: "anomalous".into(),
+        splits: splits
+            .iter()
+            .map(|(name, evaluated, scores)| {
+                crate::train::metrics::split_curves(name, scores, &evaluated.anomalous)
+            })
+            .collect(),
+    };
+    let json =
+        serde_json::to_vec_pretty(&curves).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    handle.write_artifact(experiments::run_files::CURVES_FILE, &json)?;
     Ok(())
 }
