@@ -3,6 +3,8 @@
 //! random weights otherwise: the speed is the same, the run says which it used).
 //! `LAZARUS_BENCH_BATCH` and `LAZARUS_BENCH_ITERS` override batch (64) and iterations (3).
 //! Each iteration also prints images per CPU second (user + system time of the process).
+//! `LAZARUS_SIMD=avx2` (or `scalar`) caps the CPU kernels' instruction set: the run
+//! prints the level it used.
 
 use std::time::Instant;
 
@@ -28,6 +30,15 @@ fn main() {
         println!("weights: random (efficientnet-lite0 weights are not installed)");
         WeightsSource::Random { seed: 0 }
     };
+    match encoders::SimdLevel::from_env() {
+        Ok(level) => println!(
+            "simd: {level} (detected {}, {}={})",
+            encoders::SimdLevel::detected(),
+            encoders::SIMD_ENV,
+            std::env::var(encoders::SIMD_ENV).unwrap_or_else(|_| "unset".into())
+        ),
+        Err(message) => panic!("{message}"),
+    }
     let device = Device::Cpu;
     let encoder = encoders::load_encoder(&spec, source, &device).unwrap();
     let images = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &device).unwrap();

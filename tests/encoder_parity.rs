@@ -78,6 +78,8 @@ fn lite0_pooled_features_match_pytorch() {
         .collect();
     let images = Tensor::from_vec(normalized, (2, 3, 224, 224), &Device::Cpu).unwrap();
     let encoder = encoders::load_encoder(&spec, WeightsSource::Installed, &Device::Cpu).unwrap();
+    // The parent test below reads this line back from its children.
+    println!("simd: {}", encoders::SimdLevel::from_env().unwrap());
     let pooled: Vec<Vec<f32>> = encoder.forward(&images).unwrap().pooled.to_vec2().unwrap();
 
     for (input, (ours, theirs)) in pooled.iter().zip(&reference.pooled).enumerate() {
@@ -89,5 +91,40 @@ fn lite0_pooled_features_match_pytorch() {
             .fold(0f32, f32::max);
         println!("input {input}: max abs diff {max_diff:e}");
         assert!(max_diff <= 1e-3, "input {input}: max abs diff {max_diff}");
+    }
+}
+
+/// The same comparison on every narrower SIMD path this CPU runs (the AVX2+FMA
+/// kernels on an AVX-512 machine, and scalar code), each forced with
+/// `LAZARUS_SIMD` in a child process: the variable is read once per process.
+#[test]
+fn lite0_pooled_features_match_pytorch_on_every_simd_level() {
+    let detected = encoders::SimdLevel::detected();
+    for level in encoders::SimdLevel::available() {
+        if level == detected {
+            continue; // The test above runs it.
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "lite0_pooled_features_match_pytorch",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(encoders::SIMD_ENV, level.name())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{level}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("simd: {level}")) && stdout.contains("1 passed"),
+            "{level}: the child did not run the comparison on this level:\n{stdout}"
+        );
+        for line in stdout.lines().filter(|line| line.contains("max abs diff")) {
+            println!("{level}: {line}");
+        }
     }
 }

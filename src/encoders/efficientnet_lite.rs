@@ -15,7 +15,10 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder, init};
 
-use super::cpu_kernels::{BiasActivation, BiasResidual, Depthwise, StemConv, same_padding};
+use super::cpu_kernels::network::{
+    BlockWeights, ConvWeights, CpuNetwork, DepthwiseConv, NetworkWeights, Outputs, StemWeights,
+};
+use super::cpu_kernels::{SimdLevel, same_padding};
 
 /// Width and depth multipliers of one Lite variant.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -382,61 +385,19 @@ impl MbConv {
     }
 }
 
-/// A 1×1 convolution on the CPU in NHWC: one matrix product
-/// [pixels, in] × [in, out] over every pixel of the batch, then the fused
-/// bias (+ residual) (+ ReLU6) pass in place.
-#[derive(Debug, Clone)]
-struct CpuPointwise {
-    /// [in, out], contiguous.
-    weight: Tensor,
-    epilogue: Epilogue,
+/// A folded convolution's weight and bias as plain f32 arrays.
+fn conv_weights(conv: &ConvBn) -> Result<ConvWeights> {
+    Ok(ConvWeights {
+        weight: conv.weight.flatten_all()?.to_vec1::<f32>()?,
+        bias: conv.bias.flatten_all()?.to_vec1::<f32>()?,
+        relu6: conv.relu6,
+    })
 }
 
-#[derive(Debug, Clone)]
-enum Epilogue {
-    Activation(BiasActivation),
-    /// The projection of a block with a skip connection (never a ReLU6).
-    Residual(BiasResidual),
-}
-
-impl CpuPointwise {
-    fn new(conv: &ConvBn, residual: bool) -> Result<Self> {
-        let bias = conv.bias.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self {
-            weight: conv.weight.t()?.contiguous()?,
-            epilogue: if residual {
-                Epilogue::Residual(BiasResidual { bias })
-            } else {
-                Epilogue::Activation(BiasActivation {
-                    bias,
-                    relu6: conv.relu6,
-                })
-            },
-        })
-    }
-
-    /// `x`: [n, h, w, in]; `residual` (blocks with a skip): [n, h, w, out].
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (n, h, w, c) = x.dims4()?;
-        // matmul returns a fresh contiguous tensor, so updating it in place
-        // touches no other tensor's storage.
-        let y = x
-            .reshape((n * h * w, c))?
-            .matmul(&self.weight)?
-            .reshape((n, h, w, ()))?;
-        match (&self.epilogue, residual) {
-            (Epilogue::Activation(op), None) => y.inplace_op1(op)?,
-            (Epilogue::Residual(op), Some(residual)) => y.inplace_op2(residual, op)?,
-            _ => candle_core::bail!("pointwise: residual given to a layer without one, or missing"),
-        }
-        Ok(y)
-    }
-}
-
-/// The NHWC depthwise kernel of a folded depthwise convolution.
-fn depthwise_kernel(conv: &ConvBn) -> Result<Depthwise> {
+/// A folded depthwise convolution's weights, tap-major.
+fn depthwise_weights(conv: &ConvBn) -> Result<DepthwiseConv> {
     let (c, k, _) = conv.weight.dims3()?;
-    Ok(Depthwise {
+    Ok(DepthwiseConv {
         // [c, k, k] to tap-major [k·k, c].
         weight: conv
             .weight
@@ -451,99 +412,64 @@ fn depthwise_kernel(conv: &ConvBn) -> Result<Depthwise> {
     })
 }
 
-/// The NCHW-to-NHWC stem kernel of a folded full convolution.
-fn stem_kernel(conv: &ConvBn) -> Result<StemConv> {
-    let (out, input, k, _) = conv.weight.dims4()?;
-    Ok(StemConv {
-        // [out, in, k, k] to [in·k·k, out].
-        weight: conv
-            .weight
-            .reshape((out, input * k * k))?
-            .t()?
-            .flatten_all()?
-            .to_vec1::<f32>()?,
-        bias: conv.bias.flatten_all()?.to_vec1::<f32>()?,
-        kernel: conv.kernel,
-        stride: conv.stride,
-        relu6: conv.relu6,
+/// The folded weights in the CPU network's plain arrays, when they are f32 on
+/// the CPU.
+fn network_weights(
+    stem: &ConvBn,
+    blocks: &[MbConv],
+    head: &ConvBn,
+    stride16_block: usize,
+) -> Result<Option<NetworkWeights>> {
+    if !stem.weight.device().is_cpu() || stem.weight.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (_, in_channels, _, _) = stem.weight.dims4()?;
+    Ok(Some(NetworkWeights {
+        stem: StemWeights {
+            conv: conv_weights(stem)?,
+            in_channels,
+            kernel: stem.kernel,
+            stride: stem.stride,
+        },
+        blocks: blocks
+            .iter()
+            .map(|block| {
+                Ok(BlockWeights {
+                    expand: block.expand.as_ref().map(conv_weights).transpose()?,
+                    depthwise: depthwise_weights(&block.depthwise)?,
+                    project: conv_weights(&block.project)?,
+                    residual: block.residual,
+                })
+            })
+            .collect::<Result<_>>()?,
+        head: conv_weights(head)?,
+        stride16_block,
+    }))
+}
+
+/// Index of the last block of the fifth stage (the stride-16 map).
+fn stride16_block(blocks: &[MbConv]) -> usize {
+    blocks
+        .iter()
+        .rposition(|block| block.stage == 4)
+        .expect("the fifth stage has at least one block")
+}
+
+/// The CPU network's NHWC arrays as tensors; the maps are NCHW views.
+fn cpu_features(outputs: Outputs, n: usize, device: &candle_core::Device) -> Result<Features> {
+    let Outputs {
+        pooled,
+        stride16,
+        stride16_shape: (h16, w16, c16),
+        stride32,
+        stride32_shape: (h32, w32, c32),
+    } = outputs;
+    let features = pooled.len() / n.max(1);
+    Ok(Features {
+        pooled: Tensor::from_vec(pooled, (n, features), device)?,
+        stride16: Tensor::from_vec(stride16, (n, h16, w16, c16), device)?.permute((0, 3, 1, 2))?,
+        stride32: Tensor::from_vec(stride32, (n, h32, w32, c32), device)?.permute((0, 3, 1, 2))?,
     })
-}
-
-/// One inverted-residual block on the CPU in NHWC.
-#[derive(Debug, Clone)]
-struct CpuBlock {
-    expand: Option<CpuPointwise>,
-    depthwise: Depthwise,
-    project: CpuPointwise,
-    residual: bool,
-}
-
-impl CpuBlock {
-    fn new(block: &MbConv) -> Result<Self> {
-        Ok(Self {
-            expand: block
-                .expand
-                .as_ref()
-                .map(|conv| CpuPointwise::new(conv, false))
-                .transpose()?,
-            depthwise: depthwise_kernel(&block.depthwise)?,
-            project: CpuPointwise::new(&block.project, block.residual)?,
-            residual: block.residual,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = match &self.expand {
-            Some(expand) => expand.forward(x, None)?,
-            None => x.clone(),
-        };
-        let hidden = hidden.apply_op1_no_bwd(&self.depthwise)?;
-        self.project.forward(&hidden, self.residual.then_some(x))
-    }
-}
-
-/// The whole network with the CPU kernels: NHWC from the stem's output to the
-/// head's, so channels are contiguous for every layer and no layer copies
-/// between layouts. Built from the folded weights when they are f32 on the CPU.
-#[derive(Debug, Clone)]
-struct CpuNetwork {
-    stem: StemConv,
-    blocks: Vec<CpuBlock>,
-    head: CpuPointwise,
-}
-
-impl CpuNetwork {
-    fn new(stem: &ConvBn, blocks: &[MbConv], head: &ConvBn) -> Result<Option<Self>> {
-        if !stem.weight.device().is_cpu() || stem.weight.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            stem: stem_kernel(stem)?,
-            blocks: blocks.iter().map(CpuBlock::new).collect::<Result<_>>()?,
-            head: CpuPointwise::new(head, false)?,
-        }))
-    }
-
-    /// `images`: [n, 3, H, W] (NCHW, as preprocessed). The feature maps come
-    /// back as NCHW views of the NHWC results.
-    fn features(&self, images: &Tensor, stride16_block: usize) -> Result<Features> {
-        let mut x = images.contiguous()?.apply_op1_no_bwd(&self.stem)?;
-        let mut stride16 = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x)?;
-            if i == stride16_block {
-                stride16 = Some(x.clone());
-            }
-        }
-        let stride32 = self.head.forward(&x, None)?;
-        let pooled = stride32.mean((1, 2))?;
-        let to_nchw = |t: Tensor| t.permute((0, 3, 1, 2));
-        Ok(Features {
-            pooled,
-            stride16: to_nchw(stride16.expect("the fifth stage has at least one block"))?,
-            stride32: to_nchw(stride32)?,
-        })
-    }
 }
 
 /// What one forward pass yields.
@@ -564,8 +490,10 @@ pub struct EfficientNetLite {
     blocks: Vec<MbConv>,
     head: ConvBn,
     classifier: candle_nn::Linear,
-    /// The CPU kernels (NHWC), when the weights are f32 on the CPU.
-    cpu: Option<CpuNetwork>,
+    /// The folded weights for the CPU kernels, when they are f32 on the CPU.
+    cpu_weights: Option<Box<NetworkWeights>>,
+    /// Those weights packed for the SIMD level in force.
+    cpu: Option<Box<CpuNetwork>>,
 }
 
 impl EfficientNetLite {
@@ -610,15 +538,38 @@ impl EfficientNetLite {
             )?,
             Some(fc.get_with_hints(config.num_classes, "bias", Init::Const(0.0))?),
         );
-        let cpu = CpuNetwork::new(&stem, &blocks, &head)?;
-        Ok(Self {
+        let cpu_weights =
+            network_weights(&stem, &blocks, &head, stride16_block(&blocks))?.map(Box::new);
+        let mut model = Self {
             config,
             stem,
             blocks,
             head,
             classifier,
-            cpu,
-        })
+            cpu_weights,
+            cpu: None,
+        };
+        if model.cpu_weights.is_some() {
+            model =
+                model.with_simd_level(SimdLevel::from_env().map_err(candle_core::Error::Msg)?)?;
+        }
+        Ok(model)
+    }
+
+    /// The same model with its CPU kernels at `level` (an error when this CPU
+    /// lacks it). Without CPU kernels (weights not f32 on the CPU) unchanged.
+    pub fn with_simd_level(mut self, level: SimdLevel) -> Result<Self> {
+        if let Some(weights) = &self.cpu_weights {
+            self.cpu = Some(Box::new(
+                CpuNetwork::new(weights, level).map_err(candle_core::Error::Msg)?,
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The SIMD level of the CPU kernels, if the model has them.
+    pub fn simd_level(&self) -> Option<SimdLevel> {
+        self.cpu.as_ref().map(|cpu| cpu.level())
     }
 
     pub fn config(&self) -> &Config {
@@ -627,42 +578,32 @@ impl EfficientNetLite {
 
     /// Runs the network on a normalised batch [n, 3, H, W].
     ///
-    /// On the CPU the batch goes through the NHWC kernels in chunks of
-    /// `CPU_CHUNK` images: the activations of a whole batch of 64 (up to 300 MB
-    /// a tensor) would each be a fresh mmap, page-faulted in and unmapped
-    /// again, while a chunk's tensors are reused from the heap and stay closer
-    /// to the caches. Each image's result is unchanged.
+    /// On the CPU with f32 weights: the fused NHWC kernels of `cpu_kernels`,
+    /// one image per thread (see `cpu_kernels::network`). Elsewhere: the
+    /// device-generic candle ops.
     pub fn features(&self, images: &Tensor) -> Result<Features> {
-        const CPU_CHUNK: usize = 2;
         let Some(cpu) = self.cpu.as_ref().filter(|_| images.device().is_cpu()) else {
             return self.features_generic(images);
         };
-        let n = images.dim(0)?;
-        let stride16_block = self.stride16_block();
-        if n <= CPU_CHUNK {
-            return cpu.features(images, stride16_block);
-        }
-        let mut parts = Vec::new();
-        for start in (0..n).step_by(CPU_CHUNK) {
-            let chunk = images.narrow(0, start, CPU_CHUNK.min(n - start))?;
-            parts.push(cpu.features(&chunk, stride16_block)?);
-        }
-        let cat = |pick: fn(&Features) -> &Tensor| {
-            Tensor::cat(&parts.iter().map(pick).collect::<Vec<_>>(), 0)
+        let (n, _, h, w) = images.dims4()?;
+        let images = images.to_dtype(DType::F32)?.contiguous()?;
+        let outputs = {
+            let (storage, layout) = images.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+                candle_core::bail!("efficientnet-lite: CPU input is not f32")
+            };
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("efficientnet-lite: CPU input is not contiguous")
+            };
+            cpu.run(&data[start..end], n, (h, w))
+                .map_err(candle_core::Error::Msg)?
         };
-        Ok(Features {
-            pooled: cat(|f| &f.pooled)?,
-            stride16: cat(|f| &f.stride16)?,
-            stride32: cat(|f| &f.stride32)?,
-        })
+        cpu_features(outputs, n, images.device())
     }
 
     /// Index of the last block of the fifth stage (the stride-16 map).
     fn stride16_block(&self) -> usize {
-        self.blocks
-            .iter()
-            .rposition(|block| block.stage == 4)
-            .expect("the fifth stage has at least one block")
+        stride16_block(&self.blocks)
     }
 
     /// The device-generic forward pass in NCHW (GPUs, other dtypes).
@@ -694,16 +635,7 @@ impl EfficientNetLite {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn same_padding_matches_the_reference_formula() {
-        // Reference: pad = max((ceil(i/s)-1)*s + k - i, 0), split (p//2, p - p//2).
-        assert_eq!(same_padding(224, 3, 2), (0, 1));
-        assert_eq!(same_padding(112, 3, 1), (1, 1));
-        assert_eq!(same_padding(56, 5, 2), (1, 2));
-        assert_eq!(same_padding(14, 5, 1), (2, 2));
-        assert_eq!(same_padding(7, 1, 1), (0, 0));
-    }
+    use crate::encoders::cpu_kernels::depthwise::{DepthwiseRows, DepthwiseWeights};
 
     #[test]
     fn round_filters_matches_the_reference() {
@@ -752,14 +684,6 @@ mod tests {
         }
     }
 
-    fn to_nhwc(x: &Tensor) -> Tensor {
-        x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
-    }
-
-    fn to_nchw(x: &Tensor) -> Tensor {
-        x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap()
-    }
-
     /// Candle's grouped convolution plus bias and clamp: the plain reference.
     fn grouped_reference(conv: &ConvBn, x: &Tensor) -> Tensor {
         let (c, k, _) = conv.weight.dims3().unwrap();
@@ -777,81 +701,86 @@ mod tests {
         }
     }
 
+    /// The depthwise kernel over whole images: the ring holds every row, in
+    /// channel blocks, with the padding columns.
+    fn depthwise_kernel(conv: &ConvBn, x: &Tensor, level: SimdLevel) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let lanes = level.lanes();
+        let conv = depthwise_weights(conv).unwrap();
+        let (k, s) = (conv.kernel, conv.stride);
+        let op = DepthwiseWeights::new(&conv.weight, &conv.bias, (k, s), conv.relu6, lanes);
+        let (ho, wo) = (h.div_ceil(s), w.div_ceil(s));
+        let (left, right) = same_padding(w, k, s);
+        let padded = left + w + right;
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut y = vec![0f32; n * c * ho * wo];
+        for image in 0..n {
+            // [c / lanes][h · padded][lanes]
+            let mut ring = vec![0f32; c * h * padded];
+            for ch in 0..c {
+                for row in 0..h {
+                    for col in 0..w {
+                        let at = ((ch / lanes) * h * padded + row * padded + left + col) * lanes;
+                        ring[at + ch % lanes] = x[((image * c + ch) * h + row) * w + col];
+                    }
+                }
+            }
+            let mut out = vec![f32::NAN; c * ho * wo];
+            level.arch().unwrap().dispatch(DepthwiseRows {
+                op: &op,
+                ring: &ring,
+                capacity: h,
+                size: (h, padded),
+                top: same_padding(h, k, s).0,
+                first_row: 0,
+                output: &mut out,
+            });
+            for ch in 0..c {
+                for p in 0..ho * wo {
+                    y[(image * c + ch) * ho * wo + p] =
+                        out[((ch / lanes) * ho * wo + p) * lanes + ch % lanes];
+                }
+            }
+        }
+        Tensor::from_vec(y, (n, c, ho, wo), &candle_core::Device::Cpu).unwrap()
+    }
+
     #[test]
     fn depthwise_paths_equal_grouped_conv() {
         let dev = candle_core::Device::Cpu;
-        // Odd and even sizes, non-square, smaller than the kernel; channel
-        // counts of whole vectors in blocks of 4, 2 and 1 (AVX2 and AVX-512)
-        // and counts that take the scalar path.
+        // Odd and even sizes, non-square, smaller than the kernel, rows of
+        // whole blocks of 8 outputs and of every remainder; channel counts of
+        // one or more whole vectors at every level (the kernel takes only
+        // those; the scalar level takes any).
         for (h, w, c) in [
-            (9, 9, 5),
-            (7, 10, 37),
+            (9, 9, 16),
+            (7, 10, 48),
             (4, 3, 80),
-            (2, 2, 8),
-            (1, 5, 3),
+            (2, 2, 16),
+            (1, 5, 32),
             (9, 9, 32),
             (6, 11, 96),
+            (5, 29, 16),
+            (3, 24, 48),
+            (4, 37, 32),
         ] {
             let x = Tensor::randn(0f32, 3.0, (2, c, h, w), &dev).unwrap();
-            for (k, s) in [(3, 1), (3, 2), (5, 2), (5, 1)] {
+            for (k, s) in [(3, 1), (3, 2), (5, 2), (5, 1), (7, 1)] {
                 for relu6 in [false, true] {
                     let mut conv = random_conv(ConvKind::Depthwise, c, c, k, s);
                     conv.relu6 = relu6;
                     let reference = grouped_reference(&conv, &x);
-                    let generic = conv.forward(&x).unwrap();
-                    let kernel = depthwise_kernel(&conv).unwrap();
-                    let fast = to_nchw(&to_nhwc(&x).apply_op1_no_bwd(&kernel).unwrap());
-                    for (path, y) in [("generic", generic), ("nhwc kernel", fast)] {
-                        let diff = max_abs_diff(&y, &reference);
+                    let diff = max_abs_diff(&conv.forward(&x).unwrap(), &reference);
+                    assert!(diff < 1e-4, "generic {h}x{w}x{c} k={k} s={s}: {diff}");
+                    for level in SimdLevel::available() {
+                        let diff = max_abs_diff(&depthwise_kernel(&conv, &x, level), &reference);
                         assert!(
                             diff < 1e-4,
-                            "{path} {h}x{w}x{c} k={k} s={s} relu6={relu6}: {diff}"
+                            "{level} kernel {h}x{w}x{c} k={k} s={s} relu6={relu6}: {diff}"
                         );
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn stem_kernel_equals_conv2d() {
-        let dev = candle_core::Device::Cpu;
-        for (h, w, out) in [(9, 9, 32), (8, 11, 20), (2, 3, 7)] {
-            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
-            for (k, s) in [(3, 2), (3, 1)] {
-                for relu6 in [false, true] {
-                    let mut conv = random_conv(ConvKind::Full, 3, out, k, s);
-                    conv.relu6 = relu6;
-                    let kernel = stem_kernel(&conv).unwrap();
-                    let fast = to_nchw(&x.apply_op1_no_bwd(&kernel).unwrap());
-                    let diff = max_abs_diff(&fast, &conv.forward(&x).unwrap());
-                    assert!(diff < 1e-4, "{h}x{w} out={out} k={k} s={s}: {diff}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn pointwise_epilogues_equal_generic_ops() {
-        let dev = candle_core::Device::Cpu;
-        // 37 output channels: whole vectors and a scalar tail.
-        let x = Tensor::randn(0f32, 4.0, (3, 37, 5, 7), &dev).unwrap();
-        for (relu6, residual) in [(false, false), (true, false), (false, true)] {
-            let mut conv = random_conv(ConvKind::Pointwise, 37, 37, 1, 1);
-            conv.relu6 = relu6;
-            let pointwise = CpuPointwise::new(&conv, residual).unwrap();
-            let x_nhwc = to_nhwc(&x);
-            let fast = to_nchw(
-                &pointwise
-                    .forward(&x_nhwc, residual.then_some(&x_nhwc))
-                    .unwrap(),
-            );
-            let mut reference = conv.forward(&x).unwrap();
-            if residual {
-                reference = (reference + &x).unwrap();
-            }
-            let diff = max_abs_diff(&fast, &reference);
-            assert!(diff < 1e-4, "relu6={relu6} residual={residual}: {diff}");
         }
     }
 
@@ -862,43 +791,81 @@ mod tests {
         EfficientNetLite::new(Config::lite0(), vb).unwrap()
     }
 
+    fn assert_close(name: &str, a: &Tensor, b: &Tensor) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(a, b);
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}: {diff} (scale {scale})"
+        );
+    }
+
     #[test]
     fn cpu_kernels_equal_the_generic_network() {
-        let model = random_lite0();
-        assert!(model.cpu.is_some());
-        let images = Tensor::randn(0f32, 1.0, (3, 3, 64, 64), &candle_core::Device::Cpu).unwrap();
-        let fast = model.features(&images).unwrap();
-        let generic = model.features_generic(&images).unwrap();
-        for (name, a, b) in [
-            ("pooled", &fast.pooled, &generic.pooled),
-            ("stride16", &fast.stride16, &generic.stride16),
-            ("stride32", &fast.stride32, &generic.stride32),
-        ] {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = max_abs_diff(a, b);
-            assert!(
-                diff <= 1e-4 * scale.max(1.0),
-                "{name}: {diff} (scale {scale})"
-            );
+        let dev = candle_core::Device::Cpu;
+        // Square and odd sizes: TF padding on both sides, edge and interior
+        // pixels of every depthwise layer, stride-2 layers on odd inputs.
+        for (h, w) in [(64, 64), (57, 43)] {
+            let images = Tensor::randn(0f32, 1.0, (3, 3, h, w), &dev).unwrap();
+            for level in SimdLevel::available() {
+                let model = random_lite0().with_simd_level(level).unwrap();
+                assert_eq!(model.simd_level(), Some(level));
+                let fast = model.features(&images).unwrap();
+                let generic = model.features_generic(&images).unwrap();
+                for (name, a, b) in [
+                    ("pooled", &fast.pooled, &generic.pooled),
+                    ("stride16", &fast.stride16, &generic.stride16),
+                    ("stride32", &fast.stride32, &generic.stride32),
+                ] {
+                    assert_close(&format!("{level} {h}x{w} {name}"), a, b);
+                }
+            }
         }
     }
 
     #[test]
-    fn chunked_cpu_features_equal_one_pass() {
+    fn small_bands_and_ring_wraps_give_the_same_features() {
+        // Bands of one or two rows and rings of a few rows: every block
+        // produces its hidden rows in several runs that wrap around the ring.
+        let dev = candle_core::Device::Cpu;
+        let images = Tensor::randn(0f32, 1.0, (2, 3, 96, 80), &dev).unwrap();
         let model = random_lite0();
         let cpu = model.cpu.as_ref().unwrap();
-        // 5 images: full chunks and a partial last one.
-        let images = Tensor::randn(0f32, 1.0, (5, 3, 64, 64), &candle_core::Device::Cpu).unwrap();
-        let chunked = model.features(&images).unwrap();
-        let whole = cpu.features(&images, model.stride16_block()).unwrap();
-        assert!(max_abs_diff(&chunked.pooled, &whole.pooled) < 1e-5);
-        assert!(max_abs_diff(&chunked.stride16, &whole.stride16) < 1e-5);
-        assert!(max_abs_diff(&chunked.stride32, &whole.stride32) < 1e-5);
+        let reference = model.features_generic(&images).unwrap();
+        let data = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (ring_bytes, band_bytes) in [(1, 1), (20_000, 6_000)] {
+            let small = (**cpu).clone().with_budgets(ring_bytes, band_bytes);
+            let fast = cpu_features(small.run(&data, 2, (96, 80)).unwrap(), 2, &dev).unwrap();
+            assert_close("pooled", &fast.pooled, &reference.pooled);
+            assert_close("stride16", &fast.stride16, &reference.stride16);
+            assert_close("stride32", &fast.stride32, &reference.stride32);
+        }
+    }
+
+    #[test]
+    fn features_do_not_depend_on_the_batch() {
+        // One image alone (its rows split between threads) and the same image
+        // inside a batch (one image per thread): the same bits.
+        let dev = candle_core::Device::Cpu;
+        let model = random_lite0();
+        let batch = Tensor::randn(0f32, 1.0, (5, 3, 64, 64), &dev).unwrap();
+        let together = model.features(&batch).unwrap();
+        for i in [0, 4] {
+            let alone = model.features(&batch.narrow(0, i, 1).unwrap()).unwrap();
+            for (name, a, b) in [
+                ("pooled", &alone.pooled, &together.pooled),
+                ("stride16", &alone.stride16, &together.stride16),
+                ("stride32", &alone.stride32, &together.stride32),
+            ] {
+                let b = b.narrow(0, i, 1).unwrap();
+                assert_eq!(max_abs_diff(a, &b), 0.0, "image {i} {name}");
+            }
+        }
     }
 }

@@ -276,10 +276,7 @@ impl Extractor {
                 .collect()
         };
 
-        let batches: Vec<&[JobImage]> = loaded
-            .images
-            .chunks(self.config.batch_size.max(1))
-            .collect();
+        let batches = micro_batches(&loaded.images, self.config.batch_size);
         let mut content_ids: Vec<[u8; 32]> = Vec::with_capacity(loaded.images.len());
         let mut pooled: Vec<f16> = Vec::new();
         let mut next = batches.first().map(|batch| prepare(batch));
@@ -505,6 +502,18 @@ impl Extractor {
     }
 }
 
+/// The job's images in encoder micro-batches of `batch_size`, except the
+/// first: nothing overlaps its decoding (each later batch is decoded while the
+/// encoder runs the one before), so it holds one image per thread only.
+fn micro_batches<T>(images: &[T], batch_size: usize) -> Vec<&[T]> {
+    let first = rayon::current_num_threads().clamp(1, batch_size.max(1));
+    let (head, rest) = images.split_at(first.min(images.len()));
+    std::iter::once(head)
+        .filter(|head| !head.is_empty())
+        .chain(rest.chunks(batch_size.max(1)))
+        .collect()
+}
+
 fn to_f16(tensor: &Tensor) -> Result<Vec<f16>, String> {
     tensor
         .to_dtype(DType::F16)
@@ -621,4 +630,31 @@ fn done_rows(result: Option<&str>) -> usize {
         .and_then(|result| result.detail.get("rows").and_then(|v| v.as_u64()))
         .map(|rows| rows as usize)
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_keep_every_image_in_order_with_a_small_first_batch() {
+        let threads = rayon::current_num_threads();
+        for (len, batch_size) in [(64, 16), (5, 16), (1, 16), (0, 16), (64, 1), (7, 3)] {
+            let indices: Vec<usize> = (0..len).collect();
+            let batches = micro_batches(&indices, batch_size);
+            assert_eq!(
+                batches.concat(),
+                indices,
+                "{len} images, batches of {batch_size}"
+            );
+            assert!(
+                batches
+                    .iter()
+                    .all(|b| !b.is_empty() && b.len() <= batch_size)
+            );
+            if len > 0 {
+                assert_eq!(batches[0].len(), threads.min(batch_size).min(len));
+            }
+        }
+    }
 }

@@ -1,0 +1,649 @@
+//! 1×1 convolutions: `out[pixel, n] = bias[n] + Σ_k in[pixel, k] · w[n, k]`
+//! over a run of pixels, with an optional ReLU6 or residual add.
+//!
+//! The weights are packed once, at load, into panels of whole vectors of
+//! output channels (`[k][panel width]`, zero-padded to whole vectors), so the
+//! inner loop reads one contiguous stream. A register tile of `MR` pixels ×
+//! `NV` vectors is accumulated over all of `k` (activations broadcast from
+//! where they lie; on AVX-512 the broadcast folds into the FMA), then finished
+//! in registers (the bias was its starting value; ReLU6 or the residual) and
+//! stored once: no zero fill, no second pass over the output.
+//!
+//! Activations come and go in two layouts: rows of pixels (NHWC, `[pixels, c]`)
+//! and channel blocks (`[c / lanes][pixels][lanes]`, what the depthwise
+//! kernel reads and writes: each block of one vector's channels is a plane of
+//! contiguous pixels).
+
+use pulp::{Simd, WithSimd};
+
+/// Output channels of one panel: `vectors` whole vectors from `first`, of which
+/// the first `width` channels are real (the rest are zero weights).
+#[derive(Debug, Clone)]
+struct Panel {
+    first: usize,
+    width: usize,
+    vectors: usize,
+    /// Offset of the panel's `[k][vectors · lanes]` weights.
+    weights_at: usize,
+    /// Offset of the panel's `vectors · lanes` biases.
+    bias_at: usize,
+}
+
+/// What happens to the tile before its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    None,
+    Relu6,
+}
+
+/// A 1×1 convolution's weights and bias, packed for one vector width.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedPointwise {
+    /// Input channels.
+    pub k: usize,
+    /// Output channels.
+    pub n: usize,
+    pub activation: Activation,
+    lanes: usize,
+    panels: Vec<Panel>,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// Register tile rows for a panel of `vectors` vectors of `lanes` floats:
+/// AVX-512 (and any 16-lane unit) has 32 registers, AVX2 16. The tile plus
+/// one row of weight vectors and a broadcast fill the register file.
+fn tile_rows(lanes: usize, vectors: usize) -> usize {
+    match (lanes >= 16, vectors) {
+        (true, 3) => 8,
+        (true, _) => 12,
+        (false, 2) => 6,
+        (false, _) => 8,
+    }
+}
+
+/// Vectors per panel: three on AVX-512 (8×3 tiles), two with 16 registers
+/// (6×2 tiles: a 4×3 tile needs all 16 and spills one).
+fn panel_vectors(lanes: usize) -> usize {
+    if lanes >= 16 { 3 } else { 2 }
+}
+
+impl PackedPointwise {
+    /// `weight`: [n, k] (output-major, as a 1×1 convolution's weight);
+    /// `bias`: [n]. Panels are [`panel_vectors`] wide; the last one takes
+    /// the remainder (whole vectors, the last possibly part-filled).
+    pub(crate) fn new(
+        weight: &[f32],
+        bias: &[f32],
+        k: usize,
+        n: usize,
+        activation: Activation,
+        lanes: usize,
+    ) -> Self {
+        assert_eq!(weight.len(), n * k, "pointwise weight is not [n, k]");
+        assert_eq!(bias.len(), n, "pointwise bias is not [n]");
+        let full = panel_vectors(lanes) * lanes;
+        let mut panels = Vec::new();
+        let (mut packed, mut packed_bias) = (Vec::new(), Vec::new());
+        let mut first = 0;
+        while first < n {
+            let width = full.min(n - first);
+            let vectors = width.div_ceil(lanes);
+            let stride = vectors * lanes;
+            panels.push(Panel {
+                first,
+                width,
+                vectors,
+                weights_at: packed.len(),
+                bias_at: packed_bias.len(),
+            });
+            for kk in 0..k {
+                for column in 0..stride {
+                    packed.push(if column < width {
+                        weight[(first + column) * k + kk]
+                    } else {
+                        0.0
+                    });
+                }
+            }
+            for column in 0..stride {
+                packed_bias.push(if column < width {
+                    bias[first + column]
+                } else {
+                    0.0
+                });
+            }
+            first += width;
+        }
+        Self {
+            k,
+            n,
+            activation,
+            lanes,
+            panels,
+            weights: packed,
+            bias: packed_bias,
+        }
+    }
+}
+
+/// The activations a pointwise convolution reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PointwiseInput<'a> {
+    /// `[pixels, k]`, row-major (NHWC).
+    Rows(&'a [f32]),
+    /// `[k / lanes][pixels][lanes]`: channel blocks; `k` is whole vectors.
+    Blocks(&'a [f32]),
+}
+
+/// Where a pointwise convolution writes.
+#[derive(Debug)]
+pub(crate) enum PointwiseOutput<'a> {
+    /// `[pixels, n]`, row-major, plus `residual` (same shape) when given.
+    Rows {
+        values: &'a mut [f32],
+        residual: Option<&'a [f32]>,
+    },
+    /// Channel blocks of `plane` pixels each, the pixels in rows of `width`
+    /// that lie `row_stride` apart: channel vector `v` of output pixel `p` at
+    /// vector `v · plane + first + (p / width) · row_stride + p % width`.
+    /// `n` is whole vectors.
+    Blocks {
+        values: &'a mut [f32],
+        plane: usize,
+        first: usize,
+        width: usize,
+        row_stride: usize,
+    },
+}
+
+/// One pointwise convolution over `pixels` pixels, run under `pulp`'s dispatch.
+pub(crate) struct Pointwise<'a> {
+    pub op: &'a PackedPointwise,
+    pub pixels: usize,
+    pub input: PointwiseInput<'a>,
+    pub output: PointwiseOutput<'a>,
+}
+
+impl WithSimd for Pointwise<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Pointwise {
+            op,
+            pixels,
+            input,
+            mut output,
+        } = self;
+        let lanes = S::F32_LANES;
+        assert_eq!(op.lanes, lanes, "weights packed for another vector width");
+        let (k, n) = (op.k, op.n);
+        match input {
+            PointwiseInput::Rows(values) => assert_eq!(values.len(), pixels * k),
+            PointwiseInput::Blocks(values) => {
+                assert!(k.is_multiple_of(lanes) && values.len() == pixels * k)
+            }
+        }
+        match &output {
+            PointwiseOutput::Rows { values, residual } => {
+                assert_eq!(values.len(), pixels * n);
+                assert!(residual.is_none_or(|r| r.len() == pixels * n));
+            }
+            PointwiseOutput::Blocks {
+                values,
+                plane,
+                first,
+                width,
+                row_stride,
+            } => {
+                let last = first + (pixels.max(1) - 1) / width * row_stride + width;
+                assert!(
+                    n.is_multiple_of(lanes)
+                        && width <= row_stride
+                        && last <= *plane
+                        && values.len() >= (n / lanes) * plane * lanes
+                )
+            }
+        }
+        for panel in &op.panels {
+            let stride = panel.vectors * lanes;
+            let weights = S::as_simd_f32s(&op.weights[panel.weights_at..][..k * stride]).0;
+            let bias = S::as_simd_f32s(&op.bias[panel.bias_at..][..stride]).0;
+            let vectors = panel.vectors;
+            let mut run = PanelRun {
+                input,
+                pixels,
+                k,
+                weights,
+                bias,
+                output: &mut output,
+                n,
+                first: panel.first,
+                width: panel.width,
+                relu6: op.activation == Activation::Relu6,
+                position: (0, 0),
+            };
+            match (tile_rows(lanes, vectors), vectors) {
+                (8, 3) => run.run::<S, 8, 3>(simd),
+                (12, 2) => run.run::<S, 12, 2>(simd),
+                (6, 2) => run.run::<S, 6, 2>(simd),
+                (12, 1) => run.run::<S, 12, 1>(simd),
+                (8, 1) => run.run::<S, 8, 1>(simd),
+                shape => unreachable!("no register tile for {shape:?}"),
+            }
+        }
+    }
+}
+
+/// One panel of output channels over all pixels.
+struct PanelRun<'a, 'o, V> {
+    input: PointwiseInput<'a>,
+    pixels: usize,
+    k: usize,
+    /// [k][NV] vectors.
+    weights: &'a [V],
+    /// [NV] vectors.
+    bias: &'a [V],
+    output: &'o mut PointwiseOutput<'a>,
+    n: usize,
+    first: usize,
+    width: usize,
+    relu6: bool,
+    /// (row, column) of the next tile's first pixel in `Blocks` output rows.
+    position: (usize, usize),
+}
+
+impl<V: Copy> PanelRun<'_, '_, V> {
+    /// Tiles of `MR` pixels, then the rest in tiles of 8, 4, 2 and 1.
+    #[inline(always)]
+    fn run<S: Simd<f32s = V>, const MR: usize, const NV: usize>(&mut self, simd: S) {
+        let pixels = self.pixels;
+        let mut row = 0;
+        while row + MR <= pixels {
+            self.tile::<S, MR, NV>(simd, row);
+            row += MR;
+        }
+        if MR > 8 && pixels - row >= 8 {
+            self.tile::<S, 8, NV>(simd, row);
+            row += 8;
+        }
+        if MR > 4 && pixels - row >= 4 {
+            self.tile::<S, 4, NV>(simd, row);
+            row += 4;
+        }
+        if MR > 2 && pixels - row >= 2 {
+            self.tile::<S, 2, NV>(simd, row);
+            row += 2;
+        }
+        if MR > 1 && pixels - row >= 1 {
+            self.tile::<S, 1, NV>(simd, row);
+        }
+    }
+
+    /// Pixels `row..row + MR` of this panel.
+    #[inline(always)]
+    fn tile<S: Simd<f32s = V>, const MR: usize, const NV: usize>(&mut self, simd: S, row: usize) {
+        let acc = self.accumulate::<S, MR, NV>(simd, row);
+        self.store::<S, MR, NV>(simd, row, acc);
+        if let PointwiseOutput::Blocks { width, .. } = self.output {
+            let (mut y, mut x) = self.position;
+            x += MR;
+            while x >= *width {
+                x -= *width;
+                y += 1;
+            }
+            self.position = (y, x);
+        }
+    }
+
+    /// The tile's sums over all of `k`, from the bias.
+    ///
+    /// `acc` is only ever indexed by constants (its loops unroll), so it
+    /// lives in registers; the store's loops may stay rolled and index the
+    /// returned copy at run time, which would otherwise put `acc` on the
+    /// stack and store it at every FMA.
+    #[inline(always)]
+    fn accumulate<S: Simd<f32s = V>, const MR: usize, const NV: usize>(
+        &self,
+        simd: S,
+        row: usize,
+    ) -> [[V; NV]; MR] {
+        let acc = match self.input {
+            PointwiseInput::Rows(values) => self.accumulate_rows::<S, MR, NV>(simd, values, row),
+            PointwiseInput::Blocks(values) => {
+                self.accumulate_blocks::<S, MR, NV>(simd, values, row)
+            }
+        };
+        let mut tile = [[simd.splat_f32s(0.0); NV]; MR];
+        for r in 0..MR {
+            for j in 0..NV {
+                tile[r][j] = acc[r][j];
+            }
+        }
+        tile
+    }
+
+    #[inline(always)]
+    fn accumulate_rows<S: Simd<f32s = V>, const MR: usize, const NV: usize>(
+        &self,
+        simd: S,
+        values: &[f32],
+        row: usize,
+    ) -> [[V; NV]; MR] {
+        let k = self.k;
+        let bias: &[V; NV] = self.bias.try_into().expect("NV bias vectors");
+        let mut acc: [[V; NV]; MR] = [*bias; MR];
+        let inputs: [&[f32]; MR] = std::array::from_fn(|r| &values[(row + r) * k..][..k]);
+        for (kk, weights) in (0..k).zip(self.weights.chunks_exact(NV)) {
+            let weights: &[V; NV] = weights.try_into().expect("NV weight vectors");
+            for r in 0..MR {
+                let value = simd.splat_f32s(inputs[r][kk]);
+                for j in 0..NV {
+                    acc[r][j] = simd.mul_add_e_f32s(value, weights[j], acc[r][j]);
+                }
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn accumulate_blocks<S: Simd<f32s = V>, const MR: usize, const NV: usize>(
+        &self,
+        simd: S,
+        values: &[f32],
+        row: usize,
+    ) -> [[V; NV]; MR] {
+        let k = self.k;
+        let bias: &[V; NV] = self.bias.try_into().expect("NV bias vectors");
+        let mut acc: [[V; NV]; MR] = [*bias; MR];
+        let lanes = S::F32_LANES;
+        for (block, weights) in (0..k / lanes).zip(self.weights.chunks_exact(NV * lanes)) {
+            // The tile's pixels of this channel block: [MR][lanes].
+            let inputs = &values[(block * self.pixels + row) * lanes..][..MR * lanes];
+            for (kk, weights) in (0..lanes).zip(weights.chunks_exact(NV)) {
+                let weights: &[V; NV] = weights.try_into().expect("NV weight vectors");
+                for r in 0..MR {
+                    let value = simd.splat_f32s(inputs[r * lanes + kk]);
+                    for j in 0..NV {
+                        acc[r][j] = simd.mul_add_e_f32s(value, weights[j], acc[r][j]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Residual or ReLU6, then one store per vector.
+    #[inline(always)]
+    fn store<S: Simd<f32s = V>, const MR: usize, const NV: usize>(
+        &mut self,
+        simd: S,
+        row: usize,
+        acc: [[V; NV]; MR],
+    ) {
+        let (zero, six) = (simd.splat_f32s(0.0), simd.splat_f32s(6.0));
+        let relu6 = |value| {
+            if self.relu6 {
+                simd.min_f32s(simd.max_f32s(value, zero), six)
+            } else {
+                value
+            }
+        };
+        let lanes = S::F32_LANES;
+        match self.output {
+            PointwiseOutput::Rows { values, residual } => {
+                // Index loops, not iterators over `acc`: they unroll to
+                // constant indices, so `acc` stays in registers.
+                #[allow(clippy::needless_range_loop)]
+                for r in 0..MR {
+                    let at = (row + r) * self.n + self.first;
+                    let out = &mut values[at..][..self.width];
+                    let residual = residual.map(|residual| &residual[at..][..self.width]);
+                    for j in 0..NV {
+                        let mut value = acc[r][j];
+                        let (lo, hi) = (j * lanes, ((j + 1) * lanes).min(self.width));
+                        if let Some(residual) = residual {
+                            value = simd.add_f32s(value, load(simd, &residual[lo..hi]));
+                        }
+                        store(simd, &mut out[lo..hi], relu6(value));
+                    }
+                }
+            }
+            PointwiseOutput::Blocks {
+                values,
+                plane,
+                first,
+                width,
+                row_stride,
+            } => {
+                let (mut y, mut x) = self.position;
+                let at: [usize; MR] = std::array::from_fn(|_| {
+                    let at = *first + y * *row_stride + x;
+                    x += 1;
+                    if x == *width {
+                        (x, y) = (0, y + 1);
+                    }
+                    at
+                });
+                let out = S::as_mut_simd_f32s(values).0;
+                let first_vector = self.first / lanes;
+                for j in 0..NV {
+                    let out = &mut out[(first_vector + j) * *plane..][..*plane];
+                    for r in 0..MR {
+                        out[at[r]] = relu6(acc[r][j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One vector from `values` (a whole vector, or fewer lanes zero-extended).
+#[inline(always)]
+pub(crate) fn load<S: Simd>(simd: S, values: &[f32]) -> S::f32s {
+    if values.len() == S::F32_LANES {
+        S::as_simd_f32s(values).0[0]
+    } else {
+        simd.partial_load_f32s(values)
+    }
+}
+
+/// Stores the first `values.len()` lanes of `vector`.
+#[inline(always)]
+pub(crate) fn store<S: Simd>(simd: S, values: &mut [f32], vector: S::f32s) {
+    if values.len() == S::F32_LANES {
+        S::as_mut_simd_f32s(values).0[0] = vector;
+    } else {
+        simd.partial_store_f32s(values, vector);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoders::cpu_kernels::SimdLevel;
+
+    /// Deterministic values in [-2, 2).
+    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// `[pixels, c]` rows to `[c / lanes][pixels][lanes]` blocks.
+    fn to_blocks(rows: &[f32], c: usize, lanes: usize) -> Vec<f32> {
+        let pixels = rows.len() / c;
+        let mut blocks = vec![0.0; rows.len()];
+        for p in 0..pixels {
+            for ch in 0..c {
+                blocks[((ch / lanes) * pixels + p) * lanes + ch % lanes] = rows[p * c + ch];
+            }
+        }
+        blocks
+    }
+
+    fn reference(
+        (input, weight, bias): (&[f32], &[f32], &[f32]),
+        (pixels, k, n): (usize, usize, usize),
+        residual: Option<&[f32]>,
+        activation: Activation,
+    ) -> Vec<f64> {
+        let mut out = Vec::with_capacity(pixels * n);
+        for r in 0..pixels {
+            for j in 0..n {
+                let mut sum = bias[j] as f64;
+                for kk in 0..k {
+                    sum += input[r * k + kk] as f64 * weight[j * k + kk] as f64;
+                }
+                if let Some(residual) = residual {
+                    sum += residual[r * n + j] as f64;
+                }
+                if activation == Activation::Relu6 {
+                    sum = sum.clamp(0.0, 6.0);
+                }
+                out.push(sum);
+            }
+        }
+        out
+    }
+
+    fn assert_near(got: f32, expected: f64, what: &str) {
+        assert!(
+            (got as f64 - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+            "{what}: {got} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn packed_pointwise_on_rows_equals_a_plain_matrix_product() {
+        // Pixel counts with every tail (tiles of 12, 8, 6, 4, 2, 1), channel
+        // counts below one vector, of part-filled vectors and of several
+        // panels, and k = 1.
+        for (pixels, k, n) in [
+            (1, 1, 1),
+            (7, 3, 5),
+            (13, 16, 24),
+            (23, 27, 32),
+            (49, 40, 40),
+            (50, 24, 144),
+            (31, 96, 16),
+            (17, 320, 72),
+        ] {
+            let input = values(pixels * k, 1);
+            let weight = values(n * k, 2);
+            let bias = values(n, 3);
+            let residual = values(pixels * n, 4);
+            for level in SimdLevel::available() {
+                for (activation, with_residual) in [
+                    (Activation::None, false),
+                    (Activation::Relu6, false),
+                    (Activation::None, true),
+                ] {
+                    let op = PackedPointwise::new(&weight, &bias, k, n, activation, level.lanes());
+                    let residual = with_residual.then_some(&residual[..]);
+                    let mut output = vec![f32::NAN; pixels * n];
+                    level.arch().unwrap().dispatch(Pointwise {
+                        op: &op,
+                        pixels,
+                        input: PointwiseInput::Rows(&input),
+                        output: PointwiseOutput::Rows {
+                            values: &mut output,
+                            residual,
+                        },
+                    });
+                    let expected = reference(
+                        (&input, &weight, &bias),
+                        (pixels, k, n),
+                        residual,
+                        activation,
+                    );
+                    for (i, (&got, &expected)) in output.iter().zip(&expected).enumerate() {
+                        let what = format!(
+                            "{level} {pixels}x{k}x{n} {activation:?} residual={with_residual} [{i}]"
+                        );
+                        assert_near(got, expected, &what);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_pointwise_on_channel_blocks_equals_a_plain_matrix_product() {
+        // Blocks in (k whole vectors), rows out; rows in, blocks out into a
+        // plane whose rows are wider than the image (padding columns that
+        // must stay untouched) starting mid-plane.
+        for level in SimdLevel::available() {
+            let lanes = level.lanes();
+            for (pixels, k, n, width) in [(50, 2 * 16, 3 * 16, 7), (13, 16, 16, 13), (9, 48, 32, 2)]
+            {
+                let input = values(pixels * k, 5);
+                let weight = values(n * k, 6);
+                let bias = values(n, 7);
+                let expected = reference(
+                    (&input, &weight, &bias),
+                    (pixels, k, n),
+                    None,
+                    Activation::Relu6,
+                );
+                let op = PackedPointwise::new(&weight, &bias, k, n, Activation::Relu6, lanes);
+                let mut rows = vec![f32::NAN; pixels * n];
+                level.arch().unwrap().dispatch(Pointwise {
+                    op: &op,
+                    pixels,
+                    input: PointwiseInput::Blocks(&to_blocks(&input, k, lanes)),
+                    output: PointwiseOutput::Rows {
+                        values: &mut rows,
+                        residual: None,
+                    },
+                });
+                for (i, (&got, &expected)) in rows.iter().zip(&expected).enumerate() {
+                    assert_near(got, expected, &format!("{level} blocks in [{i}]"));
+                }
+                // Out: rows of `width` pixels, 3 padding columns between them,
+                // the first pixel at column 2 of plane row 1.
+                let (row_stride, first) = (width + 3, row_stride_first(width));
+                let image_rows = pixels.div_ceil(width);
+                let plane = first + image_rows * row_stride;
+                let mut blocks = vec![-7.0; n * plane];
+                level.arch().unwrap().dispatch(Pointwise {
+                    op: &op,
+                    pixels,
+                    input: PointwiseInput::Rows(&input),
+                    output: PointwiseOutput::Blocks {
+                        values: &mut blocks,
+                        plane,
+                        first,
+                        width,
+                        row_stride,
+                    },
+                });
+                for at in 0..plane {
+                    let inside = at >= first
+                        && (at - first) % row_stride < width
+                        && (at - first) / row_stride * width + (at - first) % row_stride < pixels;
+                    for ch in 0..n {
+                        let got = blocks[((ch / lanes) * plane + at) * lanes + ch % lanes];
+                        if inside {
+                            let p = (at - first) / row_stride * width + (at - first) % row_stride;
+                            assert_near(got, expected[p * n + ch], &format!("{level} blocks out"));
+                        } else {
+                            assert_eq!(got, -7.0, "{level}: padding at {at} written");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn row_stride_first(width: usize) -> usize {
+        (width + 3) + 2
+    }
+}
