@@ -13,7 +13,7 @@ use support::{Synthetic, fails, json, lazarus, ok, synthetic_features};
 
 const SPEC: Synthetic = Synthetic {
     name: "cells",
-    counts: &[64, 64],
+    counts: &[96, 96],
     dim: 8,
     separation: 2.0,
 };
@@ -51,7 +51,7 @@ fn write_sweep(root: &Path) -> String {
 fn a_corrupt_shard_is_refused_by_every_reader_by_path() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    assert_eq!(synthetic_features(root, &SPEC), 128);
+    assert_eq!(synthetic_features(root, &SPEC), 192);
     let run = json(&ok(train(root, &["--json"])));
     let run = run["run_id"].as_str().unwrap().to_string();
     let image = root.join("cells/tree/class0/img000.png");
@@ -94,15 +94,16 @@ fn a_corrupt_shard_is_refused_by_every_reader_by_path() {
 fn an_incomplete_set_is_refused_unless_allowed_and_then_recorded() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    assert_eq!(synthetic_features(root, &SPEC), 128);
+    assert_eq!(synthetic_features(root, &SPEC), 192);
     let run = json(&ok(train(root, &["--json"])));
     let run = run["run_id"].as_str().unwrap().to_string();
-    // The second shard's marker is gone: its 64 rows are not published.
+    // The middle shard's marker is gone: its 64 rows (the last of class0 and
+    // the first of class1) are not published, and both classes remain.
     std::fs::remove_file(shard(root, 1).with_extension("done")).unwrap();
 
     let error = fails(train(root, &[]));
     assert!(
-        error.contains("lack 64 of the 128 images of dataset cells")
+        error.contains("lack 64 of the 192 images of dataset cells")
             && error.contains("--allow-partial"),
         "{error}"
     );
@@ -112,7 +113,7 @@ fn an_incomplete_set_is_refused_unless_allowed_and_then_recorded() {
     ] {
         let error = fails(lazarus(root, &args));
         assert!(
-            error.contains("lack 64 of the 128 images"),
+            error.contains("lack 64 of the 192 images"),
             "{args:?}: {error}"
         );
         let mut allowed = args.clone();
@@ -120,7 +121,7 @@ fn an_incomplete_set_is_refused_unless_allowed_and_then_recorded() {
         ok(lazarus(root, &allowed));
     }
     let error = fails(lazarus(root, &["sweep", &write_sweep(root)]));
-    assert!(error.contains("lack 64 of the 128 images"), "{error}");
+    assert!(error.contains("lack 64 of the 192 images"), "{error}");
 
     let report = json(&ok(train(root, &["--allow-partial", "--json"])));
     let run_dir = std::path::PathBuf::from(report["run_dir"].as_str().unwrap());
