@@ -11,7 +11,7 @@ bin="$target/debug/lazarus"
 if [ -x "$bin" ]; then
   echo "== building lazarus (dev profile; only what changed: usually seconds, minutes after a Rust or dependency update)" >&2
 else
-  echo "== building lazarus for the first time (dev profile, about 380 crates: roughly 10 minutes on 2 cores; later builds take seconds)" >&2
+  echo "== building lazarus for the first time (dev profile, about 380 crates: about 7 minutes on 2 cores, downloads included; later builds take seconds)" >&2
 fi
 started=$(date +%s)
 # A note a minute, so a long first build never looks stuck.
