@@ -4,6 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
+use lazarus::runs::ResumedRun;
 use lazarus::train::anomaly::patch::{self, PatchConfig};
 use lazarus::train::anomaly::{
     self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
@@ -374,13 +375,10 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     if let Some(run_id) = &args.resume {
-        if lazarus::segment::predict::is_segment_run(layout, run_id)? {
-            let report =
-                lazarus::segment::train::resume(layout, run_id, &options.device, !args.json)?;
-            return print_segment_report(&report, args.json);
-        }
-        let report = session::resume(layout, run_id, &options)?;
-        return print_report(&report, args.json);
+        return match lazarus::runs::resume(layout, run_id, &options)? {
+            ResumedRun::Classify(report) => print_report(&report, args.json),
+            ResumedRun::Segment(report) => print_segment_report(&report, args.json),
+        };
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
     let encoder = args.encoder.as_deref().expect("clap requires --encoder");
@@ -600,7 +598,7 @@ pub struct SweepArgs {
 }
 
 pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
-    let sweep = lazarus::train::sweep::read(&args.file)?;
+    let sweep = lazarus::runs::sweep_file::read(&args.file)?;
     let started = std::time::Instant::now();
     let all_anomaly = sweep.points.iter().all(|p| p.config.task == Task::Anomaly);
     let metric = args.metric.clone().unwrap_or_else(|| {
@@ -610,7 +608,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
             "test/accuracy".into()
         }
     });
-    let options = session::SweepOptions {
+    let options = lazarus::runs::SweepOptions {
         fit: FitOptions {
             device: super::queue::device(args.device)?,
             progress: !args.json,
@@ -619,7 +617,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         chart_metric: metric.clone(),
         allow_partial: args.allow_partial,
     };
-    let outcome = session::sweep(layout, &sweep, &options)?;
+    let outcome = lazarus::runs::sweep(layout, &sweep, &options)?;
     // Runs that failed are reported after everything else, and fail the verb.
     let failed = || -> anyhow::Result<()> {
         for error in &outcome.failed {

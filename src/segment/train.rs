@@ -27,17 +27,18 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::SegmentError;
-use super::mask::read_mask;
 use super::metrics::PixelConfusion;
-use super::model::{
-    Geometry, HEAD_INFO_KEY, SegmentHeadInfo, loss, predicted_classes, upsample_operator,
-};
+use super::model::{HEAD_INFO_KEY, SegmentHeadInfo, grid_logits, loss, predicted_classes};
 use crate::dataset::{self, MaskKind, Split};
 use crate::experiments::run_files::{DICE_FILE, ImageDice, dice_csv};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
+use crate::spatial::grid::Geometry;
+use crate::spatial::map_tensors;
+use crate::spatial::mask::read_mask;
+use crate::spatial::stitch::upsample_operator;
 use crate::train::checkpoint;
 use crate::train::config::{ClassWeights, Task, TrainConfig};
 use crate::train::data::SplitRows;
@@ -95,32 +96,6 @@ pub struct SegmentReport {
     pub epochs: Vec<BTreeMap<String, f64>>,
     /// `test/loss`, `test/dice`, `test/iou`, `test/pixel_accuracy` of the kept head.
     pub test: BTreeMap<String, f64>,
-}
-
-/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache
-/// (also the patch features of spatial anomaly runs).
-pub fn map_tensors(
-    features: &FeatureSet,
-    rows: &[usize],
-    device: &Device,
-) -> Result<Vec<Tensor>, SegmentError> {
-    features
-        .maps()
-        .iter()
-        .enumerate()
-        .map(|(m, shape)| {
-            let mut values =
-                Vec::with_capacity(rows.len() * shape.channels * shape.height * shape.width);
-            for &row in rows {
-                values.extend(features.map(row, m).iter().map(|v| v.to_f32()));
-            }
-            Ok(Tensor::from_vec(
-                values,
-                (rows.len(), shape.channels, shape.height, shape.width),
-                device,
-            )?)
-        })
-        .collect()
 }
 
 /// The checked inputs of a run: feature rows per split and their masks.
@@ -331,7 +306,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
         info: SegmentHeadInfo {
             encoder: encoder.clone(),
             fingerprint: fingerprint.clone(),
-            maps: super::model::map_arrays(&maps),
+            maps: crate::spatial::map_arrays(&maps),
             outputs,
             mask_kind: kind,
             resolution,
@@ -390,7 +365,7 @@ fn mask_logits(
     dtype: DType,
     dropout: Option<&mut ChaCha8Rng>,
 ) -> Result<Tensor, SegmentError> {
-    let grid = geometry.grid_logits(head, maps, dtype, dropout)?;
+    let grid = grid_logits(geometry, head, maps, dtype, dropout)?;
     let (n, outputs, cells) = grid.dims3()?;
     let pixels = upsample.dim(1)?;
     Ok(grid

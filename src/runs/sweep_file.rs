@@ -31,14 +31,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
-use super::TrainError;
-use super::anomaly::patch::{self, PatchConfig};
-use super::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
-use super::config::{
+use crate::train::TrainError;
+use crate::train::anomaly::patch::{self, PatchConfig};
+use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
+use crate::train::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
     TrainConfig,
 };
-use super::schedule::Schedule;
+use crate::train::schedule::Schedule;
 
 /// Settings a sweep may fix, list or sample.
 pub const KNOWN_SETTINGS: &[&str] = &[
@@ -526,7 +526,7 @@ fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, St
     let scorer = match scorer {
         "knn" => Scorer::Knn {
             k: match settings.get("k") {
-                None if spatial => super::anomaly::patch::DEFAULT_PATCH_K,
+                None if spatial => patch::DEFAULT_PATCH_K,
                 None => DEFAULT_K,
                 Some(v) => v
                     .as_integer()
