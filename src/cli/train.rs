@@ -208,24 +208,10 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// Parses sizes such as `4GiB`, `512MiB`, `1000000`.
+/// Parses sizes such as `4GiB`, `512MiB`, `1000000` (`memory::parse_bytes`,
+/// which sweep files use too).
 pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .with_context(|| format!("memory size {text:?}"))?;
-    let scale = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => bail!("unknown memory unit {other:?} in {text:?}: use B, KiB, MiB or GiB"),
-    };
-    Ok(number * scale)
+    lazarus::memory::parse_bytes(text).map_err(anyhow::Error::msg)
 }
 
 /// The run configuration the flags describe (class weights from a file are

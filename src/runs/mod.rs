@@ -30,7 +30,10 @@ use crate::train::checkpoint;
 use crate::train::config::{Task, TrainConfig};
 use crate::train::data;
 use crate::train::run::{FitOptions, RunReport, load_config, read_run_inputs, run_inputs};
-use crate::train::session::{fit_and_finish, require_two_classes, start};
+use crate::train::session::{
+    class_weights_from, fit_and_finish, require_two_classes, start, warm_params,
+};
+use crate::train::warm::{self, WarmStart};
 
 /// Errors of a sweep or a resume: those of the task trainers it calls.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +128,10 @@ pub fn sweep(
 ) -> Result<SweepOutcome, RunsError> {
     let db = ExperimentsDb::open(layout)?;
     // Group heads by the features they read: pooled, or spatial for
-    // patch-level anomaly points.
-    let mut groups: BTreeMap<(String, String, bool), Vec<usize>> = BTreeMap::new();
+    // patch-level anomaly points, in the folder a point names or the one
+    // its dataset and encoder find.
+    type Group = (String, String, bool, Option<String>);
+    let mut groups: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
     let mut segment_points = Vec::new();
     for (i, point) in sweep.points.iter().enumerate() {
         if point.config.task == Task::Segment {
@@ -139,7 +144,12 @@ pub fn sweep(
             .as_ref()
             .is_some_and(|a| a.patch.is_some());
         groups
-            .entry((point.dataset.clone(), point.encoder.clone(), spatial))
+            .entry((
+                point.dataset.clone(),
+                point.encoder.clone(),
+                spatial,
+                point.fingerprint.clone(),
+            ))
             .or_default()
             .push(i);
     }
@@ -154,8 +164,11 @@ pub fn sweep(
         segmented: Vec::new(),
         charts: Vec::new(),
     };
-    for ((dataset, encoder, spatial), members) in groups {
-        let fingerprint = find_fingerprint(layout, &dataset, &encoder, spatial)?;
+    for ((dataset, encoder, spatial, named), members) in groups {
+        let fingerprint = match named {
+            Some(fingerprint) => fingerprint,
+            None => find_fingerprint(layout, &dataset, &encoder, spatial)?,
+        };
         let mut configs: Vec<TrainConfig> = Vec::new();
         for &i in &members {
             let mut config = sweep.points[i].config.clone();
@@ -168,6 +181,14 @@ pub fn sweep(
             load.split_labels = data::SplitLabels::Any;
         }
         let data = data::load(layout, &dataset, Some(&fingerprint), &load)?;
+        // Class-weight files are read against the loaded classes, as
+        // `train --class-weights FILE` reads them.
+        for (config, &i) in configs.iter_mut().zip(&members) {
+            if let Some(file) = &sweep.points[i].class_weights_file {
+                config.class_weights =
+                    class_weights_from(&file.to_string_lossy(), &data.class_names)?;
+            }
+        }
         // Anomaly scorers need no shared batches: each is fitted on its own.
         let (anomaly_configs, configs): (Vec<TrainConfig>, Vec<TrainConfig>) = configs
             .into_iter()
@@ -206,16 +227,29 @@ pub fn sweep(
                 Step::Resume(id) => Some(id),
                 Step::Start => None,
             };
+            // `init_from`: the source run's weights, as `train --init-from`
+            // plans them (a resumed run with a checkpoint starts from that).
+            let plan_warm = |config: &TrainConfig| -> Result<Option<WarmStart>, TrainError> {
+                config
+                    .init_from
+                    .as_ref()
+                    .map(|source| warm::plan(layout, source, config, &data))
+                    .transpose()
+            };
             match resumable {
                 Some(id) => {
                     let dir = db.run_dir(&id);
                     let from = checkpoint::latest_epoch(&dir)?;
+                    let init = if from == 0 { plan_warm(&config)? } else { None };
                     let handle = db.resume_run(&id, from as u64)?;
-                    runs.push((handle, inputs, true, None));
+                    runs.push((handle, inputs, true, init));
                 }
                 None => {
-                    let handle = start(&db, &sweep.name, &inputs, &sweep_param)?;
-                    runs.push((handle, inputs, false, None));
+                    let init = plan_warm(&config)?;
+                    let mut params = sweep_param.clone();
+                    params.extend(init.as_ref().map(warm_params).unwrap_or_default());
+                    let handle = start(&db, &sweep.name, &inputs, &params)?;
+                    runs.push((handle, inputs, false, init));
                 }
             }
         }
@@ -307,7 +341,10 @@ fn sweep_segment_points(
     let mut seen = BTreeSet::new();
     for &i in points {
         let point = &sweep.points[i];
-        let fingerprint = find_fingerprint(layout, &point.dataset, &point.encoder, true)?;
+        let fingerprint = match &point.fingerprint {
+            Some(fingerprint) => fingerprint.clone(),
+            None => find_fingerprint(layout, &point.dataset, &point.encoder, true)?,
+        };
         let version = crate::dataset::load_info(layout, &point.dataset)
             .map_err(TrainError::from)?
             .version;
@@ -341,7 +378,7 @@ fn sweep_segment_points(
                         "sweep".to_string(),
                         ParamValue::from(sweep.name.as_str()),
                     )],
-                    class_weights_file: None,
+                    class_weights_file: point.class_weights_file.clone(),
                     allow_partial: options.allow_partial,
                 },
             )?,

@@ -67,13 +67,36 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             out.push(("momentum".into(), momentum.into()));
         }
     }
-    let schedule = match config.schedule {
-        Schedule::Constant => "constant",
-        Schedule::Cosine { .. } => "cosine",
-        Schedule::Step { .. } => "step",
-        Schedule::ReduceOnPlateau { .. } => "plateau",
-    };
-    out.push(("schedule".into(), schedule.into()));
+    // The schedule and its own settings, under their sweep keys, so that a
+    // sweep over any of them charts and ablates by it.
+    match config.schedule {
+        Schedule::Constant => out.push(("schedule".into(), "constant".into())),
+        Schedule::Cosine { warmup_steps } => {
+            out.push(("schedule".into(), "cosine".into()));
+            out.push(("warmup_steps".into(), (warmup_steps as f64).into()));
+        }
+        Schedule::Step {
+            every_epochs,
+            gamma,
+        } => {
+            out.push(("schedule".into(), "step".into()));
+            out.push(("step_epochs".into(), (every_epochs as f64).into()));
+            out.push(("step_gamma".into(), gamma.into()));
+        }
+        Schedule::ReduceOnPlateau { patience, factor } => {
+            out.push(("schedule".into(), "plateau".into()));
+            out.push(("plateau_patience".into(), (patience as f64).into()));
+            out.push(("plateau_factor".into(), factor.into()));
+        }
+    }
+    out.push((
+        "memory_budget".into(),
+        (config.memory_budget_bytes as f64).into(),
+    ));
+    out.push((
+        "checkpoint_every".into(),
+        (config.checkpoint_every as f64).into(),
+    ));
     if let Some(stop) = &config.early_stopping {
         out.push(("patience".into(), (stop.patience as f64).into()));
     }
@@ -189,7 +212,7 @@ pub(crate) fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
 }
 
 /// The params that say where a warm-started run came from and what loaded.
-fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
+pub(crate) fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
     vec![
         ("init_from".into(), warm.summary.source_run.as_str().into()),
         ("init_layers".into(), warm.summary.layer_states().into()),
