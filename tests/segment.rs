@@ -908,3 +908,67 @@ fn a_segmentation_run_refuses_other_weights_before_loading_them_and_is_not_expor
         "{message}"
     );
 }
+
+#[test]
+fn a_segmentation_head_warm_starts_from_another_segmentation_run() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("blobs");
+    write_small_blobs(&source, 20, 300, (25.0, 35.0));
+    spatial_features(&root, "blobs", &source, &["--weights", "random:0"]);
+    let settings = ["--epochs", "10", "--batch-size", "4", "--seed", "5"];
+    let first = json(&ok(lazarus(&root, &segment_args("blobs", &settings))));
+    let source_run = first["run_id"].as_str().unwrap().to_string();
+    let val_dice = |report: &serde_json::Value| -> Vec<f64> {
+        report["epochs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|epoch| epoch["val/dice"].as_f64().unwrap())
+            .collect()
+    };
+    let source_dice = val_dice(&first);
+    let best = source_dice[first["best_epoch"].as_u64().unwrap() as usize];
+    // Epochs a run needs to come within 3% of the source run's best Dice.
+    let bar = 0.97 * best;
+    let epochs_to_bar = |dice: &[f64]| dice.iter().position(|&d| d >= bar).map(|i| i + 1);
+    let source_epochs = epochs_to_bar(&source_dice).unwrap();
+
+    // The same data and settings, started from the source run's head.
+    let mut warm_args = segment_args("blobs", &settings);
+    warm_args.extend(["--init-from", source_run.as_str()]);
+    let warm = json(&ok(lazarus(&root, &warm_args)));
+    assert_eq!(
+        warm["warm_start"]["source_run"],
+        source_run.as_str(),
+        "{warm:#}"
+    );
+    assert_eq!(
+        warm["warm_start"]["loaded"],
+        serde_json::json!([0]),
+        "{warm:#}"
+    );
+    let warm_epochs = epochs_to_bar(&val_dice(&warm))
+        .unwrap_or_else(|| panic!("the warm run never reached {bar}: {warm:#}"));
+    assert!(
+        warm_epochs < source_epochs,
+        "warm start took {warm_epochs} epochs to reach val/dice {bar}, the source run {source_epochs}"
+    );
+    let shown = json(&ok(lazarus(
+        &root,
+        &[
+            "experiments",
+            "show",
+            warm["run_id"].as_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert!(shown.to_string().contains("init_from"), "{shown:#}");
+
+    // An unknown source run is refused by its name.
+    let message = fails(lazarus(
+        &root,
+        &segment_args("blobs", &["--epochs", "1", "--init-from", "nope"]),
+    ));
+    assert!(message.contains("run nope not found"), "{message}");
+}
