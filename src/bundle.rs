@@ -24,10 +24,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::predict::{
-    EncoderReference, FeatureCache, PredictConfig, PredictError, Prediction, Predictor,
-    TrainedHead, predict_images,
+    EncoderReference, PredictConfig, PredictError, Prediction, Predictor, TrainedHead,
+    predict_images,
 };
 use crate::train::config::HeadConfig;
 
@@ -152,6 +153,16 @@ pub fn export(
         run: run_id.to_string(),
         message,
     };
+    // A bundle holds a classifier head and the encoder that feeds it; the
+    // task is what the run recorded, asked before any file is read as a head.
+    let task = crate::predict::run_task(layout, run_id)?;
+    if task != crate::train::config::Task::Classify {
+        return Err(unexportable(format!(
+            "its task is {}, and a bundle holds a classification head only; predict with \
+             `lazarus predict --run {run_id}` on this root instead",
+            task.name()
+        )));
+    }
     // Loading the head checks that it is complete and consistent.
     let (head, inputs) = crate::predict::load_run_head(layout, run_id, &Device::Cpu)?;
     let card_path = run_dir.join(MODEL_CARD_FILE);
@@ -161,13 +172,10 @@ pub fn export(
             card_path.display()
         ))
     })?;
-    let features = crate::features::FeatureSet::open(&crate::features::feature_dir(
-        layout,
-        &inputs.fingerprint,
-    ))
-    .map_err(PredictError::from)?;
+    let cache = FeatureCache::open(layout, &inputs.fingerprint).map_err(PredictError::from)?;
+    let features = cache.features();
     let encoder =
-        EncoderReference::from_features(&features, &inputs.fingerprint)?.ok_or_else(|| {
+        EncoderReference::from_features(features, &inputs.fingerprint)?.ok_or_else(|| {
             unexportable(format!(
                 "its features {} do not name a registered encoder and its weights \
                  (encoder {:?}), so new images could not be encoded",
@@ -364,7 +372,8 @@ pub fn predict(
     // The root's cache of the bundle's fingerprint (every dataset's images).
     let cache = match cache {
         Some((layout, _dataset)) => {
-            FeatureCache::open_if_present(layout, &bundle.encoder.fingerprint)?
+            FeatureCache::open_if_present(layout, &bundle.encoder.fingerprint)
+                .map_err(PredictError::from)?
         }
         None => None,
     };

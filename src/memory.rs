@@ -17,6 +17,33 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Parses a memory size as `train --memory-budget` and sweep files write
+/// it: `4GiB`, `512MiB`, `64KiB`, `1000000` or `1000000B` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|e| format!("memory size {trimmed:?}: {e}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown memory unit {other:?} in {trimmed:?}: use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("memory size {trimmed:?} is too large"))
+}
+
 /// Resident memory of this process now, from `/proc/self/status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resident {
@@ -220,6 +247,18 @@ impl Drop for MemorySampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_sizes_parse_with_binary_units_or_as_bytes() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("1000B"), Ok(1000));
+        let error = parse_bytes("4GB").unwrap_err();
+        assert!(error.contains("unknown memory unit"), "{error}");
+        assert!(parse_bytes("GiB").unwrap_err().contains("memory size"));
+    }
 
     #[test]
     fn an_allocation_shows_in_the_anonymous_peak_not_the_file_backed_one() {

@@ -560,3 +560,80 @@ fn a_train_split_of_normal_images_only_is_enough_and_a_normal_label_absent_from_
         "{message}"
     );
 }
+
+#[test]
+fn anomaly_and_classification_runs_refuse_other_weights_before_loading_them() {
+    assert!(
+        lazarus::weights::installed("efficientnet-lite0").is_some(),
+        "efficientnet-lite0 weights are not installed: run scripts/fetch_assets.sh"
+    );
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let tree = support::image_folder(root, &[12, 12]);
+    ok(lazarus(
+        root,
+        &["dataset", "add", "toy", tree.to_str().unwrap()],
+    ));
+    // Features of the installed (real) weights: the runs record their sha256.
+    ok(lazarus(
+        root,
+        &[
+            "enqueue",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "efficientnet-lite0",
+        ],
+    ));
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "efficientnet-lite0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&ok(lazarus(root, &args)))["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let scorer = train(&["--task", "anomaly", "--normal-label", "class0", "--k", "2"]);
+    let classifier = train(&["--epochs", "2"]);
+    // A new file (BMP: a new content id), so the encoder is needed.
+    let pixels = image::open(tree.join("class0/img000.png"))
+        .unwrap()
+        .to_rgb8();
+    let fresh = root.join("fresh.bmp");
+    pixels
+        .save_with_format(&fresh, image::ImageFormat::Bmp)
+        .unwrap();
+    // Other weights installed: loading them would fail on the file itself
+    // (it is not a safetensors file); the sha256 check comes first and
+    // names both sums.
+    let (cache, installed) = support::other_weights_cache(temp.path());
+    for run in [&scorer, &classifier] {
+        let message = fails(support::lazarus_with_cache(
+            root,
+            &cache,
+            &["predict", "--run", run.as_str(), fresh.to_str().unwrap()],
+        ));
+        assert!(
+            message.contains(&format!("installed weights have sha256 {installed}, not ")),
+            "run {run}: {message}"
+        );
+    }
+    // A bundle holds a classifier: exporting the scorer is refused, saying why.
+    let bundle = root.join("bundle");
+    let message = fails(lazarus(
+        root,
+        &["export", scorer.as_str(), "--out", bundle.to_str().unwrap()],
+    ));
+    assert!(
+        message.contains("its task is anomaly") && message.contains("classification head"),
+        "{message}"
+    );
+}

@@ -768,3 +768,207 @@ fn killed_segmentation_run_resumes_to_the_same_metrics() {
         &temp.path().join("encoded/003.mask.png"),
     );
 }
+
+#[test]
+fn a_sweep_resumes_its_killed_segmentation_run() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("blobs");
+    write_small_blobs(&source, 20, 300, (25.0, 35.0));
+    spatial_features(&root, "blobs", &source, &["--weights", "random:0"]);
+    let file = temp.path().join("seg-resume.toml");
+    std::fs::write(
+        &file,
+        "name = \"seg-resume\"\ndataset = \"blobs\"\nencoder = \"efficientnet-lite0\"\n\
+         task = \"segment\"\nhead = \"mlp\"\nhidden = 16\nepochs = 12\nbatch_size = 4\nseed = 5\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    // Killed -9 once the sweep's run has checkpointed two epochs.
+    let run_dir = kill_after_checkpoint(&root, &["sweep", file, "--json"], 2);
+    let killed = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+
+    // Running the sweep again continues that run instead of starting anew.
+    let swept = json(&ok(lazarus(&root, &["sweep", file, "--json"])));
+    let segmented = swept["segmented"].as_array().unwrap();
+    assert_eq!(segmented.len(), 1, "{swept:#}");
+    assert_eq!(segmented[0]["run_id"], killed.as_str(), "{swept:#}");
+    assert!(
+        segmented[0]["resumed_from_epoch"].as_u64().unwrap() >= 2,
+        "{swept:#}"
+    );
+    let listed = json(&ok(lazarus(
+        &root,
+        &[
+            "experiments",
+            "list",
+            "--experiment",
+            "seg-resume",
+            "--json",
+        ],
+    )));
+    let runs = listed.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "a killed run was started anew: {listed:#}");
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &killed, "--json"],
+    )));
+    assert_eq!(shown["run"]["status"], "FINISHED", "{shown:#}");
+
+    // A third pass finds it finished and skips it.
+    let again = json(&ok(lazarus(&root, &["sweep", file, "--json"])));
+    assert_eq!(again["segmented"].as_array().map_or(0, Vec::len), 0);
+    assert_eq!(again["skipped"][0][1], killed.as_str(), "{again:#}");
+
+    // Predictions of a segmentation run go to --output as they do for the
+    // other tasks: CSV (one row per image) or JSON (what --json prints).
+    let image = source.join("images/004.png");
+    let masks = temp.path().join("masks");
+    for name in ["predicted.csv", "predicted.json"] {
+        let output = temp.path().join(name);
+        let printed = json(&ok(lazarus(
+            &root,
+            &[
+                "predict",
+                "--run",
+                &killed,
+                image.to_str().unwrap(),
+                "--out",
+                masks.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--json",
+            ],
+        )));
+        let written = std::fs::read_to_string(&output)
+            .unwrap_or_else(|e| panic!("--output {name} was not written: {e}"));
+        if name.ends_with(".json") {
+            assert_eq!(json(&written), printed);
+        } else {
+            let lines: Vec<&str> = written.lines().collect();
+            assert_eq!(lines.len(), 2, "{written}");
+            assert!(
+                lines[0].starts_with("path,image_id,features_from,"),
+                "{written}"
+            );
+            assert!(lines[1].contains("004.mask.png"), "{written}");
+            assert_eq!(printed[0]["features_from"], "cache", "{printed:#}");
+        }
+    }
+}
+
+#[test]
+fn a_segmentation_run_refuses_other_weights_before_loading_them_and_is_not_exported() {
+    assert!(
+        lazarus::weights::installed("efficientnet-lite0").is_some(),
+        "efficientnet-lite0 weights are not installed: {FETCH_HINT}"
+    );
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("blobs");
+    write_small_blobs(&source, 20, 400, (25.0, 35.0));
+    // Features of the installed (real) weights: the run records their sha256.
+    spatial_features(&root, "blobs", &source, &[]);
+    let report = json(&ok(lazarus(
+        &root,
+        &segment_args("blobs", &["--epochs", "1", "--batch-size", "4"]),
+    )));
+    let run = report["run_id"].as_str().unwrap().to_string();
+    // A new file (BMP: a new content id), so the encoder is needed.
+    let pixels = image::open(source.join("images/000.png"))
+        .unwrap()
+        .to_rgb8();
+    let fresh = temp.path().join("fresh.bmp");
+    pixels.save_with_format(&fresh, ImageFormat::Bmp).unwrap();
+    let (cache, installed) = support::other_weights_cache(temp.path());
+    let out = temp.path().join("masks");
+    let message = fails(support::lazarus_with_cache(
+        &root,
+        &cache,
+        &[
+            "predict",
+            "--run",
+            &run,
+            fresh.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        message.contains(&format!("installed weights have sha256 {installed}, not ")),
+        "{message}"
+    );
+    let bundle = temp.path().join("bundle");
+    let message = fails(lazarus(
+        &root,
+        &["export", &run, "--out", bundle.to_str().unwrap()],
+    ));
+    assert!(
+        message.contains("its task is segment") && message.contains("classification head"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_segmentation_head_warm_starts_from_another_segmentation_run() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("blobs");
+    write_small_blobs(&source, 20, 300, (25.0, 35.0));
+    spatial_features(&root, "blobs", &source, &["--weights", "random:0"]);
+    let settings = ["--epochs", "10", "--batch-size", "4", "--seed", "5"];
+    let first = json(&ok(lazarus(&root, &segment_args("blobs", &settings))));
+    let source_run = first["run_id"].as_str().unwrap().to_string();
+    let val_dice = |report: &serde_json::Value| -> Vec<f64> {
+        report["epochs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|epoch| epoch["val/dice"].as_f64().unwrap())
+            .collect()
+    };
+    let source_dice = val_dice(&first);
+    let best = source_dice[first["best_epoch"].as_u64().unwrap() as usize];
+    // Epochs a run needs to come within 3% of the source run's best Dice.
+    let bar = 0.97 * best;
+    let epochs_to_bar = |dice: &[f64]| dice.iter().position(|&d| d >= bar).map(|i| i + 1);
+    let source_epochs = epochs_to_bar(&source_dice).unwrap();
+
+    // The same data and settings, started from the source run's head.
+    let mut warm_args = segment_args("blobs", &settings);
+    warm_args.extend(["--init-from", source_run.as_str()]);
+    let warm = json(&ok(lazarus(&root, &warm_args)));
+    assert_eq!(
+        warm["warm_start"]["source_run"],
+        source_run.as_str(),
+        "{warm:#}"
+    );
+    assert_eq!(
+        warm["warm_start"]["loaded"],
+        serde_json::json!([0]),
+        "{warm:#}"
+    );
+    let warm_epochs = epochs_to_bar(&val_dice(&warm))
+        .unwrap_or_else(|| panic!("the warm run never reached {bar}: {warm:#}"));
+    assert!(
+        warm_epochs < source_epochs,
+        "warm start took {warm_epochs} epochs to reach val/dice {bar}, the source run {source_epochs}"
+    );
+    let shown = json(&ok(lazarus(
+        &root,
+        &[
+            "experiments",
+            "show",
+            warm["run_id"].as_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert!(shown.to_string().contains("init_from"), "{shown:#}");
+
+    // An unknown source run is refused by its name.
+    let message = fails(lazarus(
+        &root,
+        &segment_args("blobs", &["--epochs", "1", "--init-from", "nope"]),
+    ));
+    assert!(message.contains("run nope not found"), "{message}");
+}

@@ -257,3 +257,115 @@ fn concurrent_train_processes_lose_no_rows() {
     );
     assert!(count(root, "SELECT COUNT(*) FROM summary_metrics") >= 4 * 10);
 }
+
+#[test]
+fn a_sweep_file_can_set_every_train_option() {
+    // The options of `lazarus train`, as clap lists them in its help: a
+    // flag added to `train` without a sweep key fails here.
+    let temp = tempfile::tempdir().unwrap();
+    let help = ok(lazarus(temp.path(), &["train", "--help"]));
+    let mut flags: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        let option = if let Some(rest) = line.strip_prefix("--") {
+            rest
+        } else if line.starts_with('-') && line.get(2..6) == Some(", --") {
+            &line[6..]
+        } else {
+            continue;
+        };
+        let name: String = option
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        flags.push(name);
+    }
+    for expected in ["memory-budget", "step-gamma", "normal-label", "init-from"] {
+        assert!(flags.iter().any(|f| f == expected), "{flags:?}\n{help}");
+    }
+    // The flags of one invocation: `lazarus sweep` takes --device, --json
+    // and --allow-partial itself, and its `name` is the experiment; --root,
+    // --queue and --version are every verb's.
+    let invocation = [
+        "help",
+        "version",
+        "root",
+        "queue",
+        "resume",
+        "device",
+        "json",
+        "experiment",
+        "allow-partial",
+    ];
+    let known = lazarus::runs::sweep_file::KNOWN_SETTINGS;
+    for flag in flags.iter().filter(|f| !invocation.contains(&f.as_str())) {
+        let key = flag.replace('-', "_");
+        assert!(
+            known.contains(&key.as_str()),
+            "train --{flag} has no sweep key `{key}`"
+        );
+    }
+
+    // Those settings take effect, with train's defaults and units, fixed or
+    // as grid axes.
+    use lazarus::train::config::ClassWeights;
+    use lazarus::train::schedule::Schedule;
+    let parse = |text: &str| {
+        lazarus::runs::sweep_file::parse(
+            Path::new("s.toml"),
+            &format!("name = \"s\"\ndataset = \"d\"\nencoder = \"e\"\n{text}"),
+        )
+        .unwrap()
+    };
+    let defaults = parse("schedule = \"plateau\"\n");
+    let point = &defaults.points[0];
+    assert_eq!(
+        point.config.schedule,
+        Schedule::ReduceOnPlateau {
+            patience: 3,
+            factor: 0.1
+        }
+    );
+    assert_eq!(point.config.memory_budget_bytes, 4 << 30);
+    assert_eq!(point.config.checkpoint_every, 1);
+    assert_eq!(point.config.init_from, None);
+    assert_eq!(point.fingerprint, None);
+    let set = parse(
+        "schedule = \"step\"\nstep_epochs = 4\nmemory_budget = \"1GiB\"\n\
+         checkpoint_every = 2\ninit_from = \"run-a\"\nfingerprint = \"abc\"\n\
+         class_weights = \"weights.csv\"\n[grid]\nstep_gamma = [0.5, 0.25]\n",
+    );
+    assert_eq!(set.points.len(), 2);
+    for (point, gamma) in set.points.iter().zip([0.5, 0.25]) {
+        assert_eq!(
+            point.config.schedule,
+            Schedule::Step {
+                every_epochs: 4,
+                gamma
+            }
+        );
+        assert_eq!(point.config.memory_budget_bytes, 1 << 30);
+        assert_eq!(point.config.checkpoint_every, 2);
+        assert_eq!(point.config.init_from.as_deref(), Some("run-a"));
+        assert_eq!(point.fingerprint.as_deref(), Some("abc"));
+        assert_eq!(
+            point.class_weights_file.as_deref(),
+            Some(Path::new("weights.csv"))
+        );
+        assert_eq!(point.config.class_weights, ClassWeights::None);
+    }
+    // Bytes as a number still read as bytes; a unit train refuses, sweeps refuse.
+    assert_eq!(
+        parse("memory_budget = 1048576\n").points[0]
+            .config
+            .memory_budget_bytes,
+        1 << 20
+    );
+    let error = lazarus::runs::sweep_file::parse(
+        Path::new("s.toml"),
+        "name = \"s\"\ndataset = \"d\"\nencoder = \"e\"\nmemory_budget = \"1GB\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("unknown memory unit"), "{error}");
+}

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use lazarus::layout::Layout;
-use lazarus::predict::{PredictConfig, dataset_images, predict, write_csv};
+use lazarus::predict::{PredictConfig, RunPredictions, dataset_images, predict_run};
+use lazarus::train::config::Task;
 
 use super::queue::DeviceArg;
 
@@ -65,18 +66,6 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
         Some(name) => dataset_images(layout, name)?,
         None => args.images.clone(),
     };
-    if let Some(run) = &args.run {
-        let segment = match args.task {
-            Some(super::train::TaskKind::Segment) => true,
-            Some(_) => false,
-            None => lazarus::segment::predict::is_segment_run(layout, run)?,
-        };
-        if segment {
-            return predict_segment(layout, run, &args, &images);
-        }
-    } else if let Some(super::train::TaskKind::Segment) = args.task {
-        bail!("--task segment needs --run RUN (bundles hold classification heads)");
-    }
     let config = PredictConfig {
         top_k: args.top_k as usize,
         device: super::queue::device(args.device)?,
@@ -84,56 +73,133 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
     };
     let predictions = match (&args.run, &args.bundle) {
         (Some(run), _) => {
-            if lazarus::predict_anomaly::is_anomaly_run(layout, run)? {
-                return anomaly_scores(layout, run, &args, &images, &config);
-            }
-            predict(layout, run, &images, &config)?
-        }
-        (None, Some(bundle)) => lazarus::bundle::predict(
-            bundle,
-            args.dataset.as_deref().map(|name| (layout, name)),
-            &images,
-            &config,
-        )?,
-        (None, None) => bail!("give --run RUN or --bundle DIR"),
-    };
-    if let Some(output) = &args.output {
-        if output.extension().and_then(|e| e.to_str()) == Some("csv") {
-            write_csv(&predictions, output)?;
-        } else {
-            lazarus::atomic::write_file(output, &serde_json::to_vec_pretty(&predictions)?)?;
-        }
-    }
-    let failed = predictions.iter().filter(|p| p.error.is_some()).count();
-    if args.json {
-        super::print_json(&predictions)?;
-    } else {
-        for p in &predictions {
-            match &p.error {
-                Some(error) => eprintln!("error: {}: {error}", p.path.display()),
-                None => {
-                    let classes: Vec<String> = p
-                        .top
-                        .iter()
-                        .map(|(class, probability)| format!("{class} {probability:.3}"))
-                        .collect();
-                    println!(
-                        "{}: {} ({})",
-                        p.path.display(),
-                        classes.join(", "),
-                        p.features_from.unwrap_or("")
+            // --task only confirms what the run recorded; the run decides.
+            if let Some(task) = args.task {
+                let recorded = lazarus::predict::run_task(layout, run)?;
+                let wanted = task_of(task);
+                if recorded != wanted {
+                    bail!(
+                        "--task {}: run {run} is a {} run",
+                        wanted.name(),
+                        recorded.name()
                     );
                 }
             }
+            predict_run(layout, run, &images, &config, args.out.as_deref())?
         }
+        (None, Some(bundle)) => {
+            if let Some(task) = args.task.map(task_of)
+                && task != Task::Classify
+            {
+                bail!(
+                    "--task {}: bundles hold classification heads; predict with --run RUN",
+                    task.name()
+                );
+            }
+            RunPredictions::Classify(lazarus::bundle::predict(
+                bundle,
+                args.dataset.as_deref().map(|name| (layout, name)),
+                &images,
+                &config,
+            )?)
+        }
+        (None, None) => bail!("give --run RUN or --bundle DIR"),
+    };
+    if let Some(output) = &args.output {
+        predictions.write(output)?;
     }
+    if args.json {
+        super::print_json(&predictions)?;
+    } else {
+        print_predictions(&predictions);
+    }
+    let failed = predictions.failed();
     if failed > 0 {
+        let verb = match &predictions {
+            RunPredictions::Classify(_) => "predicted",
+            RunPredictions::Anomaly(_) => "scored",
+            RunPredictions::Segment(_) => "segmented",
+        };
         bail!(
-            "{failed} of {} images could not be predicted",
+            "{failed} of {} images could not be {verb}",
             predictions.len()
         );
     }
     Ok(())
+}
+
+fn task_of(kind: super::train::TaskKind) -> Task {
+    match kind {
+        super::train::TaskKind::Classify => Task::Classify,
+        super::train::TaskKind::Anomaly => Task::Anomaly,
+        super::train::TaskKind::Segment => Task::Segment,
+    }
+}
+
+/// One line per image (errors on stderr).
+fn print_predictions(predictions: &RunPredictions) {
+    match predictions {
+        RunPredictions::Classify(predictions) => {
+            for p in predictions {
+                match &p.error {
+                    Some(error) => eprintln!("error: {}: {error}", p.path.display()),
+                    None => {
+                        let classes: Vec<String> = p
+                            .top
+                            .iter()
+                            .map(|(class, probability)| format!("{class} {probability:.3}"))
+                            .collect();
+                        println!(
+                            "{}: {} ({})",
+                            p.path.display(),
+                            classes.join(", "),
+                            p.features_from.unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+        RunPredictions::Anomaly(scored) => {
+            println!(
+                "run {} ({}): anomalous at score >= {:.4} (best F1 on the validation split)",
+                scored.run, scored.scorer, scored.threshold
+            );
+            for p in &scored.images {
+                match (&p.error, p.score, p.anomalous) {
+                    (Some(error), _, _) => eprintln!("error: {}: {error}", p.path.display()),
+                    (None, Some(score), Some(anomalous)) => println!(
+                        "{}: score {score:.4} {} ({}){}",
+                        p.path.display(),
+                        if anomalous { "anomalous" } else { "normal" },
+                        p.features_from.unwrap_or(""),
+                        p.heatmap
+                            .as_ref()
+                            .map(|h| format!(", heat map {}", h.display()))
+                            .unwrap_or_default()
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        RunPredictions::Segment(predictions) => {
+            for p in predictions {
+                match (&p.error, &p.mask) {
+                    (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
+                    (None, Some(mask)) => println!(
+                        "{}: {}x{} in {} tiles, foreground {:.3}: {} ({})",
+                        p.path.display(),
+                        p.width,
+                        p.height,
+                        p.tiles,
+                        p.foreground_fraction.unwrap_or(0.0),
+                        mask.display(),
+                        p.features_from.unwrap_or("")
+                    ),
+                    (None, None) => {}
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -169,103 +235,6 @@ pub fn export(layout: &Layout, args: ExportArgs) -> anyhow::Result<()> {
         println!(
             "  {name:<18} {:>10} bytes  sha256 {}",
             entry.bytes, entry.sha256
-        );
-    }
-    Ok(())
-}
-
-/// `predict` on an anomaly run: a score per image, and the call at the run's
-/// validation threshold.
-fn anomaly_scores(
-    layout: &Layout,
-    run: &str,
-    args: &PredictArgs,
-    images: &[PathBuf],
-    config: &PredictConfig,
-) -> anyhow::Result<()> {
-    use lazarus::predict_anomaly::{score_images, write_csv};
-    let scored = score_images(layout, run, images, config, args.out.as_deref())?;
-    if let Some(output) = &args.output {
-        if output.extension().and_then(|e| e.to_str()) == Some("csv") {
-            write_csv(&scored.images, output)?;
-        } else {
-            lazarus::atomic::write_file(output, &serde_json::to_vec_pretty(&scored)?)?;
-        }
-    }
-    let failed = scored.images.iter().filter(|p| p.error.is_some()).count();
-    if args.json {
-        super::print_json(&scored)?;
-    } else {
-        println!(
-            "run {} ({}): anomalous at score >= {:.4} (best F1 on the validation split)",
-            scored.run, scored.scorer, scored.threshold
-        );
-        for p in &scored.images {
-            match (&p.error, p.score, p.anomalous) {
-                (Some(error), _, _) => eprintln!("error: {}: {error}", p.path.display()),
-                (None, Some(score), Some(anomalous)) => println!(
-                    "{}: score {score:.4} {} ({}){}",
-                    p.path.display(),
-                    if anomalous { "anomalous" } else { "normal" },
-                    p.features_from.unwrap_or(""),
-                    p.heatmap
-                        .as_ref()
-                        .map(|h| format!(", heat map {}", h.display()))
-                        .unwrap_or_default()
-                ),
-                _ => {}
-            }
-        }
-    }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} images could not be scored",
-            scored.images.len()
-        );
-    }
-    Ok(())
-}
-
-fn predict_segment(
-    layout: &Layout,
-    run: &str,
-    args: &PredictArgs,
-    images: &[PathBuf],
-) -> anyhow::Result<()> {
-    let Some(out_dir) = args.out.clone() else {
-        bail!("--out DIR is required with a segmentation run (masks and overlays go there)");
-    };
-    let config = lazarus::segment::predict::SegmentPredictConfig {
-        out_dir,
-        device: super::queue::device(args.device)?,
-        batch_size: args.batch_size as usize,
-    };
-    let predictions = lazarus::segment::predict::predict(layout, run, images, &config)?;
-    let failed = predictions.iter().filter(|p| p.error.is_some()).count();
-    if args.json {
-        super::print_json(&predictions)?;
-    } else {
-        for p in &predictions {
-            match (&p.error, &p.mask) {
-                (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
-                (None, Some(mask)) => println!(
-                    "{}: {}x{} in {} tiles, foreground {:.3}: {} ({})",
-                    p.path.display(),
-                    p.width,
-                    p.height,
-                    p.tiles,
-                    p.foreground_fraction.unwrap_or(0.0),
-                    mask.display(),
-                    p.features_from.unwrap_or("")
-                ),
-                (None, None) => {}
-            }
-        }
-    }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} images could not be segmented",
-            predictions.len()
         );
     }
     Ok(())

@@ -198,7 +198,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         chunk_size: args.chunk_size,
         force: args.force,
         spatial: args.spatial,
-        tiling: lazarus::segment::tile::TileConfig {
+        tiling: lazarus::spatial::tile::TileConfig {
             size: args.tile_size,
             overlap: args.tile_overlap,
         },

@@ -4,6 +4,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
+use lazarus::runs::ResumedRun;
 use lazarus::train::anomaly::patch::{self, PatchConfig};
 use lazarus::train::anomaly::{
     self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
@@ -207,24 +208,10 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// Parses sizes such as `4GiB`, `512MiB`, `1000000`.
+/// Parses sizes such as `4GiB`, `512MiB`, `1000000` (`memory::parse_bytes`,
+/// which sweep files use too).
 pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .with_context(|| format!("memory size {text:?}"))?;
-    let scale = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => bail!("unknown memory unit {other:?} in {text:?}: use B, KiB, MiB or GiB"),
-    };
-    Ok(number * scale)
+    lazarus::memory::parse_bytes(text).map_err(anyhow::Error::msg)
 }
 
 /// The run configuration the flags describe (class weights from a file are
@@ -374,13 +361,10 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.json,
     };
     if let Some(run_id) = &args.resume {
-        if lazarus::segment::predict::is_segment_run(layout, run_id)? {
-            let report =
-                lazarus::segment::train::resume(layout, run_id, &options.device, !args.json)?;
-            return print_segment_report(&report, args.json);
-        }
-        let report = session::resume(layout, run_id, &options)?;
-        return print_report(&report, args.json);
+        return match lazarus::runs::resume(layout, run_id, &options)? {
+            ResumedRun::Classify(report) => print_report(&report, args.json),
+            ResumedRun::Segment(report) => print_segment_report(&report, args.json),
+        };
     }
     let dataset = args.dataset.as_deref().expect("clap requires --dataset");
     let encoder = args.encoder.as_deref().expect("clap requires --encoder");
@@ -600,7 +584,7 @@ pub struct SweepArgs {
 }
 
 pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
-    let sweep = lazarus::train::sweep::read(&args.file)?;
+    let sweep = lazarus::runs::sweep_file::read(&args.file)?;
     let started = std::time::Instant::now();
     let all_anomaly = sweep.points.iter().all(|p| p.config.task == Task::Anomaly);
     let metric = args.metric.clone().unwrap_or_else(|| {
@@ -610,7 +594,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
             "test/accuracy".into()
         }
     });
-    let options = session::SweepOptions {
+    let options = lazarus::runs::SweepOptions {
         fit: FitOptions {
             device: super::queue::device(args.device)?,
             progress: !args.json,
@@ -619,7 +603,7 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         chart_metric: metric.clone(),
         allow_partial: args.allow_partial,
     };
-    let outcome = session::sweep(layout, &sweep, &options)?;
+    let outcome = lazarus::runs::sweep(layout, &sweep, &options)?;
     // Runs that failed are reported after everything else, and fail the verb.
     let failed = || -> anyhow::Result<()> {
         for error in &outcome.failed {

@@ -24,7 +24,7 @@ use crate::digest::{ContentId, sha256_hex};
 use crate::encoders::{self, EncoderSpec};
 use crate::layout::Layout;
 use crate::queue::{LiveJob, NewJob, Plan};
-use crate::segment::tile::TileConfig;
+use crate::spatial::tile::{TileConfig, spatial_preprocess};
 
 /// Where the encoder weights come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,15 +226,6 @@ pub fn fingerprint(
         }),
     };
     sha256_hex(identity.to_string().as_bytes())
-}
-
-/// Spatial extraction stretches each tile to the input square (no crop), so
-/// every pixel of the image lies in some tile and masks align with the maps.
-pub fn spatial_preprocess(encoder: &EncoderSpec) -> crate::preprocess::PreprocessConfig {
-    crate::preprocess::PreprocessConfig {
-        resize: crate::preprocess::ResizePolicy::Stretch,
-        ..encoder.preprocess.clone()
-    }
 }
 
 fn sha256_file(path: &Path) -> Result<String, ExtractError> {

@@ -31,7 +31,7 @@ use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::plan::{ExtractPayload, JobImage, ManifestRows, fingerprint, spatial_preprocess};
+use super::plan::{ExtractPayload, JobImage, ManifestRows, fingerprint};
 use super::{ExtractError, KIND_EXTRACT};
 use crate::digest::ContentId;
 use crate::encoders::{self, Encoder, WeightsSource};
@@ -40,7 +40,7 @@ use crate::features::{self, JobRef, MapData, ReconcileConfig, ShardData, Spatial
 use crate::layout::Layout;
 use crate::queue::worker::Outcome;
 use crate::queue::{ItemFailure, JobResult, Lease, Queue};
-use crate::segment::tile::{self, PreparedTile, TileConfig};
+use crate::spatial::tile::{self, PreparedTile, TileConfig, spatial_preprocess};
 
 /// Settings of the extraction side of a worker.
 #[derive(Debug, Clone)]

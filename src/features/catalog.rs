@@ -3,8 +3,9 @@
 //! fingerprint, which fingerprint folder holds them, and the rows of the
 //! dataset's images in it, joined by content id. `train`, `sweep`,
 //! `review`, `drift`, segmentation and anomaly runs read features through
-//! [`open`]; `predict` looks cached images up by content id in a whole
-//! folder (`FeatureSet::rows_of`).
+//! [`open`]; prediction (every task, from a run or a bundle) looks cached
+//! images up by content id in the whole folder a run recorded, through
+//! [`FeatureCache`].
 //!
 //! A fingerprint folder is shared by every dataset, so "the features of
 //! dataset D" are the folders holding rows of D's images. Without a
@@ -12,6 +13,7 @@
 //! are candidates; those holding rows of D's images are the choice, and
 //! more than one is refused with a list to pick from (`--fingerprint`).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::{FeatureError, FeatureSet, feature_dir, legacy_feature_dir};
@@ -170,6 +172,44 @@ fn dataset_ids(
         Ok(())
     })?;
     Ok(ids)
+}
+
+/// Cached feature rows of one fingerprint folder, found by image content
+/// id: any image some dataset extracted with these settings, not only the
+/// images of the run's dataset.
+pub struct FeatureCache {
+    features: FeatureSet,
+}
+
+impl FeatureCache {
+    /// The features of `fingerprint` (every published shard of its folder).
+    pub fn open(layout: &Layout, fingerprint: &str) -> Result<Self, FeatureError> {
+        let features = FeatureSet::open(&feature_dir(layout, fingerprint))?;
+        Ok(FeatureCache { features })
+    }
+
+    /// The cache of `fingerprint` when its folder exists; None otherwise
+    /// (removed to save space: every image then goes through the encoder).
+    pub fn open_if_present(
+        layout: &Layout,
+        fingerprint: &str,
+    ) -> Result<Option<Self>, FeatureError> {
+        if feature_dir(layout, fingerprint).is_dir() {
+            Self::open(layout, fingerprint).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    pub fn features(&self) -> &FeatureSet {
+        &self.features
+    }
+
+    /// The cached rows of the image whose bytes hash to `sha256` (a
+    /// spatial set's tiles of it, in order), or None when the cache lacks it.
+    pub fn rows(&self, sha256: &[u8; 32]) -> Option<Range<usize>> {
+        Some(self.features.rows_of(sha256)).filter(|rows| !rows.is_empty())
+    }
 }
 
 /// The fingerprint folder a request names (see the module's note), opened whole.

@@ -1,13 +1,11 @@
-//! Segmentation on spatial features: masks (`mask`), tiling of large images
-//! at extraction (`tile`), a per-position head over the encoder's feature
-//! maps trained with BCE plus soft Dice (`train`), and prediction that
-//! stitches tiles back into full-resolution masks and overlays (`predict`).
+//! Segmentation on spatial features: a per-position head over the
+//! encoder's feature maps trained with BCE plus soft Dice (`train`), its
+//! model and head file (`model`) and pixel metrics (`metrics`). Masks,
+//! tiles, grids and stitching are the `spatial` module's, shared with
+//! extraction and anomaly scoring; prediction is `predict::segment`.
 
-pub mod mask;
 pub mod metrics;
 pub mod model;
-pub mod predict;
-pub mod tile;
 pub mod train;
 
 use std::path::PathBuf;
@@ -42,6 +40,8 @@ pub enum SegmentError {
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
     Encoder(#[from] crate::encoders::EncoderError),
+    #[error(transparent)]
+    Spatial(#[from] crate::spatial::SpatialError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -1,6 +1,7 @@
-//! The segmentation model around a per-position head: the fixed bilinear
-//! operators, upsampling and concatenation of the maps, standardisation,
-//! the loss, and loading a trained head for prediction.
+//! The segmentation model around a per-position head: its logits on the
+//! maps' grid (`crate::spatial::grid::Geometry` upsamples, concatenates and
+//! standardises the maps), the loss, and loading a trained head for
+//! prediction.
 
 use std::path::Path;
 
@@ -9,9 +10,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::SegmentError;
-use super::tile::TileConfig;
 use crate::dataset::MaskKind;
 use crate::features::MapShape;
+use crate::spatial::grid::Geometry;
+use crate::spatial::tile::TileConfig;
 use crate::train::config::TrainConfig;
 use crate::train::head::Head;
 
@@ -34,29 +36,9 @@ pub struct SegmentHeadInfo {
     pub weights: Option<String>,
 }
 
-/// Map shapes as stored in head and scorer files: [stride, channels,
-/// height, width] each, finest first.
-pub fn map_arrays(maps: &[MapShape]) -> Vec<[usize; 4]> {
-    maps.iter()
-        .map(|m| [m.stride, m.channels, m.height, m.width])
-        .collect()
-}
-
-/// The inverse of `map_arrays`.
-pub fn map_shapes(maps: &[[usize; 4]]) -> Vec<MapShape> {
-    maps.iter()
-        .map(|&[stride, channels, height, width]| MapShape {
-            stride,
-            channels,
-            height,
-            width,
-        })
-        .collect()
-}
-
 impl SegmentHeadInfo {
     fn map_shapes(&self) -> Vec<MapShape> {
-        map_shapes(&self.maps)
+        crate::spatial::map_shapes(&self.maps)
     }
 
     /// Classes a pixel can take (background included).
@@ -65,142 +47,23 @@ impl SegmentHeadInfo {
     }
 }
 
-/// Bilinear interpolation weights from `input` to `output` samples, as
-/// PyTorch's `interpolate(mode="bilinear", align_corners=False)`:
-/// row-major [output, input].
-pub fn bilinear_matrix(input: usize, output: usize) -> Vec<f32> {
-    let mut matrix = vec![0f32; output * input];
-    let scale = input as f64 / output as f64;
-    for i in 0..output {
-        let source = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-        let low = (source.floor() as usize).min(input - 1);
-        let high = (low + 1).min(input - 1);
-        let weight = (source - low as f64) as f32;
-        matrix[i * input + low] += 1.0 - weight;
-        matrix[i * input + high] += weight;
-    }
-    matrix
-}
-
-/// The transposed 2-D bilinear operator [in_h * in_w, out_h * out_w]: a row
-/// of flattened maps times it gives the upsampled map (the Kronecker product
-/// of the two 1-D operators, so autodiff sees one matmul).
-pub fn upsample_operator(
-    (in_h, in_w): (usize, usize),
-    (out_h, out_w): (usize, usize),
-    device: &Device,
+/// Head logits per grid cell: [n, outputs, grid_h * grid_w].
+pub fn grid_logits(
+    geometry: &Geometry,
+    head: &Head,
+    maps: &[Tensor],
+    dtype: DType,
+    dropout: Option<&mut ChaCha8Rng>,
 ) -> Result<Tensor, SegmentError> {
-    let rows = bilinear_matrix(in_h, out_h);
-    let columns = bilinear_matrix(in_w, out_w);
-    let mut operator = vec![0f32; in_h * in_w * out_h * out_w];
-    for oy in 0..out_h {
-        for ox in 0..out_w {
-            let out = oy * out_w + ox;
-            for iy in 0..in_h {
-                let wy = rows[oy * in_h + iy];
-                if wy == 0.0 {
-                    continue;
-                }
-                for ix in 0..in_w {
-                    let wx = columns[ox * in_w + ix];
-                    if wx != 0.0 {
-                        operator[(iy * in_w + ix) * out_h * out_w + out] = wy * wx;
-                    }
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(
-        operator,
-        (in_h * in_w, out_h * out_w),
-        device,
-    )?)
-}
-
-/// The fixed parts of the model around the head: map upsampling,
-/// concatenation and standardisation, and the logits' upsampling.
-pub struct Geometry {
-    maps: Vec<MapShape>,
-    /// (height, width) of the finest map.
-    pub grid: (usize, usize),
-    /// Channels of all maps together: the head's input size.
-    pub channels: usize,
-    /// [1, channels, 1, 1].
-    mean: Tensor,
-    inverse_std: Tensor,
-    map_upsample: Vec<Option<Tensor>>,
-}
-
-impl Geometry {
-    pub fn new(
-        maps: Vec<MapShape>,
-        mean: &[f32],
-        std: &[f32],
-        device: &Device,
-    ) -> Result<Self, SegmentError> {
-        let grid = (maps[0].height, maps[0].width);
-        let channels = maps.iter().map(|m| m.channels).sum();
-        let map_upsample = maps
-            .iter()
-            .map(|m| {
-                if (m.height, m.width) == grid {
-                    Ok(None)
-                } else {
-                    upsample_operator((m.height, m.width), grid, device).map(Some)
-                }
-            })
-            .collect::<Result<_, SegmentError>>()?;
-        let inverse: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
-        Ok(Geometry {
-            grid,
-            channels,
-            mean: Tensor::from_slice(mean, (1, channels, 1, 1), device)?,
-            inverse_std: Tensor::from_vec(inverse, (1, channels, 1, 1), device)?,
-            map_upsample,
-            maps,
-        })
-    }
-
-    /// Maps ([n, c, h, w] f32 each, `maps` order) to standardised positions
-    /// [n * grid_h * grid_w, channels].
-    pub fn positions(&self, maps: &[Tensor]) -> Result<Tensor, SegmentError> {
-        let n = maps[0].dim(0)?;
-        let (gh, gw) = self.grid;
-        let mut parts = Vec::with_capacity(maps.len());
-        for ((map, shape), upsample) in maps.iter().zip(&self.maps).zip(&self.map_upsample) {
-            parts.push(match upsample {
-                None => map.clone(),
-                Some(operator) => map
-                    .reshape((n * shape.channels, shape.height * shape.width))?
-                    .matmul(operator)?
-                    .reshape((n, shape.channels, gh, gw))?,
-            });
-        }
-        let x = Tensor::cat(&parts, 1)?
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inverse_std)?;
-        Ok(x.permute((0, 2, 3, 1))?
-            .reshape((n * gh * gw, self.channels))?)
-    }
-
-    /// Head logits per grid cell: [n, outputs, grid_h * grid_w].
-    pub fn grid_logits(
-        &self,
-        head: &Head,
-        maps: &[Tensor],
-        dtype: DType,
-        dropout: Option<&mut ChaCha8Rng>,
-    ) -> Result<Tensor, SegmentError> {
-        let n = maps[0].dim(0)?;
-        let (gh, gw) = self.grid;
-        let positions = self.positions(maps)?.to_dtype(dtype)?;
-        let logits = head.forward(&positions, dtype, dropout)?;
-        let outputs = logits.dim(1)?;
-        Ok(logits
-            .reshape((n, gh * gw, outputs))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
+    let n = maps[0].dim(0)?;
+    let (gh, gw) = geometry.grid;
+    let positions = geometry.positions(maps)?.to_dtype(dtype)?;
+    let logits = head.forward(&positions, dtype, dropout)?;
+    let outputs = logits.dim(1)?;
+    Ok(logits
+        .reshape((n, gh * gw, outputs))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// Loss of logits [n, outputs, pixels] against targets: [n, pixels] of 0/1
@@ -300,23 +163,6 @@ pub fn load_head(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bilinear_matrix_matches_pytorch_align_corners_false() {
-        // torch.nn.functional.interpolate(torch.eye(2)[None], size=4,
-        // mode="linear", align_corners=False) gives, per output sample,
-        // weights [1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1].
-        let matrix = bilinear_matrix(2, 4);
-        let expected = [1.0, 0.0, 0.75, 0.25, 0.25, 0.75, 0.0, 1.0];
-        for (got, want) in matrix.iter().zip(expected) {
-            assert!((got - want).abs() < 1e-6, "{matrix:?}");
-        }
-        // Each output row sums to 1 for any ratio.
-        let matrix = bilinear_matrix(7, 14);
-        for row in matrix.chunks(7) {
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        }
-    }
 
     #[test]
     fn loss_is_small_for_confident_correct_logits_and_large_for_wrong_ones() {

@@ -27,23 +27,25 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::SegmentError;
-use super::mask::read_mask;
 use super::metrics::PixelConfusion;
-use super::model::{
-    Geometry, HEAD_INFO_KEY, SegmentHeadInfo, loss, predicted_classes, upsample_operator,
-};
+use super::model::{HEAD_INFO_KEY, SegmentHeadInfo, grid_logits, loss, predicted_classes};
 use crate::dataset::{self, MaskKind, Split};
 use crate::experiments::run_files::{DICE_FILE, ImageDice, dice_csv};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
+use crate::spatial::grid::Geometry;
+use crate::spatial::map_tensors;
+use crate::spatial::mask::read_mask;
+use crate::spatial::stitch::upsample_operator;
 use crate::train::checkpoint;
 use crate::train::config::{ClassWeights, Task, TrainConfig};
 use crate::train::data::SplitRows;
 use crate::train::head::Head;
 use crate::train::run::{EpochStream, RunInputs, dropout_stream, seeded, write_run_inputs};
 use crate::train::trainer::{BatchPlan, HeadTrainer};
+use crate::train::warm::{self, WarmStart, WarmStartSummary, WarmTarget};
 
 /// Finest grid cells per side are upsampled by this factor for the loss and
 /// the metrics (Lite0: 14 × 8 = 112 pixels per tile side).
@@ -91,36 +93,13 @@ pub struct SegmentReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class_weights: Option<BTreeMap<String, f64>>,
     pub plan: BatchPlan,
+    /// `--init-from RUN`: which layers of that segmentation run's head loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_start: Option<WarmStartSummary>,
     /// Per epoch: `train/loss`, `val/loss`, `val/dice`, `val/iou`, `val/pixel_accuracy`, ...
     pub epochs: Vec<BTreeMap<String, f64>>,
     /// `test/loss`, `test/dice`, `test/iou`, `test/pixel_accuracy` of the kept head.
     pub test: BTreeMap<String, f64>,
-}
-
-/// Per-row maps as f32 tensors [rows, c, h, w], from the mapped f16 cache
-/// (also the patch features of spatial anomaly runs).
-pub fn map_tensors(
-    features: &FeatureSet,
-    rows: &[usize],
-    device: &Device,
-) -> Result<Vec<Tensor>, SegmentError> {
-    features
-        .maps()
-        .iter()
-        .enumerate()
-        .map(|(m, shape)| {
-            let mut values =
-                Vec::with_capacity(rows.len() * shape.channels * shape.height * shape.width);
-            for &row in rows {
-                values.extend(features.map(row, m).iter().map(|v| v.to_f32()));
-            }
-            Ok(Tensor::from_vec(
-                values,
-                (rows.len(), shape.channels, shape.height, shape.width),
-                device,
-            )?)
-        })
-        .collect()
 }
 
 /// The checked inputs of a run: feature rows per split and their masks.
@@ -331,7 +310,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
         info: SegmentHeadInfo {
             encoder: encoder.clone(),
             fingerprint: fingerprint.clone(),
-            maps: super::model::map_arrays(&maps),
+            maps: crate::spatial::map_arrays(&maps),
             outputs,
             mask_kind: kind,
             resolution,
@@ -390,7 +369,7 @@ fn mask_logits(
     dtype: DType,
     dropout: Option<&mut ChaCha8Rng>,
 ) -> Result<Tensor, SegmentError> {
-    let grid = geometry.grid_logits(head, maps, dtype, dropout)?;
+    let grid = grid_logits(geometry, head, maps, dtype, dropout)?;
     let (n, outputs, cells) = grid.dims3()?;
     let pixels = upsample.dim(1)?;
     Ok(grid
@@ -496,11 +475,6 @@ fn segment_config(mut config: TrainConfig) -> Result<TrainConfig, SegmentError> 
             config.label_smoothing
         )));
     }
-    if let Some(source) = &config.init_from {
-        return Err(SegmentError::Invalid(format!(
-            "--init-from {source}: warm starts apply to classification heads only"
-        )));
-    }
     config.validate()?;
     Ok(config)
 }
@@ -586,6 +560,31 @@ impl PixelWeights {
     }
 }
 
+/// The warm start `config.init_from` asks for: another segmentation run's
+/// head, planned for this run's maps, classes and standardisation.
+fn warm_start(
+    layout: &Layout,
+    dataset: &str,
+    config: &TrainConfig,
+    data: &SegmentData,
+) -> Result<Option<WarmStart>, SegmentError> {
+    let Some(source) = &config.init_from else {
+        return Ok(None);
+    };
+    let class_names = class_names(&data.info);
+    let target = WarmTarget {
+        task: Task::Segment,
+        dataset_name: dataset,
+        feature_dim: data.mean.len(),
+        encoder: Some(data.encoder.as_str()),
+        class_names: &class_names,
+        outputs: data.info.outputs,
+        mean: &data.mean,
+        std: &data.std,
+    };
+    Ok(Some(warm::plan_for(layout, source, config, &target)?))
+}
+
 /// Trains a segmentation head as a new run and records it in experiments.db.
 pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport, SegmentError> {
     let mut config = segment_config(request.config.clone())?;
@@ -619,9 +618,15 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         ),
         config: config.clone(),
     };
+    let warm = warm_start(layout, &request.dataset, &config, &data)?;
     let db = ExperimentsDb::open(layout)?;
     let mut params = crate::train::session::params(&config, &request.dataset, &data.encoder);
     params.extend(crate::train::session::input_params(&inputs));
+    params.extend(
+        warm.as_ref()
+            .map(crate::train::session::warm_params)
+            .unwrap_or_default(),
+    );
     params.push(("task".into(), Task::Segment.name().into()));
     params.extend(request.extra_params.iter().cloned());
     let handle = db.start_run(RunStart {
@@ -640,6 +645,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         device: &request.device,
         progress: request.progress,
         resume: false,
+        warm: warm.as_ref(),
     };
     fit(handle, &request.dataset, &data, &config, &options)
 }
@@ -673,11 +679,18 @@ pub fn resume(
     )?;
     let config = segment_config(inputs.config.clone())?;
     let from = checkpoint::latest_epoch(&run_dir)?;
+    // Killed before its first checkpoint: start from the source's weights again.
+    let warm = if from == 0 {
+        warm_start(layout, &inputs.dataset, &config, &data)?
+    } else {
+        None
+    };
     let handle = db.resume_run(run_id, from as u64)?;
     let options = FitOptions {
         device,
         progress,
         resume: true,
+        warm: warm.as_ref(),
     };
     fit(handle, &inputs.dataset, &data, &config, &options)
 }
@@ -688,6 +701,8 @@ struct FitOptions<'a> {
     progress: bool,
     /// Continue from the newest checkpoint in the run's folder, if any.
     resume: bool,
+    /// Start from another segmentation run's weights (a checkpoint wins).
+    warm: Option<&'a WarmStart>,
 }
 
 /// Trains the head of run `handle` (fresh, or from its newest checkpoint),
@@ -730,6 +745,10 @@ fn fit(
         plan,
         device,
     )?;
+    if let Some(warm) = options.warm {
+        warm.apply(&trainer.head)?;
+    }
+    let warm = options.warm;
     let run_dir = handle.dir().to_path_buf();
     let resumed_from_epoch = if options.resume {
         checkpoint::restore_latest(&run_dir, config, &mut trainer, device)?
@@ -891,6 +910,7 @@ fn fit(
                 .collect()
         }),
         plan: trainer.plan,
+        warm_start: warm.map(|w| w.summary.clone()),
         epochs: trainer.state.history.clone(),
         test,
     };

@@ -19,7 +19,6 @@ pub mod metrics;
 pub mod run;
 pub mod schedule;
 pub mod session;
-pub mod sweep;
 pub mod trainer;
 pub mod warm;
 
@@ -58,7 +57,7 @@ pub enum TrainError {
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
-    Segment(Box<crate::segment::SegmentError>),
+    Spatial(#[from] crate::spatial::SpatialError),
     /// Writing a run's files failed (a full disk, a read-only folder).
     #[error("cannot write {}: {error}", path.display())]
     Io {

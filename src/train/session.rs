@@ -1,6 +1,7 @@
-//! Training runs recorded in `experiments/experiments.db`: `train`,
-//! `train --resume` and `sweep`. Each head is one run: started in the
-//! database (params, tags, config hash), its epochs logged as they finish,
+//! Classification runs recorded in `experiments/experiments.db`: `train`
+//! and `train --resume` (the top-level `runs` module's sweeps and resumes
+//! start and finish heads through the same functions). Each head is one
+//! run: started in the database (params, tags, config hash), its epochs logged as they finish,
 //! its artifacts written into `experiments/runs/<id>/` (head, config,
 //! metrics, model card, plots), then finished with its summary metrics. A run
 //! whose process dies stays `RUNNING` until the next open of the database
@@ -13,7 +14,6 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::TrainError;
-use super::anomaly::{AnomalyOptions, AnomalyReport};
 use super::config::{ClassWeights, HeadConfig, Optimizer, Task, TrainConfig};
 use super::data::{self, TrainData};
 use super::run::{
@@ -21,11 +21,8 @@ use super::run::{
     run_inputs, write_run_inputs,
 };
 use super::schedule::Schedule;
-use super::sweep::Sweep;
 use super::warm::{self, WarmStart};
-use crate::experiments::{
-    self, AblationQuery, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus, WhereClause,
-};
+use crate::experiments::{self, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::layout::Layout;
 
 /// The params row of a run: the sweep-file names of its settings (an
@@ -70,13 +67,36 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             out.push(("momentum".into(), momentum.into()));
         }
     }
-    let schedule = match config.schedule {
-        Schedule::Constant => "constant",
-        Schedule::Cosine { .. } => "cosine",
-        Schedule::Step { .. } => "step",
-        Schedule::ReduceOnPlateau { .. } => "plateau",
-    };
-    out.push(("schedule".into(), schedule.into()));
+    // The schedule and its own settings, under their sweep keys, so that a
+    // sweep over any of them charts and ablates by it.
+    match config.schedule {
+        Schedule::Constant => out.push(("schedule".into(), "constant".into())),
+        Schedule::Cosine { warmup_steps } => {
+            out.push(("schedule".into(), "cosine".into()));
+            out.push(("warmup_steps".into(), (warmup_steps as f64).into()));
+        }
+        Schedule::Step {
+            every_epochs,
+            gamma,
+        } => {
+            out.push(("schedule".into(), "step".into()));
+            out.push(("step_epochs".into(), (every_epochs as f64).into()));
+            out.push(("step_gamma".into(), gamma.into()));
+        }
+        Schedule::ReduceOnPlateau { patience, factor } => {
+            out.push(("schedule".into(), "plateau".into()));
+            out.push(("plateau_patience".into(), (patience as f64).into()));
+            out.push(("plateau_factor".into(), factor.into()));
+        }
+    }
+    out.push((
+        "memory_budget".into(),
+        (config.memory_budget_bytes as f64).into(),
+    ));
+    out.push((
+        "checkpoint_every".into(),
+        (config.checkpoint_every as f64).into(),
+    ));
     if let Some(stop) = &config.early_stopping {
         out.push(("patience".into(), (stop.patience as f64).into()));
     }
@@ -172,7 +192,7 @@ pub fn train_warm(
 /// A classifier needs two classes in its training split: with one, every
 /// prediction is right and the run would report accuracy 1.0 having learnt
 /// nothing.
-fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
+pub(crate) fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
     let mut present: Vec<usize> = data.train.labels.clone();
     present.sort_unstable();
     present.dedup();
@@ -192,7 +212,7 @@ fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
 }
 
 /// The params that say where a warm-started run came from and what loaded.
-fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
+pub(crate) fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
     vec![
         ("init_from".into(), warm.summary.source_run.as_str().into()),
         ("init_layers".into(), warm.summary.layer_states().into()),
@@ -312,7 +332,7 @@ pub(crate) fn summary_metrics(
 /// Trains the runs together, then writes each one's artifacts and finishes
 /// it; a run whose head diverged is finished FAILED and its error returned
 /// in its place.
-fn fit_and_finish(
+pub(crate) fn fit_and_finish(
     data: &TrainData,
     runs: Vec<(RunHandle, RunInputs, bool, Option<WarmStart>)>,
     options: &FitOptions,
@@ -512,284 +532,6 @@ fn write_artifacts(
     )?;
     experiments::plots::confusion_matrix(&plots, &data.class_names, &report.test_confusion_matrix)?;
     Ok(())
-}
-
-/// What `sweep` did with each head.
-#[derive(Debug, Clone, Serialize)]
-pub struct SweepOutcome {
-    pub sweep: String,
-    /// Runs trained now (fresh or resumed).
-    pub trained: Vec<RunReport>,
-    /// Runs that failed (their heads diverged), recorded FAILED: why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub failed: Vec<String>,
-    /// Anomaly runs (`task = "anomaly"`) fitted now.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub anomaly: Vec<AnomalyReport>,
-    /// (config hash, run id) of configs already FINISHED, skipped.
-    pub skipped: Vec<(String, String)>,
-    /// Passes over the features: one per feature set (and label map).
-    pub passes: usize,
-    /// Segmentation runs trained now (`task = "segment"`), one by one.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub segmented: Vec<crate::segment::train::SegmentReport>,
-    /// The comparison chart of the sweep's runs.
-    pub charts: Vec<PathBuf>,
-}
-
-/// How a sweep runs.
-pub struct SweepOptions {
-    pub fit: FitOptions,
-    /// Retrain configs that already FINISHED.
-    pub force: bool,
-    /// The metric the comparison chart shows.
-    pub chart_metric: String,
-    /// Train on the images that have features when some lack them.
-    pub allow_partial: bool,
-}
-
-/// Trains every head of a sweep; heads on the same features in one pass.
-pub fn sweep(
-    layout: &Layout,
-    sweep: &Sweep,
-    options: &SweepOptions,
-) -> Result<SweepOutcome, TrainError> {
-    let db = ExperimentsDb::open(layout)?;
-    // Group heads by the features they read: pooled, or spatial for
-    // patch-level anomaly points.
-    let mut groups: BTreeMap<(String, String, bool), Vec<usize>> = BTreeMap::new();
-    let mut segment_points = Vec::new();
-    for (i, point) in sweep.points.iter().enumerate() {
-        if point.config.task == Task::Segment {
-            segment_points.push(i);
-            continue;
-        }
-        let spatial = point
-            .config
-            .anomaly
-            .as_ref()
-            .is_some_and(|a| a.patch.is_some());
-        groups
-            .entry((point.dataset.clone(), point.encoder.clone(), spatial))
-            .or_default()
-            .push(i);
-    }
-    let sweep_param = vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))];
-    let mut outcome = SweepOutcome {
-        sweep: sweep.name.clone(),
-        trained: Vec::new(),
-        failed: Vec::new(),
-        anomaly: Vec::new(),
-        skipped: Vec::new(),
-        passes: 0,
-        segmented: Vec::new(),
-        charts: Vec::new(),
-    };
-    for ((dataset, encoder, spatial), members) in groups {
-        let fingerprint = find_fingerprint(layout, &dataset, &encoder, spatial)?;
-        let mut configs: Vec<TrainConfig> = Vec::new();
-        for &i in &members {
-            let mut config = sweep.points[i].config.clone();
-            config.label_map = sweep.label_map.clone();
-            configs.push(config);
-        }
-        let mut load = load_config(&configs[0]);
-        load.allow_partial = options.allow_partial;
-        if configs.iter().all(|c| c.task == Task::Anomaly) {
-            load.split_labels = data::SplitLabels::Any;
-        }
-        let data = data::load(layout, &dataset, Some(&fingerprint), &load)?;
-        // Anomaly scorers need no shared batches: each is fitted on its own.
-        let (anomaly_configs, configs): (Vec<TrainConfig>, Vec<TrainConfig>) = configs
-            .into_iter()
-            .partition(|config| config.task == Task::Anomaly);
-        if !anomaly_configs.is_empty() {
-            let anomaly_options = AnomalyOptions {
-                device: options.fit.device.clone(),
-            };
-            let (reports, skipped) = super::anomaly::sweep_runs(
-                layout,
-                &db,
-                &data,
-                &sweep.name,
-                &anomaly_configs,
-                options.force,
-                &anomaly_options,
-            )?;
-            outcome.anomaly.extend(reports);
-            outcome.skipped.extend(skipped);
-        }
-        if !configs.is_empty() {
-            require_two_classes(&data)?;
-        }
-        let mut runs = Vec::new();
-        let mut seen = BTreeSet::new();
-        for config in configs {
-            let inputs = run_inputs(&data, &config);
-            if !seen.insert(inputs.config_hash.clone()) {
-                continue; // the same head listed twice
-            }
-            if !options.force
-                && let Some(id) = db.find_finished(&inputs.config_hash)?
-            {
-                outcome.skipped.push((inputs.config_hash.clone(), id));
-                continue;
-            }
-            let resumable = if options.force {
-                None
-            } else {
-                db.find_resumable(&inputs.config_hash)?
-            };
-            match resumable {
-                Some(id) => {
-                    let dir = db.run_dir(&id);
-                    let from = super::checkpoint::latest_epoch(&dir)?;
-                    let handle = db.resume_run(&id, from as u64)?;
-                    runs.push((handle, inputs, true, None));
-                }
-                None => {
-                    let handle = start(&db, &sweep.name, &inputs, &sweep_param)?;
-                    runs.push((handle, inputs, false, None));
-                }
-            }
-        }
-        if runs.is_empty() {
-            continue;
-        }
-        outcome.passes += 1;
-        for result in fit_and_finish(&data, runs, &options.fit)? {
-            match result {
-                Ok(report) => outcome.trained.push(report),
-                Err(error) => outcome.failed.push(error.to_string()),
-            }
-        }
-    }
-    sweep_segment_points(layout, &db, sweep, &segment_points, options, &mut outcome)?;
-    // A sweep of segmentation heads has no accuracy: chart its Dice instead.
-    let chart_metric =
-        if segment_points.len() == sweep.points.len() && options.chart_metric == "test/accuracy" {
-            "test/dice"
-        } else {
-            options.chart_metric.as_str()
-        };
-    outcome.charts = sweep_chart(layout, &db, sweep, chart_metric)?;
-    Ok(outcome)
-}
-
-/// The folder of a sweep group's features: pooled, or spatial (patch-level
-/// anomaly and segmentation points), made by `encoder` (`features::catalog`).
-fn find_fingerprint(
-    layout: &Layout,
-    dataset: &str,
-    encoder: &str,
-    spatial: bool,
-) -> Result<String, TrainError> {
-    use crate::features::catalog::{FeatureKind, FeatureRequest, find_fingerprint};
-    Ok(find_fingerprint(
-        layout,
-        &FeatureRequest {
-            dataset,
-            encoder: Some(encoder),
-            kind: Some(if spatial {
-                FeatureKind::Spatial
-            } else {
-                FeatureKind::Pooled
-            }),
-            ..FeatureRequest::default()
-        },
-    )?)
-}
-
-/// Segmentation heads of a sweep: each its own run over the spatial
-/// features (finished configs are skipped unless `force`).
-fn sweep_segment_points(
-    layout: &Layout,
-    db: &ExperimentsDb,
-    sweep: &Sweep,
-    points: &[usize],
-    options: &SweepOptions,
-    outcome: &mut SweepOutcome,
-) -> Result<(), TrainError> {
-    use crate::segment::train as segment;
-    let mut seen = BTreeSet::new();
-    for &i in points {
-        let point = &sweep.points[i];
-        let fingerprint = find_fingerprint(layout, &point.dataset, &point.encoder, true)?;
-        let version = crate::dataset::load_info(layout, &point.dataset)?.version;
-        let config_hash = point
-            .config
-            .config_hash_at(&point.dataset, version, &fingerprint);
-        if !seen.insert(config_hash.clone()) {
-            continue;
-        }
-        if !options.force
-            && let Some(id) = db.find_finished(&config_hash)?
-        {
-            outcome.skipped.push((config_hash, id));
-            continue;
-        }
-        let request = segment::SegmentRequest {
-            dataset: point.dataset.clone(),
-            encoder: point.encoder.clone(),
-            fingerprint: Some(fingerprint),
-            experiment: sweep.name.clone(),
-            config: point.config.clone(),
-            device: options.fit.device.clone(),
-            progress: options.fit.progress,
-            extra_params: vec![("sweep".to_string(), ParamValue::from(sweep.name.as_str()))],
-            class_weights_file: None,
-            allow_partial: options.allow_partial,
-        };
-        let report =
-            segment::train(layout, &request).map_err(|e| TrainError::Segment(Box::new(e)))?;
-        outcome.segmented.push(report);
-    }
-    Ok(())
-}
-
-/// experiments/sweeps/<name>/comparison.svg|png: every configuration of the
-/// sweep (seeds pooled) by its mean chart metric.
-fn sweep_chart(
-    layout: &Layout,
-    db: &ExperimentsDb,
-    sweep: &Sweep,
-    metric: &str,
-) -> Result<Vec<PathBuf>, TrainError> {
-    // The axes that vary, seeds pooled.
-    let mut by: Vec<String> = Vec::new();
-    for point in &sweep.points {
-        for (key, value) in &point.params {
-            if key != "seed"
-                && !by.contains(key)
-                && sweep
-                    .points
-                    .iter()
-                    .any(|other| other.params.get(key) != Some(value))
-            {
-                by.push(key.clone());
-            }
-        }
-    }
-    if by.is_empty() {
-        by.push("head".into());
-    }
-    let report = db.ablate(&AblationQuery {
-        by,
-        metric: metric.to_string(),
-        wheres: vec![WhereClause {
-            key: "sweep".into(),
-            value: sweep.name.clone(),
-        }],
-        baseline: None,
-    })?;
-    let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
-    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
-    let points = experiments::plots::SweepPoint::from_ablation(&report);
-    Ok(experiments::plots::sweep_chart(
-        &dir.join("comparison"),
-        metric,
-        &points,
-    )?)
 }
 
 /// The class-weight setting a file names, resolved against the classes.

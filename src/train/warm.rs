@@ -1,5 +1,8 @@
 //! Warm starts (`train --init-from RUN`): a new head starts from another
-//! run's weights instead of its seeded initialisation.
+//! run's weights instead of its seeded initialisation. Classification heads
+//! start from classification runs and segmentation heads from segmentation
+//! runs (`WarmTarget` says what the new head reads and predicts); a head of
+//! another task reads other features and is refused.
 //!
 //! Layers load in order while their shapes chain: the hidden layers of an
 //! MLP load when the feature dimension and hidden sizes match; the output
@@ -19,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::TrainError;
-use super::config::TrainConfig;
+use super::config::{Task, TrainConfig};
 use super::data::TrainData;
 use super::head::Head;
 use super::run::read_run_inputs;
@@ -90,12 +93,57 @@ impl WarmStartSummary {
     }
 }
 
-/// Plans a warm start of a head with `config` on `data` from run `source_run`.
+/// What a warm-started head reads and predicts: its task, its features'
+/// dimension and encoder, its classes and outputs, and the standardisation
+/// of its training split.
+pub struct WarmTarget<'a> {
+    pub task: Task,
+    pub dataset_name: &'a str,
+    pub feature_dim: usize,
+    pub encoder: Option<&'a str>,
+    /// The class names the run records (a binary mask's are background
+    /// and foreground).
+    pub class_names: &'a [String],
+    /// The head's outputs: the classes, or 1 for a binary mask.
+    pub outputs: usize,
+    pub mean: &'a [f32],
+    pub std: &'a [f32],
+}
+
+impl<'a> WarmTarget<'a> {
+    /// A classification head on `data`.
+    pub fn classifier(data: &'a TrainData) -> Self {
+        WarmTarget {
+            task: Task::Classify,
+            dataset_name: &data.dataset_name,
+            feature_dim: data.features.feature_dim(),
+            encoder: data.features.metadata().get("encoder").map(String::as_str),
+            class_names: &data.class_names,
+            outputs: data.class_names.len(),
+            mean: &data.mean,
+            std: &data.std,
+        }
+    }
+}
+
+/// Plans a warm start of a classification head with `config` on `data`
+/// from run `source_run`.
 pub fn plan(
     layout: &Layout,
     source_run: &str,
     config: &TrainConfig,
     data: &TrainData,
+) -> Result<WarmStart, TrainError> {
+    plan_for(layout, source_run, config, &WarmTarget::classifier(data))
+}
+
+/// Plans a warm start of a head with `config` for `target` from run
+/// `source_run`, which must be a finished run of the same task.
+pub fn plan_for(
+    layout: &Layout,
+    source_run: &str,
+    config: &TrainConfig,
+    target: &WarmTarget<'_>,
 ) -> Result<WarmStart, TrainError> {
     let invalid =
         |message: String| TrainError::Invalid(format!("--init-from {source_run}: {message}"));
@@ -115,6 +163,14 @@ pub fn plan(
         )));
     }
     let inputs = read_run_inputs(&run_dir)?;
+    if inputs.config.task != target.task {
+        return Err(invalid(format!(
+            "run {source_run} is a {} run; a {} head starts only from another {} run",
+            inputs.config.task.name(),
+            target.task.name(),
+            target.task.name()
+        )));
+    }
     let tensors = super::checkpoint::load_tensors(&head_path, &Device::Cpu)?;
     let tensor = |name: &str| {
         tensors
@@ -125,31 +181,30 @@ pub fn plan(
     };
     let (source_mean, source_std) = (tensor("input_mean")?, tensor("input_std")?);
     let source_dim = source_mean.dims1()?;
-    let dim = data.features.feature_dim();
-    let encoder = data.features.metadata().get("encoder");
+    let dim = target.feature_dim;
+    let encoder = target.encoder;
     if source_dim != dim {
         return Err(invalid(format!(
             "its head reads {source_dim}-dimensional features (encoder {}), the features of \
              dataset {} have {dim} (encoder {}); a warm start needs features of the same encoder",
             inputs.encoder.as_deref().unwrap_or("unknown"),
-            data.dataset_name,
-            encoder.map_or("unknown", String::as_str)
+            target.dataset_name,
+            encoder.unwrap_or("unknown")
         )));
     }
-    if let (Some(source), Some(this)) = (&inputs.encoder, encoder)
+    if let (Some(source), Some(this)) = (inputs.encoder.as_deref(), encoder)
         && source != this
     {
         return Err(invalid(format!(
             "its head was trained on features of encoder {source}, dataset {}'s features \
              are from {this}; a warm start needs features of the same encoder",
-            data.dataset_name
+            target.dataset_name
         )));
     }
     let source = Head::from_tensors(&inputs.config.head, &tensors, source_dim)?;
 
-    let classes = data.class_names.len();
     let mut sizes = vec![dim];
-    sizes.extend(config.head.layer_sizes(classes));
+    sizes.extend(config.head.layer_sizes(target.outputs));
     let layer_count = sizes.len() - 1;
     let mut layers = Vec::with_capacity(layer_count);
     let mut summary = WarmStartSummary {
@@ -190,18 +245,20 @@ pub fn plan(
                         format!(
                             " (source classes {}, this run {})",
                             inputs.class_names.join(","),
-                            data.class_names.join(",")
+                            target.class_names.join(",")
                         )
                     } else {
                         String::new()
                     }
                 ))
             }
-            Some(_) if is_output && inputs.class_names != data.class_names => Some(format!(
-                "output layer {i}: the source classes {} are not this run's {}",
-                inputs.class_names.join(","),
-                data.class_names.join(",")
-            )),
+            Some(_) if is_output && inputs.class_names.as_slice() != target.class_names => {
+                Some(format!(
+                    "output layer {i}: the source classes {} are not this run's {}",
+                    inputs.class_names.join(","),
+                    target.class_names.join(",")
+                ))
+            }
             Some(_) => None,
         };
         match reason {
@@ -216,7 +273,7 @@ pub fn plan(
                 let (mut weight, mut bias) = (weight.as_tensor().clone(), bias.as_tensor().clone());
                 if i == 0 {
                     (weight, bias) =
-                        restandardise(&weight, &bias, (&source_mean, &source_std), data)?;
+                        restandardise(&weight, &bias, (&source_mean, &source_std), target)?;
                 }
                 summary.loaded.push(i);
                 layers.push(Some((weight, bias)));
@@ -231,11 +288,11 @@ fn restandardise(
     weight: &Tensor,
     bias: &Tensor,
     (source_mean, source_std): (&Tensor, &Tensor),
-    data: &TrainData,
+    target: &WarmTarget<'_>,
 ) -> Result<(Tensor, Tensor), TrainError> {
     let device = weight.device();
-    let mean = Tensor::from_slice(&data.mean, data.mean.len(), device)?;
-    let std = Tensor::from_slice(&data.std, data.std.len(), device)?;
+    let mean = Tensor::from_slice(target.mean, target.mean.len(), device)?;
+    let std = Tensor::from_slice(target.std, target.std.len(), device)?;
     let scale = (std / source_std)?;
     let shift = ((mean - source_mean)? / source_std)?;
     let scaled = weight.broadcast_mul(&scale.unsqueeze(0)?)?;

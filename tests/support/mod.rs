@@ -356,3 +356,27 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+
+/// A `LAZARUS_CACHE` under `dir` whose installed Lite0 weights are a file
+/// that is not the real one (and not even a safetensors file), recorded
+/// with its own sha256 so the install itself is consistent. Returns the
+/// cache folder and that sha256: a predictor that loads these weights
+/// fails on the file; one that checks them first names both sums.
+pub fn other_weights_cache(dir: &Path) -> (PathBuf, String) {
+    let cache = dir.join("other-weights-cache");
+    let weights = cache.join("weights/efficientnet-lite0");
+    std::fs::create_dir_all(&weights).unwrap();
+    std::fs::write(weights.join("model.safetensors"), b"other weights").unwrap();
+    let installed = lazarus::digest::sha256_hex(b"other weights");
+    std::fs::write(weights.join("model.sha256"), &installed).unwrap();
+    (cache, installed)
+}
+
+/// `lazarus --root ROOT ARGS...` with `LAZARUS_CACHE` set to `cache`.
+pub fn lazarus_with_cache(root: &Path, cache: &Path, args: &[&str]) -> Output {
+    queue_command(root, None)
+        .env("LAZARUS_CACHE", cache)
+        .args(args)
+        .output()
+        .expect("the lazarus binary runs")
+}

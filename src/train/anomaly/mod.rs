@@ -1109,8 +1109,7 @@ fn pixel_roc_auc(
     let mut positives = Vec::new();
     for ((record, image), &image_anomalous) in records.iter().zip(images).zip(anomalous) {
         let mask_path = record.mask.as_ref().expect("checked above");
-        let mask = crate::segment::mask::read_mask(mask_path, crate::dataset::MaskKind::Binary)
-            .map_err(|e| TrainError::Segment(Box::new(e)))?;
+        let mask = crate::spatial::mask::read_mask(mask_path, crate::dataset::MaskKind::Binary)?;
         if (mask.width, mask.height) != (record.width, record.height) {
             return Err(TrainError::Invalid(format!(
                 "mask {} is {}x{}, its image {} is {}x{}",

@@ -3,9 +3,10 @@
 //!
 //! A patch is one position of the finest map (stride 16 for Lite0), its
 //! features the finest map's channels with every coarser map bilinearly
-//! upsampled to that grid and concatenated (the segmentation model's
-//! `Geometry`), optionally a seeded random subset of the channels (PaDiM),
-//! standardised per channel over the normal training patches.
+//! upsampled to that grid and concatenated (`spatial::grid::Geometry`, as
+//! segmentation heads read them), optionally a seeded random subset of the
+//! channels (PaDiM), standardised per channel over the normal training
+//! patches.
 //!
 //! - `knn` (PatchCore): a memory bank of the normal training patches (greedy
 //!   k-center coreset optional); a patch scores the mean distance to its `k`
@@ -15,7 +16,7 @@
 //!
 //! An image scores the largest patch score of its tiles. Its heat map is the
 //! patch scores upsampled bilinearly to each tile's pixels, averaged where
-//! tiles overlap (`segment::tile::Stitcher`), then Gaussian-smoothed.
+//! tiles overlap (`spatial::stitch::Stitcher`), then Gaussian-smoothed.
 
 use std::collections::HashMap;
 
@@ -28,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use super::scorer::{Gaussian, MemoryBank, QUERY_BLOCK, Standardiser, gaussian_fit_bytes};
 use super::{MemoryPlan, Scorer};
 use crate::features::{FeatureSet, MapShape};
-use crate::segment::model::Geometry;
-use crate::segment::tile::{Stitcher, TileConfig};
+use crate::spatial::grid::Geometry;
+use crate::spatial::stitch::Stitcher;
+use crate::spatial::tile::TileConfig;
 use crate::train::TrainError;
 
 /// Neighbours of a patch's k-NN score unless `--k` says otherwise
@@ -111,9 +113,7 @@ impl PatchGeometry {
         device: &Device,
     ) -> Result<Self, TrainError> {
         let channels: usize = maps.iter().map(|m| m.channels).sum();
-        let segment = |e: crate::segment::SegmentError| TrainError::Segment(Box::new(e));
-        let geometry = Geometry::new(maps, &vec![0.0; channels], &vec![1.0; channels], device)
-            .map_err(segment)?;
+        let geometry = Geometry::new(maps, &vec![0.0; channels], &vec![1.0; channels], device)?;
         let index: Vec<u32> = channel_index.iter().map(|&c| c as u32).collect();
         Ok(PatchGeometry {
             geometry,
@@ -134,8 +134,7 @@ impl PatchGeometry {
     /// Raw patch rows of a batch of tiles' maps ([n, c, h, w] each):
     /// [n * positions, dim], tile by tile, row-major over the grid.
     pub fn rows(&self, maps: &[Tensor]) -> Result<Vec<f32>, TrainError> {
-        let segment = |e: crate::segment::SegmentError| TrainError::Segment(Box::new(e));
-        let positions = self.geometry.positions(maps).map_err(segment)?;
+        let positions = self.geometry.positions(maps)?;
         Ok(positions
             .index_select(&self.channel_index, 1)?
             .flatten_all()?
@@ -149,8 +148,7 @@ impl PatchGeometry {
         rows: &[usize],
         device: &Device,
     ) -> Result<Vec<f32>, TrainError> {
-        let maps = crate::segment::train::map_tensors(features, rows, device)
-            .map_err(|e| TrainError::Segment(Box::new(e)))?;
+        let maps = crate::spatial::map_tensors(features, rows, device)?;
         let out = self.rows(&maps)?;
         features.enforce_resident_limit();
         Ok(out)
@@ -481,7 +479,7 @@ pub fn fit(
             .cloned()
             .unwrap_or_default(),
         weights: features.metadata().get("weights").cloned(),
-        maps: crate::segment::model::map_arrays(&shapes),
+        maps: crate::spatial::map_arrays(&shapes),
         tiling: features
             .metadata()
             .get("tiling")
@@ -680,7 +678,7 @@ impl PatchScorer {
             )));
         }
         let geometry = PatchGeometry::new(
-            crate::segment::model::map_shapes(&info.maps),
+            crate::spatial::map_shapes(&info.maps),
             &info.channel_index,
             device,
         )?;

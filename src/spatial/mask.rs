@@ -5,7 +5,7 @@ use std::path::Path;
 
 use image::DynamicImage;
 
-use super::SegmentError;
+use super::SpatialError;
 use crate::dataset::MaskKind;
 
 /// A decoded mask: one class index per pixel, row-major.
@@ -19,8 +19,8 @@ pub struct Mask {
 /// Reads a mask. Binary masks map every value above 0 to class 1; index
 /// masks keep the stored value (first channel, at its own bit depth), which
 /// must be below 256.
-pub fn read_mask(path: &Path, kind: MaskKind) -> Result<Mask, SegmentError> {
-    let unreadable = |message: String| SegmentError::Mask {
+pub fn read_mask(path: &Path, kind: MaskKind) -> Result<Mask, SpatialError> {
+    let unreadable = |message: String| SpatialError::Mask {
         path: path.to_path_buf(),
         message,
     };

@@ -1,9 +1,11 @@
 //! Tiling: how a large image is cut into overlapping square tiles at
-//! extraction, so that prediction can stitch the tiles' logits back.
+//! extraction, so that prediction can stitch the tiles' logits back
+//! (`super::stitch::Stitcher`).
 
 use serde::{Deserialize, Serialize};
 
-use super::SegmentError;
+use super::SpatialError;
+use crate::encoders::EncoderSpec;
 use crate::preprocess::{PreprocessConfig, PreprocessError};
 
 /// Tile size and overlap in original-image pixels (`--tile-size`, `--tile-overlap`).
@@ -23,15 +25,15 @@ impl Default for TileConfig {
 }
 
 impl TileConfig {
-    pub fn validate(&self) -> Result<(), SegmentError> {
+    pub fn validate(&self) -> Result<(), SpatialError> {
         if self.size < 16 {
-            return Err(SegmentError::Invalid(format!(
+            return Err(SpatialError::Invalid(format!(
                 "tile size {} must be at least 16 pixels",
                 self.size
             )));
         }
         if self.overlap >= self.size {
-            return Err(SegmentError::Invalid(format!(
+            return Err(SpatialError::Invalid(format!(
                 "tile overlap {} must be smaller than the tile size {}",
                 self.overlap, self.size
             )));
@@ -70,12 +72,22 @@ pub fn tiles(width: u32, height: u32, config: &TileConfig) -> Vec<[u32; 4]> {
     out
 }
 
+/// Spatial extraction stretches each tile to the input square (no crop), so
+/// every pixel of the image lies in some tile and masks align with the maps.
+/// Prediction on new images preprocesses tiles the same way.
+pub fn spatial_preprocess(encoder: &EncoderSpec) -> PreprocessConfig {
+    PreprocessConfig {
+        resize: crate::preprocess::ResizePolicy::Stretch,
+        ..encoder.preprocess.clone()
+    }
+}
+
 /// One preprocessed tile: its place in the image and its CHW f32 pixels.
 pub type PreparedTile = ([u32; 4], Vec<f32>);
 
 /// Decodes an image file and cuts it into preprocessed tiles: each tile is
 /// stretched to the input square (`preprocess` should be the spatial one,
-/// see `extract::plan::spatial_preprocess`). Returns the decoded image too.
+/// see [`spatial_preprocess`]). Returns the decoded image too.
 pub fn preprocess_tiles(
     path: &std::path::Path,
     preprocess: &PreprocessConfig,
@@ -116,88 +128,6 @@ pub fn preprocess_tile_bytes(
     Ok((image, prepared))
 }
 
-/// Stitches per-tile grids back into one image: each tile's grid values
-/// (`channels` planes of `grid` cells) are upsampled bilinearly to the
-/// tile's pixels and summed; `finish` averages them where tiles overlap.
-/// Segmentation prediction stitches logits with it, anomaly heat maps
-/// patch scores.
-pub struct Stitcher {
-    width: usize,
-    height: usize,
-    channels: usize,
-    grid: (usize, usize),
-    sums: Vec<f32>,
-    counts: Vec<f32>,
-}
-
-impl Stitcher {
-    pub fn new(width: u32, height: u32, channels: usize, grid: (usize, usize)) -> Self {
-        let (width, height) = (width as usize, height as usize);
-        Stitcher {
-            width,
-            height,
-            channels,
-            grid,
-            sums: vec![0f32; channels * width * height],
-            counts: vec![0f32; width * height],
-        }
-    }
-
-    /// Adds one tile ([x, y, width, height]) with its values, `channels`
-    /// planes of grid_h x grid_w, row-major.
-    pub fn add(&mut self, tile: [u32; 4], values: &[f32]) {
-        let (grid_h, grid_w) = self.grid;
-        let [x0, y0, tile_w, tile_h] = tile.map(|v| v as usize);
-        let rows = super::model::bilinear_matrix(grid_h, tile_h);
-        let columns = super::model::bilinear_matrix(grid_w, tile_w);
-        let plane = self.width * self.height;
-        for (k, grid) in values.chunks_exact(grid_h * grid_w).enumerate() {
-            // Rows first: [tile_h, grid_w], then columns.
-            let mut partial = vec![0f32; tile_h * grid_w];
-            for y in 0..tile_h {
-                for i in 0..grid_h {
-                    let weight = rows[y * grid_h + i];
-                    if weight != 0.0 {
-                        for j in 0..grid_w {
-                            partial[y * grid_w + j] += weight * grid[i * grid_w + j];
-                        }
-                    }
-                }
-            }
-            for y in 0..tile_h {
-                let base = k * plane + (y0 + y) * self.width + x0;
-                for x in 0..tile_w {
-                    let mut value = 0f32;
-                    for j in 0..grid_w {
-                        value += columns[x * grid_w + j] * partial[y * grid_w + j];
-                    }
-                    self.sums[base + x] += value;
-                }
-            }
-        }
-        for y in 0..tile_h {
-            for x in 0..tile_w {
-                self.counts[(y0 + y) * self.width + x0 + x] += 1.0;
-            }
-        }
-    }
-
-    /// The averaged planes, `channels` x height x width (pixels no tile
-    /// covered are 0).
-    pub fn finish(mut self) -> Vec<f32> {
-        let plane = self.width * self.height;
-        for k in 0..self.channels {
-            for (value, count) in self.sums[k * plane..(k + 1) * plane]
-                .iter_mut()
-                .zip(&self.counts)
-            {
-                *value /= count.max(1.0);
-            }
-        }
-        self.sums
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,18 +166,5 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("overlap 64"), "{error}");
-    }
-
-    #[test]
-    fn stitched_tiles_average_where_they_overlap() {
-        // Two 4x2 tiles of a 6x2 image overlapping in columns 2 and 3; a
-        // constant grid upsamples to the same constant, so the overlap is
-        // the mean of both tiles' values and the rest keeps its own.
-        let mut stitcher = Stitcher::new(6, 2, 1, (1, 2));
-        stitcher.add([0, 0, 4, 2], &[1.0, 1.0]);
-        stitcher.add([2, 0, 4, 2], &[3.0, 3.0]);
-        let out = stitcher.finish();
-        assert_eq!(out[..6], [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
-        assert_eq!(out[6..], out[..6]);
     }
 }

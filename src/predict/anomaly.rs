@@ -1,22 +1,21 @@
 //! `lazarus predict` on an anomaly run (`train --task anomaly`): each image
 //! gets the run's anomaly score, and is called anomalous when the score is at
-//! or above the validation split's best-F1 threshold. Features come as in
-//! `predict.rs`: the run's cache where the image's content id is there, the
-//! run's encoder (same weights sha256, same preprocessing) otherwise; a bad
-//! image gets its own error and the rest continue.
+//! or above the validation split's best-F1 threshold. Features come as for
+//! a classifier: the run's cache where the image's content id is there, the
+//! run's encoder otherwise, with the weights (sha256 checked before they are
+//! loaded) and preprocessing its features recorded; a bad image gets its
+//! own error and the rest continue.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::encoders::{self, WeightsSource};
+use super::{EncoderReference, PredictConfig, PredictError};
+use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
-use crate::predict::{EncoderReference, FeatureCache};
-use crate::predict::{PredictConfig, PredictError};
 use crate::train::anomaly::SavedScorer;
 use crate::train::anomaly::patch::{self, PatchScorer, ScoredImage};
-use crate::train::config::Task;
 use crate::train::run::read_run_inputs;
 
 /// One image's anomaly score, or why it has none.
@@ -67,13 +66,7 @@ pub struct AnomalyPredictions {
 }
 
 fn run_dir(layout: &Layout, run_id: &str) -> Result<PathBuf, PredictError> {
-    crate::predict::run_folder(layout, run_id)
-}
-
-/// Whether `run_id` is an anomaly run (its `config.json` says task anomaly).
-pub fn is_anomaly_run(layout: &Layout, run_id: &str) -> Result<bool, PredictError> {
-    let dir = run_dir(layout, run_id)?;
-    Ok(read_run_inputs(&dir)?.config.task == Task::Anomaly)
+    super::run_folder(layout, run_id)
 }
 
 /// Scores `images` with anomaly run `run_id`. A patch-level run also
@@ -110,11 +103,7 @@ pub fn score_images(
                 .collect(),
         });
     }
-    let encoder_error = |message: String| PredictError::Encoder {
-        owner: run_id.to_string(),
-        message,
-    };
-
+    let owner = format!("run {run_id}");
     let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
     let features = cache.features();
     if features.feature_dim() != scorer.feature_dim() {
@@ -127,12 +116,9 @@ pub fn score_images(
             ),
         });
     }
-    let metadata = features.metadata().clone();
-    let spec = metadata
-        .get("encoder")
-        .map(|name| encoders::lookup(name))
-        .transpose()
-        .map_err(|e| encoder_error(e.to_string()))?;
+    // The encoder, weights and preprocessing the run's features recorded;
+    // the weights' sha256 is checked before they are loaded.
+    let reference = EncoderReference::from_features(features, &inputs.fingerprint)?;
 
     let mut out: Vec<AnomalyPrediction> = Vec::with_capacity(images.len());
     // (slot, pooled row) of cached images; (slot, preprocessed pixels) of the others.
@@ -149,8 +135,8 @@ pub fn score_images(
                     let values = features.pooled(row).iter().map(|v| v.to_f32()).collect();
                     cached.push((out.len(), values));
                     prediction.features_from = Some("cache");
-                } else if let Some(spec) = &spec {
-                    match crate::preprocess::preprocess_bytes(&bytes, path, &spec.preprocess) {
+                } else if let Some(reference) = &reference {
+                    match crate::preprocess::preprocess_bytes(&bytes, path, &reference.preprocess) {
                         Ok(values) => to_encode.push((out.len(), values)),
                         Err(e) => prediction.error = Some(e.to_string()),
                     }
@@ -166,36 +152,18 @@ pub fn score_images(
     }
 
     let mut scored: Vec<(usize, Vec<f32>)> = cached;
-    if let (false, Some(spec)) = (to_encode.is_empty(), &spec) {
-        let source = match metadata.get("weights").map(String::as_str) {
-            Some(id) if id.starts_with("random:") => WeightsSource::Random {
-                seed: id["random:".len()..]
-                    .parse()
-                    .map_err(|_| encoder_error(format!("bad weights id {id}")))?,
-            },
-            _ => WeightsSource::Installed,
-        };
-        let encoder = encoders::load_encoder(spec, source, &config.device)
-            .map_err(|e| encoder_error(e.to_string()))?;
-        if let (Some(sha256), Some(wanted)) = (
-            encoder.weights_sha256(),
-            metadata
-                .get("weights")
-                .and_then(|w| w.strip_prefix("sha256:")),
-        ) && sha256 != wanted
-        {
-            return Err(encoder_error(format!(
-                "the installed weights of {} (sha256 {sha256}) are not those that made the run's features ({wanted})",
-                spec.name
-            )));
-        }
-        let side = spec.preprocess.input_size as usize;
+    if let (false, Some(reference)) = (to_encode.is_empty(), &reference) {
+        let encoder = reference.load(&config.device, &owner)?;
+        let side = reference.preprocess.input_size as usize;
         for batch in to_encode.chunks(config.batch_size.max(1)) {
             let values: Vec<f32> = batch.iter().flat_map(|(_, v)| v.iter().copied()).collect();
             let pixels = Tensor::from_vec(values, (batch.len(), 3, side, side), &config.device)?;
             let pooled = encoder
                 .forward_pooled(&pixels)
-                .map_err(|e| encoder_error(e.to_string()))?
+                .map_err(|e| PredictError::Encoder {
+                    owner: owner.clone(),
+                    message: e.to_string(),
+                })?
                 .to_dtype(candle_core::DType::F32)?
                 .to_vec2::<f32>()?;
             for ((slot, _), row) in batch.iter().zip(pooled) {
@@ -286,7 +254,7 @@ fn score_patches(
                     }
                     let encoder = encoder.as_deref().expect("loaded above");
                     prediction.features_from = Some("encoder");
-                    match crate::segment::tile::preprocess_tiles(
+                    match crate::spatial::tile::preprocess_tiles(
                         path,
                         &reference.preprocess,
                         &tiling,
@@ -320,7 +288,7 @@ fn score_patches(
                     (&heatmap_path, image::DynamicImage::ImageLuma8(gray)),
                     (&overlay_path, image::DynamicImage::ImageRgb8(overlay)),
                 ] {
-                    crate::segment::predict::write_png(file, &picture).map_err(|e| {
+                    crate::spatial::render::write_png(file, &picture).map_err(|e| {
                         PredictError::Run {
                             run: run_id.to_string(),
                             message: e.to_string(),
@@ -343,7 +311,7 @@ fn score_patches(
 fn encode_and_score(
     scorer: &PatchScorer,
     encoder: &dyn crate::encoders::Encoder,
-    tiles: Vec<crate::segment::tile::PreparedTile>,
+    tiles: Vec<crate::spatial::tile::PreparedTile>,
     config: &PredictConfig,
     plan: &crate::train::anomaly::MemoryPlan,
 ) -> Result<ScoredImage, PredictError> {
@@ -353,8 +321,7 @@ fn encode_and_score(
     for group in tiles.chunks(config.batch_size.max(1)) {
         let flat: Vec<f32> = group.iter().flat_map(|(_, v)| v.iter().copied()).collect();
         let input = Tensor::from_vec(flat, (group.len(), 3, size, size), &config.device)?;
-        let maps = crate::segment::predict::encode_maps(encoder, &input)
-            .map_err(|e| crate::train::TrainError::Segment(Box::new(e)))?;
+        let maps = crate::spatial::encode_maps(encoder, &input)?;
         let values = scorer.geometry().rows(&maps)?;
         let scores = scorer.patch_scores(values, plan, &config.device)?;
         for ((tile, _), grid) in group.iter().zip(scores.chunks(positions)) {
@@ -364,40 +331,26 @@ fn encode_and_score(
     Ok(ScoredImage::new(scored))
 }
 
-/// Writes scores as CSV (`path,image_id,features_from,score,anomalous,error,heatmap,overlay`;
-/// the last two only for patch-level runs).
+/// The columns of an anomaly run's CSV.
+const CSV_HEADER: &str = "path,image_id,features_from,score,anomalous,error,heatmap,overlay";
+
+/// Writes scores as CSV (`CSV_HEADER`; heatmap and overlay are filled only
+/// for patch-level runs).
 pub fn write_csv(predictions: &[AnomalyPrediction], path: &Path) -> std::io::Result<()> {
-    let mut writer = csv::Writer::from_writer(Vec::new());
-    writer.write_record([
-        "path",
-        "image_id",
-        "features_from",
-        "score",
-        "anomalous",
-        "error",
-        "heatmap",
-        "overlay",
-    ])?;
-    for p in predictions {
-        writer.write_record([
-            p.path.display().to_string(),
-            p.image_id.clone().unwrap_or_default(),
-            p.features_from.unwrap_or("").to_string(),
+    let rows = predictions.iter().map(|p| {
+        let [file, id, from] = super::image_columns(&p.path, &p.image_id, p.features_from);
+        [
+            file,
+            id,
+            from,
             p.score.map(|s| format!("{s:.6}")).unwrap_or_default(),
             p.anomalous
                 .map(|a| (a as u8).to_string())
                 .unwrap_or_default(),
             p.error.clone().unwrap_or_default(),
-            path_text(&p.heatmap),
-            path_text(&p.overlay),
-        ])?;
-    }
-    let bytes = writer.into_inner().map_err(|e| e.into_error())?;
-    crate::atomic::write_file(path, &bytes)
-}
-
-fn path_text(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
+            super::path_column(&p.heatmap),
+            super::path_column(&p.overlay),
+        ]
+    });
+    super::write_table(path, CSV_HEADER, rows)
 }

@@ -1,12 +1,20 @@
-//! `lazarus predict`: a trained head on new images. Images already in the
-//! head's feature cache (same content id in its dataset) reuse their cached
-//! features; the others go through the same encoder, weights and
-//! preprocessing that made the cache. A bad image gets its own error and the
-//! rest continue.
+//! `lazarus predict`: a trained run on new images. [`predict_run`] is the
+//! one entry point for a run: it reads the task the run recorded when it
+//! started and calls that task's predictor: a classifier head (this
+//! module), an anomaly scorer (`anomaly`) or a segmentation head
+//! (`segment`). Every task works alike: images already in the run's feature
+//! cache (same content id, `features::catalog::FeatureCache`) reuse their
+//! cached features; the others go through the encoder, weights and
+//! preprocessing that made the cache ([`EncoderReference`]: the weights'
+//! sha256 is checked before they are loaded). A bad image gets its own
+//! error and the rest continue.
 //!
-//! The head comes from a run folder (`predict`) or from an exported bundle
-//! (`crate::bundle`); both end in [`predict_images`]. [`TrainedHead`] is also
-//! what `review` scores cached features with.
+//! A classifier also comes from an exported bundle (the `bundle` module,
+//! which calls into this one); both end in [`predict_images`].
+//! [`TrainedHead`] is also what `review` scores cached features with.
+
+pub mod anomaly;
+pub mod segment;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,13 +23,13 @@ use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::encoders::{self, Encoder, WeightsSource};
-use crate::features::{FeatureSet, feature_dir};
+use crate::features::FeatureSet;
+use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::preprocess::PreprocessConfig;
-use crate::train::config::HeadConfig;
+use crate::train::config::{HeadConfig, Task};
 use crate::train::head::Head;
 use crate::train::run::{RunInputs, read_run_inputs};
-use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -44,11 +52,21 @@ pub enum PredictError {
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
+    Segment(Box<crate::segment::SegmentError>),
+    #[error(transparent)]
+    Spatial(#[from] crate::spatial::SpatialError),
+    #[error(transparent)]
     Features(#[from] crate::features::FeatureError),
     #[error(transparent)]
     Dataset(#[from] crate::dataset::DatasetError),
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+}
+
+impl From<crate::segment::SegmentError> for PredictError {
+    fn from(error: crate::segment::SegmentError) -> Self {
+        PredictError::Segment(Box::new(error))
+    }
 }
 
 /// How to predict.
@@ -316,43 +334,6 @@ impl EncoderReference {
     }
 }
 
-/// Cached feature rows of one fingerprint, found by image content id: any
-/// image some dataset extracted with these settings, not only the run's.
-pub struct FeatureCache {
-    features: FeatureSet,
-}
-
-impl FeatureCache {
-    /// The features of `fingerprint` (every published shard of its folder).
-    pub fn open(layout: &Layout, fingerprint: &str) -> Result<Self, PredictError> {
-        let features = FeatureSet::open(&feature_dir(layout, fingerprint))?;
-        Ok(FeatureCache { features })
-    }
-
-    /// The cache of `fingerprint` when its folder exists; None otherwise
-    /// (removed to save space: every image then goes through the encoder).
-    pub fn open_if_present(
-        layout: &Layout,
-        fingerprint: &str,
-    ) -> Result<Option<Self>, PredictError> {
-        if feature_dir(layout, fingerprint).is_dir() {
-            Self::open(layout, fingerprint).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    pub fn features(&self) -> &FeatureSet {
-        &self.features
-    }
-
-    /// The cached rows of the image whose bytes hash to `sha256` (a
-    /// spatial set's tiles of it, in order), or None when the cache lacks it.
-    pub fn rows(&self, sha256: &[u8; 32]) -> Option<Range<usize>> {
-        Some(self.features.rows_of(sha256)).filter(|rows| !rows.is_empty())
-    }
-}
-
 /// What scores images: a head, the cache it may read, the encoder for the rest.
 pub struct Predictor<'a> {
     pub head: &'a TrainedHead,
@@ -360,6 +341,90 @@ pub struct Predictor<'a> {
     pub encoder: Option<&'a EncoderReference>,
     /// "run ID" or "bundle DIR", for messages.
     pub owner: String,
+}
+
+/// What a run predicted, by the task it recorded.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RunPredictions {
+    /// Top classes per image.
+    Classify(Vec<Prediction>),
+    /// Scores (and heat maps) per image, with the scorer's threshold.
+    Anomaly(anomaly::AnomalyPredictions),
+    /// A mask and an overlay per image.
+    Segment(Vec<segment::SegmentPrediction>),
+}
+
+impl RunPredictions {
+    /// Images predicted.
+    pub fn len(&self) -> usize {
+        match self {
+            RunPredictions::Classify(p) => p.len(),
+            RunPredictions::Anomaly(p) => p.images.len(),
+            RunPredictions::Segment(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Images that got an error instead of a prediction.
+    pub fn failed(&self) -> usize {
+        match self {
+            RunPredictions::Classify(p) => p.iter().filter(|p| p.error.is_some()).count(),
+            RunPredictions::Anomaly(p) => p.images.iter().filter(|p| p.error.is_some()).count(),
+            RunPredictions::Segment(p) => p.iter().filter(|p| p.error.is_some()).count(),
+        }
+    }
+
+    /// Writes the predictions to `path`: CSV for a `.csv` name (one table
+    /// per task, see each task's `write_csv`), JSON otherwise.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if path.extension().and_then(|e| e.to_str()) == Some("csv") {
+            match self {
+                RunPredictions::Classify(p) => write_csv(p, path),
+                RunPredictions::Anomaly(p) => anomaly::write_csv(&p.images, path),
+                RunPredictions::Segment(p) => segment::write_csv(p, path),
+            }
+        } else {
+            let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+            crate::atomic::write_file(path, &json)
+        }
+    }
+}
+
+/// The task run `run_id` recorded when it started (its `config.json`).
+pub fn run_task(layout: &Layout, run_id: &str) -> Result<Task, PredictError> {
+    let dir = run_folder(layout, run_id)?;
+    Ok(read_run_inputs(&dir)?.config.task)
+}
+
+/// Predicts `images` with run `run_id`, whatever its task: the one entry
+/// point for runs. Segmentation and patch-level anomaly runs write their
+/// pictures (masks, heat maps, overlays) into `out_dir`, which they need.
+pub fn predict_run(
+    layout: &Layout,
+    run_id: &str,
+    images: &[PathBuf],
+    config: &PredictConfig,
+    out_dir: Option<&Path>,
+) -> Result<RunPredictions, PredictError> {
+    Ok(match run_task(layout, run_id)? {
+        Task::Classify => RunPredictions::Classify(predict(layout, run_id, images, config)?),
+        Task::Anomaly => RunPredictions::Anomaly(anomaly::score_images(
+            layout, run_id, images, config, out_dir,
+        )?),
+        Task::Segment => {
+            let Some(out_dir) = out_dir else {
+                return Err(PredictError::Run {
+                    run: run_id.to_string(),
+                    message: "a segmentation run writes masks and overlays: give --out DIR".into(),
+                });
+            };
+            RunPredictions::Segment(segment::predict(layout, run_id, images, config, out_dir)?)
+        }
+    })
 }
 
 /// Predicts the classes of `images` with run `run_id`'s head.
@@ -371,7 +436,7 @@ pub fn predict(
 ) -> Result<Vec<Prediction>, PredictError> {
     let (head, inputs) = load_run_head(layout, run_id, &config.device)?;
     let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
-    let encoder = EncoderReference::from_features(&cache.features, &inputs.fingerprint)?;
+    let encoder = EncoderReference::from_features(cache.features(), &inputs.fingerprint)?;
     let predictor = Predictor {
         head: &head,
         cache: Some(&cache),
@@ -408,7 +473,7 @@ pub fn predict_images(
                     .cache
                     .and_then(|c| Some((c, c.rows(&sha256)?.start)));
                 if let Some((cache, row)) = cached {
-                    let probabilities = head.probabilities_of_rows(&cache.features, &[row])?;
+                    let probabilities = head.probabilities_of_rows(cache.features(), &[row])?;
                     prediction.top = head.top_k(&probabilities[0], config.top_k);
                     prediction.features_from = Some("cache");
                 } else if let Some(encoder) = predictor.encoder {
@@ -458,40 +523,77 @@ pub fn dataset_images(layout: &Layout, name: &str) -> Result<Vec<PathBuf>, Predi
         .collect())
 }
 
+/// The columns of a classifier's CSV: one row per image and rank.
+const CSV_HEADER: &str = "path,image_id,features_from,rank,class,probability,error";
+
 /// Writes predictions as CSV (`path,image_id,features_from,rank,class,probability,error`).
 pub fn write_csv(predictions: &[Prediction], path: &Path) -> std::io::Result<()> {
-    let mut writer = csv::Writer::from_writer(Vec::new());
-    writer.write_record([
-        "path",
-        "image_id",
-        "features_from",
-        "rank",
-        "class",
-        "probability",
-        "error",
-    ])?;
+    let mut rows = Vec::new();
     for p in predictions {
-        let base = [
-            p.path.display().to_string(),
-            p.image_id.clone().unwrap_or_default(),
-            p.features_from.unwrap_or("").to_string(),
-        ];
+        let [file, id, from] = image_columns(&p.path, &p.image_id, p.features_from);
+        let row = |rank: String, class: String, probability: String, error: String| {
+            [
+                file.clone(),
+                id.clone(),
+                from.clone(),
+                rank,
+                class,
+                probability,
+                error,
+            ]
+        };
         if let Some(error) = &p.error {
-            writer.write_record(base.iter().cloned().chain([
+            rows.push(row(
                 String::new(),
                 String::new(),
                 String::new(),
                 error.clone(),
-            ]))?;
+            ));
         }
         for (rank, (class, probability)) in p.top.iter().enumerate() {
-            writer.write_record(base.iter().cloned().chain([
+            rows.push(row(
                 (rank + 1).to_string(),
                 class.clone(),
                 format!("{probability:.6}"),
                 String::new(),
-            ]))?;
+            ));
         }
+    }
+    write_table(path, CSV_HEADER, rows)
+}
+
+/// The columns every task's CSV starts with: the image's path, its content
+/// id and where its features came from (empty when unknown).
+fn image_columns(
+    path: &Path,
+    image_id: &Option<String>,
+    features_from: Option<&str>,
+) -> [String; 3] {
+    [
+        path.display().to_string(),
+        image_id.clone().unwrap_or_default(),
+        features_from.unwrap_or("").to_string(),
+    ]
+}
+
+/// A path column: the path, or empty.
+fn path_column(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes `header` (column names, comma-separated) and `rows` as one CSV
+/// file (through `atomic::write_file`).
+fn write_table<const N: usize>(
+    path: &Path,
+    header: &str,
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> std::io::Result<()> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(header.split(','))?;
+    for row in rows {
+        writer.write_record(row)?;
     }
     let bytes = writer.into_inner().map_err(|e| e.into_error())?;
     crate::atomic::write_file(path, &bytes)

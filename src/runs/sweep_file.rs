@@ -25,25 +25,31 @@
 //! different feature sets train in separate passes).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
-use super::TrainError;
-use super::anomaly::patch::{self, PatchConfig};
-use super::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
-use super::config::{
+use crate::train::TrainError;
+use crate::train::anomaly::patch::{self, PatchConfig};
+use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
+use crate::train::config::{
     Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
     TrainConfig,
 };
-use super::schedule::Schedule;
+use crate::train::schedule::Schedule;
 
-/// Settings a sweep may fix, list or sample.
+/// Settings a sweep may fix, list or sample: every setting of `lazarus
+/// train` (the flag's name with `_` for `-`), with the same defaults and
+/// units. Only the flags of one invocation are not settings: `--resume`,
+/// and what `lazarus sweep` takes itself (`--device`, `--json`,
+/// `--allow-partial`, and `--experiment`, which is the sweep's `name`).
 pub const KNOWN_SETTINGS: &[&str] = &[
     "dataset",
     "encoder",
+    "fingerprint",
+    "init_from",
     "head",
     "hidden",
     "dropout",
@@ -54,6 +60,10 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "momentum",
     "schedule",
     "warmup_steps",
+    "step_epochs",
+    "step_gamma",
+    "plateau_patience",
+    "plateau_factor",
     "batch_size",
     "precision",
     "class_weights",
@@ -65,6 +75,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "patience",
     "clip_grad_norm",
     "memory_budget",
+    "checkpoint_every",
     "task",
     "normal_label",
     "anomaly_label",
@@ -96,6 +107,12 @@ const KNOWN_SECTIONS: &[&str] = &["name", "grid", "random", "label_map"];
 pub struct SweepPoint {
     pub dataset: String,
     pub encoder: String,
+    /// The feature folder (`fingerprint`); found by dataset and encoder
+    /// when None, as `train` finds it.
+    pub fingerprint: Option<String>,
+    /// `class_weights = "FILE"`: read against the classes once the data is
+    /// loaded; it then replaces `config.class_weights`.
+    pub class_weights_file: Option<PathBuf>,
     pub config: TrainConfig,
     /// The settings as given (grid and random values included), for the
     /// experiments database's params table.
@@ -407,13 +424,15 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
             "cosine" => Schedule::Cosine {
                 warmup_steps: count("warmup_steps")?.unwrap_or(0),
             },
+            // The defaults of `train --step-epochs`, `--step-gamma`,
+            // `--plateau-patience` and `--plateau-factor`.
             "step" => Schedule::Step {
-                every_epochs: 10,
-                gamma: 0.1,
+                every_epochs: count("step_epochs")?.unwrap_or(10),
+                gamma: number("step_gamma")?.unwrap_or(0.1),
             },
             "plateau" => Schedule::ReduceOnPlateau {
-                patience: 3,
-                factor: 0.1,
+                patience: count("plateau_patience")?.unwrap_or(3),
+                factor: number("plateau_factor")?.unwrap_or(0.1),
             },
             _ => Schedule::Constant,
         };
@@ -424,12 +443,13 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     if let Some(v) = text("precision")? {
         config.precision = Precision::parse(&v).map_err(|e| e.to_string())?;
     }
-    if let Some(v) = one_of("class_weights", &["none", "balanced"])? {
-        config.class_weights = if v == "balanced" {
-            ClassWeights::Balanced
-        } else {
-            ClassWeights::None
-        };
+    // none, balanced, or a file of class,weight lines or a JSON object, as
+    // `train --class-weights`.
+    let mut class_weights_file = None;
+    match text("class_weights")?.as_deref() {
+        None | Some("none") => config.class_weights = ClassWeights::None,
+        Some("balanced") => config.class_weights = ClassWeights::Balanced,
+        Some(file) => class_weights_file = Some(PathBuf::from(file)),
     }
     if let Some(v) = one_of("sampler", &["uniform", "balanced"])? {
         config.sampler = if v == "balanced" {
@@ -451,9 +471,22 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
         config.early_stopping = Some(EarlyStopping { patience: v });
     }
     config.gradient_clip = number("clip_grad_norm")?;
-    if let Some(v) = count("memory_budget")? {
-        config.memory_budget_bytes = v as u64;
+    // Bytes as a whole number, or a size with its unit as `train
+    // --memory-budget` takes it ("1GiB", "512MiB").
+    match settings.get("memory_budget") {
+        None => {}
+        Some(Value::Integer(bytes)) if *bytes > 0 => config.memory_budget_bytes = *bytes as u64,
+        Some(Value::String(size)) => config.memory_budget_bytes = crate::memory::parse_bytes(size)?,
+        Some(other) => {
+            return Err(format!(
+                "memory_budget must be a size such as \"1GiB\" or a number of bytes, got {other}"
+            ));
+        }
     }
+    if let Some(v) = count("checkpoint_every")? {
+        config.checkpoint_every = v;
+    }
+    config.init_from = text("init_from")?;
     let task = one_of("task", &["classify", "anomaly", "segment"])?;
     if task.as_deref() == Some("anomaly") {
         config.task = Task::Anomaly;
@@ -476,6 +509,8 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     Ok(SweepPoint {
         dataset,
         encoder,
+        fingerprint: text("fingerprint")?,
+        class_weights_file,
         config,
         params: settings.clone(),
     })
@@ -526,7 +561,7 @@ fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, St
     let scorer = match scorer {
         "knn" => Scorer::Knn {
             k: match settings.get("k") {
-                None if spatial => super::anomaly::patch::DEFAULT_PATCH_K,
+                None if spatial => patch::DEFAULT_PATCH_K,
                 None => DEFAULT_K,
                 Some(v) => v
                     .as_integer()

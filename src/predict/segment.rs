@@ -10,26 +10,19 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
-use super::SegmentError;
-use super::model::{TrainedSegmentHead, load_head};
-use crate::encoders::{self, Encoder, WeightsSource};
+use super::{EncoderReference, PredictConfig, PredictError};
+use crate::encoders::Encoder;
+use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
-use crate::predict::FeatureCache;
+use crate::segment::SegmentError;
+use crate::segment::model::{TrainedSegmentHead, grid_logits, load_head};
+use crate::spatial::render::{class_overlay, mask_image, write_png};
+use crate::spatial::tile::{PreparedTile, preprocess_tile_bytes, spatial_preprocess};
+use crate::spatial::{encode_maps, map_tensors};
 use crate::train::config::Task;
 use crate::train::run::read_run_inputs;
-
-/// Settings of a segmentation prediction.
-#[derive(Debug, Clone)]
-pub struct SegmentPredictConfig {
-    /// Where `STEM.mask.png` and `STEM.overlay.png` go.
-    pub out_dir: PathBuf,
-    pub device: Device,
-    /// Tiles per encoder forward pass.
-    pub batch_size: usize,
-}
 
 /// The outcome for one image.
 #[derive(Debug, Clone, Serialize)]
@@ -48,49 +41,23 @@ pub struct SegmentPrediction {
     pub error: Option<String>,
 }
 
-/// True when `run_id` is a segmentation run (its config says `task =
-/// "segment"`); false for a run without a config, which the classification
-/// side then reports as not found.
-pub fn is_segment_run(layout: &Layout, run_id: &str) -> Result<bool, SegmentError> {
-    let run_dir = match crate::experiments::recorded_run_dir(layout, run_id) {
-        Ok(dir) => dir,
-        // The classification side reports the unknown run.
-        Err(crate::experiments::ExperimentsError::UnknownRun { .. }) => return Ok(false),
-        Err(other) => return Err(other.into()),
-    };
-    if !run_dir.join(crate::train::run::RUN_INPUTS_FILE).is_file() {
-        return Ok(false);
-    }
-    let inputs = read_run_inputs(&run_dir)?;
-    Ok(inputs.config.task == Task::Segment)
-}
-
-/// Colours of classes 1, 2, ... in overlays.
-const PALETTE: [[u8; 3]; 6] = [
-    [255, 40, 40],
-    [40, 200, 255],
-    [255, 220, 0],
-    [60, 220, 60],
-    [220, 60, 255],
-    [255, 140, 0],
-];
-
 /// Per tile of an image: its place [x, y, width, height] and its head
 /// logits on the grid, [outputs][grid cells].
 type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
 
-/// The run's encoder, loaded the first time an image is not in the cache.
+/// The run's encoder, loaded (after its weights' sha256 is checked) the
+/// first time an image is not in the cache.
 struct LazyEncoder<'a> {
-    run_id: &'a str,
-    trained: &'a TrainedSegmentHead,
+    reference: &'a EncoderReference,
+    owner: &'a str,
     device: &'a Device,
     encoder: Option<Box<dyn Encoder>>,
 }
 
 impl LazyEncoder<'_> {
-    fn get(&mut self) -> Result<&dyn Encoder, SegmentError> {
+    fn get(&mut self) -> Result<&dyn Encoder, PredictError> {
         if self.encoder.is_none() {
-            self.encoder = Some(load_run_encoder(self.run_id, self.trained, self.device)?);
+            self.encoder = Some(self.reference.load(self.device, self.owner)?);
         }
         Ok(self.encoder.as_deref().expect("loaded above"))
     }
@@ -101,42 +68,80 @@ enum TileSource<'a> {
     /// Its rows in the run's spatial cache.
     Cache(&'a FeatureCache, Vec<usize>),
     /// Preprocessed tiles for the encoder.
-    Encoder(Vec<super::tile::PreparedTile>),
+    Encoder(Vec<PreparedTile>),
 }
 
-/// Writes a mask and an overlay per image; a bad image gets its own error
-/// and the others are still predicted.
+/// The encoder, weights and tile preprocessing that made the run's
+/// features: as the feature folder's shards record them when the folder is
+/// there, else as the head file records the encoder and weights, with the
+/// spatial preprocessing of that encoder.
+fn encoder_reference(
+    trained: &TrainedSegmentHead,
+    cache: Option<&FeatureCache>,
+    owner: &str,
+) -> Result<EncoderReference, PredictError> {
+    if let Some(cache) = cache
+        && let Some(reference) =
+            EncoderReference::from_features(cache.features(), &trained.info.fingerprint)?
+    {
+        return Ok(reference);
+    }
+    let spec =
+        crate::encoders::lookup(&trained.info.encoder).map_err(|e| PredictError::Encoder {
+            owner: owner.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(EncoderReference {
+        name: trained.info.encoder.clone(),
+        weights: trained.info.weights.clone().unwrap_or_default(),
+        preprocess: spatial_preprocess(&spec),
+        fingerprint: trained.info.fingerprint.clone(),
+        feature_dim: trained.geometry.channels,
+    })
+}
+
+/// Writes a mask and an overlay per image into `out_dir`; a bad image gets
+/// its own error and the others are still predicted.
 pub fn predict(
     layout: &Layout,
     run_id: &str,
     images: &[PathBuf],
-    config: &SegmentPredictConfig,
-) -> Result<Vec<SegmentPrediction>, SegmentError> {
-    let run_dir = crate::experiments::recorded_run_dir(layout, run_id)?;
+    config: &PredictConfig,
+    out_dir: &Path,
+) -> Result<Vec<SegmentPrediction>, PredictError> {
+    let run_dir = super::run_folder(layout, run_id)?;
     let inputs = read_run_inputs(&run_dir)?;
     if inputs.config.task != Task::Segment {
-        return Err(SegmentError::Invalid(format!(
-            "run {run_id} is a {} run, not a segmentation run",
-            inputs.config.task.name()
-        )));
+        return Err(PredictError::Run {
+            run: run_id.to_string(),
+            message: format!(
+                "a {} run, not a segmentation run",
+                inputs.config.task.name()
+            ),
+        });
     }
     let trained = load_head(&run_dir, &inputs.config, &config.device)?;
     // Without its feature folder (removed to save space), every image goes
     // through the encoder, as before the cache was read.
-    let cache = FeatureCache::open_if_present(layout, &inputs.fingerprint)
-        .map_err(|e| SegmentError::Invalid(format!("run {run_id}: {e}")))?;
+    let cache = FeatureCache::open_if_present(layout, &inputs.fingerprint).map_err(|e| {
+        PredictError::Run {
+            run: run_id.to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    let owner = format!("run {run_id}");
+    let reference = encoder_reference(&trained, cache.as_ref(), &owner)?;
     let mut encoder = LazyEncoder {
-        run_id,
-        trained: &trained,
+        reference: &reference,
+        owner: &owner,
         device: &config.device,
         encoder: None,
     };
-    let spec = encoders::lookup(&trained.info.encoder)?;
-    let preprocess = crate::extract::plan::spatial_preprocess(&spec);
+    let preprocess = &reference.preprocess;
     let tiling = trained.info.tiling.unwrap_or_default();
-    std::fs::create_dir_all(&config.out_dir).map_err(|source| SegmentError::Io {
-        path: config.out_dir.clone(),
-        source,
+    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
+        run: run_id.to_string(),
+        message: format!("cannot create {}: {e}", out_dir.display()),
     })?;
     let mut out = Vec::with_capacity(images.len());
     for path in images {
@@ -170,7 +175,7 @@ pub fn predict(
                 crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
                     .map(|image| (image, TileSource::Cache(cache, rows)))
             }
-            None => super::tile::preprocess_tile_bytes(&bytes, path, &preprocess, &tiling)
+            None => preprocess_tile_bytes(&bytes, path, preprocess, &tiling)
                 .map(|(image, tiles)| (image, TileSource::Encoder(tiles))),
         };
         prediction.image_id = Some(id);
@@ -195,18 +200,14 @@ pub fn predict(
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "image".into());
-                let mask_path = config.out_dir.join(format!("{stem}.mask.png"));
-                let overlay_path = config.out_dir.join(format!("{stem}.overlay.png"));
+                let mask_path = out_dir.join(format!("{stem}.mask.png"));
+                let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
                 let binary = trained.info.outputs == 1;
-                let mask = GrayImage::from_fn(image.width(), image.height(), |x, y| {
-                    let class = classes[(y * image.width() + x) as usize];
-                    // Binary masks as 0/255, so they are visible and read back as binary.
-                    image::Luma([if binary && class > 0 { 255 } else { class }])
-                });
+                let mask = mask_image(image.width(), image.height(), &classes, binary);
                 write_png(&mask_path, &image::DynamicImage::ImageLuma8(mask))?;
                 write_png(
                     &overlay_path,
-                    &image::DynamicImage::ImageRgb8(overlay(&image, &classes)),
+                    &image::DynamicImage::ImageRgb8(class_overlay(&image, &classes)),
                 )?;
                 let foreground = classes.iter().filter(|&&c| c > 0).count();
                 prediction.foreground_fraction = Some(foreground as f64 / classes.len() as f64);
@@ -219,34 +220,30 @@ pub fn predict(
     Ok(out)
 }
 
-/// The run's encoder, with the weights that made its features.
-fn load_run_encoder(
-    run_id: &str,
-    trained: &TrainedSegmentHead,
-    device: &Device,
-) -> Result<Box<dyn Encoder>, SegmentError> {
-    let spec = encoders::lookup(&trained.info.encoder)?;
-    let weights = trained.info.weights.as_deref().unwrap_or("");
-    let source = match weights.strip_prefix("random:") {
-        Some(seed) => WeightsSource::Random {
-            seed: seed.parse().map_err(|_| {
-                SegmentError::Invalid(format!("run {run_id}: bad weights id {weights}"))
-            })?,
-        },
-        None => WeightsSource::Installed,
-    };
-    let encoder = encoders::load_encoder(&spec, source, device)?;
-    if let (Some(sha256), Some(wanted)) =
-        (encoder.weights_sha256(), weights.strip_prefix("sha256:"))
-        && sha256 != wanted
-    {
-        return Err(SegmentError::Invalid(format!(
-            "run {run_id} was trained on features of {} weights sha256 {wanted}, but the \
-             installed weights have sha256 {sha256}",
-            spec.name
-        )));
-    }
-    Ok(encoder)
+/// The columns of a segmentation run's CSV.
+const CSV_HEADER: &str =
+    "path,image_id,features_from,width,height,tiles,foreground_fraction,mask,overlay,error";
+
+/// Writes predictions as CSV (`CSV_HEADER`), one row per image.
+pub fn write_csv(predictions: &[SegmentPrediction], path: &Path) -> std::io::Result<()> {
+    let rows = predictions.iter().map(|p| {
+        let [file, id, from] = super::image_columns(&p.path, &p.image_id, p.features_from);
+        [
+            file,
+            id,
+            from,
+            p.width.to_string(),
+            p.height.to_string(),
+            p.tiles.to_string(),
+            p.foreground_fraction
+                .map(|f| format!("{f:.6}"))
+                .unwrap_or_default(),
+            super::path_column(&p.mask),
+            super::path_column(&p.overlay),
+            p.error.clone().unwrap_or_default(),
+        ]
+    });
+    super::write_table(path, CSV_HEADER, rows)
 }
 
 /// Grid logits of an image's cached tiles (rows of the run's spatial set):
@@ -256,34 +253,32 @@ fn cached_logits(
     cache: &FeatureCache,
     rows: &[usize],
     device: &Device,
-) -> Result<TileLogits, SegmentError> {
+) -> Result<TileLogits, PredictError> {
     let features = cache.features();
-    let maps = super::train::map_tensors(features, rows, device)?;
-    let logits = trained
-        .geometry
-        .grid_logits(&trained.head, &maps, DType::F32, None)?
-        .to_vec3::<f32>()?;
-    rows.iter()
-        .zip(logits)
-        .map(|(&row, tile_logits)| {
-            let tile = features.tile(row).ok_or_else(|| {
-                SegmentError::Invalid(format!(
-                    "row {row} of {} has no tile geometry",
-                    features.dir().display()
-                ))
-            })?;
-            Ok((tile, tile_logits))
-        })
-        .collect()
+    let maps = map_tensors(features, rows, device)?;
+    let logits =
+        grid_logits(&trained.geometry, &trained.head, &maps, DType::F32, None)?.to_vec3::<f32>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (&row, tile_logits) in rows.iter().zip(logits) {
+        let Some(tile) = features.tile(row) else {
+            return Err(SegmentError::NoFeatures(format!(
+                "row {row} of {} has no tile geometry",
+                features.dir().display()
+            ))
+            .into());
+        };
+        out.push((tile, tile_logits));
+    }
+    Ok(out)
 }
 
 /// Grid logits of an image's tiles through the run's encoder, batched.
 fn encoded_logits(
     trained: &TrainedSegmentHead,
     encoder: &dyn Encoder,
-    tiles: Vec<super::tile::PreparedTile>,
-    config: &SegmentPredictConfig,
-) -> Result<TileLogits, SegmentError> {
+    tiles: Vec<PreparedTile>,
+    config: &PredictConfig,
+) -> Result<TileLogits, PredictError> {
     let size = encoder.spec().input_size as usize;
     let mut out = Vec::with_capacity(tiles.len());
     for group in tiles.chunks(config.batch_size.max(1)) {
@@ -293,9 +288,7 @@ fn encoded_logits(
         }
         let input = Tensor::from_vec(flat, (group.len(), 3, size, size), &config.device)?;
         let maps = encode_maps(encoder, &input)?;
-        let logits = trained
-            .geometry
-            .grid_logits(&trained.head, &maps, DType::F32, None)?
+        let logits = grid_logits(&trained.geometry, &trained.head, &maps, DType::F32, None)?
             .to_vec3::<f32>()?;
         out.extend(group.iter().map(|(tile, _)| *tile).zip(logits));
     }
@@ -306,7 +299,8 @@ fn encoded_logits(
 /// pixels, averaged where tiles overlap.
 fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLogits) -> Vec<u8> {
     let outputs = trained.info.outputs;
-    let mut stitcher = super::tile::Stitcher::new(width, height, outputs, trained.geometry.grid);
+    let mut stitcher =
+        crate::spatial::stitch::Stitcher::new(width, height, outputs, trained.geometry.grid);
     for (tile, tile_logits) in tiles {
         stitcher.add(*tile, &tile_logits.concat());
     }
@@ -325,46 +319,4 @@ fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLog
             }
         })
         .collect()
-}
-
-/// The encoder's maps of a batch of preprocessed tiles, rounded through f16
-/// as the feature cache stores them (heads and scorers were fitted on those).
-pub fn encode_maps(encoder: &dyn Encoder, input: &Tensor) -> Result<Vec<Tensor>, SegmentError> {
-    let output = encoder.forward_maps(input)?;
-    Ok(output
-        .maps
-        .iter()
-        .map(|m| m.values.to_dtype(DType::F16)?.to_dtype(DType::F32))
-        .collect::<Result<Vec<_>, _>>()?)
-}
-
-/// The image with each non-background pixel blended half-way to its class colour.
-fn overlay(image: &RgbImage, classes: &[u8]) -> RgbImage {
-    let mut out = image.clone();
-    for (pixel, &class) in out.pixels_mut().zip(classes) {
-        if class > 0 {
-            let colour = PALETTE[(class as usize - 1) % PALETTE.len()];
-            for (value, tint) in pixel.0.iter_mut().zip(colour) {
-                *value = ((*value as u16 + tint as u16) / 2) as u8;
-            }
-        }
-    }
-    out
-}
-
-pub fn write_png(path: &Path, image: &image::DynamicImage) -> Result<(), SegmentError> {
-    let mut bytes = Vec::new();
-    image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| SegmentError::Image {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    crate::atomic::write_file(path, &bytes).map_err(|source| SegmentError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
 }
