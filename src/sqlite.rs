@@ -169,6 +169,44 @@ impl<E> From<rusqlite::Error> for TxError<E> {
     }
 }
 
+/// Makes `$owner`, the error enum of a module that owns a SQLite file, the
+/// error of that file: `From<SqliteError>` onto its variants `NotSqlite`,
+/// `NewerSchema`, `Busy`, `Sqlite`, `Io` and `Invalid(String)` (same fields;
+/// the owner's messages say what the file is), and `From<$owner>` for
+/// `TxError<$owner>` (a verdict inside a transaction).
+macro_rules! sqlite_owner_error {
+    ($owner:ty) => {
+        impl From<$crate::sqlite::SqliteError> for $owner {
+            fn from(err: $crate::sqlite::SqliteError) -> Self {
+                use $crate::sqlite::SqliteError as E;
+                match err {
+                    E::NotSqlite { path } => Self::NotSqlite { path },
+                    E::NewerSchema {
+                        path,
+                        found,
+                        supported,
+                    } => Self::NewerSchema {
+                        path,
+                        found,
+                        supported,
+                    },
+                    E::Busy { path, waited_secs } => Self::Busy { path, waited_secs },
+                    E::Sqlite { path, error } => Self::Sqlite { path, error },
+                    E::Io { path, error } => Self::Io { path, error },
+                    E::NoWal { .. } => Self::Invalid(err.to_string()),
+                }
+            }
+        }
+
+        impl From<$owner> for $crate::sqlite::TxError<$owner> {
+            fn from(err: $owner) -> Self {
+                $crate::sqlite::TxError::Refused(err)
+            }
+        }
+    };
+}
+pub(crate) use sqlite_owner_error;
+
 /// One SQLite file behind one connection: usable from several threads (the
 /// connection sits behind a mutex) and processes (SQLite's locks).
 pub struct Database {

@@ -18,7 +18,7 @@ use rusqlite::{ErrorCode, OptionalExtension, Transaction, params};
 
 use super::{ExperimentsError, ParamValue, RunStart, RunStatus, io_error};
 use crate::layout::Layout;
-use crate::sqlite::{Database, Schema, SqliteError, TxError, VersionStore};
+use crate::sqlite::{Database, Schema, TxError, VersionStore};
 
 /// The schema version this binary creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -97,32 +97,7 @@ const SCHEMA: Schema = Schema {
 /// Failure inside a transaction: SQLite (maybe busy, then retried) or a verdict of ours.
 pub(crate) type Fail = TxError<ExperimentsError>;
 
-impl From<ExperimentsError> for Fail {
-    fn from(err: ExperimentsError) -> Self {
-        TxError::Refused(err)
-    }
-}
-
-impl From<SqliteError> for ExperimentsError {
-    fn from(err: SqliteError) -> Self {
-        match err {
-            SqliteError::NotSqlite { path } => ExperimentsError::NotSqlite { path },
-            SqliteError::NewerSchema {
-                path,
-                found,
-                supported,
-            } => ExperimentsError::NewerSchema {
-                path,
-                found,
-                supported,
-            },
-            SqliteError::Busy { path, waited_secs } => ExperimentsError::Busy { path, waited_secs },
-            SqliteError::Sqlite { path, error } => ExperimentsError::Sqlite { path, error },
-            SqliteError::Io { path, error } => ExperimentsError::Io { path, error },
-            SqliteError::NoWal { .. } => ExperimentsError::Invalid(err.to_string()),
-        }
-    }
-}
+crate::sqlite::sqlite_owner_error!(ExperimentsError);
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()

@@ -24,7 +24,7 @@ use super::{
     JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue, QueueError,
     QueueStatus, RequeueFilter, RetryPolicy, SystemClock,
 };
-use crate::sqlite::{Database, Schema, SqliteError, TxError, VersionStore};
+use crate::sqlite::{Database, Schema, TxError, VersionStore};
 
 pub use crate::sqlite::BUSY_GIVE_UP;
 
@@ -77,32 +77,7 @@ const SCHEMA: Schema = Schema {
 /// Failure inside a transaction: SQLite (maybe busy, then retried) or a queue verdict.
 type Fail = TxError<QueueError>;
 
-impl From<QueueError> for Fail {
-    fn from(err: QueueError) -> Self {
-        TxError::Refused(err)
-    }
-}
-
-impl From<SqliteError> for QueueError {
-    fn from(err: SqliteError) -> Self {
-        match err {
-            SqliteError::NotSqlite { path } => QueueError::NotSqlite { path },
-            SqliteError::NewerSchema {
-                path,
-                found,
-                supported,
-            } => QueueError::NewerSchema {
-                path,
-                found,
-                supported,
-            },
-            SqliteError::Busy { path, waited_secs } => QueueError::Busy { path, waited_secs },
-            SqliteError::Sqlite { path, error } => QueueError::Sqlite { path, error },
-            SqliteError::Io { path, error } => QueueError::Io { path, error },
-            SqliteError::NoWal { .. } => QueueError::Invalid(err.to_string()),
-        }
-    }
-}
+crate::sqlite::sqlite_owner_error!(QueueError);
 
 /// A queue in one SQLite file.
 pub struct SqliteQueue {
