@@ -26,6 +26,7 @@ pub mod review;
 pub mod runs;
 pub mod segment;
 pub mod spatial;
+pub mod sqlite;
 pub mod train;
 pub mod weights;
 
@@ -138,5 +139,7 @@ mod tests {
         below("train", &["segment", "predict", "runs", "bundle"]);
         below("segment", &["predict", "runs", "bundle"]);
         below("predict", &["runs", "bundle", "review"]);
+        // The SQLite helper is plumbing under the two SQL speakers.
+        below("sqlite", &["queue", "experiments"]);
     }
 }

@@ -1,35 +1,27 @@
 //! `experiments/experiments.db`: opening, migrations, reaping dead runs, and
 //! recording runs through [`RunHandle`].
 //!
-//! - WAL journal with `synchronous=NORMAL`, foreign keys on, SQLite's busy
-//!   timeout plus our own retry with backoff for up to [`BUSY_GIVE_UP`], so
-//!   several training processes can write one file at once without losing rows.
+//! - Opened through [`crate::sqlite`]: WAL journal, foreign keys on, busy
+//!   retried for up to [`crate::sqlite::BUSY_GIVE_UP`], so several training
+//!   processes can write one file at once without losing rows.
 //! - Every write is one `BEGIN IMMEDIATE` transaction.
 //! - The schema version is the highest row of the `schema_version` table. A
 //!   file is validated (SQLite header, known version) before anything is
 //!   written to it; a newer version is refused and left untouched.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, params};
+use rusqlite::{ErrorCode, OptionalExtension, Transaction, params};
 
 use super::{ExperimentsError, ParamValue, RunStart, RunStatus, io_error};
 use crate::layout::Layout;
+use crate::sqlite::{Database, Schema, TxError, VersionStore};
 
 /// The schema version this binary creates and understands.
-pub const SCHEMA_VERSION: i64 = 1;
-
-/// How long a busy database is retried before giving up with [`ExperimentsError::Busy`].
-pub const BUSY_GIVE_UP: Duration = Duration::from_secs(120);
-
-/// SQLite's own wait on a lock before it reports SQLITE_BUSY to us.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Name of the lock file a live run holds inside its folder.
 pub(crate) const LOCK_FILE: &str = ".lock";
@@ -96,31 +88,16 @@ CREATE TABLE artifacts (
 ) WITHOUT ROWID;
 "];
 
+const SCHEMA: Schema = Schema {
+    version_store: VersionStore::Table,
+    migrations: MIGRATIONS,
+    foreign_keys: true,
+};
+
 /// Failure inside a transaction: SQLite (maybe busy, then retried) or a verdict of ours.
-pub(crate) enum Fail {
-    Sql(rusqlite::Error),
-    Experiments(ExperimentsError),
-}
+pub(crate) type Fail = TxError<ExperimentsError>;
 
-impl From<rusqlite::Error> for Fail {
-    fn from(err: rusqlite::Error) -> Self {
-        Fail::Sql(err)
-    }
-}
-
-impl From<ExperimentsError> for Fail {
-    fn from(err: ExperimentsError) -> Self {
-        Fail::Experiments(err)
-    }
-}
-
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err,
-        rusqlite::Error::SqliteFailure(e, _)
-            if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-    )
-}
+crate::sqlite::sqlite_owner_error!(ExperimentsError);
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -129,11 +106,10 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 pub(crate) struct Inner {
-    pub(crate) path: PathBuf,
+    db: Database,
     runs_dir: PathBuf,
     root: PathBuf,
     host: String,
-    connection: Mutex<Connection>,
 }
 
 /// The experiments database of one lazarus root. Cheap to clone; usable from
@@ -146,7 +122,7 @@ pub struct ExperimentsDb {
 impl std::fmt::Debug for ExperimentsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExperimentsDb")
-            .field("path", &self.inner.path)
+            .field("path", &self.path())
             .finish()
     }
 }
@@ -156,61 +132,14 @@ impl ExperimentsDb {
     /// layout's root, migrates it, and marks dead runs of this host `KILLED`.
     pub fn open(layout: &Layout) -> Result<Self, ExperimentsError> {
         let path = experiments_db_path(layout);
-        check_header(&path)?;
-        let dir = layout.experiments_dir();
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        let sql_err = |error| ExperimentsError::Sqlite {
-            path: path.clone(),
-            error,
-        };
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection = Connection::open_with_flags(&path, flags).map_err(sql_err)?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(sql_err)?;
         let db = Self {
             inner: Arc::new(Inner {
-                path: path.clone(),
-                runs_dir: dir.join("runs"),
+                db: Database::open(&path, &SCHEMA)?,
+                runs_dir: layout.experiments_dir().join("runs"),
                 root: layout.root().to_path_buf(),
                 host: host_name(),
-                connection: Mutex::new(connection),
             }),
         };
-        // Validate before writing anything: reading the version changes nothing.
-        let version = db.retry_busy(|conn| Ok(schema_version(conn)?))?;
-        db.check_version(version)?;
-        db.retry_busy(|conn| {
-            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
-                    "{}: cannot switch to WAL journal mode (got {mode})",
-                    path.display()
-                ))));
-            }
-            conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON")?;
-            Ok(())
-        })?;
-        db.write(|tx| {
-            let version = schema_version(tx)?;
-            db.check_version(version)?;
-            if version < SCHEMA_VERSION {
-                tx.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS schema_version (
-                        version INTEGER PRIMARY KEY,
-                        applied_ms INTEGER NOT NULL
-                    )",
-                )?;
-                for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-                    tx.execute_batch(migration)?;
-                    tx.execute(
-                        "INSERT INTO schema_version (version, applied_ms) VALUES (?1, ?2)",
-                        params![index as i64 + 1, now_ms()],
-                    )?;
-                }
-            }
-            Ok(())
-        })?;
         db.reap_dead_runs()?;
         Ok(db)
     }
@@ -227,7 +156,7 @@ impl ExperimentsDb {
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner.db.path()
     }
 
     /// `experiments/runs/<id>/`.
@@ -395,15 +324,15 @@ impl ExperimentsDb {
                 .optional()?;
             match status.as_deref() {
                 None => {
-                    return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                    return Err(Fail::Refused(ExperimentsError::Invalid(format!(
                         "run {id} is not in {}",
-                        self.inner.path.display()
+                        self.path().display()
                     ))));
                 }
                 // RUNNING with its lock free: its process died after the last reap.
                 Some("KILLED" | "FAILED" | "RUNNING") => {}
                 Some(other) => {
-                    return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                    return Err(Fail::Refused(ExperimentsError::Invalid(format!(
                         "run {id} is {other}; only KILLED or FAILED runs resume"
                     ))));
                 }
@@ -455,92 +384,21 @@ impl ExperimentsDb {
         })
     }
 
-    fn newer_schema(&self, found: i64) -> ExperimentsError {
-        ExperimentsError::NewerSchema {
-            path: self.inner.path.clone(),
-            found,
-            supported: SCHEMA_VERSION,
-        }
-    }
-
-    fn check_version(&self, version: i64) -> Result<(), ExperimentsError> {
-        if version > SCHEMA_VERSION {
-            Err(self.newer_schema(version))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the connection leaves no open transaction
-        // (rusqlite rolls back on drop), so a poisoned lock is still usable.
-        self.inner
-            .connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn to_error(&self, fail: Fail) -> ExperimentsError {
-        match fail {
-            Fail::Experiments(err) => err,
-            Fail::Sql(error) => ExperimentsError::Sqlite {
-                path: self.inner.path.clone(),
-                error,
-            },
-        }
-    }
-
-    /// Runs `op` on the connection, retrying SQLITE_BUSY with backoff.
-    fn retry_busy<T>(
-        &self,
-        mut op: impl FnMut(&mut Connection) -> Result<T, Fail>,
-    ) -> Result<T, ExperimentsError> {
-        let mut conn = self.lock();
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(1);
-        loop {
-            match op(&mut conn) {
-                Ok(value) => return Ok(value),
-                Err(Fail::Sql(err)) if is_busy(&err) => {
-                    if started.elapsed() >= BUSY_GIVE_UP {
-                        return Err(ExperimentsError::Busy {
-                            path: self.inner.path.clone(),
-                            waited_secs: started.elapsed().as_secs(),
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(100));
-                }
-                Err(fail) => return Err(self.to_error(fail)),
-            }
-        }
-    }
-
     /// Runs `op` in a `BEGIN IMMEDIATE` transaction; commits on `Ok`, rolls
     /// back on `Err`; busy is retried.
     pub(crate) fn write<T>(
         &self,
-        mut op: impl FnMut(&Transaction<'_>) -> Result<T, Fail>,
+        op: impl FnMut(&Transaction<'_>) -> Result<T, Fail>,
     ) -> Result<T, ExperimentsError> {
-        self.retry_busy(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let value = op(&tx)?;
-            tx.commit()?;
-            Ok(value)
-        })
+        self.inner.db.write(op)
     }
 
     /// Runs `op` in a read transaction (one consistent snapshot); busy is retried.
     pub(crate) fn read<T>(
         &self,
-        mut op: impl FnMut(&Transaction<'_>) -> Result<T, Fail>,
+        op: impl FnMut(&Transaction<'_>) -> Result<T, Fail>,
     ) -> Result<T, ExperimentsError> {
-        self.retry_busy(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
-            let value = op(&tx)?;
-            tx.commit()?;
-            Ok(value)
-        })
+        self.inner.db.read(op)
     }
 }
 
@@ -591,7 +449,7 @@ impl RunHandle {
                 match statement.execute(params![self.id, key, step as i64, value, time]) {
                     Ok(_) => {}
                     Err(err) if is_constraint(&err) => {
-                        return Err(Fail::Experiments(ExperimentsError::DuplicateMetric {
+                        return Err(Fail::Refused(ExperimentsError::DuplicateMetric {
                             path: path.clone(),
                             run: self.id.clone(),
                             key: key.to_string(),
@@ -784,44 +642,8 @@ fn run_id_prefix(now_ms: i64) -> String {
     format!("{}-{}", &digits[..8], &digits[8..14])
 }
 
-fn schema_version(conn: &Connection) -> Result<i64, rusqlite::Error> {
-    let has_table: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version')",
-        [],
-        |row| row.get(0),
-    )?;
-    if !has_table {
-        return Ok(0);
-    }
-    conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-        [],
-        |row| row.get(0),
-    )
-}
-
 pub(crate) fn experiments_db_path(layout: &Layout) -> PathBuf {
     layout.experiments_dir().join("experiments.db")
-}
-
-fn check_header(path: &Path) -> Result<(), ExperimentsError> {
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(io_error(path)(error)),
-    };
-    let mut head = Vec::with_capacity(16);
-    file.by_ref()
-        .take(16)
-        .read_to_end(&mut head)
-        .map_err(io_error(path))?;
-    if head.is_empty() || head.as_slice() == SQLITE_MAGIC {
-        Ok(())
-    } else {
-        Err(ExperimentsError::NotSqlite {
-            path: path.to_path_buf(),
-        })
-    }
 }
 
 /// Files under a run folder (relative paths with `/`, sizes), without the

@@ -484,7 +484,7 @@ fn check_metric(tx: &Transaction<'_>, metric: &str) -> Result<(), Fail> {
     if known.iter().any(|k| k == metric) {
         Ok(())
     } else {
-        Err(Fail::Experiments(ExperimentsError::UnknownMetric {
+        Err(Fail::Refused(ExperimentsError::UnknownMetric {
             metric: metric.to_string(),
             known,
         }))
@@ -500,7 +500,7 @@ fn check_params(tx: &Transaction<'_>, keys: &[&str], allow_run_fields: bool) -> 
             if allow_run_fields {
                 listed.extend(RUN_FIELDS.iter().map(|f| format!("{f} (run field)")));
             }
-            return Err(Fail::Experiments(ExperimentsError::UnknownParam {
+            return Err(Fail::Refused(ExperimentsError::UnknownParam {
                 param: key.to_string(),
                 known: listed,
             }));
@@ -770,7 +770,7 @@ impl ExperimentsDb {
             if let Some(name) = &filter.experiment {
                 let known = known_keys(tx, "SELECT name FROM experiments ORDER BY name")?;
                 if !known.contains(name) {
-                    return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                    return Err(Fail::Refused(ExperimentsError::Invalid(format!(
                         "unknown experiment `{name}`; known experiments: {}",
                         if known.is_empty() {
                             "none recorded yet".to_string()
@@ -809,7 +809,7 @@ impl ExperimentsDb {
             Some(run) => Ok(run),
             None => {
                 let known: i64 = tx.query_row("SELECT COUNT(*) FROM runs", [], |row| row.get(0))?;
-                Err(Fail::Experiments(ExperimentsError::UnknownRun {
+                Err(Fail::Refused(ExperimentsError::UnknownRun {
                     path: self.path().to_path_buf(),
                     run: run_id.to_string(),
                     known: known as usize,
@@ -895,7 +895,7 @@ impl ExperimentsDb {
                 .collect::<Result<Vec<_>, _>>()?;
             if rows.is_empty() {
                 let known = known_keys(tx, "SELECT DISTINCT key FROM metrics ORDER BY key")?;
-                return Err(Fail::Experiments(ExperimentsError::UnknownMetric {
+                return Err(Fail::Refused(ExperimentsError::UnknownMetric {
                     metric: metric.to_string(),
                     known,
                 }));
@@ -945,7 +945,7 @@ impl ExperimentsDb {
                 });
             }
             if runs.is_empty() {
-                return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+                return Err(Fail::Refused(ExperimentsError::Invalid(format!(
                     "no finished run has metric `{}` under the given --where filters",
                     query.metric
                 ))));
@@ -1014,7 +1014,7 @@ pub(crate) fn ablation_table(
         }
     }
     if groups.is_empty() {
-        return Err(Fail::Experiments(ExperimentsError::Invalid(format!(
+        return Err(Fail::Refused(ExperimentsError::Invalid(format!(
             "no finished run has metric `{}` under the given --where filters",
             query.metric
         ))));
@@ -1046,7 +1046,7 @@ pub(crate) fn ablation_table(
                             .join(",")
                     })
                     .collect();
-                Fail::Experiments(ExperimentsError::Invalid(format!(
+                Fail::Refused(ExperimentsError::Invalid(format!(
                     "--baseline {} is not a level of {}; levels: {}",
                     wanted.join(","),
                     query.by.join(","),

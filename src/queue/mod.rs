@@ -9,7 +9,9 @@
 //! [`Queue`] is the contract; [`sqlite::SqliteQueue`] (one file, one machine)
 //! and [`postgres::PostgresQueue`] (one database, many machines) implement it
 //! and pass the same conformance tests. [`QueueLocation`] says which one a
-//! verb opens.
+//! verb opens. The state machine below (what a stored row means, where a
+//! failed try goes, why a late call is refused, how status adds up) is
+//! written once, in `state`; each backend holds only its SQL.
 //!
 //! # Lifecycle
 //!
@@ -60,6 +62,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod state;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -196,6 +199,17 @@ pub struct EnqueueReport {
     pub added: u64,
     /// Jobs whose dedup key was already live.
     pub skipped: u64,
+}
+
+impl EnqueueReport {
+    /// Counts one job: added, or skipped because its dedup key was live.
+    pub(crate) fn count(&mut self, added: bool) {
+        if added {
+            self.added += 1;
+        } else {
+            self.skipped += 1;
+        }
+    }
 }
 
 /// A live (not superseded) job, as a planner sees it.

@@ -20,6 +20,7 @@
 //!   reopened on the next call.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,10 +28,14 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transaction};
 
+use super::state::{
+    self, AfterFailure, Holder, LIST_LIMIT, StateCountRow, StatusReader, StoredJob, StoredState,
+    THROUGHPUT_WINDOW,
+};
 use super::{
-    Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
-    JobResult, JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue,
-    QueueError, QueueStatus, RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
+    Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, JobProblem, JobRecord, JobResult,
+    JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue, QueueError,
+    QueueStatus, RequeueFilter, RetryPolicy, SystemClock,
 };
 
 /// The schema version this binary creates and understands.
@@ -41,12 +46,6 @@ const RETRY_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Used when the URL sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Completions the throughput is computed from.
-const THROUGHPUT_WINDOW: i64 = 200;
-
-/// Rows listed per problem kind in status.
-const LIST_LIMIT: i64 = 1000;
 
 /// Advisory lock key that serialises migrations ("lazarus" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6c_617a_6172_7573;
@@ -106,6 +105,12 @@ enum Fail {
 impl From<postgres::Error> for Fail {
     fn from(err: postgres::Error) -> Self {
         Fail::Sql(err)
+    }
+}
+
+impl From<QueueError> for Fail {
+    fn from(err: QueueError) -> Self {
+        Fail::Queue(err)
     }
 }
 
@@ -434,37 +439,48 @@ impl PostgresQueue {
             "SELECT state, attempt, worker, superseded FROM jobs WHERE id = $1",
             &[&job_id],
         );
-        let current = match row {
-            Err(err) => return Fail::Sql(err),
-            Ok(None) => {
-                return Fail::Queue(QueueError::NoSuchJob {
-                    path: self.name.clone().into(),
-                    job_id,
+        match row {
+            Err(err) => Fail::Sql(err),
+            Ok(row) => {
+                let now = row.map(|row| Holder {
+                    state: row.get(0),
+                    attempt: row.get::<_, i32>(1) as u32,
+                    worker: row.get(2),
+                    superseded: row.get(3),
                 });
+                state::lease_lost(self.location_path(), job_id, attempt, now).into()
             }
-            Ok(Some(row)) => {
-                let state: String = row.get(0);
-                let current: i32 = row.get(1);
-                let worker: Option<String> = row.get(2);
-                let superseded: bool = row.get(3);
-                if superseded {
-                    "the job was superseded by a forced enqueue".to_string()
-                } else if state == "running" {
-                    format!(
-                        "now attempt {current}, running on {}",
-                        worker.unwrap_or_default()
-                    )
-                } else {
-                    format!("now {state} at attempt {current}")
-                }
-            }
-        };
-        Fail::Queue(QueueError::LeaseLost {
-            path: self.name.clone().into(),
-            job_id,
-            attempt,
-            current,
-        })
+        }
+    }
+
+    /// How errors name this queue: its URL without the password.
+    fn location_path(&self) -> &Path {
+        Path::new(&self.name)
+    }
+
+    /// Inserts jobs as pending, skipping those whose dedup key is live.
+    fn insert_jobs(tx: &mut Tx<'_>, now: Millis, jobs: &[NewJob]) -> Result<EnqueueReport, Fail> {
+        let mut report = EnqueueReport::default();
+        for job in jobs {
+            let added = tx.execute(
+                "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
+                     state, enqueued_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
+                 ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
+                &[
+                    &job.kind,
+                    &job.group,
+                    &job.variant,
+                    &job.fingerprint,
+                    &job.dedup_key,
+                    &(job.items as i64),
+                    &job.payload,
+                    &now,
+                ],
+            )?;
+            report.count(added == 1);
+        }
+        Ok(report)
     }
 
     fn claim_in(
@@ -552,8 +568,7 @@ impl PostgresQueue {
         attempt: u32,
         result: &JobResult,
     ) -> Result<(), Fail> {
-        let result_json = serde_json::to_string(result)
-            .map_err(|err| Fail::Queue(QueueError::Invalid(format!("job result: {err}"))))?;
+        let result_json = state::result_json(result)?;
         let changed = tx.execute(
             "UPDATE jobs SET state = 'done', lease_deadline_ms = NULL, result = $3,
                  failed_items = $4, finished_at_ms = $5, last_error = NULL
@@ -629,72 +644,13 @@ fn describe(err: &postgres::Error) -> String {
     }
 }
 
-fn parse_state(
-    queue: &str,
-    name: &str,
-    worker: Option<String>,
-    attempt: u32,
-    lease_deadline_ms: Option<Millis>,
-    retry_at_ms: Option<Millis>,
-    last_error: Option<String>,
-) -> Result<JobState, QueueError> {
-    Ok(match name {
-        "pending" => JobState::Pending,
-        "running" => JobState::Running {
-            worker: worker.unwrap_or_default(),
-            attempt,
-            lease_deadline_ms: lease_deadline_ms.unwrap_or(0),
-        },
-        "done" => JobState::Done,
-        "failed" => JobState::Failed {
-            retry_at_ms: retry_at_ms.unwrap_or(0),
-            last_error: last_error.unwrap_or_default(),
-        },
-        "dead" => JobState::Dead {
-            last_error: last_error.unwrap_or_default(),
-        },
-        other => {
-            return Err(QueueError::Corrupt {
-                path: queue.into(),
-                message: format!("unknown job state '{other}'"),
-            });
-        }
-    })
-}
-
 impl Queue for PostgresQueue {
     fn location(&self) -> String {
         self.name.clone()
     }
 
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError> {
-        self.write(|tx, now| {
-            let mut report = EnqueueReport::default();
-            for job in jobs {
-                let added = tx.execute(
-                    "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
-                         state, enqueued_at_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
-                     ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
-                    &[
-                        &job.kind,
-                        &job.group,
-                        &job.variant,
-                        &job.fingerprint,
-                        &job.dedup_key,
-                        &(job.items as i64),
-                        &job.payload,
-                        &now,
-                    ],
-                )?;
-                if added == 1 {
-                    report.added += 1;
-                } else {
-                    report.skipped += 1;
-                }
-            }
-            Ok(report)
-        })
+        self.write(|tx, now| Self::insert_jobs(tx, now, jobs))
     }
 
     fn plan_and_enqueue(
@@ -723,44 +679,22 @@ impl Queue for PostgresQueue {
                     payload: row.get(4),
                 })
                 .collect();
-            let decided = plan(&live).map_err(|message| {
-                Fail::Queue(QueueError::Plan {
-                    path: self.name.clone().into(),
-                    message,
-                })
-            })?;
-            let mut report = PlanReport::default();
-            if !decided.supersede.is_empty() {
-                report.superseded = tx.execute(
+            let decided = state::decide(plan, &live, self.location_path())?;
+            let superseded = if decided.supersede.is_empty() {
+                0
+            } else {
+                tx.execute(
                     "UPDATE jobs SET superseded = TRUE
                      WHERE id = ANY($1) AND NOT superseded AND fingerprint = $2",
                     &[&decided.supersede, &fingerprint],
-                )?;
-            }
-            for job in &decided.jobs {
-                let added = tx.execute(
-                    "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
-                         state, enqueued_at_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8)
-                     ON CONFLICT (dedup_key) WHERE NOT superseded DO NOTHING",
-                    &[
-                        &job.kind,
-                        &job.group,
-                        &job.variant,
-                        &job.fingerprint,
-                        &job.dedup_key,
-                        &(job.items as i64),
-                        &job.payload,
-                        &now,
-                    ],
-                )?;
-                if added == 1 {
-                    report.added += 1;
-                } else {
-                    report.skipped += 1;
-                }
-            }
-            Ok(report)
+                )?
+            };
+            let inserted = Self::insert_jobs(tx, now, &decided.jobs)?;
+            Ok(PlanReport {
+                superseded,
+                added: inserted.added,
+                skipped: inserted.skipped,
+            })
         })
     }
 
@@ -884,30 +818,22 @@ impl Queue for PostgresQueue {
                 return Err(self.lease_lost(tx, job_id, attempt));
             };
             let tries = row.get::<_, i32>(0) as u32;
-            if tries >= self.policy.max_attempts {
-                tx.execute(
+            let next = self.policy.after_failure(tries, now);
+            match next {
+                AfterFailure::Dead => tx.execute(
                     "UPDATE jobs SET state = 'dead', lease_deadline_ms = NULL, last_error = $2,
                          finished_at_ms = $3
                      WHERE id = $1",
                     &[&job_id, &error, &now],
-                )?;
-                Ok(JobState::Dead {
-                    last_error: error.to_string(),
-                })
-            } else {
-                let retry_at_ms =
-                    now.saturating_add(self.policy.backoff(tries).as_millis() as Millis);
-                tx.execute(
+                )?,
+                AfterFailure::Retry { retry_at_ms } => tx.execute(
                     "UPDATE jobs SET state = 'failed', lease_deadline_ms = NULL, last_error = $2,
                          retry_at_ms = $3
                      WHERE id = $1",
                     &[&job_id, &error, &retry_at_ms],
-                )?;
-                Ok(JobState::Failed {
-                    retry_at_ms,
-                    last_error: error.to_string(),
-                })
-            }
+                )?,
+            };
+            Ok(next.into_state(error))
         })
     }
 
@@ -982,31 +908,11 @@ impl Queue for PostgresQueue {
         })?;
         let Some(row) = row else {
             return Err(QueueError::NoSuchJob {
-                path: self.name.clone().into(),
+                path: self.location_path().to_path_buf(),
                 job_id,
             });
         };
-        let attempt = row.get::<_, i32>(7) as u32;
-        let state_name: String = row.get(6);
-        let state = parse_state(
-            &self.name,
-            &state_name,
-            row.get(9),
-            attempt,
-            row.get(10),
-            row.get(11),
-            row.get(12),
-        )?;
-        let result = match row.get::<_, Option<String>>(13) {
-            None => None,
-            Some(text) => Some(
-                serde_json::from_str(&text).map_err(|err| QueueError::Corrupt {
-                    path: self.name.clone().into(),
-                    message: format!("job {job_id} result: {err}"),
-                })?,
-            ),
-        };
-        Ok(JobRecord {
+        StoredJob {
             id: job_id,
             kind: row.get(0),
             group: row.get(1),
@@ -1014,165 +920,125 @@ impl Queue for PostgresQueue {
             fingerprint: row.get(3),
             items: row.get::<_, i64>(4) as u64,
             payload: row.get(5),
-            state,
-            attempt,
+            state: StoredState {
+                name: row.get(6),
+                attempt: row.get::<_, i32>(7) as u32,
+                worker: row.get(9),
+                lease_deadline_ms: row.get(10),
+                retry_at_ms: row.get(11),
+                last_error: row.get(12),
+            },
             tries: row.get::<_, i32>(8) as u32,
-            result,
+            result: row.get(13),
             superseded: row.get(14),
-        })
+        }
+        .into_record(self.location_path())
     }
 
     fn status(&self, group: Option<&str>) -> Result<QueueStatus, QueueError> {
         self.read(|tx, now| {
-            let mut groups: Vec<GroupStatus> = Vec::new();
-            let rows = tx.query(
-                "SELECT grp, variant, fingerprint, state, COUNT(*), SUM(items)::BIGINT,
-                     SUM(failed_items)::BIGINT,
-                     COUNT(*) FILTER (WHERE state = 'running' AND lease_deadline_ms <= $1)
-                 FROM jobs WHERE NOT superseded AND ($2::TEXT IS NULL OR grp = $2)
-                 GROUP BY grp, variant, fingerprint, state
-                 ORDER BY grp COLLATE \"C\", variant COLLATE \"C\", fingerprint COLLATE \"C\"",
-                &[&now, &group],
-            )?;
-            for row in &rows {
-                let key: (String, String, String) = (row.get(0), row.get(1), row.get(2));
-                let state: String = row.get(3);
-                let count = row.get::<_, i64>(4) as u64;
-                let items = row.get::<_, i64>(5) as u64;
-                let failed_items = row.get::<_, i64>(6) as u64;
-                let expired = row.get::<_, i64>(7) as u64;
-                let same = groups.last().is_some_and(|g| {
-                    (&g.group, &g.variant, &g.fingerprint) == (&key.0, &key.1, &key.2)
-                });
-                if !same {
-                    groups.push(GroupStatus {
-                        group: key.0,
-                        variant: key.1,
-                        fingerprint: key.2,
-                        jobs: StateCounts::default(),
-                        items: ItemCounts::default(),
-                        expired_leases: 0,
-                        throughput: Default::default(),
-                    });
-                }
-                let entry = groups.last_mut().expect("pushed above");
-                entry.items.total += items;
-                match state.as_str() {
-                    "pending" => entry.jobs.pending += count,
-                    "running" => entry.jobs.running += count,
-                    "done" => {
-                        entry.jobs.done += count;
-                        entry.items.done += items.saturating_sub(failed_items);
-                        entry.items.failed += failed_items;
-                    }
-                    "failed" => entry.jobs.failed += count,
-                    "dead" => entry.jobs.dead += count,
-                    other => {
-                        return Err(Fail::Queue(QueueError::Corrupt {
-                            path: self.name.clone().into(),
-                            message: format!("unknown job state '{other}'"),
-                        }));
-                    }
-                }
-                entry.expired_leases += expired;
-            }
-            let remaining = |jobs: &StateCounts, items: &ItemCounts| {
-                let jobs_left = jobs.pending + jobs.running + jobs.failed;
-                let items_left = items
-                    .total
-                    .saturating_sub(items.done + items.failed)
-                    .min(items.total);
-                (jobs_left, items_left)
-            };
-            let recent = |rows: Vec<postgres::Row>| -> Vec<(Millis, u64)> {
-                rows.iter()
-                    .map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64))
-                    .collect()
-            };
-            for entry in &mut groups {
-                let rows = tx.query(
-                    "SELECT finished_at_ms, items FROM jobs
-                     WHERE NOT superseded AND state = 'done'
-                         AND grp = $1 AND variant = $2 AND fingerprint = $3
-                     ORDER BY finished_at_ms DESC LIMIT $4",
-                    &[
-                        &entry.group,
-                        &entry.variant,
-                        &entry.fingerprint,
-                        &THROUGHPUT_WINDOW,
-                    ],
-                )?;
-                let (jobs_left, items_left) = remaining(&entry.jobs, &entry.items);
-                entry.throughput = throughput(&recent(rows), jobs_left, items_left);
-            }
-            let rows = tx.query(
+            let mut reader = Status { tx, group };
+            state::read_status(&mut reader, now, self.location_path())
+        })
+    }
+}
+
+/// What status reads, in one snapshot, for one group or all.
+struct Status<'a, 'tx> {
+    tx: &'a mut Tx<'tx>,
+    group: Option<&'a str>,
+}
+
+impl StatusReader for Status<'_, '_> {
+    type Error = Fail;
+
+    fn state_counts(&mut self, now: Millis) -> Result<Vec<StateCountRow>, Fail> {
+        let rows = self.tx.query(
+            "SELECT grp, variant, fingerprint, state, COUNT(*), SUM(items)::BIGINT,
+                 SUM(failed_items)::BIGINT,
+                 COUNT(*) FILTER (WHERE state = 'running' AND lease_deadline_ms <= $1)
+             FROM jobs WHERE NOT superseded AND ($2::TEXT IS NULL OR grp = $2)
+             GROUP BY grp, variant, fingerprint, state
+             ORDER BY grp COLLATE \"C\", variant COLLATE \"C\", fingerprint COLLATE \"C\"",
+            &[&now, &self.group],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| StateCountRow {
+                group: row.get(0),
+                variant: row.get(1),
+                fingerprint: row.get(2),
+                state: row.get(3),
+                jobs: row.get::<_, i64>(4) as u64,
+                items: row.get::<_, i64>(5) as u64,
+                failed_items: row.get::<_, i64>(6) as u64,
+                expired_leases: row.get::<_, i64>(7) as u64,
+            })
+            .collect())
+    }
+
+    fn recent_completions(&mut self, of: Option<&GroupStatus>) -> Result<Vec<(Millis, u64)>, Fail> {
+        let rows = match of {
+            Some(g) => self.tx.query(
+                "SELECT finished_at_ms, items FROM jobs
+                 WHERE NOT superseded AND state = 'done'
+                     AND grp = $1 AND variant = $2 AND fingerprint = $3
+                 ORDER BY finished_at_ms DESC LIMIT $4",
+                &[&g.group, &g.variant, &g.fingerprint, &THROUGHPUT_WINDOW],
+            )?,
+            None => self.tx.query(
                 "SELECT finished_at_ms, items FROM jobs
                  WHERE NOT superseded AND state = 'done' AND ($1::TEXT IS NULL OR grp = $1)
                  ORDER BY finished_at_ms DESC LIMIT $2",
-                &[&group, &THROUGHPUT_WINDOW],
-            )?;
-            let recent_all = recent(rows);
-            let mut jobs_total = StateCounts::default();
-            let mut items_total = ItemCounts::default();
-            for entry in &groups {
-                jobs_total.add(&entry.jobs);
-                items_total.add(&entry.items);
-            }
-            let (jobs_left, items_left) = remaining(&jobs_total, &items_total);
-            let overall = throughput(&recent_all, jobs_left, items_left);
+                &[&self.group, &THROUGHPUT_WINDOW],
+            )?,
+        };
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64))
+            .collect())
+    }
 
-            let failed_items = tx
-                .query(
-                    "SELECT f.job_id, j.grp, j.variant, f.item, f.reason
-                     FROM item_failures f JOIN jobs j ON j.id = f.job_id
-                     WHERE NOT j.superseded AND j.state = 'done'
-                         AND ($1::TEXT IS NULL OR j.grp = $1)
-                     ORDER BY f.job_id, f.id LIMIT $2",
-                    &[&group, &LIST_LIMIT],
-                )?
-                .iter()
-                .map(|row| FailedItem {
-                    job_id: row.get(0),
-                    group: row.get(1),
-                    variant: row.get(2),
-                    item: row.get(3),
-                    reason: row.get(4),
-                })
-                .collect();
-            let mut problems = |state: &'static str| -> Result<Vec<JobProblem>, Fail> {
-                let rows = tx.query(
-                    "SELECT id, grp, variant, tries, last_error, retry_at_ms FROM jobs
-                     WHERE NOT superseded AND state = $1 AND ($2::TEXT IS NULL OR grp = $2)
-                     ORDER BY id LIMIT $3",
-                    &[&state, &group, &LIST_LIMIT],
-                )?;
-                Ok(rows
-                    .iter()
-                    .map(|row| JobProblem {
-                        job_id: row.get(0),
-                        group: row.get(1),
-                        variant: row.get(2),
-                        state,
-                        tries: row.get::<_, i32>(3) as u32,
-                        last_error: row.get::<_, Option<String>>(4).unwrap_or_default(),
-                        retry_at_ms: row.get(5),
-                    })
-                    .collect())
-            };
-            let failed_jobs = problems("failed")?;
-            let mut dead_jobs = problems("dead")?;
-            for job in &mut dead_jobs {
-                job.retry_at_ms = None;
-            }
-            Ok(QueueStatus {
-                now_ms: now,
-                groups: std::mem::take(&mut groups),
-                throughput: overall,
-                failed_items,
-                failed_jobs,
-                dead_jobs,
+    fn failed_items(&mut self) -> Result<Vec<FailedItem>, Fail> {
+        let rows = self.tx.query(
+            "SELECT f.job_id, j.grp, j.variant, f.item, f.reason
+             FROM item_failures f JOIN jobs j ON j.id = f.job_id
+             WHERE NOT j.superseded AND j.state = 'done'
+                 AND ($1::TEXT IS NULL OR j.grp = $1)
+             ORDER BY f.job_id, f.id LIMIT $2",
+            &[&self.group, &LIST_LIMIT],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| FailedItem {
+                job_id: row.get(0),
+                group: row.get(1),
+                variant: row.get(2),
+                item: row.get(3),
+                reason: row.get(4),
             })
-        })
+            .collect())
+    }
+
+    fn problems(&mut self, state: &'static str) -> Result<Vec<JobProblem>, Fail> {
+        let rows = self.tx.query(
+            "SELECT id, grp, variant, tries, last_error, retry_at_ms FROM jobs
+             WHERE NOT superseded AND state = $1 AND ($2::TEXT IS NULL OR grp = $2)
+             ORDER BY id LIMIT $3",
+            &[&state, &self.group, &LIST_LIMIT],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|row| JobProblem {
+                job_id: row.get(0),
+                group: row.get(1),
+                variant: row.get(2),
+                state,
+                tries: row.get::<_, i32>(3) as u32,
+                last_error: row.get::<_, Option<String>>(4).unwrap_or_default(),
+                retry_at_ms: row.get(5),
+            })
+            .collect())
     }
 }
 

@@ -1,48 +1,35 @@
 //! The SQLite queue backend: one file (jobs/queue.db) shared by any number of
-//! worker, enqueue and status processes.
+//! worker, enqueue and status processes. Only its SQL lives here: opening,
+//! WAL, busy retries and the schema version are [`crate::sqlite`]'s, and
+//! every decision about states is [`super::state`]'s.
 //!
-//! - WAL journal with `synchronous=NORMAL`: readers never block the writer, and
-//!   a committed transition survives a process crash (a power cut may lose the
-//!   last few commits, which then simply rerun: every transition is idempotent
-//!   from the queue's point of view).
 //! - Every write is a `BEGIN IMMEDIATE` transaction, so two workers can never
 //!   read the same pending row and both claim it: the write lock is taken
-//!   before the read. SQLITE_BUSY is retried with backoff (after SQLite's own
-//!   busy timeout) for up to [`BUSY_GIVE_UP`], so "database is locked" never
-//!   reaches a user under normal contention.
-//! - The schema version lives in `PRAGMA user_version`. A file is validated
-//!   (SQLite header, known version) before anything is written to it: a file
-//!   that is not SQLite, or has a newer schema, is left byte for byte untouched.
+//!   before the read.
+//! - The schema version lives in `PRAGMA user_version`. A file that is not
+//!   SQLite, or has a newer schema, is left byte for byte untouched.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, ToSql, Transaction};
+use rusqlite::{OptionalExtension, ToSql, Transaction};
 
-use super::{
-    Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, ItemCounts, JobProblem, JobRecord,
-    JobResult, JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue,
-    QueueError, QueueStatus, RequeueFilter, RetryPolicy, StateCounts, SystemClock, throughput,
+use super::state::{
+    self, AfterFailure, Holder, LIST_LIMIT, StateCountRow, StatusReader, StoredJob, StoredState,
+    THROUGHPUT_WINDOW,
 };
+use super::{
+    Clock, DoneJob, EnqueueReport, FailedItem, GroupStatus, JobProblem, JobRecord, JobResult,
+    JobState, KindBacklog, Lease, LiveJob, Millis, NewJob, PlanReport, Planner, Queue, QueueError,
+    QueueStatus, RequeueFilter, RetryPolicy, SystemClock,
+};
+use crate::sqlite::{Database, Schema, TxError, VersionStore};
+
+pub use crate::sqlite::BUSY_GIVE_UP;
 
 /// The schema version this binary creates and understands.
 pub const SCHEMA_VERSION: i64 = 1;
-
-/// How long a busy database is retried before giving up with [`QueueError::Busy`].
-pub const BUSY_GIVE_UP: Duration = Duration::from_secs(120);
-
-/// SQLite's own wait on a lock before it reports SQLITE_BUSY to us.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Completions the throughput is computed from.
-const THROUGHPUT_WINDOW: i64 = 200;
-
-/// Rows listed per problem kind in status.
-const LIST_LIMIT: i64 = 1000;
-
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE jobs (
@@ -81,30 +68,20 @@ CREATE TABLE item_failures (
 CREATE INDEX item_failures_job ON item_failures (job_id);
 ";
 
+const SCHEMA: Schema = Schema {
+    version_store: VersionStore::UserVersion,
+    migrations: &[SCHEMA_V1],
+    foreign_keys: false,
+};
+
 /// Failure inside a transaction: SQLite (maybe busy, then retried) or a queue verdict.
-enum Fail {
-    Sql(rusqlite::Error),
-    Queue(QueueError),
-}
+type Fail = TxError<QueueError>;
 
-impl From<rusqlite::Error> for Fail {
-    fn from(err: rusqlite::Error) -> Self {
-        Fail::Sql(err)
-    }
-}
-
-fn is_busy(err: &rusqlite::Error) -> bool {
-    matches!(
-        err,
-        rusqlite::Error::SqliteFailure(e, _)
-            if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-    )
-}
+crate::sqlite::sqlite_owner_error!(QueueError);
 
 /// A queue in one SQLite file.
 pub struct SqliteQueue {
-    path: PathBuf,
-    connection: Mutex<Connection>,
+    db: Database,
     clock: Arc<dyn Clock>,
     policy: RetryPolicy,
 }
@@ -112,7 +89,7 @@ pub struct SqliteQueue {
 impl std::fmt::Debug for SqliteQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteQueue")
-            .field("path", &self.path)
+            .field("path", &self.db.path())
             .field("policy", &self.policy)
             .finish()
     }
@@ -139,124 +116,19 @@ impl SqliteQueue {
         clock: Arc<dyn Clock>,
         policy: RetryPolicy,
     ) -> Result<Self, QueueError> {
-        check_header(path)?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| QueueError::Io {
-                path: parent.to_path_buf(),
-                error: source,
-            })?;
-        }
-        let sql_err = |source| QueueError::Sqlite {
-            path: path.to_path_buf(),
-            error: source,
-        };
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection = Connection::open_with_flags(path, flags).map_err(sql_err)?;
-        connection.busy_timeout(BUSY_TIMEOUT).map_err(sql_err)?;
-        let queue = Self {
-            path: path.to_path_buf(),
-            connection: Mutex::new(connection),
+        Ok(Self {
+            db: Database::open(path, &SCHEMA)?,
             clock,
             policy,
-        };
-        // Validate before writing anything: reading user_version changes nothing.
-        let version = queue.retry_busy(|conn| {
-            Ok(conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?)
-        })?;
-        queue.check_version(version)?;
-        queue.retry_busy(|conn| {
-            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                return Err(Fail::Queue(QueueError::Invalid(format!(
-                    "{}: cannot switch to WAL journal mode (got {mode})",
-                    path.display()
-                ))));
-            }
-            conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-            Ok(())
-        })?;
-        queue.write(|tx, _| {
-            let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-            if version > SCHEMA_VERSION {
-                return Err(Fail::Queue(queue.newer_schema(version)));
-            }
-            if version < 1 {
-                tx.execute_batch(SCHEMA_V1)?;
-                tx.execute_batch("PRAGMA user_version = 1")?;
-            }
-            Ok(())
-        })?;
-        Ok(queue)
+        })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
     pub fn policy(&self) -> RetryPolicy {
         self.policy
-    }
-
-    fn newer_schema(&self, found: i64) -> QueueError {
-        QueueError::NewerSchema {
-            path: self.path.clone(),
-            found,
-            supported: SCHEMA_VERSION,
-        }
-    }
-
-    fn check_version(&self, version: i64) -> Result<(), QueueError> {
-        if version > SCHEMA_VERSION {
-            Err(self.newer_schema(version))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the connection leaves no open transaction
-        // (rusqlite rolls back on drop), so a poisoned lock is still usable.
-        self.connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn to_error(&self, fail: Fail) -> QueueError {
-        match fail {
-            Fail::Queue(err) => err,
-            Fail::Sql(source) => QueueError::Sqlite {
-                path: self.path.clone(),
-                error: source,
-            },
-        }
-    }
-
-    /// Runs `op` on the connection, retrying SQLITE_BUSY with backoff.
-    fn retry_busy<T>(
-        &self,
-        mut op: impl FnMut(&mut Connection) -> Result<T, Fail>,
-    ) -> Result<T, QueueError> {
-        let mut conn = self.lock();
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(1);
-        loop {
-            match op(&mut conn) {
-                Ok(value) => return Ok(value),
-                Err(Fail::Sql(err)) if is_busy(&err) => {
-                    if started.elapsed() >= BUSY_GIVE_UP {
-                        return Err(QueueError::Busy {
-                            path: self.path.clone(),
-                            waited_secs: started.elapsed().as_secs(),
-                        });
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_millis(100));
-                }
-                Err(fail) => return Err(self.to_error(fail)),
-            }
-        }
     }
 
     /// Runs `op` in a `BEGIN IMMEDIATE` transaction with the current time;
@@ -265,12 +137,7 @@ impl SqliteQueue {
         &self,
         mut op: impl FnMut(&Transaction<'_>, Millis) -> Result<T, Fail>,
     ) -> Result<T, QueueError> {
-        self.retry_busy(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let value = op(&tx, self.clock.now_ms())?;
-            tx.commit()?;
-            Ok(value)
-        })
+        self.db.write(|tx| op(tx, self.clock.now_ms()))
     }
 
     /// Runs `op` in a read transaction (one consistent snapshot); busy is retried.
@@ -278,12 +145,7 @@ impl SqliteQueue {
         &self,
         mut op: impl FnMut(&Transaction<'_>, Millis) -> Result<T, Fail>,
     ) -> Result<T, QueueError> {
-        self.retry_busy(|conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
-            let value = op(&tx, self.clock.now_ms())?;
-            tx.commit()?;
-            Ok(value)
-        })
+        self.db.read(|tx| op(tx, self.clock.now_ms()))
     }
 
     /// Why an attempt no longer holds a job, for [`QueueError::LeaseLost`].
@@ -293,38 +155,48 @@ impl SqliteQueue {
                 "SELECT state, attempt, worker, superseded FROM jobs WHERE id = ?1",
                 [job_id],
                 |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, u32>(1)?,
-                        row.get::<_, Option<String>>(2)?,
-                        row.get::<_, bool>(3)?,
-                    ))
+                    Ok(Holder {
+                        state: row.get(0)?,
+                        attempt: row.get(1)?,
+                        worker: row.get(2)?,
+                        superseded: row.get(3)?,
+                    })
                 },
             )
             .optional();
-        let current = match row {
-            Err(err) => return Fail::Sql(err),
-            Ok(None) => {
-                return Fail::Queue(QueueError::NoSuchJob {
-                    path: self.path.clone(),
-                    job_id,
-                });
-            }
-            Ok(Some((_, _, _, true))) => "the job was superseded by a forced enqueue".to_string(),
-            Ok(Some((state, current, worker, false))) if state == "running" => format!(
-                "now attempt {current}, running on {}",
-                worker.unwrap_or_default()
-            ),
-            Ok(Some((state, current, _, false))) => {
-                format!("now {state} at attempt {current}")
-            }
-        };
-        Fail::Queue(QueueError::LeaseLost {
-            path: self.path.clone(),
-            job_id,
-            attempt,
-            current,
-        })
+        match row {
+            Err(err) => TxError::Sql(err),
+            Ok(now) => state::lease_lost(self.path(), job_id, attempt, now).into(),
+        }
+    }
+
+    /// Inserts jobs as pending, skipping those whose dedup key is live.
+    fn insert_jobs(
+        tx: &Transaction<'_>,
+        now: Millis,
+        jobs: &[NewJob],
+    ) -> Result<EnqueueReport, Fail> {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
+                 state, enqueued_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)
+             ON CONFLICT (dedup_key) WHERE superseded = 0 DO NOTHING",
+        )?;
+        let mut report = EnqueueReport::default();
+        for job in jobs {
+            let added = insert.execute(rusqlite::params![
+                job.kind,
+                job.group,
+                job.variant,
+                job.fingerprint,
+                job.dedup_key,
+                job.items as i64,
+                job.payload,
+                now
+            ])?;
+            report.count(added == 1);
+        }
+        Ok(report)
     }
 
     fn claim_in(
@@ -418,8 +290,7 @@ impl SqliteQueue {
         attempt: u32,
         result: &JobResult,
     ) -> Result<(), Fail> {
-        let result_json = serde_json::to_string(result)
-            .map_err(|err| Fail::Queue(QueueError::Invalid(format!("job result: {err}"))))?;
+        let result_json = state::result_json(result)?;
         let changed = tx
             .prepare_cached(
                 "UPDATE jobs SET state = 'done', lease_deadline_ms = NULL, result = ?3,
@@ -448,102 +319,13 @@ impl SqliteQueue {
     }
 }
 
-/// Refuses a non-empty file that does not start with the SQLite header.
-/// An empty file is what SQLite itself creates first, so it is accepted.
-fn check_header(path: &Path) -> Result<(), QueueError> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(QueueError::Io {
-                path: path.to_path_buf(),
-                error: source,
-            });
-        }
-    };
-    let mut head = Vec::with_capacity(16);
-    file.by_ref()
-        .take(16)
-        .read_to_end(&mut head)
-        .map_err(|source| QueueError::Io {
-            path: path.to_path_buf(),
-            error: source,
-        })?;
-    if head.is_empty() || head.as_slice() == SQLITE_MAGIC {
-        Ok(())
-    } else {
-        Err(QueueError::NotSqlite {
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-fn parse_state(
-    path: &Path,
-    name: &str,
-    worker: Option<String>,
-    attempt: u32,
-    lease_deadline_ms: Option<Millis>,
-    retry_at_ms: Option<Millis>,
-    last_error: Option<String>,
-) -> Result<JobState, QueueError> {
-    Ok(match name {
-        "pending" => JobState::Pending,
-        "running" => JobState::Running {
-            worker: worker.unwrap_or_default(),
-            attempt,
-            lease_deadline_ms: lease_deadline_ms.unwrap_or(0),
-        },
-        "done" => JobState::Done,
-        "failed" => JobState::Failed {
-            retry_at_ms: retry_at_ms.unwrap_or(0),
-            last_error: last_error.unwrap_or_default(),
-        },
-        "dead" => JobState::Dead {
-            last_error: last_error.unwrap_or_default(),
-        },
-        other => {
-            return Err(QueueError::Corrupt {
-                path: path.to_path_buf(),
-                message: format!("unknown job state '{other}'"),
-            });
-        }
-    })
-}
-
 impl Queue for SqliteQueue {
     fn location(&self) -> String {
-        self.path.display().to_string()
+        self.path().display().to_string()
     }
 
     fn enqueue(&self, jobs: &[NewJob]) -> Result<EnqueueReport, QueueError> {
-        self.write(|tx, now| {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
-                     state, enqueued_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)
-                 ON CONFLICT (dedup_key) WHERE superseded = 0 DO NOTHING",
-            )?;
-            let mut report = EnqueueReport::default();
-            for job in jobs {
-                let added = insert.execute(rusqlite::params![
-                    job.kind,
-                    job.group,
-                    job.variant,
-                    job.fingerprint,
-                    job.dedup_key,
-                    job.items as i64,
-                    job.payload,
-                    now
-                ])?;
-                if added == 1 {
-                    report.added += 1;
-                } else {
-                    report.skipped += 1;
-                }
-            }
-            Ok(report)
-        })
+        self.write(|tx, now| Self::insert_jobs(tx, now, jobs))
     }
 
     fn plan_and_enqueue(
@@ -572,44 +354,21 @@ impl Queue for SqliteQueue {
                     })?
                     .collect::<Result<_, _>>()?
             };
-            let decided = plan(&live).map_err(|message| {
-                Fail::Queue(QueueError::Plan {
-                    path: self.path.clone(),
-                    message,
-                })
-            })?;
-            let mut report = PlanReport::default();
+            let decided = state::decide(plan, &live, self.path())?;
+            let mut superseded = 0;
             let mut retire = tx.prepare_cached(
                 "UPDATE jobs SET superseded = 1
                  WHERE id = ?1 AND superseded = 0 AND fingerprint = ?2",
             )?;
             for id in &decided.supersede {
-                report.superseded += retire.execute(rusqlite::params![id, fingerprint])? as u64;
+                superseded += retire.execute(rusqlite::params![id, fingerprint])? as u64;
             }
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO jobs (kind, grp, variant, fingerprint, dedup_key, items, payload,
-                     state, enqueued_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)
-                 ON CONFLICT (dedup_key) WHERE superseded = 0 DO NOTHING",
-            )?;
-            for job in &decided.jobs {
-                let added = insert.execute(rusqlite::params![
-                    job.kind,
-                    job.group,
-                    job.variant,
-                    job.fingerprint,
-                    job.dedup_key,
-                    job.items as i64,
-                    job.payload,
-                    now
-                ])?;
-                if added == 1 {
-                    report.added += 1;
-                } else {
-                    report.skipped += 1;
-                }
-            }
-            Ok(report)
+            let inserted = Self::insert_jobs(tx, now, &decided.jobs)?;
+            Ok(PlanReport {
+                superseded,
+                added: inserted.added,
+                skipped: inserted.skipped,
+            })
         })
     }
 
@@ -735,30 +494,22 @@ impl Queue for SqliteQueue {
             let Some(tries) = tries else {
                 return Err(self.lease_lost(tx, job_id, attempt));
             };
-            if tries >= self.policy.max_attempts {
-                tx.execute(
+            let next = self.policy.after_failure(tries, now);
+            match next {
+                AfterFailure::Dead => tx.execute(
                     "UPDATE jobs SET state = 'dead', lease_deadline_ms = NULL, last_error = ?2,
                          finished_at_ms = ?3
                      WHERE id = ?1",
                     rusqlite::params![job_id, error, now],
-                )?;
-                Ok(JobState::Dead {
-                    last_error: error.to_string(),
-                })
-            } else {
-                let retry_at_ms =
-                    now.saturating_add(self.policy.backoff(tries).as_millis() as Millis);
-                tx.execute(
+                )?,
+                AfterFailure::Retry { retry_at_ms } => tx.execute(
                     "UPDATE jobs SET state = 'failed', lease_deadline_ms = NULL, last_error = ?2,
                          retry_at_ms = ?3
                      WHERE id = ?1",
                     rusqlite::params![job_id, error, retry_at_ms],
-                )?;
-                Ok(JobState::Failed {
-                    retry_at_ms,
-                    last_error: error.to_string(),
-                })
-            }
+                )?,
+            };
+            Ok(next.into_state(error))
         })
     }
 
@@ -818,7 +569,7 @@ impl Queue for SqliteQueue {
     }
 
     fn job(&self, job_id: i64) -> Result<JobRecord, QueueError> {
-        let row = self.read(|tx, _| {
+        let stored = self.read(|tx, _| {
             Ok(tx
                 .query_row(
                     "SELECT kind, grp, variant, fingerprint, items, payload, state, attempt,
@@ -827,229 +578,148 @@ impl Queue for SqliteQueue {
                      FROM jobs WHERE id = ?1",
                     [job_id],
                     |row| {
-                        Ok((
-                            (
-                                row.get::<_, String>(0)?,
-                                row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
-                                row.get::<_, String>(3)?,
-                                row.get::<_, u64>(4)?,
-                                row.get::<_, String>(5)?,
-                                row.get::<_, String>(6)?,
-                                row.get::<_, u32>(7)?,
-                            ),
-                            (
-                                row.get::<_, u32>(8)?,
-                                row.get::<_, Option<String>>(9)?,
-                                row.get::<_, Option<Millis>>(10)?,
-                                row.get::<_, Option<Millis>>(11)?,
-                                row.get::<_, Option<String>>(12)?,
-                                row.get::<_, Option<String>>(13)?,
-                                row.get::<_, bool>(14)?,
-                            ),
-                        ))
+                        Ok(StoredJob {
+                            id: job_id,
+                            kind: row.get(0)?,
+                            group: row.get(1)?,
+                            variant: row.get(2)?,
+                            fingerprint: row.get(3)?,
+                            items: row.get(4)?,
+                            payload: row.get(5)?,
+                            state: StoredState {
+                                name: row.get(6)?,
+                                attempt: row.get(7)?,
+                                worker: row.get(9)?,
+                                lease_deadline_ms: row.get(10)?,
+                                retry_at_ms: row.get(11)?,
+                                last_error: row.get(12)?,
+                            },
+                            tries: row.get(8)?,
+                            result: row.get(13)?,
+                            superseded: row.get(14)?,
+                        })
                     },
                 )
                 .optional()?)
         })?;
-        let Some((
-            (kind, group, variant, fingerprint, items, payload, state, attempt),
-            (tries, worker, lease_deadline_ms, retry_at_ms, last_error, result, superseded),
-        )) = row
-        else {
+        let Some(stored) = stored else {
             return Err(QueueError::NoSuchJob {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 job_id,
             });
         };
-        let state = parse_state(
-            &self.path,
-            &state,
-            worker,
-            attempt,
-            lease_deadline_ms,
-            retry_at_ms,
-            last_error,
-        )?;
-        let result = match result {
-            None => None,
-            Some(text) => Some(
-                serde_json::from_str(&text).map_err(|err| QueueError::Corrupt {
-                    path: self.path.clone(),
-                    message: format!("job {job_id} result: {err}"),
-                })?,
-            ),
-        };
-        Ok(JobRecord {
-            id: job_id,
-            kind,
-            group,
-            variant,
-            fingerprint,
-            items,
-            payload,
-            state,
-            attempt,
-            tries,
-            result,
-            superseded,
-        })
+        stored.into_record(self.path())
     }
 
     fn status(&self, group: Option<&str>) -> Result<QueueStatus, QueueError> {
         self.read(|tx, now| {
-            let mut groups: Vec<GroupStatus> = Vec::new();
-            {
-                let mut statement = tx.prepare_cached(
-                    "SELECT grp, variant, fingerprint, state, COUNT(*), SUM(items),
-                         SUM(failed_items),
-                         SUM(state = 'running' AND lease_deadline_ms <= ?1)
-                     FROM jobs WHERE superseded = 0 AND (?2 IS NULL OR grp = ?2)
-                     GROUP BY grp, variant, fingerprint, state
-                     ORDER BY grp, variant, fingerprint",
-                )?;
-                let mut rows = statement.query(rusqlite::params![now, group])?;
-                while let Some(row) = rows.next()? {
-                    let key: (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
-                    let state: String = row.get(3)?;
-                    let count: u64 = row.get(4)?;
-                    let items: u64 = row.get(5)?;
-                    let failed_items: u64 = row.get(6)?;
-                    let expired: u64 = row.get(7)?;
-                    let same = groups.last().is_some_and(|g| {
-                        (&g.group, &g.variant, &g.fingerprint) == (&key.0, &key.1, &key.2)
-                    });
-                    if !same {
-                        groups.push(GroupStatus {
-                            group: key.0,
-                            variant: key.1,
-                            fingerprint: key.2,
-                            jobs: StateCounts::default(),
-                            items: ItemCounts::default(),
-                            expired_leases: 0,
-                            throughput: Default::default(),
-                        });
-                    }
-                    let entry = groups.last_mut().expect("pushed above");
-                    entry.items.total += items;
-                    match state.as_str() {
-                        "pending" => entry.jobs.pending += count,
-                        "running" => entry.jobs.running += count,
-                        "done" => {
-                            entry.jobs.done += count;
-                            entry.items.done += items.saturating_sub(failed_items);
-                            entry.items.failed += failed_items;
-                        }
-                        "failed" => entry.jobs.failed += count,
-                        "dead" => entry.jobs.dead += count,
-                        other => {
-                            return Err(Fail::Queue(QueueError::Corrupt {
-                                path: self.path.clone(),
-                                message: format!("unknown job state '{other}'"),
-                            }));
-                        }
-                    }
-                    entry.expired_leases += expired;
-                }
-            }
-            let remaining = |jobs: &StateCounts, items: &ItemCounts| {
-                let jobs_left = jobs.pending + jobs.running + jobs.failed;
-                let items_left = items
-                    .total
-                    .saturating_sub(items.done + items.failed)
-                    .min(items.total);
-                (jobs_left, items_left)
-            };
-            let recent_in_group = |g: &GroupStatus| -> Result<Vec<(Millis, u64)>, Fail> {
-                let mut statement = tx.prepare_cached(
+            let mut reader = Status { tx, group };
+            state::read_status(&mut reader, now, self.path())
+        })
+    }
+}
+
+/// What status reads, in one read transaction, for one group or all.
+struct Status<'a, 'tx> {
+    tx: &'a Transaction<'tx>,
+    group: Option<&'a str>,
+}
+
+impl StatusReader for Status<'_, '_> {
+    type Error = Fail;
+
+    fn state_counts(&mut self, now: Millis) -> Result<Vec<StateCountRow>, Fail> {
+        let mut statement = self.tx.prepare_cached(
+            "SELECT grp, variant, fingerprint, state, COUNT(*), SUM(items),
+                 SUM(failed_items),
+                 SUM(state = 'running' AND lease_deadline_ms <= ?1)
+             FROM jobs WHERE superseded = 0 AND (?2 IS NULL OR grp = ?2)
+             GROUP BY grp, variant, fingerprint, state
+             ORDER BY grp, variant, fingerprint",
+        )?;
+        let rows = statement.query_map(rusqlite::params![now, self.group], |row| {
+            Ok(StateCountRow {
+                group: row.get(0)?,
+                variant: row.get(1)?,
+                fingerprint: row.get(2)?,
+                state: row.get(3)?,
+                jobs: row.get(4)?,
+                items: row.get(5)?,
+                failed_items: row.get(6)?,
+                expired_leases: row.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn recent_completions(&mut self, of: Option<&GroupStatus>) -> Result<Vec<(Millis, u64)>, Fail> {
+        let pair = |row: &rusqlite::Row<'_>| -> rusqlite::Result<(Millis, u64)> {
+            Ok((row.get(0)?, row.get(1)?))
+        };
+        let rows = match of {
+            Some(g) => self
+                .tx
+                .prepare_cached(
                     "SELECT finished_at_ms, items FROM jobs
                      WHERE superseded = 0 AND state = 'done'
                          AND grp = ?1 AND variant = ?2 AND fingerprint = ?3
                      ORDER BY finished_at_ms DESC LIMIT ?4",
-                )?;
-                let rows = statement.query_map(
+                )?
+                .query_map(
                     rusqlite::params![g.group, g.variant, g.fingerprint, THROUGHPUT_WINDOW],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            };
-            for entry in &mut groups {
-                let recent = recent_in_group(entry)?;
-                let (jobs_left, items_left) = remaining(&entry.jobs, &entry.items);
-                entry.throughput = throughput(&recent, jobs_left, items_left);
-            }
-            let recent_all: Vec<(Millis, u64)> = {
-                let mut statement = tx.prepare_cached(
+                    pair,
+                )?
+                .collect::<Result<Vec<_>, _>>()?,
+            None => self
+                .tx
+                .prepare_cached(
                     "SELECT finished_at_ms, items FROM jobs
                      WHERE superseded = 0 AND state = 'done' AND (?1 IS NULL OR grp = ?1)
                      ORDER BY finished_at_ms DESC LIMIT ?2",
-                )?;
-                let rows = statement
-                    .query_map(rusqlite::params![group, THROUGHPUT_WINDOW], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            let mut jobs_total = StateCounts::default();
-            let mut items_total = ItemCounts::default();
-            for entry in &groups {
-                jobs_total.add(&entry.jobs);
-                items_total.add(&entry.items);
-            }
-            let (jobs_left, items_left) = remaining(&jobs_total, &items_total);
-            let overall = throughput(&recent_all, jobs_left, items_left);
+                )?
+                .query_map(rusqlite::params![self.group, THROUGHPUT_WINDOW], pair)?
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
 
-            let failed_items = {
-                let mut statement = tx.prepare_cached(
-                    "SELECT f.job_id, j.grp, j.variant, f.item, f.reason
-                     FROM item_failures f JOIN jobs j ON j.id = f.job_id
-                     WHERE j.superseded = 0 AND j.state = 'done' AND (?1 IS NULL OR j.grp = ?1)
-                     ORDER BY f.job_id, f.rowid LIMIT ?2",
-                )?;
-                let rows = statement.query_map(rusqlite::params![group, LIST_LIMIT], |row| {
-                    Ok(FailedItem {
-                        job_id: row.get(0)?,
-                        group: row.get(1)?,
-                        variant: row.get(2)?,
-                        item: row.get(3)?,
-                        reason: row.get(4)?,
-                    })
-                })?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            let problems = |state: &'static str| -> Result<Vec<JobProblem>, Fail> {
-                let mut statement = tx.prepare_cached(
-                    "SELECT id, grp, variant, tries, last_error, retry_at_ms FROM jobs
-                     WHERE superseded = 0 AND state = ?1 AND (?2 IS NULL OR grp = ?2)
-                     ORDER BY id LIMIT ?3",
-                )?;
-                let rows =
-                    statement.query_map(rusqlite::params![state, group, LIST_LIMIT], |row| {
-                        Ok(JobProblem {
-                            job_id: row.get(0)?,
-                            group: row.get(1)?,
-                            variant: row.get(2)?,
-                            state,
-                            tries: row.get(3)?,
-                            last_error: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                            retry_at_ms: row.get(5)?,
-                        })
-                    })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            };
-            let failed_jobs = problems("failed")?;
-            let mut dead_jobs = problems("dead")?;
-            for job in &mut dead_jobs {
-                job.retry_at_ms = None;
-            }
-            Ok(QueueStatus {
-                now_ms: now,
-                groups: std::mem::take(&mut groups),
-                throughput: overall,
-                failed_items,
-                failed_jobs,
-                dead_jobs,
+    fn failed_items(&mut self) -> Result<Vec<FailedItem>, Fail> {
+        let mut statement = self.tx.prepare_cached(
+            "SELECT f.job_id, j.grp, j.variant, f.item, f.reason
+             FROM item_failures f JOIN jobs j ON j.id = f.job_id
+             WHERE j.superseded = 0 AND j.state = 'done' AND (?1 IS NULL OR j.grp = ?1)
+             ORDER BY f.job_id, f.rowid LIMIT ?2",
+        )?;
+        let rows = statement.query_map(rusqlite::params![self.group, LIST_LIMIT], |row| {
+            Ok(FailedItem {
+                job_id: row.get(0)?,
+                group: row.get(1)?,
+                variant: row.get(2)?,
+                item: row.get(3)?,
+                reason: row.get(4)?,
             })
-        })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn problems(&mut self, state: &'static str) -> Result<Vec<JobProblem>, Fail> {
+        let mut statement = self.tx.prepare_cached(
+            "SELECT id, grp, variant, tries, last_error, retry_at_ms FROM jobs
+             WHERE superseded = 0 AND state = ?1 AND (?2 IS NULL OR grp = ?2)
+             ORDER BY id LIMIT ?3",
+        )?;
+        let rows =
+            statement.query_map(rusqlite::params![state, self.group, LIST_LIMIT], |row| {
+                Ok(JobProblem {
+                    job_id: row.get(0)?,
+                    group: row.get(1)?,
+                    variant: row.get(2)?,
+                    state,
+                    tries: row.get(3)?,
+                    last_error: row.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                    retry_at_ms: row.get(5)?,
+                })
+            })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }

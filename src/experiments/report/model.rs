@@ -374,7 +374,7 @@ pub fn ablation(
         params_by_id
             .get(run)
             .map(|params| (*params).clone())
-            .ok_or_else(|| Fail::Experiments(ExperimentsError::Invalid(format!("no run {run}"))))
+            .ok_or_else(|| Fail::Refused(ExperimentsError::Invalid(format!("no run {run}"))))
     })
     .ok()
 }
