@@ -25,6 +25,7 @@ pub mod preprocess;
 pub mod queue;
 pub mod review;
 pub mod segment;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

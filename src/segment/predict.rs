@@ -77,7 +77,7 @@ const PALETTE: [[u8; 3]; 6] = [
 
 /// Per tile of an image: its place [x, y, width, height] and its head
 /// logits on the grid, [outputs][grid cells].
-type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
+pub type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
 
 /// The run's encoder, loaded the first time an image is not in the cache.
 struct LazyEncoder<'a> {
@@ -220,7 +220,7 @@ pub fn predict(
 }
 
 /// The run's encoder, with the weights that made its features.
-fn load_run_encoder(
+pub fn load_run_encoder(
     run_id: &str,
     trained: &TrainedSegmentHead,
     device: &Device,
@@ -251,7 +251,7 @@ fn load_run_encoder(
 
 /// Grid logits of an image's cached tiles (rows of the run's spatial set):
 /// the maps the head was trained on, f16 as stored.
-fn cached_logits(
+pub fn cached_logits(
     trained: &TrainedSegmentHead,
     cache: &FeatureCache,
     rows: &[usize],
@@ -304,7 +304,12 @@ fn encoded_logits(
 
 /// Class per pixel of the whole image: tile logits upsampled to each tile's
 /// pixels, averaged where tiles overlap.
-fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLogits) -> Vec<u8> {
+pub fn stitch(
+    trained: &TrainedSegmentHead,
+    width: u32,
+    height: u32,
+    tiles: &TileLogits,
+) -> Vec<u8> {
     let outputs = trained.info.outputs;
     let mut stitcher = super::tile::Stitcher::new(width, height, outputs, trained.geometry.grid);
     for (tile, tile_logits) in tiles {
