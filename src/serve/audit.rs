@@ -537,7 +537,8 @@ mod tests {
             model: model.into(),
             model_sha256: "ab".repeat(32),
             task: "classify".into(),
-            image_sha256: format!("{:064x}", time_ms),
+            // 64 hex digits whose first ones differ between times.
+            image_sha256: format!("{time_ms:04x}").repeat(16),
             answer: serde_json::json!({"top": [["cat", 0.75]]}),
             latency_ms: 3.5,
             client: "127.0.0.1:5000".into(),
@@ -588,7 +589,7 @@ mod tests {
         let by_image = query(
             temp.path(),
             &LogQuery {
-                image_sha256: Some(format!("{:064x}", 1_000)[..20].to_string()),
+                image_sha256: Some(format!("{:04x}", 1_000).repeat(16)[..20].to_string()),
                 limit: Some(5),
                 ..Default::default()
             },
