@@ -66,42 +66,10 @@ shoot "$experiment" "$shots/readme.png" 1150,1180 0.8
 
 # Decode the PNGs (standard library only) and look for the charts' colours.
 python3 - "$shots" <<'EOF'
-import struct, sys, zlib
-
-def pixels(path):
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
-    pos, idat = 8, b""
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    assert depth == 8 and colour in (2, 6), f"{path}: unexpected PNG format"
-    step = 3 if colour == 2 else 4
-    raw, stride = zlib.decompress(idat), width * step
-    rows, previous = [], bytearray(stride)
-    for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for x in range(stride):
-            a = line[x - step] if x >= step else 0
-            b, c = previous[x], previous[x - step] if x >= step else 0
-            if kind == 1: line[x] = (line[x] + a) & 255
-            elif kind == 2: line[x] = (line[x] + b) & 255
-            elif kind == 3: line[x] = (line[x] + (a + b) // 2) & 255
-            elif kind == 4:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        rows.append(bytes(line))
-        previous = line
-    return [tuple(row[x:x + 3]) for row in rows for x in range(0, stride, step)]
-
-def near(colour, target, tolerance=40):
-    return sum(abs(a - b) for a, b in zip(colour, target)) <= tolerance
+import sys
+sys.dont_write_bytecode = True  # no __pycache__ in scripts/
+sys.path.insert(0, "scripts")
+from png_pixels import near, pixels
 
 checks = {
     "index.png": [("the page's dark header bar", (17, 24, 39), 5000)],

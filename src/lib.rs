@@ -25,6 +25,7 @@ pub mod queue;
 pub mod review;
 pub mod runs;
 pub mod segment;
+pub mod serve;
 pub mod spatial;
 pub mod sqlite;
 pub mod train;

@@ -9,6 +9,7 @@ mod features;
 mod predict;
 mod queue;
 mod review;
+mod serve;
 mod train;
 
 use std::path::PathBuf;
@@ -77,6 +78,10 @@ pub enum Command {
     Review(review::ReviewArgs),
     /// Compare two datasets' cached features: does the candidate look like the reference?
     Drift(drift::DriftArgs),
+    /// Serve runs and bundles over HTTP (dynamic batching, metrics, audit trail).
+    Serve(serve::ServeArgs),
+    /// List the audit trail of `serve`: answered predictions, filtered.
+    ServeLog(serve::ServeLogArgs),
     /// List the encoders lazarus knows.
     #[command(subcommand)]
     Encoders(encoders::EncodersCommand),
@@ -105,6 +110,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => predict::export(&layout, args),
         Command::Review(args) => review::run(&layout, args),
         Command::Drift(args) => drift::run(&layout, args),
+        Command::Serve(args) => serve::serve(&layout, args),
+        Command::ServeLog(args) => serve::serve_log(&layout, args),
         Command::Encoders(command) => encoders::run_encoders(&layout, command),
         Command::Weights(command) => encoders::run_weights(&layout, command),
     }

@@ -43,7 +43,7 @@ pub struct SegmentPrediction {
 
 /// Per tile of an image: its place [x, y, width, height] and its head
 /// logits on the grid, [outputs][grid cells].
-type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
+pub type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
 
 /// The run's encoder, loaded (after its weights' sha256 is checked) the
 /// first time an image is not in the cache.
@@ -75,7 +75,7 @@ enum TileSource<'a> {
 /// features: as the feature folder's shards record them when the folder is
 /// there, else as the head file records the encoder and weights, with the
 /// spatial preprocessing of that encoder.
-fn encoder_reference(
+pub fn encoder_reference(
     trained: &TrainedSegmentHead,
     cache: Option<&FeatureCache>,
     owner: &str,
@@ -248,7 +248,7 @@ pub fn write_csv(predictions: &[SegmentPrediction], path: &Path) -> std::io::Res
 
 /// Grid logits of an image's cached tiles (rows of the run's spatial set):
 /// the maps the head was trained on, f16 as stored.
-fn cached_logits(
+pub fn cached_logits(
     trained: &TrainedSegmentHead,
     cache: &FeatureCache,
     rows: &[usize],
@@ -297,7 +297,12 @@ fn encoded_logits(
 
 /// Class per pixel of the whole image: tile logits upsampled to each tile's
 /// pixels, averaged where tiles overlap.
-fn stitch(trained: &TrainedSegmentHead, width: u32, height: u32, tiles: &TileLogits) -> Vec<u8> {
+pub fn stitch(
+    trained: &TrainedSegmentHead,
+    width: u32,
+    height: u32,
+    tiles: &TileLogits,
+) -> Vec<u8> {
     let outputs = trained.info.outputs;
     let mut stitcher =
         crate::spatial::stitch::Stitcher::new(width, height, outputs, trained.geometry.grid);
