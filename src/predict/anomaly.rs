@@ -126,11 +126,9 @@ pub fn score_images(
     let mut to_encode: Vec<(usize, Vec<f32>)> = Vec::new();
     for path in images {
         let mut prediction = AnomalyPrediction::new(path);
-        match crate::files::read_regular_file(path) {
-            Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
-            Ok(bytes) => {
-                let sha256 = crate::digest::sha256(&bytes);
-                let id = hex::encode(sha256);
+        match super::read_image(path) {
+            Err(e) => prediction.error = Some(e),
+            Ok(super::ImageFile { bytes, sha256, id }) => {
                 if let Some(row) = cache.rows(&sha256).map(|rows| rows.start) {
                     let values = features.pooled(row).iter().map(|v| v.to_f32()).collect();
                     cached.push((out.len(), values));
@@ -205,23 +203,18 @@ fn score_patches(
     let mut encoder: Option<Box<dyn crate::encoders::Encoder>> = None;
     let tiling = scorer.info.tiling.unwrap_or_default();
     let plan = SavedScorer::plan();
-    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
-        run: run_id.to_string(),
-        message: format!("cannot create {}: {e}", out_dir.display()),
-    })?;
+    super::create_out_dir(run_id, out_dir)?;
     let mut out = Vec::with_capacity(images.len());
     for path in images {
         let mut prediction = AnomalyPrediction::new(path);
-        let bytes = match crate::files::read_regular_file(path) {
-            Ok(bytes) => bytes,
+        let super::ImageFile { bytes, sha256, id } = match super::read_image(path) {
+            Ok(image) => image,
             Err(e) => {
-                prediction.error = Some(format!("cannot read {}: {e}", path.display()));
+                prediction.error = Some(e);
                 out.push(prediction);
                 continue;
             }
         };
-        let sha256 = crate::digest::sha256(&bytes);
-        let id = hex::encode(sha256);
         let scored = match cache.rows(&sha256) {
             Some(tile_rows) => {
                 let rows: Vec<usize> = tile_rows.collect();

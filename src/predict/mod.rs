@@ -199,6 +199,33 @@ pub fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
 
 /// The folder of run `run_id`, which experiments.db must record: a run id is
 /// never taken as a path.
+/// An image file as every predictor reads it: its bytes and its content id
+/// (the sha256 that keys cached rows), or the per-image error to report.
+pub(crate) struct ImageFile {
+    pub bytes: Vec<u8>,
+    pub sha256: [u8; 32],
+    pub id: String,
+}
+
+pub(crate) fn read_image(path: &Path) -> Result<ImageFile, String> {
+    let bytes = crate::files::read_regular_file(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sha256 = crate::digest::sha256(&bytes);
+    Ok(ImageFile {
+        id: hex::encode(sha256),
+        bytes,
+        sha256,
+    })
+}
+
+/// Creates the folder a run's masks or heat maps are written into.
+pub(crate) fn create_out_dir(run_id: &str, out_dir: &Path) -> Result<(), PredictError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
+        run: run_id.to_string(),
+        message: format!("cannot create {}: {e}", out_dir.display()),
+    })
+}
+
 pub fn run_folder(layout: &Layout, run_id: &str) -> Result<PathBuf, PredictError> {
     let unknown = |reason: String| PredictError::UnknownRun {
         run: run_id.to_string(),
@@ -464,11 +491,9 @@ pub fn predict_images(
             top: Vec::new(),
             error: None,
         };
-        match crate::files::read_regular_file(path) {
-            Err(e) => prediction.error = Some(format!("cannot read {}: {e}", path.display())),
-            Ok(bytes) => {
-                let sha256 = crate::digest::sha256(&bytes);
-                let id = hex::encode(sha256);
+        match read_image(path) {
+            Err(e) => prediction.error = Some(e),
+            Ok(ImageFile { bytes, sha256, id }) => {
                 let cached = predictor
                     .cache
                     .and_then(|c| Some((c, c.rows(&sha256)?.start)));

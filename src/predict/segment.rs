@@ -139,10 +139,7 @@ pub fn predict(
     };
     let preprocess = &reference.preprocess;
     let tiling = trained.info.tiling.unwrap_or_default();
-    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
-        run: run_id.to_string(),
-        message: format!("cannot create {}: {e}", out_dir.display()),
-    })?;
+    super::create_out_dir(run_id, out_dir)?;
     let mut out = Vec::with_capacity(images.len());
     for path in images {
         let mut prediction = SegmentPrediction {
@@ -157,16 +154,14 @@ pub fn predict(
             foreground_fraction: None,
             error: None,
         };
-        let bytes = match crate::files::read_regular_file(path) {
-            Ok(bytes) => bytes,
+        let super::ImageFile { bytes, sha256, id } = match super::read_image(path) {
+            Ok(image) => image,
             Err(e) => {
-                prediction.error = Some(format!("cannot read {}: {e}", path.display()));
+                prediction.error = Some(e);
                 out.push(prediction);
                 continue;
             }
         };
-        let sha256 = crate::digest::sha256(&bytes);
-        let id = hex::encode(sha256);
         let decoded = match cache
             .as_ref()
             .and_then(|c| Some((c, c.rows(&sha256)?.collect::<Vec<usize>>())))
