@@ -389,7 +389,8 @@ fn sweep_segment_points(
 }
 
 /// experiments/sweeps/<name>/comparison.svg|png: every configuration of the
-/// sweep (seeds pooled) by its mean chart metric.
+/// sweep (seeds pooled) by its mean chart metric; none when no run of the
+/// sweep carries its name (each config was FINISHED by `train`).
 fn sweep_chart(
     layout: &Layout,
     db: &ExperimentsDb,
@@ -414,7 +415,7 @@ fn sweep_chart(
     if by.is_empty() {
         by.push("head".into());
     }
-    let report = db.ablate(&AblationQuery {
+    let report = match db.ablate(&AblationQuery {
         by,
         metric: metric.to_string(),
         wheres: vec![WhereClause {
@@ -422,7 +423,17 @@ fn sweep_chart(
             value: sweep.name.clone(),
         }],
         baseline: None,
-    })?;
+    }) {
+        // Every config was FINISHED by runs outside any sweep (`train`): no
+        // run carries a sweep's name, so there is nothing to compare.
+        Err(experiments::ExperimentsError::UnknownParam { param, .. }) if param == "sweep" => {
+            return Ok(Vec::new());
+        }
+        report => report?,
+    };
+    if report.rows.is_empty() {
+        return Ok(Vec::new());
+    }
     let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
     std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let points = experiments::plots::SweepPoint::from_ablation(&report);
