@@ -420,3 +420,49 @@ pub fn read_class_weights(
     }
     Ok(weights.into_iter().map(|w| w.expect("checked")).collect())
 }
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Configs as main (fa5bffa, before `TaskConfig`) serialised them, with
+    /// the config hashes main computed for them on dataset `elpv`, features
+    /// `fp0123`, at dataset version 1 and 3 (printed by that commit's
+    /// `TrainConfig` for a classifier, a segmentation head, an image-level
+    /// and a patch-level anomaly scorer). Runs written by main must read
+    /// back as the same config, store the same JSON and hash the same.
+    const STORED_BY_MAIN: [(&str, &str, &str); 4] = [
+        (
+            r#"{"head":{"kind":"mlp","hidden":[64,32],"dropout":0.25,"activation":"gelu"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"sgd","momentum":0.8},"schedule":{"kind":"cosine","warmup_steps":10},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":1.5,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":{"patience":4},"precision":"f32","class_weights":{"kind":"given","weights":[1.0,2.5]},"sampler":"balanced","checkpoint_every":1,"seed":7,"label_map":{"a":"b"},"init_from":"20260101-000000-abcd"}"#,
+            "f044bd134cdd37c8",
+            "1b3f03568ac2cf61",
+        ),
+        (
+            r#"{"task":"segment","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"reduce_on_plateau","patience":3,"factor":0.1},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/dice","early_stopping":null,"precision":"bf16","class_weights":{"kind":"balanced"},"sampler":"uniform","checkpoint_every":1,"seed":0}"#,
+            "82e8fec17a77d6bd",
+            "fca6a26d32061b68",
+        ),
+        (
+            r#"{"task":"anomaly","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"constant"},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":null,"precision":"f32","class_weights":{"kind":"none"},"sampler":"uniform","checkpoint_every":1,"seed":0,"anomaly":{"normal_labels":["0.0"],"anomaly_labels":["1.0"],"scorer":{"kind":"knn","k":5,"coreset":{"fraction":0.1}}}}"#,
+            "6c4b2e2c7c44839d",
+            "9fd8594618850e7e",
+        ),
+        (
+            r#"{"task":"anomaly","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"step","every_epochs":10,"gamma":0.1},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":null,"precision":"f32","class_weights":{"kind":"none"},"sampler":"uniform","checkpoint_every":1,"seed":0,"anomaly":{"normal_labels":["good","ok"],"scorer":{"kind":"mahalanobis"},"patch":{"channels":100,"heatmap_sigma":4.0}}}"#,
+            "c741f08b6ab62ee8",
+            "491363de4d364467",
+        ),
+    ];
+
+    #[test]
+    fn configs_stored_by_main_read_store_and_hash_as_main_did() {
+        for (json, hash_v1, hash_v3) in STORED_BY_MAIN {
+            let config: TrainConfig = serde_json::from_str(json).unwrap();
+            config.validate().unwrap();
+            assert_eq!(serde_json::to_string(&config).unwrap(), json);
+            assert_eq!(config.config_hash("elpv", "fp0123"), hash_v1, "{json}");
+            assert_eq!(config.config_hash_at("elpv", 3, "fp0123"), hash_v3, "{json}");
+        }
+    }
+}
