@@ -30,7 +30,7 @@ use super::SegmentError;
 use super::metrics::PixelConfusion;
 use super::model::{HEAD_INFO_KEY, SegmentHeadInfo, grid_logits, loss, predicted_classes};
 use crate::dataset::{self, MaskKind, Split};
-use crate::experiments::run_files::{DICE_FILE, ImageDice, dice_csv};
+use crate::experiments::run_files::{self, DICE_FILE, ImageDice, dice_csv};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
@@ -40,7 +40,7 @@ use crate::spatial::map_tensors;
 use crate::spatial::mask::read_mask;
 use crate::spatial::stitch::upsample_operator;
 use crate::train::checkpoint;
-use crate::train::config::{ClassWeights, Task, TrainConfig};
+use crate::train::config::{ClassWeights, Task, TaskConfig, TrainConfig};
 use crate::train::data::SplitRows;
 use crate::train::head::Head;
 use crate::train::run::{EpochStream, RunInputs, dropout_stream, seeded, write_run_inputs};
@@ -465,7 +465,7 @@ fn plan(
 /// as the default monitor, and classification-only settings refused rather
 /// than ignored.
 fn segment_config(mut config: TrainConfig) -> Result<TrainConfig, SegmentError> {
-    config.task = Task::Segment;
+    config.task = TaskConfig::Segment;
     if config.monitor == TrainConfig::default().monitor {
         config.monitor = "val/dice".into();
     }
@@ -970,12 +970,12 @@ fn write_artifacts(
 ) -> Result<(), SegmentError> {
     // restore_best already put the kept head in place.
     let bytes = head_file_bytes(data, config, trainer, false)?;
-    handle.write_artifact("head.safetensors", &bytes)?;
+    handle.write_artifact(run_files::HEAD_FILE, &bytes)?;
     let json = serde_json::to_vec_pretty(report).expect("report serialises");
-    handle.write_artifact("metrics.json", &json)?;
+    handle.write_artifact(run_files::METRICS_FILE, &json)?;
     let toml = toml::to_string_pretty(config)
         .map_err(|e| SegmentError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact("config.toml", toml.as_bytes())?;
+    handle.write_artifact(run_files::CONFIG_TOML_FILE, toml.as_bytes())?;
     let card = serde_json::json!({
         "run_id": report.run_id,
         "lazarus_version": crate::VERSION,
@@ -997,7 +997,7 @@ fn write_artifacts(
                         Measured on one held-out split of one dataset.",
     });
     let json = serde_json::to_vec_pretty(&card).expect("card serialises");
-    handle.write_artifact("model_card.json", &json)?;
+    handle.write_artifact(run_files::MODEL_CARD_FILE, &json)?;
     let points: Vec<crate::experiments::plots::EpochPoint> = report
         .epochs
         .iter()
@@ -1009,7 +1009,7 @@ fn write_artifacts(
             validation_metric: m.get(&config.monitor).copied(),
         })
         .collect();
-    let plots = handle.dir().join("plots");
+    let plots = handle.folder().plots();
     std::fs::create_dir_all(&plots).map_err(|source| SegmentError::Io {
         path: plots.clone(),
         source,

@@ -22,6 +22,7 @@ use super::run::{
 };
 use super::schedule::Schedule;
 use super::warm::{self, WarmStart};
+use crate::experiments::run_files::{self, RunFolder};
 use crate::experiments::{self, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
 use crate::layout::Layout;
 
@@ -265,10 +266,11 @@ pub fn resumable_run(db: &ExperimentsDb, run_id: &str) -> Result<(PathBuf, RunIn
             run_dir.display()
         )));
     }
-    if run_dir.join("metrics.json").is_file() {
+    let folder = RunFolder::new(&run_dir);
+    if folder.is_finished() {
         return Err(TrainError::Checkpoint(format!(
             "run {run_id} already finished ({} exists); nothing to resume",
-            run_dir.join("metrics.json").display()
+            folder.metrics().display()
         )));
     }
     let inputs = read_run_inputs(&run_dir)?;
@@ -456,7 +458,7 @@ fn write_artifacts(
 ) -> Result<(), TrainError> {
     let toml = toml::to_string_pretty(config)
         .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact("config.toml", toml.as_bytes())?;
+    handle.write_artifact(run_files::CONFIG_TOML_FILE, toml.as_bytes())?;
     let card = ModelCard {
         run_id: &report.run_id,
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -499,15 +501,15 @@ fn write_artifacts(
                       intervals.",
     };
     let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact("model_card.json", &json)?;
+    handle.write_artifact(run_files::MODEL_CARD_FILE, &json)?;
     if let Some(test) = &report.test_curves {
-        let curves = experiments::run_files::ScoreCurves {
+        let curves = run_files::ScoreCurves {
             positive: data.class_names[1].clone(),
             splits: vec![test.clone()],
         };
         let json =
             serde_json::to_vec_pretty(&curves).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        handle.write_artifact(experiments::run_files::CURVES_FILE, &json)?;
+        handle.write_artifact(run_files::CURVES_FILE, &json)?;
     }
 
     let points: Vec<experiments::plots::EpochPoint> = report
@@ -521,7 +523,7 @@ fn write_artifacts(
             validation_metric: m.get(&config.monitor).copied(),
         })
         .collect();
-    let plots = handle.dir().join("plots");
+    let plots = handle.folder().plots();
     std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::learning_curves(
         &plots,
