@@ -32,10 +32,9 @@ use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
 use crate::train::checkpoint;
 use crate::train::config::{Task, TrainConfig};
 use crate::train::data;
+use crate::train::record::{start, warm_params};
 use crate::train::run::{FitOptions, RunReport, load_config, read_run_inputs, run_inputs};
-use crate::train::session::{
-    class_weights_from, fit_and_finish, require_two_classes, start, warm_params,
-};
+use crate::train::session::{class_weights_from, fit_and_finish, require_two_classes};
 use crate::train::warm::{self, WarmStart};
 
 /// Errors of a sweep or a resume: those of the task trainers it calls.
@@ -91,7 +90,7 @@ pub struct SweepOptions {
 
 /// Continues killed run `run_id` from its newest checkpoint with its own
 /// settings, through the trainer of the task it recorded. Anomaly runs
-/// have no checkpoints and are refused (`train::session::resumable_run`).
+/// have no checkpoints and are refused (`train::record::resumable_run`).
 pub fn resume(
     layout: &Layout,
     run_id: &str,

@@ -433,3 +433,91 @@ fn anomaly_settings(
         patch,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> BTreeMap<String, Value> {
+        toml::from_str(text).unwrap()
+    }
+
+    fn refusal(text: &str, source: Source) -> String {
+        train_settings(&settings(text), source).unwrap_err()
+    }
+
+    #[test]
+    fn flags_that_do_not_apply_are_refused_and_sweep_points_leave_them_aside() {
+        let flags = Source::Flags;
+        assert_eq!(
+            refusal("task = \"classify\"\nk = 5", flags),
+            "--k applies to --task anomaly only"
+        );
+        assert_eq!(
+            refusal("task = \"segment\"\nheatmap_sigma = 2.0", flags),
+            "--heatmap-sigma applies to --task anomaly only"
+        );
+        let mahalanobis_k =
+            "task = \"anomaly\"\nnormal_label = [\"ok\"]\nscorer = \"mahalanobis\"\nk = 3";
+        assert_eq!(
+            refusal(mahalanobis_k, flags),
+            "--k and --coreset apply to --scorer knn only"
+        );
+        let point = train_settings(&settings(mahalanobis_k), Source::SweepFile).unwrap();
+        assert_eq!(
+            point.config.task.anomaly().unwrap().scorer,
+            Scorer::Mahalanobis
+        );
+        let linear_dropout = "head = \"linear\"\ndropout = 0.1";
+        assert_eq!(
+            refusal(linear_dropout, flags),
+            "--dropout applies to --head mlp: a linear head has no hidden layer to drop"
+        );
+        let point = train_settings(&settings(linear_dropout), Source::SweepFile).unwrap();
+        assert_eq!(point.config.head, HeadConfig::Linear);
+        assert_eq!(
+            refusal(
+                "task = \"anomaly\"\nnormal_label = [\"ok\"]\nchannels = \"10\"",
+                flags
+            ),
+            "--channels applies to --task anomaly --spatial only"
+        );
+        // Without a task key a sweep file names the task it forgot.
+        assert_eq!(
+            refusal("k = 5", Source::SweepFile),
+            "k applies to task = \"anomaly\" only (add task = \"anomaly\")"
+        );
+    }
+
+    #[test]
+    fn flags_and_sweep_keys_give_the_same_config() {
+        // As `train` passes them (strings for --coreset and --channels) and
+        // as a sweep file writes them (numbers).
+        let flags = settings(
+            "task = \"anomaly\"\nnormal_label = [\"ok\"]\nspatial = true\ncoreset = \"0.1\"\n\
+             channels = \"50\"\nmemory_budget = \"1GiB\"\nseed = 3",
+        );
+        let sweep = settings(
+            "task = \"anomaly\"\nnormal_label = \"ok\"\nspatial = true\ncoreset = 0.1\n\
+             channels = 50\nmemory_budget = 1073741824\nseed = 3",
+        );
+        let from_flags = train_settings(&flags, Source::Flags).unwrap();
+        let from_sweep = train_settings(&sweep, Source::SweepFile).unwrap();
+        assert_eq!(from_flags, from_sweep);
+        let anomaly = from_flags.config.task.anomaly().unwrap();
+        assert_eq!(anomaly.patch.as_ref().unwrap().channels, Some(50));
+        assert_eq!(
+            anomaly.scorer,
+            Scorer::Knn {
+                k: patch::DEFAULT_PATCH_K,
+                coreset: Some(Coreset::Fraction(0.1))
+            }
+        );
+        // A segmentation run's monitor defaults to val/dice from either.
+        let segment = settings("task = \"segment\"");
+        for source in [Source::Flags, Source::SweepFile] {
+            let config = train_settings(&segment, source).unwrap().config;
+            assert_eq!(config.monitor, "val/dice");
+        }
+    }
+}

@@ -816,7 +816,7 @@ pub fn train(
     Selection::new(data, anomaly)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let handle = super::session::start(&db, experiment, &inputs, &[])?;
+    let handle = super::record::start(&db, experiment, &inputs, &[])?;
     fit_and_finish(layout, data, handle, &inputs, options)
 }
 
@@ -854,7 +854,7 @@ pub fn sweep_runs(
     }
     let mut reports = Vec::new();
     for inputs in planned {
-        let handle = super::session::start(db, sweep_name, &inputs, &sweep_param)?;
+        let handle = super::record::start(db, sweep_name, &inputs, &sweep_param)?;
         reports.push(fit_and_finish(layout, data, handle, &inputs, options)?);
     }
     Ok((reports, skipped))
@@ -1205,9 +1205,6 @@ fn write_artifacts(
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
     handle.write_artifact(run_files::METRICS_FILE, &json)?;
-    let toml = toml::to_string_pretty(config)
-        .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact(run_files::CONFIG_TOML_FILE, toml.as_bytes())?;
 
     let (tensors, mut metadata) = model.tensors()?;
     metadata.extend([
@@ -1285,8 +1282,7 @@ fn write_artifacts(
             }
         },
     };
-    let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact(run_files::MODEL_CARD_FILE, &json)?;
+    super::record::write_config_and_card(handle, config, &card)?;
 
     let curves: Vec<RocCurve> = splits
         .iter()
