@@ -62,17 +62,9 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "heatmap_sigma",
 ];
 
-/// Settings that only anomaly points (`task = "anomaly"`) use.
-const ANOMALY_SETTINGS: &[&str] = &[
-    "normal_label",
-    "anomaly_label",
-    "scorer",
-    "k",
-    "coreset",
-    "spatial",
-    "channels",
-    "heatmap_sigma",
-];
+/// Settings that only anomaly runs (`task = "anomaly"`) use: those after
+/// `task` in [`KNOWN_SETTINGS`].
+const ANOMALY_SETTINGS: &[&str] = KNOWN_SETTINGS.split_at(KNOWN_SETTINGS.len() - 8).1;
 
 /// Where settings come from: it names them in messages (`--heatmap-sigma`
 /// or `heatmap_sigma`) and decides what a setting that does not apply means.
@@ -251,6 +243,14 @@ pub fn train_settings(
     // none, balanced, or a file of class,weight lines or a JSON object, as
     // `train --class-weights`.
     let mut class_weights_file = None;
+    // `train --task anomaly` has always stored no class weights: a scorer
+    // has no loss to weight.
+    if source == Source::Flags
+        && anomaly.is_some()
+        && text("class_weights")?.is_some_and(|v| v != "none")
+    {
+        return Err("--class-weights applies to --task classify and segment only".into());
+    }
     match text("class_weights")?.as_deref() {
         None | Some("none") => config.class_weights = ClassWeights::None,
         Some("balanced") => config.class_weights = ClassWeights::Balanced,
@@ -447,6 +447,13 @@ mod tests {
     }
 
     #[test]
+    fn anomaly_settings_are_those_after_task() {
+        let task = KNOWN_SETTINGS.iter().position(|k| *k == "task").unwrap();
+        assert_eq!(ANOMALY_SETTINGS, &KNOWN_SETTINGS[task + 1..]);
+        assert_eq!(ANOMALY_SETTINGS[0], "normal_label");
+    }
+
+    #[test]
     fn flags_that_do_not_apply_are_refused_and_sweep_points_leave_them_aside() {
         let flags = Source::Flags;
         assert_eq!(
@@ -481,6 +488,13 @@ mod tests {
                 flags
             ),
             "--channels applies to --task anomaly --spatial only"
+        );
+        assert_eq!(
+            refusal(
+                "task = \"anomaly\"\nnormal_label = [\"ok\"]\nclass_weights = \"balanced\"",
+                flags
+            ),
+            "--class-weights applies to --task classify and segment only"
         );
         // Without a task key a sweep file names the task it forgot.
         assert_eq!(
