@@ -880,7 +880,7 @@ fn load_run(
         patch_level: None,
         model_card,
     };
-    let (kind, model_files) = match inputs.config.task {
+    let (kind, model_files) = match inputs.config.task.kind() {
         Task::Classify => {
             let (head, _) =
                 crate::predict::load_run_head(layout, run, device).map_err(load_error)?;
