@@ -11,7 +11,10 @@
 //!    image (median of 20 in this process).
 //! 3. The server (`serve --bundle`, audit trail on): 16 concurrent clients
 //!    each sending single images, throughput and p50/p99 latency; then one
-//!    client sending them one after the other, p50/p99.
+//!    client sending them one after the other, p50/p99; and what that p50
+//!    holds besides the forward pass: one image's decode + preprocess +
+//!    sha256 (median, in this process) and one HTTP round trip without
+//!    model work (GET /healthz, p50).
 //!
 //! The targets (issue 24): 16 clients reach 80% of predict's throughput;
 //! one client's p50 is within 1.5x one image's forward pass.
@@ -263,6 +266,29 @@ fn main() {
     let forward = percentile(&forwards, 0.5);
     println!("one image's forward pass: median {:.2} ms", forward * 1e3);
     drop(encoder);
+    // What a lone request adds to the forward pass, part one: the decode
+    // and preprocessing of its PNG (what the server's `prepare` runs, with
+    // the sha256 of the bytes), median over the 1-client images.
+    let mut decodes: Vec<f64> = images
+        .iter()
+        .take(64)
+        .map(|bytes| {
+            let began = Instant::now();
+            let pixels =
+                lazarus::preprocess::preprocess_bytes(bytes, Path::new("one"), &spec.preprocess)
+                    .unwrap();
+            let id = lazarus::digest::sha256(bytes);
+            let elapsed = began.elapsed().as_secs_f64();
+            std::hint::black_box((pixels, id));
+            elapsed
+        })
+        .collect();
+    decodes.sort_by(f64::total_cmp);
+    let decode = percentile(&decodes, 0.5);
+    println!(
+        "one image's decode + preprocess + sha256: median {:.2} ms",
+        decode * 1e3
+    );
 
     // 3. The server.
     let mut child = Command::new(BIN)
@@ -304,6 +330,34 @@ fn main() {
         p50 * 1e3,
         p50 / forward,
         percentile(&latencies, 0.99) * 1e3
+    );
+    // Part two: an HTTP round trip with no model work (GET /healthz from
+    // one client, as many times); the rest of the 1-client p50 is the
+    // hand-offs between the server's threads, the head and the answer.
+    let agent = agent();
+    let health = format!("http://{addr}/healthz");
+    let mut round_trips: Vec<f64> = (0..64)
+        .map(|_| {
+            let sent = Instant::now();
+            let _ = agent
+                .get(&health)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap();
+            sent.elapsed().as_secs_f64()
+        })
+        .collect();
+    round_trips.sort_by(f64::total_cmp);
+    let round_trip = percentile(&round_trips, 0.5);
+    println!(
+        "1-client p50 {:.2} ms = forward {:.2} + decode {:.2} + HTTP round trip {:.2} + rest {:.2} ms",
+        p50 * 1e3,
+        forward * 1e3,
+        decode * 1e3,
+        round_trip * 1e3,
+        (p50 - forward - decode - round_trip) * 1e3
     );
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
