@@ -1,16 +1,16 @@
-//! `lazarus predict`: a trained run on new images. [`predict_run`] is the
-//! one entry point for a run: it reads the task the run recorded when it
-//! started and calls that task's predictor: a classifier head (this
-//! module), an anomaly scorer (`anomaly`) or a segmentation head
-//! (`segment`). Every task works alike: images already in the run's feature
-//! cache (same content id, `features::catalog::FeatureCache`) reuse their
-//! cached features; the others go through the encoder, weights and
+//! `lazarus predict`: a trained model on new images, one path for every
+//! task and caller. A [`Predictor`] is the model loaded once: opened from a
+//! run by the task the run recorded ([`Predictor::open_run`]: a classifier
+//! head, an anomaly scorer or a segmentation head), or from an exported
+//! bundle (`bundle::open`). Every task works alike: images already in the
+//! feature cache (same content id, `features::catalog::FeatureCache`) reuse
+//! their cached features; the others go through the encoder, weights and
 //! preprocessing that made the cache ([`EncoderReference`]: the weights'
-//! sha256 is checked before they are loaded). A bad image gets its own
-//! error and the rest continue.
+//! sha256 is checked before they are loaded). [`predict_files`] is the one
+//! per-image loop of `lazarus predict` (runs through [`predict_run`], and
+//! bundles): a bad image gets its own error and the rest continue; `serve`
+//! calls the same predictor's `prepare` and `predict`.
 //!
-//! A classifier also comes from an exported bundle (the `bundle` module,
-//! which calls into this one); both end in [`predict_images`].
 //! [`TrainedHead`] is also what `review` scores cached features with.
 
 pub mod anomaly;
