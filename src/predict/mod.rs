@@ -458,7 +458,8 @@ pub fn predict(
 
 /// The one per-image loop: each file is read (a bad one gets its own
 /// error), prepared (content id, cached rows or preprocessed input) and
-/// predicted in batches of `config.batch_size` images by `predictor`; the
+/// predicted in batches of up to `config.batch_size` images or encoder
+/// inputs by `predictor`; the
 /// answers are put in the task's terms, tile-based tasks writing their
 /// pictures into `out_dir`.
 pub fn predict_files(
@@ -497,29 +498,38 @@ pub fn predict_files(
             });
         }
     };
-    for chunk in images.chunks(config.batch_size.max(1)) {
-        // (path, content id, outcome or error) per image, in order.
-        let mut answers: Vec<(&PathBuf, Option<String>, Result<Outcome, String>)> =
-            Vec::with_capacity(chunk.len());
-        let mut batch = Vec::new();
-        let mut slots = Vec::new();
-        for path in chunk {
-            match read_image(path) {
-                Err(e) => answers.push((path, None, Err(e))),
-                Ok(file) => match predictor.prepare_identified(&file.bytes, &file.sha256, path) {
-                    Err(e) => answers.push((path, Some(file.id), Err(e.to_string()))),
-                    Ok(prepared) => {
-                        slots.push(answers.len());
-                        answers.push((path, Some(file.id), Err(String::new())));
-                        batch.push(prepared);
-                    }
-                },
-            }
+    // A batch closes at `batch_size` images or encoder inputs (tiles), so
+    // tile-based tasks hold few images' tiles at once.
+    let limit = config.batch_size.max(1);
+    // (path, content id, outcome or error) per image of the batch, in order.
+    let mut answers: Vec<(&PathBuf, Option<String>, Result<Outcome, String>)> = Vec::new();
+    let mut batch: Vec<Prepared> = Vec::new();
+    let mut slots = Vec::new();
+    let mut inputs = 0;
+    for (index, path) in images.iter().enumerate() {
+        match read_image(path) {
+            Err(e) => answers.push((path, None, Err(e))),
+            Ok(file) => match predictor.prepare_identified(&file.bytes, &file.sha256, path) {
+                Err(e) => answers.push((path, Some(file.id), Err(e.to_string()))),
+                Ok(prepared) => {
+                    slots.push(answers.len());
+                    answers.push((path, Some(file.id), Err(String::new())));
+                    inputs += prepared.encoder_inputs();
+                    batch.push(prepared);
+                }
+            },
         }
-        for (slot, outcome) in slots.into_iter().zip(predictor.predict(batch)?) {
+        if answers.len() < limit && inputs < limit && index + 1 < images.len() {
+            continue;
+        }
+        for (slot, outcome) in slots
+            .drain(..)
+            .zip(predictor.predict(std::mem::take(&mut batch))?)
+        {
             answers[slot].2 = outcome;
         }
-        for (path, image_id, outcome) in answers {
+        inputs = 0;
+        for (path, image_id, outcome) in answers.drain(..) {
             let answer = Answer {
                 path,
                 image_id,
