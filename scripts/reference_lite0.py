@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference for tests/encoder_parity.rs.
+"""PyTorch reference for tests/encoders/encoder_parity.rs.
 
 Builds efficientnet-lite-pytorch's EfficientNet-Lite0 from the same .pth that
 `lazarus weights fetch efficientnet-lite0` converts, feeds it two 224x224

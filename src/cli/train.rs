@@ -1,22 +1,14 @@
 //! `lazarus train`: arguments to a `TrainConfig`; the work is in `lazarus::train`.
 
-use anyhow::{Context, bail};
+use std::collections::BTreeMap;
+
 use clap::{Args, ValueEnum};
-use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
-use lazarus::runs::ResumedRun;
-use lazarus::train::anomaly::patch::{self, PatchConfig};
-use lazarus::train::anomaly::{
-    self, AnomalyConfig, AnomalyOptions, AnomalyReport, Coreset, DEFAULT_K, Scorer,
-};
-use lazarus::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
-    TrainConfig,
-};
-use lazarus::train::data::SplitLabels;
-use lazarus::train::run::{FitOptions, RunReport, load_config};
-use lazarus::train::schedule::Schedule;
-use lazarus::train::session;
+use lazarus::runs::TrainRequest;
+use lazarus::runs::settings::{Source, train_settings};
+use lazarus::train::config::Task;
+use lazarus::train::run::FitOptions;
+use toml::Value;
 
 use super::queue::DeviceArg;
 
@@ -177,9 +169,10 @@ pub struct TrainArgs {
     pub clip_grad_norm: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// Validation metric for early stopping, plateau and best-head selection, e.g. val/macro_f1.
-    #[arg(long, default_value = "val/accuracy")]
-    pub monitor: String,
+    /// Validation metric for early stopping, plateau and best-head selection,
+    /// e.g. val/macro_f1 [default: val/accuracy; segment: val/dice].
+    #[arg(long)]
+    pub monitor: Option<String>,
     /// Stop after this many epochs without improvement of --monitor.
     #[arg(long)]
     pub patience: Option<usize>,
@@ -214,143 +207,88 @@ pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
     lazarus::memory::parse_bytes(text).map_err(anyhow::Error::msg)
 }
 
-/// The run configuration the flags describe (class weights from a file are
-/// resolved against the dataset's classes by the caller).
-fn config(args: &TrainArgs, class_weights: ClassWeights) -> anyhow::Result<TrainConfig> {
-    Ok(TrainConfig {
-        task: match args.task {
-            // An anomaly run's task and settings are set from `anomaly_config`.
-            TaskKind::Classify | TaskKind::Anomaly => Task::Classify,
-            TaskKind::Segment => Task::Segment,
-        },
-        head: match args.head {
-            HeadKind::Linear if args.dropout.is_some() => {
-                anyhow::bail!(
-                    "--dropout applies to --head mlp: a linear head has no hidden layer to drop"
-                )
-            }
-            HeadKind::Linear => HeadConfig::Linear,
-            HeadKind::Mlp => HeadConfig::Mlp {
-                hidden: args.hidden.clone(),
-                dropout: args.dropout.unwrap_or(0.0),
-                activation: match args.activation {
-                    ActivationKind::Relu => Activation::Relu,
-                    ActivationKind::Gelu => Activation::Gelu,
-                },
-            },
-        },
-        epochs: args.epochs,
-        learning_rate: args.lr,
-        weight_decay: args.weight_decay,
-        optimizer: match args.optimizer {
-            OptimizerKind::Adamw => Optimizer::AdamW,
-            OptimizerKind::Sgd => Optimizer::Sgd {
-                momentum: args.momentum,
-            },
-        },
-        schedule: match args.schedule {
-            ScheduleKind::Constant => Schedule::Constant,
-            ScheduleKind::Cosine => Schedule::Cosine {
-                warmup_steps: args.warmup_steps,
-            },
-            ScheduleKind::Step => Schedule::Step {
-                every_epochs: args.step_epochs,
-                gamma: args.step_gamma,
-            },
-            ScheduleKind::Plateau => Schedule::ReduceOnPlateau {
-                patience: args.plateau_patience,
-                factor: args.plateau_factor,
-            },
-        },
-        batch_size: args.batch_size,
-        memory_budget_bytes: parse_bytes(&args.memory_budget)?,
-        gradient_clip: args.clip_grad_norm,
-        label_smoothing: args.label_smoothing,
-        monitor: args.monitor.clone(),
-        early_stopping: args.patience.map(|patience| EarlyStopping { patience }),
-        precision: match args.precision {
-            PrecisionKind::F32 => Precision::F32,
-            PrecisionKind::Bf16 => Precision::Bf16,
-            PrecisionKind::F16 => Precision::F16,
-        },
-        class_weights,
-        sampler: match args.sampler {
-            SamplerKind::Uniform => Sampler::Uniform,
-            SamplerKind::Balanced => Sampler::Balanced,
-        },
-        checkpoint_every: args.checkpoint_every,
-        seed: args.seed,
-        label_map: Default::default(),
-        init_from: args.init_from.clone(),
-        anomaly: None,
-    })
+/// The flags as the settings a sweep file names the same way (`--step-gamma`
+/// is `step_gamma`): flags without a default only when given, so that
+/// `runs::settings` can refuse those that do not apply.
+fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
+    fn name(value: impl ValueEnum) -> Value {
+        let value = value.to_possible_value().expect("no value is skipped");
+        Value::String(value.get_name().to_string())
+    }
+    fn count(value: impl TryInto<i64>) -> anyhow::Result<Value> {
+        let value = value
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("a count past {} is not supported", i64::MAX))?;
+        Ok(Value::Integer(value))
+    }
+    fn labels(labels: &[String]) -> Option<Value> {
+        (!labels.is_empty())
+            .then(|| Value::Array(labels.iter().cloned().map(Value::String).collect()))
+    }
+    let text = |text: &str| Some(Value::String(text.to_string()));
+    let optional_count = |value: Option<usize>| value.map(count).transpose();
+    let hidden = args
+        .hidden
+        .iter()
+        .map(|&size| count(size))
+        .collect::<Result<_, _>>()?;
+    let given: Vec<(&str, Option<Value>)> = vec![
+        ("task", Some(name(args.task))),
+        ("fingerprint", args.fingerprint.as_deref().and_then(text)),
+        ("init_from", args.init_from.as_deref().and_then(text)),
+        ("normal_label", labels(&args.normal_labels)),
+        ("anomaly_label", labels(&args.anomaly_labels)),
+        ("scorer", args.scorer.map(name)),
+        ("k", optional_count(args.k)?),
+        ("coreset", args.coreset.as_deref().and_then(text)),
+        ("spatial", args.spatial.then_some(Value::Boolean(true))),
+        ("channels", args.channels.as_deref().and_then(text)),
+        ("heatmap_sigma", args.heatmap_sigma.map(Value::Float)),
+        ("head", Some(name(args.head))),
+        ("hidden", Some(Value::Array(hidden))),
+        ("dropout", args.dropout.map(Value::Float)),
+        ("activation", Some(name(args.activation))),
+        ("epochs", Some(count(args.epochs)?)),
+        ("lr", Some(Value::Float(args.lr))),
+        ("weight_decay", Some(Value::Float(args.weight_decay))),
+        ("optimizer", Some(name(args.optimizer))),
+        ("momentum", Some(Value::Float(args.momentum))),
+        ("schedule", Some(name(args.schedule))),
+        ("warmup_steps", Some(count(args.warmup_steps)?)),
+        ("step_epochs", Some(count(args.step_epochs)?)),
+        ("step_gamma", Some(Value::Float(args.step_gamma))),
+        ("plateau_patience", Some(count(args.plateau_patience)?)),
+        ("plateau_factor", Some(Value::Float(args.plateau_factor))),
+        ("batch_size", Some(count(args.batch_size)?)),
+        ("memory_budget", text(&args.memory_budget)),
+        ("clip_grad_norm", args.clip_grad_norm.map(Value::Float)),
+        ("label_smoothing", Some(Value::Float(args.label_smoothing))),
+        ("monitor", args.monitor.as_deref().and_then(text)),
+        ("patience", optional_count(args.patience)?),
+        ("precision", Some(name(args.precision))),
+        ("class_weights", text(&args.class_weights)),
+        ("sampler", Some(name(args.sampler))),
+        ("checkpoint_every", Some(count(args.checkpoint_every)?)),
+        ("seed", Some(count(args.seed)?)),
+    ];
+    Ok(given
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), value?)))
+        .collect())
 }
 
-/// The anomaly settings the flags describe; anomaly flags without
-/// `--task anomaly` are refused rather than ignored.
-fn anomaly_config(args: &TrainArgs) -> anyhow::Result<Option<AnomalyConfig>> {
-    if args.task != TaskKind::Anomaly {
-        let given = [
-            ("--normal-label", !args.normal_labels.is_empty()),
-            ("--anomaly-label", !args.anomaly_labels.is_empty()),
-            ("--scorer", args.scorer.is_some()),
-            ("--k", args.k.is_some()),
-            ("--coreset", args.coreset.is_some()),
-            ("--spatial", args.spatial),
-        ];
-        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-            bail!("{flag} applies to --task anomaly only");
-        }
-        return Ok(None);
-    }
-    if !args.spatial
-        && let Some(flag) = [
-            ("--channels", args.channels.is_some()),
-            ("--heatmap-sigma", args.heatmap_sigma.is_some()),
-        ]
-        .iter()
-        .find(|(_, set)| *set)
-        .map(|(flag, _)| flag)
-    {
-        bail!("{flag} applies to --task anomaly --spatial only");
-    }
-    let default_k = if args.spatial {
-        patch::DEFAULT_PATCH_K
-    } else {
-        DEFAULT_K
-    };
-    let scorer = match args.scorer.unwrap_or(ScorerKind::Knn) {
-        ScorerKind::Knn => Scorer::Knn {
-            k: args.k.unwrap_or(default_k),
-            coreset: args.coreset.as_deref().map(Coreset::parse).transpose()?,
-        },
-        ScorerKind::Mahalanobis => {
-            if args.k.is_some() || args.coreset.is_some() {
-                bail!("--k and --coreset apply to --scorer knn only");
-            }
-            Scorer::Mahalanobis
-        }
-    };
-    let patch = if args.spatial {
-        Some(PatchConfig {
-            channels: match args.channels.as_deref() {
-                Some("all") => None,
-                Some(text) => Some(text.parse().with_context(|| {
-                    format!("--channels {text:?}: give a number of channels or `all`")
-                })?),
-                None => patch::default_channels(&scorer),
-            },
-            heatmap_sigma: args.heatmap_sigma.unwrap_or(patch::DEFAULT_HEATMAP_SIGMA),
-        })
-    } else {
-        None
-    };
-    Ok(Some(AnomalyConfig {
-        normal_labels: args.normal_labels.clone(),
-        anomaly_labels: args.anomaly_labels.clone(),
-        scorer,
-        patch,
-    }))
+/// The run the flags ask for.
+fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
+    let settings = train_settings(&settings(args)?, Source::Flags).map_err(anyhow::Error::msg)?;
+    Ok(TrainRequest {
+        dataset: args.dataset.clone().expect("clap requires --dataset"),
+        encoder: args.encoder.clone().expect("clap requires --encoder"),
+        fingerprint: settings.fingerprint,
+        experiment: args.experiment.clone(),
+        allow_partial: args.allow_partial,
+        config: settings.config,
+        class_weights_file: settings.class_weights_file,
+    })
 }
 
 pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
@@ -360,205 +298,24 @@ pub fn train(layout: &Layout, args: TrainArgs) -> anyhow::Result<()> {
         device: super::queue::device(args.device)?,
         progress: !args.json,
     };
-    if let Some(run_id) = &args.resume {
-        return match lazarus::runs::resume(layout, run_id, &options)? {
-            ResumedRun::Classify(report) => print_report(&report, args.json),
-            ResumedRun::Segment(report) => print_segment_report(&report, args.json),
-        };
-    }
-    let dataset = args.dataset.as_deref().expect("clap requires --dataset");
-    let encoder = args.encoder.as_deref().expect("clap requires --encoder");
-    let anomaly = anomaly_config(&args)?;
-    if let TaskKind::Segment = args.task {
-        return train_segment(layout, &args, dataset, encoder, options.device);
-    }
-    let mut probe = config(&args, ClassWeights::None)?;
-    if anomaly.is_some() {
-        probe.task = Task::Anomaly;
-        probe.anomaly = anomaly;
-    }
-    probe.validate()?;
-    let mut load = load_config(&probe);
-    load.encoder = Some(encoder.to_string());
-    load.allow_partial = args.allow_partial;
-    // Classifiers and image-level scorers read pooled features; patch-level
-    // anomaly scoring spatial ones. A folder named by --fingerprint is taken
-    // as it is: the task's own checks say what it needs.
-    load.kind = match (
-        &args.fingerprint,
-        probe.task == Task::Anomaly && args.spatial,
-    ) {
-        (Some(_), _) => None,
-        (None, true) => Some(FeatureKind::Spatial),
-        (None, false) => Some(FeatureKind::Pooled),
+    let trained = match &args.resume {
+        Some(run_id) => lazarus::runs::resume(layout, run_id, &options)?,
+        None => lazarus::runs::train(layout, &request(&args)?, &options)?,
     };
-    if probe.task == Task::Anomaly {
-        load.split_labels = SplitLabels::Any;
-    }
-    let data = lazarus::train::data::load(layout, dataset, args.fingerprint.as_deref(), &load)?;
-    if probe.task == Task::Anomaly {
-        let options = AnomalyOptions {
-            device: options.device,
-        };
-        let report = anomaly::train(layout, &data, &args.experiment, probe, &options)?;
-        return print_anomaly_report(&report, args.json);
-    }
-    let class_weights = session::class_weights_from(&args.class_weights, &data.class_names)?;
-    let config = config(&args, class_weights)?;
-    let warm = match &args.init_from {
-        Some(source) => {
-            let warm = lazarus::train::warm::plan(layout, source, &config, &data)?;
-            // On stderr with --json, so stdout stays one JSON document.
-            if args.json {
-                eprintln!("{}", warm.summary.describe());
-            } else {
-                println!("{}", warm.summary.describe());
-            }
-            Some(warm)
+    if let Some(note) = trained.note() {
+        // On stderr with --json, so stdout stays one JSON document.
+        if args.json {
+            eprintln!("{note}");
+        } else {
+            println!("{note}");
         }
-        None => None,
-    };
-    let report = session::train_warm(layout, &data, &args.experiment, config, warm, &options)?;
-    print_report(&report, args.json)
-}
-
-fn train_segment(
-    layout: &Layout,
-    args: &TrainArgs,
-    dataset: &str,
-    encoder: &str,
-    device: candle_core::Device,
-) -> anyhow::Result<()> {
-    // A weights file names pixel classes, known once the masks are read.
-    let (class_weights, class_weights_file) = match args.class_weights.as_str() {
-        "none" => (ClassWeights::None, None),
-        "balanced" => (ClassWeights::Balanced, None),
-        file => (ClassWeights::None, Some(std::path::PathBuf::from(file))),
-    };
-    let request = lazarus::segment::train::SegmentRequest {
-        dataset: dataset.to_string(),
-        encoder: encoder.to_string(),
-        fingerprint: args.fingerprint.clone(),
-        experiment: args.experiment.clone(),
-        config: config(args, class_weights)?,
-        device,
-        progress: !args.json,
-        extra_params: Vec::new(),
-        class_weights_file,
-        allow_partial: args.allow_partial,
-    };
-    let report = lazarus::segment::train::train(layout, &request)?;
-    print_segment_report(&report, args.json)
-}
-
-/// ", resumed after epoch N" for a resumed run, nothing for a fresh one.
-fn resumed_note(resumed_from_epoch: usize) -> String {
-    if resumed_from_epoch > 0 {
-        format!(", resumed after epoch {resumed_from_epoch}")
-    } else {
-        String::new()
     }
-}
-
-fn print_segment_report(
-    report: &lazarus::segment::train::SegmentReport,
-    json: bool,
-) -> anyhow::Result<()> {
-    if json {
-        return super::print_json(report);
+    if args.json {
+        return super::print_json(&trained);
     }
-    let resumed = resumed_note(report.resumed_from_epoch);
-    println!(
-        "run {} ({} epochs{resumed}, best epoch {}): test/dice {:.4}, test/iou {:.4}, test/pixel_accuracy {:.4}",
-        report.run_id,
-        report.epochs_run,
-        report.best_epoch + 1,
-        report.test["test/dice"],
-        report.test["test/iou"],
-        report.test["test/pixel_accuracy"]
-    );
-    Ok(())
-}
-
-fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        return super::print_json(report);
-    }
-    let resumed = resumed_note(report.resumed_from_epoch);
-    println!(
-        "run {} ({} epochs{resumed}, best epoch {}): test/accuracy {:.4}, test/macro_f1 {:.4}",
-        report.run_id,
-        report.epochs_run,
-        report.best_epoch + 1,
-        report.test["test/accuracy"],
-        report.test["test/macro_f1"]
-    );
-    if report.skipped_steps > 0 {
-        println!(
-            "{} f16 steps skipped for inf/NaN gradients",
-            report.skipped_steps
-        );
-    }
-    if let Some(line) = memory_line(&report.memory) {
+    for line in trained.lines() {
         println!("{line}");
     }
-    println!(
-        "recorded in experiments/experiments.db; files in {}",
-        report.run_dir.display()
-    );
-    Ok(())
-}
-
-/// "memory: ..." with what the run needed and what the page cache held.
-fn memory_line(memory: &lazarus::memory::MemoryReport) -> Option<String> {
-    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
-    let anonymous = memory.peak_anonymous_bytes?;
-    let mut line = format!(
-        "memory: peak {:.0} MiB anonymous (what the run needs), {:.0} MiB of mapped feature pages (page cache, released as the run reads on)",
-        mib(anonymous),
-        mib(memory.peak_file_backed_bytes.unwrap_or(0)),
-    );
-    if let Some(cgroup) = &memory.cgroup {
-        line.push_str(&format!(
-            "; cgroup limit {:.0} MiB, peak {}",
-            mib(cgroup.limit_bytes),
-            cgroup
-                .peak_bytes
-                .map_or("unknown".to_string(), |p| format!("{:.0} MiB", mib(p)))
-        ));
-    }
-    Some(line)
-}
-
-fn print_anomaly_report(report: &AnomalyReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        return super::print_json(report);
-    }
-    let m = &report.metrics;
-    let bank = report
-        .memory_bank_rows
-        .map(|rows| format!(", memory bank {rows} rows"))
-        .unwrap_or_default();
-    println!(
-        "run {} (anomaly, {}; {} normal training images{bank}; normal: {}; anomalous: {})",
-        report.run_id,
-        report.scorer,
-        report.normal_train_rows,
-        report.normal_classes.join(", "),
-        report.anomaly_classes.join(", "),
-    );
-    println!(
-        "val/roc_auc {:.4}, test/roc_auc {:.4}, test/pr_auc {:.4}, test/best_f1 {:.4} at score {:.4}",
-        m["val/roc_auc"],
-        m["test/roc_auc"],
-        m["test/pr_auc"],
-        m["test/best_f1"],
-        m["test/best_f1_threshold"],
-    );
-    println!(
-        "recorded in experiments/experiments.db; files in {}",
-        report.run_dir.display()
-    );
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use crate::sqlite::{Database, Schema, TxError, VersionStore};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Name of the lock file a live run holds inside its folder.
-pub(crate) const LOCK_FILE: &str = ".lock";
+pub(crate) use super::run_files::LOCK_FILE;
 
 /// Migration N (index N-1) takes the schema from version N-1 to N.
 /// README.md ("Experiments database") documents the tables.
@@ -182,7 +182,7 @@ impl ExperimentsDb {
         })?;
         let mut reaped = Vec::new();
         for id in running {
-            let lock_path = self.run_dir(&id).join(LOCK_FILE);
+            let lock_path = super::run_files::RunFolder::new(self.run_dir(&id)).lock();
             // Taking the lock proves its holder is gone; it is released when `_held` drops.
             let _held = match File::open(&lock_path) {
                 Ok(file) => match file.try_lock() {
@@ -250,7 +250,7 @@ impl ExperimentsDb {
                 }
             };
             let recorded = (|| -> Result<File, Fail> {
-                let lock_path = dir.join(LOCK_FILE);
+                let lock_path = super::run_files::RunFolder::new(&dir).lock();
                 let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
                 lock.lock().map_err(io_error(&lock_path))?;
                 tx.execute(
@@ -299,7 +299,7 @@ impl ExperimentsDb {
     /// logged after `from_step`, which the resumed run logs anew.
     pub fn resume_run(&self, id: &str, from_step: u64) -> Result<RunHandle, ExperimentsError> {
         let dir = self.run_dir(id);
-        let lock_path = dir.join(LOCK_FILE);
+        let lock_path = super::run_files::RunFolder::new(&dir).lock();
         let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -431,6 +431,11 @@ impl RunHandle {
         &self.dir
     }
 
+    /// The run's folder and the names of its files.
+    pub fn folder(&self) -> super::run_files::RunFolder {
+        super::run_files::RunFolder::new(&self.dir)
+    }
+
     /// Records metrics at one step (epoch), all in one transaction. Logging
     /// the same key at the same step twice is an error.
     pub fn log_metrics<K: AsRef<str>>(
@@ -546,7 +551,7 @@ impl RunHandle {
             Ok(())
         })?;
         self.lock = None;
-        let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+        let _ = std::fs::remove_file(self.folder().lock());
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
-//! Files in a run folder that the report reads besides the database: their
-//! names and formats, shared by the code that writes them (training) and
-//! the code that reads them (`experiments report`).
+//! A run's folder (`experiments/runs/RUN/`, [`RunFolder`]) and the names
+//! and formats of the files in it, shared by the code that writes them
+//! (training) and the code that reads them (`--resume`, `--init-from`,
+//! `predict`, `experiments report`). No other module spells a file name.
 //!
 //! - [`CURVES_FILE`] (`curves.json`): ROC and precision-recall curves of a
 //!   binary score, per split ([`ScoreCurves`]); written by binary
@@ -10,6 +11,8 @@
 //!   segmentation run ([`ImageDice`]).
 //! - `metrics.json` (the run report: `test_confusion_matrix` for
 //!   classification runs), `config.json` (`class_names`), `model_card.json`.
+
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +30,91 @@ pub const INPUTS_FILE: &str = "config.json";
 
 /// The run's model card.
 pub const MODEL_CARD_FILE: &str = "model_card.json";
+
+/// The run's settings as TOML, for people (`config.json` is what runs read).
+pub const CONFIG_TOML_FILE: &str = "config.toml";
+
+/// The kept head of a classification or segmentation run.
+pub const HEAD_FILE: &str = "head.safetensors";
+
+/// The fitted scorer of an anomaly run.
+pub const SCORER_FILE: &str = "scorer.safetensors";
+
+/// An anomaly run's score per val and test image.
+pub const SCORES_FILE: &str = "scores.csv";
+
+/// Learning curves, confusion matrices, ROC curves.
+pub const PLOTS_DIR: &str = "plots";
+
+/// Resumable checkpoints (`train::checkpoint`) and the best head so far.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
+/// The best epoch's head file, in [`CHECKPOINTS_DIR`].
+pub const BEST_HEAD_FILE: &str = "best.safetensors";
+
+/// The exclusive lock a run's process holds while it runs.
+pub const LOCK_FILE: &str = ".lock";
+
+/// A run's folder: where each of its files is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFolder {
+    path: PathBuf,
+}
+
+impl RunFolder {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        RunFolder { path: path.into() }
+    }
+
+    /// `experiments/runs/RUN/`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `config.json`: what `--resume`, `predict` and the report read.
+    pub fn inputs(&self) -> PathBuf {
+        self.path.join(INPUTS_FILE)
+    }
+
+    /// `metrics.json`, written last: a run without it did not finish.
+    pub fn metrics(&self) -> PathBuf {
+        self.path.join(METRICS_FILE)
+    }
+
+    pub fn model_card(&self) -> PathBuf {
+        self.path.join(MODEL_CARD_FILE)
+    }
+
+    pub fn head(&self) -> PathBuf {
+        self.path.join(HEAD_FILE)
+    }
+
+    pub fn scorer(&self) -> PathBuf {
+        self.path.join(SCORER_FILE)
+    }
+
+    pub fn plots(&self) -> PathBuf {
+        self.path.join(PLOTS_DIR)
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.path.join(CHECKPOINTS_DIR)
+    }
+
+    /// `checkpoints/best.safetensors`.
+    pub fn best_head(&self) -> PathBuf {
+        self.checkpoints().join(BEST_HEAD_FILE)
+    }
+
+    pub fn lock(&self) -> PathBuf {
+        self.path.join(LOCK_FILE)
+    }
+
+    /// Whether the run wrote its report (`metrics.json`).
+    pub fn is_finished(&self) -> bool {
+        self.metrics().is_file()
+    }
+}
 
 /// Curves of one binary score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -423,7 +423,7 @@ impl RunPredictions {
 /// The task run `run_id` recorded when it started (its `config.json`).
 pub fn run_task(layout: &Layout, run_id: &str) -> Result<Task, PredictError> {
     let dir = run_folder(layout, run_id)?;
-    Ok(read_run_inputs(&dir)?.config.task)
+    Ok(read_run_inputs(&dir)?.config.task.kind())
 }
 
 /// Predicts `images` with run `run_id`, whatever its task: the one entry

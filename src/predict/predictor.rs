@@ -160,7 +160,7 @@ impl Predictor {
             run: run_id.to_string(),
             message,
         };
-        let (model, class_names, cache, encoder) = match inputs.config.task {
+        let (model, class_names, cache, encoder) = match inputs.config.task.kind() {
             Task::Classify => {
                 let (head, _) = super::load_run_head(layout, run_id, device)?;
                 let cache = FeatureCache::open(layout, &inputs.fingerprint)?;

@@ -11,7 +11,9 @@
 //! This module sits above both `train` and `segment`, so neither imports
 //! the other to run a sweep or a resume.
 
+pub mod settings;
 pub mod sweep_file;
+pub mod train;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 pub use sweep_file::{Sweep, SweepPoint};
+pub use train::{TrainRequest, TrainedRun, train};
 
 use crate::experiments::{self, AblationQuery, ExperimentsDb, ParamValue, WhereClause};
 use crate::layout::Layout;
@@ -29,10 +32,9 @@ use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
 use crate::train::checkpoint;
 use crate::train::config::{Task, TrainConfig};
 use crate::train::data;
+use crate::train::record::{start, warm_params};
 use crate::train::run::{FitOptions, RunReport, load_config, read_run_inputs, run_inputs};
-use crate::train::session::{
-    class_weights_from, fit_and_finish, require_two_classes, start, warm_params,
-};
+use crate::train::session::{class_weights_from, fit_and_finish, require_two_classes};
 use crate::train::warm::{self, WarmStart};
 
 /// Errors of a sweep or a resume: those of the task trainers it calls.
@@ -86,37 +88,32 @@ pub struct SweepOptions {
     pub allow_partial: bool,
 }
 
-/// A resumed run's report, as its task's trainer gives it.
-pub enum ResumedRun {
-    Classify(Box<RunReport>),
-    Segment(Box<SegmentReport>),
-}
-
 /// Continues killed run `run_id` from its newest checkpoint with its own
 /// settings, through the trainer of the task it recorded. Anomaly runs
-/// have no checkpoints and are refused (`train::session::resumable_run`).
+/// have no checkpoints and are refused (`train::record::resumable_run`).
 pub fn resume(
     layout: &Layout,
     run_id: &str,
     options: &FitOptions,
-) -> Result<ResumedRun, RunsError> {
+) -> Result<TrainedRun, RunsError> {
     let db = ExperimentsDb::open(layout)?;
     let run_dir = db
         .recorded_run_dir(run_id)
         .map_err(|e| TrainError::Checkpoint(format!("run {run_id} not found: {e}")))?;
     // A folder whose config cannot be read is refused by the classifier's
     // checks, which name what is wrong with it.
-    let task = read_run_inputs(&run_dir).map_or(Task::Classify, |inputs| inputs.config.task);
+    let task = read_run_inputs(&run_dir).map_or(Task::Classify, |inputs| inputs.config.task.kind());
     Ok(match task {
-        Task::Segment => ResumedRun::Segment(Box::new(segment::resume(
+        Task::Segment => TrainedRun::Segment(Box::new(segment::resume(
             layout,
             run_id,
             &options.device,
             options.progress,
         )?)),
-        Task::Classify | Task::Anomaly => ResumedRun::Classify(Box::new(
-            crate::train::session::resume(layout, run_id, options)?,
-        )),
+        Task::Classify | Task::Anomaly => TrainedRun::Classify {
+            report: Box::new(crate::train::session::resume(layout, run_id, options)?),
+            warm_start: None,
+        },
     })
 }
 
@@ -140,8 +137,8 @@ pub fn sweep(
         }
         let spatial = point
             .config
-            .anomaly
-            .as_ref()
+            .task
+            .anomaly()
             .is_some_and(|a| a.patch.is_some());
         groups
             .entry((
@@ -389,7 +386,8 @@ fn sweep_segment_points(
 }
 
 /// experiments/sweeps/<name>/comparison.svg|png: every configuration of the
-/// sweep (seeds pooled) by its mean chart metric.
+/// sweep (seeds pooled) by its mean chart metric; none when no run of the
+/// sweep carries its name (each config was FINISHED by `train`).
 fn sweep_chart(
     layout: &Layout,
     db: &ExperimentsDb,
@@ -414,7 +412,7 @@ fn sweep_chart(
     if by.is_empty() {
         by.push("head".into());
     }
-    let report = db.ablate(&AblationQuery {
+    let report = match db.ablate(&AblationQuery {
         by,
         metric: metric.to_string(),
         wheres: vec![WhereClause {
@@ -422,7 +420,17 @@ fn sweep_chart(
             value: sweep.name.clone(),
         }],
         baseline: None,
-    })?;
+    }) {
+        // Every config was FINISHED by runs outside any sweep (`train`): no
+        // run carries a sweep's name, so there is nothing to compare.
+        Err(experiments::ExperimentsError::UnknownParam { param, .. }) if param == "sweep" => {
+            return Ok(Vec::new());
+        }
+        report => report?,
+    };
+    if report.rows.is_empty() {
+        return Ok(Vec::new());
+    }
     let dir = layout.experiments_dir().join("sweeps").join(&sweep.name);
     std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let points = experiments::plots::SweepPoint::from_ablation(&report);

@@ -31,73 +31,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use toml::Value;
 
+pub use super::settings::KNOWN_SETTINGS;
+use super::settings::{Source, TrainSettings, train_settings};
 use crate::train::TrainError;
-use crate::train::anomaly::patch::{self, PatchConfig};
-use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
-use crate::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, Task,
-    TrainConfig,
-};
-use crate::train::schedule::Schedule;
-
-/// Settings a sweep may fix, list or sample: every setting of `lazarus
-/// train` (the flag's name with `_` for `-`), with the same defaults and
-/// units. Only the flags of one invocation are not settings: `--resume`,
-/// and what `lazarus sweep` takes itself (`--device`, `--json`,
-/// `--allow-partial`, and `--experiment`, which is the sweep's `name`).
-pub const KNOWN_SETTINGS: &[&str] = &[
-    "dataset",
-    "encoder",
-    "fingerprint",
-    "init_from",
-    "head",
-    "hidden",
-    "dropout",
-    "activation",
-    "lr",
-    "weight_decay",
-    "optimizer",
-    "momentum",
-    "schedule",
-    "warmup_steps",
-    "step_epochs",
-    "step_gamma",
-    "plateau_patience",
-    "plateau_factor",
-    "batch_size",
-    "precision",
-    "class_weights",
-    "sampler",
-    "epochs",
-    "seed",
-    "label_smoothing",
-    "monitor",
-    "patience",
-    "clip_grad_norm",
-    "memory_budget",
-    "checkpoint_every",
-    "task",
-    "normal_label",
-    "anomaly_label",
-    "scorer",
-    "k",
-    "coreset",
-    "spatial",
-    "channels",
-    "heatmap_sigma",
-];
-
-/// Settings that only anomaly points (`task = "anomaly"`) use.
-const ANOMALY_SETTINGS: &[&str] = &[
-    "normal_label",
-    "anomaly_label",
-    "scorer",
-    "k",
-    "coreset",
-    "spatial",
-    "channels",
-    "heatmap_sigma",
-];
+use crate::train::config::TrainConfig;
 
 /// Keys of the file besides settings.
 const KNOWN_SECTIONS: &[&str] = &["name", "grid", "random", "label_map"];
@@ -327,300 +264,37 @@ fn draw(path: &Path, key: &str, spec: &Value, rng: &mut ChaCha8Rng) -> Result<Va
     }
 }
 
-/// Builds one head's config from its settings (defaults for the rest).
+/// One head of the sweep from its settings (train's defaults for the rest).
 fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
-    let text = |key: &str| -> Result<Option<String>, String> {
-        settings
-            .get(key)
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("{key} must be a string, got {v}"))
-            })
-            .transpose()
+    let text = |key: &str| match settings.get(key) {
+        None => Err(format!("no {key}")),
+        Some(v) => v
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{key} must be a string, got {v}")),
     };
-    let number = |key: &str| -> Result<Option<f64>, String> {
-        settings
-            .get(key)
-            .map(|v| {
-                v.as_float()
-                    .or_else(|| v.as_integer().map(|i| i as f64))
-                    .ok_or_else(|| format!("{key} must be a number, got {v}"))
-            })
-            .transpose()
-    };
-    let count = |key: &str| -> Result<Option<usize>, String> {
-        settings
-            .get(key)
-            .map(|v| {
-                v.as_integer()
-                    .filter(|&i| i >= 0)
-                    .map(|i| i as usize)
-                    .ok_or_else(|| format!("{key} must be a whole number, got {v}"))
-            })
-            .transpose()
-    };
-    let one_of = |key: &str, allowed: &[&str]| -> Result<Option<String>, String> {
-        match text(key)? {
-            Some(v) if !allowed.contains(&v.as_str()) => Err(format!(
-                "{key} = {v:?} is not one of {}",
-                allowed.join(", ")
-            )),
-            other => Ok(other),
-        }
-    };
-    let dataset = text("dataset")?.ok_or("no dataset")?;
-    let encoder = text("encoder")?.ok_or("no encoder")?;
-    let mut config = TrainConfig::default();
-    let hidden = match settings.get("hidden") {
-        None => vec![256],
-        Some(Value::Integer(n)) if *n > 0 => vec![*n as usize],
-        Some(Value::Array(sizes)) => sizes
-            .iter()
-            .map(|s| {
-                s.as_integer()
-                    .filter(|&n| n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| format!("hidden sizes must be positive integers, got {s}"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(format!(
-                "hidden must be a size or a list of sizes, got {other}"
-            ));
-        }
-    };
-    config.head = match one_of("head", &["linear", "mlp"])?.as_deref() {
-        None | Some("linear") => HeadConfig::Linear,
-        _ => HeadConfig::Mlp {
-            hidden,
-            dropout: number("dropout")?.unwrap_or(0.0),
-            activation: match one_of("activation", &["relu", "gelu"])?.as_deref() {
-                Some("gelu") => Activation::Gelu,
-                _ => Activation::Relu,
-            },
-        },
-    };
-    if let Some(v) = count("epochs")? {
-        config.epochs = v;
-    }
-    if let Some(v) = number("lr")? {
-        config.learning_rate = v;
-    }
-    if let Some(v) = number("weight_decay")? {
-        config.weight_decay = v;
-    }
-    if let Some(v) = one_of("optimizer", &["adamw", "sgd"])? {
-        config.optimizer = if v == "sgd" {
-            Optimizer::Sgd {
-                momentum: number("momentum")?.unwrap_or(0.9),
-            }
-        } else {
-            Optimizer::AdamW
-        };
-    }
-    if let Some(v) = one_of("schedule", &["constant", "cosine", "step", "plateau"])? {
-        config.schedule = match v.as_str() {
-            "cosine" => Schedule::Cosine {
-                warmup_steps: count("warmup_steps")?.unwrap_or(0),
-            },
-            // The defaults of `train --step-epochs`, `--step-gamma`,
-            // `--plateau-patience` and `--plateau-factor`.
-            "step" => Schedule::Step {
-                every_epochs: count("step_epochs")?.unwrap_or(10),
-                gamma: number("step_gamma")?.unwrap_or(0.1),
-            },
-            "plateau" => Schedule::ReduceOnPlateau {
-                patience: count("plateau_patience")?.unwrap_or(3),
-                factor: number("plateau_factor")?.unwrap_or(0.1),
-            },
-            _ => Schedule::Constant,
-        };
-    }
-    if let Some(v) = count("batch_size")? {
-        config.batch_size = v;
-    }
-    if let Some(v) = text("precision")? {
-        config.precision = Precision::parse(&v).map_err(|e| e.to_string())?;
-    }
-    // none, balanced, or a file of class,weight lines or a JSON object, as
-    // `train --class-weights`.
-    let mut class_weights_file = None;
-    match text("class_weights")?.as_deref() {
-        None | Some("none") => config.class_weights = ClassWeights::None,
-        Some("balanced") => config.class_weights = ClassWeights::Balanced,
-        Some(file) => class_weights_file = Some(PathBuf::from(file)),
-    }
-    if let Some(v) = one_of("sampler", &["uniform", "balanced"])? {
-        config.sampler = if v == "balanced" {
-            Sampler::Balanced
-        } else {
-            Sampler::Uniform
-        };
-    }
-    if let Some(v) = count("seed")? {
-        config.seed = v as u64;
-    }
-    if let Some(v) = number("label_smoothing")? {
-        config.label_smoothing = v;
-    }
-    if let Some(v) = text("monitor")? {
-        config.monitor = v;
-    }
-    if let Some(v) = count("patience")? {
-        config.early_stopping = Some(EarlyStopping { patience: v });
-    }
-    config.gradient_clip = number("clip_grad_norm")?;
-    // Bytes as a whole number, or a size with its unit as `train
-    // --memory-budget` takes it ("1GiB", "512MiB").
-    match settings.get("memory_budget") {
-        None => {}
-        Some(Value::Integer(bytes)) if *bytes > 0 => config.memory_budget_bytes = *bytes as u64,
-        Some(Value::String(size)) => config.memory_budget_bytes = crate::memory::parse_bytes(size)?,
-        Some(other) => {
-            return Err(format!(
-                "memory_budget must be a size such as \"1GiB\" or a number of bytes, got {other}"
-            ));
-        }
-    }
-    if let Some(v) = count("checkpoint_every")? {
-        config.checkpoint_every = v;
-    }
-    config.init_from = text("init_from")?;
-    let task = one_of("task", &["classify", "anomaly", "segment"])?;
-    if task.as_deref() == Some("anomaly") {
-        config.task = Task::Anomaly;
-        config.anomaly = Some(anomaly_point(settings)?);
-    } else if settings.get("task").is_none()
-        && let Some(key) = ANOMALY_SETTINGS.iter().find(|k| settings.contains_key(**k))
-    {
-        // Without any task, anomaly settings mean a forgotten task = "anomaly";
-        // with a grid over task, other points leave them aside.
-        return Err(format!(
-            "{key} applies to task = \"anomaly\" only (add task = \"anomaly\")"
-        ));
-    } else if task.as_deref() == Some("segment") {
-        config.task = Task::Segment;
-        if text("monitor")?.is_none() {
-            config.monitor = "val/dice".into();
-        }
-    }
-    config.validate().map_err(|e| e.to_string())?;
+    let dataset = text("dataset")?;
+    let encoder = text("encoder")?;
+    let TrainSettings {
+        config,
+        fingerprint,
+        class_weights_file,
+    } = train_settings(settings, Source::SweepFile)?;
     Ok(SweepPoint {
         dataset,
         encoder,
-        fingerprint: text("fingerprint")?,
+        fingerprint,
         class_weights_file,
         config,
         params: settings.clone(),
     })
 }
 
-/// The anomaly settings of a point: labels as a string (comma-separated) or
-/// a list; `k` and `coreset` apply to the knn scorer and are ignored by
-/// mahalanobis points (a grid over k gives one mahalanobis run).
-fn anomaly_point(settings: &BTreeMap<String, Value>) -> Result<AnomalyConfig, String> {
-    let labels = |key: &str| -> Result<Vec<String>, String> {
-        match settings.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::String(text)) => {
-                Ok(text.split(',').map(|l| l.trim().to_string()).collect())
-            }
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| {
-                    item.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| format!("{key} must be class names, got {item}"))
-                })
-                .collect(),
-            Some(other) => Err(format!("{key} must be a class name or a list, got {other}")),
-        }
-    };
-    let scorer = match settings.get("scorer") {
-        None => "knn",
-        Some(v) => v
-            .as_str()
-            .ok_or_else(|| format!("scorer must be a string, got {v}"))?,
-    };
-    let spatial = match settings.get("spatial") {
-        None => false,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| format!("spatial must be true or false, got {v}"))?,
-    };
-    if !spatial
-        && let Some(key) = ["channels", "heatmap_sigma"]
-            .iter()
-            .find(|k| settings.contains_key(**k))
-    {
-        return Err(format!(
-            "{key} applies to spatial = true anomaly points only"
-        ));
-    }
-    let scorer = match scorer {
-        "knn" => Scorer::Knn {
-            k: match settings.get("k") {
-                None if spatial => patch::DEFAULT_PATCH_K,
-                None => DEFAULT_K,
-                Some(v) => v
-                    .as_integer()
-                    .filter(|&k| k >= 1)
-                    .map(|k| k as usize)
-                    .ok_or_else(|| format!("k must be a whole number of at least 1, got {v}"))?,
-            },
-            coreset: match settings.get("coreset") {
-                None => None,
-                Some(Value::Float(f)) => Some(Coreset::Fraction(*f)),
-                Some(Value::Integer(n)) if *n >= 1 => Some(Coreset::Count(*n as usize)),
-                Some(other) => {
-                    return Err(format!(
-                        "coreset must be a fraction such as 0.1 or a row count such as 200, got {other}"
-                    ));
-                }
-            },
-        },
-        "mahalanobis" => Scorer::Mahalanobis,
-        other => return Err(format!("scorer = {other:?} is not one of knn, mahalanobis")),
-    };
-    let normal_labels = labels("normal_label")?;
-    if normal_labels.is_empty() {
-        return Err("task = \"anomaly\" needs normal_label (the normal class or classes)".into());
-    }
-    let patch = if spatial {
-        Some(PatchConfig {
-            channels: match settings.get("channels") {
-                None => patch::default_channels(&scorer),
-                Some(Value::String(text)) if text == "all" => None,
-                Some(Value::Integer(n)) if *n >= 1 => Some(*n as usize),
-                Some(other) => {
-                    return Err(format!(
-                        "channels must be a number of channels or \"all\", got {other}"
-                    ));
-                }
-            },
-            heatmap_sigma: match settings.get("heatmap_sigma") {
-                None => patch::DEFAULT_HEATMAP_SIGMA,
-                Some(v) => v
-                    .as_float()
-                    .or_else(|| v.as_integer().map(|i| i as f64))
-                    .ok_or_else(|| format!("heatmap_sigma must be a number, got {v}"))?,
-            },
-        })
-    } else {
-        None
-    };
-    Ok(AnomalyConfig {
-        normal_labels,
-        anomaly_labels: labels("anomaly_label")?,
-        scorer,
-        patch,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::anomaly::Scorer;
+    use crate::train::config::{ClassWeights, HeadConfig, Task, TaskConfig};
 
     const ISSUE_EXAMPLE: &str = r#"
         name = "elpv-heads"
@@ -732,7 +406,7 @@ mod tests {
         "#;
         let sweep = parse(Path::new("s.toml"), text).unwrap();
         assert_eq!(sweep.points.len(), 4);
-        let first = sweep.points[0].config.anomaly.as_ref().unwrap();
+        let first = sweep.points[0].config.task.anomaly().unwrap();
         assert_eq!(first.normal_labels, ["0.0"]);
         assert_eq!(first.anomaly_labels, ["1.0"]);
         assert_eq!(
@@ -742,12 +416,12 @@ mod tests {
                 coreset: None
             }
         );
-        assert_eq!(sweep.points[0].config.task, Task::Anomaly);
+        assert_eq!(sweep.points[0].config.task.kind(), Task::Anomaly);
         // k does not change a mahalanobis point: one config hash for both.
         let hashes: std::collections::BTreeSet<String> = sweep
             .points
             .iter()
-            .filter(|p| p.config.anomaly.as_ref().unwrap().scorer == Scorer::Mahalanobis)
+            .filter(|p| p.config.task.anomaly().unwrap().scorer == Scorer::Mahalanobis)
             .map(|p| p.config.config_hash("d", "f"))
             .collect();
         assert_eq!(hashes.len(), 1);
@@ -776,8 +450,7 @@ mod tests {
              [grid]\ntask = [\"classify\", \"anomaly\"]\n",
         )
         .unwrap();
-        assert_eq!(mixed.points[0].config.task, Task::Classify);
-        assert_eq!(mixed.points[0].config.anomaly, None);
-        assert_eq!(mixed.points[1].config.task, Task::Anomaly);
+        assert_eq!(mixed.points[0].config.task, TaskConfig::Classify);
+        assert_eq!(mixed.points[1].config.task.kind(), Task::Anomaly);
     }
 }

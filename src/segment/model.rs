@@ -131,7 +131,7 @@ pub fn load_head(
     config: &TrainConfig,
     device: &Device,
 ) -> Result<TrainedSegmentHead, SegmentError> {
-    let path = run_dir.join("head.safetensors");
+    let path = crate::experiments::run_files::RunFolder::new(run_dir).head();
     let info: SegmentHeadInfo = crate::train::checkpoint::header_json(&path, HEAD_INFO_KEY)?
         .ok_or_else(|| {
             SegmentError::Invalid(format!(

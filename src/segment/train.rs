@@ -15,7 +15,7 @@
 //! counts); the soft Dice term and the evaluation losses are unweighted.
 //! `--sampler balanced` draws tiles with and without foreground equally
 //! often. Checkpoints, `best.safetensors` and `--resume` are the
-//! classification runs' (`train::checkpoint`, `session::resumable_run`): a
+//! classification runs' (`train::checkpoint`, `train::record`): a
 //! run resumed at an epoch boundary ends bit for bit as an uninterrupted one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +30,8 @@ use super::SegmentError;
 use super::metrics::PixelConfusion;
 use super::model::{HEAD_INFO_KEY, SegmentHeadInfo, grid_logits, loss, predicted_classes};
 use crate::dataset::{self, MaskKind, Split};
-use crate::experiments::run_files::{DICE_FILE, ImageDice, dice_csv};
-use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
+use crate::experiments::run_files::{self, DICE_FILE, ImageDice, dice_csv};
+use crate::experiments::{ExperimentsDb, ParamValue, RunHandle, RunStatus};
 use crate::features::FeatureSet;
 use crate::features::catalog::{self, FeatureKind, FeatureRequest};
 use crate::layout::Layout;
@@ -40,10 +40,11 @@ use crate::spatial::map_tensors;
 use crate::spatial::mask::read_mask;
 use crate::spatial::stitch::upsample_operator;
 use crate::train::checkpoint;
-use crate::train::config::{ClassWeights, Task, TrainConfig};
+use crate::train::config::{ClassWeights, Task, TaskConfig, TrainConfig};
 use crate::train::data::SplitRows;
 use crate::train::head::Head;
-use crate::train::run::{EpochStream, RunInputs, dropout_stream, seeded, write_run_inputs};
+use crate::train::record;
+use crate::train::run::{EpochStream, RunInputs, dropout_stream, seeded};
 use crate::train::trainer::{BatchPlan, HeadTrainer};
 use crate::train::warm::{self, WarmStart, WarmStartSummary, WarmTarget};
 
@@ -465,7 +466,7 @@ fn plan(
 /// as the default monitor, and classification-only settings refused rather
 /// than ignored.
 fn segment_config(mut config: TrainConfig) -> Result<TrainConfig, SegmentError> {
-    config.task = Task::Segment;
+    config.task = TaskConfig::Segment;
     if config.monitor == TrainConfig::default().monitor {
         config.monitor = "val/dice".into();
     }
@@ -620,27 +621,11 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     };
     let warm = warm_start(layout, &request.dataset, &config, &data)?;
     let db = ExperimentsDb::open(layout)?;
-    let mut params = crate::train::session::params(&config, &request.dataset, &data.encoder);
-    params.extend(crate::train::session::input_params(&inputs));
-    params.extend(
-        warm.as_ref()
-            .map(crate::train::session::warm_params)
-            .unwrap_or_default(),
-    );
-    params.push(("task".into(), Task::Segment.name().into()));
-    params.extend(request.extra_params.iter().cloned());
-    let handle = db.start_run(RunStart {
-        experiment: request.experiment.clone(),
-        dataset: request.dataset.clone(),
-        encoder_fingerprint: data.fingerprint.clone(),
-        config_hash: inputs.config_hash.clone(),
-        params,
-        tags: vec![
-            ("task".into(), Task::Segment.name().into()),
-            ("lazarus_version".into(), crate::VERSION.into()),
-        ],
-    })?;
-    write_run_inputs(handle.dir(), &inputs)?;
+    // A segmentation run records its task as a param too.
+    let mut extra_params = warm.as_ref().map(record::warm_params).unwrap_or_default();
+    extra_params.push(("task".into(), Task::Segment.name().into()));
+    extra_params.extend(request.extra_params.iter().cloned());
+    let handle = record::start(&db, &request.experiment, &inputs, &extra_params)?;
     let options = FitOptions {
         device: &request.device,
         progress: request.progress,
@@ -659,7 +644,7 @@ pub fn resume(
     progress: bool,
 ) -> Result<SegmentReport, SegmentError> {
     let db = ExperimentsDb::open(layout)?;
-    let (run_dir, inputs) = crate::train::session::resumable_run(&db, run_id)?;
+    let (run_dir, inputs) = record::resumable_run(&db, run_id)?;
     if inputs.config.task != Task::Segment {
         return Err(SegmentError::Invalid(format!(
             "run {run_id} is a {} run, not a segmentation run",
@@ -842,7 +827,7 @@ fn fit(
             }
         }
         if let Some(error) = trainer.divergence(handle.id()) {
-            return Err(crate::train::session::fail_run(handle, error)?.into());
+            return Err(record::fail_run(handle, error)?.into());
         }
         let improved = trainer.end_epoch(metrics)?;
         let logged = trainer.state.history.last().expect("end_epoch recorded it");
@@ -885,7 +870,7 @@ fn fit(
         trainer.diverge("the test loss is not finite".to_string());
     }
     if let Some(error) = trainer.divergence(handle.id()) {
-        return Err(crate::train::session::fail_run(handle, error)?.into());
+        return Err(record::fail_run(handle, error)?.into());
     }
     let report = SegmentReport {
         run_id: handle.id().to_string(),
@@ -917,7 +902,7 @@ fn fit(
     // Before metrics.json, which marks the run's files complete.
     handle.write_artifact(DICE_FILE, &dice_csv(&image_dice))?;
     write_artifacts(&handle, &report, config, data, &trainer)?;
-    let summary = crate::train::session::summary_metrics(
+    let summary = record::summary_metrics(
         &report.test,
         &report.epochs,
         report.best_epoch,
@@ -970,12 +955,9 @@ fn write_artifacts(
 ) -> Result<(), SegmentError> {
     // restore_best already put the kept head in place.
     let bytes = head_file_bytes(data, config, trainer, false)?;
-    handle.write_artifact("head.safetensors", &bytes)?;
+    handle.write_artifact(run_files::HEAD_FILE, &bytes)?;
     let json = serde_json::to_vec_pretty(report).expect("report serialises");
-    handle.write_artifact("metrics.json", &json)?;
-    let toml = toml::to_string_pretty(config)
-        .map_err(|e| SegmentError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact("config.toml", toml.as_bytes())?;
+    handle.write_artifact(run_files::METRICS_FILE, &json)?;
     let card = serde_json::json!({
         "run_id": report.run_id,
         "lazarus_version": crate::VERSION,
@@ -996,8 +978,7 @@ fn write_artifacts(
                         interpolated and structures smaller than a grid cell may be missed. \
                         Measured on one held-out split of one dataset.",
     });
-    let json = serde_json::to_vec_pretty(&card).expect("card serialises");
-    handle.write_artifact("model_card.json", &json)?;
+    record::write_config_and_card(handle, config, &card)?;
     let points: Vec<crate::experiments::plots::EpochPoint> = report
         .epochs
         .iter()
@@ -1009,7 +990,7 @@ fn write_artifacts(
             validation_metric: m.get(&config.monitor).copied(),
         })
         .collect();
-    let plots = handle.dir().join("plots");
+    let plots = handle.folder().plots();
     std::fs::create_dir_all(&plots).map_err(|source| SegmentError::Io {
         path: plots.clone(),
         source,

@@ -22,8 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::config::TrainConfig;
 use super::trainer::{HeadTrainer, TrainerState};
-
-pub const CHECKPOINT_DIR: &str = "checkpoints";
+use crate::experiments::run_files::RunFolder;
 
 /// The checkpoint JSON: trainer state plus what checks a resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,9 +76,10 @@ pub fn save_if_due(
 
 /// Writes `checkpoints/best.safetensors`: the head file of a new best epoch.
 pub fn publish_best(run_dir: &Path, head_file: &[u8]) -> Result<(), TrainError> {
-    let dir = run_dir.join(CHECKPOINT_DIR);
+    let folder = RunFolder::new(run_dir);
+    let dir = folder.checkpoints();
     std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
-    let path = dir.join("best.safetensors");
+    let path = folder.best_head();
     crate::atomic::write_file(&path, head_file).map_err(TrainError::io(&path))?;
     Ok(())
 }
@@ -223,7 +223,7 @@ pub fn publish(
     tensors: &[(String, Tensor)],
     state_json: &[u8],
 ) -> Result<(), TrainError> {
-    let dir = run_dir.join(CHECKPOINT_DIR);
+    let dir = RunFolder::new(run_dir).checkpoints();
     std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let (weights, state) = pair_paths(&dir, epoch);
     crate::atomic::write_file(&weights, &safetensors_bytes(tensors, None)?)
@@ -267,7 +267,7 @@ fn complete_epochs(dir: &Path) -> Result<Vec<usize>, TrainError> {
 
 /// The newest complete checkpoint: its weights file and state JSON.
 pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> {
-    let dir = run_dir.join(CHECKPOINT_DIR);
+    let dir = RunFolder::new(run_dir).checkpoints();
     let Some(&epoch) = complete_epochs(&dir)?.last() else {
         return Ok(None);
     };
@@ -278,7 +278,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, Vec<u8>)>, TrainError> 
 
 /// Epochs finished at the newest complete checkpoint (0 when there is none).
 pub fn latest_epoch(run_dir: &Path) -> Result<usize, TrainError> {
-    Ok(complete_epochs(&run_dir.join(CHECKPOINT_DIR))?
+    Ok(complete_epochs(&RunFolder::new(run_dir).checkpoints())?
         .last()
         .copied()
         .unwrap_or(0))

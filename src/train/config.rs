@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use super::anomaly::AnomalyConfig;
 use super::schedule::Schedule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,9 +139,9 @@ impl Sampler {
     }
 }
 
-/// What a run learns: a classifier head over pooled features (default), an
-/// anomaly scorer fitted on normal images only (`anomaly` holds its
-/// settings), or a per-pixel head over spatial features (`enqueue --spatial`).
+/// The kind of run: a classifier head over pooled features (default), an
+/// anomaly scorer fitted on normal images only, or a per-pixel head over
+/// spatial features (`enqueue --spatial`). Its settings are a [`TaskConfig`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
@@ -166,17 +167,58 @@ impl Task {
     }
 }
 
+/// What a run learns, with the settings only that task has: the anomaly
+/// scorer's settings exist exactly when the task is anomaly.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum TaskConfig {
+    #[default]
+    Classify,
+    Segment,
+    Anomaly(AnomalyConfig),
+}
+
+impl TaskConfig {
+    pub fn kind(&self) -> Task {
+        match self {
+            TaskConfig::Classify => Task::Classify,
+            TaskConfig::Segment => Task::Segment,
+            TaskConfig::Anomaly(_) => Task::Anomaly,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The anomaly scorer's settings of an anomaly run.
+    pub fn anomaly(&self) -> Option<&AnomalyConfig> {
+        match self {
+            TaskConfig::Anomaly(anomaly) => Some(anomaly),
+            TaskConfig::Classify | TaskConfig::Segment => None,
+        }
+    }
+}
+
+impl PartialEq<Task> for TaskConfig {
+    fn eq(&self, task: &Task) -> bool {
+        self.kind() == *task
+    }
+}
+
 /// Early stopping on a validation metric (higher is better; `*/loss` is negated).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EarlyStopping {
     pub patience: usize,
 }
 
+/// One run's settings. Stored (`config.json`, model cards) and hashed as
+/// [`StoredConfig`], the shape runs have always been written in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "StoredConfig", try_from = "StoredConfig")]
 pub struct TrainConfig {
-    /// `task = "anomaly"` or `"segment"` in TOML, `--task ...` on the command line.
-    #[serde(default, skip_serializing_if = "Task::is_classify")]
-    pub task: Task,
+    /// `task = "anomaly"` or `"segment"` in TOML, `--task ...` on the command
+    /// line, with the anomaly scorer's settings.
+    pub task: TaskConfig,
     pub head: HeadConfig,
     pub epochs: usize,
     pub learning_rate: f64,
@@ -199,21 +241,114 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Renames or merges classes before training (e.g. every defect grade to
     /// "defective"); classes not named keep their name.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_map: BTreeMap<String, String>,
     /// Start from this run's head weights (`train --init-from`) instead of
     /// the seeded initialisation; see `warm`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
-    /// The anomaly scorer's settings; present exactly when `task` is `anomaly`.
+}
+
+/// `TrainConfig` as runs store it: the task's kind, and the anomaly
+/// settings beside the other fields (last), absent for other tasks. The
+/// stored JSON and with it every config hash stay as before `TaskConfig`.
+#[derive(Serialize, Deserialize)]
+struct StoredConfig {
+    #[serde(default, skip_serializing_if = "Task::is_classify")]
+    task: Task,
+    head: HeadConfig,
+    epochs: usize,
+    learning_rate: f64,
+    weight_decay: f64,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    batch_size: usize,
+    memory_budget_bytes: u64,
+    gradient_clip: Option<f64>,
+    label_smoothing: f64,
+    monitor: String,
+    early_stopping: Option<EarlyStopping>,
+    precision: Precision,
+    class_weights: ClassWeights,
+    sampler: Sampler,
+    checkpoint_every: usize,
+    seed: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    label_map: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anomaly: Option<super::anomaly::AnomalyConfig>,
+    init_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    anomaly: Option<AnomalyConfig>,
+}
+
+/// Moves the fields `TrainConfig` and `StoredConfig` share from one to the other.
+macro_rules! shared_fields {
+    ($from:expr, $to:ident { $($field:ident: $value:expr),* $(,)? }) => {{
+        let from = $from;
+        $to {
+            $($field: $value,)*
+            head: from.head,
+            epochs: from.epochs,
+            learning_rate: from.learning_rate,
+            weight_decay: from.weight_decay,
+            optimizer: from.optimizer,
+            schedule: from.schedule,
+            batch_size: from.batch_size,
+            memory_budget_bytes: from.memory_budget_bytes,
+            gradient_clip: from.gradient_clip,
+            label_smoothing: from.label_smoothing,
+            monitor: from.monitor,
+            early_stopping: from.early_stopping,
+            precision: from.precision,
+            class_weights: from.class_weights,
+            sampler: from.sampler,
+            checkpoint_every: from.checkpoint_every,
+            seed: from.seed,
+            label_map: from.label_map,
+            init_from: from.init_from,
+        }
+    }};
+}
+
+impl From<TrainConfig> for StoredConfig {
+    fn from(mut config: TrainConfig) -> Self {
+        let task = std::mem::take(&mut config.task);
+        let kind = task.kind();
+        let settings = match task {
+            TaskConfig::Anomaly(anomaly) => Some(anomaly),
+            TaskConfig::Classify | TaskConfig::Segment => None,
+        };
+        shared_fields!(
+            config,
+            StoredConfig {
+                task: kind,
+                anomaly: settings,
+            }
+        )
+    }
+}
+
+impl TryFrom<StoredConfig> for TrainConfig {
+    type Error = String;
+
+    fn try_from(mut stored: StoredConfig) -> Result<Self, String> {
+        let task_config = match (stored.task, stored.anomaly.take()) {
+            (Task::Anomaly, Some(anomaly)) => TaskConfig::Anomaly(anomaly),
+            (Task::Anomaly, None) => {
+                return Err("task anomaly needs its settings (normal labels, scorer)".into());
+            }
+            (task @ (Task::Classify | Task::Segment), Some(_)) => {
+                return Err(format!("anomaly settings given for task {}", task.name()));
+            }
+            (Task::Classify, None) => TaskConfig::Classify,
+            (Task::Segment, None) => TaskConfig::Segment,
+        };
+        Ok(shared_fields!(stored, TrainConfig { task: task_config }))
+    }
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            task: Task::Classify,
+            task: TaskConfig::Classify,
             head: HeadConfig::Linear,
             epochs: 20,
             learning_rate: 1e-3,
@@ -233,7 +368,6 @@ impl Default for TrainConfig {
             seed: 0,
             label_map: BTreeMap::new(),
             init_from: None,
-            anomaly: None,
         }
     }
 }
@@ -289,15 +423,8 @@ impl TrainConfig {
                 return bad(format!("dropout {dropout} must be in [0, 1)"));
             }
         }
-        match (self.task, &self.anomaly) {
-            (Task::Anomaly, Some(anomaly)) => anomaly.validate()?,
-            (Task::Anomaly, None) => {
-                return bad("task anomaly needs its settings (normal labels, scorer)".into());
-            }
-            (task @ (Task::Classify | Task::Segment), Some(_)) => {
-                return bad(format!("anomaly settings given for task {}", task.name()));
-            }
-            (Task::Classify | Task::Segment, None) => {}
+        if let TaskConfig::Anomaly(anomaly) = &self.task {
+            anomaly.validate()?;
         }
         if !self.monitor.starts_with("val/") {
             return bad(format!(
@@ -419,4 +546,84 @@ pub fn read_class_weights(
         )));
     }
     Ok(weights.into_iter().map(|w| w.expect("checked")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Configs as main (fa5bffa, before `TaskConfig`) serialised them, with
+    /// the config hashes main computed for them on dataset `elpv`, features
+    /// `fp0123`, at dataset version 1 and 3 (printed by that commit's
+    /// `TrainConfig` for a classifier, a segmentation head, an image-level
+    /// and a patch-level anomaly scorer). Runs written by main must read
+    /// back as the same config, store the same JSON and hash the same.
+    const STORED_BY_MAIN: [(&str, &str, &str); 4] = [
+        (
+            r#"{"head":{"kind":"mlp","hidden":[64,32],"dropout":0.25,"activation":"gelu"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"sgd","momentum":0.8},"schedule":{"kind":"cosine","warmup_steps":10},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":1.5,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":{"patience":4},"precision":"f32","class_weights":{"kind":"given","weights":[1.0,2.5]},"sampler":"balanced","checkpoint_every":1,"seed":7,"label_map":{"a":"b"},"init_from":"20260101-000000-abcd"}"#,
+            "f044bd134cdd37c8",
+            "1b3f03568ac2cf61",
+        ),
+        (
+            r#"{"task":"segment","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"reduce_on_plateau","patience":3,"factor":0.1},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/dice","early_stopping":null,"precision":"bf16","class_weights":{"kind":"balanced"},"sampler":"uniform","checkpoint_every":1,"seed":0}"#,
+            "82e8fec17a77d6bd",
+            "fca6a26d32061b68",
+        ),
+        (
+            r#"{"task":"anomaly","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"constant"},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":null,"precision":"f32","class_weights":{"kind":"none"},"sampler":"uniform","checkpoint_every":1,"seed":0,"anomaly":{"normal_labels":["0.0"],"anomaly_labels":["1.0"],"scorer":{"kind":"knn","k":5,"coreset":{"fraction":0.1}}}}"#,
+            "6c4b2e2c7c44839d",
+            "9fd8594618850e7e",
+        ),
+        (
+            r#"{"task":"anomaly","head":{"kind":"linear"},"epochs":20,"learning_rate":0.001,"weight_decay":0.0001,"optimizer":{"kind":"adamw"},"schedule":{"kind":"step","every_epochs":10,"gamma":0.1},"batch_size":256,"memory_budget_bytes":4294967296,"gradient_clip":null,"label_smoothing":0.0,"monitor":"val/accuracy","early_stopping":null,"precision":"f32","class_weights":{"kind":"none"},"sampler":"uniform","checkpoint_every":1,"seed":0,"anomaly":{"normal_labels":["good","ok"],"scorer":{"kind":"mahalanobis"},"patch":{"channels":100,"heatmap_sigma":4.0}}}"#,
+            "c741f08b6ab62ee8",
+            "491363de4d364467",
+        ),
+    ];
+
+    #[test]
+    fn configs_stored_by_main_read_store_and_hash_as_main_did() {
+        for (json, hash_v1, hash_v3) in STORED_BY_MAIN {
+            let config: TrainConfig = serde_json::from_str(json).unwrap();
+            config.validate().unwrap();
+            assert_eq!(serde_json::to_string(&config).unwrap(), json);
+            assert_eq!(config.config_hash("elpv", "fp0123"), hash_v1, "{json}");
+            assert_eq!(
+                config.config_hash_at("elpv", 3, "fp0123"),
+                hash_v3,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn anomaly_settings_exist_exactly_when_the_task_is_anomaly() {
+        let read = |json: &str| serde_json::from_str::<TrainConfig>(json);
+        let value = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
+        let (classify, segment, patch) = (
+            STORED_BY_MAIN[0].0,
+            STORED_BY_MAIN[1].0,
+            STORED_BY_MAIN[3].0,
+        );
+        assert_eq!(read(classify).unwrap().task, TaskConfig::Classify);
+        assert_eq!(read(segment).unwrap().task, TaskConfig::Segment);
+        let config = read(patch).unwrap();
+        assert_eq!(config.task, Task::Anomaly);
+        let anomaly = config.task.anomaly().expect("anomaly settings");
+        assert_eq!(anomaly.normal_labels, ["good", "ok"]);
+        assert_eq!(anomaly.patch.as_ref().unwrap().channels, Some(100));
+
+        // Stored configs whose task and settings disagree are refused.
+        let mut mixed = value(segment);
+        mixed["anomaly"] = value(patch)["anomaly"].clone();
+        let error = read(&mixed.to_string()).unwrap_err().to_string();
+        assert!(
+            error.contains("anomaly settings given for task segment"),
+            "{error}"
+        );
+        let mut bare = value(patch);
+        bare.as_object_mut().unwrap().remove("anomaly");
+        let error = read(&bare.to_string()).unwrap_err().to_string();
+        assert!(error.contains("task anomaly needs its settings"), "{error}");
+    }
 }

@@ -16,6 +16,7 @@ pub mod data;
 pub mod head;
 pub mod host;
 pub mod metrics;
+pub mod record;
 pub mod run;
 pub mod schedule;
 pub mod session;

@@ -39,6 +39,7 @@ use super::trainer::{
     Batch, BatchPlan, HeadTrainer, lend_first_layers, plan_batches, return_first_layers,
     train_stacked_batch,
 };
+use crate::experiments::run_files::RunFolder;
 use crate::experiments::run_files::SplitCurves;
 use rayon::prelude::*;
 
@@ -827,7 +828,8 @@ pub struct RunInputs {
     pub config: TrainConfig,
 }
 
-pub const RUN_INPUTS_FILE: &str = "config.json";
+/// `config.json` (`experiments::run_files::INPUTS_FILE`).
+pub const RUN_INPUTS_FILE: &str = crate::experiments::run_files::INPUTS_FILE;
 
 fn first_version() -> u32 {
     1
@@ -840,13 +842,13 @@ fn is_zero(count: &usize) -> bool {
 /// Writes `config.json` at the start of a run, so a killed run can be resumed.
 pub fn write_run_inputs(run_dir: &Path, inputs: &RunInputs) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(inputs).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let path = run_dir.join(RUN_INPUTS_FILE);
+    let path = RunFolder::new(run_dir).inputs();
     crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     Ok(())
 }
 
 pub fn read_run_inputs(run_dir: &Path) -> Result<RunInputs, TrainError> {
-    let path = run_dir.join(RUN_INPUTS_FILE);
+    let path = RunFolder::new(run_dir).inputs();
     let bytes = std::fs::read(&path)
         .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_slice(&bytes)
@@ -890,10 +892,11 @@ fn write_run(
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let path = dir.join("metrics.json");
+    let folder = RunFolder::new(dir);
+    let path = folder.metrics();
     crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     // restore_best already put the kept head in place.
-    let path = dir.join("head.safetensors");
+    let path = folder.head();
     crate::atomic::write_file(&path, &head_file_bytes(data, trainer, false)?)
         .map_err(TrainError::io(&path))?;
     Ok(())

@@ -8,125 +8,22 @@
 //! marks it `KILLED`; `--resume` (or re-running the sweep) continues it from
 //! its newest checkpoint.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::Serialize;
 
 use super::TrainError;
-use super::config::{ClassWeights, HeadConfig, Optimizer, Task, TrainConfig};
+use super::config::{ClassWeights, Task, TrainConfig};
 use super::data::{self, TrainData};
+use super::record::{self, fail_run, memory_summary, resumable_run, start, summary_metrics};
 use super::run::{
-    FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, load_config, read_run_inputs,
-    run_inputs, write_run_inputs,
+    FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, load_config, run_inputs,
 };
-use super::schedule::Schedule;
 use super::warm::{self, WarmStart};
-use crate::experiments::{self, ExperimentsDb, ParamValue, RunHandle, RunStart, RunStatus};
+use crate::experiments::run_files;
+use crate::experiments::{self, ExperimentsDb, RunHandle, RunStatus};
 use crate::layout::Layout;
-
-/// The params row of a run: the sweep-file names of its settings (an
-/// anomaly run's are its scorer's, see `anomaly::params`).
-pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String, ParamValue)> {
-    if config.task == super::config::Task::Anomaly {
-        return super::anomaly::params(config, dataset, encoder);
-    }
-    let mut out: Vec<(String, ParamValue)> = vec![
-        ("dataset".into(), dataset.into()),
-        ("encoder".into(), encoder.into()),
-        ("head".into(), config.head.name().into()),
-        ("epochs".into(), (config.epochs as f64).into()),
-        ("lr".into(), config.learning_rate.into()),
-        ("weight_decay".into(), config.weight_decay.into()),
-        ("batch_size".into(), (config.batch_size as f64).into()),
-        ("precision".into(), config.precision.name().into()),
-        ("class_weights".into(), config.class_weights.name().into()),
-        ("sampler".into(), config.sampler.name().into()),
-        ("seed".into(), (config.seed as f64).into()),
-        ("label_smoothing".into(), config.label_smoothing.into()),
-        ("monitor".into(), config.monitor.clone().into()),
-    ];
-    if let HeadConfig::Mlp {
-        hidden,
-        dropout,
-        activation,
-    } = &config.head
-    {
-        let sizes: Vec<String> = hidden.iter().map(usize::to_string).collect();
-        out.push(("hidden".into(), sizes.join(",").into()));
-        out.push(("dropout".into(), (*dropout).into()));
-        out.push((
-            "activation".into(),
-            format!("{activation:?}").to_lowercase().into(),
-        ));
-    }
-    match config.optimizer {
-        Optimizer::AdamW => out.push(("optimizer".into(), "adamw".into())),
-        Optimizer::Sgd { momentum } => {
-            out.push(("optimizer".into(), "sgd".into()));
-            out.push(("momentum".into(), momentum.into()));
-        }
-    }
-    // The schedule and its own settings, under their sweep keys, so that a
-    // sweep over any of them charts and ablates by it.
-    match config.schedule {
-        Schedule::Constant => out.push(("schedule".into(), "constant".into())),
-        Schedule::Cosine { warmup_steps } => {
-            out.push(("schedule".into(), "cosine".into()));
-            out.push(("warmup_steps".into(), (warmup_steps as f64).into()));
-        }
-        Schedule::Step {
-            every_epochs,
-            gamma,
-        } => {
-            out.push(("schedule".into(), "step".into()));
-            out.push(("step_epochs".into(), (every_epochs as f64).into()));
-            out.push(("step_gamma".into(), gamma.into()));
-        }
-        Schedule::ReduceOnPlateau { patience, factor } => {
-            out.push(("schedule".into(), "plateau".into()));
-            out.push(("plateau_patience".into(), (patience as f64).into()));
-            out.push(("plateau_factor".into(), factor.into()));
-        }
-    }
-    out.push((
-        "memory_budget".into(),
-        (config.memory_budget_bytes as f64).into(),
-    ));
-    out.push((
-        "checkpoint_every".into(),
-        (config.checkpoint_every as f64).into(),
-    ));
-    if let Some(stop) = &config.early_stopping {
-        out.push(("patience".into(), (stop.patience as f64).into()));
-    }
-    if let Some(clip) = config.gradient_clip {
-        out.push(("clip_grad_norm".into(), clip.into()));
-    }
-    if !config.label_map.is_empty() {
-        let classes: BTreeSet<&String> = config.label_map.values().collect();
-        let text: Vec<&str> = classes.into_iter().map(String::as_str).collect();
-        out.push(("label_map".into(), text.join(",").into()));
-    }
-    out
-}
-
-/// The params every run records about its data: the manifest version it
-/// trained on (`experiments list --where dataset_version=2`), and how many
-/// images lacked features when `--allow-partial` let it start anyway.
-pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
-    let mut out = vec![(
-        "dataset_version".to_string(),
-        (inputs.dataset_version as f64).into(),
-    )];
-    if inputs.images_lacking > 0 {
-        out.push((
-            "images_lacking".to_string(),
-            (inputs.images_lacking as f64).into(),
-        ));
-    }
-    out
-}
 
 /// Logs every finished epoch to the run's metrics table.
 struct EpochLogger<'a> {
@@ -184,7 +81,7 @@ pub fn train_warm(
     require_two_classes(data)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let extra = warm.as_ref().map(warm_params).unwrap_or_default();
+    let extra = warm.as_ref().map(record::warm_params).unwrap_or_default();
     let handle = start(&db, experiment, &inputs, &extra)?;
     fit_and_finish(data, vec![(handle, inputs, false, warm)], options)?.remove(0)
 }
@@ -209,14 +106,6 @@ pub(crate) fn require_two_classes(data: &TrainData) -> Result<(), TrainError> {
          looks like",
         data.dataset_name
     )))
-}
-
-/// The params that say where a warm-started run came from and what loaded.
-pub(crate) fn warm_params(warm: &WarmStart) -> Vec<(String, ParamValue)> {
-    vec![
-        ("init_from".into(), warm.summary.source_run.as_str().into()),
-        ("init_layers".into(), warm.summary.layer_states().into()),
-    ]
 }
 
 /// Continues a killed run from its newest checkpoint with its own settings.
@@ -251,82 +140,6 @@ pub fn resume(
     };
     let handle = db.resume_run(run_id, from as u64)?;
     fit_and_finish(&data, vec![(handle, inputs, true, warm)], options)?.remove(0)
-}
-
-/// The folder and recorded inputs of a run that `--resume` may continue:
-/// it exists and has not finished. Anomaly runs (no checkpoints) are refused.
-pub fn resumable_run(db: &ExperimentsDb, run_id: &str) -> Result<(PathBuf, RunInputs), TrainError> {
-    let run_dir = db
-        .recorded_run_dir(run_id)
-        .map_err(|e| TrainError::Checkpoint(format!("run {run_id} not found: {e}")))?;
-    if !run_dir.is_dir() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} not found: no folder {}",
-            run_dir.display()
-        )));
-    }
-    if run_dir.join("metrics.json").is_file() {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} already finished ({} exists); nothing to resume",
-            run_dir.join("metrics.json").display()
-        )));
-    }
-    let inputs = read_run_inputs(&run_dir)?;
-    if inputs.config.task == Task::Anomaly {
-        return Err(TrainError::Checkpoint(format!(
-            "run {run_id} is a {} run: it has no checkpoints to resume; start it again",
-            inputs.config.task.name()
-        )));
-    }
-    Ok((run_dir, inputs))
-}
-
-/// Opens a run of `experiment` in the database (params, the task tag) and
-/// writes its `config.json`.
-pub(crate) fn start(
-    db: &ExperimentsDb,
-    experiment: &str,
-    inputs: &RunInputs,
-    extra_params: &[(String, ParamValue)],
-) -> Result<RunHandle, TrainError> {
-    let encoder = inputs.encoder.clone().unwrap_or_default();
-    let mut params = params(&inputs.config, &inputs.dataset, &encoder);
-    params.extend(input_params(inputs));
-    params.extend(extra_params.iter().cloned());
-    let handle = db.start_run(RunStart {
-        experiment: experiment.to_string(),
-        dataset: inputs.dataset.clone(),
-        encoder_fingerprint: inputs.fingerprint.clone(),
-        config_hash: inputs.config_hash.clone(),
-        params,
-        tags: vec![
-            ("task".into(), inputs.config.task.name().into()),
-            ("lazarus_version".into(), crate::VERSION.into()),
-        ],
-    })?;
-    write_run_inputs(handle.dir(), inputs)?;
-    Ok(handle)
-}
-
-/// A finished head's summary metrics: the test metrics, the kept epoch's
-/// `val/*` metrics, which epoch that was (1-based) and how many ran.
-pub(crate) fn summary_metrics(
-    test: &BTreeMap<String, f64>,
-    epochs: &[BTreeMap<String, f64>],
-    best_epoch: usize,
-    epochs_run: usize,
-) -> Vec<(String, f64)> {
-    let mut summary: Vec<(String, f64)> = test.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    if let Some(best) = epochs.get(best_epoch) {
-        summary.extend(
-            best.iter()
-                .filter(|(k, _)| k.starts_with("val/"))
-                .map(|(k, v)| (k.clone(), *v)),
-        );
-    }
-    summary.push(("best_epoch".into(), best_epoch as f64 + 1.0));
-    summary.push(("epochs_run".into(), epochs_run as f64));
-    summary
 }
 
 /// Trains the runs together, then writes each one's artifacts and finishes
@@ -383,31 +196,6 @@ pub(crate) fn fit_and_finish(
     Ok(reports)
 }
 
-/// The summary metrics of a run's memory report (besides `peak_rss_bytes`).
-pub(crate) fn memory_summary(memory: &crate::memory::MemoryReport) -> Vec<(String, f64)> {
-    let mut out = Vec::new();
-    let mut push = |key: &str, value: Option<u64>| {
-        if let Some(value) = value {
-            out.push((key.to_string(), value as f64));
-        }
-    };
-    push("peak_anonymous_bytes", memory.peak_anonymous_bytes);
-    push("peak_file_backed_bytes", memory.peak_file_backed_bytes);
-    if let Some(cgroup) = &memory.cgroup {
-        push("cgroup_memory_limit_bytes", Some(cgroup.limit_bytes));
-        push("cgroup_memory_peak_bytes", cgroup.peak_bytes);
-    }
-    out
-}
-
-/// Records a run FAILED with `error` as its `error` tag (what `experiments
-/// show` prints), and hands the error back.
-pub(crate) fn fail_run(handle: RunHandle, error: TrainError) -> Result<TrainError, TrainError> {
-    handle.set_tags(&[("error", error.to_string())])?;
-    handle.finish::<&str>(RunStatus::Failed, &[])?;
-    Ok(error)
-}
-
 /// A model card: what the head is, what it was trained and tested on, and
 /// how well it did (accuracy with a 95% Wilson interval).
 #[derive(Debug, Serialize)]
@@ -454,9 +242,6 @@ fn write_artifacts(
     config: &TrainConfig,
     data: &TrainData,
 ) -> Result<(), TrainError> {
-    let toml = toml::to_string_pretty(config)
-        .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact("config.toml", toml.as_bytes())?;
     let card = ModelCard {
         run_id: &report.run_id,
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -498,16 +283,15 @@ fn write_artifacts(
                       devices or class balances may score lower. Small classes have wide \
                       intervals.",
     };
-    let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact("model_card.json", &json)?;
+    record::write_config_and_card(handle, config, &card)?;
     if let Some(test) = &report.test_curves {
-        let curves = experiments::run_files::ScoreCurves {
+        let curves = run_files::ScoreCurves {
             positive: data.class_names[1].clone(),
             splits: vec![test.clone()],
         };
         let json =
             serde_json::to_vec_pretty(&curves).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        handle.write_artifact(experiments::run_files::CURVES_FILE, &json)?;
+        handle.write_artifact(run_files::CURVES_FILE, &json)?;
     }
 
     let points: Vec<experiments::plots::EpochPoint> = report
@@ -521,7 +305,7 @@ fn write_artifacts(
             validation_metric: m.get(&config.monitor).copied(),
         })
         .collect();
-    let plots = handle.dir().join("plots");
+    let plots = handle.folder().plots();
     std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::learning_curves(
         &plots,

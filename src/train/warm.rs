@@ -26,6 +26,7 @@ use super::config::{Task, TrainConfig};
 use super::data::TrainData;
 use super::head::Head;
 use super::run::read_run_inputs;
+use crate::experiments::run_files::RunFolder;
 use crate::layout::Layout;
 
 /// Which layers a warm start loads, with the weights to load.
@@ -155,7 +156,7 @@ pub fn plan_for(
             run_dir.display()
         )));
     }
-    let head_path = run_dir.join("head.safetensors");
+    let head_path = RunFolder::new(&run_dir).head();
     if !head_path.is_file() {
         return Err(invalid(format!(
             "{} is missing: the run did not finish",

@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 
 use image::{ImageFormat, Rgb, RgbImage};
 
+/// The name the test harness gives the test `name` of the module whose
+/// `module_path!()` is `module`: the test binary's own name is not part of
+/// it (`training::experiments_db` → `experiments_db::name`). Tests that run
+/// themselves again in a child process select themselves by it.
+pub fn harness_name(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_, inner)) => format!("{inner}::{name}"),
+        None => name.to_string(),
+    }
+}
+
 /// Runs `lazarus --root ROOT ARGS...` and returns its output.
 pub fn lazarus(root: &Path, args: &[&str]) -> Output {
     lazarus_on(root, None, args)

@@ -30,6 +30,7 @@ use super::TrainError;
 use super::config::{Task, TrainConfig};
 use super::data::{SplitRows, TrainData};
 use super::run::{RESIDENT_FEATURE_BYTES, RunInputs, peak_rss_bytes, run_inputs};
+use crate::experiments::run_files::{self, RunFolder};
 use crate::experiments::{self, ExperimentsDb, ParamValue, RunHandle, RunStatus, plots::RocCurve};
 use crate::layout::Layout;
 use crate::train::metrics::{average_precision, best_f1, f1_at, roc_auc, roc_curve};
@@ -552,8 +553,9 @@ impl SavedScorer {
     pub fn load(run_dir: &std::path::Path, device: &Device) -> Result<Self, TrainError> {
         let inputs = super::run::read_run_inputs(run_dir)?;
         let anomaly = anomaly_config(&inputs.config)?;
-        let path = run_dir.join("scorer.safetensors");
-        let metrics_path = run_dir.join("metrics.json");
+        let folder = RunFolder::new(run_dir);
+        let path = folder.scorer();
+        let metrics_path = folder.metrics();
         let missing = |what: &std::path::Path| {
             TrainError::Checkpoint(format!(
                 "{} is missing: the anomaly run did not finish",
@@ -722,7 +724,7 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
         ("task".into(), config.task.name().into()),
         ("seed".into(), (config.seed as f64).into()),
     ];
-    if let Some(anomaly) = &config.anomaly {
+    if let Some(anomaly) = config.task.anomaly() {
         out.push(("scorer".into(), anomaly.scorer.name().into()));
         out.push((
             "normal_label".into(),
@@ -764,13 +766,12 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
 
 fn anomaly_config(config: &TrainConfig) -> Result<&AnomalyConfig, TrainError> {
     config.validate()?;
-    match (config.task, &config.anomaly) {
-        (Task::Anomaly, Some(anomaly)) => Ok(anomaly),
-        _ => Err(TrainError::Invalid(format!(
+    config.task.anomaly().ok_or_else(|| {
+        TrainError::Invalid(format!(
             "an anomaly run needs task anomaly, got task {}",
             config.task.name()
-        ))),
-    }
+        ))
+    })
 }
 
 /// Refuses a feature set of the wrong kind for the run: patch scoring needs
@@ -815,7 +816,7 @@ pub fn train(
     Selection::new(data, anomaly)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let handle = super::session::start(&db, experiment, &inputs, &[])?;
+    let handle = super::record::start(&db, experiment, &inputs, &[])?;
     fit_and_finish(layout, data, handle, &inputs, options)
 }
 
@@ -853,7 +854,7 @@ pub fn sweep_runs(
     }
     let mut reports = Vec::new();
     for inputs in planned {
-        let handle = super::session::start(db, sweep_name, &inputs, &sweep_param)?;
+        let handle = super::record::start(db, sweep_name, &inputs, &sweep_param)?;
         reports.push(fit_and_finish(layout, data, handle, &inputs, options)?);
     }
     Ok((reports, skipped))
@@ -1203,10 +1204,7 @@ fn write_artifacts(
     splits: &[ScoredSplit<'_>],
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact("metrics.json", &json)?;
-    let toml = toml::to_string_pretty(config)
-        .map_err(|e| TrainError::Invalid(format!("config as TOML: {e}")))?;
-    handle.write_artifact("config.toml", toml.as_bytes())?;
+    handle.write_artifact(run_files::METRICS_FILE, &json)?;
 
     let (tensors, mut metadata) = model.tensors()?;
     metadata.extend([
@@ -1223,7 +1221,7 @@ fn write_artifacts(
         ),
     ]);
     handle.write_artifact(
-        "scorer.safetensors",
+        run_files::SCORER_FILE,
         &super::checkpoint::safetensors_bytes(&tensors, Some(metadata))?,
     )?;
 
@@ -1253,7 +1251,7 @@ fn write_artifacts(
     let csv = csv
         .into_inner()
         .map_err(|e| TrainError::Invalid(format!("writing scores.csv: {e}")))?;
-    handle.write_artifact("scores.csv", &csv)?;
+    handle.write_artifact(run_files::SCORES_FILE, &csv)?;
 
     let card = ModelCard {
         run_id: &report.run_id,
@@ -1284,8 +1282,7 @@ fn write_artifacts(
             }
         },
     };
-    let json = serde_json::to_vec_pretty(&card).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact("model_card.json", &json)?;
+    super::record::write_config_and_card(handle, config, &card)?;
 
     let curves: Vec<RocCurve> = splits
         .iter()
@@ -1298,10 +1295,10 @@ fn write_artifacts(
             })
         })
         .collect();
-    let plots = handle.dir().join("plots");
+    let plots = handle.folder().plots();
     std::fs::create_dir_all(&plots).map_err(TrainError::io(&plots))?;
     experiments::plots::roc_curves(&plots, &curves)?;
-    let curves = experiments::run_files::ScoreCurves {
+    let curves = run_files::ScoreCurves {
         positive: "anomalous".into(),
         splits: splits
             .iter()
@@ -1312,6 +1309,6 @@ fn write_artifacts(
     };
     let json =
         serde_json::to_vec_pretty(&curves).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    handle.write_artifact(experiments::run_files::CURVES_FILE, &json)?;
+    handle.write_artifact(run_files::CURVES_FILE, &json)?;
     Ok(())
 }

@@ -1,0 +1,21 @@
+//! Runs of every task: heads, options, sweeps, warm starts, diverged heads,
+//! anomaly scorers, segmentation, and what experiments.db, its report and the
+//! MLflow export record of them.
+//!
+//! One test binary for several files: linking one binary instead of one per
+//! file is most of what a clean build of the tests costs.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod anomaly;
+mod anomaly_patch;
+mod diverged_heads;
+mod experiments_db;
+mod experiments_report;
+mod mlflow_export;
+mod segment;
+mod sweep;
+mod train_head;
+mod train_options;
+mod warm_start;
