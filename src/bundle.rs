@@ -1,22 +1,39 @@
-//! `lazarus export` and `lazarus predict --bundle`: a trained head as a
-//! self-contained folder that predicts without experiments/ or features/.
+//! `lazarus export` and `lazarus predict --bundle`: a trained model of any
+//! task as a self-contained folder that predicts without experiments/ or
+//! features/.
 //!
 //! ```text
 //! BUNDLE/
-//!   head.safetensors   layers.N.weight/bias, input_mean, input_std (the
-//!                      training split's standardisation), as the run wrote it
-//!   classes.json       class index -> name
+//!   bundle.json        format version, task, source run, head configuration
 //!   encoder.json       encoder name, weights (sha256:HEX or random:SEED),
-//!                      preprocessing, feature fingerprint and dimension
-//!   bundle.json        format version, source run, head configuration
+//!                      preprocessing the features recorded, feature
+//!                      fingerprint and dimension
 //!   model_card.json    the run's model card (dataset, split sizes, metrics
 //!                      with intervals, config, date, intended use, limits)
 //!   manifest.json      sha256 and size of every other file
+//! classification (format 1, as before issue 21):
+//!   head.safetensors   layers.N.weight/bias, input_mean, input_std (the
+//!                      training split's standardisation), as the run wrote it
+//!   classes.json       class index -> name
+//! anomaly (format 2), the run's files as it wrote them:
+//!   scorer.safetensors standardisation, memory bank or Gaussians; patch
+//!                      scorers: channels, tiling, heat-map settings
+//!   config.json        the run's configuration (scorer, patch settings)
+//!   metrics.json       its metrics, among them the threshold
+//!                      (val/best_f1_threshold)
+//! segmentation (format 2):
+//!   head.safetensors   the head with its standardisation and its map,
+//!                      grid and tile settings (metadata), as the run wrote it
+//!   config.json        the run's configuration (head layers)
+//!   classes.json       class index -> name
 //! ```
 //!
 //! The bundle is staged in a temp folder beside the target and renamed into
 //! place, so a bundle either exists whole or not at all. Opening one checks
-//! every file against the manifest before anything is read.
+//! every file against the manifest before anything is read as a model; the
+//! encoder's weights are checked against their sha256 before they are
+//! loaded. An opened bundle is a [`Predictor`], so it predicts through the
+//! one per-image path of runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,30 +41,78 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::experiments::run_files::{INPUTS_FILE, METRICS_FILE};
 use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::predict::{
-    EncoderReference, PredictConfig, PredictError, Prediction, Predictor, TrainedHead,
-    predict_images,
+    EncoderReference, Model, PredictConfig, PredictError, Prediction, Predictor, PredictorParts,
+    RunPredictions, TrainedHead, predict_files,
 };
-use crate::train::config::HeadConfig;
+use crate::train::anomaly::SavedScorer;
+use crate::train::config::{HeadConfig, Task};
 
-/// The bundle layout version this lazarus writes and reads.
+/// The layout version of classification bundles (unchanged since the first).
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// The layout version of anomaly and segmentation bundles, which a lazarus
+/// reading version 1 only refuses by its version.
+pub const TASK_BUNDLE_FORMAT_VERSION: u32 = 2;
 pub const HEAD_FILE: &str = "head.safetensors";
 pub const CLASSES_FILE: &str = "classes.json";
 pub const ENCODER_FILE: &str = "encoder.json";
 pub const BUNDLE_FILE: &str = "bundle.json";
-pub const MODEL_CARD_FILE: &str = "model_card.json";
+pub const MODEL_CARD_FILE: &str = crate::experiments::run_files::MODEL_CARD_FILE;
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// Every file a bundle holds besides its manifest.
-const FILES: [&str; 5] = [
+/// An anomaly run's scorer, as `train --task anomaly` writes it.
+pub const SCORER_FILE: &str = "scorer.safetensors";
+/// Every file a bundle of any task may hold besides its manifest.
+const ALL_FILES: [&str; 8] = [
     HEAD_FILE,
     CLASSES_FILE,
     ENCODER_FILE,
     BUNDLE_FILE,
     MODEL_CARD_FILE,
+    SCORER_FILE,
+    INPUTS_FILE,
+    METRICS_FILE,
 ];
+
+/// The files a bundle of `task` holds besides its manifest.
+pub fn bundle_files(task: Task) -> &'static [&'static str] {
+    match task {
+        Task::Classify => &[
+            HEAD_FILE,
+            CLASSES_FILE,
+            ENCODER_FILE,
+            BUNDLE_FILE,
+            MODEL_CARD_FILE,
+        ],
+        Task::Anomaly => &[
+            SCORER_FILE,
+            INPUTS_FILE,
+            METRICS_FILE,
+            ENCODER_FILE,
+            BUNDLE_FILE,
+            MODEL_CARD_FILE,
+        ],
+        Task::Segment => &[
+            HEAD_FILE,
+            INPUTS_FILE,
+            CLASSES_FILE,
+            ENCODER_FILE,
+            BUNDLE_FILE,
+            MODEL_CARD_FILE,
+        ],
+    }
+}
+
+/// The files copied as the run wrote them (the others are written by export).
+fn run_files(task: Task) -> &'static [&'static str] {
+    match task {
+        Task::Classify => &[HEAD_FILE],
+        Task::Anomaly => &[SCORER_FILE, INPUTS_FILE, METRICS_FILE],
+        Task::Segment => &[HEAD_FILE, INPUTS_FILE],
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -75,6 +140,12 @@ pub enum BundleError {
         file: String,
         message: String,
     },
+    #[error("--task {wanted}: bundle {bundle} holds a {task} model")]
+    OtherTask {
+        bundle: PathBuf,
+        task: &'static str,
+        wanted: &'static str,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -97,10 +168,14 @@ pub struct BundleInfo {
     pub format_version: u32,
     pub lazarus_version: String,
     pub exported_at: String,
+    /// The run's task; bundles written before issue 21 have none and are
+    /// classifiers.
+    #[serde(default)]
+    pub task: Task,
     pub run_id: String,
     pub dataset: String,
     pub head: HeadConfig,
-    /// Where the standardisation statistics are (tensor names in `head.safetensors`).
+    /// Where the standardisation statistics are.
     pub standardisation: String,
 }
 
@@ -128,6 +203,7 @@ pub struct ManifestEntry {
 pub struct ExportReport {
     pub bundle: PathBuf,
     pub run_id: String,
+    pub task: Task,
     pub encoder: EncoderReference,
     pub manifest: Manifest,
 }
@@ -135,12 +211,13 @@ pub struct ExportReport {
 /// What `export --out` writes: the bundle's files and its manifest.
 pub const OUTPUT_KIND: crate::output_dir::Kind = crate::output_dir::Kind {
     verb: "lazarus export",
-    recognises: |file| file == MANIFEST_FILE || FILES.contains(&file),
+    recognises: |file| file == MANIFEST_FILE || ALL_FILES.contains(&file),
     replace_without_force: false,
 };
 
-/// Writes run `run_id` as a bundle at `out`: a new or empty folder, or,
-/// with `options.force`, a bundle lazarus exported before (see `output_dir`).
+/// Writes run `run_id` (of any task) as a bundle at `out`: a new or empty
+/// folder, or, with `options.force`, a bundle lazarus exported before (see
+/// `output_dir`).
 pub fn export(
     layout: &Layout,
     run_id: &str,
@@ -153,18 +230,11 @@ pub fn export(
         run: run_id.to_string(),
         message,
     };
-    // A bundle holds a classifier head and the encoder that feeds it; the
-    // task is what the run recorded, asked before any file is read as a head.
-    let task = crate::predict::run_task(layout, run_id)?;
-    if task != crate::train::config::Task::Classify {
-        return Err(unexportable(format!(
-            "its task is {}, and a bundle holds a classification head only; predict with \
-             `lazarus predict --run {run_id}` on this root instead",
-            task.name()
-        )));
-    }
-    // Loading the head checks that it is complete and consistent.
-    let (head, inputs) = crate::predict::load_run_head(layout, run_id, &Device::Cpu)?;
+    // Opening the run as `predict` does checks that its model is complete
+    // and consistent, by the task it recorded.
+    let predictor = Predictor::open_run(layout, run_id, &Device::Cpu)?;
+    let task = predictor.task();
+    let inputs = crate::train::run::read_run_inputs(&run_dir).map_err(PredictError::from)?;
     let card_path = run_dir.join(MODEL_CARD_FILE);
     let card = std::fs::read(&card_path).map_err(|e| {
         unexportable(format!(
@@ -172,48 +242,84 @@ pub fn export(
             card_path.display()
         ))
     })?;
-    let cache = FeatureCache::open(layout, &inputs.fingerprint).map_err(PredictError::from)?;
-    let features = cache.features();
-    let encoder =
-        EncoderReference::from_features(features, &inputs.fingerprint)?.ok_or_else(|| {
-            unexportable(format!(
-                "its features {} do not name a registered encoder and its weights \
-                 (encoder {:?}), so new images could not be encoded",
-                features.dir().display(),
-                inputs.encoder
-            ))
-        })?;
-    if encoder.feature_dim != head.input_dim() {
+    let features_folder = || match predictor.cache() {
+        Some(cache) => cache.features().dir().display().to_string(),
+        None => format!("features/{}", inputs.fingerprint),
+    };
+    let encoder = predictor.encoder_reference().cloned().ok_or_else(|| {
+        unexportable(format!(
+            "its features {} do not name a registered encoder and its weights \
+             (encoder {:?}), so new images could not be encoded",
+            features_folder(),
+            inputs.encoder
+        ))
+    })?;
+    if encoder.weights.is_empty() {
         return Err(unexportable(format!(
-            "its head reads {} features, its feature folder holds {}",
-            head.input_dim(),
-            encoder.feature_dim
+            "neither its features {} nor its head record the encoder's weights, so new \
+             images could not be encoded",
+            features_folder()
         )));
     }
+    let (standardisation, class_names) = match predictor.model() {
+        Model::Classify(head) => {
+            if encoder.feature_dim != head.input_dim() {
+                return Err(unexportable(format!(
+                    "its head reads {} features, its feature folder holds {}",
+                    head.input_dim(),
+                    encoder.feature_dim
+                )));
+            }
+            (
+                format!(
+                    "{HEAD_FILE}: input_mean, input_std (training split of {})",
+                    inputs.dataset
+                ),
+                Some(head.class_names().to_vec()),
+            )
+        }
+        Model::Anomaly(_) => (
+            format!(
+                "{SCORER_FILE}: input_mean, input_std (normal training images of {})",
+                inputs.dataset
+            ),
+            None,
+        ),
+        Model::Segment(_) => (
+            format!(
+                "{HEAD_FILE}: input_mean, input_std (training tiles of {})",
+                inputs.dataset
+            ),
+            Some(predictor.class_names().to_vec()),
+        ),
+    };
     let info = BundleInfo {
-        format_version: BUNDLE_FORMAT_VERSION,
+        format_version: match task {
+            Task::Classify => BUNDLE_FORMAT_VERSION,
+            Task::Anomaly | Task::Segment => TASK_BUNDLE_FORMAT_VERSION,
+        },
         lazarus_version: crate::VERSION.to_string(),
         exported_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        task,
         run_id: run_id.to_string(),
         dataset: inputs.dataset.clone(),
         head: inputs.config.head.clone(),
-        standardisation: format!(
-            "{HEAD_FILE}: input_mean, input_std (training split of {})",
-            inputs.dataset
-        ),
+        standardisation,
     };
-    let classes = ClassMap {
-        classes: inputs.class_names.iter().cloned().enumerate().collect(),
-    };
-    let head_path = run_dir.join(HEAD_FILE);
-    let head_bytes = std::fs::read(&head_path).map_err(io_error(&head_path))?;
-    let contents: Vec<(&str, Vec<u8>)> = vec![
-        (HEAD_FILE, head_bytes),
-        (CLASSES_FILE, to_json(&classes)),
-        (ENCODER_FILE, to_json(&encoder)),
-        (BUNDLE_FILE, to_json(&info)),
-        (MODEL_CARD_FILE, card),
-    ];
+    let mut contents: Vec<(&str, Vec<u8>)> = Vec::new();
+    for file in run_files(task) {
+        let path = run_dir.join(file);
+        contents.push((*file, std::fs::read(&path).map_err(io_error(&path))?));
+    }
+    if let Some(class_names) = class_names {
+        let classes = ClassMap {
+            classes: class_names.into_iter().enumerate().collect(),
+        };
+        contents.push((CLASSES_FILE, to_json(&classes)));
+    }
+    contents.push((ENCODER_FILE, to_json(&encoder)));
+    contents.push((BUNDLE_FILE, to_json(&info)));
+    contents.push((MODEL_CARD_FILE, card));
     let mut manifest = Manifest::default();
     for (name, bytes) in &contents {
         manifest.files.insert(
@@ -237,7 +343,7 @@ pub fn export(
         }
         let path = staging.join(MANIFEST_FILE);
         crate::atomic::write_file(&path, &to_json(&manifest)).map_err(io_error(&path))?;
-        let mut written: Vec<String> = FILES.iter().map(|f| f.to_string()).collect();
+        let mut written: Vec<String> = contents.iter().map(|(f, _)| f.to_string()).collect();
         written.push(MANIFEST_FILE.to_string());
         crate::output_dir::write_marker(&staging, &OUTPUT_KIND, &written)?;
         crate::output_dir::publish(&staging, out, &prior)?;
@@ -250,6 +356,7 @@ pub fn export(
     Ok(ExportReport {
         bundle: out.to_path_buf(),
         run_id: run_id.to_string(),
+        task,
         encoder,
         manifest,
     })
@@ -267,10 +374,13 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub info: BundleInfo,
     pub encoder: EncoderReference,
-    pub head: TrainedHead,
+    /// The bundle's model, predicting through the path of runs (no cache
+    /// until [`Predictor::with_cache`] gives it one).
+    pub predictor: Predictor,
 }
 
-/// Opens a bundle: every file must be present and match the manifest's sha256.
+/// Opens a bundle: every file its task needs must be present and match the
+/// manifest's sha256 before it is read as a model.
 pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
     let bundle = dir.to_path_buf();
     let read = |file: &str| -> Result<Vec<u8>, BundleError> {
@@ -291,8 +401,7 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
     };
     let manifest: Manifest = serde_json::from_slice(&read(MANIFEST_FILE)?)
         .map_err(|e| corrupt(MANIFEST_FILE, e.to_string()))?;
-    let mut contents = BTreeMap::new();
-    for file in FILES {
+    let checked = |file: &str| -> Result<Vec<u8>, BundleError> {
         let entry = manifest
             .files
             .get(file)
@@ -310,78 +419,174 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
                 actual,
             });
         }
-        contents.insert(file, bytes);
-    }
-    let info: BundleInfo = serde_json::from_slice(&contents[BUNDLE_FILE])
+        Ok(bytes)
+    };
+    // bundle.json says the task, which says what else the bundle holds.
+    let info: BundleInfo = serde_json::from_slice(&checked(BUNDLE_FILE)?)
         .map_err(|e| corrupt(BUNDLE_FILE, e.to_string()))?;
-    if info.format_version != BUNDLE_FORMAT_VERSION {
+    let wanted_version = match info.task {
+        Task::Classify => BUNDLE_FORMAT_VERSION,
+        Task::Anomaly | Task::Segment => TASK_BUNDLE_FORMAT_VERSION,
+    };
+    if info.format_version != wanted_version {
         return Err(corrupt(
             BUNDLE_FILE,
             format!(
-                "format version {}, this lazarus reads {BUNDLE_FORMAT_VERSION}",
-                info.format_version
+                "format version {} for a {} bundle, this lazarus reads {wanted_version}",
+                info.format_version,
+                info.task.name()
             ),
         ));
+    }
+    let mut contents = BTreeMap::new();
+    for file in bundle_files(info.task) {
+        contents.insert(*file, checked(file)?);
     }
     let encoder: EncoderReference = serde_json::from_slice(&contents[ENCODER_FILE])
         .map_err(|e| corrupt(ENCODER_FILE, e.to_string()))?;
-    let classes: ClassMap = serde_json::from_slice(&contents[CLASSES_FILE])
-        .map_err(|e| corrupt(CLASSES_FILE, e.to_string()))?;
-    let class_names: Vec<String> = classes.classes.values().cloned().collect();
-    if classes.classes.keys().copied().ne(0..class_names.len()) {
-        return Err(corrupt(
-            CLASSES_FILE,
-            "class indices must run 0, 1, 2, ... without gaps".into(),
-        ));
-    }
-    let tensors = crate::train::checkpoint::tensors_from_bytes(
-        &contents[HEAD_FILE],
-        &dir.join(HEAD_FILE),
-        device,
-    )
-    .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
-    let head = TrainedHead::from_tensors(&info.head, &tensors, class_names, &dir.join(HEAD_FILE))
-        .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
-    if head.input_dim() != encoder.feature_dim {
-        return Err(corrupt(
-            HEAD_FILE,
-            format!(
-                "the head reads {} features, {ENCODER_FILE} says the encoder gives {}",
-                head.input_dim(),
-                encoder.feature_dim
-            ),
-        ));
-    }
+    let class_names = match contents.get(CLASSES_FILE) {
+        None => Vec::new(),
+        Some(bytes) => {
+            let classes: ClassMap =
+                serde_json::from_slice(bytes).map_err(|e| corrupt(CLASSES_FILE, e.to_string()))?;
+            let names: Vec<String> = classes.classes.values().cloned().collect();
+            if classes.classes.keys().copied().ne(0..names.len()) {
+                return Err(corrupt(
+                    CLASSES_FILE,
+                    "class indices must run 0, 1, 2, ... without gaps".into(),
+                ));
+            }
+            names
+        }
+    };
+    let model = match info.task {
+        Task::Classify => {
+            let tensors = crate::train::checkpoint::tensors_from_bytes(
+                &contents[HEAD_FILE],
+                &dir.join(HEAD_FILE),
+                device,
+            )
+            .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
+            let head = TrainedHead::from_tensors(
+                &info.head,
+                &tensors,
+                class_names.clone(),
+                &dir.join(HEAD_FILE),
+            )
+            .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
+            if head.input_dim() != encoder.feature_dim {
+                return Err(corrupt(
+                    HEAD_FILE,
+                    format!(
+                        "the head reads {} features, {ENCODER_FILE} says the encoder gives {}",
+                        head.input_dim(),
+                        encoder.feature_dim
+                    ),
+                ));
+            }
+            Model::Classify(head)
+        }
+        // The run's own readers, on the files just checked.
+        Task::Anomaly => {
+            let scorer =
+                SavedScorer::load(dir, device).map_err(|e| corrupt(SCORER_FILE, e.to_string()))?;
+            if scorer.patch().is_none() && scorer.feature_dim() != encoder.feature_dim {
+                return Err(corrupt(
+                    SCORER_FILE,
+                    format!(
+                        "the scorer reads {} features, {ENCODER_FILE} says the encoder gives {}",
+                        scorer.feature_dim(),
+                        encoder.feature_dim
+                    ),
+                ));
+            }
+            Model::Anomaly(scorer)
+        }
+        Task::Segment => {
+            let inputs: crate::train::run::RunInputs =
+                serde_json::from_slice(&contents[INPUTS_FILE])
+                    .map_err(|e| corrupt(INPUTS_FILE, e.to_string()))?;
+            let trained = crate::segment::model::load_head(dir, &inputs.config, device)
+                .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
+            Model::Segment(trained)
+        }
+    };
+    let predictor = Predictor::new(PredictorParts {
+        owner: format!("bundle {}", dir.display()),
+        run_id: info.run_id.clone(),
+        fingerprint: encoder.fingerprint.clone(),
+        device: device.clone(),
+        model,
+        class_names,
+        cache: None,
+        encoder: Some(encoder.clone()),
+    });
     Ok(Bundle {
         dir: bundle,
         info,
         encoder,
-        head,
+        predictor,
     })
 }
 
-/// Predicts with a bundle. `cache`: a lazarus root and dataset whose cached
-/// features (same fingerprint as the bundle's) are reused where present.
+/// What `predict --bundle` is asked for besides the images.
+pub struct BundlePredictConfig<'a> {
+    /// A lazarus root whose cached features of the bundle's fingerprint are
+    /// reused where present (`--dataset`).
+    pub cache_root: Option<&'a Layout>,
+    /// `--task`: the task the bundle must hold.
+    pub task: Option<Task>,
+    /// Where tile-based models write masks and heat maps.
+    pub out_dir: Option<&'a Path>,
+}
+
+/// Predicts classes with a classification bundle (`predict_with` for any
+/// task). `cache`: a lazarus root and dataset whose cached features (same
+/// fingerprint as the bundle's) are reused where present.
 pub fn predict(
     bundle_dir: &Path,
     cache: Option<(&Layout, &str)>,
     images: &[PathBuf],
     config: &PredictConfig,
 ) -> Result<Vec<Prediction>, BundleError> {
+    let bundle_config = BundlePredictConfig {
+        cache_root: cache.map(|(layout, _dataset)| layout),
+        task: Some(Task::Classify),
+        out_dir: None,
+    };
+    match predict_with(bundle_dir, images, config, &bundle_config)? {
+        RunPredictions::Classify(predictions) => Ok(predictions),
+        other => unreachable!("a {} bundle passed --task classify", other.task().name()),
+    }
+}
+
+/// Predicts with a bundle of any task through the one per-image path of runs.
+pub fn predict_with(
+    bundle_dir: &Path,
+    images: &[PathBuf],
+    config: &PredictConfig,
+    bundle_config: &BundlePredictConfig,
+) -> Result<RunPredictions, BundleError> {
     let bundle = open(bundle_dir, &config.device)?;
-    // The root's cache of the bundle's fingerprint (every dataset's images).
-    let cache = match cache {
-        Some((layout, _dataset)) => {
-            FeatureCache::open_if_present(layout, &bundle.encoder.fingerprint)
-                .map_err(PredictError::from)?
-        }
+    if let Some(wanted) = bundle_config.task
+        && wanted != bundle.info.task
+    {
+        return Err(BundleError::OtherTask {
+            bundle: bundle.dir,
+            task: bundle.info.task.name(),
+            wanted: wanted.name(),
+        });
+    }
+    let cache = match bundle_config.cache_root {
+        Some(layout) => FeatureCache::open_if_present(layout, &bundle.encoder.fingerprint)
+            .map_err(PredictError::from)?,
         None => None,
     };
-    let predictor = Predictor {
-        head: &bundle.head,
-        cache: cache.as_ref(),
-        encoder: Some(&bundle.encoder),
-        owner: format!("bundle {}", bundle_dir.display()),
-    };
-    Ok(predict_images(&predictor, images, config)?)
+    let predictor = bundle.predictor.with_cache(cache);
+    Ok(predict_files(
+        &predictor,
+        images,
+        config,
+        bundle_config.out_dir,
+    )?)
 }

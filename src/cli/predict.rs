@@ -21,8 +21,8 @@ pub struct PredictArgs {
         conflicts_with = "bundle"
     )]
     pub run: Option<String>,
-    /// An exported bundle (`lazarus export`) instead of a run: needs neither
-    /// experiments/ nor the run's features.
+    /// An exported bundle (`lazarus export`, any task) instead of a run:
+    /// needs neither experiments/ nor the run's features.
     #[arg(long, value_name = "DIR")]
     pub bundle: Option<PathBuf>,
     /// Image files.
@@ -40,8 +40,8 @@ pub struct PredictArgs {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
-    /// classify or segment (anomaly runs are recognised by themselves);
-    /// inferred from the run when omitted.
+    /// The task the run or bundle must hold (it is recorded there, so
+    /// this only confirms it); inferred when omitted.
     #[arg(long, value_enum)]
     pub task: Option<super::train::TaskKind>,
     /// Segmentation: the folder for STEM.mask.png and STEM.overlay.png;
@@ -87,22 +87,16 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
             }
             predict_run(layout, run, &images, &config, args.out.as_deref())?
         }
-        (None, Some(bundle)) => {
-            if let Some(task) = args.task.map(task_of)
-                && task != Task::Classify
-            {
-                bail!(
-                    "--task {}: bundles hold classification heads; predict with --run RUN",
-                    task.name()
-                );
-            }
-            RunPredictions::Classify(lazarus::bundle::predict(
-                bundle,
-                args.dataset.as_deref().map(|name| (layout, name)),
-                &images,
-                &config,
-            )?)
-        }
+        (None, Some(bundle)) => lazarus::bundle::predict_with(
+            bundle,
+            &images,
+            &config,
+            &lazarus::bundle::BundlePredictConfig {
+                cache_root: args.dataset.as_ref().map(|_| layout),
+                task: args.task.map(task_of),
+                out_dir: args.out.as_deref(),
+            },
+        )?,
         (None, None) => bail!("give --run RUN or --bundle DIR"),
     };
     if let Some(output) = &args.output {

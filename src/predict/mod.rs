@@ -1,20 +1,25 @@
-//! `lazarus predict`: a trained run on new images. [`predict_run`] is the
-//! one entry point for a run: it reads the task the run recorded when it
-//! started and calls that task's predictor: a classifier head (this
-//! module), an anomaly scorer (`anomaly`) or a segmentation head
-//! (`segment`). Every task works alike: images already in the run's feature
-//! cache (same content id, `features::catalog::FeatureCache`) reuse their
-//! cached features; the others go through the encoder, weights and
+//! `lazarus predict`: a trained model on new images, one path for every
+//! task and caller. A [`Predictor`] is the model loaded once: opened from a
+//! run by the task the run recorded ([`Predictor::open_run`]: a classifier
+//! head, an anomaly scorer or a segmentation head), or from an exported
+//! bundle (`bundle::open`). Every task works alike: images already in the
+//! feature cache (same content id, `features::catalog::FeatureCache`) reuse
+//! their cached features; the others go through the encoder, weights and
 //! preprocessing that made the cache ([`EncoderReference`]: the weights'
-//! sha256 is checked before they are loaded). A bad image gets its own
-//! error and the rest continue.
+//! sha256 is checked before they are loaded). [`predict_files`] is the one
+//! per-image loop of `lazarus predict` (runs through [`predict_run`], and
+//! bundles): a bad image gets its own error and the rest continue; `serve`
+//! calls the same predictor's `prepare` and `predict`.
 //!
-//! A classifier also comes from an exported bundle (the `bundle` module,
-//! which calls into this one); both end in [`predict_images`].
 //! [`TrainedHead`] is also what `review` scores cached features with.
 
 pub mod anomaly;
+mod predictor;
 pub mod segment;
+
+pub use predictor::{
+    Model, Outcome, Predictor, PredictorParts, PrepareError, Prepared, RawResult, TILE_GROUP,
+};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +29,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoders::{self, Encoder, WeightsSource};
 use crate::features::FeatureSet;
-use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::preprocess::PreprocessConfig;
 use crate::train::config::{HeadConfig, Task};
@@ -37,6 +41,9 @@ pub enum PredictError {
     UnknownRun { run: String, reason: String },
     #[error("run {run}: {message}")]
     Run { run: String, message: String },
+    /// `owner` is "run ID" or "bundle DIR".
+    #[error("{owner}: {message}")]
+    Model { owner: String, message: String },
     #[error("encoder for {owner}: {message}")]
     Encoder { owner: String, message: String },
     #[error(
@@ -197,8 +204,6 @@ pub fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
         .collect()
 }
 
-/// The folder of run `run_id`, which experiments.db must record: a run id is
-/// never taken as a path.
 /// An image file as every predictor reads it: its bytes and its content id
 /// (the sha256 that keys cached rows), or the per-image error to report.
 pub(crate) struct ImageFile {
@@ -218,14 +223,8 @@ pub(crate) fn read_image(path: &Path) -> Result<ImageFile, String> {
     })
 }
 
-/// Creates the folder a run's masks or heat maps are written into.
-pub(crate) fn create_out_dir(run_id: &str, out_dir: &Path) -> Result<(), PredictError> {
-    std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Run {
-        run: run_id.to_string(),
-        message: format!("cannot create {}: {e}", out_dir.display()),
-    })
-}
-
+/// The folder of run `run_id`, which experiments.db must record: a run id is
+/// never taken as a path.
 pub fn run_folder(layout: &Layout, run_id: &str) -> Result<PathBuf, PredictError> {
     let unknown = |reason: String| PredictError::UnknownRun {
         run: run_id.to_string(),
@@ -361,15 +360,6 @@ impl EncoderReference {
     }
 }
 
-/// What scores images: a head, the cache it may read, the encoder for the rest.
-pub struct Predictor<'a> {
-    pub head: &'a TrainedHead,
-    pub cache: Option<&'a FeatureCache>,
-    pub encoder: Option<&'a EncoderReference>,
-    /// "run ID" or "bundle DIR", for messages.
-    pub owner: String,
-}
-
 /// What a run predicted, by the task it recorded.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
@@ -383,6 +373,15 @@ pub enum RunPredictions {
 }
 
 impl RunPredictions {
+    /// The task the predictions are of.
+    pub fn task(&self) -> Task {
+        match self {
+            RunPredictions::Classify(_) => Task::Classify,
+            RunPredictions::Anomaly(_) => Task::Anomaly,
+            RunPredictions::Segment(_) => Task::Segment,
+        }
+    }
+
     /// Images predicted.
     pub fn len(&self) -> usize {
         match self {
@@ -437,21 +436,8 @@ pub fn predict_run(
     config: &PredictConfig,
     out_dir: Option<&Path>,
 ) -> Result<RunPredictions, PredictError> {
-    Ok(match run_task(layout, run_id)? {
-        Task::Classify => RunPredictions::Classify(predict(layout, run_id, images, config)?),
-        Task::Anomaly => RunPredictions::Anomaly(anomaly::score_images(
-            layout, run_id, images, config, out_dir,
-        )?),
-        Task::Segment => {
-            let Some(out_dir) = out_dir else {
-                return Err(PredictError::Run {
-                    run: run_id.to_string(),
-                    message: "a segmentation run writes masks and overlays: give --out DIR".into(),
-                });
-            };
-            RunPredictions::Segment(segment::predict(layout, run_id, images, config, out_dir)?)
-        }
-    })
+    let predictor = Predictor::open_run(layout, run_id, &config.device)?;
+    predict_files(&predictor, images, config, out_dir)
 }
 
 /// Predicts the classes of `images` with run `run_id`'s head.
@@ -461,82 +447,147 @@ pub fn predict(
     images: &[PathBuf],
     config: &PredictConfig,
 ) -> Result<Vec<Prediction>, PredictError> {
-    let (head, inputs) = load_run_head(layout, run_id, &config.device)?;
-    let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
-    let encoder = EncoderReference::from_features(cache.features(), &inputs.fingerprint)?;
-    let predictor = Predictor {
-        head: &head,
-        cache: Some(&cache),
-        encoder: encoder.as_ref(),
-        owner: format!("run {run_id}"),
-    };
-    predict_images(&predictor, images, config)
+    match predict_run(layout, run_id, images, config, None)? {
+        RunPredictions::Classify(predictions) => Ok(predictions),
+        other => Err(PredictError::Run {
+            run: run_id.to_string(),
+            message: format!("a {} run, not a classification run", other.task().name()),
+        }),
+    }
 }
 
-/// Scores each image: cached features by content id where the cache has
-/// them, the encoder otherwise; a bad image gets its own error.
-pub fn predict_images(
+/// The one per-image loop: each file is read (a bad one gets its own
+/// error), prepared (content id, cached rows or preprocessed input) and
+/// predicted in batches of up to `config.batch_size` images or encoder
+/// inputs by `predictor`; the
+/// answers are put in the task's terms, tile-based tasks writing their
+/// pictures into `out_dir`.
+pub fn predict_files(
     predictor: &Predictor,
     images: &[PathBuf],
     config: &PredictConfig,
-) -> Result<Vec<Prediction>, PredictError> {
-    let head = predictor.head;
-    let mut predictions: Vec<Prediction> = Vec::with_capacity(images.len());
-    let mut to_encode: Vec<(usize, Vec<f32>)> = Vec::new();
-    for path in images {
-        let mut prediction = Prediction {
-            path: path.clone(),
-            image_id: None,
-            features_from: None,
-            top: Vec::new(),
-            error: None,
-        };
-        match read_image(path) {
-            Err(e) => prediction.error = Some(e),
-            Ok(ImageFile { bytes, sha256, id }) => {
-                let cached = predictor
-                    .cache
-                    .and_then(|c| Some((c, c.rows(&sha256)?.start)));
-                if let Some((cache, row)) = cached {
-                    let probabilities = head.probabilities_of_rows(cache.features(), &[row])?;
-                    prediction.top = head.top_k(&probabilities[0], config.top_k);
-                    prediction.features_from = Some("cache");
-                } else if let Some(encoder) = predictor.encoder {
-                    match crate::preprocess::preprocess_bytes(&bytes, path, &encoder.preprocess) {
-                        Ok(values) => to_encode.push((predictions.len(), values)),
-                        Err(e) => prediction.error = Some(e.to_string()),
-                    }
-                } else {
-                    prediction.error = Some(format!(
-                        "not in the cache, and the features of {} do not name their encoder",
-                        predictor.owner
-                    ));
-                }
-                prediction.image_id = Some(id);
-            }
+    out_dir: Option<&Path>,
+) -> Result<RunPredictions, PredictError> {
+    let mut predictions = match predictor.model() {
+        Model::Classify(_) => RunPredictions::Classify(Vec::with_capacity(images.len())),
+        Model::Anomaly(scorer) => RunPredictions::Anomaly(anomaly::AnomalyPredictions {
+            run: predictor.run_id().to_string(),
+            scorer: scorer.description.clone(),
+            threshold: scorer.threshold,
+            images: Vec::with_capacity(images.len()),
+        }),
+        Model::Segment(_) => RunPredictions::Segment(Vec::with_capacity(images.len())),
+    };
+    let out_dir = match (predictor.is_tiled(), out_dir) {
+        (false, _) => None,
+        (true, Some(out_dir)) => {
+            std::fs::create_dir_all(out_dir).map_err(|e| PredictError::Model {
+                owner: predictor.owner().to_string(),
+                message: format!("cannot create {}: {e}", out_dir.display()),
+            })?;
+            Some(out_dir)
         }
-        predictions.push(prediction);
-    }
-
-    if let (false, Some(reference)) = (to_encode.is_empty(), predictor.encoder) {
-        let encoder = reference.load(&config.device, &predictor.owner)?;
-        let side = reference.preprocess.input_size as usize;
-        for batch in to_encode.chunks(config.batch_size.max(1)) {
-            let values: Vec<f32> = batch.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            let images = Tensor::from_vec(values, (batch.len(), 3, side, side), &config.device)?;
-            let pooled = encoder
-                .forward_pooled(&images)
-                .map_err(|e| PredictError::Encoder {
-                    owner: predictor.owner.clone(),
-                    message: e.to_string(),
-                })?;
-            for ((slot, _), probabilities) in batch.iter().zip(head.probabilities(&pooled)?) {
-                predictions[*slot].top = head.top_k(&probabilities, config.top_k);
-                predictions[*slot].features_from = Some("encoder");
+        (true, None) => {
+            let pictures = match predictor.task() {
+                Task::Segment => "a segmentation model writes masks and overlays",
+                _ => "a patch-level anomaly model writes heat maps",
+            };
+            return Err(PredictError::Model {
+                owner: predictor.owner().to_string(),
+                message: format!("{pictures}: give --out DIR"),
+            });
+        }
+    };
+    // A batch closes at `batch_size` images or encoder inputs (tiles), so
+    // tile-based tasks hold few images' tiles at once.
+    let limit = config.batch_size.max(1);
+    // (path, content id, outcome or error) per image of the batch, in order.
+    let mut answers: Vec<(&PathBuf, Option<String>, Result<Outcome, String>)> = Vec::new();
+    let mut batch: Vec<Prepared> = Vec::new();
+    let mut slots = Vec::new();
+    let mut inputs = 0;
+    for (index, path) in images.iter().enumerate() {
+        match read_image(path) {
+            Err(e) => answers.push((path, None, Err(e))),
+            Ok(file) => match predictor.prepare_identified(&file.bytes, &file.sha256, path) {
+                Err(e) => answers.push((path, Some(file.id), Err(e.to_string()))),
+                Ok(prepared) => {
+                    slots.push(answers.len());
+                    answers.push((path, Some(file.id), Err(String::new())));
+                    inputs += prepared.encoder_inputs();
+                    batch.push(prepared);
+                }
+            },
+        }
+        if answers.len() < limit && inputs < limit && index + 1 < images.len() {
+            continue;
+        }
+        for (slot, outcome) in slots
+            .drain(..)
+            .zip(predictor.predict(std::mem::take(&mut batch))?)
+        {
+            answers[slot].2 = outcome;
+        }
+        inputs = 0;
+        for (path, image_id, outcome) in answers.drain(..) {
+            let answer = Answer {
+                path,
+                image_id,
+                outcome,
+            };
+            match (&mut predictions, predictor.model()) {
+                (RunPredictions::Classify(out), Model::Classify(head)) => {
+                    out.push(classified(head, answer, config.top_k))
+                }
+                (RunPredictions::Anomaly(out), Model::Anomaly(scorer)) => out
+                    .images
+                    .push(anomaly::scored(predictor, scorer, answer, out_dir)?),
+                (RunPredictions::Segment(out), Model::Segment(trained)) => {
+                    out.push(segment::segmented(predictor, trained, answer, out_dir)?)
+                }
+                _ => unreachable!("predictions are of the model's task"),
             }
         }
     }
     Ok(predictions)
+}
+
+/// One image's answer from the per-image loop, before a task words it.
+pub(crate) struct Answer<'a> {
+    pub path: &'a Path,
+    pub image_id: Option<String>,
+    pub outcome: Result<Outcome, String>,
+}
+
+/// A classifier's answer: the top classes.
+fn classified(head: &TrainedHead, answer: Answer, top_k: usize) -> Prediction {
+    let mut prediction = Prediction {
+        path: answer.path.to_path_buf(),
+        image_id: answer.image_id,
+        features_from: None,
+        top: Vec::new(),
+        error: None,
+    };
+    match answer.outcome {
+        Err(error) => prediction.error = Some(error),
+        Ok(Outcome {
+            features_from,
+            result: RawResult::Classes(probabilities),
+            ..
+        }) => {
+            prediction.top = head.top_k(&probabilities, top_k);
+            prediction.features_from = Some(features_from);
+        }
+        Ok(_) => prediction.error = Some("a result of another task".into()),
+    }
+    prediction
+}
+
+/// The file name stem pictures of `path` are written under.
+pub(crate) fn picture_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
 }
 
 /// The paths of a registered dataset's images, in manifest order.

@@ -1,28 +1,25 @@
-//! `predict --task segment`: a segmentation run's head on new images. An
-//! image already in the run's spatial feature cache (same content id in its
-//! dataset) reuses its cached tiles' maps; any other is cut into the run's
-//! tiles and run through the run's encoder (same weights sha256, same
-//! preprocessing; loaded only when some image needs it). The head's logits
-//! are upsampled bilinearly to each tile's pixels and averaged where tiles
-//! overlap; the mask (PNG, original resolution) and an overlay (mask tinted
-//! over the image) are written per image.
+//! `predict --task segment`: a segmentation run's (or bundle's) head on new
+//! images. An image already in the run's spatial feature cache (same
+//! content id) reuses its cached tiles' maps; any other is cut into the
+//! run's tiles and run through the run's encoder (same weights sha256, same
+//! preprocessing; loaded only when some image needs it), both through
+//! [`super::Predictor`]. The head's logits are upsampled bilinearly to each
+//! tile's pixels and averaged where tiles overlap; the mask (PNG, original
+//! resolution) and an overlay (mask tinted over the image) are written per
+//! image.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
 
-use super::{EncoderReference, PredictConfig, PredictError};
-use crate::encoders::Encoder;
+use super::{Answer, EncoderReference, Outcome, PredictError, Predictor, RawResult};
 use crate::features::catalog::FeatureCache;
-use crate::layout::Layout;
 use crate::segment::SegmentError;
-use crate::segment::model::{TrainedSegmentHead, grid_logits, load_head};
+use crate::segment::model::{TrainedSegmentHead, grid_logits};
+use crate::spatial::map_tensors;
 use crate::spatial::render::{class_overlay, mask_image, write_png};
-use crate::spatial::tile::{PreparedTile, preprocess_tile_bytes, spatial_preprocess};
-use crate::spatial::{encode_maps, map_tensors};
-use crate::train::config::Task;
-use crate::train::run::read_run_inputs;
+use crate::spatial::tile::spatial_preprocess;
 
 /// The outcome for one image.
 #[derive(Debug, Clone, Serialize)]
@@ -44,32 +41,6 @@ pub struct SegmentPrediction {
 /// Per tile of an image: its place [x, y, width, height] and its head
 /// logits on the grid, [outputs][grid cells].
 pub type TileLogits = Vec<([u32; 4], Vec<Vec<f32>>)>;
-
-/// The run's encoder, loaded (after its weights' sha256 is checked) the
-/// first time an image is not in the cache.
-struct LazyEncoder<'a> {
-    reference: &'a EncoderReference,
-    owner: &'a str,
-    device: &'a Device,
-    encoder: Option<Box<dyn Encoder>>,
-}
-
-impl LazyEncoder<'_> {
-    fn get(&mut self) -> Result<&dyn Encoder, PredictError> {
-        if self.encoder.is_none() {
-            self.encoder = Some(self.reference.load(self.device, self.owner)?);
-        }
-        Ok(self.encoder.as_deref().expect("loaded above"))
-    }
-}
-
-/// Where an image's tiles come from.
-enum TileSource<'a> {
-    /// Its rows in the run's spatial cache.
-    Cache(&'a FeatureCache, Vec<usize>),
-    /// Preprocessed tiles for the encoder.
-    Encoder(Vec<PreparedTile>),
-}
 
 /// The encoder, weights and tile preprocessing that made the run's
 /// features: as the feature folder's shards record them when the folder is
@@ -100,119 +71,73 @@ pub fn encoder_reference(
     })
 }
 
-/// Writes a mask and an overlay per image into `out_dir`; a bad image gets
-/// its own error and the others are still predicted.
-pub fn predict(
-    layout: &Layout,
-    run_id: &str,
-    images: &[PathBuf],
-    config: &PredictConfig,
-    out_dir: &Path,
-) -> Result<Vec<SegmentPrediction>, PredictError> {
-    let run_dir = super::run_folder(layout, run_id)?;
-    let inputs = read_run_inputs(&run_dir)?;
-    if inputs.config.task != Task::Segment {
-        return Err(PredictError::Run {
-            run: run_id.to_string(),
-            message: format!(
-                "a {} run, not a segmentation run",
-                inputs.config.task.name()
-            ),
-        });
-    }
-    let trained = load_head(&run_dir, &inputs.config, &config.device)?;
-    // Without its feature folder (removed to save space), every image goes
-    // through the encoder, as before the cache was read.
-    let cache = FeatureCache::open_if_present(layout, &inputs.fingerprint).map_err(|e| {
-        PredictError::Run {
-            run: run_id.to_string(),
-            message: e.to_string(),
-        }
-    })?;
-    let owner = format!("run {run_id}");
-    let reference = encoder_reference(&trained, cache.as_ref(), &owner)?;
-    let mut encoder = LazyEncoder {
-        reference: &reference,
-        owner: &owner,
-        device: &config.device,
-        encoder: None,
+/// A segmentation model's answer: the mask and the overlay written into
+/// `out_dir`, the image's size, tiles and foreground share.
+pub(crate) fn segmented(
+    predictor: &Predictor,
+    trained: &TrainedSegmentHead,
+    answer: Answer,
+    out_dir: Option<&Path>,
+) -> Result<SegmentPrediction, PredictError> {
+    let mut prediction = SegmentPrediction {
+        path: answer.path.to_path_buf(),
+        image_id: answer.image_id,
+        features_from: None,
+        mask: None,
+        overlay: None,
+        width: 0,
+        height: 0,
+        tiles: 0,
+        foreground_fraction: None,
+        error: None,
     };
-    let preprocess = &reference.preprocess;
-    let tiling = trained.info.tiling.unwrap_or_default();
-    super::create_out_dir(run_id, out_dir)?;
-    let mut out = Vec::with_capacity(images.len());
-    for path in images {
-        let mut prediction = SegmentPrediction {
-            path: path.clone(),
-            image_id: None,
-            features_from: None,
-            mask: None,
-            overlay: None,
-            width: 0,
-            height: 0,
-            tiles: 0,
-            foreground_fraction: None,
-            error: None,
-        };
-        let super::ImageFile { bytes, sha256, id } = match super::read_image(path) {
-            Ok(image) => image,
-            Err(e) => {
-                prediction.error = Some(e);
-                out.push(prediction);
-                continue;
-            }
-        };
-        let decoded = match cache
-            .as_ref()
-            .and_then(|c| Some((c, c.rows(&sha256)?.collect::<Vec<usize>>())))
-        {
-            Some((cache, rows)) => {
-                crate::preprocess::decode_rgb8(&bytes, path, preprocess.max_pixels)
-                    .map(|image| (image, TileSource::Cache(cache, rows)))
-            }
-            None => preprocess_tile_bytes(&bytes, path, preprocess, &tiling)
-                .map(|(image, tiles)| (image, TileSource::Encoder(tiles))),
-        };
-        prediction.image_id = Some(id);
-        match decoded {
-            Err(err) => prediction.error = Some(err.to_string()),
-            Ok((image, source)) => {
-                let logits = match source {
-                    TileSource::Cache(cache, rows) => {
-                        prediction.features_from = Some("cache");
-                        cached_logits(&trained, cache, &rows, &config.device)?
-                    }
-                    TileSource::Encoder(tiles) => {
-                        prediction.features_from = Some("encoder");
-                        encoded_logits(&trained, encoder.get()?, tiles, config)?
-                    }
-                };
-                prediction.width = image.width();
-                prediction.height = image.height();
-                prediction.tiles = logits.len();
-                let classes = stitch(&trained, image.width(), image.height(), &logits);
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "image".into());
-                let mask_path = out_dir.join(format!("{stem}.mask.png"));
-                let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
-                let binary = trained.info.outputs == 1;
-                let mask = mask_image(image.width(), image.height(), &classes, binary);
-                write_png(&mask_path, &image::DynamicImage::ImageLuma8(mask))?;
-                write_png(
-                    &overlay_path,
-                    &image::DynamicImage::ImageRgb8(class_overlay(&image, &classes)),
-                )?;
-                let foreground = classes.iter().filter(|&&c| c > 0).count();
-                prediction.foreground_fraction = Some(foreground as f64 / classes.len() as f64);
-                prediction.mask = Some(mask_path);
-                prediction.overlay = Some(overlay_path);
-            }
+    let (features_from, image, tiles, classes) = match answer.outcome {
+        Err(error) => {
+            prediction.error = Some(error);
+            return Ok(prediction);
         }
-        out.push(prediction);
-    }
-    Ok(out)
+        Ok(Outcome {
+            features_from,
+            result:
+                RawResult::Mask {
+                    image,
+                    tiles,
+                    classes,
+                },
+            ..
+        }) => (features_from, image, tiles, classes),
+        Ok(_) => {
+            prediction.error = Some("a result of another task".into());
+            return Ok(prediction);
+        }
+    };
+    prediction.features_from = Some(features_from);
+    prediction.width = image.width();
+    prediction.height = image.height();
+    prediction.tiles = tiles;
+    let foreground = classes.iter().filter(|&&c| c > 0).count();
+    prediction.foreground_fraction = Some(foreground as f64 / classes.len() as f64);
+    let Some(out_dir) = out_dir else {
+        return Ok(prediction);
+    };
+    let stem = super::picture_stem(answer.path);
+    let mask_path = out_dir.join(format!("{stem}.mask.png"));
+    let overlay_path = out_dir.join(format!("{stem}.overlay.png"));
+    let binary = trained.info.outputs == 1;
+    let mask = mask_image(image.width(), image.height(), &classes, binary);
+    let written = write_png(&mask_path, &image::DynamicImage::ImageLuma8(mask)).and_then(|()| {
+        write_png(
+            &overlay_path,
+            &image::DynamicImage::ImageRgb8(class_overlay(&image, &classes)),
+        )
+    });
+    written.map_err(|e| PredictError::Model {
+        owner: predictor.owner().to_string(),
+        message: e.to_string(),
+    })?;
+    prediction.mask = Some(mask_path);
+    prediction.overlay = Some(overlay_path);
+    Ok(prediction)
 }
 
 /// The columns of a segmentation run's CSV.
@@ -263,29 +188,6 @@ pub fn cached_logits(
             .into());
         };
         out.push((tile, tile_logits));
-    }
-    Ok(out)
-}
-
-/// Grid logits of an image's tiles through the run's encoder, batched.
-fn encoded_logits(
-    trained: &TrainedSegmentHead,
-    encoder: &dyn Encoder,
-    tiles: Vec<PreparedTile>,
-    config: &PredictConfig,
-) -> Result<TileLogits, PredictError> {
-    let size = encoder.spec().input_size as usize;
-    let mut out = Vec::with_capacity(tiles.len());
-    for group in tiles.chunks(config.batch_size.max(1)) {
-        let mut flat = Vec::with_capacity(group.len() * 3 * size * size);
-        for (_, values) in group {
-            flat.extend_from_slice(values);
-        }
-        let input = Tensor::from_vec(flat, (group.len(), 3, size, size), &config.device)?;
-        let maps = encode_maps(encoder, &input)?;
-        let logits = grid_logits(&trained.geometry, &trained.head, &maps, DType::F32, None)?
-            .to_vec3::<f32>()?;
-        out.extend(group.iter().map(|(tile, _)| *tile).zip(logits));
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@ use crate::support;
 
 use std::path::Path;
 
-use support::{fails, image_folder, json, lazarus, ok, queue_command};
+use support::{copy_dir, fails, image_folder, json, lazarus, ok, queue_command};
 
 fn setup(root: &Path) -> String {
     let tree = image_folder(root, &[12, 12]);
@@ -61,14 +61,6 @@ fn reencoded(from: &Path, to: &Path) {
     )
     .unwrap();
     std::fs::write(to, bytes).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 #[test]
@@ -196,6 +188,38 @@ fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
             .iter()
             .all(|p| p["features_from"] == "cache")
     );
+
+    // A bundle written before issue 21 has no task in bundle.json: it is a
+    // classifier, and still predicts.
+    let older = root.join("older");
+    copy_dir(&bundle, &older);
+    let mut info = json(&std::fs::read_to_string(older.join("bundle.json")).unwrap());
+    assert_eq!(info["task"], "classify");
+    assert_eq!(info["format_version"], 1);
+    info.as_object_mut().unwrap().remove("task");
+    let info_bytes = serde_json::to_vec_pretty(&info).unwrap();
+    std::fs::write(older.join("bundle.json"), &info_bytes).unwrap();
+    let mut older_manifest = manifest.clone();
+    older_manifest["files"]["bundle.json"]["sha256"] =
+        lazarus::digest::sha256_hex(&info_bytes).into();
+    std::fs::write(
+        older.join("manifest.json"),
+        serde_json::to_vec_pretty(&older_manifest).unwrap(),
+    )
+    .unwrap();
+    let by_older = json(&ok(lazarus(
+        root,
+        &[
+            "predict",
+            "--bundle",
+            older.to_str().unwrap(),
+            "--task",
+            "classify",
+            fresh.to_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert_eq!(by_older[0], by_bundle[1]);
 
     // A changed file: named, with both checksums.
     let damaged = root.join("damaged");

@@ -607,19 +607,42 @@ fn anomaly_and_segmentation_runs_answer_as_predict_does_alone_or_batched() {
     );
     let segment = train(&root, &["--task", "segment", "--epochs", "2"]);
     let (images, bytes) = request_images(temp.path());
-    let server = Server::start(
-        &root,
-        &[
-            "--run",
-            &format!("anomaly={anomaly}"),
-            "--run",
-            &format!("patch={patch}"),
-            "--run",
-            &format!("segment={segment}"),
-            "--max-wait-ms",
-            "50",
-        ],
-    );
+    // Each run exported too: its bundle is served beside it.
+    let mut bundle_args = Vec::new();
+    for (name, run) in [
+        ("anomaly", &anomaly),
+        ("patch", &patch),
+        ("segment", &segment),
+    ] {
+        let bundle = temp.path().join(format!("{name}-bundle"));
+        ok(lazarus(
+            &root,
+            &["export", run, "--out", bundle.to_str().unwrap()],
+        ));
+        bundle_args.push("--bundle".to_string());
+        bundle_args.push(format!("{name}-bundle={}", bundle.display()));
+    }
+    let mut args: Vec<String> = [
+        "--run",
+        &format!("anomaly={anomaly}"),
+        "--run",
+        &format!("patch={patch}"),
+        "--run",
+        &format!("segment={segment}"),
+        "--max-wait-ms",
+        "50",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(bundle_args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&root, &args);
+    let (_, shown) = server.get("/v1/models/patch-bundle");
+    let shown = json(&shown);
+    assert_eq!(shown["task"], "anomaly");
+    assert_eq!(shown["patch_level"], true);
+    assert!(shown["feature_cache"].is_null(), "{shown:#}");
     let (_, shown) = server.get("/v1/models/patch");
     let shown = json(&shown);
     assert_eq!(shown["task"], "anomaly");
@@ -735,7 +758,31 @@ fn anomaly_and_segmentation_runs_answer_as_predict_does_alone_or_batched() {
         assert_eq!(predictions[k], with_name);
     }
 
-    concurrent_answers_equal_alone(&server, &["anomaly", "patch", "segment"], &bytes);
+    // A bundle answers as its run: the same numbers and pictures for the
+    // new images; the dataset's images through the encoder (a bundle has
+    // no cache).
+    let query = "?mask=true&heatmap=true";
+    for model in ["anomaly", "patch", "segment"] {
+        let bundle_model = format!("{model}-bundle");
+        for (i, image_bytes) in bytes.iter().enumerate() {
+            let from_run = server.predict(model, query, "image/png", image_bytes).ok();
+            let from_bundle = server
+                .predict(&bundle_model, query, "image/png", image_bytes)
+                .ok();
+            assert_eq!(from_bundle["task"], from_run["task"]);
+            let (from_run, from_bundle) = (single(&from_run), single(&from_bundle));
+            assert_eq!(from_bundle["features_from"], "encoder", "{model} image {i}");
+            if from_run["features_from"] == "encoder" {
+                assert_eq!(from_bundle, from_run, "{model} image {i}");
+            }
+        }
+    }
+
+    concurrent_answers_equal_alone(
+        &server,
+        &["anomaly", "patch", "segment", "segment-bundle"],
+        &bytes,
+    );
     let (code, output) = server.terminate();
     assert_eq!(code, Some(0), "{output:?}");
 }

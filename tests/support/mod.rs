@@ -383,6 +383,31 @@ pub fn other_weights_cache(dir: &Path) -> (PathBuf, String) {
     (cache, installed)
 }
 
+/// Copies the files of folder `from` (not its subfolders) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// The files a bundle's `manifest.json` lists, sorted.
+pub fn manifest_files(bundle: &Path) -> Vec<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let mut listed: Vec<String> = manifest["files"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    listed.sort();
+    listed
+}
+
 /// `lazarus --root ROOT ARGS...` with `LAZARUS_CACHE` set to `cache`.
 pub fn lazarus_with_cache(root: &Path, cache: &Path, args: &[&str]) -> Output {
     queue_command(root, None)

@@ -455,6 +455,93 @@ fn predict_on_an_anomaly_run_scores_cached_and_new_images_alike() {
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 4, "{csv}");
+
+    // Exported, the run predicts from its bundle as from the run, bit for
+    // bit: the fresh file through the encoder, and (with --dataset) every
+    // image of the dataset from the root's cache.
+    let bundle = root.join("anomaly-bundle");
+    let exported = json(&ok(lazarus(
+        root,
+        &["export", run, "--out", bundle.to_str().unwrap(), "--json"],
+    )));
+    assert_eq!(exported["task"], "anomaly");
+    assert_eq!(
+        support::manifest_files(&bundle),
+        [
+            "bundle.json",
+            "config.json",
+            "encoder.json",
+            "metrics.json",
+            "model_card.json",
+            "scorer.safetensors",
+        ]
+    );
+    let by_bundle = json(&ok(lazarus(
+        root,
+        &[
+            "predict",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--task",
+            "anomaly",
+            fresh.to_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert_eq!(by_bundle["threshold"], scored["threshold"]);
+    assert_eq!(by_bundle["run"], run);
+    assert_eq!(by_bundle["images"][0], images[1], "{by_bundle:#}");
+    let all = |source: &str, model: &str| {
+        json(&ok(lazarus(
+            root,
+            &["predict", source, model, "--dataset", "toy", "--json"],
+        )))
+    };
+    let from_run = all("--run", run);
+    assert_eq!(all("--bundle", bundle.to_str().unwrap()), from_run);
+    assert!(
+        from_run["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["features_from"] == "cache")
+    );
+    // --task confirms what the bundle holds.
+    let message = fails(lazarus(
+        root,
+        &[
+            "predict",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--task",
+            "classify",
+            fresh.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        message.contains("--task classify") && message.contains("holds a anomaly model"),
+        "{message}"
+    );
+    // A changed scorer is refused by name before it is read.
+    let damaged = root.join("damaged-bundle");
+    support::copy_dir(&bundle, &damaged);
+    let mut scorer = std::fs::read(damaged.join("scorer.safetensors")).unwrap();
+    let last = scorer.len() - 1;
+    scorer[last] ^= 1;
+    std::fs::write(damaged.join("scorer.safetensors"), scorer).unwrap();
+    let message = fails(lazarus(
+        root,
+        &[
+            "predict",
+            "--bundle",
+            damaged.to_str().unwrap(),
+            fresh.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        message.contains("scorer.safetensors has sha256") && message.contains("manifest.json"),
+        "{message}"
+    );
 }
 
 /// A manifest dataset as anomaly benchmarks ship them: the train split holds
@@ -626,14 +713,27 @@ fn anomaly_and_classification_runs_refuse_other_weights_before_loading_them() {
             "run {run}: {message}"
         );
     }
-    // A bundle holds a classifier: exporting the scorer is refused, saying why.
-    let bundle = root.join("bundle");
-    let message = fails(lazarus(
-        root,
-        &["export", scorer.as_str(), "--out", bundle.to_str().unwrap()],
-    ));
-    assert!(
-        message.contains("its task is anomaly") && message.contains("classification head"),
-        "{message}"
-    );
+    // Exported, both refuse the other weights from their bundles too,
+    // before reading them.
+    for run in [&scorer, &classifier] {
+        let bundle = root.join(format!("bundle-{run}"));
+        ok(lazarus(
+            root,
+            &["export", run.as_str(), "--out", bundle.to_str().unwrap()],
+        ));
+        let message = fails(support::lazarus_with_cache(
+            root,
+            &cache,
+            &[
+                "predict",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                fresh.to_str().unwrap(),
+            ],
+        ));
+        assert!(
+            message.contains(&format!("installed weights have sha256 {installed}, not ")),
+            "bundle of run {run}: {message}"
+        );
+    }
 }

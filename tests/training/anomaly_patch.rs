@@ -292,6 +292,47 @@ fn patch_scores_find_small_blobs_and_their_heat_maps_point_at_them() {
         let score = |image: &serde_json::Value| image["score"].as_f64().unwrap();
         assert!(score(last) > score(&plain), "{last}\n{plain}");
         assert_eq!(plain["anomalous"], false, "{plain}");
+
+        // Exported, the bundle (scorer with its channels, tiling and heat
+        // range; threshold; encoder) scores and draws the new images as
+        // the run did, bit for bit.
+        let bundle = temp.path().join(format!("bundle-{name}"));
+        ok(lazarus(
+            &root,
+            &["export", run, "--out", bundle.to_str().unwrap()],
+        ));
+        let bundle_out = temp.path().join(format!("bundle-heat-{name}"));
+        let by_bundle = json(&ok(lazarus(
+            &root,
+            &[
+                "predict",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--out",
+                bundle_out.to_str().unwrap(),
+                "--json",
+                fresh_path.to_str().unwrap(),
+                plain_path.to_str().unwrap(),
+            ],
+        )));
+        assert_eq!(by_bundle["threshold"], predicted["threshold"]);
+        for (from_bundle, from_run) in by_bundle["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip([last, &plain])
+        {
+            for key in ["image_id", "features_from", "score", "anomalous", "peak"] {
+                assert_eq!(from_bundle[key], from_run[key], "{name}: {key}");
+            }
+            for picture in ["heatmap", "overlay"] {
+                assert_eq!(
+                    std::fs::read(from_bundle[picture].as_str().unwrap()).unwrap(),
+                    std::fs::read(from_run[picture].as_str().unwrap()).unwrap(),
+                    "{name}: {picture}"
+                );
+            }
+        }
     }
 
     // A sweep point on spatial features: one run per scorer.

@@ -858,7 +858,7 @@ fn a_sweep_resumes_its_killed_segmentation_run() {
 }
 
 #[test]
-fn a_segmentation_run_refuses_other_weights_before_loading_them_and_is_not_exported() {
+fn a_segmentation_run_and_its_bundle_refuse_other_weights_before_loading_them_and_predict_alike() {
     assert!(
         lazarus::weights::installed("efficientnet-lite0").is_some(),
         "efficientnet-lite0 weights are not installed: {FETCH_HINT}"
@@ -898,15 +898,151 @@ fn a_segmentation_run_refuses_other_weights_before_loading_them_and_is_not_expor
         message.contains(&format!("installed weights have sha256 {installed}, not ")),
         "{message}"
     );
+    // Exported, the bundle holds the head, its tiles and classes, and the
+    // encoder with the preprocessing its features recorded.
     let bundle = temp.path().join("bundle");
-    let message = fails(lazarus(
+    let exported = json(&ok(lazarus(
         &root,
-        &["export", &run, "--out", bundle.to_str().unwrap()],
+        &["export", &run, "--out", bundle.to_str().unwrap(), "--json"],
+    )));
+    assert_eq!(exported["task"], "segment");
+    assert_eq!(
+        exported["encoder"]["weights"],
+        format!("sha256:{}", {
+            lazarus::weights::installed("efficientnet-lite0")
+                .unwrap()
+                .sha256
+        })
+    );
+    assert_eq!(
+        support::manifest_files(&bundle),
+        [
+            "bundle.json",
+            "classes.json",
+            "config.json",
+            "encoder.json",
+            "head.safetensors",
+            "model_card.json",
+        ]
+    );
+    // The bundle refuses the other weights as the run does.
+    let message = fails(support::lazarus_with_cache(
+        &root,
+        &cache,
+        &[
+            "predict",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            fresh.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
     ));
     assert!(
-        message.contains("its task is segment") && message.contains("classification head"),
+        message.contains(&format!("installed weights have sha256 {installed}, not ")),
         "{message}"
     );
+    // With the real weights, run and bundle give the same masks, bit for
+    // bit: the fresh file through the encoder, a dataset image from the cache.
+    let cached = source.join("images/001.png");
+    let predicted = |source: &str, model: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "predict",
+            source,
+            model,
+            "--task",
+            "segment",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&ok(lazarus(&root, &args)))
+    };
+    let by_run_out = temp.path().join("by-run");
+    let by_bundle_out = temp.path().join("by-bundle");
+    let files = [fresh.to_str().unwrap(), cached.to_str().unwrap()];
+    let by_run = predicted("--run", &run, &by_run_out, &files);
+    let by_bundle = predicted("--bundle", bundle.to_str().unwrap(), &by_bundle_out, &files);
+    assert_eq!(by_run[0]["features_from"], "encoder");
+    assert_eq!(by_run[1]["features_from"], "cache");
+    assert_eq!(
+        by_bundle[1]["features_from"], "encoder",
+        "no cache without --dataset"
+    );
+    for key in [
+        "width",
+        "height",
+        "tiles",
+        "foreground_fraction",
+        "image_id",
+    ] {
+        assert_eq!(by_bundle[0][key], by_run[0][key], "{key}");
+    }
+    for file in ["fresh.mask.png", "fresh.overlay.png"] {
+        assert_eq!(
+            std::fs::read(by_bundle_out.join(file)).unwrap(),
+            std::fs::read(by_run_out.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // With --dataset the root's cache serves the bundle too.
+    let all_run = predicted("--run", &run, &by_run_out, &["--dataset", "blobs"]);
+    let all_bundle = predicted(
+        "--bundle",
+        bundle.to_str().unwrap(),
+        &by_bundle_out,
+        &["--dataset", "blobs"],
+    );
+    let without_out = |predictions: &serde_json::Value| {
+        predictions
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.as_object_mut().unwrap().remove("mask");
+                p.as_object_mut().unwrap().remove("overlay");
+                p
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(without_out(&all_bundle), without_out(&all_run));
+    assert_eq!(
+        std::fs::read(by_bundle_out.join("001.mask.png")).unwrap(),
+        std::fs::read(by_run_out.join("001.mask.png")).unwrap()
+    );
+    // --task confirms what the bundle holds; a changed head is refused.
+    let message = fails(lazarus(
+        &root,
+        &[
+            "predict",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--task",
+            "anomaly",
+            fresh.to_str().unwrap(),
+        ],
+    ));
+    assert!(message.contains("holds a segment model"), "{message}");
+    let damaged = temp.path().join("damaged");
+    support::copy_dir(&bundle, &damaged);
+    let mut head = std::fs::read(damaged.join("head.safetensors")).unwrap();
+    let last = head.len() - 1;
+    head[last] ^= 1;
+    std::fs::write(damaged.join("head.safetensors"), head).unwrap();
+    let message = fails(lazarus(
+        &root,
+        &[
+            "predict",
+            "--bundle",
+            damaged.to_str().unwrap(),
+            fresh.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert!(message.contains("head.safetensors has sha256"), "{message}");
 }
 
 #[test]

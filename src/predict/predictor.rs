@@ -1,0 +1,631 @@
+//! [`Predictor`]: a trained model of any task, loaded once, and the one
+//! per-image path every caller takes (`lazarus predict` through
+//! [`super::predict_files`], `predict --bundle`, `serve`).
+//!
+//! A predictor is opened from a run ([`Predictor::open_run`]) or built by
+//! `bundle::open` from a bundle's files. An image is first prepared from
+//! its bytes ([`Predictor::prepare`]: content id, the cached rows by content
+//! id where the cache has them, else its preprocessed pixels or tiles with
+//! the preprocessing the features recorded), then a batch of prepared
+//! images is predicted ([`Predictor::predict`]). A batch shares one encoder
+//! pass (the encoder's weights sha256 is checked before they are loaded,
+//! through [`EncoderReference::load`]): EfficientNet-Lite's CPU kernels give
+//! an image the same bits in any batch. Heads and scorers then score each
+//! image on its own rows (a matmul rounds differently with the number of
+//! rows it multiplies): one pooled row per image, an image's tiles in groups
+//! of [`TILE_GROUP`]. So an answer never depends on the other images of its
+//! batch: `serve` and `predict` give an image the same bits.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::{EncoderReference, PredictError, TrainedHead};
+use crate::encoders::Encoder;
+use crate::features::catalog::FeatureCache;
+use crate::layout::Layout;
+use crate::preprocess::{PreprocessConfig, PreprocessError};
+use crate::segment::model::TrainedSegmentHead;
+use crate::spatial::tile::{PreparedTile, TileConfig};
+use crate::train::anomaly::SavedScorer;
+use crate::train::anomaly::patch::ScoredImage;
+use crate::train::config::Task;
+
+/// An image's tiles are scored in groups of this many (`predict`'s default
+/// `--batch-size` before issue 21, which tile-based runs scored with).
+pub const TILE_GROUP: usize = 16;
+
+/// Most encoder inputs (images or tiles) in one forward pass.
+const ENCODER_CHUNK: usize = 64;
+
+/// What scores features: one model per task.
+pub enum Model {
+    /// A classification head with its standardisation.
+    Classify(TrainedHead),
+    /// An anomaly scorer, image-level or patch-level.
+    Anomaly(SavedScorer),
+    /// A segmentation head over the tiles' maps.
+    Segment(TrainedSegmentHead),
+}
+
+/// What a predictor is built from (a run's files, or a bundle's).
+pub struct PredictorParts {
+    /// "run ID" or "bundle DIR", for messages.
+    pub owner: String,
+    /// The run that trained the model.
+    pub run_id: String,
+    /// The fingerprint of the features the model reads.
+    pub fingerprint: String,
+    pub device: Device,
+    pub model: Model,
+    /// Class names in output order (classification and segmentation).
+    pub class_names: Vec<String>,
+    /// Cached features of the model's fingerprint, reused by content id.
+    pub cache: Option<FeatureCache>,
+    /// The encoder that made the features; None when they do not name it
+    /// (then only cached images can be predicted).
+    pub encoder: Option<EncoderReference>,
+}
+
+/// A model loaded once, with its cache and (loaded on first need) its encoder.
+pub struct Predictor {
+    parts: PredictorParts,
+    encoder: OnceLock<Box<dyn Encoder>>,
+}
+
+/// Why an image cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Image(#[from] PreprocessError),
+    #[error("not in the cache, and the features of {owner} do not name their encoder")]
+    NoEncoder { owner: String },
+}
+
+/// An image ready for its model's batch: its content id and its input.
+pub struct Prepared {
+    pub image_id: String,
+    input: Input,
+}
+
+enum Input {
+    /// A pooled task's cached row.
+    CachedRow(usize),
+    /// A pooled task's preprocessed pixels (CHW f32).
+    Pixels(Vec<f32>),
+    /// A tile-based task's cached tile rows, with the decoded image.
+    CachedTiles { image: RgbImage, rows: Vec<usize> },
+    /// A tile-based task's preprocessed tiles, with the decoded image.
+    Tiles {
+        image: RgbImage,
+        tiles: Vec<PreparedTile>,
+    },
+}
+
+impl Prepared {
+    /// How many encoder inputs (images or tiles) the image needs.
+    pub fn encoder_inputs(&self) -> usize {
+        match &self.input {
+            Input::Pixels(_) => 1,
+            Input::Tiles { tiles, .. } => tiles.len(),
+            Input::CachedRow(_) | Input::CachedTiles { .. } => 0,
+        }
+    }
+}
+
+/// One image's prediction before it is put into words.
+pub struct Outcome {
+    pub image_id: String,
+    /// "cache" or "encoder".
+    pub features_from: &'static str,
+    pub result: RawResult,
+}
+
+/// A prediction's numbers.
+pub enum RawResult {
+    /// Probabilities in class order.
+    Classes(Vec<f32>),
+    /// An anomaly score; patch-level runs add the image and its patch grids.
+    Score {
+        score: f64,
+        patch: Option<Box<(RgbImage, ScoredImage)>>,
+    },
+    /// A segmentation: class per pixel, row-major, with the image.
+    Mask {
+        image: Box<RgbImage>,
+        tiles: usize,
+        classes: Vec<u8>,
+    },
+}
+
+impl Predictor {
+    pub fn new(parts: PredictorParts) -> Self {
+        Predictor {
+            parts,
+            encoder: OnceLock::new(),
+        }
+    }
+
+    /// Opens run `run_id` by the task it recorded: its head or scorer, the
+    /// feature cache of its fingerprint and the reference to the encoder
+    /// that made it (the encoder itself is loaded when first needed, or by
+    /// [`Predictor::load_encoder`]).
+    pub fn open_run(layout: &Layout, run_id: &str, device: &Device) -> Result<Self, PredictError> {
+        let run_dir = super::run_folder(layout, run_id)?;
+        let inputs = crate::train::run::read_run_inputs(&run_dir)?;
+        let owner = format!("run {run_id}");
+        let run_error = |message: String| PredictError::Run {
+            run: run_id.to_string(),
+            message,
+        };
+        let (model, class_names, cache, encoder) = match inputs.config.task.kind() {
+            Task::Classify => {
+                let (head, _) = super::load_run_head(layout, run_id, device)?;
+                let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
+                let reference =
+                    EncoderReference::from_features(cache.features(), &inputs.fingerprint)?;
+                let names = head.class_names().to_vec();
+                (Model::Classify(head), names, Some(cache), reference)
+            }
+            Task::Anomaly => {
+                let scorer = SavedScorer::load(&run_dir, device)?;
+                let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
+                let dim = cache.features().feature_dim();
+                if scorer.patch().is_none() && dim != scorer.feature_dim() {
+                    return Err(run_error(format!(
+                        "the scorer expects {} features, the run's cache has {dim}",
+                        scorer.feature_dim()
+                    )));
+                }
+                let reference =
+                    EncoderReference::from_features(cache.features(), &inputs.fingerprint)?;
+                (Model::Anomaly(scorer), Vec::new(), Some(cache), reference)
+            }
+            Task::Segment => {
+                let trained = crate::segment::model::load_head(&run_dir, &inputs.config, device)?;
+                // Without its feature folder (removed to save space), every
+                // image goes through the encoder.
+                let cache = FeatureCache::open_if_present(layout, &inputs.fingerprint)
+                    .map_err(|e| run_error(e.to_string()))?;
+                let reference =
+                    super::segment::encoder_reference(&trained, cache.as_ref(), &owner)?;
+                let names = inputs.class_names.clone();
+                (Model::Segment(trained), names, cache, Some(reference))
+            }
+        };
+        Ok(Predictor::new(PredictorParts {
+            owner,
+            run_id: run_id.to_string(),
+            fingerprint: inputs.fingerprint.clone(),
+            device: device.clone(),
+            model,
+            class_names,
+            cache,
+            encoder,
+        }))
+    }
+
+    /// The same predictor reading `cache` (or none) for cached features.
+    pub fn with_cache(mut self, cache: Option<FeatureCache>) -> Self {
+        self.parts.cache = cache;
+        self
+    }
+
+    pub fn task(&self) -> Task {
+        match &self.parts.model {
+            Model::Classify(_) => Task::Classify,
+            Model::Anomaly(_) => Task::Anomaly,
+            Model::Segment(_) => Task::Segment,
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.parts.model
+    }
+
+    /// "run ID" or "bundle DIR".
+    pub fn owner(&self) -> &str {
+        &self.parts.owner
+    }
+
+    /// The run that trained the model.
+    pub fn run_id(&self) -> &str {
+        &self.parts.run_id
+    }
+
+    /// The fingerprint of the features the model reads.
+    pub fn fingerprint(&self) -> &str {
+        &self.parts.fingerprint
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.parts.device
+    }
+
+    pub fn class_names(&self) -> &[String] {
+        &self.parts.class_names
+    }
+
+    pub fn cache(&self) -> Option<&FeatureCache> {
+        self.parts.cache.as_ref()
+    }
+
+    pub fn encoder_reference(&self) -> Option<&EncoderReference> {
+        self.parts.encoder.as_ref()
+    }
+
+    /// Patch-level anomaly and segmentation models read tiles.
+    pub fn is_tiled(&self) -> bool {
+        match &self.parts.model {
+            Model::Classify(_) => false,
+            Model::Anomaly(scorer) => scorer.patch().is_some(),
+            Model::Segment(_) => true,
+        }
+    }
+
+    /// How tile-based models cut an image (the tiling their features used).
+    fn tiling(&self) -> TileConfig {
+        match &self.parts.model {
+            Model::Anomaly(scorer) => scorer
+                .patch()
+                .and_then(|p| p.info.tiling)
+                .unwrap_or_default(),
+            Model::Segment(trained) => trained.info.tiling.unwrap_or_default(),
+            Model::Classify(_) => TileConfig::default(),
+        }
+    }
+
+    /// The encoder, loaded once (weights sha256 checked before loading).
+    pub fn load_encoder(&self) -> Result<&dyn Encoder, PredictError> {
+        if let Some(encoder) = self.encoder.get() {
+            return Ok(encoder.as_ref());
+        }
+        let reference = self.parts.encoder.as_ref().ok_or_else(|| {
+            let owner = self.parts.owner.clone();
+            PredictError::Encoder {
+                message: PrepareError::NoEncoder {
+                    owner: owner.clone(),
+                }
+                .to_string(),
+                owner,
+            }
+        })?;
+        let loaded = reference.load(&self.parts.device, &self.parts.owner)?;
+        // Another thread may have loaded it meanwhile: either copy serves.
+        let _ = self.encoder.set(loaded);
+        Ok(self.encoder.get().expect("set above").as_ref())
+    }
+
+    /// The image's content id, its cached rows or its preprocessed input.
+    /// `path` names the image in errors.
+    pub fn prepare(&self, bytes: &[u8], path: &Path) -> Result<Prepared, PrepareError> {
+        self.prepare_identified(bytes, &crate::digest::sha256(bytes), path)
+    }
+
+    /// [`Predictor::prepare`] for bytes whose sha256 is known.
+    pub fn prepare_identified(
+        &self,
+        bytes: &[u8],
+        sha256: &[u8; 32],
+        path: &Path,
+    ) -> Result<Prepared, PrepareError> {
+        let cached = self.parts.cache.as_ref().and_then(|c| c.rows(sha256));
+        let reference = self.parts.encoder.as_ref();
+        let no_encoder = || PrepareError::NoEncoder {
+            owner: self.parts.owner.clone(),
+        };
+        let input = if !self.is_tiled() {
+            match (cached, reference) {
+                (Some(rows), _) => Input::CachedRow(rows.start),
+                (None, Some(reference)) => Input::Pixels(crate::preprocess::preprocess_bytes(
+                    bytes,
+                    path,
+                    &reference.preprocess,
+                )?),
+                (None, None) => return Err(no_encoder()),
+            }
+        } else {
+            match (cached, reference) {
+                (Some(rows), _) => {
+                    let decode_limit = match (&self.parts.model, reference) {
+                        (Model::Segment(_), Some(reference)) => reference.preprocess.max_pixels,
+                        // Patch runs decode cached images with the default guard.
+                        _ => PreprocessConfig::DEFAULT_MAX_PIXELS,
+                    };
+                    Input::CachedTiles {
+                        image: crate::preprocess::decode_rgb8(bytes, path, decode_limit)?,
+                        rows: rows.collect(),
+                    }
+                }
+                (None, Some(reference)) => {
+                    let (image, tiles) = crate::spatial::tile::preprocess_tile_bytes(
+                        bytes,
+                        path,
+                        &reference.preprocess,
+                        &self.tiling(),
+                    )?;
+                    Input::Tiles { image, tiles }
+                }
+                (None, None) => return Err(no_encoder()),
+            }
+        };
+        Ok(Prepared {
+            image_id: hex::encode(sha256),
+            input,
+        })
+    }
+
+    /// Predicts a batch: one encoder pass over every image (or tile) the
+    /// cache lacks, then each image scored on its own. The encoder failing
+    /// to load or run fails the batch; a scoring failure fails its image.
+    pub fn predict(
+        &self,
+        batch: Vec<Prepared>,
+    ) -> Result<Vec<Result<Outcome, String>>, PredictError> {
+        let encoded = self.encode(&batch)?;
+        let mut next_row = 0;
+        Ok(batch
+            .into_iter()
+            .map(|prepared| {
+                let count = prepared.encoder_inputs();
+                let rows = next_row..next_row + count;
+                next_row += count;
+                self.score(prepared, encoded.as_ref(), rows)
+                    .map_err(|e| e.to_string())
+            })
+            .collect())
+    }
+
+    /// The encoder's output for the batch's encoder inputs, in order: pooled
+    /// features [n, dim] or feature maps (one [n, c, h, w] per level).
+    fn encode(&self, batch: &[Prepared]) -> Result<Option<Encoded>, PredictError> {
+        let total: usize = batch.iter().map(Prepared::encoder_inputs).sum();
+        if total == 0 {
+            return Ok(None);
+        }
+        let encoder = self.load_encoder()?;
+        let side = match &self.parts.encoder {
+            Some(reference) => reference.preprocess.input_size as usize,
+            None => encoder.spec().input_size as usize,
+        };
+        let maps = self.is_tiled();
+        let mut values = Vec::with_capacity(total * 3 * side * side);
+        for prepared in batch {
+            match &prepared.input {
+                Input::Pixels(pixels) => values.extend_from_slice(pixels),
+                Input::Tiles { tiles, .. } => {
+                    for (_, pixels) in tiles {
+                        values.extend_from_slice(pixels);
+                    }
+                }
+                Input::CachedRow(_) | Input::CachedTiles { .. } => {}
+            }
+        }
+        // At most ENCODER_CHUNK inputs per forward pass (a batch of large
+        // images can hold hundreds of tiles); the kernels give each input
+        // the same bits in any pass, so chunks change no answer.
+        let per_input = 3 * side * side;
+        let encoder_error = |e: &dyn std::fmt::Display| PredictError::Encoder {
+            owner: self.parts.owner.clone(),
+            message: e.to_string(),
+        };
+        let mut pooled_parts = Vec::new();
+        let mut map_parts: Vec<Vec<Tensor>> = Vec::new();
+        for chunk in values.chunks(ENCODER_CHUNK * per_input) {
+            let n = chunk.len() / per_input;
+            let input = Tensor::from_slice(chunk, (n, 3, side, side), &self.parts.device)?;
+            if maps {
+                let levels =
+                    crate::spatial::encode_maps(encoder, &input).map_err(|e| encoder_error(&e))?;
+                map_parts.push(levels);
+            } else {
+                let pooled = encoder
+                    .forward_pooled(&input)
+                    .map_err(|e| encoder_error(&e))?;
+                pooled_parts.push(pooled);
+            }
+        }
+        if maps {
+            let levels = map_parts.first().map_or(0, Vec::len);
+            let joined = (0..levels)
+                .map(|level| {
+                    let parts: Vec<&Tensor> = map_parts.iter().map(|p| &p[level]).collect();
+                    Tensor::cat(&parts, 0)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(Encoded::Maps(joined)))
+        } else {
+            Ok(Some(Encoded::Pooled(Tensor::cat(&pooled_parts, 0)?)))
+        }
+    }
+
+    /// One image's prediction from its cached rows or its rows of the batch's
+    /// encoder output.
+    fn score(
+        &self,
+        prepared: Prepared,
+        encoded: Option<&Encoded>,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Outcome, PredictError> {
+        let device = &self.parts.device;
+        let from_cache = matches!(
+            prepared.input,
+            Input::CachedRow(_) | Input::CachedTiles { .. }
+        );
+        let cache = || {
+            self.parts
+                .cache
+                .as_ref()
+                .expect("cached inputs come from the cache")
+        };
+        let encoded = || encoded.expect("encoder inputs were encoded");
+        let result = match (&self.parts.model, prepared.input) {
+            (Model::Classify(head), Input::CachedRow(row)) => {
+                let probabilities = head.probabilities_of_rows(cache().features(), &[row])?;
+                RawResult::Classes(probabilities.into_iter().next().unwrap_or_default())
+            }
+            (Model::Classify(head), Input::Pixels(_)) => {
+                let probabilities = head.probabilities(&encoded().pooled_rows(rows)?)?;
+                RawResult::Classes(probabilities.into_iter().next().unwrap_or_default())
+            }
+            (Model::Anomaly(scorer), Input::CachedRow(row)) => {
+                let values: Vec<f32> = cache()
+                    .features()
+                    .pooled(row)
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                RawResult::Score {
+                    score: self.single(scorer.scores(&values, device)?)?,
+                    patch: None,
+                }
+            }
+            (Model::Anomaly(scorer), Input::Pixels(_)) => {
+                let values = encoded()
+                    .pooled_rows(rows)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                RawResult::Score {
+                    score: self.single(scorer.scores(&values, device)?)?,
+                    patch: None,
+                }
+            }
+            (Model::Anomaly(scorer), Input::CachedTiles { image, rows }) => {
+                let scorer = scorer.patch().expect("tiles only for patch runs");
+                let features = cache().features();
+                let values = scorer.geometry().cached_rows(features, &rows, device)?;
+                let scores = scorer.patch_scores(values, &SavedScorer::plan(), device)?;
+                let positions = scorer.geometry().positions();
+                let tiles = rows
+                    .iter()
+                    .zip(scores.chunks(positions))
+                    .map(|(&row, grid)| (features.tile(row).unwrap_or([0; 4]), grid.to_vec()))
+                    .collect();
+                let scored = ScoredImage::new(tiles);
+                RawResult::Score {
+                    score: scored.score,
+                    patch: Some(Box::new((image, scored))),
+                }
+            }
+            (Model::Anomaly(scorer), Input::Tiles { image, tiles }) => {
+                let scorer = scorer.patch().expect("tiles only for patch runs");
+                let maps = encoded().maps()?;
+                let plan = SavedScorer::plan();
+                let positions = scorer.geometry().positions();
+                let mut scored = Vec::with_capacity(tiles.len());
+                for (group, group_rows) in tile_groups(&tiles, rows) {
+                    let values = scorer.geometry().rows(&narrow_maps(maps, group_rows)?)?;
+                    let scores = scorer.patch_scores(values, &plan, device)?;
+                    for ((tile, _), grid) in group.iter().zip(scores.chunks(positions)) {
+                        scored.push((*tile, grid.to_vec()));
+                    }
+                }
+                let scored = ScoredImage::new(scored);
+                RawResult::Score {
+                    score: scored.score,
+                    patch: Some(Box::new((image, scored))),
+                }
+            }
+            (Model::Segment(trained), Input::CachedTiles { image, rows }) => {
+                let logits = super::segment::cached_logits(trained, cache(), &rows, device)?;
+                segment_result(trained, image, &logits)
+            }
+            (Model::Segment(trained), Input::Tiles { image, tiles }) => {
+                let maps = encoded().maps()?;
+                let mut logits = Vec::with_capacity(tiles.len());
+                for (group, group_rows) in tile_groups(&tiles, rows) {
+                    let grid = crate::segment::model::grid_logits(
+                        &trained.geometry,
+                        &trained.head,
+                        &narrow_maps(maps, group_rows)?,
+                        DType::F32,
+                        None,
+                    )?
+                    .to_vec3::<f32>()?;
+                    logits.extend(group.iter().map(|(tile, _)| *tile).zip(grid));
+                }
+                segment_result(trained, image, &logits)
+            }
+            _ => unreachable!("prepare makes inputs of the model's kind"),
+        };
+        Ok(Outcome {
+            image_id: prepared.image_id,
+            features_from: if from_cache { "cache" } else { "encoder" },
+            result,
+        })
+    }
+
+    fn single(&self, scores: Vec<f64>) -> Result<f64, PredictError> {
+        match scores.as_slice() {
+            [score] => Ok(*score),
+            other => Err(PredictError::Model {
+                owner: self.parts.owner.clone(),
+                message: format!("the scorer gave {} scores for one image", other.len()),
+            }),
+        }
+    }
+}
+
+/// The batch's encoder output.
+enum Encoded {
+    Pooled(Tensor),
+    Maps(Vec<Tensor>),
+}
+
+impl Encoded {
+    fn pooled_rows(&self, rows: std::ops::Range<usize>) -> Result<Tensor, candle_core::Error> {
+        match self {
+            Encoded::Pooled(pooled) => pooled.narrow(0, rows.start, rows.len()),
+            Encoded::Maps(_) => Err(candle_core::Error::Msg(
+                "pooled rows of feature maps".into(),
+            )),
+        }
+    }
+
+    fn maps(&self) -> Result<&[Tensor], candle_core::Error> {
+        match self {
+            Encoded::Maps(maps) => Ok(maps),
+            Encoded::Pooled(_) => Err(candle_core::Error::Msg(
+                "feature maps of pooled features".into(),
+            )),
+        }
+    }
+}
+
+/// An image's tiles in groups of [`TILE_GROUP`], each with its rows of the
+/// batch's maps.
+fn tile_groups(
+    tiles: &[PreparedTile],
+    rows: std::ops::Range<usize>,
+) -> impl Iterator<Item = (&[PreparedTile], std::ops::Range<usize>)> {
+    tiles.chunks(TILE_GROUP).enumerate().map(move |(g, group)| {
+        let start = rows.start + g * TILE_GROUP;
+        (group, start..start + group.len())
+    })
+}
+
+/// Rows `rows` of every level's maps.
+fn narrow_maps(
+    maps: &[Tensor],
+    rows: std::ops::Range<usize>,
+) -> Result<Vec<Tensor>, candle_core::Error> {
+    maps.iter()
+        .map(|level| level.narrow(0, rows.start, rows.len()))
+        .collect()
+}
+
+fn segment_result(
+    trained: &TrainedSegmentHead,
+    image: RgbImage,
+    logits: &super::segment::TileLogits,
+) -> RawResult {
+    let classes = super::segment::stitch(trained, image.width(), image.height(), logits);
+    RawResult::Mask {
+        image: Box::new(image),
+        tiles: logits.len(),
+        classes,
+    }
+}
