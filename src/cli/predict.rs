@@ -105,18 +105,19 @@ pub fn run(layout: &Layout, args: PredictArgs) -> anyhow::Result<()> {
     if args.json {
         super::print_json(&predictions)?;
     } else {
-        print_predictions(&predictions);
+        for line in predictions.lines() {
+            match line {
+                Ok(answer) => println!("{answer}"),
+                Err(error) => eprintln!("{error}"),
+            }
+        }
     }
     let failed = predictions.failed();
     if failed > 0 {
-        let verb = match &predictions {
-            RunPredictions::Classify(_) => "predicted",
-            RunPredictions::Anomaly(_) => "scored",
-            RunPredictions::Segment(_) => "segmented",
-        };
         bail!(
-            "{failed} of {} images could not be {verb}",
-            predictions.len()
+            "{failed} of {} images could not be {}",
+            predictions.len(),
+            predictions.verb()
         );
     }
     Ok(())
@@ -127,72 +128,6 @@ fn task_of(kind: super::train::TaskKind) -> Task {
         super::train::TaskKind::Classify => Task::Classify,
         super::train::TaskKind::Anomaly => Task::Anomaly,
         super::train::TaskKind::Segment => Task::Segment,
-    }
-}
-
-/// One line per image (errors on stderr).
-fn print_predictions(predictions: &RunPredictions) {
-    match predictions {
-        RunPredictions::Classify(predictions) => {
-            for p in predictions {
-                match &p.error {
-                    Some(error) => eprintln!("error: {}: {error}", p.path.display()),
-                    None => {
-                        let classes: Vec<String> = p
-                            .top
-                            .iter()
-                            .map(|(class, probability)| format!("{class} {probability:.3}"))
-                            .collect();
-                        println!(
-                            "{}: {} ({})",
-                            p.path.display(),
-                            classes.join(", "),
-                            p.features_from.unwrap_or("")
-                        );
-                    }
-                }
-            }
-        }
-        RunPredictions::Anomaly(scored) => {
-            println!(
-                "run {} ({}): anomalous at score >= {:.4} (best F1 on the validation split)",
-                scored.run, scored.scorer, scored.threshold
-            );
-            for p in &scored.images {
-                match (&p.error, p.score, p.anomalous) {
-                    (Some(error), _, _) => eprintln!("error: {}: {error}", p.path.display()),
-                    (None, Some(score), Some(anomalous)) => println!(
-                        "{}: score {score:.4} {} ({}){}",
-                        p.path.display(),
-                        if anomalous { "anomalous" } else { "normal" },
-                        p.features_from.unwrap_or(""),
-                        p.heatmap
-                            .as_ref()
-                            .map(|h| format!(", heat map {}", h.display()))
-                            .unwrap_or_default()
-                    ),
-                    _ => {}
-                }
-            }
-        }
-        RunPredictions::Segment(predictions) => {
-            for p in predictions {
-                match (&p.error, &p.mask) {
-                    (Some(error), _) => eprintln!("error: {}: {error}", p.path.display()),
-                    (None, Some(mask)) => println!(
-                        "{}: {}x{} in {} tiles, foreground {:.3}: {} ({})",
-                        p.path.display(),
-                        p.width,
-                        p.height,
-                        p.tiles,
-                        p.foreground_fraction.unwrap_or(0.0),
-                        mask.display(),
-                        p.features_from.unwrap_or("")
-                    ),
-                    (None, None) => {}
-                }
-            }
-        }
     }
 }
 

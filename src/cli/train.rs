@@ -6,7 +6,6 @@ use clap::{Args, ValueEnum};
 use lazarus::layout::Layout;
 use lazarus::runs::TrainRequest;
 use lazarus::runs::settings::{Source, train_settings};
-use lazarus::train::config::Task;
 use lazarus::train::run::FitOptions;
 use toml::Value;
 
@@ -343,14 +342,10 @@ pub struct SweepArgs {
 pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
     let sweep = lazarus::runs::sweep_file::read(&args.file)?;
     let started = std::time::Instant::now();
-    let all_anomaly = sweep.points.iter().all(|p| p.config.task == Task::Anomaly);
-    let metric = args.metric.clone().unwrap_or_else(|| {
-        if all_anomaly {
-            "test/roc_auc".into()
-        } else {
-            "test/accuracy".into()
-        }
-    });
+    let metric = args
+        .metric
+        .clone()
+        .unwrap_or_else(|| sweep.default_chart_metric().to_string());
     let options = lazarus::runs::SweepOptions {
         fit: FitOptions {
             device: super::queue::device(args.device)?,

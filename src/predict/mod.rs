@@ -395,6 +395,86 @@ impl RunPredictions {
         self.len() == 0
     }
 
+    /// What was done to each image, for "N of M images could not be …".
+    pub fn verb(&self) -> &'static str {
+        match self {
+            RunPredictions::Classify(_) => "predicted",
+            RunPredictions::Anomaly(_) => "scored",
+            RunPredictions::Segment(_) => "segmented",
+        }
+    }
+
+    /// The answers as text, one line per image: `Ok` for an answer, `Err`
+    /// for an image that has none (`error: PATH: why`), in image order; an
+    /// anomaly run's first line names its scorer and threshold.
+    pub fn lines(&self) -> Vec<Result<String, String>> {
+        let failed = |path: &Path, error: &str| Err(format!("error: {}: {error}", path.display()));
+        let mut lines = Vec::new();
+        match self {
+            RunPredictions::Classify(predictions) => {
+                for p in predictions {
+                    lines.push(match &p.error {
+                        Some(error) => failed(&p.path, error),
+                        None => {
+                            let classes: Vec<String> = p
+                                .top
+                                .iter()
+                                .map(|(class, probability)| format!("{class} {probability:.3}"))
+                                .collect();
+                            Ok(format!(
+                                "{}: {} ({})",
+                                p.path.display(),
+                                classes.join(", "),
+                                p.features_from.unwrap_or("")
+                            ))
+                        }
+                    });
+                }
+            }
+            RunPredictions::Anomaly(scored) => {
+                lines.push(Ok(format!(
+                    "run {} ({}): anomalous at score >= {:.4} (best F1 on the validation split)",
+                    scored.run, scored.scorer, scored.threshold
+                )));
+                for p in &scored.images {
+                    match (&p.error, p.score, p.anomalous) {
+                        (Some(error), _, _) => lines.push(failed(&p.path, error)),
+                        (None, Some(score), Some(anomalous)) => lines.push(Ok(format!(
+                            "{}: score {score:.4} {} ({}){}",
+                            p.path.display(),
+                            if anomalous { "anomalous" } else { "normal" },
+                            p.features_from.unwrap_or(""),
+                            p.heatmap
+                                .as_ref()
+                                .map(|h| format!(", heat map {}", h.display()))
+                                .unwrap_or_default()
+                        ))),
+                        _ => {}
+                    }
+                }
+            }
+            RunPredictions::Segment(predictions) => {
+                for p in predictions {
+                    match (&p.error, &p.mask) {
+                        (Some(error), _) => lines.push(failed(&p.path, error)),
+                        (None, Some(mask)) => lines.push(Ok(format!(
+                            "{}: {}x{} in {} tiles, foreground {:.3}: {} ({})",
+                            p.path.display(),
+                            p.width,
+                            p.height,
+                            p.tiles,
+                            p.foreground_fraction.unwrap_or(0.0),
+                            mask.display(),
+                            p.features_from.unwrap_or("")
+                        ))),
+                        (None, None) => {}
+                    }
+                }
+            }
+        }
+        lines
+    }
+
     /// Images that got an error instead of a prediction.
     pub fn failed(&self) -> usize {
         match self {

@@ -64,6 +64,23 @@ pub struct Sweep {
     pub label_map: BTreeMap<String, String>,
 }
 
+impl Sweep {
+    /// The metric the sweep's chart plots when the user names none:
+    /// `test/roc_auc` when every head is an anomaly scorer, else
+    /// `test/accuracy`.
+    pub fn default_chart_metric(&self) -> &'static str {
+        let all_anomaly = self
+            .points
+            .iter()
+            .all(|point| point.config.task == crate::train::config::Task::Anomaly);
+        if all_anomaly {
+            "test/roc_auc"
+        } else {
+            "test/accuracy"
+        }
+    }
+}
+
 fn invalid(path: &Path, message: String) -> TrainError {
     TrainError::Invalid(format!("sweep file {}: {message}", path.display()))
 }
