@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use lazarus::encoders::{InputChoice, InputResize};
 use lazarus::extract::jobs::JobRunner;
 use lazarus::extract::plan::{self, EnqueueRequest, NoopPayload, WeightsChoice};
 use lazarus::extract::report::{self, StatusReport};
@@ -37,6 +38,26 @@ pub struct EnqueueArgs {
     /// features of the center crop. A separate feature set (own fingerprint).
     #[arg(long)]
     pub spatial: bool,
+    /// Which layers pooled features are made of: `last` (the encoder's own),
+    /// `all` (EfficientNet-Lite: each of its 7 stages and the head, each
+    /// averaged over its pixels and concatenated) or a list such as
+    /// `5,6,7,head`. A separate feature set (own fingerprint).
+    #[arg(
+        long,
+        default_value = "last",
+        value_name = "last|all|LIST",
+        conflicts_with = "spatial"
+    )]
+    pub layers: String,
+    /// Pooled features at this input square (pixels) instead of the
+    /// encoder's own (EfficientNet-Lite only); e.g. an image's native size.
+    #[arg(long, value_name = "N", conflicts_with = "spatial")]
+    pub image_size: Option<u32>,
+    /// How an image becomes the input square: `crop` (shorter side to
+    /// size / 0.875, then the center, the default) or `stretch` (the whole
+    /// image, aspect ratio ignored).
+    #[arg(long, value_enum, conflicts_with = "spatial")]
+    pub resize: Option<ResizeArg>,
     /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
     #[arg(long, default_value_t = 512, requires = "spatial")]
     pub tile_size: u32,
@@ -166,6 +187,33 @@ pub struct RequeueArgs {
     pub json: bool,
 }
 
+/// `enqueue --resize`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ResizeArg {
+    Crop,
+    Stretch,
+}
+
+/// `--image-size` and `--resize` as the library takes them: either alone
+/// keeps the other as the encoder has it (its size; `crop`).
+fn input_choice(
+    encoder: &str,
+    image_size: Option<u32>,
+    resize: Option<ResizeArg>,
+) -> anyhow::Result<Option<InputChoice>> {
+    if image_size.is_none() && resize.is_none() {
+        return Ok(None);
+    }
+    let spec = lazarus::encoders::lookup(encoder)?;
+    Ok(Some(InputChoice {
+        size: image_size.unwrap_or(spec.input_size),
+        resize: match resize {
+            Some(ResizeArg::Stretch) => InputResize::Stretch,
+            Some(ResizeArg::Crop) | None => InputResize::Crop,
+        },
+    }))
+}
+
 pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
     if let Some(count) = args.noop_jobs {
         let payload = NoopPayload {
@@ -185,6 +233,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let image_size = args.image_size;
     let (Some(dataset), Some(encoder)) = (args.dataset, args.encoder) else {
         bail!("--dataset and --encoder are required");
     };
@@ -194,7 +243,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
     };
     let request = EnqueueRequest {
         dataset,
-        encoder,
+        encoder: encoder.clone(),
         chunk_size: args.chunk_size,
         force: args.force,
         spatial: args.spatial,
@@ -203,6 +252,8 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
             overlap: args.tile_overlap,
         },
         weights,
+        layers: lazarus::encoders::PooledLayers::parse(&args.layers)?,
+        input: input_choice(&encoder, image_size, args.resize)?,
     };
     let outcome = plan::enqueue(layout, &request)?;
     if args.json {

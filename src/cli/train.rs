@@ -74,6 +74,11 @@ pub struct TrainArgs {
     /// of this encoder holds the dataset's images.
     #[arg(long)]
     pub fingerprint: Option<String>,
+    /// Only features of these pooled layers (as `enqueue --layers`: `last`,
+    /// `all` or a list such as `5,6,7,head`), when the dataset has features
+    /// of several.
+    #[arg(long, value_name = "last|all|LIST")]
+    pub layers: Option<String>,
     /// Train on the images that have features when some lack them (extraction
     /// unfinished or failed) instead of refusing; the run records how many
     /// lacked (param images_lacking).
@@ -234,6 +239,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
     let given: Vec<(&str, Option<Value>)> = vec![
         ("task", Some(name(args.task))),
         ("fingerprint", args.fingerprint.as_deref().and_then(text)),
+        ("layers", args.layers.as_deref().and_then(text)),
         ("init_from", args.init_from.as_deref().and_then(text)),
         ("normal_label", labels(&args.normal_labels)),
         ("anomaly_label", labels(&args.anomaly_labels)),
@@ -283,6 +289,7 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
         dataset: args.dataset.clone().expect("clap requires --dataset"),
         encoder: args.encoder.clone().expect("clap requires --encoder"),
         fingerprint: settings.fingerprint,
+        layers: settings.layers,
         experiment: args.experiment.clone(),
         allow_partial: args.allow_partial,
         config: settings.config,

@@ -75,6 +75,18 @@ impl Config {
         round_filters(112, self.width)
     }
 
+    /// Output channels of each of the seven stages, first stage first (the
+    /// stage outputs `--layers` pools).
+    pub fn stage_channels(&self) -> Vec<usize> {
+        let mut channels: Vec<usize> = Vec::new();
+        for block in self.blocks() {
+            if channels.len() == block.stage {
+                channels.push(block.output);
+            }
+        }
+        channels
+    }
+
     /// The blocks in order, after width and depth scaling.
     fn blocks(&self) -> Vec<BlockConfig> {
         // (repeats, kernel, stride, expand, input, output): TF's lite block strings.
@@ -419,6 +431,7 @@ fn network_weights(
     blocks: &[MbConv],
     head: &ConvBn,
     stride16_block: usize,
+    stage_ends: Vec<usize>,
 ) -> Result<Option<NetworkWeights>> {
     if !stem.weight.device().is_cpu() || stem.weight.dtype() != DType::F32 {
         return Ok(None);
@@ -444,6 +457,7 @@ fn network_weights(
             .collect::<Result<_>>()?,
         head: conv_weights(head)?,
         stride16_block,
+        stage_ends,
     }))
 }
 
@@ -455,18 +469,28 @@ fn stride16_block(blocks: &[MbConv]) -> usize {
         .expect("the fifth stage has at least one block")
 }
 
+/// Index of the last block of each stage, first stage first.
+fn stage_ends(blocks: &[MbConv]) -> Vec<usize> {
+    (0..blocks.len())
+        .filter(|&i| i + 1 == blocks.len() || blocks[i + 1].stage != blocks[i].stage)
+        .collect()
+}
+
 /// The CPU network's NHWC arrays as tensors; the maps are NCHW views.
 fn cpu_features(outputs: Outputs, n: usize, device: &candle_core::Device) -> Result<Features> {
     let Outputs {
         pooled,
+        stages,
         stride16,
         stride16_shape: (h16, w16, c16),
         stride32,
         stride32_shape: (h32, w32, c32),
     } = outputs;
     let features = pooled.len() / n.max(1);
+    let stage_features = stages.len() / n.max(1);
     Ok(Features {
         pooled: Tensor::from_vec(pooled, (n, features), device)?,
+        stages: Tensor::from_vec(stages, (n, stage_features), device)?,
         stride16: Tensor::from_vec(stride16, (n, h16, w16, c16), device)?.permute((0, 3, 1, 2))?,
         stride32: Tensor::from_vec(stride32, (n, h32, w32, c32), device)?.permute((0, 3, 1, 2))?,
     })
@@ -477,6 +501,9 @@ fn cpu_features(outputs: Outputs, n: usize, device: &candle_core::Device) -> Res
 pub struct Features {
     /// [n, 1280]: the head output averaged over H and W.
     pub pooled: Tensor,
+    /// [n, sum of `Config::stage_channels`]: each stage's output averaged
+    /// over H and W, first stage first.
+    pub stages: Tensor,
     /// [n, 112 × width, ⌈H/16⌉, ⌈W/16⌉]: output of the fifth stage.
     pub stride16: Tensor,
     /// [n, 1280, ⌈H/32⌉, ⌈W/32⌉]: output of the head (conv, BN, ReLU6).
@@ -538,8 +565,14 @@ impl EfficientNetLite {
             )?,
             Some(fc.get_with_hints(config.num_classes, "bias", Init::Const(0.0))?),
         );
-        let cpu_weights =
-            network_weights(&stem, &blocks, &head, stride16_block(&blocks))?.map(Box::new);
+        let cpu_weights = network_weights(
+            &stem,
+            &blocks,
+            &head,
+            stride16_block(&blocks),
+            stage_ends(&blocks),
+        )?
+        .map(Box::new);
         let mut model = Self {
             config,
             stem,
@@ -611,16 +644,22 @@ impl EfficientNetLite {
         let mut x = self.stem.forward(images)?;
         let mut stride16 = None;
         let stride16_block = self.stride16_block();
+        let stage_ends = stage_ends(&self.blocks);
+        let mut stages = Vec::with_capacity(stage_ends.len());
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
             if i == stride16_block {
                 stride16 = Some(x.clone());
+            }
+            if stage_ends.contains(&i) {
+                stages.push(x.mean(D::Minus1)?.mean(D::Minus1)?);
             }
         }
         let stride32 = self.head.forward(&x)?;
         let pooled = stride32.mean(D::Minus1)?.mean(D::Minus1)?;
         Ok(Features {
             pooled,
+            stages: Tensor::cat(&stages, 1)?,
             stride16: stride16.expect("the fifth stage has at least one block"),
             stride32,
         })
@@ -645,6 +684,21 @@ mod tests {
         assert_eq!(round_filters(320, 1.2), 384);
         assert_eq!(round_filters(24, 1.4), 32);
         assert_eq!(round_filters(112, 1.4), 160);
+    }
+
+    #[test]
+    fn stage_channels_follow_the_width() {
+        // Lite0: TF's block strings; Lite2 (width 1.1): round_filters of each.
+        assert_eq!(
+            Config::lite0().stage_channels(),
+            [16, 24, 40, 80, 112, 192, 320]
+        );
+        assert_eq!(
+            Config::lite2().stage_channels(),
+            [16, 24, 48, 88, 120, 208, 352]
+        );
+        let model = random_lite0();
+        assert_eq!(stage_ends(&model.blocks), [0, 2, 4, 7, 10, 14, 15]);
     }
 
     #[test]
@@ -820,6 +874,7 @@ mod tests {
                 let generic = model.features_generic(&images).unwrap();
                 for (name, a, b) in [
                     ("pooled", &fast.pooled, &generic.pooled),
+                    ("stages", &fast.stages, &generic.stages),
                     ("stride16", &fast.stride16, &generic.stride16),
                     ("stride32", &fast.stride32, &generic.stride32),
                 ] {
@@ -843,6 +898,7 @@ mod tests {
             let small = (**cpu).clone().with_budgets(ring_bytes, band_bytes);
             let fast = cpu_features(small.run(&data, 2, (96, 80)).unwrap(), 2, &dev).unwrap();
             assert_close("pooled", &fast.pooled, &reference.pooled);
+            assert_close("stages", &fast.stages, &reference.stages);
             assert_close("stride16", &fast.stride16, &reference.stride16);
             assert_close("stride32", &fast.stride32, &reference.stride32);
         }
@@ -860,6 +916,7 @@ mod tests {
             let alone = model.features(&batch.narrow(0, i, 1).unwrap()).unwrap();
             for (name, a, b) in [
                 ("pooled", &alone.pooled, &together.pooled),
+                ("stages", &alone.stages, &together.stages),
                 ("stride16", &alone.stride16, &together.stride16),
                 ("stride32", &alone.stride32, &together.stride32),
             ] {

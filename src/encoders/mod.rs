@@ -11,6 +11,10 @@ pub use cpu_kernels::{SIMD_ENV, SimdLevel};
 pub mod dinov2;
 pub mod efficientnet;
 pub mod efficientnet_lite;
+mod input;
+pub use input::{InputChoice, InputResize};
+mod layers;
+pub use layers::PooledLayers;
 pub mod resnet;
 
 use std::path::PathBuf;
@@ -50,6 +54,10 @@ pub enum EncoderError {
         got: Vec<usize>,
         size: usize,
     },
+    #[error("{encoder}: {reason}")]
+    InputChoice { encoder: String, reason: String },
+    #[error("--layers '{value}': {reason}")]
+    Layers { value: String, reason: String },
     #[error("{encoder}: forward pass failed: {source}")]
     Forward {
         encoder: String,
@@ -334,7 +342,10 @@ pub trait Encoder: Send + Sync {
     /// `images`: [n, 3, input_size, input_size] f32, normalised by `spec().preprocess`.
     /// Returns pooled features and, when the spec has one, the spatial map.
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError>;
-    /// Pooled features only: skips work some families need for the spatial map.
+    /// The layers its pooled features are made of (`forward_pooled`).
+    fn layers(&self) -> &PooledLayers;
+    /// Pooled features of `layers()` only: skips work some families need
+    /// for the spatial map.
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError>;
     /// Pooled features and every spatial map, finest first; an encoder
     /// without spatial maps returns an empty list.
@@ -348,6 +359,17 @@ pub fn load_encoder(
     source: WeightsSource,
     device: &Device,
 ) -> Result<Box<dyn Encoder>, EncoderError> {
+    load_encoder_layers(spec, source, device, &PooledLayers::last())
+}
+
+/// As [`load_encoder`], with pooled features made of `layers`.
+pub fn load_encoder_layers(
+    spec: &EncoderSpec,
+    source: WeightsSource,
+    device: &Device,
+    layers: &PooledLayers,
+) -> Result<Box<dyn Encoder>, EncoderError> {
+    layers.check(spec)?;
     let weights_error = |source| EncoderError::Weights {
         encoder: spec.name.to_string(),
         source: Box::new(source),
@@ -401,6 +423,7 @@ pub fn load_encoder(
         device: device.clone(),
         sha256,
         model,
+        layers: layers.clone(),
     }))
 }
 
@@ -474,7 +497,12 @@ impl Model {
         })
     }
 
-    fn forward(&self, images: &Tensor, with_spatial: bool) -> candle_core::Result<EncoderOutput> {
+    fn forward(
+        &self,
+        images: &Tensor,
+        with_spatial: bool,
+        layers: &PooledLayers,
+    ) -> candle_core::Result<EncoderOutput> {
         let pooled_only = |pooled| EncoderOutput {
             pooled,
             spatial: None,
@@ -483,7 +511,7 @@ impl Model {
             Model::Lite(model) => {
                 let features = model.features(images)?;
                 EncoderOutput {
-                    pooled: features.pooled,
+                    pooled: lite_pooled(model, &features, layers)?,
                     spatial: with_spatial.then_some(features.stride32),
                 }
             }
@@ -530,11 +558,33 @@ impl Model {
                 }],
             },
             other => FeatureMaps {
-                pooled: other.forward(images, false)?.pooled,
+                pooled: other.forward(images, false, &PooledLayers::last())?.pooled,
                 maps: Vec::new(),
             },
         })
     }
+}
+
+/// A Lite forward pass's pooled features of `layers`: the chosen stages'
+/// columns of `features.stages`, then the head's pooled output.
+fn lite_pooled(
+    model: &efficientnet_lite::EfficientNetLite,
+    features: &efficientnet_lite::Features,
+    layers: &PooledLayers,
+) -> candle_core::Result<Tensor> {
+    if layers.is_last() {
+        return Ok(features.pooled.clone());
+    }
+    let channels = model.config().stage_channels();
+    let mut parts = layers
+        .stage_columns(&channels)
+        .into_iter()
+        .map(|(offset, width)| features.stages.narrow(1, offset, width))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if layers.head() {
+        parts.push(features.pooled.clone());
+    }
+    Tensor::cat(&parts, 1)
 }
 
 struct Loaded {
@@ -542,6 +592,7 @@ struct Loaded {
     device: Device,
     sha256: Option<String>,
     model: Model,
+    layers: PooledLayers,
 }
 
 impl Encoder for Loaded {
@@ -559,6 +610,10 @@ impl Encoder for Loaded {
 
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError> {
         self.run(images, true)
+    }
+
+    fn layers(&self) -> &PooledLayers {
+        &self.layers
     }
 
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
@@ -580,7 +635,7 @@ impl Loaded {
     fn run(&self, images: &Tensor, with_spatial: bool) -> Result<EncoderOutput, EncoderError> {
         let images = self.checked_input(images)?;
         self.model
-            .forward(&images, with_spatial)
+            .forward(&images, with_spatial, &self.layers)
             .map_err(|source| EncoderError::Forward {
                 encoder: self.spec.name.to_string(),
                 source,

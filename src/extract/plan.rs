@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
 use crate::dataset::ImageRecord;
 use crate::digest::{ContentId, sha256_hex};
-use crate::encoders::{self, EncoderSpec};
+use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers};
 use crate::layout::Layout;
 use crate::queue::{LiveJob, NewJob, Plan};
 use crate::spatial::tile::{TileConfig, spatial_preprocess};
@@ -75,6 +75,11 @@ pub struct EnqueueRequest {
     /// How `spatial` extraction cuts large images.
     pub tiling: TileConfig,
     pub weights: WeightsChoice,
+    /// Which layers pooled features are made of (`--layers`).
+    pub layers: PooledLayers,
+    /// The input square of pooled features (`--image-size`, `--resize`);
+    /// the encoder's own when None.
+    pub input: Option<InputChoice>,
 }
 
 /// One image of an extraction job: everything the worker needs, so it
@@ -119,6 +124,12 @@ pub struct ExtractPayload {
     /// Tiling of spatial jobs (absent in pooled jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiling: Option<TileConfig>,
+    /// The layers of pooled features (absent: `last`, as before `--layers`).
+    #[serde(default, skip_serializing_if = "PooledLayers::is_last")]
+    pub layers: PooledLayers,
+    /// The input square (absent: the encoder's registered one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputChoice>,
 }
 
 impl ExtractPayload {
@@ -199,20 +210,31 @@ pub struct EnqueueOutcome {
 }
 
 /// The fingerprint of an extraction configuration: sha256 over the JSON of
-/// encoder name, weights identity, preprocessing, spatial flag and feature
+/// encoder name, weights identity, preprocessing, spatial flag, pooled layers
+/// (when not `last`) and feature
 /// format; spatial sets add their tiling and use their own preprocessing, so
 /// pooled and spatial features never share a fingerprint.
 pub fn fingerprint(
     encoder: &EncoderSpec,
     weights_id: &str,
     spatial: Option<&TileConfig>,
+    layers: &PooledLayers,
 ) -> String {
     let identity = match spatial {
+        // `last` adds no key: fingerprints from before `--layers` stay.
+        None if layers.is_last() => serde_json::json!({
+            "encoder": encoder.name,
+            "weights": weights_id,
+            "preprocess": encoder.preprocess,
+            "spatial": false,
+            "feature_format": FEATURE_FORMAT_VERSION,
+        }),
         None => serde_json::json!({
             "encoder": encoder.name,
             "weights": weights_id,
             "preprocess": encoder.preprocess,
             "spatial": false,
+            "layers": layers.to_string(),
             "feature_format": FEATURE_FORMAT_VERSION,
         }),
         Some(tiling) => serde_json::json!({
@@ -287,11 +309,29 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         return Err(ExtractError::ZeroChunkSize);
     }
     let dataset = crate::dataset::load(layout, &request.dataset)?;
-    let encoder = encoders::lookup(&request.encoder)?;
+    let registered = encoders::lookup(&request.encoder)?;
+    // The registry's own square is no choice: its fingerprint stays.
+    let input = request
+        .input
+        .filter(|input| input.preprocess(&registered) != registered.preprocess);
+    let encoder = registered.with_input(input.as_ref())?;
     if request.spatial && encoder.spatial.is_none() {
         return Err(ExtractError::NoSpatial {
             encoder: encoder.name.to_string(),
         });
+    }
+    request.layers.check(&encoder)?;
+    if request.spatial && input.is_some() {
+        return Err(ExtractError::Tiling {
+            message: "spatial features are cut into tiles of their own size; drop --image-size and --resize".into(),
+        });
+    }
+    if request.spatial && !request.layers.is_last() {
+        return Err(ExtractError::Encoder(encoders::EncoderError::Layers {
+            value: request.layers.to_string(),
+            reason: "spatial features keep the encoder's own maps; drop --layers or --spatial"
+                .into(),
+        }));
     }
     let weights = resolve_weights(encoder.name, &request.weights)?;
     let tiling = request.spatial.then_some(request.tiling);
@@ -300,7 +340,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             message: e.to_string(),
         })?;
     }
-    let fingerprint = fingerprint(&encoder, &weights.id, tiling.as_ref());
+    let fingerprint = fingerprint(&encoder, &weights.id, tiling.as_ref(), &request.layers);
     // Rows already published count as covered (shards pulled from a store,
     // or migrated, may have no job in this queue).
     let published =
@@ -318,6 +358,8 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             images: images.to_vec(),
             spatial: request.spatial,
             tiling,
+            layers: request.layers.clone(),
+            input,
         };
         let payload = serde_json::to_string(&payload).expect("payload serialises");
         NewJob {

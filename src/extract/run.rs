@@ -153,13 +153,16 @@ impl Extractor {
         {
             return Ok(Arc::clone(encoder));
         }
-        let spec = encoders::lookup(&payload.encoder).map_err(|e| e.to_string())?;
+        let spec = encoders::lookup(&payload.encoder)
+            .and_then(|spec| spec.with_input(payload.input.as_ref()))
+            .map_err(|e| e.to_string())?;
         // The fingerprint covers the preprocessing: a binary whose
         // preprocessing differs from the enqueuer's must not write these features.
         let expected = fingerprint(
             &spec,
             &payload.weights.id,
             payload.spatial_tiling().as_ref(),
+            &payload.layers,
         );
         if expected != payload.fingerprint {
             return Err(format!(
@@ -182,8 +185,9 @@ impl Extractor {
             (None, Some(path)) => WeightsSource::File(path.clone()),
             (None, None) => WeightsSource::Installed,
         };
-        let encoder = encoders::load_encoder(&spec, source, &self.config.device)
-            .map_err(|e| e.to_string())?;
+        let encoder =
+            encoders::load_encoder_layers(&spec, source, &self.config.device, &payload.layers)
+                .map_err(|e| e.to_string())?;
         if let (Some(sha256), Some(wanted)) = (
             encoder.weights_sha256(),
             payload.weights.id.strip_prefix("sha256:"),
@@ -326,7 +330,7 @@ impl Extractor {
         let data = ShardData {
             content_ids: &content_ids,
             pooled: &pooled,
-            feature_dim: spec.feature_dim,
+            feature_dim: payload.layers.feature_dim(spec),
             spatial: None,
         };
         let metadata = shard_metadata(payload, &spec.preprocess);
@@ -527,7 +531,7 @@ fn shard_metadata(
     preprocess: &crate::preprocess::PreprocessConfig,
 ) -> HashMap<String, String> {
     // No dataset: a fingerprint folder is shared by every dataset.
-    HashMap::from([
+    let mut metadata = HashMap::from([
         ("encoder".to_string(), payload.encoder.clone()),
         ("fingerprint".to_string(), payload.fingerprint.clone()),
         ("weights".to_string(), payload.weights.id.clone()),
@@ -536,7 +540,12 @@ fn shard_metadata(
             serde_json::to_string(preprocess).expect("preprocess serialises"),
         ),
         ("lazarus_version".to_string(), crate::VERSION.to_string()),
-    ])
+    ]);
+    // Absent means `last`, as in every shard from before `--layers`.
+    if !payload.layers.is_last() {
+        metadata.insert("layers".to_string(), payload.layers.to_string());
+    }
+    metadata
 }
 
 /// What reconciling the feature cache with the queue found.

@@ -57,6 +57,9 @@ pub struct FeatureRequest<'a> {
     pub kind: Option<FeatureKind>,
     /// This folder and no other.
     pub fingerprint: Option<&'a str>,
+    /// Only pooled folders of these layers (canonical, as
+    /// `PooledLayers`'s display: `last`, `1,2,3,4,5,6,7,head`).
+    pub layers: Option<&'a str>,
 }
 
 /// One image of the dataset that has no feature row.
@@ -248,29 +251,27 @@ fn find(
     // Candidates are judged from shard headers and ids alone (cheap, and a
     // damaged folder of another configuration cannot stop this reader);
     // only the chosen folder is opened and checked.
-    let mut chosen: Vec<(String, Option<String>, usize)> = Vec::new();
+    let mut chosen: Vec<(String, String, usize)> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
     for fingerprint in fingerprint_folders(&layout.features_dir())? {
         let dir = feature_dir(layout, &fingerprint);
-        let Some((made_by, spatial)) = super::folder_kind(&dir) else {
+        let Some(folder) = super::folder_kind(&dir) else {
             continue;
         };
-        let kind = if spatial {
+        let kind = if folder.spatial {
             FeatureKind::Spatial
         } else {
             FeatureKind::Pooled
         };
+        let made_by = folder.encoder.clone();
+        let described = describe(&folder, kind);
         if request
             .encoder
             .is_some_and(|e| made_by.as_deref() != Some(e))
             || request.kind.is_some_and(|k| k != kind)
+            || request.layers.is_some_and(|l| l != folder.layers)
         {
-            seen.push(format!(
-                "{} ({}, {})",
-                short(&fingerprint),
-                made_by.as_deref().unwrap_or("unknown encoder"),
-                kind.name()
-            ));
+            seen.push(format!("{} ({described})", short(&fingerprint)));
             continue;
         }
         let mut present = super::published_content_ids(&dir);
@@ -285,7 +286,7 @@ fn find(
             })
             .count();
         if covered > 0 {
-            chosen.push((fingerprint, made_by, covered));
+            chosen.push((fingerprint, described, covered));
         } else {
             seen.push(format!("{} (no image of {dataset})", short(&fingerprint)));
         }
@@ -296,7 +297,10 @@ fn find(
     let made_by = request
         .encoder
         .map_or(String::new(), |e| format!(" made by {e}"));
-    let what = format!("{kind}features of dataset {dataset}{made_by}");
+    let of_layers = request
+        .layers
+        .map_or(String::new(), |l| format!(" of layers {l}"));
+    let what = format!("{kind}features{of_layers} of dataset {dataset}{made_by}");
     match chosen.len() {
         1 => {
             let (fingerprint, _, _) = chosen.pop().expect("one");
@@ -319,29 +323,38 @@ fn find(
                     format!(" (found {})", seen.join(", "))
                 },
                 request.encoder.unwrap_or("ENCODER"),
-                if request.kind == Some(FeatureKind::Spatial) {
-                    " --spatial"
-                } else {
-                    ""
+                match (request.kind, request.layers) {
+                    (Some(FeatureKind::Spatial), _) => " --spatial".to_string(),
+                    (_, Some(layers)) if layers != "last" => format!(" --layers {layers}"),
+                    _ => String::new(),
                 }
             )))
         }
         _ => {
             let listed: Vec<String> = chosen
                 .iter()
-                .map(|(fingerprint, made_by, covered)| {
+                .map(|(fingerprint, described, covered)| {
                     format!(
-                        "{fingerprint} ({}, {covered} of {} images)",
-                        made_by.as_deref().unwrap_or("unknown encoder"),
+                        "{fingerprint} ({described}, {covered} of {} images)",
                         ids.len()
                     )
                 })
                 .collect();
             Err(FeatureError::NoFeatures(format!(
-                "several folders hold {what}; name the encoder (--encoder) or the folder (--fingerprint): {}",
+                "several folders hold {what}; name the encoder (--encoder), the layers (--layers) or the folder (--fingerprint): {}",
                 listed.join(", ")
             )))
         }
+    }
+}
+
+/// `encoder, kind` and the layers when they are not `last`.
+fn describe(folder: &super::FolderKind, kind: FeatureKind) -> String {
+    let encoder = folder.encoder.as_deref().unwrap_or("unknown encoder");
+    if folder.layers == "last" {
+        format!("{encoder}, {}", kind.name())
+    } else {
+        format!("{encoder}, {}, layers {}", kind.name(), folder.layers)
     }
 }
 

@@ -290,10 +290,21 @@ fn shard_header(file: &mut std::fs::File) -> std::io::Result<(serde_json::Value,
     Ok((header, header_len))
 }
 
+/// What made a folder's features, as its shard headers say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderKind {
+    /// The encoder named in the metadata.
+    pub encoder: Option<String>,
+    /// Whether the rows hold spatial maps.
+    pub spatial: bool,
+    /// The pooled layers (`enqueue --layers`), canonical: `last` when the
+    /// metadata names none.
+    pub layers: String,
+}
+
 /// What made a folder's features, from its first published shard's header
-/// alone: (encoder named in the metadata, whether the rows hold spatial
-/// maps). `None` when no shard's header reads.
-pub fn folder_kind(dir: &Path) -> Option<(Option<String>, bool)> {
+/// alone. `None` when no shard's header reads.
+pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
     for shard_index in marked_shards(dir).unwrap_or_default() {
         let path = dir.join(shard_file_name(shard_index));
         let Ok((header, _)) = std::fs::File::open(&path).and_then(|mut f| shard_header(&mut f))
@@ -306,7 +317,15 @@ pub fn folder_kind(dir: &Path) -> Option<(Option<String>, bool)> {
         let spatial = header
             .as_object()
             .is_some_and(|tensors| tensors.keys().any(|name| name.starts_with("spatial_s")));
-        return Some((encoder, spatial));
+        let layers = header["__metadata__"]["layers"]
+            .as_str()
+            .unwrap_or("last")
+            .to_string();
+        return Some(FolderKind {
+            encoder,
+            spatial,
+            layers,
+        });
     }
     None
 }

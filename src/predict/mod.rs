@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::encoders::{self, Encoder, WeightsSource};
+use crate::encoders::{self, Encoder, PooledLayers, WeightsSource};
 use crate::features::FeatureSet;
 use crate::layout::Layout;
 use crate::preprocess::PreprocessConfig;
@@ -279,6 +279,10 @@ pub struct EncoderReference {
     /// The feature fingerprint (encoder, weights, preprocessing, format).
     pub fingerprint: String,
     pub feature_dim: usize,
+    /// The layers the pooled features are made of (absent in bundles
+    /// written before `--layers`: `last`).
+    #[serde(default, skip_serializing_if = "PooledLayers::is_last")]
+    pub layers: PooledLayers,
 }
 
 impl EncoderReference {
@@ -302,7 +306,15 @@ impl EncoderReference {
             })?,
             None => spec.preprocess.clone(),
         };
+        let layers = match metadata.get("layers") {
+            Some(text) => PooledLayers::parse(text).map_err(|e| PredictError::Encoder {
+                owner: format!("features {}", features.dir().display()),
+                message: format!("shard metadata layers: {e}"),
+            })?,
+            None => PooledLayers::last(),
+        };
         Ok(Some(EncoderReference {
+            layers,
             name: name.clone(),
             weights: weights.clone(),
             preprocess,
@@ -324,7 +336,10 @@ impl EncoderReference {
             owner: owner.to_string(),
             message,
         };
-        let spec = encoders::lookup(&self.name).map_err(|e| encoder_error(e.to_string()))?;
+        // The square the features were computed at (`enqueue --image-size`).
+        let spec = encoders::lookup(&self.name)
+            .map_err(|e| encoder_error(e.to_string()))?
+            .with_preprocess(&self.preprocess);
         let source = match self.weights.strip_prefix("random:") {
             Some(seed) => WeightsSource::Random {
                 seed: seed
@@ -356,7 +371,8 @@ impl EncoderReference {
             }
         };
         // `Installed` re-hashes the file against its recorded sha256.
-        encoders::load_encoder(&spec, source, device).map_err(|e| encoder_error(e.to_string()))
+        encoders::load_encoder_layers(&spec, source, device, &self.layers)
+            .map_err(|e| encoder_error(e.to_string()))
     }
 }
 

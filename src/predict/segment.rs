@@ -68,6 +68,7 @@ pub fn encoder_reference(
         preprocess: spatial_preprocess(&spec),
         fingerprint: trained.info.fingerprint.clone(),
         feature_dim: trained.geometry.channels,
+        layers: crate::encoders::PooledLayers::last(),
     })
 }
 

@@ -127,7 +127,7 @@ pub fn sweep(
     // Group heads by the features they read: pooled, or spatial for
     // patch-level anomaly points, in the folder a point names or the one
     // its dataset and encoder find.
-    type Group = (String, String, bool, Option<String>);
+    type Group = (String, String, bool, Option<String>, Option<String>);
     let mut groups: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
     let mut segment_points = Vec::new();
     for (i, point) in sweep.points.iter().enumerate() {
@@ -146,6 +146,7 @@ pub fn sweep(
                 point.encoder.clone(),
                 spatial,
                 point.fingerprint.clone(),
+                point.layers.clone(),
             ))
             .or_default()
             .push(i);
@@ -161,10 +162,10 @@ pub fn sweep(
         segmented: Vec::new(),
         charts: Vec::new(),
     };
-    for ((dataset, encoder, spatial, named), members) in groups {
+    for ((dataset, encoder, spatial, named, layers), members) in groups {
         let fingerprint = match named {
             Some(fingerprint) => fingerprint,
-            None => find_fingerprint(layout, &dataset, &encoder, spatial)?,
+            None => find_fingerprint(layout, &dataset, &encoder, spatial, layers.as_deref())?,
         };
         let mut configs: Vec<TrainConfig> = Vec::new();
         for &i in &members {
@@ -307,6 +308,7 @@ fn find_fingerprint(
     dataset: &str,
     encoder: &str,
     spatial: bool,
+    layers: Option<&str>,
 ) -> Result<String, TrainError> {
     use crate::features::catalog::{FeatureKind, FeatureRequest, find_fingerprint};
     Ok(find_fingerprint(
@@ -319,6 +321,7 @@ fn find_fingerprint(
             } else {
                 FeatureKind::Pooled
             }),
+            layers,
             ..FeatureRequest::default()
         },
     )?)
@@ -340,7 +343,7 @@ fn sweep_segment_points(
         let point = &sweep.points[i];
         let fingerprint = match &point.fingerprint {
             Some(fingerprint) => fingerprint.clone(),
-            None => find_fingerprint(layout, &point.dataset, &point.encoder, true)?,
+            None => find_fingerprint(layout, &point.dataset, &point.encoder, true, None)?,
         };
         let version = crate::dataset::load_info(layout, &point.dataset)
             .map_err(TrainError::from)?

@@ -24,6 +24,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "dataset",
     "encoder",
     "fingerprint",
+    "layers",
     "init_from",
     "head",
     "hidden",
@@ -92,6 +93,9 @@ pub struct TrainSettings {
     /// The feature folder (`fingerprint`); found by dataset and encoder
     /// when None.
     pub fingerprint: Option<String>,
+    /// Only pooled features of these layers (`layers`, canonical as
+    /// `PooledLayers` prints them); any layers when None.
+    pub layers: Option<String>,
     /// `class_weights = "FILE"`: read against the classes once the data is
     /// loaded; it then replaces `config.class_weights`.
     pub class_weights_file: Option<PathBuf>,
@@ -303,8 +307,26 @@ pub fn train_settings(
         _ => TaskConfig::Classify,
     };
     config.validate().map_err(|e| e.to_string())?;
+    let spatial_anomaly = config
+        .task
+        .anomaly()
+        .is_some_and(|anomaly| anomaly.patch.is_some());
+    let layers = match text("layers")? {
+        None => None,
+        Some(value) => {
+            let layers = crate::encoders::PooledLayers::parse(&value).map_err(|e| e.to_string())?;
+            if config.task == crate::train::config::Task::Segment || spatial_anomaly {
+                return Err(format!(
+                    "{} picks pooled features; segmentation and patch-level anomaly runs read spatial ones",
+                    source.name("layers")
+                ));
+            }
+            Some(layers.to_string())
+        }
+    };
     Ok(TrainSettings {
         fingerprint: text("fingerprint")?,
+        layers,
         class_weights_file,
         config,
     })

@@ -47,6 +47,8 @@ pub struct SweepPoint {
     /// The feature folder (`fingerprint`); found by dataset and encoder
     /// when None, as `train` finds it.
     pub fingerprint: Option<String>,
+    /// Only pooled features of these layers (`layers`); any when None.
+    pub layers: Option<String>,
     /// `class_weights = "FILE"`: read against the classes once the data is
     /// loaded; it then replaces `config.class_weights`.
     pub class_weights_file: Option<PathBuf>,
@@ -295,12 +297,14 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     let TrainSettings {
         config,
         fingerprint,
+        layers,
         class_weights_file,
     } = train_settings(settings, Source::SweepFile)?;
     Ok(SweepPoint {
         dataset,
         encoder,
         fingerprint,
+        layers,
         class_weights_file,
         config,
         params: settings.clone(),

@@ -27,6 +27,8 @@ pub struct TrainRequest {
     pub encoder: String,
     /// The feature folder; found by encoder (and task) when None.
     pub fingerprint: Option<String>,
+    /// Only pooled features of these layers (canonical); any when None.
+    pub layers: Option<String>,
     /// The experiment the run is recorded under.
     pub experiment: String,
     /// Train on the images that have features when some lack them.
@@ -207,6 +209,7 @@ pub fn train(
     let anomaly = config.task.anomaly();
     let mut load = load_config(&config);
     load.encoder = Some(request.encoder.clone());
+    load.layers = request.layers.clone();
     load.allow_partial = request.allow_partial;
     // Classifiers and image-level scorers read pooled features; patch-level
     // anomaly scoring spatial ones. A folder named by `fingerprint` is taken

@@ -13,3 +13,4 @@ mod drift;
 mod feature_object_store;
 mod feature_store;
 mod feature_store_cli;
+mod pooled_inputs;

@@ -75,6 +75,8 @@ pub(crate) struct NetworkWeights {
     pub head: ConvWeights,
     /// The block whose output is the stride-16 map.
     pub stride16_block: usize,
+    /// The last block of each stage: their outputs are pooled into `Outputs::stages`.
+    pub stage_ends: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +100,7 @@ pub(crate) struct CpuNetwork {
     blocks: Vec<Block>,
     head: PackedPointwise,
     stride16_block: usize,
+    stage_ends: Vec<usize>,
     budget: BandBudget,
 }
 
@@ -122,6 +125,9 @@ const BAND_BYTES: usize = 192 * 1024;
 pub(crate) struct Outputs {
     /// [n, features].
     pub pooled: Vec<f32>,
+    /// [n, sum of the stage ends' channels]: each stage's output averaged
+    /// over its pixels, first stage first.
+    pub stages: Vec<f32>,
     /// [n, h16, w16, c16].
     pub stride16: Vec<f32>,
     pub stride16_shape: (usize, usize, usize),
@@ -218,6 +224,9 @@ impl CpuNetwork {
                 residual: block.residual,
             });
         }
+        if let Some(&end) = weights.stage_ends.iter().find(|&&end| end >= blocks.len()) {
+            return Err(format!("stage end {end} of {} blocks", blocks.len()));
+        }
         if weights.stride16_block >= blocks.len() {
             return Err(format!(
                 "stride-16 block {} of {}",
@@ -235,6 +244,7 @@ impl CpuNetwork {
             blocks,
             head: pack(&weights.head, channels, lanes),
             stride16_block: weights.stride16_block,
+            stage_ends: weights.stage_ends.clone(),
             budget: BandBudget {
                 ring_bytes: RING_BYTES,
                 band_bytes: BAND_BYTES,
@@ -278,8 +288,14 @@ impl CpuNetwork {
         let (h32, w32, _) = plan.blocks.last().expect("at least one block").output;
         let stride16_len = h16 * w16 * c16;
         let stride32_len = h32 * w32 * features;
+        let stages_len: usize = self
+            .stage_ends
+            .iter()
+            .map(|&end| plan.blocks[end].output.2)
+            .sum();
         let mut outputs = Outputs {
             pooled: vec![0.0; n * features],
+            stages: vec![0.0; n * stages_len],
             stride16: vec![0.0; n * stride16_len],
             stride16_shape: (h16, w16, c16),
             stride32: vec![0.0; n * stride32_len],
@@ -289,15 +305,17 @@ impl CpuNetwork {
         let per_image = outputs
             .pooled
             .chunks_mut(features.max(1))
+            .zip(outputs.stages.chunks_mut(stages_len.max(1)))
             .zip(outputs.stride16.chunks_mut(stride16_len.max(1)))
             .zip(outputs.stride32.chunks_mut(stride32_len.max(1)))
             .zip(images.chunks(image_len.max(1)));
         if n >= threads {
             per_image.collect::<Vec<_>>().into_par_iter().for_each(
-                |(((pooled, stride16), stride32), image)| {
+                |((((pooled, stages), stride16), stride32), image)| {
                     with_scratch(|activations, workspace| {
                         let out = ImageOutputs {
                             pooled,
+                            stages,
                             stride16,
                             stride32,
                         };
@@ -315,9 +333,10 @@ impl CpuNetwork {
                 },
             );
         } else {
-            for (((pooled, stride16), stride32), image) in per_image {
+            for ((((pooled, stages), stride16), stride32), image) in per_image {
                 let out = ImageOutputs {
                     pooled,
+                    stages,
                     stride16,
                     stride32,
                 };
@@ -400,6 +419,7 @@ impl CpuNetwork {
         grow(current, largest);
         grow(next, largest);
         let mut current_len = 0;
+        let mut stage_offset = 0;
         for (i, block) in plan.blocks.iter().enumerate() {
             let (ho, wo, co) = block.output;
             let output = &mut next[..ho * wo * co];
@@ -411,6 +431,11 @@ impl CpuNetwork {
             run_block(i, input, output);
             if i == self.stride16_block {
                 out.stride16.copy_from_slice(output);
+            }
+            if self.stage_ends.contains(&i) {
+                let stage = &mut out.stages[stage_offset..stage_offset + co];
+                average_pixels(output, stage);
+                stage_offset += co;
             }
             current_len = output.len();
             std::mem::swap(current, next);
@@ -425,18 +450,7 @@ impl CpuNetwork {
             },
         });
         // Global average pooling of the head's output.
-        let features = self.head.n;
-        let pixels = out.stride32.len() / features;
-        out.pooled.fill(0.0);
-        for pixel in out.stride32.chunks_exact(features) {
-            for (sum, value) in out.pooled.iter_mut().zip(pixel) {
-                *sum += value;
-            }
-        }
-        let scale = 1.0 / pixels as f32;
-        for sum in out.pooled.iter_mut() {
-            *sum *= scale;
-        }
+        average_pixels(out.stride32, out.pooled);
     }
 
     /// Block `index` with its output rows split into one range per thread.
@@ -671,8 +685,24 @@ enum BlockInput<'a> {
     Activations(&'a [f32]),
 }
 
+/// `mean[c]` = the average of channel c over the pixels of `map` ([pixels, c]).
+fn average_pixels(map: &[f32], mean: &mut [f32]) {
+    let channels = mean.len();
+    mean.fill(0.0);
+    for pixel in map.chunks_exact(channels) {
+        for (sum, value) in mean.iter_mut().zip(pixel) {
+            *sum += value;
+        }
+    }
+    let scale = 1.0 / (map.len() / channels).max(1) as f32;
+    for sum in mean.iter_mut() {
+        *sum *= scale;
+    }
+}
+
 struct ImageOutputs<'a> {
     pooled: &'a mut [f32],
+    stages: &'a mut [f32],
     stride16: &'a mut [f32],
     stride32: &'a mut [f32],
 }
