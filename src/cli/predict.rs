@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use lazarus::layout::Layout;
-use lazarus::predict::{PredictConfig, RunPredictions, dataset_images, predict_run};
+use lazarus::predict::{PredictConfig, dataset_images, predict_run};
 use lazarus::train::config::Task;
 
 use super::queue::DeviceArg;
