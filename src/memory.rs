@@ -279,10 +279,10 @@ mod tests {
         let report = sampler.finish();
         let anonymous = report.peak_anonymous_bytes.unwrap();
         assert!(during.anonymous_bytes >= 64 << 20, "{during:?}");
-        assert!(
-            anonymous >= during.anonymous_bytes,
-            "{anonymous} vs {during:?}"
-        );
-        assert!(report.peak_rss_bytes.unwrap() >= during.anonymous_bytes);
+        // Against the block, not `during`: other tests of this process
+        // allocate and free between two samples, so the sampled peak may
+        // miss their share of the moment `during` was read.
+        assert!(anonymous >= 64 << 20, "{anonymous} vs {during:?}");
+        assert!(report.peak_rss_bytes.unwrap() >= 64 << 20);
     }
 }

@@ -16,11 +16,18 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/root-43c34c5")
 }
 
+/// Where make_root.sh made the images: the manifests name them there.
+const MADE_AT: &str = "/tmp/fxold/images";
+
 /// A copy of the fixture (root/, bundle/, images/) in a temporary folder:
-/// the verbs write to it.
+/// the verbs write to it. The manifests' image paths are moved to the
+/// copy's images/ (patch-level scoring and segmentation read the images
+/// and masks their manifests name), as a user who moves a root with its
+/// images would edit them; nothing else changes.
 fn copy_fixture() -> tempfile::TempDir {
     let source = fixture();
     let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
     for file in support::files_under(&source) {
         let relative = file.strip_prefix(&source).unwrap();
         let top = relative.components().next().unwrap().as_os_str();
@@ -29,7 +36,13 @@ fn copy_fixture() -> tempfile::TempDir {
         }
         let target = dir.path().join(relative);
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(&file, &target).unwrap();
+        if relative.starts_with("root/jobs/datasets") {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let moved = text.replace(MADE_AT, images.to_str().unwrap());
+            std::fs::write(&target, moved).unwrap();
+        } else {
+            std::fs::copy(&file, &target).unwrap();
+        }
     }
     dir
 }
