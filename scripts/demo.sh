@@ -46,6 +46,8 @@ fi
 
 say "enqueueing feature extraction (efficientnet-lite0, ImageNet weights, chunks of 64)"
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64
+say "enqueueing multi-layer features too: each of Lite0's 7 stages and its head, pooled (--layers all, its own feature set)"
+lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all
 
 remaining() {
   lazarus status --json --dataset elpv | python3 -c \
@@ -100,6 +102,12 @@ for sweep in elpv-heads elpv-defective; do
     say "ablation ($what): test accuracy by $axis, mean ± std over seeds and the other settings"
     lazarus experiments ablate --by "$axis" --metric test/accuracy --where "sweep=$sweep"
   done
+done
+
+say "sweep configs/elpv-layers.toml: the last layer's features against every stage's (4-class grading, 3 seeds)"
+lazarus sweep configs/elpv-layers.toml | grep -v '^  run '
+for metric in test/accuracy test/macro_f1; do
+  lazarus experiments ablate --by layers,head --metric "$metric" --where sweep=elpv-layers
 done
 
 say "anomaly sweep configs/elpv-anomaly.toml: k-NN and Mahalanobis scorers fitted on normal cells only (defect probability 0 vs 1)"

@@ -4,8 +4,9 @@
 Usage: python3 scripts/sklearn_levers.py ROOT DATASET FINGERPRINT LABEL
 
 Standardises with training-split statistics (as lazarus does), fits
-LogisticRegression (lbfgs, max_iter 5000, balanced class weights) on train
-for each C of a grid, keeps the C with the best validation accuracy, and
+LogisticRegression (lbfgs, max_iter 5000) on train for each C of a grid,
+with and without balanced class weights, keeps the pair with the best
+validation accuracy, and
 prints test accuracy and macro-F1 for the 4 defect grades and for defective
 (probability >= 0.5) vs functional. The peer row of BENCHMARKS.md's elpv
 table (scripts/bench_elpv_layers.sh). Uses $LAZARUS_CACHE/venv-ref.
@@ -46,14 +47,15 @@ def main():
     for task, y in (("4 classes", np.round(probability * 3).astype(int)),
                     ("defective >= 0.5", (probability >= 0.5).astype(int))):
         best = None
-        for c in [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]:
-            model = LogisticRegression(solver="lbfgs", C=c, max_iter=5000, class_weight="balanced")
-            model.fit(x[train], y[train])
-            score = accuracy_score(y[val], model.predict(x[val]))
-            if best is None or score > best[0]:
-                best = (score, c, model)
+        for weights in (None, "balanced"):
+            for c in [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]:
+                model = LogisticRegression(solver="lbfgs", C=c, max_iter=5000, class_weight=weights)
+                model.fit(x[train], y[train])
+                score = accuracy_score(y[val], model.predict(x[val]))
+                if best is None or score > best[0]:
+                    best = (score, f"C={c:g}, class_weight={weights}", model)
         predicted = best[2].predict(x[test])
-        print(f"scikit-learn {label} ({features.shape[1]} features), {task}, C={best[1]:g}: "
+        print(f"scikit-learn {label} ({features.shape[1]} features), {task}, {best[1]}: "
               f"test accuracy {accuracy_score(y[test], predicted):.4f}, "
               f"macro-F1 {f1_score(y[test], predicted, average='macro'):.4f}")
 

@@ -412,24 +412,34 @@ fn sweep_chart(
             }
         }
     }
-    if by.is_empty() {
-        by.push("head".into());
-    }
-    let report = match db.ablate(&AblationQuery {
-        by,
-        metric: metric.to_string(),
-        wheres: vec![WhereClause {
-            key: "sweep".into(),
-            value: sweep.name.clone(),
-        }],
-        baseline: None,
-    }) {
-        // Every config was FINISHED by runs outside any sweep (`train`): no
-        // run carries a sweep's name, so there is nothing to compare.
-        Err(experiments::ExperimentsError::UnknownParam { param, .. }) if param == "sweep" => {
-            return Ok(Vec::new());
+    let report = loop {
+        if by.is_empty() {
+            by.push("head".into());
         }
-        report => report?,
+        match db.ablate(&AblationQuery {
+            by: by.clone(),
+            metric: metric.to_string(),
+            wheres: vec![WhereClause {
+                key: "sweep".into(),
+                value: sweep.name.clone(),
+            }],
+            baseline: None,
+        }) {
+            // Every config was FINISHED by runs outside any sweep (`train`): no
+            // run carries a sweep's name, so there is nothing to compare.
+            Err(experiments::ExperimentsError::UnknownParam { param, .. }) if param == "sweep" => {
+                return Ok(Vec::new());
+            }
+            // An axis runs do not record as a param (`fingerprint`: the
+            // folder, whose options they record as `layers`, `image_size`
+            // and `resize`): charted without it.
+            Err(experiments::ExperimentsError::UnknownParam { param, .. })
+                if by.contains(&param) && by != ["head"] =>
+            {
+                by.retain(|key| *key != param);
+            }
+            report => break report?,
+        }
     };
     if report.rows.is_empty() {
         return Ok(Vec::new());

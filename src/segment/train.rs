@@ -619,6 +619,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
             &data.fingerprint,
         ),
         config: config.clone(),
+        pooled: None,
     };
     let warm = warm_start(layout, &request.dataset, &config, &data)?;
     let db = ExperimentsDb::open(layout)?;

@@ -107,8 +107,9 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
 }
 
 /// The params every run records about its data: the manifest version it
-/// trained on (`experiments list --where dataset_version=2`), and how many
-/// images lacked features when `--allow-partial` let it start anyway.
+/// trained on (`experiments list --where dataset_version=2`), how many
+/// images lacked features when `--allow-partial` let it start anyway, and
+/// how pooled features were computed (`layers`, `image_size`, `resize`).
 pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
     let mut out = vec![(
         "dataset_version".to_string(),
@@ -119,6 +120,11 @@ pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
             "images_lacking".to_string(),
             (inputs.images_lacking as f64).into(),
         ));
+    }
+    if let Some(pooled) = &inputs.pooled {
+        out.push(("layers".to_string(), pooled.layers.as_str().into()));
+        out.push(("image_size".to_string(), (pooled.image_size as f64).into()));
+        out.push(("resize".to_string(), pooled.resize.as_str().into()));
     }
     out
 }

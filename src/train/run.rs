@@ -826,6 +826,47 @@ pub struct RunInputs {
     pub class_names: Vec<String>,
     pub config_hash: String,
     pub config: TrainConfig,
+    /// How pooled features were computed (`enqueue --layers`,
+    /// `--image-size`, `--resize`); absent for spatial features and in runs
+    /// recorded before those options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<PooledInputs>,
+}
+
+/// The extraction options of a pooled feature folder, recorded as the
+/// run's params `layers`, `image_size` and `resize` (ablation axes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PooledInputs {
+    /// Canonical, as `enqueue --layers` names them (`last`, `1,...,7,head`).
+    pub layers: String,
+    pub image_size: u32,
+    /// `crop` or `stretch`.
+    pub resize: String,
+}
+
+impl PooledInputs {
+    /// What a pooled folder's shard metadata says; None for spatial
+    /// folders or metadata without a readable `preprocess`.
+    pub fn of(features: &crate::features::FeatureSet) -> Option<Self> {
+        if !features.maps().is_empty() {
+            return None;
+        }
+        let metadata = features.metadata();
+        let preprocess: crate::preprocess::PreprocessConfig =
+            serde_json::from_str(metadata.get("preprocess")?).ok()?;
+        let resize = match preprocess.resize {
+            crate::preprocess::ResizePolicy::Stretch => "stretch",
+            crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop { .. } => "crop",
+        };
+        Some(PooledInputs {
+            layers: metadata
+                .get("layers")
+                .cloned()
+                .unwrap_or_else(|| "last".into()),
+            image_size: preprocess.input_size,
+            resize: resize.into(),
+        })
+    }
 }
 
 /// `config.json` (`experiments::run_files::INPUTS_FILE`).
@@ -917,6 +958,7 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
             &data.fingerprint,
         ),
         config: config.clone(),
+        pooled: PooledInputs::of(&data.features),
     }
 }
 
