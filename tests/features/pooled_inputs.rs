@@ -31,27 +31,6 @@ fn feature_dim(root: &Path, fingerprint: &str) -> usize {
         .feature_dim()
 }
 
-/// The same pixels as `from` in a PNG of other bytes: a new content id, so
-/// `predict` runs the encoder on it.
-fn reencode(from: &Path, to: &Path) {
-    let pixels = image::open(from).unwrap().to_rgb8();
-    let mut bytes = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new_with_quality(
-            &mut bytes,
-            image::codecs::png::CompressionType::Best,
-            image::codecs::png::FilterType::NoFilter,
-        ),
-        pixels.as_raw(),
-        pixels.width(),
-        pixels.height(),
-        image::ExtendedColorType::Rgb8,
-    )
-    .unwrap();
-    assert_ne!(bytes, std::fs::read(from).unwrap());
-    std::fs::write(to, bytes).unwrap();
-}
-
 /// The feature folder a run recorded (`run_dir` may be relative to the root).
 fn run_fingerprint(root: &Path, report: &serde_json::Value) -> String {
     let run_dir = root.join(report["run_dir"].as_str().unwrap());
@@ -116,7 +95,7 @@ fn layers_are_their_own_features_and_every_reader_uses_them() {
     let run = report["run_id"].as_str().unwrap().to_string();
     let cached = root.join("tree/class0/img000.png");
     let fresh = root.join("fresh.png");
-    reencode(&cached, &fresh);
+    support::reencoded_png(&cached, &fresh);
     let both = [cached.to_str().unwrap(), fresh.to_str().unwrap()];
     let predict = |source: &[&str]| {
         let mut args = vec!["predict"];
@@ -316,7 +295,7 @@ fn an_input_size_is_its_own_feature_set_and_predict_reads_it_the_same_way() {
     let run = report["run_id"].as_str().unwrap().to_string();
     let cached = root.join("tree/class1/img002.png");
     let fresh = root.join("fresh.png");
-    reencode(&cached, &fresh);
+    support::reencoded_png(&cached, &fresh);
     let answers = json(&ok(lazarus(
         root,
         &[

@@ -44,25 +44,6 @@ fn setup(root: &Path) -> String {
     report["run_id"].as_str().unwrap().to_string()
 }
 
-/// A PNG of the same pixels as `from` but other bytes: not in any cache.
-fn reencoded(from: &Path, to: &Path) {
-    let pixels = image::open(from).unwrap().to_rgb8();
-    let mut bytes = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new_with_quality(
-            &mut bytes,
-            image::codecs::png::CompressionType::Best,
-            image::codecs::png::FilterType::NoFilter,
-        ),
-        pixels.as_raw(),
-        pixels.width(),
-        pixels.height(),
-        image::ExtendedColorType::Rgb8,
-    )
-    .unwrap();
-    std::fs::write(to, bytes).unwrap();
-}
-
 #[test]
 fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
     let temp = tempfile::tempdir().unwrap();
@@ -70,7 +51,7 @@ fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
     let run = setup(root);
     let cached = root.join("tree/class1/img003.png");
     let fresh = root.join("fresh.png");
-    reencoded(&cached, &fresh);
+    support::reencoded_png(&cached, &fresh);
     let by_run = json(&ok(lazarus(
         root,
         &[

@@ -55,22 +55,7 @@ fn predict_reuses_cached_features_and_matches_a_fresh_encoder_pass() {
     std::fs::copy(&cached, &renamed).unwrap();
     // The same pixels encoded differently: a new content id, so the encoder runs.
     let fresh = root.join("fresh.png");
-    let pixels = image::open(&cached).unwrap().to_rgb8();
-    let mut bytes = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new_with_quality(
-            &mut bytes,
-            image::codecs::png::CompressionType::Best,
-            image::codecs::png::FilterType::NoFilter,
-        ),
-        pixels.as_raw(),
-        pixels.width(),
-        pixels.height(),
-        image::ExtendedColorType::Rgb8,
-    )
-    .unwrap();
-    assert_ne!(bytes, std::fs::read(&cached).unwrap());
-    std::fs::write(&fresh, bytes).unwrap();
+    support::reencoded_png(&cached, &fresh);
     let broken = root.join("broken.png");
     std::fs::write(&broken, b"not an image").unwrap();
 

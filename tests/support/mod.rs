@@ -158,6 +158,27 @@ pub fn write_image(path: &Path, seed: u32, format: ImageFormat) {
     image.save_with_format(path, format).unwrap();
 }
 
+/// The same pixels as `from` in a PNG of other bytes: a new content id,
+/// so no feature cache holds it and `predict` runs the encoder on it.
+pub fn reencoded_png(from: &Path, to: &Path) {
+    let pixels = image::open(from).unwrap().to_rgb8();
+    let mut bytes = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new_with_quality(
+            &mut bytes,
+            image::codecs::png::CompressionType::Best,
+            image::codecs::png::FilterType::NoFilter,
+        ),
+        pixels.as_raw(),
+        pixels.width(),
+        pixels.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    assert_ne!(bytes, std::fs::read(from).unwrap(), "{}", from.display());
+    std::fs::write(to, bytes).unwrap();
+}
+
 /// An ImageFolder tree: `counts[i]` PNGs in class folder `class{i}`; returns the tree's root.
 pub fn image_folder(dir: &Path, counts: &[usize]) -> PathBuf {
     image_folder_from(dir, counts, 0)
