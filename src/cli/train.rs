@@ -79,6 +79,12 @@ pub struct TrainArgs {
     /// of several.
     #[arg(long, value_name = "last|all|LIST")]
     pub layers: Option<String>,
+    /// Only features extracted at this input square (`enqueue --image-size`).
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<u32>,
+    /// Only features extracted with this resize policy (`enqueue --resize`).
+    #[arg(long, value_enum)]
+    pub resize: Option<super::queue::ResizeArg>,
     /// Train on the images that have features when some lack them (extraction
     /// unfinished or failed) instead of refusing; the run records how many
     /// lacked (param images_lacking).
@@ -240,6 +246,11 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
         ("task", Some(name(args.task))),
         ("fingerprint", args.fingerprint.as_deref().and_then(text)),
         ("layers", args.layers.as_deref().and_then(text)),
+        (
+            "image_size",
+            args.image_size.map(|size| Value::Integer(size.into())),
+        ),
+        ("resize", args.resize.map(name)),
         ("init_from", args.init_from.as_deref().and_then(text)),
         ("normal_label", labels(&args.normal_labels)),
         ("anomaly_label", labels(&args.anomaly_labels)),
@@ -289,7 +300,7 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
         dataset: args.dataset.clone().expect("clap requires --dataset"),
         encoder: args.encoder.clone().expect("clap requires --encoder"),
         fingerprint: settings.fingerprint,
-        layers: settings.layers,
+        pooled: settings.pooled,
         experiment: args.experiment.clone(),
         allow_partial: args.allow_partial,
         config: settings.config,

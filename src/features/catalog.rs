@@ -57,9 +57,72 @@ pub struct FeatureRequest<'a> {
     pub kind: Option<FeatureKind>,
     /// This folder and no other.
     pub fingerprint: Option<&'a str>,
-    /// Only pooled folders of these layers (canonical, as
-    /// `PooledLayers`'s display: `last`, `1,2,3,4,5,6,7,head`).
-    pub layers: Option<&'a str>,
+    /// Only folders of these extraction options.
+    pub pooled: Option<&'a PooledChoice>,
+}
+
+/// Which pooled folder a reader wants by the options `enqueue` made it
+/// with (`--layers`, `--image-size`, `--resize`); None accepts any. The
+/// `train` flags and sweep keys of the same names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PooledChoice {
+    /// Canonical, as `PooledLayers` prints them: `last`, `1,2,3,4,5,6,7,head`.
+    pub layers: Option<String>,
+    pub image_size: Option<u32>,
+    /// `crop` or `stretch`.
+    pub resize: Option<String>,
+}
+
+impl PooledChoice {
+    pub fn is_any(&self) -> bool {
+        *self == PooledChoice::default()
+    }
+
+    fn accepts(&self, folder: &super::FolderKind) -> bool {
+        let input = folder.input.as_ref();
+        self.layers.as_ref().is_none_or(|l| *l == folder.layers)
+            && self
+                .image_size
+                .is_none_or(|size| input.is_some_and(|(s, _)| *s == size))
+            && self
+                .resize
+                .as_ref()
+                .is_none_or(|resize| input.is_some_and(|(_, r)| r == resize))
+    }
+
+    /// ` of layers L, N px, R` for what was asked.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(layers) = &self.layers {
+            parts.push(format!("layers {layers}"));
+        }
+        if let Some(size) = self.image_size {
+            parts.push(format!("{size} px"));
+        }
+        if let Some(resize) = &self.resize {
+            parts.push(resize.clone());
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" of {}", parts.join(", "))
+        }
+    }
+
+    /// The `enqueue` flags that make such a folder.
+    fn enqueue_flags(&self) -> String {
+        let mut flags = String::new();
+        if let Some(layers) = self.layers.as_ref().filter(|l| *l != "last") {
+            flags.push_str(&format!(" --layers {layers}"));
+        }
+        if let Some(size) = self.image_size {
+            flags.push_str(&format!(" --image-size {size}"));
+        }
+        if let Some(resize) = &self.resize {
+            flags.push_str(&format!(" --resize {resize}"));
+        }
+        flags
+    }
 }
 
 /// One image of the dataset that has no feature row.
@@ -269,7 +332,7 @@ fn find(
             .encoder
             .is_some_and(|e| made_by.as_deref() != Some(e))
             || request.kind.is_some_and(|k| k != kind)
-            || request.layers.is_some_and(|l| l != folder.layers)
+            || request.pooled.is_some_and(|p| !p.accepts(&folder))
         {
             seen.push(format!("{} ({described})", short(&fingerprint)));
             continue;
@@ -297,10 +360,8 @@ fn find(
     let made_by = request
         .encoder
         .map_or(String::new(), |e| format!(" made by {e}"));
-    let of_layers = request
-        .layers
-        .map_or(String::new(), |l| format!(" of layers {l}"));
-    let what = format!("{kind}features{of_layers} of dataset {dataset}{made_by}");
+    let of_options = request.pooled.map_or(String::new(), PooledChoice::describe);
+    let what = format!("{kind}features{of_options} of dataset {dataset}{made_by}");
     match chosen.len() {
         1 => {
             let (fingerprint, _, _) = chosen.pop().expect("one");
@@ -323,9 +384,9 @@ fn find(
                     format!(" (found {})", seen.join(", "))
                 },
                 request.encoder.unwrap_or("ENCODER"),
-                match (request.kind, request.layers) {
+                match (request.kind, request.pooled) {
                     (Some(FeatureKind::Spatial), _) => " --spatial".to_string(),
-                    (_, Some(layers)) if layers != "last" => format!(" --layers {layers}"),
+                    (_, Some(pooled)) => pooled.enqueue_flags(),
                     _ => String::new(),
                 }
             )))
@@ -341,21 +402,27 @@ fn find(
                 })
                 .collect();
             Err(FeatureError::NoFeatures(format!(
-                "several folders hold {what}; name the encoder (--encoder), the layers (--layers) or the folder (--fingerprint): {}",
+                "several folders hold {what}; name the encoder (--encoder), the options they were extracted with (--layers, --image-size, --resize) or the folder (--fingerprint): {}",
                 listed.join(", ")
             )))
         }
     }
 }
 
-/// `encoder, kind` and the layers when they are not `last`.
+/// `encoder, kind`, then for pooled folders their layers when not `last`
+/// and their input square (`224 px crop`).
 fn describe(folder: &super::FolderKind, kind: FeatureKind) -> String {
     let encoder = folder.encoder.as_deref().unwrap_or("unknown encoder");
-    if folder.layers == "last" {
-        format!("{encoder}, {}", kind.name())
-    } else {
-        format!("{encoder}, {}, layers {}", kind.name(), folder.layers)
+    let mut text = format!("{encoder}, {}", kind.name());
+    if kind == FeatureKind::Pooled {
+        if folder.layers != "last" {
+            text.push_str(&format!(", layers {}", folder.layers));
+        }
+        if let Some((size, resize)) = &folder.input {
+            text.push_str(&format!(", {size} px {resize}"));
+        }
     }
+    text
 }
 
 fn short(fingerprint: &str) -> &str {

@@ -300,6 +300,9 @@ pub struct FolderKind {
     /// The pooled layers (`enqueue --layers`), canonical: `last` when the
     /// metadata names none.
     pub layers: String,
+    /// The input square and resize policy (`crop` or `stretch`) of the
+    /// recorded preprocessing; None when the metadata has none.
+    pub input: Option<(u32, String)>,
 }
 
 /// What made a folder's features, from its first published shard's header
@@ -321,10 +324,22 @@ pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
             .as_str()
             .unwrap_or("last")
             .to_string();
+        let input = header["__metadata__"]["preprocess"]
+            .as_str()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|preprocess| {
+                let size = u32::try_from(preprocess["input_size"].as_u64()?).ok()?;
+                let resize = match preprocess["resize"]["policy"].as_str()? {
+                    "stretch" => "stretch",
+                    _ => "crop",
+                };
+                Some((size, resize.to_string()))
+            });
         return Some(FolderKind {
             encoder,
             spatial,
             layers,
+            input,
         });
     }
     None

@@ -24,6 +24,7 @@ pub use sweep_file::{Sweep, SweepPoint};
 pub use train::{TrainRequest, TrainedRun, train};
 
 use crate::experiments::{self, AblationQuery, ExperimentsDb, ParamValue, WhereClause};
+use crate::features::catalog::PooledChoice;
 use crate::layout::Layout;
 use crate::segment::SegmentError;
 use crate::segment::train::{self as segment, SegmentReport};
@@ -127,7 +128,7 @@ pub fn sweep(
     // Group heads by the features they read: pooled, or spatial for
     // patch-level anomaly points, in the folder a point names or the one
     // its dataset and encoder find.
-    type Group = (String, String, bool, Option<String>, Option<String>);
+    type Group = (String, String, bool, Option<String>, PooledChoice);
     let mut groups: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
     let mut segment_points = Vec::new();
     for (i, point) in sweep.points.iter().enumerate() {
@@ -146,7 +147,7 @@ pub fn sweep(
                 point.encoder.clone(),
                 spatial,
                 point.fingerprint.clone(),
-                point.layers.clone(),
+                point.pooled.clone(),
             ))
             .or_default()
             .push(i);
@@ -162,10 +163,10 @@ pub fn sweep(
         segmented: Vec::new(),
         charts: Vec::new(),
     };
-    for ((dataset, encoder, spatial, named, layers), members) in groups {
+    for ((dataset, encoder, spatial, named, pooled), members) in groups {
         let fingerprint = match named {
             Some(fingerprint) => fingerprint,
-            None => find_fingerprint(layout, &dataset, &encoder, spatial, layers.as_deref())?,
+            None => find_fingerprint(layout, &dataset, &encoder, spatial, &pooled)?,
         };
         let mut configs: Vec<TrainConfig> = Vec::new();
         for &i in &members {
@@ -308,7 +309,7 @@ fn find_fingerprint(
     dataset: &str,
     encoder: &str,
     spatial: bool,
-    layers: Option<&str>,
+    pooled: &PooledChoice,
 ) -> Result<String, TrainError> {
     use crate::features::catalog::{FeatureKind, FeatureRequest, find_fingerprint};
     Ok(find_fingerprint(
@@ -321,7 +322,7 @@ fn find_fingerprint(
             } else {
                 FeatureKind::Pooled
             }),
-            layers,
+            pooled: Some(pooled),
             ..FeatureRequest::default()
         },
     )?)
@@ -343,7 +344,13 @@ fn sweep_segment_points(
         let point = &sweep.points[i];
         let fingerprint = match &point.fingerprint {
             Some(fingerprint) => fingerprint.clone(),
-            None => find_fingerprint(layout, &point.dataset, &point.encoder, true, None)?,
+            None => find_fingerprint(
+                layout,
+                &point.dataset,
+                &point.encoder,
+                true,
+                &PooledChoice::default(),
+            )?,
         };
         let version = crate::dataset::load_info(layout, &point.dataset)
             .map_err(TrainError::from)?

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use toml::Value;
 
+use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
@@ -25,6 +26,8 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "encoder",
     "fingerprint",
     "layers",
+    "image_size",
+    "resize",
     "init_from",
     "head",
     "hidden",
@@ -93,9 +96,9 @@ pub struct TrainSettings {
     /// The feature folder (`fingerprint`); found by dataset and encoder
     /// when None.
     pub fingerprint: Option<String>,
-    /// Only pooled features of these layers (`layers`, canonical as
-    /// `PooledLayers` prints them); any layers when None.
-    pub layers: Option<String>,
+    /// Only pooled features extracted with these options (`layers`,
+    /// canonical as `PooledLayers` prints them; `image_size`; `resize`).
+    pub pooled: PooledChoice,
     /// `class_weights = "FILE"`: read against the classes once the data is
     /// loaded; it then replaces `config.class_weights`.
     pub class_weights_file: Option<PathBuf>,
@@ -311,22 +314,36 @@ pub fn train_settings(
         .task
         .anomaly()
         .is_some_and(|anomaly| anomaly.patch.is_some());
-    let layers = match text("layers")? {
-        None => None,
-        Some(value) => {
-            let layers = crate::encoders::PooledLayers::parse(&value).map_err(|e| e.to_string())?;
-            if config.task == crate::train::config::Task::Segment || spatial_anomaly {
-                return Err(format!(
-                    "{} picks pooled features; segmentation and patch-level anomaly runs read spatial ones",
-                    source.name("layers")
-                ));
-            }
-            Some(layers.to_string())
-        }
+    let pooled = PooledChoice {
+        layers: text("layers")?
+            .map(|value| crate::encoders::PooledLayers::parse(&value).map(|l| l.to_string()))
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        image_size: count("image_size")?
+            .map(|size| {
+                u32::try_from(size)
+                    .ok()
+                    .filter(|size| *size > 0)
+                    .ok_or_else(|| {
+                        format!("image_size must be a positive size in pixels, got {size}")
+                    })
+            })
+            .transpose()?,
+        resize: one_of("resize", &["crop", "stretch"])?,
     };
+    if !pooled.is_any() && (config.task == crate::train::config::Task::Segment || spatial_anomaly) {
+        let key = ["layers", "image_size", "resize"]
+            .into_iter()
+            .find(|key| settings.contains_key(*key))
+            .unwrap_or("layers");
+        return Err(format!(
+            "{} picks pooled features; segmentation and patch-level anomaly runs read spatial ones",
+            source.name(key)
+        ));
+    }
     Ok(TrainSettings {
         fingerprint: text("fingerprint")?,
-        layers,
+        pooled,
         class_weights_file,
         config,
     })

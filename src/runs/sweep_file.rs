@@ -47,8 +47,9 @@ pub struct SweepPoint {
     /// The feature folder (`fingerprint`); found by dataset and encoder
     /// when None, as `train` finds it.
     pub fingerprint: Option<String>,
-    /// Only pooled features of these layers (`layers`); any when None.
-    pub layers: Option<String>,
+    /// Only pooled features of these options (`layers`, `image_size`,
+    /// `resize`).
+    pub pooled: crate::features::catalog::PooledChoice,
     /// `class_weights = "FILE"`: read against the classes once the data is
     /// loaded; it then replaces `config.class_weights`.
     pub class_weights_file: Option<PathBuf>,
@@ -297,14 +298,14 @@ fn point(settings: &BTreeMap<String, Value>) -> Result<SweepPoint, String> {
     let TrainSettings {
         config,
         fingerprint,
-        layers,
+        pooled,
         class_weights_file,
     } = train_settings(settings, Source::SweepFile)?;
     Ok(SweepPoint {
         dataset,
         encoder,
         fingerprint,
-        layers,
+        pooled,
         class_weights_file,
         config,
         params: settings.clone(),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::RunsError;
-use crate::features::catalog::FeatureKind;
+use crate::features::catalog::{FeatureKind, PooledChoice};
 use crate::layout::Layout;
 use crate::segment::train::{self as segment, SegmentReport};
 use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
@@ -27,8 +27,8 @@ pub struct TrainRequest {
     pub encoder: String,
     /// The feature folder; found by encoder (and task) when None.
     pub fingerprint: Option<String>,
-    /// Only pooled features of these layers (canonical); any when None.
-    pub layers: Option<String>,
+    /// Only pooled features of these extraction options.
+    pub pooled: PooledChoice,
     /// The experiment the run is recorded under.
     pub experiment: String,
     /// Train on the images that have features when some lack them.
@@ -209,7 +209,7 @@ pub fn train(
     let anomaly = config.task.anomaly();
     let mut load = load_config(&config);
     load.encoder = Some(request.encoder.clone());
-    load.layers = request.layers.clone();
+    load.pooled = request.pooled.clone();
     load.allow_partial = request.allow_partial;
     // Classifiers and image-level scorers read pooled features; patch-level
     // anomaly scoring spatial ones. A folder named by `fingerprint` is taken

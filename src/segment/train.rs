@@ -145,7 +145,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
             encoder: Some(source.encoder),
             kind: Some(FeatureKind::Spatial),
             fingerprint: source.fingerprint,
-            layers: None,
+            pooled: None,
         },
     )
     .map_err(|e| match e {

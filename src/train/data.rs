@@ -49,8 +49,8 @@ pub struct LoadConfig {
     pub split_labels: SplitLabels,
     /// Only features made by this encoder.
     pub encoder: Option<String>,
-    /// Only pooled features of these layers (canonical `PooledLayers`).
-    pub layers: Option<String>,
+    /// Only pooled features of these extraction options.
+    pub pooled: catalog::PooledChoice,
     /// Pooled or spatial features; `None` accepts either.
     pub kind: Option<FeatureKind>,
     /// The manifest version to train on; `None` for the current one.
@@ -88,7 +88,7 @@ pub fn load(
             encoder: config.encoder.as_deref(),
             kind: config.kind,
             fingerprint,
-            layers: config.layers.as_deref(),
+            pooled: Some(&config.pooled),
         },
     )?;
     let fingerprint = opened.fingerprint;

@@ -277,21 +277,26 @@ fn an_input_size_is_its_own_feature_set_and_predict_reads_it_the_same_way() {
     assert_eq!(preprocess["input_size"], 64, "{recorded}");
     assert_eq!(preprocess["resize"]["policy"], "stretch", "{recorded}");
 
-    let report = json(&ok(lazarus(
-        root,
-        &[
+    let train = |extra: &[&str]| {
+        let mut args = vec![
             "train",
             "--dataset",
             "toy",
             "--encoder",
             "efficientnet-lite0",
-            "--fingerprint",
-            &fingerprint,
             "--epochs",
             "2",
             "--json",
-        ],
-    )));
+        ];
+        args.extend_from_slice(extra);
+        lazarus(root, &args)
+    };
+    // Two pooled folders: the refusal says how each was made.
+    let error = fails(train(&[]));
+    assert!(error.contains("64 px stretch"), "{error}");
+    assert!(error.contains("224 px crop"), "{error}");
+    let report = json(&ok(train(&["--image-size", "64", "--resize", "stretch"])));
+    assert_eq!(run_fingerprint(root, &report), fingerprint);
     let run = report["run_id"].as_str().unwrap().to_string();
     let cached = root.join("tree/class1/img002.png");
     let fresh = root.join("fresh.png");

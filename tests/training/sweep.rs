@@ -330,11 +330,11 @@ fn a_sweep_file_can_set_every_train_option() {
     assert_eq!(point.config.checkpoint_every, 1);
     assert_eq!(point.config.init_from, None);
     assert_eq!(point.fingerprint, None);
-    assert_eq!(point.layers, None);
+    assert!(point.pooled.is_any());
     let set = parse(
         "schedule = \"step\"\nstep_epochs = 4\nmemory_budget = \"1GiB\"\n\
          checkpoint_every = 2\ninit_from = \"run-a\"\nfingerprint = \"abc\"\n\
-         class_weights = \"weights.csv\"\nlayers = \"all\"\n[grid]\nstep_gamma = [0.5, 0.25]\n",
+         class_weights = \"weights.csv\"\nlayers = \"all\"\nimage_size = 300\nresize = \"stretch\"\n[grid]\nstep_gamma = [0.5, 0.25]\n",
     );
     assert_eq!(set.points.len(), 2);
     for (point, gamma) in set.points.iter().zip([0.5, 0.25]) {
@@ -350,7 +350,9 @@ fn a_sweep_file_can_set_every_train_option() {
         assert_eq!(point.config.init_from.as_deref(), Some("run-a"));
         assert_eq!(point.fingerprint.as_deref(), Some("abc"));
         // Canonical, as enqueue names the folder's layers.
-        assert_eq!(point.layers.as_deref(), Some("1,2,3,4,5,6,7,head"));
+        assert_eq!(point.pooled.layers.as_deref(), Some("1,2,3,4,5,6,7,head"));
+        assert_eq!(point.pooled.image_size, Some(300));
+        assert_eq!(point.pooled.resize.as_deref(), Some("stretch"));
         assert_eq!(
             point.class_weights_file.as_deref(),
             Some(Path::new("weights.csv"))
