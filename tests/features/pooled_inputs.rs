@@ -31,6 +31,22 @@ fn feature_dim(root: &Path, fingerprint: &str) -> usize {
         .feature_dim()
 }
 
+/// `lazarus train` on dataset toy (lite0, 2 epochs, JSON) with `extra` flags.
+fn train_toy(root: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--dataset",
+        "toy",
+        "--encoder",
+        "efficientnet-lite0",
+        "--epochs",
+        "2",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    lazarus(root, &args)
+}
+
 /// The feature folder a run recorded (`run_dir` may be relative to the root).
 fn run_fingerprint(root: &Path, report: &serde_json::Value) -> String {
     let run_dir = root.join(report["run_dir"].as_str().unwrap());
@@ -62,20 +78,7 @@ fn layers_are_their_own_features_and_every_reader_uses_them() {
     assert_eq!(feature_dim(root, &all_fingerprint), 2064);
 
     // Two pooled sets of one encoder: train asks which.
-    let train = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--epochs",
-            "3",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        lazarus(root, &args)
-    };
+    let train = |extra: &[&str]| train_toy(root, extra);
     let error = fails(train(&[]));
     assert!(error.contains("--layers"), "{error}");
     assert!(error.contains("layers 1,2,3,4,5,6,7,head"), "{error}");
@@ -139,7 +142,7 @@ fn layers_are_their_own_features_and_every_reader_uses_them() {
     let sweep = root.join("layers.toml");
     std::fs::write(
         &sweep,
-        "name = \"layers\"\ndataset = \"toy\"\nencoder = \"efficientnet-lite0\"\nepochs = 2\n\
+        "name = \"layers\"\ndataset = \"toy\"\nencoder = \"efficientnet-lite0\"\nepochs = 3\n\
          [grid]\nlayers = [\"last\", \"all\"]\n",
     )
     .unwrap();
@@ -277,20 +280,7 @@ fn an_input_size_is_its_own_feature_set_and_predict_reads_it_the_same_way() {
     assert_eq!(preprocess["input_size"], 64, "{recorded}");
     assert_eq!(preprocess["resize"]["policy"], "stretch", "{recorded}");
 
-    let train = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--epochs",
-            "2",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        lazarus(root, &args)
-    };
+    let train = |extra: &[&str]| train_toy(root, extra);
     // Two pooled folders: the refusal says how each was made.
     let error = fails(train(&[]));
     assert!(error.contains("64 px stretch"), "{error}");
