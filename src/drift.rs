@@ -65,6 +65,9 @@ pub enum DriftError {
 pub struct DriftConfig {
     /// Compare the features of this encoder (needed when a dataset has several).
     pub encoder: Option<String>,
+    /// Compare pooled features extracted with these options (`--layers`,
+    /// `--image-size`, `--resize`; needed when a dataset has several).
+    pub pooled: catalog::PooledChoice,
     /// |SMD| above which a dimension counts as shifted.
     pub smd_threshold: f64,
     /// Principal components of the reference to test on.
@@ -84,6 +87,7 @@ impl Default for DriftConfig {
     fn default() -> Self {
         DriftConfig {
             encoder: None,
+            pooled: catalog::PooledChoice::default(),
             smd_threshold: 0.2,
             components: 5,
             alpha: 0.05,
@@ -174,6 +178,7 @@ fn open(layout: &Layout, dataset: &str, config: &DriftConfig) -> Result<Rows, Dr
             dataset,
             encoder: config.encoder.as_deref(),
             kind: Some(FeatureKind::Pooled),
+            pooled: Some(&config.pooled),
             ..FeatureRequest::default()
         },
     )

@@ -194,6 +194,16 @@ pub enum ResizeArg {
     Stretch,
 }
 
+impl ResizeArg {
+    /// The name as the flag and the feature folders spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ResizeArg::Crop => "crop",
+            ResizeArg::Stretch => "stretch",
+        }
+    }
+}
+
 /// `--image-size` and `--resize` as the library takes them: either alone
 /// keeps the other as the encoder has it (its size; `crop`).
 fn input_choice(

@@ -180,6 +180,27 @@ fn layers_are_their_own_features_and_every_reader_uses_them() {
         "{outcome}"
     );
 
+    // drift picks the folder the same way.
+    let error = fails(lazarus(
+        root,
+        &["drift", "--reference", "toy", "--candidate", "toy"],
+    ));
+    assert!(error.contains("--layers"), "{error}");
+    let drift = json(&ok(lazarus(
+        root,
+        &[
+            "drift",
+            "--reference",
+            "toy",
+            "--candidate",
+            "toy",
+            "--layers",
+            "all",
+            "--json",
+        ],
+    )));
+    assert_eq!(drift["feature_dim"], 2064, "{drift}");
+
     // Runs record how their features were computed: an ablation axis.
     let table = ok(lazarus(
         root,
