@@ -15,16 +15,8 @@ pub struct DriftArgs {
     /// Compare the features of this encoder (needed when a dataset has several).
     #[arg(long, value_name = "ENCODER")]
     pub encoder: Option<String>,
-    /// Compare the features of these pooled layers (as `enqueue --layers`),
-    /// when a dataset has several.
-    #[arg(long, value_name = "last|all|LIST")]
-    pub layers: Option<String>,
-    /// Compare the features extracted at this input square (`enqueue --image-size`).
-    #[arg(long, value_name = "N")]
-    pub image_size: Option<u32>,
-    /// Compare the features extracted with this resize policy (`enqueue --resize`).
-    #[arg(long, value_enum)]
-    pub resize: Option<super::queue::ResizeArg>,
+    #[command(flatten)]
+    pub folder: super::queue::PooledFolderArgs,
     /// |standardised mean difference| above which a dimension counts as shifted.
     #[arg(long, default_value_t = 0.2)]
     pub threshold: f64,
@@ -47,18 +39,9 @@ pub struct DriftArgs {
 
 /// Exits 0 whether or not there is drift; the verdict is in the output.
 pub fn run(layout: &Layout, args: DriftArgs) -> anyhow::Result<()> {
-    let layers = args
-        .layers
-        .as_deref()
-        .map(lazarus::encoders::PooledLayers::parse)
-        .transpose()?;
     let config = DriftConfig {
         encoder: args.encoder.clone(),
-        pooled: lazarus::features::catalog::PooledChoice {
-            layers: layers.map(|layers| layers.to_string()),
-            image_size: args.image_size,
-            resize: args.resize.map(|resize| resize.name().to_string()),
-        },
+        pooled: args.folder.choice()?,
         smd_threshold: args.threshold,
         components: args.components,
         alpha: args.alpha,

@@ -194,6 +194,38 @@ pub enum ResizeArg {
     Stretch,
 }
 
+/// Which pooled feature folder a verb reads when a dataset has several
+/// (`train`, `drift`): the options `enqueue` made it with.
+#[derive(Debug, Args)]
+pub struct PooledFolderArgs {
+    /// Only features of these pooled layers (as `enqueue --layers`: `last`,
+    /// `all` or a list such as `5,6,7,head`).
+    #[arg(long, value_name = "last|all|LIST")]
+    pub layers: Option<String>,
+    /// Only features extracted at this input square (`enqueue --image-size`).
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<u32>,
+    /// Only features extracted with this resize policy (`enqueue --resize`).
+    #[arg(long, value_enum)]
+    pub resize: Option<ResizeArg>,
+}
+
+impl PooledFolderArgs {
+    /// The library's filter, layers in canonical form.
+    pub fn choice(&self) -> anyhow::Result<lazarus::features::catalog::PooledChoice> {
+        let layers = self
+            .layers
+            .as_deref()
+            .map(lazarus::encoders::PooledLayers::parse)
+            .transpose()?;
+        Ok(lazarus::features::catalog::PooledChoice {
+            layers: layers.map(|layers| layers.to_string()),
+            image_size: self.image_size,
+            resize: self.resize.map(|resize| resize.name().to_string()),
+        })
+    }
+}
+
 impl ResizeArg {
     /// The name as the flag and the feature folders spell it.
     pub fn name(self) -> &'static str {

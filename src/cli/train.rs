@@ -74,17 +74,8 @@ pub struct TrainArgs {
     /// of this encoder holds the dataset's images.
     #[arg(long)]
     pub fingerprint: Option<String>,
-    /// Only features of these pooled layers (as `enqueue --layers`: `last`,
-    /// `all` or a list such as `5,6,7,head`), when the dataset has features
-    /// of several.
-    #[arg(long, value_name = "last|all|LIST")]
-    pub layers: Option<String>,
-    /// Only features extracted at this input square (`enqueue --image-size`).
-    #[arg(long, value_name = "N")]
-    pub image_size: Option<u32>,
-    /// Only features extracted with this resize policy (`enqueue --resize`).
-    #[arg(long, value_enum)]
-    pub resize: Option<super::queue::ResizeArg>,
+    #[command(flatten)]
+    pub folder: super::queue::PooledFolderArgs,
     /// Train on the images that have features when some lack them (extraction
     /// unfinished or failed) instead of refusing; the run records how many
     /// lacked (param images_lacking).
@@ -245,12 +236,14 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
     let given: Vec<(&str, Option<Value>)> = vec![
         ("task", Some(name(args.task))),
         ("fingerprint", args.fingerprint.as_deref().and_then(text)),
-        ("layers", args.layers.as_deref().and_then(text)),
+        ("layers", args.folder.layers.as_deref().and_then(text)),
         (
             "image_size",
-            args.image_size.map(|size| Value::Integer(size.into())),
+            args.folder
+                .image_size
+                .map(|size| Value::Integer(size.into())),
         ),
-        ("resize", args.resize.map(name)),
+        ("resize", args.folder.resize.map(name)),
         ("init_from", args.init_from.as_deref().and_then(text)),
         ("normal_label", labels(&args.normal_labels)),
         ("anomaly_label", labels(&args.anomaly_labels)),
