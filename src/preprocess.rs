@@ -52,6 +52,16 @@ pub enum ResizePolicy {
     Stretch,
 }
 
+impl ResizePolicy {
+    /// The policy as `enqueue --resize` and the runs' `resize` param name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ResizePolicy::ShorterSideThenCenterCrop { .. } => "crop",
+            ResizePolicy::Stretch => "stretch",
+        }
+    }
+}
+
 /// Resampling filter; every filter is antialiased when downscaling
 /// (its support widens with the scale factor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

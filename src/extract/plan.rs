@@ -221,22 +221,21 @@ pub fn fingerprint(
     layers: &PooledLayers,
 ) -> String {
     let identity = match spatial {
-        // `last` adds no key: fingerprints from before `--layers` stay.
-        None if layers.is_last() => serde_json::json!({
-            "encoder": encoder.name,
-            "weights": weights_id,
-            "preprocess": encoder.preprocess,
-            "spatial": false,
-            "feature_format": FEATURE_FORMAT_VERSION,
-        }),
-        None => serde_json::json!({
-            "encoder": encoder.name,
-            "weights": weights_id,
-            "preprocess": encoder.preprocess,
-            "spatial": false,
-            "layers": layers.to_string(),
-            "feature_format": FEATURE_FORMAT_VERSION,
-        }),
+        None => {
+            let mut identity = serde_json::json!({
+                "encoder": encoder.name,
+                "weights": weights_id,
+                "preprocess": encoder.preprocess,
+                "spatial": false,
+                "feature_format": FEATURE_FORMAT_VERSION,
+            });
+            // `last` adds no key: fingerprints from before `--layers` stay
+            // (keys serialise sorted, so where it goes does not matter).
+            if !layers.is_last() {
+                identity["layers"] = layers.to_string().into();
+            }
+            identity
+        }
         Some(tiling) => serde_json::json!({
             "encoder": encoder.name,
             "weights": weights_id,

@@ -305,6 +305,19 @@ pub struct FolderKind {
     pub input: Option<(u32, String)>,
 }
 
+/// The extraction options shard metadata records: the pooled layers
+/// (`layers`, canonical; `last` when absent) and the input square with its
+/// resize policy (from `preprocess`; None when it is absent or unreadable).
+pub fn recorded_options(
+    layers: Option<&str>,
+    preprocess: Option<&str>,
+) -> (String, Option<(u32, &'static str)>) {
+    let input = preprocess
+        .and_then(|text| serde_json::from_str::<crate::preprocess::PreprocessConfig>(text).ok())
+        .map(|preprocess| (preprocess.input_size, preprocess.resize.name()));
+    (layers.unwrap_or("last").to_string(), input)
+}
+
 /// What made a folder's features, from its first published shard's header
 /// alone. `None` when no shard's header reads.
 pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
@@ -320,26 +333,14 @@ pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
         let spatial = header
             .as_object()
             .is_some_and(|tensors| tensors.keys().any(|name| name.starts_with("spatial_s")));
-        let layers = header["__metadata__"]["layers"]
-            .as_str()
-            .unwrap_or("last")
-            .to_string();
-        let input = header["__metadata__"]["preprocess"]
-            .as_str()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
-            .and_then(|preprocess| {
-                let size = u32::try_from(preprocess["input_size"].as_u64()?).ok()?;
-                let resize = match preprocess["resize"]["policy"].as_str()? {
-                    "stretch" => "stretch",
-                    _ => "crop",
-                };
-                Some((size, resize.to_string()))
-            });
+        let metadata = &header["__metadata__"];
+        let (layers, input) =
+            recorded_options(metadata["layers"].as_str(), metadata["preprocess"].as_str());
         return Some(FolderKind {
             encoder,
             spatial,
             layers,
-            input,
+            input: input.map(|(size, resize)| (size, resize.to_string())),
         });
     }
     None

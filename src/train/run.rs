@@ -852,18 +852,14 @@ impl PooledInputs {
             return None;
         }
         let metadata = features.metadata();
-        let preprocess: crate::preprocess::PreprocessConfig =
-            serde_json::from_str(metadata.get("preprocess")?).ok()?;
-        let resize = match preprocess.resize {
-            crate::preprocess::ResizePolicy::Stretch => "stretch",
-            crate::preprocess::ResizePolicy::ShorterSideThenCenterCrop { .. } => "crop",
-        };
+        let (layers, input) = crate::features::recorded_options(
+            metadata.get("layers").map(String::as_str),
+            metadata.get("preprocess").map(String::as_str),
+        );
+        let (image_size, resize) = input?;
         Some(PooledInputs {
-            layers: metadata
-                .get("layers")
-                .cloned()
-                .unwrap_or_else(|| "last".into()),
-            image_size: preprocess.input_size,
+            layers,
+            image_size,
             resize: resize.into(),
         })
     }
