@@ -17,7 +17,7 @@ use super::efficientnet_lite;
 use super::{EncoderError, EncoderSpec};
 
 /// Stages an EfficientNet-Lite encoder can pool (1-based in `--layers`).
-pub const LITE_STAGES: usize = 7;
+const LITE_STAGES: usize = 7;
 
 /// A validated choice of layers, in canonical order: stages ascending,
 /// then the head.
@@ -53,11 +53,6 @@ impl PooledLayers {
 
     pub fn is_last(&self) -> bool {
         self.stages.is_empty() && self.head
-    }
-
-    /// 1-based stage numbers, ascending.
-    pub fn stages(&self) -> &[usize] {
-        &self.stages
     }
 
     pub fn head(&self) -> bool {

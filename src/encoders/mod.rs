@@ -342,10 +342,8 @@ pub trait Encoder: Send + Sync {
     /// `images`: [n, 3, input_size, input_size] f32, normalised by `spec().preprocess`.
     /// Returns pooled features and, when the spec has one, the spatial map.
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError>;
-    /// The layers its pooled features are made of (`forward_pooled`).
-    fn layers(&self) -> &PooledLayers;
-    /// Pooled features of `layers()` only: skips work some families need
-    /// for the spatial map.
+    /// Pooled features only (of the layers it was loaded with): skips work
+    /// some families need for the spatial map.
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError>;
     /// Pooled features and every spatial map, finest first; an encoder
     /// without spatial maps returns an empty list.
@@ -610,10 +608,6 @@ impl Encoder for Loaded {
 
     fn forward(&self, images: &Tensor) -> Result<EncoderOutput, EncoderError> {
         self.run(images, true)
-    }
-
-    fn layers(&self) -> &PooledLayers {
-        &self.layers
     }
 
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
