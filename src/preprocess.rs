@@ -50,6 +50,11 @@ pub enum ResizePolicy {
     ShorterSideThenCenterCrop { resize_shorter_to: u32 },
     /// Resize both sides to the input size, ignoring the aspect ratio.
     Stretch,
+    /// Resize so the longer side is the input size, keeping the aspect
+    /// ratio, and center the image on a square of the normalisation's mean
+    /// colour (each channel's mean rounded to 8 bits, so the padding
+    /// normalises to about 0): nothing is cut off and nothing is distorted.
+    Pad,
 }
 
 impl ResizePolicy {
@@ -58,6 +63,7 @@ impl ResizePolicy {
         match self {
             ResizePolicy::ShorterSideThenCenterCrop { .. } => "crop",
             ResizePolicy::Stretch => "stretch",
+            ResizePolicy::Pad => "pad",
         }
     }
 }
@@ -188,6 +194,23 @@ pub fn resize_and_crop(image: &RgbImage, config: &PreprocessConfig) -> RgbImage 
     let filter = config.filter.filter_type();
     match config.resize {
         ResizePolicy::Stretch => image::imageops::resize(image, size, size, filter),
+        ResizePolicy::Pad => {
+            let (new_width, new_height) = longer_side_size(image.dimensions(), size);
+            let resized = if (new_width, new_height) == image.dimensions() {
+                image.clone()
+            } else {
+                image::imageops::resize(image, new_width, new_height, filter)
+            };
+            let fill = image::Rgb(pad_colour(config));
+            let mut square = RgbImage::from_pixel(size, size, fill);
+            image::imageops::replace(
+                &mut square,
+                &resized,
+                ((size - new_width) / 2) as i64,
+                ((size - new_height) / 2) as i64,
+            );
+            square
+        }
         ResizePolicy::ShorterSideThenCenterCrop { resize_shorter_to } => {
             let target_short = resize_shorter_to.max(size);
             let (width, height) = (image.width(), image.height());
@@ -256,10 +279,13 @@ fn square_chw(
     config: &PreprocessConfig,
 ) -> Vec<f32> {
     let size = config.input_size;
+    if config.resize == ResizePolicy::Pad && (width, height) != (size, size) {
+        return padded_chw(pixels, (width, height, channels), config);
+    }
     let (new_width, new_height) = match config.resize {
         // Already the input size: passes through, whatever the policy.
         _ if (width, height) == (size, size) => (size, size),
-        ResizePolicy::Stretch => (size, size),
+        ResizePolicy::Stretch | ResizePolicy::Pad => (size, size),
         ResizePolicy::ShorterSideThenCenterCrop { resize_shorter_to } => {
             shorter_side_size((width, height), size, resize_shorter_to)
         }
@@ -267,7 +293,8 @@ fn square_chw(
     let window = Window {
         left: (new_width - size) / 2,
         top: (new_height - size) / 2,
-        size,
+        width: size,
+        height: size,
     };
     let source = Source {
         pixels,
@@ -283,6 +310,72 @@ fn square_chw(
     normalize_chw(&square, channels, config)
 }
 
+/// `ResizePolicy::Pad`: the whole image resized to fit, centered on the
+/// mean colour (three channels, since the padding is not gray).
+fn padded_chw(
+    pixels: &[u8],
+    (width, height, channels): (u32, u32, usize),
+    config: &PreprocessConfig,
+) -> Vec<f32> {
+    let size = config.input_size;
+    let (new_width, new_height) = longer_side_size((width, height), size);
+    let source = Source {
+        pixels,
+        width,
+        height,
+        channels,
+    };
+    let whole = Window {
+        left: 0,
+        top: 0,
+        width: new_width,
+        height: new_height,
+    };
+    let resized = if (new_width, new_height) == (width, height) {
+        source.crop(&whole)
+    } else {
+        source.resample(new_width, new_height, &whole, config.filter)
+    };
+    let fill = pad_colour(config);
+    let mut square: Vec<u8> = fill.repeat((size * size) as usize);
+    let (left, top) = (
+        (size - new_width) as usize / 2,
+        (size - new_height) as usize / 2,
+    );
+    for (y, row) in resized
+        .chunks_exact(new_width as usize * channels)
+        .enumerate()
+    {
+        let start = ((top + y) * size as usize + left) * 3;
+        for (pixel, value) in square[start..start + new_width as usize * 3]
+            .chunks_exact_mut(3)
+            .zip(row.chunks_exact(channels))
+        {
+            for (channel, out) in pixel.iter_mut().enumerate() {
+                *out = value[channel.min(channels - 1)];
+            }
+        }
+    }
+    normalize_chw(&square, 3, config)
+}
+
+/// The padding of `ResizePolicy::Pad`: the normalisation's mean in 8 bits.
+fn pad_colour(config: &PreprocessConfig) -> [u8; 3] {
+    std::array::from_fn(|c| (config.mean[c] * 255.0).round().clamp(0.0, 255.0) as u8)
+}
+
+/// The resized size for `ResizePolicy::Pad`: the longer side becomes `size`,
+/// the other keeps the aspect ratio (at least one pixel).
+fn longer_side_size((width, height): (u32, u32), size: u32) -> (u32, u32) {
+    if width >= height {
+        let scaled = (height as f64 * size as f64 / width as f64).round() as u32;
+        (size, scaled.clamp(1, size))
+    } else {
+        let scaled = (width as f64 * size as f64 / height as f64).round() as u32;
+        (scaled.clamp(1, size), size)
+    }
+}
+
 /// The resized size for `ShorterSideThenCenterCrop`: the shorter side becomes
 /// `resize_shorter_to` (at least `size`), the other keeps the aspect ratio.
 fn shorter_side_size((width, height): (u32, u32), size: u32, resize_shorter_to: u32) -> (u32, u32) {
@@ -296,11 +389,12 @@ fn shorter_side_size((width, height): (u32, u32), size: u32, resize_shorter_to: 
     }
 }
 
-/// The square kept from the resized image.
+/// The part kept from the resized image.
 struct Window {
     left: u32,
     top: u32,
-    size: u32,
+    width: u32,
+    height: u32,
 }
 
 /// 8-bit pixels, `channels` interleaved values per pixel, row-major.
@@ -313,11 +407,12 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn crop(&self, window: &Window) -> Vec<u8> {
-        let (c, w, size) = (self.channels, self.width as usize, window.size as usize);
-        let mut out = Vec::with_capacity(size * size * c);
-        for y in window.top as usize..window.top as usize + size {
+        let (c, w) = (self.channels, self.width as usize);
+        let (out_width, out_height) = (window.width as usize, window.height as usize);
+        let mut out = Vec::with_capacity(out_width * out_height * c);
+        for y in window.top as usize..window.top as usize + out_height {
             let start = (y * w + window.left as usize) * c;
-            out.extend_from_slice(&self.pixels[start..start + size * c]);
+            out.extend_from_slice(&self.pixels[start..start + out_width * c]);
         }
         out
     }
@@ -332,20 +427,21 @@ impl Source<'_> {
         window: &Window,
         filter: ResizeFilter,
     ) -> Vec<u8> {
-        let (c, w, size) = (self.channels, self.width as usize, window.size as usize);
+        let (c, w) = (self.channels, self.width as usize);
+        let (out_width, out_height) = (window.width as usize, window.height as usize);
         let rows = filter_taps(
             self.height,
             new_height,
-            window.top..window.top + window.size,
+            window.top..window.top + window.height,
             filter,
         );
         let columns = filter_taps(
             self.width,
             new_width,
-            window.left..window.left + window.size,
+            window.left..window.left + window.width,
             filter,
         );
-        let mut vertical = vec![0f32; size * w * c];
+        let mut vertical = vec![0f32; out_height * w * c];
         for ((first, weights), out) in rows.iter().zip(vertical.chunks_exact_mut(w * c)) {
             for (i, &weight) in weights.iter().enumerate() {
                 let row = &self.pixels[(first + i) * w * c..(first + i + 1) * w * c];
@@ -354,10 +450,10 @@ impl Source<'_> {
                 }
             }
         }
-        let mut out = vec![0u8; size * size * c];
+        let mut out = vec![0u8; out_width * out_height * c];
         for (row, out_row) in vertical
             .chunks_exact(w * c)
-            .zip(out.chunks_exact_mut(size * c))
+            .zip(out.chunks_exact_mut(out_width * c))
         {
             for ((first, weights), out_pixel) in columns.iter().zip(out_row.chunks_exact_mut(c)) {
                 for (channel, out) in out_pixel.iter_mut().enumerate() {
@@ -596,6 +692,7 @@ mod tests {
                         resize_shorter_to: 13,
                     },
                     ResizePolicy::Stretch,
+                    ResizePolicy::Pad,
                 ] {
                     let config = PreprocessConfig {
                         filter,
@@ -619,6 +716,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pad_keeps_the_whole_image_centered_on_the_mean_colour() {
+        // A 28 x 14 white image read at 14 with `pad`: 14 x 7 of white in
+        // rows 3..10, the mean colour above and below (checked by hand:
+        // top = (14 - 7) / 2).
+        let white = RgbImage::from_pixel(28, 14, Rgb([255, 255, 255]));
+        let config = PreprocessConfig {
+            resize: ResizePolicy::Pad,
+            ..config(14)
+        };
+        let bytes = encode(&DynamicImage::ImageRgb8(white), ImageFormat::Png);
+        let chw = preprocess_bytes(&bytes, Path::new("w.png"), &config).unwrap();
+        let plane = 14 * 14;
+        for channel in 0..3 {
+            let pad = ((config.mean[channel] * 255.0).round() / 255.0 - config.mean[channel])
+                / config.std[channel];
+            let white = (1.0 - config.mean[channel]) / config.std[channel];
+            for y in 0..14 {
+                for x in 0..14 {
+                    let value = chw[channel * plane + y * 14 + x];
+                    let expected = if (3..10).contains(&y) { white } else { pad };
+                    assert!((value - expected).abs() < 1e-5, "({x}, {y}) {value}");
+                }
+            }
+            assert!(pad.abs() < 0.01, "the padding normalises to about 0");
+        }
+        assert_eq!(ResizePolicy::Pad.name(), "pad");
     }
 
     #[test]

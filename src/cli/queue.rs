@@ -54,8 +54,9 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "N", conflicts_with = "spatial")]
     pub image_size: Option<u32>,
     /// How an image becomes the input square: `crop` (shorter side to
-    /// size / 0.875, then the center, the default) or `stretch` (the whole
-    /// image, aspect ratio ignored).
+    /// size / 0.875, then the center, the default), `stretch` (the whole
+    /// image, aspect ratio ignored) or `pad` (the whole image, aspect ratio
+    /// kept, centered on the mean colour).
     #[arg(long, value_enum, conflicts_with = "spatial")]
     pub resize: Option<ResizeArg>,
     /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
@@ -192,6 +193,7 @@ pub struct RequeueArgs {
 pub enum ResizeArg {
     Crop,
     Stretch,
+    Pad,
 }
 
 /// Which pooled feature folder a verb reads when a dataset has several
@@ -232,6 +234,7 @@ impl ResizeArg {
         match self {
             ResizeArg::Crop => "crop",
             ResizeArg::Stretch => "stretch",
+            ResizeArg::Pad => "pad",
         }
     }
 }
@@ -251,6 +254,7 @@ fn input_choice(
         size: image_size.unwrap_or(spec.input_size),
         resize: match resize {
             Some(ResizeArg::Stretch) => InputResize::Stretch,
+            Some(ResizeArg::Pad) => InputResize::Pad,
             Some(ResizeArg::Crop) | None => InputResize::Crop,
         },
     }))

@@ -1,5 +1,5 @@
 //! The input square pooled features are computed at (`enqueue --image-size
-//! N --resize crop|stretch`).
+//! N --resize crop|stretch|pad`).
 //!
 //! Registered encoders read a fixed square (224 for Lite0), cut from the
 //! image by resizing its shorter side to size / 0.875 and cropping the
@@ -7,7 +7,8 @@
 //! are already square and small (elpv cells are 300 × 300 with the busbars
 //! at the edge) and blurs thin cracks. EfficientNet-Lite is fully
 //! convolutional, so it can read any square: the native size, stretched
-//! (the whole image, aspect ratio ignored) or cropped as before.
+//! (the whole image, aspect ratio ignored), padded (the whole image, aspect
+//! ratio kept) or cropped as before.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,9 @@ pub enum InputResize {
     /// Both sides to the size: the whole image, aspect ratio ignored; an
     /// image already of the size passes through untouched.
     Stretch,
+    /// The longer side to the size, aspect ratio kept, centered on the
+    /// normalisation's mean colour: the whole image, undistorted.
+    Pad,
 }
 
 /// An input square other than the registry's.
@@ -45,6 +49,7 @@ impl InputChoice {
                 resize_shorter_to: (self.size as f32 / 0.875).round() as u32,
             },
             InputResize::Stretch => ResizePolicy::Stretch,
+            InputResize::Pad => ResizePolicy::Pad,
         };
         PreprocessConfig {
             input_size: self.size,

@@ -69,7 +69,7 @@ pub struct PooledChoice {
     /// Canonical, as `PooledLayers` prints them: `last`, `1,2,3,4,5,6,7,head`.
     pub layers: Option<String>,
     pub image_size: Option<u32>,
-    /// `crop` or `stretch`.
+    /// `crop`, `stretch` or `pad`.
     pub resize: Option<String>,
 }
 

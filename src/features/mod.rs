@@ -300,7 +300,7 @@ pub struct FolderKind {
     /// The pooled layers (`enqueue --layers`), canonical: `last` when the
     /// metadata names none.
     pub layers: String,
-    /// The input square and resize policy (`crop` or `stretch`) of the
+    /// The input square and resize policy (`crop`, `stretch` or `pad`) of the
     /// recorded preprocessing; None when the metadata has none.
     pub input: Option<(u32, String)>,
 }

@@ -329,7 +329,7 @@ pub fn train_settings(
                     })
             })
             .transpose()?,
-        resize: one_of("resize", &["crop", "stretch"])?,
+        resize: one_of("resize", &["crop", "stretch", "pad"])?,
     };
     if !pooled.is_any() && (config.task == crate::train::config::Task::Segment || spatial_anomaly) {
         let key = ["layers", "image_size", "resize"]

@@ -840,7 +840,7 @@ pub struct PooledInputs {
     /// Canonical, as `enqueue --layers` names them (`last`, `1,...,7,head`).
     pub layers: String,
     pub image_size: u32,
-    /// `crop` or `stretch`.
+    /// `crop`, `stretch` or `pad`.
     pub resize: String,
 }
 

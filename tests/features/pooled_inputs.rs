@@ -332,6 +332,20 @@ fn an_input_size_is_its_own_feature_set_and_predict_reads_it_the_same_way() {
     .abs();
     assert!(difference < 1e-2, "cache vs encoder: {difference}");
 
+    // `pad` (whole image, aspect kept) is a third configuration, recorded
+    // and picked by name like the others.
+    let padded = enqueue(root, &["--image-size", "64", "--resize", "pad"]);
+    let padded_fingerprint = padded["fingerprint"].as_str().unwrap().to_string();
+    assert_ne!(padded_fingerprint, fingerprint);
+    assert_eq!(padded["images_enqueued"], 12);
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let set = lazarus::features::FeatureSet::open(&root.join("features").join(&padded_fingerprint))
+        .unwrap();
+    let recorded = json(&set.metadata()["preprocess"]);
+    assert_eq!(recorded["resize"]["policy"], "pad", "{recorded}");
+    let report = json(&ok(train(&["--image-size", "64", "--resize", "pad"])));
+    assert_eq!(run_fingerprint(root, &report), padded_fingerprint);
+
     // Families that read one square only are refused, naming the encoder.
     let error = fails(lazarus(
         root,
