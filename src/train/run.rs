@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::checkpoint;
-use super::config::{Sampler, TrainConfig};
+use super::config::{Sampler, TrainConfig, TrainViews};
 use super::data::{SplitRows, TrainData};
 use super::host::{FirstLayers, Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
@@ -221,7 +221,8 @@ pub fn fit(
         .set_resident_limit(if cache_fits { u64::MAX } else { resident });
 
     loop {
-        let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();
+        type GroupKey = (u64, usize, Sampler, usize, TrainViews);
+        let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
         for (i, t) in trainers.iter().enumerate() {
             if t.is_active() {
                 groups
@@ -230,6 +231,7 @@ pub fn fit(
                         t.config.batch_size,
                         t.config.sampler,
                         t.state.epochs_done,
+                        t.config.train_views,
                     ))
                     .or_default()
                     .push(i);
@@ -238,7 +240,7 @@ pub fn fit(
         if groups.is_empty() {
             break;
         }
-        for ((seed, batch_size, sampler, epoch), members) in groups {
+        for ((seed, batch_size, sampler, epoch, train_views), members) in groups {
             let stream = EpochStream {
                 seed,
                 batch_size,
@@ -251,7 +253,7 @@ pub fn fit(
             if !cache_fits {
                 data.features.read_randomly();
             }
-            let stepped = run_epoch(data, &stream, &mut trainers, &members, options);
+            let stepped = run_epoch(data, &stream, train_views, &mut trainers, &members, options);
             data.features.read_in_order();
             stepped?;
             let names = ["train", "val"];
@@ -417,15 +419,41 @@ impl EpochStream {
     }
 }
 
+/// The view (0-based, below `views`) an image is trained on in `epoch`:
+/// drawn from the run's seed, the epoch and the image (its manifest index)
+/// alone, so it does not depend on the order, the batch or the other images,
+/// and a resumed run draws the same (SplitMix64 finalisers chained).
+pub(crate) fn drawn_view(seed: u64, epoch: usize, image: usize, views: usize) -> usize {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    if views <= 1 {
+        return 0;
+    }
+    (mix(mix(mix(seed) ^ epoch as u64) ^ image as u64) % views as u64) as usize
+}
+
 fn run_epoch(
     data: &TrainData,
     stream: &EpochStream,
+    train_views: TrainViews,
     trainers: &mut [HeadTrainer],
     members: &[usize],
     options: &FitOptions,
 ) -> Result<(), TrainError> {
     let dim = data.features.feature_dim();
-    let order = stream.order(&data.train, data.class_names.len());
+    let mut order = stream.order(&data.train, data.class_names.len());
+    // One view per image and epoch: the image's first row moves to its
+    // drawn view's row.
+    if data.views > 1 && train_views == TrainViews::Sample {
+        let images = data.features.image_indices();
+        for (row, _) in &mut order {
+            *row += drawn_view(stream.seed, stream.epoch, images[*row], data.views);
+        }
+    }
     let steps_per_epoch = order.len().div_ceil(stream.batch_size);
     let mut dropout: Vec<ChaCha8Rng> = members
         .iter()
@@ -763,10 +791,13 @@ fn split_probabilities(
         Threads::Pool
     };
     let candle_members: Vec<usize> = (0..hosts.len()).filter(|&m| hosts[m].is_none()).collect();
+    // Every view of each image; each head then keeps the mean over its
+    // views or its first (`eval_views`), so metrics count images, not rows.
+    let rows = super::data::view_rows(&split.rows, data.views);
     let mut probabilities: Vec<Vec<f32>> =
-        vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
+        vec![Vec::with_capacity(rows.len() * classes); members.len()];
     let mut values = Vec::new();
-    for rows in split.rows.chunks(EVAL_ROWS) {
+    for rows in rows.chunks(EVAL_ROWS) {
         data.gather_into(rows, &mut values);
         let values = &values;
         let hosts = &hosts;
@@ -797,6 +828,15 @@ fn split_probabilities(
         }
         for (m, p) in chunk {
             probabilities[m].extend(p);
+        }
+    }
+    if data.views > 1 {
+        for (m, p) in probabilities.iter_mut().enumerate() {
+            let used = trainers[members[m]].config.eval_views.rows_used(data.views);
+            *p = super::data::average_views(p, classes, data.views, used)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
         }
     }
     Ok(probabilities)
@@ -842,6 +882,14 @@ pub struct PooledInputs {
     pub image_size: u32,
     /// `crop` or `stretch`.
     pub resize: String,
+    /// Views per image (`enqueue --views`: `1`, `flips`, `dihedral`;
+    /// absent in runs recorded before it: `1`).
+    #[serde(default = "single_view")]
+    pub views: String,
+}
+
+fn single_view() -> String {
+    "1".to_string()
 }
 
 impl PooledInputs {
@@ -861,6 +909,7 @@ impl PooledInputs {
             layers,
             image_size,
             resize: resize.into(),
+            views: metadata.get("views").cloned().unwrap_or_else(single_view),
         })
     }
 }
