@@ -1009,6 +1009,59 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn drawn_views_depend_on_seed_epoch_and_image_only_and_cover_every_view() {
+        use super::drawn_view;
+        // One view: always view 0.
+        assert!((0..100).all(|image| drawn_view(7, 3, image, 1) == 0));
+        for views in [4, 8] {
+            let draws: Vec<usize> = (0..400)
+                .map(|image| drawn_view(7, 3, image, views))
+                .collect();
+            // The same (seed, epoch, image) draws the same view, whatever
+            // else was drawn (a resumed run, another batch order).
+            assert_eq!(draws[123], drawn_view(7, 3, 123, views));
+            // Every view is drawn, about equally often (400 / views each;
+            // binomial spread is about sqrt(400 / views)).
+            for view in 0..views {
+                let count = draws.iter().filter(|&&d| d == view).count();
+                let expected = 400 / views;
+                assert!(
+                    count.abs_diff(expected) < expected / 2,
+                    "view {view}: {count}"
+                );
+            }
+            // Another epoch or seed draws otherwise.
+            let other_epoch: Vec<usize> = (0..400)
+                .map(|image| drawn_view(7, 4, image, views))
+                .collect();
+            let other_seed: Vec<usize> = (0..400)
+                .map(|image| drawn_view(8, 3, image, views))
+                .collect();
+            assert_ne!(draws, other_epoch);
+            assert_ne!(draws, other_seed);
+        }
+    }
+
+    #[test]
+    fn views_average_per_image_in_view_order() {
+        use crate::train::data::{average_views, view_rows};
+        assert_eq!(view_rows(&[0, 8], 4), [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(view_rows(&[5], 1), [5]);
+        // Two images of 2 views of 2 classes.
+        let p = [0.2f32, 0.8, 0.6, 0.4, 1.0, 0.0, 0.5, 0.5];
+        let mean = average_views(&p, 2, 2, 2);
+        let expected = [0.4, 0.6, 0.75, 0.25];
+        for (a, b) in mean.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-7, "{mean:?}");
+        }
+        // `first`: view 0 alone.
+        assert_eq!(
+            average_views(&p, 2, 2, 1),
+            [0.2f32 as f64, 0.8f32 as f64, 1.0, 0.0]
+        );
+    }
+
     use super::*;
 
     /// The issue-8 grid per seed: 6 linear heads (1,280 x 10) and 6 MLPs
