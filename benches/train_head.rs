@@ -161,6 +161,7 @@ fn ensure_cache(cache: &Cache) -> PathBuf {
                 pooled: &pooled,
                 feature_dim: DIM,
                 spatial: None,
+                views: None,
             },
             metadata.clone(),
             JobRef {

@@ -49,7 +49,7 @@ use crate::predict::{
     RunPredictions, TrainedHead, predict_files,
 };
 use crate::train::anomaly::SavedScorer;
-use crate::train::config::{HeadConfig, Task};
+use crate::train::config::{EvalViews, HeadConfig, Task};
 
 /// The layout version of classification bundles (unchanged since the first).
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
@@ -177,6 +177,11 @@ pub struct BundleInfo {
     pub head: HeadConfig,
     /// Where the standardisation statistics are.
     pub standardisation: String,
+    /// How an answer reads an image's views when `encoder.json` names
+    /// several (`train --eval-views`; absent: `mean`, as in bundles written
+    /// before `--views`).
+    #[serde(default, skip_serializing_if = "EvalViews::is_mean")]
+    pub eval_views: EvalViews,
 }
 
 /// `classes.json`: class names in output order.
@@ -305,6 +310,7 @@ pub fn export(
         dataset: inputs.dataset.clone(),
         head: inputs.config.head.clone(),
         standardisation,
+        eval_views: inputs.config.eval_views,
     };
     let mut contents: Vec<(&str, Vec<u8>)> = Vec::new();
     for file in run_files(task) {
@@ -520,6 +526,7 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
         class_names,
         cache: None,
         encoder: Some(encoder.clone()),
+        eval_views: info.eval_views,
     });
     Ok(Bundle {
         dir: bundle,

@@ -159,7 +159,11 @@ struct Member {
     run: String,
     head: TrainedHead,
     features: FeatureSet,
+    /// Each image's first row (view 0).
     row_of_index: HashMap<usize, usize>,
+    /// How many of an image's views (from view 0) the run's answers
+    /// average (`enqueue --views`, `--eval-views`).
+    views_used: usize,
 }
 
 /// Scores every image of `dataset` with the runs' heads and lists the
@@ -225,17 +229,21 @@ pub fn review(
                 other_classes: head.class_names().join(","),
             });
         }
-        let row_of_index = features
-            .image_indices()
-            .iter()
-            .enumerate()
-            .map(|(row, &index)| (index, row))
-            .collect();
+        // An image's rows are its views, consecutive, view 0 first.
+        let views = features.views()?.count();
+        let mut row_of_index = HashMap::new();
+        for (row, &index) in features.image_indices().iter().enumerate() {
+            row_of_index.entry(index).or_insert(row);
+        }
+        for &first in row_of_index.values() {
+            features.check_view_rows(first, views)?;
+        }
         members.push(Member {
             run: run.clone(),
             head,
             features,
             row_of_index,
+            views_used: inputs.config.eval_views.rows_used(views),
         });
     }
     // Images every run has features for, in manifest order.
@@ -256,11 +264,26 @@ pub fn review(
     }
     let mut per_run: Vec<Vec<Vec<f32>>> = Vec::with_capacity(members.len());
     for member in &members {
-        let rows: Vec<usize> = images
+        let firsts: Vec<usize> = images
             .iter()
             .map(|r| member.row_of_index[&r.index])
             .collect();
-        per_run.push(member.head.probabilities_of_rows(&member.features, &rows)?);
+        let rows = crate::train::data::view_rows(&firsts, member.views_used);
+        let probabilities = member.head.probabilities_of_rows(&member.features, &rows)?;
+        // As `predict` answers: the mean over the views the run evaluates.
+        let classes = member.head.class_names().len();
+        let averaged = crate::train::data::average_views(
+            &probabilities.concat(),
+            classes,
+            member.views_used,
+            member.views_used,
+        );
+        per_run.push(
+            averaged
+                .chunks(classes.max(1))
+                .map(|p| p.iter().map(|&v| v as f32).collect())
+                .collect(),
+        );
     }
     let class_names = members[0].head.class_names();
     let mut candidates: Vec<ReviewItem> = Vec::new();

@@ -59,6 +59,20 @@ pub struct EnqueueArgs {
     /// kept, centered on the mean colour).
     #[arg(long, value_enum, conflicts_with = "spatial")]
     pub resize: Option<ResizeArg>,
+    /// Also encode flipped or rotated copies of each image's input square,
+    /// a feature row each: `1` (the image alone), `flips` (identity,
+    /// horizontal flip, vertical flip, both) or `dihedral` (the rotations
+    /// by 0, 90, 180 and 270 degrees clockwise, then each transposed).
+    /// Training samples a view per image each epoch and evaluation averages
+    /// over them. Extraction costs that many times as much. A separate
+    /// feature set (own fingerprint).
+    #[arg(
+        long,
+        default_value = "1",
+        value_name = "1|flips|dihedral",
+        conflicts_with = "spatial"
+    )]
+    pub views: String,
     /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
     #[arg(long, default_value_t = 512, requires = "spatial")]
     pub tile_size: u32,
@@ -210,6 +224,10 @@ pub struct PooledFolderArgs {
     /// Only features extracted with this resize policy (`enqueue --resize`).
     #[arg(long, value_enum)]
     pub resize: Option<ResizeArg>,
+    /// Only features of these views per image (`enqueue --views`: `1`,
+    /// `flips` or `dihedral`).
+    #[arg(long, value_name = "1|flips|dihedral")]
+    pub views: Option<String>,
 }
 
 impl PooledFolderArgs {
@@ -224,6 +242,12 @@ impl PooledFolderArgs {
             layers: layers.map(|layers| layers.to_string()),
             image_size: self.image_size,
             resize: self.resize.map(|resize| resize.name().to_string()),
+            views: self
+                .views
+                .as_deref()
+                .map(str::parse::<lazarus::encoders::ViewSet>)
+                .transpose()?
+                .map(|views| views.name().to_string()),
         })
     }
 }
@@ -300,6 +324,7 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         weights,
         layers: lazarus::encoders::PooledLayers::parse(&args.layers)?,
         input: input_choice(&encoder, image_size, args.resize)?,
+        views: args.views.parse()?,
     };
     let outcome = plan::enqueue(layout, &request)?;
     if args.json {

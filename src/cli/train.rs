@@ -57,6 +57,20 @@ pub enum PrecisionKind {
     F16,
 }
 
+/// `--train-views`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TrainViewsKind {
+    Sample,
+    First,
+}
+
+/// `--eval-views`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EvalViewsKind {
+    Mean,
+    First,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SamplerKind {
     Uniform,
@@ -188,6 +202,17 @@ pub struct TrainArgs {
     /// without foreground), with replacement.
     #[arg(long, value_enum, default_value = "uniform")]
     pub sampler: SamplerKind,
+    /// On features of several views per image (`enqueue --views`): sample
+    /// one view per image each epoch, drawn from the seed, the epoch and the
+    /// image (anomaly: fit on every view), or train on view 0 (the image as
+    /// it is) only.
+    #[arg(long, value_enum, default_value = "sample")]
+    pub train_views: TrainViewsKind,
+    /// On features of several views per image: evaluate (and predict) with
+    /// the mean of the class probabilities, or anomaly scores, over an
+    /// image's views, or with view 0 only. Metrics count each image once.
+    #[arg(long, value_enum, default_value = "mean")]
+    pub eval_views: EvalViewsKind,
     /// Write a resumable checkpoint every N epochs (0: never).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_every: usize,
@@ -244,6 +269,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
                 .map(|size| Value::Integer(size.into())),
         ),
         ("resize", args.folder.resize.map(name)),
+        ("views", args.folder.views.as_deref().and_then(text)),
         ("init_from", args.init_from.as_deref().and_then(text)),
         ("normal_label", labels(&args.normal_labels)),
         ("anomaly_label", labels(&args.anomaly_labels)),
@@ -277,6 +303,8 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
         ("precision", Some(name(args.precision))),
         ("class_weights", text(&args.class_weights)),
         ("sampler", Some(name(args.sampler))),
+        ("train_views", Some(name(args.train_views))),
+        ("eval_views", Some(name(args.eval_views))),
         ("checkpoint_every", Some(count(args.checkpoint_every)?)),
         ("seed", Some(count(args.seed)?)),
     ];

@@ -15,6 +15,8 @@ mod input;
 pub use input::{InputChoice, InputResize};
 mod layers;
 pub use layers::PooledLayers;
+mod views;
+pub use views::ViewSet;
 pub mod resnet;
 
 use std::path::PathBuf;
@@ -58,6 +60,8 @@ pub enum EncoderError {
     InputChoice { encoder: String, reason: String },
     #[error("--layers '{value}': {reason}")]
     Layers { value: String, reason: String },
+    #[error("--views '{value}': unknown views; choose 1, flips or dihedral")]
+    Views { value: String },
     #[error("{encoder}: forward pass failed: {source}")]
     Forward {
         encoder: String,

@@ -63,6 +63,8 @@ pub enum ExtractError {
     NoSpatial { encoder: String },
     #[error("--tile-size/--tile-overlap: {message}")]
     Tiling { message: String },
+    #[error("--views {views}: {reason}")]
+    Views { views: String, reason: String },
     #[error("{queue}: malformed job payload: {message}")]
     Payload { queue: String, message: String },
 }

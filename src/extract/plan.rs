@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
 use crate::dataset::ImageRecord;
 use crate::digest::{ContentId, sha256_hex};
-use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers};
+use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers, ViewSet};
 use crate::layout::Layout;
 use crate::queue::{LiveJob, NewJob, Plan};
 use crate::spatial::tile::{TileConfig, spatial_preprocess};
@@ -80,6 +80,9 @@ pub struct EnqueueRequest {
     /// The input square of pooled features (`--image-size`, `--resize`);
     /// the encoder's own when None.
     pub input: Option<InputChoice>,
+    /// Flipped or rotated copies of each image's input square encoded
+    /// beside it (`--views`), a row each.
+    pub views: ViewSet,
 }
 
 /// One image of an extraction job: everything the worker needs, so it
@@ -130,6 +133,9 @@ pub struct ExtractPayload {
     /// The input square (absent: the encoder's registered one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputChoice>,
+    /// The views of each image (absent: `1`, as before `--views`).
+    #[serde(default, skip_serializing_if = "ViewSet::is_single")]
+    pub views: ViewSet,
 }
 
 impl ExtractPayload {
@@ -211,7 +217,7 @@ pub struct EnqueueOutcome {
 
 /// The fingerprint of an extraction configuration: sha256 over the JSON of
 /// encoder name, weights identity, preprocessing, spatial flag, pooled layers
-/// (when not `last`) and feature
+/// (when not `last`), views (when not `1`) and feature
 /// format; spatial sets add their tiling and use their own preprocessing, so
 /// pooled and spatial features never share a fingerprint.
 pub fn fingerprint(
@@ -219,6 +225,7 @@ pub fn fingerprint(
     weights_id: &str,
     spatial: Option<&TileConfig>,
     layers: &PooledLayers,
+    views: ViewSet,
 ) -> String {
     let identity = match spatial {
         None => {
@@ -233,6 +240,10 @@ pub fn fingerprint(
             // (keys serialise sorted, so where it goes does not matter).
             if !layers.is_last() {
                 identity["layers"] = layers.to_string().into();
+            }
+            // Likewise `1` view: fingerprints from before `--views` stay.
+            if !views.is_single() {
+                identity["views"] = views.name().into();
             }
             identity
         }
@@ -332,6 +343,12 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
                 .into(),
         }));
     }
+    if request.spatial && !request.views.is_single() {
+        return Err(ExtractError::Views {
+            views: request.views.to_string(),
+            reason: "spatial maps keep the encoder's own geometry (segmentation and patch scores are placed by it); drop --views or --spatial".into(),
+        });
+    }
     let weights = resolve_weights(encoder.name, &request.weights)?;
     let tiling = request.spatial.then_some(request.tiling);
     if let Some(tiling) = &tiling {
@@ -339,7 +356,13 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             message: e.to_string(),
         })?;
     }
-    let fingerprint = fingerprint(&encoder, &weights.id, tiling.as_ref(), &request.layers);
+    let fingerprint = fingerprint(
+        &encoder,
+        &weights.id,
+        tiling.as_ref(),
+        &request.layers,
+        request.views,
+    );
     // Rows already published count as covered (shards pulled from a store,
     // or migrated, may have no job in this queue).
     let published =
@@ -359,6 +382,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             tiling,
             layers: request.layers.clone(),
             input,
+            views: request.views,
         };
         let payload = serde_json::to_string(&payload).expect("payload serialises");
         NewJob {

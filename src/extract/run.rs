@@ -163,6 +163,7 @@ impl Extractor {
             &payload.weights.id,
             payload.spatial_tiling().as_ref(),
             &payload.layers,
+            payload.views,
         );
         if expected != payload.fingerprint {
             return Err(format!(
@@ -264,6 +265,10 @@ impl Extractor {
         let spec = loaded.encoder.spec();
         let preprocess = &spec.preprocess;
         let size = preprocess.input_size as usize;
+        // Every view of an image is an encoder input of its own, views in
+        // order: the image's rows are consecutive, view 0 first.
+        let views = payload.views;
+        let per_image = views.count();
         let mut failures = Vec::new();
         let prepare = |images: &[JobImage]| -> Vec<Result<Prepared, ItemFailure>> {
             images
@@ -271,7 +276,7 @@ impl Extractor {
                 .map(|image| {
                     let (bytes, sha256) = read_expected(image, &payload.dataset)?;
                     crate::preprocess::preprocess_bytes(&bytes, &image.path, preprocess)
-                        .map(|values| (sha256, values))
+                        .map(|values| (sha256, views.apply_all(&values, size)))
                         .map_err(|err| ItemFailure {
                             item: image.index.to_string(),
                             reason: err.to_string(),
@@ -302,12 +307,13 @@ impl Extractor {
                     if ok.is_empty() {
                         return Ok((ok, None, failed));
                     }
-                    let mut flat = Vec::with_capacity(ok.len() * 3 * size * size);
+                    let inputs = ok.len() * per_image;
+                    let mut flat = Vec::with_capacity(inputs * 3 * size * size);
                     for (_, values) in &ok {
                         flat.extend_from_slice(values);
                     }
                     let input =
-                        Tensor::from_vec(flat, (ok.len(), 3, size, size), &self.config.device)
+                        Tensor::from_vec(flat, (inputs, 3, size, size), &self.config.device)
                             .map_err(|e| format!("building the input batch: {e}"))?;
                     let output = loaded
                         .encoder
@@ -324,14 +330,20 @@ impl Extractor {
             }
             failures.extend(failed);
             let Some(output) = output else { continue };
-            content_ids.extend(ok.iter().map(|(sha256, _)| *sha256));
+            for (sha256, _) in &ok {
+                content_ids.extend(std::iter::repeat_n(*sha256, per_image));
+            }
             pooled.extend(to_f16(&output)?);
         }
+        let view_of_row: Vec<u8> = (0..content_ids.len())
+            .map(|row| (row % per_image) as u8)
+            .collect();
         let data = ShardData {
             content_ids: &content_ids,
             pooled: &pooled,
             feature_dim: payload.layers.feature_dim(spec),
             spatial: None,
+            views: (!views.is_single()).then_some(view_of_row.as_slice()),
         };
         let metadata = shard_metadata(payload, &spec.preprocess);
         self.finish(lease, payload, &data, metadata, failures, started)
@@ -496,6 +508,7 @@ impl Extractor {
                 tiles: &tiles,
                 maps: &map_data,
             }),
+            views: None,
         };
         let mut metadata = shard_metadata(payload, &preprocess);
         metadata.insert(
@@ -544,6 +557,10 @@ fn shard_metadata(
     // Absent means `last`, as in every shard from before `--layers`.
     if !payload.layers.is_last() {
         metadata.insert("layers".to_string(), payload.layers.to_string());
+    }
+    // Absent means `1`, as in every shard from before `--views`.
+    if !payload.views.is_single() {
+        metadata.insert("views".to_string(), payload.views.name().to_string());
     }
     metadata
 }

@@ -62,8 +62,8 @@ pub struct FeatureRequest<'a> {
 }
 
 /// Which pooled folder a reader wants by the options `enqueue` made it
-/// with (`--layers`, `--image-size`, `--resize`); None accepts any. The
-/// `train` flags and sweep keys of the same names.
+/// with (`--layers`, `--image-size`, `--resize`, `--views`); None accepts
+/// any. The `train` flags and sweep keys of the same names.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PooledChoice {
     /// Canonical, as `PooledLayers` prints them: `last`, `1,2,3,4,5,6,7,head`.
@@ -71,6 +71,8 @@ pub struct PooledChoice {
     pub image_size: Option<u32>,
     /// `crop`, `stretch` or `pad`.
     pub resize: Option<String>,
+    /// `1`, `flips` or `dihedral` (`ViewSet::name`).
+    pub views: Option<String>,
 }
 
 impl PooledChoice {
@@ -88,6 +90,7 @@ impl PooledChoice {
                 .resize
                 .as_ref()
                 .is_none_or(|resize| input.is_some_and(|(_, r)| r == resize))
+            && self.views.as_ref().is_none_or(|v| *v == folder.views)
     }
 
     /// ` of layers L, N px, R` for what was asked.
@@ -101,6 +104,9 @@ impl PooledChoice {
         }
         if let Some(resize) = &self.resize {
             parts.push(resize.clone());
+        }
+        if let Some(views) = &self.views {
+            parts.push(format!("views {views}"));
         }
         if parts.is_empty() {
             String::new()
@@ -120,6 +126,9 @@ impl PooledChoice {
         }
         if let Some(resize) = &self.resize {
             flags.push_str(&format!(" --resize {resize}"));
+        }
+        if let Some(views) = self.views.as_ref().filter(|v| *v != "1") {
+            flags.push_str(&format!(" --views {views}"));
         }
         flags
     }
@@ -402,7 +411,7 @@ fn find(
                 })
                 .collect();
             Err(FeatureError::NoFeatures(format!(
-                "several folders hold {what}; name the encoder (--encoder), the options they were extracted with (--layers, --image-size, --resize) or the folder (--fingerprint): {}",
+                "several folders hold {what}; name the encoder (--encoder), the options they were extracted with (--layers, --image-size, --resize, --views) or the folder (--fingerprint): {}",
                 listed.join(", ")
             )))
         }
@@ -420,6 +429,9 @@ fn describe(folder: &super::FolderKind, kind: FeatureKind) -> String {
         }
         if let Some((size, resize)) = &folder.input {
             text.push_str(&format!(", {size} px {resize}"));
+        }
+        if folder.views != "1" {
+            text.push_str(&format!(", views {}", folder.views));
         }
     }
     text

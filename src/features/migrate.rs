@@ -253,6 +253,7 @@ fn migrate_folder(
             spatial: tiles
                 .as_ref()
                 .map(|tiles| SpatialData { tiles, maps: &maps }),
+            views: None,
         };
         let mut metadata = old.metadata;
         metadata.remove("dataset");

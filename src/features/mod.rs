@@ -34,8 +34,8 @@ use crate::layout::Layout;
 pub use set::{FeatureSet, MapShape};
 pub use shard::{
     CONTENT_TENSOR, CheckLevel, DoneMarker, JobRef, MapData, ReconcileConfig, ReconcileReport,
-    SHARD_FORMAT_VERSION, ShardData, SpatialData, check_shard, done_file_name, map_tensor_name,
-    parse_shard_index, reconcile, shard_file_name, write_shard,
+    SHARD_FORMAT_VERSION, ShardData, SpatialData, VIEW_TENSOR, check_shard, done_file_name,
+    map_tensor_name, parse_shard_index, reconcile, shard_file_name, write_shard,
 };
 
 /// The command that rebuilds a damaged shard, for messages.
@@ -303,6 +303,9 @@ pub struct FolderKind {
     /// The input square and resize policy (`crop`, `stretch` or `pad`) of the
     /// recorded preprocessing; None when the metadata has none.
     pub input: Option<(u32, String)>,
+    /// The views per image (`enqueue --views`): `1` when the metadata
+    /// names none.
+    pub views: String,
 }
 
 /// The extraction options shard metadata records: the pooled layers
@@ -341,6 +344,7 @@ pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
             spatial,
             layers,
             input: input.map(|(size, resize)| (size, resize.to_string())),
+            views: metadata["views"].as_str().unwrap_or("1").to_string(),
         });
     }
     None

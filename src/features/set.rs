@@ -27,7 +27,8 @@ use sha2::Digest;
 
 use super::FeatureError;
 use super::shard::{
-    CONTENT_TENSOR, CheckLevel, DoneMarker, SHARD_FORMAT_VERSION, check_shard, shard_file_name,
+    CONTENT_TENSOR, CheckLevel, DoneMarker, SHARD_FORMAT_VERSION, VIEW_TENSOR, check_shard,
+    shard_file_name,
 };
 use crate::digest::ContentId;
 
@@ -39,6 +40,9 @@ struct MappedShard {
     maps: Vec<Range<usize>>,
     /// Byte range of the `tile` tensor ([rows, 4] i64), in spatial shards.
     tiles: Option<Range<usize>>,
+    /// Byte range of the `view` tensor ([rows] u8), in shards of several
+    /// views per image (`enqueue --views`).
+    views: Option<Range<usize>>,
 }
 
 /// One kind of spatial map in a feature set.
@@ -327,6 +331,15 @@ impl FeatureSet {
                     pooled_shape[0]
                 )));
             }
+            let views = tensor_range(&path, &tensors, base, VIEW_TENSOR, Dtype::U8)?;
+            if let Some((_, shape)) = &views
+                && shape.as_slice() != [pooled_shape[0]]
+            {
+                return Err(invalid(format!(
+                    "{VIEW_TENSOR} has shape {shape:?}, expected [{}]",
+                    pooled_shape[0]
+                )));
+            }
             let n_rows = pooled_shape[0];
             let dim = pooled_shape.get(1).copied().unwrap_or(0);
             if set.shards.is_empty() {
@@ -372,6 +385,7 @@ impl FeatureSet {
                 pooled,
                 maps: map_spans.into_iter().map(|(_, (range, _))| range).collect(),
                 tiles: tiles.map(|(range, _)| range),
+                views: views.map(|(range, _)| range),
             });
         }
         verified.save(dir);
@@ -618,6 +632,67 @@ impl FeatureSet {
         let values: &[f16] = bytemuck::cast_slice(&shard.mmap[shard.maps[map].clone()]);
         let start = row_in_shard as usize * size;
         &values[start..start + size]
+    }
+
+    /// The views per image the folder holds (`enqueue --views`, from the
+    /// shard metadata; `1` when it names none): each image has that many
+    /// consecutive rows, view 0 first.
+    pub fn views(&self) -> Result<crate::encoders::ViewSet, FeatureError> {
+        match self.metadata.get("views") {
+            None => Ok(crate::encoders::ViewSet::Single),
+            Some(text) => text.parse().map_err(|e: crate::encoders::EncoderError| {
+                FeatureError::InvalidShard {
+                    path: self.dir.clone(),
+                    message: format!("shard metadata views: {e}"),
+                }
+            }),
+        }
+    }
+
+    /// The view of one row (`enqueue --views`); None in shards without
+    /// views (one row per image).
+    pub fn view(&self, row: usize) -> Option<usize> {
+        let (shard, row_in_shard) = self.locations[row];
+        let shard = &self.shards[shard as usize];
+        let values = &shard.mmap[shard.views.clone()?];
+        Some(values[row_in_shard as usize] as usize)
+    }
+
+    /// Checks that the `count` rows from `first` are one image's views in
+    /// order (row k is view k, all of one content id), as `count` > 1
+    /// folders must hold them; `count` 1 asks nothing.
+    pub fn check_view_rows(&self, first: usize, count: usize) -> Result<(), FeatureError> {
+        if count <= 1 {
+            return Ok(());
+        }
+        let invalid = |message: String| FeatureError::InvalidShard {
+            path: self.dir.clone(),
+            message,
+        };
+        let id = self.ids.get(first);
+        for view in 0..count {
+            let row = first + view;
+            if row >= self.len() || self.ids.get(row) != id {
+                return Err(invalid(format!(
+                    "image {} has {view} rows, its folder holds {count} views per image",
+                    id.map(hex::encode).unwrap_or_default()
+                )));
+            }
+            if self.view(row) != Some(view) {
+                return Err(invalid(format!(
+                    "row {view} of image {} is view {:?}, expected view {view}",
+                    hex::encode(self.ids[row]),
+                    self.view(row)
+                )));
+            }
+        }
+        if first + count < self.len() && self.ids.get(first + count) == id {
+            return Err(invalid(format!(
+                "image {} has more than {count} rows, its folder holds {count} views per image",
+                id.map(hex::encode).unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     /// The tile of one row (x, y, width, height in the original image's

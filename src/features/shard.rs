@@ -31,7 +31,13 @@ pub struct ShardData<'a> {
     pub feature_dim: usize,
     /// Spatial maps and tile geometry, for dense tasks (`enqueue --spatial`).
     pub spatial: Option<SpatialData<'a>>,
+    /// The view of each row (`enqueue --views`, tensor `view`): an image's
+    /// rows are consecutive, view 0 first; None in folders of one view.
+    pub views: Option<&'a [u8]>,
 }
+
+/// Name of the per-row view tensor: U8 [rows] (`enqueue --views`).
+pub const VIEW_TENSOR: &str = "view";
 
 /// The spatial part of a shard: rows are tiles of images (an image small
 /// enough for one tile has one row), each with its maps.
@@ -165,6 +171,15 @@ pub(crate) fn encode_shard(
         .iter()
         .flat_map(|spatial| spatial.maps.iter().map(|map| map_tensor_name(map.stride)))
         .collect();
+    if let Some(views) = data.views {
+        if views.len() != rows {
+            return Err(invalid(format!("{} views for {rows} rows", views.len())));
+        }
+        tensors.push((
+            VIEW_TENSOR,
+            TensorView::new(Dtype::U8, vec![rows], views).map_err(|e| invalid(e.to_string()))?,
+        ));
+    }
     if let Some(spatial) = data.spatial {
         if spatial.tiles.len() != rows {
             return Err(invalid(format!(

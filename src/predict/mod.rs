@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::encoders::{self, Encoder, PooledLayers, WeightsSource};
+use crate::encoders::{self, Encoder, PooledLayers, ViewSet, WeightsSource};
 use crate::features::FeatureSet;
 use crate::layout::Layout;
 use crate::preprocess::PreprocessConfig;
@@ -283,6 +283,11 @@ pub struct EncoderReference {
     /// written before `--layers`: `last`).
     #[serde(default, skip_serializing_if = "PooledLayers::is_last")]
     pub layers: PooledLayers,
+    /// The views of each image the features hold (`enqueue --views`;
+    /// absent in bundles written before it: `1`): a new image is encoded
+    /// in these views, in this order.
+    #[serde(default, skip_serializing_if = "ViewSet::is_single")]
+    pub views: ViewSet,
 }
 
 impl EncoderReference {
@@ -313,8 +318,10 @@ impl EncoderReference {
             })?,
             None => PooledLayers::last(),
         };
+        let views = features.views()?;
         Ok(Some(EncoderReference {
             layers,
+            views,
             name: name.clone(),
             weights: weights.clone(),
             preprocess,

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::{EncoderReference, PredictError, TrainedHead};
-use crate::encoders::Encoder;
+use crate::encoders::{Encoder, ViewSet};
 use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::preprocess::{PreprocessConfig, PreprocessError};
@@ -31,7 +31,8 @@ use crate::segment::model::TrainedSegmentHead;
 use crate::spatial::tile::{PreparedTile, TileConfig};
 use crate::train::anomaly::SavedScorer;
 use crate::train::anomaly::patch::ScoredImage;
-use crate::train::config::Task;
+use crate::train::config::{EvalViews, Task};
+use crate::train::data::average_views;
 
 /// An image's tiles are scored in groups of this many (`predict`'s default
 /// `--batch-size` before issue 21, which tile-based runs scored with).
@@ -67,12 +68,20 @@ pub struct PredictorParts {
     /// The encoder that made the features; None when they do not name it
     /// (then only cached images can be predicted).
     pub encoder: Option<EncoderReference>,
+    /// How an answer reads an image's views when the features hold several
+    /// (`enqueue --views`): the mean over all of them, or view 0, as the
+    /// run's evaluation did.
+    pub eval_views: EvalViews,
 }
 
 /// A model loaded once, with its cache and (loaded on first need) its encoder.
 pub struct Predictor {
     parts: PredictorParts,
     encoder: OnceLock<Box<dyn Encoder>>,
+    /// The views per image the features hold, and how many of them (from
+    /// view 0) an answer averages.
+    views: ViewSet,
+    views_used: usize,
 }
 
 /// Why an image cannot be prepared.
@@ -82,6 +91,8 @@ pub enum PrepareError {
     Image(#[from] PreprocessError),
     #[error("not in the cache, and the features of {owner} do not name their encoder")]
     NoEncoder { owner: String },
+    #[error(transparent)]
+    Features(#[from] crate::features::FeatureError),
 }
 
 /// An image ready for its model's batch: its content id and its input.
@@ -91,10 +102,12 @@ pub struct Prepared {
 }
 
 enum Input {
-    /// A pooled task's cached row.
-    CachedRow(usize),
-    /// A pooled task's preprocessed pixels (CHW f32).
-    Pixels(Vec<f32>),
+    /// A pooled task's cached rows: the image's views an answer averages
+    /// (one row in folders of one view).
+    CachedRows(std::ops::Range<usize>),
+    /// A pooled task's preprocessed pixels (CHW f32), one square per view
+    /// an answer averages, in view order.
+    Pixels { values: Vec<f32>, views: usize },
     /// A tile-based task's cached tile rows, with the decoded image.
     CachedTiles { image: RgbImage, rows: Vec<usize> },
     /// A tile-based task's preprocessed tiles, with the decoded image.
@@ -108,9 +121,9 @@ impl Prepared {
     /// How many encoder inputs (images or tiles) the image needs.
     pub fn encoder_inputs(&self) -> usize {
         match &self.input {
-            Input::Pixels(_) => 1,
+            Input::Pixels { views, .. } => *views,
             Input::Tiles { tiles, .. } => tiles.len(),
-            Input::CachedRow(_) | Input::CachedTiles { .. } => 0,
+            Input::CachedRows(_) | Input::CachedTiles { .. } => 0,
         }
     }
 }
@@ -142,7 +155,16 @@ pub enum RawResult {
 
 impl Predictor {
     pub fn new(parts: PredictorParts) -> Self {
+        // The encoder reference names the features' views; a cache whose
+        // shards name no encoder says them itself.
+        let views = match (&parts.encoder, &parts.cache) {
+            (Some(reference), _) => reference.views,
+            (None, Some(cache)) => cache.features().views().unwrap_or_default(),
+            (None, None) => ViewSet::Single,
+        };
         Predictor {
+            views_used: parts.eval_views.rows_used(views.count()),
+            views,
             parts,
             encoder: OnceLock::new(),
         }
@@ -204,6 +226,7 @@ impl Predictor {
             class_names,
             cache,
             encoder,
+            eval_views: inputs.config.eval_views,
         }))
     }
 
@@ -318,12 +341,29 @@ impl Predictor {
         };
         let input = if !self.is_tiled() {
             match (cached, reference) {
-                (Some(rows), _) => Input::CachedRow(rows.start),
-                (None, Some(reference)) => Input::Pixels(crate::preprocess::preprocess_bytes(
-                    bytes,
-                    path,
-                    &reference.preprocess,
-                )?),
+                (Some(rows), _) => {
+                    // The image's rows must be its views in order.
+                    let features = self.parts.cache.as_ref().expect("cached").features();
+                    features.check_view_rows(rows.start, self.views.count())?;
+                    Input::CachedRows(rows.start..rows.start + self.views_used)
+                }
+                (None, Some(reference)) => {
+                    let pixels =
+                        crate::preprocess::preprocess_bytes(bytes, path, &reference.preprocess)?;
+                    let side = reference.preprocess.input_size as usize;
+                    let mut values = Vec::with_capacity(pixels.len() * self.views_used);
+                    for view in 0..self.views_used {
+                        if view == 0 {
+                            values.extend_from_slice(&pixels);
+                        } else {
+                            values.extend(self.views.apply(view, &pixels, side));
+                        }
+                    }
+                    Input::Pixels {
+                        values,
+                        views: self.views_used,
+                    }
+                }
                 (None, None) => return Err(no_encoder()),
             }
         } else {
@@ -394,13 +434,13 @@ impl Predictor {
         let mut values = Vec::with_capacity(total * 3 * side * side);
         for prepared in batch {
             match &prepared.input {
-                Input::Pixels(pixels) => values.extend_from_slice(pixels),
+                Input::Pixels { values: pixels, .. } => values.extend_from_slice(pixels),
                 Input::Tiles { tiles, .. } => {
                     for (_, pixels) in tiles {
                         values.extend_from_slice(pixels);
                     }
                 }
-                Input::CachedRow(_) | Input::CachedTiles { .. } => {}
+                Input::CachedRows(_) | Input::CachedTiles { .. } => {}
             }
         }
         // At most ENCODER_CHUNK inputs per forward pass (a batch of large
@@ -452,7 +492,7 @@ impl Predictor {
         let device = &self.parts.device;
         let from_cache = matches!(
             prepared.input,
-            Input::CachedRow(_) | Input::CachedTiles { .. }
+            Input::CachedRows(_) | Input::CachedTiles { .. }
         );
         let cache = || {
             self.parts
@@ -462,27 +502,26 @@ impl Predictor {
         };
         let encoded = || encoded.expect("encoder inputs were encoded");
         let result = match (&self.parts.model, prepared.input) {
-            (Model::Classify(head), Input::CachedRow(row)) => {
-                let probabilities = head.probabilities_of_rows(cache().features(), &[row])?;
-                RawResult::Classes(probabilities.into_iter().next().unwrap_or_default())
+            (Model::Classify(head), Input::CachedRows(rows)) => {
+                let rows: Vec<usize> = rows.collect();
+                let probabilities = head.probabilities_of_rows(cache().features(), &rows)?;
+                RawResult::Classes(self.view_mean(&probabilities.concat(), head))
             }
-            (Model::Classify(head), Input::Pixels(_)) => {
+            (Model::Classify(head), Input::Pixels { .. }) => {
                 let probabilities = head.probabilities(&encoded().pooled_rows(rows)?)?;
-                RawResult::Classes(probabilities.into_iter().next().unwrap_or_default())
+                RawResult::Classes(self.view_mean(&probabilities.concat(), head))
             }
-            (Model::Anomaly(scorer), Input::CachedRow(row)) => {
-                let values: Vec<f32> = cache()
-                    .features()
-                    .pooled(row)
-                    .iter()
-                    .map(|v| v.to_f32())
+            (Model::Anomaly(scorer), Input::CachedRows(rows)) => {
+                let features = cache().features();
+                let values: Vec<f32> = rows
+                    .flat_map(|row| features.pooled(row).iter().map(|v| v.to_f32()))
                     .collect();
                 RawResult::Score {
                     score: self.single(scorer.scores(&values, device)?)?,
                     patch: None,
                 }
             }
-            (Model::Anomaly(scorer), Input::Pixels(_)) => {
+            (Model::Anomaly(scorer), Input::Pixels { .. }) => {
                 let values = encoded()
                     .pooled_rows(rows)?
                     .to_dtype(DType::F32)?
@@ -558,14 +597,31 @@ impl Predictor {
         })
     }
 
+    /// An image's anomaly score from the scores of the views it was scored
+    /// in: their mean, as the run's evaluation took it.
     fn single(&self, scores: Vec<f64>) -> Result<f64, PredictError> {
-        match scores.as_slice() {
-            [score] => Ok(*score),
-            other => Err(PredictError::Model {
+        if scores.len() != self.views_used {
+            return Err(PredictError::Model {
                 owner: self.parts.owner.clone(),
-                message: format!("the scorer gave {} scores for one image", other.len()),
-            }),
+                message: format!(
+                    "the scorer gave {} scores for one image of {} views",
+                    scores.len(),
+                    self.views_used
+                ),
+            });
         }
+        Ok(average_views(&scores, 1, self.views_used, self.views_used)[0])
+    }
+
+    /// An image's class probabilities from those of the views it was
+    /// scored in (`views_used` rows): their mean, as the run's evaluation
+    /// took it.
+    fn view_mean(&self, probabilities: &[f32], head: &TrainedHead) -> Vec<f32> {
+        let classes = head.class_names().len();
+        average_views(probabilities, classes, self.views_used, self.views_used)
+            .into_iter()
+            .map(|p| p as f32)
+            .collect()
     }
 }
 

@@ -69,6 +69,7 @@ pub fn encoder_reference(
         fingerprint: trained.info.fingerprint.clone(),
         feature_dim: trained.geometry.channels,
         layers: crate::encoders::PooledLayers::last(),
+        views: crate::encoders::ViewSet::Single,
     })
 }
 

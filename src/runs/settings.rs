@@ -11,8 +11,8 @@ use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
-    Activation, ClassWeights, EarlyStopping, HeadConfig, Optimizer, Precision, Sampler, TaskConfig,
-    TrainConfig,
+    Activation, ClassWeights, EarlyStopping, EvalViews, HeadConfig, Optimizer, Precision, Sampler,
+    TaskConfig, TrainConfig, TrainViews,
 };
 use crate::train::schedule::Schedule;
 
@@ -28,6 +28,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "layers",
     "image_size",
     "resize",
+    "views",
     "init_from",
     "head",
     "hidden",
@@ -47,6 +48,8 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "precision",
     "class_weights",
     "sampler",
+    "train_views",
+    "eval_views",
     "epochs",
     "seed",
     "label_smoothing",
@@ -270,6 +273,20 @@ pub fn train_settings(
             Sampler::Uniform
         };
     }
+    if let Some(v) = one_of("train_views", &["sample", "first"])? {
+        config.train_views = if v == "first" {
+            TrainViews::First
+        } else {
+            TrainViews::Sample
+        };
+    }
+    if let Some(v) = one_of("eval_views", &["mean", "first"])? {
+        config.eval_views = if v == "first" {
+            EvalViews::First
+        } else {
+            EvalViews::Mean
+        };
+    }
     if let Some(v) = count("seed")? {
         config.seed = v as u64;
     }
@@ -330,9 +347,21 @@ pub fn train_settings(
             })
             .transpose()?,
         resize: one_of("resize", &["crop", "stretch", "pad"])?,
+        // `views = 1` or `"1"` alike.
+        views: match settings.get("views") {
+            Some(Value::Integer(n)) => Some(n.to_string()),
+            _ => text("views")?,
+        }
+        .map(|value| {
+            value
+                .parse::<crate::encoders::ViewSet>()
+                .map(|views| views.name().to_string())
+        })
+        .transpose()
+        .map_err(|e| e.to_string())?,
     };
     if !pooled.is_any() && (config.task == crate::train::config::Task::Segment || spatial_anomaly) {
-        let key = ["layers", "image_size", "resize"]
+        let key = ["layers", "image_size", "resize", "views"]
             .into_iter()
             .find(|key| settings.contains_key(*key))
             .unwrap_or("layers");

@@ -502,6 +502,7 @@ async fn handle(
             | ImageProblem::TooManyPixels
             | ImageProblem::Undecodable
             | ImageProblem::NoEncoder => StatusCode::UNPROCESSABLE_ENTITY,
+            ImageProblem::DamagedCache => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Refusal::new(status, error.message)
     })?;

@@ -60,6 +60,9 @@ pub enum ImageProblem {
     Undecodable,
     /// Not in the cache, and the model cannot encode new images.
     NoEncoder,
+    /// The image's cached rows are not what the model's features hold (a
+    /// damaged cache): the server's fault, not the image's.
+    DamagedCache,
 }
 
 /// One image's refusal, with a message that names it.
@@ -76,6 +79,10 @@ impl From<PrepareError> for ImageError {
             PrepareError::Image(error) => error.into(),
             PrepareError::NoEncoder { .. } => ImageError {
                 problem: ImageProblem::NoEncoder,
+                message: error.to_string(),
+            },
+            PrepareError::Features(_) => ImageError {
+                problem: ImageProblem::DamagedCache,
                 message: error.to_string(),
             },
         }

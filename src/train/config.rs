@@ -139,6 +139,67 @@ impl Sampler {
     }
 }
 
+/// Which view of an image a training step sees when its feature folder
+/// holds several (`enqueue --views`); one folder of one view ignores it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainViews {
+    /// One view per image and epoch, drawn from (seed, epoch, image): an
+    /// epoch costs as much as with one view, and a resumed run draws the
+    /// same. Anomaly scorers fit on every view instead.
+    #[default]
+    Sample,
+    /// View 0 only (the image as it is).
+    First,
+}
+
+impl TrainViews {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainViews::Sample => "sample",
+            TrainViews::First => "first",
+        }
+    }
+
+    pub fn is_sample(&self) -> bool {
+        *self == TrainViews::Sample
+    }
+}
+
+/// How evaluation and prediction read an image's views when its feature
+/// folder holds several (`enqueue --views`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalViews {
+    /// The mean of the class probabilities (anomaly scores) over every
+    /// view: test-time augmentation.
+    #[default]
+    Mean,
+    /// View 0 only.
+    First,
+}
+
+impl EvalViews {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalViews::Mean => "mean",
+            EvalViews::First => "first",
+        }
+    }
+
+    pub fn is_mean(&self) -> bool {
+        *self == EvalViews::Mean
+    }
+
+    /// How many of an image's `views` rows, from view 0, an answer averages.
+    pub fn rows_used(self, views: usize) -> usize {
+        match self {
+            EvalViews::Mean => views.max(1),
+            EvalViews::First => 1,
+        }
+    }
+}
+
 /// The kind of run: a classifier head over pooled features (default), an
 /// anomaly scorer fitted on normal images only, or a per-pixel head over
 /// spatial features (`enqueue --spatial`). Its settings are a [`TaskConfig`].
@@ -245,6 +306,10 @@ pub struct TrainConfig {
     /// Start from this run's head weights (`train --init-from`) instead of
     /// the seeded initialisation; see `warm`.
     pub init_from: Option<String>,
+    /// Which view a step sees in a folder of several (`--train-views`).
+    pub train_views: TrainViews,
+    /// How evaluation and prediction read an image's views (`--eval-views`).
+    pub eval_views: EvalViews,
 }
 
 /// `TrainConfig` as runs store it: the task's kind, and the anomaly
@@ -275,6 +340,12 @@ struct StoredConfig {
     label_map: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     init_from: Option<String>,
+    // The defaults are left out: stored configs and their hashes stay as
+    // before `--views`.
+    #[serde(default, skip_serializing_if = "TrainViews::is_sample")]
+    train_views: TrainViews,
+    #[serde(default, skip_serializing_if = "EvalViews::is_mean")]
+    eval_views: EvalViews,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     anomaly: Option<AnomalyConfig>,
 }
@@ -304,6 +375,8 @@ macro_rules! shared_fields {
             seed: from.seed,
             label_map: from.label_map,
             init_from: from.init_from,
+            train_views: from.train_views,
+            eval_views: from.eval_views,
         }
     }};
 }
@@ -368,6 +441,8 @@ impl Default for TrainConfig {
             seed: 0,
             label_map: BTreeMap::new(),
             init_from: None,
+            train_views: TrainViews::Sample,
+            eval_views: EvalViews::Mean,
         }
     }
 }

@@ -11,7 +11,8 @@ use crate::layout::Layout;
 
 use super::TrainError;
 
-/// Feature rows of one split and their class indices.
+/// The images of one split, each by its first feature row (view 0; the
+/// only row in folders of one view), and their class indices.
 #[derive(Debug, Clone, Default)]
 pub struct SplitRows {
     pub rows: Vec<usize>,
@@ -37,6 +38,9 @@ pub struct TrainData {
     pub std: Vec<f32>,
     /// 1 / std, so standardising is one multiply-add per value.
     inverse_std: Vec<f32>,
+    /// Rows per image (`enqueue --views`; 1 before it): image `first`'s
+    /// rows are `first..first + views`, view k at `first + k`.
+    pub views: usize,
 }
 
 /// How training data is read.
@@ -165,13 +169,18 @@ pub fn load(
         )));
     }
 
+    // An image's views are consecutive rows, view 0 first (checked here,
+    // so every reader below may count on it).
+    let views = features.views()?.count();
     let mut splits: [SplitRows; 3] = Default::default();
-    for (row, &image_index) in features.image_indices().iter().enumerate() {
+    for row in (0..features.len()).step_by(views) {
+        let image_index = features.image_indices()[row];
+        features.check_view_rows(row, views)?;
         let Some(Some((class, split))) = labelled.get(image_index).copied() else {
             continue;
         };
         let class = class as usize;
-        if features.pooled(row).iter().any(|v| !v.is_finite()) {
+        if (row..row + views).any(|row| features.pooled(row).iter().any(|v| !v.is_finite())) {
             return Err(TrainError::NonFinite { image_index });
         }
         let slot = split_slot(split);
@@ -203,7 +212,8 @@ pub fn load(
             )));
         }
     }
-    let (mean, std) = standardisation(&features, &splits[0].rows);
+    // Over every view of the training images: each is a training example.
+    let (mean, std) = standardisation(&features, &view_rows(&splits[0].rows, views));
     let [train, val, test] = splits;
     Ok(TrainData {
         dataset_name: dataset_name.to_string(),
@@ -218,7 +228,41 @@ pub fn load(
         inverse_std: std.iter().map(|s| 1.0 / s).collect(),
         mean,
         std,
+        views,
     })
+}
+
+/// Per image, the mean over its first `used` views of `values`, which
+/// holds `views` consecutive rows of `width` values per image (class
+/// probabilities, or anomaly scores with width 1), summed in f64 in view
+/// order. Evaluation and prediction average through it alike.
+pub fn average_views<T: Copy + Into<f64>>(
+    values: &[T],
+    width: usize,
+    views: usize,
+    used: usize,
+) -> Vec<f64> {
+    let used = used.clamp(1, views.max(1));
+    values
+        .chunks(width * views.max(1))
+        .flat_map(|image| {
+            (0..width).map(move |column| {
+                let sum: f64 = (0..used)
+                    .map(|view| image[view * width + column].into())
+                    .sum();
+                sum / used as f64
+            })
+        })
+        .collect()
+}
+
+/// Every row of the images whose first rows are `firsts`, in order: an
+/// image's `views` rows together, view 0 first.
+pub fn view_rows(firsts: &[usize], views: usize) -> Vec<usize> {
+    firsts
+        .iter()
+        .flat_map(|&first| first..first + views)
+        .collect()
 }
 
 fn split_slot(split: Split) -> usize {

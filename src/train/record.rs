@@ -109,7 +109,8 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
 /// The params every run records about its data: the manifest version it
 /// trained on (`experiments list --where dataset_version=2`), how many
 /// images lacked features when `--allow-partial` let it start anyway, and
-/// how pooled features were computed (`layers`, `image_size`, `resize`).
+/// how pooled features were computed (`layers`, `image_size`, `resize`,
+/// `views`, and with several views `train_views` and `eval_views`).
 pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
     let mut out = vec![(
         "dataset_version".to_string(),
@@ -125,6 +126,13 @@ pub fn input_params(inputs: &RunInputs) -> Vec<(String, ParamValue)> {
         out.push(("layers".to_string(), pooled.layers.as_str().into()));
         out.push(("image_size".to_string(), (pooled.image_size as f64).into()));
         out.push(("resize".to_string(), pooled.resize.as_str().into()));
+        out.push(("views".to_string(), pooled.views.as_str().into()));
+        // How the run read its views: only where there were several.
+        if pooled.views != "1" {
+            let config = &inputs.config;
+            out.push(("train_views".to_string(), config.train_views.name().into()));
+            out.push(("eval_views".to_string(), config.eval_views.name().into()));
+        }
     }
     out
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::checkpoint;
-use super::config::{Sampler, TrainConfig};
+use super::config::{Sampler, TrainConfig, TrainViews};
 use super::data::{SplitRows, TrainData};
 use super::host::{FirstLayers, Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
@@ -221,7 +221,8 @@ pub fn fit(
         .set_resident_limit(if cache_fits { u64::MAX } else { resident });
 
     loop {
-        let mut groups: BTreeMap<(u64, usize, Sampler, usize), Vec<usize>> = BTreeMap::new();
+        type GroupKey = (u64, usize, Sampler, usize, TrainViews);
+        let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
         for (i, t) in trainers.iter().enumerate() {
             if t.is_active() {
                 groups
@@ -230,6 +231,7 @@ pub fn fit(
                         t.config.batch_size,
                         t.config.sampler,
                         t.state.epochs_done,
+                        t.config.train_views,
                     ))
                     .or_default()
                     .push(i);
@@ -238,7 +240,7 @@ pub fn fit(
         if groups.is_empty() {
             break;
         }
-        for ((seed, batch_size, sampler, epoch), members) in groups {
+        for ((seed, batch_size, sampler, epoch, train_views), members) in groups {
             let stream = EpochStream {
                 seed,
                 batch_size,
@@ -251,7 +253,7 @@ pub fn fit(
             if !cache_fits {
                 data.features.read_randomly();
             }
-            let stepped = run_epoch(data, &stream, &mut trainers, &members, options);
+            let stepped = run_epoch(data, &stream, train_views, &mut trainers, &members, options);
             data.features.read_in_order();
             stepped?;
             let names = ["train", "val"];
@@ -417,15 +419,41 @@ impl EpochStream {
     }
 }
 
+/// The view (0-based, below `views`) an image is trained on in `epoch`:
+/// drawn from the run's seed, the epoch and the image (its manifest index)
+/// alone, so it does not depend on the order, the batch or the other images,
+/// and a resumed run draws the same (SplitMix64 finalisers chained).
+pub(crate) fn drawn_view(seed: u64, epoch: usize, image: usize, views: usize) -> usize {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    if views <= 1 {
+        return 0;
+    }
+    (mix(mix(mix(seed) ^ epoch as u64) ^ image as u64) % views as u64) as usize
+}
+
 fn run_epoch(
     data: &TrainData,
     stream: &EpochStream,
+    train_views: TrainViews,
     trainers: &mut [HeadTrainer],
     members: &[usize],
     options: &FitOptions,
 ) -> Result<(), TrainError> {
     let dim = data.features.feature_dim();
-    let order = stream.order(&data.train, data.class_names.len());
+    let mut order = stream.order(&data.train, data.class_names.len());
+    // One view per image and epoch: the image's first row moves to its
+    // drawn view's row.
+    if data.views > 1 && train_views == TrainViews::Sample {
+        let images = data.features.image_indices();
+        for (row, _) in &mut order {
+            *row += drawn_view(stream.seed, stream.epoch, images[*row], data.views);
+        }
+    }
     let steps_per_epoch = order.len().div_ceil(stream.batch_size);
     let mut dropout: Vec<ChaCha8Rng> = members
         .iter()
@@ -763,10 +791,13 @@ fn split_probabilities(
         Threads::Pool
     };
     let candle_members: Vec<usize> = (0..hosts.len()).filter(|&m| hosts[m].is_none()).collect();
+    // Every view of each image; each head then keeps the mean over its
+    // views or its first (`eval_views`), so metrics count images, not rows.
+    let rows = super::data::view_rows(&split.rows, data.views);
     let mut probabilities: Vec<Vec<f32>> =
-        vec![Vec::with_capacity(split.rows.len() * classes); members.len()];
+        vec![Vec::with_capacity(rows.len() * classes); members.len()];
     let mut values = Vec::new();
-    for rows in split.rows.chunks(EVAL_ROWS) {
+    for rows in rows.chunks(EVAL_ROWS) {
         data.gather_into(rows, &mut values);
         let values = &values;
         let hosts = &hosts;
@@ -797,6 +828,15 @@ fn split_probabilities(
         }
         for (m, p) in chunk {
             probabilities[m].extend(p);
+        }
+    }
+    if data.views > 1 {
+        for (m, p) in probabilities.iter_mut().enumerate() {
+            let used = trainers[members[m]].config.eval_views.rows_used(data.views);
+            *p = super::data::average_views(p, classes, data.views, used)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
         }
     }
     Ok(probabilities)
@@ -842,6 +882,14 @@ pub struct PooledInputs {
     pub image_size: u32,
     /// `crop`, `stretch` or `pad`.
     pub resize: String,
+    /// Views per image (`enqueue --views`: `1`, `flips`, `dihedral`;
+    /// absent in runs recorded before it: `1`).
+    #[serde(default = "single_view")]
+    pub views: String,
+}
+
+fn single_view() -> String {
+    "1".to_string()
 }
 
 impl PooledInputs {
@@ -861,6 +909,7 @@ impl PooledInputs {
             layers,
             image_size,
             resize: resize.into(),
+            views: metadata.get("views").cloned().unwrap_or_else(single_view),
         })
     }
 }
@@ -960,6 +1009,59 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn drawn_views_depend_on_seed_epoch_and_image_only_and_cover_every_view() {
+        use super::drawn_view;
+        // One view: always view 0.
+        assert!((0..100).all(|image| drawn_view(7, 3, image, 1) == 0));
+        for views in [4, 8] {
+            let draws: Vec<usize> = (0..400)
+                .map(|image| drawn_view(7, 3, image, views))
+                .collect();
+            // The same (seed, epoch, image) draws the same view, whatever
+            // else was drawn (a resumed run, another batch order).
+            assert_eq!(draws[123], drawn_view(7, 3, 123, views));
+            // Every view is drawn, about equally often (400 / views each;
+            // binomial spread is about sqrt(400 / views)).
+            for view in 0..views {
+                let count = draws.iter().filter(|&&d| d == view).count();
+                let expected = 400 / views;
+                assert!(
+                    count.abs_diff(expected) < expected / 2,
+                    "view {view}: {count}"
+                );
+            }
+            // Another epoch or seed draws otherwise.
+            let other_epoch: Vec<usize> = (0..400)
+                .map(|image| drawn_view(7, 4, image, views))
+                .collect();
+            let other_seed: Vec<usize> = (0..400)
+                .map(|image| drawn_view(8, 3, image, views))
+                .collect();
+            assert_ne!(draws, other_epoch);
+            assert_ne!(draws, other_seed);
+        }
+    }
+
+    #[test]
+    fn views_average_per_image_in_view_order() {
+        use crate::train::data::{average_views, view_rows};
+        assert_eq!(view_rows(&[0, 8], 4), [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(view_rows(&[5], 1), [5]);
+        // Two images of 2 views of 2 classes.
+        let p = [0.2f32, 0.8, 0.6, 0.4, 1.0, 0.0, 0.5, 0.5];
+        let mean = average_views(&p, 2, 2, 2);
+        let expected = [0.4, 0.6, 0.75, 0.25];
+        for (a, b) in mean.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-7, "{mean:?}");
+        }
+        // `first`: view 0 alone.
+        assert_eq!(
+            average_views(&p, 2, 2, 1),
+            [0.2f32 as f64, 0.8f32 as f64, 1.0, 0.0]
+        );
+    }
+
     use super::*;
 
     /// The issue-8 grid per seed: 6 linear heads (1,280 x 10) and 6 MLPs

@@ -33,6 +33,7 @@ fn publish(store: &dyn FeatureStore, shard_index: u64, first_image: i64) {
         pooled: &pooled,
         feature_dim: 4,
         spatial: None,
+        views: None,
     };
     let metadata = HashMap::from([("encoder".to_string(), "test".to_string())]);
     let job = JobRef {

@@ -36,6 +36,7 @@ fn publish(dir: &std::path::Path, shard_index: u64, first_image: i64, n_rows: us
         pooled: &pooled,
         feature_dim: 4,
         spatial: None,
+        views: None,
     };
     let metadata = HashMap::from([("encoder".to_string(), "test".to_string())]);
     let job = JobRef {
@@ -132,6 +133,7 @@ fn spatial_maps_and_tiles_round_trip_and_tiles_of_one_image_are_not_duplicates()
             tiles: &tiles,
             maps: &maps,
         }),
+        views: None,
     };
     features::write_shard(
         dir.path(),

@@ -14,3 +14,4 @@ mod feature_object_store;
 mod feature_store;
 mod feature_store_cli;
 mod pooled_inputs;
+mod views;

@@ -354,6 +354,7 @@ pub fn write_features_as(
             pooled: &pooled,
             feature_dim: dim,
             spatial: None,
+            views: None,
         };
         let shard_index = first + shard as u64;
         features::write_shard(

@@ -598,6 +598,7 @@ fn good_only_train_split(root: &Path) {
             pooled: &pooled,
             feature_dim: 8,
             spatial: None,
+            views: None,
         },
         std::collections::HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]),
         JobRef {

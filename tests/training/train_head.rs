@@ -58,6 +58,7 @@ fn setup(root: &Path, variant: Features) {
         pooled: &pooled,
         feature_dim: DIM,
         spatial: None,
+        views: None,
     };
     let metadata = HashMap::from([("encoder".to_string(), "toy-encoder".to_string())]);
     features::write_shard(

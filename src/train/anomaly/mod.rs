@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
-use super::config::{Task, TrainConfig};
+use super::config::{EvalViews, Task, TrainConfig, TrainViews};
 use super::data::{SplitRows, TrainData};
 use super::run::{RESIDENT_FEATURE_BYTES, RunInputs, peak_rss_bytes, run_inputs};
 use crate::experiments::run_files::{self, RunFolder};
@@ -233,6 +233,10 @@ struct Selection {
     normal_classes: Vec<usize>,
     anomaly_classes: Vec<usize>,
     normal_train: Vec<usize>,
+    /// The rows pooled scorers fit on: every view of the normal training
+    /// images (`--train-views sample`, the default) or view 0 only
+    /// (`first`); `normal_train` itself in folders of one view.
+    fit_rows: Vec<usize>,
     val: Evaluated,
     test: Evaluated,
 }
@@ -272,7 +276,11 @@ fn class_counts(data: &TrainData, split: &SplitRows) -> String {
 }
 
 impl Selection {
-    fn new(data: &TrainData, config: &AnomalyConfig) -> Result<Self, TrainError> {
+    fn new(
+        data: &TrainData,
+        config: &AnomalyConfig,
+        train_views: TrainViews,
+    ) -> Result<Self, TrainError> {
         let normal_classes = class_indices(data, &config.normal_labels, "normal")?;
         let anomaly_classes = if config.anomaly_labels.is_empty() {
             (0..data.class_names.len())
@@ -342,12 +350,18 @@ impl Selection {
             }
             Ok(out)
         };
+        let fit_views = match train_views {
+            TrainViews::Sample => data.views,
+            TrainViews::First => 1,
+        };
+        let fit_rows = super::data::view_rows(&normal_train, fit_views);
         Ok(Selection {
             val: evaluated(&data.val, "val")?,
             test: evaluated(&data.test, "test")?,
             normal_classes,
             anomaly_classes,
             normal_train,
+            fit_rows,
         })
     }
 }
@@ -398,7 +412,7 @@ fn fit(
     let dim = data.features.feature_dim();
     let budget = config.memory_budget_bytes;
     let runtime = runtime_bytes(data);
-    let normal = &selection.normal_train;
+    let normal = &selection.fit_rows;
     match &anomaly.scorer {
         Scorer::Knn { k, coreset } => {
             let bank_rows = coreset.map_or(normal.len(), |c| c.rows(normal.len()));
@@ -482,20 +496,28 @@ fn fit(
 }
 
 impl Fitted {
-    /// Anomaly scores of `rows`, gathered and scored one query block at a time.
+    /// Anomaly scores of the images whose first rows are `images`,
+    /// gathered and scored one query block at a time: in a folder of
+    /// several views, the mean of the scores of an image's views
+    /// (`eval_views` mean) or its view 0's (`first`).
     fn scores(
         &self,
         data: &TrainData,
         standardiser: &Standardiser,
-        rows: &[usize],
+        images: &[usize],
+        eval_views: EvalViews,
         plan: &MemoryPlan,
         device: &Device,
     ) -> Result<Vec<f64>, TrainError> {
         let dim = data.features.feature_dim();
+        let rows = super::data::view_rows(images, data.views);
         let mut out = Vec::with_capacity(rows.len());
         for block in rows.chunks(QUERY_BLOCK) {
             let queries = standardiser.gather(&data.features, block);
             out.extend(self.score_standardised(&queries, dim, plan, device)?);
+        }
+        if data.views > 1 {
+            out = super::data::average_views(&out, 1, data.views, eval_views.rows_used(data.views));
         }
         Ok(out)
     }
@@ -813,7 +835,7 @@ pub fn train(
     let anomaly = anomaly_config(&config)?;
     // Refuse bad labels and features of the wrong kind before a run is recorded.
     check_features(data, anomaly)?;
-    Selection::new(data, anomaly)?;
+    Selection::new(data, anomaly, config.train_views)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
     let handle = super::record::start(&db, experiment, &inputs, &[])?;
@@ -841,7 +863,7 @@ pub fn sweep_runs(
     for config in configs {
         let anomaly = anomaly_config(config)?;
         check_features(data, anomaly)?;
-        Selection::new(data, anomaly)?;
+        Selection::new(data, anomaly, config.train_views)?;
         let inputs = run_inputs(data, config);
         if !seen.insert(inputs.config_hash.clone()) {
             continue; // the same settings twice (k on a mahalanobis point)
@@ -918,13 +940,13 @@ fn fit_and_finish(
 ) -> Result<AnomalyReport, TrainError> {
     let config = &inputs.config;
     let anomaly = anomaly_config(config)?;
-    let selection = Selection::new(data, anomaly)?;
+    let selection = Selection::new(data, anomaly, config.train_views)?;
     let device = &options.device;
     let started = Instant::now();
     let mut metrics = BTreeMap::new();
     let (mut model, plan) = match &anomaly.patch {
         None => {
-            let standardiser = Standardiser::fit(&data.features, &selection.normal_train);
+            let standardiser = Standardiser::fit(&data.features, &selection.fit_rows);
             let (fitted, plan) = fit(data, &selection, config, anomaly, &standardiser, device)?;
             (
                 Model::Pooled {
@@ -963,8 +985,22 @@ fn fit_and_finish(
             standardiser,
             fitted,
         } => (
-            fitted.scores(data, standardiser, &selection.val.rows, &plan, device)?,
-            fitted.scores(data, standardiser, &selection.test.rows, &plan, device)?,
+            fitted.scores(
+                data,
+                standardiser,
+                &selection.val.rows,
+                config.eval_views,
+                &plan,
+                device,
+            )?,
+            fitted.scores(
+                data,
+                standardiser,
+                &selection.test.rows,
+                config.eval_views,
+                &plan,
+                device,
+            )?,
             Vec::new(),
         ),
         Model::Patch(scorer) => {
