@@ -5,7 +5,8 @@
 # SIGKILL mid-way and restart it, then verify that every image has exactly
 # one feature row, then train the ablation sweeps in configs/ (linear vs MLP,
 # class weighting, learning rate, two seeds) for 4-class defect grading and
-# for defective-vs-normal in one pass each over the cached features, fit the
+# for defective-vs-normal in one pass each over the cached features, compare
+# multi-layer features in 1, 4 and 8 views (configs/elpv-views.toml), fit the
 # anomaly scorers of configs/elpv-anomaly.toml on the normal cells only,
 # print the ablation tables from experiments/experiments.db and the plots,
 # and write the HTML report of every run under demo/report/.
@@ -48,6 +49,9 @@ say "enqueueing feature extraction (efficientnet-lite0, ImageNet weights, chunks
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64
 say "enqueueing multi-layer features too: each of Lite0's 7 stages and its head, pooled (--layers all, its own feature set)"
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all
+say "and views: the same features of each cell's 4 flips and of its 8 rotations and transposes (--views flips|dihedral, their own feature sets)"
+lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all --views flips
+lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all --views dihedral
 
 remaining() {
   lazarus status --json --dataset elpv | python3 -c \
@@ -104,10 +108,10 @@ for sweep in elpv-heads elpv-defective; do
   done
 done
 
-say "sweep configs/elpv-layers.toml: the last layer's features against every stage's (4-class grading, 3 seeds)"
-lazarus sweep configs/elpv-layers.toml | grep -v '^  run '
+say "sweep configs/elpv-views.toml: every stage's features in 1, 4 and 8 views, one drawn per cell and epoch, probabilities averaged over a cell's views (4-class grading, 3 seeds; the best elpv row of BENCHMARKS.md)"
+lazarus sweep configs/elpv-views.toml | grep -v '^  run '
 for metric in test/accuracy test/macro_f1; do
-  lazarus experiments ablate --by layers,head --metric "$metric" --where sweep=elpv-layers
+  lazarus experiments ablate --by views,head --metric "$metric" --where sweep=elpv-views
 done
 
 say "anomaly sweep configs/elpv-anomaly.toml: k-NN and Mahalanobis scorers fitted on normal cells only (defect probability 0 vs 1)"
