@@ -8,7 +8,10 @@ LogisticRegression (lbfgs, max_iter 5000) on train for each C of a grid,
 with and without balanced class weights, keeps the pair with the best
 validation accuracy, and
 prints test accuracy and macro-F1 for the 4 defect grades and for defective
-(probability >= 0.5) vs functional. The peer row of BENCHMARKS.md's elpv
+(probability >= 0.5) vs functional. On a folder of views (`enqueue --views`:
+several rows per image) every view of a training image is a training row,
+and validation and test average the class probabilities over an image's
+views, as lazarus evaluates; C_GRID (comma list) narrows the C grid. The peer row of BENCHMARKS.md's elpv
 table (scripts/bench_elpv_layers.sh). Uses $LAZARUS_CACHE/venv-ref.
 """
 import csv
@@ -44,20 +47,36 @@ def main():
     mean, std = features[train].mean(0), features[train].std(0)
     std[std < 1e-6] = 1.0
     x = (features - mean) / std
+    # An image's rows (one per view) are consecutive in a shard.
+    images, first = np.unique(image_index, return_index=True)
+    views = len(image_index) // len(images)
+
+    def per_image(model, mask):
+        """Predicted class per image of `mask`: probabilities averaged over its views."""
+        p = model.predict_proba(x[mask])
+        p = p.reshape(-1, views, p.shape[1]).mean(1)
+        return model.classes_[p.argmax(1)]
+
+    grid = [float(c) for c in os.environ.get("C_GRID", "").split(",") if c] or \
+        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    order = np.argsort(image_index, kind="stable")
+    x, image_index, probability, split = x[order], image_index[order], probability[order], split[order]
+    train, val, test = split == "train", split == "val", split == "test"
     for task, y in (("4 classes", np.round(probability * 3).astype(int)),
                     ("defective >= 0.5", (probability >= 0.5).astype(int))):
         best = None
+        y_val, y_test = y[val][::views], y[test][::views]
         for weights in (None, "balanced"):
-            for c in [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]:
+            for c in grid:
                 model = LogisticRegression(solver="lbfgs", C=c, max_iter=5000, class_weight=weights)
                 model.fit(x[train], y[train])
-                score = accuracy_score(y[val], model.predict(x[val]))
+                score = accuracy_score(y_val, per_image(model, val))
                 if best is None or score > best[0]:
                     best = (score, f"C={c:g}, class_weight={weights}", model)
-        predicted = best[2].predict(x[test])
-        print(f"scikit-learn {label} ({features.shape[1]} features), {task}, {best[1]}: "
-              f"test accuracy {accuracy_score(y[test], predicted):.4f}, "
-              f"macro-F1 {f1_score(y[test], predicted, average='macro'):.4f}")
+        predicted = per_image(best[2], test)
+        print(f"scikit-learn {label} ({features.shape[1]} features, {views} view(s)), {task}, {best[1]}: "
+              f"test accuracy {accuracy_score(y_test, predicted):.4f}, "
+              f"macro-F1 {f1_score(y_test, predicted, average='macro'):.4f}")
 
 
 if __name__ == "__main__":

@@ -331,6 +331,27 @@ pub fn write_features_as(
     dim: usize,
     value: impl Fn(&lazarus::dataset::ImageRecord, usize) -> f32,
 ) -> usize {
+    write_view_features_as(
+        root,
+        name,
+        (fingerprint, encoder),
+        ("1", 1),
+        dim,
+        |record, _, d| value(record, d),
+    )
+}
+
+/// [`write_features_as`] with `views` rows per image, as `enqueue --views
+/// NAME` writes them (view 0 first, a `view` tensor, `views` in the
+/// metadata when not 1): `value(record, view, dimension)`.
+pub fn write_view_features_as(
+    root: &Path,
+    name: &str,
+    (fingerprint, encoder): (&str, &str),
+    (views_name, views): (&str, usize),
+    dim: usize,
+    value: impl Fn(&lazarus::dataset::ImageRecord, usize, usize) -> f32,
+) -> usize {
     use lazarus::features::{self, JobRef, ShardData};
     let layout = lazarus::layout::Layout::new(root);
     let dataset = lazarus::dataset::load(&layout, name).unwrap();
@@ -339,14 +360,22 @@ pub fn write_features_as(
         .unwrap()
         .last()
         .map_or(0, |last| last + 1);
-    let metadata = std::collections::HashMap::from([("encoder".to_string(), encoder.to_string())]);
+    let mut metadata =
+        std::collections::HashMap::from([("encoder".to_string(), encoder.to_string())]);
+    if views > 1 {
+        metadata.insert("views".to_string(), views_name.to_string());
+    }
     for (shard, records) in dataset.images.chunks(64).enumerate() {
         let mut content_ids = Vec::new();
         let mut pooled = Vec::new();
+        let mut view_of_row = Vec::new();
         for record in records {
-            content_ids.push(file_sha256(&record.path));
-            for d in 0..dim {
-                pooled.push(half::f16::from_f32(value(record, d)));
+            for view in 0..views {
+                content_ids.push(file_sha256(&record.path));
+                view_of_row.push(view as u8);
+                for d in 0..dim {
+                    pooled.push(half::f16::from_f32(value(record, view, d)));
+                }
             }
         }
         let data = ShardData {
@@ -354,7 +383,7 @@ pub fn write_features_as(
             pooled: &pooled,
             feature_dim: dim,
             spatial: None,
-            views: None,
+            views: (views > 1).then_some(view_of_row.as_slice()),
         };
         let shard_index = first + shard as u64;
         features::write_shard(

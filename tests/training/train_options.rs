@@ -250,3 +250,86 @@ fn killed_run_resumes_to_the_same_metrics() {
     let message = fails(lazarus(&killed_root, &["train", "--resume", "nope"]));
     assert!(message.contains("run nope not found"), "{message}");
 }
+
+/// Features of 4 flip views per image (written as `enqueue --views flips`
+/// writes them): each view is the class centre plus noise of its own, so
+/// which view an epoch draws changes the gradient.
+fn synthetic_flip_features(root: &Path, name: &str, counts: &[usize], dim: usize) {
+    let tree = support::image_folder_from(&root.join(name), counts, support::name_seed(name));
+    ok(lazarus(
+        root,
+        &["dataset", "add", name, tree.to_str().unwrap()],
+    ));
+    let dataset = lazarus::dataset::load(&lazarus::layout::Layout::new(root), name).unwrap();
+    support::write_view_features_as(
+        root,
+        name,
+        ("fp-flips", "toy-encoder"),
+        ("flips", 4),
+        dim,
+        |record, view, d| {
+            let class = dataset
+                .class_index(record.label.as_deref().unwrap())
+                .unwrap();
+            let centre = if d == class % dim { 1.0 } else { 0.0 };
+            centre + support::gaussian_noise(((record.index * 4 + view) * 1_000 + d) as u64 * 4)
+        },
+    );
+}
+
+#[test]
+fn killed_run_on_views_resumes_to_the_same_draws_and_metrics() {
+    // The view each image is trained on depends on (seed, epoch, image)
+    // only, so a run killed after its third checkpoint and resumed must
+    // end exactly as one never interrupted.
+    let temp = tempfile::tempdir().unwrap();
+    let killed_root = temp.path().join("killed");
+    let clean_root = temp.path().join("clean");
+    for root in [&killed_root, &clean_root] {
+        synthetic_flip_features(root, "flipped", &[600, 600, 600], 32);
+    }
+    let args = [
+        "train",
+        "--dataset",
+        "flipped",
+        "--encoder",
+        "toy-encoder",
+        "--views",
+        "flips",
+        "--head",
+        "mlp",
+        "--hidden",
+        "128",
+        "--dropout",
+        "0.2",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--json",
+    ];
+    let run_dir = kill_after_checkpoint(&killed_root, &args, 3);
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap();
+    let resumed = json(&ok(lazarus(
+        &killed_root,
+        &["train", "--resume", run_id, "--json"],
+    )));
+    assert!(
+        resumed["resumed_from_epoch"].as_u64().unwrap() >= 3,
+        "{resumed:#}"
+    );
+    let uninterrupted = json(&ok(lazarus(&clean_root, &args[..])));
+    assert_eq!(resumed["epochs_run"], uninterrupted["epochs_run"]);
+    assert_eq!(resumed["epochs"], uninterrupted["epochs"]);
+    assert_eq!(resumed["test"], uninterrupted["test"]);
+    // Metrics count images (1,800 of them), not their 7,200 rows.
+    let test_images: u64 = resumed["test_confusion_matrix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .sum();
+    assert!(test_images > 100 && test_images < 400, "{test_images}");
+}
