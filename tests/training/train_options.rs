@@ -188,6 +188,36 @@ fn plateau_schedule_lowers_the_rate_when_validation_stalls() {
     assert!(rates.windows(2).all(|w| w[1] <= w[0]), "{rates:?}");
 }
 
+/// Kills `args` (a `train ... --json` run) in `killed_root` after its third
+/// checkpoint, resumes it, runs the same in `clean_root` uninterrupted and
+/// asserts both ended alike (epochs, test metrics, confusion matrix).
+/// Returns the run id and the resumed run's report.
+fn kill_resume_and_compare(
+    killed_root: &Path,
+    clean_root: &Path,
+    args: &[&str],
+) -> (String, serde_json::Value) {
+    let run_dir = kill_after_checkpoint(killed_root, args, 3);
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let resumed = json(&ok(lazarus(
+        killed_root,
+        &["train", "--resume", &run_id, "--json"],
+    )));
+    assert!(
+        resumed["resumed_from_epoch"].as_u64().unwrap() >= 3,
+        "{resumed:#}"
+    );
+    let uninterrupted = json(&ok(lazarus(clean_root, args)));
+    assert_eq!(resumed["epochs_run"], uninterrupted["epochs_run"]);
+    assert_eq!(resumed["test"], uninterrupted["test"]);
+    assert_eq!(resumed["epochs"], uninterrupted["epochs"]);
+    assert_eq!(
+        resumed["test_confusion_matrix"],
+        uninterrupted["test_confusion_matrix"]
+    );
+    (run_id, resumed)
+}
+
 #[test]
 fn killed_run_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
@@ -225,24 +255,8 @@ fn killed_run_resumes_to_the_same_metrics() {
         "11",
         "--json",
     ];
-    let run_dir = kill_after_checkpoint(&killed_root, &args, 3);
-    let run_id = run_dir.file_name().unwrap().to_str().unwrap();
-    let resumed = json(&ok(lazarus(
-        &killed_root,
-        &["train", "--resume", run_id, "--json"],
-    )));
-    assert!(
-        resumed["resumed_from_epoch"].as_u64().unwrap() >= 3,
-        "{resumed:#}"
-    );
-    let uninterrupted = json(&ok(lazarus(&clean_root, &args[..])));
-    assert_eq!(resumed["epochs_run"], uninterrupted["epochs_run"]);
-    assert_eq!(resumed["test"], uninterrupted["test"]);
-    assert_eq!(resumed["epochs"], uninterrupted["epochs"]);
-    assert_eq!(
-        resumed["test_confusion_matrix"],
-        uninterrupted["test_confusion_matrix"]
-    );
+    let (run_id, _) = kill_resume_and_compare(&killed_root, &clean_root, &args);
+    let run_id = run_id.as_str();
 
     // A finished run is not resumed again; an unknown one is named.
     let message = fails(lazarus(&killed_root, &["train", "--resume", run_id]));
@@ -310,20 +324,7 @@ fn killed_run_on_views_resumes_to_the_same_draws_and_metrics() {
         "3",
         "--json",
     ];
-    let run_dir = kill_after_checkpoint(&killed_root, &args, 3);
-    let run_id = run_dir.file_name().unwrap().to_str().unwrap();
-    let resumed = json(&ok(lazarus(
-        &killed_root,
-        &["train", "--resume", run_id, "--json"],
-    )));
-    assert!(
-        resumed["resumed_from_epoch"].as_u64().unwrap() >= 3,
-        "{resumed:#}"
-    );
-    let uninterrupted = json(&ok(lazarus(&clean_root, &args[..])));
-    assert_eq!(resumed["epochs_run"], uninterrupted["epochs_run"]);
-    assert_eq!(resumed["epochs"], uninterrupted["epochs"]);
-    assert_eq!(resumed["test"], uninterrupted["test"]);
+    let (_, resumed) = kill_resume_and_compare(&killed_root, &clean_root, &args);
     // Metrics count images (1,800 of them), not their 7,200 rows.
     let test_images: u64 = resumed["test_confusion_matrix"]
         .as_array()
