@@ -256,6 +256,7 @@ impl PooledFolderArgs {
                 .map(str::parse::<lazarus::encoders::ViewSet>)
                 .transpose()?
                 .map(|views| views.name().to_string()),
+            maps: None,
         })
     }
 }
