@@ -96,8 +96,7 @@ fn lite_gives_the_maps_asked_for_in_one_pass() {
         encoders::load_encoder(&dino, WeightsSource::Random { seed: 3 }, &Device::Cpu).unwrap();
     let error = dino
         .forward_maps(&images, &fine)
-        .err()
-        .expect("dinov2 has no stride-4 map")
+        .expect_err("dinov2 has no stride-4 map")
         .to_string();
     assert!(
         error.contains("'4,8,16,32'") && error.contains("dinov2-vits14"),
