@@ -49,6 +49,14 @@ pub struct EnqueueArgs {
         conflicts_with = "spatial"
     )]
     pub layers: String,
+    /// With --spatial: which maps each tile keeps, a list of strides from
+    /// 4, 8, 16 and 32 (default `16,32`). EfficientNet-Lite only for
+    /// anything else: 4 and 8 are the outputs of its second and third
+    /// stages (24 and 40 channels for Lite0), computed in the same forward
+    /// pass; the finest map sets the segmentation grid (stride 4: 56×56 per
+    /// 224 tile). A separate feature set (own fingerprint).
+    #[arg(long, value_name = "LIST")]
+    pub maps: Option<String>,
     /// Pooled features at this input square (pixels) instead of the
     /// encoder's own (EfficientNet-Lite only); e.g. an image's native size.
     #[arg(long, value_name = "N", conflicts_with = "spatial")]
@@ -248,6 +256,7 @@ impl PooledFolderArgs {
                 .map(str::parse::<lazarus::encoders::ViewSet>)
                 .transpose()?
                 .map(|views| views.name().to_string()),
+            maps: None,
         })
     }
 }
@@ -323,6 +332,13 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         },
         weights,
         layers: lazarus::encoders::PooledLayers::parse(&args.layers)?,
+        maps: match &args.maps {
+            None => lazarus::encoders::SpatialMaps::default(),
+            Some(value) if !args.spatial => {
+                bail!("--maps '{value}': maps are kept by spatial extraction only; add --spatial")
+            }
+            Some(value) => lazarus::encoders::SpatialMaps::parse(value)?,
+        },
         input: input_choice(&encoder, image_size, args.resize)?,
         views: args.views.parse()?,
     };

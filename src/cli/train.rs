@@ -90,6 +90,11 @@ pub struct TrainArgs {
     pub fingerprint: Option<String>,
     #[command(flatten)]
     pub folder: super::queue::PooledFolderArgs,
+    /// Segmentation and patch-level anomaly: only the spatial folder of
+    /// these maps (as `enqueue --maps`, e.g. `4,8,16,32`), when a dataset
+    /// has several. The run uses every map of the folder it reads.
+    #[arg(long, value_name = "LIST")]
+    pub maps: Option<String>,
     /// Train on the images that have features when some lack them (extraction
     /// unfinished or failed) instead of refusing; the run records how many
     /// lacked (param images_lacking).
@@ -270,6 +275,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
         ),
         ("resize", args.folder.resize.map(name)),
         ("views", args.folder.views.as_deref().and_then(text)),
+        ("maps", args.maps.as_deref().and_then(text)),
         ("init_from", args.init_from.as_deref().and_then(text)),
         ("normal_label", labels(&args.normal_labels)),
         ("anomaly_label", labels(&args.anomaly_labels)),

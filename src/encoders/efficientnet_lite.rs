@@ -75,6 +75,16 @@ impl Config {
         round_filters(112, self.width)
     }
 
+    /// Channels of the map of `stride` (4, 8, 16: the outputs of the
+    /// second, third and fifth stages; 32: the head's 1280), None for other
+    /// strides.
+    pub fn map_channels(&self, stride: usize) -> Option<usize> {
+        match stride {
+            32 => Some(1280),
+            _ => map_stage(stride).map(|stage| self.stage_channels()[stage]),
+        }
+    }
+
     /// Output channels of each of the seven stages, first stage first (the
     /// stage outputs `--layers` pools).
     pub fn stage_channels(&self) -> Vec<usize> {
@@ -430,7 +440,6 @@ fn network_weights(
     stem: &ConvBn,
     blocks: &[MbConv],
     head: &ConvBn,
-    stride16_block: usize,
     stage_ends: Vec<usize>,
 ) -> Result<Option<NetworkWeights>> {
     if !stem.weight.device().is_cpu() || stem.weight.dtype() != DType::F32 {
@@ -456,17 +465,32 @@ fn network_weights(
             })
             .collect::<Result<_>>()?,
         head: conv_weights(head)?,
-        stride16_block,
         stage_ends,
     }))
 }
 
-/// Index of the last block of the fifth stage (the stride-16 map).
-fn stride16_block(blocks: &[MbConv]) -> usize {
+/// The stage (0-based) whose output is the map of `stride` (4, 8 or 16).
+fn map_stage(stride: usize) -> Option<usize> {
+    match stride {
+        4 => Some(1),
+        8 => Some(2),
+        16 => Some(4),
+        _ => None,
+    }
+}
+
+/// Index of the block whose output is the map of `stride` (4, 8 or 16):
+/// the last block of its stage.
+fn map_block(blocks: &[MbConv], stride: usize) -> candle_core::Result<usize> {
+    let stage = map_stage(stride).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "efficientnet-lite has block maps of stride 4, 8 and 16, not {stride}"
+        ))
+    })?;
     blocks
         .iter()
-        .rposition(|block| block.stage == 4)
-        .expect("the fifth stage has at least one block")
+        .rposition(|block| block.stage == stage)
+        .ok_or_else(|| candle_core::Error::Msg(format!("no block of stage {}", stage + 1)))
 }
 
 /// Index of the last block of each stage, first stage first.
@@ -481,8 +505,7 @@ fn cpu_features(outputs: Outputs, n: usize, device: &candle_core::Device) -> Res
     let Outputs {
         pooled,
         stages,
-        stride16,
-        stride16_shape: (h16, w16, c16),
+        taps,
         stride32,
         stride32_shape: (h32, w32, c32),
     } = outputs;
@@ -491,7 +514,13 @@ fn cpu_features(outputs: Outputs, n: usize, device: &candle_core::Device) -> Res
     Ok(Features {
         pooled: Tensor::from_vec(pooled, (n, features), device)?,
         stages: Tensor::from_vec(stages, (n, stage_features), device)?,
-        stride16: Tensor::from_vec(stride16, (n, h16, w16, c16), device)?.permute((0, 3, 1, 2))?,
+        maps: taps
+            .into_iter()
+            .map(|tap| {
+                let (h, w, c) = tap.shape;
+                Tensor::from_vec(tap.values, (n, h, w, c), device)?.permute((0, 3, 1, 2))
+            })
+            .collect::<Result<_>>()?,
         stride32: Tensor::from_vec(stride32, (n, h32, w32, c32), device)?.permute((0, 3, 1, 2))?,
     })
 }
@@ -504,8 +533,10 @@ pub struct Features {
     /// [n, sum of `Config::stage_channels`]: each stage's output averaged
     /// over H and W, first stage first.
     pub stages: Tensor,
-    /// [n, 112 × width, ⌈H/16⌉, ⌈W/16⌉]: output of the fifth stage.
-    pub stride16: Tensor,
+    /// The block maps asked for, in the order of their strides (4: output of
+    /// the second stage, [n, 24 × width, ⌈H/4⌉, ⌈W/4⌉]; 8: of the third,
+    /// 40 × width; 16: of the fifth, 112 × width).
+    pub maps: Vec<Tensor>,
     /// [n, 1280, ⌈H/32⌉, ⌈W/32⌉]: output of the head (conv, BN, ReLU6).
     pub stride32: Tensor,
 }
@@ -565,14 +596,8 @@ impl EfficientNetLite {
             )?,
             Some(fc.get_with_hints(config.num_classes, "bias", Init::Const(0.0))?),
         );
-        let cpu_weights = network_weights(
-            &stem,
-            &blocks,
-            &head,
-            stride16_block(&blocks),
-            stage_ends(&blocks),
-        )?
-        .map(Box::new);
+        let cpu_weights =
+            network_weights(&stem, &blocks, &head, stage_ends(&blocks))?.map(Box::new);
         let mut model = Self {
             config,
             stem,
@@ -609,14 +634,19 @@ impl EfficientNetLite {
         &self.config
     }
 
-    /// Runs the network on a normalised batch [n, 3, H, W].
+    /// Runs the network on a normalised batch [n, 3, H, W], keeping the
+    /// block maps of `strides` (each 4, 8 or 16; none costs nothing).
     ///
     /// On the CPU with f32 weights: the fused NHWC kernels of `cpu_kernels`,
     /// one image per thread (see `cpu_kernels::network`). Elsewhere: the
     /// device-generic candle ops.
-    pub fn features(&self, images: &Tensor) -> Result<Features> {
+    pub fn features(&self, images: &Tensor, strides: &[usize]) -> Result<Features> {
+        let taps = strides
+            .iter()
+            .map(|&stride| map_block(&self.blocks, stride))
+            .collect::<Result<Vec<_>>>()?;
         let Some(cpu) = self.cpu.as_ref().filter(|_| images.device().is_cpu()) else {
-            return self.features_generic(images);
+            return self.features_generic(images, &taps);
         };
         let (n, _, h, w) = images.dims4()?;
         let images = images.to_dtype(DType::F32)?.contiguous()?;
@@ -628,28 +658,25 @@ impl EfficientNetLite {
             let Some((start, end)) = layout.contiguous_offsets() else {
                 candle_core::bail!("efficientnet-lite: CPU input is not contiguous")
             };
-            cpu.run(&data[start..end], n, (h, w))
+            cpu.run(&data[start..end], n, (h, w), &taps)
                 .map_err(candle_core::Error::Msg)?
         };
         cpu_features(outputs, n, images.device())
     }
 
-    /// Index of the last block of the fifth stage (the stride-16 map).
-    fn stride16_block(&self) -> usize {
-        stride16_block(&self.blocks)
-    }
-
-    /// The device-generic forward pass in NCHW (GPUs, other dtypes).
-    fn features_generic(&self, images: &Tensor) -> Result<Features> {
+    /// The device-generic forward pass in NCHW (GPUs, other dtypes),
+    /// keeping the outputs of the blocks `taps`.
+    fn features_generic(&self, images: &Tensor, taps: &[usize]) -> Result<Features> {
         let mut x = self.stem.forward(images)?;
-        let mut stride16 = None;
-        let stride16_block = self.stride16_block();
+        let mut maps: Vec<Option<Tensor>> = vec![None; taps.len()];
         let stage_ends = stage_ends(&self.blocks);
         let mut stages = Vec::with_capacity(stage_ends.len());
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x)?;
-            if i == stride16_block {
-                stride16 = Some(x.clone());
+            for (tap, map) in taps.iter().zip(maps.iter_mut()) {
+                if *tap == i {
+                    *map = Some(x.clone());
+                }
             }
             if stage_ends.contains(&i) {
                 stages.push(x.mean(D::Minus1)?.mean(D::Minus1)?);
@@ -660,7 +687,18 @@ impl EfficientNetLite {
         Ok(Features {
             pooled,
             stages: Tensor::cat(&stages, 1)?,
-            stride16: stride16.expect("the fifth stage has at least one block"),
+            maps: maps
+                .into_iter()
+                .zip(taps)
+                .map(|(map, tap)| {
+                    map.ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "tapped block {tap} of {}",
+                            self.blocks.len()
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?,
             stride32,
         })
     }
@@ -860,6 +898,54 @@ mod tests {
         );
     }
 
+    /// Every block map a segmentation folder can hold.
+    const STRIDES: [usize; 3] = [4, 8, 16];
+
+    fn taps(model: &EfficientNetLite, strides: &[usize]) -> Vec<usize> {
+        strides
+            .iter()
+            .map(|&s| map_block(&model.blocks, s).unwrap())
+            .collect()
+    }
+
+    /// Each map of `fast` against `reference`, with its shape: ⌈size/stride⌉
+    /// and the stage's channels.
+    fn assert_maps_close(
+        name: &str,
+        fast: &Features,
+        reference: &Features,
+        (h, w): (usize, usize),
+    ) {
+        let config = Config::lite0();
+        assert_eq!(fast.maps.len(), STRIDES.len(), "{name}");
+        for ((stride, a), b) in STRIDES.iter().zip(&fast.maps).zip(&reference.maps) {
+            assert_eq!(
+                a.dims4().unwrap(),
+                (
+                    a.dim(0).unwrap(),
+                    config.map_channels(*stride).unwrap(),
+                    h.div_ceil(*stride),
+                    w.div_ceil(*stride)
+                ),
+                "{name} stride {stride}"
+            );
+            assert_close(&format!("{name} stride {stride}"), a, b);
+        }
+    }
+
+    #[test]
+    fn map_channels_of_lite0() {
+        // TF's lite0 block strings: stage 2 ends at 24, stage 3 at 40, stage 5 at 112.
+        let config = Config::lite0();
+        let channels: Vec<_> = [4, 8, 16, 32]
+            .iter()
+            .map(|&s| config.map_channels(s))
+            .collect();
+        assert_eq!(channels, [Some(24), Some(40), Some(112), Some(1280)]);
+        assert_eq!(config.map_channels(2), None);
+        assert_eq!(config.map_channels(16), Some(config.stride16_channels()));
+    }
+
     #[test]
     fn cpu_kernels_equal_the_generic_network() {
         let dev = candle_core::Device::Cpu;
@@ -870,16 +956,22 @@ mod tests {
             for level in SimdLevel::available() {
                 let model = random_lite0().with_simd_level(level).unwrap();
                 assert_eq!(model.simd_level(), Some(level));
-                let fast = model.features(&images).unwrap();
-                let generic = model.features_generic(&images).unwrap();
+                let fast = model.features(&images, &STRIDES).unwrap();
+                let generic = model
+                    .features_generic(&images, &taps(&model, &STRIDES))
+                    .unwrap();
                 for (name, a, b) in [
                     ("pooled", &fast.pooled, &generic.pooled),
                     ("stages", &fast.stages, &generic.stages),
-                    ("stride16", &fast.stride16, &generic.stride16),
                     ("stride32", &fast.stride32, &generic.stride32),
                 ] {
                     assert_close(&format!("{level} {h}x{w} {name}"), a, b);
                 }
+                assert_maps_close(&format!("{level} {h}x{w}"), &fast, &generic, (h, w));
+                // No taps: no maps, the same pooled features.
+                let untapped = model.features(&images, &[]).unwrap();
+                assert!(untapped.maps.is_empty());
+                assert_eq!(max_abs_diff(&untapped.pooled, &fast.pooled), 0.0);
             }
         }
     }
@@ -892,14 +984,16 @@ mod tests {
         let images = Tensor::randn(0f32, 1.0, (2, 3, 96, 80), &dev).unwrap();
         let model = random_lite0();
         let cpu = model.cpu.as_ref().unwrap();
-        let reference = model.features_generic(&images).unwrap();
+        let taps = taps(&model, &STRIDES);
+        let reference = model.features_generic(&images, &taps).unwrap();
         let data = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (ring_bytes, band_bytes) in [(1, 1), (20_000, 6_000)] {
             let small = (**cpu).clone().with_budgets(ring_bytes, band_bytes);
-            let fast = cpu_features(small.run(&data, 2, (96, 80)).unwrap(), 2, &dev).unwrap();
+            let fast =
+                cpu_features(small.run(&data, 2, (96, 80), &taps).unwrap(), 2, &dev).unwrap();
             assert_close("pooled", &fast.pooled, &reference.pooled);
             assert_close("stages", &fast.stages, &reference.stages);
-            assert_close("stride16", &fast.stride16, &reference.stride16);
+            assert_maps_close("small bands", &fast, &reference, (96, 80));
             assert_close("stride32", &fast.stride32, &reference.stride32);
         }
     }
@@ -911,13 +1005,17 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let model = random_lite0();
         let batch = Tensor::randn(0f32, 1.0, (5, 3, 64, 64), &dev).unwrap();
-        let together = model.features(&batch).unwrap();
+        let together = model.features(&batch, &STRIDES).unwrap();
         for i in [0, 4] {
-            let alone = model.features(&batch.narrow(0, i, 1).unwrap()).unwrap();
+            let alone = model
+                .features(&batch.narrow(0, i, 1).unwrap(), &STRIDES)
+                .unwrap();
             for (name, a, b) in [
                 ("pooled", &alone.pooled, &together.pooled),
                 ("stages", &alone.stages, &together.stages),
-                ("stride16", &alone.stride16, &together.stride16),
+                ("stride4", &alone.maps[0], &together.maps[0]),
+                ("stride8", &alone.maps[1], &together.maps[1]),
+                ("stride16", &alone.maps[2], &together.maps[2]),
                 ("stride32", &alone.stride32, &together.stride32),
             ] {
                 let b = b.narrow(0, i, 1).unwrap();

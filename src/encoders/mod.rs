@@ -15,6 +15,8 @@ mod input;
 pub use input::{InputChoice, InputResize};
 mod layers;
 pub use layers::PooledLayers;
+mod maps;
+pub use maps::{LITE_STRIDES, SpatialMaps};
 mod views;
 pub use views::ViewSet;
 pub mod resnet;
@@ -60,6 +62,8 @@ pub enum EncoderError {
     InputChoice { encoder: String, reason: String },
     #[error("--layers '{value}': {reason}")]
     Layers { value: String, reason: String },
+    #[error("--maps '{value}': {reason}")]
+    Maps { value: String, reason: String },
     #[error("--views '{value}': unknown views; choose 1, flips or dihedral")]
     Views { value: String },
     #[error("{encoder}: forward pass failed: {source}")]
@@ -349,9 +353,15 @@ pub trait Encoder: Send + Sync {
     /// Pooled features only (of the layers it was loaded with): skips work
     /// some families need for the spatial map.
     fn forward_pooled(&self, images: &Tensor) -> Result<Tensor, EncoderError>;
-    /// Pooled features and every spatial map, finest first; an encoder
-    /// without spatial maps returns an empty list.
-    fn forward_maps(&self, images: &Tensor) -> Result<FeatureMaps, EncoderError>;
+    /// Pooled features and the spatial maps `maps` names, finest first
+    /// (`SpatialMaps::default()`: every map of the family); an encoder
+    /// without spatial maps returns an empty list. Maps the family cannot
+    /// give are refused.
+    fn forward_maps(
+        &self,
+        images: &Tensor,
+        maps: &SpatialMaps,
+    ) -> Result<FeatureMaps, EncoderError>;
 }
 
 /// Builds `spec`'s encoder on `device` from `source`. Reading files is left to
@@ -511,7 +521,7 @@ impl Model {
         };
         Ok(match self {
             Model::Lite(model) => {
-                let features = model.features(images)?;
+                let features = model.features(images, &[])?;
                 EncoderOutput {
                     pooled: lite_pooled(model, &features, layers)?,
                     spatial: with_spatial.then_some(features.stride32),
@@ -534,22 +544,36 @@ impl Model {
 }
 
 impl Model {
-    fn forward_maps(&self, images: &Tensor) -> candle_core::Result<FeatureMaps> {
+    /// `maps` was checked against the family (`SpatialMaps::check`).
+    fn forward_maps(
+        &self,
+        images: &Tensor,
+        maps: &SpatialMaps,
+    ) -> candle_core::Result<FeatureMaps> {
         Ok(match self {
             Model::Lite(model) => {
-                let features = model.features(images)?;
+                // The stride-32 map is the head output, always computed.
+                let block_strides: Vec<usize> = maps
+                    .strides()
+                    .iter()
+                    .copied()
+                    .filter(|&stride| stride != 32)
+                    .collect();
+                let features = model.features(images, &block_strides)?;
+                let mut out: Vec<FeatureMap> = block_strides
+                    .into_iter()
+                    .zip(features.maps)
+                    .map(|(stride, values)| FeatureMap { stride, values })
+                    .collect();
+                if maps.strides().contains(&32) {
+                    out.push(FeatureMap {
+                        stride: 32,
+                        values: features.stride32,
+                    });
+                }
                 FeatureMaps {
                     pooled: features.pooled,
-                    maps: vec![
-                        FeatureMap {
-                            stride: 16,
-                            values: features.stride16,
-                        },
-                        FeatureMap {
-                            stride: 32,
-                            values: features.stride32,
-                        },
-                    ],
+                    maps: out,
                 }
             }
             Model::DinoV2(model) => FeatureMaps {
@@ -618,10 +642,15 @@ impl Encoder for Loaded {
         Ok(self.run(images, false)?.pooled)
     }
 
-    fn forward_maps(&self, images: &Tensor) -> Result<FeatureMaps, EncoderError> {
+    fn forward_maps(
+        &self,
+        images: &Tensor,
+        maps: &SpatialMaps,
+    ) -> Result<FeatureMaps, EncoderError> {
+        maps.check(&self.spec)?;
         let images = self.checked_input(images)?;
         self.model
-            .forward_maps(&images)
+            .forward_maps(&images, maps)
             .map_err(|source| EncoderError::Forward {
                 encoder: self.spec.name.to_string(),
                 source,

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
 use crate::dataset::ImageRecord;
 use crate::digest::{ContentId, sha256_hex};
-use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers, ViewSet};
+use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers, SpatialMaps, ViewSet};
 use crate::layout::Layout;
 use crate::queue::{LiveJob, NewJob, Plan};
 use crate::spatial::tile::{TileConfig, spatial_preprocess};
@@ -77,6 +77,8 @@ pub struct EnqueueRequest {
     pub weights: WeightsChoice,
     /// Which layers pooled features are made of (`--layers`).
     pub layers: PooledLayers,
+    /// Which maps `spatial` extraction keeps (`--maps`).
+    pub maps: SpatialMaps,
     /// The input square of pooled features (`--image-size`, `--resize`);
     /// the encoder's own when None.
     pub input: Option<InputChoice>,
@@ -130,6 +132,9 @@ pub struct ExtractPayload {
     /// The layers of pooled features (absent: `last`, as before `--layers`).
     #[serde(default, skip_serializing_if = "PooledLayers::is_last")]
     pub layers: PooledLayers,
+    /// The maps of a spatial job (absent: `16,32`, as before `--maps`).
+    #[serde(default, skip_serializing_if = "SpatialMaps::is_default")]
+    pub maps: SpatialMaps,
     /// The input square (absent: the encoder's registered one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<InputChoice>,
@@ -218,12 +223,12 @@ pub struct EnqueueOutcome {
 /// The fingerprint of an extraction configuration: sha256 over the JSON of
 /// encoder name, weights identity, preprocessing, spatial flag, pooled layers
 /// (when not `last`), views (when not `1`) and feature
-/// format; spatial sets add their tiling and use their own preprocessing, so
-/// pooled and spatial features never share a fingerprint.
+/// format; spatial sets add their tiling and maps and use their own
+/// preprocessing, so pooled and spatial features never share a fingerprint.
 pub fn fingerprint(
     encoder: &EncoderSpec,
     weights_id: &str,
-    spatial: Option<&TileConfig>,
+    spatial: Option<(&TileConfig, &SpatialMaps)>,
     layers: &PooledLayers,
     views: ViewSet,
 ) -> String {
@@ -247,13 +252,19 @@ pub fn fingerprint(
             }
             identity
         }
-        Some(tiling) => serde_json::json!({
+        Some((tiling, maps)) => serde_json::json!({
             "encoder": encoder.name,
             "weights": weights_id,
             "preprocess": spatial_preprocess(encoder),
             "spatial": true,
             "tiling": tiling,
-            "maps": "all, finest first",
+            // The default keeps the value of every fingerprint from before
+            // `--maps`; another choice names its strides.
+            "maps": if maps.is_default() {
+                "all, finest first".to_string()
+            } else {
+                maps.to_string()
+            },
             "feature_format": FEATURE_FORMAT_VERSION,
         }),
     };
@@ -343,6 +354,13 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
                 .into(),
         }));
     }
+    if !request.spatial && !request.maps.is_default() {
+        return Err(ExtractError::Encoder(encoders::EncoderError::Maps {
+            value: request.maps.to_string(),
+            reason: "maps are kept by spatial extraction only; add --spatial".into(),
+        }));
+    }
+    request.maps.check(&encoder)?;
     if request.spatial && !request.views.is_single() {
         return Err(ExtractError::Views {
             views: request.views.to_string(),
@@ -359,7 +377,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
     let fingerprint = fingerprint(
         &encoder,
         &weights.id,
-        tiling.as_ref(),
+        tiling.as_ref().map(|tiling| (tiling, &request.maps)),
         &request.layers,
         request.views,
     );
@@ -381,6 +399,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             spatial: request.spatial,
             tiling,
             layers: request.layers.clone(),
+            maps: request.maps.clone(),
             input,
             views: request.views,
         };

@@ -161,7 +161,10 @@ impl Extractor {
         let expected = fingerprint(
             &spec,
             &payload.weights.id,
-            payload.spatial_tiling().as_ref(),
+            payload
+                .spatial_tiling()
+                .as_ref()
+                .map(|tiling| (tiling, &payload.maps)),
             &payload.layers,
             payload.views,
         );
@@ -470,7 +473,7 @@ impl Extractor {
                         .map_err(|e| format!("building the input batch: {e}"))?;
                 let output = loaded
                     .encoder
-                    .forward_maps(&input)
+                    .forward_maps(&input, &payload.maps)
                     .map_err(|e| format!("encoder {}: {e}", spec.name))?;
                 if output.maps.is_empty() {
                     return Err(format!("encoder {} has no spatial maps", spec.name));
@@ -557,6 +560,10 @@ fn shard_metadata(
     // Absent means `last`, as in every shard from before `--layers`.
     if !payload.layers.is_last() {
         metadata.insert("layers".to_string(), payload.layers.to_string());
+    }
+    // Absent means `16,32`, as in every spatial shard from before `--maps`.
+    if !payload.maps.is_default() {
+        metadata.insert("maps".to_string(), payload.maps.to_string());
     }
     // Absent means `1`, as in every shard from before `--views`.
     if !payload.views.is_single() {

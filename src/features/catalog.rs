@@ -73,6 +73,9 @@ pub struct PooledChoice {
     pub resize: Option<String>,
     /// `1`, `flips` or `dihedral` (`ViewSet::name`).
     pub views: Option<String>,
+    /// The maps of a spatial folder, canonical as `SpatialMaps` prints
+    /// them (`enqueue --maps`: `16,32`, `4,8,16,32`).
+    pub maps: Option<String>,
 }
 
 impl PooledChoice {
@@ -91,6 +94,7 @@ impl PooledChoice {
                 .as_ref()
                 .is_none_or(|resize| input.is_some_and(|(_, r)| r == resize))
             && self.views.as_ref().is_none_or(|v| *v == folder.views)
+            && self.maps.as_ref().is_none_or(|m| *m == folder.maps)
     }
 
     /// ` of layers L, N px, R` for what was asked.
@@ -107,6 +111,9 @@ impl PooledChoice {
         }
         if let Some(views) = &self.views {
             parts.push(format!("views {views}"));
+        }
+        if let Some(maps) = &self.maps {
+            parts.push(format!("maps {maps}"));
         }
         if parts.is_empty() {
             String::new()
@@ -394,6 +401,14 @@ fn find(
                 },
                 request.encoder.unwrap_or("ENCODER"),
                 match (request.kind, request.pooled) {
+                    (
+                        Some(FeatureKind::Spatial),
+                        Some(PooledChoice {
+                            maps: Some(maps), ..
+                        }),
+                    ) => {
+                        format!(" --spatial --maps {maps}")
+                    }
                     (Some(FeatureKind::Spatial), _) => " --spatial".to_string(),
                     (_, Some(pooled)) => pooled.enqueue_flags(),
                     _ => String::new(),
@@ -411,7 +426,7 @@ fn find(
                 })
                 .collect();
             Err(FeatureError::NoFeatures(format!(
-                "several folders hold {what}; name the encoder (--encoder), the options they were extracted with (--layers, --image-size, --resize, --views) or the folder (--fingerprint): {}",
+                "several folders hold {what}; name the encoder (--encoder), the options they were extracted with (--layers, --image-size, --resize, --views, --maps) or the folder (--fingerprint): {}",
                 listed.join(", ")
             )))
         }
@@ -433,6 +448,8 @@ fn describe(folder: &super::FolderKind, kind: FeatureKind) -> String {
         if folder.views != "1" {
             text.push_str(&format!(", views {}", folder.views));
         }
+    } else {
+        text.push_str(&format!(", maps {}", folder.maps));
     }
     text
 }

@@ -306,6 +306,9 @@ pub struct FolderKind {
     /// The views per image (`enqueue --views`): `1` when the metadata
     /// names none.
     pub views: String,
+    /// The spatial maps (`enqueue --maps`), canonical: `16,32` when the
+    /// metadata names none.
+    pub maps: String,
 }
 
 /// The extraction options shard metadata records: the pooled layers
@@ -345,6 +348,7 @@ pub fn folder_kind(dir: &Path) -> Option<FolderKind> {
             layers,
             input: input.map(|(size, resize)| (size, resize.to_string())),
             views: metadata["views"].as_str().unwrap_or("1").to_string(),
+            maps: metadata["maps"].as_str().unwrap_or("16,32").to_string(),
         });
     }
     None

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::encoders::{self, Encoder, PooledLayers, ViewSet, WeightsSource};
+use crate::encoders::{self, Encoder, PooledLayers, SpatialMaps, ViewSet, WeightsSource};
 use crate::features::FeatureSet;
 use crate::layout::Layout;
 use crate::preprocess::PreprocessConfig;
@@ -288,6 +288,11 @@ pub struct EncoderReference {
     /// in these views, in this order.
     #[serde(default, skip_serializing_if = "ViewSet::is_single")]
     pub views: ViewSet,
+    /// The spatial maps of a spatial folder (`enqueue --maps`; absent in
+    /// bundles written before it: `16,32`): tiles the cache lacks are
+    /// encoded into these maps.
+    #[serde(default, skip_serializing_if = "SpatialMaps::is_default")]
+    pub maps: SpatialMaps,
 }
 
 impl EncoderReference {
@@ -318,10 +323,18 @@ impl EncoderReference {
             })?,
             None => PooledLayers::last(),
         };
+        let maps = match metadata.get("maps") {
+            Some(text) => SpatialMaps::parse(text).map_err(|e| PredictError::Encoder {
+                owner: format!("features {}", features.dir().display()),
+                message: format!("shard metadata maps: {e}"),
+            })?,
+            None => SpatialMaps::default(),
+        };
         let views = features.views()?;
         Ok(Some(EncoderReference {
             layers,
             views,
+            maps,
             name: name.clone(),
             weights: weights.clone(),
             preprocess,

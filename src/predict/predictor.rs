@@ -431,6 +431,13 @@ impl Predictor {
             None => encoder.spec().input_size as usize,
         };
         let maps = self.is_tiled();
+        // The maps the model's features hold (a reference names them).
+        let spatial_maps = self
+            .parts
+            .encoder
+            .as_ref()
+            .map(|reference| reference.maps.clone())
+            .unwrap_or_default();
         let mut values = Vec::with_capacity(total * 3 * side * side);
         for prepared in batch {
             match &prepared.input {
@@ -457,8 +464,8 @@ impl Predictor {
             let n = chunk.len() / per_input;
             let input = Tensor::from_slice(chunk, (n, 3, side, side), &self.parts.device)?;
             if maps {
-                let levels =
-                    crate::spatial::encode_maps(encoder, &input).map_err(|e| encoder_error(&e))?;
+                let levels = crate::spatial::encode_maps(encoder, &input, &spatial_maps)
+                    .map_err(|e| encoder_error(&e))?;
                 map_parts.push(levels);
             } else {
                 let pooled = encoder

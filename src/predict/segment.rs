@@ -70,7 +70,21 @@ pub fn encoder_reference(
         feature_dim: trained.geometry.channels,
         layers: crate::encoders::PooledLayers::last(),
         views: crate::encoders::ViewSet::Single,
+        maps: head_maps(trained),
     })
+}
+
+/// The maps the head was trained on, as `enqueue --maps` names them: the
+/// strides its file records (a family whose strides are not Lite's, such as
+/// DINOv2's 14, has its own maps only, the default).
+fn head_maps(trained: &TrainedSegmentHead) -> crate::encoders::SpatialMaps {
+    let strides: Vec<String> = trained
+        .info
+        .maps
+        .iter()
+        .map(|[stride, ..]| stride.to_string())
+        .collect();
+    crate::encoders::SpatialMaps::parse(&strides.join(",")).unwrap_or_default()
 }
 
 /// A segmentation model's answer: the mask and the overlay written into

@@ -344,13 +344,7 @@ fn sweep_segment_points(
         let point = &sweep.points[i];
         let fingerprint = match &point.fingerprint {
             Some(fingerprint) => fingerprint.clone(),
-            None => find_fingerprint(
-                layout,
-                &point.dataset,
-                &point.encoder,
-                true,
-                &PooledChoice::default(),
-            )?,
+            None => find_fingerprint(layout, &point.dataset, &point.encoder, true, &point.pooled)?,
         };
         let version = crate::dataset::load_info(layout, &point.dataset)
             .map_err(TrainError::from)?
@@ -377,6 +371,7 @@ fn sweep_segment_points(
                     dataset: point.dataset.clone(),
                     encoder: point.encoder.clone(),
                     fingerprint: Some(fingerprint),
+                    maps: None,
                     experiment: sweep.name.clone(),
                     config: point.config.clone(),
                     device: options.fit.device.clone(),

@@ -29,6 +29,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "image_size",
     "resize",
     "views",
+    "maps",
     "init_from",
     "head",
     "hidden",
@@ -359,8 +360,22 @@ pub fn train_settings(
         })
         .transpose()
         .map_err(|e| e.to_string())?,
+        maps: None,
     };
-    if !pooled.is_any() && (config.task == crate::train::config::Task::Segment || spatial_anomaly) {
+    let maps = text("maps")?
+        .map(|value| crate::encoders::SpatialMaps::parse(&value).map(|maps| maps.to_string()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let spatial_task = config.task == crate::train::config::Task::Segment || spatial_anomaly;
+    if let Some(maps) = &maps
+        && !spatial_task
+    {
+        return Err(format!(
+            "{} '{maps}' picks spatial features; classification and image-level anomaly runs read pooled ones",
+            source.name("maps")
+        ));
+    }
+    if !pooled.is_any() && spatial_task {
         let key = ["layers", "image_size", "resize", "views"]
             .into_iter()
             .find(|key| settings.contains_key(*key))
@@ -372,7 +387,7 @@ pub fn train_settings(
     }
     Ok(TrainSettings {
         fingerprint: text("fingerprint")?,
-        pooled,
+        pooled: PooledChoice { maps, ..pooled },
         class_weights_file,
         config,
     })

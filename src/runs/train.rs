@@ -194,6 +194,7 @@ pub fn train(
                 dataset: request.dataset.clone(),
                 encoder: request.encoder.clone(),
                 fingerprint: request.fingerprint.clone(),
+                maps: request.pooled.maps.clone(),
                 experiment: request.experiment.clone(),
                 config,
                 device: options.device.clone(),

@@ -49,8 +49,19 @@ use crate::train::trainer::{BatchPlan, HeadTrainer};
 use crate::train::warm::{self, WarmStart, WarmStartSummary, WarmTarget};
 
 /// Finest grid cells per side are upsampled by this factor for the loss and
-/// the metrics (Lite0: 14 × 8 = 112 pixels per tile side).
+/// the metrics (Lite0: 14 × 8 = 112 pixels per tile side)...
 const MASK_UPSAMPLING: usize = 8;
+/// ...or by the largest whole factor that keeps the mask side within this
+/// many pixels, at least 1: finer grids (`enqueue --maps 4,8`: 56 and 28
+/// cells) get masks of 112 pixels, not 448 (the loss's dense upsampling
+/// operator grows with the fourth power of the side). Grids of up to 16
+/// cells, every grid before `--maps`, keep the factor 8.
+const MASK_SIDE: usize = 128;
+
+/// Pixels per side of the masks a grid of `side` cells is trained against.
+fn mask_resolution(side: usize) -> usize {
+    side * (MASK_SIDE / side.max(1)).clamp(1, MASK_UPSAMPLING)
+}
 
 /// What `train --task segment` is asked to do.
 #[derive(Debug, Clone)]
@@ -59,6 +70,9 @@ pub struct SegmentRequest {
     pub encoder: String,
     /// The spatial feature folder; found by encoder when None.
     pub fingerprint: Option<String>,
+    /// Only a folder of these maps (`train --maps`, canonical), when the
+    /// fingerprint is not given.
+    pub maps: Option<String>,
     pub experiment: String,
     pub config: TrainConfig,
     pub device: Device,
@@ -132,11 +146,17 @@ struct DataSource<'a> {
     version: Option<u32>,
     encoder: &'a str,
     fingerprint: Option<&'a str>,
+    /// Only a folder of these maps (`train --maps`).
+    maps: Option<&'a str>,
     allow_partial: bool,
 }
 
 fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, SegmentError> {
     let dataset_name = source.dataset;
+    let choice = catalog::PooledChoice {
+        maps: source.maps.map(str::to_string),
+        ..catalog::PooledChoice::default()
+    };
     let opened = catalog::open(
         layout,
         &FeatureRequest {
@@ -145,7 +165,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
             encoder: Some(source.encoder),
             kind: Some(FeatureKind::Spatial),
             fingerprint: source.fingerprint,
-            pooled: None,
+            pooled: source.maps.is_some().then_some(&choice),
         },
     )
     .map_err(|e| match e {
@@ -185,7 +205,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
         )));
     }
     let maps = features.maps().to_vec();
-    let resolution = maps[0].height.max(maps[0].width) * MASK_UPSAMPLING;
+    let resolution = mask_resolution(maps[0].height.max(maps[0].width));
 
     // Masks: read each image's once, then resample each of its tiles.
     let mut rows_by_image: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -433,7 +453,10 @@ fn evaluate(
 
 /// Plans micro-batches for the budget: per example, the gathered maps, the
 /// upsampled and standardised positions (three f32 copies with gradients)
-/// and the logits at mask resolution with the loss's intermediates.
+/// and the logits at mask resolution with the loss's intermediates; fixed,
+/// the head with its optimiser state, the grid-to-mask operator and the
+/// operators that bring each coarser map onto the finest grid (stride 4:
+/// 56² cells, 16 times stride 16's positions).
 fn plan(
     data: &SegmentData,
     config: &TrainConfig,
@@ -445,7 +468,14 @@ fn plan(
     let raw: u64 = info.maps.iter().map(|m| (m[1] * m[2] * m[3]) as u64).sum();
     let pixels = (info.resolution * info.resolution) as u64;
     let per_example = 4 * (raw + 3 * cells * channels + 8 * pixels * info.outputs as u64);
-    let fixed = parameters * 4 * 9 + 4 * cells * pixels;
+    let map_operators: u64 = info
+        .maps
+        .iter()
+        .map(|m| (m[2] * m[3]) as u64)
+        .filter(|&map_cells| map_cells != cells)
+        .map(|map_cells| map_cells * cells)
+        .sum();
+    let fixed = parameters * 4 * 9 + 4 * cells * pixels + 4 * map_operators;
     let budget = config.memory_budget_bytes;
     let fits = budget.saturating_sub(fixed) / per_example;
     if fits == 0 {
@@ -597,6 +627,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
             version: None,
             encoder: &request.encoder,
             fingerprint: request.fingerprint.as_deref(),
+            maps: request.maps.as_deref(),
             allow_partial: request.allow_partial,
         },
     )?;
@@ -626,6 +657,14 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     // A segmentation run records its task as a param too.
     let mut extra_params = warm.as_ref().map(record::warm_params).unwrap_or_default();
     extra_params.push(("task".into(), Task::Segment.name().into()));
+    // The maps the run read (`enqueue --maps`; absent in the metadata: the default).
+    let maps = data
+        .features
+        .metadata()
+        .get("maps")
+        .cloned()
+        .unwrap_or_else(|| crate::encoders::SpatialMaps::default().to_string());
+    extra_params.push(("maps".into(), maps.as_str().into()));
     extra_params.extend(request.extra_params.iter().cloned());
     let handle = record::start(&db, &request.experiment, &inputs, &extra_params)?;
     let options = FitOptions {
@@ -661,6 +700,7 @@ pub fn resume(
             version: Some(inputs.dataset_version),
             encoder: &encoder,
             fingerprint: Some(&inputs.fingerprint),
+            maps: None,
             allow_partial: inputs.images_lacking > 0,
         },
     )?;
@@ -1005,4 +1045,22 @@ fn write_artifacts(
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_resolution;
+
+    #[test]
+    fn finer_grids_keep_masks_of_about_112_pixels() {
+        // Grids before `--maps` keep the factor 8: Lite0's stride 32 (7) and
+        // 16 (14), DINOv2's 16 patches per side.
+        assert_eq!(mask_resolution(7), 56);
+        assert_eq!(mask_resolution(14), 112);
+        assert_eq!(mask_resolution(16), 128);
+        // Stride 8 (28 cells) and 4 (56 cells) of a 224 tile.
+        assert_eq!(mask_resolution(28), 112);
+        assert_eq!(mask_resolution(56), 112);
+        assert_eq!(mask_resolution(200), 200);
+    }
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::encoders::Encoder;
+use crate::encoders::{Encoder, SpatialMaps};
 use crate::features::{FeatureSet, MapShape};
 
 /// Errors at the spatial boundary; each names the file or the setting.
@@ -97,8 +97,12 @@ pub fn map_tensors(
 
 /// The encoder's maps of a batch of preprocessed tiles, rounded through f16
 /// as the feature cache stores them (heads and scorers were fitted on those).
-pub fn encode_maps(encoder: &dyn Encoder, input: &Tensor) -> Result<Vec<Tensor>, SpatialError> {
-    let output = encoder.forward_maps(input)?;
+pub fn encode_maps(
+    encoder: &dyn Encoder,
+    input: &Tensor,
+    maps: &SpatialMaps,
+) -> Result<Vec<Tensor>, SpatialError> {
+    let output = encoder.forward_maps(input, maps)?;
     Ok(output
         .maps
         .iter()

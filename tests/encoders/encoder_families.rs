@@ -167,7 +167,7 @@ fn large_variants_produce_their_registered_widths() {
         let spec = encoders::lookup(name).unwrap();
         let model = efficientnet_lite::EfficientNetLite::new(config, zeros()).unwrap();
         let size = spec.input_size as usize;
-        let features = model.features(&small(size)).unwrap();
+        let features = model.features(&small(size), &[4, 8, 16]).unwrap();
         let spatial = spec.spatial.unwrap();
         assert_eq!(features.pooled.dims(), &[1, spec.feature_dim], "{name}");
         assert_eq!(
@@ -177,10 +177,21 @@ fn large_variants_produce_their_registered_widths() {
         );
         let side16 = size.div_ceil(16);
         assert_eq!(
-            features.stride16.dims(),
+            features.maps[2].dims(),
             &[1, config.stride16_channels(), side16, side16],
             "{name}"
         );
+        // The stride-4 and -8 maps: the second and third stages' outputs.
+        let stages = config.stage_channels();
+        for (map, stride, channels) in [(0, 4, stages[1]), (1, 8, stages[2])] {
+            let side = size.div_ceil(stride);
+            assert_eq!(
+                features.maps[map].dims(),
+                &[1, channels, side, side],
+                "{name} stride {stride}"
+            );
+            assert_eq!(config.map_channels(stride), Some(channels), "{name}");
+        }
     }
 }
 

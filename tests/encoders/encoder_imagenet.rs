@@ -47,7 +47,7 @@ fn assert_classifies(encoder_name: &str, side: usize, cases: &[(&str, &[u32])]) 
         batch.extend(preprocess_file(&sample(name), &spec.preprocess).unwrap());
     }
     let images = Tensor::from_vec(batch, (cases.len(), 3, size, size), &device).unwrap();
-    let features = model.features(&images).unwrap();
+    let features = model.features(&images, &[]).unwrap();
     let probabilities =
         candle_nn::ops::softmax(&model.logits(&features.pooled).unwrap(), D::Minus1)
             .unwrap()

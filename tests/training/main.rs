@@ -15,6 +15,7 @@ mod experiments_db;
 mod experiments_report;
 mod mlflow_export;
 mod segment;
+mod segment_fine_maps;
 mod sweep;
 mod train_head;
 mod train_options;

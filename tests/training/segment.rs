@@ -35,7 +35,7 @@ fn blob_image(seed: u64, width: u32, height: u32) -> (RgbImage, GrayImage) {
 /// The blobs as classes: with `two_classes`, every second blob is dark
 /// (class 2) instead of bright (class 1); radii are `radius.0` plus up to
 /// `radius.1` px. Returns the image and the class mask.
-fn class_blob_image(
+pub(super) fn class_blob_image(
     seed: u64,
     width: u32,
     height: u32,

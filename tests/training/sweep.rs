@@ -374,3 +374,30 @@ fn a_sweep_file_can_set_every_train_option() {
     .to_string();
     assert!(error.contains("unknown memory unit"), "{error}");
 }
+
+#[test]
+fn the_maps_key_is_a_grid_axis_of_spatial_runs_only() {
+    let parse = |text: &str| {
+        lazarus::runs::sweep_file::parse(
+            Path::new("s.toml"),
+            &format!("name = \"s\"\ndataset = \"d\"\nencoder = \"e\"\n{text}"),
+        )
+    };
+    let sweep = parse("task = \"segment\"\n[grid]\nmaps = [\"16,32\", \"32,8,4,16\"]\n").unwrap();
+    let maps: Vec<Option<&str>> = sweep
+        .points
+        .iter()
+        .map(|point| point.pooled.maps.as_deref())
+        .collect();
+    // Canonical, as enqueue names the folder's maps.
+    assert_eq!(maps, [Some("16,32"), Some("4,8,16,32")]);
+    let error = parse("maps = \"4,8\"\n").unwrap_err().to_string();
+    assert!(
+        error.contains("maps '4,8'") && error.contains("spatial"),
+        "{error}"
+    );
+    let error = parse("task = \"segment\"\nmaps = \"4,5\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'4,5'"), "{error}");
+}

@@ -73,8 +73,6 @@ pub(crate) struct NetworkWeights {
     pub blocks: Vec<BlockWeights>,
     /// [features, last block's channels].
     pub head: ConvWeights,
-    /// The block whose output is the stride-16 map.
-    pub stride16_block: usize,
     /// The last block of each stage: their outputs are pooled into `Outputs::stages`.
     pub stage_ends: Vec<usize>,
 }
@@ -99,7 +97,6 @@ pub(crate) struct CpuNetwork {
     stem_stride: usize,
     blocks: Vec<Block>,
     head: PackedPointwise,
-    stride16_block: usize,
     stage_ends: Vec<usize>,
     budget: BandBudget,
 }
@@ -128,12 +125,19 @@ pub(crate) struct Outputs {
     /// [n, sum of the stage ends' channels]: each stage's output averaged
     /// over its pixels, first stage first.
     pub stages: Vec<f32>,
-    /// [n, h16, w16, c16].
-    pub stride16: Vec<f32>,
-    pub stride16_shape: (usize, usize, usize),
+    /// The full output of each tapped block, in the order of the taps.
+    pub taps: Vec<TapMap>,
     /// [n, h32, w32, features].
     pub stride32: Vec<f32>,
     pub stride32_shape: (usize, usize, usize),
+}
+
+/// The output map of one tapped block: [n, h, w, c].
+#[derive(Debug)]
+pub(crate) struct TapMap {
+    pub values: Vec<f32>,
+    /// (h, w, c).
+    pub shape: (usize, usize, usize),
 }
 
 fn pack(conv: &ConvWeights, k: usize, lanes: usize) -> PackedPointwise {
@@ -227,13 +231,6 @@ impl CpuNetwork {
         if let Some(&end) = weights.stage_ends.iter().find(|&&end| end >= blocks.len()) {
             return Err(format!("stage end {end} of {} blocks", blocks.len()));
         }
-        if weights.stride16_block >= blocks.len() {
-            return Err(format!(
-                "stride-16 block {} of {}",
-                weights.stride16_block,
-                blocks.len()
-            ));
-        }
         Ok(Self {
             level,
             arch,
@@ -243,7 +240,6 @@ impl CpuNetwork {
             stem_stride: stem.stride,
             blocks,
             head: pack(&weights.head, channels, lanes),
-            stride16_block: weights.stride16_block,
             stage_ends: weights.stage_ends.clone(),
             budget: BandBudget {
                 ring_bytes: RING_BYTES,
@@ -267,13 +263,18 @@ impl CpuNetwork {
         self.level
     }
 
-    /// Runs `n` images `[n, in_channels, height, width]` (NCHW, contiguous).
+    /// Runs `n` images `[n, in_channels, height, width]` (NCHW, contiguous),
+    /// keeping the full output of each block in `taps` (block indices).
     pub(crate) fn run(
         &self,
         images: &[f32],
         n: usize,
         (height, width): (usize, usize),
+        taps: &[usize],
     ) -> Result<Outputs, String> {
+        if let Some(&tap) = taps.iter().find(|&&tap| tap >= self.blocks.len()) {
+            return Err(format!("tapped block {tap} of {}", self.blocks.len()));
+        }
         if images.len() != n * self.stem_in * height * width || height == 0 || width == 0 {
             return Err(format!(
                 "input of {} values is not [{n}, {}, {height}, {width}]",
@@ -284,9 +285,10 @@ impl CpuNetwork {
         let plan = self.plan(height, width);
         let image_len = self.stem_in * height * width;
         let features = self.head.n;
-        let (h16, w16, c16) = plan.blocks[self.stride16_block].output;
         let (h32, w32, _) = plan.blocks.last().expect("at least one block").output;
-        let stride16_len = h16 * w16 * c16;
+        let tap_shapes: Vec<(usize, usize, usize)> =
+            taps.iter().map(|&tap| plan.blocks[tap].output).collect();
+        let tap_lens: Vec<usize> = tap_shapes.iter().map(|(h, w, c)| h * w * c).collect();
         let stride32_len = h32 * w32 * features;
         let stages_len: usize = self
             .stage_ends
@@ -296,33 +298,47 @@ impl CpuNetwork {
         let mut outputs = Outputs {
             pooled: vec![0.0; n * features],
             stages: vec![0.0; n * stages_len],
-            stride16: vec![0.0; n * stride16_len],
-            stride16_shape: (h16, w16, c16),
+            taps: tap_shapes
+                .iter()
+                .zip(&tap_lens)
+                .map(|(&shape, &len)| TapMap {
+                    values: vec![0.0; n * len],
+                    shape,
+                })
+                .collect(),
             stride32: vec![0.0; n * stride32_len],
             stride32_shape: (h32, w32, features),
         };
         let threads = rayon::current_num_threads();
+        // Each image's slice of every tap map.
+        let mut tap_images: Vec<Vec<&mut [f32]>> = (0..n).map(|_| Vec::new()).collect();
+        for (tap, &len) in outputs.taps.iter_mut().zip(&tap_lens) {
+            for (image, values) in tap_images.iter_mut().zip(tap.values.chunks_mut(len.max(1))) {
+                image.push(values);
+            }
+        }
         let per_image = outputs
             .pooled
             .chunks_mut(features.max(1))
             .zip(outputs.stages.chunks_mut(stages_len.max(1)))
-            .zip(outputs.stride16.chunks_mut(stride16_len.max(1)))
+            .zip(tap_images)
             .zip(outputs.stride32.chunks_mut(stride32_len.max(1)))
             .zip(images.chunks(image_len.max(1)));
         if n >= threads {
             per_image.collect::<Vec<_>>().into_par_iter().for_each(
-                |((((pooled, stages), stride16), stride32), image)| {
+                |((((pooled, stages), tap_maps), stride32), image)| {
                     with_scratch(|activations, workspace| {
                         let out = ImageOutputs {
                             pooled,
                             stages,
-                            stride16,
+                            taps: tap_maps,
                             stride32,
                         };
                         self.image(
                             &plan,
                             image,
                             out,
+                            taps,
                             activations,
                             &mut |block, input, output| {
                                 let rows = 0..plan.blocks[block].output.0;
@@ -333,11 +349,11 @@ impl CpuNetwork {
                 },
             );
         } else {
-            for ((((pooled, stages), stride16), stride32), image) in per_image {
+            for ((((pooled, stages), tap_maps), stride32), image) in per_image {
                 let out = ImageOutputs {
                     pooled,
                     stages,
-                    stride16,
+                    taps: tap_maps,
                     stride32,
                 };
                 let mut activations = Activations::default();
@@ -345,6 +361,7 @@ impl CpuNetwork {
                     &plan,
                     image,
                     out,
+                    taps,
                     &mut activations,
                     &mut |block, input, output| {
                         self.block_split(&plan, block, input, output, threads)
@@ -399,13 +416,15 @@ impl CpuNetwork {
         }
     }
 
-    /// One image through every block, the head and the pooling. `run_block`
-    /// computes a whole block output from its input.
+    /// One image through every block, the head and the pooling, copying the
+    /// output of each block of `taps` into `out.taps`. `run_block` computes
+    /// a whole block output from its input.
     fn image(
         &self,
         plan: &Plan,
         image: &[f32],
-        out: ImageOutputs<'_>,
+        mut out: ImageOutputs<'_>,
+        taps: &[usize],
         activations: &mut Activations,
         run_block: &mut dyn FnMut(usize, BlockInput<'_>, &mut [f32]),
     ) {
@@ -429,8 +448,10 @@ impl CpuNetwork {
                 BlockInput::Activations(&current[..current_len])
             };
             run_block(i, input, output);
-            if i == self.stride16_block {
-                out.stride16.copy_from_slice(output);
+            for (tap, map) in taps.iter().zip(out.taps.iter_mut()) {
+                if *tap == i {
+                    map.copy_from_slice(output);
+                }
             }
             if self.stage_ends.contains(&i) {
                 let stage = &mut out.stages[stage_offset..stage_offset + co];
@@ -703,7 +724,8 @@ fn average_pixels(map: &[f32], mean: &mut [f32]) {
 struct ImageOutputs<'a> {
     pooled: &'a mut [f32],
     stages: &'a mut [f32],
-    stride16: &'a mut [f32],
+    /// This image's slice of each tap map.
+    taps: Vec<&'a mut [f32]>,
     stride32: &'a mut [f32],
 }
 

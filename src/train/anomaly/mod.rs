@@ -838,8 +838,24 @@ pub fn train(
     Selection::new(data, anomaly, config.train_views)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
-    let handle = super::record::start(&db, experiment, &inputs, &[])?;
+    let handle = super::record::start(&db, experiment, &inputs, &maps_param(data, anomaly))?;
     fit_and_finish(layout, data, handle, &inputs, options)
+}
+
+/// A patch-level run's param `maps`: the maps of the spatial folder it
+/// scores (`enqueue --maps`; absent in the metadata: the default). None for
+/// image-level runs.
+fn maps_param(data: &TrainData, anomaly: &AnomalyConfig) -> Vec<(String, ParamValue)> {
+    if anomaly.patch.is_none() {
+        return Vec::new();
+    }
+    let maps = data
+        .features
+        .metadata()
+        .get("maps")
+        .cloned()
+        .unwrap_or_else(|| crate::encoders::SpatialMaps::default().to_string());
+    vec![("maps".to_string(), ParamValue::from(maps.as_str()))]
 }
 
 /// Runs fitted now, and (config hash, run id) of configs skipped as FINISHED.
@@ -876,7 +892,11 @@ pub fn sweep_runs(
     }
     let mut reports = Vec::new();
     for inputs in planned {
-        let handle = super::record::start(db, sweep_name, &inputs, &sweep_param)?;
+        let mut params = sweep_param.clone();
+        if let Some(anomaly) = inputs.config.task.anomaly() {
+            params.extend(maps_param(data, anomaly));
+        }
+        let handle = super::record::start(db, sweep_name, &inputs, &params)?;
         reports.push(fit_and_finish(layout, data, handle, &inputs, options)?);
     }
     Ok((reports, skipped))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Segmentation of small blobs with finer maps (issue 22, BENCHMARKS.md):
+# generates COUNT 224 px images of 3-10 blobs of radius 3-6 px on a textured
+# background with their masks (scripts/gen_blobs.py), extracts the spatial
+# features of EfficientNet-Lite0 with its real weights (scripts/fetch_assets.sh)
+# once with `--maps 16,32` (the default) and once with `--maps 4,8,16,32`,
+# timing each, then trains a segmentation head on each folder
+# (`train --task segment --maps ...`, 3 seeds) and prints test Dice per
+# maps, mean ± std. Split: the dataset's own 80/10/10, seed 0.
+# Usage: bash scripts/bench_blobs.sh [ROOT]   (default bench-blobs/)
+#   COUNT (300), EPOCHS (12), HEAD (mlp), HIDDEN (32), SEEDS ("1 2 3")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="${1:-bench-blobs}"
+count="${COUNT:-300}"
+epochs="${EPOCHS:-12}"
+head="${HEAD:-mlp}"
+hidden="${HIDDEN:-32}"
+seeds="${SEEDS:-1 2 3}"
+bin=$(bash scripts/build.sh)
+LAZARUS_BIN="$bin" bash scripts/fetch_assets.sh >/dev/null
+lazarus() { "$bin" --root "$root" "$@"; }
+elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }'; }
+
+mkdir -p "$root"
+if ! lazarus dataset show blobs >/dev/null 2>&1; then
+  python3 scripts/gen_blobs.py "$root/source" --count "$count"
+  lazarus dataset add blobs "$root/source" >/dev/null
+fi
+for maps in 16,32 4,8,16,32; do
+  lazarus enqueue --dataset blobs --encoder efficientnet-lite0 --spatial --maps "$maps" >/dev/null
+  start=$(date +%s.%N)
+  lazarus run-worker --until-empty 2>/dev/null
+  echo "extraction --maps $maps: $(elapsed "$start") s"
+done
+lazarus verify --dataset blobs | tail -n 1
+
+for maps in 16,32 4,8,16,32; do
+  dice=()
+  start=$(date +%s.%N)
+  for seed in $seeds; do
+    value=$(lazarus train --task segment --dataset blobs --encoder efficientnet-lite0 --maps "$maps" \
+      --head "$head" --hidden "$hidden" --epochs "$epochs" --batch-size 16 --lr 0.003 --seed "$seed" --json \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["test"]["test/dice"])')
+    dice+=("$value")
+  done
+  printf 'maps %-9s test Dice %s  (seeds %s: %s; training %s s)\n' "$maps" \
+    "$(printf '%s\n' "${dice[@]}" | python3 -c 'import statistics,sys; v=[float(x) for x in sys.stdin]; print(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}")')" \
+    "$seeds" "${dice[*]}" "$(elapsed "$start")"
+done
