@@ -649,6 +649,16 @@ impl FeatureSet {
         }
     }
 
+    /// The spatial maps the folder records (`enqueue --maps`), canonical:
+    /// the default `16,32` when its metadata names none (every folder from
+    /// before `--maps`).
+    pub fn recorded_maps(&self) -> String {
+        self.metadata
+            .get("maps")
+            .cloned()
+            .unwrap_or_else(|| crate::encoders::SpatialMaps::default().to_string())
+    }
+
     /// The view of one row (`enqueue --views`); None in shards without
     /// views (one row per image).
     pub fn view(&self, row: usize) -> Option<usize> {

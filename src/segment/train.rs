@@ -658,13 +658,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
     let mut extra_params = warm.as_ref().map(record::warm_params).unwrap_or_default();
     extra_params.push(("task".into(), Task::Segment.name().into()));
     // The maps the run read (`enqueue --maps`; absent in the metadata: the default).
-    let maps = data
-        .features
-        .metadata()
-        .get("maps")
-        .cloned()
-        .unwrap_or_else(|| crate::encoders::SpatialMaps::default().to_string());
-    extra_params.push(("maps".into(), maps.as_str().into()));
+    extra_params.push(("maps".into(), data.features.recorded_maps().as_str().into()));
     extra_params.extend(request.extra_params.iter().cloned());
     let handle = record::start(&db, &request.experiment, &inputs, &extra_params)?;
     let options = FitOptions {

@@ -849,12 +849,7 @@ fn maps_param(data: &TrainData, anomaly: &AnomalyConfig) -> Vec<(String, ParamVa
     if anomaly.patch.is_none() {
         return Vec::new();
     }
-    let maps = data
-        .features
-        .metadata()
-        .get("maps")
-        .cloned()
-        .unwrap_or_else(|| crate::encoders::SpatialMaps::default().to_string());
+    let maps = data.features.recorded_maps();
     vec![("maps".to_string(), ParamValue::from(maps.as_str()))]
 }
 
