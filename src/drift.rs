@@ -103,7 +103,8 @@ pub struct Sample {
     pub dataset: String,
     pub fingerprint: String,
     pub encoder: Option<String>,
-    /// Feature rows of the dataset's images.
+    /// Images with features: one row each (a views folder's rows are
+    /// averaged per image).
     pub rows: usize,
     /// Rows used (after thinning to `max_rows`).
     pub rows_used: usize,
@@ -198,7 +199,12 @@ fn open(layout: &Layout, dataset: &str, config: &DriftConfig) -> Result<Rows, Dr
     }
     let images_lacking = opened.lacking.len();
     let features = opened.features;
-    let total = features.len();
+    // A views folder holds each image's views as consecutive rows; the
+    // tests compare images, so an image is the mean of its views (counting
+    // each view as a sample would shrink every p-value by the number of
+    // views).
+    let views = features.views()?.count();
+    let total = features.len() / views;
     if total < 2 {
         return Err(DriftError::TooFewRows {
             dataset: dataset.to_string(),
@@ -208,8 +214,18 @@ fn open(layout: &Layout, dataset: &str, config: &DriftConfig) -> Result<Rows, Dr
     let dim = features.feature_dim();
     let stride = total.div_ceil(config.max_rows.max(2));
     let mut values = Vec::with_capacity(total.div_ceil(stride) * dim);
-    for row in (0..total).step_by(stride) {
-        values.extend(features.pooled(row).iter().map(|v| v.to_f32()));
+    for image in (0..total).step_by(stride) {
+        let first = image * views;
+        features.check_view_rows(first, views)?;
+        let start = values.len();
+        values.resize(start + dim, 0.0);
+        let mean = &mut values[start..];
+        for row in first..first + views {
+            for (sum, value) in mean.iter_mut().zip(features.pooled(row)) {
+                *sum += value.to_f32();
+            }
+        }
+        mean.iter_mut().for_each(|sum| *sum /= views as f32);
     }
     let rows_used = values.len() / dim;
     Ok(Rows {

@@ -12,7 +12,7 @@ use crate::support;
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
-use lazarus::features::FeatureSet;
+use lazarus::features::{FeatureSet, catalog};
 use support::{fails, json, lazarus, ok};
 
 /// The options every folder of these tests is extracted with.
@@ -477,4 +477,98 @@ fn views_are_refused_where_they_cannot_apply() {
     // Nothing was enqueued by the refusals.
     let outcome = json(&ok(enqueue(&["--views", "flips", "--json"])));
     assert_eq!(outcome["images_enqueued"], 4, "{outcome}");
+}
+
+/// `drift` on dihedral folders compares images, each the mean of its eight
+/// view rows: the row counts are images (not 8 x images, which would make
+/// every p-value look eight times as certain), and the per-dimension means
+/// are those of the view means, computed here from the rows themselves.
+#[test]
+fn drift_on_a_views_folder_compares_images_as_the_mean_of_their_views() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let reference_tree = square_folder(&root.join("reference"), &[6, 6], 0);
+    let candidate_tree = square_folder(&root.join("candidate"), &[5, 5], 500);
+    for (name, tree) in [("ref", &reference_tree), ("cand", &candidate_tree)] {
+        ok(lazarus(
+            root,
+            &["dataset", "add", name, tree.to_str().unwrap()],
+        ));
+    }
+    let reference = enqueue(root, "ref", &["--views", "dihedral"]);
+    let candidate = enqueue(root, "cand", &["--views", "dihedral"]);
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let report = json(&ok(lazarus(
+        root,
+        &[
+            "drift",
+            "--reference",
+            "ref",
+            "--candidate",
+            "cand",
+            "--views",
+            "dihedral",
+            "--components",
+            "2",
+            "--json",
+        ],
+    )));
+    assert_eq!(report["reference"]["rows"], 12, "{report}");
+    assert_eq!(report["reference"]["rows_used"], 12, "{report}");
+    assert_eq!(report["candidate"]["rows"], 10, "{report}");
+    assert_eq!(report["candidate"]["rows_used"], 10, "{report}");
+
+    // The reported means of the most shifted dimensions are the means over
+    // images of each image's view mean.
+    let mean_of_view_means = |set: &FeatureSet, dimension: usize| {
+        let images = set.len() / 8;
+        let sum: f64 = (0..images)
+            .map(|image| {
+                (0..8)
+                    .map(|view| f64::from(row_values(set, image * 8 + view)[dimension]))
+                    .sum::<f64>()
+                    / 8.0
+            })
+            .sum();
+        sum / images as f64
+    };
+    // Both datasets' rows live in one folder (same options, one cache);
+    // each dataset's own rows are what the catalog opens for it.
+    assert_eq!(reference["fingerprint"], candidate["fingerprint"]);
+    let layout = lazarus::layout::Layout::new(root);
+    let dihedral = catalog::PooledChoice {
+        views: Some("dihedral".to_string()),
+        ..catalog::PooledChoice::default()
+    };
+    let rows_of = |dataset: &str| {
+        catalog::open(
+            &layout,
+            &catalog::FeatureRequest {
+                dataset,
+                pooled: Some(&dihedral),
+                ..catalog::FeatureRequest::default()
+            },
+        )
+        .unwrap()
+        .features
+    };
+    let reference_set = rows_of("ref");
+    let candidate_set = rows_of("cand");
+    assert_eq!(reference_set.len(), 12 * 8);
+    let top = report["top_dimensions"].as_array().unwrap();
+    assert!(!top.is_empty(), "{report}");
+    for shift in top {
+        let dimension = shift["dimension"].as_u64().unwrap() as usize;
+        for (set, key) in [
+            (&reference_set, "reference_mean"),
+            (&candidate_set, "candidate_mean"),
+        ] {
+            let expected = mean_of_view_means(set, dimension);
+            let reported = shift[key].as_f64().unwrap();
+            assert!(
+                (reported - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                "dimension {dimension} {key}: reported {reported}, view means give {expected}"
+            );
+        }
+    }
 }
