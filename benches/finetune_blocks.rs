@@ -29,7 +29,12 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
@@ -39,7 +44,9 @@ fn main() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let model = EfficientNetLite::new(Config::lite0(), vb).expect("a random-weight Lite0");
-    let after_block = model.map_block_index(16).expect("Lite0 has a stride-16 map");
+    let after_block = model
+        .map_block_index(16)
+        .expect("Lite0 has a stride-16 map");
     let mut top = TopBlocks::from_encoder(&model, after_block).expect("Lite0's top blocks");
     let size = MapSize {
         height: 14,
@@ -85,7 +92,11 @@ fn main() {
         }
         println!(
             "{} {iteration}: forward {:.2} ms/image, backward {:.2}, update {:.2} (per batch), total {total:.2} ms/image",
-            if iteration == 0 { "warm-up" } else { "iteration" },
+            if iteration == 0 {
+                "warm-up"
+            } else {
+                "iteration"
+            },
             per_image(started, forwarded),
             per_image(forwarded, backwarded),
             (updated - backwarded).as_secs_f64() * 1e3,
