@@ -21,6 +21,10 @@
 //! weight gradient sums per-image partials in image order), so results do
 //! not depend on the thread count.
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
 use faer::Accum;
 use rayon::prelude::*;
 
@@ -273,6 +277,58 @@ impl TopBlocks {
         out.push(&mut self.head.weight);
         out.push(&mut self.head.bias);
         out
+    }
+
+    /// The shape of each parameter, in the order of `parameters`: pointwise
+    /// weights `[outputs, inputs]`, depthwise weights `[kernel², channels]`,
+    /// biases `[outputs]`.
+    pub fn parameter_shapes(&self) -> Vec<Vec<usize>> {
+        let pointwise = |conv: &Pointwise| [vec![conv.outputs, conv.inputs], vec![conv.outputs]];
+        let mut shapes = Vec::new();
+        for block in &self.blocks {
+            if let Some(expand) = &block.expand {
+                shapes.extend(pointwise(expand));
+            }
+            let dw = &block.depthwise;
+            shapes.extend([vec![dw.kernel * dw.kernel, dw.channels], vec![dw.channels]]);
+            shapes.extend(pointwise(&block.project));
+        }
+        shapes.extend(pointwise(&self.head));
+        shapes
+    }
+
+    /// The parameters as named CPU tensors (`parameter_names` after
+    /// `prefix`), for checkpoints and model files.
+    pub fn tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
+        named_tensors(
+            prefix,
+            &self.parameter_names(),
+            &self.parameter_shapes(),
+            self.parameters(),
+        )
+    }
+
+    /// Replaces every parameter with the tensor of its name (after
+    /// `prefix`) in `tensors`; `source` names where they were read, for
+    /// errors. Refuses a missing tensor or one of another shape, changing
+    /// nothing.
+    pub fn load_tensors(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        source: &Path,
+    ) -> Result<(), TrainError> {
+        let values = read_named(
+            tensors,
+            prefix,
+            &self.parameter_names(),
+            &self.parameter_shapes(),
+            source,
+        )?;
+        for (parameter, values) in self.parameters_mut().into_iter().zip(values) {
+            parameter.copy_from_slice(&values);
+        }
+        Ok(())
     }
 
     /// Zeroed gradient buffers shaped like the parameters.
@@ -540,6 +596,58 @@ impl Forward {
     pub fn into_pooled(self) -> Vec<f32> {
         self.pooled
     }
+}
+
+/// `values[i]` as a tensor of `shapes[i]` named `prefix` + `names[i]`.
+fn named_tensors(
+    prefix: &str,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    values: Vec<&[f32]>,
+) -> Result<Vec<(String, Tensor)>, TrainError> {
+    names
+        .iter()
+        .zip(shapes)
+        .zip(values)
+        .map(|((name, shape), values)| {
+            Ok((
+                format!("{prefix}{name}"),
+                Tensor::from_slice(values, shape.as_slice(), &Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+/// The values of the tensors `prefix` + `names[i]` of `tensors`, each
+/// checked against `shapes[i]`.
+fn read_named(
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    source: &Path,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    names
+        .iter()
+        .zip(shapes)
+        .map(|(name, shape)| {
+            let key = format!("{prefix}{name}");
+            let tensor = tensors.get(&key).ok_or_else(|| {
+                TrainError::Checkpoint(format!("{}: no tensor {key}", source.display()))
+            })?;
+            if tensor.dims() != shape.as_slice() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: tensor {key} is {:?}, the blocks need {shape:?}",
+                    source.display(),
+                    tensor.dims()
+                )));
+            }
+            Ok(tensor
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        })
+        .collect()
 }
 
 /// Accumulated gradients, one buffer per parameter in the order of
@@ -862,6 +970,59 @@ impl BlocksOptimizer {
     /// Updates applied so far.
     pub fn updates(&self) -> i32 {
         self.updates
+    }
+
+    /// The moments as named tensors (`first_moment.` and `second_moment.`
+    /// after `prefix`, then the parameter's name) and the update count, for
+    /// checkpoints of `blocks`.
+    pub fn tensors(
+        &self,
+        blocks: &TopBlocks,
+        prefix: &str,
+    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let (names, shapes) = (blocks.parameter_names(), blocks.parameter_shapes());
+        let mut out = named_tensors(
+            &format!("{prefix}first_moment."),
+            &names,
+            &shapes,
+            self.first_moments.iter().map(Vec::as_slice).collect(),
+        )?;
+        out.extend(named_tensors(
+            &format!("{prefix}second_moment."),
+            &names,
+            &shapes,
+            self.second_moments.iter().map(Vec::as_slice).collect(),
+        )?);
+        Ok(out)
+    }
+
+    /// The optimiser of `blocks` from its checkpointed moments (see
+    /// `tensors`) after `updates` updates.
+    pub fn from_tensors(
+        blocks: &TopBlocks,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        updates: i32,
+        source: &Path,
+    ) -> Result<Self, TrainError> {
+        let (names, shapes) = (blocks.parameter_names(), blocks.parameter_shapes());
+        Ok(BlocksOptimizer {
+            first_moments: read_named(
+                tensors,
+                &format!("{prefix}first_moment."),
+                &names,
+                &shapes,
+                source,
+            )?,
+            second_moments: read_named(
+                tensors,
+                &format!("{prefix}second_moment."),
+                &names,
+                &shapes,
+                source,
+            )?,
+            updates,
+        })
     }
 
     pub fn update(&mut self, blocks: &mut TopBlocks, gradients: &BlockGradients, step: BlocksStep) {
@@ -1319,5 +1480,99 @@ mod tests {
         assert!(first > 0.3, "the problem starts unsolved: {losses:?}");
         assert!(last < 0.25 * first, "losses {losses:?}");
         assert_eq!(optimizer.updates(), 30);
+    }
+
+    /// `steps` AdamW steps of `top` on a fixed batch against a fixed
+    /// upstream gradient.
+    fn train_steps(
+        top: &mut TopBlocks,
+        optimizer: &mut BlocksOptimizer,
+        (input, upstream): (&[f32], &[f32]),
+        steps: usize,
+    ) {
+        let size = MapSize {
+            height: 9,
+            width: 7,
+        };
+        let mut gradients = top.zero_gradients();
+        for _ in 0..steps {
+            let forward = top.forward(input.to_vec(), 2, size).unwrap();
+            gradients.zero();
+            top.backward(&forward, upstream, &mut gradients, InputGradient::Skip)
+                .unwrap();
+            optimizer.update(
+                top,
+                &gradients,
+                BlocksStep {
+                    lr: 1e-2,
+                    weight_decay: 1e-2,
+                    scale: 1.0,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn saved_blocks_and_moments_resume_to_the_same_weights() {
+        // Two steps, a save through safetensors bytes, a restore into the
+        // untrained blocks, two more steps: the weights of four steps in a
+        // row, bit for bit.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let start = small_blocks(&mut rng);
+        let input = uniform(&mut rng, 2 * 9 * 7 * start.in_channels(), 2.0);
+        let upstream = uniform(&mut rng, 2 * start.feature_dim(), 1.0);
+        let batch = (input.as_slice(), upstream.as_slice());
+
+        let mut straight = start.clone();
+        let mut straight_optimizer = BlocksOptimizer::new(&straight);
+        train_steps(&mut straight, &mut straight_optimizer, batch, 4);
+
+        let mut first = start.clone();
+        let mut first_optimizer = BlocksOptimizer::new(&first);
+        train_steps(&mut first, &mut first_optimizer, batch, 2);
+        let mut named = first.tensors("blocks.").unwrap();
+        named.extend(first_optimizer.tensors(&first, "blocks.").unwrap());
+        let bytes = crate::train::checkpoint::safetensors_bytes(&named, None).unwrap();
+        let path = Path::new("checkpoint.safetensors");
+        let tensors =
+            crate::train::checkpoint::tensors_from_bytes(&bytes, path, &Device::Cpu).unwrap();
+
+        let mut resumed = start.clone();
+        resumed.load_tensors(&tensors, "blocks.", path).unwrap();
+        assert_eq!(resumed.parameters(), first.parameters());
+        let mut resumed_optimizer =
+            BlocksOptimizer::from_tensors(&resumed, &tensors, "blocks.", 2, path).unwrap();
+        train_steps(&mut resumed, &mut resumed_optimizer, batch, 2);
+        assert_eq!(resumed.parameters(), straight.parameters());
+        assert_ne!(resumed.parameters(), start.parameters());
+
+        // A missing tensor and a tensor of another shape: refused by name,
+        // the blocks unchanged.
+        let mut missing = tensors.clone();
+        missing.remove("blocks.block5.depthwise.weight");
+        let mut target = start.clone();
+        let error = target
+            .load_tensors(&missing, "blocks.", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("checkpoint.safetensors")
+                && error.contains("no tensor blocks.block5.depthwise.weight"),
+            "{error}"
+        );
+        let mut reshaped = tensors.clone();
+        reshaped.insert(
+            "blocks.head.bias".to_string(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        let error = target
+            .load_tensors(&reshaped, "blocks.", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tensor blocks.head.bias is [3], the blocks need [20]"),
+            "{error}"
+        );
+        assert_eq!(target.parameters(), start.parameters());
     }
 }
