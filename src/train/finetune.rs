@@ -75,18 +75,48 @@ pub struct FinetuneReport {
     pub blocks: TopBlocks,
 }
 
+/// The encoder whose blocks are fine-tuned, and what identifies it in a
+/// feature folder's metadata: the folder's maps must come from the same
+/// weights, or the blocks would continue another network.
+#[derive(Clone, Copy)]
+pub struct FinetuneEncoder<'a> {
+    pub model: &'a EfficientNetLite,
+    /// The registry name (`efficientnet-lite0`).
+    pub name: &'a str,
+    /// sha256 (hex) of the weights file the model was built from.
+    pub weights_sha256: &'a str,
+}
+
 /// Index (into `FeatureSet::maps`) of the map the blocks after
-/// `after_block` read, after checking the folder and the block: the map of
-/// stride 16, which is block `encoder.map_block_index(16)`'s output, one
-/// row per image (no views, no tiles).
+/// `after_block` read, after checking the folder and the block: made by
+/// `encoder`'s weights, the map of stride 16, which is block
+/// `encoder.map_block_index(16)`'s output, one row per image (no views, no
+/// tiles).
 pub fn check_folder(
     data: &TrainData,
-    encoder: &EfficientNetLite,
+    encoder: FinetuneEncoder,
     after_block: usize,
 ) -> Result<usize, TrainError> {
     let features = &data.features;
     let folder = features.dir().display();
     let maps = features.recorded_maps();
+    let recorded = |key: &str| {
+        features
+            .metadata()
+            .get(key)
+            .map_or("nothing", String::as_str)
+    };
+    let weights = format!("sha256:{}", encoder.weights_sha256);
+    if recorded("encoder") != encoder.name || recorded("weights") != weights {
+        return Err(TrainError::Invalid(format!(
+            "folder {folder} was extracted by {} with weights {}; the blocks to fine-tune \
+             are {} with weights {weights}",
+            recorded("encoder"),
+            recorded("weights"),
+            encoder.name
+        )));
+    }
+    let encoder = encoder.model;
     let cached_block = encoder.map_block_index(FINETUNE_STRIDE)?;
     if after_block != cached_block {
         return Err(TrainError::Invalid(format!(
@@ -257,12 +287,21 @@ fn validate(config: &FinetuneConfig) -> Result<(), TrainError> {
 /// epoch with the best validation accuracy and scores it on the test split.
 pub fn fit(
     data: &TrainData,
-    encoder: &EfficientNetLite,
+    encoder: FinetuneEncoder,
     config: &FinetuneConfig,
 ) -> Result<FinetuneReport, TrainError> {
     validate(config)?;
     let map = check_folder(data, encoder, config.after_block)?;
-    let blocks = TopBlocks::from_encoder(encoder, config.after_block)?;
+    let blocks = TopBlocks::from_encoder(encoder.model, config.after_block)?;
+    let map_channels = data.features.maps()[map].channels;
+    if map_channels != blocks.in_channels() {
+        return Err(TrainError::Invalid(format!(
+            "folder {}: its stride-16 map has {map_channels} channels; block {} reads {}",
+            data.features.dir().display(),
+            config.after_block + 1,
+            blocks.in_channels()
+        )));
+    }
     if blocks.feature_dim() != data.features.feature_dim() {
         return Err(TrainError::Invalid(format!(
             "folder {} holds {} pooled features per row; the head convolution after block {} \

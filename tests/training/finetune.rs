@@ -15,19 +15,22 @@ use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
 use lazarus::train::config::HeadConfig;
 use lazarus::train::data::{self, LoadConfig, TrainData};
-use lazarus::train::finetune::{self, FinetuneConfig};
+use lazarus::train::finetune::{self, FinetuneConfig, FinetuneEncoder};
 use support::{image_folder, json, lazarus, ok};
 
 const ENCODER: &str = "efficientnet-lite0";
 
-fn encoder() -> EfficientNetLite {
+/// The installed Lite0 and its weights' sha256.
+fn encoder() -> (EfficientNetLite, String) {
     let installed = lazarus::weights::installed(ENCODER).unwrap_or_else(|| {
         panic!(
             "{ENCODER} weights are not installed: run scripts/fetch_assets.sh first \
              (it installs them into $LAZARUS_CACHE, default ~/.cache/lazarus)"
         )
     });
-    encoders::load_lite_classifier(ENCODER, &installed.path, &candle_core::Device::Cpu).unwrap()
+    let model = encoders::load_lite_classifier(ENCODER, &installed.path, &candle_core::Device::Cpu)
+        .unwrap();
+    (model, installed.sha256)
 }
 
 /// Extracts the spatial maps `maps` of dataset `tree`; returns the folder's fingerprint.
@@ -89,9 +92,14 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     ));
     let fingerprint = extract(&root, "16");
     let data = load(&root, &fingerprint);
-    let encoder = encoder();
+    let (model, sha256) = encoder();
+    let encoder = FinetuneEncoder {
+        model: &model,
+        name: ENCODER,
+        weights_sha256: &sha256,
+    };
 
-    let report = finetune::fit(&data, &encoder, &config(10)).unwrap();
+    let report = finetune::fit(&data, encoder, &config(10)).unwrap();
     assert_eq!(report.epochs.len(), 2);
     for epoch in &report.epochs {
         assert!(
@@ -103,7 +111,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     assert!((0.0..=1.0).contains(&report.test_accuracy));
     assert!((0.0..=1.0).contains(&report.test_macro_f1));
     // The blocks moved away from the pretrained ones, every parameter of them.
-    let pretrained = TopBlocks::from_encoder(&encoder, 10).unwrap();
+    let pretrained = TopBlocks::from_encoder(&model, 10).unwrap();
     assert_eq!(report.blocks.after_block(), 10);
     for ((name, before), after) in pretrained
         .parameter_names()
@@ -117,7 +125,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
         );
     }
     // The same seed and data: the same run, bit for bit.
-    let again = finetune::fit(&data, &encoder, &config(10)).unwrap();
+    let again = finetune::fit(&data, encoder, &config(10)).unwrap();
     assert_eq!(again.test_accuracy, report.test_accuracy);
     for (a, b) in again.epochs.iter().zip(&report.epochs) {
         assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits());
@@ -125,7 +133,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     assert_eq!(again.blocks.parameters(), report.blocks.parameters());
 
     // Another K: refused, naming the folder, its maps and the K asked for.
-    let error = finetune::fit(&data, &encoder, &config(9))
+    let error = finetune::fit(&data, encoder, &config(9))
         .unwrap_err()
         .to_string();
     let folder = data.features.dir().display().to_string();
@@ -138,13 +146,31 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     );
     // A folder without the stride-16 map: refused, naming its maps.
     let coarse = load(&root, &extract(&root, "32"));
-    let error = finetune::fit(&coarse, &encoder, &config(10))
+    let error = finetune::fit(&coarse, encoder, &config(10))
         .unwrap_err()
         .to_string();
     assert!(
         error.contains(&coarse.features.dir().display().to_string())
             && error.contains("holds the maps 32")
             && error.contains("--maps 16"),
+        "{error}"
+    );
+    // Maps of other weights: refused, naming the folder and both weights.
+    let other = "0".repeat(64);
+    let error = finetune::fit(
+        &data,
+        FinetuneEncoder {
+            weights_sha256: &other,
+            ..encoder
+        },
+        &config(10),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains(&folder)
+            && error.contains(&format!("with weights sha256:{sha256}"))
+            && error.contains(&format!("with weights sha256:{other}")),
         "{error}"
     );
 }
