@@ -92,11 +92,12 @@ fn main() {
     let report = finetune::fit(&data, encoder, &config).unwrap();
     for epoch in &report.epochs {
         println!(
-            "epoch {}: train loss {:.4}, val accuracy {:.4}, val macro-F1 {:.4}",
+            "epoch {}: train loss {:.4}, val accuracy {:.4}, val macro-F1 {:.4}, {:.1} s",
             epoch.epoch + 1,
             epoch.train_loss,
             epoch.val_accuracy,
-            epoch.val_macro_f1
+            epoch.val_macro_f1,
+            epoch.seconds
         );
     }
     println!(

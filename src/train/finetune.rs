@@ -62,6 +62,8 @@ pub struct FinetuneEpoch {
     pub train_loss: f64,
     pub val_accuracy: f64,
     pub val_macro_f1: f64,
+    /// Wall-clock seconds of the epoch's training steps and its validation.
+    pub seconds: f64,
 }
 
 /// A finished fine-tuning: the epochs, the best epoch by validation
@@ -345,6 +347,7 @@ pub fn fit(
         order.shuffle(&mut seeded(config.seed, data_order_stream(epoch)));
         let mut dropout_rng = seeded(config.seed, dropout_stream(epoch));
         let mut loss_sum = 0f64;
+        let started = std::time::Instant::now();
         for batch in order.chunks(config.batch_size) {
             let rows: Vec<usize> = batch.iter().map(|&i| data.train.rows[i]).collect();
             let labels: Vec<usize> = batch.iter().map(|&i| data.train.labels[i]).collect();
@@ -429,6 +432,7 @@ pub fn fit(
             train_loss: loss_sum / steps_per_epoch as f64,
             val_accuracy,
             val_macro_f1,
+            seconds: started.elapsed().as_secs_f64(),
         });
         if best
             .as_ref()
