@@ -634,6 +634,25 @@ impl EfficientNetLite {
         &self.config
     }
 
+    /// The folded weights as plain f32 arrays (BatchNorm as a per-channel
+    /// affine), when the model is f32 on the CPU: the starting point of the
+    /// trainable top blocks (`train::blocks`).
+    pub(crate) fn folded_weights(&self) -> Option<&NetworkWeights> {
+        self.cpu_weights.as_deref()
+    }
+
+    /// Index (0-based) of the block whose output is the map of `stride`
+    /// (4, 8 or 16): the last block of its stage. Lite0's stride-16 map is
+    /// block 10's output.
+    pub fn map_block_index(&self, stride: usize) -> Result<usize> {
+        map_block(&self.blocks, stride)
+    }
+
+    /// The number of inverted-residual blocks (Lite0: 16).
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// Runs the network on a normalised batch [n, 3, H, W], keeping the
     /// block maps of `strides` (each 4, 8 or 16; none costs nothing).
     ///

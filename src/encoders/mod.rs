@@ -6,7 +6,7 @@
 pub mod backend;
 pub mod clip;
 pub mod convnext;
-mod cpu_kernels;
+pub(crate) mod cpu_kernels;
 pub use cpu_kernels::{SIMD_ENV, SimdLevel};
 pub mod dinov2;
 pub mod efficientnet;

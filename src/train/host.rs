@@ -59,13 +59,13 @@ impl Threads {
 
 /// `out[rows, cols] (+)= a[rows, inner] x b[inner, cols]`, all row-major,
 /// with `b` given as its transpose `[cols, inner]` when `b_transposed`.
-struct Product<'a> {
-    a: MatRef<'a, f32>,
-    b: MatRef<'a, f32>,
+pub(super) struct Product<'a> {
+    pub(super) a: MatRef<'a, f32>,
+    pub(super) b: MatRef<'a, f32>,
 }
 
 impl Product<'_> {
-    fn into(self, out: &mut [f32], accumulate: Accum, threads: Threads) {
+    pub(super) fn into(self, out: &mut [f32], accumulate: Accum, threads: Threads) {
         let (rows, inner, cols) = (self.a.nrows(), self.a.ncols(), self.b.ncols());
         let out = MatMut::from_row_major_slice_mut(out, rows, cols);
         faer::linalg::matmul::matmul(
@@ -79,7 +79,7 @@ impl Product<'_> {
     }
 }
 
-fn row_major(values: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
+pub(super) fn row_major(values: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
     MatRef::from_row_major_slice(values, rows, cols)
 }
 

@@ -3,16 +3,20 @@
 //! `config` says what a run is, `data` validates and gathers memory-mapped
 //! rows, `head` is the model, `trainer` holds one head's optimisation state,
 //! `run` drives one or many heads over shared batches and writes run folders,
-//! `host` is the f32 CPU step without an autograd graph,
+//! `host` is the f32 CPU step without an autograd graph, `blocks` the
+//! trainable top blocks of an EfficientNet-Lite and `finetune` their training
+//! with a head from a spatial folder (partial fine-tuning),
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
 //! step, `metrics` scores predictions, `warm` starts a head from another
 //! run's weights; `anomaly` fits and scores anomaly detectors (k-NN,
 //! Mahalanobis) on normal images' features.
 
 pub mod anomaly;
+pub mod blocks;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod finetune;
 pub mod head;
 pub mod host;
 pub mod metrics;

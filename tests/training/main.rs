@@ -13,6 +13,7 @@ mod anomaly_patch;
 mod diverged_heads;
 mod experiments_db;
 mod experiments_report;
+mod finetune;
 mod mlflow_export;
 mod segment;
 mod segment_fine_maps;

@@ -1,0 +1,1578 @@
+//! The trainable top of an EfficientNet-Lite (issue 22, partial
+//! fine-tuning): the inverted-residual blocks after block K and the head
+//! convolution, trained from a cached block-K map together with a head.
+//!
+//! The early blocks run once at extraction (their output is the spatial
+//! folder's stride-16 map); the blocks after it run forward and backward
+//! every epoch, here, on flat f32 buffers in channels-last order
+//! (`[images, height, width, channels]`), so every 1×1 convolution is one
+//! `[pixels, in] × [in, out]` faer matmul without a transpose and the
+//! depthwise loops run over contiguous channels. The cache stores
+//! `[channels, height, width]` per row: `append_channels_last` transposes a
+//! map once when it is loaded.
+//!
+//! BatchNorm stays folded into each convolution's weight and bias as at
+//! extraction (`EfficientNetLite::folded_weights`): a per-channel affine with
+//! the pretrained running statistics, trained as part of the weight and
+//! bias. Freezing the statistics is the usual choice for fine-tuning with
+//! small batches, whose own statistics would be noise.
+//!
+//! Every sum is taken in an order fixed by the shapes alone (the depthwise
+//! weight gradient sums per-image partials in image order), so results do
+//! not depend on the thread count.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use faer::Accum;
+use rayon::prelude::*;
+
+use super::TrainError;
+use super::host::{Product, Threads, row_major};
+use crate::encoders::cpu_kernels::network::{BlockWeights, ConvWeights, NetworkWeights};
+use crate::encoders::cpu_kernels::same_padding;
+use crate::encoders::efficientnet_lite::EfficientNetLite;
+
+/// The height and width of a map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl MapSize {
+    pub fn pixels(self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// A 1×1 convolution: weight `[outputs, inputs]`, bias `[outputs]`.
+#[derive(Debug, Clone)]
+struct Pointwise {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+    relu6: bool,
+}
+
+/// A k×k depthwise convolution with TF "same" padding: weight
+/// `[kernel², channels]` tap-major (tap = dy · kernel + dx), bias `[channels]`.
+#[derive(Debug, Clone)]
+struct Depthwise {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    channels: usize,
+    kernel: usize,
+    stride: usize,
+    relu6: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    expand: Option<Pointwise>,
+    depthwise: Depthwise,
+    project: Pointwise,
+    residual: bool,
+}
+
+/// The blocks after block `after_block` and the head convolution, with
+/// their parameters as flat f32 arrays.
+#[derive(Debug, Clone)]
+pub struct TopBlocks {
+    after_block: usize,
+    in_channels: usize,
+    blocks: Vec<Block>,
+    head: Pointwise,
+}
+
+fn pointwise(conv: &ConvWeights, inputs: usize, name: &str) -> Result<Pointwise, TrainError> {
+    let outputs = conv.bias.len();
+    if conv.weight.len() != outputs * inputs {
+        return Err(TrainError::Invalid(format!(
+            "{name}: {} weights for {outputs} outputs of {inputs} inputs",
+            conv.weight.len()
+        )));
+    }
+    Ok(Pointwise {
+        weight: conv.weight.clone(),
+        bias: conv.bias.clone(),
+        inputs,
+        outputs,
+        relu6: conv.relu6,
+    })
+}
+
+impl TopBlocks {
+    /// The blocks after `after_block` of `encoder` and its head convolution,
+    /// from its folded weights. The encoder must hold f32 weights on the CPU.
+    pub fn from_encoder(
+        encoder: &EfficientNetLite,
+        after_block: usize,
+    ) -> Result<Self, TrainError> {
+        let weights = encoder.folded_weights().ok_or_else(|| {
+            TrainError::Invalid(
+                "efficientnet-lite: fine-tuning needs f32 weights on the CPU".to_string(),
+            )
+        })?;
+        Self::from_network(weights, after_block)
+    }
+
+    pub(crate) fn from_network(
+        weights: &NetworkWeights,
+        after_block: usize,
+    ) -> Result<Self, TrainError> {
+        let n_blocks = weights.blocks.len();
+        if after_block + 1 >= n_blocks {
+            return Err(TrainError::Invalid(format!(
+                "efficientnet-lite has blocks 0..={}: no block after block {after_block} to train",
+                n_blocks.saturating_sub(1)
+            )));
+        }
+        let in_channels = weights.blocks[after_block].project.bias.len();
+        Self::new(
+            after_block,
+            in_channels,
+            &weights.blocks[after_block + 1..],
+            &weights.head,
+        )
+    }
+
+    /// Blocks `after_block + 1 ..` from their folded weights, reading
+    /// `in_channels` channels; `head` is the 1×1 head convolution.
+    pub(crate) fn new(
+        after_block: usize,
+        in_channels: usize,
+        blocks: &[BlockWeights],
+        head: &ConvWeights,
+    ) -> Result<Self, TrainError> {
+        let mut channels = in_channels;
+        let mut built = Vec::with_capacity(blocks.len());
+        for (offset, block) in blocks.iter().enumerate() {
+            let name = format!("block {}", after_block + 1 + offset);
+            let expand = block
+                .expand
+                .as_ref()
+                .map(|conv| pointwise(conv, channels, &format!("{name} expand")))
+                .transpose()?;
+            let hidden = expand.as_ref().map_or(channels, |e| e.outputs);
+            let dw = &block.depthwise;
+            if dw.bias.len() != hidden
+                || dw.weight.len() != hidden * dw.kernel * dw.kernel
+                || dw.stride == 0
+                || dw.kernel == 0
+            {
+                return Err(TrainError::Invalid(format!(
+                    "{name}: depthwise {}x{} stride {} with {} weights on {} channels, {hidden} expected",
+                    dw.kernel,
+                    dw.kernel,
+                    dw.stride,
+                    dw.weight.len(),
+                    dw.bias.len()
+                )));
+            }
+            let project = pointwise(&block.project, hidden, &format!("{name} project"))?;
+            if block.residual && (project.outputs != channels || dw.stride != 1) {
+                return Err(TrainError::Invalid(format!(
+                    "{name}: skip connection from {channels} channels to {} at stride {}",
+                    project.outputs, dw.stride
+                )));
+            }
+            channels = project.outputs;
+            built.push(Block {
+                expand,
+                depthwise: Depthwise {
+                    weight: dw.weight.clone(),
+                    bias: dw.bias.clone(),
+                    channels: hidden,
+                    kernel: dw.kernel,
+                    stride: dw.stride,
+                    relu6: dw.relu6,
+                },
+                project,
+                residual: block.residual,
+            });
+        }
+        let head = pointwise(head, channels, "head convolution")?;
+        Ok(TopBlocks {
+            after_block,
+            in_channels,
+            blocks: built,
+            head,
+        })
+    }
+
+    /// The block whose output these blocks read.
+    pub fn after_block(&self) -> usize {
+        self.after_block
+    }
+
+    /// Channels of the map these blocks read.
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    /// Length of the pooled features (the head convolution's outputs).
+    pub fn feature_dim(&self) -> usize {
+        self.head.outputs
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Parameter names, in the order of `parameters`, `parameters_mut` and
+    /// `BlockGradients::values`: `block11.expand.weight`, …, `head.bias`.
+    pub fn parameter_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (offset, block) in self.blocks.iter().enumerate() {
+            let index = self.after_block + 1 + offset;
+            let mut layers = Vec::new();
+            if block.expand.is_some() {
+                layers.push("expand");
+            }
+            layers.extend(["depthwise", "project"]);
+            for layer in layers {
+                for part in ["weight", "bias"] {
+                    names.push(format!("block{index}.{layer}.{part}"));
+                }
+            }
+        }
+        names.extend(["head.weight".to_string(), "head.bias".to_string()]);
+        names
+    }
+
+    /// Every parameter as a flat array (see `parameter_names`).
+    pub fn parameters(&self) -> Vec<&[f32]> {
+        let mut out: Vec<&[f32]> = Vec::new();
+        for block in &self.blocks {
+            if let Some(expand) = &block.expand {
+                out.extend([expand.weight.as_slice(), expand.bias.as_slice()]);
+            }
+            out.extend([
+                block.depthwise.weight.as_slice(),
+                block.depthwise.bias.as_slice(),
+                block.project.weight.as_slice(),
+                block.project.bias.as_slice(),
+            ]);
+        }
+        out.extend([self.head.weight.as_slice(), self.head.bias.as_slice()]);
+        out
+    }
+
+    /// Every parameter, mutable, in the order of `parameters`.
+    pub fn parameters_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut out: Vec<&mut [f32]> = Vec::new();
+        for block in &mut self.blocks {
+            if let Some(expand) = &mut block.expand {
+                out.push(&mut expand.weight);
+                out.push(&mut expand.bias);
+            }
+            out.push(&mut block.depthwise.weight);
+            out.push(&mut block.depthwise.bias);
+            out.push(&mut block.project.weight);
+            out.push(&mut block.project.bias);
+        }
+        out.push(&mut self.head.weight);
+        out.push(&mut self.head.bias);
+        out
+    }
+
+    /// The shape of each parameter, in the order of `parameters`: pointwise
+    /// weights `[outputs, inputs]`, depthwise weights `[kernel², channels]`,
+    /// biases `[outputs]`.
+    pub fn parameter_shapes(&self) -> Vec<Vec<usize>> {
+        let pointwise = |conv: &Pointwise| [vec![conv.outputs, conv.inputs], vec![conv.outputs]];
+        let mut shapes = Vec::new();
+        for block in &self.blocks {
+            if let Some(expand) = &block.expand {
+                shapes.extend(pointwise(expand));
+            }
+            let dw = &block.depthwise;
+            shapes.extend([vec![dw.kernel * dw.kernel, dw.channels], vec![dw.channels]]);
+            shapes.extend(pointwise(&block.project));
+        }
+        shapes.extend(pointwise(&self.head));
+        shapes
+    }
+
+    /// The parameters as named CPU tensors (`parameter_names` after
+    /// `prefix`), for checkpoints and model files.
+    pub fn tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
+        named_tensors(
+            prefix,
+            &self.parameter_names(),
+            &self.parameter_shapes(),
+            self.parameters(),
+        )
+    }
+
+    /// Replaces every parameter with the tensor of its name (after
+    /// `prefix`) in `tensors`; `source` names where they were read, for
+    /// errors. Refuses a missing tensor or one of another shape, changing
+    /// nothing.
+    pub fn load_tensors(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        source: &Path,
+    ) -> Result<(), TrainError> {
+        let values = read_named(
+            tensors,
+            prefix,
+            &self.parameter_names(),
+            &self.parameter_shapes(),
+            source,
+        )?;
+        for (parameter, values) in self.parameters_mut().into_iter().zip(values) {
+            parameter.copy_from_slice(&values);
+        }
+        Ok(())
+    }
+
+    /// Zeroed gradient buffers shaped like the parameters.
+    pub fn zero_gradients(&self) -> BlockGradients {
+        BlockGradients {
+            values: self
+                .parameters()
+                .iter()
+                .map(|p| vec![0f32; p.len()])
+                .collect(),
+        }
+    }
+
+    /// Runs the blocks and the head convolution on `input`
+    /// (`[n_images, size.height, size.width, in_channels]`, channels last)
+    /// and mean-pools the head's output, keeping what `backward` needs.
+    pub fn forward(
+        &self,
+        input: Vec<f32>,
+        n_images: usize,
+        size: MapSize,
+    ) -> Result<Forward, TrainError> {
+        if input.len() != n_images * size.pixels() * self.in_channels {
+            return Err(TrainError::Invalid(format!(
+                "top blocks after block {}: {} input values for {n_images} maps of {}x{}x{}",
+                self.after_block,
+                input.len(),
+                self.in_channels,
+                size.height,
+                size.width
+            )));
+        }
+        let mut x = input;
+        let mut size = size;
+        let mut steps = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let pixels = n_images * size.pixels();
+            let expanded = block
+                .expand
+                .as_ref()
+                .map(|conv| pointwise_forward(conv, &x, pixels));
+            let (depthwise, output_size) = depthwise_forward(
+                &block.depthwise,
+                expanded.as_deref().unwrap_or(&x),
+                n_images,
+                size,
+            );
+            let mut output =
+                pointwise_forward(&block.project, &depthwise, n_images * output_size.pixels());
+            if block.residual {
+                for (o, i) in output.iter_mut().zip(&x) {
+                    *o += i;
+                }
+            }
+            steps.push(BlockActivations {
+                input: std::mem::replace(&mut x, output),
+                size,
+                expanded,
+                depthwise,
+                output_size,
+            });
+            size = output_size;
+        }
+        let head_output = pointwise_forward(&self.head, &x, n_images * size.pixels());
+        let features = self.head.outputs;
+        let mut pooled = vec![0f32; n_images * features];
+        let scale = 1.0 / size.pixels() as f32;
+        pooled
+            .par_chunks_mut(features)
+            .zip(head_output.par_chunks(size.pixels() * features))
+            .for_each(|(sum, image)| {
+                for pixel in image.chunks_exact(features) {
+                    for (s, v) in sum.iter_mut().zip(pixel) {
+                        *s += v;
+                    }
+                }
+                for s in sum.iter_mut() {
+                    *s *= scale;
+                }
+            });
+        Ok(Forward {
+            n_images,
+            steps,
+            head_input: x,
+            head_size: size,
+            head_output,
+            pooled,
+        })
+    }
+
+    /// Adds the gradients of every parameter, given d loss / d pooled
+    /// features (`[n_images, feature_dim]`), to `gradients`. Returns
+    /// d loss / d input (channels last) when `input` asks for it.
+    pub fn backward(
+        &self,
+        forward: &Forward,
+        pooled_gradient: &[f32],
+        gradients: &mut BlockGradients,
+        input: InputGradient,
+    ) -> Result<Option<Vec<f32>>, TrainError> {
+        let n_images = forward.n_images;
+        let features = self.head.outputs;
+        if pooled_gradient.len() != n_images * features {
+            return Err(TrainError::Invalid(format!(
+                "top blocks: {} pooled gradients for {n_images} images of {features} features",
+                pooled_gradient.len()
+            )));
+        }
+        if gradients.values.len() != self.parameters().len() {
+            return Err(TrainError::Invalid(format!(
+                "top blocks: {} gradient buffers for {} parameters",
+                gradients.values.len(),
+                self.parameters().len()
+            )));
+        }
+        let pixels = forward.head_size.pixels();
+        // Mean pool: each pixel gets its image's gradient over the pixel count.
+        let scale = 1.0 / pixels as f32;
+        let mut delta = vec![0f32; forward.head_output.len()];
+        delta
+            .par_chunks_mut(pixels * features)
+            .zip(pooled_gradient.par_chunks(features))
+            .for_each(|(image, upstream)| {
+                for pixel in image.chunks_exact_mut(features) {
+                    for (d, u) in pixel.iter_mut().zip(upstream) {
+                        *d = u * scale;
+                    }
+                }
+            });
+        if self.head.relu6 {
+            relu6_mask(&mut delta, &forward.head_output);
+        }
+        let mut slots = gradients.values.iter_mut().rev();
+        let mut next = |name: &str| -> &mut Vec<f32> {
+            slots
+                .next()
+                .unwrap_or_else(|| panic!("a gradient buffer for {name}"))
+        };
+        let (head_bias, head_weight) = (next("head bias"), next("head weight"));
+        let mut delta = pointwise_backward(
+            &self.head,
+            &forward.head_input,
+            &delta,
+            (head_weight, head_bias),
+            Wanted::Yes,
+        )
+        .expect("the head's input gradient was asked for");
+        for (index, (block, step)) in self.blocks.iter().zip(&forward.steps).enumerate().rev() {
+            let first = index == 0;
+            let wanted = if first && input == InputGradient::Skip {
+                Wanted::No
+            } else {
+                Wanted::Yes
+            };
+            let (project_bias, project_weight) = (next("project bias"), next("project weight"));
+            let mut hidden_delta = pointwise_backward(
+                &block.project,
+                &step.depthwise,
+                &delta,
+                (project_weight, project_bias),
+                Wanted::Yes,
+            )
+            .expect("the projection's input gradient was asked for");
+            if block.depthwise.relu6 {
+                relu6_mask(&mut hidden_delta, &step.depthwise);
+            }
+            let (depthwise_bias, depthwise_weight) =
+                (next("depthwise bias"), next("depthwise weight"));
+            let depthwise_input = step.expanded.as_deref().unwrap_or(&step.input);
+            let depthwise_wanted = if block.expand.is_some() {
+                Wanted::Yes
+            } else {
+                wanted
+            };
+            let below = depthwise_backward(
+                &block.depthwise,
+                DepthwiseTrace {
+                    input: depthwise_input,
+                    n_images,
+                    size: step.size,
+                    output_size: step.output_size,
+                },
+                &hidden_delta,
+                (depthwise_weight, depthwise_bias),
+                depthwise_wanted,
+            );
+            let input_delta = match (&block.expand, below) {
+                (Some(expand), Some(mut expanded_delta)) => {
+                    let expanded = step.expanded.as_ref().expect("an expanded map");
+                    if expand.relu6 {
+                        relu6_mask(&mut expanded_delta, expanded);
+                    }
+                    let (expand_bias, expand_weight) = (next("expand bias"), next("expand weight"));
+                    pointwise_backward(
+                        expand,
+                        &step.input,
+                        &expanded_delta,
+                        (expand_weight, expand_bias),
+                        wanted,
+                    )
+                }
+                (_, below) => below,
+            };
+            match input_delta {
+                Some(mut input_delta) => {
+                    if block.residual {
+                        for (d, upstream) in input_delta.iter_mut().zip(&delta) {
+                            *d += upstream;
+                        }
+                    }
+                    delta = input_delta;
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(delta))
+    }
+}
+
+/// Whether `TopBlocks::backward` computes d loss / d input (the cached map
+/// is frozen, so training skips the first block's input gradient).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputGradient {
+    Skip,
+    Compute,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Yes,
+    No,
+}
+
+/// What one block's forward pass keeps for the backward pass.
+#[derive(Debug)]
+struct BlockActivations {
+    /// The block's input, channels last.
+    input: Vec<f32>,
+    size: MapSize,
+    /// The expansion's output (after ReLU6), when the block has one.
+    expanded: Option<Vec<f32>>,
+    /// The depthwise convolution's output (after ReLU6).
+    depthwise: Vec<f32>,
+    output_size: MapSize,
+}
+
+/// A forward pass: the pooled features and what the backward pass needs.
+#[derive(Debug)]
+pub struct Forward {
+    n_images: usize,
+    steps: Vec<BlockActivations>,
+    head_input: Vec<f32>,
+    head_size: MapSize,
+    head_output: Vec<f32>,
+    pooled: Vec<f32>,
+}
+
+impl Forward {
+    /// `[n_images, feature_dim]`: the head convolution's output averaged
+    /// over its pixels.
+    pub fn pooled(&self) -> &[f32] {
+        &self.pooled
+    }
+
+    pub fn into_pooled(self) -> Vec<f32> {
+        self.pooled
+    }
+}
+
+/// `values[i]` as a tensor of `shapes[i]` named `prefix` + `names[i]`.
+fn named_tensors(
+    prefix: &str,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    values: Vec<&[f32]>,
+) -> Result<Vec<(String, Tensor)>, TrainError> {
+    names
+        .iter()
+        .zip(shapes)
+        .zip(values)
+        .map(|((name, shape), values)| {
+            Ok((
+                format!("{prefix}{name}"),
+                Tensor::from_slice(values, shape.as_slice(), &Device::Cpu)?,
+            ))
+        })
+        .collect()
+}
+
+/// The values of the tensors `prefix` + `names[i]` of `tensors`, each
+/// checked against `shapes[i]`.
+fn read_named(
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    names: &[String],
+    shapes: &[Vec<usize>],
+    source: &Path,
+) -> Result<Vec<Vec<f32>>, TrainError> {
+    names
+        .iter()
+        .zip(shapes)
+        .map(|(name, shape)| {
+            let key = format!("{prefix}{name}");
+            let tensor = tensors.get(&key).ok_or_else(|| {
+                TrainError::Checkpoint(format!("{}: no tensor {key}", source.display()))
+            })?;
+            if tensor.dims() != shape.as_slice() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: tensor {key} is {:?}, the blocks need {shape:?}",
+                    source.display(),
+                    tensor.dims()
+                )));
+            }
+            Ok(tensor
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        })
+        .collect()
+}
+
+/// Accumulated gradients, one buffer per parameter in the order of
+/// `TopBlocks::parameters`.
+#[derive(Debug, Clone)]
+pub struct BlockGradients {
+    pub values: Vec<Vec<f32>>,
+}
+
+impl BlockGradients {
+    pub fn zero(&mut self) {
+        for g in &mut self.values {
+            g.fill(0.0);
+        }
+    }
+
+    /// Squared L2 norm of the gradients times `scale`.
+    pub fn norm_sq(&self, scale: f32) -> f64 {
+        self.values
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|v| f64::from(v * scale) * f64::from(v * scale))
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+}
+
+/// Appends `map` (`[channels, height, width]`, as the cache stores a row's
+/// map, f16 or f32) to `out` in channels-last order.
+pub fn append_channels_last<T: Copy>(map: &[T], channels: usize, size: MapSize, out: &mut Vec<f32>)
+where
+    f32: From<T>,
+{
+    let pixels = size.pixels();
+    debug_assert_eq!(map.len(), channels * pixels);
+    let start = out.len();
+    out.resize(start + map.len(), 0.0);
+    let target = &mut out[start..];
+    for (channel, plane) in map.chunks_exact(pixels).enumerate() {
+        for (pixel, &v) in plane.iter().enumerate() {
+            target[pixel * channels + channel] = f32::from(v);
+        }
+    }
+}
+
+/// Rows of a pointwise output finished per task: bias and ReLU6 over this
+/// many pixels at once.
+const FINISH_PIXELS: usize = 64;
+
+fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32> {
+    let mut output = vec![0f32; pixels * conv.outputs];
+    Product {
+        a: row_major(input, pixels, conv.inputs),
+        b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
+    }
+    .into(&mut output, Accum::Replace, Threads::Pool);
+    output
+        .par_chunks_mut(FINISH_PIXELS * conv.outputs)
+        .for_each(|rows| {
+            for row in rows.chunks_exact_mut(conv.outputs) {
+                for (v, b) in row.iter_mut().zip(&conv.bias) {
+                    *v += b;
+                    if conv.relu6 {
+                        *v = v.clamp(0.0, 6.0);
+                    }
+                }
+            }
+        });
+    output
+}
+
+/// Zeroes the gradient where ReLU6 was flat: its output at 0 or 6.
+fn relu6_mask(delta: &mut [f32], output: &[f32]) {
+    delta
+        .par_chunks_mut(1 << 14)
+        .zip(output.par_chunks(1 << 14))
+        .for_each(|(delta, output)| {
+            for (d, &y) in delta.iter_mut().zip(output) {
+                if !(y > 0.0 && y < 6.0) {
+                    *d = 0.0;
+                }
+            }
+        });
+}
+
+/// Adds d loss / d weight and d loss / d bias of a pointwise convolution to
+/// `grads`, given d loss / d output (`delta`, activation already undone);
+/// returns d loss / d input when wanted.
+fn pointwise_backward(
+    conv: &Pointwise,
+    input: &[f32],
+    delta: &[f32],
+    (weight_gradient, bias_gradient): (&mut Vec<f32>, &mut Vec<f32>),
+    wanted: Wanted,
+) -> Option<Vec<f32>> {
+    let pixels = delta.len() / conv.outputs;
+    // dW[out, in] += delta^T[out, pixels] x input[pixels, in]
+    Product {
+        a: row_major(delta, pixels, conv.outputs).transpose(),
+        b: row_major(input, pixels, conv.inputs),
+    }
+    .into(weight_gradient, Accum::Add, Threads::Pool);
+    for row in delta.chunks_exact(conv.outputs) {
+        for (g, d) in bias_gradient.iter_mut().zip(row) {
+            *g += d;
+        }
+    }
+    (wanted == Wanted::Yes).then(|| {
+        // d input[pixels, in] = delta[pixels, out] x W[out, in]
+        let mut below = vec![0f32; pixels * conv.inputs];
+        Product {
+            a: row_major(delta, pixels, conv.outputs),
+            b: row_major(&conv.weight, conv.outputs, conv.inputs),
+        }
+        .into(&mut below, Accum::Replace, Threads::Pool);
+        below
+    })
+}
+
+/// The input row and column a tap reads for an output row or column, if
+/// inside the map: `output · stride + tap - padding`.
+fn source(output: usize, tap: usize, stride: usize, padding: usize, size: usize) -> Option<usize> {
+    (output * stride + tap)
+        .checked_sub(padding)
+        .filter(|&i| i < size)
+}
+
+fn depthwise_forward(
+    conv: &Depthwise,
+    input: &[f32],
+    n_images: usize,
+    size: MapSize,
+) -> (Vec<f32>, MapSize) {
+    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
+    let out_size = MapSize {
+        height: size.height.div_ceil(s),
+        width: size.width.div_ceil(s),
+    };
+    let top = same_padding(size.height, k, s).0;
+    let left = same_padding(size.width, k, s).0;
+    let mut output = vec![0f32; n_images * out_size.pixels() * c];
+    output
+        .par_chunks_mut(out_size.width * c)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            let (image, oy) = (row / out_size.height, row % out_size.height);
+            let image_input = &input[image * size.pixels() * c..][..size.pixels() * c];
+            for (ox, out) in out_row.chunks_exact_mut(c).enumerate() {
+                out.copy_from_slice(&conv.bias);
+                for dy in 0..k {
+                    let Some(iy) = source(oy, dy, s, top, size.height) else {
+                        continue;
+                    };
+                    for dx in 0..k {
+                        let Some(ix) = source(ox, dx, s, left, size.width) else {
+                            continue;
+                        };
+                        let x = &image_input[(iy * size.width + ix) * c..][..c];
+                        let w = &conv.weight[(dy * k + dx) * c..][..c];
+                        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+                            *o += x * w;
+                        }
+                    }
+                }
+                if conv.relu6 {
+                    for o in out.iter_mut() {
+                        *o = o.clamp(0.0, 6.0);
+                    }
+                }
+            }
+        });
+    (output, out_size)
+}
+
+/// The forward pass of a depthwise convolution as its backward pass reads it.
+struct DepthwiseTrace<'a> {
+    input: &'a [f32],
+    n_images: usize,
+    size: MapSize,
+    output_size: MapSize,
+}
+
+/// Adds the depthwise weight and bias gradients to `grads`, given
+/// d loss / d output (`delta`, activation already undone); returns
+/// d loss / d input when wanted.
+fn depthwise_backward(
+    conv: &Depthwise,
+    trace: DepthwiseTrace,
+    delta: &[f32],
+    (weight_gradient, bias_gradient): (&mut Vec<f32>, &mut Vec<f32>),
+    wanted: Wanted,
+) -> Option<Vec<f32>> {
+    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
+    let DepthwiseTrace {
+        input,
+        n_images,
+        size,
+        output_size,
+    } = trace;
+    let top = same_padding(size.height, k, s).0;
+    let left = same_padding(size.width, k, s).0;
+    let in_image = size.pixels() * c;
+    let out_image = output_size.pixels() * c;
+    // Per image: [kernel² + 1, c], the weight gradient's taps then the bias's.
+    let partials: Vec<Vec<f32>> = (0..n_images)
+        .into_par_iter()
+        .map(|image| {
+            let mut partial = vec![0f32; (k * k + 1) * c];
+            let image_input = &input[image * in_image..][..in_image];
+            let image_delta = &delta[image * out_image..][..out_image];
+            for oy in 0..output_size.height {
+                for ox in 0..output_size.width {
+                    let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
+                    for (g, d) in partial[k * k * c..].iter_mut().zip(d) {
+                        *g += d;
+                    }
+                    for dy in 0..k {
+                        let Some(iy) = source(oy, dy, s, top, size.height) else {
+                            continue;
+                        };
+                        for dx in 0..k {
+                            let Some(ix) = source(ox, dx, s, left, size.width) else {
+                                continue;
+                            };
+                            let x = &image_input[(iy * size.width + ix) * c..][..c];
+                            let g = &mut partial[(dy * k + dx) * c..][..c];
+                            for ((g, x), d) in g.iter_mut().zip(x).zip(d) {
+                                *g += x * d;
+                            }
+                        }
+                    }
+                }
+            }
+            partial
+        })
+        .collect();
+    for partial in &partials {
+        for (g, p) in weight_gradient.iter_mut().zip(&partial[..k * k * c]) {
+            *g += p;
+        }
+        for (g, p) in bias_gradient.iter_mut().zip(&partial[k * k * c..]) {
+            *g += p;
+        }
+    }
+    (wanted == Wanted::Yes).then(|| {
+        // Gathered per input row: every output a tap of which read this pixel.
+        let mut below = vec![0f32; n_images * in_image];
+        below
+            .par_chunks_mut(size.width * c)
+            .enumerate()
+            .for_each(|(row, below_row)| {
+                let (image, iy) = (row / size.height, row % size.height);
+                let image_delta = &delta[image * out_image..][..out_image];
+                for dy in 0..k {
+                    // oy · s + dy - top = iy
+                    let Some(oy) = (iy + top).checked_sub(dy) else {
+                        continue;
+                    };
+                    if oy % s != 0 || oy / s >= output_size.height {
+                        continue;
+                    }
+                    let oy = oy / s;
+                    for (ix, b) in below_row.chunks_exact_mut(c).enumerate() {
+                        for dx in 0..k {
+                            let Some(ox) = (ix + left).checked_sub(dx) else {
+                                continue;
+                            };
+                            if ox % s != 0 || ox / s >= output_size.width {
+                                continue;
+                            }
+                            let ox = ox / s;
+                            let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
+                            let w = &conv.weight[(dy * k + dx) * c..][..c];
+                            for ((b, d), w) in b.iter_mut().zip(d).zip(w) {
+                                *b += d * w;
+                            }
+                        }
+                    }
+                }
+            });
+        below
+    })
+}
+
+/// AdamW on the top blocks, with its own learning rate and weight decay
+/// (the same update as the heads' `host::HostTrainer::update`).
+#[derive(Debug, Clone)]
+pub struct BlocksOptimizer {
+    first_moments: Vec<Vec<f32>>,
+    second_moments: Vec<Vec<f32>>,
+    updates: i32,
+}
+
+/// One optimiser update of the blocks: the rate, the decoupled weight decay
+/// and the factor on the accumulated gradients (loss-scale removal times
+/// clipping).
+#[derive(Debug, Clone, Copy)]
+pub struct BlocksStep {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub scale: f32,
+}
+
+impl BlocksOptimizer {
+    pub fn new(blocks: &TopBlocks) -> Self {
+        let zeros: Vec<Vec<f32>> = blocks
+            .parameters()
+            .iter()
+            .map(|p| vec![0f32; p.len()])
+            .collect();
+        BlocksOptimizer {
+            first_moments: zeros.clone(),
+            second_moments: zeros,
+            updates: 0,
+        }
+    }
+
+    /// Updates applied so far.
+    pub fn updates(&self) -> i32 {
+        self.updates
+    }
+
+    /// The moments as named tensors (`first_moment.` and `second_moment.`
+    /// after `prefix`, then the parameter's name) and the update count, for
+    /// checkpoints of `blocks`.
+    pub fn tensors(
+        &self,
+        blocks: &TopBlocks,
+        prefix: &str,
+    ) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let (names, shapes) = (blocks.parameter_names(), blocks.parameter_shapes());
+        let mut out = named_tensors(
+            &format!("{prefix}first_moment."),
+            &names,
+            &shapes,
+            self.first_moments.iter().map(Vec::as_slice).collect(),
+        )?;
+        out.extend(named_tensors(
+            &format!("{prefix}second_moment."),
+            &names,
+            &shapes,
+            self.second_moments.iter().map(Vec::as_slice).collect(),
+        )?);
+        Ok(out)
+    }
+
+    /// The optimiser of `blocks` from its checkpointed moments (see
+    /// `tensors`) after `updates` updates.
+    pub fn from_tensors(
+        blocks: &TopBlocks,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        updates: i32,
+        source: &Path,
+    ) -> Result<Self, TrainError> {
+        let (names, shapes) = (blocks.parameter_names(), blocks.parameter_shapes());
+        Ok(BlocksOptimizer {
+            first_moments: read_named(
+                tensors,
+                &format!("{prefix}first_moment."),
+                &names,
+                &shapes,
+                source,
+            )?,
+            second_moments: read_named(
+                tensors,
+                &format!("{prefix}second_moment."),
+                &names,
+                &shapes,
+                source,
+            )?,
+            updates,
+        })
+    }
+
+    pub fn update(&mut self, blocks: &mut TopBlocks, gradients: &BlockGradients, step: BlocksStep) {
+        self.updates += 1;
+        let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f32);
+        let correction1 = (1.0 - beta1.powi(self.updates)) as f32;
+        let correction2 = (1.0 - beta2.powi(self.updates)) as f32;
+        let decay = (1.0 - step.lr * step.weight_decay) as f32;
+        let (beta1, beta2, lr) = (beta1 as f32, beta2 as f32, step.lr as f32);
+        let scale = step.scale;
+        blocks
+            .parameters_mut()
+            .into_par_iter()
+            .zip(&gradients.values)
+            .zip(&mut self.first_moments)
+            .zip(&mut self.second_moments)
+            .for_each(|(((weights, gradients), first), second)| {
+                for (((w, &g), m), v) in weights
+                    .iter_mut()
+                    .zip(gradients)
+                    .zip(first.iter_mut())
+                    .zip(second.iter_mut())
+                {
+                    let g = g * scale;
+                    *m = *m * beta1 + g * (1.0 - beta1);
+                    *v = *v * beta2 + g * g * (1.0 - beta2);
+                    let m_hat = *m / correction1;
+                    let v_hat = *v / correction2;
+                    *w = *w * decay - lr * (m_hat / (v_hat.sqrt() + eps));
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, DType, Device, Tensor, Var};
+    use candle_nn::VarBuilder;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::encoders::cpu_kernels::network::DepthwiseConv;
+    use crate::encoders::efficientnet_lite::Config;
+
+    fn uniform(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    fn conv(rng: &mut ChaCha8Rng, inputs: usize, outputs: usize, relu6: bool) -> ConvWeights {
+        // Weights of about unit gain, biases that push some units past 0 and 6.
+        let scale = (3.0 / inputs as f32).sqrt() * 1.5;
+        ConvWeights {
+            weight: uniform(rng, outputs * inputs, scale),
+            bias: uniform(rng, outputs, 1.0),
+            relu6,
+        }
+    }
+
+    fn block(
+        rng: &mut ChaCha8Rng,
+        (inputs, hidden, outputs): (usize, usize, usize),
+        (kernel, stride): (usize, usize),
+    ) -> BlockWeights {
+        BlockWeights {
+            expand: Some(conv(rng, inputs, hidden, true)),
+            depthwise: DepthwiseConv {
+                weight: uniform(rng, kernel * kernel * hidden, 3.0 / kernel as f32),
+                bias: uniform(rng, hidden, 1.0),
+                kernel,
+                stride,
+                relu6: true,
+            },
+            project: conv(rng, hidden, outputs, false),
+            residual: stride == 1 && inputs == outputs,
+        }
+    }
+
+    /// A small top shaped like Lite0's blocks 11 and 12 and its head: a
+    /// kernel-5 stride-2 block that widens, then a kernel-3 residual block.
+    fn small_blocks(rng: &mut ChaCha8Rng) -> TopBlocks {
+        let blocks = [
+            block(rng, (8, 24, 12), (5, 2)),
+            block(rng, (12, 36, 12), (3, 1)),
+        ];
+        let head = conv(rng, 12, 20, true);
+        let top = TopBlocks::new(3, 8, &blocks, &head).unwrap();
+        assert!(top.blocks[1].residual && !top.blocks[0].residual);
+        top
+    }
+
+    fn max_abs(values: &[f32]) -> f32 {
+        values.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    /// `|a - b| <= tolerance · max(1, max |b|)` element by element.
+    fn assert_close(name: &str, a: &[f32], b: &[f32], tolerance: f32) {
+        assert_eq!(a.len(), b.len(), "{name}: lengths");
+        let scale = max_abs(b).max(1.0);
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= tolerance * scale,
+            "{name}: max difference {diff} (scale {scale})"
+        );
+    }
+
+    fn random_lite0() -> EfficientNetLite {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        EfficientNetLite::new(Config::lite0(), vb).unwrap()
+    }
+
+    #[test]
+    fn top_blocks_reproduce_the_encoders_pooled_features() {
+        // Reference: the encoder's own forward pass (its CPU kernels), from
+        // the same images, fed the f32 stride-16 map (not rounded to f16).
+        let model = random_lite0();
+        let after_block = model.map_block_index(16).unwrap();
+        assert_eq!(
+            after_block, 10,
+            "Lite0's stride-16 map is block 10's output"
+        );
+        let (n_images, height, width) = (3, 96, 80);
+        let images = Tensor::randn(0f32, 1.0, (n_images, 3, height, width), &Device::Cpu).unwrap();
+        let features = model.features(&images, &[16]).unwrap();
+        let map = features.maps[0].contiguous().unwrap();
+        let (_, channels, map_height, map_width) = map.dims4().unwrap();
+        let size = MapSize {
+            height: map_height,
+            width: map_width,
+        };
+        assert_eq!((channels, size.height, size.width), (112, 6, 5));
+        let values = map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut input = Vec::new();
+        for image in values.chunks_exact(channels * size.pixels()) {
+            append_channels_last(image, channels, size, &mut input);
+        }
+        let top = TopBlocks::from_encoder(&model, after_block).unwrap();
+        assert_eq!(
+            (top.n_blocks(), top.in_channels(), top.feature_dim()),
+            (5, 112, 1280)
+        );
+        let forward = top.forward(input, n_images, size).unwrap();
+        let expected = features
+            .pooled
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Pooled features that vary, so the comparison says something.
+        let spread = expected.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v))
+            - expected.iter().fold(f32::INFINITY, |m, v| m.min(*v));
+        assert!(spread > 0.1, "pooled features span only {spread}");
+        assert_close("pooled", forward.pooled(), &expected, 1e-4);
+    }
+
+    #[test]
+    fn refuses_a_block_without_blocks_after_it() {
+        let model = random_lite0();
+        let err = TopBlocks::from_encoder(&model, 15).unwrap_err().to_string();
+        assert!(
+            err.contains("after block 15") && err.contains("0..=15"),
+            "{err}"
+        );
+    }
+
+    /// Elements `start, start + stride, …` (`count` of them) along `dim`,
+    /// zero-extended past the end: the encoder's candle depthwise path.
+    fn take_strided(x: &Tensor, dim: usize, start: usize, count: usize, stride: usize) -> Tensor {
+        if stride == 1 {
+            return x.narrow(dim, start, count).unwrap();
+        }
+        let available = x.dim(dim).unwrap() - start;
+        let wanted = count * stride;
+        let mut slice = x.narrow(dim, start, available.min(wanted)).unwrap();
+        if available < wanted {
+            slice = slice.pad_with_zeros(dim, 0, wanted - available).unwrap();
+        }
+        let mut dims = slice.dims().to_vec();
+        dims[dim] = count;
+        dims.insert(dim + 1, stride);
+        slice
+            .reshape(dims)
+            .unwrap()
+            .narrow(dim + 1, 0, 1)
+            .unwrap()
+            .squeeze(dim + 1)
+            .unwrap()
+    }
+
+    fn candle_relu6(x: Tensor, relu6: bool) -> Tensor {
+        if relu6 {
+            (x.relu().unwrap() - (x - 6.0).unwrap().relu().unwrap()).unwrap()
+        } else {
+            x
+        }
+    }
+
+    /// 1×1 convolution on NCHW.
+    fn candle_pointwise(x: &Tensor, conv: &Pointwise, weight: &Var, bias: &Var) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let y = weight
+            .as_tensor()
+            .reshape((conv.outputs, conv.inputs))
+            .unwrap()
+            .broadcast_matmul(&x.reshape((n, c, h * w)).unwrap())
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, conv.outputs, 1)).unwrap())
+            .unwrap()
+            .reshape((n, conv.outputs, h, w))
+            .unwrap();
+        candle_relu6(y, conv.relu6)
+    }
+
+    /// Depthwise convolution on NCHW as a sum of shifted, strided slices of
+    /// the padded input times per-channel tap weights.
+    fn candle_depthwise(x: &Tensor, conv: &Depthwise, weight: &Var, bias: &Var) -> Tensor {
+        let (_, c, h, w) = x.dims4().unwrap();
+        let (k, s) = (conv.kernel, conv.stride);
+        let (top, bottom) = same_padding(h, k, s);
+        let (left, right) = same_padding(w, k, s);
+        let padded = x
+            .pad_with_zeros(2, top, bottom)
+            .unwrap()
+            .pad_with_zeros(3, left, right)
+            .unwrap();
+        let (out_h, out_w) = (h.div_ceil(s), w.div_ceil(s));
+        let weight = weight.as_tensor().reshape((k * k, c)).unwrap();
+        let mut sum = bias.as_tensor().reshape((1, c, 1, 1)).unwrap();
+        for dy in 0..k {
+            let rows = take_strided(&padded, 2, dy, out_h, s);
+            for dx in 0..k {
+                let window = take_strided(&rows, 3, dx, out_w, s);
+                let tap = weight
+                    .narrow(0, dy * k + dx, 1)
+                    .unwrap()
+                    .reshape((1, c, 1, 1))
+                    .unwrap();
+                sum = sum
+                    .broadcast_add(&window.broadcast_mul(&tap).unwrap())
+                    .unwrap();
+            }
+        }
+        candle_relu6(sum, conv.relu6)
+    }
+
+    /// Candle autograd's gradients of `sum(pooled · upstream)` for every
+    /// parameter (in `parameters` order) and for the channels-last input.
+    fn candle_gradients(
+        top: &TopBlocks,
+        input: &[f32],
+        n_images: usize,
+        size: MapSize,
+        upstream: &[f32],
+    ) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = top
+            .parameters()
+            .iter()
+            .map(|p| Var::from_slice(p, p.len(), &dev).unwrap())
+            .collect();
+        let input_var = Var::from_slice(
+            input,
+            (n_images, size.height, size.width, top.in_channels),
+            &dev,
+        )
+        .unwrap();
+        let mut x = input_var
+            .as_tensor()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let mut next = vars.iter();
+        for block in &top.blocks {
+            let block_input = x.clone();
+            if let Some(expand) = &block.expand {
+                x = candle_pointwise(&x, expand, next.next().unwrap(), next.next().unwrap());
+            }
+            x = candle_depthwise(
+                &x,
+                &block.depthwise,
+                next.next().unwrap(),
+                next.next().unwrap(),
+            );
+            x = candle_pointwise(
+                &x,
+                &block.project,
+                next.next().unwrap(),
+                next.next().unwrap(),
+            );
+            if block.residual {
+                x = (x + block_input).unwrap();
+            }
+        }
+        x = candle_pointwise(&x, &top.head, next.next().unwrap(), next.next().unwrap());
+        assert!(next.next().is_none());
+        let pooled = x.mean(D::Minus1).unwrap().mean(D::Minus1).unwrap();
+        let upstream = Tensor::from_slice(upstream, pooled.dims(), &dev).unwrap();
+        let loss = (&pooled * upstream).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (
+            vars.iter()
+                .map(|v| flat(grads.get(v.as_tensor()).expect("a gradient per parameter")))
+                .collect(),
+            flat(grads.get(input_var.as_tensor()).expect("an input gradient")),
+            flat(&pooled),
+        )
+    }
+
+    #[test]
+    fn gradients_equal_candle_autograd() {
+        // Reference: candle's autograd through the same computation built
+        // from candle ops (matmul, pad, strided slices, broadcast multiply,
+        // relu), on odd map sizes so TF padding is uneven.
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let top = small_blocks(&mut rng);
+        let (n_images, size) = (
+            3,
+            MapSize {
+                height: 9,
+                width: 7,
+            },
+        );
+        let input = uniform(&mut rng, n_images * size.pixels() * top.in_channels, 2.0);
+        let upstream = uniform(&mut rng, n_images * top.feature_dim(), 1.0);
+        let forward = top.forward(input.clone(), n_images, size).unwrap();
+        // Every regime of ReLU6 occurs: clipped at 0, clipped at 6, linear.
+        let expanded = forward.steps[0].expanded.as_ref().unwrap();
+        assert!(expanded.contains(&0.0) && expanded.contains(&6.0));
+        assert!(expanded.iter().any(|v| *v > 0.0 && *v < 6.0));
+        assert_eq!(
+            forward.steps[0].output_size,
+            MapSize {
+                height: 5,
+                width: 4
+            }
+        );
+        let mut gradients = top.zero_gradients();
+        let input_gradient = top
+            .backward(&forward, &upstream, &mut gradients, InputGradient::Compute)
+            .unwrap()
+            .expect("asked for the input gradient");
+        let (expected, expected_input, expected_pooled) =
+            candle_gradients(&top, &input, n_images, size, &upstream);
+        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
+        for ((name, ours), theirs) in top
+            .parameter_names()
+            .iter()
+            .zip(&gradients.values)
+            .zip(&expected)
+        {
+            assert!(max_abs(theirs) > 0.0, "{name}: zero reference gradient");
+            assert_close(name, ours, theirs, 1e-4);
+        }
+        assert_close("input", &input_gradient, &expected_input, 1e-4);
+
+        // Skipping the input gradient changes no parameter gradient, and
+        // backward accumulates: a second pass doubles them.
+        let skipped = top
+            .backward(&forward, &upstream, &mut gradients, InputGradient::Skip)
+            .unwrap();
+        assert!(skipped.is_none());
+        for ((name, twice), once) in top
+            .parameter_names()
+            .iter()
+            .zip(&gradients.values)
+            .zip(&expected)
+        {
+            let doubled: Vec<f32> = once.iter().map(|v| 2.0 * v).collect();
+            assert_close(name, twice, &doubled, 2e-4);
+        }
+    }
+
+    #[test]
+    fn training_the_blocks_alone_lowers_the_loss() {
+        // Two classes of maps told apart by a shift in half the channels; a
+        // fixed random linear layer on the pooled features, so only the
+        // blocks' updates can lower the cross-entropy.
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut top = small_blocks(&mut rng);
+        let size = MapSize {
+            height: 6,
+            width: 6,
+        };
+        let n_images = 16;
+        let channels = top.in_channels();
+        let labels: Vec<usize> = (0..n_images).map(|i| i % 2).collect();
+        let mut maps = Vec::new();
+        for &label in &labels {
+            let mut map = uniform(&mut rng, channels * size.pixels(), 1.0);
+            if label == 1 {
+                for v in &mut map[..channels / 2 * size.pixels()] {
+                    *v += 1.0;
+                }
+            }
+            append_channels_last(&map, channels, size, &mut maps);
+        }
+        let features = top.feature_dim();
+        let linear = uniform(&mut rng, 2 * features, 0.3);
+        // Mean cross-entropy and d loss / d pooled.
+        let loss_and_gradient = |pooled: &[f32]| -> (f32, Vec<f32>) {
+            let mut loss = 0.0;
+            let mut gradient = vec![0f32; pooled.len()];
+            for ((row, &label), g) in pooled
+                .chunks_exact(features)
+                .zip(&labels)
+                .zip(gradient.chunks_exact_mut(features))
+            {
+                let logits: Vec<f32> = linear
+                    .chunks_exact(features)
+                    .map(|w| w.iter().zip(row).map(|(a, b)| a * b).sum())
+                    .collect();
+                let max = logits[0].max(logits[1]);
+                let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+                let total: f32 = exps.iter().sum();
+                loss -= (exps[label] / total).ln() / n_images as f32;
+                for (class, w) in linear.chunks_exact(features).enumerate() {
+                    let delta = (exps[class] / total - f32::from(u8::from(class == label)))
+                        / n_images as f32;
+                    for (g, w) in g.iter_mut().zip(w) {
+                        *g += delta * w;
+                    }
+                }
+            }
+            (loss, gradient)
+        };
+        let mut optimizer = BlocksOptimizer::new(&top);
+        let mut gradients = top.zero_gradients();
+        let mut losses = Vec::new();
+        for _ in 0..30 {
+            let forward = top.forward(maps.clone(), n_images, size).unwrap();
+            let (loss, pooled_gradient) = loss_and_gradient(forward.pooled());
+            losses.push(loss);
+            gradients.zero();
+            top.backward(
+                &forward,
+                &pooled_gradient,
+                &mut gradients,
+                InputGradient::Skip,
+            )
+            .unwrap();
+            optimizer.update(
+                &mut top,
+                &gradients,
+                BlocksStep {
+                    lr: 1e-2,
+                    weight_decay: 1e-4,
+                    scale: 1.0,
+                },
+            );
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(first > 0.3, "the problem starts unsolved: {losses:?}");
+        assert!(last < 0.25 * first, "losses {losses:?}");
+        assert_eq!(optimizer.updates(), 30);
+    }
+
+    /// `steps` AdamW steps of `top` on a fixed batch against a fixed
+    /// upstream gradient.
+    fn train_steps(
+        top: &mut TopBlocks,
+        optimizer: &mut BlocksOptimizer,
+        (input, upstream): (&[f32], &[f32]),
+        steps: usize,
+    ) {
+        let size = MapSize {
+            height: 9,
+            width: 7,
+        };
+        let mut gradients = top.zero_gradients();
+        for _ in 0..steps {
+            let forward = top.forward(input.to_vec(), 2, size).unwrap();
+            gradients.zero();
+            top.backward(&forward, upstream, &mut gradients, InputGradient::Skip)
+                .unwrap();
+            optimizer.update(
+                top,
+                &gradients,
+                BlocksStep {
+                    lr: 1e-2,
+                    weight_decay: 1e-2,
+                    scale: 1.0,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn saved_blocks_and_moments_resume_to_the_same_weights() {
+        // Two steps, a save through safetensors bytes, a restore into the
+        // untrained blocks, two more steps: the weights of four steps in a
+        // row, bit for bit.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let start = small_blocks(&mut rng);
+        let input = uniform(&mut rng, 2 * 9 * 7 * start.in_channels(), 2.0);
+        let upstream = uniform(&mut rng, 2 * start.feature_dim(), 1.0);
+        let batch = (input.as_slice(), upstream.as_slice());
+
+        let mut straight = start.clone();
+        let mut straight_optimizer = BlocksOptimizer::new(&straight);
+        train_steps(&mut straight, &mut straight_optimizer, batch, 4);
+
+        let mut first = start.clone();
+        let mut first_optimizer = BlocksOptimizer::new(&first);
+        train_steps(&mut first, &mut first_optimizer, batch, 2);
+        let mut named = first.tensors("blocks.").unwrap();
+        named.extend(first_optimizer.tensors(&first, "blocks.").unwrap());
+        let bytes = crate::train::checkpoint::safetensors_bytes(&named, None).unwrap();
+        let path = Path::new("checkpoint.safetensors");
+        let tensors =
+            crate::train::checkpoint::tensors_from_bytes(&bytes, path, &Device::Cpu).unwrap();
+
+        let mut resumed = start.clone();
+        resumed.load_tensors(&tensors, "blocks.", path).unwrap();
+        assert_eq!(resumed.parameters(), first.parameters());
+        let mut resumed_optimizer =
+            BlocksOptimizer::from_tensors(&resumed, &tensors, "blocks.", 2, path).unwrap();
+        train_steps(&mut resumed, &mut resumed_optimizer, batch, 2);
+        assert_eq!(resumed.parameters(), straight.parameters());
+        assert_ne!(resumed.parameters(), start.parameters());
+
+        // A missing tensor and a tensor of another shape: refused by name,
+        // the blocks unchanged.
+        let mut missing = tensors.clone();
+        missing.remove("blocks.block5.depthwise.weight");
+        let mut target = start.clone();
+        let error = target
+            .load_tensors(&missing, "blocks.", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("checkpoint.safetensors")
+                && error.contains("no tensor blocks.block5.depthwise.weight"),
+            "{error}"
+        );
+        let mut reshaped = tensors.clone();
+        reshaped.insert(
+            "blocks.head.bias".to_string(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        let error = target
+            .load_tensors(&reshaped, "blocks.", path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tensor blocks.head.bias is [3], the blocks need [20]"),
+            "{error}"
+        );
+        assert_eq!(target.parameters(), start.parameters());
+    }
+}
