@@ -29,7 +29,7 @@ use faer::Accum;
 use rayon::prelude::*;
 
 use super::TrainError;
-use super::host::{Product, Threads, row_major};
+use super::host::{AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{BlockWeights, ConvWeights, NetworkWeights};
 use crate::encoders::cpu_kernels::same_padding;
 use crate::encoders::efficientnet_lite::EfficientNetLite;
@@ -1027,12 +1027,7 @@ impl BlocksOptimizer {
 
     pub fn update(&mut self, blocks: &mut TopBlocks, gradients: &BlockGradients, step: BlocksStep) {
         self.updates += 1;
-        let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f32);
-        let correction1 = (1.0 - beta1.powi(self.updates)) as f32;
-        let correction2 = (1.0 - beta2.powi(self.updates)) as f32;
-        let decay = (1.0 - step.lr * step.weight_decay) as f32;
-        let (beta1, beta2, lr) = (beta1 as f32, beta2 as f32, step.lr as f32);
-        let scale = step.scale;
+        let adamw = AdamWStep::new(step.lr, step.weight_decay, self.updates, step.scale);
         blocks
             .parameters_mut()
             .into_par_iter()
@@ -1040,19 +1035,7 @@ impl BlocksOptimizer {
             .zip(&mut self.first_moments)
             .zip(&mut self.second_moments)
             .for_each(|(((weights, gradients), first), second)| {
-                for (((w, &g), m), v) in weights
-                    .iter_mut()
-                    .zip(gradients)
-                    .zip(first.iter_mut())
-                    .zip(second.iter_mut())
-                {
-                    let g = g * scale;
-                    *m = *m * beta1 + g * (1.0 - beta1);
-                    *v = *v * beta2 + g * g * (1.0 - beta2);
-                    let m_hat = *m / correction1;
-                    let v_hat = *v / correction2;
-                    *w = *w * decay - lr * (m_hat / (v_hat.sqrt() + eps));
-                }
+                adamw.apply(weights, gradients, first, second);
             });
     }
 }
