@@ -420,10 +420,20 @@ impl EpochStream {
 }
 
 /// The view (0-based, below `views`) an image is trained on in `epoch`:
-/// drawn from the run's seed, the epoch and the image (its manifest index)
-/// alone, so it does not depend on the order, the batch or the other images,
-/// and a resumed run draws the same (SplitMix64 finalisers chained).
-pub(crate) fn drawn_view(seed: u64, epoch: usize, image: usize, views: usize) -> usize {
+/// drawn from the run's seed, the epoch, the image (its manifest index) and
+/// which of the image's draws in this epoch it is (`occurrence`: 0 for the
+/// first; the balanced sampler can draw a minority image several times in
+/// one epoch, and each draw gets a view of its own), so it does not depend
+/// on the batches or the other images, and a resumed run draws the same
+/// (SplitMix64 finalisers chained). The first draw's view is what it was
+/// before `occurrence` existed.
+pub(crate) fn drawn_view(
+    seed: u64,
+    epoch: usize,
+    image: usize,
+    occurrence: usize,
+    views: usize,
+) -> usize {
     fn mix(mut z: u64) -> u64 {
         z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -433,7 +443,11 @@ pub(crate) fn drawn_view(seed: u64, epoch: usize, image: usize, views: usize) ->
     if views <= 1 {
         return 0;
     }
-    (mix(mix(mix(seed) ^ epoch as u64) ^ image as u64) % views as u64) as usize
+    let mut z = mix(mix(mix(seed) ^ epoch as u64) ^ image as u64);
+    if occurrence > 0 {
+        z = mix(z ^ occurrence as u64);
+    }
+    (z % views as u64) as usize
 }
 
 fn run_epoch(
@@ -450,8 +464,12 @@ fn run_epoch(
     // drawn view's row.
     if data.views > 1 && train_views == TrainViews::Sample {
         let images = data.features.image_indices();
+        let mut draws: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
         for (row, _) in &mut order {
-            *row += drawn_view(stream.seed, stream.epoch, images[*row], data.views);
+            let occurrence = draws.entry(*row).or_insert(0);
+            let image = images[*row];
+            *row += drawn_view(stream.seed, stream.epoch, image, *occurrence, data.views);
+            *occurrence += 1;
         }
     }
     let steps_per_epoch = order.len().div_ceil(stream.batch_size);
@@ -1012,15 +1030,30 @@ mod tests {
     #[test]
     fn drawn_views_depend_on_seed_epoch_and_image_only_and_cover_every_view() {
         use super::drawn_view;
+        // First draws as before occurrences existed (values of 00bbb29's
+        // drawn_view, recomputed with a Python SplitMix64): runs without
+        // repeated images draw exactly what they drew.
+        let pinned: Vec<usize> = (0..10).map(|image| drawn_view(7, 3, image, 0, 8)).collect();
+        assert_eq!(pinned, [1, 1, 1, 4, 2, 7, 4, 3, 2, 2]);
+        let pinned: Vec<usize> = (0..10)
+            .map(|image| drawn_view(11, 0, image, 0, 4))
+            .collect();
+        assert_eq!(pinned, [3, 0, 0, 2, 2, 2, 2, 1, 1, 3]);
+        // An image drawn again in the same epoch (balanced sampling) gets
+        // views of its own: 16 draws of one image see most of the 8 views.
+        let repeated: std::collections::BTreeSet<usize> = (0..16)
+            .map(|occurrence| drawn_view(7, 3, 5, occurrence, 8))
+            .collect();
+        assert!(repeated.len() >= 5, "16 draws saw only views {repeated:?}");
         // One view: always view 0.
-        assert!((0..100).all(|image| drawn_view(7, 3, image, 1) == 0));
+        assert!((0..100).all(|image| drawn_view(7, 3, image, 0, 1) == 0));
         for views in [4, 8] {
             let draws: Vec<usize> = (0..400)
-                .map(|image| drawn_view(7, 3, image, views))
+                .map(|image| drawn_view(7, 3, image, 0, views))
                 .collect();
             // The same (seed, epoch, image) draws the same view, whatever
             // else was drawn (a resumed run, another batch order).
-            assert_eq!(draws[123], drawn_view(7, 3, 123, views));
+            assert_eq!(draws[123], drawn_view(7, 3, 123, 0, views));
             // Every view is drawn, about equally often (400 / views each;
             // binomial spread is about sqrt(400 / views)).
             for view in 0..views {
@@ -1033,10 +1066,10 @@ mod tests {
             }
             // Another epoch or seed draws otherwise.
             let other_epoch: Vec<usize> = (0..400)
-                .map(|image| drawn_view(7, 4, image, views))
+                .map(|image| drawn_view(7, 4, image, 0, views))
                 .collect();
             let other_seed: Vec<usize> = (0..400)
-                .map(|image| drawn_view(8, 3, image, views))
+                .map(|image| drawn_view(8, 3, image, 0, views))
                 .collect();
             assert_ne!(draws, other_epoch);
             assert_ne!(draws, other_seed);
