@@ -496,7 +496,7 @@ fn index_masks_from_a_manifest_train_two_classes() {
 
 /// images/NNN.png with binary masks/NNN.png of `n` 224x224 images whose
 /// blobs have radii `radius.0` plus up to `radius.1` px.
-fn write_small_blobs(dir: &Path, n: usize, seed: u64, radius: (f32, f32)) {
+pub fn write_small_blobs(dir: &Path, n: usize, seed: u64, radius: (f32, f32)) {
     std::fs::create_dir_all(dir.join("images")).unwrap();
     std::fs::create_dir_all(dir.join("masks")).unwrap();
     for i in 0..n {

@@ -13,30 +13,8 @@ use crate::support;
 
 use std::path::Path;
 
-use image::{GrayImage, ImageFormat, Luma};
+use image::ImageFormat;
 use support::{fails, json, lazarus, ok};
-
-/// `n` 224x224 images/NNN.png with masks/NNN.png of blobs of radius 3-6 px.
-fn write_small_blobs(dir: &Path, n: usize) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for i in 0..n {
-        let (image, classes) =
-            super::segment::class_blob_image(500 + i as u64, 224, 224, false, (3.0, 3.0));
-        image
-            .save_with_format(dir.join(format!("images/{i:03}.png")), ImageFormat::Png)
-            .unwrap();
-        let mask = GrayImage::from_fn(224, 224, |x, y| {
-            Luma([if classes.get_pixel(x, y)[0] > 0 {
-                255
-            } else {
-                0
-            }])
-        });
-        mask.save_with_format(dir.join(format!("masks/{i:03}.png")), ImageFormat::Png)
-            .unwrap();
-    }
-}
 
 fn enqueue(root: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
@@ -59,7 +37,8 @@ fn fine_maps_are_extracted_in_their_own_folder_and_segment_on_the_stride_4_grid(
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path().join("root");
     let source = temp.path().join("small");
-    write_small_blobs(&source, 16);
+    // 224x224 images with masks of blobs of radius 3-6 px.
+    super::segment::write_small_blobs(&source, 16, 500, (3.0, 3.0));
     ok(lazarus(
         &root,
         &["dataset", "add", "small", source.to_str().unwrap()],
