@@ -21,6 +21,12 @@
 //!   config.json        the run's configuration (scorer, patch settings)
 //!   metrics.json       its metrics, among them the threshold
 //!                      (val/best_f1_threshold)
+//! fine-tuned classification (`train --unfreeze-from`; format 2, so that a
+//! lazarus reading format 1 refuses it instead of ignoring the blocks):
+//!   the classification files, and
+//!   blocks.safetensors the trained encoder blocks with their layout, encoder
+//!                      and weights (metadata), as the run wrote them;
+//!                      bundle.json lists them (`trained_blocks`)
 //! segmentation (format 2):
 //!   head.safetensors   the head with its standardisation and its map,
 //!                      grid and tile settings (metadata), as the run wrote it
@@ -45,11 +51,12 @@ use crate::experiments::run_files::{INPUTS_FILE, METRICS_FILE};
 use crate::features::catalog::FeatureCache;
 use crate::layout::Layout;
 use crate::predict::{
-    EncoderReference, Model, PredictConfig, PredictError, Prediction, Predictor, PredictorParts,
-    RunPredictions, TrainedHead, predict_files,
+    EncoderReference, FineTunedModel, Model, PredictConfig, PredictError, Prediction, Predictor,
+    PredictorParts, RunPredictions, TrainedHead, predict_files,
 };
 use crate::train::anomaly::SavedScorer;
 use crate::train::config::{EvalViews, HeadConfig, Task};
+use crate::train::finetune::FineTunedBlocks;
 
 /// The layout version of classification bundles (unchanged since the first).
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
@@ -64,8 +71,11 @@ pub const MODEL_CARD_FILE: &str = crate::experiments::run_files::MODEL_CARD_FILE
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// An anomaly run's scorer, as `train --task anomaly` writes it.
 pub const SCORER_FILE: &str = "scorer.safetensors";
+/// A fine-tuned classifier's blocks, as `train --unfreeze-from` writes them.
+pub const BLOCKS_FILE: &str = crate::experiments::run_files::BLOCKS_FILE;
 /// Every file a bundle of any task may hold besides its manifest.
-const ALL_FILES: [&str; 8] = [
+const ALL_FILES: [&str; 9] = [
+    BLOCKS_FILE,
     HEAD_FILE,
     CLASSES_FILE,
     ENCODER_FILE,
@@ -182,6 +192,42 @@ pub struct BundleInfo {
     /// before `--views`).
     #[serde(default, skip_serializing_if = "EvalViews::is_mean")]
     pub eval_views: EvalViews,
+    /// The encoder blocks a fine-tuned classifier trained; absent for a
+    /// frozen encoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained_blocks: Option<TrainedBlocks>,
+}
+
+impl BundleInfo {
+    /// The layout version a bundle of this task (and blocks) is written in.
+    fn wanted_format(&self) -> u32 {
+        match self.task {
+            Task::Classify if self.trained_blocks.is_none() => BUNDLE_FORMAT_VERSION,
+            Task::Classify | Task::Anomaly | Task::Segment => TASK_BUNDLE_FORMAT_VERSION,
+        }
+    }
+
+    /// The files the bundle holds besides its manifest.
+    fn files(&self) -> Vec<&'static str> {
+        let mut files = bundle_files(self.task).to_vec();
+        if self.trained_blocks.is_some() {
+            files.push(BLOCKS_FILE);
+        }
+        files
+    }
+}
+
+/// `bundle.json`'s record of the encoder blocks a fine-tuned classifier
+/// trained (`train --unfreeze-from K`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainedBlocks {
+    /// K: the blocks after it read its output, the stride-16 map.
+    pub after_block: usize,
+    /// What changed from the pretrained encoder, in order: `block11`, …,
+    /// `head_conv`.
+    pub changed: Vec<String>,
+    /// Where they are.
+    pub file: String,
 }
 
 /// `classes.json`: class names in output order.
@@ -266,8 +312,25 @@ pub fn export(
             features_folder()
         )));
     }
+    let trained_blocks = match predictor.model() {
+        Model::FineTuned(model) => {
+            let blocks = &model.blocks.blocks;
+            let first = blocks.after_block() + 1;
+            let mut changed: Vec<String> = (first..first + blocks.n_blocks())
+                .map(|index| format!("block{index}"))
+                .collect();
+            changed.push("head_conv".into());
+            Some(TrainedBlocks {
+                after_block: blocks.after_block(),
+                changed,
+                file: BLOCKS_FILE.into(),
+            })
+        }
+        _ => None,
+    };
     let (standardisation, class_names) = match predictor.model() {
-        Model::Classify(head) => {
+        model @ (Model::Classify(_) | Model::FineTuned(_)) => {
+            let head = model.classifier().expect("a classifier");
             if encoder.feature_dim != head.input_dim() {
                 return Err(unexportable(format!(
                     "its head reads {} features, its feature folder holds {}",
@@ -298,11 +361,8 @@ pub fn export(
             Some(predictor.class_names().to_vec()),
         ),
     };
-    let info = BundleInfo {
-        format_version: match task {
-            Task::Classify => BUNDLE_FORMAT_VERSION,
-            Task::Anomaly | Task::Segment => TASK_BUNDLE_FORMAT_VERSION,
-        },
+    let mut info = BundleInfo {
+        format_version: 0,
         lazarus_version: crate::VERSION.to_string(),
         exported_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         task,
@@ -311,11 +371,17 @@ pub fn export(
         head: inputs.config.head.clone(),
         standardisation,
         eval_views: inputs.config.eval_views,
+        trained_blocks,
     };
+    info.format_version = info.wanted_format();
     let mut contents: Vec<(&str, Vec<u8>)> = Vec::new();
-    for file in run_files(task) {
+    let mut copied = run_files(task).to_vec();
+    if info.trained_blocks.is_some() {
+        copied.push(BLOCKS_FILE);
+    }
+    for file in copied {
         let path = run_dir.join(file);
-        contents.push((*file, std::fs::read(&path).map_err(io_error(&path))?));
+        contents.push((file, std::fs::read(&path).map_err(io_error(&path))?));
     }
     if let Some(class_names) = class_names {
         let classes = ClassMap {
@@ -430,10 +496,7 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
     // bundle.json says the task, which says what else the bundle holds.
     let info: BundleInfo = serde_json::from_slice(&checked(BUNDLE_FILE)?)
         .map_err(|e| corrupt(BUNDLE_FILE, e.to_string()))?;
-    let wanted_version = match info.task {
-        Task::Classify => BUNDLE_FORMAT_VERSION,
-        Task::Anomaly | Task::Segment => TASK_BUNDLE_FORMAT_VERSION,
-    };
+    let wanted_version = info.wanted_format();
     if info.format_version != wanted_version {
         return Err(corrupt(
             BUNDLE_FILE,
@@ -445,8 +508,8 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
         ));
     }
     let mut contents = BTreeMap::new();
-    for file in bundle_files(info.task) {
-        contents.insert(*file, checked(file)?);
+    for file in info.files() {
+        contents.insert(file, checked(file)?);
     }
     let encoder: EncoderReference = serde_json::from_slice(&contents[ENCODER_FILE])
         .map_err(|e| corrupt(ENCODER_FILE, e.to_string()))?;
@@ -490,7 +553,18 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
                     ),
                 ));
             }
-            Model::Classify(head)
+            match contents.get(BLOCKS_FILE) {
+                None => Model::Classify(head),
+                Some(bytes) => {
+                    let blocks = FineTunedBlocks::from_bytes(bytes, &dir.join(BLOCKS_FILE))
+                        .map_err(|e| corrupt(BLOCKS_FILE, e.to_string()))?;
+                    let model = FineTunedModel { head, blocks };
+                    model
+                        .check(&format!("bundle {}", dir.display()), Some(&encoder))
+                        .map_err(|e| corrupt(BLOCKS_FILE, e.to_string()))?;
+                    Model::FineTuned(Box::new(model))
+                }
+            }
         }
         // The run's own readers, on the files just checked.
         Task::Anomaly => {

@@ -221,6 +221,19 @@ pub struct TrainArgs {
     /// Write a resumable checkpoint every N epochs (0: never).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_every: usize,
+    /// Partial fine-tuning: train the encoder's blocks after block K with
+    /// the head, from the cached output of block K (a spatial folder of
+    /// `enqueue --spatial --maps 16`: for EfficientNet-Lite, K is the block
+    /// whose output is the stride-16 map, 10 for lite0).
+    #[arg(long, value_name = "K")]
+    pub unfreeze_from: Option<usize>,
+    /// --unfreeze-from: the blocks' AdamW learning rate (the head's
+    /// --schedule scales it alike) [default: 1e-4].
+    #[arg(long)]
+    pub blocks_lr: Option<f64>,
+    /// --unfreeze-from: the blocks' decoupled weight decay [default: 0.01].
+    #[arg(long)]
+    pub blocks_weight_decay: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
@@ -312,6 +325,12 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
         ("train_views", Some(name(args.train_views))),
         ("eval_views", Some(name(args.eval_views))),
         ("checkpoint_every", Some(count(args.checkpoint_every)?)),
+        ("unfreeze_from", optional_count(args.unfreeze_from)?),
+        ("blocks_lr", args.blocks_lr.map(Value::Float)),
+        (
+            "blocks_weight_decay",
+            args.blocks_weight_decay.map(Value::Float),
+        ),
         ("seed", Some(count(args.seed)?)),
     ];
     Ok(given

@@ -37,6 +37,11 @@ pub const CONFIG_TOML_FILE: &str = "config.toml";
 /// The kept head of a classification or segmentation run.
 pub const HEAD_FILE: &str = "head.safetensors";
 
+/// The trained encoder blocks of a fine-tuned run (`train --unfreeze-from`),
+/// beside its head: parameters named as `train::blocks::TopBlocks` names
+/// them, and their layout, the encoder and its weights as metadata.
+pub const BLOCKS_FILE: &str = "blocks.safetensors";
+
 /// The fitted scorer of an anomaly run.
 pub const SCORER_FILE: &str = "scorer.safetensors";
 
@@ -87,6 +92,10 @@ impl RunFolder {
 
     pub fn head(&self) -> PathBuf {
         self.path.join(HEAD_FILE)
+    }
+
+    pub fn blocks(&self) -> PathBuf {
+        self.path.join(BLOCKS_FILE)
     }
 
     pub fn scorer(&self) -> PathBuf {

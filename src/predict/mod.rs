@@ -18,7 +18,8 @@ mod predictor;
 pub mod segment;
 
 pub use predictor::{
-    Model, Outcome, Predictor, PredictorParts, PrepareError, Prepared, RawResult, TILE_GROUP,
+    FineTunedModel, Model, Outcome, Predictor, PredictorParts, PrepareError, Prepared, RawResult,
+    TILE_GROUP,
 };
 
 use std::collections::HashMap;
@@ -258,6 +259,17 @@ pub fn load_run_head(
         });
     }
     let inputs = read_run_inputs(&run_dir)?;
+    if let Some(unfreeze) = inputs.config.unfreeze {
+        return Err(PredictError::Run {
+            run: run_id.to_string(),
+            message: format!(
+                "it trained the encoder's blocks after block {} with its head (--unfreeze-from): \
+                 its head reads their output, not cached features; predict, export and serve \
+                 run the blocks",
+                unfreeze.after_block
+            ),
+        });
+    }
     let tensors = crate::train::checkpoint::load_tensors(&head_path, device)?;
     let head = TrainedHead::from_tensors(
         &inputs.config.head,
@@ -585,7 +597,9 @@ pub fn predict_files(
     out_dir: Option<&Path>,
 ) -> Result<RunPredictions, PredictError> {
     let mut predictions = match predictor.model() {
-        Model::Classify(_) => RunPredictions::Classify(Vec::with_capacity(images.len())),
+        Model::Classify(_) | Model::FineTuned(_) => {
+            RunPredictions::Classify(Vec::with_capacity(images.len()))
+        }
         Model::Anomaly(scorer) => RunPredictions::Anomaly(anomaly::AnomalyPredictions {
             run: predictor.run_id().to_string(),
             scorer: scorer.description.clone(),
@@ -652,7 +666,11 @@ pub fn predict_files(
                 outcome,
             };
             match (&mut predictions, predictor.model()) {
-                (RunPredictions::Classify(out), Model::Classify(head)) => {
+                (
+                    RunPredictions::Classify(out),
+                    model @ (Model::Classify(_) | Model::FineTuned(_)),
+                ) => {
+                    let head = model.classifier().expect("a classifier");
                     out.push(classified(head, answer, config.top_k))
                 }
                 (RunPredictions::Anomaly(out), Model::Anomaly(scorer)) => out

@@ -31,8 +31,10 @@ use crate::segment::model::TrainedSegmentHead;
 use crate::spatial::tile::{PreparedTile, TileConfig};
 use crate::train::anomaly::SavedScorer;
 use crate::train::anomaly::patch::ScoredImage;
+use crate::train::blocks::{MapSize, append_channels_last};
 use crate::train::config::{EvalViews, Task};
 use crate::train::data::average_views;
+use crate::train::finetune::FineTunedBlocks;
 
 /// An image's tiles are scored in groups of this many (`predict`'s default
 /// `--batch-size` before issue 21, which tile-based runs scored with).
@@ -45,10 +47,31 @@ const ENCODER_CHUNK: usize = 64;
 pub enum Model {
     /// A classification head with its standardisation.
     Classify(TrainedHead),
+    /// A classifier whose encoder blocks after block K were trained with
+    /// its head (`train --unfreeze-from K`): the blocks run on block K's
+    /// stride-16 map (cached, or from the encoder), then the head.
+    FineTuned(Box<FineTunedModel>),
     /// An anomaly scorer, image-level or patch-level.
     Anomaly(SavedScorer),
     /// A segmentation head over the tiles' maps.
     Segment(TrainedSegmentHead),
+}
+
+/// A fine-tuned classifier: its trained blocks and its head.
+pub struct FineTunedModel {
+    pub head: TrainedHead,
+    pub blocks: FineTunedBlocks,
+}
+
+impl Model {
+    /// The classification head of a classifier, fine-tuned or not.
+    pub fn classifier(&self) -> Option<&TrainedHead> {
+        match self {
+            Model::Classify(head) => Some(head),
+            Model::FineTuned(model) => Some(&model.head),
+            Model::Anomaly(_) | Model::Segment(_) => None,
+        }
+    }
 }
 
 /// What a predictor is built from (a run's files, or a bundle's).
@@ -183,6 +206,31 @@ impl Predictor {
             message,
         };
         let (model, class_names, cache, encoder) = match inputs.config.task.kind() {
+            Task::Classify if inputs.config.unfreeze.is_some() => {
+                let folder = crate::experiments::run_files::RunFolder::new(&run_dir);
+                let head_path = folder.head();
+                let tensors = crate::train::checkpoint::load_tensors(&head_path, device)
+                    .map_err(|e| run_error(format!("{e} (the run did not finish?)")))?;
+                let head = TrainedHead::from_tensors(
+                    &inputs.config.head,
+                    &tensors,
+                    inputs.class_names.clone(),
+                    &head_path,
+                )?;
+                let blocks = FineTunedBlocks::read(&folder.blocks())?;
+                let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
+                let reference =
+                    EncoderReference::from_features(cache.features(), &inputs.fingerprint)?;
+                let names = head.class_names().to_vec();
+                let model = FineTunedModel { head, blocks };
+                model.check(&owner, reference.as_ref())?;
+                (
+                    Model::FineTuned(Box::new(model)),
+                    names,
+                    Some(cache),
+                    reference,
+                )
+            }
             Task::Classify => {
                 let (head, _) = super::load_run_head(layout, run_id, device)?;
                 let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
@@ -238,7 +286,7 @@ impl Predictor {
 
     pub fn task(&self) -> Task {
         match &self.parts.model {
-            Model::Classify(_) => Task::Classify,
+            Model::Classify(_) | Model::FineTuned(_) => Task::Classify,
             Model::Anomaly(_) => Task::Anomaly,
             Model::Segment(_) => Task::Segment,
         }
@@ -279,13 +327,21 @@ impl Predictor {
         self.parts.encoder.as_ref()
     }
 
-    /// Patch-level anomaly and segmentation models read tiles.
+    /// Patch-level anomaly and segmentation models read tiles and answer
+    /// with pictures (heat maps, masks).
     pub fn is_tiled(&self) -> bool {
         match &self.parts.model {
-            Model::Classify(_) => false,
+            Model::Classify(_) | Model::FineTuned(_) => false,
             Model::Anomaly(scorer) => scorer.patch().is_some(),
             Model::Segment(_) => true,
         }
+    }
+
+    /// Whether images reach the model as tiles' maps: tile-based models,
+    /// and fine-tuned classifiers (one tile per image, whose map their
+    /// blocks read).
+    fn reads_maps(&self) -> bool {
+        self.is_tiled() || matches!(self.parts.model, Model::FineTuned(_))
     }
 
     /// How tile-based models cut an image (the tiling their features used).
@@ -296,6 +352,7 @@ impl Predictor {
                 .and_then(|p| p.info.tiling)
                 .unwrap_or_default(),
             Model::Segment(trained) => trained.info.tiling.unwrap_or_default(),
+            Model::FineTuned(model) => model.blocks.info.tiling.unwrap_or_default(),
             Model::Classify(_) => TileConfig::default(),
         }
     }
@@ -339,7 +396,7 @@ impl Predictor {
         let no_encoder = || PrepareError::NoEncoder {
             owner: self.parts.owner.clone(),
         };
-        let input = if !self.is_tiled() {
+        let input = if !self.reads_maps() {
             match (cached, reference) {
                 (Some(rows), _) => {
                     // The image's rows must be its views in order.
@@ -370,7 +427,9 @@ impl Predictor {
             match (cached, reference) {
                 (Some(rows), _) => {
                     let decode_limit = match (&self.parts.model, reference) {
-                        (Model::Segment(_), Some(reference)) => reference.preprocess.max_pixels,
+                        (Model::Segment(_) | Model::FineTuned(_), Some(reference)) => {
+                            reference.preprocess.max_pixels
+                        }
                         // Patch runs decode cached images with the default guard.
                         _ => PreprocessConfig::DEFAULT_MAX_PIXELS,
                     };
@@ -430,7 +489,7 @@ impl Predictor {
             Some(reference) => reference.preprocess.input_size as usize,
             None => encoder.spec().input_size as usize,
         };
-        let maps = self.is_tiled();
+        let maps = self.reads_maps();
         // The maps the model's features hold (a reference names them).
         let spatial_maps = self
             .parts
@@ -595,12 +654,62 @@ impl Predictor {
                 }
                 segment_result(trained, image, &logits)
             }
+            (Model::FineTuned(model), Input::CachedTiles { rows, .. }) => {
+                let row = self.single_tile(rows.len())?;
+                let features = cache().features();
+                let level = model.cached_level(features, &self.parts.owner)?;
+                let shape = features.maps()[level];
+                let size = MapSize {
+                    height: shape.height,
+                    width: shape.width,
+                };
+                let mut input = Vec::with_capacity(shape.channels * size.pixels());
+                append_channels_last(
+                    features.map(rows[row], level),
+                    shape.channels,
+                    size,
+                    &mut input,
+                );
+                RawResult::Classes(model.probabilities(input, size, &self.parts.owner, device)?)
+            }
+            (Model::FineTuned(model), Input::Tiles { tiles, .. }) => {
+                self.single_tile(tiles.len())?;
+                let reference = self
+                    .parts
+                    .encoder
+                    .as_ref()
+                    .expect("tiles come from the encoder");
+                let level = model.encoded_level(reference, &self.parts.owner)?;
+                let map = encoded().maps()?[level].narrow(0, rows.start, 1)?;
+                let (_, channels, height, width) = map.dims4()?;
+                let values = map.flatten_all()?.to_vec1::<f32>()?;
+                let size = MapSize { height, width };
+                let mut input = Vec::with_capacity(values.len());
+                append_channels_last(&values, channels, size, &mut input);
+                RawResult::Classes(model.probabilities(input, size, &self.parts.owner, device)?)
+            }
             _ => unreachable!("prepare makes inputs of the model's kind"),
         };
         Ok(Outcome {
             image_id: prepared.image_id,
             features_from: if from_cache { "cache" } else { "encoder" },
             result,
+        })
+    }
+
+    /// A fine-tuned classifier reads one map per image: the image's only
+    /// tile (0), or the refusal of an image larger than the tile size.
+    fn single_tile(&self, tiles: usize) -> Result<usize, PredictError> {
+        if tiles == 1 {
+            return Ok(0);
+        }
+        Err(PredictError::Model {
+            owner: self.parts.owner.clone(),
+            message: format!(
+                "the image is cut into {tiles} tiles; a fine-tuned classifier reads one map per \
+                 image (images up to the tile size of {} pixels)",
+                self.tiling().size
+            ),
         })
     }
 
@@ -690,5 +799,100 @@ fn segment_result(
         image: Box::new(image),
         tiles: logits.len(),
         classes,
+    }
+}
+
+impl FineTunedModel {
+    /// Checks that the blocks continue the encoder that made the features
+    /// (`reference`): same encoder, same weights, a stride-16 map kept.
+    pub fn check(
+        &self,
+        owner: &str,
+        reference: Option<&EncoderReference>,
+    ) -> Result<(), PredictError> {
+        let mismatch = |message: String| PredictError::Model {
+            owner: owner.to_string(),
+            message,
+        };
+        let info = &self.blocks.info;
+        if let Some(reference) = reference {
+            if reference.name != info.encoder || reference.weights != info.weights {
+                return Err(mismatch(format!(
+                    "its blocks continue {} with weights {}, its features were made by {} with \
+                     weights {}",
+                    info.encoder, info.weights, reference.name, reference.weights
+                )));
+            }
+            self.encoded_level(reference, owner)?;
+        }
+        if self.blocks.blocks.feature_dim() != self.head.input_dim() {
+            return Err(mismatch(format!(
+                "its blocks give {} features, its head reads {}",
+                self.blocks.blocks.feature_dim(),
+                self.head.input_dim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which of the encoder's maps (`reference.maps`, in order) the blocks read.
+    fn encoded_level(
+        &self,
+        reference: &EncoderReference,
+        owner: &str,
+    ) -> Result<usize, PredictError> {
+        let stride = self.blocks.info.stride;
+        reference
+            .maps
+            .strides()
+            .iter()
+            .position(|&s| s == stride)
+            .ok_or_else(|| PredictError::Model {
+                owner: owner.to_string(),
+                message: format!(
+                    "its blocks read the stride-{stride} map; the features keep the maps {}",
+                    reference.maps
+                ),
+            })
+    }
+
+    /// Which of a cached folder's maps the blocks read.
+    fn cached_level(
+        &self,
+        features: &crate::features::FeatureSet,
+        owner: &str,
+    ) -> Result<usize, PredictError> {
+        let stride = self.blocks.info.stride;
+        features
+            .maps()
+            .iter()
+            .position(|shape| shape.stride == stride)
+            .ok_or_else(|| PredictError::Model {
+                owner: owner.to_string(),
+                message: format!(
+                    "its blocks read the stride-{stride} map, which folder {} does not hold",
+                    features.dir().display()
+                ),
+            })
+    }
+
+    /// Class probabilities of one image from its map (channels last, `size`).
+    fn probabilities(
+        &self,
+        input: Vec<f32>,
+        size: MapSize,
+        owner: &str,
+        device: &Device,
+    ) -> Result<Vec<f32>, PredictError> {
+        let pooled = self
+            .blocks
+            .pooled(input, 1, size)
+            .map_err(|e| PredictError::Model {
+                owner: owner.to_string(),
+                message: e.to_string(),
+            })?;
+        let dim = pooled.len();
+        let pooled = Tensor::from_vec(pooled, (1, dim), device)?;
+        Ok(self.head.probabilities(&pooled)?.remove(0))
     }
 }

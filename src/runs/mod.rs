@@ -32,11 +32,11 @@ use crate::train::TrainError;
 use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
 use crate::train::checkpoint;
 use crate::train::config::{Task, TrainConfig};
-use crate::train::data;
 use crate::train::record::{start, warm_params};
 use crate::train::run::{FitOptions, RunReport, load_config, read_run_inputs, run_inputs};
 use crate::train::session::{class_weights_from, fit_and_finish, require_two_classes};
 use crate::train::warm::{self, WarmStart};
+use crate::train::{data, finetune};
 
 /// Errors of a sweep or a resume: those of the task trainers it calls.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,8 @@ pub fn resume(
             &options.device,
             options.progress,
         )?)),
+        // Fine-tuned classifiers resume through the same entry
+        // (`session::resume` hands them to `finetune::resume`).
         Task::Classify | Task::Anomaly => TrainedRun::Classify {
             report: Box::new(crate::train::session::resume(layout, run_id, options)?),
             warm_start: None,
@@ -136,11 +138,14 @@ pub fn sweep(
             segment_points.push(i);
             continue;
         }
+        // Patch-level anomaly and fine-tuned (`unfreeze_from`) points read
+        // spatial features.
         let spatial = point
             .config
             .task
             .anomaly()
-            .is_some_and(|a| a.patch.is_some());
+            .is_some_and(|a| a.patch.is_some())
+            || point.config.unfreeze.is_some();
         groups
             .entry((
                 point.dataset.clone(),
@@ -207,6 +212,34 @@ pub fn sweep(
             )?;
             outcome.anomaly.extend(reports);
             outcome.skipped.extend(skipped);
+        }
+        // Fine-tuned points train their own blocks: each is its own pass.
+        let (fine_tuned, configs): (Vec<TrainConfig>, Vec<TrainConfig>) = configs
+            .into_iter()
+            .partition(|config| config.unfreeze.is_some());
+        for config in fine_tuned {
+            let inputs = run_inputs(&data, &config);
+            let report = match next_step(&db, &inputs.config_hash, options.force)? {
+                Step::Skip(id) => {
+                    outcome.skipped.push((inputs.config_hash, id));
+                    continue;
+                }
+                Step::Resume(id) => finetune::resume(layout, &id, &options.fit),
+                Step::Start => finetune::train(
+                    layout,
+                    &data,
+                    &sweep.name,
+                    config,
+                    &sweep_param,
+                    &options.fit,
+                ),
+            };
+            outcome.passes += 1;
+            match report {
+                Ok(report) => outcome.trained.push(report),
+                Err(error @ TrainError::Diverged { .. }) => outcome.failed.push(error.to_string()),
+                Err(error) => return Err(error.into()),
+            }
         }
         if !configs.is_empty() {
             require_two_classes(&data)?;

@@ -12,7 +12,7 @@ use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
     Activation, ClassWeights, EarlyStopping, EvalViews, HeadConfig, Optimizer, Precision, Sampler,
-    TaskConfig, TrainConfig, TrainViews,
+    TaskConfig, TrainConfig, TrainViews, Unfreeze,
 };
 use crate::train::schedule::Schedule;
 
@@ -59,6 +59,9 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "clip_grad_norm",
     "memory_budget",
     "checkpoint_every",
+    "unfreeze_from",
+    "blocks_lr",
+    "blocks_weight_decay",
     "task",
     "normal_label",
     "anomaly_label",
@@ -317,6 +320,29 @@ pub fn train_settings(
         config.checkpoint_every = v;
     }
     config.init_from = text("init_from")?;
+    config.unfreeze = match count("unfreeze_from")? {
+        Some(after_block) => Some(Unfreeze {
+            after_block,
+            blocks_learning_rate: number("blocks_lr")?.unwrap_or(Unfreeze::DEFAULT_LEARNING_RATE),
+            blocks_weight_decay: number("blocks_weight_decay")?
+                .unwrap_or(Unfreeze::DEFAULT_WEIGHT_DECAY),
+        }),
+        None => {
+            // A sweep's points without `unfreeze_from` leave the blocks'
+            // settings aside, as a linear point leaves `dropout`.
+            if source == Source::Flags
+                && let Some(key) = ["blocks_lr", "blocks_weight_decay"]
+                    .into_iter()
+                    .find(|key| settings.contains_key(*key))
+            {
+                return Err(format!(
+                    "{} applies to --unfreeze-from K (trained encoder blocks)",
+                    source.name(key)
+                ));
+            }
+            None
+        }
+    };
     config.task = match (task.as_deref(), anomaly) {
         (Some("anomaly"), Some(anomaly)) => TaskConfig::Anomaly(anomaly),
         (Some("segment"), _) => {
@@ -366,7 +392,10 @@ pub fn train_settings(
         .map(|value| crate::encoders::SpatialMaps::parse(&value).map(|maps| maps.to_string()))
         .transpose()
         .map_err(|e| e.to_string())?;
-    let spatial_task = config.task == crate::train::config::Task::Segment || spatial_anomaly;
+    // Fine-tuned classifiers read the cached maps their blocks continue from.
+    let spatial_task = config.task == crate::train::config::Task::Segment
+        || spatial_anomaly
+        || config.unfreeze.is_some();
     if let Some(maps) = &maps
         && !spatial_task
     {
@@ -381,7 +410,8 @@ pub fn train_settings(
             .find(|key| settings.contains_key(*key))
             .unwrap_or("layers");
         return Err(format!(
-            "{} picks pooled features; segmentation and patch-level anomaly runs read spatial ones",
+            "{} picks pooled features; segmentation, patch-level anomaly and fine-tuned \
+             (--unfreeze-from) runs read spatial ones",
             source.name(key)
         ));
     }
@@ -616,5 +646,62 @@ mod tests {
             let config = train_settings(&segment, source).unwrap().config;
             assert_eq!(config.monitor, "val/dice");
         }
+    }
+
+    #[test]
+    fn unfreeze_settings_read_alike_from_flags_and_sweep_keys() {
+        let text = "unfreeze_from = 10\nblocks_lr = 3e-4\nmaps = \"16\"\nschedule = \"cosine\"";
+        let from_flags = train_settings(&settings(text), Source::Flags).unwrap();
+        let from_sweep = train_settings(&settings(text), Source::SweepFile).unwrap();
+        assert_eq!(from_flags, from_sweep);
+        assert_eq!(
+            from_flags.config.unfreeze,
+            Some(Unfreeze {
+                after_block: 10,
+                blocks_learning_rate: 3e-4,
+                blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
+            })
+        );
+        // Fine-tuned runs read spatial folders: `maps` picks one.
+        assert_eq!(from_flags.pooled.maps.as_deref(), Some("16"));
+        assert_eq!(
+            refusal("unfreeze_from = 10\nlayers = \"all\"", Source::Flags),
+            "--layers picks pooled features; segmentation, patch-level anomaly and fine-tuned \
+             (--unfreeze-from) runs read spatial ones"
+        );
+        // The blocks' settings without blocks: refused as flags, left aside
+        // by a sweep's points (a grid over unfreeze_from and none).
+        assert_eq!(
+            refusal("blocks_weight_decay = 0.1", Source::Flags),
+            "--blocks-weight-decay applies to --unfreeze-from K (trained encoder blocks)"
+        );
+        let point = train_settings(&settings("blocks_lr = 0.1"), Source::SweepFile).unwrap();
+        assert_eq!(point.config.unfreeze, None);
+        // What fine-tuning does not support is refused by name.
+        let refused = refusal("unfreeze_from = 10\ntask = \"segment\"", Source::Flags);
+        assert!(
+            refused.contains("task segment keeps the encoder frozen"),
+            "{refused}"
+        );
+        let refused = refusal("unfreeze_from = 10\noptimizer = \"sgd\"", Source::Flags);
+        assert!(refused.contains("--optimizer sgd"), "{refused}");
+        let refused = refusal("unfreeze_from = 10\nclip_grad_norm = 1.0", Source::Flags);
+        assert!(refused.contains("--clip-grad-norm 1"), "{refused}");
+        let refused = refusal("unfreeze_from = 10\nblocks_lr = 0", Source::SweepFile);
+        assert!(
+            refused.contains("blocks learning rate 0 must be positive"),
+            "{refused}"
+        );
+        // Stored with the config, and part of its hash.
+        let config = from_flags.config;
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains("\"unfreeze\":{\"after_block\":10"), "{json}");
+        let back: TrainConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        let frozen = TrainConfig {
+            unfreeze: None,
+            ..config.clone()
+        };
+        assert_ne!(config.config_hash("d", "fp"), frozen.config_hash("d", "fp"));
     }
 }

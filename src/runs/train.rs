@@ -17,7 +17,7 @@ use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
 use crate::train::config::{TaskConfig, TrainConfig};
 use crate::train::data::{self, SplitLabels};
 use crate::train::run::{FitOptions, RunReport, load_config};
-use crate::train::{session, warm};
+use crate::train::{finetune, session, warm};
 
 /// A new run of any task: its data, where it is recorded and its settings.
 #[derive(Debug, Clone)]
@@ -207,6 +207,9 @@ pub fn train(
         return Ok(TrainedRun::Segment(Box::new(report)));
     }
     config.validate()?;
+    if config.unfreeze.is_some() {
+        return train_fine_tuned(layout, request, config, options);
+    }
     let anomaly = config.task.anomaly();
     let mut load = load_config(&config);
     load.encoder = Some(request.encoder.clone());
@@ -251,5 +254,38 @@ pub fn train(
     Ok(TrainedRun::Classify {
         report: Box::new(report),
         warm_start,
+    })
+}
+
+/// `train --unfreeze-from K`: a classifier trained with the encoder's
+/// blocks after K, on the spatial folder whose stride-16 map is block K's
+/// output (`--maps` picks among several spatial folders).
+fn train_fine_tuned(
+    layout: &Layout,
+    request: &TrainRequest,
+    mut config: TrainConfig,
+    options: &FitOptions,
+) -> Result<TrainedRun, RunsError> {
+    let mut load = load_config(&config);
+    load.encoder = Some(request.encoder.clone());
+    load.pooled = PooledChoice {
+        maps: request.pooled.maps.clone(),
+        ..PooledChoice::default()
+    };
+    load.allow_partial = request.allow_partial;
+    let data = finetune::load_spatial(
+        layout,
+        &request.dataset,
+        request.fingerprint.as_deref(),
+        load,
+    )?;
+    if let Some(file) = &request.class_weights_file {
+        config.class_weights =
+            session::class_weights_from(&file.to_string_lossy(), &data.class_names)?;
+    }
+    let report = finetune::train(layout, &data, &request.experiment, config, &[], options)?;
+    Ok(TrainedRun::Classify {
+        report: Box::new(report),
+        warm_start: None,
     })
 }

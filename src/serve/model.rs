@@ -251,7 +251,7 @@ impl LoadedModel {
                 Some(scorer.description.clone()),
                 Some(scorer.patch().is_some()),
             ),
-            Model::Classify(_) | Model::Segment(_) => (None, None, None),
+            Model::Classify(_) | Model::FineTuned(_) | Model::Segment(_) => (None, None, None),
         };
         let info = ModelInfo {
             name: name.to_string(),
@@ -334,8 +334,11 @@ impl LoadedModel {
     /// threshold and the heat map, the foreground share and the mask.
     pub fn render(&self, result: RawResult, options: &RenderOptions) -> Result<Rendered, String> {
         Ok(match (self.predictor.model(), result) {
-            (Model::Classify(head), RawResult::Classes(probabilities)) => {
-                let names = head.class_names();
+            (
+                model @ (Model::Classify(_) | Model::FineTuned(_)),
+                RawResult::Classes(probabilities),
+            ) => {
+                let names = model.classifier().expect("a classifier").class_names();
                 Rendered::Classes {
                     top: crate::predict::top_k(&probabilities, options.top_k)
                         .into_iter()

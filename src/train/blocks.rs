@@ -30,7 +30,9 @@ use rayon::prelude::*;
 
 use super::TrainError;
 use super::host::{AdamWStep, Product, Threads, row_major};
-use crate::encoders::cpu_kernels::network::{BlockWeights, ConvWeights, NetworkWeights};
+use crate::encoders::cpu_kernels::network::{
+    BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
+};
 use crate::encoders::cpu_kernels::same_padding;
 use crate::encoders::efficientnet_lite::EfficientNetLite;
 
@@ -75,6 +77,29 @@ struct Block {
     depthwise: Depthwise,
     project: Pointwise,
     residual: bool,
+}
+
+/// What rebuilds `TopBlocks` from its named tensors without the encoder
+/// (the metadata of a run's blocks file): per block, whether it expands,
+/// its depthwise kernel and stride, the skip connection and where ReLU6
+/// applies. Channel counts come from the tensors' shapes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlocksLayout {
+    pub after_block: usize,
+    pub in_channels: usize,
+    pub blocks: Vec<BlockLayout>,
+    pub head_relu6: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockLayout {
+    /// Some(ReLU6 after it) when the block has an expansion convolution.
+    pub expand_relu6: Option<bool>,
+    pub kernel: usize,
+    pub stride: usize,
+    pub depthwise_relu6: bool,
+    pub project_relu6: bool,
+    pub residual: bool,
 }
 
 /// The blocks after block `after_block` and the head convolution, with
@@ -201,6 +226,77 @@ impl TopBlocks {
             blocks: built,
             head,
         })
+    }
+
+    /// What `from_layout` needs besides the tensors.
+    pub fn layout(&self) -> BlocksLayout {
+        BlocksLayout {
+            after_block: self.after_block,
+            in_channels: self.in_channels,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|block| BlockLayout {
+                    expand_relu6: block.expand.as_ref().map(|e| e.relu6),
+                    kernel: block.depthwise.kernel,
+                    stride: block.depthwise.stride,
+                    depthwise_relu6: block.depthwise.relu6,
+                    project_relu6: block.project.relu6,
+                    residual: block.residual,
+                })
+                .collect(),
+            head_relu6: self.head.relu6,
+        }
+    }
+
+    /// The blocks `layout` describes with the parameters of `tensors` (the
+    /// names of `tensors(prefix)`); `source` names the file in errors. Every
+    /// tensor's shape is checked as `new` checks the encoder's.
+    pub fn from_layout(
+        layout: &BlocksLayout,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        source: &Path,
+    ) -> Result<Self, TrainError> {
+        let read = |name: &str| -> Result<Vec<f32>, TrainError> {
+            let key = format!("{prefix}{name}");
+            let tensor = tensors.get(&key).ok_or_else(|| {
+                TrainError::Checkpoint(format!("{}: no tensor {key}", source.display()))
+            })?;
+            Ok(tensor
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let conv = |name: &str, relu6: bool| -> Result<ConvWeights, TrainError> {
+            Ok(ConvWeights {
+                weight: read(&format!("{name}.weight"))?,
+                bias: read(&format!("{name}.bias"))?,
+                relu6,
+            })
+        };
+        let mut blocks = Vec::with_capacity(layout.blocks.len());
+        for (offset, block) in layout.blocks.iter().enumerate() {
+            let name = format!("block{}", layout.after_block + 1 + offset);
+            blocks.push(BlockWeights {
+                expand: block
+                    .expand_relu6
+                    .map(|relu6| conv(&format!("{name}.expand"), relu6))
+                    .transpose()?,
+                depthwise: DepthwiseConv {
+                    weight: read(&format!("{name}.depthwise.weight"))?,
+                    bias: read(&format!("{name}.depthwise.bias"))?,
+                    kernel: block.kernel,
+                    stride: block.stride,
+                    relu6: block.depthwise_relu6,
+                },
+                project: conv(&format!("{name}.project"), block.project_relu6)?,
+                residual: block.residual,
+            });
+        }
+        let head = conv("head", layout.head_relu6)?;
+        Self::new(layout.after_block, layout.in_channels, &blocks, &head)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", source.display())))
     }
 
     /// The block whose output these blocks read.
@@ -595,6 +691,17 @@ impl Forward {
 
     pub fn into_pooled(self) -> Vec<f32> {
         self.pooled
+    }
+
+    /// Bytes this pass keeps for `backward` (memory planning).
+    pub fn stored_bytes(&self) -> u64 {
+        let mut floats = self.head_input.len() + self.head_output.len() + self.pooled.len();
+        for step in &self.steps {
+            floats += step.input.len()
+                + step.expanded.as_ref().map_or(0, Vec::len)
+                + step.depthwise.len();
+        }
+        floats as u64 * 4
     }
 }
 

@@ -60,6 +60,18 @@ pub fn save_if_due(
     config: &TrainConfig,
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
+    save_if_due_with(run_dir, config, trainer, || Ok(Vec::new()))
+}
+
+/// `save_if_due` with the tensors `more` gives beside the head's (a
+/// fine-tuned run's blocks, their moments and the best blocks), asked for
+/// only when a checkpoint is due.
+pub fn save_if_due_with(
+    run_dir: &Path,
+    config: &TrainConfig,
+    trainer: &HeadTrainer,
+    more: impl FnOnce() -> Result<Vec<(String, Tensor)>, TrainError>,
+) -> Result<(), TrainError> {
     let every = config.checkpoint_every;
     let epochs_done = trainer.state.epochs_done;
     if every == 0 || (!epochs_done.is_multiple_of(every) && trainer.is_active()) {
@@ -71,7 +83,9 @@ pub fn save_if_due(
         rng: RngDescription::for_epoch(config.seed, epochs_done),
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    publish(run_dir, epochs_done, &trainer.checkpoint_tensors(), &json)
+    let mut tensors = trainer.checkpoint_tensors();
+    tensors.extend(more()?);
+    publish(run_dir, epochs_done, &tensors, &json)
 }
 
 /// Writes `checkpoints/best.safetensors`: the head file of a new best epoch.
@@ -93,8 +107,24 @@ pub fn restore_latest(
     trainer: &mut HeadTrainer,
     device: &Device,
 ) -> Result<usize, TrainError> {
+    restore_latest_with(run_dir, config, trainer, device)?;
+    Ok(trainer.state.epochs_done)
+}
+
+/// Every tensor of a restored checkpoint, and the file they were read from.
+pub type RestoredTensors = (HashMap<String, Tensor>, PathBuf);
+
+/// `restore_latest`, handing back every tensor of the checkpoint (and its
+/// file, for messages) so that the caller restores what it saved beside the
+/// head; None, and the trainer untouched, without a checkpoint.
+pub fn restore_latest_with(
+    run_dir: &Path,
+    config: &TrainConfig,
+    trainer: &mut HeadTrainer,
+    device: &Device,
+) -> Result<Option<RestoredTensors>, TrainError> {
     let Some((weights, json)) = latest(run_dir)? else {
-        return Ok(0);
+        return Ok(None);
     };
     let saved: CheckpointState = serde_json::from_slice(&json).map_err(|e| {
         TrainError::Checkpoint(format!(
@@ -110,7 +140,7 @@ pub fn restore_latest(
     }
     let tensors = load_tensors(&weights, device)?;
     trainer.restore_checkpoint(saved.state, &tensors)?;
-    Ok(trainer.state.epochs_done)
+    Ok(Some((tensors, weights)))
 }
 
 /// The JSON value under `key` in a safetensors file's header metadata; None

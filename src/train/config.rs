@@ -266,6 +266,26 @@ impl PartialEq<Task> for TaskConfig {
     }
 }
 
+/// Partial fine-tuning (`train --unfreeze-from K`): the encoder blocks after
+/// block K train with the head, from their pretrained weights, with their
+/// own AdamW rate and decoupled weight decay (the head's schedule scales
+/// both rates alike). The run reads a spatial folder whose stride-16 map is
+/// block K's output (`train::finetune`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Unfreeze {
+    pub after_block: usize,
+    pub blocks_learning_rate: f64,
+    pub blocks_weight_decay: f64,
+}
+
+impl Unfreeze {
+    /// `--blocks-lr`'s default: the best of 3e-5, 1e-4 and 3e-4 on elpv
+    /// (BENCHMARKS.md, partial fine-tuning).
+    pub const DEFAULT_LEARNING_RATE: f64 = 1e-4;
+    /// `--blocks-weight-decay`'s default.
+    pub const DEFAULT_WEIGHT_DECAY: f64 = 0.01;
+}
+
 /// Early stopping on a validation metric (higher is better; `*/loss` is negated).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EarlyStopping {
@@ -310,6 +330,9 @@ pub struct TrainConfig {
     pub train_views: TrainViews,
     /// How evaluation and prediction read an image's views (`--eval-views`).
     pub eval_views: EvalViews,
+    /// Encoder blocks trained with the head (`--unfreeze-from`); None: the
+    /// encoder stays frozen.
+    pub unfreeze: Option<Unfreeze>,
 }
 
 /// `TrainConfig` as runs store it: the task's kind, and the anomaly
@@ -346,6 +369,9 @@ struct StoredConfig {
     train_views: TrainViews,
     #[serde(default, skip_serializing_if = "EvalViews::is_mean")]
     eval_views: EvalViews,
+    // Absent for frozen encoders: their configs and hashes stay as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unfreeze: Option<Unfreeze>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     anomaly: Option<AnomalyConfig>,
 }
@@ -377,6 +403,7 @@ macro_rules! shared_fields {
             init_from: from.init_from,
             train_views: from.train_views,
             eval_views: from.eval_views,
+            unfreeze: from.unfreeze,
         }
     }};
 }
@@ -443,6 +470,7 @@ impl Default for TrainConfig {
             init_from: None,
             train_views: TrainViews::Sample,
             eval_views: EvalViews::Mean,
+            unfreeze: None,
         }
     }
 }
@@ -501,6 +529,9 @@ impl TrainConfig {
         if let TaskConfig::Anomaly(anomaly) = &self.task {
             anomaly.validate()?;
         }
+        if let Some(unfreeze) = &self.unfreeze {
+            self.validate_unfreeze(unfreeze)?;
+        }
         if !self.monitor.starts_with("val/") {
             return bad(format!(
                 "monitor {} must be a validation metric such as val/accuracy",
@@ -512,6 +543,58 @@ impl TrainConfig {
         {
             return bad(format!(
                 "class weights {weights:?} must be finite and non-negative"
+            ));
+        }
+        Ok(())
+    }
+
+    /// What partial fine-tuning supports: a classifier trained in f32 with
+    /// AdamW, without gradient clipping or a warm start (the blocks' step
+    /// has no loss scaling, and a head trained on frozen features would
+    /// start the blocks elsewhere than where its inputs came from).
+    fn validate_unfreeze(&self, unfreeze: &Unfreeze) -> Result<(), TrainError> {
+        let bad = |message: String| Err(TrainError::Invalid(message));
+        let rate = unfreeze.blocks_learning_rate;
+        if !(rate.is_finite() && rate > 0.0) {
+            return bad(format!("blocks learning rate {rate} must be positive"));
+        }
+        let decay = unfreeze.blocks_weight_decay;
+        if !(decay.is_finite() && decay >= 0.0) {
+            return bad(format!(
+                "blocks weight decay {decay} must be zero or positive"
+            ));
+        }
+        let k = unfreeze.after_block;
+        if self.task != Task::Classify {
+            return bad(format!(
+                "--unfreeze-from {k} trains encoder blocks with a classification head; task {} \
+                 keeps the encoder frozen",
+                self.task.name()
+            ));
+        }
+        if self.precision != Precision::F32 {
+            return bad(format!(
+                "--unfreeze-from {k} trains the blocks in f32; --precision {} applies to heads \
+                 on frozen features",
+                self.precision.name()
+            ));
+        }
+        if self.optimizer != Optimizer::AdamW {
+            return bad(format!(
+                "--unfreeze-from {k} trains with AdamW (the blocks' optimiser); --optimizer sgd \
+                 applies to heads on frozen features"
+            ));
+        }
+        if let Some(clip) = self.gradient_clip {
+            return bad(format!(
+                "--unfreeze-from {k}: --clip-grad-norm {clip} is not supported with trained \
+                 encoder blocks"
+            ));
+        }
+        if let Some(source) = &self.init_from {
+            return bad(format!(
+                "--unfreeze-from {k}: --init-from {source} starts a head trained on frozen \
+                 features; a fine-tuned run starts its head and blocks together"
             ));
         }
         Ok(())

@@ -1,81 +1,59 @@
-//! Partial fine-tuning (issue 22) as a library trainer: a classification
-//! head trained together with an EfficientNet-Lite's top blocks
-//! (`blocks::TopBlocks`) on a spatial folder whose stride-16 map is the
-//! output of the block the trainable blocks follow.
+//! Partial fine-tuning (issue 22, `train --unfreeze-from K`): a
+//! classification head trained together with an EfficientNet-Lite's top
+//! blocks (`blocks::TopBlocks`) on a spatial folder whose stride-16 map is
+//! the output of block K, as a run recorded like any other.
 //!
 //! Each step gathers the batch's cached maps (f16 `[C, H, W]` rows, turned
 //! channels-last once), runs the blocks and the head convolution, mean-pools,
 //! standardises with the training split's statistics of the folder's pooled
 //! rows (the pretrained blocks' own output, kept fixed so the head's inputs
-//! keep their scale while the blocks move), and applies the head. The head is
-//! `host`'s f32 step (linear or MLP, AdamW); its input gradient flows back
-//! into the blocks, updated by their own AdamW with their own rate and decay.
-//! Both rates warm up linearly, then follow a cosine.
+//! keep their scale while the blocks move), and steps the head through its
+//! `HeadTrainer` (`InputStep`: class weights, label smoothing, dropout, the
+//! schedule, plateau, early stopping and the kept best head as for heads on
+//! frozen features). The head's input gradient flows back into the blocks,
+//! updated by their own AdamW with their own rate (scaled by the head's
+//! schedule alike) and decay. Batches larger than the memory budget allows
+//! run as micro-batches whose gradients add up to the batch's.
+//!
+//! # Crash behaviour
+//!
+//! As for heads (`run.rs`): every `checkpoint_every` epochs the checkpoint
+//! pair holds the head's state plus the blocks, their moments and the best
+//! epoch's blocks; the data order and dropout come from (seed, epoch), so a
+//! run killed at any point resumes from its newest checkpoint and ends with
+//! the metrics of an uninterrupted run. The blocks file is written before
+//! `metrics.json`, whose presence marks the run finished.
 
-use faer::Accum;
-use rand::seq::SliceRandom;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::blocks::{
-    BlockGradients, BlocksOptimizer, BlocksStep, InputGradient, MapSize, TopBlocks,
+    BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, InputGradient, MapSize, TopBlocks,
     append_channels_last,
 };
-use super::config::{HeadConfig, Optimizer};
-use super::data::{SplitRows, TrainData};
-use super::head::Head;
-use super::host::{
-    FirstLayers, HostHead, HostTrainer, Product, Threads, UpdateStep, row_major, softmax_rows,
+use super::checkpoint;
+use super::config::{TrainConfig, Unfreeze};
+use super::data::{self, TrainData};
+use super::host::{HostHead, Threads, softmax_rows};
+use super::record::{fail_run, resumable_run, start};
+use super::run::{
+    EpochStream, FitOptions, RunObserver, RunReport, binary_curves, dropout_stream, load_config,
+    run_inputs, runtime_bytes, seeded, split_evaluation, write_run,
 };
-use super::metrics::{Predictions, split_metrics};
-use super::run::{data_order_stream, dropout_stream, seeded};
-use super::schedule::Schedule;
+use super::session::{EpochLogger, finish_run, require_two_classes};
+use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
 use crate::encoders::efficientnet_lite::EfficientNetLite;
+use crate::experiments::{ExperimentsDb, ParamValue, RunHandle};
+use crate::features::catalog::FeatureKind;
+use crate::layout::Layout;
+use crate::spatial::tile::TileConfig;
 
 /// The stride of the cached map the trainable blocks read.
 pub const FINETUNE_STRIDE: usize = 16;
-
-/// What a fine-tuning run trains and how.
-#[derive(Debug, Clone)]
-pub struct FinetuneConfig {
-    /// The blocks after this one are trained (`--unfreeze-from K`); it must
-    /// be the block whose output is the folder's stride-16 map.
-    pub after_block: usize,
-    pub head: HeadConfig,
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// The head's AdamW rate and decoupled weight decay.
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// The blocks' AdamW rate and decoupled weight decay.
-    pub blocks_learning_rate: f64,
-    pub blocks_weight_decay: f64,
-    /// Linear warm-up of both rates over this many steps, then a cosine.
-    pub warmup_steps: usize,
-    pub seed: u64,
-}
-
-/// One finished epoch.
-#[derive(Debug, Clone)]
-pub struct FinetuneEpoch {
-    pub epoch: usize,
-    /// Mean training cross-entropy over the epoch's batches.
-    pub train_loss: f64,
-    pub val_accuracy: f64,
-    pub val_macro_f1: f64,
-    /// Wall-clock seconds of the epoch's training steps and its validation.
-    pub seconds: f64,
-}
-
-/// A finished fine-tuning: the epochs, the best epoch by validation
-/// accuracy, and the test metrics of the blocks and head of that epoch.
-#[derive(Debug)]
-pub struct FinetuneReport {
-    pub epochs: Vec<FinetuneEpoch>,
-    pub best_epoch: usize,
-    pub test_accuracy: f64,
-    pub test_macro_f1: f64,
-    pub blocks: TopBlocks,
-}
 
 /// The encoder whose blocks are fine-tuned, and what identifies it in a
 /// feature folder's metadata: the folder's maps must come from the same
@@ -87,6 +65,65 @@ pub struct FinetuneEncoder<'a> {
     pub name: &'a str,
     /// sha256 (hex) of the weights file the model was built from.
     pub weights_sha256: &'a str,
+}
+
+/// An encoder loaded for fine-tuning, with what names it.
+pub struct LoadedEncoder {
+    pub model: EfficientNetLite,
+    pub name: String,
+    pub weights_sha256: String,
+}
+
+impl LoadedEncoder {
+    pub fn borrowed(&self) -> FinetuneEncoder<'_> {
+        FinetuneEncoder {
+            model: &self.model,
+            name: &self.name,
+            weights_sha256: &self.weights_sha256,
+        }
+    }
+}
+
+/// The installed weights of the encoder `data`'s folder names, checked
+/// against the sha256 the folder recorded before they are read.
+pub fn load_folder_encoder(data: &TrainData) -> Result<LoadedEncoder, TrainError> {
+    let folder = data.features.dir().display().to_string();
+    let metadata = data.features.metadata();
+    let Some(name) = metadata.get("encoder") else {
+        return Err(TrainError::Invalid(format!(
+            "folder {folder} does not name its encoder: its blocks cannot be fine-tuned"
+        )));
+    };
+    let recorded = metadata.get("weights").map_or("nothing", String::as_str);
+    let Some(expected) = recorded.strip_prefix("sha256:") else {
+        return Err(TrainError::Invalid(format!(
+            "folder {folder} was extracted by {name} with weights {recorded}; fine-tuning \
+             continues pretrained blocks: extract with installed weights (lazarus weights fetch)"
+        )));
+    };
+    let installed = crate::weights::installed(name).ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "folder {folder} was extracted by {name}, whose weights are not installed here: \
+             lazarus weights fetch {name}"
+        ))
+    })?;
+    let bytes = std::fs::read(&installed.path).map_err(TrainError::io(&installed.path))?;
+    let actual = crate::digest::sha256_hex(&bytes);
+    drop(bytes);
+    if actual != expected {
+        return Err(TrainError::Invalid(format!(
+            "folder {folder} was extracted by {name} with weights sha256:{expected}; the \
+             installed weights {} are sha256:{actual}",
+            installed.path.display()
+        )));
+    }
+    let model = crate::encoders::load_lite_classifier(name, &installed.path, &Device::Cpu)
+        .map_err(|e| TrainError::Invalid(format!("fine-tuning {name}: {e}")))?;
+    Ok(LoadedEncoder {
+        model,
+        name: name.clone(),
+        weights_sha256: actual,
+    })
 }
 
 /// Index (into `FeatureSet::maps`) of the map the blocks after
@@ -157,7 +194,7 @@ pub fn check_folder(
 }
 
 /// Gathers the maps of `rows` channels-last (`[rows, h, w, c]`, f32).
-fn gather_maps(data: &TrainData, map: usize, rows: &[usize]) -> (Vec<f32>, MapSize) {
+fn gather_maps(data: &TrainData, map: usize, rows: &[usize]) -> Vec<f32> {
     let shape = data.features.maps()[map];
     let size = MapSize {
         height: shape.height,
@@ -173,7 +210,7 @@ fn gather_maps(data: &TrainData, map: usize, rows: &[usize]) -> (Vec<f32>, MapSi
         );
     }
     data.features.enforce_resident_limit();
-    (input, size)
+    input
 }
 
 /// The head's input: pooled features standardised with the folder's
@@ -186,269 +223,605 @@ fn standardise(pooled: &mut [f32], data: &TrainData) {
     }
 }
 
-/// Blocks and a head with its weights in place, for evaluation.
-#[derive(Clone)]
-struct Snapshot {
-    blocks: TopBlocks,
-    head: HostHead,
+/// What a run's blocks file records besides the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlocksInfo {
+    pub layout: BlocksLayout,
+    /// The encoder the blocks came from, and its weights (`sha256:HEX`).
+    pub encoder: String,
+    pub weights: String,
+    /// The stride of the map the blocks read.
+    pub stride: usize,
+    /// How the folder cut images into tiles (one tile per image here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<TileConfig>,
 }
 
-impl Snapshot {
-    /// Class probabilities of `rows` (no dropout), in batches.
+/// A fine-tuned run's trained blocks, as its blocks file holds them.
+#[derive(Debug, Clone)]
+pub struct FineTunedBlocks {
+    pub blocks: TopBlocks,
+    pub info: BlocksInfo,
+}
+
+/// The header metadata key of a blocks file.
+const BLOCKS_METADATA_KEY: &str = "blocks";
+
+impl FineTunedBlocks {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, TrainError> {
+        let metadata = HashMap::from([(
+            BLOCKS_METADATA_KEY.to_string(),
+            serde_json::to_string(&self.info).expect("blocks info serialises"),
+        )]);
+        checkpoint::safetensors_bytes(&self.blocks.tensors("")?, Some(metadata))
+    }
+
+    /// The blocks of a blocks file's `bytes` (read from `path`).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, TrainError> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        let info: BlocksInfo = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(BLOCKS_METADATA_KEY))
+            .ok_or_else(|| {
+                TrainError::Checkpoint(format!(
+                    "{}: no `{BLOCKS_METADATA_KEY}` metadata: not a blocks file",
+                    path.display()
+                ))
+            })
+            .and_then(|text| {
+                serde_json::from_str(text).map_err(|e| {
+                    TrainError::Checkpoint(format!("{}: blocks metadata: {e}", path.display()))
+                })
+            })?;
+        let tensors = checkpoint::tensors_from_bytes(bytes, path, &Device::Cpu)?;
+        let blocks = TopBlocks::from_layout(&info.layout, &tensors, "", path)?;
+        Ok(FineTunedBlocks { blocks, info })
+    }
+
+    pub fn read(path: &Path) -> Result<Self, TrainError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| TrainError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Pooled features of maps given channels-last (`[n, h, w, c]`).
+    pub fn pooled(&self, input: Vec<f32>, n: usize, size: MapSize) -> Result<Vec<f32>, TrainError> {
+        Ok(self.blocks.forward(input, n, size)?.into_pooled())
+    }
+}
+
+/// Checkpoint tensor prefixes of the blocks, their moments and the best blocks.
+const BLOCKS_PREFIX: &str = "blocks.";
+const BEST_BLOCKS_PREFIX: &str = "best_blocks.";
+
+/// A fine-tuning in progress: the head's trainer (weights, moments,
+/// schedule state, best head, history), the blocks and their optimiser,
+/// and the blocks of the best epoch so far.
+struct Finetuning<'a> {
+    data: &'a TrainData,
+    unfreeze: Unfreeze,
+    /// Index of the stride-16 map in the folder's maps.
+    map: usize,
+    size: MapSize,
+    trainer: HeadTrainer,
+    blocks: TopBlocks,
+    optimizer: BlocksOptimizer,
+    best_blocks: Option<TopBlocks>,
+    encoder: String,
+    weights: String,
+}
+
+impl<'a> Finetuning<'a> {
+    fn new(
+        data: &'a TrainData,
+        encoder: FinetuneEncoder,
+        config: &TrainConfig,
+    ) -> Result<Self, TrainError> {
+        config.validate()?;
+        let unfreeze = config.unfreeze.ok_or_else(|| {
+            TrainError::Invalid("a fine-tuning run needs --unfreeze-from K".into())
+        })?;
+        let map = check_folder(data, encoder, unfreeze.after_block)?;
+        let blocks = TopBlocks::from_encoder(encoder.model, unfreeze.after_block)?;
+        let shape = data.features.maps()[map];
+        let folder = data.features.dir().display();
+        if shape.channels != blocks.in_channels() {
+            return Err(TrainError::Invalid(format!(
+                "folder {folder}: its stride-16 map has {} channels; block {} reads {}",
+                shape.channels,
+                unfreeze.after_block + 1,
+                blocks.in_channels()
+            )));
+        }
+        if blocks.feature_dim() != data.features.feature_dim() {
+            return Err(TrainError::Invalid(format!(
+                "folder {folder} holds {} pooled features per row; the head convolution after \
+                 block {} gives {}",
+                data.features.feature_dim(),
+                unfreeze.after_block,
+                blocks.feature_dim()
+            )));
+        }
+        let size = MapSize {
+            height: shape.height,
+            width: shape.width,
+        };
+        let plan = plan_memory(data, &blocks, size, config)?;
+        let classes = data.class_names.len();
+        let mut counts = vec![0usize; classes];
+        for &label in &data.train.labels {
+            counts[label] += 1;
+        }
+        let trainer = HeadTrainer::new(
+            config.clone(),
+            blocks.feature_dim(),
+            classes,
+            &counts,
+            plan,
+            &Device::Cpu,
+        )?;
+        Ok(Finetuning {
+            data,
+            unfreeze,
+            map,
+            size,
+            trainer,
+            optimizer: BlocksOptimizer::new(&blocks),
+            blocks,
+            best_blocks: None,
+            encoder: encoder.name.to_string(),
+            weights: format!("sha256:{}", encoder.weights_sha256),
+        })
+    }
+
+    /// Continues from the newest checkpoint of `run_dir`, if there is one.
+    fn restore(&mut self, run_dir: &Path) -> Result<(), TrainError> {
+        let config = self.trainer.config.clone();
+        let Some((tensors, source)) =
+            checkpoint::restore_latest_with(run_dir, &config, &mut self.trainer, &Device::Cpu)?
+        else {
+            return Ok(());
+        };
+        self.blocks.load_tensors(&tensors, BLOCKS_PREFIX, &source)?;
+        self.optimizer = BlocksOptimizer::from_tensors(
+            &self.blocks,
+            &tensors,
+            BLOCKS_PREFIX,
+            self.trainer.state.updates,
+            &source,
+        )?;
+        self.best_blocks = if self.trainer.state.best_score.is_some() {
+            let mut best = self.blocks.clone();
+            best.load_tensors(&tensors, BEST_BLOCKS_PREFIX, &source)?;
+            Some(best)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// What a checkpoint holds beside the head's state.
+    fn checkpoint_tensors(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let mut tensors = self.blocks.tensors(BLOCKS_PREFIX)?;
+        tensors.extend(self.optimizer.tensors(&self.blocks, BLOCKS_PREFIX)?);
+        if let Some(best) = &self.best_blocks {
+            tensors.extend(best.tensors(BEST_BLOCKS_PREFIX)?);
+        }
+        Ok(tensors)
+    }
+
+    /// One epoch's steps; returns the mean training loss of its batches.
+    fn run_epoch(&mut self, progress: bool) -> Result<f64, TrainError> {
+        let data = self.data;
+        let config = self.trainer.config.clone();
+        let epoch = self.trainer.state.epochs_done;
+        let order = EpochStream {
+            seed: config.seed,
+            batch_size: config.batch_size,
+            sampler: config.sampler,
+            epoch,
+        }
+        .order(&data.train, data.class_names.len());
+        let steps_per_epoch = order.len().div_ceil(config.batch_size);
+        let mut dropout_rng = seeded(config.seed, dropout_stream(epoch));
+        let mut gradients: BlockGradients = self.blocks.zero_gradients();
+        let bar = epoch_bar(progress, steps_per_epoch, epoch, config.epochs);
+        let mut first = lend_first_layers(&mut [&mut self.trainer])?;
+        let mut loss_sum = 0f64;
+        let stepped = (|| -> Result<(), TrainError> {
+            for batch in order.chunks(config.batch_size) {
+                let labels: Vec<usize> = batch.iter().map(|&(_, label)| label).collect();
+                let mut step = self.trainer.begin_input_step(&mut first, &labels)?;
+                gradients.zero();
+                for micro in batch.chunks(self.trainer.plan.micro_batch) {
+                    let rows: Vec<usize> = micro.iter().map(|&(row, _)| row).collect();
+                    let forward = self.blocks.forward(
+                        gather_maps(data, self.map, &rows),
+                        rows.len(),
+                        self.size,
+                    )?;
+                    let mut x = forward.pooled().to_vec();
+                    standardise(&mut x, data);
+                    let (mut pooled_gradient, loss) = self.trainer.input_micro_batch(
+                        &mut step,
+                        &mut first,
+                        &x,
+                        rows.len(),
+                        &mut dropout_rng,
+                        Threads::Pool,
+                    );
+                    loss_sum += loss;
+                    // Back through the standardisation into the blocks.
+                    for row in pooled_gradient.chunks_exact_mut(data.std.len()) {
+                        for (g, std) in row.iter_mut().zip(&data.std) {
+                            *g /= std;
+                        }
+                    }
+                    self.blocks.backward(
+                        &forward,
+                        &pooled_gradient,
+                        &mut gradients,
+                        InputGradient::Skip,
+                    )?;
+                }
+                self.trainer
+                    .finish_input_step(&mut first, steps_per_epoch)?;
+                if self.trainer.state.diverged.is_some() {
+                    return Ok(());
+                }
+                if !gradients.norm_sq(1.0).is_finite() {
+                    self.trainer.diverge(format!(
+                        "the encoder blocks' gradients stopped being finite at epoch {}, step {} \
+                         (blocks learning rate {}); lower --blocks-lr",
+                        epoch + 1,
+                        self.trainer.state.global_step,
+                        self.unfreeze.blocks_learning_rate
+                    ));
+                    return Ok(());
+                }
+                // The head's scheduled rate, scaled to the blocks' base rate.
+                let lr = self.trainer.state.learning_rate * self.unfreeze.blocks_learning_rate
+                    / config.learning_rate;
+                self.optimizer.update(
+                    &mut self.blocks,
+                    &gradients,
+                    BlocksStep {
+                        lr,
+                        weight_decay: self.unfreeze.blocks_weight_decay,
+                        scale: 1.0,
+                    },
+                );
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                }
+            }
+            Ok(())
+        })();
+        return_first_layers(first, &mut [&mut self.trainer])?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        stepped?;
+        Ok(loss_sum / steps_per_epoch as f64)
+    }
+
+    /// Class probabilities (`[rows, classes]`) of `rows` through `blocks`
+    /// and `head`, in micro-batches.
     fn probabilities(
         &self,
-        data: &TrainData,
-        map: usize,
+        blocks: &TopBlocks,
+        head: &HostHead,
         rows: &[usize],
-        batch_size: usize,
     ) -> Result<Vec<f32>, TrainError> {
-        let classes = data.class_names.len();
+        let classes = self.data.class_names.len();
         let mut out = Vec::with_capacity(rows.len() * classes);
-        for batch in rows.chunks(batch_size) {
-            let (input, size) = gather_maps(data, map, batch);
-            let mut pooled = self.blocks.forward(input, batch.len(), size)?.into_pooled();
-            standardise(&mut pooled, data);
-            let mut logits = self.head.logits(&pooled, batch.len(), Threads::Pool);
-            softmax_rows(&mut logits, classes);
-            out.extend(logits);
+        for chunk in rows.chunks(self.trainer.plan.micro_batch) {
+            let input = gather_maps(self.data, self.map, chunk);
+            let mut pooled = blocks.forward(input, chunk.len(), self.size)?.into_pooled();
+            standardise(&mut pooled, self.data);
+            let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
+            softmax_rows(&mut probabilities, classes);
+            out.extend(probabilities);
         }
         Ok(out)
     }
 
-    /// Accuracy and macro-F1 of a split.
-    fn score(
-        &self,
-        data: &TrainData,
-        map: usize,
-        (name, rows): (&str, &SplitRows),
-        batch_size: usize,
-    ) -> Result<(f64, f64), TrainError> {
-        let probabilities = self.probabilities(data, map, &rows.rows, batch_size)?;
-        let metrics = split_metrics(
-            name,
-            &Predictions {
-                probabilities: &probabilities,
-                labels: &rows.labels,
-                class_count: data.class_names.len(),
+    /// Trains the remaining epochs (checkpoints into `run_dir` when given,
+    /// epochs to `observer`), then scores the best epoch's blocks and head
+    /// on the test split.
+    fn fit(
+        &mut self,
+        run: Option<(&str, &Path)>,
+        observer: &mut dyn RunObserver,
+        progress: bool,
+    ) -> Result<RunReport, TrainError> {
+        let data = self.data;
+        let resumed_from = self.trainer.state.epochs_done;
+        while self.trainer.is_active() {
+            let train_loss = self.run_epoch(progress)?;
+            if self.trainer.state.diverged.is_some() {
+                break;
+            }
+            let head = self.trainer.evaluation_head()?.expect("f32 CPU head");
+            let probabilities = self.probabilities(&self.blocks, &head, &data.val.rows)?;
+            let evaluation = split_evaluation(data, &data.val, "val", &probabilities)?;
+            if !evaluation.finite {
+                self.trainer.diverge(format!(
+                    "its outputs on the val split stopped being finite after epoch {}; lower \
+                     --lr or --blocks-lr",
+                    self.trainer.state.epochs_done + 1
+                ));
+                break;
+            }
+            let mut metrics: BTreeMap<String, f64> = evaluation.metrics;
+            metrics.insert("train/loss".into(), train_loss);
+            if self.trainer.end_epoch(metrics)? {
+                self.best_blocks = Some(self.blocks.clone());
+            }
+            let done = self.trainer.state.epochs_done;
+            observer.epoch(0, done - 1, &self.trainer.state.history[done - 1])?;
+            if let Some((_, run_dir)) = run {
+                let config = self.trainer.config.clone();
+                checkpoint::save_if_due_with(run_dir, &config, &self.trainer, || {
+                    self.checkpoint_tensors()
+                })?;
+            }
+        }
+        let run_id = run.map_or("", |(id, _)| id);
+        if let Some(diverged) = self.trainer.divergence(run_id) {
+            return Err(diverged);
+        }
+        self.trainer.restore_best()?;
+        if let Some(best) = self.best_blocks.take() {
+            self.blocks = best;
+        }
+        let head = self.trainer.evaluation_head()?.expect("f32 CPU head");
+        let probabilities = self.probabilities(&self.blocks, &head, &data.test.rows)?;
+        let test = split_evaluation(data, &data.test, "test", &probabilities)?;
+        if !test.finite {
+            return Err(TrainError::Diverged {
+                run: run_id.to_string(),
+                reason: "its outputs on the test split are not finite".into(),
+            });
+        }
+        let memory = crate::memory::process_report();
+        let state = &self.trainer.state;
+        Ok(RunReport {
+            run_id: run_id.to_string(),
+            run_dir: run.map(|(_, dir)| dir.to_path_buf()).unwrap_or_default(),
+            config_hash: self.trainer.config.config_hash_at(
+                &data.dataset_name,
+                data.dataset_version,
+                &data.fingerprint,
+            ),
+            plan: self.trainer.plan,
+            epochs_run: state.epochs_done,
+            best_epoch: state.best_epoch,
+            resumed_from_epoch: resumed_from,
+            stopped_early: state.stopped_early,
+            skipped_steps: state.skipped_steps,
+            epochs: state.history.clone(),
+            test: test.metrics,
+            test_confusion_matrix: test.matrix,
+            test_curves: binary_curves(data, &data.test, "test", &probabilities),
+            peak_rss_bytes: memory.peak_rss_bytes.or_else(super::run::peak_rss_bytes),
+            memory,
+        })
+    }
+
+    /// The trained (best) blocks as the run's blocks file holds them.
+    fn fine_tuned(&self) -> FineTunedBlocks {
+        FineTunedBlocks {
+            blocks: self.blocks.clone(),
+            info: BlocksInfo {
+                layout: self.blocks.layout(),
+                encoder: self.encoder.clone(),
+                weights: self.weights.clone(),
+                stride: FINETUNE_STRIDE,
+                tiling: self
+                    .data
+                    .features
+                    .metadata()
+                    .get("tiling")
+                    .and_then(|text| serde_json::from_str(text).ok()),
             },
-            &data.class_names,
-        )?;
-        Ok((
-            metrics[&format!("{name}/accuracy")],
-            metrics[&format!("{name}/macro_f1")],
-        ))
+        }
     }
 }
 
-/// Mean cross-entropy of a batch from its first-layer product, without dropout.
-fn batch_loss(head: &HostHead, product: &[f32], labels: &[usize], classes: usize) -> f64 {
-    let mut probabilities = head.logits_after_first(product.to_vec(), Threads::Pool);
-    softmax_rows(&mut probabilities, classes);
-    let total: f64 = probabilities
-        .chunks_exact(classes)
-        .zip(labels)
-        .map(|(row, &label)| -f64::from(row[label].max(1e-12)).ln())
-        .sum();
-    total / labels.len() as f64
-}
-
-fn validate(config: &FinetuneConfig) -> Result<(), TrainError> {
-    let rates = [
-        ("learning rate", config.learning_rate),
-        ("blocks learning rate", config.blocks_learning_rate),
-    ];
-    for (name, rate) in rates {
-        if !(rate.is_finite() && rate > 0.0) {
-            return Err(TrainError::Invalid(format!(
-                "{name} {rate} must be positive"
-            )));
-        }
-    }
-    let decays = [
-        ("weight decay", config.weight_decay),
-        ("blocks weight decay", config.blocks_weight_decay),
-    ];
-    for (name, decay) in decays {
-        if !(decay.is_finite() && decay >= 0.0) {
-            return Err(TrainError::Invalid(format!(
-                "{name} {decay} must be zero or more"
-            )));
-        }
-    }
-    if config.epochs == 0 || config.batch_size == 0 {
+/// Micro-batches that fit `config.memory_budget_bytes`: what one image's
+/// pass keeps for backward (measured on one map) and its gradients, beside
+/// the runtime, the blocks (weights, gradients, two moments, the best copy)
+/// and the head.
+fn plan_memory(
+    data: &TrainData,
+    blocks: &TopBlocks,
+    size: MapSize,
+    config: &TrainConfig,
+) -> Result<BatchPlan, TrainError> {
+    let map_floats = blocks.in_channels() * size.pixels();
+    let probe = blocks.forward(vec![0f32; map_floats], 1, size)?;
+    let per_example_bytes = 2 * probe.stored_bytes() + map_floats as u64 * 4;
+    let parameters: u64 = blocks.parameters().iter().map(|p| p.len() as u64).sum();
+    let classes = data.class_names.len();
+    let head_parameters: u64 = {
+        let mut inputs = blocks.feature_dim();
+        config
+            .head
+            .layer_sizes(classes)
+            .into_iter()
+            .map(|outputs| {
+                let n = (inputs * outputs + outputs) as u64;
+                inputs = outputs;
+                n
+            })
+            .sum()
+    };
+    let fixed_bytes = runtime_bytes(data) + parameters * 4 * 5 + head_parameters * 4 * 9;
+    let budget = config.memory_budget_bytes;
+    let room = budget.saturating_sub(fixed_bytes) / per_example_bytes;
+    if room == 0 {
         return Err(TrainError::Invalid(format!(
-            "{} epochs of batches of {}: both must be at least 1",
-            config.epochs, config.batch_size
+            "memory budget of {budget} bytes cannot fine-tune blocks {}..: they need {fixed_bytes} \
+             bytes besides {per_example_bytes} bytes per image",
+            blocks.after_block() + 1
         )));
     }
-    Ok(())
+    let micro_batch = (room as usize).min(config.batch_size);
+    Ok(BatchPlan {
+        micro_batch,
+        accumulation_steps: config.batch_size.div_ceil(micro_batch),
+        fixed_bytes,
+        per_example_bytes,
+    })
 }
 
-/// Trains `config.head` together with the blocks after `config.after_block`
-/// of `encoder` on `data` (a spatial folder, see `check_folder`), keeps the
-/// epoch with the best validation accuracy and scores it on the test split.
+fn epoch_bar(
+    wanted: bool,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !wanted || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} batches {per_sec} ETA {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("epoch {}/{epochs} (fine-tuning)", epoch + 1));
+    Some(bar)
+}
+
+/// Observes nothing (`fit` outside a recorded run).
+struct Unobserved;
+
+impl RunObserver for Unobserved {
+    fn epoch(&mut self, _: usize, _: usize, _: &BTreeMap<String, f64>) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// Fine-tunes `config.unfreeze`'s blocks of `encoder` with `config.head` on
+/// `data` outside any run (benchmarks, library use): the report of the best
+/// epoch on the test split, and the trained blocks.
 pub fn fit(
     data: &TrainData,
     encoder: FinetuneEncoder,
-    config: &FinetuneConfig,
-) -> Result<FinetuneReport, TrainError> {
-    validate(config)?;
-    let map = check_folder(data, encoder, config.after_block)?;
-    let blocks = TopBlocks::from_encoder(encoder.model, config.after_block)?;
-    let map_channels = data.features.maps()[map].channels;
-    if map_channels != blocks.in_channels() {
-        return Err(TrainError::Invalid(format!(
-            "folder {}: its stride-16 map has {map_channels} channels; block {} reads {}",
-            data.features.dir().display(),
-            config.after_block + 1,
-            blocks.in_channels()
-        )));
-    }
-    if blocks.feature_dim() != data.features.feature_dim() {
-        return Err(TrainError::Invalid(format!(
-            "folder {} holds {} pooled features per row; the head convolution after block {} \
-             gives {}",
-            data.features.dir().display(),
-            data.features.feature_dim(),
-            config.after_block,
-            blocks.feature_dim()
-        )));
-    }
-    let classes = data.class_names.len();
-    let device = candle_core::Device::Cpu;
-    let head = Head::new(
-        &config.head,
-        blocks.feature_dim(),
-        classes,
-        config.seed,
-        &device,
-    )?;
-    let zeros: Vec<candle_core::Tensor> = head
-        .parameters()
-        .iter()
-        .map(|p| p.as_tensor().zeros_like())
-        .collect::<Result<_, _>>()?;
-    let mut host = HostTrainer::load(&head, &config.head, &zeros, &zeros)?;
-    let mut first = FirstLayers::lend(&mut [&mut host]);
-    let mut blocks = blocks;
-    let features = blocks.feature_dim();
-    let mut block_gradients: BlockGradients = blocks.zero_gradients();
-    let mut blocks_optimizer = BlocksOptimizer::new(&blocks);
-    let schedule = Schedule::Cosine {
-        warmup_steps: config.warmup_steps,
+    config: &TrainConfig,
+) -> Result<(RunReport, FineTunedBlocks), TrainError> {
+    let mut tuning = Finetuning::new(data, encoder, config)?;
+    let report = tuning.fit(None, &mut Unobserved, false)?;
+    Ok((report, tuning.fine_tuned()))
+}
+
+/// How `runs::train` loads the features of a fine-tuning run.
+pub fn load_spatial(
+    layout: &Layout,
+    dataset: &str,
+    fingerprint: Option<&str>,
+    load: data::LoadConfig,
+) -> Result<TrainData, TrainError> {
+    data::load(
+        layout,
+        dataset,
+        fingerprint,
+        &data::LoadConfig {
+            kind: Some(FeatureKind::Spatial),
+            ..load
+        },
+    )
+}
+
+/// Trains `config` (with `unfreeze`) as a new run of `experiment` on
+/// `data`, a spatial folder (see `check_folder`), recorded as classification
+/// runs are, with the blocks file beside its head.
+pub fn train(
+    layout: &Layout,
+    data: &TrainData,
+    experiment: &str,
+    config: TrainConfig,
+    extra_params: &[(String, ParamValue)],
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    require_two_classes(data)?;
+    let encoder = load_folder_encoder(data)?;
+    let tuning = Finetuning::new(data, encoder.borrowed(), &config)?;
+    let db = ExperimentsDb::open(layout)?;
+    let inputs = run_inputs(data, &config);
+    let mut params = blocks_params(&tuning.blocks);
+    params.extend(extra_params.iter().cloned());
+    let handle = start(&db, experiment, &inputs, &params)?;
+    run_and_finish(handle, tuning, options)
+}
+
+/// Continues killed fine-tuning run `run_id` from its newest checkpoint.
+pub fn resume(
+    layout: &Layout,
+    run_id: &str,
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    let db = ExperimentsDb::open(layout)?;
+    let (run_dir, inputs) = resumable_run(&db, run_id)?;
+    let load = data::LoadConfig {
+        version: Some(inputs.dataset_version),
+        allow_partial: inputs.images_lacking > 0,
+        ..load_config(&inputs.config)
     };
-    let steps_per_epoch = data.train.rows.len().div_ceil(config.batch_size);
-    let total_steps = steps_per_epoch * config.epochs;
-    let mut step = 0usize;
-    let mut epochs = Vec::with_capacity(config.epochs);
-    let mut best: Option<(f64, usize, Snapshot)> = None;
-    for epoch in 0..config.epochs {
-        let mut order: Vec<usize> = (0..data.train.rows.len()).collect();
-        order.shuffle(&mut seeded(config.seed, data_order_stream(epoch)));
-        let mut dropout_rng = seeded(config.seed, dropout_stream(epoch));
-        let mut loss_sum = 0f64;
-        let started = std::time::Instant::now();
-        for batch in order.chunks(config.batch_size) {
-            let rows: Vec<usize> = batch.iter().map(|&i| data.train.rows[i]).collect();
-            let labels: Vec<usize> = batch.iter().map(|&i| data.train.labels[i]).collect();
-            let n = rows.len();
-            let (input, size) = gather_maps(data, map, &rows);
-            let forward = blocks.forward(input, n, size)?;
-            let mut x = forward.pooled().to_vec();
-            standardise(&mut x, data);
-            first.forward(&x, n, Threads::Pool);
-            let product = first.block(0);
-            loss_sum += batch_loss(&host.head, &product, &labels, classes);
-            let mut targets = vec![0f32; n * classes];
-            for (row, &label) in targets.chunks_exact_mut(classes).zip(&labels) {
-                row[label] = 1.0;
-            }
-            host.zero_gradients();
-            first.zero_gradients();
-            let delta = host.accumulate_after_first(
-                product,
-                &targets,
-                1.0 / n as f32,
-                &mut dropout_rng,
-                Threads::Pool,
-            );
-            first.accumulate(std::slice::from_ref(&delta), &x, n, Threads::Pool);
-            // d loss / d pooled = (delta W1) / std: back through the first
-            // layer and the standardisation.
-            let outputs = delta.len() / n;
-            let mut pooled_gradient = vec![0f32; n * features];
-            Product {
-                a: row_major(&delta, n, outputs),
-                b: row_major(first.split_mut()[0].weight, outputs, features),
-            }
-            .into(&mut pooled_gradient, Accum::Replace, Threads::Pool);
-            for row in pooled_gradient.chunks_exact_mut(features) {
-                for (g, std) in row.iter_mut().zip(&data.std) {
-                    *g /= std;
-                }
-            }
-            block_gradients.zero();
-            blocks.backward(
-                &forward,
-                &pooled_gradient,
-                &mut block_gradients,
-                InputGradient::Skip,
-            )?;
-            drop(forward);
-            let head_lr = schedule.learning_rate(config.learning_rate, step, total_steps, epoch);
-            let blocks_lr =
-                schedule.learning_rate(config.blocks_learning_rate, step, total_steps, epoch);
-            step += 1;
-            host.update(
-                first.split_mut().remove(0),
-                UpdateStep {
-                    optimizer: Optimizer::AdamW,
-                    lr: head_lr,
-                    weight_decay: config.weight_decay,
-                    updates: step as i32,
-                    scale: 1.0,
-                },
-            );
-            blocks_optimizer.update(
-                &mut blocks,
-                &block_gradients,
-                BlocksStep {
-                    lr: blocks_lr,
-                    weight_decay: config.blocks_weight_decay,
-                    scale: 1.0,
-                },
-            );
-        }
-        let mut head = host.head.clone();
-        head.layers[0].weight = first.split_mut()[0].weight.to_vec();
-        let snapshot = Snapshot {
-            blocks: blocks.clone(),
-            head,
-        };
-        let (val_accuracy, val_macro_f1) =
-            snapshot.score(data, map, ("val", &data.val), config.batch_size)?;
-        epochs.push(FinetuneEpoch {
-            epoch,
-            train_loss: loss_sum / steps_per_epoch as f64,
-            val_accuracy,
-            val_macro_f1,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-        if best
-            .as_ref()
-            .is_none_or(|(score, ..)| val_accuracy > *score)
-        {
-            best = Some((val_accuracy, epoch, snapshot));
-        }
-    }
-    let (_, best_epoch, best) = best.expect("at least one epoch");
-    let (test_accuracy, test_macro_f1) =
-        best.score(data, map, ("test", &data.test), config.batch_size)?;
-    Ok(FinetuneReport {
-        epochs,
-        best_epoch,
-        test_accuracy,
-        test_macro_f1,
-        blocks: best.blocks,
-    })
+    let data = load_spatial(layout, &inputs.dataset, Some(&inputs.fingerprint), load)?;
+    let encoder = load_folder_encoder(&data)?;
+    let mut tuning = Finetuning::new(&data, encoder.borrowed(), &inputs.config)?;
+    tuning.restore(&run_dir)?;
+    let handle = db.resume_run(run_id, tuning.trainer.state.epochs_done as u64)?;
+    run_and_finish(handle, tuning, options)
+}
+
+/// The params that say which blocks a run trains.
+fn blocks_params(blocks: &TopBlocks) -> Vec<(String, ParamValue)> {
+    let first = blocks.after_block() + 1;
+    let last = blocks.after_block() + blocks.n_blocks();
+    vec![(
+        "trained_blocks".to_string(),
+        format!("{first}-{last},head_conv").as_str().into(),
+    )]
+}
+
+fn run_and_finish(
+    handle: RunHandle,
+    mut tuning: Finetuning<'_>,
+    options: &FitOptions,
+) -> Result<RunReport, TrainError> {
+    let run_dir = handle.dir().to_path_buf();
+    let run_id = handle.id().to_string();
+    let fitted = {
+        let handles = [handle];
+        let fitted = tuning.fit(
+            Some((run_id.as_str(), run_dir.as_path())),
+            &mut EpochLogger { handles: &handles },
+            options.progress,
+        );
+        let [handle] = handles;
+        (handle, fitted)
+    };
+    let (handle, fitted) = fitted;
+    let report = match fitted {
+        Ok(report) => report,
+        Err(error @ TrainError::Diverged { .. }) => return Err(fail_run(handle, error)?),
+        // Other errors drop the handle, which records the run FAILED.
+        Err(error) => return Err(error),
+    };
+    let blocks = tuning.fine_tuned();
+    let path = handle.folder().blocks();
+    crate::atomic::write_file(&path, &blocks.to_bytes()?).map_err(TrainError::io(&path))?;
+    write_run(&run_dir, &report, tuning.data, &tuning.trainer)?;
+    let config = tuning.trainer.config.clone();
+    finish_run(handle, &report, &config, tuning.data)?;
+    Ok(report)
 }

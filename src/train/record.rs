@@ -98,6 +98,14 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
     if let Some(clip) = config.gradient_clip {
         out.push(("clip_grad_norm".into(), clip.into()));
     }
+    if let Some(unfreeze) = &config.unfreeze {
+        out.push(("unfreeze_from".into(), (unfreeze.after_block as f64).into()));
+        out.push(("blocks_lr".into(), unfreeze.blocks_learning_rate.into()));
+        out.push((
+            "blocks_weight_decay".into(),
+            unfreeze.blocks_weight_decay.into(),
+        ));
+    }
     if !config.label_map.is_empty() {
         let classes: BTreeSet<&String> = config.label_map.values().collect();
         let text: Vec<&str> = classes.into_iter().map(String::as_str).collect();

@@ -128,7 +128,7 @@ pub fn load_config(config: &TrainConfig) -> super::data::LoadConfig {
 }
 
 /// Fixed memory the runtime needs besides heads and batches.
-fn runtime_bytes(data: &TrainData) -> u64 {
+pub(crate) fn runtime_bytes(data: &TrainData) -> u64 {
     let dim = data.features.feature_dim() as u64;
     let classes = data.class_names.len() as u64;
     PROCESS_BASE_BYTES
@@ -701,11 +701,11 @@ fn progress_bar(
 }
 
 /// Named metrics of one split and its confusion matrix.
-struct Evaluation {
-    metrics: BTreeMap<String, f64>,
-    matrix: Vec<Vec<u64>>,
+pub(crate) struct Evaluation {
+    pub(crate) metrics: BTreeMap<String, f64>,
+    pub(crate) matrix: Vec<Vec<u64>>,
     /// Every output probability was finite (false: the head diverged).
-    finite: bool,
+    pub(crate) finite: bool,
 }
 
 /// Scores the given heads on one split; each chunk of rows is gathered once
@@ -725,7 +725,7 @@ fn evaluate(
 }
 
 /// Named metrics and the confusion matrix of one head's probabilities on a split.
-fn split_evaluation(
+pub(crate) fn split_evaluation(
     data: &TrainData,
     split: &SplitRows,
     name: &str,
@@ -745,7 +745,7 @@ fn split_evaluation(
 
 /// ROC and precision-recall curves of a binary head (the second class is
 /// the positive one); `None` for other heads.
-fn binary_curves(
+pub(crate) fn binary_curves(
     data: &TrainData,
     split: &SplitRows,
     name: &str,
@@ -989,7 +989,7 @@ fn head_file_bytes(
     checkpoint::safetensors_bytes(&tensors, Some(metadata))
 }
 
-fn write_run(
+pub(crate) fn write_run(
     dir: &Path,
     report: &RunReport,
     data: &TrainData,

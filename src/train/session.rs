@@ -26,8 +26,8 @@ use crate::experiments::{self, ExperimentsDb, RunHandle, RunStatus};
 use crate::layout::Layout;
 
 /// Logs every finished epoch to the run's metrics table.
-struct EpochLogger<'a> {
-    handles: &'a [RunHandle],
+pub(crate) struct EpochLogger<'a> {
+    pub(crate) handles: &'a [RunHandle],
 }
 
 impl RunObserver for EpochLogger<'_> {
@@ -78,6 +78,12 @@ pub fn train_warm(
             config.task.name()
         )));
     }
+    if let Some(unfreeze) = config.unfreeze {
+        return Err(TrainError::Invalid(format!(
+            "--unfreeze-from {} trains through train::finetune, not as a head on frozen features",
+            unfreeze.after_block
+        )));
+    }
     require_two_classes(data)?;
     let db = ExperimentsDb::open(layout)?;
     let inputs = run_inputs(data, &config);
@@ -123,6 +129,9 @@ pub fn resume(
             "run {run_id} is a {} run: it is not resumed as a classification run",
             inputs.config.task.name()
         )));
+    }
+    if inputs.config.unfreeze.is_some() {
+        return super::finetune::resume(layout, run_id, options);
     }
     // The manifest version and coverage the run started on, whatever
     // the dataset has become since.
@@ -178,22 +187,35 @@ pub(crate) fn fit_and_finish(
                 continue;
             }
         };
-        write_artifacts(&handle, &report, &run.config, data)?;
-        let mut summary = summary_metrics(
-            &report.test,
-            &report.epochs,
-            report.best_epoch,
-            report.epochs_run,
-        );
-        summary.push(("skipped_steps".into(), report.skipped_steps as f64));
-        if let Some(peak) = report.peak_rss_bytes {
-            summary.push(("peak_rss_bytes".into(), peak as f64));
-        }
-        summary.extend(memory_summary(&report.memory));
-        handle.finish(RunStatus::Finished, &summary)?;
+        finish_run(handle, &report, &run.config, data)?;
         reports.push(Ok(report));
     }
     Ok(reports)
+}
+
+/// Writes a trained classifier's artifacts (model card, curves, plots) and
+/// finishes its run with its summary metrics; its head and metrics.json
+/// are written already.
+pub(crate) fn finish_run(
+    handle: RunHandle,
+    report: &RunReport,
+    config: &TrainConfig,
+    data: &TrainData,
+) -> Result<(), TrainError> {
+    write_artifacts(&handle, report, config, data)?;
+    let mut summary = summary_metrics(
+        &report.test,
+        &report.epochs,
+        report.best_epoch,
+        report.epochs_run,
+    );
+    summary.push(("skipped_steps".into(), report.skipped_steps as f64));
+    if let Some(peak) = report.peak_rss_bytes {
+        summary.push(("peak_rss_bytes".into(), peak as f64));
+    }
+    summary.extend(memory_summary(&report.memory));
+    handle.finish(RunStatus::Finished, &summary)?;
+    Ok(())
 }
 
 /// A model card: what the head is, what it was trained and tested on, and
@@ -214,6 +236,10 @@ struct ModelCard<'a> {
     classes: &'a [String],
     split_sizes: BTreeMap<&'static str, usize>,
     head: &'static str,
+    /// The encoder blocks trained with the head (`--unfreeze-from`), in
+    /// words; absent when the encoder stayed frozen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fine_tuned_blocks: Option<String>,
     config: &'a TrainConfig,
     best_epoch: usize,
     test_metrics: &'a BTreeMap<String, f64>,
@@ -246,7 +272,11 @@ fn write_artifacts(
         run_id: &report.run_id,
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         lazarus_version: crate::VERSION,
-        task: "image classification from frozen-encoder features",
+        task: if config.unfreeze.is_some() {
+            "image classification with fine-tuned top encoder blocks"
+        } else {
+            "image classification from frozen-encoder features"
+        },
         dataset: &data.dataset_name,
         dataset_version: data.dataset_version,
         images_lacking: data.images_lacking,
@@ -259,6 +289,19 @@ fn write_artifacts(
             ("test", data.test.rows.len()),
         ]),
         head: config.head.name(),
+        fine_tuned_blocks: config.unfreeze.map(|unfreeze| {
+            format!(
+                "the blocks after block {} and the head convolution of {}, trained with the \
+                 head from their pretrained weights (blocks.safetensors); predictions run them \
+                 on the cached or encoded output of block {}",
+                unfreeze.after_block,
+                data.features
+                    .metadata()
+                    .get("encoder")
+                    .map_or("the encoder", String::as_str),
+                unfreeze.after_block
+            )
+        }),
         config,
         best_epoch: report.best_epoch + 1,
         test_metrics: &report.test,

@@ -753,6 +753,104 @@ pub fn train_stacked_batch(
         })
 }
 
+/// A host-path head's optimiser step whose inputs come from layers trained
+/// below it (`finetune`'s encoder blocks): micro-batch by micro-batch the
+/// head's gradients accumulate as in `train_stacked_batch`, and each
+/// micro-batch's d loss / d input goes back to the caller, who continues
+/// it into the lower layers; `finish` then updates the head as any step.
+pub struct InputStep {
+    /// The whole batch's weighted, smoothed targets.
+    targets: Vec<f32>,
+    loss_scale: f32,
+    /// Rows of the batch consumed so far.
+    next: usize,
+}
+
+impl HeadTrainer {
+    /// Starts a step over a batch with `labels` (its head lent to `first`
+    /// by `lend_first_layers`).
+    pub fn begin_input_step(
+        &mut self,
+        first: &mut FirstLayers,
+        labels: &[usize],
+    ) -> Result<InputStep, TrainError> {
+        if !self.uses_host_path() {
+            return Err(TrainError::Invalid(
+                "layers below a head train with f32 heads on the CPU only".into(),
+            ));
+        }
+        let (weights, rule) = self.batch_targets(labels);
+        first.zero_gradients();
+        self.host_mut()?.zero_gradients();
+        Ok(InputStep {
+            targets: rule.values(labels, &weights),
+            loss_scale: self.state.loss_scale as f32,
+            next: 0,
+        })
+    }
+
+    /// The next `rows` rows of the step's batch (standardised inputs `x`,
+    /// `[rows, dim]`): accumulates the head's gradients and returns
+    /// d loss / d x (`[rows, dim]`, through the weights before the step)
+    /// and the rows' share of the batch loss (without dropout).
+    pub fn input_micro_batch(
+        &mut self,
+        step: &mut InputStep,
+        first: &mut FirstLayers,
+        x: &[f32],
+        rows: usize,
+        dropout_rng: &mut ChaCha8Rng,
+        threads: Threads,
+    ) -> (Vec<f32>, f64) {
+        let classes = self.classes;
+        let targets = &step.targets[step.next * classes..(step.next + rows) * classes];
+        step.next += rows;
+        first.forward(x, rows, threads);
+        let product = first.block(0);
+        let host = self
+            .host
+            .as_mut()
+            .expect("begin_input_step loaded the host copy");
+        let mut probabilities = host.head.logits_after_first(product.clone(), threads);
+        super::host::softmax_rows(&mut probabilities, classes);
+        let loss: f64 = probabilities
+            .iter()
+            .zip(targets)
+            .map(|(&p, &t)| -f64::from(t) * f64::from(p.max(1e-12)).ln())
+            .sum();
+        let delta =
+            host.accumulate_after_first(product, targets, step.loss_scale, dropout_rng, threads);
+        first.accumulate(std::slice::from_ref(&delta), x, rows, threads);
+        let dim = x.len() / rows;
+        let outputs = delta.len() / rows;
+        let mut input_gradient = vec![0f32; rows * dim];
+        super::host::Product {
+            a: super::host::row_major(&delta, rows, outputs),
+            b: super::host::row_major(first.split_mut()[0].weight, outputs, dim),
+        }
+        .into(&mut input_gradient, faer::Accum::Replace, threads);
+        (input_gradient, loss)
+    }
+
+    /// Ends the step: clipping, schedule and update of the head, as
+    /// `train_batch` ends its steps (`steps_per_epoch`: the schedule's clock).
+    pub fn finish_input_step(
+        &mut self,
+        first: &mut FirstLayers,
+        steps_per_epoch: usize,
+    ) -> Result<(), TrainError> {
+        let part = first.split_mut().remove(0);
+        let unscale = 1.0 / self.state.loss_scale;
+        let host = self
+            .host
+            .as_ref()
+            .expect("begin_input_step loaded the host copy");
+        let norm_sq = host.gradient_norm_sq(part.gradient, unscale as f32);
+        let total_steps = steps_per_epoch * self.config.epochs;
+        self.complete_step(Gradients::Host(part), norm_sq, unscale, total_steps)
+    }
+}
+
 /// The monitored score, higher is better (`*/loss` is negated).
 pub fn monitored_score(name: &str, metrics: &BTreeMap<String, f64>) -> Result<f64, TrainError> {
     let value = *metrics.get(name).ok_or_else(|| {

@@ -172,6 +172,13 @@ pub fn plan_for(
             target.task.name()
         )));
     }
+    if let Some(unfreeze) = inputs.config.unfreeze {
+        return Err(invalid(format!(
+            "run {source_run} trained the encoder's blocks after block {} with its head \
+             (--unfreeze-from): its head reads their output, not the frozen encoder's features",
+            unfreeze.after_block
+        )));
+    }
     let tensors = super::checkpoint::load_tensors(&head_path, &Device::Cpu)?;
     let tensor = |name: &str| {
         tensors

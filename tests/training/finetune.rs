@@ -1,9 +1,12 @@
-//! Partial fine-tuning as a library trainer (`train::finetune`, issue 22):
-//! a spatial folder of stride-16 maps extracted through the CLI (`dataset
-//! add`, `enqueue --spatial --maps 16`, `run-worker`) with the real Lite0
-//! weights (scripts/fetch_assets.sh), then `finetune::fit` on it: the
-//! blocks after block 10 move, the same seed gives the same run, and the
-//! folders and blocks it cannot train from are refused by name.
+//! Partial fine-tuning (`train --unfreeze-from K`, issue 22) on spatial
+//! folders of stride-16 maps extracted through the CLI (`dataset add`,
+//! `enqueue --spatial --maps 16`, `run-worker`) with the real Lite0 weights
+//! (scripts/fetch_assets.sh): the library trainer (`finetune::fit`: the
+//! blocks after block 10 move, the same seed gives the same run, the
+//! folders and blocks it cannot train from are refused by name), and the
+//! run through the CLI (recorded, predicted from cache and encoder,
+//! exported as a bundle that predicts the same, resumed after kill -9 to
+//! the same metrics).
 
 use crate::support;
 
@@ -13,10 +16,11 @@ use lazarus::encoders::{self, efficientnet_lite::EfficientNetLite};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
-use lazarus::train::config::HeadConfig;
+use lazarus::train::config::{HeadConfig, TrainConfig, Unfreeze};
 use lazarus::train::data::{self, LoadConfig, TrainData};
-use lazarus::train::finetune::{self, FinetuneConfig, FinetuneEncoder};
-use support::{image_folder, json, lazarus, ok};
+use lazarus::train::finetune::{self, FineTunedBlocks, FinetuneEncoder};
+use lazarus::train::schedule::Schedule;
+use support::{fails, image_folder, image_folder_from, json, kill_after_checkpoint, lazarus, ok};
 
 const ENCODER: &str = "efficientnet-lite0";
 
@@ -66,18 +70,21 @@ fn load(root: &Path, fingerprint: &str) -> TrainData {
     .unwrap()
 }
 
-fn config(after_block: usize) -> FinetuneConfig {
-    FinetuneConfig {
-        after_block,
+fn config(after_block: usize) -> TrainConfig {
+    TrainConfig {
         head: HeadConfig::Linear,
         epochs: 2,
         batch_size: 8,
         learning_rate: 1e-3,
         weight_decay: 1e-4,
-        blocks_learning_rate: 1e-4,
-        blocks_weight_decay: 1e-4,
-        warmup_steps: 2,
+        schedule: Schedule::Cosine { warmup_steps: 2 },
         seed: 3,
+        unfreeze: Some(Unfreeze {
+            after_block,
+            blocks_learning_rate: 1e-4,
+            blocks_weight_decay: 1e-4,
+        }),
+        ..TrainConfig::default()
     }
 }
 
@@ -99,25 +106,23 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
         weights_sha256: &sha256,
     };
 
-    let report = finetune::fit(&data, encoder, &config(10)).unwrap();
+    let (report, blocks) = finetune::fit(&data, encoder, &config(10)).unwrap();
     assert_eq!(report.epochs.len(), 2);
     for epoch in &report.epochs {
-        assert!(
-            epoch.train_loss.is_finite() && epoch.train_loss > 0.0,
-            "{epoch:?}"
-        );
-        assert!((0.0..=1.0).contains(&epoch.val_accuracy), "{epoch:?}");
+        let loss = epoch["train/loss"];
+        assert!(loss.is_finite() && loss > 0.0, "{epoch:?}");
+        assert!((0.0..=1.0).contains(&epoch["val/accuracy"]), "{epoch:?}");
     }
-    assert!((0.0..=1.0).contains(&report.test_accuracy));
-    assert!((0.0..=1.0).contains(&report.test_macro_f1));
+    assert!((0.0..=1.0).contains(&report.test["test/accuracy"]));
+    assert!((0.0..=1.0).contains(&report.test["test/macro_f1"]));
     // The blocks moved away from the pretrained ones, every parameter of them.
     let pretrained = TopBlocks::from_encoder(&model, 10).unwrap();
-    assert_eq!(report.blocks.after_block(), 10);
+    assert_eq!(blocks.blocks.after_block(), 10);
     for ((name, before), after) in pretrained
         .parameter_names()
         .iter()
         .zip(pretrained.parameters())
-        .zip(report.blocks.parameters())
+        .zip(blocks.blocks.parameters())
     {
         assert!(
             before.iter().zip(after).any(|(a, b)| a != b),
@@ -125,12 +130,12 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
         );
     }
     // The same seed and data: the same run, bit for bit.
-    let again = finetune::fit(&data, encoder, &config(10)).unwrap();
-    assert_eq!(again.test_accuracy, report.test_accuracy);
+    let (again, again_blocks) = finetune::fit(&data, encoder, &config(10)).unwrap();
+    assert_eq!(again.test, report.test);
     for (a, b) in again.epochs.iter().zip(&report.epochs) {
-        assert_eq!(a.train_loss.to_bits(), b.train_loss.to_bits());
+        assert_eq!(a["train/loss"].to_bits(), b["train/loss"].to_bits());
     }
-    assert_eq!(again.blocks.parameters(), report.blocks.parameters());
+    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
 
     // Another K: refused, naming the folder, its maps and the K asked for.
     let error = finetune::fit(&data, encoder, &config(9))
@@ -172,5 +177,195 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
             && error.contains(&format!("with weights sha256:{sha256}"))
             && error.contains(&format!("with weights sha256:{other}")),
         "{error}"
+    );
+}
+
+/// Extracts the stride-16 maps of a new root's dataset `tree` of `counts`
+/// images per class; returns the root.
+fn fine_tuning_root(dir: &Path, counts: &[usize]) -> std::path::PathBuf {
+    let root = dir.join("root");
+    let tree = image_folder(dir, counts);
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "tree", tree.to_str().unwrap()],
+    ));
+    extract(&root, "16");
+    root
+}
+
+const TRAIN: [&str; 6] = ["train", "--dataset", "tree", "--encoder", ENCODER, "--json"];
+
+#[test]
+fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[10, 10]);
+    let train = |more: &[&str]| {
+        let mut args = TRAIN.to_vec();
+        args.extend_from_slice(more);
+        lazarus(&root, &args)
+    };
+    // Settings a fine-tuned run cannot take are refused before any training.
+    let refused = fails(train(&["--unfreeze-from", "9"]));
+    assert!(refused.contains("K must be 10"), "{refused}");
+    let refused = fails(train(&["--blocks-lr", "1e-4"]));
+    assert!(
+        refused.contains("--blocks-lr applies to --unfreeze-from K"),
+        "{refused}"
+    );
+    let refused = fails(train(&["--unfreeze-from", "10", "--precision", "f16"]));
+    assert!(refused.contains("trains the blocks in f32"), "{refused}");
+    let refused = fails(train(&["--unfreeze-from", "10", "--layers", "all"]));
+    assert!(refused.contains("read spatial ones"), "{refused}");
+
+    let report = json(&ok(train(&[
+        "--unfreeze-from",
+        "10",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--blocks-lr",
+        "3e-4",
+        "--seed",
+        "5",
+    ])));
+    let run = report["run_id"].as_str().unwrap().to_string();
+    assert_eq!(report["epochs_run"], 3);
+    let run_dir = root.join("experiments/runs").join(&run);
+    // The run's blocks file holds blocks 11.. and the head convolution,
+    // trained away from the installed encoder's.
+    let blocks = FineTunedBlocks::read(&run_dir.join("blocks.safetensors")).unwrap();
+    let (model, sha256) = encoder();
+    assert_eq!(blocks.info.weights, format!("sha256:{sha256}"));
+    let pretrained = TopBlocks::from_encoder(&model, 10).unwrap();
+    assert_eq!(
+        blocks.blocks.parameter_names(),
+        pretrained.parameter_names()
+    );
+    assert_ne!(blocks.blocks.parameters(), pretrained.parameters());
+    let card = json(&std::fs::read_to_string(run_dir.join("model_card.json")).unwrap());
+    assert!(
+        card["fine_tuned_blocks"]
+            .as_str()
+            .unwrap()
+            .contains("after block 10"),
+        "{card:#}"
+    );
+    assert_eq!(card["config"]["unfreeze"]["after_block"], 10);
+    assert_eq!(card["config"]["unfreeze"]["blocks_learning_rate"], 3e-4);
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &run, "--json"],
+    )));
+    assert_eq!(
+        shown["params"]["trained_blocks"], "11-15,head_conv",
+        "{shown:#}"
+    );
+    // Images of the dataset come from the cache, new ones through the
+    // encoder; the bundle (no cache) encodes both, to the same answers.
+    let cached = root.parent().unwrap().join("tree/class1/img003.png");
+    let fresh_tree = image_folder_from(&temp.path().join("fresh"), &[1, 1], 500);
+    let fresh = fresh_tree.join("class0/img000.png");
+    let images = [cached.to_str().unwrap(), fresh.to_str().unwrap()];
+    let mut args = vec!["predict", "--run", run.as_str()];
+    args.extend(images);
+    args.push("--json");
+    let by_run = json(&ok(lazarus(&root, &args)));
+    assert_eq!(by_run[0]["features_from"], "cache");
+    assert_eq!(by_run[1]["features_from"], "encoder");
+    let bundle = temp.path().join("bundle");
+    ok(lazarus(
+        &root,
+        &["export", &run, "--out", bundle.to_str().unwrap()],
+    ));
+    let info = json(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap());
+    assert_eq!(info["format_version"], 2);
+    assert_eq!(
+        info["trained_blocks"]["changed"],
+        serde_json::json!([
+            "block11",
+            "block12",
+            "block13",
+            "block14",
+            "block15",
+            "head_conv"
+        ])
+    );
+    let mut args = vec!["predict", "--bundle", bundle.to_str().unwrap()];
+    args.extend(images);
+    args.push("--json");
+    let by_bundle = json(&ok(lazarus(&root, &args)));
+    // The same image through the encoder: the same bits. Its cached map was
+    // stored from the same encoder pass, so cache and encoder agree too.
+    assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
+    assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
+    // A damaged blocks file is refused by the bundle's manifest.
+    let blocks_file = bundle.join("blocks.safetensors");
+    let mut bytes = std::fs::read(&blocks_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&blocks_file, bytes).unwrap();
+    let refused = fails(lazarus(&root, &args));
+    assert!(refused.contains("blocks.safetensors"), "{refused}");
+}
+
+#[test]
+fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
+    let temp = tempfile::tempdir().unwrap();
+    let killed = fine_tuning_root(&temp.path().join("killed"), &[8, 8]);
+    let clean = fine_tuning_root(&temp.path().join("clean"), &[8, 8]);
+    let mut args = TRAIN.to_vec();
+    args.extend([
+        "--unfreeze-from",
+        "10",
+        "--head",
+        "mlp",
+        "--hidden",
+        "32",
+        "--dropout",
+        "0.2",
+        "--epochs",
+        "24",
+        "--batch-size",
+        "4",
+        "--schedule",
+        "cosine",
+        "--warmup-steps",
+        "4",
+        "--seed",
+        "7",
+    ]);
+    let run_dir = kill_after_checkpoint(&killed, &args, 2);
+    let run = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let resumed = json(&ok(lazarus(
+        &killed,
+        &["train", "--resume", &run, "--json"],
+    )));
+    assert!(
+        resumed["resumed_from_epoch"].as_u64().unwrap() >= 2,
+        "{resumed:#}"
+    );
+    let uninterrupted = json(&ok(lazarus(&clean, &args)));
+    assert_eq!(resumed["epochs_run"], uninterrupted["epochs_run"]);
+    assert_eq!(resumed["epochs"], uninterrupted["epochs"]);
+    assert_eq!(resumed["test"], uninterrupted["test"]);
+    assert_eq!(
+        resumed["test_confusion_matrix"],
+        uninterrupted["test_confusion_matrix"]
+    );
+    // The same blocks, bit for bit.
+    let blocks = |root: &Path, run: &str| {
+        FineTunedBlocks::read(
+            &root
+                .join("experiments/runs")
+                .join(run)
+                .join("blocks.safetensors"),
+        )
+        .unwrap()
+    };
+    let clean_run = uninterrupted["run_id"].as_str().unwrap();
+    assert_eq!(
+        blocks(&killed, &run).blocks.parameters(),
+        blocks(&clean, clean_run).blocks.parameters()
     );
 }
