@@ -234,6 +234,11 @@ pub struct TrainArgs {
     /// --unfreeze-from: the blocks' decoupled weight decay [default: 0.01].
     #[arg(long)]
     pub blocks_weight_decay: Option<f64>,
+    /// --unfreeze-from: each training map seen flipped (`flips`) or flipped
+    /// and rotated (`dihedral`), drawn per image and epoch from the seed;
+    /// evaluation reads the maps as cached [default: 1].
+    #[arg(long, value_name = "1|flips|dihedral")]
+    pub augment_maps: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
@@ -331,6 +336,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
             "blocks_weight_decay",
             args.blocks_weight_decay.map(Value::Float),
         ),
+        ("augment_maps", args.augment_maps.as_deref().and_then(text)),
         ("seed", Some(count(args.seed)?)),
     ];
     Ok(given

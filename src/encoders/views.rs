@@ -87,6 +87,28 @@ impl ViewSet {
         }
     }
 
+    /// View `view` of a square map stored channels-last (`[side, side,
+    /// channels]`), as `apply` makes it of a channels-first image.
+    pub fn apply_channels_last(
+        self,
+        view: usize,
+        hwc: &[f32],
+        side: usize,
+        channels: usize,
+    ) -> Vec<f32> {
+        debug_assert_eq!(hwc.len(), side * side * channels);
+        let mut out = vec![0f32; hwc.len()];
+        for y in 0..side {
+            for x in 0..side {
+                let (sy, sx) = self.source(view, y, x, side);
+                let from = (sy * side + sx) * channels;
+                let to = (y * side + x) * channels;
+                out[to..to + channels].copy_from_slice(&hwc[from..from + channels]);
+            }
+        }
+        out
+    }
+
     /// View `view` (0-based, below `count()`) of `chw`, an image of
     /// `channels` planes of `side` x `side` values, row-major.
     pub fn apply(self, view: usize, chw: &[f32], side: usize) -> Vec<f32> {
@@ -232,5 +254,27 @@ mod tests {
             error.contains("'x'") && error.contains("1, flips or dihedral"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn channels_last_views_permute_pixels_as_channels_first_views_do() {
+        let (side, channels) = (5, 3);
+        let chw = distinct(side);
+        let to_hwc = |chw: &[f32]| -> Vec<f32> {
+            let plane = side * side;
+            (0..plane)
+                .flat_map(|pixel| (0..channels).map(move |c| (c, pixel)))
+                .map(|(c, pixel)| chw[c * plane + pixel])
+                .collect()
+        };
+        for views in [ViewSet::Flips, ViewSet::Dihedral] {
+            for view in 0..views.count() {
+                assert_eq!(
+                    views.apply_channels_last(view, &to_hwc(&chw), side, channels),
+                    to_hwc(&views.apply(view, &chw, side)),
+                    "{views} view {view}"
+                );
+            }
+        }
     }
 }

@@ -62,6 +62,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "unfreeze_from",
     "blocks_lr",
     "blocks_weight_decay",
+    "augment_maps",
     "task",
     "normal_label",
     "anomaly_label",
@@ -320,6 +321,15 @@ pub fn train_settings(
         config.checkpoint_every = v;
     }
     config.init_from = text("init_from")?;
+    // `augment_maps = 1` or `"1"` alike, as `views`.
+    if let Some(value) = match settings.get("augment_maps") {
+        Some(Value::Integer(n)) => Some(n.to_string()),
+        _ => text("augment_maps")?,
+    } {
+        config.augment_maps = value
+            .parse::<crate::encoders::ViewSet>()
+            .map_err(|e| format!("augment_maps: {e}"))?;
+    }
     config.unfreeze = match count("unfreeze_from")? {
         Some(after_block) => Some(Unfreeze {
             after_block,
@@ -677,6 +687,20 @@ mod tests {
         );
         let point = train_settings(&settings("blocks_lr = 0.1"), Source::SweepFile).unwrap();
         assert_eq!(point.config.unfreeze, None);
+        let refused = refusal("augment_maps = \"flips\"", Source::SweepFile);
+        assert!(
+            refused.contains("--augment-maps flips applies to --unfreeze-from K"),
+            "{refused}"
+        );
+        let augmented = train_settings(
+            &settings("unfreeze_from = 10\naugment_maps = \"dihedral\""),
+            Source::Flags,
+        )
+        .unwrap();
+        assert_eq!(
+            augmented.config.augment_maps,
+            crate::encoders::ViewSet::Dihedral
+        );
         // What fine-tuning does not support is refused by name.
         let refused = refusal("unfreeze_from = 10\ntask = \"segment\"", Source::Flags);
         assert!(

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::anomaly::AnomalyConfig;
 use super::schedule::Schedule;
+use crate::encoders::ViewSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -333,6 +334,9 @@ pub struct TrainConfig {
     /// Encoder blocks trained with the head (`--unfreeze-from`); None: the
     /// encoder stays frozen.
     pub unfreeze: Option<Unfreeze>,
+    /// Fine-tuning: each training map seen flipped or rotated
+    /// (`--augment-maps`); `1`: as cached.
+    pub augment_maps: ViewSet,
 }
 
 /// `TrainConfig` as runs store it: the task's kind, and the anomaly
@@ -372,6 +376,8 @@ struct StoredConfig {
     // Absent for frozen encoders: their configs and hashes stay as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     unfreeze: Option<Unfreeze>,
+    #[serde(default, skip_serializing_if = "ViewSet::is_single")]
+    augment_maps: ViewSet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     anomaly: Option<AnomalyConfig>,
 }
@@ -404,6 +410,7 @@ macro_rules! shared_fields {
             train_views: from.train_views,
             eval_views: from.eval_views,
             unfreeze: from.unfreeze,
+            augment_maps: from.augment_maps,
         }
     }};
 }
@@ -471,6 +478,7 @@ impl Default for TrainConfig {
             train_views: TrainViews::Sample,
             eval_views: EvalViews::Mean,
             unfreeze: None,
+            augment_maps: ViewSet::Single,
         }
     }
 }
@@ -531,6 +539,11 @@ impl TrainConfig {
         }
         if let Some(unfreeze) = &self.unfreeze {
             self.validate_unfreeze(unfreeze)?;
+        } else if !self.augment_maps.is_single() {
+            return bad(format!(
+                "--augment-maps {} applies to --unfreeze-from K (the maps fine-tuned blocks read)",
+                self.augment_maps
+            ));
         }
         if !self.monitor.starts_with("val/") {
             return bad(format!(

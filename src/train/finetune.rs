@@ -41,8 +41,8 @@ use super::data::{self, TrainData};
 use super::host::{HostHead, Threads, softmax_rows};
 use super::record::{fail_run, resumable_run, start};
 use super::run::{
-    EpochStream, FitOptions, RunObserver, RunReport, binary_curves, dropout_stream, load_config,
-    run_inputs, runtime_bytes, seeded, split_evaluation, write_run,
+    EpochStream, FitOptions, RunObserver, RunReport, binary_curves, drawn_view, dropout_stream,
+    load_config, run_inputs, runtime_bytes, seeded, split_evaluation, write_run,
 };
 use super::session::{EpochLogger, finish_run, require_two_classes};
 use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
@@ -348,6 +348,13 @@ impl<'a> Finetuning<'a> {
             height: shape.height,
             width: shape.width,
         };
+        if !config.augment_maps.is_single() && size.height != size.width {
+            return Err(TrainError::Invalid(format!(
+                "--augment-maps {}: folder {folder} holds {}x{} maps; flips and rotations of \
+                 maps need squares",
+                config.augment_maps, size.height, size.width
+            )));
+        }
         let plan = plan_memory(data, &blocks, size, config)?;
         let classes = data.class_names.len();
         let mut counts = vec![0usize; classes];
@@ -430,6 +437,13 @@ impl<'a> Finetuning<'a> {
         let bar = epoch_bar(progress, steps_per_epoch, epoch, config.epochs);
         let mut first = lend_first_layers(&mut [&mut self.trainer])?;
         let mut loss_sum = 0f64;
+        let augment = config.augment_maps;
+        let images = data.features.image_indices();
+        // Which of its draws in this epoch an image's draw is (the
+        // balanced sampler draws some images more than once).
+        let mut draws: HashMap<usize, usize> = HashMap::new();
+        let channels = self.blocks.in_channels();
+        let side = self.size.height;
         let stepped = (|| -> Result<(), TrainError> {
             for batch in order.chunks(config.batch_size) {
                 let labels: Vec<usize> = batch.iter().map(|&(_, label)| label).collect();
@@ -437,11 +451,26 @@ impl<'a> Finetuning<'a> {
                 gradients.zero();
                 for micro in batch.chunks(self.trainer.plan.micro_batch) {
                     let rows: Vec<usize> = micro.iter().map(|&(row, _)| row).collect();
-                    let forward = self.blocks.forward(
-                        gather_maps(data, self.map, &rows),
-                        rows.len(),
-                        self.size,
-                    )?;
+                    let mut input = gather_maps(data, self.map, &rows);
+                    if !augment.is_single() {
+                        let per_map = channels * self.size.pixels();
+                        for (map, &row) in input.chunks_exact_mut(per_map).zip(&rows) {
+                            let occurrence = draws.entry(row).or_insert(0);
+                            let view = drawn_view(
+                                config.seed,
+                                epoch,
+                                images[row],
+                                *occurrence,
+                                augment.count(),
+                            );
+                            *occurrence += 1;
+                            if view > 0 {
+                                let seen = augment.apply_channels_last(view, map, side, channels);
+                                map.copy_from_slice(&seen);
+                            }
+                        }
+                    }
+                    let forward = self.blocks.forward(input, rows.len(), self.size)?;
                     let mut x = forward.pooled().to_vec();
                     standardise(&mut x, data);
                     let (mut pooled_gradient, loss) = self.trainer.input_micro_batch(

@@ -105,6 +105,7 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             "blocks_weight_decay".into(),
             unfreeze.blocks_weight_decay.into(),
         ));
+        out.push(("augment_maps".into(), config.augment_maps.name().into()));
     }
     if !config.label_map.is_empty() {
         let classes: BTreeSet<&String> = config.label_map.values().collect();

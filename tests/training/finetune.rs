@@ -332,6 +332,8 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         "cosine",
         "--warmup-steps",
         "4",
+        "--augment-maps",
+        "dihedral",
         "--seed",
         "7",
     ]);
