@@ -270,14 +270,24 @@ pub fn load_run_head(
             ),
         });
     }
+    let head = read_run_head(&run_dir, &inputs, device)?;
+    Ok((head, inputs))
+}
+
+/// The head file of a run folder (`inputs` read from it), on `device`.
+pub(crate) fn read_run_head(
+    run_dir: &Path,
+    inputs: &RunInputs,
+    device: &Device,
+) -> Result<TrainedHead, PredictError> {
+    let head_path = crate::experiments::run_files::RunFolder::new(run_dir).head();
     let tensors = crate::train::checkpoint::load_tensors(&head_path, device)?;
-    let head = TrainedHead::from_tensors(
+    Ok(TrainedHead::from_tensors(
         &inputs.config.head,
         &tensors,
         inputs.class_names.clone(),
         &head_path,
-    )?;
-    Ok((head, inputs))
+    )?)
 }
 
 /// The encoder, weights and preprocessing that made a head's features.

@@ -208,15 +208,8 @@ impl Predictor {
         let (model, class_names, cache, encoder) = match inputs.config.task.kind() {
             Task::Classify if inputs.config.unfreeze.is_some() => {
                 let folder = crate::experiments::run_files::RunFolder::new(&run_dir);
-                let head_path = folder.head();
-                let tensors = crate::train::checkpoint::load_tensors(&head_path, device)
+                let head = super::read_run_head(&run_dir, &inputs, device)
                     .map_err(|e| run_error(format!("{e} (the run did not finish?)")))?;
-                let head = TrainedHead::from_tensors(
-                    &inputs.config.head,
-                    &tensors,
-                    inputs.class_names.clone(),
-                    &head_path,
-                )?;
                 let blocks = FineTunedBlocks::read(&folder.blocks())?;
                 let cache = FeatureCache::open(layout, &inputs.fingerprint)?;
                 let reference =

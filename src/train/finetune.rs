@@ -42,7 +42,7 @@ use super::host::{HostHead, Threads, softmax_rows};
 use super::record::{fail_run, resumable_run, start};
 use super::run::{
     EpochStream, FitOptions, RunObserver, RunReport, binary_curves, drawn_view, dropout_stream,
-    load_config, run_inputs, runtime_bytes, seeded, split_evaluation, write_run,
+    resume_load_config, run_inputs, runtime_bytes, seeded, split_evaluation, write_run,
 };
 use super::session::{EpochLogger, finish_run, require_two_classes};
 use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
@@ -717,16 +717,10 @@ fn epoch_bar(
     if !wanted || !std::io::stderr().is_terminal() {
         return None;
     }
-    let bar = indicatif::ProgressBar::new(steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} batches {per_sec} ETA {eta}",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(format!("epoch {}/{epochs} (fine-tuning)", epoch + 1));
-    Some(bar)
+    Some(super::run::batch_bar(
+        steps,
+        format!("epoch {}/{epochs} (fine-tuning)", epoch + 1),
+    ))
 }
 
 /// Observes nothing (`fit` outside a recorded run).
@@ -799,11 +793,7 @@ pub fn resume(
 ) -> Result<RunReport, TrainError> {
     let db = ExperimentsDb::open(layout)?;
     let (run_dir, inputs) = resumable_run(&db, run_id)?;
-    let load = data::LoadConfig {
-        version: Some(inputs.dataset_version),
-        allow_partial: inputs.images_lacking > 0,
-        ..load_config(&inputs.config)
-    };
+    let load = resume_load_config(&inputs);
     let data = load_spatial(layout, &inputs.dataset, Some(&inputs.fingerprint), load)?;
     let encoder = load_folder_encoder(&data)?;
     let mut tuning = Finetuning::new(&data, encoder.borrowed(), &inputs.config)?;

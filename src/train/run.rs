@@ -127,6 +127,16 @@ pub fn load_config(config: &TrainConfig) -> super::data::LoadConfig {
     }
 }
 
+/// How a resumed run reads its data: the manifest version and coverage it
+/// started on, whatever the dataset has become since.
+pub fn resume_load_config(inputs: &RunInputs) -> super::data::LoadConfig {
+    super::data::LoadConfig {
+        version: Some(inputs.dataset_version),
+        allow_partial: inputs.images_lacking > 0,
+        ..load_config(&inputs.config)
+    }
+}
+
 /// Fixed memory the runtime needs besides heads and batches.
 pub(crate) fn runtime_bytes(data: &TrainData) -> u64 {
     let dim = data.features.feature_dim() as u64;
@@ -679,6 +689,24 @@ fn progress_bar(
         .map(|&i| trainers[i].config.epochs)
         .max()
         .unwrap_or(0);
+    let heads = if members.len() == 1 {
+        String::new()
+    } else {
+        format!(", {} heads", members.len())
+    };
+    Some(batch_bar(
+        steps,
+        format!(
+            "epoch {}/{epochs} (seed {}{heads})",
+            stream.epoch + 1,
+            stream.seed
+        ),
+    ))
+}
+
+/// An epoch's progress bar of `steps` batches after `prefix` (callers draw
+/// it only on a terminal).
+pub(crate) fn batch_bar(steps: usize, prefix: String) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -687,17 +715,8 @@ fn progress_bar(
         .expect("the template is valid")
         .progress_chars("=> "),
     );
-    let heads = if members.len() == 1 {
-        String::new()
-    } else {
-        format!(", {} heads", members.len())
-    };
-    bar.set_prefix(format!(
-        "epoch {}/{epochs} (seed {}{heads})",
-        stream.epoch + 1,
-        stream.seed
-    ));
-    Some(bar)
+    bar.set_prefix(prefix);
+    bar
 }
 
 /// Named metrics of one split and its confusion matrix.

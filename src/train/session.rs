@@ -18,7 +18,7 @@ use super::config::{ClassWeights, Task, TrainConfig};
 use super::data::{self, TrainData};
 use super::record::{self, fail_run, memory_summary, resumable_run, start, summary_metrics};
 use super::run::{
-    FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, load_config, run_inputs,
+    FitOptions, PlannedRun, RunInputs, RunObserver, RunReport, fit, resume_load_config, run_inputs,
 };
 use super::warm::{self, WarmStart};
 use crate::experiments::run_files;
@@ -133,13 +133,7 @@ pub fn resume(
     if inputs.config.unfreeze.is_some() {
         return super::finetune::resume(layout, run_id, options);
     }
-    // The manifest version and coverage the run started on, whatever
-    // the dataset has become since.
-    let load = data::LoadConfig {
-        version: Some(inputs.dataset_version),
-        allow_partial: inputs.images_lacking > 0,
-        ..load_config(&inputs.config)
-    };
+    let load = resume_load_config(&inputs);
     let data = data::load(layout, &inputs.dataset, Some(&inputs.fingerprint), &load)?;
     let from = super::checkpoint::latest_epoch(&run_dir)?;
     // Killed before its first checkpoint: start from the source's weights again.
