@@ -2,7 +2,7 @@
 # A throwaway PostgreSQL server for the queue tests, on 127.0.0.1 only.
 #
 #   eval "$(bash scripts/postgres_test_server.sh start)"   # exports LAZARUS_TEST_POSTGRES(_DIR)
-#   cargo test --test queue queue_contract::               # PostgreSQL variants now run
+#   cargo test --test integration queue::queue_contract::  # PostgreSQL variants now run
 #   bash scripts/postgres_test_server.sh stop              # stops it, removes its folder
 #
 # `start` installs Debian's postgresql package when no initdb is found and we

@@ -1,12 +1,6 @@
 //! Runs of every task: heads, options, sweeps, warm starts, diverged heads,
 //! anomaly scorers, segmentation, and what experiments.db, its report and the
 //! MLflow export record of them.
-//!
-//! One test binary for several files: linking one binary instead of one per
-//! file is most of what a clean build of the tests costs.
-
-#[path = "../support/mod.rs"]
-mod support;
 
 mod anomaly;
 mod anomaly_patch;

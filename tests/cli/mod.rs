@@ -1,11 +1,5 @@
 //! The command line at its edges: datasets, the queue verbs, refusals, the
 //! experiments verbs, output folders, weights, and roots written by earlier code.
-//!
-//! One test binary for several files: linking one binary instead of one per
-//! file is most of what a clean build of the tests costs.
-
-#[path = "../support/mod.rs"]
-mod support;
 
 mod cli_dataset;
 mod cli_experiments;
