@@ -103,7 +103,11 @@ pub fn resume(
         .map_err(|e| TrainError::Checkpoint(format!("run {run_id} not found: {e}")))?;
     // A folder whose config cannot be read is refused by the classifier's
     // checks, which name what is wrong with it.
-    let task = read_run_inputs(&run_dir).map_or(Task::Classify, |inputs| inputs.config.task.kind());
+    let inputs = read_run_inputs(&run_dir).ok();
+    let task = inputs
+        .as_ref()
+        .map_or(Task::Classify, |inputs| inputs.config.task.kind());
+    let fine_tuned = inputs.is_some_and(|inputs| inputs.config.unfreeze.is_some());
     Ok(match task {
         Task::Segment => TrainedRun::Segment(Box::new(segment::resume(
             layout,
@@ -115,7 +119,11 @@ pub fn resume(
         // (`session::resume` hands them to `finetune::resume`).
         Task::Classify | Task::Anomaly => TrainedRun::Classify {
             report: Box::new(crate::train::session::resume(layout, run_id, options)?),
-            warm_start: None,
+            note: if fine_tuned {
+                finetune::device_note(&options.device)
+            } else {
+                None
+            },
         },
     })
 }

@@ -44,8 +44,9 @@ pub struct TrainRequest {
 pub enum TrainedRun {
     Classify {
         report: Box<RunReport>,
-        /// What a warm start (`init_from`) loaded, in words.
-        warm_start: Option<String>,
+        /// What the run says before its report, in words: what a warm
+        /// start (`init_from`) loaded, or a device it could not use.
+        note: Option<String>,
     },
     Anomaly(Box<AnomalyReport>),
     Segment(Box<SegmentReport>),
@@ -71,11 +72,12 @@ impl TrainedRun {
         }
     }
 
-    /// What a warm start loaded, said before the report (on stderr when the
+    /// What a warm start loaded, or that a fine-tuned run trained on the
+    /// CPU whatever the device, said before the report (on stderr when the
     /// report is JSON, so stdout stays one JSON document).
     pub fn note(&self) -> Option<&str> {
         match self {
-            TrainedRun::Classify { warm_start, .. } => warm_start.as_deref(),
+            TrainedRun::Classify { note, .. } => note.as_deref(),
             TrainedRun::Anomaly(_) | TrainedRun::Segment(_) => None,
         }
     }
@@ -249,11 +251,11 @@ pub fn train(
         .as_ref()
         .map(|source| warm::plan(layout, source, &config, &data))
         .transpose()?;
-    let warm_start = warm.as_ref().map(|w| w.summary.describe());
+    let note = warm.as_ref().map(|w| w.summary.describe());
     let report = session::train_warm(layout, &data, &request.experiment, config, warm, options)?;
     Ok(TrainedRun::Classify {
         report: Box::new(report),
-        warm_start,
+        note,
     })
 }
 
@@ -286,6 +288,6 @@ fn train_fine_tuned(
     let report = finetune::train(layout, &data, &request.experiment, config, &[], options)?;
     Ok(TrainedRun::Classify {
         report: Box::new(report),
-        warm_start: None,
+        note: finetune::device_note(&options.device),
     })
 }

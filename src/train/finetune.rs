@@ -745,6 +745,17 @@ pub fn fit(
     Ok((report, tuning.fine_tuned()))
 }
 
+/// What a fine-tuning run says when it was asked for another device: its
+/// blocks' step is host code (f32, faer matmuls), so the run trains on the
+/// CPU whatever `--device` names.
+pub fn device_note(device: &Device) -> Option<String> {
+    (!device.is_cpu()).then(|| {
+        "note: --unfreeze-from trains the blocks and the head on the CPU (the \
+         blocks' step has no GPU path yet); --device is not used by this run"
+            .to_string()
+    })
+}
+
 /// How `runs::train` loads the features of a fine-tuning run.
 pub fn load_spatial(
     layout: &Layout,
@@ -843,4 +854,16 @@ fn run_and_finish(
     let config = tuning.trainer.config.clone();
     finish_run(handle, &report, &config, tuning.data)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_run_has_no_device_note() {
+        // The note is for runs asked to train on another device (`--device
+        // cuda`), which a CPU-only build cannot create; the CPU says nothing.
+        assert_eq!(device_note(&Device::Cpu), None);
+    }
 }
