@@ -5,50 +5,13 @@
 
 use crate::support;
 
-use std::path::Path;
-
-use support::{copy_dir, fails, image_folder, json, lazarus, ok, queue_command};
-
-fn setup(root: &Path) -> String {
-    let tree = image_folder(root, &[12, 12]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
-    let report = json(&ok(lazarus(
-        root,
-        &[
-            "train",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--epochs",
-            "3",
-            "--json",
-        ],
-    )));
-    report["run_id"].as_str().unwrap().to_string()
-}
+use support::{copy_dir, fails, json, lazarus, ok, queue_command};
 
 #[test]
 fn a_bundle_predicts_like_its_run_without_experiments_and_refuses_damage() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let run = setup(root);
+    let run = super::linear_run(root);
     let cached = root.join("tree/class1/img003.png");
     let fresh = root.join("fresh.png");
     support::reencoded_png(&cached, &fresh);

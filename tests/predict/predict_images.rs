@@ -5,50 +5,13 @@
 
 use crate::support;
 
-use std::path::Path;
-
-use support::{fails, image_folder, json, lazarus, ok};
-
-fn setup(root: &Path) -> String {
-    let tree = image_folder(root, &[12, 12]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
-    let report = json(&ok(lazarus(
-        root,
-        &[
-            "train",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--epochs",
-            "3",
-            "--json",
-        ],
-    )));
-    report["run_id"].as_str().unwrap().to_string()
-}
+use support::{fails, json, lazarus, ok};
 
 #[test]
 fn predict_reuses_cached_features_and_matches_a_fresh_encoder_pass() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let run = setup(root);
+    let run = super::linear_run(root);
     let cached = root.join("tree/class0/img000.png");
     // The same content under a new name is found in the cache by its id.
     let renamed = root.join("renamed.png");
