@@ -3,12 +3,13 @@
 # generates COUNT 224 px images of 3-10 blobs of radius 3-6 px on a textured
 # background with their masks (scripts/gen_blobs.py), extracts the spatial
 # features of EfficientNet-Lite0 with its real weights (scripts/fetch_assets.sh)
-# once with `--maps 16,32` (the default) and once with `--maps 4,8,16,32`,
-# timing each, then trains a segmentation head on each folder
+# once per map set of MAPS (`--maps 16,32`, the default, the fine maps
+# `--maps 4,8` alone, and all four), timing each, then trains a segmentation head on each folder
 # (`train --task segment --maps ...`, 3 seeds) and prints test Dice per
 # maps, mean ± std. Split: the dataset's own 80/10/10, seed 0.
 # Usage: bash scripts/bench_blobs.sh [ROOT]   (default bench-blobs/)
-#   COUNT (300), EPOCHS (12), HEAD (mlp), HIDDEN (32), SEEDS ("1 2 3")
+#   COUNT (300), EPOCHS (12), HEAD (mlp), HIDDEN (32), SEEDS ("1 2 3"),
+#   MAPS ("16,32 4,8 4,8,16,32")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${1:-bench-blobs}"
@@ -17,6 +18,7 @@ epochs="${EPOCHS:-12}"
 head="${HEAD:-mlp}"
 hidden="${HIDDEN:-32}"
 seeds="${SEEDS:-1 2 3}"
+map_sets="${MAPS:-16,32 4,8 4,8,16,32}"
 bin=$(bash scripts/build.sh)
 LAZARUS_BIN="$bin" bash scripts/fetch_assets.sh >/dev/null
 lazarus() { "$bin" --root "$root" "$@"; }
@@ -27,7 +29,7 @@ if ! lazarus dataset show blobs >/dev/null 2>&1; then
   python3 scripts/gen_blobs.py "$root/source" --count "$count"
   lazarus dataset add blobs "$root/source" >/dev/null
 fi
-for maps in 16,32 4,8,16,32; do
+for maps in $map_sets; do
   lazarus enqueue --dataset blobs --encoder efficientnet-lite0 --spatial --maps "$maps" >/dev/null
   start=$(date +%s.%N)
   lazarus run-worker --until-empty 2>/dev/null
@@ -35,7 +37,7 @@ for maps in 16,32 4,8,16,32; do
 done
 lazarus verify --dataset blobs | tail -n 1
 
-for maps in 16,32 4,8,16,32; do
+for maps in $map_sets; do
   dice=()
   start=$(date +%s.%N)
   for seed in $seeds; do
