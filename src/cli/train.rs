@@ -426,6 +426,10 @@ pub fn sweep(layout: &Layout, args: SweepArgs) -> anyhow::Result<()> {
         allow_partial: args.allow_partial,
     };
     let outcome = lazarus::runs::sweep(layout, &sweep, &options)?;
+    // On stderr, so that stdout stays one JSON document with --json.
+    for note in &outcome.notes {
+        eprintln!("{note}");
+    }
     // Runs that failed are reported after everything else, and fail the verb.
     let failed = || -> anyhow::Result<()> {
         for error in &outcome.failed {

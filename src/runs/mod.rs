@@ -76,6 +76,10 @@ pub struct SweepOutcome {
     pub segmented: Vec<SegmentReport>,
     /// The comparison chart of the sweep's runs.
     pub charts: Vec<PathBuf>,
+    /// What the sweep says before its report: that its fine-tuned points
+    /// trained on the CPU whatever `--device` named.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// How a sweep runs.
@@ -175,6 +179,7 @@ pub fn sweep(
         passes: 0,
         segmented: Vec::new(),
         charts: Vec::new(),
+        notes: Vec::new(),
     };
     for ((dataset, encoder, spatial, named, pooled), members) in groups {
         let fingerprint = match named {
@@ -243,6 +248,11 @@ pub fn sweep(
                 ),
             };
             outcome.passes += 1;
+            if let Some(note) = finetune::device_note(&options.fit.device)
+                && !outcome.notes.contains(&note)
+            {
+                outcome.notes.push(note);
+            }
             match report {
                 Ok(report) => outcome.trained.push(report),
                 Err(error @ TrainError::Diverged { .. }) => outcome.failed.push(error.to_string()),
