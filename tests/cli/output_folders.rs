@@ -191,24 +191,7 @@ fn export_replaces_a_bundle_only_with_force_and_never_a_folder_with_other_files(
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     // A bundle names its encoder: real extraction, random weights.
-    let tree = support::image_folder(root, &[8, 8]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    support::extract_toy(root, &[8, 8]);
     let trained = json(&ok(lazarus(
         root,
         &[

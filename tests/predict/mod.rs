@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::support::{image_folder, json, lazarus, ok};
+use crate::support::{json, lazarus, ok};
 
 mod bundle;
 mod predict_images;
@@ -13,24 +13,7 @@ mod serve;
 /// random-weight efficientnet-lite0 and a linear head trained on it: the
 /// run id.
 fn linear_run(root: &Path) -> String {
-    let tree = image_folder(root, &[12, 12]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    crate::support::extract_toy(root, &[12, 12]);
     let report = json(&ok(lazarus(
         root,
         &[

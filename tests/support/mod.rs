@@ -179,6 +179,30 @@ pub fn reencoded_png(from: &Path, to: &Path) {
     std::fs::write(to, bytes).unwrap();
 }
 
+/// Registers `image_folder(root, counts)` as dataset `toy` and extracts it
+/// with efficientnet-lite0 at random weights (seed 3), for tests that need a
+/// run's real encoder (predict, export, anomaly scorers).
+pub fn extract_toy(root: &Path, counts: &[usize]) {
+    let tree = image_folder(root, counts);
+    ok(lazarus(
+        root,
+        &["dataset", "add", "toy", tree.to_str().unwrap()],
+    ));
+    ok(lazarus(
+        root,
+        &[
+            "enqueue",
+            "--dataset",
+            "toy",
+            "--encoder",
+            "efficientnet-lite0",
+            "--weights",
+            "random:3",
+        ],
+    ));
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+}
+
 /// An ImageFolder tree: `counts[i]` PNGs in class folder `class{i}`; returns the tree's root.
 pub fn image_folder(dir: &Path, counts: &[usize]) -> PathBuf {
     image_folder_from(dir, counts, 0)

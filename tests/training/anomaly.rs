@@ -360,24 +360,7 @@ k = [1, 3]
 fn predict_on_an_anomaly_run_scores_cached_and_new_images_alike() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let tree = support::image_folder(root, &[20, 20]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    support::extract_toy(root, &[20, 20]);
     let report = json(&ok(lazarus(
         root,
         &[

@@ -200,24 +200,7 @@ fn predict_refuses_an_anomaly_scorer_holding_nan() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     // Anomaly predict needs the run's encoder: real extraction, random weights.
-    let tree = support::image_folder(root, &[12, 12]);
-    ok(lazarus(
-        root,
-        &["dataset", "add", "toy", tree.to_str().unwrap()],
-    ));
-    ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "toy",
-            "--encoder",
-            "efficientnet-lite0",
-            "--weights",
-            "random:3",
-        ],
-    ));
-    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    support::extract_toy(root, &[12, 12]);
     let image = support::image_rows(root, "toy")[0][2].clone();
     let scorer = json(&ok(lazarus(
         root,
