@@ -428,7 +428,6 @@ impl Source<'_> {
         filter: ResizeFilter,
     ) -> Vec<u8> {
         let (c, w) = (self.channels, self.width as usize);
-        let (out_width, out_height) = (window.width as usize, window.height as usize);
         let rows = filter_taps(
             self.height,
             new_height,
@@ -441,45 +440,8 @@ impl Source<'_> {
             window.left..window.left + window.width,
             filter,
         );
-        let mut vertical = vec![0f32; out_height * w * c];
-        for ((first, weights), out) in rows.iter().zip(vertical.chunks_exact_mut(w * c)) {
-            for (i, &weight) in weights.iter().enumerate() {
-                let row = &self.pixels[(first + i) * w * c..(first + i + 1) * w * c];
-                for (sum, &value) in out.iter_mut().zip(row) {
-                    *sum += value as f32 * weight;
-                }
-            }
-        }
-        let mut out = vec![0u8; out_width * out_height * c];
-        for (row, out_row) in vertical
-            .chunks_exact(w * c)
-            .zip(out.chunks_exact_mut(out_width * c))
-        {
-            for ((first, weights), out_pixel) in columns.iter().zip(out_row.chunks_exact_mut(c)) {
-                for (channel, out) in out_pixel.iter_mut().enumerate() {
-                    let mut sum = 0f32;
-                    for (i, &weight) in weights.iter().enumerate() {
-                        sum += row[(first + i) * c + channel] * weight;
-                    }
-                    *out = round_to_u8(sum);
-                }
-            }
-        }
-        out
+        lazarus_kernels::resample::separable(self.pixels, w, c, &rows, &columns)
     }
-}
-
-/// Clamp to 0..=255, then round half away from zero, as `image` stores a
-/// resampled value (`f32::round` without its libm call: for 0 ≤ v ≤ 255 the
-/// truncation `v as u32` is exact, and so is `v - truncation`).
-fn round_to_u8(value: f32) -> u8 {
-    let value = value.clamp(0.0, 255.0);
-    let whole = value as u32;
-    (if value - whole as f32 >= 0.5 {
-        whole + 1
-    } else {
-        whole
-    }) as u8
 }
 
 /// For each output position in `window` along one axis of `input` → `output`

@@ -6,8 +6,8 @@
 pub mod backend;
 pub mod clip;
 pub mod convnext;
-pub(crate) mod cpu_kernels;
 pub use cpu_kernels::{SIMD_ENV, SimdLevel};
+pub(crate) use lazarus_kernels as cpu_kernels;
 pub mod dinov2;
 pub mod efficientnet;
 pub mod efficientnet_lite;

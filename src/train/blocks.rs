@@ -33,21 +33,10 @@ use super::host::{AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
 };
-use crate::encoders::cpu_kernels::same_padding;
+use crate::encoders::cpu_kernels::training;
 use crate::encoders::efficientnet_lite::EfficientNetLite;
 
-/// The height and width of a map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapSize {
-    pub height: usize,
-    pub width: usize,
-}
-
-impl MapSize {
-    pub fn pixels(self) -> usize {
-        self.height * self.width
-    }
-}
+pub use lazarus_kernels::training::MapSize;
 
 /// A 1×1 convolution: weight `[outputs, inputs]`, bias `[outputs]`.
 #[derive(Debug, Clone)]
@@ -69,6 +58,19 @@ struct Depthwise {
     kernel: usize,
     stride: usize,
     relu6: bool,
+}
+
+impl Depthwise {
+    fn kernel(&self) -> training::DepthwiseKernel<'_> {
+        training::DepthwiseKernel {
+            weight: &self.weight,
+            bias: &self.bias,
+            channels: self.channels,
+            kernel: self.kernel,
+            stride: self.stride,
+            relu6: self.relu6,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -466,8 +468,8 @@ impl TopBlocks {
                 .expand
                 .as_ref()
                 .map(|conv| pointwise_forward(conv, &x, pixels));
-            let (depthwise, output_size) = depthwise_forward(
-                &block.depthwise,
+            let (depthwise, output_size) = training::depthwise_forward(
+                block.depthwise.kernel(),
                 expanded.as_deref().unwrap_or(&x),
                 n_images,
                 size,
@@ -555,7 +557,7 @@ impl TopBlocks {
                 }
             });
         if self.head.relu6 {
-            relu6_mask(&mut delta, &forward.head_output);
+            training::relu6_mask(&mut delta, &forward.head_output);
         }
         let mut slots = gradients.values.iter_mut().rev();
         let mut next = |name: &str| -> &mut Vec<f32> {
@@ -589,7 +591,7 @@ impl TopBlocks {
             )
             .expect("the projection's input gradient was asked for");
             if block.depthwise.relu6 {
-                relu6_mask(&mut hidden_delta, &step.depthwise);
+                training::relu6_mask(&mut hidden_delta, &step.depthwise);
             }
             let (depthwise_bias, depthwise_weight) =
                 (next("depthwise bias"), next("depthwise weight"));
@@ -599,9 +601,9 @@ impl TopBlocks {
             } else {
                 wanted
             };
-            let below = depthwise_backward(
-                &block.depthwise,
-                DepthwiseTrace {
+            let below = training::depthwise_backward(
+                block.depthwise.kernel(),
+                training::DepthwiseTrace {
                     input: depthwise_input,
                     n_images,
                     size: step.size,
@@ -609,13 +611,13 @@ impl TopBlocks {
                 },
                 &hidden_delta,
                 (depthwise_weight, depthwise_bias),
-                depthwise_wanted,
+                depthwise_wanted == Wanted::Yes,
             );
             let input_delta = match (&block.expand, below) {
                 (Some(expand), Some(mut expanded_delta)) => {
                     let expanded = step.expanded.as_ref().expect("an expanded map");
                     if expand.relu6 {
-                        relu6_mask(&mut expanded_delta, expanded);
+                        training::relu6_mask(&mut expanded_delta, expanded);
                     }
                     let (expand_bias, expand_weight) = (next("expand bias"), next("expand weight"));
                     pointwise_backward(
@@ -775,11 +777,7 @@ impl BlockGradients {
     pub fn norm_sq(&self, scale: f32) -> f64 {
         self.values
             .iter()
-            .map(|g| {
-                g.iter()
-                    .map(|v| f64::from(v * scale) * f64::from(v * scale))
-                    .sum::<f64>()
-            })
+            .map(|g| training::scaled_norm_sq_f64(g, scale))
             .sum()
     }
 }
@@ -802,10 +800,6 @@ where
     }
 }
 
-/// Rows of a pointwise output finished per task: bias and ReLU6 over this
-/// many pixels at once.
-const FINISH_PIXELS: usize = 64;
-
 fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32> {
     let mut output = vec![0f32; pixels * conv.outputs];
     Product {
@@ -813,33 +807,8 @@ fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32>
         b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
     }
     .into(&mut output, Accum::Replace, Threads::Pool);
+    training::add_bias_relu6(&mut output, &conv.bias, conv.relu6);
     output
-        .par_chunks_mut(FINISH_PIXELS * conv.outputs)
-        .for_each(|rows| {
-            for row in rows.chunks_exact_mut(conv.outputs) {
-                for (v, b) in row.iter_mut().zip(&conv.bias) {
-                    *v += b;
-                    if conv.relu6 {
-                        *v = v.clamp(0.0, 6.0);
-                    }
-                }
-            }
-        });
-    output
-}
-
-/// Zeroes the gradient where ReLU6 was flat: its output at 0 or 6.
-fn relu6_mask(delta: &mut [f32], output: &[f32]) {
-    delta
-        .par_chunks_mut(1 << 14)
-        .zip(output.par_chunks(1 << 14))
-        .for_each(|(delta, output)| {
-            for (d, &y) in delta.iter_mut().zip(output) {
-                if !(y > 0.0 && y < 6.0) {
-                    *d = 0.0;
-                }
-            }
-        });
 }
 
 /// Adds d loss / d weight and d loss / d bias of a pointwise convolution to
@@ -859,11 +828,7 @@ fn pointwise_backward(
         b: row_major(input, pixels, conv.inputs),
     }
     .into(weight_gradient, Accum::Add, Threads::Pool);
-    for row in delta.chunks_exact(conv.outputs) {
-        for (g, d) in bias_gradient.iter_mut().zip(row) {
-            *g += d;
-        }
-    }
+    training::add_column_sums(bias_gradient, delta);
     (wanted == Wanted::Yes).then(|| {
         // d input[pixels, in] = delta[pixels, out] x W[out, in]
         let mut below = vec![0f32; pixels * conv.inputs];
@@ -872,171 +837,6 @@ fn pointwise_backward(
             b: row_major(&conv.weight, conv.outputs, conv.inputs),
         }
         .into(&mut below, Accum::Replace, Threads::Pool);
-        below
-    })
-}
-
-/// The input row and column a tap reads for an output row or column, if
-/// inside the map: `output · stride + tap - padding`.
-fn source(output: usize, tap: usize, stride: usize, padding: usize, size: usize) -> Option<usize> {
-    (output * stride + tap)
-        .checked_sub(padding)
-        .filter(|&i| i < size)
-}
-
-fn depthwise_forward(
-    conv: &Depthwise,
-    input: &[f32],
-    n_images: usize,
-    size: MapSize,
-) -> (Vec<f32>, MapSize) {
-    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
-    let out_size = MapSize {
-        height: size.height.div_ceil(s),
-        width: size.width.div_ceil(s),
-    };
-    let top = same_padding(size.height, k, s).0;
-    let left = same_padding(size.width, k, s).0;
-    let mut output = vec![0f32; n_images * out_size.pixels() * c];
-    output
-        .par_chunks_mut(out_size.width * c)
-        .enumerate()
-        .for_each(|(row, out_row)| {
-            let (image, oy) = (row / out_size.height, row % out_size.height);
-            let image_input = &input[image * size.pixels() * c..][..size.pixels() * c];
-            for (ox, out) in out_row.chunks_exact_mut(c).enumerate() {
-                out.copy_from_slice(&conv.bias);
-                for dy in 0..k {
-                    let Some(iy) = source(oy, dy, s, top, size.height) else {
-                        continue;
-                    };
-                    for dx in 0..k {
-                        let Some(ix) = source(ox, dx, s, left, size.width) else {
-                            continue;
-                        };
-                        let x = &image_input[(iy * size.width + ix) * c..][..c];
-                        let w = &conv.weight[(dy * k + dx) * c..][..c];
-                        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
-                            *o += x * w;
-                        }
-                    }
-                }
-                if conv.relu6 {
-                    for o in out.iter_mut() {
-                        *o = o.clamp(0.0, 6.0);
-                    }
-                }
-            }
-        });
-    (output, out_size)
-}
-
-/// The forward pass of a depthwise convolution as its backward pass reads it.
-struct DepthwiseTrace<'a> {
-    input: &'a [f32],
-    n_images: usize,
-    size: MapSize,
-    output_size: MapSize,
-}
-
-/// Adds the depthwise weight and bias gradients to `grads`, given
-/// d loss / d output (`delta`, activation already undone); returns
-/// d loss / d input when wanted.
-fn depthwise_backward(
-    conv: &Depthwise,
-    trace: DepthwiseTrace,
-    delta: &[f32],
-    (weight_gradient, bias_gradient): (&mut Vec<f32>, &mut Vec<f32>),
-    wanted: Wanted,
-) -> Option<Vec<f32>> {
-    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
-    let DepthwiseTrace {
-        input,
-        n_images,
-        size,
-        output_size,
-    } = trace;
-    let top = same_padding(size.height, k, s).0;
-    let left = same_padding(size.width, k, s).0;
-    let in_image = size.pixels() * c;
-    let out_image = output_size.pixels() * c;
-    // Per image: [kernel² + 1, c], the weight gradient's taps then the bias's.
-    let partials: Vec<Vec<f32>> = (0..n_images)
-        .into_par_iter()
-        .map(|image| {
-            let mut partial = vec![0f32; (k * k + 1) * c];
-            let image_input = &input[image * in_image..][..in_image];
-            let image_delta = &delta[image * out_image..][..out_image];
-            for oy in 0..output_size.height {
-                for ox in 0..output_size.width {
-                    let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
-                    for (g, d) in partial[k * k * c..].iter_mut().zip(d) {
-                        *g += d;
-                    }
-                    for dy in 0..k {
-                        let Some(iy) = source(oy, dy, s, top, size.height) else {
-                            continue;
-                        };
-                        for dx in 0..k {
-                            let Some(ix) = source(ox, dx, s, left, size.width) else {
-                                continue;
-                            };
-                            let x = &image_input[(iy * size.width + ix) * c..][..c];
-                            let g = &mut partial[(dy * k + dx) * c..][..c];
-                            for ((g, x), d) in g.iter_mut().zip(x).zip(d) {
-                                *g += x * d;
-                            }
-                        }
-                    }
-                }
-            }
-            partial
-        })
-        .collect();
-    for partial in &partials {
-        for (g, p) in weight_gradient.iter_mut().zip(&partial[..k * k * c]) {
-            *g += p;
-        }
-        for (g, p) in bias_gradient.iter_mut().zip(&partial[k * k * c..]) {
-            *g += p;
-        }
-    }
-    (wanted == Wanted::Yes).then(|| {
-        // Gathered per input row: every output a tap of which read this pixel.
-        let mut below = vec![0f32; n_images * in_image];
-        below
-            .par_chunks_mut(size.width * c)
-            .enumerate()
-            .for_each(|(row, below_row)| {
-                let (image, iy) = (row / size.height, row % size.height);
-                let image_delta = &delta[image * out_image..][..out_image];
-                for dy in 0..k {
-                    // oy · s + dy - top = iy
-                    let Some(oy) = (iy + top).checked_sub(dy) else {
-                        continue;
-                    };
-                    if oy % s != 0 || oy / s >= output_size.height {
-                        continue;
-                    }
-                    let oy = oy / s;
-                    for (ix, b) in below_row.chunks_exact_mut(c).enumerate() {
-                        for dx in 0..k {
-                            let Some(ox) = (ix + left).checked_sub(dx) else {
-                                continue;
-                            };
-                            if ox % s != 0 || ox / s >= output_size.width {
-                                continue;
-                            }
-                            let ox = ox / s;
-                            let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
-                            let w = &conv.weight[(dy * k + dx) * c..][..c];
-                            for ((b, d), w) in b.iter_mut().zip(d).zip(w) {
-                                *b += d * w;
-                            }
-                        }
-                    }
-                }
-            });
         below
     })
 }
@@ -1156,6 +956,7 @@ mod tests {
 
     use super::*;
     use crate::encoders::cpu_kernels::network::DepthwiseConv;
+    use crate::encoders::cpu_kernels::same_padding;
     use crate::encoders::efficientnet_lite::Config;
 
     fn uniform(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {

@@ -57,60 +57,10 @@ impl Threads {
     }
 }
 
-/// One AdamW update of a parameter slice (decoupled weight decay, bias
-/// correction for the `updates`-th update), shared by the heads' step and
-/// the fine-tuned blocks' (`blocks::BlocksOptimizer`) so both follow the
-/// candle path's maths (`trainer.rs`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamWStep {
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    correction1: f32,
-    correction2: f32,
-    decay: f32,
-    lr: f32,
-    /// Multiplies every gradient first (loss-scale removal, clipping).
-    scale: f32,
-}
-
-impl AdamWStep {
-    pub(crate) fn new(lr: f64, weight_decay: f64, updates: i32, scale: f32) -> Self {
-        let (beta1, beta2) = (0.9f64, 0.999f64);
-        AdamWStep {
-            beta1: beta1 as f32,
-            beta2: beta2 as f32,
-            eps: 1e-8,
-            correction1: (1.0 - beta1.powi(updates)) as f32,
-            correction2: (1.0 - beta2.powi(updates)) as f32,
-            decay: (1.0 - lr * weight_decay) as f32,
-            lr: lr as f32,
-            scale,
-        }
-    }
-
-    pub(crate) fn apply(
-        self,
-        weights: &mut [f32],
-        gradients: &[f32],
-        first_moments: &mut [f32],
-        second_moments: &mut [f32],
-    ) {
-        for (((w, &g), m), v) in weights
-            .iter_mut()
-            .zip(gradients)
-            .zip(first_moments.iter_mut())
-            .zip(second_moments.iter_mut())
-        {
-            let g = g * self.scale;
-            *m = *m * self.beta1 + g * (1.0 - self.beta1);
-            *v = *v * self.beta2 + g * g * (1.0 - self.beta2);
-            let m_hat = *m / self.correction1;
-            let v_hat = *v / self.correction2;
-            *w = *w * self.decay - self.lr * (m_hat / (v_hat.sqrt() + self.eps));
-        }
-    }
-}
+/// One AdamW update of a parameter slice, shared by the heads' step and the
+/// fine-tuned blocks' (`blocks::BlocksOptimizer`) so both follow the candle
+/// path's maths (`trainer.rs`); its loop is in the optimised kernels crate.
+pub(crate) use lazarus_kernels::training::AdamWStep;
 
 /// `out[rows, cols] (+)= a[rows, inner] x b[inner, cols]`, all row-major,
 /// with `b` given as its transpose `[cols, inner]` when `b_transposed`.
@@ -517,8 +467,7 @@ impl HostTrainer {
         let mut sum = 0f64;
         for (i, g) in self.gradients.iter().enumerate() {
             let g = if i == 0 { first_gradient } else { g };
-            let part: f32 = g.iter().map(|v| (v * scale) * (v * scale)).sum();
-            sum += part as f64;
+            sum += lazarus_kernels::training::scaled_norm_sq_f32(g, scale) as f64;
         }
         sum
     }

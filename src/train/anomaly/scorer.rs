@@ -120,15 +120,7 @@ pub fn greedy_coreset(points: &[f32], dim: usize, count: usize, seed: u64) -> Ve
     while chosen.len() < count {
         chosen.push(next);
         let centre = &points[next * dim..(next + 1) * dim];
-        nearest
-            .par_iter_mut()
-            .zip(points.par_chunks(dim))
-            .for_each(|(best, row)| {
-                let d: f32 = row.iter().zip(centre).map(|(a, b)| (a - b) * (a - b)).sum();
-                if d < *best {
-                    *best = d;
-                }
-            });
+        lazarus_kernels::training::lower_nearest_squared_distances(&mut nearest, points, centre);
         // The farthest row; ties go to the lowest position.
         next = 0;
         for (i, &d) in nearest.iter().enumerate() {

@@ -26,7 +26,7 @@ use super::{SimdLevel, same_padding};
 
 /// A folded convolution in plain arrays, as the model holds it.
 #[derive(Debug, Clone)]
-pub(crate) struct ConvWeights {
+pub struct ConvWeights {
     /// Pointwise: [out, in]. Stem: [out, in, k, k].
     pub weight: Vec<f32>,
     /// [out].
@@ -36,7 +36,7 @@ pub(crate) struct ConvWeights {
 
 /// A folded depthwise convolution in plain arrays.
 #[derive(Debug, Clone)]
-pub(crate) struct DepthwiseConv {
+pub struct DepthwiseConv {
     /// `[kernel², channels]`, tap-major.
     pub weight: Vec<f32>,
     /// `[channels]`.
@@ -48,7 +48,7 @@ pub(crate) struct DepthwiseConv {
 
 /// One inverted-residual block's folded weights.
 #[derive(Debug, Clone)]
-pub(crate) struct BlockWeights {
+pub struct BlockWeights {
     /// [hidden, in]; `None` for the first block, which reads the stem.
     pub expand: Option<ConvWeights>,
     pub depthwise: DepthwiseConv,
@@ -59,7 +59,7 @@ pub(crate) struct BlockWeights {
 
 /// The stem: a full k×k convolution with TF "same" padding.
 #[derive(Debug, Clone)]
-pub(crate) struct StemWeights {
+pub struct StemWeights {
     pub conv: ConvWeights,
     pub in_channels: usize,
     pub kernel: usize,
@@ -68,7 +68,7 @@ pub(crate) struct StemWeights {
 
 /// Everything the CPU network is built from.
 #[derive(Debug, Clone)]
-pub(crate) struct NetworkWeights {
+pub struct NetworkWeights {
     pub stem: StemWeights,
     pub blocks: Vec<BlockWeights>,
     /// [features, last block's channels].
@@ -87,7 +87,7 @@ struct Block {
 
 /// The network with its weights packed for one SIMD level.
 #[derive(Debug, Clone)]
-pub(crate) struct CpuNetwork {
+pub struct CpuNetwork {
     level: SimdLevel,
     arch: Arch,
     /// The stem as a matrix product over im2col patches: k = in · kernel².
@@ -119,7 +119,7 @@ const BAND_BYTES: usize = 192 * 1024;
 
 /// Features of a batch, NHWC, as flat arrays.
 #[derive(Debug)]
-pub(crate) struct Outputs {
+pub struct Outputs {
     /// [n, features].
     pub pooled: Vec<f32>,
     /// [n, sum of the stage ends' channels]: each stage's output averaged
@@ -134,7 +134,7 @@ pub(crate) struct Outputs {
 
 /// The output map of one tapped block: [n, h, w, c].
 #[derive(Debug)]
-pub(crate) struct TapMap {
+pub struct TapMap {
     pub values: Vec<f32>,
     /// (h, w, c).
     pub shape: (usize, usize, usize),
@@ -160,7 +160,7 @@ impl CpuNetwork {
     /// Packs `weights` for `level`. Errors when the CPU lacks `level` or the
     /// network is not shaped like an EfficientNet-Lite (stem then blocks whose
     /// first alone has no expansion).
-    pub(crate) fn new(weights: &NetworkWeights, level: SimdLevel) -> Result<Self, String> {
+    pub fn new(weights: &NetworkWeights, level: SimdLevel) -> Result<Self, String> {
         let arch = level
             .arch()
             .ok_or_else(|| format!("this CPU cannot run SIMD level {level}"))?;
@@ -250,8 +250,7 @@ impl CpuNetwork {
 
     /// The same network with other ring and band sizes (tests: many small
     /// bands and wrapping rings on small images).
-    #[cfg(test)]
-    pub(crate) fn with_budgets(mut self, ring_bytes: usize, band_bytes: usize) -> Self {
+    pub fn with_budgets(mut self, ring_bytes: usize, band_bytes: usize) -> Self {
         self.budget = BandBudget {
             ring_bytes,
             band_bytes,
@@ -259,13 +258,13 @@ impl CpuNetwork {
         self
     }
 
-    pub(crate) fn level(&self) -> SimdLevel {
+    pub fn level(&self) -> SimdLevel {
         self.level
     }
 
     /// Runs `n` images `[n, in_channels, height, width]` (NCHW, contiguous),
     /// keeping the full output of each block in `taps` (block indices).
-    pub(crate) fn run(
+    pub fn run(
         &self,
         images: &[f32],
         n: usize,

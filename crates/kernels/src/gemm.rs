@@ -31,14 +31,14 @@ struct Panel {
 
 /// What happens to the tile before its store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
+pub enum Activation {
     None,
     Relu6,
 }
 
 /// A 1×1 convolution's weights and bias, packed for one vector width.
 #[derive(Debug, Clone)]
-pub(crate) struct PackedPointwise {
+pub struct PackedPointwise {
     /// Input channels.
     pub k: usize,
     /// Output channels.
@@ -72,7 +72,7 @@ impl PackedPointwise {
     /// `weight`: [n, k] (output-major, as a 1×1 convolution's weight);
     /// `bias`: [n]. Panels are [`panel_vectors`] wide; the last one takes
     /// the remainder (whole vectors, the last possibly part-filled).
-    pub(crate) fn new(
+    pub fn new(
         weight: &[f32],
         bias: &[f32],
         k: usize,
@@ -129,7 +129,7 @@ impl PackedPointwise {
 
 /// The activations a pointwise convolution reads.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum PointwiseInput<'a> {
+pub enum PointwiseInput<'a> {
     /// `[pixels, k]`, row-major (NHWC).
     Rows(&'a [f32]),
     /// `[k / lanes][pixels][lanes]`: channel blocks; `k` is whole vectors.
@@ -138,7 +138,7 @@ pub(crate) enum PointwiseInput<'a> {
 
 /// Where a pointwise convolution writes.
 #[derive(Debug)]
-pub(crate) enum PointwiseOutput<'a> {
+pub enum PointwiseOutput<'a> {
     /// `[pixels, n]`, row-major, plus `residual` (same shape) when given.
     Rows {
         values: &'a mut [f32],
@@ -158,7 +158,7 @@ pub(crate) enum PointwiseOutput<'a> {
 }
 
 /// One pointwise convolution over `pixels` pixels, run under `pulp`'s dispatch.
-pub(crate) struct Pointwise<'a> {
+pub struct Pointwise<'a> {
     pub op: &'a PackedPointwise,
     pub pixels: usize,
     pub input: PointwiseInput<'a>,
@@ -441,7 +441,7 @@ impl<V: Copy> PanelRun<'_, '_, V> {
 
 /// One vector from `values` (a whole vector, or fewer lanes zero-extended).
 #[inline(always)]
-pub(crate) fn load<S: Simd>(simd: S, values: &[f32]) -> S::f32s {
+pub fn load<S: Simd>(simd: S, values: &[f32]) -> S::f32s {
     if values.len() == S::F32_LANES {
         S::as_simd_f32s(values).0[0]
     } else {
@@ -451,7 +451,7 @@ pub(crate) fn load<S: Simd>(simd: S, values: &[f32]) -> S::f32s {
 
 /// Stores the first `values.len()` lanes of `vector`.
 #[inline(always)]
-pub(crate) fn store<S: Simd>(simd: S, values: &mut [f32], vector: S::f32s) {
+pub fn store<S: Simd>(simd: S, values: &mut [f32], vector: S::f32s) {
     if values.len() == S::F32_LANES {
         S::as_mut_simd_f32s(values).0[0] = vector;
     } else {
@@ -462,10 +462,10 @@ pub(crate) fn store<S: Simd>(simd: S, values: &mut [f32], vector: S::f32s) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoders::cpu_kernels::SimdLevel;
+    use crate::SimdLevel;
 
     /// Deterministic values in [-2, 2).
-    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
+    pub fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..len)
             .map(|_| {

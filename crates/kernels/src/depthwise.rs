@@ -14,7 +14,7 @@ use pulp::{Simd, WithSimd};
 
 /// A folded depthwise convolution, packed for one vector width.
 #[derive(Debug, Clone)]
-pub(crate) struct DepthwiseWeights {
+pub struct DepthwiseWeights {
     /// `[channels / lanes][kernel²][lanes]`: a channel block's taps together.
     weight: Vec<f32>,
     /// `[channels]`.
@@ -28,7 +28,7 @@ pub(crate) struct DepthwiseWeights {
 impl DepthwiseWeights {
     /// `weight`: `[kernel², channels]`, tap-major; `bias`: `[channels]`;
     /// `channels` a whole number of `lanes`.
-    pub(crate) fn new(
+    pub fn new(
         weight: &[f32],
         bias: &[f32],
         (kernel, stride): (usize, usize),
@@ -63,16 +63,16 @@ impl DepthwiseWeights {
         }
     }
 
-    pub(crate) fn channels(&self) -> usize {
+    pub fn channels(&self) -> usize {
         self.bias.len()
     }
 }
 
 /// The largest kernel the kernels take.
-pub(crate) const MAX_KERNEL: usize = 7;
+pub const MAX_KERNEL: usize = 7;
 
 /// Output rows of one band, run under `pulp`'s dispatch.
-pub(crate) struct DepthwiseRows<'a> {
+pub struct DepthwiseRows<'a> {
     pub op: &'a DepthwiseWeights,
     /// `[c / lanes][capacity · padded width][lanes]`: input row `y` at slot
     /// `y % capacity`, with the left padding's zero columns before it and

@@ -16,16 +16,18 @@
 //!   A batch is spread over threads one image per task: no thread waits on
 //!   another between layers.
 
-pub(crate) mod depthwise;
-pub(crate) mod gemm;
-pub(crate) mod network;
+pub mod depthwise;
+pub mod gemm;
+pub mod network;
+pub mod resample;
+pub mod training;
 
 use std::sync::OnceLock;
 
 use pulp::Arch;
 
 /// TF "same" padding for one axis: (before, after), the extra pixel going after.
-pub(crate) fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
+pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize) {
     let output = input.div_ceil(stride);
     let total = ((output - 1) * stride + kernel).saturating_sub(input);
     (total / 2, total - total / 2)
@@ -101,7 +103,7 @@ impl SimdLevel {
     }
 
     /// `pulp`'s dispatcher for this level, or `None` when the CPU lacks it.
-    pub(crate) fn arch(self) -> Option<Arch> {
+    pub fn arch(self) -> Option<Arch> {
         match self {
             SimdLevel::Scalar => Some(Arch::Scalar),
             #[cfg(target_arch = "x86_64")]
@@ -114,7 +116,7 @@ impl SimdLevel {
     }
 
     /// f32 values per vector at this level.
-    pub(crate) fn lanes(self) -> usize {
+    pub fn lanes(self) -> usize {
         match self {
             SimdLevel::Avx512 => 16,
             SimdLevel::Avx2 => 8,

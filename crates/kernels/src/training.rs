@@ -1,0 +1,338 @@
+//! The per-element loops of the fine-tuned blocks' training step
+//! (`lazarus::train::blocks`), on f32 in NHWC: depthwise convolution forward
+//! and backward, a pointwise output's bias and ReLU6, and ReLU6's gradient
+//! mask. The matrix products of the pointwise convolutions are not here
+//! (faer does them).
+//!
+//! They live in this crate, built optimised, because they are most of a
+//! fine-tuning step's time outside the matrix products; each function holds
+//! its whole loop (none is `#[inline]`), so the optimised code is the code
+//! that runs whatever profile the caller is built with.
+
+use rayon::prelude::*;
+
+use crate::same_padding;
+
+/// The height and width of a map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+impl MapSize {
+    pub fn pixels(self) -> usize {
+        self.height * self.width
+    }
+}
+
+/// A k×k depthwise convolution with TF "same" padding: weight
+/// `[kernel², channels]` tap-major (tap = dy · kernel + dx), bias `[channels]`.
+#[derive(Debug, Clone, Copy)]
+pub struct DepthwiseKernel<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub relu6: bool,
+}
+
+/// The forward pass of a depthwise convolution as its backward pass reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct DepthwiseTrace<'a> {
+    pub input: &'a [f32],
+    pub n_images: usize,
+    pub size: MapSize,
+    pub output_size: MapSize,
+}
+
+/// Rows of a pointwise output finished per task: bias and ReLU6 over this
+/// many pixels at once.
+const FINISH_PIXELS: usize = 64;
+
+/// Adds `bias` to every row of `output` (`[pixels, bias.len()]`), then
+/// clamps to [0, 6] when `relu6`.
+pub fn add_bias_relu6(output: &mut [f32], bias: &[f32], relu6: bool) {
+    let outputs = bias.len();
+    output
+        .par_chunks_mut(FINISH_PIXELS * outputs)
+        .for_each(|rows| {
+            for row in rows.chunks_exact_mut(outputs) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                    if relu6 {
+                        *v = v.clamp(0.0, 6.0);
+                    }
+                }
+            }
+        });
+}
+
+/// Adds the column sums of `delta` (`[pixels, bias_gradient.len()]`) to
+/// `bias_gradient`.
+pub fn add_column_sums(bias_gradient: &mut [f32], delta: &[f32]) {
+    for row in delta.chunks_exact(bias_gradient.len()) {
+        for (g, d) in bias_gradient.iter_mut().zip(row) {
+            *g += d;
+        }
+    }
+}
+
+/// Zeroes the gradient where ReLU6 was flat: its output at 0 or 6.
+pub fn relu6_mask(delta: &mut [f32], output: &[f32]) {
+    delta
+        .par_chunks_mut(1 << 14)
+        .zip(output.par_chunks(1 << 14))
+        .for_each(|(delta, output)| {
+            for (d, &y) in delta.iter_mut().zip(output) {
+                if !(y > 0.0 && y < 6.0) {
+                    *d = 0.0;
+                }
+            }
+        });
+}
+
+/// The input row and column a tap reads for an output row or column, if
+/// inside the map: `output · stride + tap - padding`.
+fn source(output: usize, tap: usize, stride: usize, padding: usize, size: usize) -> Option<usize> {
+    (output * stride + tap)
+        .checked_sub(padding)
+        .filter(|&i| i < size)
+}
+
+/// The depthwise convolution of `n_images` maps of `size` (`input`:
+/// `[n_images, height, width, channels]`), with its bias and ReLU6; returns
+/// the output and its size.
+pub fn depthwise_forward(
+    conv: DepthwiseKernel,
+    input: &[f32],
+    n_images: usize,
+    size: MapSize,
+) -> (Vec<f32>, MapSize) {
+    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
+    let out_size = MapSize {
+        height: size.height.div_ceil(s),
+        width: size.width.div_ceil(s),
+    };
+    let top = same_padding(size.height, k, s).0;
+    let left = same_padding(size.width, k, s).0;
+    let mut output = vec![0f32; n_images * out_size.pixels() * c];
+    output
+        .par_chunks_mut(out_size.width * c)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            let (image, oy) = (row / out_size.height, row % out_size.height);
+            let image_input = &input[image * size.pixels() * c..][..size.pixels() * c];
+            for (ox, out) in out_row.chunks_exact_mut(c).enumerate() {
+                out.copy_from_slice(conv.bias);
+                for dy in 0..k {
+                    let Some(iy) = source(oy, dy, s, top, size.height) else {
+                        continue;
+                    };
+                    for dx in 0..k {
+                        let Some(ix) = source(ox, dx, s, left, size.width) else {
+                            continue;
+                        };
+                        let x = &image_input[(iy * size.width + ix) * c..][..c];
+                        let w = &conv.weight[(dy * k + dx) * c..][..c];
+                        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+                            *o += x * w;
+                        }
+                    }
+                }
+                if conv.relu6 {
+                    for o in out.iter_mut() {
+                        *o = o.clamp(0.0, 6.0);
+                    }
+                }
+            }
+        });
+    (output, out_size)
+}
+
+/// Adds the depthwise weight and bias gradients, given d loss / d output
+/// (`delta`, activation already undone); returns d loss / d input when
+/// `input_gradient`.
+pub fn depthwise_backward(
+    conv: DepthwiseKernel,
+    trace: DepthwiseTrace,
+    delta: &[f32],
+    (weight_gradient, bias_gradient): (&mut [f32], &mut [f32]),
+    input_gradient: bool,
+) -> Option<Vec<f32>> {
+    let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
+    let DepthwiseTrace {
+        input,
+        n_images,
+        size,
+        output_size,
+    } = trace;
+    let top = same_padding(size.height, k, s).0;
+    let left = same_padding(size.width, k, s).0;
+    let in_image = size.pixels() * c;
+    let out_image = output_size.pixels() * c;
+    // Per image: [kernel² + 1, c], the weight gradient's taps then the bias's.
+    let partials: Vec<Vec<f32>> = (0..n_images)
+        .into_par_iter()
+        .map(|image| {
+            let mut partial = vec![0f32; (k * k + 1) * c];
+            let image_input = &input[image * in_image..][..in_image];
+            let image_delta = &delta[image * out_image..][..out_image];
+            for oy in 0..output_size.height {
+                for ox in 0..output_size.width {
+                    let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
+                    for (g, d) in partial[k * k * c..].iter_mut().zip(d) {
+                        *g += d;
+                    }
+                    for dy in 0..k {
+                        let Some(iy) = source(oy, dy, s, top, size.height) else {
+                            continue;
+                        };
+                        for dx in 0..k {
+                            let Some(ix) = source(ox, dx, s, left, size.width) else {
+                                continue;
+                            };
+                            let x = &image_input[(iy * size.width + ix) * c..][..c];
+                            let g = &mut partial[(dy * k + dx) * c..][..c];
+                            for ((g, x), d) in g.iter_mut().zip(x).zip(d) {
+                                *g += x * d;
+                            }
+                        }
+                    }
+                }
+            }
+            partial
+        })
+        .collect();
+    for partial in &partials {
+        for (g, p) in weight_gradient.iter_mut().zip(&partial[..k * k * c]) {
+            *g += p;
+        }
+        for (g, p) in bias_gradient.iter_mut().zip(&partial[k * k * c..]) {
+            *g += p;
+        }
+    }
+    input_gradient.then(|| {
+        // Gathered per input row: every output a tap of which read this pixel.
+        let mut below = vec![0f32; n_images * in_image];
+        below
+            .par_chunks_mut(size.width * c)
+            .enumerate()
+            .for_each(|(row, below_row)| {
+                let (image, iy) = (row / size.height, row % size.height);
+                let image_delta = &delta[image * out_image..][..out_image];
+                for dy in 0..k {
+                    // oy · s + dy - top = iy
+                    let Some(oy) = (iy + top).checked_sub(dy) else {
+                        continue;
+                    };
+                    if oy % s != 0 || oy / s >= output_size.height {
+                        continue;
+                    }
+                    let oy = oy / s;
+                    for (ix, b) in below_row.chunks_exact_mut(c).enumerate() {
+                        for dx in 0..k {
+                            let Some(ox) = (ix + left).checked_sub(dx) else {
+                                continue;
+                            };
+                            if ox % s != 0 || ox / s >= output_size.width {
+                                continue;
+                            }
+                            let ox = ox / s;
+                            let d = &image_delta[(oy * output_size.width + ox) * c..][..c];
+                            let w = &conv.weight[(dy * k + dx) * c..][..c];
+                            for ((b, d), w) in b.iter_mut().zip(d).zip(w) {
+                                *b += d * w;
+                            }
+                        }
+                    }
+                }
+            });
+        below
+    })
+}
+
+/// Lowers each `nearest[i]` to the squared distance from row `i` of `points`
+/// (`[rows, centre.len()]`) to `centre` where that is smaller: one step of a
+/// greedy (farthest-point) coreset.
+pub fn lower_nearest_squared_distances(nearest: &mut [f32], points: &[f32], centre: &[f32]) {
+    nearest
+        .par_iter_mut()
+        .zip(points.par_chunks(centre.len()))
+        .for_each(|(best, row)| {
+            let d: f32 = row.iter().zip(centre).map(|(a, b)| (a - b) * (a - b)).sum();
+            if d < *best {
+                *best = d;
+            }
+        });
+}
+
+/// One AdamW update of a parameter slice (decoupled weight decay, bias
+/// correction for the `updates`-th update), shared by the heads' step and
+/// the fine-tuned blocks' (`lazarus::train`'s host step and blocks
+/// optimiser), following candle's AdamW.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    correction1: f32,
+    correction2: f32,
+    decay: f32,
+    lr: f32,
+    /// Multiplies every gradient first (loss-scale removal, clipping).
+    scale: f32,
+}
+
+impl AdamWStep {
+    pub fn new(lr: f64, weight_decay: f64, updates: i32, scale: f32) -> Self {
+        let (beta1, beta2) = (0.9f64, 0.999f64);
+        AdamWStep {
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: 1e-8,
+            correction1: (1.0 - beta1.powi(updates)) as f32,
+            correction2: (1.0 - beta2.powi(updates)) as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            lr: lr as f32,
+            scale,
+        }
+    }
+
+    pub fn apply(
+        self,
+        weights: &mut [f32],
+        gradients: &[f32],
+        first_moments: &mut [f32],
+        second_moments: &mut [f32],
+    ) {
+        for (((w, &g), m), v) in weights
+            .iter_mut()
+            .zip(gradients)
+            .zip(first_moments.iter_mut())
+            .zip(second_moments.iter_mut())
+        {
+            let g = g * self.scale;
+            *m = *m * self.beta1 + g * (1.0 - self.beta1);
+            *v = *v * self.beta2 + g * g * (1.0 - self.beta2);
+            let m_hat = *m / self.correction1;
+            let v_hat = *v / self.correction2;
+            *w = *w * self.decay - self.lr * (m_hat / (v_hat.sqrt() + self.eps));
+        }
+    }
+}
+
+/// `Σ (v · scale)²` over `values`, summed in f32 (the heads' gradient norm).
+pub fn scaled_norm_sq_f32(values: &[f32], scale: f32) -> f32 {
+    values.iter().map(|v| (v * scale) * (v * scale)).sum()
+}
+
+/// `Σ (v · scale)²` over `values`, each term and the sum in f64 (the
+/// fine-tuned blocks' gradient norm).
+pub fn scaled_norm_sq_f64(values: &[f32], scale: f32) -> f64 {
+    values
+        .iter()
+        .map(|v| f64::from(v * scale) * f64::from(v * scale))
+        .sum()
+}
