@@ -235,16 +235,9 @@ pub fn resize_and_crop(image: &RgbImage, config: &PreprocessConfig) -> RgbImage 
 
 /// Normalises a square RGB image into CHW f32: `(pixel / 255 - mean) / std`.
 pub fn to_chw_normalized(image: &RgbImage, config: &PreprocessConfig) -> Vec<f32> {
-    let plane = (image.width() * image.height()) as usize;
-    let mut out = vec![0f32; 3 * plane];
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * config.std[c]));
     let shift: [f32; 3] = std::array::from_fn(|c| config.mean[c] / config.std[c]);
-    for (index, pixel) in image.pixels().enumerate() {
-        for channel in 0..3 {
-            out[channel * plane + index] = pixel[channel] as f32 * scale[channel] - shift[channel];
-        }
-    }
-    out
+    lazarus_kernels::resample::rgb_to_planes(image.as_raw(), scale, shift)
 }
 
 /// The whole pipeline for one encoded image: CHW f32 of length `config.tensor_len()`.

@@ -18,6 +18,7 @@
 
 pub mod depthwise;
 pub mod gemm;
+pub mod neighbours;
 pub mod network;
 pub mod resample;
 pub mod training;

@@ -58,3 +58,16 @@ pub fn round_to_u8(value: f32) -> u8 {
         whole
     }) as u8
 }
+
+/// Interleaved RGB u8 pixels to three f32 planes (CHW), each value
+/// `v · scale[c] - shift[c]` (normalisation by mean and std folded in).
+pub fn rgb_to_planes(rgb: &[u8], scale: [f32; 3], shift: [f32; 3]) -> Vec<f32> {
+    let plane = rgb.len() / 3;
+    let mut out = vec![0f32; 3 * plane];
+    for (index, pixel) in rgb.chunks_exact(3).enumerate() {
+        for channel in 0..3 {
+            out[channel * plane + index] = pixel[channel] as f32 * scale[channel] - shift[channel];
+        }
+    }
+    out
+}

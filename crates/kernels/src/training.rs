@@ -253,21 +253,6 @@ pub fn depthwise_backward(
     })
 }
 
-/// Lowers each `nearest[i]` to the squared distance from row `i` of `points`
-/// (`[rows, centre.len()]`) to `centre` where that is smaller: one step of a
-/// greedy (farthest-point) coreset.
-pub fn lower_nearest_squared_distances(nearest: &mut [f32], points: &[f32], centre: &[f32]) {
-    nearest
-        .par_iter_mut()
-        .zip(points.par_chunks(centre.len()))
-        .for_each(|(best, row)| {
-            let d: f32 = row.iter().zip(centre).map(|(a, b)| (a - b) * (a - b)).sum();
-            if d < *best {
-                *best = d;
-            }
-        });
-}
-
 /// One AdamW update of a parameter slice (decoupled weight decay, bias
 /// correction for the `updates`-th update), shared by the heads' step and
 /// the fine-tuned blocks' (`lazarus::train`'s host step and blocks

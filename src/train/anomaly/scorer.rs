@@ -79,12 +79,7 @@ impl Standardiser {
 
     /// Standardises rows of raw values where they are.
     pub fn standardise_in_place(&self, values: &mut [f32]) {
-        let dim = self.mean.len();
-        values.par_chunks_mut(dim).for_each(|row| {
-            for ((v, mean), inverse_std) in row.iter_mut().zip(&self.mean).zip(&self.inverse_std) {
-                *v = (*v - mean) * inverse_std;
-            }
-        });
+        lazarus_kernels::neighbours::standardise_rows(values, &self.mean, &self.inverse_std);
     }
 
     /// Standardised f32 copy of the given rows only.
@@ -94,11 +89,8 @@ impl Standardiser {
         let mut out = vec![0f32; rows.len() * dim];
         for (values, &row) in out.chunks_mut(dim).zip(rows) {
             features.pooled(row).convert_to_f32_slice(values);
-            for ((v, mean), inverse_std) in values.iter_mut().zip(&self.mean).zip(&self.inverse_std)
-            {
-                *v = (*v - mean) * inverse_std;
-            }
         }
+        self.standardise_in_place(&mut out);
         out
     }
 }
@@ -120,7 +112,7 @@ pub fn greedy_coreset(points: &[f32], dim: usize, count: usize, seed: u64) -> Ve
     while chosen.len() < count {
         chosen.push(next);
         let centre = &points[next * dim..(next + 1) * dim];
-        lazarus_kernels::training::lower_nearest_squared_distances(&mut nearest, points, centre);
+        lazarus_kernels::neighbours::lower_nearest_squared_distances(&mut nearest, points, centre);
         // The farthest row; ties go to the lowest position.
         next = 0;
         for (i, &d) in nearest.iter().enumerate() {
@@ -192,20 +184,13 @@ impl MemoryBank {
             let block = self.rows.narrow(0, start, length)?;
             let products = q.matmul(&block.t()?)?.to_vec2::<f32>()?;
             let norms = &self.squared_norms[start..start + length];
-            nearest
-                .par_iter_mut()
-                .zip(products.par_iter())
-                .zip(query_norms.par_iter())
-                .for_each(|((best, dots), query_norm)| {
-                    for (dot, bank_norm) in dots.iter().zip(norms) {
-                        let d = (query_norm + bank_norm - 2.0 * dot).max(0.0);
-                        if best.len() < k || d < best[k - 1] {
-                            let at = best.partition_point(|&b| b <= d);
-                            best.insert(at, d);
-                            best.truncate(k);
-                        }
-                    }
-                });
+            lazarus_kernels::neighbours::keep_k_nearest(
+                &mut nearest,
+                &products,
+                &query_norms,
+                norms,
+                k,
+            );
             start += length;
         }
         Ok(nearest
