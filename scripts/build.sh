@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the lazarus binary in the one profile that the demo, the asset fetch
-# and the tests share (the dev profile: our crate and the hot dependencies
-# optimised, see Cargo.toml), so a fresh machine compiles the dependency tree
+# and the tests share (the dev profile: our kernels crate and the hot
+# dependencies optimised, see Cargo.toml), so a fresh machine compiles the dependency tree
 # once. Prints the binary's path on stdout; progress notes go to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
