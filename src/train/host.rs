@@ -242,41 +242,9 @@ fn activation_slope(activation: Activation, x: f32) -> f32 {
     }
 }
 
-/// Row-wise softmax in place.
-pub fn softmax_rows(values: &mut [f32], classes: usize) {
-    for row in values.chunks_exact_mut(classes) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for v in row.iter_mut() {
-            *v = exp(*v - max);
-        }
-        let sum: f32 = row.iter().sum();
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    }
-}
-
-/// e^x in f32 within about 2 ulp, branch-free so row loops vectorise.
-/// libm's scalar expf was a quarter of a sweep's time (measured with perf:
-/// one call per class per row per head, and a slow path in this process).
-/// Range reduction x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6 Taylor
-/// polynomial for e^r (truncation error r^7/7! < 1.3e-7), then 2^n from the
-/// exponent bits. Results below e^-87.3 (subnormal) are 0.
-pub fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in a part exact in f32 and the rest (Cody-Waite).
-    const LN2_HIGH: f32 = 0.693_145_75;
-    const LN2_LOW: f32 = 1.428_606_8e-6;
-    let clamped = x.clamp(-87.3, 88.7);
-    let n = (clamped * LOG2_E + 0.5).floor();
-    let r = clamped - n * LN2_HIGH - n * LN2_LOW;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 { 0.0 } else { p * scale }
-}
+/// Row-wise softmax and the fast `exp` it uses: in the optimised kernels
+/// crate (one call per class per row per head in a sweep).
+pub use lazarus_kernels::training::{exp, softmax_rows};
 
 /// A head, its optimiser moments and its gradient buffers on the host.
 pub struct HostTrainer {
@@ -420,11 +388,7 @@ impl HostTrainer {
             let layer = &self.head.layers[index];
             let (weight_gradient, rest) = self.gradients[2 * index..].split_at_mut(1);
             let bias_gradient = &mut rest[0];
-            for row in delta.chunks_exact(layer.outputs) {
-                for (g, d) in bias_gradient.iter_mut().zip(row) {
-                    *g += d;
-                }
-            }
+            lazarus_kernels::training::add_column_sums(bias_gradient, &delta);
             if index == 0 {
                 break;
             }
