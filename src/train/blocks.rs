@@ -33,7 +33,7 @@ use super::host::{AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
 };
-use crate::encoders::cpu_kernels::training;
+use crate::encoders::cpu_kernels::training::{self, Wanted};
 use crate::encoders::efficientnet_lite::EfficientNetLite;
 
 pub use lazarus_kernels::training::MapSize;
@@ -611,7 +611,7 @@ impl TopBlocks {
                 },
                 &hidden_delta,
                 (depthwise_weight, depthwise_bias),
-                depthwise_wanted == Wanted::Yes,
+                depthwise_wanted,
             );
             let input_delta = match (&block.expand, below) {
                 (Some(expand), Some(mut expanded_delta)) => {
@@ -652,12 +652,6 @@ impl TopBlocks {
 pub enum InputGradient {
     Skip,
     Compute,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wanted {
-    Yes,
-    No,
 }
 
 /// What one block's forward pass keeps for the backward pass.

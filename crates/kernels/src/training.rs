@@ -47,6 +47,14 @@ pub struct DepthwiseTrace<'a> {
     pub output_size: MapSize,
 }
 
+/// Whether a backward pass also returns d loss / d input (not for the first
+/// layer trained).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    Yes,
+    No,
+}
+
 /// Rows of a pointwise output finished per task: bias and ReLU6 over this
 /// many pixels at once.
 const FINISH_PIXELS: usize = 64;
@@ -153,13 +161,13 @@ pub fn depthwise_forward(
 
 /// Adds the depthwise weight and bias gradients, given d loss / d output
 /// (`delta`, activation already undone); returns d loss / d input when
-/// `input_gradient`.
+/// wanted.
 pub fn depthwise_backward(
     conv: DepthwiseKernel,
     trace: DepthwiseTrace,
     delta: &[f32],
     (weight_gradient, bias_gradient): (&mut [f32], &mut [f32]),
-    input_gradient: bool,
+    wanted: Wanted,
 ) -> Option<Vec<f32>> {
     let (k, s, c) = (conv.kernel, conv.stride, conv.channels);
     let DepthwiseTrace {
@@ -213,7 +221,7 @@ pub fn depthwise_backward(
             *g += p;
         }
     }
-    input_gradient.then(|| {
+    (wanted == Wanted::Yes).then(|| {
         // Gathered per input row: every output a tap of which read this pixel.
         let mut below = vec![0f32; n_images * in_image];
         below
