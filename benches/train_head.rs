@@ -571,7 +571,7 @@ fn arithmetic_floor(rows: usize, epochs: usize, swept: f64, mlp_alone: f64) {
     let floor = grid / rate;
     println!(
         "arithmetic: one MLP head {:.0} G multiply-adds, the 24-head grid {:.0} G; best f32 \
-         matmul rate on this machine ({} threads, faer) {:.1} G multiply-adds/s: the grid \
+         matmul rate on this machine ({} threads, the kernels crate's) {:.1} G multiply-adds/s: the grid \
          needs at least {floor:.1} s ({:.1}x one MLP head alone); the sweep ran at {:.0}% \
          of that rate, one MLP head alone at {:.0}%",
         mlp / 1e9,
@@ -584,29 +584,33 @@ fn arithmetic_floor(rows: usize, epochs: usize, swept: f64, mlp_alone: f64) {
     );
 }
 
-/// Multiply-adds per second of faer's f32 matmul on all threads, the best
-/// of a few shapes near the sweep's (a micro-batch of 256 rows against
-/// stacked first layers) and one large square product.
+/// Multiply-adds per second of the training steps' f32 matmul (the kernels
+/// crate's) on all threads, the best of a few shapes near the sweep's (a
+/// micro-batch of 256 rows against stacked first layers) and one large
+/// square product.
 fn best_matmul_rate() -> f64 {
-    use faer::{Accum, Mat, Par};
+    use lazarus_kernels::matmul::{Accumulate, Matrix, Parallelism, matmul};
     let shapes = [(256, DIM, 256), (256, DIM, 1536), (1024, 1024, 1024)];
     let mut best = 0.0f64;
     for (rows, inner, cols) in shapes {
-        let a = Mat::<f32>::from_fn(rows, inner, |i, j| ((i * 7 + j) % 13) as f32 * 0.1);
-        let b = Mat::<f32>::from_fn(inner, cols, |i, j| ((i + j * 3) % 11) as f32 * 0.1);
-        let mut out = Mat::<f32>::zeros(rows, cols);
+        let a: Vec<f32> = (0..rows * inner)
+            .map(|at| ((at / inner * 7 + at % inner) % 13) as f32 * 0.1)
+            .collect();
+        let b: Vec<f32> = (0..inner * cols)
+            .map(|at| ((at / cols + at % cols * 3) % 11) as f32 * 0.1)
+            .collect();
+        let mut out = vec![0f32; rows * cols];
         let work = (rows * inner * cols) as f64;
         let repeats = (4e9 / work).ceil() as usize;
         for _ in 0..3 {
             let started = Instant::now();
             for _ in 0..repeats {
-                faer::linalg::matmul::matmul(
-                    out.as_mut(),
-                    Accum::Replace,
-                    a.as_ref(),
-                    b.as_ref(),
-                    1.0f32,
-                    Par::rayon(0),
+                matmul(
+                    &mut out,
+                    Accumulate::Replace,
+                    Matrix::row_major(&a, rows, inner),
+                    Matrix::row_major(&b, inner, cols),
+                    Parallelism::Pool,
                 );
             }
             best = best.max(work * repeats as f64 / started.elapsed().as_secs_f64());

@@ -6,7 +6,7 @@
 //! folder's stride-16 map); the blocks after it run forward and backward
 //! every epoch, here, on flat f32 buffers in channels-last order
 //! (`[images, height, width, channels]`), so every 1×1 convolution is one
-//! `[pixels, in] × [in, out]` faer matmul without a transpose and the
+//! `[pixels, in] × [in, out]` matmul without a transpose and the
 //! depthwise loops run over contiguous channels. The cache stores
 //! `[channels, height, width]` per row: `append_channels_last` transposes a
 //! map once when it is loaded.
@@ -25,11 +25,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use faer::Accum;
 use rayon::prelude::*;
 
 use super::TrainError;
-use super::host::{AdamWStep, Product, Threads, row_major};
+use super::host::{Accumulate, AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
 };
@@ -800,7 +799,7 @@ fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32>
         a: row_major(input, pixels, conv.inputs),
         b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
     }
-    .into(&mut output, Accum::Replace, Threads::Pool);
+    .into(&mut output, Accumulate::Replace, Threads::Pool);
     training::add_bias_relu6(&mut output, &conv.bias, conv.relu6);
     output
 }
@@ -821,7 +820,7 @@ fn pointwise_backward(
         a: row_major(delta, pixels, conv.outputs).transpose(),
         b: row_major(input, pixels, conv.inputs),
     }
-    .into(weight_gradient, Accum::Add, Threads::Pool);
+    .into(weight_gradient, Accumulate::Add, Threads::Pool);
     training::add_column_sums(bias_gradient, delta);
     (wanted == Wanted::Yes).then(|| {
         // d input[pixels, in] = delta[pixels, out] x W[out, in]
@@ -830,7 +829,7 @@ fn pointwise_backward(
             a: row_major(delta, pixels, conv.outputs),
             b: row_major(&conv.weight, conv.outputs, conv.inputs),
         }
-        .into(&mut below, Accum::Replace, Threads::Pool);
+        .into(&mut below, Accumulate::Replace, Threads::Pool);
         below
     })
 }

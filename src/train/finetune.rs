@@ -746,7 +746,7 @@ pub fn fit(
 }
 
 /// What a fine-tuning run says when it was asked for another device: its
-/// blocks' step is host code (f32, faer matmuls), so the run trains on the
+/// blocks' step is host code (f32 CPU matmuls), so the run trains on the
 /// CPU whatever `--device` names.
 pub fn device_note(device: &Device) -> Option<String> {
     (!device.is_cpu()).then(|| {

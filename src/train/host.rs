@@ -1,6 +1,6 @@
 //! The f32 CPU training step without candle's autograd graph: forward,
 //! backward and the optimiser update of a linear or MLP head on flat
-//! row-major buffers, with faer's matmul.
+//! row-major buffers, with the kernels crate's matmul.
 //!
 //! Why: on a 1,280 x 10 head candle spends about 1.2 ms per step dispatching
 //! some forty small ops (and re-reading the CPU count for every matmul),
@@ -14,9 +14,9 @@
 //! stacked into one matrix (`FirstLayers`): one wide matmul computes every
 //! head's first layer and one tall matmul every head's first weight
 //! gradient, instead of one narrow matmul per head (a 10-class linear head
-//! is a 1,280 x 10 matrix, where gemm runs far below its peak). faer computes
-//! each output element in the same order whatever the stack's width, so a
-//! head's numbers do not depend on its neighbours;
+//! is a 1,280 x 10 matrix, where gemm runs far below its peak). The matmul
+//! computes each output element in the same order whatever the stack's
+//! width, so a head's numbers do not depend on its neighbours;
 //! `tests::stacked_heads_match_heads_alone` checks it bit for bit.
 //!
 //! The trainer loads a `HostTrainer` from its candle `Var`s at the first
@@ -25,7 +25,8 @@
 //! resume) keeps seeing the `Var`s.
 
 use candle_core::{Tensor, Var};
-use faer::{Accum, MatMut, MatRef, Par};
+pub(super) use lazarus_kernels::matmul::Accumulate;
+use lazarus_kernels::matmul::{Matrix, Parallelism, matmul};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -47,12 +48,10 @@ pub enum Threads {
 }
 
 impl Threads {
-    fn par(self, multiply_adds: usize) -> Par {
+    fn parallelism(self, multiply_adds: usize) -> Parallelism {
         match self {
-            Threads::Pool if multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS => {
-                Par::rayon(rayon::current_num_threads())
-            }
-            _ => Par::Seq,
+            Threads::Pool if multiply_adds >= PARALLEL_MIN_MULTIPLY_ADDS => Parallelism::Pool,
+            _ => Parallelism::Sequential,
         }
     }
 }
@@ -63,29 +62,27 @@ impl Threads {
 pub(crate) use lazarus_kernels::training::AdamWStep;
 
 /// `out[rows, cols] (+)= a[rows, inner] x b[inner, cols]`, all row-major,
-/// with `b` given as its transpose `[cols, inner]` when `b_transposed`.
+/// either operand possibly given as its transpose (`row_major(..).transpose()`).
 pub(super) struct Product<'a> {
-    pub(super) a: MatRef<'a, f32>,
-    pub(super) b: MatRef<'a, f32>,
+    pub(super) a: Matrix<'a>,
+    pub(super) b: Matrix<'a>,
 }
 
 impl Product<'_> {
-    pub(super) fn into(self, out: &mut [f32], accumulate: Accum, threads: Threads) {
-        let (rows, inner, cols) = (self.a.nrows(), self.a.ncols(), self.b.ncols());
-        let out = MatMut::from_row_major_slice_mut(out, rows, cols);
-        faer::linalg::matmul::matmul(
+    pub(super) fn into(self, out: &mut [f32], accumulate: Accumulate, threads: Threads) {
+        let multiply_adds = self.a.rows * self.a.cols * self.b.cols;
+        matmul(
             out,
             accumulate,
             self.a,
             self.b,
-            1.0f32,
-            threads.par(rows * inner * cols),
+            threads.parallelism(multiply_adds),
         );
     }
 }
 
-pub(super) fn row_major(values: &[f32], rows: usize, cols: usize) -> MatRef<'_, f32> {
-    MatRef::from_row_major_slice(values, rows, cols)
+pub(super) fn row_major(values: &[f32], rows: usize, cols: usize) -> Matrix<'_> {
+    Matrix::row_major(values, rows, cols)
 }
 
 /// One dense layer: weight `[outputs, inputs]` row-major, bias `[outputs]`.
@@ -157,7 +154,7 @@ impl HostHead {
             a: row_major(x, rows, first.inputs),
             b: row_major(&first.weight, first.outputs, first.inputs).transpose(),
         }
-        .into(&mut output, Accum::Replace, threads);
+        .into(&mut output, Accumulate::Replace, threads);
         self.logits_after_first(output, threads)
     }
 
@@ -201,7 +198,7 @@ fn affine(layer: &HostLayer, input: &[f32], rows: usize, threads: Threads) -> Ve
         a: row_major(input, rows, layer.inputs),
         b: row_major(&layer.weight, layer.outputs, layer.inputs).transpose(),
     }
-    .into(&mut output, Accum::Replace, threads);
+    .into(&mut output, Accumulate::Replace, threads);
     add_bias(&mut output, &layer.bias);
     output
 }
@@ -398,7 +395,7 @@ impl HostTrainer {
                 a: row_major(&delta, rows, layer.outputs).transpose(),
                 b: row_major(input, rows, layer.inputs),
             }
-            .into(&mut weight_gradient[0], Accum::Add, threads);
+            .into(&mut weight_gradient[0], Accumulate::Add, threads);
             // d input[rows, in] = delta[rows, out] x W[out, in], then back
             // through dropout and the activation of the layer below.
             let mut below = vec![0f32; rows * layer.inputs];
@@ -406,7 +403,7 @@ impl HostTrainer {
                 a: row_major(&delta, rows, layer.outputs),
                 b: row_major(&layer.weight, layer.outputs, layer.inputs),
             }
-            .into(&mut below, Accum::Replace, threads);
+            .into(&mut below, Accumulate::Replace, threads);
             let hidden = self
                 .head
                 .hidden
@@ -600,7 +597,7 @@ impl FirstLayers {
             a: row_major(x, rows, self.inputs),
             b: row_major(&self.weight, total, self.inputs).transpose(),
         }
-        .into(&mut self.product, Accum::Replace, threads);
+        .into(&mut self.product, Accumulate::Replace, threads);
     }
 
     /// Head `head`'s columns of the last `forward`, as `[rows, outputs]`.
@@ -635,7 +632,7 @@ impl FirstLayers {
             a: row_major(&self.product_gradient, rows, total).transpose(),
             b: row_major(x, rows, self.inputs),
         }
-        .into(&mut self.gradient, Accum::Add, threads);
+        .into(&mut self.gradient, Accumulate::Add, threads);
     }
 
     pub fn zero_gradients(&mut self) {

@@ -626,9 +626,10 @@ fn balanced_parts(costs: &[usize], parts: usize) -> Vec<Vec<usize>> {
 /// Heads whose first layer has fewer outputs than this share a stack: a
 /// narrow matmul (a 10-class linear head) runs far below gemm's peak, while
 /// a wide one (an MLP's 256 hidden units) already runs near it and slows
-/// down in a stack whose weights outgrow the cache (measured with faer on
-/// this project's 2-core AVX-512 machine: 10 outputs 61 GFLOP/s, 256
-/// outputs 158, 1,596 outputs 141, per core).
+/// down in a stack whose weights outgrow the cache (measured with faer, the
+/// matmul before the kernels crate's, on this project's 2-core AVX-512
+/// machine: 10 outputs 61 GFLOP/s, 256 outputs 158, 1,596 outputs 141, per
+/// core).
 const STACK_BELOW_OUTPUTS: usize = 128;
 
 /// What `plan_stacks` needs of a head.
@@ -649,8 +650,8 @@ impl HeadShape {
 /// Per thread, the stacks of heads (indices into `shapes`) it runs: narrow
 /// heads in one stack per thread, wide heads in a stack each, and the
 /// stacks spread over the threads by size. Each thread runs its stacks
-/// with sequential matmuls: side by side they beat faer's parallel split of
-/// one matmul.
+/// with sequential matmuls: side by side they beat a parallel split of one
+/// matmul.
 fn plan_stacks(shapes: &[HeadShape], threads: usize) -> Vec<Vec<Vec<usize>>> {
     let (narrow, wide): (Vec<usize>, Vec<usize>) =
         (0..shapes.len()).partition(|&i| shapes[i].first_outputs < STACK_BELOW_OUTPUTS);

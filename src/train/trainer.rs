@@ -828,7 +828,11 @@ impl HeadTrainer {
             a: super::host::row_major(&delta, rows, outputs),
             b: super::host::row_major(first.split_mut()[0].weight, outputs, dim),
         }
-        .into(&mut input_gradient, faer::Accum::Replace, threads);
+        .into(
+            &mut input_gradient,
+            super::host::Accumulate::Replace,
+            threads,
+        );
         (input_gradient, loss)
     }
 

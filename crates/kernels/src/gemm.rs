@@ -80,11 +80,34 @@ impl PackedPointwise {
         activation: Activation,
         lanes: usize,
     ) -> Self {
-        assert_eq!(weight.len(), n * k, "pointwise weight is not [n, k]");
         assert_eq!(bias.len(), n, "pointwise bias is not [n]");
+        let mut packed = Self::from_matrix(weight, WeightLayout::OutputMajor, k, n, 0..n, lanes);
+        packed.activation = activation;
+        for panel in &packed.panels {
+            let bias = &bias[panel.first..][..panel.width];
+            packed.bias[panel.bias_at..][..panel.width].copy_from_slice(bias);
+        }
+        packed
+    }
+
+    /// The `columns` of a `[k, n]` right-hand side of a matrix product
+    /// (`weight` laid out as `layout` says), packed with a zero bias and no
+    /// activation: a product with `columns.len()` outputs.
+    pub fn from_matrix(
+        weight: &[f32],
+        layout: WeightLayout,
+        k: usize,
+        n: usize,
+        columns: std::ops::Range<usize>,
+        lanes: usize,
+    ) -> Self {
+        assert_eq!(weight.len(), n * k, "pointwise weight is not {n} x {k}");
+        assert!(columns.end <= n, "columns {columns:?} of {n}");
+        let (offset, total) = (columns.start, n);
+        let n = columns.len();
         let full = panel_vectors(lanes) * lanes;
         let mut panels = Vec::new();
-        let (mut packed, mut packed_bias) = (Vec::new(), Vec::new());
+        let mut packed = Vec::with_capacity(k * n.next_multiple_of(lanes));
         let mut first = 0;
         while first < n {
             let width = full.min(n - first);
@@ -95,36 +118,45 @@ impl PackedPointwise {
                 width,
                 vectors,
                 weights_at: packed.len(),
-                bias_at: packed_bias.len(),
+                // Every panel but the last is `full` wide.
+                bias_at: first,
             });
             for kk in 0..k {
-                for column in 0..stride {
-                    packed.push(if column < width {
-                        weight[(first + column) * k + kk]
-                    } else {
-                        0.0
-                    });
+                match layout {
+                    WeightLayout::OutputMajor => packed.extend(
+                        (offset + first..offset + first + width)
+                            .map(|column| weight[column * k + kk]),
+                    ),
+                    WeightLayout::InputMajor => {
+                        packed.extend_from_slice(&weight[kk * total + offset + first..][..width])
+                    }
                 }
-            }
-            for column in 0..stride {
-                packed_bias.push(if column < width {
-                    bias[first + column]
-                } else {
-                    0.0
-                });
+                packed.resize(packed.len() + stride - width, 0.0);
             }
             first += width;
         }
+        let bias_len = panels
+            .last()
+            .map_or(0, |panel| panel.bias_at + panel.vectors * lanes);
         Self {
             k,
             n,
-            activation,
+            activation: Activation::None,
             lanes,
             panels,
             weights: packed,
-            bias: packed_bias,
+            bias: vec![0.0; bias_len],
         }
     }
+}
+
+/// How a pointwise weight lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[n, k]`: output-major, as a 1×1 convolution's or a linear layer's weight.
+    OutputMajor,
+    /// `[k, n]`: input-major, the right-hand side of a plain row-major product.
+    InputMajor,
 }
 
 /// The activations a pointwise convolution reads.
@@ -460,7 +492,7 @@ pub fn store<S: Simd>(simd: S, values: &mut [f32], vector: S::f32s) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::SimdLevel;
 

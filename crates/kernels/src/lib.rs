@@ -15,9 +15,12 @@
 //!   that stays in cache; the stem is fused into the first block the same way.
 //!   A batch is spread over threads one image per task: no thread waits on
 //!   another between layers.
+//! - [`matmul`]: dense products for the training steps (heads, fine-tuned
+//!   blocks) on the pointwise kernel, each element summed in one fixed order.
 
 pub mod depthwise;
 pub mod gemm;
+pub mod matmul;
 pub mod neighbours;
 pub mod network;
 pub mod resample;

@@ -1,8 +1,8 @@
 //! The per-element loops of the fine-tuned blocks' training step
 //! (`lazarus::train::blocks`), on f32 in NHWC: depthwise convolution forward
 //! and backward, a pointwise output's bias and ReLU6, and ReLU6's gradient
-//! mask. The matrix products of the pointwise convolutions are not here
-//! (faer does them).
+//! mask. The matrix products of the pointwise convolutions are
+//! [`crate::matmul`]'s.
 //!
 //! They live in this crate, built optimised, because they are most of a
 //! fine-tuning step's time outside the matrix products; each function holds
