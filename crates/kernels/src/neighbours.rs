@@ -1,6 +1,7 @@
 //! Distances of the anomaly scorers (`lazarus::train::anomaly`): the greedy
 //! coreset's step, the k nearest memory-bank rows of each query, and the
-//! standardisation of rows. Each function holds its whole loop, so it runs
+//! standardisation of rows (theirs and the heads' batch gather's). Each
+//! function holds its whole loop, so it runs
 //! as compiled here (opt-level 3).
 
 use rayon::prelude::*;
@@ -48,11 +49,18 @@ pub fn keep_k_nearest(
 }
 
 /// `(v - mean) · inverse_std` per column of `values` (`[rows, mean.len()]`),
-/// in place.
+/// in place, rows spread over the pool.
 pub fn standardise_rows(values: &mut [f32], mean: &[f32], inverse_std: &[f32]) {
-    values.par_chunks_mut(mean.len()).for_each(|row| {
-        for ((v, mean), inverse_std) in row.iter_mut().zip(mean).zip(inverse_std) {
-            *v = (*v - mean) * inverse_std;
-        }
-    });
+    values
+        .par_chunks_mut(mean.len())
+        .for_each(|row| standardise_row(row, mean, inverse_std));
+}
+
+/// [`standardise_rows`] of one row, on the calling thread (the heads' batch
+/// gather, which already spreads its rows over the pool).
+pub fn standardise_row(row: &mut [f32], mean: &[f32], inverse_std: &[f32]) {
+    assert!(row.len() == mean.len() && mean.len() == inverse_std.len());
+    for ((v, mean), inverse_std) in row.iter_mut().zip(mean).zip(inverse_std) {
+        *v = (*v - mean) * inverse_std;
+    }
 }
