@@ -53,7 +53,7 @@ pub struct PackedPointwise {
 /// Register tile rows for a panel of `vectors` vectors of `lanes` floats:
 /// AVX-512 (and any 16-lane unit) has 32 registers, AVX2 16. The tile plus
 /// one row of weight vectors and a broadcast fill the register file.
-fn tile_rows(lanes: usize, vectors: usize) -> usize {
+fn panel_tile_rows(lanes: usize, vectors: usize) -> usize {
     match (lanes >= 16, vectors) {
         (true, 3) => 8,
         (true, _) => 12,
@@ -66,6 +66,16 @@ fn tile_rows(lanes: usize, vectors: usize) -> usize {
 /// (6×2 tiles: a 4×3 tile needs all 16 and spills one).
 fn panel_vectors(lanes: usize) -> usize {
     if lanes >= 16 { 3 } else { 2 }
+}
+
+/// Output channels of a full panel.
+pub(crate) fn panel_width(lanes: usize) -> usize {
+    panel_vectors(lanes) * lanes
+}
+
+/// Rows of the register tile of a full panel.
+pub(crate) fn tile_rows(lanes: usize) -> usize {
+    panel_tile_rows(lanes, panel_vectors(lanes))
 }
 
 impl PackedPointwise {
@@ -105,7 +115,7 @@ impl PackedPointwise {
         assert!(columns.end <= n, "columns {columns:?} of {n}");
         let (offset, total) = (columns.start, n);
         let n = columns.len();
-        let full = panel_vectors(lanes) * lanes;
+        let full = panel_width(lanes);
         let mut panels = Vec::new();
         let mut packed = Vec::with_capacity(k * n.next_multiple_of(lanes));
         let mut first = 0;
@@ -256,7 +266,7 @@ impl WithSimd for Pointwise<'_> {
                 relu6: op.activation == Activation::Relu6,
                 position: (0, 0),
             };
-            match (tile_rows(lanes, vectors), vectors) {
+            match (panel_tile_rows(lanes, vectors), vectors) {
                 (8, 3) => run.run::<S, 8, 3>(simd),
                 (12, 2) => run.run::<S, 12, 2>(simd),
                 (6, 2) => run.run::<S, 6, 2>(simd),

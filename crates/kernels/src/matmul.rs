@@ -16,7 +16,10 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::SimdLevel;
-use crate::gemm::{PackedPointwise, Pointwise, PointwiseInput, PointwiseOutput, WeightLayout};
+use crate::gemm::{
+    PackedPointwise, Pointwise, PointwiseInput, PointwiseOutput, WeightLayout, panel_width,
+    tile_rows,
+};
 
 /// How a matrix lies in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +77,8 @@ pub enum Accumulate {
 pub enum Parallelism {
     /// The calling thread.
     Sequential,
-    /// Bands of rows on the rayon pool.
+    /// Bands of rows, or of columns when there are few rows, on the rayon
+    /// pool.
     Pool,
 }
 
@@ -107,16 +111,15 @@ pub fn matmul(
         return;
     }
     let level = SimdLevel::from_env().unwrap_or_else(|_| SimdLevel::detected());
+    let lanes = level.lanes();
     let product = Bands {
         arch: level.arch().expect("a level this CPU runs"),
-        lanes: level.lanes(),
+        lanes,
         a_rows: match a.layout {
             Layout::RowMajor => Cow::Borrowed(a.values),
             Layout::Transposed => Cow::Owned(transposed(a.values, inner, rows)),
         },
         b,
-        residual: (accumulate == Accumulate::Add).then(|| out.to_vec()),
-        rows,
         inner,
         cols,
     };
@@ -124,35 +127,54 @@ pub fn matmul(
         Parallelism::Sequential => 1,
         Parallelism::Pool => rayon::current_num_threads(),
     };
-    let band_rows = rows.div_ceil(threads).next_multiple_of(12);
-    let band_cols = cols.div_ceil(threads).next_multiple_of(48);
-    if threads > 1 && band_rows >= MIN_BAND && band_rows < rows {
-        let packed = product.pack(0..cols);
-        out.par_chunks_mut(band_rows * cols)
-            .enumerate()
-            .for_each(|(index, out)| product.rows_into(&packed, (index * band_rows, 0), out));
-    } else if threads > 1 && band_cols >= MIN_BAND && band_cols < cols {
+    // Bands of whole register tiles and whole panels, so that a band adds no
+    // remainder tile of its own.
+    let band_rows = rows.div_ceil(threads).next_multiple_of(tile_rows(lanes));
+    let band_cols = cols.div_ceil(threads).next_multiple_of(panel_width(lanes));
+    let row_bands = threads > 1 && band_rows >= MIN_BAND && band_rows < rows;
+    let column_bands = threads > 1 && !row_bands && band_cols >= MIN_BAND && band_cols < cols;
+    if column_bands {
+        // Each band computed alone, then copied or added into `out`: the same
+        // single add per element as the kernel's residual.
         let bands: Vec<(usize, Vec<f32>)> = (0..cols)
             .step_by(band_cols)
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|first| {
-                let columns = first..(first + band_cols).min(cols);
-                let packed = product.pack(columns.clone());
-                let mut band = vec![0.0; rows * columns.len()];
-                product.rows_into(&packed, (0, first), &mut band);
+                let packed = product.pack(first..(first + band_cols).min(cols));
+                let mut band = vec![0.0; rows * packed.n];
+                product.rows_into(&packed, 0, None, &mut band);
                 (first, band)
             })
             .collect();
         for (first, band) in bands {
             let width = band.len() / rows;
             for (out, band) in out.chunks_exact_mut(cols).zip(band.chunks_exact(width)) {
-                out[first..][..width].copy_from_slice(band);
+                let out = &mut out[first..][..width];
+                match accumulate {
+                    Accumulate::Replace => out.copy_from_slice(band),
+                    Accumulate::Add => out.iter_mut().zip(band).for_each(|(o, b)| *o += b),
+                }
             }
         }
+        return;
+    }
+    let packed = product.pack(0..cols);
+    let residual = (accumulate == Accumulate::Add).then(|| out.to_vec());
+    let residual_band = |first_row: usize, len: usize| {
+        residual
+            .as_deref()
+            .map(|residual| &residual[first_row * cols..][..len])
+    };
+    if row_bands {
+        out.par_chunks_mut(band_rows * cols)
+            .enumerate()
+            .for_each(|(index, out)| {
+                let first_row = index * band_rows;
+                product.rows_into(&packed, first_row, residual_band(first_row, out.len()), out)
+            });
     } else {
-        let packed = product.pack(0..cols);
-        product.rows_into(&packed, (0, 0), out);
+        product.rows_into(&packed, 0, residual_band(0, out.len()), out);
     }
 }
 
@@ -163,9 +185,6 @@ struct Bands<'a> {
     /// `a` as row-major `[rows, inner]`.
     a_rows: Cow<'a, [f32]>,
     b: Matrix<'a>,
-    /// `out`'s old values, added to the product.
-    residual: Option<Vec<f32>>,
-    rows: usize,
     inner: usize,
     cols: usize,
 }
@@ -187,38 +206,25 @@ impl Bands<'_> {
         )
     }
 
-    /// Rows `first_row..` of the product, its columns `first_col..` that
-    /// `packed` holds, into `out` (`[band rows, packed columns]`).
+    /// Rows `first_row..` of the product with the columns `packed` holds,
+    /// plus `residual` (the same rows and columns) when given, into `out`
+    /// (`[band rows, packed columns]`).
     fn rows_into(
         &self,
         packed: &PackedPointwise,
-        (first_row, first_col): (usize, usize),
+        first_row: usize,
+        residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
-        let (inner, width) = (self.inner, packed.n);
-        let band_rows = out.len() / width;
-        // The residual's band: these rows, these columns.
-        let residual = self.residual.as_deref().map(|residual| {
-            if width == self.cols {
-                Cow::Borrowed(&residual[first_row * width..][..band_rows * width])
-            } else {
-                Cow::Owned(
-                    residual[first_row * self.cols..][..band_rows * self.cols]
-                        .chunks_exact(self.cols)
-                        .flat_map(|row| &row[first_col..][..width])
-                        .copied()
-                        .collect(),
-                )
-            }
-        });
-        debug_assert!(first_row + band_rows <= self.rows);
+        let band_rows = out.len() / packed.n;
+        let inner = self.inner;
         self.arch.dispatch(Pointwise {
             op: packed,
             pixels: band_rows,
             input: PointwiseInput::Rows(&self.a_rows[first_row * inner..][..band_rows * inner]),
             output: PointwiseOutput::Rows {
                 values: out,
-                residual: residual.as_deref(),
+                residual,
             },
         })
     }
