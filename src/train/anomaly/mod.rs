@@ -538,7 +538,7 @@ impl Fitted {
     /// The tensors `scorer.safetensors` holds besides the standardisation.
     fn tensors(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
         Ok(match self {
-            Fitted::Knn { bank, .. } => vec![("memory_bank".to_string(), bank.rows.clone())],
+            Fitted::Knn { bank, .. } => vec![("memory_bank".to_string(), bank.to_cpu_tensor()?)],
             Fitted::Mahalanobis(gaussian) => {
                 let dim = gaussian.mean.len();
                 vec![

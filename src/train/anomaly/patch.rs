@@ -624,7 +624,7 @@ impl PatchScorer {
         )]);
         match &self.fitted {
             PatchFitted::Knn { bank, k } => {
-                tensors.push(("memory_bank".to_string(), bank.rows.to_device(&cpu)?));
+                tensors.push(("memory_bank".to_string(), bank.to_cpu_tensor()?));
                 metadata.insert("k".into(), k.to_string());
             }
             PatchFitted::Gaussians(gaussians) => {

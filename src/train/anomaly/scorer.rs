@@ -124,10 +124,26 @@ pub fn greedy_coreset(points: &[f32], dim: usize, count: usize, seed: u64) -> Ve
     chosen
 }
 
+/// Bank rows per distance block on the CPU: their products with a query
+/// block (`2048 x QUERY_BLOCK` f32, 2 MiB) are reused from block to block
+/// and stay in cache while the nearest are kept.
+const HOST_BANK_TILE: usize = 2048;
+
+/// Where a memory bank's rows live.
+enum BankRows {
+    /// On the CPU: products by the kernels crate's matmul into one reused
+    /// buffer (candle's would allocate and fault in a fresh product, then a
+    /// nested copy of it, for every block).
+    Host(Vec<f32>),
+    /// On an accelerator: products by candle.
+    Device(Tensor),
+}
+
 /// Standardised normal rows that queries are compared with.
 pub struct MemoryBank {
-    /// `rows x dim`, row-major.
-    pub rows: Tensor,
+    /// `len() x dim`, row-major.
+    rows: BankRows,
+    dim: usize,
     squared_norms: Vec<f32>,
 }
 
@@ -138,8 +154,14 @@ impl MemoryBank {
             .chunks(dim)
             .map(|row| row.iter().map(|v| v * v).sum())
             .collect();
+        let rows = if device.is_cpu() {
+            BankRows::Host(values)
+        } else {
+            BankRows::Device(Tensor::from_vec(values, (count, dim), device)?)
+        };
         Ok(MemoryBank {
-            rows: Tensor::from_vec(values, (count, dim), device)?,
+            rows,
+            dim,
             squared_norms,
         })
     }
@@ -152,9 +174,20 @@ impl MemoryBank {
         self.squared_norms.is_empty()
     }
 
+    /// The rows as a CPU tensor `[len, dim]` (what scorer files store).
+    pub fn to_cpu_tensor(&self) -> Result<Tensor, TrainError> {
+        Ok(match &self.rows {
+            BankRows::Host(values) => {
+                Tensor::from_slice(values, (self.len(), self.dim), &Device::Cpu)?
+            }
+            BankRows::Device(rows) => rows.to_device(&Device::Cpu)?,
+        })
+    }
+
     /// Mean Euclidean distance of each query row (`queries x dim`) to its
-    /// `k` nearest bank rows. The bank is read in blocks of `bank_block`
-    /// rows, so at most `queries x bank_block` distances exist at once.
+    /// `k` nearest bank rows. The bank is read in blocks of at most
+    /// `bank_block` rows, so at most `queries x bank_block` distances exist
+    /// at once.
     pub fn knn_scores(
         &self,
         queries: &[f32],
@@ -169,29 +202,61 @@ impl MemoryBank {
                 self.len()
             )));
         }
-        let device = self.rows.device();
+        if dim != self.dim {
+            return Err(TrainError::Invalid(format!(
+                "queries of {dim} values against a memory bank of {}",
+                self.dim
+            )));
+        }
         let query_norms: Vec<f32> = queries
             .chunks(dim)
             .map(|row| row.iter().map(|v| v * v).sum())
             .collect();
-        let q = Tensor::from_slice(queries, (count, dim), device)?;
         // The k smallest squared distances per query, ascending.
         let mut nearest: Vec<Vec<f32>> = vec![Vec::with_capacity(k + 1); count];
-        let bank_block = bank_block.max(1);
-        let mut start = 0;
-        while start < self.len() {
-            let length = bank_block.min(self.len() - start);
-            let block = self.rows.narrow(0, start, length)?;
-            let products = q.matmul(&block.t()?)?.to_vec2::<f32>()?;
+        let mut keep = |start: usize, length: usize, products: &[f32]| {
             let norms = &self.squared_norms[start..start + length];
             lazarus_kernels::neighbours::keep_k_nearest(
                 &mut nearest,
-                &products,
+                products,
                 &query_norms,
                 norms,
                 k,
             );
-            start += length;
+        };
+        match &self.rows {
+            BankRows::Host(values) => {
+                use lazarus_kernels::matmul::{Accumulate, Matrix, Parallelism, matmul};
+                // Bank rows times the queries: the kernel packs the small
+                // query block once per tile and streams the bank's rows.
+                let block = bank_block.clamp(1, HOST_BANK_TILE);
+                let mut products = vec![0f32; block.min(self.len()) * count];
+                let q = Matrix::row_major(queries, count, dim).transpose();
+                for start in (0..self.len()).step_by(block) {
+                    let length = block.min(self.len() - start);
+                    let out = &mut products[..length * count];
+                    let rows = Matrix::row_major(
+                        &values[start * dim..(start + length) * dim],
+                        length,
+                        dim,
+                    );
+                    matmul(out, Accumulate::Replace, rows, q, Parallelism::Pool);
+                    keep(start, length, out);
+                }
+            }
+            BankRows::Device(rows) => {
+                let q = Tensor::from_slice(queries, (count, dim), rows.device())?;
+                let block = bank_block.max(1);
+                for start in (0..self.len()).step_by(block) {
+                    let length = block.min(self.len() - start);
+                    let products = rows
+                        .narrow(0, start, length)?
+                        .matmul(&q.t()?)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    keep(start, length, &products);
+                }
+            }
         }
         Ok(nearest
             .iter()
@@ -445,6 +510,50 @@ mod tests {
         }
         let err = bank.knn_scores(&queries, 2, 5, 4).unwrap_err().to_string();
         assert!(err.contains("k = 5") && err.contains("4 rows"), "{err}");
+    }
+
+    #[test]
+    fn knn_scores_over_many_bank_tiles_equal_a_plain_search() {
+        // More rows than one CPU tile, odd sizes; checked against an f64
+        // brute-force search over every bank row.
+        let (rows, queries, dim) = (2 * HOST_BANK_TILE + 37, 45, 11);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let bank_values: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let query_values: Vec<f32> = (0..queries * dim)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let bank = MemoryBank::new(bank_values.clone(), dim, &Device::Cpu).unwrap();
+        for k in [1, 4] {
+            let expected: Vec<f64> = query_values
+                .chunks(dim)
+                .map(|q| {
+                    let mut d: Vec<f64> = bank_values
+                        .chunks(dim)
+                        .map(|b| {
+                            let s: f64 =
+                                q.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                            s.sqrt()
+                        })
+                        .collect();
+                    d.sort_by(f64::total_cmp);
+                    d[..k].iter().sum::<f64>() / k as f64
+                })
+                .collect();
+            for block in [7, HOST_BANK_TILE, rows] {
+                let got = bank.knn_scores(&query_values, dim, k, block).unwrap();
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!((g - e).abs() < 1e-4, "k {k} block {block}: {g} against {e}");
+                }
+            }
+        }
+        let tensor = bank.to_cpu_tensor().unwrap();
+        assert_eq!(tensor.dims(), [rows, dim]);
+        assert_eq!(
+            tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            bank_values
+        );
     }
 
     #[test]
