@@ -7,8 +7,9 @@
 # class weighting, learning rate, two seeds) for 4-class defect grading and
 # for defective-vs-normal in one pass each over the cached features, compare
 # multi-layer features in 1, 4 and 8 views (configs/elpv-views.toml), fit the
-# anomaly scorers of configs/elpv-anomaly.toml on the normal cells only,
-# print the ablation tables from experiments/experiments.db and the plots,
+# anomaly scorers of configs/elpv-anomaly.toml on the normal cells only and
+# the patch-level k-NN of configs/elpv-anomaly-patch.toml on their stride-16
+# maps, print the ablation tables from experiments/experiments.db and the plots,
 # and write the HTML report of every run under demo/report/.
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
@@ -52,6 +53,8 @@ lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --la
 say "and views: the same features of each cell's 4 flips and of its 8 rotations and transposes (--views flips|dihedral, their own feature sets)"
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all --views flips
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all --views dihedral
+say "and the stride-16 feature map of each cell, for patch-level anomaly scores (--spatial --maps 16, its own feature set)"
+lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --spatial --maps 16
 
 remaining() {
   lazarus status --json --dataset elpv | python3 -c \
@@ -117,6 +120,9 @@ done
 say "anomaly sweep configs/elpv-anomaly.toml: k-NN and Mahalanobis scorers fitted on normal cells only (defect probability 0 vs 1)"
 lazarus sweep configs/elpv-anomaly.toml | grep -v '^  run '
 lazarus experiments ablate --by scorer,k --metric test/roc_auc --where sweep=elpv-anomaly
+say "patch-level anomaly sweep configs/elpv-anomaly-patch.toml: every stride-16 patch of the normal training cells in a k-NN memory bank, a cell scored by its farthest patch (the best elpv anomaly row of BENCHMARKS.md)"
+lazarus sweep configs/elpv-anomaly-patch.toml | grep -v '^  run '
+lazarus experiments ablate --by k --metric test/roc_auc --where sweep=elpv-anomaly-patch
 
 say "macro-F1 by head and class weighting (4-class grading)"
 lazarus experiments ablate --by head,class_weights --metric test/macro_f1 --where sweep=elpv-heads
