@@ -28,7 +28,8 @@ pub(crate) use super::run_files::LOCK_FILE;
 
 /// Migration N (index N-1) takes the schema from version N-1 to N.
 /// README.md ("Experiments database") documents the tables.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE experiments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -86,7 +87,15 @@ CREATE TABLE artifacts (
     bytes INTEGER NOT NULL,
     PRIMARY KEY (run_id, path)
 ) WITHOUT ROWID;
-"];
+",
+    "
+CREATE TABLE sweep_runs (
+    sweep TEXT NOT NULL,
+    run_id TEXT NOT NULL REFERENCES runs (id),
+    PRIMARY KEY (sweep, run_id)
+) WITHOUT ROWID;
+",
+];
 
 const SCHEMA: Schema = Schema {
     version_store: VersionStore::Table,
@@ -381,6 +390,21 @@ impl ExperimentsDb {
                     |row| row.get(0),
                 )
                 .optional()?)
+        })
+    }
+
+    /// Counts runs a sweep skipped as already FINISHED (trained by `train` or
+    /// another sweep) among the sweep's own, so that `--where sweep=NAME`
+    /// finds them beside the runs that carry the name as their param.
+    pub fn add_to_sweep(&self, sweep: &str, run_ids: &[String]) -> Result<(), ExperimentsError> {
+        self.write(|tx| {
+            for run_id in run_ids {
+                tx.execute(
+                    "INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?1, ?2)",
+                    params![sweep, run_id],
+                )?;
+            }
+            Ok(())
         })
     }
 

@@ -472,7 +472,12 @@ fn known_keys(tx: &Transaction<'_>, sql: &str) -> Result<Vec<String>, rusqlite::
 }
 
 fn known_params(tx: &Transaction<'_>) -> Result<Vec<String>, rusqlite::Error> {
-    known_keys(tx, "SELECT DISTINCT key FROM params ORDER BY key")
+    // `sweep` is known once any sweep has run, even one whose every run was
+    // reused (only in sweep_runs).
+    known_keys(
+        tx,
+        "SELECT key FROM params UNION SELECT 'sweep' FROM sweep_runs ORDER BY key",
+    )
 }
 
 fn known_summary_metrics(tx: &Transaction<'_>) -> Result<Vec<String>, rusqlite::Error> {
@@ -533,10 +538,19 @@ fn where_sql(wheres: &[WhereClause], values: &mut Vec<Value>) -> String {
                 let text_index = values.len();
                 values.push(clause.value.parse::<f64>().map_or(Value::Null, Value::Real));
                 let number_index = values.len();
-                sql.push_str(&format!(
-                    " AND EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ?{key_index}
+                let param = format!(
+                    "EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ?{key_index}
                        AND (p.value_text = ?{text_index} OR p.value_number = ?{number_index}))"
-                ));
+                );
+                if key == "sweep" {
+                    // Runs the sweep found FINISHED and reused count as its own.
+                    sql.push_str(&format!(
+                        " AND ({param} OR EXISTS (SELECT 1 FROM sweep_runs s
+                           WHERE s.run_id = r.id AND s.sweep = ?{text_index}))"
+                    ));
+                } else {
+                    sql.push_str(&format!(" AND {param}"));
+                }
             }
         }
     }

@@ -322,6 +322,9 @@ pub fn sweep(
         } else {
             options.chart_metric.as_str()
         };
+    // Reused runs join the sweep's comparison (its chart and `--where sweep=`).
+    let reused: Vec<String> = outcome.skipped.iter().map(|(_, id)| id.clone()).collect();
+    db.add_to_sweep(&sweep.name, &reused)?;
     outcome.charts = sweep_chart(layout, &db, sweep, chart_metric)?;
     Ok(outcome)
 }
@@ -442,8 +445,8 @@ fn sweep_segment_points(
 }
 
 /// experiments/sweeps/<name>/comparison.svg|png: every configuration of the
-/// sweep (seeds pooled) by its mean chart metric; none when no run of the
-/// sweep carries its name (each config was FINISHED by `train`).
+/// sweep (seeds pooled) by its mean chart metric, the runs it reused
+/// included.
 fn sweep_chart(
     layout: &Layout,
     db: &ExperimentsDb,
@@ -465,9 +468,20 @@ fn sweep_chart(
             }
         }
     }
+    // Nothing varies: one bar, named by what every run records (anomaly
+    // runs have a scorer, no head).
+    let fallback = if sweep
+        .points
+        .iter()
+        .all(|p| p.config.task.anomaly().is_some())
+    {
+        "scorer"
+    } else {
+        "head"
+    };
     let report = loop {
         if by.is_empty() {
-            by.push("head".into());
+            by.push(fallback.into());
         }
         match db.ablate(&AblationQuery {
             by: by.clone(),
@@ -478,8 +492,8 @@ fn sweep_chart(
             }],
             baseline: None,
         }) {
-            // Every config was FINISHED by runs outside any sweep (`train`): no
-            // run carries a sweep's name, so there is nothing to compare.
+            // No run was started or reused under any sweep's name (every
+            // config failed before its run began): nothing to compare.
             Err(experiments::ExperimentsError::UnknownParam { param, .. }) if param == "sweep" => {
                 return Ok(Vec::new());
             }
@@ -487,7 +501,7 @@ fn sweep_chart(
             // folder, whose options they record as `layers`, `image_size`
             // and `resize`): charted without it.
             Err(experiments::ExperimentsError::UnknownParam { param, .. })
-                if by.contains(&param) && by != ["head"] =>
+                if by.contains(&param) && by != [fallback] =>
             {
                 by.retain(|key| *key != param);
             }

@@ -594,14 +594,14 @@ fn a_database_from_a_newer_lazarus_is_refused() {
     let connection = rusqlite::Connection::open(&path).unwrap();
     connection
         .execute(
-            "INSERT INTO schema_version (version, applied_ms) VALUES (2, 0)",
+            "INSERT INTO schema_version (version, applied_ms) VALUES (3, 0)",
             [],
         )
         .unwrap();
     drop(connection);
     let err = fails(lazarus(dir.path(), &["experiments", "list"]));
     assert!(
-        err.contains("has experiments schema version 2, newer than the 1 this lazarus knows"),
+        err.contains("has experiments schema version 3, newer than the 2 this lazarus knows"),
         "{err}"
     );
 }

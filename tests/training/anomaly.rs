@@ -357,6 +357,91 @@ k = [1, 3]
 }
 
 #[test]
+fn a_sweep_counts_the_finished_runs_it_reuses_as_its_own() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    setup(root, 6.0);
+    let sweep_file = |name: &str, ks: &str| {
+        let file = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\ndataset = \"toy\"\nencoder = \"toy-encoder\"\ntask = \"anomaly\"\n\
+                 normal_label = \"ok\"\n[label_map]\nclass0 = \"ok\"\nclass1 = \"bad\"\nclass2 = \"bad\"\n\
+                 [grid]\nk = [{ks}]\n"
+            ),
+        )
+        .unwrap();
+        file.to_str().unwrap().to_string()
+    };
+    let rows = |sweep: &str| {
+        let table = json(&ok(lazarus(
+            root,
+            &[
+                "experiments",
+                "ablate",
+                "--by",
+                "k",
+                "--metric",
+                "test/roc_auc",
+                "--where",
+                &format!("sweep={sweep}"),
+                "--json",
+            ],
+        )));
+        let mut ks: Vec<u64> = table["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["levels"][0].as_f64().unwrap() as u64)
+            .collect();
+        ks.sort();
+        ks
+    };
+    ok(lazarus(
+        root,
+        &["sweep", &sweep_file("first", "1"), "--json"],
+    ));
+    // k 1 is reused from `first`, k 3 fitted: both are `second`'s.
+    let second = json(&ok(lazarus(
+        root,
+        &["sweep", &sweep_file("second", "1, 3"), "--json"],
+    )));
+    assert_eq!(second["skipped"].as_array().unwrap().len(), 1, "{second:#}");
+    assert_eq!(second["anomaly"].as_array().unwrap().len(), 1, "{second:#}");
+    assert_eq!(rows("second"), [1, 3]);
+    assert_eq!(
+        rows("first"),
+        [1],
+        "reuse does not move a run out of its own sweep"
+    );
+    // A sweep that trains nothing still compares what it reused.
+    let third = json(&ok(lazarus(
+        root,
+        &["sweep", &sweep_file("third", "3"), "--json"],
+    )));
+    assert!(third.get("anomaly").is_none(), "{third:#}");
+    assert_eq!(rows("third"), [3]);
+    let charts = third["charts"].as_array().unwrap();
+    assert!(!charts.is_empty(), "{third:#}");
+    for chart in charts {
+        assert!(Path::new(chart.as_str().unwrap()).is_file(), "{chart}");
+    }
+    // Running it again adds nothing twice.
+    ok(lazarus(
+        root,
+        &["sweep", &sweep_file("third", "3"), "--json"],
+    ));
+    assert_eq!(
+        query(
+            root,
+            "SELECT COUNT(*) FROM sweep_runs WHERE sweep = 'third'"
+        ),
+        "1"
+    );
+}
+
+#[test]
 fn predict_on_an_anomaly_run_scores_cached_and_new_images_alike() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();

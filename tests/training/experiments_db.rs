@@ -272,7 +272,7 @@ fn newer_schema_and_foreign_files_are_refused_untouched() {
             err,
             ExperimentsError::NewerSchema {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),
@@ -280,7 +280,7 @@ fn newer_schema_and_foreign_files_are_refused_untouched() {
     );
     assert!(
         err.to_string()
-            .contains("newer than the 1 this lazarus knows"),
+            .contains("newer than the 2 this lazarus knows"),
         "{err}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), before);
