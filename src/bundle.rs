@@ -221,7 +221,7 @@ impl BundleInfo {
 /// trained (`train --unfreeze-from K`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainedBlocks {
-    /// K: the blocks after it read its output, the stride-16 map.
+    /// K: the blocks after it read its output (a stride-4, -8 or -16 map).
     pub after_block: usize,
     /// What changed from the pretrained encoder, in order: `block11`, …,
     /// `head_conv`.

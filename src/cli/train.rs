@@ -223,8 +223,9 @@ pub struct TrainArgs {
     pub checkpoint_every: usize,
     /// Partial fine-tuning: train the encoder's blocks after block K with
     /// the head, from the cached output of block K (a spatial folder of
-    /// `enqueue --spatial --maps 16`: for EfficientNet-Lite, K is the block
-    /// whose output is the stride-16 map, 10 for lite0).
+    /// `enqueue --spatial --maps S`: for EfficientNet-Lite, K is the block
+    /// whose output is the stride-S map; lite0: 10 for stride 16, 4 for 8,
+    /// 2 for 4).
     #[arg(long, value_name = "K")]
     pub unfreeze_from: Option<usize>,
     /// --unfreeze-from: the blocks' AdamW learning rate (the head's

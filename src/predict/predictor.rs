@@ -49,7 +49,7 @@ pub enum Model {
     Classify(TrainedHead),
     /// A classifier whose encoder blocks after block K were trained with
     /// its head (`train --unfreeze-from K`): the blocks run on block K's
-    /// stride-16 map (cached, or from the encoder), then the head.
+    /// map (stride 4, 8 or 16; cached, or from the encoder), then the head.
     FineTuned(Box<FineTunedModel>),
     /// An anomaly scorer, image-level or patch-level.
     Anomaly(SavedScorer),
@@ -797,7 +797,7 @@ fn segment_result(
 
 impl FineTunedModel {
     /// Checks that the blocks continue the encoder that made the features
-    /// (`reference`): same encoder, same weights, a stride-16 map kept.
+    /// (`reference`): same encoder, same weights, block K's map kept.
     pub fn check(
         &self,
         owner: &str,

@@ -260,8 +260,8 @@ pub fn train(
 }
 
 /// `train --unfreeze-from K`: a classifier trained with the encoder's
-/// blocks after K, on the spatial folder whose stride-16 map is block K's
-/// output (`--maps` picks among several spatial folders).
+/// blocks after K, on the spatial folder whose map of block K's output
+/// (stride 4, 8 or 16) it holds (`--maps` picks among several spatial folders).
 fn train_fine_tuned(
     layout: &Layout,
     request: &TrainRequest,

@@ -3,7 +3,7 @@
 //! convolution, trained from a cached block-K map together with a head.
 //!
 //! The early blocks run once at extraction (their output is the spatial
-//! folder's stride-16 map); the blocks after it run forward and backward
+//! folder's stride-4, -8 or -16 map); the blocks after it run forward and backward
 //! every epoch, here, on flat f32 buffers in channels-last order
 //! (`[images, height, width, channels]`), so every 1×1 convolution is one
 //! `[pixels, in] × [in, out]` matmul without a transpose and the
@@ -1022,34 +1022,12 @@ mod tests {
     #[test]
     fn top_blocks_reproduce_the_encoders_pooled_features() {
         // Reference: the encoder's own forward pass (its CPU kernels), from
-        // the same images, fed the f32 stride-16 map (not rounded to f16).
+        // the same images, fed the f32 map of each cacheable stride (not
+        // rounded to f16).
         let model = random_lite0();
-        let after_block = model.map_block_index(16).unwrap();
-        assert_eq!(
-            after_block, 10,
-            "Lite0's stride-16 map is block 10's output"
-        );
         let (n_images, height, width) = (3, 96, 80);
         let images = Tensor::randn(0f32, 1.0, (n_images, 3, height, width), &Device::Cpu).unwrap();
-        let features = model.features(&images, &[16]).unwrap();
-        let map = features.maps[0].contiguous().unwrap();
-        let (_, channels, map_height, map_width) = map.dims4().unwrap();
-        let size = MapSize {
-            height: map_height,
-            width: map_width,
-        };
-        assert_eq!((channels, size.height, size.width), (112, 6, 5));
-        let values = map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut input = Vec::new();
-        for image in values.chunks_exact(channels * size.pixels()) {
-            append_channels_last(image, channels, size, &mut input);
-        }
-        let top = TopBlocks::from_encoder(&model, after_block).unwrap();
-        assert_eq!(
-            (top.n_blocks(), top.in_channels(), top.feature_dim()),
-            (5, 112, 1280)
-        );
-        let forward = top.forward(input, n_images, size).unwrap();
+        let features = model.features(&images, &[4, 8, 16]).unwrap();
         let expected = features
             .pooled
             .flatten_all()
@@ -1060,7 +1038,41 @@ mod tests {
         let spread = expected.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v))
             - expected.iter().fold(f32::INFINITY, |m, v| m.min(*v));
         assert!(spread > 0.1, "pooled features span only {spread}");
-        assert_close("pooled", forward.pooled(), &expected, 1e-4);
+        // Lite0: (stride, block K whose output it is, blocks after K, channels).
+        for (level, (stride, after_block, n_blocks, channels)) in
+            [(4, 2, 13, 24), (8, 4, 11, 40), (16, 10, 5, 112)]
+                .into_iter()
+                .enumerate()
+        {
+            assert_eq!(model.map_block_index(stride).unwrap(), after_block);
+            let map = features.maps[level].contiguous().unwrap();
+            let (_, map_channels, map_height, map_width) = map.dims4().unwrap();
+            let size = MapSize {
+                height: map_height,
+                width: map_width,
+            };
+            assert_eq!(
+                (map_channels, size.height, size.width),
+                (channels, height / stride, width / stride)
+            );
+            let values = map.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut input = Vec::new();
+            for image in values.chunks_exact(channels * size.pixels()) {
+                append_channels_last(image, channels, size, &mut input);
+            }
+            let top = TopBlocks::from_encoder(&model, after_block).unwrap();
+            assert_eq!(
+                (top.n_blocks(), top.in_channels(), top.feature_dim()),
+                (n_blocks, channels, 1280)
+            );
+            let forward = top.forward(input, n_images, size).unwrap();
+            assert_close(
+                &format!("pooled from stride {stride}"),
+                forward.pooled(),
+                &expected,
+                1e-4,
+            );
+        }
     }
 
     #[test]

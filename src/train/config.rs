@@ -270,8 +270,8 @@ impl PartialEq<Task> for TaskConfig {
 /// Partial fine-tuning (`train --unfreeze-from K`): the encoder blocks after
 /// block K train with the head, from their pretrained weights, with their
 /// own AdamW rate and decoupled weight decay (the head's schedule scales
-/// both rates alike). The run reads a spatial folder whose stride-16 map is
-/// block K's output (`train::finetune`).
+/// both rates alike). The run reads a spatial folder whose stride-4, -8 or
+/// -16 map is block K's output (`train::finetune`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Unfreeze {
     pub after_block: usize,

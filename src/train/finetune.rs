@@ -1,7 +1,8 @@
 //! Partial fine-tuning (issue 22, `train --unfreeze-from K`): a
 //! classification head trained together with an EfficientNet-Lite's top
-//! blocks (`blocks::TopBlocks`) on a spatial folder whose stride-16 map is
-//! the output of block K, as a run recorded like any other.
+//! blocks (`blocks::TopBlocks`) on a spatial folder whose stride-4, -8 or
+//! -16 map is the output of block K (Lite0: K 2, 4 or 10), as a run recorded
+//! like any other.
 //!
 //! Each step gathers the batch's cached maps (f16 `[C, H, W]` rows, turned
 //! channels-last once), runs the blocks and the head convolution, mean-pools,
@@ -52,8 +53,34 @@ use crate::features::catalog::FeatureKind;
 use crate::layout::Layout;
 use crate::spatial::tile::TileConfig;
 
-/// The stride of the cached map the trainable blocks read.
-pub const FINETUNE_STRIDE: usize = 16;
+/// Strides of the cached maps trainable blocks can continue from: block K's
+/// output for the K that ends the stage of each (Lite0: 2, 4 and 10).
+pub const FINETUNE_STRIDES: [usize; 3] = [4, 8, 16];
+
+/// The stride of the cached map that is block `after_block`'s output, or
+/// why no cached map is.
+pub fn cached_stride(
+    model: &EfficientNetLite,
+    after_block: usize,
+    folder: &str,
+    maps: &str,
+) -> Result<usize, TrainError> {
+    let mut choices = Vec::new();
+    for stride in FINETUNE_STRIDES {
+        let block = model.map_block_index(stride)?;
+        if block == after_block {
+            return Ok(stride);
+        }
+        choices.push(format!("{block} (the stride-{stride} map)"));
+    }
+    Err(TrainError::Invalid(format!(
+        "--unfreeze-from {after_block}: folder {folder} caches the maps {maps}; the blocks \
+         after block K are trained from the cached output of block K, and only the maps of \
+         stride {} are cached, so K must be {}",
+        FINETUNE_STRIDES.map(|s| s.to_string()).join(", "),
+        choices.join(", ")
+    )))
+}
 
 /// The encoder whose blocks are fine-tuned, and what identifies it in a
 /// feature folder's metadata: the folder's maps must come from the same
@@ -128,9 +155,9 @@ pub fn load_folder_encoder(data: &TrainData) -> Result<LoadedEncoder, TrainError
 
 /// Index (into `FeatureSet::maps`) of the map the blocks after
 /// `after_block` read, after checking the folder and the block: made by
-/// `encoder`'s weights, the map of stride 16, which is block
-/// `encoder.map_block_index(16)`'s output, one row per image (no views, no
-/// tiles).
+/// `encoder`'s weights, holding the map that is block `after_block`'s output
+/// (stride 4, 8 or 16: see [`cached_stride`]), one row per image (no views,
+/// no tiles).
 pub fn check_folder(
     data: &TrainData,
     encoder: FinetuneEncoder,
@@ -155,24 +182,16 @@ pub fn check_folder(
             encoder.name
         )));
     }
-    let encoder = encoder.model;
-    let cached_block = encoder.map_block_index(FINETUNE_STRIDE)?;
-    if after_block != cached_block {
-        return Err(TrainError::Invalid(format!(
-            "--unfreeze-from {after_block}: folder {folder} caches the maps {maps}; the \
-             blocks after block K are trained from the cached output of block K, and the \
-             stride-16 map is block {cached_block}'s output, so K must be {cached_block}"
-        )));
-    }
+    let stride = cached_stride(encoder.model, after_block, &folder.to_string(), &maps)?;
     let Some(index) = features
         .maps()
         .iter()
-        .position(|shape| shape.stride == FINETUNE_STRIDE)
+        .position(|shape| shape.stride == stride)
     else {
         return Err(TrainError::Invalid(format!(
             "--unfreeze-from {after_block}: folder {folder} holds the maps {maps}, not the \
-             stride-16 map (block {after_block}'s output); extract it with enqueue \
-             --spatial --maps 16"
+             stride-{stride} map (block {after_block}'s output); extract it with enqueue \
+             --spatial --maps {stride}"
         )));
     };
     if data.views != 1 {
@@ -302,7 +321,7 @@ const BEST_BLOCKS_PREFIX: &str = "best_blocks.";
 struct Finetuning<'a> {
     data: &'a TrainData,
     unfreeze: Unfreeze,
-    /// Index of the stride-16 map in the folder's maps.
+    /// Index of the map the blocks read (block K's output) in the folder's maps.
     map: usize,
     size: MapSize,
     trainer: HeadTrainer,
@@ -329,7 +348,8 @@ impl<'a> Finetuning<'a> {
         let folder = data.features.dir().display();
         if shape.channels != blocks.in_channels() {
             return Err(TrainError::Invalid(format!(
-                "folder {folder}: its stride-16 map has {} channels; block {} reads {}",
+                "folder {folder}: its stride-{} map has {} channels; block {} reads {}",
+                shape.stride,
                 shape.channels,
                 unfreeze.after_block + 1,
                 blocks.in_channels()
@@ -648,7 +668,7 @@ impl<'a> Finetuning<'a> {
                 layout: self.blocks.layout(),
                 encoder: self.encoder.clone(),
                 weights: self.weights.clone(),
-                stride: FINETUNE_STRIDE,
+                stride: self.data.features.maps()[self.map].stride,
                 tiling: self
                     .data
                     .features

@@ -146,9 +146,44 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
         error.contains("--unfreeze-from 9")
             && error.contains(&folder)
             && error.contains("maps 16")
-            && error.contains("K must be 10"),
+            && error.contains(
+                "K must be 2 (the stride-4 map), 4 (the stride-8 map), 10 (the stride-16 map)"
+            ),
         "{error}"
     );
+    // The K of another cached map, on a folder without that map: refused,
+    // naming the map to extract.
+    let error = finetune::fit(&data, encoder, &config(4))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("not the stride-8 map (block 4's output)") && error.contains("--maps 8"),
+        "{error}"
+    );
+    // From the stride-8 map (block 4's output): blocks 5.. train, every
+    // parameter of them, and the same seed repeats the run bit for bit.
+    let fine = load(&root, &extract(&root, "8"));
+    assert_eq!(model.map_block_index(8).unwrap(), 4);
+    let (report, blocks) = finetune::fit(&fine, encoder, &config(4)).unwrap();
+    assert_eq!(report.epochs.len(), 2);
+    assert!((0.0..=1.0).contains(&report.test["test/accuracy"]));
+    let pretrained = TopBlocks::from_encoder(&model, 4).unwrap();
+    assert_eq!(blocks.blocks.after_block(), 4);
+    assert_eq!(blocks.info.stride, 8);
+    for ((name, before), after) in pretrained
+        .parameter_names()
+        .iter()
+        .zip(pretrained.parameters())
+        .zip(blocks.blocks.parameters())
+    {
+        assert!(
+            before.iter().zip(after).any(|(a, b)| a != b),
+            "{name} did not change"
+        );
+    }
+    let (again, again_blocks) = finetune::fit(&fine, encoder, &config(4)).unwrap();
+    assert_eq!(again.test, report.test);
+    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
     // A folder without the stride-16 map: refused, naming its maps.
     let coarse = load(&root, &extract(&root, "32"));
     let error = finetune::fit(&coarse, encoder, &config(10))
@@ -206,7 +241,7 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
     };
     // Settings a fine-tuned run cannot take are refused before any training.
     let refused = fails(train(&["--unfreeze-from", "9"]));
-    assert!(refused.contains("K must be 10"), "{refused}");
+    assert!(refused.contains("K must be 2"), "{refused}");
     let refused = fails(train(&["--blocks-lr", "1e-4"]));
     assert!(
         refused.contains("--blocks-lr applies to --unfreeze-from K"),
@@ -307,6 +342,68 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
     std::fs::write(&blocks_file, bytes).unwrap();
     let refused = fails(lazarus(&root, &args));
     assert!(refused.contains("blocks.safetensors"), "{refused}");
+}
+
+#[test]
+fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let tree = image_folder(temp.path(), &[8, 8]);
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "tree", tree.to_str().unwrap()],
+    ));
+    extract(&root, "8");
+    let mut args = TRAIN.to_vec();
+    args.extend_from_slice(&[
+        "--unfreeze-from",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+    ]);
+    let report = json(&ok(lazarus(&root, &args)));
+    let run = report["run_id"].as_str().unwrap().to_string();
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &run, "--json"],
+    )));
+    assert_eq!(
+        shown["params"]["trained_blocks"], "5-15,head_conv",
+        "{shown:#}"
+    );
+    let cached = tree.join("class1/img003.png");
+    let fresh_tree = image_folder_from(&temp.path().join("fresh"), &[1, 1], 700);
+    let fresh = fresh_tree.join("class0/img000.png");
+    let images = [cached.to_str().unwrap(), fresh.to_str().unwrap()];
+    let mut args = vec!["predict", "--run", run.as_str()];
+    args.extend(images);
+    args.push("--json");
+    let by_run = json(&ok(lazarus(&root, &args)));
+    assert_eq!(by_run[0]["features_from"], "cache");
+    assert_eq!(by_run[1]["features_from"], "encoder");
+    let bundle = temp.path().join("bundle");
+    ok(lazarus(
+        &root,
+        &["export", &run, "--out", bundle.to_str().unwrap()],
+    ));
+    let info = json(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap());
+    let changed = info["trained_blocks"]["changed"].as_array().unwrap();
+    assert_eq!(
+        changed.len(),
+        12,
+        "blocks 5..=15 and the head convolution: {info:#}"
+    );
+    assert_eq!(changed[0], "block5");
+    let mut args = vec!["predict", "--bundle", bundle.to_str().unwrap()];
+    args.extend(images);
+    args.push("--json");
+    let by_bundle = json(&ok(lazarus(&root, &args)));
+    assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
+    assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
 }
 
 #[test]
