@@ -88,6 +88,36 @@ fn config(after_block: usize) -> TrainConfig {
     }
 }
 
+/// The blocks after `after_block` moved away from the pretrained ones, every
+/// parameter of them, and the same seed and data repeat the run bit for bit.
+fn assert_trained_and_repeatable(
+    data: &TrainData,
+    encoder: FinetuneEncoder,
+    after_block: usize,
+    report: &lazarus::train::run::RunReport,
+    blocks: &FineTunedBlocks,
+) {
+    let pretrained = TopBlocks::from_encoder(encoder.model, after_block).unwrap();
+    assert_eq!(blocks.blocks.after_block(), after_block);
+    for ((name, before), after) in pretrained
+        .parameter_names()
+        .iter()
+        .zip(pretrained.parameters())
+        .zip(blocks.blocks.parameters())
+    {
+        assert!(
+            before.iter().zip(after).any(|(a, b)| a != b),
+            "{name} did not change"
+        );
+    }
+    let (again, again_blocks) = finetune::fit(data, encoder, &config(after_block)).unwrap();
+    assert_eq!(again.test, report.test);
+    for (a, b) in again.epochs.iter().zip(&report.epochs) {
+        assert_eq!(a["train/loss"].to_bits(), b["train/loss"].to_bits());
+    }
+    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
+}
+
 #[test]
 fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders() {
     let temp = tempfile::tempdir().unwrap();
@@ -115,27 +145,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     }
     assert!((0.0..=1.0).contains(&report.test["test/accuracy"]));
     assert!((0.0..=1.0).contains(&report.test["test/macro_f1"]));
-    // The blocks moved away from the pretrained ones, every parameter of them.
-    let pretrained = TopBlocks::from_encoder(&model, 10).unwrap();
-    assert_eq!(blocks.blocks.after_block(), 10);
-    for ((name, before), after) in pretrained
-        .parameter_names()
-        .iter()
-        .zip(pretrained.parameters())
-        .zip(blocks.blocks.parameters())
-    {
-        assert!(
-            before.iter().zip(after).any(|(a, b)| a != b),
-            "{name} did not change"
-        );
-    }
-    // The same seed and data: the same run, bit for bit.
-    let (again, again_blocks) = finetune::fit(&data, encoder, &config(10)).unwrap();
-    assert_eq!(again.test, report.test);
-    for (a, b) in again.epochs.iter().zip(&report.epochs) {
-        assert_eq!(a["train/loss"].to_bits(), b["train/loss"].to_bits());
-    }
-    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
+    assert_trained_and_repeatable(&data, encoder, 10, &report, &blocks);
 
     // Another K: refused, naming the folder, its maps and the K asked for.
     let error = finetune::fit(&data, encoder, &config(9))
@@ -167,23 +177,8 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     let (report, blocks) = finetune::fit(&fine, encoder, &config(4)).unwrap();
     assert_eq!(report.epochs.len(), 2);
     assert!((0.0..=1.0).contains(&report.test["test/accuracy"]));
-    let pretrained = TopBlocks::from_encoder(&model, 4).unwrap();
-    assert_eq!(blocks.blocks.after_block(), 4);
     assert_eq!(blocks.info.stride, 8);
-    for ((name, before), after) in pretrained
-        .parameter_names()
-        .iter()
-        .zip(pretrained.parameters())
-        .zip(blocks.blocks.parameters())
-    {
-        assert!(
-            before.iter().zip(after).any(|(a, b)| a != b),
-            "{name} did not change"
-        );
-    }
-    let (again, again_blocks) = finetune::fit(&fine, encoder, &config(4)).unwrap();
-    assert_eq!(again.test, report.test);
-    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
+    assert_trained_and_repeatable(&fine, encoder, 4, &report, &blocks);
     // A folder without the stride-16 map: refused, naming its maps.
     let coarse = load(&root, &extract(&root, "32"));
     let error = finetune::fit(&coarse, encoder, &config(10))
@@ -229,6 +224,39 @@ fn fine_tuning_root(dir: &Path, counts: &[usize]) -> std::path::PathBuf {
 }
 
 const TRAIN: [&str; 6] = ["train", "--dataset", "tree", "--encoder", ENCODER, "--json"];
+
+/// `predict` of a dataset image (`cached`) and of a new one by fine-tuned
+/// run `run`, then by the bundle it exports to `bundle`: (by run, by bundle,
+/// the two image paths). The run reads the first from the cache and encodes
+/// the second; the bundle (no cache) encodes both.
+fn answers_of_run_and_bundle(
+    root: &Path,
+    run: &str,
+    cached: &Path,
+    bundle: &Path,
+) -> (serde_json::Value, serde_json::Value, Vec<String>) {
+    let fresh_tree = image_folder_from(&bundle.with_extension("fresh"), &[1, 1], 500);
+    let fresh = fresh_tree.join("class0/img000.png");
+    let images: Vec<String> = [cached, fresh.as_path()]
+        .iter()
+        .map(|path| path.to_str().unwrap().to_string())
+        .collect();
+    let predict = |by: [&str; 2]| {
+        let mut args = vec!["predict", by[0], by[1]];
+        args.extend(images.iter().map(String::as_str));
+        args.push("--json");
+        json(&ok(lazarus(root, &args)))
+    };
+    let by_run = predict(["--run", run]);
+    assert_eq!(by_run[0]["features_from"], "cache");
+    assert_eq!(by_run[1]["features_from"], "encoder");
+    ok(lazarus(
+        root,
+        &["export", run, "--out", bundle.to_str().unwrap()],
+    ));
+    let by_bundle = predict(["--bundle", bundle.to_str().unwrap()]);
+    (by_run, by_bundle, images)
+}
 
 #[test]
 fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle() {
@@ -296,23 +324,9 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
         shown["params"]["trained_blocks"], "11-15,head_conv",
         "{shown:#}"
     );
-    // Images of the dataset come from the cache, new ones through the
-    // encoder; the bundle (no cache) encodes both, to the same answers.
     let cached = root.parent().unwrap().join("tree/class1/img003.png");
-    let fresh_tree = image_folder_from(&temp.path().join("fresh"), &[1, 1], 500);
-    let fresh = fresh_tree.join("class0/img000.png");
-    let images = [cached.to_str().unwrap(), fresh.to_str().unwrap()];
-    let mut args = vec!["predict", "--run", run.as_str()];
-    args.extend(images);
-    args.push("--json");
-    let by_run = json(&ok(lazarus(&root, &args)));
-    assert_eq!(by_run[0]["features_from"], "cache");
-    assert_eq!(by_run[1]["features_from"], "encoder");
     let bundle = temp.path().join("bundle");
-    ok(lazarus(
-        &root,
-        &["export", &run, "--out", bundle.to_str().unwrap()],
-    ));
+    let (by_run, by_bundle, images) = answers_of_run_and_bundle(&root, &run, &cached, &bundle);
     let info = json(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap());
     assert_eq!(info["format_version"], 2);
     assert_eq!(
@@ -326,15 +340,14 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
             "head_conv"
         ])
     );
-    let mut args = vec!["predict", "--bundle", bundle.to_str().unwrap()];
-    args.extend(images);
-    args.push("--json");
-    let by_bundle = json(&ok(lazarus(&root, &args)));
     // The same image through the encoder: the same bits. Its cached map was
     // stored from the same encoder pass, so cache and encoder agree too.
     assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
     assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
     // A damaged blocks file is refused by the bundle's manifest.
+    let mut args = vec!["predict", "--bundle", bundle.to_str().unwrap()];
+    args.extend(images.iter().map(String::as_str));
+    args.push("--json");
     let blocks_file = bundle.join("blocks.safetensors");
     let mut bytes = std::fs::read(&blocks_file).unwrap();
     let last = bytes.len() - 1;
@@ -375,21 +388,9 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
         shown["params"]["trained_blocks"], "5-15,head_conv",
         "{shown:#}"
     );
-    let cached = tree.join("class1/img003.png");
-    let fresh_tree = image_folder_from(&temp.path().join("fresh"), &[1, 1], 700);
-    let fresh = fresh_tree.join("class0/img000.png");
-    let images = [cached.to_str().unwrap(), fresh.to_str().unwrap()];
-    let mut args = vec!["predict", "--run", run.as_str()];
-    args.extend(images);
-    args.push("--json");
-    let by_run = json(&ok(lazarus(&root, &args)));
-    assert_eq!(by_run[0]["features_from"], "cache");
-    assert_eq!(by_run[1]["features_from"], "encoder");
     let bundle = temp.path().join("bundle");
-    ok(lazarus(
-        &root,
-        &["export", &run, "--out", bundle.to_str().unwrap()],
-    ));
+    let (by_run, by_bundle, _) =
+        answers_of_run_and_bundle(&root, &run, &tree.join("class1/img003.png"), &bundle);
     let info = json(&std::fs::read_to_string(bundle.join("bundle.json")).unwrap());
     let changed = info["trained_blocks"]["changed"].as_array().unwrap();
     assert_eq!(
@@ -398,10 +399,6 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
         "blocks 5..=15 and the head convolution: {info:#}"
     );
     assert_eq!(changed[0], "block5");
-    let mut args = vec!["predict", "--bundle", bundle.to_str().unwrap()];
-    args.extend(images);
-    args.push("--json");
-    let by_bundle = json(&ok(lazarus(&root, &args)));
     assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
     assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
 }
