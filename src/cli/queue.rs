@@ -46,7 +46,7 @@ pub struct EnqueueArgs {
         long,
         default_value = "last",
         value_name = "last|all|LIST",
-        conflicts_with = "spatial"
+        conflicts_with_all = ["spatial", "cache_at"]
     )]
     pub layers: String,
     /// With --spatial: which maps each tile keeps, a list of strides from
@@ -57,15 +57,23 @@ pub struct EnqueueArgs {
     /// 224 tile). A separate feature set (own fingerprint).
     #[arg(long, value_name = "LIST")]
     pub maps: Option<String>,
+    /// Cache the activations after encoder block K (spatial, f16), what
+    /// `train --unfreeze-from K` trains the later blocks from: for
+    /// EfficientNet-Lite the map that is block K's output (lite0: 2 is the
+    /// stride-4 map, 4 stride 8, 10 stride 16). Implies --spatial; the same
+    /// feature set as `--spatial --maps` with that stride (added to --maps
+    /// when given).
+    #[arg(long, value_name = "K")]
+    pub cache_at: Option<usize>,
     /// Pooled features at this input square (pixels) instead of the
     /// encoder's own (EfficientNet-Lite only); e.g. an image's native size.
-    #[arg(long, value_name = "N", conflicts_with = "spatial")]
+    #[arg(long, value_name = "N", conflicts_with_all = ["spatial", "cache_at"])]
     pub image_size: Option<u32>,
     /// How an image becomes the input square: `crop` (shorter side to
     /// size / 0.875, then the center, the default), `stretch` (the whole
     /// image, aspect ratio ignored) or `pad` (the whole image, aspect ratio
     /// kept, centered on the mean colour).
-    #[arg(long, value_enum, conflicts_with = "spatial")]
+    #[arg(long, value_enum, conflicts_with_all = ["spatial", "cache_at"])]
     pub resize: Option<ResizeArg>,
     /// Also encode flipped or rotated copies of each image's input square,
     /// a feature row each: `1` (the image alone), `flips` (identity,
@@ -78,7 +86,7 @@ pub struct EnqueueArgs {
         long,
         default_value = "1",
         value_name = "1|flips|dihedral",
-        conflicts_with = "spatial"
+        conflicts_with_all = ["spatial", "cache_at"]
     )]
     pub views: String,
     /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
@@ -325,19 +333,26 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         encoder: encoder.clone(),
         chunk_size: args.chunk_size,
         force: args.force,
-        spatial: args.spatial,
+        spatial: args.spatial || args.cache_at.is_some(),
         tiling: lazarus::spatial::tile::TileConfig {
             size: args.tile_size,
             overlap: args.tile_overlap,
         },
         weights,
         layers: lazarus::encoders::PooledLayers::parse(&args.layers)?,
-        maps: match &args.maps {
-            None => lazarus::encoders::SpatialMaps::default(),
-            Some(value) if !args.spatial => {
+        maps: match (&args.maps, args.cache_at) {
+            (None, None) => lazarus::encoders::SpatialMaps::default(),
+            (Some(value), None) if !args.spatial => {
                 bail!("--maps '{value}': maps are kept by spatial extraction only; add --spatial")
             }
-            Some(value) => lazarus::encoders::SpatialMaps::parse(value)?,
+            (Some(value), None) => lazarus::encoders::SpatialMaps::parse(value)?,
+            (also, Some(after_block)) => lazarus::encoders::SpatialMaps::cache_at(
+                &encoder,
+                after_block,
+                also.as_deref()
+                    .map(lazarus::encoders::SpatialMaps::parse)
+                    .transpose()?,
+            )?,
         },
         input: input_choice(&encoder, image_size, args.resize)?,
         views: args.views.parse()?,

@@ -85,6 +85,41 @@ impl Config {
         }
     }
 
+    /// The maps a spatial folder can cache that are one block's output,
+    /// finest first: (stride, K) where the stride map is block K's output
+    /// (lite0: (4, 2), (8, 4), (16, 10); `enqueue --cache-at K`, `train
+    /// --unfreeze-from K`).
+    pub fn block_maps(&self) -> Vec<(usize, usize)> {
+        let blocks = self.blocks();
+        [4, 8, 16]
+            .into_iter()
+            .filter_map(|stride| {
+                let stage = map_stage(stride)?;
+                let block = blocks.iter().rposition(|b| b.stage == stage)?;
+                Some((stride, block))
+            })
+            .collect()
+    }
+
+    /// The stride of the map that is block `after_block`'s output, or a
+    /// sentence listing the blocks that have one.
+    pub fn map_after_block(&self, after_block: usize) -> std::result::Result<usize, String> {
+        let maps = self.block_maps();
+        maps.iter()
+            .find(|(_, block)| *block == after_block)
+            .map(|(stride, _)| *stride)
+            .ok_or_else(|| {
+                let listed: Vec<String> = maps
+                    .iter()
+                    .map(|(stride, block)| format!("{block} (the stride-{stride} map)"))
+                    .collect();
+                format!(
+                    "block {after_block}'s output is not a cached map: K must be {}",
+                    listed.join(", ")
+                )
+            })
+    }
+
     /// Output channels of each of the seven stages, first stage first (the
     /// stage outputs `--layers` pools).
     pub fn stage_channels(&self) -> Vec<usize> {
@@ -761,6 +796,17 @@ mod tests {
     #[test]
     fn lite0_has_16_blocks_and_lite4_has_30() {
         assert_eq!(Config::lite0().blocks().len(), 16);
+        assert_eq!(Config::lite0().block_maps(), [(4, 2), (8, 4), (16, 10)]);
+        assert_eq!(Config::lite0().map_after_block(4), Ok(8));
+        let refused = Config::lite0().map_after_block(9).unwrap_err();
+        assert!(
+            refused.contains(
+                "K must be 2 (the stride-4 map), 4 (the stride-8 map), 10 (the stride-16 map)"
+            ),
+            "{refused}"
+        );
+        // Deeper variants end their stages later.
+        assert_eq!(Config::lite2().block_maps(), [(4, 2), (8, 5), (16, 13)]);
         // lite4: stages 1 and 7 fixed (1 each), others ceil(1.8 * r): 4+4+6+6+8.
         assert_eq!(Config::lite4().blocks().len(), 30);
     }

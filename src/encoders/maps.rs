@@ -75,6 +75,34 @@ impl SpatialMaps {
         Ok(SpatialMaps { strides })
     }
 
+    /// The maps `enqueue --cache-at K` keeps: the one that is block K's
+    /// output of EfficientNet-Lite `encoder` (lite0: K 2, 4 or 10 for
+    /// strides 4, 8 and 16), beside `also` (what --maps asked for) if given.
+    pub fn cache_at(
+        encoder: &str,
+        after_block: usize,
+        also: Option<SpatialMaps>,
+    ) -> Result<Self, EncoderError> {
+        let refused = |reason: String| EncoderError::CacheAt {
+            after_block,
+            reason,
+        };
+        let config = efficientnet_lite::Config::for_name(encoder).ok_or_else(|| {
+            refused(format!(
+                "encoder {encoder} is not an EfficientNet-Lite; only those cache a block's output"
+            ))
+        })?;
+        let stride = config
+            .map_after_block(after_block)
+            .map_err(|why| refused(format!("for {encoder}, {why}")))?;
+        let mut strides = also.map_or_else(Vec::new, |maps| maps.strides);
+        if !strides.contains(&stride) {
+            strides.push(stride);
+            strides.sort_unstable();
+        }
+        Ok(SpatialMaps { strides })
+    }
+
     /// Refuses maps `spec`'s family cannot give.
     pub fn check(&self, spec: &EncoderSpec) -> Result<(), EncoderError> {
         if self.is_default() || efficientnet_lite::Config::for_name(spec.name).is_some() {

@@ -64,6 +64,8 @@ pub enum EncoderError {
     Layers { value: String, reason: String },
     #[error("--maps '{value}': {reason}")]
     Maps { value: String, reason: String },
+    #[error("--cache-at {after_block}: {reason}")]
+    CacheAt { after_block: usize, reason: String },
     #[error("--views '{value}': unknown views; choose 1, flips or dihedral")]
     Views { value: String },
     #[error("{encoder}: forward pass failed: {source}")]

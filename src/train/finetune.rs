@@ -47,39 +47,32 @@ use super::run::{
 };
 use super::session::{EpochLogger, finish_run, require_two_classes};
 use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
-use crate::encoders::efficientnet_lite::EfficientNetLite;
+use crate::encoders::efficientnet_lite::{Config, EfficientNetLite};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle};
 use crate::features::catalog::FeatureKind;
 use crate::layout::Layout;
 use crate::spatial::tile::TileConfig;
 
-/// Strides of the cached maps trainable blocks can continue from: block K's
-/// output for the K that ends the stage of each (Lite0: 2, 4 and 10).
-pub const FINETUNE_STRIDES: [usize; 3] = [4, 8, 16];
-
-/// The stride of the cached map that is block `after_block`'s output, or
-/// why no cached map is.
+/// The stride of the cached map that is block `after_block`'s output (4, 8
+/// or 16: `Config::block_maps`), or why no cached map is.
 pub fn cached_stride(
-    model: &EfficientNetLite,
+    encoder_name: &str,
     after_block: usize,
     folder: &str,
     maps: &str,
 ) -> Result<usize, TrainError> {
-    let mut choices = Vec::new();
-    for stride in FINETUNE_STRIDES {
-        let block = model.map_block_index(stride)?;
-        if block == after_block {
-            return Ok(stride);
-        }
-        choices.push(format!("{block} (the stride-{stride} map)"));
-    }
-    Err(TrainError::Invalid(format!(
-        "--unfreeze-from {after_block}: folder {folder} caches the maps {maps}; the blocks \
-         after block K are trained from the cached output of block K, and only the maps of \
-         stride {} are cached, so K must be {}",
-        FINETUNE_STRIDES.map(|s| s.to_string()).join(", "),
-        choices.join(", ")
-    )))
+    let config = Config::for_name(encoder_name).ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "--unfreeze-from {after_block}: {encoder_name} is not an EfficientNet-Lite, whose \
+             blocks are the ones fine-tuned"
+        ))
+    })?;
+    config.map_after_block(after_block).map_err(|why| {
+        TrainError::Invalid(format!(
+            "--unfreeze-from {after_block}: folder {folder} caches the maps {maps}; the blocks \
+             after block K are trained from the cached output of block K, and {why}"
+        ))
+    })
 }
 
 /// The encoder whose blocks are fine-tuned, and what identifies it in a
@@ -182,7 +175,7 @@ pub fn check_folder(
             encoder.name
         )));
     }
-    let stride = cached_stride(encoder.model, after_block, &folder.to_string(), &maps)?;
+    let stride = cached_stride(encoder.name, after_block, &folder.to_string(), &maps)?;
     let Some(index) = features
         .maps()
         .iter()

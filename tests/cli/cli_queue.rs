@@ -246,6 +246,47 @@ fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
     let spatial = json(&ok(lazarus(root, &spatial)));
     assert_ne!(spatial["fingerprint"], fingerprint.as_str());
     assert_eq!(spatial["images_enqueued"], 9);
+    // --cache-at K (issue 22): the spatial folder of the map that is block
+    // K's output, the same feature set as --spatial --maps with its stride.
+    let with = |more: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(more);
+        lazarus(root, &args)
+    };
+    let fingerprint_with = |more: &[&str]| json(&ok(with(more)))["fingerprint"].clone();
+    assert_eq!(
+        fingerprint_with(&["--cache-at", "10"]),
+        fingerprint_with(&["--spatial", "--maps", "16"])
+    );
+    assert_eq!(
+        fingerprint_with(&["--cache-at", "4", "--maps", "16"]),
+        fingerprint_with(&["--spatial", "--maps", "8,16"])
+    );
+    let refused = fails(with(&["--cache-at", "9"]));
+    assert!(
+        refused.contains("--cache-at 9")
+            && refused.contains(
+                "K must be 2 (the stride-4 map), 4 (the stride-8 map), 10 (the stride-16 map)"
+            ),
+        "{refused}"
+    );
+    // A usage error (clap's exit status 2): pooled options do not combine.
+    let refused = with(&["--cache-at", "10", "--layers", "all"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let refused = support::stderr(&refused);
+    assert!(
+        refused.contains("--cache-at") && refused.contains("--layers"),
+        "{refused}"
+    );
+    let mut resnet = base.to_vec();
+    resnet[5] = "resnet18";
+    resnet.extend_from_slice(&["--cache-at", "4"]);
+    let refused = fails(lazarus(root, &resnet));
+    assert!(
+        refused.contains("--cache-at 4")
+            && refused.contains("resnet18 is not an EfficientNet-Lite"),
+        "{refused}"
+    );
 
     // A weights file is identified by its content.
     let weights = root.join("w.safetensors");
@@ -283,7 +324,8 @@ fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
     rocks[3] = "rocks";
     ok(lazarus(root, &rocks));
     let all = json(&ok(lazarus(root, &["status", "--json"])));
-    assert_eq!(all["images"]["total"], 9 * 5 + 2);
+    // plants under 7 feature sets (2 of them the --cache-at folders), rocks under 1.
+    assert_eq!(all["images"]["total"], 9 * 7 + 2);
     let only_rocks = json(&ok(lazarus(
         root,
         &["status", "--json", "--dataset", "rocks"],

@@ -366,7 +366,20 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
         &root,
         &["dataset", "add", "tree", tree.to_str().unwrap()],
     ));
-    extract(&root, "8");
+    // `--cache-at 4`: block 4's output, the stride-8 map.
+    ok(lazarus(
+        &root,
+        &[
+            "enqueue",
+            "--dataset",
+            "tree",
+            "--encoder",
+            ENCODER,
+            "--cache-at",
+            "4",
+        ],
+    ));
+    ok(lazarus(&root, &["run-worker", "--until-empty"]));
     let mut args = TRAIN.to_vec();
     args.extend_from_slice(&[
         "--unfreeze-from",
