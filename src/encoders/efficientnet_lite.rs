@@ -805,8 +805,10 @@ mod tests {
             ),
             "{refused}"
         );
-        // Deeper variants end their stages later.
-        assert_eq!(Config::lite2().block_maps(), [(4, 2), (8, 5), (16, 13)]);
+        // Deeper variants end their stages later: lite2 repeats its stages
+        // 1, 3, 3, 4, 4, 5, 1 times (ceil(1.2 x 2, 2, 3, 3, 4); the first
+        // and last fixed), so stages 2, 3 and 5 end at blocks 3, 6 and 14.
+        assert_eq!(Config::lite2().block_maps(), [(4, 3), (8, 6), (16, 14)]);
         // lite4: stages 1 and 7 fixed (1 each), others ceil(1.8 * r): 4+4+6+6+8.
         assert_eq!(Config::lite4().blocks().len(), 30);
     }
