@@ -6,7 +6,9 @@
 # once per map set of MAPS (`--maps 16,32`, the default, the fine maps
 # `--maps 4,8` alone, and all four), timing each, then trains a segmentation head on each folder
 # (`train --task segment --maps ...`, 3 seeds) and prints test Dice per
-# maps, mean ± std. Split: the dataset's own 80/10/10, seed 0.
+# maps, mean ± std. Split: the dataset's own 80/10/10, seed 0. With the
+# `4,8` maps and the default head, the best row again as the sweep
+# configs/blobs-segment.toml (which reuses those runs).
 # Usage: bash scripts/bench_blobs.sh [ROOT]   (default bench-blobs/)
 #   COUNT (300), EPOCHS (12), HEAD (mlp), HIDDEN (32), SEEDS ("1 2 3"),
 #   MAPS ("16,32 4,8 4,8,16,32")
@@ -50,3 +52,10 @@ for maps in $map_sets; do
     "$(printf '%s\n' "${dice[@]}" | python3 -c 'import statistics,sys; v=[float(x) for x in sys.stdin]; print(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}")')" \
     "$seeds" "${dice[*]}" "$(elapsed "$start")"
 done
+
+if [[ " $map_sets " == *" 4,8 "* && "$head $hidden $epochs" == "mlp 32 12" ]]; then
+  # The best row as a sweep file (configs/blobs-segment.toml, seeds 1-3):
+  # the runs above used the same settings, so the sweep reuses them.
+  lazarus sweep configs/blobs-segment.toml | grep -v '^  run '
+  lazarus experiments ablate --by maps --metric test/dice --where sweep=blobs-segment
+fi

@@ -331,6 +331,30 @@ mod tests {
     "#;
 
     #[test]
+    fn every_sweep_file_in_configs_reads() {
+        // The demo runs most of them; the rest (blobs-segment) would rot
+        // unseen without this.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut read_files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let sweep = read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!sweep.points.is_empty(), "{}", path.display());
+                read_files += 1;
+            }
+        }
+        assert!(
+            read_files >= 10,
+            "{read_files} sweep files under {}",
+            dir.display()
+        );
+        let blobs = read(&dir.join("blobs-segment.toml")).unwrap();
+        assert_eq!(blobs.points.len(), 3);
+        assert_eq!(blobs.points[0].config.task.kind(), Task::Segment);
+    }
+
+    #[test]
     fn the_issue_example_expands_to_24_heads() {
         let sweep = parse(Path::new("s.toml"), ISSUE_EXAMPLE).unwrap();
         assert_eq!(sweep.name, "elpv-heads");
