@@ -7,6 +7,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Freed pages are kept for the next allocation instead of going back to
+/// the kernel (see the dependency's comment in Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What std's `print!` family panics with when stdout is a closed pipe.
 const CLOSED_STDOUT: &str = "failed printing to stdout";
 
