@@ -184,7 +184,7 @@ pub fn check_folder(
         return Err(TrainError::Invalid(format!(
             "--unfreeze-from {after_block}: folder {folder} holds the maps {maps}, not the \
              stride-{stride} map (block {after_block}'s output); extract it with enqueue \
-             --spatial --maps {stride}"
+             --cache-at {after_block} (the same as --spatial --maps {stride})"
         )));
     };
     if data.views != 1 {

@@ -167,7 +167,8 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("not the stride-8 map (block 4's output)") && error.contains("--maps 8"),
+        error.contains("not the stride-8 map (block 4's output)")
+            && error.contains("--cache-at 4 (the same as --spatial --maps 8)"),
         "{error}"
     );
     // From the stride-8 map (block 4's output): blocks 5.. train, every
@@ -187,7 +188,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     assert!(
         error.contains(&coarse.features.dir().display().to_string())
             && error.contains("holds the maps 32")
-            && error.contains("--maps 16"),
+            && error.contains("--cache-at 10"),
         "{error}"
     );
     // Maps of other weights: refused, naming the folder and both weights.
