@@ -90,15 +90,17 @@ impl Config {
     /// (lite0: (4, 2), (8, 4), (16, 10); `enqueue --cache-at K`, `train
     /// --unfreeze-from K`).
     pub fn block_maps(&self) -> Vec<(usize, usize)> {
-        let blocks = self.blocks();
         [4, 8, 16]
             .into_iter()
-            .filter_map(|stride| {
-                let stage = map_stage(stride)?;
-                let block = blocks.iter().rposition(|b| b.stage == stage)?;
-                Some((stride, block))
-            })
+            .filter_map(|stride| Some((stride, self.map_block(stride)?)))
             .collect()
+    }
+
+    /// Index of the block whose output is the map of `stride` (4, 8 or 16):
+    /// the last block of its stage; None for other strides.
+    pub fn map_block(&self, stride: usize) -> Option<usize> {
+        let stage = map_stage(stride)?;
+        self.blocks().iter().rposition(|block| block.stage == stage)
     }
 
     /// The stride of the map that is block `after_block`'s output, or a
@@ -514,18 +516,14 @@ fn map_stage(stride: usize) -> Option<usize> {
     }
 }
 
-/// Index of the block whose output is the map of `stride` (4, 8 or 16):
-/// the last block of its stage.
-fn map_block(blocks: &[MbConv], stride: usize) -> candle_core::Result<usize> {
-    let stage = map_stage(stride).ok_or_else(|| {
+/// Index of `model`'s block whose output is the map of `stride` (4, 8 or
+/// 16), as its config places it.
+fn map_block(model: &EfficientNetLite, stride: usize) -> candle_core::Result<usize> {
+    model.config.map_block(stride).ok_or_else(|| {
         candle_core::Error::Msg(format!(
             "efficientnet-lite has block maps of stride 4, 8 and 16, not {stride}"
         ))
-    })?;
-    blocks
-        .iter()
-        .rposition(|block| block.stage == stage)
-        .ok_or_else(|| candle_core::Error::Msg(format!("no block of stage {}", stage + 1)))
+    })
 }
 
 /// Index of the last block of each stage, first stage first.
@@ -680,7 +678,7 @@ impl EfficientNetLite {
     /// (4, 8 or 16): the last block of its stage. Lite0's stride-16 map is
     /// block 10's output.
     pub fn map_block_index(&self, stride: usize) -> Result<usize> {
-        map_block(&self.blocks, stride)
+        map_block(self, stride)
     }
 
     /// The number of inverted-residual blocks (Lite0: 16).
@@ -697,7 +695,7 @@ impl EfficientNetLite {
     pub fn features(&self, images: &Tensor, strides: &[usize]) -> Result<Features> {
         let taps = strides
             .iter()
-            .map(|&stride| map_block(&self.blocks, stride))
+            .map(|&stride| map_block(self, stride))
             .collect::<Result<Vec<_>>>()?;
         let Some(cpu) = self.cpu.as_ref().filter(|_| images.device().is_cpu()) else {
             return self.features_generic(images, &taps);
@@ -971,7 +969,7 @@ mod tests {
     fn taps(model: &EfficientNetLite, strides: &[usize]) -> Vec<usize> {
         strides
             .iter()
-            .map(|&s| map_block(&model.blocks, s).unwrap())
+            .map(|&s| map_block(model, s).unwrap())
             .collect()
     }
 
