@@ -3,6 +3,7 @@
 #   $CACHE/weights/efficientnet-lite{0,1,2}/  converted Lite0/1/2 ImageNet weights (lazarus weights fetch)
 #   $CACHE/samples/                     scikit-image's sample photos chelsea.png, coffee.png, rocket.jpg
 #   $CACHE/data/elpv/                   the elpv-dataset (2,624 solar-cell images, labels.csv)
+#   $CACHE/data/nuclei/                 16 tiles of real fluorescence nuclei with masks (scripts/fetch_data.sh)
 # Idempotent: files already present are kept. Network access is pip only (PyPI).
 set -euo pipefail
 

@@ -17,3 +17,15 @@ pub fn elpv_labels() -> PathBuf {
     );
     path
 }
+
+/// The real nuclei tiles' manifest.csv (scripts/fetch_data.sh cuts them from
+/// the stardist wheel); panics with the fix when it is missing.
+pub fn nuclei_manifest() -> PathBuf {
+    let path = cache_root().join("data/nuclei/manifest.csv");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch_assets.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}

@@ -11,6 +11,7 @@ mod finetune;
 mod mlflow_export;
 mod segment;
 mod segment_fine_maps;
+mod segment_nuclei;
 mod sweep;
 mod train_head;
 mod train_options;

@@ -142,7 +142,7 @@ fn assert_masks_agree(cached: &Path, encoded: &Path) {
     );
 }
 
-fn dice(truth: &GrayImage, predicted: &GrayImage) -> f64 {
+pub(super) fn dice(truth: &GrayImage, predicted: &GrayImage) -> f64 {
     let (mut both, mut total) = (0u64, 0u64);
     for (t, p) in truth.pixels().zip(predicted.pixels()) {
         let (t, p) = (t[0] > 0, p[0] > 0);
