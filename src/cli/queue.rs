@@ -369,7 +369,10 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
         outcome.images,
         outcome.already_covered,
         if outcome.superseded > 0 {
-            format!(", {} old jobs retired by --force", outcome.superseded)
+            format!(
+                ", {} old jobs retired by --force ({} of their shards removed)",
+                outcome.superseded, outcome.shards_removed
+            )
         } else {
             String::new()
         },

@@ -211,6 +211,10 @@ pub struct EnqueueOutcome {
     pub already_covered: usize,
     /// Live jobs retired by `--force`.
     pub superseded: u64,
+    /// Shards of the retired jobs removed from the local features/ folder
+    /// (their images are enqueued again; left there, they would hold a
+    /// second row for each image until `verify --repair`).
+    pub shards_removed: usize,
     pub images_enqueued: usize,
     /// With `--force`: images of other datasets that were in retired jobs,
     /// enqueued again under their own datasets.
@@ -419,6 +423,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         }
     };
     let mut counts = (0, 0, 0);
+    let mut retired: Vec<i64> = Vec::new();
     let mut manifests = ManifestRows::default();
     let location = queue.location();
     let report = queue.plan_and_enqueue(&fingerprint, &mut |live: &[LiveJob]| {
@@ -483,9 +488,21 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
             );
         }
         counts = (already_covered, todo.len(), others);
+        retired = plan.supersede.clone();
         Ok(plan)
     })?;
     let (already_covered, images_enqueued, other_images_enqueued) = counts;
+    // The retirement is committed: the retired jobs' shards are stale (a
+    // fenced-off attempt of one can no longer complete), so they go now, not
+    // at the next `verify --repair`. A shard in a feature store stays for
+    // `verify --repair --feature-store`.
+    let folder = crate::features::feature_dir(layout, &fingerprint);
+    let mut shards_removed = 0;
+    for job_id in retired {
+        if crate::features::remove_shard(&folder, job_id as u64)? {
+            shards_removed += 1;
+        }
+    }
     Ok(EnqueueOutcome {
         queue: queue.location(),
         dataset: group.to_string(),
@@ -495,6 +512,7 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         images: dataset.images.len(),
         already_covered,
         superseded: report.superseded,
+        shards_removed,
         images_enqueued,
         other_images_enqueued,
         jobs_added: report.added,

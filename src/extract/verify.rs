@@ -96,20 +96,17 @@ impl Shards<'_> {
 
     /// Removes a shard, marker first.
     fn remove(&self, index: u64) -> Result<(), FeatureError> {
-        for name in [
-            features::done_file_name(index),
-            features::shard_file_name(index),
-        ] {
-            match self {
-                Shards::Local(dir) => {
-                    let path = dir.join(name);
-                    if let Err(err) = std::fs::remove_file(&path)
-                        && err.kind() != std::io::ErrorKind::NotFound
-                    {
-                        return Err(FeatureError::Io { path, source: err });
-                    }
+        match self {
+            Shards::Local(dir) => {
+                features::remove_shard(dir, index)?;
+            }
+            Shards::Store(store, folder) => {
+                for name in [
+                    features::done_file_name(index),
+                    features::shard_file_name(index),
+                ] {
+                    store.remove(folder, &name)?;
                 }
-                Shards::Store(store, folder) => store.remove(folder, &name)?,
             }
         }
         Ok(())

@@ -35,7 +35,7 @@ pub use set::{FeatureSet, MapShape};
 pub use shard::{
     CONTENT_TENSOR, CheckLevel, DoneMarker, JobRef, MapData, ReconcileConfig, ReconcileReport,
     SHARD_FORMAT_VERSION, ShardData, SpatialData, VIEW_TENSOR, check_shard, done_file_name,
-    map_tensor_name, parse_shard_index, reconcile, shard_file_name, write_shard,
+    map_tensor_name, parse_shard_index, reconcile, remove_shard, shard_file_name, write_shard,
 };
 
 /// The command that rebuilds a damaged shard, for messages.

@@ -99,6 +99,22 @@ pub fn done_file_name(shard_index: u64) -> String {
     format!("shard-{shard_index:06}.done")
 }
 
+/// Removes shard `shard_index` of the folder `dir`, marker first (so a
+/// reader never finds a marker without its shard). Missing files are fine:
+/// safe to repeat. Returns whether anything was there.
+pub fn remove_shard(dir: &Path, shard_index: u64) -> Result<bool, FeatureError> {
+    let mut removed = false;
+    for name in [done_file_name(shard_index), shard_file_name(shard_index)] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(FeatureError::Io { path, source }),
+        }
+    }
+    Ok(removed)
+}
+
 /// The shard index in a `shard-NNNNNN.done` or `.safetensors` name.
 pub fn parse_shard_index(file_name: &str) -> Option<u64> {
     let stem = file_name.strip_prefix("shard-")?;

@@ -189,6 +189,88 @@ fn bad_enqueue_arguments_are_refused_and_leave_the_queue_untouched() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// The shard files of a fingerprint folder, by name.
+fn shard_files(root: &Path, fingerprint: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("features").join(fingerprint))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".safetensors") || name.ends_with(".done"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn enqueue_force_removes_the_retired_shards_so_the_redone_folder_verifies_without_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Two datasets on one fingerprint: garden's 8 images include plants' 6
+    // (the same seeds give the same bytes).
+    add_dataset(root, "garden", &[4, 4]);
+    add_dataset(root, "plants", &[3, 3]);
+    let enqueue = |dataset: &str, force: bool| {
+        let mut args = vec![
+            "enqueue",
+            "--json",
+            "--dataset",
+            dataset,
+            "--encoder",
+            "efficientnet-lite0",
+            "--chunk-size",
+            "4",
+            "--weights",
+            "random:7",
+        ];
+        if force {
+            args.push("--force");
+        }
+        json(&ok(lazarus(root, &args)))
+    };
+    let garden = enqueue("garden", false);
+    assert_eq!(garden["jobs_added"], 2);
+    let fingerprint = garden["fingerprint"].as_str().unwrap().to_string();
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    assert_eq!(enqueue("plants", false)["already_covered"], 6);
+    let before = shard_files(root, &fingerprint);
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    // Both of garden's jobs hold plants' images: both are retired, their
+    // shards go at once, and garden's other 2 images are enqueued again.
+    let forced = enqueue("plants", true);
+    assert_eq!(forced["superseded"], 2, "{forced}");
+    assert_eq!(forced["shards_removed"], 2, "{forced}");
+    assert_eq!(forced["other_images_enqueued"], 2, "{forced}");
+    assert_eq!(shard_files(root, &fingerprint), Vec::<String>::new());
+    let text = ok(lazarus(
+        root,
+        &[
+            "enqueue",
+            "--dataset",
+            "plants",
+            "--encoder",
+            "efficientnet-lite0",
+            "--chunk-size",
+            "4",
+            "--weights",
+            "random:7",
+            "--force",
+        ],
+    ));
+    assert!(
+        text.contains("2 old jobs retired by --force (0 of their shards removed)"),
+        "{text}"
+    );
+
+    // Redone: one row per image of both datasets, nothing stale, no repair.
+    ok(lazarus(root, &["run-worker", "--until-empty"]));
+    let verified = json(&ok(lazarus(root, &["verify", "--json"])));
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["stale"], 0, "{verified}");
+    let after = shard_files(root, &fingerprint);
+    assert_eq!(after.len(), 6, "{after:?}");
+    assert!(after.iter().all(|name| !before.contains(name)), "{after:?}");
+}
+
 #[test]
 fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
