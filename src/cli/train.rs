@@ -216,6 +216,8 @@ pub struct TrainArgs {
     /// On features of several views per image: evaluate (and predict) with
     /// the mean of the class probabilities, or anomaly scores, over an
     /// image's views, or with view 0 only. Metrics count each image once.
+    /// With --unfreeze-from and --augment-maps: the mean over those views
+    /// of the map, or the map as cached.
     #[arg(long, value_enum, default_value = "mean")]
     pub eval_views: EvalViewsKind,
     /// Write a resumable checkpoint every N epochs (0: never).
@@ -237,7 +239,9 @@ pub struct TrainArgs {
     pub blocks_weight_decay: Option<f64>,
     /// --unfreeze-from: each training map seen flipped (`flips`) or flipped
     /// and rotated (`dihedral`), drawn per image and epoch from the seed;
-    /// evaluation reads the maps as cached [default: 1].
+    /// evaluation and prediction average the class probabilities over the
+    /// same views of the map (`--eval-views first`: the map as cached)
+    /// [default: 1].
     #[arg(long, value_name = "1|flips|dihedral")]
     pub augment_maps: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]

@@ -34,7 +34,7 @@ use crate::train::anomaly::patch::ScoredImage;
 use crate::train::blocks::{MapSize, append_channels_last};
 use crate::train::config::{EvalViews, Task};
 use crate::train::data::average_views;
-use crate::train::finetune::FineTunedBlocks;
+use crate::train::finetune::{FineTunedBlocks, view_maps};
 
 /// An image's tiles are scored in groups of this many (`predict`'s default
 /// `--batch-size` before issue 21, which tile-based runs scored with).
@@ -869,7 +869,8 @@ impl FineTunedModel {
             })
     }
 
-    /// Class probabilities of one image from its map (channels last, `size`).
+    /// Class probabilities of one image from its map (channels last,
+    /// `size`): the mean over the blocks' views, as the run evaluated.
     fn probabilities(
         &self,
         input: Vec<f32>,
@@ -877,15 +878,35 @@ impl FineTunedModel {
         owner: &str,
         device: &Device,
     ) -> Result<Vec<f32>, PredictError> {
-        let pooled = self
-            .blocks
-            .pooled(input, 1, size)
-            .map_err(|e| PredictError::Model {
-                owner: owner.to_string(),
-                message: e.to_string(),
-            })?;
-        let dim = pooled.len();
-        let pooled = Tensor::from_vec(pooled, (1, dim), device)?;
-        Ok(self.head.probabilities(&pooled)?.remove(0))
+        let model_error = |message: String| PredictError::Model {
+            owner: owner.to_string(),
+            message,
+        };
+        let views = self.blocks.info.views;
+        if !views.is_single() && size.height != size.width {
+            return Err(model_error(format!(
+                "it averages over the {views} views of its maps, which need squares; this \
+                 image's map is {}x{}",
+                size.height, size.width
+            )));
+        }
+        let channels = self.blocks.blocks.in_channels();
+        let mut mean: Vec<f32> = Vec::new();
+        for view in 0..views.count() {
+            let mut seen = input.clone();
+            view_maps(views, view, &mut seen, size, channels);
+            let pooled = self
+                .blocks
+                .pooled(seen, 1, size)
+                .map_err(|e| model_error(e.to_string()))?;
+            let dim = pooled.len();
+            let pooled = Tensor::from_vec(pooled, (1, dim), device)?;
+            let probabilities = self.head.probabilities(&pooled)?.remove(0);
+            mean.resize(probabilities.len(), 0.0);
+            for (sum, p) in mean.iter_mut().zip(&probabilities) {
+                *sum += p / views.count() as f32;
+            }
+        }
+        Ok(mean)
     }
 }

@@ -47,6 +47,7 @@ use super::run::{
 };
 use super::session::{EpochLogger, finish_run, require_two_classes};
 use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
+use crate::encoders::ViewSet;
 use crate::encoders::efficientnet_lite::{Config, EfficientNetLite};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle};
 use crate::features::catalog::FeatureKind;
@@ -247,6 +248,25 @@ pub struct BlocksInfo {
     /// How the folder cut images into tiles (one tile per image here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiling: Option<TileConfig>,
+    /// The views of the map whose class probabilities an answer averages
+    /// (test-time augmentation: the run's `--augment-maps` under
+    /// `--eval-views mean`); `1` in files from before, which read the map
+    /// as cached.
+    #[serde(default, skip_serializing_if = "ViewSet::is_single")]
+    pub views: ViewSet,
+}
+
+/// Turns each square channels-last map of `maps` (`size`, `channels`) into
+/// its view `view` of `views`, in place; view 0 is the map as cached.
+pub fn view_maps(views: ViewSet, view: usize, maps: &mut [f32], size: MapSize, channels: usize) {
+    if view == 0 {
+        return;
+    }
+    debug_assert_eq!(size.height, size.width, "views need square maps");
+    for map in maps.chunks_exact_mut(channels * size.pixels()) {
+        let seen = views.apply_channels_last(view, map, size.height, channels);
+        map.copy_from_slice(&seen);
+    }
 }
 
 /// A fine-tuned run's trained blocks, as its blocks file holds them.
@@ -323,6 +343,8 @@ struct Finetuning<'a> {
     best_blocks: Option<TopBlocks>,
     encoder: String,
     weights: String,
+    /// The map views evaluation averages over (see `BlocksInfo::views`).
+    eval_views: ViewSet,
 }
 
 impl<'a> Finetuning<'a> {
@@ -393,6 +415,11 @@ impl<'a> Finetuning<'a> {
             best_blocks: None,
             encoder: encoder.name.to_string(),
             weights: format!("sha256:{}", encoder.weights_sha256),
+            eval_views: if config.eval_views.is_mean() {
+                config.augment_maps
+            } else {
+                ViewSet::Single
+            },
         })
     }
 
@@ -550,7 +577,7 @@ impl<'a> Finetuning<'a> {
     }
 
     /// Class probabilities (`[rows, classes]`) of `rows` through `blocks`
-    /// and `head`, in micro-batches.
+    /// and `head`, in micro-batches, each the mean over `eval_views`.
     fn probabilities(
         &self,
         blocks: &TopBlocks,
@@ -558,14 +585,29 @@ impl<'a> Finetuning<'a> {
         rows: &[usize],
     ) -> Result<Vec<f32>, TrainError> {
         let classes = self.data.class_names.len();
+        let views = self.eval_views.count();
         let mut out = Vec::with_capacity(rows.len() * classes);
         for chunk in rows.chunks(self.trainer.plan.micro_batch) {
-            let input = gather_maps(self.data, self.map, chunk);
-            let mut pooled = blocks.forward(input, chunk.len(), self.size)?.into_pooled();
-            standardise(&mut pooled, self.data);
-            let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
-            softmax_rows(&mut probabilities, classes);
-            out.extend(probabilities);
+            let cached = gather_maps(self.data, self.map, chunk);
+            let mut mean = vec![0f32; chunk.len() * classes];
+            for view in 0..views {
+                let mut input = cached.clone();
+                view_maps(
+                    self.eval_views,
+                    view,
+                    &mut input,
+                    self.size,
+                    blocks.in_channels(),
+                );
+                let mut pooled = blocks.forward(input, chunk.len(), self.size)?.into_pooled();
+                standardise(&mut pooled, self.data);
+                let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
+                softmax_rows(&mut probabilities, classes);
+                for (sum, p) in mean.iter_mut().zip(&probabilities) {
+                    *sum += p / views as f32;
+                }
+            }
+            out.extend(mean);
         }
         Ok(out)
     }
@@ -668,6 +710,7 @@ impl<'a> Finetuning<'a> {
                     .metadata()
                     .get("tiling")
                     .and_then(|text| serde_json::from_str(text).ok()),
+                views: self.eval_views,
             },
         }
     }

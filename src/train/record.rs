@@ -106,6 +106,9 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             unfreeze.blocks_weight_decay.into(),
         ));
         out.push(("augment_maps".into(), config.augment_maps.name().into()));
+        if !config.augment_maps.is_single() {
+            out.push(("eval_views".into(), config.eval_views.name().into()));
+        }
     }
     if !config.label_map.is_empty() {
         let classes: BTreeSet<&String> = config.label_map.values().collect();

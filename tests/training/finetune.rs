@@ -418,6 +418,73 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
 }
 
 #[test]
+fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let fine_tune = |eval_views: &str| {
+        let mut args = TRAIN.to_vec();
+        args.extend_from_slice(&[
+            "--unfreeze-from",
+            "10",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--augment-maps",
+            "flips",
+            "--eval-views",
+            eval_views,
+            "--seed",
+            "3",
+        ]);
+        json(&ok(lazarus(&root, &args)))["run_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // One epoch, so both runs keep the same (only) epoch's blocks and head:
+    // they differ only in how they read a map.
+    let averaged = fine_tune("mean");
+    let as_cached = fine_tune("first");
+    let blocks = |run: &str| {
+        FineTunedBlocks::read(
+            &root
+                .join("experiments/runs")
+                .join(run)
+                .join("blocks.safetensors"),
+        )
+        .unwrap()
+    };
+    let (averaged_blocks, cached_blocks) = (blocks(&averaged), blocks(&as_cached));
+    assert_eq!(averaged_blocks.info.views.name(), "flips");
+    assert_eq!(cached_blocks.info.views.name(), "1");
+    assert_eq!(
+        averaged_blocks.blocks.parameters(),
+        cached_blocks.blocks.parameters()
+    );
+    for (run, expected) in [(&averaged, "mean"), (&as_cached, "first")] {
+        let shown = json(&ok(lazarus(&root, &["experiments", "show", run, "--json"])));
+        assert_eq!(shown["params"]["eval_views"], expected, "{shown:#}");
+    }
+
+    // Run and bundle give the same averaged answer, from the cache and
+    // from the encoder; it is not the map-as-cached answer.
+    let cached = root.parent().unwrap().join("tree/class1/img003.png");
+    let bundle = temp.path().join("bundle");
+    let (by_run, by_bundle, _) = answers_of_run_and_bundle(&root, &averaged, &cached, &bundle);
+    assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
+    assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
+    let (first_by_run, _, _) =
+        answers_of_run_and_bundle(&root, &as_cached, &cached, &temp.path().join("first"));
+    for image in 0..2 {
+        assert_ne!(
+            by_run[image]["top"], first_by_run[image]["top"],
+            "image {image}"
+        );
+    }
+}
+
+#[test]
 fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
     let killed = fine_tuning_root(&temp.path().join("killed"), &[8, 8]);
