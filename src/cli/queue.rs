@@ -20,6 +20,7 @@ use lazarus::queue::worker::{self, StopDeadline, StopReason, WorkerConfig};
 use lazarus::queue::{RequeueFilter, RetryPolicy};
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("spatial_output").args(["spatial", "cache_at"]).multiple(true))]
 pub struct EnqueueArgs {
     /// Dataset name, as given to `lazarus dataset add`.
     #[arg(long, required_unless_present = "noop_jobs")]
@@ -89,11 +90,11 @@ pub struct EnqueueArgs {
         conflicts_with_all = ["spatial", "cache_at"]
     )]
     pub views: String,
-    /// With --spatial: images larger than this (pixels, either side) are cut into tiles.
-    #[arg(long, default_value_t = 512, requires = "spatial")]
+    /// With --spatial or --cache-at: images larger than this (pixels, either side) are cut into tiles.
+    #[arg(long, default_value_t = 512, requires = "spatial_output")]
     pub tile_size: u32,
-    /// With --spatial: pixels shared by neighbouring tiles.
-    #[arg(long, default_value_t = 64, requires = "spatial")]
+    /// With --spatial or --cache-at: pixels shared by neighbouring tiles.
+    #[arg(long, default_value_t = 64, requires = "spatial_output")]
     pub tile_overlap: u32,
     /// Weights to use instead of the installed ones: a safetensors FILE, or random:SEED.
     #[arg(long, value_name = "FILE|random:SEED")]

@@ -344,6 +344,20 @@ fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
         fingerprint_with(&["--cache-at", "4", "--maps", "16"]),
         fingerprint_with(&["--spatial", "--maps", "8,16"])
     );
+    // Tiling applies to --cache-at as to --spatial (a folder of its own).
+    let tiled = fingerprint_with(&["--cache-at", "10", "--tile-size", "300"]);
+    assert_eq!(
+        tiled,
+        fingerprint_with(&["--spatial", "--maps", "16", "--tile-size", "300"])
+    );
+    assert_ne!(tiled, fingerprint_with(&["--cache-at", "10"]));
+    let refused = with(&["--tile-size", "300"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        support::stderr(&refused).contains("<--spatial|--cache-at <K>>"),
+        "{}",
+        support::stderr(&refused)
+    );
     let refused = fails(with(&["--cache-at", "9"]));
     assert!(
         refused.contains("--cache-at 9")
@@ -406,8 +420,8 @@ fn enqueue_is_idempotent_force_redoes_and_options_change_the_fingerprint() {
     rocks[3] = "rocks";
     ok(lazarus(root, &rocks));
     let all = json(&ok(lazarus(root, &["status", "--json"])));
-    // plants under 7 feature sets (2 of them the --cache-at folders), rocks under 1.
-    assert_eq!(all["images"]["total"], 9 * 7 + 2);
+    // plants under 8 feature sets (3 of them the --cache-at folders), rocks under 1.
+    assert_eq!(all["images"]["total"], 9 * 8 + 2);
     let only_rocks = json(&ok(lazarus(
         root,
         &["status", "--json", "--dataset", "rocks"],
