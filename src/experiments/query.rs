@@ -573,6 +573,13 @@ fn params_of(
     rows.collect()
 }
 
+/// The sweeps that recorded `run_id` as their own in `sweep_runs`.
+fn sweeps_of(tx: &Transaction<'_>, run_id: &str) -> Result<BTreeSet<String>, rusqlite::Error> {
+    let mut statement = tx.prepare_cached("SELECT sweep FROM sweep_runs WHERE run_id = ?1")?;
+    let rows = statement.query_map([run_id], |row| row.get::<_, String>(0))?;
+    rows.collect()
+}
+
 fn summary_of(
     tx: &Transaction<'_>,
     run_id: &str,
@@ -998,33 +1005,67 @@ impl ExperimentsDb {
             check_params(tx, &keys, true)?;
             let found = finished_with_metric(tx, &query.metric, &query.wheres)?;
             let found = found.into_iter().map(|(run, _, value)| (run, value));
-            ablation_table(query, found, |run| Ok(params_of(tx, run)?))
+            let by_sweep = query.by.iter().any(|key| key == "sweep");
+            let wanted_sweeps: Vec<&str> = query
+                .wheres
+                .iter()
+                .filter(|w| w.key == "sweep")
+                .map(|w| w.value.as_str())
+                .collect();
+            ablation_table(query, found, |run| {
+                let params = params_of(tx, run)?;
+                if !by_sweep {
+                    return Ok(vec![params]);
+                }
+                // A run counts under every sweep it belongs to: the one that
+                // trained it and those that found it FINISHED and reused it.
+                let mut sweeps: BTreeSet<String> = sweeps_of(tx, run)?;
+                if let Some(ParamValue::Text(trained_by)) = params.get("sweep") {
+                    sweeps.insert(trained_by.clone());
+                }
+                sweeps.retain(|sweep| {
+                    wanted_sweeps.is_empty() || wanted_sweeps.contains(&sweep.as_str())
+                });
+                if sweeps.is_empty() {
+                    return Ok(vec![params]);
+                }
+                Ok(sweeps
+                    .into_iter()
+                    .map(|sweep| {
+                        let mut member = params.clone();
+                        member.insert("sweep".to_string(), ParamValue::Text(sweep));
+                        member
+                    })
+                    .collect())
+            })
         })
     }
 }
 
 /// The ablation table of `query` (what `ablate` prints) over `found`: the
 /// finished runs that have the metric, in run id order, with their values;
-/// `params` gives a run's parameters.
+/// `params` gives the parameter sets a run counts under (one, or one per
+/// sweep it belongs to when grouping by `sweep`).
 pub(crate) fn ablation_table(
     query: &AblationQuery,
     found: impl IntoIterator<Item = (String, f64)>,
-    mut params: impl FnMut(&str) -> Result<BTreeMap<String, ParamValue>, Fail>,
+    mut params: impl FnMut(&str) -> Result<Vec<BTreeMap<String, ParamValue>>, Fail>,
 ) -> Result<AblationReport, Fail> {
     let by: Vec<&str> = query.by.iter().map(String::as_str).collect();
     // (levels, metric values, run ids) per group.
     type Group = (Vec<Option<ParamValue>>, Vec<f64>, Vec<String>);
     let mut groups: Vec<Group> = Vec::new();
     for (run, value) in found {
-        let params = params(&run)?;
-        let levels: Vec<Option<ParamValue>> =
-            by.iter().map(|key| params.get(*key).cloned()).collect();
-        match groups.iter_mut().find(|(l, _, _)| *l == levels) {
-            Some((_, values, runs)) => {
-                values.push(value);
-                runs.push(run);
+        for params in params(&run)? {
+            let levels: Vec<Option<ParamValue>> =
+                by.iter().map(|key| params.get(*key).cloned()).collect();
+            match groups.iter_mut().find(|(l, _, _)| *l == levels) {
+                Some((_, values, runs)) => {
+                    values.push(value);
+                    runs.push(run.clone());
+                }
+                None => groups.push((levels, vec![value], vec![run.clone()])),
             }
-            None => groups.push((levels, vec![value], vec![run])),
         }
     }
     if groups.is_empty() {

@@ -427,6 +427,46 @@ fn a_sweep_counts_the_finished_runs_it_reuses_as_its_own() {
     for chart in charts {
         assert!(Path::new(chart.as_str().unwrap()).is_file(), "{chart}");
     }
+    // Grouped by sweep, a run counts under each sweep that holds it:
+    // first {k 1}, second {k 1, k 3}, third {k 3}.
+    let by_sweep = |more: &[&str]| {
+        let mut args = vec![
+            "experiments",
+            "ablate",
+            "--by",
+            "sweep",
+            "--metric",
+            "test/roc_auc",
+            "--json",
+        ];
+        args.extend_from_slice(more);
+        let table = json(&ok(lazarus(root, &args)));
+        table["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row["levels"][0].as_str().unwrap().to_string(),
+                    row["n"].as_u64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let named = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|(sweep, n)| (sweep.to_string(), *n))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        by_sweep(&[]),
+        named(&[("first", 1), ("second", 2), ("third", 1)])
+    );
+    assert_eq!(
+        by_sweep(&["--where", "sweep=second"]),
+        named(&[("second", 2)])
+    );
     // Running it again adds nothing twice.
     ok(lazarus(
         root,

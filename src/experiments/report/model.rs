@@ -373,7 +373,7 @@ pub fn ablation(
     ablation_table(&query, found, |run| {
         params_by_id
             .get(run)
-            .map(|params| (*params).clone())
+            .map(|params| vec![(*params).clone()])
             .ok_or_else(|| Fail::Refused(ExperimentsError::Invalid(format!("no run {run}"))))
     })
     .ok()
