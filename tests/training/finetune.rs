@@ -417,6 +417,17 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
     assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
 }
 
+/// The blocks file of run `run` under `root`.
+fn run_blocks(root: &Path, run: &str) -> FineTunedBlocks {
+    FineTunedBlocks::read(
+        &root
+            .join("experiments/runs")
+            .join(run)
+            .join("blocks.safetensors"),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
     let temp = tempfile::tempdir().unwrap();
@@ -446,16 +457,8 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
     // they differ only in how they read a map.
     let averaged = fine_tune("mean");
     let as_cached = fine_tune("first");
-    let blocks = |run: &str| {
-        FineTunedBlocks::read(
-            &root
-                .join("experiments/runs")
-                .join(run)
-                .join("blocks.safetensors"),
-        )
-        .unwrap()
-    };
-    let (averaged_blocks, cached_blocks) = (blocks(&averaged), blocks(&as_cached));
+    let (averaged_blocks, cached_blocks) =
+        (run_blocks(&root, &averaged), run_blocks(&root, &as_cached));
     assert_eq!(averaged_blocks.info.views.name(), "flips");
     assert_eq!(cached_blocks.info.views.name(), "1");
     assert_eq!(
@@ -531,18 +534,9 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         uninterrupted["test_confusion_matrix"]
     );
     // The same blocks, bit for bit.
-    let blocks = |root: &Path, run: &str| {
-        FineTunedBlocks::read(
-            &root
-                .join("experiments/runs")
-                .join(run)
-                .join("blocks.safetensors"),
-        )
-        .unwrap()
-    };
     let clean_run = uninterrupted["run_id"].as_str().unwrap();
     assert_eq!(
-        blocks(&killed, &run).blocks.parameters(),
-        blocks(&clean, clean_run).blocks.parameters()
+        run_blocks(&killed, &run).blocks.parameters(),
+        run_blocks(&clean, clean_run).blocks.parameters()
     );
 }
