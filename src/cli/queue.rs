@@ -531,6 +531,12 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
             report.released,
             report.stopped
         );
+        if report.superseded_discarded > 0 {
+            println!(
+                "{} of them superseded by `enqueue --force` while they ran: their shards removed",
+                report.superseded_discarded
+            );
+        }
         if report.waited_for_running_ms > 0 {
             println!(
                 "waited {:.1} s for jobs running under other workers' leases",
@@ -542,6 +548,12 @@ pub fn run_worker(layout: &Layout, args: RunWorkerArgs) -> anyhow::Result<()> {
     for failure in &report.failures {
         eprintln!(
             "job {} failed (attempt {}): {}",
+            failure.job_id, failure.attempt, failure.reason
+        );
+    }
+    for failure in &report.discard_failures {
+        eprintln!(
+            "job {} (attempt {}) {}; `lazarus verify --repair` removes it",
             failure.job_id, failure.attempt, failure.reason
         );
     }

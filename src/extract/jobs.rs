@@ -35,6 +35,13 @@ impl Executor for JobRunner {
             other => Outcome::Failed(format!("this worker cannot run jobs of kind '{other}'")),
         }
     }
+
+    fn superseded(&self, lease: &Lease) -> Result<(), String> {
+        match lease.kind.as_str() {
+            KIND_EXTRACT => self.extractor.discard(lease),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn run_noop(lease: &Lease, stop: &AtomicBool) -> Outcome {

@@ -211,6 +211,26 @@ impl Extractor {
     }
 
     /// Runs one extraction job to an outcome for the queue.
+    /// Removes the shard a superseded job's attempt published (the
+    /// `enqueue --force` that retired the job removed the shards there were;
+    /// this one came after). Its shard index is its job id, which no other
+    /// job shares, so nothing else is touched.
+    pub fn discard(&self, lease: &Lease) -> Result<(), String> {
+        let shard_index = lease.job_id as u64;
+        match &self.config.feature_store {
+            None => {
+                let dir = features::feature_dir(&self.layout, &lease.fingerprint);
+                features::remove_shard(&dir, shard_index).map(|_| ())
+            }
+            Some(feature_store) => store::remove_shard(
+                feature_store.as_ref(),
+                &store::store_folder(&lease.fingerprint),
+                shard_index,
+            ),
+        }
+        .map_err(|e| e.to_string())
+    }
+
     pub fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome {
         let payload: ExtractPayload = match serde_json::from_str(&lease.payload) {
             Ok(payload) => payload,

@@ -100,14 +100,7 @@ impl Shards<'_> {
             Shards::Local(dir) => {
                 features::remove_shard(dir, index)?;
             }
-            Shards::Store(store, folder) => {
-                for name in [
-                    features::done_file_name(index),
-                    features::shard_file_name(index),
-                ] {
-                    store.remove(folder, &name)?;
-                }
-            }
+            Shards::Store(store, folder) => store::remove_shard(*store, folder, index)?,
         }
         Ok(())
     }

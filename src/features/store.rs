@@ -137,6 +137,17 @@ impl FeatureStore for LocalFeatureStore {
     }
 }
 
+/// Removes shard `shard_index` from `folder`, marker first (a reader never
+/// finds a marker without its shard); files already gone are fine.
+pub fn remove_shard(
+    store: &dyn FeatureStore,
+    folder: &str,
+    shard_index: u64,
+) -> Result<(), FeatureError> {
+    store.remove(folder, &super::done_file_name(shard_index))?;
+    store.remove(folder, &super::shard_file_name(shard_index))
+}
+
 /// Serialises a shard and publishes it in `folder`: the shard first, then
 /// its `.done` marker, each written atomically.
 pub fn publish_shard(

@@ -8,7 +8,9 @@
 //! renewing its lease, releases it (the try is given back) and calls the
 //! deadline's `abandon`, which ends the process. A worker that loses its lease
 //! (its heartbeat or completion is refused) drops the job and carries on: the
-//! newer attempt owns it.
+//! newer attempt owns it. If the refused job was superseded (`enqueue
+//! --force`) rather than reclaimed, nobody owns it any more, so the executor
+//! is asked to undo its output (`Executor::superseded`).
 //!
 //! A panic inside a job is that job's failure: it is caught around the
 //! executor (`catch_unwind`; lazarus is never built with `panic = "abort"`),
@@ -42,6 +44,14 @@ pub trait Executor: Sync {
     fn kinds(&self) -> Vec<String>;
     /// Runs one job. Long jobs should check `stop` and return `Interrupted`.
     fn execute(&self, lease: &Lease, stop: &AtomicBool) -> Outcome;
+    /// The queue refused `lease`'s completion because the job was
+    /// superseded (`enqueue --force`) while it ran: undo what the run left
+    /// behind (its output is stale). A job merely reclaimed by another
+    /// worker is not superseded: its output is that worker's too.
+    fn superseded(&self, lease: &Lease) -> Result<(), String> {
+        let _ = lease;
+        Ok(())
+    }
 }
 
 /// Settings of one worker.
@@ -112,6 +122,12 @@ pub struct WorkerReport {
     pub failed: u64,
     /// Jobs whose lease was lost before the result could be recorded.
     pub lease_lost: u64,
+    /// Of those, completed jobs that had been superseded while they ran,
+    /// whose output the executor removed (`Executor::superseded`).
+    pub superseded_discarded: u64,
+    /// Superseded jobs whose output the executor failed to remove, with why
+    /// (`verify --repair` removes it later).
+    pub discard_failures: Vec<JobFailure>,
     /// Jobs given back on a stop request.
     pub released: u64,
     pub stopped: StopReason,
@@ -240,6 +256,8 @@ fn claim_loop(
         completed: 0,
         failed: 0,
         lease_lost: 0,
+        superseded_discarded: 0,
+        discard_failures: Vec::new(),
         released: 0,
         stopped: StopReason::Empty,
         blocked_kinds: Vec::new(),
@@ -313,6 +331,7 @@ fn claim_loop(
                 Outcome::Failed(format!("the job panicked: {}", panic_message(&*payload)))
             });
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let completed = matches!(outcome, Outcome::Completed(_));
         let recorded = match outcome {
             Outcome::Completed(result) => {
                 report.completed += 1;
@@ -355,7 +374,21 @@ fn claim_loop(
         };
         match recorded {
             Ok(()) => {}
-            Err(QueueError::LeaseLost { .. }) => report.lease_lost += 1,
+            Err(QueueError::LeaseLost { .. }) => {
+                report.lease_lost += 1;
+                if completed && queue.job(lease.job_id)?.superseded {
+                    match executor.superseded(&lease) {
+                        Ok(()) => report.superseded_discarded += 1,
+                        Err(reason) => report.discard_failures.push(JobFailure {
+                            job_id: lease.job_id,
+                            attempt: lease.attempt,
+                            reason: format!(
+                                "superseded while it ran; cleaning up its output failed: {reason}"
+                            ),
+                        }),
+                    }
+                }
+            }
             Err(err) => return Err(err),
         }
     }

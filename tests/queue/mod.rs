@@ -7,3 +7,4 @@ mod queue_processes;
 mod worker_crash;
 mod worker_failures;
 mod worker_robustness;
+mod worker_superseded;
