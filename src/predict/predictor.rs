@@ -890,21 +890,26 @@ impl FineTunedModel {
                 size.height, size.width
             )));
         }
+        // Every view in one pass of the blocks: a batch of `count` maps.
+        let count = views.count();
         let channels = self.blocks.blocks.in_channels();
+        let mut batch = Vec::with_capacity(input.len() * count);
+        for view in 0..count {
+            let start = batch.len();
+            batch.extend_from_slice(&input);
+            view_maps(views, view, &mut batch[start..], size, channels);
+        }
+        let pooled = self
+            .blocks
+            .pooled(batch, count, size)
+            .map_err(|e| model_error(e.to_string()))?;
+        let dim = pooled.len() / count;
+        let pooled = Tensor::from_vec(pooled, (count, dim), device)?;
         let mut mean: Vec<f32> = Vec::new();
-        for view in 0..views.count() {
-            let mut seen = input.clone();
-            view_maps(views, view, &mut seen, size, channels);
-            let pooled = self
-                .blocks
-                .pooled(seen, 1, size)
-                .map_err(|e| model_error(e.to_string()))?;
-            let dim = pooled.len();
-            let pooled = Tensor::from_vec(pooled, (1, dim), device)?;
-            let probabilities = self.head.probabilities(&pooled)?.remove(0);
+        for probabilities in self.head.probabilities(&pooled)? {
             mean.resize(probabilities.len(), 0.0);
             for (sum, p) in mean.iter_mut().zip(&probabilities) {
-                *sum += p / views.count() as f32;
+                *sum += p / count as f32;
             }
         }
         Ok(mean)
