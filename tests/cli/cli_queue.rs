@@ -208,10 +208,11 @@ fn enqueue_force_removes_the_retired_shards_so_the_redone_folder_verifies_withou
     // (the same seeds give the same bytes).
     add_dataset(root, "garden", &[4, 4]);
     add_dataset(root, "plants", &[3, 3]);
-    let enqueue = |dataset: &str, force: bool| {
+    // `enqueue` of `dataset`, `--force` or not, as JSON or as the line a
+    // person reads.
+    let run_enqueue = |dataset: &str, more: &[&str]| {
         let mut args = vec![
             "enqueue",
-            "--json",
             "--dataset",
             dataset,
             "--encoder",
@@ -221,10 +222,18 @@ fn enqueue_force_removes_the_retired_shards_so_the_redone_folder_verifies_withou
             "--weights",
             "random:7",
         ];
-        if force {
-            args.push("--force");
-        }
-        json(&ok(lazarus(root, &args)))
+        args.extend_from_slice(more);
+        ok(lazarus(root, &args))
+    };
+    let enqueue = |dataset: &str, force: bool| {
+        json(&run_enqueue(
+            dataset,
+            if force {
+                &["--json", "--force"]
+            } else {
+                &["--json"]
+            },
+        ))
     };
     let garden = enqueue("garden", false);
     assert_eq!(garden["jobs_added"], 2);
@@ -241,21 +250,7 @@ fn enqueue_force_removes_the_retired_shards_so_the_redone_folder_verifies_withou
     assert_eq!(forced["shards_removed"], 2, "{forced}");
     assert_eq!(forced["other_images_enqueued"], 2, "{forced}");
     assert_eq!(shard_files(root, &fingerprint), Vec::<String>::new());
-    let text = ok(lazarus(
-        root,
-        &[
-            "enqueue",
-            "--dataset",
-            "plants",
-            "--encoder",
-            "efficientnet-lite0",
-            "--chunk-size",
-            "4",
-            "--weights",
-            "random:7",
-            "--force",
-        ],
-    ));
+    let text = run_enqueue("plants", &["--force"]);
     assert!(
         text.contains("2 old jobs retired by --force (0 of their shards removed)"),
         "{text}"
