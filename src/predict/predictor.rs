@@ -131,8 +131,13 @@ enum Input {
     /// A pooled task's preprocessed pixels (CHW f32), one square per view
     /// an answer averages, in view order.
     Pixels { values: Vec<f32>, views: usize },
-    /// A tile-based task's cached tile rows, with the decoded image.
-    CachedTiles { image: RgbImage, rows: Vec<usize> },
+    /// A tile-based task's cached tile rows, with the decoded image where
+    /// the answer draws on it (not for a fine-tuned classifier, whose
+    /// cached map is all it reads).
+    CachedTiles {
+        image: Option<RgbImage>,
+        rows: Vec<usize>,
+    },
     /// A tile-based task's preprocessed tiles, with the decoded image.
     Tiles {
         image: RgbImage,
@@ -420,14 +425,16 @@ impl Predictor {
             match (cached, reference) {
                 (Some(rows), _) => {
                     let decode_limit = match (&self.parts.model, reference) {
-                        (Model::Segment(_) | Model::FineTuned(_), Some(reference)) => {
-                            reference.preprocess.max_pixels
-                        }
+                        (Model::Segment(_), Some(reference)) => reference.preprocess.max_pixels,
                         // Patch runs decode cached images with the default guard.
                         _ => PreprocessConfig::DEFAULT_MAX_PIXELS,
                     };
+                    let image = match self.parts.model {
+                        Model::FineTuned(_) => None,
+                        _ => Some(crate::preprocess::decode_rgb8(bytes, path, decode_limit)?),
+                    };
                     Input::CachedTiles {
-                        image: crate::preprocess::decode_rgb8(bytes, path, decode_limit)?,
+                        image,
                         rows: rows.collect(),
                     }
                 }
@@ -592,6 +599,7 @@ impl Predictor {
                 }
             }
             (Model::Anomaly(scorer), Input::CachedTiles { image, rows }) => {
+                let image = image.expect("patch runs decode cached images");
                 let scorer = scorer.patch().expect("tiles only for patch runs");
                 let features = cache().features();
                 let values = scorer.geometry().cached_rows(features, &rows, device)?;
@@ -628,6 +636,7 @@ impl Predictor {
                 }
             }
             (Model::Segment(trained), Input::CachedTiles { image, rows }) => {
+                let image = image.expect("segmentation runs decode cached images");
                 let logits = super::segment::cached_logits(trained, cache(), &rows, device)?;
                 segment_result(trained, image, &logits)
             }
