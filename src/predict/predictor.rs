@@ -914,13 +914,11 @@ impl FineTunedModel {
             .map_err(|e| model_error(e.to_string()))?;
         let dim = pooled.len() / count;
         let pooled = Tensor::from_vec(pooled, (count, dim), device)?;
-        let mut mean: Vec<f32> = Vec::new();
-        for probabilities in self.head.probabilities(&pooled)? {
-            mean.resize(probabilities.len(), 0.0);
-            for (sum, p) in mean.iter_mut().zip(&probabilities) {
-                *sum += p / count as f32;
-            }
-        }
-        Ok(mean)
+        let rows = self.head.probabilities(&pooled)?;
+        let classes = rows[0].len();
+        Ok(average_views(&rows.concat(), classes, count, count)
+            .into_iter()
+            .map(|p| p as f32)
+            .collect())
     }
 }

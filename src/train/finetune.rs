@@ -589,7 +589,8 @@ impl<'a> Finetuning<'a> {
         let mut out = Vec::with_capacity(rows.len() * classes);
         for chunk in rows.chunks(self.trainer.plan.micro_batch) {
             let cached = gather_maps(self.data, self.map, chunk);
-            let mut mean = vec![0f32; chunk.len() * classes];
+            // Image-major, each image's views in order, as `average_views` reads them.
+            let mut by_image = vec![0f32; chunk.len() * views * classes];
             for view in 0..views {
                 let mut input = cached.clone();
                 view_maps(
@@ -603,11 +604,16 @@ impl<'a> Finetuning<'a> {
                 standardise(&mut pooled, self.data);
                 let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
                 softmax_rows(&mut probabilities, classes);
-                for (sum, p) in mean.iter_mut().zip(&probabilities) {
-                    *sum += p / views as f32;
+                for (image, row) in probabilities.chunks_exact(classes).enumerate() {
+                    let at = (image * views + view) * classes;
+                    by_image[at..at + classes].copy_from_slice(row);
                 }
             }
-            out.extend(mean);
+            out.extend(
+                data::average_views(&by_image, classes, views, views)
+                    .into_iter()
+                    .map(|p| p as f32),
+            );
         }
         Ok(out)
     }
