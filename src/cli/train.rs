@@ -237,6 +237,11 @@ pub struct TrainArgs {
     /// --unfreeze-from: the blocks' decoupled weight decay [default: 0.01].
     #[arg(long)]
     pub blocks_weight_decay: Option<f64>,
+    /// --unfreeze-from: stochastic depth of the trained blocks, the rate at
+    /// the encoder's last block, scaled down linearly to its first (as
+    /// EfficientNet was trained: 0.2) [default: 0].
+    #[arg(long, value_name = "RATE")]
+    pub blocks_drop_path: Option<f64>,
     /// --unfreeze-from: each training map seen flipped (`flips`) or flipped
     /// and rotated (`dihedral`), drawn per image and epoch from the seed;
     /// evaluation and prediction average the class probabilities over the
@@ -341,6 +346,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
             "blocks_weight_decay",
             args.blocks_weight_decay.map(Value::Float),
         ),
+        ("blocks_drop_path", args.blocks_drop_path.map(Value::Float)),
         ("augment_maps", args.augment_maps.as_deref().and_then(text)),
         ("seed", Some(count(args.seed)?)),
     ];

@@ -62,6 +62,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "unfreeze_from",
     "blocks_lr",
     "blocks_weight_decay",
+    "blocks_drop_path",
     "augment_maps",
     "task",
     "normal_label",
@@ -336,12 +337,13 @@ pub fn train_settings(
             blocks_learning_rate: number("blocks_lr")?.unwrap_or(Unfreeze::DEFAULT_LEARNING_RATE),
             blocks_weight_decay: number("blocks_weight_decay")?
                 .unwrap_or(Unfreeze::DEFAULT_WEIGHT_DECAY),
+            drop_path: number("blocks_drop_path")?.unwrap_or(0.0),
         }),
         None => {
             // A sweep's points without `unfreeze_from` leave the blocks'
             // settings aside, as a linear point leaves `dropout`.
             if source == Source::Flags
-                && let Some(key) = ["blocks_lr", "blocks_weight_decay"]
+                && let Some(key) = ["blocks_lr", "blocks_weight_decay", "blocks_drop_path"]
                     .into_iter()
                     .find(|key| settings.contains_key(*key))
             {
@@ -670,6 +672,7 @@ mod tests {
                 after_block: 10,
                 blocks_learning_rate: 3e-4,
                 blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
+                drop_path: 0.0,
             })
         );
         // Fine-tuned runs read spatial folders: `maps` picks one.

@@ -448,6 +448,82 @@ impl TopBlocks {
         n_images: usize,
         size: MapSize,
     ) -> Result<Forward, TrainError> {
+        self.forward_scaled(input, n_images, size, None)
+    }
+
+    /// `forward` for a training step with stochastic depth: each residual
+    /// block's branch is scaled per image by `drop_path`'s draw (0 when the
+    /// image skips it, 1 / keep otherwise); `backward` scales its gradient
+    /// alike.
+    pub fn forward_with_drop_path(
+        &self,
+        input: Vec<f32>,
+        n_images: usize,
+        size: MapSize,
+        drop_path: &DropPathDraw,
+    ) -> Result<Forward, TrainError> {
+        if drop_path.scales.len() != self.blocks.len()
+            || drop_path
+                .scales
+                .iter()
+                .flatten()
+                .any(|s| s.len() != n_images)
+        {
+            return Err(TrainError::Invalid(format!(
+                "top blocks after block {}: a drop-path draw for other blocks or images than \
+                 {} blocks of {n_images} images",
+                self.after_block,
+                self.blocks.len()
+            )));
+        }
+        self.forward_scaled(input, n_images, size, Some(drop_path))
+    }
+
+    /// Stochastic depth for one micro-batch (EfficientNet's drop connect):
+    /// block `i` of the encoder (counted from 0 over all its blocks) skips
+    /// its residual branch for an image with probability `rate * i / n`,
+    /// `n` the encoder's block count, as the network was trained; blocks
+    /// without a skip connection always run.
+    pub fn draw_drop_path(
+        &self,
+        rate: f64,
+        n_images: usize,
+        rng: &mut impl rand::Rng,
+    ) -> DropPathDraw {
+        let n_encoder_blocks = self.after_block + 1 + self.blocks.len();
+        let keeps: Vec<Option<f64>> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(index, block)| {
+                let encoder_index = self.after_block + 1 + index;
+                let drop = rate * encoder_index as f64 / n_encoder_blocks as f64;
+                (block.residual && drop > 0.0).then_some(1.0 - drop)
+            })
+            .collect();
+        let mut scales: Vec<Option<Vec<f32>>> = keeps
+            .iter()
+            .map(|keep| keep.map(|_| Vec::with_capacity(n_images)))
+            .collect();
+        // Image by image, so a batch split into micro-batches draws as a whole.
+        for _ in 0..n_images {
+            for (keep, block_scales) in keeps.iter().zip(&mut scales) {
+                if let (Some(keep), Some(block_scales)) = (keep, block_scales) {
+                    let kept = rng.random::<f64>() < *keep;
+                    block_scales.push(if kept { (1.0 / keep) as f32 } else { 0.0 });
+                }
+            }
+        }
+        DropPathDraw { scales }
+    }
+
+    fn forward_scaled(
+        &self,
+        input: Vec<f32>,
+        n_images: usize,
+        size: MapSize,
+        drop_path: Option<&DropPathDraw>,
+    ) -> Result<Forward, TrainError> {
         if input.len() != n_images * size.pixels() * self.in_channels {
             return Err(TrainError::Invalid(format!(
                 "top blocks after block {}: {} input values for {n_images} maps of {}x{}x{}",
@@ -461,8 +537,9 @@ impl TopBlocks {
         let mut x = input;
         let mut size = size;
         let mut steps = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
+        for (index, block) in self.blocks.iter().enumerate() {
             let pixels = n_images * size.pixels();
+            let branch_scale = drop_path.and_then(|draw| draw.scales[index].clone());
             let expanded = block
                 .expand
                 .as_ref()
@@ -475,6 +552,9 @@ impl TopBlocks {
             );
             let mut output =
                 pointwise_forward(&block.project, &depthwise, n_images * output_size.pixels());
+            if let Some(scales) = &branch_scale {
+                scale_per_image(&mut output, scales);
+            }
             if block.residual {
                 for (o, i) in output.iter_mut().zip(&x) {
                     *o += i;
@@ -486,6 +566,7 @@ impl TopBlocks {
                 expanded,
                 depthwise,
                 output_size,
+                branch_scale,
             });
             size = output_size;
         }
@@ -581,10 +662,15 @@ impl TopBlocks {
                 Wanted::Yes
             };
             let (project_bias, project_weight) = (next("project bias"), next("project weight"));
+            let branch_delta = step.branch_scale.as_ref().map(|scales| {
+                let mut scaled = delta.clone();
+                scale_per_image(&mut scaled, scales);
+                scaled
+            });
             let mut hidden_delta = pointwise_backward(
                 &block.project,
                 &step.depthwise,
-                &delta,
+                branch_delta.as_deref().unwrap_or(&delta),
                 (project_weight, project_bias),
                 Wanted::Yes,
             )
@@ -664,6 +750,26 @@ struct BlockActivations {
     /// The depthwise convolution's output (after ReLU6).
     depthwise: Vec<f32>,
     output_size: MapSize,
+    /// Per image, what the residual branch was scaled by (stochastic depth).
+    branch_scale: Option<Vec<f32>>,
+}
+
+/// One micro-batch's stochastic-depth draw
+/// (`TopBlocks::draw_drop_path`): per block, the per-image scales of its
+/// residual branch, or `None` where the block always runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropPathDraw {
+    scales: Vec<Option<Vec<f32>>>,
+}
+
+/// Multiplies each image's slice of `values` (`[images, ...]`, equal parts)
+/// by its scale.
+fn scale_per_image(values: &mut [f32], scales: &[f32]) {
+    let per_image = values.len() / scales.len();
+    values
+        .par_chunks_mut(per_image)
+        .zip(scales)
+        .for_each(|(image, &scale)| image.iter_mut().for_each(|v| *v *= scale));
 }
 
 /// A forward pass: the pooled features and what the backward pass needs.
@@ -1173,6 +1279,7 @@ mod tests {
         n_images: usize,
         size: MapSize,
         upstream: &[f32],
+        drop_path: Option<&DropPathDraw>,
     ) -> (Vec<Vec<f32>>, Vec<f32>, Vec<f32>) {
         let dev = Device::Cpu;
         let vars: Vec<Var> = top
@@ -1193,7 +1300,7 @@ mod tests {
             .contiguous()
             .unwrap();
         let mut next = vars.iter();
-        for block in &top.blocks {
+        for (index, block) in top.blocks.iter().enumerate() {
             let block_input = x.clone();
             if let Some(expand) = &block.expand {
                 x = candle_pointwise(&x, expand, next.next().unwrap(), next.next().unwrap());
@@ -1210,6 +1317,10 @@ mod tests {
                 next.next().unwrap(),
                 next.next().unwrap(),
             );
+            if let Some(scales) = drop_path.and_then(|draw| draw.scales[index].as_ref()) {
+                let scales = Tensor::from_slice(scales, (n_images, 1, 1, 1), &dev).unwrap();
+                x = x.broadcast_mul(&scales).unwrap();
+            }
             if block.residual {
                 x = (x + block_input).unwrap();
             }
@@ -1264,7 +1375,7 @@ mod tests {
             .unwrap()
             .expect("asked for the input gradient");
         let (expected, expected_input, expected_pooled) =
-            candle_gradients(&top, &input, n_images, size, &upstream);
+            candle_gradients(&top, &input, n_images, size, &upstream, None);
         assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
         for ((name, ours), theirs) in top
             .parameter_names()
@@ -1292,6 +1403,103 @@ mod tests {
             let doubled: Vec<f32> = once.iter().map(|v| 2.0 * v).collect();
             assert_close(name, twice, &doubled, 2e-4);
         }
+    }
+
+    #[test]
+    fn drop_path_gradients_equal_candle_autograd() {
+        // Reference: candle's autograd with each residual branch multiplied
+        // by its image's scale before the skip connection is added.
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let top = small_blocks(&mut rng);
+        let (n_images, size) = (
+            3,
+            MapSize {
+                height: 7,
+                width: 7,
+            },
+        );
+        let input = uniform(&mut rng, n_images * size.pixels() * top.in_channels, 2.0);
+        let upstream = uniform(&mut rng, n_images * top.feature_dim(), 1.0);
+        // Image 0 skips the residual block's branch, 1 and 2 keep it (scaled).
+        let draw = DropPathDraw {
+            scales: vec![None, Some(vec![0.0, 1.25, 1.25])],
+        };
+        let forward = top
+            .forward_with_drop_path(input.clone(), n_images, size, &draw)
+            .unwrap();
+        let mut gradients = top.zero_gradients();
+        let input_gradient = top
+            .backward(&forward, &upstream, &mut gradients, InputGradient::Compute)
+            .unwrap()
+            .unwrap();
+        let (expected, expected_input, expected_pooled) =
+            candle_gradients(&top, &input, n_images, size, &upstream, Some(&draw));
+        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
+        for ((name, ours), theirs) in top
+            .parameter_names()
+            .iter()
+            .zip(&gradients.values)
+            .zip(&expected)
+        {
+            assert_close(name, ours, theirs, 1e-4);
+        }
+        assert_close("input", &input_gradient, &expected_input, 1e-4);
+        // The draw changed the answer: not the plain forward pass.
+        let plain = top.forward(input.clone(), n_images, size).unwrap();
+        let changed = plain
+            .pooled()
+            .iter()
+            .zip(forward.pooled())
+            .any(|(a, b)| (a - b).abs() > 1e-3);
+        assert!(changed);
+        // A draw for other images or blocks is refused.
+        let wrong = DropPathDraw {
+            scales: vec![None, Some(vec![1.0; 2])],
+        };
+        assert!(
+            top.forward_with_drop_path(input, n_images, size, &wrong)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn drop_path_draws_follow_the_depth_and_split_into_micro_batches() {
+        // Lite0's top after block 4: blocks 5..=15 of 16; the rate grows
+        // linearly with the block's index in the encoder.
+        let top = TopBlocks::from_encoder(&random_lite0(), 4).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let n_images = 4000;
+        let draw = top.draw_drop_path(0.4, n_images, &mut rng);
+        for (index, (block, scales)) in top.blocks.iter().zip(&draw.scales).enumerate() {
+            let Some(scales) = scales else {
+                assert!(!block.residual, "residual block {index} without a draw");
+                continue;
+            };
+            let rate = 0.4 * (5 + index) as f64 / 16.0;
+            let dropped = scales.iter().filter(|s| **s == 0.0).count() as f64 / n_images as f64;
+            assert!(
+                (dropped - rate).abs() < 0.03,
+                "block {}: {dropped} for {rate}",
+                5 + index
+            );
+            let kept = (1.0 / (1.0 - rate)) as f32;
+            assert!(scales.iter().all(|s| *s == 0.0 || *s == kept));
+        }
+        // A batch drawn in two micro-batches draws what it draws whole.
+        let mut whole = ChaCha8Rng::seed_from_u64(9);
+        let mut split = ChaCha8Rng::seed_from_u64(9);
+        let all = top.draw_drop_path(0.2, 10, &mut whole);
+        let first = top.draw_drop_path(0.2, 6, &mut split);
+        let second = top.draw_drop_path(0.2, 4, &mut split);
+        for ((a, f), s) in all.scales.iter().zip(&first.scales).zip(&second.scales) {
+            let joined = f
+                .as_ref()
+                .map(|f| [f.as_slice(), s.as_ref().unwrap()].concat());
+            assert_eq!(a, &joined);
+        }
+        // Rate 0 draws nothing: every block runs.
+        let none = top.draw_drop_path(0.0, 3, &mut whole);
+        assert!(none.scales.iter().all(Option::is_none));
     }
 
     #[test]

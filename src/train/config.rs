@@ -277,6 +277,16 @@ pub struct Unfreeze {
     pub after_block: usize,
     pub blocks_learning_rate: f64,
     pub blocks_weight_decay: f64,
+    /// Stochastic depth of the trained blocks (`--blocks-drop-path`): the
+    /// rate at the encoder's last block, scaled down linearly to the first
+    /// (`TopBlocks::draw_drop_path`). 0 (off) is left out of stored configs,
+    /// which stay as before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drop_path: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 impl Unfreeze {
@@ -575,6 +585,12 @@ impl TrainConfig {
         if !(decay.is_finite() && decay >= 0.0) {
             return bad(format!(
                 "blocks weight decay {decay} must be zero or positive"
+            ));
+        }
+        let drop_path = unfreeze.drop_path;
+        if !(0.0..1.0).contains(&drop_path) {
+            return bad(format!(
+                "blocks drop-path rate {drop_path} must be in [0, 1)"
             ));
         }
         let k = unfreeze.after_block;

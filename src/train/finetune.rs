@@ -328,6 +328,12 @@ impl FineTunedBlocks {
 const BLOCKS_PREFIX: &str = "blocks.";
 const BEST_BLOCKS_PREFIX: &str = "best_blocks.";
 
+/// The random stream of an epoch's stochastic-depth draws (apart from the
+/// data order's and dropout's, `2 * epoch + 1` and `2 * epoch + 2`).
+fn drop_path_stream(epoch: usize) -> u64 {
+    (1 << 40) + epoch as u64
+}
+
 /// A fine-tuning in progress: the head's trainer (weights, moments,
 /// schedule state, best head, history), the blocks and their optimiser,
 /// and the blocks of the best epoch so far.
@@ -473,6 +479,7 @@ impl<'a> Finetuning<'a> {
         .order(&data.train, data.class_names.len());
         let steps_per_epoch = order.len().div_ceil(config.batch_size);
         let mut dropout_rng = seeded(config.seed, dropout_stream(epoch));
+        let mut drop_path_rng = seeded(config.seed, drop_path_stream(epoch));
         let mut gradients: BlockGradients = self.blocks.zero_gradients();
         let bar = epoch_bar(progress, steps_per_epoch, epoch, config.epochs);
         let mut first = lend_first_layers(&mut [&mut self.trainer])?;
@@ -510,7 +517,17 @@ impl<'a> Finetuning<'a> {
                             }
                         }
                     }
-                    let forward = self.blocks.forward(input, rows.len(), self.size)?;
+                    let forward = if self.unfreeze.drop_path > 0.0 {
+                        let draw = self.blocks.draw_drop_path(
+                            self.unfreeze.drop_path,
+                            rows.len(),
+                            &mut drop_path_rng,
+                        );
+                        self.blocks
+                            .forward_with_drop_path(input, rows.len(), self.size, &draw)?
+                    } else {
+                        self.blocks.forward(input, rows.len(), self.size)?
+                    };
                     let mut x = forward.pooled().to_vec();
                     standardise(&mut x, data);
                     let (mut pooled_gradient, loss) = self.trainer.input_micro_batch(

@@ -83,6 +83,7 @@ fn config(after_block: usize) -> TrainConfig {
             after_block,
             blocks_learning_rate: 1e-4,
             blocks_weight_decay: 1e-4,
+            drop_path: 0.0,
         }),
         ..TrainConfig::default()
     }
@@ -488,6 +489,68 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
 }
 
 #[test]
+fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let fine_tune = |extra: &[&str]| {
+        let mut args = TRAIN.to_vec();
+        args.extend_from_slice(&[
+            "--unfreeze-from",
+            "10",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+        ]);
+        args.extend_from_slice(extra);
+        lazarus(&root, &args)
+    };
+    let run_of = |output| json(&ok(output))["run_id"].as_str().unwrap().to_string();
+    let dropping = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
+    let again = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
+    let plain = run_of(fine_tune(&[]));
+    // Blocks 12..=14 (Lite0's residual blocks after block 10) skip their
+    // branch for some images: other blocks than without, the same again.
+    let blocks = run_blocks(&root, &dropping).blocks;
+    assert_eq!(
+        blocks.parameters(),
+        run_blocks(&root, &again).blocks.parameters()
+    );
+    assert_ne!(
+        blocks.parameters(),
+        run_blocks(&root, &plain).blocks.parameters()
+    );
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &dropping, "--json"],
+    )));
+    assert_eq!(shown["params"]["blocks_drop_path"], 0.5, "{shown:#}");
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &plain, "--json"],
+    )));
+    assert!(
+        shown["params"].get("blocks_drop_path").is_none(),
+        "{shown:#}"
+    );
+
+    let refused = fails(fine_tune(&["--blocks-drop-path", "1"]));
+    assert!(
+        refused.contains("blocks drop-path rate 1 must be in [0, 1)"),
+        "{refused}"
+    );
+    let mut frozen = TRAIN.to_vec();
+    frozen.extend_from_slice(&["--blocks-drop-path", "0.2"]);
+    let refused = fails(lazarus(&root, &frozen));
+    assert!(
+        refused.contains("--blocks-drop-path applies to --unfreeze-from K"),
+        "{refused}"
+    );
+}
+
+#[test]
 fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
     let killed = fine_tuning_root(&temp.path().join("killed"), &[8, 8]);
@@ -512,6 +575,8 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         "4",
         "--augment-maps",
         "dihedral",
+        "--blocks-drop-path",
+        "0.3",
         "--seed",
         "7",
     ]);
