@@ -66,15 +66,18 @@ pub struct EnqueueArgs {
     /// when given).
     #[arg(long, value_name = "K")]
     pub cache_at: Option<usize>,
-    /// Pooled features at this input square (pixels) instead of the
-    /// encoder's own (EfficientNet-Lite only); e.g. an image's native size.
-    #[arg(long, value_name = "N", conflicts_with_all = ["spatial", "cache_at"])]
+    /// Features at this input square (pixels) instead of the encoder's own
+    /// (EfficientNet-Lite only); e.g. an image's native size. With
+    /// --spatial or --cache-at each tile is stretched to it, so the maps
+    /// grow with it (300 px: a 38 x 38 stride-8 map instead of 28 x 28).
+    #[arg(long, value_name = "N")]
     pub image_size: Option<u32>,
     /// How an image becomes the input square: `crop` (shorter side to
     /// size / 0.875, then the center, the default), `stretch` (the whole
     /// image, aspect ratio ignored) or `pad` (the whole image, aspect ratio
-    /// kept, centered on the mean colour).
-    #[arg(long, value_enum, conflicts_with_all = ["spatial", "cache_at"])]
+    /// kept, centered on the mean colour). Spatial tiles are always
+    /// stretched.
+    #[arg(long, value_enum)]
     pub resize: Option<ResizeArg>,
     /// Also encode flipped or rotated copies of each image's input square,
     /// a feature row each: `1` (the image alone), `flips` (identity,
@@ -355,7 +358,17 @@ pub fn enqueue(layout: &Layout, args: EnqueueArgs) -> anyhow::Result<()> {
                     .transpose()?,
             )?,
         },
-        input: input_choice(&encoder, image_size, args.resize)?,
+        input: match input_choice(&encoder, image_size, args.resize)? {
+            // Spatial tiles are stretched whole (no crop), whatever the
+            // size; another --resize is refused by name.
+            Some(input) if (args.spatial || args.cache_at.is_some()) && args.resize.is_none() => {
+                Some(lazarus::encoders::InputChoice {
+                    resize: lazarus::encoders::InputResize::Stretch,
+                    ..input
+                })
+            }
+            input => input,
+        },
         views: args.views.parse()?,
     };
     let outcome = plan::enqueue(layout, &request)?;

@@ -34,6 +34,17 @@ pub enum InputResize {
     Pad,
 }
 
+impl InputResize {
+    /// As `--resize` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputResize::Crop => "crop",
+            InputResize::Stretch => "stretch",
+            InputResize::Pad => "pad",
+        }
+    }
+}
+
 /// An input square other than the registry's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputChoice {

@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use super::{ExtractError, FEATURE_FORMAT_VERSION, KIND_EXTRACT, KIND_NOOP, NOOP_GROUP};
 use crate::dataset::ImageRecord;
 use crate::digest::{ContentId, sha256_hex};
-use crate::encoders::{self, EncoderSpec, InputChoice, PooledLayers, SpatialMaps, ViewSet};
+use crate::encoders::{
+    self, EncoderSpec, InputChoice, InputResize, PooledLayers, SpatialMaps, ViewSet,
+};
 use crate::layout::Layout;
 use crate::queue::{LiveJob, NewJob, Plan};
 use crate::spatial::tile::{TileConfig, spatial_preprocess};
@@ -335,10 +337,28 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
     }
     let dataset = crate::dataset::load(layout, &request.dataset)?;
     let registered = encoders::lookup(&request.encoder)?;
-    // The registry's own square is no choice: its fingerprint stays.
-    let input = request
-        .input
-        .filter(|input| input.preprocess(&registered) != registered.preprocess);
+    if request.spatial
+        && let Some(input) = request.input
+        && input.resize != InputResize::Stretch
+    {
+        return Err(ExtractError::Encoder(encoders::EncoderError::InputChoice {
+            encoder: request.encoder.clone(),
+            reason: format!(
+                "spatial tiles are stretched whole to the input square; --resize {} applies \
+                 to pooled features",
+                input.resize.name()
+            ),
+        }));
+    }
+    // The registry's own square is no choice: its fingerprint stays (for
+    // spatial tiles, always stretched, its own size).
+    let input = request.input.filter(|input| {
+        if request.spatial {
+            input.size != registered.input_size
+        } else {
+            input.preprocess(&registered) != registered.preprocess
+        }
+    });
     let encoder = registered.with_input(input.as_ref())?;
     if request.spatial && encoder.spatial.is_none() {
         return Err(ExtractError::NoSpatial {
@@ -346,11 +366,6 @@ pub fn enqueue(layout: &Layout, request: &EnqueueRequest) -> Result<EnqueueOutco
         });
     }
     request.layers.check(&encoder)?;
-    if request.spatial && input.is_some() {
-        return Err(ExtractError::Tiling {
-            message: "spatial features are cut into tiles of their own size; drop --image-size and --resize".into(),
-        });
-    }
     if request.spatial && !request.layers.is_last() {
         return Err(ExtractError::Encoder(encoders::EncoderError::Layers {
             value: request.layers.to_string(),

@@ -62,6 +62,26 @@ pub fn encoder_reference(
             owner: owner.to_string(),
             message: e.to_string(),
         })?;
+    // Without the folder the tiles' square is the registry's; a head
+    // trained on maps of another square (`enqueue --spatial --image-size`)
+    // is refused rather than fed maps of another size.
+    let side = spec.input_size as usize;
+    if let Some([stride, _, height, width]) =
+        trained.info.maps.iter().find(|[stride, _, height, width]| {
+            *height != side.div_ceil(*stride) || *width != side.div_ceil(*stride)
+        })
+    {
+        return Err(PredictError::Encoder {
+            owner: owner.to_string(),
+            message: format!(
+                "the run's stride-{stride} map is {height}x{width}, not the {0}x{0} of {side} px \
+                 tiles: its features were encoded at another --image-size, and their folder \
+                 {1} is gone; extract it again to predict",
+                side.div_ceil(*stride),
+                trained.info.fingerprint
+            ),
+        });
+    }
     Ok(EncoderReference {
         name: trained.info.encoder.clone(),
         weights: trained.info.weights.clone().unwrap_or_default(),

@@ -426,6 +426,7 @@ fn sweep_segment_points(
                     encoder: point.encoder.clone(),
                     fingerprint: Some(fingerprint),
                     maps: None,
+                    image_size: None,
                     experiment: sweep.name.clone(),
                     config: point.config.clone(),
                     device: options.fit.device.clone(),

@@ -416,11 +416,13 @@ pub fn train_settings(
             source.name("maps")
         ));
     }
-    if !pooled.is_any() && spatial_task {
-        let key = ["layers", "image_size", "resize", "views"]
+    // Spatial folders have an input square too (`enqueue --spatial
+    // --image-size N`); the other pooled options do not apply to them.
+    if spatial_task
+        && let Some(key) = ["layers", "resize", "views"]
             .into_iter()
             .find(|key| settings.contains_key(*key))
-            .unwrap_or("layers");
+    {
         return Err(format!(
             "{} picks pooled features; segmentation, patch-level anomaly and fine-tuned \
              (--unfreeze-from) runs read spatial ones",

@@ -197,6 +197,7 @@ pub fn train(
                 encoder: request.encoder.clone(),
                 fingerprint: request.fingerprint.clone(),
                 maps: request.pooled.maps.clone(),
+                image_size: request.pooled.image_size,
                 experiment: request.experiment.clone(),
                 config,
                 device: options.device.clone(),
@@ -270,8 +271,10 @@ fn train_fine_tuned(
 ) -> Result<TrainedRun, RunsError> {
     let mut load = load_config(&config);
     load.encoder = Some(request.encoder.clone());
+    // A spatial folder is picked by its maps and its input square.
     load.pooled = PooledChoice {
         maps: request.pooled.maps.clone(),
+        image_size: request.pooled.image_size,
         ..PooledChoice::default()
     };
     load.allow_partial = request.allow_partial;

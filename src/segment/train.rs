@@ -73,6 +73,9 @@ pub struct SegmentRequest {
     /// Only a folder of these maps (`train --maps`, canonical), when the
     /// fingerprint is not given.
     pub maps: Option<String>,
+    /// Only a folder of tiles encoded at this square (`train --image-size`,
+    /// `enqueue --spatial --image-size N`), when the fingerprint is not given.
+    pub image_size: Option<u32>,
     pub experiment: String,
     pub config: TrainConfig,
     pub device: Device,
@@ -148,6 +151,8 @@ struct DataSource<'a> {
     fingerprint: Option<&'a str>,
     /// Only a folder of these maps (`train --maps`).
     maps: Option<&'a str>,
+    /// Only a folder of this input square (`train --image-size`).
+    image_size: Option<u32>,
     allow_partial: bool,
 }
 
@@ -155,6 +160,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
     let dataset_name = source.dataset;
     let choice = catalog::PooledChoice {
         maps: source.maps.map(str::to_string),
+        image_size: source.image_size,
         ..catalog::PooledChoice::default()
     };
     let opened = catalog::open(
@@ -165,7 +171,7 @@ fn load_data(layout: &Layout, source: &DataSource<'_>) -> Result<SegmentData, Se
             encoder: Some(source.encoder),
             kind: Some(FeatureKind::Spatial),
             fingerprint: source.fingerprint,
-            pooled: source.maps.is_some().then_some(&choice),
+            pooled: (!choice.is_any()).then_some(&choice),
         },
     )
     .map_err(|e| match e {
@@ -628,6 +634,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
             encoder: &request.encoder,
             fingerprint: request.fingerprint.as_deref(),
             maps: request.maps.as_deref(),
+            image_size: request.image_size,
             allow_partial: request.allow_partial,
         },
     )?;
@@ -695,6 +702,7 @@ pub fn resume(
             encoder: &encoder,
             fingerprint: Some(&inputs.fingerprint),
             maps: None,
+            image_size: None,
             allow_partial: inputs.images_lacking > 0,
         },
     )?;

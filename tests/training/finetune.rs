@@ -418,6 +418,123 @@ fn a_run_fine_tuned_from_the_stride_8_map_predicts_the_same_from_run_and_bundle(
     assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
 }
 
+#[test]
+fn a_run_fine_tuned_at_another_input_size_reads_and_encodes_tiles_at_that_size() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let tree = image_folder(temp.path(), &[8, 8]);
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "tree", tree.to_str().unwrap()],
+    ));
+    let enqueue = |extra: &[&str]| {
+        let mut args = vec![
+            "enqueue",
+            "--dataset",
+            "tree",
+            "--encoder",
+            ENCODER,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&ok(lazarus(&root, &args)))["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let registered = enqueue(&["--cache-at", "4"]);
+    let small = enqueue(&["--cache-at", "4", "--image-size", "160"]);
+    // The registry's own square is no choice: the same folder.
+    assert_eq!(
+        enqueue(&["--cache-at", "4", "--image-size", "224"]),
+        registered
+    );
+    assert_ne!(small, registered);
+    let refused = fails(lazarus(
+        &root,
+        &[
+            "enqueue",
+            "--dataset",
+            "tree",
+            "--encoder",
+            ENCODER,
+            "--cache-at",
+            "4",
+            "--resize",
+            "crop",
+        ],
+    ));
+    assert!(refused.contains("--resize"), "{refused}");
+    ok(lazarus(&root, &["run-worker", "--until-empty"]));
+    // 160 px tiles: the stride-8 map is 20 x 20 (28 x 28 at 224).
+    let side = |fingerprint: &str| {
+        let data = load(&root, fingerprint);
+        let maps = data.features.maps();
+        let map = maps.iter().find(|map| map.stride == 8).unwrap();
+        (map.height, map.width)
+    };
+    assert_eq!(side(&small), (20, 20));
+    assert_eq!(side(&registered), (28, 28));
+
+    // Two stride-8 folders: the run names its input square.
+    let mut args = TRAIN.to_vec();
+    args.extend_from_slice(&[
+        "--unfreeze-from",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+    ]);
+    let asked = fails(lazarus(&root, &args));
+    assert!(asked.contains("--image-size"), "{asked}");
+    args.extend_from_slice(&["--image-size", "160"]);
+    let report = json(&ok(lazarus(&root, &args)));
+    let run = report["run_id"].as_str().unwrap().to_string();
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &run, "--json"],
+    )));
+    assert_eq!(
+        shown["run"]["encoder_fingerprint"],
+        small.as_str(),
+        "{shown:#}"
+    );
+
+    // A copy of a cached image (other bytes, same pixels) goes through the
+    // encoder at 160 px and gets the cached image's answer (an encoder at
+    // 224 would give the blocks a 28 x 28 map and another answer).
+    let cached = tree.join("class1/img003.png");
+    let copy = temp.path().join("copy.png");
+    support::reencoded_png(&cached, &copy);
+    let answers = json(&ok(lazarus(
+        &root,
+        &[
+            "predict",
+            "--run",
+            &run,
+            cached.to_str().unwrap(),
+            copy.to_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert_eq!(answers[0]["features_from"], "cache");
+    assert_eq!(answers[1]["features_from"], "encoder");
+    assert_eq!(answers[0]["top"][0][0], answers[1]["top"][0][0]);
+    let probability = |answer: &serde_json::Value| answer["top"][0][1].as_f64().unwrap();
+    let difference = (probability(&answers[0]) - probability(&answers[1])).abs();
+    assert!(difference < 1e-2, "cache vs encoder: {difference}");
+    // The bundle encodes at 160 px too.
+    let bundle = temp.path().join("bundle");
+    let (by_run, by_bundle, _) = answers_of_run_and_bundle(&root, &run, &cached, &bundle);
+    assert_eq!(by_bundle[0]["top"][0][0], by_run[0]["top"][0][0]);
+    let difference = (probability(&by_bundle[0]) - probability(&by_run[0])).abs();
+    assert!(difference < 1e-2, "run vs bundle: {difference}");
+    assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
+}
+
 /// The blocks file of run `run` under `root`.
 fn run_blocks(root: &Path, run: &str) -> FineTunedBlocks {
     FineTunedBlocks::read(

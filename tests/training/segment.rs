@@ -1108,3 +1108,83 @@ fn a_segmentation_head_warm_starts_from_another_segmentation_run() {
     ));
     assert!(message.contains("run nope not found"), "{message}");
 }
+
+#[test]
+fn a_segmentation_run_on_tiles_of_another_square_predicts_at_it_and_needs_its_folder() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("blobs");
+    write_small_blobs(&source, 12, 400, (25.0, 35.0));
+    spatial_features(
+        &root,
+        "blobs",
+        &source,
+        &["--weights", "random:0", "--image-size", "160"],
+    );
+    let args = segment_args(
+        "blobs",
+        &["--image-size", "160", "--epochs", "2", "--batch-size", "4"],
+    );
+    let report = json(&ok(lazarus(&root, &args)));
+    let run_id = report["run_id"].as_str().unwrap().to_string();
+    // The head read 160 px tiles: the stride-16 map is 10 x 10.
+    let head: lazarus::segment::model::SegmentHeadInfo = lazarus::train::checkpoint::header_json(
+        &root
+            .join("experiments/runs")
+            .join(&run_id)
+            .join("head.safetensors"),
+        lazarus::segment::model::HEAD_INFO_KEY,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(head.maps[0][0], 16, "{:?}", head.maps);
+    assert_eq!(head.maps[0][2..], [10, 10], "{:?}", head.maps);
+    // Another square than the folder's finds no folder.
+    let refused = fails(lazarus(
+        &root,
+        &segment_args("blobs", &["--image-size", "224"]),
+    ));
+    assert!(refused.contains("224 px"), "{refused}");
+
+    // From the cache and from the encoder (a copy of the image: other
+    // bytes, same pixels) at 160 px, to the same mask.
+    let image = source.join("images/003.png");
+    let copy = temp.path().join("copy.png");
+    support::reencoded_png(&image, &copy);
+    let out = temp.path().join("masks");
+    let answers = json(&ok(lazarus(
+        &root,
+        &[
+            "predict",
+            "--run",
+            &run_id,
+            image.to_str().unwrap(),
+            copy.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    )));
+    assert_eq!(answers[0]["features_from"], "cache", "{answers}");
+    assert_eq!(answers[1]["features_from"], "encoder", "{answers}");
+    assert_masks_agree(&out.join("003.mask.png"), &out.join("copy.mask.png"));
+
+    // Without its folder the run cannot know its tiles' square: refused by
+    // name rather than fed 224 px tiles.
+    std::fs::remove_dir_all(root.join("features")).unwrap();
+    let refused = fails(lazarus(
+        &root,
+        &[
+            "predict",
+            "--run",
+            &run_id,
+            image.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        refused.contains("the run's stride-16 map is 10x10, not the 14x14 of 224 px tiles"),
+        "{refused}"
+    );
+}
