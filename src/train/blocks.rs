@@ -1341,6 +1341,37 @@ mod tests {
         )
     }
 
+    /// Runs `backward` of `forward` (of `input`: values, images, size) and
+    /// checks the pooled features and every gradient against
+    /// `candle_gradients`; returns ours and candle's parameter gradients.
+    fn backward_matches_candle(
+        top: &TopBlocks,
+        forward: &Forward,
+        (input, n_images, size): (&[f32], usize, MapSize),
+        upstream: &[f32],
+        drop_path: Option<&DropPathDraw>,
+    ) -> (BlockGradients, Vec<Vec<f32>>) {
+        let mut gradients = top.zero_gradients();
+        let input_gradient = top
+            .backward(forward, upstream, &mut gradients, InputGradient::Compute)
+            .unwrap()
+            .expect("asked for the input gradient");
+        let (expected, expected_input, expected_pooled) =
+            candle_gradients(top, input, n_images, size, upstream, drop_path);
+        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
+        for ((name, ours), theirs) in top
+            .parameter_names()
+            .iter()
+            .zip(&gradients.values)
+            .zip(&expected)
+        {
+            assert!(max_abs(theirs) > 0.0, "{name}: zero reference gradient");
+            assert_close(name, ours, theirs, 1e-4);
+        }
+        assert_close("input", &input_gradient, &expected_input, 1e-4);
+        (gradients, expected)
+    }
+
     #[test]
     fn gradients_equal_candle_autograd() {
         // Reference: candle's autograd through the same computation built
@@ -1369,24 +1400,8 @@ mod tests {
                 width: 4
             }
         );
-        let mut gradients = top.zero_gradients();
-        let input_gradient = top
-            .backward(&forward, &upstream, &mut gradients, InputGradient::Compute)
-            .unwrap()
-            .expect("asked for the input gradient");
-        let (expected, expected_input, expected_pooled) =
-            candle_gradients(&top, &input, n_images, size, &upstream, None);
-        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
-        for ((name, ours), theirs) in top
-            .parameter_names()
-            .iter()
-            .zip(&gradients.values)
-            .zip(&expected)
-        {
-            assert!(max_abs(theirs) > 0.0, "{name}: zero reference gradient");
-            assert_close(name, ours, theirs, 1e-4);
-        }
-        assert_close("input", &input_gradient, &expected_input, 1e-4);
+        let (mut gradients, expected) =
+            backward_matches_candle(&top, &forward, (&input, n_images, size), &upstream, None);
 
         // Skipping the input gradient changes no parameter gradient, and
         // backward accumulates: a second pass doubles them.
@@ -1427,23 +1442,13 @@ mod tests {
         let forward = top
             .forward_with_drop_path(input.clone(), n_images, size, &draw)
             .unwrap();
-        let mut gradients = top.zero_gradients();
-        let input_gradient = top
-            .backward(&forward, &upstream, &mut gradients, InputGradient::Compute)
-            .unwrap()
-            .unwrap();
-        let (expected, expected_input, expected_pooled) =
-            candle_gradients(&top, &input, n_images, size, &upstream, Some(&draw));
-        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
-        for ((name, ours), theirs) in top
-            .parameter_names()
-            .iter()
-            .zip(&gradients.values)
-            .zip(&expected)
-        {
-            assert_close(name, ours, theirs, 1e-4);
-        }
-        assert_close("input", &input_gradient, &expected_input, 1e-4);
+        backward_matches_candle(
+            &top,
+            &forward,
+            (&input, n_images, size),
+            &upstream,
+            Some(&draw),
+        );
         // The draw changed the answer: not the plain forward pass.
         let plain = top.forward(input.clone(), n_images, size).unwrap();
         let changed = plain
