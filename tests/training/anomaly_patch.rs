@@ -358,3 +358,75 @@ fn patch_scores_find_small_blobs_and_their_heat_maps_point_at_them() {
         );
     }
 }
+
+#[test]
+fn patch_scores_read_and_encode_tiles_at_another_square() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path().join("root");
+    let source = temp.path().join("parts");
+    let blobs = write_dataset(&source);
+    let manifest = source.join("manifest.csv");
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "parts", manifest.to_str().unwrap()],
+    ));
+    // The 64 px parts stretched to 128 px tiles instead of 224: an 8 x 8
+    // stride-16 map per image.
+    ok(lazarus(
+        &root,
+        &[
+            "enqueue",
+            "--dataset",
+            "parts",
+            "--encoder",
+            ENCODER,
+            "--spatial",
+            "--maps",
+            "16",
+            "--image-size",
+            "128",
+        ],
+    ));
+    ok(lazarus(&root, &["run-worker", "--until-empty"]));
+    let report = json(&ok(train(
+        &root,
+        &["--spatial", "--image-size", "128", "--json"],
+    )));
+    assert_eq!(
+        report["metrics"]["train/patches"],
+        40.0 * 64.0,
+        "{report:#}"
+    );
+    let error = fails(train(&root, &["--spatial", "--image-size", "224"]));
+    assert!(error.contains("224 px"), "{error}");
+
+    // A copy of a cached image goes through the encoder at 128 px and
+    // scores as the cached rows do.
+    let (cached, _) = &blobs[0];
+    let copy = temp.path().join("copy.png");
+    support::reencoded_png(cached, &copy);
+    let run = report["run_id"].as_str().unwrap();
+    let out = temp.path().join("heat");
+    let predicted = json(&ok(lazarus(
+        &root,
+        &[
+            "predict",
+            "--run",
+            run,
+            cached.to_str().unwrap(),
+            copy.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    )));
+    let images = predicted["images"].as_array().unwrap();
+    assert_eq!(images[0]["features_from"], "cache", "{predicted}");
+    assert_eq!(images[1]["features_from"], "encoder", "{predicted}");
+    let score = |image: &serde_json::Value| image["score"].as_f64().unwrap();
+    let difference = (score(&images[0]) - score(&images[1])).abs();
+    assert!(
+        difference <= 0.02 * score(&images[0]).abs(),
+        "cache vs encoder: {predicted}"
+    );
+}
