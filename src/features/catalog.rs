@@ -401,15 +401,16 @@ fn find(
                 },
                 request.encoder.unwrap_or("ENCODER"),
                 match (request.kind, request.pooled) {
-                    (
-                        Some(FeatureKind::Spatial),
-                        Some(PooledChoice {
-                            maps: Some(maps), ..
-                        }),
-                    ) => {
-                        format!(" --spatial --maps {maps}")
+                    (Some(FeatureKind::Spatial), pooled) => {
+                        let mut flags = " --spatial".to_string();
+                        if let Some(maps) = pooled.and_then(|p| p.maps.as_ref()) {
+                            flags.push_str(&format!(" --maps {maps}"));
+                        }
+                        if let Some(size) = pooled.and_then(|p| p.image_size) {
+                            flags.push_str(&format!(" --image-size {size}"));
+                        }
+                        flags
                     }
-                    (Some(FeatureKind::Spatial), _) => " --spatial".to_string(),
                     (_, Some(pooled)) => pooled.enqueue_flags(),
                     _ => String::new(),
                 }

@@ -1145,6 +1145,10 @@ fn a_segmentation_run_on_tiles_of_another_square_predicts_at_it_and_needs_its_fo
         &segment_args("blobs", &["--image-size", "224"]),
     ));
     assert!(refused.contains("224 px"), "{refused}");
+    assert!(
+        refused.contains("--encoder efficientnet-lite0 --spatial --image-size 224`"),
+        "{refused}"
+    );
 
     // From the cache and from the encoder (a copy of the image: other
     // bytes, same pixels) at 160 px, to the same mask.
