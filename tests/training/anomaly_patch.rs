@@ -84,6 +84,20 @@ fn write_dataset(dir: &Path) -> Vec<(std::path::PathBuf, [f32; 3])> {
     anomalous_test
 }
 
+/// The dataset written under `dir` and registered as `parts` in `dir/root`;
+/// returns the root and the anomalous test images.
+fn parts_root(dir: &Path) -> (std::path::PathBuf, Vec<(std::path::PathBuf, [f32; 3])>) {
+    let root = dir.join("root");
+    let source = dir.join("parts");
+    let blobs = write_dataset(&source);
+    let manifest = source.join("manifest.csv");
+    ok(lazarus(
+        &root,
+        &["dataset", "add", "parts", manifest.to_str().unwrap()],
+    ));
+    (root, blobs)
+}
+
 fn train(root: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "train",
@@ -107,14 +121,7 @@ fn patch_scores_find_small_blobs_and_their_heat_maps_point_at_them() {
         "{ENCODER} weights are not installed: {FETCH_HINT}"
     );
     let temp = tempfile::tempdir().unwrap();
-    let root = temp.path().join("root");
-    let source = temp.path().join("parts");
-    let blobs = write_dataset(&source);
-    let manifest = source.join("manifest.csv");
-    ok(lazarus(
-        &root,
-        &["dataset", "add", "parts", manifest.to_str().unwrap()],
-    ));
+    let (root, blobs) = parts_root(temp.path());
 
     // Pooled features only: --spatial names the enqueue command it needs.
     ok(lazarus(
@@ -362,14 +369,7 @@ fn patch_scores_find_small_blobs_and_their_heat_maps_point_at_them() {
 #[test]
 fn patch_scores_read_and_encode_tiles_at_another_square() {
     let temp = tempfile::tempdir().unwrap();
-    let root = temp.path().join("root");
-    let source = temp.path().join("parts");
-    let blobs = write_dataset(&source);
-    let manifest = source.join("manifest.csv");
-    ok(lazarus(
-        &root,
-        &["dataset", "add", "parts", manifest.to_str().unwrap()],
-    ));
+    let (root, blobs) = parts_root(temp.path());
     // The 64 px parts stretched to 128 px tiles instead of 224: an 8 x 8
     // stride-16 map per image.
     ok(lazarus(
