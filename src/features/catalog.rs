@@ -403,11 +403,12 @@ fn find(
                 match (request.kind, request.pooled) {
                     (Some(FeatureKind::Spatial), pooled) => {
                         let mut flags = " --spatial".to_string();
-                        if let Some(maps) = pooled.and_then(|p| p.maps.as_ref()) {
-                            flags.push_str(&format!(" --maps {maps}"));
-                        }
-                        if let Some(size) = pooled.and_then(|p| p.image_size) {
-                            flags.push_str(&format!(" --image-size {size}"));
+                        if let Some(pooled) = pooled {
+                            if let Some(maps) = &pooled.maps {
+                                flags.push_str(&format!(" --maps {maps}"));
+                            }
+                            // The input square, as for pooled folders.
+                            flags.push_str(&pooled.enqueue_flags());
                         }
                         flags
                     }
