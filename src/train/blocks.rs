@@ -553,12 +553,10 @@ impl TopBlocks {
             let mut output =
                 pointwise_forward(&block.project, &depthwise, n_images * output_size.pixels());
             if let Some(scales) = &branch_scale {
-                scale_per_image(&mut output, scales);
+                training::scale_parts(&mut output, scales);
             }
             if block.residual {
-                for (o, i) in output.iter_mut().zip(&x) {
-                    *o += i;
-                }
+                training::add_assign(&mut output, &x);
             }
             steps.push(BlockActivations {
                 input: std::mem::replace(&mut x, output),
@@ -571,22 +569,7 @@ impl TopBlocks {
             size = output_size;
         }
         let head_output = pointwise_forward(&self.head, &x, n_images * size.pixels());
-        let features = self.head.outputs;
-        let mut pooled = vec![0f32; n_images * features];
-        let scale = 1.0 / size.pixels() as f32;
-        pooled
-            .par_chunks_mut(features)
-            .zip(head_output.par_chunks(size.pixels() * features))
-            .for_each(|(sum, image)| {
-                for pixel in image.chunks_exact(features) {
-                    for (s, v) in sum.iter_mut().zip(pixel) {
-                        *s += v;
-                    }
-                }
-                for s in sum.iter_mut() {
-                    *s *= scale;
-                }
-            });
+        let pooled = training::mean_pool(&head_output, size.pixels(), self.head.outputs);
         Ok(Forward {
             n_images,
             steps,
@@ -622,20 +605,8 @@ impl TopBlocks {
                 self.parameters().len()
             )));
         }
-        let pixels = forward.head_size.pixels();
-        // Mean pool: each pixel gets its image's gradient over the pixel count.
-        let scale = 1.0 / pixels as f32;
-        let mut delta = vec![0f32; forward.head_output.len()];
-        delta
-            .par_chunks_mut(pixels * features)
-            .zip(pooled_gradient.par_chunks(features))
-            .for_each(|(image, upstream)| {
-                for pixel in image.chunks_exact_mut(features) {
-                    for (d, u) in pixel.iter_mut().zip(upstream) {
-                        *d = u * scale;
-                    }
-                }
-            });
+        let mut delta =
+            training::mean_pool_backward(pooled_gradient, forward.head_size.pixels(), features);
         if self.head.relu6 {
             training::relu6_mask(&mut delta, &forward.head_output);
         }
@@ -664,7 +635,7 @@ impl TopBlocks {
             let (project_bias, project_weight) = (next("project bias"), next("project weight"));
             let branch_delta = step.branch_scale.as_ref().map(|scales| {
                 let mut scaled = delta.clone();
-                scale_per_image(&mut scaled, scales);
+                training::scale_parts(&mut scaled, scales);
                 scaled
             });
             let mut hidden_delta = pointwise_backward(
@@ -718,9 +689,7 @@ impl TopBlocks {
             match input_delta {
                 Some(mut input_delta) => {
                     if block.residual {
-                        for (d, upstream) in input_delta.iter_mut().zip(&delta) {
-                            *d += upstream;
-                        }
+                        training::add_assign(&mut input_delta, &delta);
                     }
                     delta = input_delta;
                 }
@@ -760,16 +729,6 @@ struct BlockActivations {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DropPathDraw {
     scales: Vec<Option<Vec<f32>>>,
-}
-
-/// Multiplies each image's slice of `values` (`[images, ...]`, equal parts)
-/// by its scale.
-fn scale_per_image(values: &mut [f32], scales: &[f32]) {
-    let per_image = values.len() / scales.len();
-    values
-        .par_chunks_mut(per_image)
-        .zip(scales)
-        .for_each(|(image, &scale)| image.iter_mut().for_each(|v| *v *= scale));
 }
 
 /// A forward pass: the pooled features and what the backward pass needs.

@@ -234,15 +234,24 @@ impl Bands<'_> {
 fn transposed(values: &[f32], stored_rows: usize, stored_cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
-    for row_tile in (0..stored_rows).step_by(TILE) {
-        for col_tile in (0..stored_cols).step_by(TILE) {
-            for row in row_tile..(row_tile + TILE).min(stored_rows) {
-                for col in col_tile..(col_tile + TILE).min(stored_cols) {
-                    out[col * stored_rows + row] = values[row * stored_cols + col];
+    if values.is_empty() {
+        return out;
+    }
+    // Bands of TILE output rows (stored columns) in parallel: the weight
+    // gradients' transposes of a whole batch's deltas are tens of MB.
+    out.par_chunks_mut(TILE * stored_rows)
+        .enumerate()
+        .for_each(|(band_index, band)| {
+            let first_col = band_index * TILE;
+            for row_tile in (0..stored_rows).step_by(TILE) {
+                let rows = row_tile..(row_tile + TILE).min(stored_rows);
+                for (col, out_row) in band.chunks_exact_mut(stored_rows).enumerate() {
+                    for row in rows.clone() {
+                        out_row[row] = values[row * stored_cols + first_col + col];
+                    }
                 }
             }
-        }
-    }
+        });
     out
 }
 
