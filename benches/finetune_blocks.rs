@@ -80,7 +80,7 @@ fn main() {
         let forward = top.forward(input.clone(), batch, size).unwrap();
         let forwarded = Instant::now();
         gradients.zero();
-        top.backward(&forward, &upstream, &mut gradients, InputGradient::Skip)
+        top.backward(forward, &upstream, &mut gradients, InputGradient::Skip)
             .unwrap();
         let backwarded = Instant::now();
         optimizer.update(&mut top, &gradients, step);

@@ -32,6 +32,7 @@ use super::host::{Accumulate, AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
 };
+use crate::encoders::cpu_kernels::scratch;
 use crate::encoders::cpu_kernels::training::{self, Wanted};
 use crate::encoders::efficientnet_lite::EfficientNetLite;
 
@@ -582,10 +583,12 @@ impl TopBlocks {
 
     /// Adds the gradients of every parameter, given d loss / d pooled
     /// features (`[n_images, feature_dim]`), to `gradients`. Returns
-    /// d loss / d input (channels last) when `input` asks for it.
+    /// d loss / d input (channels last) when `input` asks for it. Consumes
+    /// `forward`: its activations go to the scratch pool as the pass
+    /// leaves them behind, so a step's deltas reuse them.
     pub fn backward(
         &self,
-        forward: &Forward,
+        forward: Forward,
         pooled_gradient: &[f32],
         gradients: &mut BlockGradients,
         input: InputGradient,
@@ -605,11 +608,21 @@ impl TopBlocks {
                 self.parameters().len()
             )));
         }
-        let mut delta =
-            training::mean_pool_backward(pooled_gradient, forward.head_size.pixels(), features);
+        let Forward {
+            n_images,
+            steps,
+            head_input,
+            head_size,
+            head_output,
+            pooled,
+        } = forward;
+        scratch::recycle(pooled);
+        let mut head_delta =
+            training::mean_pool_backward(pooled_gradient, head_size.pixels(), features);
         if self.head.relu6 {
-            training::relu6_mask(&mut delta, &forward.head_output);
+            training::relu6_mask(&mut head_delta, &head_output);
         }
+        scratch::recycle(head_output);
         let mut slots = gradients.values.iter_mut().rev();
         let mut next = |name: &str| -> &mut Vec<f32> {
             slots
@@ -619,13 +632,25 @@ impl TopBlocks {
         let (head_bias, head_weight) = (next("head bias"), next("head weight"));
         let mut delta = pointwise_backward(
             &self.head,
-            &forward.head_input,
-            &delta,
+            &head_input,
+            &head_delta,
             (head_weight, head_bias),
             Wanted::Yes,
         )
         .expect("the head's input gradient was asked for");
-        for (index, (block, step)) in self.blocks.iter().zip(&forward.steps).enumerate().rev() {
+        scratch::recycle(head_delta);
+        scratch::recycle(head_input);
+        // Each block's activations go back to the scratch pool once its
+        // gradients are done, for the deltas below it and the next step.
+        for (index, (block, step)) in self.blocks.iter().zip(steps).enumerate().rev() {
+            let BlockActivations {
+                input: block_input,
+                size,
+                expanded,
+                depthwise,
+                output_size,
+                branch_scale,
+            } = step;
             let first = index == 0;
             let wanted = if first && input == InputGradient::Skip {
                 Wanted::No
@@ -633,25 +658,31 @@ impl TopBlocks {
                 Wanted::Yes
             };
             let (project_bias, project_weight) = (next("project bias"), next("project weight"));
-            let branch_delta = step.branch_scale.as_ref().map(|scales| {
-                let mut scaled = delta.clone();
+            let branch_delta = branch_scale.as_ref().map(|scales| {
+                let mut scaled = scratch::with_capacity(delta.len());
+                scaled.extend_from_slice(&delta);
                 training::scale_parts(&mut scaled, scales);
                 scaled
             });
             let mut hidden_delta = pointwise_backward(
                 &block.project,
-                &step.depthwise,
+                &depthwise,
                 branch_delta.as_deref().unwrap_or(&delta),
                 (project_weight, project_bias),
                 Wanted::Yes,
             )
             .expect("the projection's input gradient was asked for");
-            if block.depthwise.relu6 {
-                training::relu6_mask(&mut hidden_delta, &step.depthwise);
+            if let Some(branch_delta) = branch_delta {
+                scratch::recycle(branch_delta);
             }
+            if block.depthwise.relu6 {
+                training::relu6_mask(&mut hidden_delta, &depthwise);
+            }
+            // Each activation goes back to the pool as soon as the pass is
+            // done with it, for the deltas of this block and those below.
+            scratch::recycle(depthwise);
             let (depthwise_bias, depthwise_weight) =
                 (next("depthwise bias"), next("depthwise weight"));
-            let depthwise_input = step.expanded.as_deref().unwrap_or(&step.input);
             let depthwise_wanted = if block.expand.is_some() {
                 Wanted::Yes
             } else {
@@ -660,40 +691,53 @@ impl TopBlocks {
             let below = training::depthwise_backward(
                 block.depthwise.kernel(),
                 training::DepthwiseTrace {
-                    input: depthwise_input,
+                    input: expanded.as_deref().unwrap_or(&block_input),
                     n_images,
-                    size: step.size,
-                    output_size: step.output_size,
+                    size,
+                    output_size,
                 },
                 &hidden_delta,
                 (depthwise_weight, depthwise_bias),
                 depthwise_wanted,
             );
-            let input_delta = match (&block.expand, below) {
-                (Some(expand), Some(mut expanded_delta)) => {
-                    let expanded = step.expanded.as_ref().expect("an expanded map");
+            scratch::recycle(hidden_delta);
+            let input_delta = match (&block.expand, below, expanded) {
+                (Some(expand), Some(mut expanded_delta), Some(expanded)) => {
                     if expand.relu6 {
-                        training::relu6_mask(&mut expanded_delta, expanded);
+                        training::relu6_mask(&mut expanded_delta, &expanded);
                     }
+                    scratch::recycle(expanded);
                     let (expand_bias, expand_weight) = (next("expand bias"), next("expand weight"));
-                    pointwise_backward(
+                    let input_delta = pointwise_backward(
                         expand,
-                        &step.input,
+                        &block_input,
                         &expanded_delta,
                         (expand_weight, expand_bias),
                         wanted,
-                    )
+                    );
+                    scratch::recycle(expanded_delta);
+                    input_delta
                 }
-                (_, below) => below,
+                (Some(_), _, None) => panic!("block {index} expands but kept no expanded map"),
+                (_, below, expanded) => {
+                    if let Some(expanded) = expanded {
+                        scratch::recycle(expanded);
+                    }
+                    below
+                }
             };
+            scratch::recycle(block_input);
             match input_delta {
                 Some(mut input_delta) => {
                     if block.residual {
                         training::add_assign(&mut input_delta, &delta);
                     }
-                    delta = input_delta;
+                    scratch::recycle(std::mem::replace(&mut delta, input_delta));
                 }
-                None => return Ok(None),
+                None => {
+                    scratch::recycle(delta);
+                    return Ok(None);
+                }
             }
         }
         Ok(Some(delta))
@@ -751,6 +795,22 @@ impl Forward {
 
     pub fn into_pooled(self) -> Vec<f32> {
         self.pooled
+    }
+
+    /// Gives the activations to the scratch pool for the next step's
+    /// (training and evaluation loops, which ask for the same sizes again;
+    /// a one-off prediction just drops them).
+    pub fn recycle(self) {
+        for step in self.steps {
+            scratch::recycle(step.input);
+            if let Some(expanded) = step.expanded {
+                scratch::recycle(expanded);
+            }
+            scratch::recycle(step.depthwise);
+        }
+        scratch::recycle(self.head_input);
+        scratch::recycle(self.head_output);
+        scratch::recycle(self.pooled);
     }
 
     /// Bytes this pass keeps for `backward` (memory planning).
@@ -859,7 +919,7 @@ where
 }
 
 fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32> {
-    let mut output = vec![0f32; pixels * conv.outputs];
+    let mut output = scratch::zeroed(pixels * conv.outputs);
     Product {
         a: row_major(input, pixels, conv.inputs),
         b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
@@ -889,7 +949,7 @@ fn pointwise_backward(
     training::add_column_sums(bias_gradient, delta);
     (wanted == Wanted::Yes).then(|| {
         // d input[pixels, in] = delta[pixels, out] x W[out, in]
-        let mut below = vec![0f32; pixels * conv.inputs];
+        let mut below = scratch::zeroed(pixels * conv.inputs);
         Product {
             a: row_major(delta, pixels, conv.outputs),
             b: row_major(&conv.weight, conv.outputs, conv.inputs),
@@ -1305,19 +1365,20 @@ mod tests {
     /// `candle_gradients`; returns ours and candle's parameter gradients.
     fn backward_matches_candle(
         top: &TopBlocks,
-        forward: &Forward,
+        forward: Forward,
         (input, n_images, size): (&[f32], usize, MapSize),
         upstream: &[f32],
         drop_path: Option<&DropPathDraw>,
     ) -> (BlockGradients, Vec<Vec<f32>>) {
         let mut gradients = top.zero_gradients();
+        let pooled = forward.pooled().to_vec();
         let input_gradient = top
             .backward(forward, upstream, &mut gradients, InputGradient::Compute)
             .unwrap()
             .expect("asked for the input gradient");
         let (expected, expected_input, expected_pooled) =
             candle_gradients(top, input, n_images, size, upstream, drop_path);
-        assert_close("pooled", forward.pooled(), &expected_pooled, 1e-5);
+        assert_close("pooled", &pooled, &expected_pooled, 1e-5);
         for ((name, ours), theirs) in top
             .parameter_names()
             .iter()
@@ -1360,12 +1421,14 @@ mod tests {
             }
         );
         let (mut gradients, expected) =
-            backward_matches_candle(&top, &forward, (&input, n_images, size), &upstream, None);
+            backward_matches_candle(&top, forward, (&input, n_images, size), &upstream, None);
 
         // Skipping the input gradient changes no parameter gradient, and
-        // backward accumulates: a second pass doubles them.
+        // backward accumulates: a second pass (of the same forward pass,
+        // run again: backward consumes it) doubles them.
+        let forward = top.forward(input.clone(), n_images, size).unwrap();
         let skipped = top
-            .backward(&forward, &upstream, &mut gradients, InputGradient::Skip)
+            .backward(forward, &upstream, &mut gradients, InputGradient::Skip)
             .unwrap();
         assert!(skipped.is_none());
         for ((name, twice), once) in top
@@ -1401,9 +1464,10 @@ mod tests {
         let forward = top
             .forward_with_drop_path(input.clone(), n_images, size, &draw)
             .unwrap();
+        let dropped = forward.pooled().to_vec();
         backward_matches_candle(
             &top,
-            &forward,
+            forward,
             (&input, n_images, size),
             &upstream,
             Some(&draw),
@@ -1413,7 +1477,7 @@ mod tests {
         let changed = plain
             .pooled()
             .iter()
-            .zip(forward.pooled())
+            .zip(&dropped)
             .any(|(a, b)| (a - b).abs() > 1e-3);
         assert!(changed);
         // A draw for other images or blocks is refused.
@@ -1528,7 +1592,7 @@ mod tests {
             losses.push(loss);
             gradients.zero();
             top.backward(
-                &forward,
+                forward,
                 &pooled_gradient,
                 &mut gradients,
                 InputGradient::Skip,
@@ -1566,7 +1630,7 @@ mod tests {
         for _ in 0..steps {
             let forward = top.forward(input.to_vec(), 2, size).unwrap();
             gradients.zero();
-            top.backward(&forward, upstream, &mut gradients, InputGradient::Skip)
+            top.backward(forward, upstream, &mut gradients, InputGradient::Skip)
                 .unwrap();
             optimizer.update(
                 top,

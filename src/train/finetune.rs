@@ -48,6 +48,7 @@ use super::run::{
 use super::session::{EpochLogger, finish_run, require_two_classes};
 use super::trainer::{BatchPlan, HeadTrainer, lend_first_layers, return_first_layers};
 use crate::encoders::ViewSet;
+use crate::encoders::cpu_kernels::scratch;
 use crate::encoders::efficientnet_lite::{Config, EfficientNetLite};
 use crate::experiments::{ExperimentsDb, ParamValue, RunHandle};
 use crate::features::catalog::FeatureKind;
@@ -213,7 +214,7 @@ fn gather_maps(data: &TrainData, map: usize, rows: &[usize]) -> Vec<f32> {
         height: shape.height,
         width: shape.width,
     };
-    let mut input = Vec::with_capacity(rows.len() * shape.channels * size.pixels());
+    let mut input = scratch::with_capacity(rows.len() * shape.channels * size.pixels());
     for &row in rows {
         append_channels_last(
             data.features.map(row, map),
@@ -546,7 +547,7 @@ impl<'a> Finetuning<'a> {
                         }
                     }
                     self.blocks.backward(
-                        &forward,
+                        forward,
                         &pooled_gradient,
                         &mut gradients,
                         InputGradient::Skip,
@@ -609,7 +610,8 @@ impl<'a> Finetuning<'a> {
             // Image-major, each image's views in order, as `average_views` reads them.
             let mut by_image = vec![0f32; chunk.len() * views * classes];
             for view in 0..views {
-                let mut input = cached.clone();
+                let mut input = scratch::with_capacity(cached.len());
+                input.extend_from_slice(&cached);
                 view_maps(
                     self.eval_views,
                     view,
@@ -617,7 +619,9 @@ impl<'a> Finetuning<'a> {
                     self.size,
                     blocks.in_channels(),
                 );
-                let mut pooled = blocks.forward(input, chunk.len(), self.size)?.into_pooled();
+                let forward = blocks.forward(input, chunk.len(), self.size)?;
+                let mut pooled = forward.pooled().to_vec();
+                forward.recycle();
                 standardise(&mut pooled, self.data);
                 let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
                 softmax_rows(&mut probabilities, classes);
@@ -626,6 +630,7 @@ impl<'a> Finetuning<'a> {
                     by_image[at..at + classes].copy_from_slice(row);
                 }
             }
+            scratch::recycle(cached);
             out.extend(
                 data::average_views(&by_image, classes, views, views)
                     .into_iter()

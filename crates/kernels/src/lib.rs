@@ -24,6 +24,7 @@ pub mod matmul;
 pub mod neighbours;
 pub mod network;
 pub mod resample;
+pub mod scratch;
 pub mod training;
 
 use std::sync::OnceLock;

@@ -15,11 +15,11 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::SimdLevel;
 use crate::gemm::{
     PackedPointwise, Pointwise, PointwiseInput, PointwiseOutput, WeightLayout, panel_width,
     tile_rows,
 };
+use crate::{SimdLevel, scratch};
 
 /// How a matrix lies in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +157,7 @@ pub fn matmul(
                 }
             }
         }
+        product.recycle();
         return;
     }
     let packed = product.pack(0..cols);
@@ -176,6 +177,7 @@ pub fn matmul(
     } else {
         product.rows_into(&packed, 0, residual_band(0, out.len()), out);
     }
+    product.recycle();
 }
 
 /// A product's operands, ready to be computed in bands.
@@ -190,6 +192,13 @@ struct Bands<'a> {
 }
 
 impl Bands<'_> {
+    /// Gives a transposed copy of `a` back to the scratch pool.
+    fn recycle(self) {
+        if let Cow::Owned(values) = self.a_rows {
+            scratch::recycle(values);
+        }
+    }
+
     /// `b`'s `columns`, packed.
     fn pack(&self, columns: std::ops::Range<usize>) -> PackedPointwise {
         let layout = match self.b.layout {
@@ -233,7 +242,7 @@ impl Bands<'_> {
 /// `[rows, cols]` row-major values of a matrix stored as `[cols, rows]`.
 fn transposed(values: &[f32], stored_rows: usize, stored_cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
-    let mut out = vec![0.0; values.len()];
+    let mut out = scratch::zeroed(values.len());
     if values.is_empty() {
         return out;
     }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use pulp::{Simd, WithSimd};
 
-use crate::{SimdLevel, same_padding};
+use crate::{SimdLevel, same_padding, scratch};
 
 /// `pulp`'s dispatcher at the level in force for the process.
 fn arch() -> pulp::Arch {
@@ -168,7 +168,7 @@ pub fn mean_pool(values: &[f32], pixels: usize, features: usize) -> Vec<f32> {
         "{} values in images of {pixels} x {features}",
         values.len()
     );
-    let mut pooled = vec![0f32; values.len() / pixels];
+    let mut pooled = scratch::zeroed(values.len() / pixels);
     let scale = 1.0 / pixels as f32;
     let arch = arch();
     pooled
@@ -195,7 +195,7 @@ pub fn mean_pool(values: &[f32], pixels: usize, features: usize) -> Vec<f32> {
 /// The gradient of [`mean_pool`]: each of an image's `pixels` gets its
 /// image's row of `pooled_gradient` (`[images, features]`) over `pixels`.
 pub fn mean_pool_backward(pooled_gradient: &[f32], pixels: usize, features: usize) -> Vec<f32> {
-    let mut delta = vec![0f32; pooled_gradient.len() * pixels];
+    let mut delta = scratch::zeroed(pooled_gradient.len() * pixels);
     let scale = 1.0 / pixels as f32;
     let arch = arch();
     delta
@@ -263,7 +263,7 @@ pub fn depthwise_forward(
         same_padding(size.width, k, s).0,
     );
     let arch = arch();
-    let mut output = vec![0f32; n_images * out_size.pixels() * c];
+    let mut output = scratch::zeroed(n_images * out_size.pixels() * c);
     output
         .par_chunks_mut(out_size.width * c)
         .enumerate()
@@ -382,7 +382,7 @@ pub fn depthwise_backward(
     }
     (wanted == Wanted::Yes).then(|| {
         // Gathered per input row: every output a tap of which read this pixel.
-        let mut below = vec![0f32; n_images * in_image];
+        let mut below = scratch::zeroed(n_images * in_image);
         below
             .par_chunks_mut(size.width * c)
             .enumerate()

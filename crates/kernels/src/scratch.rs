@@ -1,0 +1,119 @@
+//! Reused f32 buffers for the fine-tuning step's activations and gradients.
+//!
+//! A step of the fine-tuned blocks allocates and frees the same few dozen
+//! buffers (hundreds of MB at K 4), and the allocator returned their pages
+//! to the OS between steps: perf showed about 8 % of a step's CPU time in
+//! page faults and the kernel's page clearing. Buffers given back with
+//! [`recycle`] are handed out again by [`zeroed`] and [`with_capacity`], the
+//! smallest that holds the request (a step's last, smaller micro-batch
+//! reuses the full ones instead of allocating its own); the pool keeps at
+//! most [`MAX_BUFFERS`] buffers and [`MAX_BYTES`], dropping the oldest first,
+//! so buffers of sizes no longer asked for leave it. A K 4 step at batch 32
+//! then allocates only in its first step, and the process's peak stays
+//! within the memory plan (662 MB resident against 568 MB without the pool
+//! and a plan of 738 MB).
+//!
+//! Contents never leak from one use to the next: [`zeroed`] zeroes what it
+//! returns and [`with_capacity`] returns an empty vector.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+
+/// The most buffers the pool keeps (a K 4 step uses about 60).
+pub const MAX_BUFFERS: usize = 128;
+/// The most bytes the pool keeps.
+pub const MAX_BYTES: usize = 1 << 30;
+/// Smaller buffers go back to the allocator, which serves them well.
+const MIN_FLOATS: usize = 1 << 14;
+
+static FREE: Mutex<VecDeque<Vec<f32>>> = Mutex::new(VecDeque::new());
+
+/// The smallest free pooled buffer with room for `floats`, if any.
+fn take(floats: usize) -> Option<Vec<f32>> {
+    if floats < MIN_FLOATS {
+        return None;
+    }
+    let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
+    let index = free
+        .iter()
+        .enumerate()
+        .filter(|(_, buffer)| buffer.capacity() >= floats)
+        .min_by_key(|(_, buffer)| buffer.capacity())
+        .map(|(index, _)| index)?;
+    free.remove(index)
+}
+
+/// `len` zeros, in a pooled buffer where one fits.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    match take(len) {
+        Some(mut buffer) => {
+            buffer.clear();
+            buffer.resize(len, 0.0);
+            buffer
+        }
+        None => vec![0.0; len],
+    }
+}
+
+/// An empty vector with room for `floats`, pooled where one fits.
+pub fn with_capacity(floats: usize) -> Vec<f32> {
+    match take(floats) {
+        Some(mut buffer) => {
+            buffer.clear();
+            buffer
+        }
+        None => Vec::with_capacity(floats),
+    }
+}
+
+/// Gives `buffer` back for reuse (or to the allocator: small buffers, and
+/// the oldest pooled ones once the pool is full).
+pub fn recycle(buffer: Vec<f32>) {
+    let floats = buffer.capacity();
+    if floats < MIN_FLOATS || floats * 4 > MAX_BYTES {
+        return;
+    }
+    let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut bytes: usize = free.iter().map(|b| b.capacity() * 4).sum::<usize>() + floats * 4;
+    while !free.is_empty() && (free.len() >= MAX_BUFFERS || bytes > MAX_BYTES) {
+        if let Some(oldest) = free.pop_front() {
+            bytes -= oldest.capacity() * 4;
+        }
+    }
+    free.push_back(buffer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reused_buffers_come_back_zeroed_or_empty_and_the_pool_stays_bounded() {
+        let len = MIN_FLOATS * 3;
+        let mut dirty = zeroed(len);
+        dirty.iter_mut().for_each(|v| *v = 7.0);
+        recycle(dirty);
+        // Pooled buffers come back zeroed (the dirty one above, unless
+        // another test's product took it first) or empty.
+        let again = zeroed(len);
+        assert!(again.iter().all(|&v| v == 0.0));
+        assert_eq!(again.len(), len);
+        recycle(again);
+        let empty = with_capacity(len - 10);
+        assert!(empty.is_empty() && empty.capacity() >= len - 10);
+        // A smaller request may get a larger dirty buffer: zeroed to its
+        // length. (Other tests' products use the pool too, so which buffer
+        // it gets is not asserted.)
+        recycle(vec![1.0; MIN_FLOATS * 40]);
+        recycle(vec![1.0; MIN_FLOATS * 9]);
+        let smaller = zeroed(MIN_FLOATS * 8);
+        assert_eq!(smaller.len(), MIN_FLOATS * 8);
+        assert!(smaller.iter().all(|&v| v == 0.0));
+        for _ in 0..MAX_BUFFERS + 10 {
+            recycle(vec![0.0; MIN_FLOATS]);
+        }
+        let free = FREE.lock().unwrap();
+        assert!(free.len() <= MAX_BUFFERS);
+        assert!(free.iter().map(|b| b.capacity() * 4).sum::<usize>() <= MAX_BYTES);
+    }
+}
