@@ -919,7 +919,8 @@ where
 }
 
 fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32> {
-    let mut output = scratch::zeroed(pixels * conv.outputs);
+    // `Accumulate::Replace` writes every element.
+    let mut output = scratch::overwritten(pixels * conv.outputs);
     Product {
         a: row_major(input, pixels, conv.inputs),
         b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
@@ -949,7 +950,8 @@ fn pointwise_backward(
     training::add_column_sums(bias_gradient, delta);
     (wanted == Wanted::Yes).then(|| {
         // d input[pixels, in] = delta[pixels, out] x W[out, in]
-        let mut below = scratch::zeroed(pixels * conv.inputs);
+        // `Accumulate::Replace` writes every element.
+        let mut below = scratch::overwritten(pixels * conv.inputs);
         Product {
             a: row_major(delta, pixels, conv.outputs),
             b: row_major(&conv.weight, conv.outputs, conv.inputs),

@@ -242,7 +242,8 @@ impl Bands<'_> {
 /// `[rows, cols]` row-major values of a matrix stored as `[cols, rows]`.
 fn transposed(values: &[f32], stored_rows: usize, stored_cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
-    let mut out = scratch::zeroed(values.len());
+    // Every element is written below.
+    let mut out = scratch::overwritten(values.len());
     if values.is_empty() {
         return out;
     }

@@ -195,7 +195,8 @@ pub fn mean_pool(values: &[f32], pixels: usize, features: usize) -> Vec<f32> {
 /// The gradient of [`mean_pool`]: each of an image's `pixels` gets its
 /// image's row of `pooled_gradient` (`[images, features]`) over `pixels`.
 pub fn mean_pool_backward(pooled_gradient: &[f32], pixels: usize, features: usize) -> Vec<f32> {
-    let mut delta = scratch::zeroed(pooled_gradient.len() * pixels);
+    // Every element is written below.
+    let mut delta = scratch::overwritten(pooled_gradient.len() * pixels);
     let scale = 1.0 / pixels as f32;
     let arch = arch();
     delta
@@ -263,7 +264,8 @@ pub fn depthwise_forward(
         same_padding(size.width, k, s).0,
     );
     let arch = arch();
-    let mut output = scratch::zeroed(n_images * out_size.pixels() * c);
+    // Every output starts from its bias (`DepthwiseForwardRow`).
+    let mut output = scratch::overwritten(n_images * out_size.pixels() * c);
     output
         .par_chunks_mut(out_size.width * c)
         .enumerate()
