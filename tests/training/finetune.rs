@@ -605,6 +605,22 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
     }
 }
 
+/// `train` of the blocks after block 10 for one epoch in batches of 8.
+fn one_epoch_from_block_10(seed: &str) -> Vec<&str> {
+    let mut args = TRAIN.to_vec();
+    args.extend_from_slice(&[
+        "--unfreeze-from",
+        "10",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--seed",
+        seed,
+    ]);
+    args
+}
+
 /// The fine-tuning loops run at the widest SIMD level the CPU has; each
 /// narrower one (forced with `LAZARUS_SIMD`, read once per process) trains
 /// the same blocks. AVX2 bit for bit (its loops are element-wise and its
@@ -616,17 +632,7 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
 fn fine_tuning_trains_the_same_blocks_on_every_simd_level() {
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
-    let mut args = TRAIN.to_vec();
-    args.extend_from_slice(&[
-        "--unfreeze-from",
-        "10",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--seed",
-        "5",
-    ]);
+    let args = one_epoch_from_block_10("5");
     let trained = |output| {
         let report = json(&ok(output));
         let run = report["run_id"].as_str().unwrap().to_string();
@@ -672,17 +678,7 @@ fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() 
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
     let fine_tune = |extra: &[&str]| {
-        let mut args = TRAIN.to_vec();
-        args.extend_from_slice(&[
-            "--unfreeze-from",
-            "10",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--seed",
-            "3",
-        ]);
+        let mut args = one_epoch_from_block_10("3");
         args.extend_from_slice(extra);
         lazarus(&root, &args)
     };
