@@ -14,8 +14,12 @@
 # Everything lands under demo/ (git-ignored); a second run reuses the
 # features and the finished runs and finishes in seconds.
 # DEMO_IMAGES=N uses only the first N images and DEMO_KILL_AFTER=S kills the
-# second worker after S seconds (CI runs such a reduced demo). The binary is
-# the dev-profile build that the tests share (scripts/build.sh).
+# second worker after S seconds (CI runs such a reduced demo). DEMO_FINETUNE=1
+# also extracts the stride-8 maps and runs the fine-tuning sweeps
+# configs/elpv-finetune.toml (the best 4-class row of BENCHMARKS.md) and
+# configs/elpv-finetune-defective.toml (the best defective-vs-functional
+# row): 6 runs of about 11 minutes each on 2 cores, so off by default. The
+# binary is the dev-profile build that the tests share (scripts/build.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${DEMO_ROOT:-demo}"
@@ -55,6 +59,10 @@ lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --la
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --layers all --views dihedral
 say "and the stride-16 feature map of each cell, for patch-level anomaly scores (--spatial --maps 16, its own feature set)"
 lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --spatial --maps 16
+if [ "${DEMO_FINETUNE:-0}" = 1 ]; then
+  say "and the stride-8 map (block 4's output) with the stride-4 and -16 maps, for fine-tuning Lite0's blocks 5..=15 (--cache-at 4, its own feature set)"
+  lazarus enqueue --dataset elpv --encoder efficientnet-lite0 --chunk-size 64 --cache-at 4 --maps 4,16
+fi
 
 remaining() {
   lazarus status --json --dataset elpv | python3 -c \
@@ -116,6 +124,18 @@ lazarus sweep configs/elpv-views.toml | grep -v '^  run '
 for metric in test/accuracy test/macro_f1; do
   lazarus experiments ablate --by views,head --metric "$metric" --where sweep=elpv-views
 done
+
+if [ "${DEMO_FINETUNE:-0}" = 1 ]; then
+  for sweep in elpv-finetune elpv-finetune-defective; do
+    say "sweep configs/$sweep.toml: Lite0's blocks 5..=15 fine-tuned with an MLP head from the cached stride-8 maps, 8 map views (3 seeds, about 11 minutes each)"
+    start=$(date +%s.%N)
+    lazarus sweep "configs/$sweep.toml" | grep -v '^  run '
+    echo "took $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s"
+    for metric in test/accuracy test/macro_f1; do
+      lazarus experiments ablate --by unfreeze_from,head --metric "$metric" --where "sweep=$sweep"
+    done
+  done
+fi
 
 say "anomaly sweep configs/elpv-anomaly.toml: k-NN and Mahalanobis scorers fitted on normal cells only (defect probability 0 vs 1)"
 lazarus sweep configs/elpv-anomaly.toml | grep -v '^  run '
