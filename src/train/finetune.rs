@@ -649,6 +649,7 @@ impl<'a> Finetuning<'a> {
         observer: &mut dyn RunObserver,
         progress: bool,
     ) -> Result<RunReport, TrainError> {
+        let _scratch = ReleaseScratch;
         let data = self.data;
         let resumed_from = self.trainer.state.epochs_done;
         while self.trainer.is_active() {
@@ -813,6 +814,17 @@ struct Unobserved;
 impl RunObserver for Unobserved {
     fn epoch(&mut self, _: usize, _: usize, _: &BTreeMap<String, f64>) -> Result<(), TrainError> {
         Ok(())
+    }
+}
+
+/// Empties the kernels' scratch pool when a fine-tuning ends, however it
+/// ends: what the process does next (a sweep's next run, a head under its
+/// own memory plan) does not carry the steps' buffers.
+struct ReleaseScratch;
+
+impl Drop for ReleaseScratch {
+    fn drop(&mut self) {
+        scratch::release();
     }
 }
 
