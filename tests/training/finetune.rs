@@ -551,21 +551,8 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
     let fine_tune = |eval_views: &str| {
-        let mut args = TRAIN.to_vec();
-        args.extend_from_slice(&[
-            "--unfreeze-from",
-            "10",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--augment-maps",
-            "flips",
-            "--eval-views",
-            eval_views,
-            "--seed",
-            "3",
-        ]);
+        let mut args = one_epoch_from_block_10("3");
+        args.extend_from_slice(&["--augment-maps", "flips", "--eval-views", eval_views]);
         json(&ok(lazarus(&root, &args)))["run_id"]
             .as_str()
             .unwrap()
