@@ -640,8 +640,6 @@ impl TopBlocks {
         .expect("the head's input gradient was asked for");
         scratch::recycle(head_delta);
         scratch::recycle(head_input);
-        // Each block's activations go back to the scratch pool once its
-        // gradients are done, for the deltas below it and the next step.
         for (index, (block, step)) in self.blocks.iter().zip(steps).enumerate().rev() {
             let BlockActivations {
                 input: block_input,
@@ -659,8 +657,7 @@ impl TopBlocks {
             };
             let (project_bias, project_weight) = (next("project bias"), next("project weight"));
             let branch_delta = branch_scale.as_ref().map(|scales| {
-                let mut scaled = scratch::with_capacity(delta.len());
-                scaled.extend_from_slice(&delta);
+                let mut scaled = scratch::copied(&delta);
                 training::scale_parts(&mut scaled, scales);
                 scaled
             });
@@ -719,12 +716,8 @@ impl TopBlocks {
                     input_delta
                 }
                 (Some(_), _, None) => panic!("block {index} expands but kept no expanded map"),
-                (_, below, expanded) => {
-                    if let Some(expanded) = expanded {
-                        scratch::recycle(expanded);
-                    }
-                    below
-                }
+                // No expansion: the depthwise input gradient is the block's.
+                (_, below, _) => below,
             };
             scratch::recycle(block_input);
             match input_delta {

@@ -610,8 +610,7 @@ impl<'a> Finetuning<'a> {
             // Image-major, each image's views in order, as `average_views` reads them.
             let mut by_image = vec![0f32; chunk.len() * views * classes];
             for view in 0..views {
-                let mut input = scratch::with_capacity(cached.len());
-                input.extend_from_slice(&cached);
+                let mut input = scratch::copied(&cached);
                 view_maps(
                     self.eval_views,
                     view,

@@ -87,6 +87,13 @@ impl SimdLevel {
             .clone()
     }
 
+    /// [`SimdLevel::from_env`], or [`SimdLevel::detected`] when the variable
+    /// holds an unknown value (the encoder reports that error when it
+    /// loads): the level the training products and loops run at.
+    pub fn in_force() -> Self {
+        Self::from_env().unwrap_or_else(|_| Self::detected())
+    }
+
     /// `avx512`, `avx2` or `scalar` (case-insensitive).
     pub fn parse(value: &str) -> Result<Self, String> {
         match value.trim().to_ascii_lowercase().as_str() {

@@ -110,7 +110,7 @@ pub fn matmul(
     if rows == 0 || cols == 0 {
         return;
     }
-    let level = SimdLevel::from_env().unwrap_or_else(|_| SimdLevel::detected());
+    let level = SimdLevel::in_force();
     let lanes = level.lanes();
     let product = Bands {
         arch: level.arch().expect("a level this CPU runs"),

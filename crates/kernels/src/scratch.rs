@@ -87,6 +87,13 @@ pub fn with_capacity(floats: usize) -> Vec<f32> {
     }
 }
 
+/// A copy of `values`, in a pooled buffer where one fits.
+pub fn copied(values: &[f32]) -> Vec<f32> {
+    let mut copy = with_capacity(values.len());
+    copy.extend_from_slice(values);
+    copy
+}
+
 /// Gives `buffer` back for reuse (or to the allocator: small buffers, and
 /// the oldest pooled ones once the pool is full).
 pub fn recycle(buffer: Vec<f32>) {
@@ -132,6 +139,8 @@ mod tests {
         let sized = overwritten(len + 5);
         assert_eq!(sized.len(), len + 5);
         recycle(sized);
+        let values: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        assert_eq!(copied(&values), values);
         // A smaller request may get a larger dirty buffer: zeroed to its
         // length. (Other tests' products use the pool too, so which buffer
         // it gets is not asserted.)
