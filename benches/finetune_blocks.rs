@@ -8,7 +8,10 @@
 //! `cargo bench --bench finetune_blocks` (release profile) or with
 //! `--profile dev`, the profile `scripts/build.sh` builds `lazarus` in.
 //! `LAZARUS_BENCH_BATCH` (32) and `LAZARUS_BENCH_ITERS` (5) override the
-//! batch and the iterations. The weights are a random-weight Lite0's: the
+//! batch and the iterations; `LAZARUS_BENCH_STRIDE=8` trains from the
+//! stride-8 map instead (blocks 5..=15, 40 × 28 × 28: the best elpv
+//! configuration's `--unfreeze-from 4`) and `LAZARUS_BENCH_PRECISION=bf16`
+//! runs the blocks' products in bf16 (`--blocks-precision`). The weights are a random-weight Lite0's: the
 //! arithmetic does not depend on the values.
 
 use std::time::Instant;
@@ -17,6 +20,7 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use lazarus::encoders::efficientnet_lite::{Config, EfficientNetLite};
 use lazarus::train::blocks::{BlocksOptimizer, BlocksStep, InputGradient, MapSize, TopBlocks};
+use lazarus::train::config::BlocksPrecision;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -44,13 +48,20 @@ fn main() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let model = EfficientNetLite::new(Config::lite0(), vb).expect("a random-weight Lite0");
+    let stride = env_usize("LAZARUS_BENCH_STRIDE", 16);
+    let precision = BlocksPrecision::parse(
+        &std::env::var("LAZARUS_BENCH_PRECISION").unwrap_or_else(|_| "f32".to_string()),
+    )
+    .expect("LAZARUS_BENCH_PRECISION: f32 or bf16");
     let after_block = model
-        .map_block_index(16)
-        .expect("Lite0 has a stride-16 map");
-    let mut top = TopBlocks::from_encoder(&model, after_block).expect("Lite0's top blocks");
+        .map_block_index(stride)
+        .unwrap_or_else(|e| panic!("Lite0 has no stride-{stride} map: {e}"));
+    let mut top = TopBlocks::from_encoder(&model, after_block)
+        .expect("Lite0's top blocks")
+        .with_precision(precision);
     let size = MapSize {
-        height: 14,
-        width: 14,
+        height: 224 / stride,
+        width: 224 / stride,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let input: Vec<f32> = (0..batch * size.pixels() * top.in_channels())
@@ -61,8 +72,9 @@ fn main() {
         .collect();
     let parameters: usize = top.parameters().iter().map(|p| p.len()).sum();
     println!(
-        "top blocks after block {after_block}: {} blocks + head, {parameters} parameters; batch {batch}, {} threads, load {}",
+        "top blocks after block {after_block}: {} blocks + head, {parameters} parameters, {} products; batch {batch}, {} threads, load {}",
         top.n_blocks(),
+        precision.name(),
         rayon::current_num_threads(),
         load_average()
     );

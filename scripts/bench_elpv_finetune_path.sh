@@ -6,14 +6,16 @@
 # 4,16`, the same folder as `--spatial --maps 4,8,16`) with one worker,
 # then train the settings of configs/elpv-finetune.toml (blocks 5..=15 +
 # head convolution with an MLP head, dihedral map views in training,
-# averaged at evaluation) for one seed. EPOCHS (default 16, the config's)
-# and SEED (default 0) pick the run.
+# averaged at evaluation) for one seed. EPOCHS (default 16, the config's),
+# SEED (default 0) and BLOCKS_PRECISION (default bf16, the config's; f32
+# for the products in f32) pick the run.
 # Usage: bash scripts/bench_elpv_finetune_path.sh [ROOT]   (default bench-elpv-path/, emptied first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${1:-bench-elpv-path}"
 epochs="${EPOCHS:-16}"
 seed="${SEED:-0}"
+precision="${BLOCKS_PRECISION:-bf16}"
 bin=$(bash scripts/build.sh)
 LAZARUS_BIN="$bin" bash scripts/fetch_assets.sh >/dev/null
 cache="${LAZARUS_CACHE:-$HOME/.cache/lazarus}"
@@ -31,12 +33,12 @@ echo "register + extract (--cache-at 4 --maps 4,16, 2,624 cells): $(seconds "$st
 lazarus train --dataset elpv --encoder efficientnet-lite0 --maps 4,8,16 --unfreeze-from 4 \
   --head mlp --epochs "$epochs" --batch-size 32 --lr 0.001 --weight-decay 0.01 \
   --blocks-lr 0.0001 --blocks-weight-decay 0.05 --schedule cosine --warmup-steps 50 \
-  --augment-maps dihedral --seed "$seed" --json \
+  --augment-maps dihedral --blocks-precision "$precision" --seed "$seed" --json \
   | python3 -c 'import json, sys
 r = json.load(sys.stdin)
 t = r["test"]
-print("K 4, %s epochs, seed %s: epoch kept %d, test accuracy %.4f, test macro-F1 %.4f, peak RSS %d MB"
-      % (sys.argv[1], sys.argv[2], r["best_epoch"] + 1, t["test/accuracy"], t["test/macro_f1"], r["peak_rss_bytes"] // 1000000))' "$epochs" "$seed"
+print("K 4, %s epochs, seed %s, blocks in %s: epoch kept %d, test accuracy %.4f, test macro-F1 %.4f, peak RSS %d MB"
+      % (sys.argv[1], sys.argv[2], sys.argv[3], r["best_epoch"] + 1, t["test/accuracy"], t["test/macro_f1"], r["peak_rss_bytes"] // 1000000))' "$epochs" "$seed" "$precision"
 trained=$(now)
 echo "training: $(seconds "$extracted" "$trained") s"
 echo "whole path: $(seconds "$started" "$trained") s"

@@ -11,8 +11,8 @@ use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
-    Activation, ClassWeights, EarlyStopping, EvalViews, HeadConfig, Optimizer, Precision, Sampler,
-    TaskConfig, TrainConfig, TrainViews, Unfreeze,
+    Activation, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig, Optimizer,
+    Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
 };
 use crate::train::schedule::Schedule;
 
@@ -63,6 +63,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "blocks_lr",
     "blocks_weight_decay",
     "blocks_drop_path",
+    "blocks_precision",
     "augment_maps",
     "task",
     "normal_label",
@@ -338,14 +339,23 @@ pub fn train_settings(
             blocks_weight_decay: number("blocks_weight_decay")?
                 .unwrap_or(Unfreeze::DEFAULT_WEIGHT_DECAY),
             drop_path: number("blocks_drop_path")?.unwrap_or(0.0),
+            precision: text("blocks_precision")?
+                .map(|text| BlocksPrecision::parse(&text).map_err(|e| e.to_string()))
+                .transpose()?
+                .unwrap_or_default(),
         }),
         None => {
             // A sweep's points without `unfreeze_from` leave the blocks'
             // settings aside, as a linear point leaves `dropout`.
             if source == Source::Flags
-                && let Some(key) = ["blocks_lr", "blocks_weight_decay", "blocks_drop_path"]
-                    .into_iter()
-                    .find(|key| settings.contains_key(*key))
+                && let Some(key) = [
+                    "blocks_lr",
+                    "blocks_weight_decay",
+                    "blocks_drop_path",
+                    "blocks_precision",
+                ]
+                .into_iter()
+                .find(|key| settings.contains_key(*key))
             {
                 return Err(format!(
                     "{} applies to --unfreeze-from K (trained encoder blocks)",
@@ -675,6 +685,7 @@ mod tests {
                 blocks_learning_rate: 3e-4,
                 blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
                 drop_path: 0.0,
+                precision: BlocksPrecision::F32,
             })
         );
         // Fine-tuned runs read spatial folders: `maps` picks one.

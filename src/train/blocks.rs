@@ -28,6 +28,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::TrainError;
+use super::config::BlocksPrecision;
 use super::host::{Accumulate, AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
@@ -112,6 +113,8 @@ pub struct TopBlocks {
     in_channels: usize,
     blocks: Vec<Block>,
     head: Pointwise,
+    /// The 1×1 convolutions' matrix products, forward and backward.
+    precision: BlocksPrecision,
 }
 
 fn pointwise(conv: &ConvWeights, inputs: usize, name: &str) -> Result<Pointwise, TrainError> {
@@ -227,6 +230,7 @@ impl TopBlocks {
             in_channels,
             blocks: built,
             head,
+            precision: BlocksPrecision::F32,
         })
     }
 
@@ -299,6 +303,17 @@ impl TopBlocks {
         let head = conv("head", layout.head_relu6)?;
         Self::new(layout.after_block, layout.in_channels, &blocks, &head)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", source.display())))
+    }
+
+    /// These blocks with their 1×1 convolutions' products at `precision`
+    /// (f32 when built).
+    pub fn with_precision(mut self, precision: BlocksPrecision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> BlocksPrecision {
+        self.precision
     }
 
     /// The block whose output these blocks read.
@@ -544,15 +559,19 @@ impl TopBlocks {
             let expanded = block
                 .expand
                 .as_ref()
-                .map(|conv| pointwise_forward(conv, &x, pixels));
+                .map(|conv| pointwise_forward(conv, &x, pixels, self.precision));
             let (depthwise, output_size) = training::depthwise_forward(
                 block.depthwise.kernel(),
                 expanded.as_deref().unwrap_or(&x),
                 n_images,
                 size,
             );
-            let mut output =
-                pointwise_forward(&block.project, &depthwise, n_images * output_size.pixels());
+            let mut output = pointwise_forward(
+                &block.project,
+                &depthwise,
+                n_images * output_size.pixels(),
+                self.precision,
+            );
             if let Some(scales) = &branch_scale {
                 training::scale_parts(&mut output, scales);
             }
@@ -569,7 +588,8 @@ impl TopBlocks {
             });
             size = output_size;
         }
-        let head_output = pointwise_forward(&self.head, &x, n_images * size.pixels());
+        let head_output =
+            pointwise_forward(&self.head, &x, n_images * size.pixels(), self.precision);
         let pooled = training::mean_pool(&head_output, size.pixels(), self.head.outputs);
         Ok(Forward {
             n_images,
@@ -636,6 +656,7 @@ impl TopBlocks {
             &head_delta,
             (head_weight, head_bias),
             Wanted::Yes,
+            self.precision,
         )
         .expect("the head's input gradient was asked for");
         scratch::recycle(head_delta);
@@ -667,6 +688,7 @@ impl TopBlocks {
                 branch_delta.as_deref().unwrap_or(&delta),
                 (project_weight, project_bias),
                 Wanted::Yes,
+                self.precision,
             )
             .expect("the projection's input gradient was asked for");
             if let Some(branch_delta) = branch_delta {
@@ -711,6 +733,7 @@ impl TopBlocks {
                         &expanded_delta,
                         (expand_weight, expand_bias),
                         wanted,
+                        self.precision,
                     );
                     scratch::recycle(expanded_delta);
                     input_delta
@@ -911,14 +934,19 @@ where
     }
 }
 
-fn pointwise_forward(conv: &Pointwise, input: &[f32], pixels: usize) -> Vec<f32> {
+fn pointwise_forward(
+    conv: &Pointwise,
+    input: &[f32],
+    pixels: usize,
+    precision: BlocksPrecision,
+) -> Vec<f32> {
     // `Accumulate::Replace` writes every element.
     let mut output = scratch::overwritten(pixels * conv.outputs);
     Product {
         a: row_major(input, pixels, conv.inputs),
         b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
     }
-    .into(&mut output, Accumulate::Replace, Threads::Pool);
+    .into_at(&mut output, Accumulate::Replace, Threads::Pool, precision);
     training::add_bias_relu6(&mut output, &conv.bias, conv.relu6);
     output
 }
@@ -932,6 +960,7 @@ fn pointwise_backward(
     delta: &[f32],
     (weight_gradient, bias_gradient): (&mut Vec<f32>, &mut Vec<f32>),
     wanted: Wanted,
+    precision: BlocksPrecision,
 ) -> Option<Vec<f32>> {
     let pixels = delta.len() / conv.outputs;
     // dW[out, in] += delta^T[out, pixels] x input[pixels, in]
@@ -939,7 +968,7 @@ fn pointwise_backward(
         a: row_major(delta, pixels, conv.outputs).transpose(),
         b: row_major(input, pixels, conv.inputs),
     }
-    .into(weight_gradient, Accumulate::Add, Threads::Pool);
+    .into_at(weight_gradient, Accumulate::Add, Threads::Pool, precision);
     training::add_column_sums(bias_gradient, delta);
     (wanted == Wanted::Yes).then(|| {
         // d input[pixels, in] = delta[pixels, out] x W[out, in]
@@ -949,7 +978,7 @@ fn pointwise_backward(
             a: row_major(delta, pixels, conv.outputs),
             b: row_major(&conv.weight, conv.outputs, conv.inputs),
         }
-        .into(&mut below, Accumulate::Replace, Threads::Pool);
+        .into_at(&mut below, Accumulate::Replace, Threads::Pool, precision);
         below
     })
 }

@@ -98,6 +98,41 @@ impl Precision {
     }
 }
 
+/// The operands of the fine-tuned blocks' matrix products
+/// (`--blocks-precision`): f32, or bf16 with f32 sums (mixed precision:
+/// weights, moments, gradients' sums and every other loop stay f32; bf16
+/// keeps f32's exponent range, so no loss scaling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlocksPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl BlocksPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlocksPrecision::F32 => "f32",
+            BlocksPrecision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        match text {
+            "f32" => Ok(BlocksPrecision::F32),
+            "bf16" => Ok(BlocksPrecision::Bf16),
+            other => Err(TrainError::Invalid(format!(
+                "unknown blocks precision {other:?}: use f32 or bf16"
+            ))),
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == BlocksPrecision::F32
+    }
+}
+
 /// Per-class loss weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -283,6 +318,10 @@ pub struct Unfreeze {
     /// which stay as before it existed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drop_path: f64,
+    /// The blocks' matrix products (`--blocks-precision`); f32 is left out
+    /// of stored configs, which stay as before it existed.
+    #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
+    pub precision: BlocksPrecision,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -603,8 +642,8 @@ impl TrainConfig {
         }
         if self.precision != Precision::F32 {
             return bad(format!(
-                "--unfreeze-from {k} trains the blocks in f32; --precision {} applies to heads \
-                 on frozen features",
+                "--unfreeze-from {k} trains the head in f32; --precision {} applies to heads \
+                 on frozen features (--blocks-precision bf16 runs the blocks' products in bf16)",
                 self.precision.name()
             ));
         }

@@ -37,7 +37,7 @@ use super::blocks::{
     append_channels_last,
 };
 use super::checkpoint;
-use super::config::{TrainConfig, Unfreeze};
+use super::config::{BlocksPrecision, TrainConfig, Unfreeze};
 use super::data::{self, TrainData};
 use super::host::{HostHead, Threads, softmax_rows};
 use super::record::{fail_run, resumable_run, start};
@@ -255,6 +255,10 @@ pub struct BlocksInfo {
     /// as cached.
     #[serde(default, skip_serializing_if = "ViewSet::is_single")]
     pub views: ViewSet,
+    /// The blocks' matrix products as trained (`--blocks-precision`), which
+    /// every answer from them repeats; f32 in files from before.
+    #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
+    pub precision: BlocksPrecision,
 }
 
 /// Turns each square channels-last map of `maps` (`size`, `channels`) into
@@ -309,7 +313,8 @@ impl FineTunedBlocks {
                 })
             })?;
         let tensors = checkpoint::tensors_from_bytes(bytes, path, &Device::Cpu)?;
-        let blocks = TopBlocks::from_layout(&info.layout, &tensors, "", path)?;
+        let blocks = TopBlocks::from_layout(&info.layout, &tensors, "", path)?
+            .with_precision(info.precision);
         Ok(FineTunedBlocks { blocks, info })
     }
 
@@ -365,7 +370,8 @@ impl<'a> Finetuning<'a> {
             TrainError::Invalid("a fine-tuning run needs --unfreeze-from K".into())
         })?;
         let map = check_folder(data, encoder, unfreeze.after_block)?;
-        let blocks = TopBlocks::from_encoder(encoder.model, unfreeze.after_block)?;
+        let blocks = TopBlocks::from_encoder(encoder.model, unfreeze.after_block)?
+            .with_precision(unfreeze.precision);
         let shape = data.features.maps()[map];
         let folder = data.features.dir().display();
         if shape.channels != blocks.in_channels() {
@@ -739,6 +745,7 @@ impl<'a> Finetuning<'a> {
                     .get("tiling")
                     .and_then(|text| serde_json::from_str(text).ok()),
                 views: self.eval_views,
+                precision: self.blocks.precision(),
             },
         }
     }

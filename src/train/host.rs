@@ -25,13 +25,14 @@
 //! resume) keeps seeing the `Var`s.
 
 use candle_core::{Tensor, Var};
+use lazarus_kernels::bf16::matmul_bf16;
 pub(super) use lazarus_kernels::matmul::Accumulate;
 use lazarus_kernels::matmul::{Matrix, Parallelism, matmul};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::TrainError;
-use super::config::{Activation, HeadConfig, Optimizer};
+use super::config::{Activation, BlocksPrecision, HeadConfig, Optimizer};
 use super::head::Head;
 
 /// Matmuls with fewer multiply-adds than this run on the calling thread:
@@ -70,8 +71,24 @@ pub(super) struct Product<'a> {
 
 impl Product<'_> {
     pub(super) fn into(self, out: &mut [f32], accumulate: Accumulate, threads: Threads) {
+        self.into_at(out, accumulate, threads, BlocksPrecision::F32)
+    }
+
+    /// `into` with operands rounded to bf16 (f32 sums) under
+    /// `BlocksPrecision::Bf16`.
+    pub(super) fn into_at(
+        self,
+        out: &mut [f32],
+        accumulate: Accumulate,
+        threads: Threads,
+        precision: BlocksPrecision,
+    ) {
         let multiply_adds = self.a.rows * self.a.cols * self.b.cols;
-        matmul(
+        let product = match precision {
+            BlocksPrecision::F32 => matmul,
+            BlocksPrecision::Bf16 => matmul_bf16,
+        };
+        product(
             out,
             accumulate,
             self.a,

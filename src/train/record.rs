@@ -108,6 +108,7 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
         if unfreeze.drop_path > 0.0 {
             out.push(("blocks_drop_path".into(), unfreeze.drop_path.into()));
         }
+        out.push(("blocks_precision".into(), unfreeze.precision.name().into()));
         out.push(("augment_maps".into(), config.augment_maps.name().into()));
         if !config.augment_maps.is_single() {
             out.push(("eval_views".into(), config.eval_views.name().into()));

@@ -286,13 +286,14 @@ fn write_artifacts(
         fine_tuned_blocks: config.unfreeze.map(|unfreeze| {
             format!(
                 "the blocks after block {} and the head convolution of {}, trained with the \
-                 head from their pretrained weights (blocks.safetensors); predictions run them \
-                 on the cached or encoded output of block {}",
+                 head from their pretrained weights (blocks.safetensors, {} matrix products); \
+                 predictions run them on the cached or encoded output of block {}",
                 unfreeze.after_block,
                 data.features
                     .metadata()
                     .get("encoder")
                     .map_or("the encoder", String::as_str),
+                unfreeze.precision.name(),
                 unfreeze.after_block
             )
         }),

@@ -16,7 +16,7 @@ use lazarus::encoders::{self, efficientnet_lite::EfficientNetLite};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
-use lazarus::train::config::{HeadConfig, TrainConfig, Unfreeze};
+use lazarus::train::config::{BlocksPrecision, HeadConfig, TrainConfig, Unfreeze};
 use lazarus::train::data::{self, LoadConfig, TrainData};
 use lazarus::train::finetune::{self, FineTunedBlocks, FinetuneEncoder};
 use lazarus::train::schedule::Schedule;
@@ -84,6 +84,7 @@ fn config(after_block: usize) -> TrainConfig {
             blocks_learning_rate: 1e-4,
             blocks_weight_decay: 1e-4,
             drop_path: 0.0,
+            precision: BlocksPrecision::F32,
         }),
         ..TrainConfig::default()
     }
@@ -278,7 +279,7 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
         "{refused}"
     );
     let refused = fails(train(&["--unfreeze-from", "10", "--precision", "f16"]));
-    assert!(refused.contains("trains the blocks in f32"), "{refused}");
+    assert!(refused.contains("trains the head in f32"), "{refused}");
     let refused = fails(train(&["--unfreeze-from", "10", "--layers", "all"]));
     assert!(refused.contains("read spatial ones"), "{refused}");
 
@@ -657,6 +658,90 @@ fn fine_tuning_trains_the_same_blocks_on_every_simd_level() {
     assert!(
         !compared.is_empty() || detected == encoders::SimdLevel::Scalar,
         "no narrower level than {detected}"
+    );
+}
+
+/// `--blocks-precision bf16`: the blocks' matrix products take bf16
+/// operands with f32 sums (natively with AVX-512 BF16, else through the f32
+/// products on rounded operands). The run records it, its blocks file
+/// makes every answer repeat it (run and bundle agree), and it trains other
+/// blocks than f32 with nearly the same first-epoch loss: 2 steps of a
+/// random-weight encoder's blocks (a loss near 10.7), where bf16's 8-bit
+/// mantissa moves the loss by 1.3e-3 of itself (reference: the f32 run of
+/// the same seed).
+#[test]
+fn bf16_blocks_are_recorded_repeated_by_every_answer_and_train_near_f32() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let trained = |extra: &[&str], simd: Option<&str>| {
+        let mut args = one_epoch_from_block_10("5");
+        args.extend_from_slice(extra);
+        let mut command = support::queue_command(&root, None);
+        if let Some(level) = simd {
+            command.env(encoders::SIMD_ENV, level);
+        }
+        let report = json(&ok(command.args(&args).output().unwrap()));
+        let run = report["run_id"].as_str().unwrap().to_string();
+        let loss = report["epochs"][0]["train/loss"].as_f64().unwrap();
+        (run, loss)
+    };
+    let (f32_run, f32_loss) = trained(&[], None);
+    let (bf16_run, bf16_loss) = trained(&["--blocks-precision", "bf16"], None);
+    let (f32_blocks, bf16_blocks) = (run_blocks(&root, &f32_run), run_blocks(&root, &bf16_run));
+    assert_eq!(f32_blocks.blocks.precision(), BlocksPrecision::F32);
+    assert_eq!(bf16_blocks.blocks.precision(), BlocksPrecision::Bf16);
+    assert_eq!(bf16_blocks.info.precision, BlocksPrecision::Bf16);
+    assert_ne!(
+        f32_blocks.blocks.parameters(),
+        bf16_blocks.blocks.parameters()
+    );
+    assert!(
+        (bf16_loss - f32_loss).abs() <= 5e-3 * f32_loss.abs(),
+        "bf16 loss {bf16_loss}, f32 {f32_loss}"
+    );
+    // Below AVX-512 the products round the same operands and sum them in
+    // another order (and keep what `vdpbf16ps` flushes to zero): the loss
+    // moves by 1.6e-4 of itself, an eighth of bf16's distance from f32.
+    if encoders::SimdLevel::detected() > encoders::SimdLevel::Avx2 {
+        let (_, avx2_loss) = trained(&["--blocks-precision", "bf16"], Some("avx2"));
+        assert!(
+            (avx2_loss - bf16_loss).abs() <= 1e-3 * bf16_loss.abs(),
+            "bf16 at avx2: loss {avx2_loss}, at the widest level {bf16_loss}"
+        );
+    }
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &bf16_run, "--json"],
+    )));
+    assert_eq!(shown["params"]["blocks_precision"], "bf16", "{shown:#}");
+    let card = json(
+        &std::fs::read_to_string(
+            root.join("experiments/runs")
+                .join(&bf16_run)
+                .join("model_card.json"),
+        )
+        .unwrap(),
+    );
+    assert_eq!(card["config"]["unfreeze"]["precision"], "bf16", "{card:#}");
+    let cached = root.parent().unwrap().join("tree/class1/img003.png");
+    let bundle = temp.path().join("bundle");
+    let (by_run, by_bundle, _) = answers_of_run_and_bundle(&root, &bf16_run, &cached, &bundle);
+    assert_eq!(by_bundle[0]["top"], by_run[0]["top"]);
+    assert_eq!(by_bundle[1]["top"], by_run[1]["top"]);
+
+    let mut args = one_epoch_from_block_10("5");
+    args.extend_from_slice(&["--blocks-precision", "f16"]);
+    let refused = fails(lazarus(&root, &args));
+    assert!(
+        refused.contains("unknown blocks precision \"f16\": use f32 or bf16"),
+        "{refused}"
+    );
+    let mut frozen = TRAIN.to_vec();
+    frozen.extend_from_slice(&["--blocks-precision", "bf16"]);
+    let refused = fails(lazarus(&root, &frozen));
+    assert!(
+        refused.contains("--blocks-precision applies to --unfreeze-from K"),
+        "{refused}"
     );
 }
 

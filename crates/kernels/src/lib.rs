@@ -17,7 +17,11 @@
 //!   another between layers.
 //! - [`matmul`]: dense products for the training steps (heads, fine-tuned
 //!   blocks) on the pointwise kernel, each element summed in one fixed order.
+//! - [`bf16`]: the same products with bf16 operands and f32 sums
+//!   (`vdpbf16ps` on AVX-512 BF16), for the fine-tuned blocks' mixed
+//!   precision.
 
+pub mod bf16;
 pub mod depthwise;
 pub mod gemm;
 pub mod matmul;

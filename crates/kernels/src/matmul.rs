@@ -147,16 +147,7 @@ pub fn matmul(
                 (first, band)
             })
             .collect();
-        for (first, band) in bands {
-            let width = band.len() / rows;
-            for (out, band) in out.chunks_exact_mut(cols).zip(band.chunks_exact(width)) {
-                let out = &mut out[first..][..width];
-                match accumulate {
-                    Accumulate::Replace => out.copy_from_slice(band),
-                    Accumulate::Add => out.iter_mut().zip(band).for_each(|(o, b)| *o += b),
-                }
-            }
-        }
+        put_column_bands(out, cols, accumulate, bands);
         product.recycle();
         return;
     }
@@ -178,6 +169,29 @@ pub fn matmul(
         product.rows_into(&packed, 0, residual_band(0, out.len()), out);
     }
     product.recycle();
+}
+
+/// Copies or adds bands of columns, each `(first column, [rows, width]
+/// values)`, into `out` (`[rows, cols]`): the same single add per element
+/// as a kernel's residual. The bands go back to the scratch pool.
+pub(crate) fn put_column_bands(
+    out: &mut [f32],
+    cols: usize,
+    accumulate: Accumulate,
+    bands: Vec<(usize, Vec<f32>)>,
+) {
+    let rows = out.len() / cols;
+    for (first, band) in bands {
+        let width = band.len() / rows;
+        for (out, band) in out.chunks_exact_mut(cols).zip(band.chunks_exact(width)) {
+            let out = &mut out[first..][..width];
+            match accumulate {
+                Accumulate::Replace => out.copy_from_slice(band),
+                Accumulate::Add => out.iter_mut().zip(band).for_each(|(o, b)| *o += b),
+            }
+        }
+        scratch::recycle(band);
+    }
 }
 
 /// A product's operands, ready to be computed in bands.
