@@ -280,7 +280,7 @@ fn transposed(values: &[f32], stored_rows: usize, stored_cols: usize) -> Vec<f32
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gemm::tests::values;
 
@@ -292,16 +292,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn products_in_every_layout_equal_a_plain_f64_sum() {
-        // Reference: the textbook triple loop in f64.
-        for (rows, inner, cols) in [
-            (1, 1, 1),
-            (10, 256, 33),
-            (256, 40, 10),
-            (61, 7, 130),
-            (5, 0, 3),
-        ] {
+    /// A product with `matmul`'s signature.
+    pub(crate) type Product = fn(&mut [f32], Accumulate, Matrix<'_>, Matrix<'_>, Parallelism);
+
+    /// Checks `product` on every `(rows, inner, cols)` of `shapes`, in every
+    /// layout, replacing and accumulating, on one thread and the pool,
+    /// against the textbook triple loop in f64 over the operands as
+    /// `operand` sees them (rounded to bf16, say: each product stays exact).
+    pub(crate) fn check_against_f64_sums(
+        product: Product,
+        operand: fn(f32) -> f32,
+        shapes: &[(usize, usize, usize)],
+    ) {
+        for &(rows, inner, cols) in shapes {
             let (a_values, b_values) = (values(rows * inner, 1), values(inner * cols, 2));
             let old = values(rows * cols, 3);
             for (a_layout, b_layout) in [
@@ -321,11 +324,14 @@ mod tests {
                 for accumulate in [Accumulate::Replace, Accumulate::Add] {
                     for parallelism in [Parallelism::Sequential, Parallelism::Pool] {
                         let mut out = old.clone();
-                        matmul(&mut out, accumulate, a, b, parallelism);
+                        product(&mut out, accumulate, a, b, parallelism);
                         for row in 0..rows {
                             for col in 0..cols {
                                 let mut sum = (0..inner)
-                                    .map(|k| at(&a, row, k) as f64 * at(&b, k, col) as f64)
+                                    .map(|k| {
+                                        operand(at(&a, row, k)) as f64
+                                            * operand(at(&b, k, col)) as f64
+                                    })
                                     .sum::<f64>();
                                 if accumulate == Accumulate::Add {
                                     sum += old[row * cols + col] as f64;
@@ -342,6 +348,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn products_in_every_layout_equal_a_plain_f64_sum() {
+        check_against_f64_sums(
+            matmul,
+            |value| value,
+            &[
+                (1, 1, 1),
+                (10, 256, 33),
+                (256, 40, 10),
+                (61, 7, 130),
+                (5, 0, 3),
+            ],
+        );
     }
 
     #[test]
