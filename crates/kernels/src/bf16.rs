@@ -23,26 +23,35 @@
 //! it, and the bit cast of a vector to the bf16 vector type); each site says
 //! why it holds.
 
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
-use crate::matmul::{Accumulate, Layout, Matrix, Parallelism, matmul, put_column_bands};
+#[cfg(target_arch = "x86_64")]
+use crate::matmul::put_column_bands;
+use crate::matmul::{Accumulate, Layout, Matrix, Parallelism, matmul};
 use crate::{SimdLevel, scratch};
 
 /// f32 lanes of a 512-bit vector.
+#[cfg(target_arch = "x86_64")]
 const LANES: usize = 16;
 /// Vectors per full panel, and the register tile's rows for each panel width:
 /// 24 accumulators, the panel's vectors and a broadcast fit AVX-512's 32
 /// registers.
+#[cfg(target_arch = "x86_64")]
 const PANEL_VECTORS: usize = 3;
+#[cfg(target_arch = "x86_64")]
 const PANEL_WIDTH: usize = PANEL_VECTORS * LANES;
 /// Rows or columns per band below which a product is not split.
+#[cfg(target_arch = "x86_64")]
 const MIN_BAND: usize = 24;
 /// Pairs of `inner` summed per pass over a band's rows: a panel's part
 /// (256 × 48 lanes, 48 KiB) stays in L2 while every row tile reads it, where
 /// a whole panel of a weight gradient (`inner` = a batch's pixels) would
 /// stream from memory once per tile.
+#[cfg(target_arch = "x86_64")]
 const PAIRS_PER_PASS: usize = 256;
 /// Values per task of a conversion to pairs.
+#[cfg(target_arch = "x86_64")]
 const CONVERT_RUN: usize = 1 << 16;
 
 /// The bits of `value` rounded to bf16 (nearest, ties to even), in the low
@@ -66,6 +75,7 @@ pub fn round_to_bf16(value: f32) -> f32 {
 
 /// One 32-bit lane of a pair: `first` in the low half (the lower address,
 /// the even index `vdpbf16ps` pairs first), `second` in the high half.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn pair(first: f32, second: f32) -> f32 {
     f32::from_bits(bf16_bits(first) | (bf16_bits(second) << 16))
@@ -134,6 +144,7 @@ pub fn matmul_bf16(
 /// pair_stride`: row by row (`[rows][pairs]`) from row-major storage, pair
 /// by pair (`[pairs][rows]`) from transposed storage, so that either is one
 /// pass along the stored rows.
+#[cfg(target_arch = "x86_64")]
 struct APairs {
     values: Vec<f32>,
     row_stride: usize,
@@ -270,6 +281,7 @@ fn interleave(first: &[f32], second: Option<&[f32]>, out: &mut [f32]) {
 /// `b`'s `columns`, packed in panels of up to [`PANEL_VECTORS`] vectors:
 /// panel by panel, `[pairs][panel vectors · LANES]` bf16 pairs, zero past
 /// the last column.
+#[cfg(target_arch = "x86_64")]
 struct PackedB {
     pairs: usize,
     /// (first column, width, vectors, offset of its pairs) per panel.
@@ -277,6 +289,7 @@ struct PackedB {
     values: Vec<f32>,
 }
 
+#[cfg(target_arch = "x86_64")]
 fn pack_b(b: Matrix<'_>, columns: std::ops::Range<usize>, pairs: usize, threads: bool) -> PackedB {
     let (inner, cols) = (b.rows, b.cols);
     let n = columns.len();
