@@ -763,7 +763,14 @@ fn plan_memory(
 ) -> Result<BatchPlan, TrainError> {
     let map_floats = blocks.in_channels() * size.pixels();
     let probe = blocks.forward(vec![0f32; map_floats], 1, size)?;
-    let per_example_bytes = 2 * probe.stored_bytes() + map_floats as u64 * 4;
+    // bf16 products convert their operands first: up to half an
+    // activation's bytes more per image while one runs (and kept by the
+    // scratch pool after).
+    let conversions = match blocks.precision() {
+        BlocksPrecision::F32 => 0,
+        BlocksPrecision::Bf16 => probe.stored_bytes() / 2,
+    };
+    let per_example_bytes = 2 * probe.stored_bytes() + conversions + map_floats as u64 * 4;
     let parameters: u64 = blocks.parameters().iter().map(|p| p.len() as u64).sum();
     let classes = data.class_names.len();
     let head_parameters: u64 = {
