@@ -20,6 +20,11 @@
 //! Every sum is taken in an order fixed by the shapes alone (the depthwise
 //! weight gradient sums per-image partials in image order), so results do
 //! not depend on the thread count.
+//!
+//! `with_precision(BlocksPrecision::Bf16)` (`--blocks-precision bf16`) runs
+//! the 1×1 convolutions' products, forward and backward, on operands
+//! rounded to bf16 with f32 sums (`lazarus_kernels::bf16`); everything else
+//! stays f32.
 
 use std::collections::HashMap;
 use std::path::Path;
