@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::matmul::put_column_bands;
-use crate::matmul::{Accumulate, Layout, Matrix, Parallelism, matmul};
+use crate::matmul::{Accumulate, Layout, Matrix, Parallelism, matmul, product_shape};
 use crate::{SimdLevel, scratch};
 
 /// f32 lanes of a 512-bit vector.
@@ -107,13 +107,7 @@ pub fn matmul_bf16(
     b: Matrix<'_>,
     parallelism: Parallelism,
 ) {
-    let (rows, inner, cols) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, inner,
-        "product of {rows} x {inner} and {} x {cols}",
-        b.rows
-    );
-    assert_eq!(out.len(), rows * cols, "product out is not {rows} x {cols}");
+    let (rows, _, cols) = product_shape(out, a, b);
     if rows == 0 || cols == 0 {
         return;
     }

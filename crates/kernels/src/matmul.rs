@@ -100,13 +100,7 @@ pub fn matmul(
     b: Matrix<'_>,
     parallelism: Parallelism,
 ) {
-    let (rows, inner, cols) = (a.rows, a.cols, b.cols);
-    assert_eq!(
-        b.rows, inner,
-        "product of {rows} x {inner} and {} x {cols}",
-        b.rows
-    );
-    assert_eq!(out.len(), rows * cols, "product out is not {rows} x {cols}");
+    let (rows, inner, cols) = product_shape(out, a, b);
     if rows == 0 || cols == 0 {
         return;
     }
@@ -169,6 +163,19 @@ pub fn matmul(
         product.rows_into(&packed, 0, residual_band(0, out.len()), out);
     }
     product.recycle();
+}
+
+/// `(rows, inner, cols)` of `out = a × b`, checked: `b` has `inner` rows and
+/// `out` `rows × cols` values.
+pub(crate) fn product_shape(out: &[f32], a: Matrix<'_>, b: Matrix<'_>) -> (usize, usize, usize) {
+    let (rows, inner, cols) = (a.rows, a.cols, b.cols);
+    assert_eq!(
+        b.rows, inner,
+        "product of {rows} x {inner} and {} x {cols}",
+        b.rows
+    );
+    assert_eq!(out.len(), rows * cols, "product out is not {rows} x {cols}");
+    (rows, inner, cols)
 }
 
 /// Copies or adds bands of columns, each `(first column, [rows, width]
