@@ -89,6 +89,7 @@ pub fn native() -> bool {
         SimdLevel::in_force() == SimdLevel::Avx512
             && std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -452,7 +453,7 @@ fn run_rows(
                 // Later passes add to the earlier ones' sums.
                 add: add || pass_start > 0,
             };
-            // SAFETY: `native()` checked that the CPU runs AVX-512 F, VL and
+            // SAFETY: `native()` checked that the CPU runs AVX-512 F, VL, BW and
             // BF16 before any product came here.
             unsafe {
                 match vectors {
