@@ -23,7 +23,6 @@
 //! it, and the bit cast of a vector to the bf16 vector type); each site says
 //! why it holds.
 
-#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -50,8 +49,7 @@ const MIN_BAND: usize = 24;
 /// stream from memory once per tile.
 #[cfg(target_arch = "x86_64")]
 const PAIRS_PER_PASS: usize = 256;
-/// Values per task of a conversion to pairs.
-#[cfg(target_arch = "x86_64")]
+/// Values per task of a conversion.
 const CONVERT_RUN: usize = 1 << 16;
 
 /// The bits of `value` rounded to bf16 (nearest, ties to even), in the low
@@ -60,11 +58,9 @@ const CONVERT_RUN: usize = 1 << 16;
 fn bf16_bits(value: f32) -> u32 {
     let bits = value.to_bits();
     let rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-    if value.is_nan() {
-        (bits >> 16) | 0x40
-    } else {
-        rounded
-    }
+    // Integer compares only, so that loops over it vectorise.
+    let nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    if nan { (bits >> 16) | 0x40 } else { rounded }
 }
 
 /// `value` rounded to bf16, as an f32.
@@ -114,8 +110,28 @@ pub fn matmul_bf16(
     }
     if !native() {
         let rounded = |m: Matrix<'_>| {
-            let mut values = scratch::copied(m.values);
-            values.iter_mut().for_each(|v| *v = round_to_bf16(*v));
+            // Every element is written below.
+            let mut values = scratch::overwritten(m.values.len());
+            let round = |(out, values): (&mut [f32], &[f32])| {
+                SimdLevel::in_force()
+                    .arch()
+                    .expect("a level this CPU runs")
+                    .dispatch(
+                        #[inline(always)]
+                        || {
+                            for (out, value) in out.iter_mut().zip(values) {
+                                *out = round_to_bf16(*value);
+                            }
+                        },
+                    )
+            };
+            match parallelism {
+                Parallelism::Sequential => round((&mut values, m.values)),
+                Parallelism::Pool => values
+                    .par_chunks_mut(CONVERT_RUN)
+                    .zip(m.values.par_chunks(CONVERT_RUN))
+                    .for_each(round),
+            }
             values
         };
         let (a_values, b_values) = (rounded(a), rounded(b));
