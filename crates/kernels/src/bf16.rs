@@ -113,17 +113,14 @@ pub fn matmul_bf16(
             // Every element is written below.
             let mut values = scratch::overwritten(m.values.len());
             let round = |(out, values): (&mut [f32], &[f32])| {
-                SimdLevel::in_force()
-                    .arch()
-                    .expect("a level this CPU runs")
-                    .dispatch(
-                        #[inline(always)]
-                        || {
-                            for (out, value) in out.iter_mut().zip(values) {
-                                *out = round_to_bf16(*value);
-                            }
-                        },
-                    )
+                SimdLevel::in_force_arch().dispatch(
+                    #[inline(always)]
+                    || {
+                        for (out, value) in out.iter_mut().zip(values) {
+                            *out = round_to_bf16(*value);
+                        }
+                    },
+                )
             };
             match parallelism {
                 Parallelism::Sequential => round((&mut values, m.values)),
@@ -316,13 +313,12 @@ fn pack_b(b: Matrix<'_>, columns: std::ops::Range<usize>, pairs: usize, threads:
     }
     // Every element is written below (padding included).
     let mut values = scratch::overwritten(offset);
-    let at = |k: usize, col: usize| -> f32 {
-        if k >= inner {
-            return 0.0;
-        }
-        match b.layout {
-            Layout::RowMajor => b.values[k * cols + col],
-            Layout::Transposed => b.values[col * inner + k],
+    // Value `k` of column `col` of a transposed `b` (stored `[cols, inner]`).
+    let transposed_at = |k: usize, col: usize| -> f32 {
+        if k < inner {
+            b.values[col * inner + k]
+        } else {
+            0.0
         }
     };
     // Every panel but the last is PANEL_WIDTH wide: chunks of a full
@@ -346,7 +342,8 @@ fn pack_b(b: Matrix<'_>, columns: std::ops::Range<usize>, pairs: usize, threads:
                 // A weight matrix, small: value by value.
                 Layout::Transposed => {
                     for (c, out) in out.iter_mut().enumerate() {
-                        *out = pair(at(2 * p, first_col + c), at(2 * p + 1, first_col + c));
+                        let col = first_col + c;
+                        *out = pair(transposed_at(2 * p, col), transposed_at(2 * p + 1, col));
                     }
                 }
             }

@@ -98,6 +98,12 @@ impl SimdLevel {
         Self::from_env().unwrap_or_else(|_| Self::detected())
     }
 
+    /// `pulp`'s dispatcher at [`SimdLevel::in_force`], for the training
+    /// loops.
+    pub(crate) fn in_force_arch() -> Arch {
+        Self::in_force().arch().expect("a level this CPU runs")
+    }
+
     /// `avx512`, `avx2` or `scalar` (case-insensitive).
     pub fn parse(value: &str) -> Result<Self, String> {
         match value.trim().to_ascii_lowercase().as_str() {

@@ -21,7 +21,7 @@ use crate::{SimdLevel, same_padding, scratch};
 
 /// `pulp`'s dispatcher at the level in force for the process.
 fn arch() -> pulp::Arch {
-    SimdLevel::in_force().arch().expect("a level this CPU runs")
+    SimdLevel::in_force_arch()
 }
 
 /// The height and width of a map.
