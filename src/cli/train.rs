@@ -255,6 +255,12 @@ pub struct TrainArgs {
     /// [default: 1].
     #[arg(long, value_name = "1|flips|dihedral")]
     pub augment_maps: Option<String>,
+    /// --unfreeze-from: each training micro-batch's maps mixed with a
+    /// shuffled partner's and the targets alike, the weight drawn from
+    /// Beta(ALPHA, ALPHA): `mixup:ALPHA` blends whole maps, `cutmix:ALPHA`
+    /// pastes a box of the partner's map [default: none].
+    #[arg(long, value_name = "none|mixup:ALPHA|cutmix:ALPHA")]
+    pub mix_maps: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
@@ -357,6 +363,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
             "blocks_precision",
             args.blocks_precision.as_deref().and_then(text),
         ),
+        ("mix_maps", args.mix_maps.as_deref().and_then(text)),
         ("augment_maps", args.augment_maps.as_deref().and_then(text)),
         ("seed", Some(count(args.seed)?)),
     ];

@@ -11,8 +11,8 @@ use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
-    Activation, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig, Optimizer,
-    Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
+    Activation, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig, MapMix,
+    Optimizer, Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
 };
 use crate::train::schedule::Schedule;
 
@@ -64,6 +64,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "blocks_weight_decay",
     "blocks_drop_path",
     "blocks_precision",
+    "mix_maps",
     "augment_maps",
     "task",
     "normal_label",
@@ -343,6 +344,10 @@ pub fn train_settings(
                 .map(|text| BlocksPrecision::parse(&text).map_err(|e| e.to_string()))
                 .transpose()?
                 .unwrap_or_default(),
+            mix: text("mix_maps")?
+                .map(|text| MapMix::parse(&text).map_err(|e| e.to_string()))
+                .transpose()?
+                .unwrap_or_default(),
         }),
         None => {
             // A sweep's points without `unfreeze_from` leave the blocks'
@@ -353,6 +358,7 @@ pub fn train_settings(
                     "blocks_weight_decay",
                     "blocks_drop_path",
                     "blocks_precision",
+                    "mix_maps",
                 ]
                 .into_iter()
                 .find(|key| settings.contains_key(*key))
@@ -686,6 +692,7 @@ mod tests {
                 blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
                 drop_path: 0.0,
                 precision: BlocksPrecision::F32,
+                mix: MapMix::None,
             })
         );
         // Fine-tuned runs read spatial folders: `maps` picks one.
@@ -703,6 +710,24 @@ mod tests {
         );
         let point = train_settings(&settings("blocks_lr = 0.1"), Source::SweepFile).unwrap();
         assert_eq!(point.config.unfreeze, None);
+        // Map mixing as a sweep key: read into the blocks' settings, a bad
+        // value named.
+        let mixed = train_settings(
+            &settings("unfreeze_from = 4\nmix_maps = \"cutmix:1\""),
+            Source::SweepFile,
+        )
+        .unwrap();
+        assert_eq!(
+            mixed.config.unfreeze.map(|unfreeze| unfreeze.mix),
+            Some(MapMix::Cutmix { alpha: 1.0 })
+        );
+        assert!(
+            refusal(
+                "unfreeze_from = 4\nmix_maps = \"cutmix\"",
+                Source::SweepFile
+            )
+            .contains("unknown map mixing \"cutmix\""),
+        );
         let refused = refusal("augment_maps = \"flips\"", Source::SweepFile);
         assert!(
             refused.contains("--augment-maps flips applies to --unfreeze-from K"),

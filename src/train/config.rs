@@ -133,6 +133,64 @@ impl BlocksPrecision {
     }
 }
 
+/// Mixing of the training maps (`--mix-maps`): each micro-batch's maps
+/// are paired with a shuffled partner from the same micro-batch, mixed
+/// with a weight drawn from Beta(alpha, alpha) per micro-batch, and the
+/// targets mixed with the same weight (mixup on block K's output, as
+/// manifold mixup does; CutMix pastes a box of the partner's map whose
+/// share of the map's pixels is the partner's weight). Evaluation and
+/// prediction read the maps unmixed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MapMix {
+    #[default]
+    None,
+    Mixup {
+        alpha: f64,
+    },
+    Cutmix {
+        alpha: f64,
+    },
+}
+
+impl MapMix {
+    /// `none`, `mixup:ALPHA` or `cutmix:ALPHA`, as `--mix-maps` takes it.
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        let bad = || {
+            TrainError::Invalid(format!(
+                "unknown map mixing {text:?}: use none, mixup:ALPHA or cutmix:ALPHA with ALPHA \
+                 a positive number (e.g. mixup:0.2, cutmix:1)"
+            ))
+        };
+        if text == "none" {
+            return Ok(MapMix::None);
+        }
+        let (kind, alpha) = text.split_once(':').ok_or_else(bad)?;
+        let alpha: f64 = alpha.trim().parse().map_err(|_| bad())?;
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(bad());
+        }
+        match kind {
+            "mixup" => Ok(MapMix::Mixup { alpha }),
+            "cutmix" => Ok(MapMix::Cutmix { alpha }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The text `parse` reads back.
+    pub fn name(&self) -> String {
+        match self {
+            MapMix::None => "none".into(),
+            MapMix::Mixup { alpha } => format!("mixup:{alpha}"),
+            MapMix::Cutmix { alpha } => format!("cutmix:{alpha}"),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == MapMix::None
+    }
+}
+
 /// Per-class loss weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -322,6 +380,10 @@ pub struct Unfreeze {
     /// of stored configs, which stay as before it existed.
     #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
     pub precision: BlocksPrecision,
+    /// Mixing of the training maps (`--mix-maps`); none is left out of
+    /// stored configs, which stay as before it existed.
+    #[serde(default, skip_serializing_if = "MapMix::is_none")]
+    pub mix: MapMix,
 }
 
 fn is_zero(value: &f64) -> bool {

@@ -20,7 +20,8 @@
 //!
 //! As for heads (`run.rs`): every `checkpoint_every` epochs the checkpoint
 //! pair holds the head's state plus the blocks, their moments and the best
-//! epoch's blocks; the data order and dropout come from (seed, epoch), so a
+//! epoch's blocks; the data order, the map views, dropout, drop path and
+//! map mixing (`mix`) come from (seed, epoch), so a
 //! run killed at any point resumes from its newest checkpoint and ends with
 //! the metrics of an uninterrupted run. The blocks file is written before
 //! `metrics.json`, whose presence marks the run finished.
@@ -40,6 +41,7 @@ use super::checkpoint;
 use super::config::{BlocksPrecision, TrainConfig, Unfreeze};
 use super::data::{self, TrainData};
 use super::host::{HostHead, Threads, softmax_rows};
+use super::mix;
 use super::record::{fail_run, resumable_run, start};
 use super::run::{
     EpochStream, FitOptions, RunObserver, RunReport, binary_curves, drawn_view, dropout_stream,
@@ -227,6 +229,37 @@ fn gather_maps(data: &TrainData, map: usize, rows: &[usize]) -> Vec<f32> {
     input
 }
 
+/// A training batch's maps as the step sees them: gathered channels-last
+/// and turned into each position's drawn view.
+struct TrainingMaps<'b> {
+    data: &'b TrainData,
+    map: usize,
+    augment: ViewSet,
+    /// The batch's (row, label) pairs and each position's view.
+    batch: &'b [(usize, usize)],
+    views: &'b [usize],
+    side: usize,
+    channels: usize,
+}
+
+impl TrainingMaps<'_> {
+    /// The maps of the batch's `positions`, in that order.
+    fn gather(&self, positions: &[usize]) -> Vec<f32> {
+        let rows: Vec<usize> = positions.iter().map(|&at| self.batch[at].0).collect();
+        let mut input = gather_maps(self.data, self.map, &rows);
+        let per_map = self.channels * self.side * self.side;
+        for (map, &at) in input.chunks_exact_mut(per_map).zip(positions) {
+            if self.views[at] > 0 {
+                let seen =
+                    self.augment
+                        .apply_channels_last(self.views[at], map, self.side, self.channels);
+                map.copy_from_slice(&seen);
+            }
+        }
+        input
+    }
+}
+
 /// The head's input: pooled features standardised with the folder's
 /// training statistics.
 fn standardise(pooled: &mut [f32], data: &TrainData) {
@@ -340,6 +373,11 @@ fn drop_path_stream(epoch: usize) -> u64 {
     (1 << 40) + epoch as u64
 }
 
+/// The stream of an epoch's map mixing (`--mix-maps`).
+fn mix_stream(epoch: usize) -> u64 {
+    (1 << 41) + epoch as u64
+}
+
 /// A fine-tuning in progress: the head's trainer (weights, moments,
 /// schedule state, best head, history), the blocks and their optimiser,
 /// and the blocks of the best epoch so far.
@@ -401,6 +439,14 @@ impl<'a> Finetuning<'a> {
                 "--augment-maps {}: folder {folder} holds {}x{} maps; flips and rotations of \
                  maps need squares",
                 config.augment_maps, size.height, size.width
+            )));
+        }
+        if !unfreeze.mix.is_none() && size.height != size.width {
+            return Err(TrainError::Invalid(format!(
+                "--mix-maps {}: folder {folder} holds {}x{} maps; mixing takes square maps",
+                unfreeze.mix.name(),
+                size.height,
+                size.width
             )));
         }
         let plan = plan_memory(data, &blocks, size, config)?;
@@ -487,6 +533,8 @@ impl<'a> Finetuning<'a> {
         let steps_per_epoch = order.len().div_ceil(config.batch_size);
         let mut dropout_rng = seeded(config.seed, dropout_stream(epoch));
         let mut drop_path_rng = seeded(config.seed, drop_path_stream(epoch));
+        let mut mix_rng = seeded(config.seed, mix_stream(epoch));
+        let classes = data.class_names.len();
         let mut gradients: BlockGradients = self.blocks.zero_gradients();
         let bar = epoch_bar(progress, steps_per_epoch, epoch, config.epochs);
         let mut first = lend_first_layers(&mut [&mut self.trainer])?;
@@ -503,26 +551,49 @@ impl<'a> Finetuning<'a> {
                 let labels: Vec<usize> = batch.iter().map(|&(_, label)| label).collect();
                 let mut step = self.trainer.begin_input_step(&mut first, &labels)?;
                 gradients.zero();
-                for micro in batch.chunks(self.trainer.plan.micro_batch) {
-                    let rows: Vec<usize> = micro.iter().map(|&(row, _)| row).collect();
-                    let mut input = gather_maps(data, self.map, &rows);
-                    if !augment.is_single() {
-                        let per_map = channels * self.size.pixels();
-                        for (map, &row) in input.chunks_exact_mut(per_map).zip(&rows) {
-                            let occurrence = draws.entry(row).or_insert(0);
-                            let view = drawn_view(
-                                config.seed,
-                                epoch,
-                                images[row],
-                                *occurrence,
-                                augment.count(),
-                            );
-                            *occurrence += 1;
-                            if view > 0 {
-                                let seen = augment.apply_channels_last(view, map, side, channels);
-                                map.copy_from_slice(&seen);
-                            }
+                // Each position's view, drawn in batch order.
+                let views: Vec<usize> = batch
+                    .iter()
+                    .map(|&(row, _)| {
+                        if augment.is_single() {
+                            return 0;
                         }
+                        let occurrence = draws.entry(row).or_insert(0);
+                        *occurrence += 1;
+                        drawn_view(
+                            config.seed,
+                            epoch,
+                            images[row],
+                            *occurrence - 1,
+                            augment.count(),
+                        )
+                    })
+                    .collect();
+                let mixing = mix::draw(self.unfreeze.mix, batch.len(), side, &mut mix_rng);
+                if let Some(mixing) = &mixing {
+                    step.mix_targets(&mixing.partners, mixing.weight, classes);
+                }
+                let micro_batch = self.trainer.plan.micro_batch;
+                for (micro_index, micro) in batch.chunks(micro_batch).enumerate() {
+                    let rows: Vec<usize> = micro.iter().map(|&(row, _)| row).collect();
+                    let positions: Vec<usize> =
+                        (micro_index * micro_batch..).take(micro.len()).collect();
+                    let seen = TrainingMaps {
+                        data,
+                        map: self.map,
+                        augment,
+                        batch,
+                        views: &views,
+                        side,
+                        channels,
+                    };
+                    let mut input = seen.gather(&positions);
+                    if let Some(mixing) = &mixing {
+                        let partners: Vec<usize> =
+                            positions.iter().map(|&at| mixing.partners[at]).collect();
+                        let partner_maps = seen.gather(&partners);
+                        mixing.apply(&mut input, &partner_maps, side, channels);
+                        scratch::recycle(partner_maps);
                     }
                     let forward = if self.unfreeze.drop_path > 0.0 {
                         let draw = self.blocks.draw_drop_path(

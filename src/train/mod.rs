@@ -5,7 +5,8 @@
 //! `run` drives one or many heads over shared batches and writes run folders,
 //! `host` is the f32 CPU step without an autograd graph, `blocks` the
 //! trainable top blocks of an EfficientNet-Lite and `finetune` their training
-//! with a head from a spatial folder (partial fine-tuning),
+//! with a head from a spatial folder (partial fine-tuning), `mix` mixup and
+//! CutMix of its training maps,
 //! `checkpoint` makes runs resumable, `schedule` gives the learning rate per
 //! step, `metrics` scores predictions, `warm` starts a head from another
 //! run's weights; `anomaly` fits and scores anomaly detectors (k-NN,
@@ -20,6 +21,7 @@ pub mod finetune;
 pub mod head;
 pub mod host;
 pub mod metrics;
+pub mod mix;
 pub mod record;
 pub mod run;
 pub mod schedule;

@@ -109,6 +109,9 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             out.push(("blocks_drop_path".into(), unfreeze.drop_path.into()));
         }
         out.push(("blocks_precision".into(), unfreeze.precision.name().into()));
+        if !unfreeze.mix.is_none() {
+            out.push(("mix_maps".into(), unfreeze.mix.name().into()));
+        }
         out.push(("augment_maps".into(), config.augment_maps.name().into()));
         if !config.augment_maps.is_single() {
             out.push(("eval_views".into(), config.eval_views.name().into()));

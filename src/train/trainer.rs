@@ -766,6 +766,33 @@ pub struct InputStep {
     next: usize,
 }
 
+impl InputStep {
+    /// Mixes the batch's targets with their partners' (positions in the
+    /// batch): row i becomes `weight` of its own targets and the rest of
+    /// row `partners[i]`'s (mixup and CutMix on the maps, `mix`). Call
+    /// before the first micro-batch.
+    pub fn mix_targets(&mut self, partners: &[usize], weight: f32, classes: usize) {
+        assert_eq!(self.next, 0, "targets mixed before the first micro-batch");
+        assert_eq!(
+            partners.len() * classes,
+            self.targets.len(),
+            "one partner per row"
+        );
+        let own = self.targets.clone();
+        for (values, (row, &partner)) in self
+            .targets
+            .chunks_exact_mut(classes)
+            .zip(partners.iter().enumerate())
+        {
+            let mine = &own[row * classes..(row + 1) * classes];
+            let theirs = &own[partner * classes..(partner + 1) * classes];
+            for ((value, &a), &b) in values.iter_mut().zip(mine).zip(theirs) {
+                *value = weight * a + (1.0 - weight) * b;
+            }
+        }
+    }
+}
+
 impl HeadTrainer {
     /// Starts a step over a batch with `labels` (its head lent to `first`
     /// by `lend_first_layers`).

@@ -16,7 +16,7 @@ use lazarus::encoders::{self, efficientnet_lite::EfficientNetLite};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
-use lazarus::train::config::{BlocksPrecision, HeadConfig, TrainConfig, Unfreeze};
+use lazarus::train::config::{BlocksPrecision, HeadConfig, MapMix, TrainConfig, Unfreeze};
 use lazarus::train::data::{self, LoadConfig, TrainData};
 use lazarus::train::finetune::{self, FineTunedBlocks, FinetuneEncoder};
 use lazarus::train::schedule::Schedule;
@@ -85,6 +85,7 @@ fn config(after_block: usize) -> TrainConfig {
             blocks_weight_decay: 1e-4,
             drop_path: 0.0,
             precision: BlocksPrecision::F32,
+            mix: MapMix::None,
         }),
         ..TrainConfig::default()
     }
@@ -793,6 +794,86 @@ fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() 
     let refused = fails(lazarus(&root, &frozen));
     assert!(
         refused.contains("--blocks-drop-path applies to --unfreeze-from K"),
+        "{refused}"
+    );
+}
+
+/// `--mix-maps`: mixup and CutMix of the training maps (train::mix's unit
+/// tests check the mixing itself against hand-computed blends and boxes).
+#[test]
+fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let fine_tune = |extra: &[&str]| {
+        let mut args = one_epoch_from_block_10("3");
+        args.extend_from_slice(extra);
+        lazarus(&root, &args)
+    };
+    let run_of = |output| json(&ok(output))["run_id"].as_str().unwrap().to_string();
+    let plain = run_of(fine_tune(&[]));
+    let plain_blocks = run_blocks(&root, &plain).blocks;
+    let mut trained = Vec::new();
+    for mix in ["mixup:0.4", "cutmix:1"] {
+        let mixed = run_of(fine_tune(&["--mix-maps", mix]));
+        let again = run_of(fine_tune(&["--mix-maps", mix]));
+        let blocks = run_blocks(&root, &mixed).blocks;
+        assert_eq!(
+            blocks.parameters(),
+            run_blocks(&root, &again).blocks.parameters(),
+            "{mix}"
+        );
+        assert_ne!(blocks.parameters(), plain_blocks.parameters(), "{mix}");
+        let shown = json(&ok(lazarus(
+            &root,
+            &["experiments", "show", &mixed, "--json"],
+        )));
+        assert_eq!(shown["params"]["mix_maps"], mix, "{shown:#}");
+        trained.push(blocks.parameters().concat());
+    }
+    assert_ne!(trained[0], trained[1], "mixup and CutMix train alike");
+
+    // Partners and the weight are drawn per batch: a budget that splits the
+    // batch of 8 into micro-batches of 3 mixes the same maps (the training
+    // loss agrees to rounding; mixing within each micro-batch would change
+    // the pairs and the loss by far more).
+    let whole = json(&ok(fine_tune(&["--mix-maps", "cutmix:1"])));
+    let plan = &whole["plan"];
+    assert_eq!(plan["micro_batch"], 8, "{whole:#}");
+    let budget =
+        plan["fixed_bytes"].as_u64().unwrap() + 3 * plan["per_example_bytes"].as_u64().unwrap();
+    let budget = budget.to_string();
+    let split = json(&ok(fine_tune(&[
+        "--mix-maps",
+        "cutmix:1",
+        "--memory-budget",
+        &budget,
+    ])));
+    assert_eq!(split["plan"]["micro_batch"], 3, "{split:#}");
+    let loss = |report: &serde_json::Value| report["epochs"][0]["train/loss"].as_f64().unwrap();
+    assert!(
+        (loss(&whole) - loss(&split)).abs() < 1e-5 * loss(&whole),
+        "{} against {}",
+        loss(&whole),
+        loss(&split)
+    );
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &plain, "--json"],
+    )));
+    assert!(shown["params"].get("mix_maps").is_none(), "{shown:#}");
+
+    for bad in ["mixup", "mixup:0", "blend:0.2", "cutmix:-1"] {
+        let refused = fails(fine_tune(&["--mix-maps", bad]));
+        assert!(
+            refused.contains(&format!("unknown map mixing \"{bad}\"")),
+            "{bad}: {refused}"
+        );
+    }
+    let mut frozen = TRAIN.to_vec();
+    frozen.extend_from_slice(&["--mix-maps", "mixup:0.2"]);
+    let refused = fails(lazarus(&root, &frozen));
+    assert!(
+        refused.contains("--mix-maps applies to --unfreeze-from K"),
         "{refused}"
     );
 }
