@@ -905,6 +905,8 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         "dihedral",
         "--blocks-drop-path",
         "0.3",
+        "--mix-maps",
+        "mixup:0.4",
         "--seed",
         "7",
     ]);
