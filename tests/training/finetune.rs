@@ -610,6 +610,29 @@ fn one_epoch_from_block_10(seed: &str) -> Vec<&str> {
     args
 }
 
+/// A blocks-only flag on a run without `--unfreeze-from` is refused by name.
+fn refused_without_blocks(root: &Path, flag: &str, value: &str) {
+    let mut frozen = TRAIN.to_vec();
+    frozen.extend_from_slice(&[flag, value]);
+    let refused = fails(lazarus(root, &frozen));
+    assert!(
+        refused.contains(&format!("{flag} applies to --unfreeze-from K")),
+        "{refused}"
+    );
+}
+
+/// One epoch from block 10 at seed 3 with `extra` flags.
+fn one_epoch_with(root: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = one_epoch_from_block_10("3");
+    args.extend_from_slice(extra);
+    lazarus(root, &args)
+}
+
+/// The run id of a successful `train --json`.
+fn run_of(output: std::process::Output) -> String {
+    json(&ok(output))["run_id"].as_str().unwrap().to_string()
+}
+
 /// The fine-tuning loops run at the widest SIMD level the CPU has; each
 /// narrower one (forced with `LAZARUS_SIMD`, read once per process) trains
 /// the same blocks. AVX2 bit for bit (its loops are element-wise and its
@@ -737,25 +760,14 @@ fn bf16_blocks_are_recorded_repeated_by_every_answer_and_train_near_f32() {
         refused.contains("unknown blocks precision \"f16\": use f32 or bf16"),
         "{refused}"
     );
-    let mut frozen = TRAIN.to_vec();
-    frozen.extend_from_slice(&["--blocks-precision", "bf16"]);
-    let refused = fails(lazarus(&root, &frozen));
-    assert!(
-        refused.contains("--blocks-precision applies to --unfreeze-from K"),
-        "{refused}"
-    );
+    refused_without_blocks(&root, "--blocks-precision", "bf16");
 }
 
 #[test]
 fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() {
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
-    let fine_tune = |extra: &[&str]| {
-        let mut args = one_epoch_from_block_10("3");
-        args.extend_from_slice(extra);
-        lazarus(&root, &args)
-    };
-    let run_of = |output| json(&ok(output))["run_id"].as_str().unwrap().to_string();
+    let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
     let dropping = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
     let again = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
     let plain = run_of(fine_tune(&[]));
@@ -789,13 +801,7 @@ fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() 
         refused.contains("blocks drop-path rate 1 must be in [0, 1)"),
         "{refused}"
     );
-    let mut frozen = TRAIN.to_vec();
-    frozen.extend_from_slice(&["--blocks-drop-path", "0.2"]);
-    let refused = fails(lazarus(&root, &frozen));
-    assert!(
-        refused.contains("--blocks-drop-path applies to --unfreeze-from K"),
-        "{refused}"
-    );
+    refused_without_blocks(&root, "--blocks-drop-path", "0.2");
 }
 
 /// `--mix-maps`: mixup and CutMix of the training maps (train::mix's unit
@@ -804,12 +810,7 @@ fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() 
 fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
-    let fine_tune = |extra: &[&str]| {
-        let mut args = one_epoch_from_block_10("3");
-        args.extend_from_slice(extra);
-        lazarus(&root, &args)
-    };
-    let run_of = |output| json(&ok(output))["run_id"].as_str().unwrap().to_string();
+    let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
     let plain = run_of(fine_tune(&[]));
     let plain_blocks = run_blocks(&root, &plain).blocks;
     let mut trained = Vec::new();
@@ -869,13 +870,7 @@ fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
             "{bad}: {refused}"
         );
     }
-    let mut frozen = TRAIN.to_vec();
-    frozen.extend_from_slice(&["--mix-maps", "mixup:0.2"]);
-    let refused = fails(lazarus(&root, &frozen));
-    assert!(
-        refused.contains("--mix-maps applies to --unfreeze-from K"),
-        "{refused}"
-    );
+    refused_without_blocks(&root, "--mix-maps", "mixup:0.2");
 }
 
 #[test]
