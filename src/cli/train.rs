@@ -261,6 +261,12 @@ pub struct TrainArgs {
     /// pastes a box of the partner's map [default: none].
     #[arg(long, value_name = "none|mixup:ALPHA|cutmix:ALPHA")]
     pub mix_maps: Option<String>,
+    /// --unfreeze-from: evaluate, keep and save the exponential moving
+    /// average of the blocks' and the head's weights over the steps (decay
+    /// warmed up as (1 + step) / (10 + step) until it reaches DECAY; e.g.
+    /// 0.998) [default: 0, off].
+    #[arg(long, value_name = "DECAY")]
+    pub ema: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
@@ -364,6 +370,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
             args.blocks_precision.as_deref().and_then(text),
         ),
         ("mix_maps", args.mix_maps.as_deref().and_then(text)),
+        ("ema", args.ema.map(Value::Float)),
         ("augment_maps", args.augment_maps.as_deref().and_then(text)),
         ("seed", Some(count(args.seed)?)),
     ];

@@ -65,6 +65,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "blocks_drop_path",
     "blocks_precision",
     "mix_maps",
+    "ema",
     "augment_maps",
     "task",
     "normal_label",
@@ -348,6 +349,7 @@ pub fn train_settings(
                 .map(|text| MapMix::parse(&text).map_err(|e| e.to_string()))
                 .transpose()?
                 .unwrap_or_default(),
+            ema: number("ema")?.unwrap_or(0.0),
         }),
         None => {
             // A sweep's points without `unfreeze_from` leave the blocks'
@@ -359,6 +361,7 @@ pub fn train_settings(
                     "blocks_drop_path",
                     "blocks_precision",
                     "mix_maps",
+                    "ema",
                 ]
                 .into_iter()
                 .find(|key| settings.contains_key(*key))
@@ -693,6 +696,7 @@ mod tests {
                 drop_path: 0.0,
                 precision: BlocksPrecision::F32,
                 mix: MapMix::None,
+                ema: 0.0,
             })
         );
         // Fine-tuned runs read spatial folders: `maps` picks one.
@@ -713,13 +717,16 @@ mod tests {
         // Map mixing as a sweep key: read into the blocks' settings, a bad
         // value named.
         let mixed = train_settings(
-            &settings("unfreeze_from = 4\nmix_maps = \"cutmix:1\""),
+            &settings("unfreeze_from = 4\nmix_maps = \"cutmix:1\"\nema = 0.998"),
             Source::SweepFile,
         )
         .unwrap();
         assert_eq!(
-            mixed.config.unfreeze.map(|unfreeze| unfreeze.mix),
-            Some(MapMix::Cutmix { alpha: 1.0 })
+            mixed
+                .config
+                .unfreeze
+                .map(|unfreeze| (unfreeze.mix, unfreeze.ema)),
+            Some((MapMix::Cutmix { alpha: 1.0 }, 0.998))
         );
         assert!(
             refusal(

@@ -384,6 +384,12 @@ pub struct Unfreeze {
     /// stored configs, which stay as before it existed.
     #[serde(default, skip_serializing_if = "MapMix::is_none")]
     pub mix: MapMix,
+    /// Decay of the exponential moving average of the blocks' and the
+    /// head's weights (`--ema`) that evaluation, the kept epoch and the
+    /// run's files use; 0 (off) is left out of stored configs, which stay
+    /// as before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ema: f64,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -692,6 +698,13 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&drop_path) {
             return bad(format!(
                 "blocks drop-path rate {drop_path} must be in [0, 1)"
+            ));
+        }
+        let ema = unfreeze.ema;
+        if !(0.0..1.0).contains(&ema) {
+            return bad(format!(
+                "weight average decay {ema} must be in [0, 1) (0: off; 0.998 averages about \
+                 the last 500 steps)"
             ));
         }
         let k = unfreeze.after_block;

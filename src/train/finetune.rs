@@ -366,6 +366,93 @@ impl FineTunedBlocks {
 /// Checkpoint tensor prefixes of the blocks, their moments and the best blocks.
 const BLOCKS_PREFIX: &str = "blocks.";
 const BEST_BLOCKS_PREFIX: &str = "best_blocks.";
+const AVERAGE_BLOCKS_PREFIX: &str = "average_blocks.";
+const AVERAGE_HEAD_PREFIX: &str = "average_head.";
+const BEST_AVERAGE_HEAD_PREFIX: &str = "best_average_head.";
+
+/// The exponential moving average of the blocks' and the head's weights
+/// (`--ema`): what evaluation reads, the kept epoch keeps and the run
+/// writes. The decay warms up as (1 + step) / (10 + step), so the head's
+/// random start fades within the first steps.
+struct Averaged {
+    decay: f64,
+    blocks: TopBlocks,
+    head: HostHead,
+    /// The average at the kept epoch.
+    best_head: Option<HostHead>,
+}
+
+impl Averaged {
+    /// Moves the average towards the weights after step `step` (1-based).
+    fn update(&mut self, step: usize, blocks: &TopBlocks, head: Vec<&[f32]>) {
+        let decay = self.decay.min((1 + step) as f64 / (10 + step) as f64) as f32;
+        let mix = |average: &mut [f32], current: &[f32]| {
+            for (a, &c) in average.iter_mut().zip(current) {
+                *a = decay * *a + (1.0 - decay) * c;
+            }
+        };
+        for (average, current) in self
+            .blocks
+            .parameters_mut()
+            .into_iter()
+            .zip(blocks.parameters())
+        {
+            mix(average, current);
+        }
+        let averages = self
+            .head
+            .layers
+            .iter_mut()
+            .flat_map(|layer| [&mut layer.weight, &mut layer.bias]);
+        for (average, current) in averages.zip(head) {
+            mix(average, current);
+        }
+    }
+}
+
+/// A head's layers as named 1-D tensors (checkpoints).
+fn head_tensors(head: &HostHead, prefix: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let mut out = Vec::new();
+    for (index, layer) in head.layers.iter().enumerate() {
+        for (kind, values) in [("weight", &layer.weight), ("bias", &layer.bias)] {
+            out.push((
+                format!("{prefix}{index}.{kind}"),
+                Tensor::from_slice(values, values.len(), &Device::Cpu)?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces `head`'s layers with the named tensors `head_tensors` wrote.
+fn load_head(
+    head: &mut HostHead,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    source: &Path,
+) -> Result<(), TrainError> {
+    for (index, layer) in head.layers.iter_mut().enumerate() {
+        for (kind, values) in [("weight", &mut layer.weight), ("bias", &mut layer.bias)] {
+            let name = format!("{prefix}{index}.{kind}");
+            let read = tensors
+                .get(&name)
+                .ok_or_else(|| {
+                    TrainError::Checkpoint(format!("{} lacks tensor {name}", source.display()))
+                })?
+                .to_vec1::<f32>()?;
+            if read.len() != values.len() {
+                return Err(TrainError::Checkpoint(format!(
+                    "{}: tensor {name} holds {} values, the head {}",
+                    source.display(),
+                    read.len(),
+                    values.len()
+                )));
+            }
+            *values = read;
+        }
+    }
+    Ok(())
+}
 
 /// The random stream of an epoch's stochastic-depth draws (apart from the
 /// data order's and dropout's, `2 * epoch + 1` and `2 * epoch + 2`).
@@ -391,6 +478,8 @@ struct Finetuning<'a> {
     blocks: TopBlocks,
     optimizer: BlocksOptimizer,
     best_blocks: Option<TopBlocks>,
+    /// `--ema`: the weights' moving average.
+    averaged: Option<Averaged>,
     encoder: String,
     weights: String,
     /// The map views evaluation averages over (see `BlocksInfo::views`).
@@ -463,6 +552,16 @@ impl<'a> Finetuning<'a> {
             plan,
             &Device::Cpu,
         )?;
+        let averaged = if unfreeze.ema > 0.0 {
+            Some(Averaged {
+                decay: unfreeze.ema,
+                blocks: blocks.clone(),
+                head: trainer.evaluation_head()?.expect("f32 CPU head"),
+                best_head: None,
+            })
+        } else {
+            None
+        };
         Ok(Finetuning {
             data,
             unfreeze,
@@ -472,6 +571,7 @@ impl<'a> Finetuning<'a> {
             optimizer: BlocksOptimizer::new(&blocks),
             blocks,
             best_blocks: None,
+            averaged,
             encoder: encoder.name.to_string(),
             weights: format!("sha256:{}", encoder.weights_sha256),
             eval_views: if config.eval_views.is_mean() {
@@ -498,6 +598,19 @@ impl<'a> Finetuning<'a> {
             self.trainer.state.updates,
             &source,
         )?;
+        if let Some(averaged) = &mut self.averaged {
+            averaged
+                .blocks
+                .load_tensors(&tensors, AVERAGE_BLOCKS_PREFIX, &source)?;
+            load_head(&mut averaged.head, &tensors, AVERAGE_HEAD_PREFIX, &source)?;
+            averaged.best_head = if self.trainer.state.best_score.is_some() {
+                let mut best = averaged.head.clone();
+                load_head(&mut best, &tensors, BEST_AVERAGE_HEAD_PREFIX, &source)?;
+                Some(best)
+            } else {
+                None
+            };
+        }
         self.best_blocks = if self.trainer.state.best_score.is_some() {
             let mut best = self.blocks.clone();
             best.load_tensors(&tensors, BEST_BLOCKS_PREFIX, &source)?;
@@ -514,6 +627,13 @@ impl<'a> Finetuning<'a> {
         tensors.extend(self.optimizer.tensors(&self.blocks, BLOCKS_PREFIX)?);
         if let Some(best) = &self.best_blocks {
             tensors.extend(best.tensors(BEST_BLOCKS_PREFIX)?);
+        }
+        if let Some(averaged) = &self.averaged {
+            tensors.extend(averaged.blocks.tensors(AVERAGE_BLOCKS_PREFIX)?);
+            tensors.extend(head_tensors(&averaged.head, AVERAGE_HEAD_PREFIX)?);
+            if let Some(best) = &averaged.best_head {
+                tensors.extend(head_tensors(best, BEST_AVERAGE_HEAD_PREFIX)?);
+            }
         }
         Ok(tensors)
     }
@@ -657,6 +777,13 @@ impl<'a> Finetuning<'a> {
                         scale: 1.0,
                     },
                 );
+                if let Some(averaged) = &mut self.averaged {
+                    averaged.update(
+                        self.trainer.state.global_step,
+                        &self.blocks,
+                        self.trainer.lent_parameters(&first),
+                    );
+                }
                 if let Some(bar) = &bar {
                     bar.inc(1);
                 }
@@ -733,8 +860,14 @@ impl<'a> Finetuning<'a> {
             if self.trainer.state.diverged.is_some() {
                 break;
             }
-            let head = self.trainer.evaluation_head()?.expect("f32 CPU head");
-            let probabilities = self.probabilities(&self.blocks, &head, &data.val.rows)?;
+            let (blocks, head) = match &self.averaged {
+                Some(averaged) => (&averaged.blocks, averaged.head.clone()),
+                None => (
+                    &self.blocks,
+                    self.trainer.evaluation_head()?.expect("f32 CPU head"),
+                ),
+            };
+            let probabilities = self.probabilities(blocks, &head, &data.val.rows)?;
             let evaluation = split_evaluation(data, &data.val, "val", &probabilities)?;
             if !evaluation.finite {
                 self.trainer.diverge(format!(
@@ -747,7 +880,13 @@ impl<'a> Finetuning<'a> {
             let mut metrics: BTreeMap<String, f64> = evaluation.metrics;
             metrics.insert("train/loss".into(), train_loss);
             if self.trainer.end_epoch(metrics)? {
-                self.best_blocks = Some(self.blocks.clone());
+                match &mut self.averaged {
+                    Some(averaged) => {
+                        self.best_blocks = Some(averaged.blocks.clone());
+                        averaged.best_head = Some(averaged.head.clone());
+                    }
+                    None => self.best_blocks = Some(self.blocks.clone()),
+                }
             }
             let done = self.trainer.state.epochs_done;
             observer.epoch(0, done - 1, &self.trainer.state.history[done - 1])?;
@@ -765,6 +904,10 @@ impl<'a> Finetuning<'a> {
         self.trainer.restore_best()?;
         if let Some(best) = self.best_blocks.take() {
             self.blocks = best;
+        }
+        // The kept average is the run's head (written by `write_run`).
+        if let Some(best) = self.averaged.as_ref().and_then(|a| a.best_head.as_ref()) {
+            self.trainer.set_head_weights(best)?;
         }
         let head = self.trainer.evaluation_head()?.expect("f32 CPU head");
         let probabilities = self.probabilities(&self.blocks, &head, &data.test.rows)?;
@@ -857,7 +1000,14 @@ fn plan_memory(
             })
             .sum()
     };
-    let fixed_bytes = runtime_bytes(data) + parameters * 4 * 5 + head_parameters * 4 * 9;
+    // Weights, gradients, two moments and the best copy, and the average's
+    // two copies under --ema.
+    let copies = if config.unfreeze.is_some_and(|u| u.ema > 0.0) {
+        7
+    } else {
+        5
+    };
+    let fixed_bytes = runtime_bytes(data) + parameters * 4 * copies + head_parameters * 4 * 9;
     let budget = config.memory_budget_bytes;
     let room = budget.saturating_sub(fixed_bytes) / per_example_bytes;
     if room == 0 {

@@ -657,6 +657,11 @@ impl FirstLayers {
     }
 
     /// Each head's rows: weight (to update) and gradient, disjoint.
+    /// Head `head`'s first-layer weight (`[outputs, inputs]`).
+    pub fn weight_of(&self, head: usize) -> &[f32] {
+        &self.weight[self.offsets[head] * self.inputs..self.offsets[head + 1] * self.inputs]
+    }
+
     pub fn split_mut(&mut self) -> Vec<FirstLayer<'_>> {
         let FirstLayers {
             inputs,

@@ -112,6 +112,9 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
         if !unfreeze.mix.is_none() {
             out.push(("mix_maps".into(), unfreeze.mix.name().into()));
         }
+        if unfreeze.ema > 0.0 {
+            out.push(("ema".into(), unfreeze.ema.into()));
+        }
         out.push(("augment_maps".into(), config.augment_maps.name().into()));
         if !config.augment_maps.is_single() {
             out.push(("eval_views".into(), config.eval_views.name().into()));

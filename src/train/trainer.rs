@@ -164,6 +164,45 @@ impl HeadTrainer {
         Ok(())
     }
 
+    /// The current weights (weight and bias of each layer in order) while
+    /// `first`, lent by this head alone, holds its first layer's weight:
+    /// the weights a step has just updated.
+    pub fn lent_parameters<'a>(&'a self, first: &'a FirstLayers) -> Vec<&'a [f32]> {
+        let host = self
+            .host
+            .as_ref()
+            .expect("lend_first_layers loaded the host copy");
+        let mut out = Vec::with_capacity(2 * host.head.layers.len());
+        for (index, layer) in host.head.layers.iter().enumerate() {
+            out.push(if index == 0 {
+                first.weight_of(0)
+            } else {
+                layer.weight.as_slice()
+            });
+            out.push(layer.bias.as_slice());
+        }
+        out
+    }
+
+    /// Replaces the head's weights with `head`'s (of the same layer
+    /// sizes), between epochs: a run whose kept head is an average of its
+    /// steps (`--ema`) writes it through the usual files.
+    pub fn set_head_weights(&mut self, head: &HostHead) -> Result<(), TrainError> {
+        if self.host.is_some() {
+            return Err(TrainError::Invalid(
+                "head weights replaced while an epoch's steps hold them".into(),
+            ));
+        }
+        for (layer, pair) in head.layers.iter().zip(self.parameters.chunks_exact(2)) {
+            let weight =
+                Tensor::from_slice(&layer.weight, (layer.outputs, layer.inputs), &self.device)?;
+            let bias = Tensor::from_slice(&layer.bias, layer.outputs, &self.device)?;
+            pair[0].set(&weight.to_dtype(pair[0].dtype())?)?;
+            pair[1].set(&bias.to_dtype(pair[1].dtype())?)?;
+        }
+        Ok(())
+    }
+
     /// A host copy of the current weights for evaluation, on the host path.
     pub fn evaluation_head(&self) -> Result<Option<HostHead>, TrainError> {
         if self.uses_host_path() {

@@ -86,6 +86,7 @@ fn config(after_block: usize) -> TrainConfig {
             drop_path: 0.0,
             precision: BlocksPrecision::F32,
             mix: MapMix::None,
+            ema: 0.0,
         }),
         ..TrainConfig::default()
     }
@@ -873,6 +874,47 @@ fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
     refused_without_blocks(&root, "--mix-maps", "mixup:0.2");
 }
 
+/// `--ema`: evaluation, the kept epoch and the run's files use the moving
+/// average of the blocks' and the head's weights.
+#[test]
+fn averaged_weights_are_kept_recorded_repeated_and_answer_alike_from_run_and_bundle() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
+    let averaged = run_of(fine_tune(&["--ema", "0.9"]));
+    let again = run_of(fine_tune(&["--ema", "0.9"]));
+    let plain = run_of(fine_tune(&[]));
+    let blocks = run_blocks(&root, &averaged).blocks;
+    assert_eq!(
+        blocks.parameters(),
+        run_blocks(&root, &again).blocks.parameters()
+    );
+    // Two steps of batch 8: the average (decay (1 + step) / (10 + step))
+    // stays near the pretrained blocks, away from the trained ones.
+    let plain_blocks = run_blocks(&root, &plain).blocks;
+    assert_ne!(blocks.parameters(), plain_blocks.parameters());
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &averaged, "--json"],
+    )));
+    assert_eq!(shown["params"]["ema"], 0.9, "{shown:#}");
+    let cached = temp.path().join("tree/class0/img000.png");
+    let (by_run, by_bundle, images) =
+        answers_of_run_and_bundle(&root, &averaged, &cached, &temp.path().join("bundle"));
+    for image in 0..images.len() {
+        assert_eq!(
+            by_run[image]["top"], by_bundle[image]["top"],
+            "image {image}"
+        );
+    }
+    let refused = fails(fine_tune(&["--ema", "1"]));
+    assert!(
+        refused.contains("weight average decay 1 must be in [0, 1)"),
+        "{refused}"
+    );
+    refused_without_blocks(&root, "--ema", "0.99");
+}
+
 #[test]
 fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
@@ -902,6 +944,8 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         "0.3",
         "--mix-maps",
         "mixup:0.4",
+        "--ema",
+        "0.95",
         "--seed",
         "7",
     ]);
