@@ -19,8 +19,8 @@
 //! # Crash behaviour
 //!
 //! As for heads (`run.rs`): every `checkpoint_every` epochs the checkpoint
-//! pair holds the head's state plus the blocks, their moments and the best
-//! epoch's blocks; the data order, the map views, dropout, drop path and
+//! pair holds the head's state plus the blocks, their moments, the best
+//! epoch's blocks and, under `--ema`, the weights' average and its kept head; the data order, the map views, dropout, drop path and
 //! map mixing (`mix`) come from (seed, epoch), so a
 //! run killed at any point resumes from its newest checkpoint and ends with
 //! the metrics of an uninterrupted run. The blocks file is written before
