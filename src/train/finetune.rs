@@ -20,10 +20,11 @@
 //!
 //! As for heads (`run.rs`): every `checkpoint_every` epochs the checkpoint
 //! pair holds the head's state plus the blocks, their moments, the best
-//! epoch's blocks and, under `--ema`, the weights' average and its kept head; the data order, the map views, dropout, drop path and
-//! map mixing (`mix`) come from (seed, epoch), so a
-//! run killed at any point resumes from its newest checkpoint and ends with
-//! the metrics of an uninterrupted run. The blocks file is written before
+//! epoch's blocks and, under `--ema`, the weights' average and its kept
+//! head; the data order, the map views, dropout, drop path and map mixing
+//! (`mix`) come from (seed, epoch), so a run killed at any point resumes
+//! from its newest checkpoint and ends with the metrics of an
+//! uninterrupted run. The blocks file is written before
 //! `metrics.json`, whose presence marks the run finished.
 
 use std::collections::{BTreeMap, HashMap};
