@@ -611,6 +611,31 @@ fn one_epoch_from_block_10(seed: &str) -> Vec<&str> {
     args
 }
 
+/// One epoch with `extra` twice and one without: the same blocks twice,
+/// other blocks than without. Returns the run with `extra`, its blocks'
+/// parameters and its params.
+fn repeated_and_changed_by(
+    root: &Path,
+    extra: &[&str],
+    plain: &str,
+) -> (String, Vec<f32>, serde_json::Value) {
+    let run = run_of(one_epoch_with(root, extra));
+    let again = run_of(one_epoch_with(root, extra));
+    let blocks = run_blocks(root, &run).blocks.parameters().concat();
+    assert_eq!(
+        blocks,
+        run_blocks(root, &again).blocks.parameters().concat(),
+        "{extra:?}"
+    );
+    assert_ne!(
+        blocks,
+        run_blocks(root, plain).blocks.parameters().concat(),
+        "{extra:?}"
+    );
+    let shown = json(&ok(lazarus(root, &["experiments", "show", &run, "--json"])));
+    (run, blocks, shown["params"].clone())
+}
+
 /// A blocks-only flag on a run without `--unfreeze-from` is refused by name.
 fn refused_without_blocks(root: &Path, flag: &str, value: &str) {
     let mut frozen = TRAIN.to_vec();
@@ -769,25 +794,11 @@ fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() 
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
     let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
-    let dropping = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
-    let again = run_of(fine_tune(&["--blocks-drop-path", "0.5"]));
     let plain = run_of(fine_tune(&[]));
     // Blocks 12..=14 (Lite0's residual blocks after block 10) skip their
     // branch for some images: other blocks than without, the same again.
-    let blocks = run_blocks(&root, &dropping).blocks;
-    assert_eq!(
-        blocks.parameters(),
-        run_blocks(&root, &again).blocks.parameters()
-    );
-    assert_ne!(
-        blocks.parameters(),
-        run_blocks(&root, &plain).blocks.parameters()
-    );
-    let shown = json(&ok(lazarus(
-        &root,
-        &["experiments", "show", &dropping, "--json"],
-    )));
-    assert_eq!(shown["params"]["blocks_drop_path"], 0.5, "{shown:#}");
+    let (_, _, params) = repeated_and_changed_by(&root, &["--blocks-drop-path", "0.5"], &plain);
+    assert_eq!(params["blocks_drop_path"], 0.5, "{params:#}");
     let shown = json(&ok(lazarus(
         &root,
         &["experiments", "show", &plain, "--json"],
@@ -813,24 +824,11 @@ fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
     let root = fine_tuning_root(temp.path(), &[8, 8]);
     let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
     let plain = run_of(fine_tune(&[]));
-    let plain_blocks = run_blocks(&root, &plain).blocks;
     let mut trained = Vec::new();
     for mix in ["mixup:0.4", "cutmix:1"] {
-        let mixed = run_of(fine_tune(&["--mix-maps", mix]));
-        let again = run_of(fine_tune(&["--mix-maps", mix]));
-        let blocks = run_blocks(&root, &mixed).blocks;
-        assert_eq!(
-            blocks.parameters(),
-            run_blocks(&root, &again).blocks.parameters(),
-            "{mix}"
-        );
-        assert_ne!(blocks.parameters(), plain_blocks.parameters(), "{mix}");
-        let shown = json(&ok(lazarus(
-            &root,
-            &["experiments", "show", &mixed, "--json"],
-        )));
-        assert_eq!(shown["params"]["mix_maps"], mix, "{shown:#}");
-        trained.push(blocks.parameters().concat());
+        let (_, blocks, params) = repeated_and_changed_by(&root, &["--mix-maps", mix], &plain);
+        assert_eq!(params["mix_maps"], mix, "{params:#}");
+        trained.push(blocks);
     }
     assert_ne!(trained[0], trained[1], "mixup and CutMix train alike");
 
@@ -881,23 +879,11 @@ fn averaged_weights_are_kept_recorded_repeated_and_answer_alike_from_run_and_bun
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(temp.path(), &[8, 8]);
     let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
-    let averaged = run_of(fine_tune(&["--ema", "0.9"]));
-    let again = run_of(fine_tune(&["--ema", "0.9"]));
     let plain = run_of(fine_tune(&[]));
-    let blocks = run_blocks(&root, &averaged).blocks;
-    assert_eq!(
-        blocks.parameters(),
-        run_blocks(&root, &again).blocks.parameters()
-    );
     // Two steps of batch 8: the average (decay (1 + step) / (10 + step))
     // stays near the pretrained blocks, away from the trained ones.
-    let plain_blocks = run_blocks(&root, &plain).blocks;
-    assert_ne!(blocks.parameters(), plain_blocks.parameters());
-    let shown = json(&ok(lazarus(
-        &root,
-        &["experiments", "show", &averaged, "--json"],
-    )));
-    assert_eq!(shown["params"]["ema"], 0.9, "{shown:#}");
+    let (averaged, _, params) = repeated_and_changed_by(&root, &["--ema", "0.9"], &plain);
+    assert_eq!(params["ema"], 0.9, "{params:#}");
     let cached = temp.path().join("tree/class0/img000.png");
     let (by_run, by_bundle, images) =
         answers_of_run_and_bundle(&root, &averaged, &cached, &temp.path().join("bundle"));
