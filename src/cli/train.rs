@@ -255,8 +255,8 @@ pub struct TrainArgs {
     /// [default: 1].
     #[arg(long, value_name = "1|flips|dihedral")]
     pub augment_maps: Option<String>,
-    /// --unfreeze-from: each training micro-batch's maps mixed with a
-    /// shuffled partner's and the targets alike, the weight drawn from
+    /// --unfreeze-from: each training batch's maps mixed with a shuffled
+    /// partner's from the same batch and the targets alike, the weight drawn from
     /// Beta(ALPHA, ALPHA): `mixup:ALPHA` blends whole maps, `cutmix:ALPHA`
     /// pastes a box of the partner's map [default: none].
     #[arg(long, value_name = "none|mixup:ALPHA|cutmix:ALPHA")]

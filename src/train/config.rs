@@ -133,9 +133,9 @@ impl BlocksPrecision {
     }
 }
 
-/// Mixing of the training maps (`--mix-maps`): each micro-batch's maps
-/// are paired with a shuffled partner from the same micro-batch, mixed
-/// with a weight drawn from Beta(alpha, alpha) per micro-batch, and the
+/// Mixing of the training maps (`--mix-maps`): each batch's maps are
+/// paired with a shuffled partner from the same batch, mixed with a
+/// weight drawn from Beta(alpha, alpha) per batch, and the
 /// targets mixed with the same weight (mixup on block K's output, as
 /// manifold mixup does; CutMix pastes a box of the partner's map whose
 /// share of the map's pixels is the partner's weight). Evaluation and

@@ -694,20 +694,20 @@ impl<'a> Finetuning<'a> {
                 if let Some(mixing) = &mixing {
                     step.mix_targets(&mixing.partners, mixing.weight, classes);
                 }
+                let seen = TrainingMaps {
+                    data,
+                    map: self.map,
+                    augment,
+                    batch,
+                    views: &views,
+                    side,
+                    channels,
+                };
                 let micro_batch = self.trainer.plan.micro_batch;
                 for (micro_index, micro) in batch.chunks(micro_batch).enumerate() {
                     let rows: Vec<usize> = micro.iter().map(|&(row, _)| row).collect();
                     let positions: Vec<usize> =
                         (micro_index * micro_batch..).take(micro.len()).collect();
-                    let seen = TrainingMaps {
-                        data,
-                        map: self.map,
-                        augment,
-                        batch,
-                        views: &views,
-                        side,
-                        channels,
-                    };
                     let mut input = seen.gather(&positions);
                     if let Some(mixing) = &mixing {
                         let partners: Vec<usize> =

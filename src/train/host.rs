@@ -656,12 +656,12 @@ impl FirstLayers {
         self.gradient.fill(0.0);
     }
 
-    /// Each head's rows: weight (to update) and gradient, disjoint.
     /// Head `head`'s first-layer weight (`[outputs, inputs]`).
     pub fn weight_of(&self, head: usize) -> &[f32] {
         &self.weight[self.offsets[head] * self.inputs..self.offsets[head + 1] * self.inputs]
     }
 
+    /// Each head's rows: weight (to update) and gradient, disjoint.
     pub fn split_mut(&mut self) -> Vec<FirstLayer<'_>> {
         let FirstLayers {
             inputs,
