@@ -11,7 +11,9 @@
 //! batch and the iterations; `LAZARUS_BENCH_STRIDE=8` trains from the
 //! stride-8 map instead (blocks 5..=15, 40 × 28 × 28: the best elpv
 //! configuration's `--unfreeze-from 4`) and `LAZARUS_BENCH_PRECISION=bf16`
-//! runs the blocks' products in bf16 (`--blocks-precision`). The weights are a random-weight Lite0's: the
+//! runs the blocks' products in bf16 (`--blocks-precision`);
+//! `LAZARUS_BENCH_DELTA_SCALE` scales d loss / d pooled features (1e-3 at
+//! most by default; 1e-35 makes every delta subnormal). The weights are a random-weight Lite0's: the
 //! arithmetic does not depend on the values.
 
 use std::time::Instant;
@@ -67,8 +69,14 @@ fn main() {
     let input: Vec<f32> = (0..batch * size.pixels() * top.in_channels())
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
+    // `LAZARUS_BENCH_DELTA_SCALE=1e-35` makes the deltas subnormal, as a
+    // confident training image's become late in a run.
+    let delta_scale: f32 = std::env::var("LAZARUS_BENCH_DELTA_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
     let upstream: Vec<f32> = (0..batch * top.feature_dim())
-        .map(|_| rng.random_range(-1e-3..1e-3))
+        .map(|_| rng.random_range(-1e-3..1e-3) * delta_scale)
         .collect();
     let parameters: usize = top.parameters().iter().map(|p| p.len()).sum();
     println!(
@@ -117,6 +125,38 @@ fn main() {
     println!(
         "best: {best:.2} ms/image forward + backward + update ({:.1} images/s), load {}",
         1e3 / best,
+        load_average()
+    );
+    // Evaluation (validation, test, prediction): pooled features only, the
+    // batch's forward against `for_evaluation` (image by image, weights
+    // packed once; packing counted), which must give the same bits.
+    let (mut batch_best, mut evaluation_best) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let forward = top.forward(input.clone(), batch, size).unwrap();
+        let batch_pooled = forward.pooled().to_vec();
+        forward.recycle();
+        batch_best = batch_best.min(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let pooled = top
+            .for_evaluation()
+            .pooled(input.clone(), batch, size)
+            .unwrap();
+        evaluation_best = evaluation_best.min(started.elapsed().as_secs_f64());
+        assert!(
+            pooled
+                .iter()
+                .zip(&batch_pooled)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "evaluation features differ from the batch forward's"
+        );
+    }
+    let per_image = |seconds: f64| seconds * 1e3 / batch as f64;
+    println!(
+        "evaluation forward, best of {iterations}: batch {:.2} ms/image, image by image {:.2} ms/image ({:.2}x), load {}",
+        per_image(batch_best),
+        per_image(evaluation_best),
+        batch_best / evaluation_best,
         load_average()
     );
 }

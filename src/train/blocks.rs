@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use super::TrainError;
 use super::config::BlocksPrecision;
 use super::host::{Accumulate, AdamWStep, Product, Threads, row_major};
+use crate::encoders::cpu_kernels::matmul::PackedRight;
 use crate::encoders::cpu_kernels::network::{
     BlockWeights, ConvWeights, DepthwiseConv, NetworkWeights,
 };
@@ -469,7 +470,34 @@ impl TopBlocks {
         n_images: usize,
         size: MapSize,
     ) -> Result<Forward, TrainError> {
-        self.forward_scaled(input, n_images, size, None)
+        self.forward_scaled(input, n_images, size, None, Pass::Training)
+    }
+
+    /// The blocks ready for forward passes that keep nothing for a backward
+    /// pass (evaluation, prediction): see [`EvaluationBlocks`].
+    pub fn for_evaluation(&self) -> EvaluationBlocks<'_> {
+        let packed = (self.precision == BlocksPrecision::F32).then(|| {
+            let pack = |conv: &Pointwise| {
+                PackedRight::new(row_major(&conv.weight, conv.outputs, conv.inputs).transpose())
+            };
+            PackedConvolutions {
+                expand: self
+                    .blocks
+                    .iter()
+                    .map(|block| block.expand.as_ref().map(pack))
+                    .collect(),
+                project: self
+                    .blocks
+                    .iter()
+                    .map(|block| pack(&block.project))
+                    .collect(),
+                head: pack(&self.head),
+            }
+        });
+        EvaluationBlocks {
+            blocks: self,
+            packed,
+        }
     }
 
     /// `forward` for a training step with stochastic depth: each residual
@@ -497,7 +525,7 @@ impl TopBlocks {
                 self.blocks.len()
             )));
         }
-        self.forward_scaled(input, n_images, size, Some(drop_path))
+        self.forward_scaled(input, n_images, size, Some(drop_path), Pass::Training)
     }
 
     /// Stochastic depth for one micro-batch (EfficientNet's drop connect):
@@ -538,33 +566,42 @@ impl TopBlocks {
         DropPathDraw { scales }
     }
 
+    /// Refuses an input that is not `n_images` channels-last maps of `size`.
+    fn check_input(&self, values: usize, n_images: usize, size: MapSize) -> Result<(), TrainError> {
+        if values == n_images * size.pixels() * self.in_channels {
+            return Ok(());
+        }
+        Err(TrainError::Invalid(format!(
+            "top blocks after block {}: {values} input values for {n_images} maps of {}x{}x{}",
+            self.after_block, self.in_channels, size.height, size.width
+        )))
+    }
+
     fn forward_scaled(
         &self,
         input: Vec<f32>,
         n_images: usize,
         size: MapSize,
         drop_path: Option<&DropPathDraw>,
+        pass: Pass<'_>,
     ) -> Result<Forward, TrainError> {
-        if input.len() != n_images * size.pixels() * self.in_channels {
-            return Err(TrainError::Invalid(format!(
-                "top blocks after block {}: {} input values for {n_images} maps of {}x{}x{}",
-                self.after_block,
-                input.len(),
-                self.in_channels,
-                size.height,
-                size.width
-            )));
-        }
+        self.check_input(input.len(), n_images, size)?;
         let mut x = input;
         let mut size = size;
         let mut steps = Vec::with_capacity(self.blocks.len());
         for (index, block) in self.blocks.iter().enumerate() {
             let pixels = n_images * size.pixels();
             let branch_scale = drop_path.and_then(|draw| draw.scales[index].clone());
+            let (expand_packed, project_packed) = match pass {
+                Pass::Training => (None, None),
+                Pass::Evaluation(packed) => {
+                    (packed.expand[index].as_ref(), Some(&packed.project[index]))
+                }
+            };
             let expanded = block
                 .expand
                 .as_ref()
-                .map(|conv| pointwise_forward(conv, &x, pixels, self.precision));
+                .map(|conv| pointwise_forward(conv, expand_packed, &x, pixels, self.precision));
             let (depthwise, output_size) = training::depthwise_forward(
                 block.depthwise.kernel(),
                 expanded.as_deref().unwrap_or(&x),
@@ -573,6 +610,7 @@ impl TopBlocks {
             );
             let mut output = pointwise_forward(
                 &block.project,
+                project_packed,
                 &depthwise,
                 n_images * output_size.pixels(),
                 self.precision,
@@ -582,6 +620,17 @@ impl TopBlocks {
             }
             if block.residual {
                 training::add_assign(&mut output, &x);
+            }
+            if let Pass::Evaluation(_) = pass {
+                // Nothing kept: the buffers go back to the pool for the
+                // next block's, while they are still in the core's cache.
+                scratch::recycle(std::mem::replace(&mut x, output));
+                if let Some(expanded) = expanded {
+                    scratch::recycle(expanded);
+                }
+                scratch::recycle(depthwise);
+                size = output_size;
+                continue;
             }
             steps.push(BlockActivations {
                 input: std::mem::replace(&mut x, output),
@@ -593,8 +642,17 @@ impl TopBlocks {
             });
             size = output_size;
         }
-        let head_output =
-            pointwise_forward(&self.head, &x, n_images * size.pixels(), self.precision);
+        let head_packed = match pass {
+            Pass::Training => None,
+            Pass::Evaluation(packed) => Some(&packed.head),
+        };
+        let head_output = pointwise_forward(
+            &self.head,
+            head_packed,
+            &x,
+            n_images * size.pixels(),
+            self.precision,
+        );
         let pooled = training::mean_pool(&head_output, size.pixels(), self.head.outputs);
         Ok(Forward {
             n_images,
@@ -642,10 +700,26 @@ impl TopBlocks {
             pooled,
         } = forward;
         scratch::recycle(pooled);
+        // An image the head is sure of sends back a gradient of 1e-30 and
+        // less, which underflows to subnormals on its way down and slows
+        // every product it enters (`training::flush_subnormals`); below
+        // `NEGLIGIBLE_GRADIENT` it changes no parameter's f32 gradient sum
+        // beside the batch's other images, so it is dropped whole.
+        let mut kept_gradient = scratch::copied(pooled_gradient);
+        for image in kept_gradient.chunks_exact_mut(features) {
+            if image.iter().all(|g| g.abs() < NEGLIGIBLE_GRADIENT) {
+                image.fill(0.0);
+            }
+        }
         let mut head_delta =
-            training::mean_pool_backward(pooled_gradient, head_size.pixels(), features);
+            training::mean_pool_backward(&kept_gradient, head_size.pixels(), features);
+        scratch::recycle(kept_gradient);
+        // Subnormal deltas are zeroed wherever they can arise (the masks
+        // do it in their pass): `training::flush_subnormals` says why.
         if self.head.relu6 {
             training::relu6_mask(&mut head_delta, &head_output);
+        } else {
+            training::flush_subnormals(&mut head_delta);
         }
         scratch::recycle(head_output);
         let mut slots = gradients.values.iter_mut().rev();
@@ -701,6 +775,8 @@ impl TopBlocks {
             }
             if block.depthwise.relu6 {
                 training::relu6_mask(&mut hidden_delta, &depthwise);
+            } else {
+                training::flush_subnormals(&mut hidden_delta);
             }
             // Each activation goes back to the pool as soon as the pass is
             // done with it, for the deltas of this block and those below.
@@ -729,6 +805,8 @@ impl TopBlocks {
                 (Some(expand), Some(mut expanded_delta), Some(expanded)) => {
                     if expand.relu6 {
                         training::relu6_mask(&mut expanded_delta, &expanded);
+                    } else {
+                        training::flush_subnormals(&mut expanded_delta);
                     }
                     scratch::recycle(expanded);
                     let (expand_bias, expand_weight) = (next("expand bias"), next("expand weight"));
@@ -750,6 +828,7 @@ impl TopBlocks {
             scratch::recycle(block_input);
             match input_delta {
                 Some(mut input_delta) => {
+                    training::flush_subnormals(&mut input_delta);
                     if block.residual {
                         training::add_assign(&mut input_delta, &delta);
                     }
@@ -765,12 +844,91 @@ impl TopBlocks {
     }
 }
 
+/// d loss / d pooled features below which an image's whole gradient is
+/// dropped in `TopBlocks::backward`: 2^-80 (8e-25). Its contributions to
+/// the weight gradients are under 1e-20 (activations at most 6, at most a
+/// few thousand pixels), 14 orders below the gradients of the images
+/// beside it (1e-6 and up): nothing in an f32 sum. A fixed threshold, so
+/// that splitting a batch into micro-batches drops the same images.
+const NEGLIGIBLE_GRADIENT: f32 = 1.0 / (1u128 << 80) as f32;
+
 /// Whether `TopBlocks::backward` computes d loss / d input (the cached map
 /// is frozen, so training skips the first block's input gradient).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputGradient {
     Skip,
     Compute,
+}
+
+/// What a forward pass is for.
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    /// A training step: batch-wide products on the pool, every activation
+    /// kept for `backward`.
+    Training,
+    /// Pooled features only, through weights packed once.
+    Evaluation(&'a PackedConvolutions),
+}
+
+/// The f32 weights of every 1×1 convolution, packed.
+#[derive(Debug)]
+struct PackedConvolutions {
+    /// Per block (`None` without an expansion).
+    expand: Vec<Option<PackedRight>>,
+    project: Vec<PackedRight>,
+    head: PackedRight,
+}
+
+/// [`TopBlocks`] for forward passes that keep nothing for a backward pass
+/// (`TopBlocks::for_evaluation`): validation, test and prediction.
+///
+/// With f32 products, [`EvaluationBlocks::pooled`] runs each image through
+/// every block alone on one thread, through weights packed once: an image's
+/// activations stay in the core's cache, where a batch's (tens of MB) go to
+/// memory and back between every two layers. Every value is computed by the
+/// same operations in the same order as in `TopBlocks::forward`, so the
+/// features are the same bit for bit. bf16 products run the batch's forward.
+#[derive(Debug)]
+pub struct EvaluationBlocks<'a> {
+    blocks: &'a TopBlocks,
+    packed: Option<PackedConvolutions>,
+}
+
+impl EvaluationBlocks<'_> {
+    /// `[n_images, feature_dim]`: what `TopBlocks::forward(input, n_images,
+    /// size).pooled()` gives.
+    pub fn pooled(
+        &self,
+        input: Vec<f32>,
+        n_images: usize,
+        size: MapSize,
+    ) -> Result<Vec<f32>, TrainError> {
+        let blocks = self.blocks;
+        let Some(packed) = &self.packed else {
+            return Ok(blocks.forward(input, n_images, size)?.into_pooled());
+        };
+        blocks.check_input(input.len(), n_images, size)?;
+        let image_len = size.pixels() * blocks.in_channels;
+        let features = blocks.head.outputs;
+        let mut pooled = vec![0f32; n_images * features];
+        pooled
+            .par_chunks_mut(features)
+            .zip(input.par_chunks(image_len.max(1)))
+            .try_for_each(|(pooled, image)| {
+                let forward = blocks.forward_scaled(
+                    scratch::copied(image),
+                    1,
+                    size,
+                    None,
+                    Pass::Evaluation(packed),
+                )?;
+                pooled.copy_from_slice(forward.pooled());
+                forward.recycle();
+                Ok::<_, TrainError>(())
+            })?;
+        scratch::recycle(input);
+        Ok(pooled)
+    }
 }
 
 /// What one block's forward pass keeps for the backward pass.
@@ -906,18 +1064,21 @@ pub struct BlockGradients {
 }
 
 impl BlockGradients {
+    /// Zeros every buffer, on the pool (13 MB for Lite0's blocks after
+    /// block 4, every step).
     pub fn zero(&mut self) {
-        for g in &mut self.values {
-            g.fill(0.0);
-        }
+        self.values.par_iter_mut().for_each(|g| g.fill(0.0));
     }
 
-    /// Squared L2 norm of the gradients times `scale`.
+    /// Squared L2 norm of the gradients times `scale`: each buffer's on the
+    /// pool, added in order (the same sum whatever the threads).
     pub fn norm_sq(&self, scale: f32) -> f64 {
-        self.values
-            .iter()
+        let norms: Vec<f64> = self
+            .values
+            .par_iter()
             .map(|g| training::scaled_norm_sq_f64(g, scale))
-            .sum()
+            .collect();
+        norms.iter().sum()
     }
 }
 
@@ -939,19 +1100,26 @@ where
     }
 }
 
+/// A 1×1 convolution's output, its bias and ReLU6: the product through
+/// `packed` (the weights packed once, on this thread) when given, else on
+/// the pool in `precision`.
 fn pointwise_forward(
     conv: &Pointwise,
+    packed: Option<&PackedRight>,
     input: &[f32],
     pixels: usize,
     precision: BlocksPrecision,
 ) -> Vec<f32> {
-    // `Accumulate::Replace` writes every element.
+    // Both products write every element.
     let mut output = scratch::overwritten(pixels * conv.outputs);
-    Product {
-        a: row_major(input, pixels, conv.inputs),
-        b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
+    match packed {
+        Some(packed) => packed.product(input, &mut output),
+        None => Product {
+            a: row_major(input, pixels, conv.inputs),
+            b: row_major(&conv.weight, conv.outputs, conv.inputs).transpose(),
+        }
+        .into_at(&mut output, Accumulate::Replace, Threads::Pool, precision),
     }
-    .into_at(&mut output, Accumulate::Replace, Threads::Pool, precision);
     training::add_bias_relu6(&mut output, &conv.bias, conv.relu6);
     output
 }
@@ -1152,6 +1320,21 @@ mod tests {
         top
     }
 
+    /// `small_blocks` and `n_images` random maps of `height × width`
+    /// (channels last), drawn from `seed`; the generator goes on for the
+    /// test's own draws.
+    fn small_case(
+        seed: u64,
+        n_images: usize,
+        (height, width): (usize, usize),
+    ) -> (ChaCha8Rng, TopBlocks, MapSize, Vec<f32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let top = small_blocks(&mut rng);
+        let size = MapSize { height, width };
+        let input = uniform(&mut rng, n_images * size.pixels() * top.in_channels, 2.0);
+        (rng, top, size, input)
+    }
+
     fn max_abs(values: &[f32]) -> f32 {
         values.iter().fold(0f32, |m, v| m.max(v.abs()))
     }
@@ -1219,13 +1402,34 @@ mod tests {
                 (top.n_blocks(), top.in_channels(), top.feature_dim()),
                 (n_blocks, channels, 1280)
             );
-            let forward = top.forward(input, n_images, size).unwrap();
+            let forward = top.forward(input.clone(), n_images, size).unwrap();
             assert_close(
                 &format!("pooled from stride {stride}"),
                 forward.pooled(),
                 &expected,
                 1e-4,
             );
+            // Evaluation (image by image, weights packed once) gives the
+            // batch forward's features bit for bit, in both precisions.
+            for precision in [BlocksPrecision::F32, BlocksPrecision::Bf16] {
+                let top = top.clone().with_precision(precision);
+                let batch = top.forward(input.clone(), n_images, size).unwrap();
+                let evaluation = top.for_evaluation();
+                let pooled = evaluation.pooled(input.clone(), n_images, size).unwrap();
+                assert_eq!(pooled.len(), batch.pooled().len());
+                for (index, (a, b)) in pooled.iter().zip(batch.pooled()).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "stride {stride}, {precision:?}: feature {index}: {a} vs {b}"
+                    );
+                }
+                let short = evaluation
+                    .pooled(input[1..].to_vec(), n_images, size)
+                    .unwrap_err()
+                    .to_string();
+                assert!(short.contains("input values"), "{short}");
+            }
         }
     }
 
@@ -1426,16 +1630,8 @@ mod tests {
         // Reference: candle's autograd through the same computation built
         // from candle ops (matmul, pad, strided slices, broadcast multiply,
         // relu), on odd map sizes so TF padding is uneven.
-        let mut rng = ChaCha8Rng::seed_from_u64(22);
-        let top = small_blocks(&mut rng);
-        let (n_images, size) = (
-            3,
-            MapSize {
-                height: 9,
-                width: 7,
-            },
-        );
-        let input = uniform(&mut rng, n_images * size.pixels() * top.in_channels, 2.0);
+        let n_images = 3;
+        let (mut rng, top, size, input) = small_case(22, n_images, (9, 7));
         let upstream = uniform(&mut rng, n_images * top.feature_dim(), 1.0);
         let forward = top.forward(input.clone(), n_images, size).unwrap();
         // Every regime of ReLU6 occurs: clipped at 0, clipped at 6, linear.
@@ -1475,16 +1671,8 @@ mod tests {
     fn drop_path_gradients_equal_candle_autograd() {
         // Reference: candle's autograd with each residual branch multiplied
         // by its image's scale before the skip connection is added.
-        let mut rng = ChaCha8Rng::seed_from_u64(23);
-        let top = small_blocks(&mut rng);
-        let (n_images, size) = (
-            3,
-            MapSize {
-                height: 7,
-                width: 7,
-            },
-        );
-        let input = uniform(&mut rng, n_images * size.pixels() * top.in_channels, 2.0);
+        let n_images = 3;
+        let (mut rng, top, size, input) = small_case(23, n_images, (7, 7));
         let upstream = uniform(&mut rng, n_images * top.feature_dim(), 1.0);
         // Image 0 skips the residual block's branch, 1 and 2 keep it (scaled).
         let draw = DropPathDraw {
@@ -1557,6 +1745,46 @@ mod tests {
         // Rate 0 draws nothing: every block runs.
         let none = top.draw_drop_path(0.0, 3, &mut whole);
         assert!(none.scales.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn an_image_the_head_is_sure_of_adds_nothing() {
+        // Image 1's d pooled features below 2^-80 (a confident softmax's)
+        // are dropped whole: every gradient equals the one with that
+        // image's upstream exactly 0, bit for bit. At 1e-20 the image still
+        // counts. A subnormal delta never reaches a product.
+        let n_images = 3;
+        let (_, top, size, input) = small_case(41, n_images, (9, 7));
+        let features = top.feature_dim();
+        let gradients_with = |image_1: f32| {
+            let mut upstream = uniform(&mut ChaCha8Rng::seed_from_u64(7), n_images * features, 1.0);
+            for g in &mut upstream[features..2 * features] {
+                *g *= image_1;
+            }
+            let forward = top.forward(input.clone(), n_images, size).unwrap();
+            let mut gradients = top.zero_gradients();
+            let input_gradient = top
+                .backward(forward, &upstream, &mut gradients, InputGradient::Compute)
+                .unwrap()
+                .expect("asked for the input gradient");
+            assert!(
+                input_gradient.iter().all(|g| !g.is_subnormal()),
+                "a subnormal input gradient at scale {image_1}"
+            );
+            (gradients, input_gradient)
+        };
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (without, without_input) = gradients_with(0.0);
+        for (scale, dropped) in [(1e-26, true), (1e-20, false)] {
+            let (gradients, input_gradient) = gradients_with(scale);
+            let same = gradients
+                .values
+                .iter()
+                .zip(&without.values)
+                .all(|(a, b)| bits(a) == bits(b))
+                && bits(&input_gradient) == bits(&without_input);
+            assert_eq!(same, dropped, "image 1's upstream at {scale}");
+        }
     }
 
     #[test]

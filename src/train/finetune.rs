@@ -360,7 +360,7 @@ impl FineTunedBlocks {
 
     /// Pooled features of maps given channels-last (`[n, h, w, c]`).
     pub fn pooled(&self, input: Vec<f32>, n: usize, size: MapSize) -> Result<Vec<f32>, TrainError> {
-        Ok(self.blocks.forward(input, n, size)?.into_pooled())
+        self.blocks.for_evaluation().pooled(input, n, size)
     }
 }
 
@@ -810,6 +810,7 @@ impl<'a> Finetuning<'a> {
         let classes = self.data.class_names.len();
         let views = self.eval_views.count();
         let mut out = Vec::with_capacity(rows.len() * classes);
+        let evaluation = blocks.for_evaluation();
         for chunk in rows.chunks(self.trainer.plan.micro_batch) {
             let cached = gather_maps(self.data, self.map, chunk);
             // Image-major, each image's views in order, as `average_views` reads them.
@@ -823,9 +824,7 @@ impl<'a> Finetuning<'a> {
                     self.size,
                     blocks.in_channels(),
                 );
-                let forward = blocks.forward(input, chunk.len(), self.size)?;
-                let mut pooled = forward.pooled().to_vec();
-                forward.recycle();
+                let mut pooled = evaluation.pooled(input, chunk.len(), self.size)?;
                 standardise(&mut pooled, self.data);
                 let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
                 softmax_rows(&mut probabilities, classes);

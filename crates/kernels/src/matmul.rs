@@ -4,14 +4,13 @@
 //! stored row-major or as its transpose.
 //!
 //! Built on the pointwise kernel ([`crate::gemm`]): `b` is packed into panels
-//! of whole vectors, `a`'s rows are its "pixels" (a transposed `a` is copied
-//! to rows first), and an accumulating product adds the old `out` as the
-//! kernel's residual. Every output element is one sum over `inner` in order,
+//! of whole vectors, `a`'s rows are its "pixels" (a transposed `a` is read
+//! in place, the kernel's column input), and an accumulating product adds
+//! the old `out` as the kernel's residual. Every output element is one sum
+//! over `inner` in order,
 //! from zero, whatever the rows, columns or threads: a head's numbers do not
 //! depend on the heads stacked beside it in one product (the sweep trains
 //! them together and checks each against the head alone).
-
-use std::borrow::Cow;
 
 use rayon::prelude::*;
 
@@ -104,18 +103,43 @@ pub fn matmul(
     if rows == 0 || cols == 0 {
         return;
     }
+    // `b` is packed, a copy of all of it; `a` is read where it lies. When
+    // both are stored `inner`-major (a weight gradient: deltas by
+    // activations, summed over the pixels) and `b` is the wider, the
+    // transposed product `bᵀ × aᵀ` packs the narrower one instead, and its
+    // small result is transposed into `out`. Every sum is the same, term by
+    // term (a product's factors only swap places), so are the bits.
+    if a.layout == Layout::Transposed && b.layout == Layout::RowMajor && cols > rows {
+        let mut transposed = scratch::overwritten(rows * cols);
+        matmul(
+            &mut transposed,
+            Accumulate::Replace,
+            b.transpose(),
+            a.transpose(),
+            parallelism,
+        );
+        let put = |(row, out): (usize, &mut [f32])| {
+            let column = transposed[row..].iter().step_by(rows);
+            match accumulate {
+                Accumulate::Replace => out.iter_mut().zip(column).for_each(|(o, t)| *o = *t),
+                Accumulate::Add => out.iter_mut().zip(column).for_each(|(o, t)| *o += t),
+            }
+        };
+        match parallelism {
+            Parallelism::Sequential => out.chunks_exact_mut(cols).enumerate().for_each(put),
+            Parallelism::Pool => out.par_chunks_exact_mut(cols).enumerate().for_each(put),
+        }
+        scratch::recycle(transposed);
+        return;
+    }
     let level = SimdLevel::in_force();
     let lanes = level.lanes();
     let product = Bands {
         arch: level.arch().expect("a level this CPU runs"),
         lanes,
-        a_rows: match a.layout {
-            Layout::RowMajor => Cow::Borrowed(a.values),
-            Layout::Transposed => Cow::Owned(transposed(a.values, inner, rows)),
-        },
+        a,
         b,
         inner,
-        cols,
     };
     let threads = match parallelism {
         Parallelism::Sequential => 1,
@@ -136,17 +160,18 @@ pub fn matmul(
             .into_par_iter()
             .map(|first| {
                 let packed = product.pack(first..(first + band_cols).min(cols));
-                let mut band = vec![0.0; rows * packed.n];
+                // The product writes every value.
+                let mut band = scratch::overwritten(rows * packed.n);
                 product.rows_into(&packed, 0, None, &mut band);
+                packed.recycle();
                 (first, band)
             })
             .collect();
         put_column_bands(out, cols, accumulate, bands);
-        product.recycle();
         return;
     }
     let packed = product.pack(0..cols);
-    let residual = (accumulate == Accumulate::Add).then(|| out.to_vec());
+    let residual = (accumulate == Accumulate::Add).then(|| scratch::copied(out));
     let residual_band = |first_row: usize, len: usize| {
         residual
             .as_deref()
@@ -162,7 +187,65 @@ pub fn matmul(
     } else {
         product.rows_into(&packed, 0, residual_band(0, out.len()), out);
     }
-    product.recycle();
+    packed.recycle();
+    if let Some(residual) = residual {
+        scratch::recycle(residual);
+    }
+}
+
+/// A product's right-hand side packed once for many left-hand sides (the
+/// fine-tuned blocks' weights through an evaluation: image after image,
+/// each on one thread). `product` gives what [`matmul`] gives, bit for bit:
+/// the same packing and the same sums.
+#[derive(Debug, Clone)]
+pub struct PackedRight {
+    arch: pulp::Arch,
+    packed: PackedPointwise,
+}
+
+impl PackedRight {
+    /// `b` packed at the SIMD level in force for the process.
+    pub fn new(b: Matrix<'_>) -> Self {
+        let level = SimdLevel::in_force();
+        PackedRight {
+            arch: level.arch().expect("a level this CPU runs"),
+            packed: pack_columns(b, 0..b.cols, level.lanes()),
+        }
+    }
+
+    /// `out = a × b` (`a_rows`: `[rows, inner]` row-major; `out`: `[rows,
+    /// cols]`), on the calling thread.
+    pub fn product(&self, a_rows: &[f32], out: &mut [f32]) {
+        let (inner, cols) = (self.packed.k, self.packed.n);
+        let rows = out.len() / cols.max(1);
+        assert!(
+            a_rows.len() == rows * inner && out.len() == rows * cols,
+            "product of {} values by {inner} x {cols} into {} values",
+            a_rows.len(),
+            out.len()
+        );
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        self.arch.dispatch(Pointwise {
+            op: &self.packed,
+            pixels: rows,
+            input: PointwiseInput::Rows(a_rows),
+            output: PointwiseOutput::Rows {
+                values: out,
+                residual: None,
+            },
+        })
+    }
+}
+
+/// `b`'s `columns` packed into panels for `lanes`-wide vectors.
+fn pack_columns(b: Matrix<'_>, columns: std::ops::Range<usize>, lanes: usize) -> PackedPointwise {
+    let layout = match b.layout {
+        Layout::RowMajor => WeightLayout::InputMajor,
+        Layout::Transposed => WeightLayout::OutputMajor,
+    };
+    PackedPointwise::from_matrix(b.values, layout, b.rows, b.cols, columns, lanes)
 }
 
 /// `(rows, inner, cols)` of `out = a × b`, checked: `b` has `inner` rows and
@@ -205,35 +288,17 @@ pub(crate) fn put_column_bands(
 struct Bands<'a> {
     arch: pulp::Arch,
     lanes: usize,
-    /// `a` as row-major `[rows, inner]`.
-    a_rows: Cow<'a, [f32]>,
+    /// Read where it lies: row-major, or as its transpose `[inner, rows]`
+    /// (the kernel's column input).
+    a: Matrix<'a>,
     b: Matrix<'a>,
     inner: usize,
-    cols: usize,
 }
 
 impl Bands<'_> {
-    /// Gives a transposed copy of `a` back to the scratch pool.
-    fn recycle(self) {
-        if let Cow::Owned(values) = self.a_rows {
-            scratch::recycle(values);
-        }
-    }
-
     /// `b`'s `columns`, packed.
     fn pack(&self, columns: std::ops::Range<usize>) -> PackedPointwise {
-        let layout = match self.b.layout {
-            Layout::RowMajor => WeightLayout::InputMajor,
-            Layout::Transposed => WeightLayout::OutputMajor,
-        };
-        PackedPointwise::from_matrix(
-            self.b.values,
-            layout,
-            self.inner,
-            self.cols,
-            columns,
-            self.lanes,
-        )
+        pack_columns(self.b, columns, self.lanes)
     }
 
     /// Rows `first_row..` of the product with the columns `packed` holds,
@@ -248,42 +313,26 @@ impl Bands<'_> {
     ) {
         let band_rows = out.len() / packed.n;
         let inner = self.inner;
+        let input = match self.a.layout {
+            Layout::RowMajor => {
+                PointwiseInput::Rows(&self.a.values[first_row * inner..][..band_rows * inner])
+            }
+            Layout::Transposed => PointwiseInput::Columns {
+                values: self.a.values,
+                stride: self.a.rows,
+                first: first_row,
+            },
+        };
         self.arch.dispatch(Pointwise {
             op: packed,
             pixels: band_rows,
-            input: PointwiseInput::Rows(&self.a_rows[first_row * inner..][..band_rows * inner]),
+            input,
             output: PointwiseOutput::Rows {
                 values: out,
                 residual,
             },
         })
     }
-}
-
-/// `[rows, cols]` row-major values of a matrix stored as `[cols, rows]`.
-fn transposed(values: &[f32], stored_rows: usize, stored_cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    // Every element is written below.
-    let mut out = scratch::overwritten(values.len());
-    if values.is_empty() {
-        return out;
-    }
-    // Bands of TILE output rows (stored columns) in parallel: the weight
-    // gradients' transposes of a whole batch's deltas are tens of MB.
-    out.par_chunks_mut(TILE * stored_rows)
-        .enumerate()
-        .for_each(|(band_index, band)| {
-            let first_col = band_index * TILE;
-            for row_tile in (0..stored_rows).step_by(TILE) {
-                let rows = row_tile..(row_tile + TILE).min(stored_rows);
-                for (col, out_row) in band.chunks_exact_mut(stored_rows).enumerate() {
-                    for row in rows.clone() {
-                        out_row[row] = values[row * stored_cols + first_col + col];
-                    }
-                }
-            }
-        });
-    out
 }
 
 #[cfg(test)]
@@ -368,8 +417,61 @@ pub(crate) mod tests {
                 (256, 40, 10),
                 (61, 7, 130),
                 (5, 0, 3),
+                // Long sums (passes over `k`), wide weight gradients (the
+                // transposed product) and packing on the pool.
+                (24, 3000, 100),
+                (100, 2500, 24),
             ],
         );
+    }
+
+    #[test]
+    fn every_element_is_one_fused_sum_over_inner_in_order() {
+        // What keeps a run's numbers whatever the shape takes the product
+        // through (passes over a long `inner`, the transposed product of a
+        // wide weight gradient, packing on the pool): element (row, col) is
+        // fma(a[row, k], b[k, col], ·) for k = 0, 1, ... from 0, then + the
+        // old value when accumulating. Checked bit for bit against that
+        // chain (f32::mul_add rounds once, as the kernels' FMA; the scalar
+        // level multiplies, then adds).
+        let fused = SimdLevel::in_force() != SimdLevel::Scalar;
+        for &(rows, inner, cols) in &[(24, 3000, 100), (100, 2500, 24), (9, 40, 300)] {
+            let (a_values, b_values) = (values(rows * inner, 7), values(inner * cols, 8));
+            let old = values(rows * cols, 9);
+            let a_stored = Matrix::row_major(&a_values, inner, rows).transpose();
+            let a_rows = Matrix::row_major(&a_values, rows, inner);
+            let b = Matrix::row_major(&b_values, inner, cols);
+            for a in [a_stored, a_rows] {
+                for accumulate in [Accumulate::Replace, Accumulate::Add] {
+                    for parallelism in [Parallelism::Sequential, Parallelism::Pool] {
+                        let mut out = old.clone();
+                        matmul(&mut out, accumulate, a, b, parallelism);
+                        for row in 0..rows {
+                            for col in 0..cols {
+                                let mut sum = (0..inner).fold(0f32, |sum, k| {
+                                    let (x, y) = (at(&a, row, k), at(&b, k, col));
+                                    if fused {
+                                        x.mul_add(y, sum)
+                                    } else {
+                                        x * y + sum
+                                    }
+                                });
+                                if accumulate == Accumulate::Add {
+                                    sum += old[row * cols + col];
+                                }
+                                assert_eq!(
+                                    out[row * cols + col].to_bits(),
+                                    sum.to_bits(),
+                                    "{rows}x{inner}x{cols} {:?} {accumulate:?} {parallelism:?} \
+                                     ({row}, {col})",
+                                    a.layout
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
