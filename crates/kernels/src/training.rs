@@ -239,7 +239,9 @@ pub fn relu6_mask(delta: &mut [f32], output: &[f32]) {
         });
 }
 
-/// Whether `value` is subnormal (nonzero, below f32's smallest normal).
+/// Whether `value` is subnormal (nonzero, below f32's smallest normal):
+/// `f32::is_subnormal`, written as two compares so the loops that call it
+/// stay a vector select (the std method goes through `classify`).
 #[inline(always)]
 fn is_subnormal(value: f32) -> bool {
     (value.abs() < f32::MIN_POSITIVE) & (value != 0.0)
