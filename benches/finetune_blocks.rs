@@ -151,6 +151,19 @@ fn main() {
             "evaluation features differ from the batch forward's"
         );
     }
+    // Packing the weights alone (what each `for_evaluation` pays before
+    // its first image).
+    let mut packing_best = f64::INFINITY;
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let evaluation = top.for_evaluation();
+        packing_best = packing_best.min(started.elapsed().as_secs_f64());
+        drop(evaluation);
+    }
+    println!(
+        "packing the weights for evaluation, best of {iterations}: {:.2} ms",
+        packing_best * 1e3
+    );
     let per_image = |seconds: f64| seconds * 1e3 / batch as f64;
     println!(
         "evaluation forward, best of {iterations}: batch {:.2} ms/image, image by image {:.2} ms/image ({:.2}x), load {}",

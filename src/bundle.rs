@@ -314,7 +314,7 @@ pub fn export(
     }
     let trained_blocks = match predictor.model() {
         Model::FineTuned(model) => {
-            let blocks = &model.blocks.blocks;
+            let blocks = model.blocks.blocks();
             let first = blocks.after_block() + 1;
             let mut changed: Vec<String> = (first..first + blocks.n_blocks())
                 .map(|index| format!("block{index}"))
@@ -331,10 +331,19 @@ pub fn export(
     let (standardisation, class_names) = match predictor.model() {
         model @ (Model::Classify(_) | Model::FineTuned(_)) => {
             let head = model.classifier().expect("a classifier");
-            if encoder.feature_dim != head.input_dim() {
+            // A fine-tuned head reads its blocks' pooled features (under
+            // `--blocks-pool mean-max` twice the channels): the folder's
+            // pooled rows are the head convolution's channels.
+            let (reads, what) = match model {
+                Model::FineTuned(model) => (
+                    model.blocks.blocks().head_channels(),
+                    "its blocks' head convolution gives",
+                ),
+                _ => (head.input_dim(), "its head reads"),
+            };
+            if encoder.feature_dim != reads {
                 return Err(unexportable(format!(
-                    "its head reads {} features, its feature folder holds {}",
-                    head.input_dim(),
+                    "{what} {reads} features, its feature folder holds {}",
                     encoder.feature_dim
                 )));
             }
@@ -543,18 +552,21 @@ pub fn open(dir: &Path, device: &Device) -> Result<Bundle, BundleError> {
                 &dir.join(HEAD_FILE),
             )
             .map_err(|e| corrupt(HEAD_FILE, e.to_string()))?;
-            if head.input_dim() != encoder.feature_dim {
-                return Err(corrupt(
-                    HEAD_FILE,
-                    format!(
-                        "the head reads {} features, {ENCODER_FILE} says the encoder gives {}",
-                        head.input_dim(),
-                        encoder.feature_dim
-                    ),
-                ));
-            }
             match contents.get(BLOCKS_FILE) {
-                None => Model::Classify(head),
+                None => {
+                    if head.input_dim() != encoder.feature_dim {
+                        return Err(corrupt(
+                            HEAD_FILE,
+                            format!(
+                                "the head reads {} features, {ENCODER_FILE} says the encoder \
+                                 gives {}",
+                                head.input_dim(),
+                                encoder.feature_dim
+                            ),
+                        ));
+                    }
+                    Model::Classify(head)
+                }
                 Some(bytes) => {
                     let blocks = FineTunedBlocks::from_bytes(bytes, &dir.join(BLOCKS_FILE))
                         .map_err(|e| corrupt(BLOCKS_FILE, e.to_string()))?;

@@ -248,6 +248,13 @@ pub struct TrainArgs {
     /// head stay f32 [default: f32].
     #[arg(long, value_name = "f32|bf16")]
     pub blocks_precision: Option<String>,
+    /// --unfreeze-from: how the trained head convolution's map becomes the
+    /// head's input: each channel's mean, or its mean and its maximum side by
+    /// side (`mean-max`: twice the features; a defect a few pixels wide moves
+    /// the maximum, which the mean spreads over the whole image)
+    /// [default: mean].
+    #[arg(long, value_name = "mean|mean-max")]
+    pub blocks_pool: Option<String>,
     /// --unfreeze-from: each training map seen flipped (`flips`) or flipped
     /// and rotated (`dihedral`), drawn per image and epoch from the seed;
     /// evaluation and prediction average the class probabilities over the
@@ -369,6 +376,7 @@ fn settings(args: &TrainArgs) -> anyhow::Result<BTreeMap<String, Value>> {
             "blocks_precision",
             args.blocks_precision.as_deref().and_then(text),
         ),
+        ("blocks_pool", args.blocks_pool.as_deref().and_then(text)),
         ("mix_maps", args.mix_maps.as_deref().and_then(text)),
         ("ema", args.ema.map(Value::Float)),
         ("augment_maps", args.augment_maps.as_deref().and_then(text)),

@@ -350,7 +350,7 @@ impl Predictor {
                 .and_then(|p| p.info.tiling)
                 .unwrap_or_default(),
             Model::Segment(trained) => trained.info.tiling.unwrap_or_default(),
-            Model::FineTuned(model) => model.blocks.info.tiling.unwrap_or_default(),
+            Model::FineTuned(model) => model.blocks.info().tiling.unwrap_or_default(),
             Model::Classify(_) => TileConfig::default(),
         }
     }
@@ -816,7 +816,7 @@ impl FineTunedModel {
             owner: owner.to_string(),
             message,
         };
-        let info = &self.blocks.info;
+        let info = self.blocks.info();
         if let Some(reference) = reference {
             if reference.name != info.encoder || reference.weights != info.weights {
                 return Err(mismatch(format!(
@@ -826,11 +826,19 @@ impl FineTunedModel {
                 )));
             }
             self.encoded_level(reference, owner)?;
+            if reference.feature_dim != self.blocks.blocks().head_channels() {
+                return Err(mismatch(format!(
+                    "its blocks' head convolution gives {} channels, the encoder's pooled \
+                     features are {}",
+                    self.blocks.blocks().head_channels(),
+                    reference.feature_dim
+                )));
+            }
         }
-        if self.blocks.blocks.feature_dim() != self.head.input_dim() {
+        if self.blocks.blocks().feature_dim() != self.head.input_dim() {
             return Err(mismatch(format!(
                 "its blocks give {} features, its head reads {}",
-                self.blocks.blocks.feature_dim(),
+                self.blocks.blocks().feature_dim(),
                 self.head.input_dim()
             )));
         }
@@ -843,7 +851,7 @@ impl FineTunedModel {
         reference: &EncoderReference,
         owner: &str,
     ) -> Result<usize, PredictError> {
-        let stride = self.blocks.info.stride;
+        let stride = self.blocks.info().stride;
         reference
             .maps
             .strides()
@@ -864,7 +872,7 @@ impl FineTunedModel {
         features: &crate::features::FeatureSet,
         owner: &str,
     ) -> Result<usize, PredictError> {
-        let stride = self.blocks.info.stride;
+        let stride = self.blocks.info().stride;
         features
             .maps()
             .iter()
@@ -891,7 +899,7 @@ impl FineTunedModel {
             owner: owner.to_string(),
             message,
         };
-        let views = self.blocks.info.views;
+        let views = self.blocks.info().views;
         if !views.is_single() && size.height != size.width {
             return Err(model_error(format!(
                 "it averages over the {views} views of its maps, which need squares; this \
@@ -901,7 +909,7 @@ impl FineTunedModel {
         }
         // Every view in one pass of the blocks: a batch of `count` maps.
         let count = views.count();
-        let channels = self.blocks.blocks.in_channels();
+        let channels = self.blocks.blocks().in_channels();
         let mut batch = Vec::with_capacity(input.len() * count);
         for view in 0..count {
             let start = batch.len();

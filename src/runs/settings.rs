@@ -11,8 +11,8 @@ use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
-    Activation, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig, MapMix,
-    Optimizer, Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
+    Activation, BlocksPooling, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig,
+    MapMix, Optimizer, Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
 };
 use crate::train::schedule::Schedule;
 
@@ -64,6 +64,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "blocks_weight_decay",
     "blocks_drop_path",
     "blocks_precision",
+    "blocks_pool",
     "mix_maps",
     "ema",
     "augment_maps",
@@ -345,6 +346,10 @@ pub fn train_settings(
                 .map(|text| BlocksPrecision::parse(&text).map_err(|e| e.to_string()))
                 .transpose()?
                 .unwrap_or_default(),
+            pooling: text("blocks_pool")?
+                .map(|text| BlocksPooling::parse(&text).map_err(|e| e.to_string()))
+                .transpose()?
+                .unwrap_or_default(),
             mix: text("mix_maps")?
                 .map(|text| MapMix::parse(&text).map_err(|e| e.to_string()))
                 .transpose()?
@@ -360,6 +365,7 @@ pub fn train_settings(
                     "blocks_weight_decay",
                     "blocks_drop_path",
                     "blocks_precision",
+                    "blocks_pool",
                     "mix_maps",
                     "ema",
                 ]
@@ -695,6 +701,7 @@ mod tests {
                 blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
                 drop_path: 0.0,
                 precision: BlocksPrecision::F32,
+                pooling: BlocksPooling::Mean,
                 mix: MapMix::None,
                 ema: 0.0,
             })

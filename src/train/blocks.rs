@@ -24,7 +24,9 @@
 //! `with_precision(BlocksPrecision::Bf16)` (`--blocks-precision bf16`) runs
 //! the 1×1 convolutions' products, forward and backward, on operands
 //! rounded to bf16 with f32 sums (`lazarus_kernels::bf16`); everything else
-//! stays f32.
+//! stays f32. `with_pooling(BlocksPooling::MeanMax)` (`--blocks-pool
+//! mean-max`) gives the head each channel's maximum over the map beside its
+//! mean; the maximum's gradient goes to its pixel (the first, on ties).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,7 +35,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::TrainError;
-use super::config::BlocksPrecision;
+use super::config::{BlocksPooling, BlocksPrecision};
 use super::host::{Accumulate, AdamWStep, Product, Threads, row_major};
 use crate::encoders::cpu_kernels::matmul::PackedRight;
 use crate::encoders::cpu_kernels::network::{
@@ -121,6 +123,8 @@ pub struct TopBlocks {
     head: Pointwise,
     /// The 1×1 convolutions' matrix products, forward and backward.
     precision: BlocksPrecision,
+    /// How the head convolution's map becomes the pooled features.
+    pooling: BlocksPooling,
 }
 
 fn pointwise(conv: &ConvWeights, inputs: usize, name: &str) -> Result<Pointwise, TrainError> {
@@ -237,6 +241,7 @@ impl TopBlocks {
             blocks: built,
             head,
             precision: BlocksPrecision::F32,
+            pooling: BlocksPooling::Mean,
         })
     }
 
@@ -322,6 +327,22 @@ impl TopBlocks {
         self.precision
     }
 
+    /// These blocks with the head convolution's map pooled by `pooling`
+    /// (the mean when built).
+    pub fn with_pooling(mut self, pooling: BlocksPooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    pub fn pooling(&self) -> BlocksPooling {
+        self.pooling
+    }
+
+    /// Channels of the head convolution's output.
+    pub fn head_channels(&self) -> usize {
+        self.head.outputs
+    }
+
     /// The block whose output these blocks read.
     pub fn after_block(&self) -> usize {
         self.after_block
@@ -332,9 +353,10 @@ impl TopBlocks {
         self.in_channels
     }
 
-    /// Length of the pooled features (the head convolution's outputs).
+    /// Length of the pooled features: the head convolution's outputs, once
+    /// per part of the pooling (means, then maxima under `mean-max`).
     pub fn feature_dim(&self) -> usize {
-        self.head.outputs
+        self.head.outputs * self.pooling.parts()
     }
 
     pub fn n_blocks(&self) -> usize {
@@ -463,7 +485,8 @@ impl TopBlocks {
 
     /// Runs the blocks and the head convolution on `input`
     /// (`[n_images, size.height, size.width, in_channels]`, channels last)
-    /// and mean-pools the head's output, keeping what `backward` needs.
+    /// and pools the head's output (`with_pooling`), keeping what `backward`
+    /// needs.
     pub fn forward(
         &self,
         input: Vec<f32>,
@@ -474,8 +497,19 @@ impl TopBlocks {
     }
 
     /// The blocks ready for forward passes that keep nothing for a backward
-    /// pass (evaluation, prediction): see [`EvaluationBlocks`].
+    /// pass (evaluation, prediction): see [`EvaluationBlocks`]. Packs the
+    /// weights (a few ms for Lite0's top); `with_packing` reuses a packing.
     pub fn for_evaluation(&self) -> EvaluationBlocks<'_> {
+        EvaluationBlocks {
+            blocks: self,
+            packing: Packing::Owned(self.pack_for_evaluation()),
+        }
+    }
+
+    /// The weights packed for [`EvaluationBlocks`], for whoever evaluates
+    /// these same blocks many times (a run's answers, request after
+    /// request): pass it to `with_packing`.
+    pub fn pack_for_evaluation(&self) -> EvaluationPacking {
         let packed = (self.precision == BlocksPrecision::F32).then(|| {
             let pack = |conv: &Pointwise| {
                 PackedRight::new(row_major(&conv.weight, conv.outputs, conv.inputs).transpose())
@@ -494,9 +528,19 @@ impl TopBlocks {
                 head: pack(&self.head),
             }
         });
+        EvaluationPacking { packed }
+    }
+
+    /// `for_evaluation` with `packing`, which must be
+    /// `self.pack_for_evaluation()` of these blocks as they are now (the
+    /// caller keeps it beside them: `FineTunedBlocks`).
+    pub(super) fn with_packing<'a>(
+        &'a self,
+        packing: &'a EvaluationPacking,
+    ) -> EvaluationBlocks<'a> {
         EvaluationBlocks {
             blocks: self,
-            packed,
+            packing: Packing::Borrowed(packing),
         }
     }
 
@@ -653,7 +697,7 @@ impl TopBlocks {
             n_images * size.pixels(),
             self.precision,
         );
-        let pooled = training::mean_pool(&head_output, size.pixels(), self.head.outputs);
+        let (pooled, max_at) = pool(&head_output, size.pixels(), self.head.outputs, self.pooling);
         Ok(Forward {
             n_images,
             steps,
@@ -661,6 +705,7 @@ impl TopBlocks {
             head_size: size,
             head_output,
             pooled,
+            max_at,
         })
     }
 
@@ -677,7 +722,7 @@ impl TopBlocks {
         input: InputGradient,
     ) -> Result<Option<Vec<f32>>, TrainError> {
         let n_images = forward.n_images;
-        let features = self.head.outputs;
+        let features = self.feature_dim();
         if pooled_gradient.len() != n_images * features {
             return Err(TrainError::Invalid(format!(
                 "top blocks: {} pooled gradients for {n_images} images of {features} features",
@@ -698,6 +743,7 @@ impl TopBlocks {
             head_size,
             head_output,
             pooled,
+            max_at,
         } = forward;
         scratch::recycle(pooled);
         // An image the head is sure of sends back a gradient of 1e-30 and
@@ -711,8 +757,13 @@ impl TopBlocks {
                 image.fill(0.0);
             }
         }
-        let mut head_delta =
-            training::mean_pool_backward(&kept_gradient, head_size.pixels(), features);
+        let mut head_delta = pool_backward(
+            &kept_gradient,
+            &max_at,
+            head_size.pixels(),
+            self.head.outputs,
+            self.pooling,
+        );
         scratch::recycle(kept_gradient);
         // Subnormal deltas are zeroed wherever they can arise (the masks
         // do it in their pass): `training::flush_subnormals` says why.
@@ -891,7 +942,21 @@ struct PackedConvolutions {
 #[derive(Debug)]
 pub struct EvaluationBlocks<'a> {
     blocks: &'a TopBlocks,
+    packing: Packing<'a>,
+}
+
+/// The 1×1 convolutions' weights packed for [`EvaluationBlocks`]
+/// (`TopBlocks::pack_for_evaluation`); nothing under bf16 products, which
+/// run the batch's forward.
+#[derive(Debug)]
+pub struct EvaluationPacking {
     packed: Option<PackedConvolutions>,
+}
+
+#[derive(Debug)]
+enum Packing<'a> {
+    Owned(EvaluationPacking),
+    Borrowed(&'a EvaluationPacking),
 }
 
 impl EvaluationBlocks<'_> {
@@ -904,12 +969,16 @@ impl EvaluationBlocks<'_> {
         size: MapSize,
     ) -> Result<Vec<f32>, TrainError> {
         let blocks = self.blocks;
-        let Some(packed) = &self.packed else {
+        let packing = match &self.packing {
+            Packing::Owned(packing) => packing,
+            Packing::Borrowed(packing) => *packing,
+        };
+        let Some(packed) = &packing.packed else {
             return Ok(blocks.forward(input, n_images, size)?.into_pooled());
         };
         blocks.check_input(input.len(), n_images, size)?;
         let image_len = size.pixels() * blocks.in_channels;
-        let features = blocks.head.outputs;
+        let features = blocks.feature_dim();
         let mut pooled = vec![0f32; n_images * features];
         pooled
             .par_chunks_mut(features)
@@ -954,6 +1023,63 @@ pub struct DropPathDraw {
     scales: Vec<Option<Vec<f32>>>,
 }
 
+/// `[n_images, channels × pooling.parts()]` features of the head
+/// convolution's output (`[n_images, pixels, channels]`): per image the
+/// channels' means, then under `mean-max` their maxima; and the pixels of
+/// the maxima (empty under `mean`).
+fn pool(
+    head_output: &[f32],
+    pixels: usize,
+    channels: usize,
+    pooling: BlocksPooling,
+) -> (Vec<f32>, Vec<u32>) {
+    let means = training::mean_pool(head_output, pixels, channels);
+    match pooling {
+        BlocksPooling::Mean => (means, Vec::new()),
+        BlocksPooling::MeanMax => {
+            let (maxima, max_at) = training::max_pool(head_output, pixels, channels);
+            let mut pooled = scratch::with_capacity(means.len() + maxima.len());
+            for (mean, max) in means
+                .chunks_exact(channels)
+                .zip(maxima.chunks_exact(channels))
+            {
+                pooled.extend_from_slice(mean);
+                pooled.extend_from_slice(max);
+            }
+            scratch::recycle(means);
+            scratch::recycle(maxima);
+            (pooled, max_at)
+        }
+    }
+}
+
+/// d loss / d head convolution output from d loss / d `pool`'s features.
+fn pool_backward(
+    pooled_gradient: &[f32],
+    max_at: &[u32],
+    pixels: usize,
+    channels: usize,
+    pooling: BlocksPooling,
+) -> Vec<f32> {
+    match pooling {
+        BlocksPooling::Mean => training::mean_pool_backward(pooled_gradient, pixels, channels),
+        BlocksPooling::MeanMax => {
+            let n_images = pooled_gradient.len() / (2 * channels);
+            let mut mean_gradient = scratch::with_capacity(n_images * channels);
+            let mut max_gradient = scratch::with_capacity(n_images * channels);
+            for image in pooled_gradient.chunks_exact(2 * channels) {
+                mean_gradient.extend_from_slice(&image[..channels]);
+                max_gradient.extend_from_slice(&image[channels..]);
+            }
+            let mut delta = training::mean_pool_backward(&mean_gradient, pixels, channels);
+            training::max_pool_backward(&mut delta, &max_gradient, max_at, pixels, channels);
+            scratch::recycle(mean_gradient);
+            scratch::recycle(max_gradient);
+            delta
+        }
+    }
+}
+
 /// A forward pass: the pooled features and what the backward pass needs.
 #[derive(Debug)]
 pub struct Forward {
@@ -963,11 +1089,14 @@ pub struct Forward {
     head_size: MapSize,
     head_output: Vec<f32>,
     pooled: Vec<f32>,
+    /// Under `mean-max`, the pixel of each image's and channel's maximum
+    /// (`[n_images, channels]`); empty under `mean`.
+    max_at: Vec<u32>,
 }
 
 impl Forward {
     /// `[n_images, feature_dim]`: the head convolution's output averaged
-    /// over its pixels.
+    /// over its pixels (and under `mean-max`, its maxima after the means).
     pub fn pooled(&self) -> &[f32] {
         &self.pooled
     }
@@ -994,7 +1123,8 @@ impl Forward {
 
     /// Bytes this pass keeps for `backward` (memory planning).
     pub fn stored_bytes(&self) -> u64 {
-        let mut floats = self.head_input.len() + self.head_output.len() + self.pooled.len();
+        let mut floats =
+            self.head_input.len() + self.head_output.len() + self.pooled.len() + self.max_at.len();
         for step in &self.steps {
             floats += step.input.len()
                 + step.expanded.as_ref().map_or(0, Vec::len)
@@ -1579,7 +1709,14 @@ mod tests {
         }
         x = candle_pointwise(&x, &top.head, next.next().unwrap(), next.next().unwrap());
         assert!(next.next().is_none());
-        let pooled = x.mean(D::Minus1).unwrap().mean(D::Minus1).unwrap();
+        let mean = x.mean(D::Minus1).unwrap().mean(D::Minus1).unwrap();
+        let pooled = match top.pooling {
+            BlocksPooling::Mean => mean,
+            BlocksPooling::MeanMax => {
+                let max = x.flatten_from(2).unwrap().max(D::Minus1).unwrap();
+                Tensor::cat(&[&mean, &max], 1).unwrap()
+            }
+        };
         let upstream = Tensor::from_slice(upstream, pooled.dims(), &dev).unwrap();
         let loss = (&pooled * upstream).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -1665,6 +1802,35 @@ mod tests {
             let doubled: Vec<f32> = once.iter().map(|v| 2.0 * v).collect();
             assert_close(name, twice, &doubled, 2e-4);
         }
+    }
+
+    #[test]
+    fn mean_max_pooling_gradients_equal_candle_autograd() {
+        // Reference: candle's autograd of the means and the maxima over
+        // each channel's pixels side by side (`Tensor::max`, whose gradient
+        // goes to the maximum's pixel).
+        let n_images = 3;
+        let (mut rng, top, size, input) = small_case(24, n_images, (9, 9));
+        let top = top.with_pooling(BlocksPooling::MeanMax);
+        assert_eq!(top.feature_dim(), 2 * top.head_channels());
+        let upstream = uniform(&mut rng, n_images * top.feature_dim(), 1.0);
+        let forward = top.forward(input.clone(), n_images, size).unwrap();
+        let pooled = forward.pooled().to_vec();
+        // The maxima are not the means.
+        let channels = top.head_channels();
+        assert!(pooled.chunks_exact(2 * channels).all(|image| {
+            image[..channels]
+                .iter()
+                .zip(&image[channels..])
+                .any(|(mean, max)| max > mean)
+        }));
+        backward_matches_candle(&top, forward, (&input, n_images, size), &upstream, None);
+        // Evaluation, image by image, gives the same features bit for bit.
+        let evaluated = top.for_evaluation().pooled(input, n_images, size).unwrap();
+        assert_eq!(
+            evaluated.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            pooled.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -133,6 +133,50 @@ impl BlocksPrecision {
     }
 }
 
+/// How the trained head convolution's output map becomes the head's input
+/// (`--blocks-pool`): each channel's mean over the map (as the encoder
+/// pools), or its mean and its maximum side by side (`mean-max`, twice the
+/// features: a crack a few pixels wide moves its channels' maximum while the
+/// mean spreads it over the whole cell).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlocksPooling {
+    #[default]
+    Mean,
+    MeanMax,
+}
+
+impl BlocksPooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlocksPooling::Mean => "mean",
+            BlocksPooling::MeanMax => "mean-max",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        match text {
+            "mean" => Ok(BlocksPooling::Mean),
+            "mean-max" => Ok(BlocksPooling::MeanMax),
+            other => Err(TrainError::Invalid(format!(
+                "unknown blocks pooling {other:?}: use mean or mean-max"
+            ))),
+        }
+    }
+
+    pub fn is_mean(&self) -> bool {
+        *self == BlocksPooling::Mean
+    }
+
+    /// Pooled features per channel of the head convolution.
+    pub fn parts(self) -> usize {
+        match self {
+            BlocksPooling::Mean => 1,
+            BlocksPooling::MeanMax => 2,
+        }
+    }
+}
+
 /// Mixing of the training maps (`--mix-maps`): each batch's maps are
 /// paired with a shuffled partner from the same batch, mixed with a
 /// weight drawn from Beta(alpha, alpha) per batch, and the
@@ -380,6 +424,10 @@ pub struct Unfreeze {
     /// of stored configs, which stay as before it existed.
     #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
     pub precision: BlocksPrecision,
+    /// How the head convolution's map is pooled (`--blocks-pool`); mean is
+    /// left out of stored configs, which stay as before it existed.
+    #[serde(default, skip_serializing_if = "BlocksPooling::is_mean")]
+    pub pooling: BlocksPooling,
     /// Mixing of the training maps (`--mix-maps`); none is left out of
     /// stored configs, which stay as before it existed.
     #[serde(default, skip_serializing_if = "MapMix::is_none")]

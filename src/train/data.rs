@@ -273,20 +273,33 @@ fn split_slot(split: Split) -> usize {
     }
 }
 
-/// Mean and standard deviation per dimension, accumulated in f64; a constant
-/// dimension gets std 1 so it standardises to zero instead of dividing by zero.
+/// Mean and standard deviation per dimension of the pooled `rows`.
 fn standardisation(features: &FeatureSet, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
-    let dim = features.feature_dim();
+    mean_and_std(
+        features.feature_dim(),
+        rows.iter()
+            .map(|&row| features.pooled(row).iter().map(|v| v.to_f64())),
+    )
+}
+
+/// Mean and standard deviation per dimension of `rows` of `dim` values,
+/// accumulated in f64; a constant dimension gets std 1 so it standardises to
+/// zero instead of dividing by zero.
+pub(crate) fn mean_and_std<R: IntoIterator<Item = f64>>(
+    dim: usize,
+    rows: impl IntoIterator<Item = R>,
+) -> (Vec<f32>, Vec<f32>) {
     let mut sum = vec![0f64; dim];
     let mut sum_sq = vec![0f64; dim];
-    for &row in rows {
-        for (d, v) in features.pooled(row).iter().enumerate() {
-            let v = v.to_f64();
+    let mut n_rows = 0usize;
+    for row in rows {
+        n_rows += 1;
+        for (d, v) in row.into_iter().enumerate() {
             sum[d] += v;
             sum_sq[d] += v * v;
         }
     }
-    let n = rows.len() as f64;
+    let n = n_rows as f64;
     let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
     let std = sum_sq
         .iter()
@@ -299,10 +312,26 @@ fn standardisation(features: &FeatureSet, rows: &[usize]) -> (Vec<f32>, Vec<f32>
     (mean.into_iter().map(|m| m as f32).collect(), std)
 }
 
+/// The per-dimension mean and standard deviation a head's inputs are
+/// standardised with (written into its head file).
+#[derive(Debug, Clone, Copy)]
+pub struct Standardisation<'a> {
+    pub mean: &'a [f32],
+    pub std: &'a [f32],
+}
+
 /// Rows one gather task converts: enough work to be worth a hand-off.
 const GATHER_ROWS_PER_TASK: usize = 64;
 
 impl TrainData {
+    /// The training split's statistics of the pooled rows.
+    pub fn standardisation(&self) -> Standardisation<'_> {
+        Standardisation {
+            mean: &self.mean,
+            std: &self.std,
+        }
+    }
+
     /// Standardised f32 copy of the given rows only: one batch at a time, so the
     /// cache is never copied whole into memory.
     pub fn gather(&self, rows: &[usize]) -> Vec<f32> {

@@ -5,10 +5,11 @@
 //! like any other.
 //!
 //! Each step gathers the batch's cached maps (f16 `[C, H, W]` rows, turned
-//! channels-last once), runs the blocks and the head convolution, mean-pools,
-//! standardises with the training split's statistics of the folder's pooled
-//! rows (the pretrained blocks' own output, kept fixed so the head's inputs
-//! keep their scale while the blocks move), and steps the head through its
+//! channels-last once), runs the blocks and the head convolution, pools
+//! (the mean, and under `--blocks-pool mean-max` the maximum too),
+//! standardises with fixed statistics of the pretrained blocks' output
+//! (`head_input_statistics`: the head's inputs keep their scale while the
+//! blocks move), and steps the head through its
 //! `HeadTrainer` (`InputStep`: class weights, label smoothing, dropout, the
 //! schedule, plateau, early stopping and the kept best head as for heads on
 //! frozen features). The head's input gradient flows back into the blocks,
@@ -29,18 +30,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::blocks::{
-    BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, InputGradient, MapSize, TopBlocks,
-    append_channels_last,
+    BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, EvaluationPacking, InputGradient,
+    MapSize, TopBlocks, append_channels_last,
 };
 use super::checkpoint;
-use super::config::{BlocksPrecision, TrainConfig, Unfreeze};
-use super::data::{self, TrainData};
+use super::config::{BlocksPooling, BlocksPrecision, TrainConfig, Unfreeze};
+use super::data::{self, Standardisation, TrainData};
 use super::host::{HostHead, Threads, softmax_rows};
 use super::mix;
 use super::record::{fail_run, resumable_run, start};
@@ -261,14 +263,49 @@ impl TrainingMaps<'_> {
     }
 }
 
-/// The head's input: pooled features standardised with the folder's
-/// training statistics.
-fn standardise(pooled: &mut [f32], data: &TrainData) {
-    for row in pooled.chunks_exact_mut(data.mean.len()) {
-        for ((v, mean), std) in row.iter_mut().zip(&data.mean).zip(&data.std) {
+/// The head's input: pooled features standardised with `input`.
+fn standardise(pooled: &mut [f32], input: Standardisation<'_>) {
+    for row in pooled.chunks_exact_mut(input.mean.len()) {
+        for ((v, mean), std) in row.iter_mut().zip(input.mean).zip(input.std) {
             *v = (*v - mean) / std;
         }
     }
+}
+
+/// What the head's inputs are standardised with: for the means, the
+/// training split's statistics of the folder's pooled rows (the pretrained
+/// blocks' own output, kept fixed so the head's inputs keep their scale while
+/// the blocks move); under `--blocks-pool mean-max`, for the maxima, their
+/// statistics over one pass of the pretrained `blocks` over the training
+/// split's maps as cached.
+fn head_input_statistics(
+    data: &TrainData,
+    blocks: &TopBlocks,
+    map: usize,
+    size: MapSize,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let (mut mean, mut std) = (data.mean.clone(), data.std.clone());
+    if blocks.pooling() == BlocksPooling::MeanMax {
+        let channels = blocks.head_channels();
+        let evaluation = blocks.for_evaluation();
+        let mut maxima = Vec::with_capacity(data.train.rows.len() * channels);
+        for rows in data.train.rows.chunks(64) {
+            let maps = gather_maps(data, map, rows);
+            let pooled = evaluation.pooled(maps, rows.len(), size)?;
+            for image in pooled.chunks_exact(2 * channels) {
+                maxima.extend_from_slice(&image[channels..]);
+            }
+        }
+        let (max_mean, max_std) = data::mean_and_std(
+            channels,
+            maxima
+                .chunks_exact(channels)
+                .map(|row| row.iter().map(|&v| f64::from(v))),
+        );
+        mean.extend(max_mean);
+        std.extend(max_std);
+    }
+    Ok((mean, std))
 }
 
 /// What a run's blocks file records besides the tensors.
@@ -293,6 +330,10 @@ pub struct BlocksInfo {
     /// every answer from them repeats; f32 in files from before.
     #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
     pub precision: BlocksPrecision,
+    /// How the head convolution's map is pooled (`--blocks-pool`); the mean
+    /// in files from before.
+    #[serde(default, skip_serializing_if = "BlocksPooling::is_mean")]
+    pub pooling: BlocksPooling,
 }
 
 /// Turns each square channels-last map of `maps` (`size`, `channels`) into
@@ -309,16 +350,45 @@ pub fn view_maps(views: ViewSet, view: usize, maps: &mut [f32], size: MapSize, c
 }
 
 /// A fine-tuned run's trained blocks, as its blocks file holds them.
-#[derive(Debug, Clone)]
+/// Read-only: the weights are packed for evaluation on the first `pooled`
+/// and the packing kept for every later answer.
+#[derive(Debug)]
 pub struct FineTunedBlocks {
-    pub blocks: TopBlocks,
-    pub info: BlocksInfo,
+    blocks: TopBlocks,
+    info: BlocksInfo,
+    packing: OnceLock<EvaluationPacking>,
+}
+
+impl Clone for FineTunedBlocks {
+    fn clone(&self) -> Self {
+        FineTunedBlocks::new(self.blocks.clone(), self.info.clone())
+    }
 }
 
 /// The header metadata key of a blocks file.
 const BLOCKS_METADATA_KEY: &str = "blocks";
 
 impl FineTunedBlocks {
+    fn new(blocks: TopBlocks, info: BlocksInfo) -> Self {
+        FineTunedBlocks {
+            blocks,
+            info,
+            packing: OnceLock::new(),
+        }
+    }
+
+    pub fn blocks(&self) -> &TopBlocks {
+        &self.blocks
+    }
+
+    pub fn info(&self) -> &BlocksInfo {
+        &self.info
+    }
+
+    pub fn into_blocks(self) -> TopBlocks {
+        self.blocks
+    }
+
     pub fn to_bytes(&self) -> Result<Vec<u8>, TrainError> {
         let metadata = HashMap::from([(
             BLOCKS_METADATA_KEY.to_string(),
@@ -348,8 +418,9 @@ impl FineTunedBlocks {
             })?;
         let tensors = checkpoint::tensors_from_bytes(bytes, path, &Device::Cpu)?;
         let blocks = TopBlocks::from_layout(&info.layout, &tensors, "", path)?
-            .with_precision(info.precision);
-        Ok(FineTunedBlocks { blocks, info })
+            .with_precision(info.precision)
+            .with_pooling(info.pooling);
+        Ok(FineTunedBlocks::new(blocks, info))
     }
 
     pub fn read(path: &Path) -> Result<Self, TrainError> {
@@ -360,7 +431,10 @@ impl FineTunedBlocks {
 
     /// Pooled features of maps given channels-last (`[n, h, w, c]`).
     pub fn pooled(&self, input: Vec<f32>, n: usize, size: MapSize) -> Result<Vec<f32>, TrainError> {
-        self.blocks.for_evaluation().pooled(input, n, size)
+        let packing = self
+            .packing
+            .get_or_init(|| self.blocks.pack_for_evaluation());
+        self.blocks.with_packing(packing).pooled(input, n, size)
     }
 }
 
@@ -485,6 +559,9 @@ struct Finetuning<'a> {
     weights: String,
     /// The map views evaluation averages over (see `BlocksInfo::views`).
     eval_views: ViewSet,
+    /// The head's input standardisation (`head_input_statistics`).
+    input_mean: Vec<f32>,
+    input_std: Vec<f32>,
 }
 
 impl<'a> Finetuning<'a> {
@@ -499,7 +576,8 @@ impl<'a> Finetuning<'a> {
         })?;
         let map = check_folder(data, encoder, unfreeze.after_block)?;
         let blocks = TopBlocks::from_encoder(encoder.model, unfreeze.after_block)?
-            .with_precision(unfreeze.precision);
+            .with_precision(unfreeze.precision)
+            .with_pooling(unfreeze.pooling);
         let shape = data.features.maps()[map];
         let folder = data.features.dir().display();
         if shape.channels != blocks.in_channels() {
@@ -511,13 +589,13 @@ impl<'a> Finetuning<'a> {
                 blocks.in_channels()
             )));
         }
-        if blocks.feature_dim() != data.features.feature_dim() {
+        if blocks.head_channels() != data.features.feature_dim() {
             return Err(TrainError::Invalid(format!(
                 "folder {folder} holds {} pooled features per row; the head convolution after \
                  block {} gives {}",
                 data.features.feature_dim(),
                 unfreeze.after_block,
-                blocks.feature_dim()
+                blocks.head_channels()
             )));
         }
         let size = MapSize {
@@ -540,6 +618,7 @@ impl<'a> Finetuning<'a> {
             )));
         }
         let plan = plan_memory(data, &blocks, size, config)?;
+        let (input_mean, input_std) = head_input_statistics(data, &blocks, map, size)?;
         let classes = data.class_names.len();
         let mut counts = vec![0usize; classes];
         for &label in &data.train.labels {
@@ -580,6 +659,8 @@ impl<'a> Finetuning<'a> {
             } else {
                 ViewSet::Single
             },
+            input_mean,
+            input_std,
         })
     }
 
@@ -642,6 +723,10 @@ impl<'a> Finetuning<'a> {
     /// One epoch's steps; returns the mean training loss of its batches.
     fn run_epoch(&mut self, progress: bool) -> Result<f64, TrainError> {
         let data = self.data;
+        let head_input = Standardisation {
+            mean: &self.input_mean,
+            std: &self.input_std,
+        };
         let config = self.trainer.config.clone();
         let epoch = self.trainer.state.epochs_done;
         let order = EpochStream {
@@ -728,7 +813,7 @@ impl<'a> Finetuning<'a> {
                         self.blocks.forward(input, rows.len(), self.size)?
                     };
                     let mut x = forward.pooled().to_vec();
-                    standardise(&mut x, data);
+                    standardise(&mut x, head_input);
                     let (mut pooled_gradient, loss) = self.trainer.input_micro_batch(
                         &mut step,
                         &mut first,
@@ -739,8 +824,8 @@ impl<'a> Finetuning<'a> {
                     );
                     loss_sum += loss;
                     // Back through the standardisation into the blocks.
-                    for row in pooled_gradient.chunks_exact_mut(data.std.len()) {
-                        for (g, std) in row.iter_mut().zip(&data.std) {
+                    for row in pooled_gradient.chunks_exact_mut(head_input.std.len()) {
+                        for (g, std) in row.iter_mut().zip(head_input.std) {
                             *g /= std;
                         }
                     }
@@ -825,7 +910,7 @@ impl<'a> Finetuning<'a> {
                     blocks.in_channels(),
                 );
                 let mut pooled = evaluation.pooled(input, chunk.len(), self.size)?;
-                standardise(&mut pooled, self.data);
+                standardise(&mut pooled, self.input());
                 let mut probabilities = head.logits(&pooled, chunk.len(), Threads::Pool);
                 softmax_rows(&mut probabilities, classes);
                 for (image, row) in probabilities.chunks_exact(classes).enumerate() {
@@ -945,9 +1030,9 @@ impl<'a> Finetuning<'a> {
 
     /// The trained (best) blocks as the run's blocks file holds them.
     fn fine_tuned(&self) -> FineTunedBlocks {
-        FineTunedBlocks {
-            blocks: self.blocks.clone(),
-            info: BlocksInfo {
+        FineTunedBlocks::new(
+            self.blocks.clone(),
+            BlocksInfo {
                 layout: self.blocks.layout(),
                 encoder: self.encoder.clone(),
                 weights: self.weights.clone(),
@@ -960,7 +1045,16 @@ impl<'a> Finetuning<'a> {
                     .and_then(|text| serde_json::from_str(text).ok()),
                 views: self.eval_views,
                 precision: self.blocks.precision(),
+                pooling: self.blocks.pooling(),
             },
+        )
+    }
+
+    /// The head's input standardisation.
+    fn input(&self) -> Standardisation<'_> {
+        Standardisation {
+            mean: &self.input_mean,
+            std: &self.input_std,
         }
     }
 }
@@ -1180,7 +1274,13 @@ fn run_and_finish(
     let blocks = tuning.fine_tuned();
     let path = handle.folder().blocks();
     crate::atomic::write_file(&path, &blocks.to_bytes()?).map_err(TrainError::io(&path))?;
-    write_run(&run_dir, &report, tuning.data, &tuning.trainer)?;
+    write_run(
+        &run_dir,
+        &report,
+        tuning.data,
+        tuning.input(),
+        &tuning.trainer,
+    )?;
     let config = tuning.trainer.config.clone();
     finish_run(handle, &report, &config, tuning.data)?;
     Ok(report)

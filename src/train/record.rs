@@ -109,6 +109,9 @@ pub fn params(config: &TrainConfig, dataset: &str, encoder: &str) -> Vec<(String
             out.push(("blocks_drop_path".into(), unfreeze.drop_path.into()));
         }
         out.push(("blocks_precision".into(), unfreeze.precision.name().into()));
+        if !unfreeze.pooling.is_mean() {
+            out.push(("blocks_pool".into(), unfreeze.pooling.name().into()));
+        }
         if !unfreeze.mix.is_none() {
             out.push(("mix_maps".into(), unfreeze.mix.name().into()));
         }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::checkpoint;
 use super::config::{Sampler, TrainConfig, TrainViews};
-use super::data::{SplitRows, TrainData};
+use super::data::{SplitRows, Standardisation, TrainData};
 use super::host::{FirstLayers, Threads, softmax_rows};
 use super::metrics::{Predictions, confusion_matrix, split_metrics};
 use super::trainer::{
@@ -297,7 +297,7 @@ pub fn fit(
                 if improved {
                     checkpoint::publish_best(
                         &runs[i].run_dir,
-                        &head_file_bytes(data, trainer, true)?,
+                        &head_file_bytes(data, data.standardisation(), trainer, true)?,
                     )?;
                 }
                 checkpoint::save_if_due(&runs[i].run_dir, &runs[i].config, trainer)?;
@@ -364,7 +364,7 @@ pub fn fit(
             peak_rss_bytes,
             memory: memory.clone(),
         };
-        write_run(&run.run_dir, &report, data, trainer)?;
+        write_run(&run.run_dir, &report, data, data.standardisation(), trainer)?;
         reports.push(Ok(report));
     }
     Ok(reports)
@@ -979,10 +979,11 @@ pub fn read_run_inputs(run_dir: &Path) -> Result<RunInputs, TrainError> {
         .map_err(|e| TrainError::Checkpoint(format!("{} is not a run config: {e}", path.display())))
 }
 
-/// The head file: layers, the standardisation it was trained with, and the
-/// class names and feature fingerprint as metadata.
+/// The head file: layers, the standardisation `input` it was trained with,
+/// and `data`'s class names and feature fingerprint as metadata.
 fn head_file_bytes(
     data: &TrainData,
+    input: Standardisation<'_>,
     trainer: &HeadTrainer,
     best: bool,
 ) -> Result<Vec<u8>, TrainError> {
@@ -990,11 +991,11 @@ fn head_file_bytes(
     let mut tensors = vec![
         (
             "input_mean".to_string(),
-            Tensor::from_slice(&data.mean, data.mean.len(), &device)?,
+            Tensor::from_slice(input.mean, input.mean.len(), &device)?,
         ),
         (
             "input_std".to_string(),
-            Tensor::from_slice(&data.std, data.std.len(), &device)?,
+            Tensor::from_slice(input.std, input.std.len(), &device)?,
         ),
     ];
     tensors.extend(trainer.head_tensors(best));
@@ -1013,6 +1014,7 @@ pub(crate) fn write_run(
     dir: &Path,
     report: &RunReport,
     data: &TrainData,
+    input: Standardisation<'_>,
     trainer: &HeadTrainer,
 ) -> Result<(), TrainError> {
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -1021,7 +1023,7 @@ pub(crate) fn write_run(
     crate::atomic::write_file(&path, &json).map_err(TrainError::io(&path))?;
     // restore_best already put the kept head in place.
     let path = folder.head();
-    crate::atomic::write_file(&path, &head_file_bytes(data, trainer, false)?)
+    crate::atomic::write_file(&path, &head_file_bytes(data, input, trainer, false)?)
         .map_err(TrainError::io(&path))?;
     Ok(())
 }

@@ -16,7 +16,9 @@ use lazarus::encoders::{self, efficientnet_lite::EfficientNetLite};
 use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
-use lazarus::train::config::{BlocksPrecision, HeadConfig, MapMix, TrainConfig, Unfreeze};
+use lazarus::train::config::{
+    BlocksPooling, BlocksPrecision, HeadConfig, MapMix, TrainConfig, Unfreeze,
+};
 use lazarus::train::data::{self, LoadConfig, TrainData};
 use lazarus::train::finetune::{self, FineTunedBlocks, FinetuneEncoder};
 use lazarus::train::schedule::Schedule;
@@ -85,6 +87,7 @@ fn config(after_block: usize) -> TrainConfig {
             blocks_weight_decay: 1e-4,
             drop_path: 0.0,
             precision: BlocksPrecision::F32,
+            pooling: BlocksPooling::Mean,
             mix: MapMix::None,
             ema: 0.0,
         }),
@@ -102,12 +105,12 @@ fn assert_trained_and_repeatable(
     blocks: &FineTunedBlocks,
 ) {
     let pretrained = TopBlocks::from_encoder(encoder.model, after_block).unwrap();
-    assert_eq!(blocks.blocks.after_block(), after_block);
+    assert_eq!(blocks.blocks().after_block(), after_block);
     for ((name, before), after) in pretrained
         .parameter_names()
         .iter()
         .zip(pretrained.parameters())
-        .zip(blocks.blocks.parameters())
+        .zip(blocks.blocks().parameters())
     {
         assert!(
             before.iter().zip(after).any(|(a, b)| a != b),
@@ -119,7 +122,10 @@ fn assert_trained_and_repeatable(
     for (a, b) in again.epochs.iter().zip(&report.epochs) {
         assert_eq!(a["train/loss"].to_bits(), b["train/loss"].to_bits());
     }
-    assert_eq!(again_blocks.blocks.parameters(), blocks.blocks.parameters());
+    assert_eq!(
+        again_blocks.blocks().parameters(),
+        blocks.blocks().parameters()
+    );
 }
 
 #[test]
@@ -182,7 +188,7 @@ fn fine_tuning_trains_the_blocks_after_the_cached_map_and_refuses_other_folders(
     let (report, blocks) = finetune::fit(&fine, encoder, &config(4)).unwrap();
     assert_eq!(report.epochs.len(), 2);
     assert!((0.0..=1.0).contains(&report.test["test/accuracy"]));
-    assert_eq!(blocks.info.stride, 8);
+    assert_eq!(blocks.info().stride, 8);
     assert_trained_and_repeatable(&fine, encoder, 4, &report, &blocks);
     // A folder without the stride-16 map: refused, naming its maps.
     let coarse = load(&root, &extract(&root, "32"));
@@ -304,13 +310,13 @@ fn a_fine_tuned_run_records_its_blocks_and_predicts_the_same_from_run_and_bundle
     // trained away from the installed encoder's.
     let blocks = FineTunedBlocks::read(&run_dir.join("blocks.safetensors")).unwrap();
     let (model, sha256) = encoder();
-    assert_eq!(blocks.info.weights, format!("sha256:{sha256}"));
+    assert_eq!(blocks.info().weights, format!("sha256:{sha256}"));
     let pretrained = TopBlocks::from_encoder(&model, 10).unwrap();
     assert_eq!(
-        blocks.blocks.parameter_names(),
+        blocks.blocks().parameter_names(),
         pretrained.parameter_names()
     );
-    assert_ne!(blocks.blocks.parameters(), pretrained.parameters());
+    assert_ne!(blocks.blocks().parameters(), pretrained.parameters());
     let card = json(&std::fs::read_to_string(run_dir.join("model_card.json")).unwrap());
     assert!(
         card["fine_tuned_blocks"]
@@ -567,11 +573,11 @@ fn a_run_fine_tuned_on_flipped_maps_averages_its_answers_over_the_flips() {
     let as_cached = fine_tune("first");
     let (averaged_blocks, cached_blocks) =
         (run_blocks(&root, &averaged), run_blocks(&root, &as_cached));
-    assert_eq!(averaged_blocks.info.views.name(), "flips");
-    assert_eq!(cached_blocks.info.views.name(), "1");
+    assert_eq!(averaged_blocks.info().views.name(), "flips");
+    assert_eq!(cached_blocks.info().views.name(), "1");
     assert_eq!(
-        averaged_blocks.blocks.parameters(),
-        cached_blocks.blocks.parameters()
+        averaged_blocks.blocks().parameters(),
+        cached_blocks.blocks().parameters()
     );
     for (run, expected) in [(&averaged, "mean"), (&as_cached, "first")] {
         let shown = json(&ok(lazarus(&root, &["experiments", "show", run, "--json"])));
@@ -621,15 +627,15 @@ fn repeated_and_changed_by(
 ) -> (String, Vec<f32>, serde_json::Value) {
     let run = run_of(one_epoch_with(root, extra));
     let again = run_of(one_epoch_with(root, extra));
-    let blocks = run_blocks(root, &run).blocks.parameters().concat();
+    let blocks = run_blocks(root, &run).blocks().parameters().concat();
     assert_eq!(
         blocks,
-        run_blocks(root, &again).blocks.parameters().concat(),
+        run_blocks(root, &again).blocks().parameters().concat(),
         "{extra:?}"
     );
     assert_ne!(
         blocks,
-        run_blocks(root, plain).blocks.parameters().concat(),
+        run_blocks(root, plain).blocks().parameters().concat(),
         "{extra:?}"
     );
     let shown = json(&ok(lazarus(root, &["experiments", "show", &run, "--json"])));
@@ -675,7 +681,7 @@ fn fine_tuning_trains_the_same_blocks_on_every_simd_level() {
         let report = json(&ok(output));
         let run = report["run_id"].as_str().unwrap().to_string();
         let loss = report["epochs"][0]["train/loss"].as_f64().unwrap();
-        (run_blocks(&root, &run).blocks, loss)
+        (run_blocks(&root, &run).into_blocks(), loss)
     };
     let (widest, widest_loss) = trained(lazarus(&root, &args));
     let detected = encoders::SimdLevel::detected();
@@ -738,12 +744,12 @@ fn bf16_blocks_are_recorded_repeated_by_every_answer_and_train_near_f32() {
     let (f32_run, f32_loss) = trained(&[], None);
     let (bf16_run, bf16_loss) = trained(&["--blocks-precision", "bf16"], None);
     let (f32_blocks, bf16_blocks) = (run_blocks(&root, &f32_run), run_blocks(&root, &bf16_run));
-    assert_eq!(f32_blocks.blocks.precision(), BlocksPrecision::F32);
-    assert_eq!(bf16_blocks.blocks.precision(), BlocksPrecision::Bf16);
-    assert_eq!(bf16_blocks.info.precision, BlocksPrecision::Bf16);
+    assert_eq!(f32_blocks.blocks().precision(), BlocksPrecision::F32);
+    assert_eq!(bf16_blocks.blocks().precision(), BlocksPrecision::Bf16);
+    assert_eq!(bf16_blocks.info().precision, BlocksPrecision::Bf16);
     assert_ne!(
-        f32_blocks.blocks.parameters(),
-        bf16_blocks.blocks.parameters()
+        f32_blocks.blocks().parameters(),
+        bf16_blocks.blocks().parameters()
     );
     assert!(
         (bf16_loss - f32_loss).abs() <= 5e-3 * f32_loss.abs(),
@@ -901,6 +907,81 @@ fn averaged_weights_are_kept_recorded_repeated_and_answer_alike_from_run_and_bun
     refused_without_blocks(&root, "--ema", "0.99");
 }
 
+/// `--blocks-pool mean-max`: the head reads each channel's mean and maximum
+/// over the trained head convolution's map (train::blocks' unit tests check
+/// the maxima and their gradients against candle's autograd).
+#[test]
+fn mean_max_pooled_blocks_are_recorded_standardised_and_answer_alike_from_run_and_bundle() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let fine_tune = |extra: &[&str]| one_epoch_with(&root, extra);
+    let plain = run_of(fine_tune(&[]));
+    let (pooled, _, params) =
+        repeated_and_changed_by(&root, &["--blocks-pool", "mean-max"], &plain);
+    assert_eq!(params["blocks_pool"], "mean-max", "{params:#}");
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &plain, "--json"],
+    )));
+    assert!(shown["params"].get("blocks_pool").is_none(), "{shown:#}");
+    let blocks = run_blocks(&root, &pooled);
+    assert_eq!(blocks.info().pooling, BlocksPooling::MeanMax);
+    assert_eq!(blocks.blocks().pooling(), BlocksPooling::MeanMax);
+    let channels = blocks.blocks().head_channels();
+    assert_eq!(blocks.blocks().feature_dim(), 2 * channels);
+    assert_eq!(
+        run_blocks(&root, &plain).info().pooling,
+        BlocksPooling::Mean
+    );
+    // The head file standardises the means with the folder's statistics
+    // (as without maxima) and the maxima with their own, which differ.
+    let head = |run: &str| {
+        let path = root
+            .join("experiments/runs")
+            .join(run)
+            .join("head.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let floats = |name: &str| -> Vec<f32> {
+            tensors
+                .tensor(name)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        (floats("input_mean"), floats("input_std"))
+    };
+    let (mean, std) = head(&pooled);
+    let (plain_mean, plain_std) = head(&plain);
+    assert_eq!((mean.len(), std.len()), (2 * channels, 2 * channels));
+    assert_eq!(mean[..channels], plain_mean[..]);
+    assert_eq!(std[..channels], plain_std[..]);
+    assert!(
+        mean[channels..]
+            .iter()
+            .zip(&mean[..channels])
+            .any(|(max, mean)| max > mean),
+        "the maxima's means are the means'"
+    );
+    let cached = temp.path().join("tree/class0/img000.png");
+    let (by_run, by_bundle, images) =
+        answers_of_run_and_bundle(&root, &pooled, &cached, &temp.path().join("bundle"));
+    for image in 0..images.len() {
+        assert_eq!(
+            by_run[image]["top"], by_bundle[image]["top"],
+            "image {image}"
+        );
+    }
+    let refused = fails(fine_tune(&["--blocks-pool", "max"]));
+    assert!(
+        refused.contains("unknown blocks pooling \"max\": use mean or mean-max"),
+        "{refused}"
+    );
+    refused_without_blocks(&root, "--blocks-pool", "mean-max");
+}
+
 #[test]
 fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
     let temp = tempfile::tempdir().unwrap();
@@ -932,6 +1013,8 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
         "mixup:0.4",
         "--ema",
         "0.95",
+        "--blocks-pool",
+        "mean-max",
         "--seed",
         "7",
     ]);
@@ -956,7 +1039,7 @@ fn a_fine_tuned_run_killed_mid_training_resumes_to_the_same_metrics() {
     // The same blocks, bit for bit.
     let clean_run = uninterrupted["run_id"].as_str().unwrap();
     assert_eq!(
-        run_blocks(&killed, &run).blocks.parameters(),
-        run_blocks(&clean, clean_run).blocks.parameters()
+        run_blocks(&killed, &run).blocks().parameters(),
+        run_blocks(&clean, clean_run).blocks().parameters()
     );
 }

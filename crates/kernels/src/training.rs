@@ -218,6 +218,76 @@ pub fn mean_pool_backward(pooled_gradient: &[f32], pixels: usize, features: usiz
     delta
 }
 
+/// Per image, the maximum over its `pixels` of `values` (`[images, pixels,
+/// features]`) and the pixel that holds it (the first, where several do):
+/// `[images, features]` each.
+pub fn max_pool(values: &[f32], pixels: usize, features: usize) -> (Vec<f32>, Vec<u32>) {
+    let image_len = pixels * features;
+    assert!(
+        image_len > 0 && values.len().is_multiple_of(image_len),
+        "{} values in images of {pixels} x {features}",
+        values.len()
+    );
+    assert!(u32::try_from(pixels).is_ok(), "{pixels} pixels");
+    let n_images = values.len() / image_len;
+    // Every element is written below.
+    let mut maxima = scratch::overwritten(n_images * features);
+    let mut at = vec![0u32; n_images * features];
+    let arch = arch();
+    maxima
+        .par_chunks_mut(features)
+        .zip(at.par_chunks_mut(features))
+        .zip(values.par_chunks(image_len))
+        .for_each(|((maxima, at), image)| {
+            arch.dispatch(
+                #[inline(always)]
+                || {
+                    maxima.copy_from_slice(&image[..features]);
+                    at.fill(0);
+                    for (pixel, values) in image.chunks_exact(features).enumerate().skip(1) {
+                        for ((m, a), &v) in maxima.iter_mut().zip(at.iter_mut()).zip(values) {
+                            if v > *m {
+                                *m = v;
+                                *a = pixel as u32;
+                            }
+                        }
+                    }
+                },
+            )
+        });
+    (maxima, at)
+}
+
+/// Adds each image's `max_gradient` (`[images, features]`) to `delta`
+/// (`[images, pixels, features]`) at the pixel `at` names: the gradient of
+/// [`max_pool`].
+pub fn max_pool_backward(
+    delta: &mut [f32],
+    max_gradient: &[f32],
+    at: &[u32],
+    pixels: usize,
+    features: usize,
+) {
+    assert!(
+        max_gradient.len() == at.len()
+            && max_gradient.len().is_multiple_of(features.max(1))
+            && delta.len() == max_gradient.len() * pixels,
+        "{} deltas, {} gradients and {} pixel indices of images of {pixels} x {features}",
+        delta.len(),
+        max_gradient.len(),
+        at.len()
+    );
+    delta
+        .par_chunks_mut(pixels * features)
+        .zip(max_gradient.par_chunks(features))
+        .zip(at.par_chunks(features))
+        .for_each(|((image, gradient), at)| {
+            for (feature, (&g, &pixel)) in gradient.iter().zip(at).enumerate() {
+                image[pixel as usize * features + feature] += g;
+            }
+        });
+}
+
 /// Zeroes the gradient where ReLU6 was flat (its output at 0 or 6) and
 /// where it is subnormal (see [`flush_subnormals`]), in one pass.
 pub fn relu6_mask(delta: &mut [f32], output: &[f32]) {
@@ -705,6 +775,43 @@ mod tests {
                 0.0
             };
             assert_eq!(after.to_bits(), expected.to_bits(), "{before} at {output}");
+        }
+    }
+
+    #[test]
+    fn max_pool_finds_each_channels_first_maximum_and_sends_its_gradient_there() {
+        // 2 images of 3 pixels x 2 features, by hand: image 0's feature 1
+        // peaks twice (pixels 0 and 2: the first is kept).
+        let values = [
+            1.0, 5.0, /* pixel 1 */ 4.0, -1.0, /* pixel 2 */ 2.0, 5.0, //
+            -3.0, -2.0, /* pixel 1 */ -4.0, 0.5, /* pixel 2 */ -1.0, 0.25,
+        ];
+        let (maxima, at) = max_pool(&values, 3, 2);
+        assert_eq!(maxima, [4.0, 5.0, -1.0, 0.5]);
+        assert_eq!(at, [1, 0, 2, 1]);
+        let mut delta = vec![1.0f32; values.len()];
+        max_pool_backward(&mut delta, &[10.0, 20.0, 30.0, 40.0], &at, 3, 2);
+        assert_eq!(
+            delta,
+            [
+                1.0, 21.0, 11.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 41.0, 31.0, 1.0
+            ]
+        );
+        // Many images on the pool: each image's answer is its own.
+        let n_images = 37;
+        let (pixels, features) = (49, 16);
+        let many: Vec<f32> = (0..n_images * pixels * features)
+            .map(|i| ((i * 7919) % 1009) as f32 - 500.0)
+            .collect();
+        let (maxima, at) = max_pool(&many, pixels, features);
+        for image in 0..n_images {
+            for feature in 0..features {
+                let value = |pixel: usize| many[(image * pixels + pixel) * features + feature];
+                let best =
+                    (0..pixels).fold(0, |best, p| if value(p) > value(best) { p } else { best });
+                assert_eq!(at[image * features + feature] as usize, best);
+                assert_eq!(maxima[image * features + feature], value(best));
+            }
         }
     }
 }
