@@ -878,6 +878,20 @@ fn mixed_maps_train_other_blocks_repeat_from_their_seed_and_are_recorded() {
     refused_without_blocks(&root, "--mix-maps", "mixup:0.2");
 }
 
+/// `answers_of_run_and_bundle` of a training image of `fine_tuning_root(dir)`
+/// and a new one: the run and its bundle give the same top classes.
+fn answer_alike_from_run_and_bundle(root: &Path, run: &str, dir: &Path) {
+    let cached = dir.join("tree/class0/img000.png");
+    let (by_run, by_bundle, images) =
+        answers_of_run_and_bundle(root, run, &cached, &dir.join("bundle"));
+    for image in 0..images.len() {
+        assert_eq!(
+            by_run[image]["top"], by_bundle[image]["top"],
+            "image {image}"
+        );
+    }
+}
+
 /// `--ema`: evaluation, the kept epoch and the run's files use the moving
 /// average of the blocks' and the head's weights.
 #[test]
@@ -890,15 +904,7 @@ fn averaged_weights_are_kept_recorded_repeated_and_answer_alike_from_run_and_bun
     // stays near the pretrained blocks, away from the trained ones.
     let (averaged, _, params) = repeated_and_changed_by(&root, &["--ema", "0.9"], &plain);
     assert_eq!(params["ema"], 0.9, "{params:#}");
-    let cached = temp.path().join("tree/class0/img000.png");
-    let (by_run, by_bundle, images) =
-        answers_of_run_and_bundle(&root, &averaged, &cached, &temp.path().join("bundle"));
-    for image in 0..images.len() {
-        assert_eq!(
-            by_run[image]["top"], by_bundle[image]["top"],
-            "image {image}"
-        );
-    }
+    answer_alike_from_run_and_bundle(&root, &averaged, temp.path());
     let refused = fails(fine_tune(&["--ema", "1"]));
     assert!(
         refused.contains("weight average decay 1 must be in [0, 1)"),
@@ -965,15 +971,7 @@ fn mean_max_pooled_blocks_are_recorded_standardised_and_answer_alike_from_run_an
             .any(|(max, mean)| max > mean),
         "the maxima's means are the means'"
     );
-    let cached = temp.path().join("tree/class0/img000.png");
-    let (by_run, by_bundle, images) =
-        answers_of_run_and_bundle(&root, &pooled, &cached, &temp.path().join("bundle"));
-    for image in 0..images.len() {
-        assert_eq!(
-            by_run[image]["top"], by_bundle[image]["top"],
-            "image {image}"
-        );
-    }
+    answer_alike_from_run_and_bundle(&root, &pooled, temp.path());
     let refused = fails(fine_tune(&["--blocks-pool", "max"]));
     assert!(
         refused.contains("unknown blocks pooling \"max\": use mean or mean-max"),
