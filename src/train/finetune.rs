@@ -277,19 +277,20 @@ fn standardise(pooled: &mut [f32], input: Standardisation<'_>) {
 /// blocks' own output, kept fixed so the head's inputs keep their scale while
 /// the blocks move); under `--blocks-pool mean-max`, for the maxima, their
 /// statistics over one pass of the pretrained `blocks` over the training
-/// split's maps as cached.
+/// split's maps as cached, `micro_batch` maps at a time (bf16 products run
+/// the batch forward, which keeps a backward pass's activations).
 fn head_input_statistics(
     data: &TrainData,
     blocks: &TopBlocks,
-    map: usize,
-    size: MapSize,
+    (map, size): (usize, MapSize),
+    micro_batch: usize,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let (mut mean, mut std) = (data.mean.clone(), data.std.clone());
     if blocks.pooling() == BlocksPooling::MeanMax {
         let channels = blocks.head_channels();
         let evaluation = blocks.for_evaluation();
         let mut maxima = Vec::with_capacity(data.train.rows.len() * channels);
-        for rows in data.train.rows.chunks(64) {
+        for rows in data.train.rows.chunks(micro_batch.max(1)) {
             let maps = gather_maps(data, map, rows);
             let pooled = evaluation.pooled(maps, rows.len(), size)?;
             for image in pooled.chunks_exact(2 * channels) {
@@ -618,7 +619,8 @@ impl<'a> Finetuning<'a> {
             )));
         }
         let plan = plan_memory(data, &blocks, size, config)?;
-        let (input_mean, input_std) = head_input_statistics(data, &blocks, map, size)?;
+        let (input_mean, input_std) =
+            head_input_statistics(data, &blocks, (map, size), plan.micro_batch)?;
         let classes = data.class_names.len();
         let mut counts = vec![0usize; classes];
         for &label in &data.train.labels {
