@@ -19,7 +19,6 @@
 //! Each module that owns a file keeps its own error enum (its messages name
 //! what the file is); [`SqliteError`] converts into it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,9 +30,6 @@ pub const BUSY_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// SQLite's own wait on a lock before it reports SQLITE_BUSY to us.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The first 16 bytes of every SQLite database file.
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
 /// Where a file keeps its schema version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +223,6 @@ impl Database {
     /// refuses a file that is not SQLite or has a newer schema before
     /// writing anything, switches to WAL and runs the missing migrations.
     pub fn open(path: &Path, schema: &Schema) -> Result<Self, SqliteError> {
-        check_header(path)?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|error| SqliteError::Io {
                 path: parent.to_path_buf(),
@@ -248,8 +243,21 @@ impl Database {
             connection: Mutex::new(connection),
         };
         let store = schema.version_store;
-        // Validate before writing anything: reading the version changes nothing.
-        let version = db.retry_busy::<_, SqliteError>(|conn| Ok(store.read(conn)?))?;
+        // Validate before writing anything: reading the version changes
+        // nothing, and SQLite checks the file's header on this first read.
+        // (Not by reading the file ourselves: closing another descriptor of
+        // a database file drops this process's POSIX locks on it, those of
+        // its open connections included, after which another process can
+        // take itself for the last connection and remove the WAL under
+        // them: their later commits stayed invisible until they closed.)
+        let version = db
+            .retry_busy::<_, SqliteError>(|conn| Ok(store.read(conn)?))
+            .map_err(|error| match error {
+                SqliteError::Sqlite { path, error } if is_not_a_database(&error) => {
+                    SqliteError::NotSqlite { path }
+                }
+                other => other,
+            })?;
         db.check_version(version, schema)?;
         db.retry_busy::<_, SqliteError>(|conn| {
             let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
@@ -383,30 +391,12 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Refuses a non-empty file that does not start with the SQLite header.
-/// An empty file is what SQLite itself creates first, so it is accepted.
-fn check_header(path: &Path) -> Result<(), SqliteError> {
-    let io_error = |error| SqliteError::Io {
-        path: path.to_path_buf(),
-        error,
-    };
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(io_error(error)),
-    };
-    let mut head = Vec::with_capacity(16);
-    file.by_ref()
-        .take(16)
-        .read_to_end(&mut head)
-        .map_err(io_error)?;
-    if head.is_empty() || head.as_slice() == SQLITE_MAGIC {
-        Ok(())
-    } else {
-        Err(SqliteError::NotSqlite {
-            path: path.to_path_buf(),
-        })
-    }
+/// SQLite's answer for a file that is not a database.
+fn is_not_a_database(err: &rusqlite::Error) -> bool {
+    matches!(
+        err,
+        rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::NotADatabase
+    )
 }
 
 #[cfg(test)]

@@ -36,8 +36,6 @@ const MAX_BATCH: usize = 4096;
 /// Commits tried for the last records when the server stops.
 const FINAL_ATTEMPTS: usize = 5;
 
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
-
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER PRIMARY KEY,
@@ -118,31 +116,19 @@ pub fn audit_path(root: &Path) -> PathBuf {
     root.join(SERVING_DIR).join(AUDIT_FILE)
 }
 
-/// Refuses a file that is not SQLite before SQLite touches it.
-fn check_header(path: &Path) -> Result<(), AuditError> {
-    let mut header = [0u8; 16];
-    match std::fs::File::open(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(AuditError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-        Ok(mut file) => {
-            use std::io::Read;
-            let read = file.read(&mut header).map_err(|source| AuditError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            if read == 0 || &header[..read] == SQLITE_MAGIC.as_slice() {
-                Ok(())
-            } else {
-                Err(AuditError::NotAudit {
-                    path: path.to_path_buf(),
-                    reason: "it is not an SQLite file".into(),
-                })
-            }
-        }
-    }
+/// SQLite's answer, on the first read, for a file that is not a database
+/// (checked that way rather than by reading the file: closing another
+/// descriptor of a database file drops this process's POSIX locks on it,
+/// those of its open connections included; see `crate::sqlite`).
+fn not_audit(path: &Path, error: &rusqlite::Error) -> Option<AuditError> {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::NotADatabase
+    )
+    .then(|| AuditError::NotAudit {
+        path: path.to_path_buf(),
+        reason: "it is not an SQLite file".into(),
+    })
 }
 
 fn schema_version(connection: &Connection) -> rusqlite::Result<i64> {
@@ -170,13 +156,13 @@ fn connect(path: &Path, flags: OpenFlags) -> Result<(Connection, i64), AuditErro
         path: path.to_path_buf(),
         error,
     };
-    check_header(path)?;
     let connection =
         Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(sql)?;
     connection
         .busy_timeout(Duration::from_secs(5))
         .map_err(sql)?;
-    let version = schema_version(&connection).map_err(sql)?;
+    let version = schema_version(&connection)
+        .map_err(|error| not_audit(path, &error).unwrap_or_else(|| sql(error)))?;
     if version > SCHEMA_VERSION {
         return Err(AuditError::NewerSchema {
             path: path.to_path_buf(),
