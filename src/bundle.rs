@@ -331,19 +331,13 @@ pub fn export(
     let (standardisation, class_names) = match predictor.model() {
         model @ (Model::Classify(_) | Model::FineTuned(_)) => {
             let head = model.classifier().expect("a classifier");
-            // A fine-tuned head reads its blocks' pooled features (under
-            // `--blocks-pool mean-max` twice the channels): the folder's
-            // pooled rows are the head convolution's channels.
-            let (reads, what) = match model {
-                Model::FineTuned(model) => (
-                    model.blocks.blocks().head_channels(),
-                    "its blocks' head convolution gives",
-                ),
-                _ => (head.input_dim(), "its head reads"),
-            };
-            if encoder.feature_dim != reads {
+            // A fine-tuned head reads its blocks' pooled features, whose
+            // widths `FineTunedModel::check` compared with this same
+            // encoder reference when the run was opened.
+            if matches!(model, Model::Classify(_)) && encoder.feature_dim != head.input_dim() {
                 return Err(unexportable(format!(
-                    "{what} {reads} features, its feature folder holds {}",
+                    "its head reads {} features, its feature folder holds {}",
+                    head.input_dim(),
                     encoder.feature_dim
                 )));
             }
