@@ -293,3 +293,92 @@ fn newer_schema_and_foreign_files_are_refused_untouched() {
         b"not a database at all, just text"
     );
 }
+
+/// A second open of experiments.db in a process that already holds it must
+/// leave the first connection's locks alone. Closing any descriptor of the
+/// file drops all of the process's POSIX locks on it (SQLite's "how to
+/// corrupt" 2.2): an outside reader then took itself for the last
+/// connection, checkpointed and deleted the WAL under the open connection,
+/// whose later commits went to the unlinked WAL, unseen by every other
+/// process (a sweep's per-epoch metrics, until the sweep ended). The outside
+/// reader is Python's `sqlite3` module, as users query the file; whether a
+/// reader deletes the WAL depends on its SQLite version (3.40 does), so the
+/// lock itself is checked too, in /proc/locks.
+#[test]
+fn a_second_open_keeps_the_first_connections_lock_and_commits_visible_to_other_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    let first = ExperimentsDb::open(&layout).unwrap();
+    let path = first.path().to_path_buf();
+    let outside_count = || -> i64 {
+        let script = "import sqlite3, sys\n\
+                      connection = sqlite3.connect(sys.argv[1])\n\
+                      print(connection.execute('SELECT COUNT(*) FROM metrics').fetchone()[0])\n\
+                      connection.close()";
+        let output = Command::new("python3")
+            .args(["-c", script])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "the reader failed: {output:?}");
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let run = first.start_run(start("locks", 0)).unwrap();
+    run.log_metrics(0, &[("loss", 1.0)]).unwrap();
+    let wal = path.with_extension("db-wal");
+    assert!(wal.exists(), "{}", wal.display());
+    assert!(holds_posix_lock(&path), "{}", path.display());
+
+    // The second open (a sweep opens the file again for each fine-tuned
+    // point), then an outside reader that opens and closes.
+    let second = ExperimentsDb::open(&layout).unwrap();
+    assert!(
+        holds_posix_lock(&path),
+        "the second open dropped this process's lock on {}",
+        path.display()
+    );
+    assert_eq!(outside_count(), 1);
+    assert!(
+        wal.exists(),
+        "an outside reader deleted {} while this process held the database",
+        wal.display()
+    );
+    for step in 1..4 {
+        run.log_metrics(step, &[("loss", 1.0 / (step + 1) as f64)])
+            .unwrap();
+        assert_eq!(
+            outside_count(),
+            step as i64 + 1,
+            "the commit of step {step} is not visible to another process"
+        );
+    }
+    drop(second);
+    run.finish(RunStatus::Finished, &[("val_accuracy", 0.5)])
+        .unwrap();
+    assert!(holds_posix_lock(&path), "{}", path.display());
+    assert_eq!(outside_count(), 4);
+}
+
+/// Whether this process holds a POSIX lock on `path` (Linux's /proc/locks:
+/// `N: POSIX ADVISORY READ|WRITE PID MAJOR:MINOR:INODE START END`).
+fn holds_posix_lock(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(path).unwrap().ino();
+    let pid = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .any(|fields| {
+            fields.get(1) == Some(&"POSIX")
+                && fields.get(4) == Some(&pid.as_str())
+                && fields
+                    .get(5)
+                    .and_then(|device_inode| device_inode.rsplit(':').next())
+                    == Some(inode.to_string().as_str())
+        })
+}
