@@ -1,6 +1,8 @@
 //! The experiments database with real processes: several writers at once
 //! lose no rows; a run whose process is killed with SIGKILL becomes KILLED at
-//! the next open. Plus the refusals (newer schema, not SQLite).
+//! the next open; a second open in one process keeps the first connection's
+//! lock, so an outside reader neither deletes the WAL under it nor misses a
+//! commit. Plus the refusals (newer schema, not SQLite).
 //!
 //! Child processes are this test binary run again with `CHILD_MODE` set: the
 //! test named on its command line then does the child's part instead.
