@@ -7,15 +7,16 @@
 # then train the settings of configs/elpv-finetune.toml (blocks 5..=15 +
 # head convolution with an MLP head, dihedral map views in training,
 # averaged at evaluation) for one seed. EPOCHS (default 16, the config's),
-# SEED (default 0) and BLOCKS_PRECISION (default bf16, the config's; f32
-# for the products in f32) pick the run.
+# SEED (default 0) and BLOCKS_PRECISION (default auto, the config's: the
+# faster of f32 and bf16 by a timing at the start; f32 or bf16 to fix it)
+# pick the run.
 # Usage: bash scripts/bench_elpv_finetune_path.sh [ROOT]   (default bench-elpv-path/, emptied first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${1:-bench-elpv-path}"
 epochs="${EPOCHS:-16}"
 seed="${SEED:-0}"
-precision="${BLOCKS_PRECISION:-bf16}"
+precision="${BLOCKS_PRECISION:-auto}"
 bin=$(bash scripts/build.sh)
 LAZARUS_BIN="$bin" bash scripts/fetch_assets.sh >/dev/null
 cache="${LAZARUS_CACHE:-$HOME/.cache/lazarus}"
@@ -37,8 +38,14 @@ lazarus train --dataset elpv --encoder efficientnet-lite0 --maps 4,8,16 --unfree
   | python3 -c 'import json, sys
 r = json.load(sys.stdin)
 t = r["test"]
+precision = sys.argv[3]
+# What `auto` took, and its timings, are in the run config.json.
+config = "%s/experiments/runs/%s/config.json" % (sys.argv[4], r["run_id"])
+chosen = json.load(open(config)).get("blocks_precision")
+if chosen:
+    precision += " -> %s (a micro-batch of %d: f32 %.3f s, bf16 %.3f s)" % (chosen["precision"], chosen["n_images"], chosen["f32_seconds"], chosen["bf16_seconds"])
 print("K 4, %s epochs, seed %s, blocks in %s: epoch kept %d, test accuracy %.4f, test macro-F1 %.4f, peak RSS %d MB"
-      % (sys.argv[1], sys.argv[2], sys.argv[3], r["best_epoch"] + 1, t["test/accuracy"], t["test/macro_f1"], r["peak_rss_bytes"] // 1000000))' "$epochs" "$seed" "$precision"
+      % (sys.argv[1], sys.argv[2], precision, r["best_epoch"] + 1, t["test/accuracy"], t["test/macro_f1"], r["peak_rss_bytes"] // 1000000))' "$epochs" "$seed" "$precision" "$root"
 trained=$(now)
 echo "training: $(seconds "$extracted" "$trained") s"
 echo "whole path: $(seconds "$started" "$trained") s"

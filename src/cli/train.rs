@@ -245,8 +245,10 @@ pub struct TrainArgs {
     /// --unfreeze-from: the blocks' matrix products in bf16 with f32 sums
     /// (twice the multiply-adds per instruction on CPUs with AVX-512 BF16;
     /// elsewhere the same rounding, no faster); weights, moments and the
-    /// head stay f32 [default: f32].
-    #[arg(long, value_name = "f32|bf16")]
+    /// head stay f32. `auto` times a micro-batch in each at the start and
+    /// takes bf16 only where it is clearly faster (recorded as param
+    /// `blocks_precision_chosen`; `--resume` repeats it) [default: f32].
+    #[arg(long, value_name = "f32|bf16|auto")]
     pub blocks_precision: Option<String>,
     /// --unfreeze-from: how the trained head convolution's map becomes the
     /// head's input: each channel's mean, or its mean and its maximum side by

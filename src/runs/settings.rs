@@ -11,8 +11,9 @@ use crate::features::catalog::PooledChoice;
 use crate::train::anomaly::patch::{self, PatchConfig};
 use crate::train::anomaly::{AnomalyConfig, Coreset, DEFAULT_K, Scorer};
 use crate::train::config::{
-    Activation, BlocksPooling, BlocksPrecision, ClassWeights, EarlyStopping, EvalViews, HeadConfig,
-    MapMix, Optimizer, Precision, Sampler, TaskConfig, TrainConfig, TrainViews, Unfreeze,
+    Activation, BlocksPooling, BlocksPrecisionChoice, ClassWeights, EarlyStopping, EvalViews,
+    HeadConfig, MapMix, Optimizer, Precision, Sampler, TaskConfig, TrainConfig, TrainViews,
+    Unfreeze,
 };
 use crate::train::schedule::Schedule;
 
@@ -343,7 +344,7 @@ pub fn train_settings(
                 .unwrap_or(Unfreeze::DEFAULT_WEIGHT_DECAY),
             drop_path: number("blocks_drop_path")?.unwrap_or(0.0),
             precision: text("blocks_precision")?
-                .map(|text| BlocksPrecision::parse(&text).map_err(|e| e.to_string()))
+                .map(|text| BlocksPrecisionChoice::parse(&text).map_err(|e| e.to_string()))
                 .transpose()?
                 .unwrap_or_default(),
             pooling: text("blocks_pool")?
@@ -700,7 +701,7 @@ mod tests {
                 blocks_learning_rate: 3e-4,
                 blocks_weight_decay: Unfreeze::DEFAULT_WEIGHT_DECAY,
                 drop_path: 0.0,
-                precision: BlocksPrecision::F32,
+                precision: BlocksPrecisionChoice::F32,
                 pooling: BlocksPooling::Mean,
                 mix: MapMix::None,
                 ema: 0.0,

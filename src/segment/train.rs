@@ -658,6 +658,7 @@ pub fn train(layout: &Layout, request: &SegmentRequest) -> Result<SegmentReport,
         ),
         config: config.clone(),
         pooled: None,
+        blocks_precision: None,
     };
     let warm = warm_start(layout, &request.dataset, &config, &data)?;
     let db = ExperimentsDb::open(layout)?;

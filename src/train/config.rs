@@ -133,6 +133,56 @@ impl BlocksPrecision {
     }
 }
 
+/// What `--blocks-precision` asks for: one precision, or `auto`, which
+/// times a training micro-batch of the blocks in each at the run's start
+/// and takes bf16 only where it is clearly faster (AVX-512 BF16 without AMX
+/// tiles, e.g. AMD Zen 4; on Intel Xeons with AMX our bf16 products are
+/// slower than f32). The run records what it took
+/// (`RunInputs::blocks_precision`, param `blocks_precision_chosen`) and a
+/// resume repeats it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlocksPrecisionChoice {
+    #[default]
+    F32,
+    Bf16,
+    Auto,
+}
+
+impl BlocksPrecisionChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlocksPrecisionChoice::F32 => "f32",
+            BlocksPrecisionChoice::Bf16 => "bf16",
+            BlocksPrecisionChoice::Auto => "auto",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, TrainError> {
+        match text {
+            "f32" => Ok(BlocksPrecisionChoice::F32),
+            "bf16" => Ok(BlocksPrecisionChoice::Bf16),
+            "auto" => Ok(BlocksPrecisionChoice::Auto),
+            other => Err(TrainError::Invalid(format!(
+                "unknown blocks precision {other:?}: use f32, bf16 or auto"
+            ))),
+        }
+    }
+
+    /// The precision asked for; None under `auto`.
+    pub fn fixed(self) -> Option<BlocksPrecision> {
+        match self {
+            BlocksPrecisionChoice::F32 => Some(BlocksPrecision::F32),
+            BlocksPrecisionChoice::Bf16 => Some(BlocksPrecision::Bf16),
+            BlocksPrecisionChoice::Auto => None,
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == BlocksPrecisionChoice::F32
+    }
+}
+
 /// How the trained head convolution's output map becomes the head's input
 /// (`--blocks-pool`): each channel's mean over the map (as the encoder
 /// pools), or its mean and its maximum side by side (`mean-max`, twice the
@@ -421,9 +471,10 @@ pub struct Unfreeze {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drop_path: f64,
     /// The blocks' matrix products (`--blocks-precision`); f32 is left out
-    /// of stored configs, which stay as before it existed.
-    #[serde(default, skip_serializing_if = "BlocksPrecision::is_f32")]
-    pub precision: BlocksPrecision,
+    /// of stored configs, which stay as before it existed (`f32` and `bf16`
+    /// are written as before `auto` existed).
+    #[serde(default, skip_serializing_if = "BlocksPrecisionChoice::is_f32")]
+    pub precision: BlocksPrecisionChoice,
     /// How the head convolution's map is pooled (`--blocks-pool`); mean is
     /// left out of stored configs, which stay as before it existed.
     #[serde(default, skip_serializing_if = "BlocksPooling::is_mean")]

@@ -36,6 +36,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use super::auto_precision::{self, ChosenPrecision};
 use super::blocks::{
     BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, EvaluationPacking, InputGradient,
     MapSize, TopBlocks, append_channels_last,
@@ -563,13 +564,18 @@ struct Finetuning<'a> {
     /// The head's input standardisation (`head_input_statistics`).
     input_mean: Vec<f32>,
     input_std: Vec<f32>,
+    /// What `--blocks-precision auto` took; None for a fixed precision.
+    auto_precision: Option<ChosenPrecision>,
 }
 
 impl<'a> Finetuning<'a> {
+    /// `recorded_precision`: what `--blocks-precision auto` took when the
+    /// run started (a resume repeats it).
     fn new(
         data: &'a TrainData,
         encoder: FinetuneEncoder,
         config: &TrainConfig,
+        recorded_precision: Option<ChosenPrecision>,
     ) -> Result<Self, TrainError> {
         config.validate()?;
         let unfreeze = config.unfreeze.ok_or_else(|| {
@@ -577,7 +583,6 @@ impl<'a> Finetuning<'a> {
         })?;
         let map = check_folder(data, encoder, unfreeze.after_block)?;
         let blocks = TopBlocks::from_encoder(encoder.model, unfreeze.after_block)?
-            .with_precision(unfreeze.precision)
             .with_pooling(unfreeze.pooling);
         let shape = data.features.maps()[map];
         let folder = data.features.dir().display();
@@ -618,6 +623,22 @@ impl<'a> Finetuning<'a> {
                 size.width
             )));
         }
+        // `auto`: what the run recorded (a resume), else a timing on a
+        // micro-batch of its own maps under the plan of the larger
+        // precision.
+        let (blocks, auto_precision) = match (unfreeze.precision.fixed(), recorded_precision) {
+            (Some(precision), _) => (blocks.with_precision(precision), None),
+            (None, Some(chosen)) => (blocks.with_precision(chosen.precision), Some(chosen)),
+            (None, None) => {
+                let blocks = blocks.with_precision(BlocksPrecision::Bf16);
+                let micro_batch = plan_memory(data, &blocks, size, config)?.micro_batch;
+                let rows = &data.train.rows[..micro_batch.min(data.train.rows.len())];
+                let maps = gather_maps(data, map, rows);
+                let chosen = auto_precision::choose(&blocks, &maps, rows.len(), size)?;
+                scratch::recycle(maps);
+                (blocks.with_precision(chosen.precision), Some(chosen))
+            }
+        };
         let plan = plan_memory(data, &blocks, size, config)?;
         let (input_mean, input_std) =
             head_input_statistics(data, &blocks, (map, size), plan.micro_batch)?;
@@ -663,6 +684,7 @@ impl<'a> Finetuning<'a> {
             },
             input_mean,
             input_std,
+            auto_precision,
         })
     }
 
@@ -1166,7 +1188,7 @@ pub fn fit(
     encoder: FinetuneEncoder,
     config: &TrainConfig,
 ) -> Result<(RunReport, FineTunedBlocks), TrainError> {
-    let mut tuning = Finetuning::new(data, encoder, config)?;
+    let mut tuning = Finetuning::new(data, encoder, config, None)?;
     let report = tuning.fit(None, &mut Unobserved, false)?;
     Ok((report, tuning.fine_tuned()))
 }
@@ -1213,10 +1235,11 @@ pub fn train(
 ) -> Result<RunReport, TrainError> {
     require_two_classes(data)?;
     let encoder = load_folder_encoder(data)?;
-    let tuning = Finetuning::new(data, encoder.borrowed(), &config)?;
+    let tuning = Finetuning::new(data, encoder.borrowed(), &config, None)?;
     let db = ExperimentsDb::open(layout)?;
-    let inputs = run_inputs(data, &config);
-    let mut params = blocks_params(&tuning.blocks);
+    let mut inputs = run_inputs(data, &config);
+    inputs.blocks_precision = tuning.auto_precision;
+    let mut params = blocks_params(&tuning);
     params.extend(extra_params.iter().cloned());
     let handle = start(&db, experiment, &inputs, &params)?;
     run_and_finish(handle, tuning, options)
@@ -1233,20 +1256,34 @@ pub fn resume(
     let load = resume_load_config(&inputs);
     let data = load_spatial(layout, &inputs.dataset, Some(&inputs.fingerprint), load)?;
     let encoder = load_folder_encoder(&data)?;
-    let mut tuning = Finetuning::new(&data, encoder.borrowed(), &inputs.config)?;
+    let mut tuning = Finetuning::new(
+        &data,
+        encoder.borrowed(),
+        &inputs.config,
+        inputs.blocks_precision,
+    )?;
     tuning.restore(&run_dir)?;
     let handle = db.resume_run(run_id, tuning.trainer.state.epochs_done as u64)?;
     run_and_finish(handle, tuning, options)
 }
 
-/// The params that say which blocks a run trains.
-fn blocks_params(blocks: &TopBlocks) -> Vec<(String, ParamValue)> {
+/// The params that say which blocks a run trains, and in which precision
+/// `--blocks-precision auto` trains them.
+fn blocks_params(tuning: &Finetuning<'_>) -> Vec<(String, ParamValue)> {
+    let blocks = &tuning.blocks;
     let first = blocks.after_block() + 1;
     let last = blocks.after_block() + blocks.n_blocks();
-    vec![(
+    let mut params = vec![(
         "trained_blocks".to_string(),
         format!("{first}-{last},head_conv").as_str().into(),
-    )]
+    )];
+    if let Some(chosen) = tuning.auto_precision {
+        params.push((
+            "blocks_precision_chosen".to_string(),
+            chosen.precision.name().into(),
+        ));
+    }
+    params
 }
 
 fn run_and_finish(

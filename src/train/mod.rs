@@ -13,6 +13,7 @@
 //! Mahalanobis) on normal images' features.
 
 pub mod anomaly;
+pub mod auto_precision;
 pub mod blocks;
 pub mod checkpoint;
 pub mod config;

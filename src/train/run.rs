@@ -909,6 +909,10 @@ pub struct RunInputs {
     /// recorded before those options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooled: Option<PooledInputs>,
+    /// What `--blocks-precision auto` took at the start of a fine-tuned
+    /// run, which `--resume` repeats; absent for a fixed precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_precision: Option<super::auto_precision::ChosenPrecision>,
 }
 
 /// The extraction options of a pooled feature folder, recorded as the
@@ -1044,6 +1048,7 @@ pub fn run_inputs(data: &TrainData, config: &TrainConfig) -> RunInputs {
         ),
         config: config.clone(),
         pooled: PooledInputs::of(&data.features),
+        blocks_precision: None,
     }
 }
 

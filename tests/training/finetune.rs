@@ -17,7 +17,8 @@ use lazarus::features::catalog::FeatureKind;
 use lazarus::layout::Layout;
 use lazarus::train::blocks::TopBlocks;
 use lazarus::train::config::{
-    BlocksPooling, BlocksPrecision, HeadConfig, MapMix, TrainConfig, Unfreeze,
+    BlocksPooling, BlocksPrecision, BlocksPrecisionChoice, HeadConfig, MapMix, TrainConfig,
+    Unfreeze,
 };
 use lazarus::train::data::{self, LoadConfig, TrainData};
 use lazarus::train::finetune::{self, FineTunedBlocks, FinetuneEncoder};
@@ -86,7 +87,7 @@ fn config(after_block: usize) -> TrainConfig {
             blocks_learning_rate: 1e-4,
             blocks_weight_decay: 1e-4,
             drop_path: 0.0,
-            precision: BlocksPrecision::F32,
+            precision: BlocksPrecisionChoice::F32,
             pooling: BlocksPooling::Mean,
             mix: MapMix::None,
             ema: 0.0,
@@ -789,10 +790,88 @@ fn bf16_blocks_are_recorded_repeated_by_every_answer_and_train_near_f32() {
     args.extend_from_slice(&["--blocks-precision", "f16"]);
     let refused = fails(lazarus(&root, &args));
     assert!(
-        refused.contains("unknown blocks precision \"f16\": use f32 or bf16"),
+        refused.contains("unknown blocks precision \"f16\": use f32, bf16 or auto"),
         "{refused}"
     );
     refused_without_blocks(&root, "--blocks-precision", "bf16");
+}
+
+/// `--blocks-precision auto` times a micro-batch of the run's maps in f32
+/// and in bf16 and trains in what it took: the run records `auto` as asked
+/// (param, config, model card), the choice and its timings (param
+/// `blocks_precision_chosen`, the inputs file), and its blocks file the
+/// precision every answer repeats. A resume repeats the recorded choice
+/// instead of timing again: the test records the other precision in the
+/// killed run's inputs file and finds it in the resumed run's blocks.
+#[test]
+fn auto_precision_is_timed_recorded_and_repeated_by_a_resume() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(&temp.path().join("one"), &[8, 8]);
+    let run = run_of(one_epoch_with(&root, &["--blocks-precision", "auto"]));
+    let shown = json(&ok(lazarus(
+        &root,
+        &["experiments", "show", &run, "--json"],
+    )));
+    assert_eq!(shown["params"]["blocks_precision"], "auto", "{shown:#}");
+    let chosen = shown["params"]["blocks_precision_chosen"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no blocks_precision_chosen: {shown:#}"))
+        .to_string();
+    let precision = BlocksPrecision::parse(&chosen).unwrap();
+    assert_eq!(run_blocks(&root, &run).info().precision, precision);
+    let run_dir = root.join("experiments/runs").join(&run);
+    let inputs = json(&std::fs::read_to_string(run_dir.join("config.json")).unwrap());
+    let recorded = &inputs["blocks_precision"];
+    assert_eq!(recorded["precision"], chosen.as_str(), "{inputs:#}");
+    for key in ["f32_seconds", "bf16_seconds"] {
+        assert!(recorded[key].as_f64().unwrap() > 0.0, "{inputs:#}");
+    }
+    assert_eq!(recorded["n_images"], 8, "{inputs:#}");
+    assert_eq!(inputs["config"]["unfreeze"]["precision"], "auto");
+    let card = json(&std::fs::read_to_string(run_dir.join("model_card.json")).unwrap());
+    assert_eq!(card["config"]["unfreeze"]["precision"], "auto", "{card:#}");
+
+    let killed = fine_tuning_root(&temp.path().join("killed"), &[8, 8]);
+    let mut args = TRAIN.to_vec();
+    args.extend([
+        "--unfreeze-from",
+        "10",
+        "--epochs",
+        "16",
+        "--batch-size",
+        "4",
+        "--blocks-precision",
+        "auto",
+        "--seed",
+        "7",
+    ]);
+    let run_dir = kill_after_checkpoint(&killed, &args, 2);
+    let resumed_run = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let inputs_path = run_dir.join("config.json");
+    let mut inputs = json(&std::fs::read_to_string(&inputs_path).unwrap());
+    let first =
+        BlocksPrecision::parse(inputs["blocks_precision"]["precision"].as_str().unwrap()).unwrap();
+    let other = match first {
+        BlocksPrecision::F32 => BlocksPrecision::Bf16,
+        BlocksPrecision::Bf16 => BlocksPrecision::F32,
+    };
+    inputs["blocks_precision"]["precision"] = other.name().into();
+    std::fs::write(&inputs_path, serde_json::to_vec_pretty(&inputs).unwrap()).unwrap();
+    ok(lazarus(
+        &killed,
+        &["train", "--resume", &resumed_run, "--json"],
+    ));
+    assert_eq!(run_blocks(&killed, &resumed_run).info().precision, other);
+    // The run's params keep what it took at its start.
+    let shown = json(&ok(lazarus(
+        &killed,
+        &["experiments", "show", &resumed_run, "--json"],
+    )));
+    assert_eq!(
+        shown["params"]["blocks_precision_chosen"],
+        first.name(),
+        "{shown:#}"
+    );
 }
 
 #[test]
