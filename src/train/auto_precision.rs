@@ -157,21 +157,14 @@ mod tests {
 
     #[test]
     fn bf16_is_taken_only_when_clearly_faster() {
-        assert_eq!(
-            ChosenPrecision::from_timings(1.0, 0.8, 8).precision,
-            BlocksPrecision::Bf16
-        );
-        assert_eq!(
-            ChosenPrecision::from_timings(1.0, 0.95, 8).precision,
-            BlocksPrecision::Bf16
-        );
-        assert_eq!(
-            ChosenPrecision::from_timings(1.0, 0.97, 8).precision,
-            BlocksPrecision::F32
-        );
-        assert_eq!(
-            ChosenPrecision::from_timings(1.0, 1.25, 8).precision,
-            BlocksPrecision::F32
-        );
+        for (bf16_seconds, expected) in [
+            (0.8, BlocksPrecision::Bf16),
+            (0.95, BlocksPrecision::Bf16),
+            (0.97, BlocksPrecision::F32),
+            (1.25, BlocksPrecision::F32),
+        ] {
+            let chosen = ChosenPrecision::from_timings(1.0, bf16_seconds, 8);
+            assert_eq!(chosen.precision, expected, "bf16 {bf16_seconds} s, f32 1 s");
+        }
     }
 }
