@@ -1049,6 +1049,7 @@ impl<'a> Finetuning<'a> {
             test_curves: binary_curves(data, &data.test, "test", &probabilities),
             peak_rss_bytes: memory.peak_rss_bytes.or_else(super::run::peak_rss_bytes),
             memory,
+            blocks_precision: self.auto_precision,
         })
     }
 

@@ -111,6 +111,10 @@ pub struct RunReport {
     /// `peak_anonymous_bytes` (plus the resident limit of mapped pages).
     #[serde(default)]
     pub memory: crate::memory::MemoryReport,
+    /// What `--blocks-precision auto` took and its timings (fine-tuned
+    /// runs under `auto` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_precision: Option<super::auto_precision::ChosenPrecision>,
 }
 
 /// Mapped feature pages a run keeps resident before releasing them: large
@@ -363,6 +367,7 @@ pub fn fit(
             test_curves,
             peak_rss_bytes,
             memory: memory.clone(),
+            blocks_precision: None,
         };
         write_run(&run.run_dir, &report, data, data.standardisation(), trainer)?;
         reports.push(Ok(report));

@@ -807,7 +807,8 @@ fn bf16_blocks_are_recorded_repeated_by_every_answer_and_train_near_f32() {
 fn auto_precision_is_timed_recorded_and_repeated_by_a_resume() {
     let temp = tempfile::tempdir().unwrap();
     let root = fine_tuning_root(&temp.path().join("one"), &[8, 8]);
-    let run = run_of(one_epoch_with(&root, &["--blocks-precision", "auto"]));
+    let report = json(&ok(one_epoch_with(&root, &["--blocks-precision", "auto"])));
+    let run = report["run_id"].as_str().unwrap().to_string();
     let shown = json(&ok(lazarus(
         &root,
         &["experiments", "show", &run, "--json"],
@@ -827,6 +828,10 @@ fn auto_precision_is_timed_recorded_and_repeated_by_a_resume() {
         assert!(recorded[key].as_f64().unwrap() > 0.0, "{inputs:#}");
     }
     assert_eq!(recorded["n_images"], 8, "{inputs:#}");
+    // `train --json` and metrics.json say it too.
+    assert_eq!(&report["blocks_precision"], recorded, "{report:#}");
+    let metrics = json(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap());
+    assert_eq!(&metrics["blocks_precision"], recorded, "{metrics:#}");
     assert_eq!(inputs["config"]["unfreeze"]["precision"], "auto");
     let card = json(&std::fs::read_to_string(run_dir.join("model_card.json")).unwrap());
     assert_eq!(card["config"]["unfreeze"]["precision"], "auto", "{card:#}");
