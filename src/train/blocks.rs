@@ -1134,8 +1134,9 @@ impl Forward {
     }
 }
 
-/// `values[i]` as a tensor of `shapes[i]` named `prefix` + `names[i]`.
-fn named_tensors(
+/// `values[i]` as a tensor of `shapes[i]` named `prefix` + `names[i]`
+/// (the blocks' and the fine-tuned head's checkpoint tensors).
+pub(super) fn named_tensors(
     prefix: &str,
     names: &[String],
     shapes: &[Vec<usize>],
@@ -1156,7 +1157,7 @@ fn named_tensors(
 
 /// The values of the tensors `prefix` + `names[i]` of `tensors`, each
 /// checked against `shapes[i]`.
-fn read_named(
+pub(super) fn read_named(
     tensors: &HashMap<String, Tensor>,
     prefix: &str,
     names: &[String],
@@ -1173,7 +1174,7 @@ fn read_named(
             })?;
             if tensor.dims() != shape.as_slice() {
                 return Err(TrainError::Checkpoint(format!(
-                    "{}: tensor {key} is {:?}, the blocks need {shape:?}",
+                    "{}: tensor {key} is {:?}, where {shape:?} is expected",
                     source.display(),
                     tensor.dims()
                 )));
@@ -2125,7 +2126,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("tensor blocks.head.bias is [3], the blocks need [20]"),
+            error.contains("tensor blocks.head.bias is [3], where [20] is expected"),
             "{error}"
         );
         assert_eq!(target.parameters(), start.parameters());

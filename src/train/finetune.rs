@@ -38,8 +38,8 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::auto_precision::{self, ChosenPrecision};
 use super::blocks::{
-    BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, EvaluationPacking, InputGradient,
-    MapSize, TopBlocks, append_channels_last,
+    self, BlockGradients, BlocksLayout, BlocksOptimizer, BlocksStep, EvaluationPacking,
+    InputGradient, MapSize, TopBlocks, append_channels_last,
 };
 use super::checkpoint;
 use super::config::{BlocksPooling, BlocksPrecision, TrainConfig, Unfreeze};
@@ -487,18 +487,30 @@ impl Averaged {
     }
 }
 
+/// The names and shapes of a head's layers' tensors in checkpoints
+/// (`0.weight`, `0.bias`, ... as flat 1-D tensors).
+fn head_names_and_shapes(head: &HostHead) -> (Vec<String>, Vec<Vec<usize>>) {
+    head.layers
+        .iter()
+        .enumerate()
+        .flat_map(|(index, layer)| {
+            [
+                (format!("{index}.weight"), vec![layer.weight.len()]),
+                (format!("{index}.bias"), vec![layer.bias.len()]),
+            ]
+        })
+        .unzip()
+}
+
 /// A head's layers as named 1-D tensors (checkpoints).
 fn head_tensors(head: &HostHead, prefix: &str) -> Result<Vec<(String, Tensor)>, TrainError> {
-    let mut out = Vec::new();
-    for (index, layer) in head.layers.iter().enumerate() {
-        for (kind, values) in [("weight", &layer.weight), ("bias", &layer.bias)] {
-            out.push((
-                format!("{prefix}{index}.{kind}"),
-                Tensor::from_slice(values, values.len(), &Device::Cpu)?,
-            ));
-        }
-    }
-    Ok(out)
+    let (names, shapes) = head_names_and_shapes(head);
+    let values = head
+        .layers
+        .iter()
+        .flat_map(|layer| [layer.weight.as_slice(), layer.bias.as_slice()])
+        .collect();
+    blocks::named_tensors(prefix, &names, &shapes, values)
 }
 
 /// Replaces `head`'s layers with the named tensors `head_tensors` wrote.
@@ -508,25 +520,14 @@ fn load_head(
     prefix: &str,
     source: &Path,
 ) -> Result<(), TrainError> {
-    for (index, layer) in head.layers.iter_mut().enumerate() {
-        for (kind, values) in [("weight", &mut layer.weight), ("bias", &mut layer.bias)] {
-            let name = format!("{prefix}{index}.{kind}");
-            let read = tensors
-                .get(&name)
-                .ok_or_else(|| {
-                    TrainError::Checkpoint(format!("{} lacks tensor {name}", source.display()))
-                })?
-                .to_vec1::<f32>()?;
-            if read.len() != values.len() {
-                return Err(TrainError::Checkpoint(format!(
-                    "{}: tensor {name} holds {} values, the head {}",
-                    source.display(),
-                    read.len(),
-                    values.len()
-                )));
-            }
-            *values = read;
-        }
+    let (names, shapes) = head_names_and_shapes(head);
+    let read = blocks::read_named(tensors, prefix, &names, &shapes, source)?;
+    let targets = head
+        .layers
+        .iter_mut()
+        .flat_map(|layer| [&mut layer.weight, &mut layer.bias]);
+    for (target, values) in targets.zip(read) {
+        *target = values;
     }
     Ok(())
 }
