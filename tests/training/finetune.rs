@@ -879,6 +879,75 @@ fn auto_precision_is_timed_recorded_and_repeated_by_a_resume() {
     );
 }
 
+/// A sweep's fine-tuned points under `blocks_precision = "auto"` share one
+/// timing (the process keeps its decision for the same blocks, maps and
+/// micro-batch), and each point trains as `train` does with that precision.
+#[test]
+fn a_sweeps_fine_tuned_points_share_one_precision_timing_and_train_as_train_does() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = fine_tuning_root(temp.path(), &[8, 8]);
+    let file = temp.path().join("finetune.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name = "tree-finetune"
+dataset = "tree"
+encoder = "{ENCODER}"
+unfreeze_from = 10
+epochs = 1
+batch_size = 8
+blocks_precision = "auto"
+[grid]
+seed = [3, 4]
+"#
+        ),
+    )
+    .unwrap();
+    ok(lazarus(&root, &["sweep", file.to_str().unwrap()]));
+    let listed = json(&ok(lazarus(
+        &root,
+        &[
+            "experiments",
+            "list",
+            "--where",
+            "sweep=tree-finetune",
+            "--json",
+        ],
+    )));
+    let runs: Vec<String> = listed
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed:#}"))
+        .iter()
+        .map(|run| run["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(runs.len(), 2, "{listed:#}");
+    let recorded: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|run| {
+            let config = root.join("experiments/runs").join(run).join("config.json");
+            json(&std::fs::read_to_string(config).unwrap())["blocks_precision"].clone()
+        })
+        .collect();
+    assert!(recorded[0].is_object(), "{recorded:?}");
+    assert_eq!(recorded[0], recorded[1], "one timing for both points");
+    let chosen = recorded[0]["precision"].as_str().unwrap();
+    for run in &runs {
+        let shown = json(&ok(lazarus(&root, &["experiments", "show", run, "--json"])));
+        let seed = shown["params"]["seed"].as_f64().unwrap().to_string();
+        let alone = run_of(lazarus(&root, &{
+            let mut args = one_epoch_from_block_10(&seed);
+            args.extend_from_slice(&["--blocks-precision", chosen]);
+            args
+        }));
+        assert_eq!(
+            run_blocks(&root, run).blocks().parameters(),
+            run_blocks(&root, &alone).blocks().parameters(),
+            "seed {seed}"
+        );
+    }
+}
+
 #[test]
 fn blocks_drop_path_trains_other_blocks_repeats_from_its_seed_and_is_recorded() {
     let temp = tempfile::tempdir().unwrap();
