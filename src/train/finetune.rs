@@ -634,6 +634,11 @@ impl<'a> Finetuning<'a> {
                 let blocks = blocks.with_precision(BlocksPrecision::Bf16);
                 let micro_batch = plan_memory(data, &blocks, size, config)?.micro_batch;
                 let rows = &data.train.rows[..micro_batch.min(data.train.rows.len())];
+                if rows.is_empty() {
+                    return Err(TrainError::Invalid(format!(
+                        "--blocks-precision auto: folder {folder} has no training maps to time"
+                    )));
+                }
                 let maps = gather_maps(data, map, rows);
                 let chosen = auto_precision::choose(&blocks, &maps, rows.len(), size)?;
                 scratch::recycle(maps);
