@@ -107,6 +107,16 @@ impl TrainedRun {
                         report.skipped_steps
                     ));
                 }
+                if let Some(chosen) = &report.blocks_precision {
+                    lines.push(format!(
+                        "blocks precision auto: {} (a training pass of {} maps took {:.3} s in \
+                         f32, {:.3} s in bf16)",
+                        chosen.precision.name(),
+                        chosen.n_images,
+                        chosen.f32_seconds,
+                        chosen.bf16_seconds
+                    ));
+                }
                 lines.extend(memory_line(&report.memory));
                 lines.push(recorded(&report.run_dir));
                 lines

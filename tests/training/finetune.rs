@@ -832,6 +832,20 @@ fn auto_precision_is_timed_recorded_and_repeated_by_a_resume() {
     assert_eq!(&report["blocks_precision"], recorded, "{report:#}");
     let metrics = json(&std::fs::read_to_string(run_dir.join("metrics.json")).unwrap());
     assert_eq!(&metrics["blocks_precision"], recorded, "{metrics:#}");
+    // Without --json, train says it in a line.
+    let mut args = one_epoch_from_block_10("3");
+    args.retain(|arg| *arg != "--json");
+    args.extend_from_slice(&["--blocks-precision", "auto"]);
+    let said = ok(lazarus(&root, &args));
+    // (Its own timing: the choice may differ from the first run's.)
+    assert!(
+        ["f32", "bf16"]
+            .iter()
+            .any(|precision| said.contains(&format!(
+                "blocks precision auto: {precision} (a training pass of 8 maps took"
+            ))),
+        "{said}"
+    );
     assert_eq!(inputs["config"]["unfreeze"]["precision"], "auto");
     let card = json(&std::fs::read_to_string(run_dir.join("model_card.json")).unwrap());
     assert_eq!(card["config"]["unfreeze"]["precision"], "auto", "{card:#}");
