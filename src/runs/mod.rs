@@ -253,6 +253,17 @@ pub fn sweep(
             {
                 outcome.notes.push(note);
             }
+            if let Ok(RunReport {
+                blocks_precision: Some(chosen),
+                ..
+            }) = &report
+            {
+                // The sweep's points share one timing: said once.
+                let note = train::auto_precision_line(chosen);
+                if !outcome.notes.contains(&note) {
+                    outcome.notes.push(note);
+                }
+            }
             match report {
                 Ok(report) => outcome.trained.push(report),
                 Err(error @ TrainError::Diverged { .. }) => outcome.failed.push(error.to_string()),

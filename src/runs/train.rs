@@ -14,6 +14,7 @@ use crate::features::catalog::{FeatureKind, PooledChoice};
 use crate::layout::Layout;
 use crate::segment::train::{self as segment, SegmentReport};
 use crate::train::anomaly::{self, AnomalyOptions, AnomalyReport};
+use crate::train::auto_precision::ChosenPrecision;
 use crate::train::config::{TaskConfig, TrainConfig};
 use crate::train::data::{self, SplitLabels};
 use crate::train::run::{FitOptions, RunReport, load_config};
@@ -107,16 +108,7 @@ impl TrainedRun {
                         report.skipped_steps
                     ));
                 }
-                if let Some(chosen) = &report.blocks_precision {
-                    lines.push(format!(
-                        "blocks precision auto: {} (a training pass of {} maps took {:.3} s in \
-                         f32, {:.3} s in bf16)",
-                        chosen.precision.name(),
-                        chosen.n_images,
-                        chosen.f32_seconds,
-                        chosen.bf16_seconds
-                    ));
-                }
+                lines.extend(report.blocks_precision.as_ref().map(auto_precision_line));
                 lines.extend(memory_line(&report.memory));
                 lines.push(recorded(&report.run_dir));
                 lines
@@ -159,6 +151,18 @@ impl TrainedRun {
             )],
         }
     }
+}
+
+/// What `--blocks-precision auto` took, as `train` and `sweep` say it.
+pub fn auto_precision_line(chosen: &ChosenPrecision) -> String {
+    format!(
+        "blocks precision auto: {} (a training pass of {} maps took {:.3} s in f32, {:.3} s \
+         in bf16)",
+        chosen.precision.name(),
+        chosen.n_images,
+        chosen.f32_seconds,
+        chosen.bf16_seconds
+    )
 }
 
 /// ", resumed after epoch N" for a resumed run, nothing for a fresh one.

@@ -918,7 +918,15 @@ seed = [3, 4]
         ),
     )
     .unwrap();
-    ok(lazarus(&root, &["sweep", file.to_str().unwrap()]));
+    let swept = lazarus(&root, &["sweep", file.to_str().unwrap()]);
+    ok(swept.clone());
+    // One timing, said once (on stderr, beside the sweep's other notes).
+    let notes = support::stderr(&swept);
+    assert_eq!(
+        notes.matches("blocks precision auto: ").count(),
+        1,
+        "{notes}"
+    );
     let listed = json(&ok(lazarus(
         &root,
         &[
