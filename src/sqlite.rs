@@ -391,8 +391,9 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// SQLite's answer for a file that is not a database.
-fn is_not_a_database(err: &rusqlite::Error) -> bool {
+/// SQLite's answer for a file that is not a database (on the first read of
+/// a connection: how every SQLite file lazarus keeps is checked).
+pub(crate) fn is_not_a_database(err: &rusqlite::Error) -> bool {
     matches!(
         err,
         rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::NotADatabase

@@ -121,11 +121,7 @@ pub fn audit_path(root: &Path) -> PathBuf {
 /// descriptor of a database file drops this process's POSIX locks on it,
 /// those of its open connections included; see `crate::sqlite`).
 fn not_audit(path: &Path, error: &rusqlite::Error) -> Option<AuditError> {
-    matches!(
-        error,
-        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::NotADatabase
-    )
-    .then(|| AuditError::NotAudit {
+    crate::sqlite::is_not_a_database(error).then(|| AuditError::NotAudit {
         path: path.to_path_buf(),
         reason: "it is not an SQLite file".into(),
     })

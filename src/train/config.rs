@@ -149,24 +149,29 @@ pub enum BlocksPrecisionChoice {
     Auto,
 }
 
+impl From<BlocksPrecision> for BlocksPrecisionChoice {
+    fn from(precision: BlocksPrecision) -> Self {
+        match precision {
+            BlocksPrecision::F32 => BlocksPrecisionChoice::F32,
+            BlocksPrecision::Bf16 => BlocksPrecisionChoice::Bf16,
+        }
+    }
+}
+
 impl BlocksPrecisionChoice {
     pub fn name(self) -> &'static str {
-        match self {
-            BlocksPrecisionChoice::F32 => "f32",
-            BlocksPrecisionChoice::Bf16 => "bf16",
-            BlocksPrecisionChoice::Auto => "auto",
-        }
+        self.fixed().map_or("auto", BlocksPrecision::name)
     }
 
     pub fn parse(text: &str) -> Result<Self, TrainError> {
-        match text {
-            "f32" => Ok(BlocksPrecisionChoice::F32),
-            "bf16" => Ok(BlocksPrecisionChoice::Bf16),
-            "auto" => Ok(BlocksPrecisionChoice::Auto),
-            other => Err(TrainError::Invalid(format!(
-                "unknown blocks precision {other:?}: use f32, bf16 or auto"
-            ))),
+        if text == "auto" {
+            return Ok(BlocksPrecisionChoice::Auto);
         }
+        BlocksPrecision::parse(text).map(Self::from).map_err(|_| {
+            TrainError::Invalid(format!(
+                "unknown blocks precision {text:?}: use f32, bf16 or auto"
+            ))
+        })
     }
 
     /// The precision asked for; None under `auto`.
